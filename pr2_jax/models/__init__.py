@@ -1,0 +1,1 @@
+"""Model: Qwen3-MoE-style decoder, routing functions, expert paths."""

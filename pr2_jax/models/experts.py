@@ -1,0 +1,136 @@
+"""Expert computation on one shard: three paths behind one interface.
+
+All functions are pure and shard-local; `pr2_jax.parallel.expert_parallel`
+wraps them in `jax.shard_map` and adds the collectives.
+
+Dimension legend:
+  N tokens, D d_model, F expert hidden width, K top-k, E experts,
+  P expert-parallel shards, S slots per shard, X = P*S global slots,
+  C per-(source shard, slot) token capacity, M = N*K assignments.
+
+Experts live in *slots*: a slot holds the weights of one expert and a
+`slot_expert [X]` map says which (identity by default: slot x = expert x).
+Routing picks experts; `expert_to_slot` turns them into slots, so replicas
+in extra slots need no change here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class ExpertWeights(NamedTuple):
+  gate_SDF: jax.Array  # SwiGLU gate projection per slot
+  up_SDF: jax.Array    # SwiGLU up projection per slot
+  down_SFD: jax.Array  # output projection per slot
+
+  def take(self, slot_expert_S: jax.Array) -> "ExpertWeights":
+    """Slot weights from per-expert weights (replicas share their expert's weights)."""
+    return ExpertWeights(*(jnp.take(w, slot_expert_S, axis=0) for w in self))
+
+  def astype(self, dtype) -> "ExpertWeights":
+    return ExpertWeights(*(w.astype(dtype) for w in self))
+
+
+def swiglu(x_SCD: jax.Array, w: ExpertWeights) -> jax.Array:
+  """down(silu(x gate) * (x up)) for every slot's buffer of tokens."""
+  g_SCF = jnp.einsum("...scd,sdf->...scf", x_SCD, w.gate_SDF)
+  u_SCF = jnp.einsum("...scd,sdf->...scf", x_SCD, w.up_SDF)
+  return jnp.einsum("...scf,sfd->...scd", jax.nn.silu(g_SCF) * u_SCF, w.down_SFD)
+
+
+def expert_to_slot(expert_ids_NK: jax.Array, slot_expert_X: jax.Array, num_experts: int) -> jax.Array:
+  """Slot of each chosen expert: the first slot holding it (a planner can do better)."""
+  holds_EX = slot_expert_X[None, :] == jnp.arange(num_experts, dtype=slot_expert_X.dtype)[:, None]
+  first_slot_E = jnp.argmax(holds_EX, axis=1).astype(jnp.int32)
+  return first_slot_E[expert_ids_NK]
+
+
+def capacity_positions(slot_ids_NK: jax.Array, num_slots: int, capacity: int):
+  """Position of every (token, k) in its slot's buffer, first choices first.
+
+  Assignments are ordered k-major (all tokens' 1st choice, then 2nd, ...) as in
+  GShard/Switch, so a token loses its lower-ranked experts before anyone loses
+  a first choice. Returns (buffer_index_NK into a [X*C] buffer, keep_NK bool).
+  """
+  n, k = slot_ids_NK.shape
+  ids_M = slot_ids_NK.T.reshape(-1)
+  onehot_MX = jax.nn.one_hot(ids_M, num_slots, dtype=jnp.int32)
+  pos_M = jnp.sum(jnp.cumsum(onehot_MX, axis=0) * onehot_MX, axis=1) - 1
+  pos_NK = pos_M.reshape(k, n).T
+  keep_NK = pos_NK < capacity
+  index_NK = jnp.where(keep_NK, slot_ids_NK * capacity + pos_NK, num_slots * capacity)
+  return index_NK, keep_NK
+
+
+def dispatch(x_ND: jax.Array, index_NK: jax.Array, buffer_size: int) -> jax.Array:
+  """Gathers tokens into a [buffer_size, D] buffer (empty places are zeros).
+
+  An int scatter of token ids followed by a row gather keeps the heavy data
+  movement a gather, whose transpose (a scatter-add) is the backward pass.
+  """
+  n, k = index_NK.shape
+  token_M = jnp.repeat(jnp.arange(n, dtype=jnp.int32), k)
+  src_X = jnp.full((buffer_size,), n, jnp.int32).at[index_NK.reshape(-1)].set(token_M, mode="drop")
+  x_pad = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)], axis=0)
+  return x_pad[src_X]
+
+
+def combine(y_XD: jax.Array, index_NK: jax.Array, keep_NK: jax.Array, gates_NK: jax.Array) -> jax.Array:
+  """Σ_k gate_k · y[buffer place of (token, k)]; dropped assignments contribute 0."""
+  y_NKD = jnp.take(y_XD, jnp.minimum(index_NK, y_XD.shape[0] - 1), axis=0)
+  w_NK = jnp.where(keep_NK, gates_NK, 0.0).astype(jnp.float32)
+  return jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), w_NK)
+
+
+def dense_experts(x_ND: jax.Array, slot_ids_NK: jax.Array, gates_NK: jax.Array,
+                  w: ExpertWeights, slot_offset=0) -> jax.Array:
+  """Reference: every local slot runs on every token, weighted by its gate (0 if unchosen).
+
+  Returns float32 [N, D]: the contribution of slots [slot_offset, slot_offset+S).
+  """
+  num_local = w.gate_SDF.shape[0]
+  local_NK = slot_ids_NK - slot_offset
+  onehot_NKS = jax.nn.one_hot(local_NK, num_local, dtype=jnp.float32)
+  weight_NS = jnp.einsum("nks,nk->ns", onehot_NKS, gates_NK.astype(jnp.float32))
+  y_SND = swiglu(jnp.broadcast_to(x_ND, (num_local,) + x_ND.shape), w)
+  return jnp.einsum("snd,ns->nd", y_SND.astype(jnp.float32), weight_NS)
+
+
+def ragged_experts(x_ND: jax.Array, slot_ids_NK: jax.Array, gates_NK: jax.Array,
+                   w: ExpertWeights, slot_offset=0) -> jax.Array:
+  """Grouped path: sort assignments by slot and run `lax.ragged_dot` (dropless).
+
+  Assignments to slots outside [slot_offset, slot_offset+S) sort to the end,
+  beyond Σ group_sizes, where ragged_dot yields zeros. Returns float32 [N, D].
+  """
+  n, k = slot_ids_NK.shape
+  num_local = w.gate_SDF.shape[0]
+  local_M = (slot_ids_NK - slot_offset).reshape(-1)
+  local_M = jnp.where((local_M >= 0) & (local_M < num_local), local_M, num_local)
+  order_M = jnp.argsort(local_M, stable=True)
+  token_M = order_M // k
+  sizes_S = jnp.bincount(local_M, length=num_local + 1)[:num_local].astype(jnp.int32)
+  x_MD = x_ND[token_M]
+  g_MF = jax.lax.ragged_dot(x_MD, w.gate_SDF, sizes_S)
+  u_MF = jax.lax.ragged_dot(x_MD, w.up_SDF, sizes_S)
+  y_MD = jax.lax.ragged_dot(jax.nn.silu(g_MF) * u_MF, w.down_SFD, sizes_S)
+  gate_M = gates_NK.reshape(-1)[order_M].astype(jnp.float32)
+  return jnp.zeros((n, x_ND.shape[1]), jnp.float32).at[token_M].add(
+      y_MD.astype(jnp.float32) * gate_M[:, None])
+
+
+def capacity_for(tokens_per_shard: int, top_k: int, num_slots: int, capacity_factor: float) -> int:
+  """Static per-(source shard, slot) capacity; factor 0 means dropless (= tokens_per_shard).
+
+  A slot holds one expert and a token picks distinct experts, so one shard can
+  send at most `tokens_per_shard` assignments to a slot: that bound is dropless.
+  """
+  if capacity_factor <= 0:
+    return max(tokens_per_shard, 1)
+  even_share = tokens_per_shard * top_k / num_slots
+  return int(min(tokens_per_shard, max(1, math.ceil(capacity_factor * even_share))))

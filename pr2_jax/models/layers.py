@@ -1,0 +1,113 @@
+"""Qwen3 building blocks: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP.
+
+Dimension legend:
+  B batch, T query length, S key length, D d_model, H query heads,
+  G kv heads, R = H/G query heads per kv head, Z head_dim, F MLP hidden.
+
+Numerics follow Hugging Face's Qwen3-MoE so real checkpoints compute the
+same thing: norms in float32 then cast back, rotate-half RoPE, q/k RMSNorm
+per head before RoPE, softmax in float32.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from pr2_jax.config import ModelConfig
+from pr2_jax.parallel.mesh import constrain, partitioned
+
+INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
+NEG_INF = -1e30
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("scale", partitioned(nn.initializers.ones, (self.axis_name,)),
+                   (x.shape[-1],), jnp.float32)
+    return rms_norm(x, w, self.eps)
+
+
+def rotary(x_BTHZ: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Rotate-half rotary embedding (HF `apply_rotary_pos_emb`), computed in float32."""
+  z = x_BTHZ.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, z, 2, dtype=jnp.float32) / z))
+  angles_BTz = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  angles_BTZ = jnp.concatenate([angles_BTz, angles_BTz], axis=-1)[:, :, None, :]
+  x32 = x_BTHZ.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * jnp.cos(angles_BTZ) + rotated * jnp.sin(angles_BTZ)).astype(x_BTHZ.dtype)
+
+
+def attend(q_BTHZ, k_BSGZ, v_BSGZ, mask_BTS) -> jax.Array:
+  """Grouped-query softmax attention; `mask_BTS` True where a query may see a key."""
+  b, t, h, z = q_BTHZ.shape
+  g = k_BSGZ.shape[2]
+  q_BTGRZ = q_BTHZ.reshape(b, t, g, h // g, z)
+  scores = jnp.einsum("btgrz,bsgz->bgrts", q_BTGRZ, k_BSGZ).astype(jnp.float32) * z ** -0.5
+  scores = jnp.where(mask_BTS[:, None, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSGZ.dtype)
+  out_BTGRZ = jnp.einsum("bgrts,bsgz->btgrz", probs, v_BSGZ)
+  return out_BTGRZ.reshape(b, t, h, z)
+
+
+def causal_mask(positions_BT: jax.Array, valid_BT: jax.Array | None) -> jax.Array:
+  """Query t sees key s when s is not after t (by position) and s is a real token."""
+  mask_BTS = positions_BT[:, :, None] >= positions_BT[:, None, :]
+  if valid_BT is not None:
+    mask_BTS &= valid_BT[:, None, :].astype(bool)
+  # A padding query that sees nothing would softmax over -inf: let it see itself.
+  return mask_BTS | jnp.eye(positions_BT.shape[1], dtype=bool)[None]
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+  mesh: Mesh | None = None
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    def proj(name, heads, axes):
+      return nn.DenseGeneral((heads, cfg.head_dim), use_bias=False, dtype=dtype, name=name,
+                             kernel_init=partitioned(INIT, ("embed",) + axes))(x_BTD)
+    q_BTHZ = proj("q_proj", cfg.num_heads, ("heads", "head_dim"))
+    k_BTGZ = proj("k_proj", cfg.num_kv_heads, ("kv_heads", "head_dim"))
+    v_BTGZ = proj("v_proj", cfg.num_kv_heads, ("kv_heads", "head_dim"))
+    q_BTHZ = RMSNorm(cfg.rms_norm_eps, "head_dim", name="q_norm")(q_BTHZ)
+    k_BTGZ = RMSNorm(cfg.rms_norm_eps, "head_dim", name="k_norm")(k_BTGZ)
+    q_BTHZ = rotary(q_BTHZ, positions_BT, cfg.rope_theta)
+    k_BTGZ = rotary(k_BTGZ, positions_BT, cfg.rope_theta)
+    q_BTHZ = constrain(q_BTHZ, self.mesh, ("batch", "length", "heads", "head_dim"))
+    out_BTHZ = attend(q_BTHZ, k_BTGZ, v_BTGZ, mask_BTS)
+    return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, name="o_proj",
+                           kernel_init=partitioned(INIT, ("heads", "head_dim", "embed")))(out_BTHZ)
+
+
+class MLP(nn.Module):
+  """Dense SwiGLU MLP for the layers listed in `dense_layers`."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    def dense(name, features, axes):
+      return nn.Dense(features, use_bias=False, dtype=dtype, name=name,
+                      kernel_init=partitioned(INIT, axes))
+    h_BTF = nn.silu(dense("gate_proj", cfg.dense_d_ff, ("embed", "mlp"))(x_BTD))
+    h_BTF = h_BTF * dense("up_proj", cfg.dense_d_ff, ("embed", "mlp"))(x_BTD)
+    return dense("down_proj", cfg.d_model, ("mlp", "embed"))(h_BTF)

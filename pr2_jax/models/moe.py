@@ -1,0 +1,59 @@
+"""The MoE feed-forward block: float32 router, record/replay, slot-based experts.
+
+Dimension legend:
+  B batch, T length, N = B*T tokens, D d_model, E experts, K top-k,
+  F expert hidden width, X global expert slots.
+
+Parameter names mirror Hugging Face Qwen3-MoE (`gate` is the router), with
+expert weights stacked on a leading 'expert' axis that the mesh shards.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from pr2_jax.config import ModelConfig
+from pr2_jax.models import experts as ex
+from pr2_jax.models import routing
+from pr2_jax.models.layers import INIT
+from pr2_jax.parallel.expert_parallel import moe_experts
+from pr2_jax.parallel.mesh import constrain, partitioned
+
+
+class MoEAux(NamedTuple):
+  routes_BTK: jax.Array   # int32, the experts actually used
+  logits_BTE: jax.Array   # float32 router logits
+  dropped: jax.Array      # int32, (token, k) pairs over capacity
+  aux_loss: jax.Array     # float32 Switch load-balancing loss
+
+
+class MoEBlock(nn.Module):
+  config: ModelConfig
+  mesh: Mesh | None = None
+
+  @nn.compact
+  def __call__(self, x_BTD, routes_BTK=None, slot_expert_X=None, capacity=None):
+    cfg = self.config
+    b, t, d = x_BTD.shape
+    e, f = cfg.num_experts, cfg.expert_d_ff
+    w_router = self.param("gate", partitioned(INIT, ("embed", "experts_logits")), (d, e), jnp.float32)
+    weights = ex.ExpertWeights(
+        self.param("gate_proj", partitioned(INIT, ("expert", "embed", "mlp")), (e, d, f), jnp.float32),
+        self.param("up_proj", partitioned(INIT, ("expert", "embed", "mlp")), (e, d, f), jnp.float32),
+        self.param("down_proj", partitioned(INIT, ("expert", "mlp", "embed")), (e, f, d), jnp.float32))
+    x_ND = constrain(x_BTD.reshape(b * t, d), self.mesh, ("batch", "embed"))
+    logits_NE = routing.router_logits(x_ND, w_router)
+    routes_NK = None if routes_BTK is None else routes_BTK.reshape(b * t, cfg.top_k)
+    r = routing.route(logits_NE, cfg.top_k, cfg.norm_topk_prob, routes_NK)
+    y_ND, dropped = moe_experts(
+        x_ND, r.expert_ids, r.gates, weights, impl=cfg.expert_impl, mesh=self.mesh,
+        capacity_factor=cfg.capacity_factor, capacity=capacity, slot_expert_X=slot_expert_X,
+        dtype=jnp.dtype(cfg.dtype))
+    aux = MoEAux(r.expert_ids.reshape(b, t, cfg.top_k), logits_NE.reshape(b, t, e), dropped,
+                 routing.switch_aux_loss(r.probs, r.expert_ids))
+    return y_ND.reshape(b, t, d).astype(cfg.dtype), aux

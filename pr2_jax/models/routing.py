@@ -1,0 +1,127 @@
+"""Top-k routing, route recording and replay as pure functions on arrays.
+
+Usable without Flax: every function takes and returns plain arrays, so a
+MaxText/Tunix-style model can call `route` inside its own MoE block.
+
+Dimension legend:
+  B batch, T sequence length, N tokens (flattened B*T), D d_model,
+  E experts, K top-k, L MoE layers.
+
+Routes are int32 `[..., K]` expert ids; a row of -1 means "use the live
+router" for that token (and layer). The gates of a replayed route are
+gathered from the *full* live softmax, never from a top-k-masked vector:
+a replayed expert the live router would not pick still gets its true
+probability, so the router keeps receiving gradient through it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LIVE = -1  # route entry meaning "let the live router choose"
+
+
+class Routing(NamedTuple):
+  expert_ids: jax.Array  # int32 [..., K], the experts actually used
+  gates: jax.Array       # float32 [..., K], combine weights for those experts
+  probs: jax.Array       # float32 [..., E], the full live softmax ρ
+
+
+def router_logits(x_ND: jax.Array, w_DE: jax.Array) -> jax.Array:
+  """Router logits p = x W_r, always in float32 (routing is precision-sensitive)."""
+  return jnp.einsum("...d,de->...e", x_ND.astype(jnp.float32), w_DE.astype(jnp.float32))
+
+
+def top_k_experts(probs_NE: jax.Array, k: int) -> jax.Array:
+  """Top-k expert ids, int32 [..., K]; ties go to the lower index (as torch.topk)."""
+  return jax.lax.top_k(probs_NE, k)[1].astype(jnp.int32)
+
+
+def gates_at(probs_NE: jax.Array, expert_ids_NK: jax.Array, norm_topk_prob: bool) -> jax.Array:
+  """Gates g_j = ρ_j (or ρ_j / Σ_{i∈I} ρ_i) gathered from the full softmax at `expert_ids`."""
+  g_NK = jnp.take_along_axis(probs_NE, expert_ids_NK, axis=-1)
+  if norm_topk_prob:
+    g_NK = g_NK / jnp.sum(g_NK, axis=-1, keepdims=True)
+  return g_NK
+
+
+def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
+          routes_NK: jax.Array | None = None) -> Routing:
+  """Top-k routing with optional replay.
+
+  Args:
+    logits_NE: float router logits.
+    k: experts per token.
+    norm_topk_prob: renormalise gates over the chosen set.
+    routes_NK: optional int32 replayed expert ids; rows of -1 use the live top-k.
+
+  Returns:
+    Routing(expert_ids, gates, probs) with the experts actually used.
+  """
+  probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+  live_NK = top_k_experts(probs_NE, k)
+  if routes_NK is None:
+    ids_NK = live_NK
+  else:
+    replay_N1 = routes_NK[..., :1] >= 0
+    ids_NK = jnp.where(replay_N1, routes_NK.astype(jnp.int32), live_NK)
+  return Routing(ids_NK, gates_at(probs_NE, ids_NK, norm_topk_prob), probs_NE)
+
+
+def replay_gates(logits_NE: jax.Array, routes_NK: jax.Array, norm_topk_prob: bool) -> jax.Array:
+  """Gates of a fully replayed route (no -1 rows) from the live logits."""
+  probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+  return gates_at(probs_NE, routes_NK.astype(jnp.int32), norm_topk_prob)
+
+
+def expert_load(expert_ids_NK: jax.Array, num_experts: int,
+                mask_N: jax.Array | None = None) -> jax.Array:
+  """Number of (token, k) pairs sent to each expert, float32 [E]; masked tokens excluded."""
+  onehot_NKE = jax.nn.one_hot(expert_ids_NK, num_experts, dtype=jnp.float32)
+  if mask_N is not None:
+    onehot_NKE = onehot_NKE * mask_N[..., None, None].astype(jnp.float32)
+  return onehot_NKE.reshape(-1, num_experts).sum(0)
+
+
+def switch_aux_loss(probs_NE: jax.Array, expert_ids_NK: jax.Array) -> jax.Array:
+  """Switch-Transformer load-balancing loss E·Σ_e f_e·P_e (1.0 when perfectly even)."""
+  num_experts = probs_NE.shape[-1]
+  f_E = expert_load(expert_ids_NK, num_experts) / expert_ids_NK.size
+  p_E = probs_NE.reshape(-1, num_experts).mean(0)
+  return num_experts * jnp.sum(f_E * p_E)
+
+
+def validate_routes(routes, *, batch: int, length: int, num_layers: int, top_k: int,
+                    num_experts: int) -> None:
+  """Host-side check of a routes array `[B, T, L, K]`; raises ValueError naming the problem.
+
+  Each (token, layer) row must be all -1 (live router) or K distinct ids in
+  [0, num_experts). Runs on host numpy: call it before jit, not inside.
+  """
+  expected = (batch, length, num_layers, top_k)
+  shape = tuple(getattr(routes, "shape", ()))
+  if shape != expected:
+    raise ValueError(f"routes has shape {shape}, expected [B, T, L, K] = {expected}")
+  dtype = np.dtype(getattr(routes, "dtype", None))
+  if dtype != np.int32:
+    raise ValueError(f"routes has dtype {dtype}, expected int32")
+  r = np.asarray(routes)
+  live = r < 0
+  if np.any(r < LIVE):
+    raise ValueError(f"routes has value {int(r.min())} < -1; -1 (live router) is the only negative allowed")
+  if np.any(r >= num_experts):
+    raise ValueError(f"routes has expert id {int(r.max())} >= num_experts={num_experts}")
+  partial = live.any(-1) & ~live.all(-1)
+  if np.any(partial):
+    idx = tuple(int(i) for i in np.argwhere(partial)[0])
+    raise ValueError(f"routes row (b, t, l)={idx} mixes -1 and expert ids: {r[idx].tolist()}; "
+                     "a row is either all -1 (live) or K expert ids")
+  srt = np.sort(r, axis=-1)
+  dup = np.any((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0), axis=-1)
+  if np.any(dup):
+    idx = tuple(int(i) for i in np.argwhere(dup)[0])
+    raise ValueError(f"routes row (b, t, l)={idx} repeats an expert: {r[idx].tolist()}")

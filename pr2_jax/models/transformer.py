@@ -1,0 +1,109 @@
+"""`MoETransformer`: a Qwen3-MoE-style decoder with route record and replay.
+
+Dimension legend:
+  B batch, T length, D d_model, V vocab, L MoE layers, K top-k, E experts.
+
+`model.apply({'params': p}, tokens, routes=None)` returns a `ModelOutput`
+whose `.routes [B, T, L, K]` are the routes actually used; feeding them back
+as `routes=` reproduces the forward exactly (replay). A -1 row uses the live
+router for that (token, layer).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from pr2_jax.config import ModelConfig
+from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, causal_mask
+from pr2_jax.models.moe import MoEBlock
+from pr2_jax.parallel.mesh import constrain, partitioned
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  logits: jax.Array                        # [B, T, V] float32
+  routes: jax.Array                        # [B, T, L, K] int32, routes actually used
+  dropped: jax.Array                       # [L] int32, (token, k) pairs over capacity per layer
+  aux_loss: jax.Array                      # scalar, mean Switch loss over MoE layers
+  router_logits: Optional[jax.Array] = None  # [B, T, L, E] float32, on request
+  router_inputs: Optional[jax.Array] = None  # [B, T, L, D], on request (PR2 features)
+
+
+class DecoderLayer(nn.Module):
+  config: ModelConfig
+  is_moe: bool
+  mesh: Mesh | None = None
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, routes_BTK, slot_expert_X, capacity):
+    cfg = self.config
+    h_BTD = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x_BTD)
+    x_BTD = x_BTD + Attention(cfg, self.mesh, name="self_attn")(h_BTD, positions_BT, mask_BTS)
+    h_BTD = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x_BTD)
+    if not self.is_moe:
+      return x_BTD + MLP(cfg, name="mlp")(h_BTD), None, None
+    y_BTD, aux = MoEBlock(cfg, self.mesh, name="mlp")(h_BTD, routes_BTK, slot_expert_X, capacity)
+    return x_BTD + y_BTD, aux, h_BTD
+
+
+class MoETransformer(nn.Module):
+  """Qwen3-MoE decoder. `mesh=None` runs on one device; a ('data','expert') mesh shards it."""
+  config: ModelConfig
+  mesh: Mesh | None = None
+
+  @nn.compact
+  def __call__(self, tokens_BT, routes=None, *, positions=None, valid=None,
+               return_router_logits=False, return_router_inputs=False,
+               slot_expert=None, capacity=None) -> ModelOutput:
+    """Forward pass.
+
+    Args:
+      tokens_BT: int32 token ids.
+      routes: optional int32 [B, T, L, K] replayed expert ids (-1 rows = live).
+      positions: optional int32 [B, T] positions (default 0..T-1; set for left padding).
+      valid: optional bool [B, T], False on padding (masked as attention keys).
+      return_router_logits / return_router_inputs: also return per-layer router
+        logits [B, T, L, E] / router inputs [B, T, L, D].
+      slot_expert: optional int32 [L, X] slot -> expert map per MoE layer.
+      capacity: optional static per-slot capacity (overrides capacity_factor).
+    """
+    cfg = self.config
+    b, t = tokens_BT.shape
+    embed = self.param("embed_tokens", partitioned(INIT, ("vocab", "embed")),
+                       (cfg.vocab_size, cfg.d_model), jnp.float32)
+    x_BTD = jnp.take(embed, tokens_BT, axis=0).astype(cfg.dtype)
+    x_BTD = constrain(x_BTD, self.mesh, ("batch", "length", "embed"))
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask_BTS = causal_mask(positions, valid)
+    auxes, inputs = [], []
+    for i in range(cfg.num_layers):
+      moe_idx = len(auxes)
+      is_moe = i in cfg.moe_layers
+      layer_routes = routes[:, :, moe_idx] if (routes is not None and is_moe) else None
+      layer_slots = slot_expert[moe_idx] if (slot_expert is not None and is_moe) else None
+      x_BTD, aux, h_BTD = DecoderLayer(cfg, is_moe, self.mesh, name=f"layers_{i}")(
+          x_BTD, positions, mask_BTS, layer_routes, layer_slots, capacity)
+      if is_moe:
+        auxes.append(aux)
+        inputs.append(h_BTD)
+      x_BTD = constrain(x_BTD, self.mesh, ("batch", "length", "embed"))
+    x_BTD = RMSNorm(cfg.rms_norm_eps, name="norm")(x_BTD)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x_BTD, embed.astype(cfg.dtype))
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
+                        kernel_init=partitioned(INIT, ("embed", "vocab")))(x_BTD)
+    return ModelOutput(
+        logits=logits.astype(jnp.float32),
+        routes=jnp.stack([a.routes_BTK for a in auxes], axis=2),
+        dropped=jnp.stack([a.dropped for a in auxes]),
+        aux_loss=jnp.mean(jnp.stack([a.aux_loss for a in auxes])),
+        router_logits=jnp.stack([a.logits_BTE for a in auxes], axis=2) if return_router_logits else None,
+        router_inputs=jnp.stack(inputs, axis=2) if return_router_inputs else None)

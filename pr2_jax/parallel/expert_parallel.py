@@ -1,0 +1,117 @@
+"""Expert parallelism: the three expert paths under `jax.shard_map` over 'expert'.
+
+Dimension legend:
+  N tokens (global), n tokens on one shard, D d_model, K top-k, E experts,
+  P 'expert' axis size, S slots per shard, X = P*S global slots, C capacity.
+
+Tokens are split over ('data', 'expert'); expert weights over 'expert'.
+  * capacity: each shard packs its tokens into a [P, S, C, D] buffer, one
+    dense `all_to_all` sends slot s's rows to the shard holding it, experts
+    run as one einsum, a second `all_to_all` brings results home.
+  * dense / ragged: tokens are all-gathered over 'expert', each shard runs its
+    own slots, and `psum_scatter` returns every token's sum to its shard.
+    (Ragged all-to-all is unimplemented on XLA:CPU, so this is the dropless
+    grouped path that runs everywhere; on GPU/TPU it uses `ragged_dot`.)
+Slots: with `slot_expert=None` shard p's slots are its own E/P experts and no
+weight moves. With a `slot_expert [X]` map, slot weights are gathered from
+their owners (`all_gather`) inside the step; autodiff turns that into a
+reduce-scatter, so replica gradients sum back into the owner's weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from pr2_jax.models import experts as ex
+from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size, num_token_shards
+
+
+def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, num_shards,
+                slots_per_shard, capacity, dtype, distributed):
+  P_, S = num_shards, slots_per_shard
+  p = jax.lax.axis_index(EXPERT) if distributed and P_ > 1 else 0
+  if slot_expert_X is not None:
+    if distributed and P_ > 1:
+      weights = ex.ExpertWeights(*(jax.lax.all_gather(w, EXPERT, tiled=True) for w in weights))
+    weights = weights.take(jax.lax.dynamic_slice_in_dim(slot_expert_X, p * S, S))
+  weights = weights.astype(dtype)
+  x_nD = x_nD.astype(dtype)
+  if impl == "capacity":
+    index_nK, keep_nK = ex.capacity_positions(slot_ids_nK, P_ * S, capacity)
+    buf_PSCD = ex.dispatch(x_nD, index_nK, P_ * S * capacity).reshape(P_, S, capacity, -1)
+    if distributed and P_ > 1:
+      buf_PSCD = jax.lax.all_to_all(buf_PSCD, EXPERT, 0, 0, tiled=True)
+    y_PSCD = ex.swiglu(buf_PSCD, weights)
+    if distributed and P_ > 1:
+      y_PSCD = jax.lax.all_to_all(y_PSCD, EXPERT, 0, 0, tiled=True)
+    y_nD = ex.combine(y_PSCD.reshape(P_ * S * capacity, -1), index_nK, keep_nK, gates_nK)
+    dropped = jnp.sum(~keep_nK).astype(jnp.int32)
+  else:
+    if distributed and P_ > 1:
+      gather = functools.partial(jax.lax.all_gather, axis_name=EXPERT, tiled=True)
+      x_nD, slot_ids_nK, gates_nK = gather(x_nD), gather(slot_ids_nK), gather(gates_nK)
+    fn = ex.dense_experts if impl == "dense" else ex.ragged_experts
+    y_nD = fn(x_nD, slot_ids_nK, gates_nK, weights, slot_offset=p * S)
+    if distributed and P_ > 1:
+      y_nD = jax.lax.psum_scatter(y_nD, EXPERT, scatter_dimension=0, tiled=True)
+    dropped = jnp.zeros((), jnp.int32)
+  if distributed:
+    dropped = jax.lax.psum(dropped, TOKEN_AXES)
+  return y_nD, dropped
+
+
+def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
+                weights: ex.ExpertWeights, *, impl: str = "capacity", mesh: Mesh | None = None,
+                capacity_factor: float = 0.0, capacity: int | None = None,
+                slot_expert_X: jax.Array | None = None, slot_ids_NK: jax.Array | None = None,
+                dtype=jnp.float32):
+  """Runs the routed experts; returns (y float32 [N, D], dropped int32 scalar).
+
+  Args:
+    x_ND: token activations, sharded over ('data', 'expert') when `mesh` is set.
+    expert_ids_NK, gates_NK: the routing (experts used and their gates).
+    weights: per-expert weights [E, ...], sharded over 'expert'.
+    impl: 'capacity' | 'ragged' | 'dense'.
+    capacity_factor: capacity per slot relative to an even share; 0 = dropless.
+    capacity: explicit static capacity (overrides capacity_factor), e.g. a
+      foresight bucket chosen on the host from the planned loads.
+    slot_expert_X: int32 [P*S] slot -> expert map; None = identity, S = E/P.
+    slot_ids_NK: the slot of each assignment (a planner's replica choice);
+      default: the first slot holding the expert.
+    dtype: computation dtype of the experts.
+  """
+  num_experts = weights.gate_SDF.shape[0]
+  n_shards, P_ = num_token_shards(mesh), axis_size(mesh, EXPERT)
+  if x_ND.shape[0] % n_shards:
+    raise ValueError(f"{x_ND.shape[0]} tokens cannot be split over {n_shards} token shards "
+                     f"(mesh {dict(mesh.shape) if mesh is not None else {}}); make the batch divisible")
+  if num_experts % P_:
+    raise ValueError(f"num_experts={num_experts} must be divisible by the 'expert' axis size {P_}")
+  if slot_expert_X is None:
+    S = num_experts // P_
+    slot_ids_NK = expert_ids_NK if slot_ids_NK is None else slot_ids_NK
+  else:
+    if slot_expert_X.shape[0] % P_:
+      raise ValueError(f"slot_expert has {slot_expert_X.shape[0]} slots, not a multiple of "
+                       f"the 'expert' axis size {P_}")
+    S = slot_expert_X.shape[0] // P_
+    if slot_ids_NK is None:
+      slot_ids_NK = ex.expert_to_slot(expert_ids_NK, slot_expert_X, num_experts)
+  n_local = x_ND.shape[0] // n_shards
+  if capacity is None:
+    capacity = ex.capacity_for(n_local, expert_ids_NK.shape[1], P_ * S, capacity_factor)
+  if capacity < 1:
+    raise ValueError(f"capacity={capacity} must be >= 1")
+  body = functools.partial(_shard_body, impl=impl, num_shards=P_, slots_per_shard=S,
+                           capacity=int(capacity), dtype=dtype, distributed=mesh is not None)
+  if mesh is None:
+    return body(x_ND, slot_ids_NK, gates_NK, weights, slot_expert_X)
+  tok, w_spec = P(TOKEN_AXES, None), P(EXPERT, None, None)
+  in_specs = (tok, tok, tok, ex.ExpertWeights(w_spec, w_spec, w_spec),
+              None if slot_expert_X is None else P())
+  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))
+  return fn(x_ND, slot_ids_NK, gates_NK, weights, slot_expert_X)

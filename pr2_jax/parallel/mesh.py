@@ -1,0 +1,80 @@
+"""The device mesh and the one table that maps logical axis names to it.
+
+Parameters and activations are annotated with logical names ('batch',
+'expert', 'embed', ...); `LOGICAL_RULES` is the only place that says which
+mesh axis each name is sharded over. Tokens are sharded over both mesh axes
+(data parallel everywhere outside the experts); expert weights over 'expert'.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+DATA, EXPERT = "data", "expert"
+TOKEN_AXES = (DATA, EXPERT)  # mesh axes a token (batch) dimension is split over
+
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", TOKEN_AXES),
+    ("expert", EXPERT),
+    ("length", None),
+    ("embed", None),
+    ("vocab", None),
+    ("heads", None),
+    ("kv_heads", None),
+    ("head_dim", None),
+    ("mlp", None),
+    ("layers", None),
+    ("experts_logits", None),  # router output columns: replicated, tokens are sharded
+)
+
+
+def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'expert') mesh of Auto axes; data*expert must equal the device count."""
+  devices = list(jax.devices() if devices is None else devices)
+  for name, size in ((DATA, data), (EXPERT, expert)):
+    if not isinstance(size, int) or size < 1:
+      raise ValueError(f"mesh axis '{name}' size must be a positive int, got {size!r}")
+  if data * expert != len(devices):
+    raise ValueError(f"mesh data={data} x expert={expert} = {data * expert} devices, "
+                     f"but {len(devices)} are available")
+  return jax.make_mesh((data, expert), (DATA, EXPERT), axis_types=(AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def axis_size(mesh: Mesh | None, name: str) -> int:
+  return 1 if mesh is None else mesh.shape[name]
+
+
+def num_token_shards(mesh: Mesh | None) -> int:
+  return int(np.prod([axis_size(mesh, a) for a in TOKEN_AXES]))
+
+
+def logical_spec(axes: Sequence[str | None]) -> PartitionSpec:
+  return nn.logical_to_mesh_axes(tuple(axes), LOGICAL_RULES)
+
+
+def logical_sharding(mesh: Mesh, axes: Sequence[str | None]) -> NamedSharding:
+  return NamedSharding(mesh, logical_spec(axes))
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op without a mesh."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, axes))
+
+
+def tree_shardings(mesh: Mesh, boxed_tree):
+  """NamedShardings for a tree of `nn.LogicallyPartitioned` (or plain) abstract leaves."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def partitioned(init_fn, axes: Sequence[str | None]):
+  """Wraps a Flax initializer so the parameter carries logical axis names."""
+  return nn.with_logical_partitioning(init_fn, tuple(axes))
