@@ -1,0 +1,1 @@
+"""Procedurally generated tasks (no data set can be downloaded on our machines)."""

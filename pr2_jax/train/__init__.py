@@ -1,0 +1,1 @@
+"""Training: sharded state creation and the jitted supervised step."""

@@ -1,0 +1,61 @@
+"""Train state created sharded: eval_shape -> shardings -> jit(init).
+
+The state never exists whole on one device: its shardings come from the
+parameters' logical axis names (`LOGICAL_RULES`) and `jax.jit(init,
+out_shardings=...)` materialises every array directly in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pr2_jax.parallel.mesh import num_token_shards, tree_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, total_steps: int = 0,
+                   weight_decay: float = 0.0, grad_clip: float = 1.0, b2: float = 0.999):
+  """AdamW with linear warmup, cosine decay to 10% (when total_steps > 0) and global-norm clipping."""
+  if total_steps > 0:
+    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
+                                            max(total_steps, warmup_steps + 1), learning_rate * 0.1)
+  else:
+    lr = learning_rate
+  return optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(lr, b2=b2, weight_decay=weight_decay))
+
+
+def init_tokens(mesh: Mesh | None) -> jax.Array:
+  """The smallest token batch the mesh can split (init only needs shapes)."""
+  return jnp.zeros((num_token_shards(mesh), 1), jnp.int32)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       mesh: Mesh):
+  """Returns (state, state_shardings) with every array born in its sharding."""
+  tokens = init_tokens(mesh)
+
+  def init(rng):
+    params = model.init(rng, tokens)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  shardings = tree_shardings(mesh, jax.eval_shape(init, rng))
+  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
