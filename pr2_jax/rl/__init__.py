@@ -1,0 +1,1 @@
+"""RL engine: tasks, rollout sampler, GRPO/DAPO/GSPO learner, replay modes, metrics."""

@@ -1,0 +1,28 @@
+"""Tests for pr2_jax.data.synthetic: the reverse-copy task layout."""
+
+import numpy as np
+import pytest
+
+from pr2_jax.data import synthetic
+
+
+def test_reverse_copy_layout():
+  b = synthetic.reverse_copy_batch(np.random.default_rng(0), 4, 3)
+  toks, mask = b["tokens"], b["loss_mask"]
+  assert toks.shape == (4, 9) and toks.dtype == np.int32
+  for row, m in zip(toks, mask):
+    assert row[0] == synthetic.BOS and row[4] == synthetic.SEP and row[-1] == synthetic.EOS
+    np.testing.assert_array_equal(row[5:8], row[1:4][::-1])
+    assert np.all((row[1:4] >= synthetic.DIGIT0) & (row[1:4] < synthetic.DIGIT0 + 10))
+    np.testing.assert_array_equal(m, [0, 0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def test_deterministic_for_a_seed():
+  a = synthetic.reverse_copy_batch(np.random.default_rng(7), 2, 5)["tokens"]
+  b = synthetic.reverse_copy_batch(np.random.default_rng(7), 2, 5)["tokens"]
+  np.testing.assert_array_equal(a, b)
+
+
+def test_bad_sizes():
+  with pytest.raises(ValueError, match="num_digits=0"):
+    synthetic.reverse_copy_batch(np.random.default_rng(0), 2, 0)
