@@ -73,12 +73,22 @@ def causal_mask(positions_BT: jax.Array, valid_BT: jax.Array | None) -> jax.Arra
   return mask_BTS | jnp.eye(positions_BT.shape[1], dtype=bool)[None]
 
 
+def cache_mask(index: jax.Array, length: int, key_valid_BS: jax.Array) -> jax.Array:
+  """Decode mask: query slot index+t sees cache slots s <= index+t that hold real tokens."""
+  query_T = index + jnp.arange(length)
+  slots_S = jnp.arange(key_valid_BS.shape[1])
+  mask_BTS = (slots_S[None, None, :] <= query_T[None, :, None]) & key_valid_BS[:, None, :]
+  return mask_BTS | (slots_S[None, None, :] == query_T[None, :, None])
+
+
 class Attention(nn.Module):
+  """GQA attention; with `kv` = (k_BSGZ, v_BSGZ, index) it writes the new keys and
+  values at slot `index` and attends over the whole cache (decode)."""
   config: ModelConfig
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     def proj(name, heads, axes):
@@ -92,9 +102,16 @@ class Attention(nn.Module):
     q_BTHZ = rotary(q_BTHZ, positions_BT, cfg.rope_theta)
     k_BTGZ = rotary(k_BTGZ, positions_BT, cfg.rope_theta)
     q_BTHZ = constrain(q_BTHZ, self.mesh, ("batch", "length", "heads", "head_dim"))
-    out_BTHZ = attend(q_BTHZ, k_BTGZ, v_BTGZ, mask_BTS)
-    return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, name="o_proj",
-                           kernel_init=partitioned(INIT, ("heads", "head_dim", "embed")))(out_BTHZ)
+    new_kv = None
+    if kv is not None:
+      cache_k, cache_v, index = kv
+      k_BTGZ = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BTGZ.astype(cache_k.dtype), index, 1)
+      v_BTGZ = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BTGZ.astype(cache_v.dtype), index, 1)
+      new_kv = (k_BTGZ, v_BTGZ)
+    out_BTHZ = attend(q_BTHZ, k_BTGZ.astype(dtype), v_BTGZ.astype(dtype), mask_BTS)
+    out_BTD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, name="o_proj",
+                              kernel_init=partitioned(INIT, ("heads", "head_dim", "embed")))(out_BTHZ)
+    return out_BTD, new_kv
 
 
 class MLP(nn.Module):

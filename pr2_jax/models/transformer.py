@@ -20,9 +20,26 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from pr2_jax.config import ModelConfig
-from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, causal_mask
+from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
 from pr2_jax.models.moe import MoEBlock
 from pr2_jax.parallel.mesh import constrain, partitioned
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values of every layer for decoding; slot `index` is the next to write."""
+  k: jax.Array       # [num_layers, B, S, G, Z]
+  v: jax.Array       # [num_layers, B, S, G, Z]
+  valid: jax.Array   # [B, S] bool, True where a slot holds a real (non-padding) token
+  index: jax.Array   # int32 scalar
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  """An empty cache for `max_len` tokens (prompt + response) in `dtype` (default: compute dtype)."""
+  dtype = jnp.dtype(dtype or config.dtype)
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                 jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
 @flax.struct.dataclass
@@ -33,6 +50,7 @@ class ModelOutput:
   aux_loss: jax.Array                      # scalar, mean Switch loss over MoE layers
   router_logits: Optional[jax.Array] = None  # [B, T, L, E] float32, on request
   router_inputs: Optional[jax.Array] = None  # [B, T, L, D], on request (PR2 features)
+  cache: Optional[KVCache] = None            # updated cache when decoding
 
 
 class DecoderLayer(nn.Module):
@@ -41,15 +59,16 @@ class DecoderLayer(nn.Module):
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, routes_BTK, slot_expert_X, capacity):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, routes_BTK, slot_expert_X, capacity, kv):
     cfg = self.config
     h_BTD = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x_BTD)
-    x_BTD = x_BTD + Attention(cfg, self.mesh, name="self_attn")(h_BTD, positions_BT, mask_BTS)
+    a_BTD, kv = Attention(cfg, self.mesh, name="self_attn")(h_BTD, positions_BT, mask_BTS, kv)
+    x_BTD = x_BTD + a_BTD
     h_BTD = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x_BTD)
     if not self.is_moe:
-      return x_BTD + MLP(cfg, name="mlp")(h_BTD), None, None
+      return x_BTD + MLP(cfg, name="mlp")(h_BTD), None, None, kv
     y_BTD, aux = MoEBlock(cfg, self.mesh, name="mlp")(h_BTD, routes_BTK, slot_expert_X, capacity)
-    return x_BTD + y_BTD, aux, h_BTD
+    return x_BTD + y_BTD, aux, h_BTD, kv
 
 
 class MoETransformer(nn.Module):
@@ -60,7 +79,7 @@ class MoETransformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT, routes=None, *, positions=None, valid=None,
                return_router_logits=False, return_router_inputs=False,
-               slot_expert=None, capacity=None) -> ModelOutput:
+               slot_expert=None, capacity=None, cache: KVCache | None = None) -> ModelOutput:
     """Forward pass.
 
     Args:
@@ -72,6 +91,9 @@ class MoETransformer(nn.Module):
         logits [B, T, L, E] / router inputs [B, T, L, D].
       slot_expert: optional int32 [L, X] slot -> expert map per MoE layer.
       capacity: optional static per-slot capacity (overrides capacity_factor).
+      cache: optional KVCache; the T tokens are written at `cache.index` and
+        attend to everything before them (prefill and decode). `positions`
+        must then be given; the output carries the updated cache.
     """
     cfg = self.config
     b, t = tokens_BT.shape
@@ -81,15 +103,24 @@ class MoETransformer(nn.Module):
     x_BTD = constrain(x_BTD, self.mesh, ("batch", "length", "embed"))
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask_BTS = causal_mask(positions, valid)
-    auxes, inputs = [], []
+    if cache is None:
+      mask_BTS = causal_mask(positions, valid)
+    else:
+      step_valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+      key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid, cache.index, 1)
+      mask_BTS = cache_mask(cache.index, t, key_valid)
+    auxes, inputs, new_k, new_v = [], [], [], []
     for i in range(cfg.num_layers):
       moe_idx = len(auxes)
       is_moe = i in cfg.moe_layers
       layer_routes = routes[:, :, moe_idx] if (routes is not None and is_moe) else None
       layer_slots = slot_expert[moe_idx] if (slot_expert is not None and is_moe) else None
-      x_BTD, aux, h_BTD = DecoderLayer(cfg, is_moe, self.mesh, name=f"layers_{i}")(
-          x_BTD, positions, mask_BTS, layer_routes, layer_slots, capacity)
+      kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+      x_BTD, aux, h_BTD, kv = DecoderLayer(cfg, is_moe, self.mesh, name=f"layers_{i}")(
+          x_BTD, positions, mask_BTS, layer_routes, layer_slots, capacity, kv)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
       if is_moe:
         auxes.append(aux)
         inputs.append(h_BTD)
@@ -106,4 +137,6 @@ class MoETransformer(nn.Module):
         dropped=jnp.stack([a.dropped for a in auxes]),
         aux_loss=jnp.mean(jnp.stack([a.aux_loss for a in auxes])),
         router_logits=jnp.stack([a.logits_BTE for a in auxes], axis=2) if return_router_logits else None,
-        router_inputs=jnp.stack(inputs, axis=2) if return_router_inputs else None)
+        router_inputs=jnp.stack(inputs, axis=2) if return_router_inputs else None,
+        cache=None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v), key_valid,
+                                                 cache.index + t))
