@@ -1,0 +1,182 @@
+"""Tests for pr2_jax.rl.tasks: hand-worked rewards, the countdown parser, splits, determinism."""
+
+import numpy as np
+import pytest
+
+from pr2_jax.rl import tasks
+from pr2_jax.rl.char_tokenizer import CharTokenizer
+
+ALL_TASKS = [
+    tasks.Arithmetic(),
+    tasks.Arithmetic(num_digits=3, ops="+-*/", allow_negative=True),
+    tasks.Countdown(),
+    tasks.Countdown(num_numbers=4, max_number=12, parens=True, shuffle=True),
+    tasks.Mixture([tasks.Arithmetic(), tasks.Countdown()], weights=[3, 1]),
+]
+
+
+def _problem(prompt):
+  """The arithmetic Problem for a hand-written prompt like '12+34='."""
+  op = next(c for c in "+-*/" if c in prompt[1:])
+  a, b = prompt[:-1].split(op)
+  value = tasks._apply(int(a), op, int(b))
+  return tasks.Problem(prompt, str(value), str(value), (int(a), op, int(b), value), "arithmetic")
+
+
+def test_arithmetic_rewards():
+  task = tasks.Arithmetic()
+  p = _problem("12+34=")
+  assert task.reward(p, "46") == 1.0
+  assert task.reward(p, " 46 ") == 1.0  # surrounding spaces are not an error
+  assert task.reward(p, "046") == 1.0   # parses to the exact integer
+  for wrong in ["47", "-46", "4 6", "46=", "46+0", "", "=", "4.6e1", "x", "９"]:
+    assert task.reward(p, wrong) == 0.0, wrong
+  q = _problem("3-15=")
+  assert task.reward(q, "-12") == 1.0 and task.reward(q, "12") == 0.0
+
+
+def test_arithmetic_generation():
+  task = tasks.Arithmetic(num_digits=2, ops="+-")
+  assert (task.max_prompt_len, task.max_answer_len) == (6, 3)  # "99+99=" -> "198"
+  for p in task.sample(np.random.default_rng(0), 500):
+    a, op, b, value = p.meta
+    assert p.prompt == f"{a}{op}{b}=" and 0 <= a <= 99 and 0 <= b <= 99
+    assert value == (a + b if op == "+" else a - b) >= 0 and p.answer == p.solution == str(value)
+  div = tasks.Arithmetic(num_digits=2, ops="/")
+  for p in div.sample(np.random.default_rng(1), 300):
+    a, _, b, value = p.meta
+    assert b >= 1 and a == b * value and a <= 99
+
+
+@pytest.mark.parametrize("text, value, used", [
+    ("3*5+8", 23, [3, 5, 8]),
+    ("3+5*8", 43, [3, 5, 8]),
+    ("(3+5)*8", 64, [3, 5, 8]),
+    ("8-5-3", 0, [8, 5, 3]),      # left-associative
+    ("8-(5-3)", 6, [8, 5, 3]),
+    (" 2 * ( 3 + 4 ) ", 14, [2, 3, 4]),
+    ("((7))", 7, [7]),
+    ("12*10-3", 117, [12, 10, 3]),
+])
+def test_evaluate_expression(text, value, used):
+  assert tasks.evaluate_expression(text) == (value, used)
+
+
+@pytest.mark.parametrize("text", ["", "3+", "+3", "-3+5", "3**5", "(3+5", "3+5)", "()", "3 5",
+                                  "3/5", "3+5=8", "a", "((((((((((((((((((((((((((((((((((1"
+                                  "))))))))))))))))))))))))))))))))))"])
+def test_evaluate_expression_malformed(text):
+  with pytest.raises(ValueError):
+    tasks.evaluate_expression(text)
+
+
+def test_countdown_rewards():
+  task = tasks.Countdown()
+  p = tasks.Problem("3 5 8:23=", "3*5+8", "3*5+8", ((3, 5, 8), 23), "countdown")
+  assert task.reward(p, "3*5+8") == 1.0
+  assert task.reward(p, "8+5*3") == 1.0     # any order
+  assert task.reward(p, "(8+3)*5-32") == 0.0  # 32 was not given
+  assert task.reward(p, "3*5+8+0") == 0.0   # 0 was not given
+  assert task.reward(p, "3*5+5+3") == 0.0   # reuses 5 and 3
+  assert task.reward(p, "3+5+8") == 0.1     # well formed, legal numbers, wrong value
+  assert task.reward(p, "8") == 0.1         # a subset is legal
+  for bad in ["3*5+", "23", "3*5+8=", "", "3 * 5 + 8)", "(3*5)+8x"]:
+    assert task.reward(p, bad) == (0.0), bad
+  q = tasks.Problem("4 4 2:6=", "4+4-2", "4+4-2", ((4, 4, 2), 6), "countdown")
+  assert task.reward(q, "4+4-2") == 1.0     # duplicates may each be used once
+  assert task.reward(q, "4+4+4-2*3") == 0.0
+  strict = tasks.Countdown(format_reward=0.0)
+  assert strict.reward(p, "3+5+8") == 0.0 and strict.reward(p, "3*5+8") == 1.0
+
+
+def test_countdown_generation():
+  task = tasks.Countdown(num_numbers=3, max_number=9)
+  assert (task.max_prompt_len, task.max_answer_len) == (10, 5)  # "9 9 9:729=" -> "9*9*9"
+  for p in task.sample(np.random.default_rng(0), 500):
+    numbers, target = p.meta
+    assert p.prompt == " ".join(map(str, numbers)) + f":{target}="
+    assert 0 <= target <= 729 and all(1 <= x <= 9 for x in numbers)
+    assert tasks.evaluate_expression(p.solution) == (target, list(numbers))  # shuffle=False: in order
+  capped = tasks.Countdown(max_target=20)
+  assert all(p.meta[1] <= 20 for p in capped.sample(np.random.default_rng(0), 300))
+  assert capped.max_prompt_len == 9
+
+
+@pytest.mark.parametrize("task", ALL_TASKS, ids=lambda t: repr(t)[:40])
+def test_every_solution_is_correct_and_fits(task):
+  tok = CharTokenizer()
+  problems = task.sample(np.random.default_rng(3), 2000) + task.eval_set(100, seed=3)
+  for p in problems:
+    assert task.reward(p, p.solution) == 1.0, p
+    assert len(p.prompt) <= task.max_prompt_len, p
+    assert len(p.solution) <= task.max_answer_len and len(p.answer) <= task.max_answer_len, p
+    tok.encode(p.prompt + p.solution)  # every character is in the vocabulary
+    assert 0.0 <= task.reward(p, "1+2") <= 1.0
+
+
+@pytest.mark.parametrize("task", ALL_TASKS, ids=lambda t: repr(t)[:40])
+def test_train_eval_disjoint(task):
+  train = {p.prompt for p in task.sample(np.random.default_rng(0), 5000)}
+  eval_problems = task.eval_set(300, seed=0)
+  held_out = {p.prompt for p in eval_problems}
+  assert len(held_out) == 300  # distinct
+  assert not train & held_out
+  assert all(task.is_eval(p) for p in eval_problems)
+
+
+def test_split_is_stable_and_shared_across_settings():
+  # The split is a property of the prompt alone; these values are golden.
+  held = [f"{a}+{b}=" for a in range(10) for b in range(10) if tasks.is_eval_prompt(f"{a}+{b}=", 0.1)]
+  assert held == ["3+3=", "3+7=", "3+8=", "5+3=", "5+6=", "6+2=", "6+7=", "7+1=", "7+5=", "7+9=",
+                  "8+3=", "8+5=", "8+8=", "9+5="]
+  assert not tasks.is_eval_prompt("12+34=", 0.1) and tasks.is_eval_prompt("12+34=", 0.9)
+  small = {p.prompt for p in tasks.Arithmetic(num_digits=1).eval_set(8)}
+  big_train = {p.prompt for p in tasks.Arithmetic(num_digits=2).sample(np.random.default_rng(0), 5000)}
+  assert not small & big_train
+  fractions = np.mean([tasks.is_eval_prompt(str(i), 0.1) for i in range(20000)])
+  assert 0.09 < fractions < 0.11
+
+
+@pytest.mark.parametrize("task", ALL_TASKS, ids=lambda t: repr(t)[:40])
+def test_deterministic_under_seed(task):
+  assert task.sample(np.random.default_rng(5), 50) == task.sample(np.random.default_rng(5), 50)
+  assert task.eval_set(40, seed=2) == task.eval_set(40, seed=2)
+  assert task.eval_set(40, seed=2) != task.eval_set(40, seed=3)
+  assert task.sample(np.random.default_rng(5), 50) != task.sample(np.random.default_rng(6), 50)
+
+
+def test_mixture():
+  mix = tasks.Mixture([tasks.Arithmetic(), tasks.Countdown()], weights=[3, 1])
+  assert mix.name == "mixture(arithmetic,countdown)"
+  assert (mix.max_prompt_len, mix.max_answer_len) == (10, 5)
+  names = [p.task for p in mix.sample(np.random.default_rng(0), 4000)]
+  assert 0.72 < names.count("arithmetic") / len(names) < 0.78
+  ev = mix.eval_set(10)
+  assert [p.task for p in ev] == ["arithmetic"] * 8 + ["countdown"] * 2  # 7.5/2.5 -> 8/2 (ties: first)
+  cd = next(p for p in ev if p.task == "countdown")
+  assert mix.reward(cd, cd.solution) == 1.0 and mix.reward(ev[0], ev[0].answer) == 1.0
+  with pytest.raises(ValueError, match="not in mixture"):
+    mix.reward(tasks.Problem("1+1=", "2", "2", (1, "+", 1, 2), "other"), "2")
+  with pytest.raises(ValueError, match="distinct names"):
+    tasks.Mixture([tasks.Arithmetic(), tasks.Arithmetic(num_digits=3)])
+  named = tasks.Mixture([tasks.Arithmetic(), tasks.Arithmetic(num_digits=3, name="arith3")])
+  assert {p.task for p in named.sample(np.random.default_rng(0), 100)} == {"arithmetic", "arith3"}
+
+
+def test_make_task_and_validation():
+  assert isinstance(tasks.make_task("arithmetic", num_digits=3), tasks.Arithmetic)
+  assert tasks.make_task("countdown", num_numbers=4).num_numbers == 4
+  with pytest.raises(ValueError, match=r"unknown task 'sudoku'; allowed: \['arithmetic', 'countdown'\]"):
+    tasks.make_task("sudoku")
+  with pytest.raises(ValueError, match="num_digits=0"):
+    tasks.Arithmetic(num_digits=0)
+  with pytest.raises(ValueError, match="ops="):
+    tasks.Arithmetic(ops="+%")
+  with pytest.raises(ValueError, match="ops="):
+    tasks.Countdown(ops="+/")
+  with pytest.raises(ValueError, match="max_number=1"):
+    tasks.Countdown(max_number=1)
+  with pytest.raises(ValueError, match="eval_fraction"):
+    tasks.Countdown(eval_fraction=1.0)
+  with pytest.raises(ValueError, match="found only"):
+    tasks.Arithmetic(num_digits=1, ops="+").eval_set(50)  # 100 prompts, ~10 held out
