@@ -1,0 +1,121 @@
+"""The rollout "inference engine": jitted autoregressive sampling with a KV cache.
+
+Dimension legend:
+  B sequences, P prompt length (left-padded), N new tokens, S = P + N slots,
+  V vocab, L MoE layers, K top-k.
+
+It runs in its own dtype (bfloat16 by default: weights cast once, as a
+separate serving engine would hold them), so its log-probs differ from the
+float32 training engine the way a real disaggregated stack's do. The whole
+decode loop is one `lax.scan` inside jit: no Python dispatch per token.
+
+Per token it records the behaviour log-prob µ (under the tempered, unfiltered
+distribution, the convention of verl/OpenRLHF: top-p only shapes what is
+sampled) and the routes used, for prompt and response tokens alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from pr2_jax.models.transformer import MoETransformer, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  max_new_tokens: int = 8     # N, response budget (EOS included)
+  temperature: float = 1.0    # 0 = greedy
+  top_p: float = 1.0          # nucleus mass kept when sampling
+  eos_id: int = 2             # stops a sequence (and is part of its response)
+  pad_id: int = 0             # written after EOS
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplerConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"SamplerConfig.temperature must be >= 0, got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplerConfig.top_p must be in (0, 1], got {self.top_p}")
+
+
+@flax.struct.dataclass
+class Rollout:
+  tokens: jax.Array         # int32 [B, S], prompt then response
+  valid: jax.Array          # bool [B, S], real tokens (prompt and response incl. EOS)
+  positions: jax.Array      # int32 [B, S], RoPE positions (padding repeats a neighbour's)
+  response_mask: jax.Array  # float32 [B, S], 1 on response tokens incl. EOS
+  logp: jax.Array           # float32 [B, S], behaviour log-prob µ of each response token
+  routes: jax.Array         # int32 [B, S, L, K], routes the engine used per token
+
+
+def tempered_logprobs(logits_BV: jax.Array, temperature: float) -> jax.Array:
+  """log-softmax of logits / T (T = 0: the untempered distribution, for greedy)."""
+  scale = 1.0 if temperature == 0 else 1.0 / temperature
+  return jax.nn.log_softmax(logits_BV.astype(jnp.float32) * scale, axis=-1)
+
+
+def sample_token(rng: jax.Array, logits_BV: jax.Array, temperature: float, top_p: float):
+  """Samples one token per row; returns (token int32 [B], behaviour log-prob [B])."""
+  logp_BV = tempered_logprobs(logits_BV, temperature)
+  if temperature == 0:
+    token_B = jnp.argmax(logp_BV, axis=-1)
+  else:
+    filtered_BV = logp_BV
+    if top_p < 1:
+      sorted_BV = jnp.sort(logp_BV, axis=-1)[:, ::-1]
+      mass_before_BV = jnp.cumsum(jnp.exp(sorted_BV), axis=-1) - jnp.exp(sorted_BV)
+      # The smallest logit still inside the nucleus: everything below it is cut.
+      cutoff_B = jnp.min(jnp.where(mass_before_BV < top_p, sorted_BV, jnp.inf), axis=-1)
+      filtered_BV = jnp.where(logp_BV >= cutoff_B[:, None], logp_BV, -jnp.inf)
+    token_B = jax.random.categorical(rng, filtered_BV, axis=-1)
+  token_B = token_B.astype(jnp.int32)
+  return token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+
+
+def prompt_positions(valid_BP: jax.Array) -> jax.Array:
+  """0, 1, 2, ... over real tokens of a left-padded prompt (padding gets 0)."""
+  return jnp.maximum(jnp.cumsum(valid_BP.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def generate(model: MoETransformer, params, prompts_BP: jax.Array, prompt_valid_BP: jax.Array,
+             rng: jax.Array, config: SamplerConfig) -> Rollout:
+  """Samples N tokens after each left-padded prompt. Jit it with `model`/`config` static.
+
+  `params` are the float32 training parameters; they are cast to the model's
+  compute dtype here, the weight sync into the inference engine.
+  """
+  b, p = prompts_BP.shape
+  n = config.max_new_tokens
+  dtype = jnp.dtype(model.config.dtype)
+  engine_params = jax.tree.map(lambda w: w.astype(dtype), params)
+  apply = lambda tok, pos, valid, cache: model.apply(
+      {"params": engine_params}, tok, positions=pos, valid=valid, cache=cache)
+
+  pos_BP = prompt_positions(prompt_valid_BP)
+  first = apply(prompts_BP, pos_BP, prompt_valid_BP, init_cache(model.config, b, p + n, dtype))
+
+  def decode(carry, rng_t):
+    cache, logits_BV, pos_B, done_B = carry
+    token_B, logp_B = sample_token(rng_t, logits_BV, config.temperature, config.top_p)
+    token_B = jnp.where(done_B, config.pad_id, token_B)
+    live_B = ~done_B
+    out = apply(token_B[:, None], pos_B[:, None], live_B[:, None], cache)
+    step = (token_B, jnp.where(live_B, logp_B, 0.0), live_B, pos_B, out.routes[:, 0])
+    done_B = done_B | (token_B == config.eos_id)
+    return (out.cache, out.logits[:, 0], pos_B + live_B, done_B), step
+
+  carry = (first.cache, first.logits[:, -1], pos_BP[:, -1] + 1, jnp.zeros((b,), bool))
+  _, (tok_NB, logp_NB, live_NB, pos_NB, routes_NBLK) = jax.lax.scan(
+      decode, carry, jax.random.split(rng, n))
+  live_BN = live_NB.T
+  return Rollout(
+      tokens=jnp.concatenate([prompts_BP, tok_NB.T], axis=1),
+      valid=jnp.concatenate([prompt_valid_BP.astype(bool), live_BN], axis=1),
+      positions=jnp.concatenate([pos_BP, pos_NB.T], axis=1),
+      response_mask=jnp.concatenate([jnp.zeros((b, p)), live_BN], axis=1).astype(jnp.float32),
+      logp=jnp.concatenate([jnp.zeros((b, p)), logp_NB.T], axis=1).astype(jnp.float32),
+      routes=jnp.concatenate([first.routes, jnp.swapaxes(routes_NBLK, 0, 1)], axis=1))
