@@ -1,0 +1,318 @@
+"""RL policy losses as pure `jax.numpy` functions: GRPO advantages, DAPO, GSPO, TIS.
+
+Everything is jit-compatible with static shapes: ragged responses are
+padded and described by a mask, never sliced.
+
+Dimension legend:
+  B sequences, T response positions, V vocabulary.
+
+Conventions:
+  * `mask_BT` (bool or float) is 1 on response tokens that count in the loss.
+  * `old_logp_BT` is the log-prob the ratio is taken against: π_old from the
+    float32 old-log-prob pass, or the behaviour µ when that pass is skipped.
+    It is treated as a constant (stop-gradient).
+  * Aggregation uses an explicit denominator so that gradient accumulation is
+    exact: with `denom` = the *mini-batch's* token count (DAPO) or sequence
+    count (GSPO), the sum of the M micro-step losses (and of their gradients)
+    equals the mini-batch loss (and its gradient). `loss_denominator` computes it.
+  * Diagnostics come in two forms (see `loss_stats_from_sums`): `aux` holds
+    means over the call's own tokens/sequences, and `aux["sums"]` holds additive
+    masked sums and counts. To aggregate across micro-steps, add the `sums`
+    dicts (`jax.tree.map(jnp.add, ...)`) and call `loss_stats_from_sums`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+POLICY_LOSS_KINDS = ("dapo", "gspo")
+# Log-ratios are clamped before exp so a wild token cannot overflow to inf/NaN
+# (verl does the same); |Δ| = 20 is a ratio of 5e8, far beyond any clip range.
+_MAX_LOG_RATIO = 20.0
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  return jnp.asarray(x, jnp.float32)
+
+
+def _adv_BT(adv: jax.Array) -> jax.Array:
+  """Per-sequence advantages [B] broadcast over tokens; [B, T] passes through."""
+  adv = _f32(adv)
+  return adv[:, None] if adv.ndim == 1 else adv
+
+
+# ----------------------------------------------------------------------------
+# Advantages and importance weights
+# ----------------------------------------------------------------------------
+
+def grpo_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6,
+                    scale_by_std: bool = True) -> jax.Array:
+  """GRPO group-relative advantages, float32 [B].
+
+  Groups are consecutive blocks of `group_size` samples of the same prompt
+  (rows `[g*G, (g+1)*G)`). Each reward is centred on its group mean and, when
+  `scale_by_std`, divided by the group's *population* standard deviation
+  (ddof=0, as DAPO/verl) plus `eps`: `A = (r − mean_g) / (std_g + eps)`.
+  `scale_by_std=False` is Dr.GRPO's unbiased variant `A = r − mean_g`.
+
+  A group whose rewards are all equal carries no learning signal and gets an
+  advantage of exactly 0 (not the `float-rounding / eps` noise the formula
+  alone would give, nor NaN).
+
+  Args:
+    rewards_B: rewards, B a multiple of `group_size`.
+    group_size: G samples per prompt (static).
+    eps: added to the standard deviation.
+    scale_by_std: divide by the group standard deviation.
+
+  Returns:
+    adv_B float32.
+  """
+  (b,) = rewards_B.shape
+  if group_size < 1 or b % group_size:
+    raise ValueError(f"batch of {b} rewards is not a multiple of group_size={group_size}")
+  r_GN = _f32(rewards_B).reshape(b // group_size, group_size)  # G groups × N samples
+  mean_G1 = jnp.mean(r_GN, axis=1, keepdims=True)
+  adv_GN = r_GN - mean_G1
+  if scale_by_std:
+    std_G1 = jnp.sqrt(jnp.mean(jnp.square(adv_GN), axis=1, keepdims=True))
+    adv_GN = adv_GN / (std_G1 + eps)
+  flat_G1 = jnp.max(r_GN, axis=1, keepdims=True) == jnp.min(r_GN, axis=1, keepdims=True)
+  return jnp.where(flat_G1, 0.0, adv_GN).reshape(b)
+
+
+def tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array, cap: float) -> jax.Array:
+  """Truncated importance weights `min(π_old/µ, cap) = min(exp(old − behaviour), cap)`.
+
+  Corrects for the gap between the inference engine's behaviour policy µ and
+  the training engine's π_old (TIS). Stop-gradient: a weight, not a path.
+  Returns float32 [B, T].
+  """
+  log_w_BT = jnp.clip(_f32(old_logp_BT) - _f32(behaviour_logp_BT), -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+  return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w_BT), cap))
+
+
+def sequence_tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array,
+                         mask_BT: jax.Array, cap: float) -> jax.Array:
+  """Sequence-level TIS weight for GSPO, `min((π_old(y)/µ(y))^{1/|y|}, cap)`, float32 [B].
+
+  The geometric-mean ratio matches GSPO's length-normalised sequence ratio.
+  Stop-gradient; sequences with an empty mask get weight 1.
+  """
+  mask_BT = _f32(mask_BT)
+  delta_BT = jnp.where(mask_BT > 0, _f32(old_logp_BT) - _f32(behaviour_logp_BT), 0.0)
+  log_w_B = jnp.sum(delta_BT * mask_BT, axis=1) / jnp.maximum(jnp.sum(mask_BT, axis=1), 1.0)
+  log_w_B = jnp.clip(log_w_B, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+  return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w_B), cap))
+
+
+# ----------------------------------------------------------------------------
+# Diagnostics shared by the losses
+# ----------------------------------------------------------------------------
+
+def _ratio_sums(ratio_X: jax.Array, adv_X: jax.Array, weight_X: jax.Array,
+                clip_low: float, clip_high: float) -> dict[str, jax.Array]:
+  """Additive masked sums of ratio statistics over any elements X (tokens or sequences)."""
+  ratio_X = jax.lax.stop_gradient(ratio_X)
+  # Sums of r − 1 rather than r: r ≈ 1, so the variance E[(r−1)²] − E[r−1]²
+  # does not cancel catastrophically in float32 (and is exactly 0 at r ≡ 1).
+  dev_X = ratio_X - 1.0
+  low_X = (adv_X < 0) & (ratio_X < 1.0 - clip_low)     # lower clip active: grad is 0
+  high_X = (adv_X > 0) & (ratio_X > 1.0 + clip_high)   # upper clip active: grad is 0
+  return {
+      "count": jnp.sum(weight_X),
+      "ratio_dev": jnp.sum(dev_X * weight_X),
+      "ratio_dev_sq": jnp.sum(jnp.square(dev_X) * weight_X),
+      "clip_low": jnp.sum(low_X * weight_X),
+      "clip_high": jnp.sum(high_X * weight_X),
+  }
+
+
+def loss_stats_from_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Means from (possibly micro-step-accumulated) `aux["sums"]`.
+
+  Returns `ratio_mean`, `ratio_var` (population variance), `clip_frac_low`
+  (share where A<0 and r<1−ε_low) and `clip_frac_high` (A>0 and r>1+ε_high).
+  All are 0 when the count is 0.
+  """
+  n = jnp.maximum(sums["count"], 1.0)
+  dev_mean = sums["ratio_dev"] / n
+  return {
+      "ratio_mean": jnp.where(sums["count"] > 0, 1.0 + dev_mean, 0.0),
+      "ratio_var": jnp.maximum(sums["ratio_dev_sq"] / n - jnp.square(dev_mean), 0.0),
+      "clip_frac_low": sums["clip_low"] / n,
+      "clip_frac_high": sums["clip_high"] / n,
+  }
+
+
+def _clipped_objective(ratio: jax.Array, adv: jax.Array, clip_low: float,
+                       clip_high: float) -> jax.Array:
+  """PPO-clip loss −min(r A, clip(r, 1−ε_low, 1+ε_high) A), elementwise."""
+  clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+  return -jnp.minimum(ratio * adv, clipped * adv)
+
+
+# ----------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------
+
+def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
+              mask_BT: jax.Array, *, clip_low: float = 0.2, clip_high: float = 0.28,
+              is_weight_BT: jax.Array | None = None,
+              denom: jax.Array | float | None = None) -> tuple[jax.Array, dict]:
+  """DAPO token-level clipped policy loss (clip-higher, token-mean, no KL).
+
+  Per token `r_t = exp(logp − old_logp)` and
+  `ℓ_t = −w_t · min(r_t A, clip(r_t, 1−ε_low, 1+ε_high) A)`, with `w_t` the
+  optional TIS weight (1 if None). `loss = Σ_t ℓ_t m_t / denom`.
+
+  Args:
+    logp_BT: current-policy log-probs of the sampled tokens (differentiated).
+    old_logp_BT: log-probs the ratio is taken against (stop-gradient).
+    adv_B: per-sequence advantages [B] (a per-token [B, T] array also works).
+    mask_BT: 1 on response tokens that count.
+    clip_low, clip_high: ε_low, ε_high of the asymmetric clip range.
+    is_weight_BT: optional TIS weights (see `tis_weights`), stop-gradient.
+    denom: token-mean denominator; default `mask_BT.sum()` of this call. Pass
+      the mini-batch's token count so micro-step losses add up to the
+      mini-batch loss.
+
+  Returns:
+    (loss, aux): aux has `ratio_mean`, `ratio_var`, `clip_frac_low`,
+    `clip_frac_high` as means over this call's masked tokens, and `sums`
+    (additive; see `loss_stats_from_sums`).
+  """
+  mask_BT = _f32(mask_BT)
+  adv_BT = jnp.broadcast_to(_adv_BT(adv_B), mask_BT.shape)
+  # where() before exp: padding positions may hold -inf/NaN log-probs.
+  log_ratio_BT = jnp.where(mask_BT > 0, _f32(logp_BT) - jax.lax.stop_gradient(_f32(old_logp_BT)), 0.0)
+  ratio_BT = jnp.exp(jnp.clip(log_ratio_BT, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+  loss_BT = _clipped_objective(ratio_BT, adv_BT, clip_low, clip_high)
+  if is_weight_BT is not None:
+    loss_BT = loss_BT * jax.lax.stop_gradient(_f32(is_weight_BT))
+  if denom is None:
+    denom = jnp.maximum(jnp.sum(mask_BT), 1.0)
+  loss = jnp.sum(loss_BT * mask_BT) / jax.lax.stop_gradient(_f32(denom))
+  sums = _ratio_sums(ratio_BT, adv_BT, mask_BT, clip_low, clip_high)
+  return loss, {**loss_stats_from_sums(sums), "sums": sums}
+
+
+def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
+              mask_BT: jax.Array, *, clip_low: float = 3e-4, clip_high: float = 4e-4,
+              is_weight_B: jax.Array | None = None,
+              denom_seqs: jax.Array | float | None = None) -> tuple[jax.Array, dict]:
+  """GSPO sequence-level clipped policy loss.
+
+  Sequence ratio `s_i = exp(mean_{t∈y_i}(logp − old_logp)) = (π(y_i)/π_old(y_i))^{1/|y_i|}`,
+  `ℓ_i = −w_i · min(s_i A_i, clip(s_i, 1−ε_low, 1+ε_high) A_i)`, and
+  `loss = Σ_i ℓ_i / denom_seqs` over sequences with a non-empty mask. The
+  gradient flows through s_i, so it is GSPO's `s_i A_i · mean_t ∇log π(y_i,t)`
+  for unclipped sequences and 0 for clipped ones.
+
+  Args:
+    logp_BT, old_logp_BT, mask_BT: as in `dapo_loss`.
+    adv_B: per-sequence advantages [B].
+    clip_low, clip_high: ε_low, ε_high on the sequence ratio.
+    is_weight_B: optional per-sequence TIS weights (see `sequence_tis_weights`).
+    denom_seqs: sequence-mean denominator; default the number of sequences
+      with a non-empty mask in this call. Pass the mini-batch's count for
+      exact micro-step accumulation.
+
+  Returns:
+    (loss, aux) like `dapo_loss`, but the ratio statistics and clip fractions
+    are over *sequences* (`sums["count"]` counts sequences).
+  """
+  mask_BT = _f32(mask_BT)
+  len_B = jnp.sum(mask_BT, axis=1)
+  valid_B = _f32(len_B > 0)
+  log_ratio_BT = jnp.where(mask_BT > 0, _f32(logp_BT) - jax.lax.stop_gradient(_f32(old_logp_BT)), 0.0)
+  log_s_B = jnp.sum(log_ratio_BT * mask_BT, axis=1) / jnp.maximum(len_B, 1.0)
+  s_B = jnp.exp(jnp.clip(log_s_B, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+  adv_B = _f32(adv_B)
+  loss_B = _clipped_objective(s_B, adv_B, clip_low, clip_high)
+  if is_weight_B is not None:
+    loss_B = loss_B * jax.lax.stop_gradient(_f32(is_weight_B))
+  if denom_seqs is None:
+    denom_seqs = jnp.maximum(jnp.sum(valid_B), 1.0)
+  loss = jnp.sum(loss_B * valid_B) / jax.lax.stop_gradient(_f32(denom_seqs))
+  sums = _ratio_sums(s_B, adv_B, valid_B, clip_low, clip_high)
+  return loss, {**loss_stats_from_sums(sums), "sums": sums}
+
+
+def loss_denominator(kind: str, mask_BT: jax.Array) -> jax.Array:
+  """The aggregation denominator of `kind` over a (mini-)batch mask, float32 scalar ≥ 1.
+
+  'dapo': number of masked tokens; 'gspo': number of sequences with a
+  non-empty mask. Compute it on the whole mini-batch and pass it as `denom`
+  to every micro-step's `policy_loss` so their losses and gradients sum exactly.
+  """
+  _check_kind(kind)
+  mask_BT = _f32(mask_BT)
+  if kind == "dapo":
+    return jnp.maximum(jnp.sum(mask_BT), 1.0)
+  return jnp.maximum(jnp.sum(_f32(jnp.sum(mask_BT, axis=1) > 0)), 1.0)
+
+
+def _check_kind(kind: str) -> None:
+  if kind not in POLICY_LOSS_KINDS:
+    raise ValueError(f"unknown policy loss {kind!r}; allowed: {', '.join(POLICY_LOSS_KINDS)}")
+
+
+def policy_loss(kind: str, logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
+                mask_BT: jax.Array, *, clip_low: float | None = None,
+                clip_high: float | None = None, is_weight: jax.Array | None = None,
+                denom: jax.Array | float | None = None) -> tuple[jax.Array, dict]:
+  """Dispatch to `dapo_loss` or `gspo_loss` by name.
+
+  `clip_low`/`clip_high` default to the chosen loss's defaults (0.2/0.28 for
+  DAPO, 3e-4/4e-4 for GSPO). `is_weight` is [B, T] for DAPO and [B] for GSPO;
+  `denom` counts tokens for DAPO and sequences for GSPO (see `loss_denominator`).
+  Raises ValueError for an unknown `kind`.
+  """
+  _check_kind(kind)
+  clips = {}
+  if clip_low is not None:
+    clips["clip_low"] = clip_low
+  if clip_high is not None:
+    clips["clip_high"] = clip_high
+  if kind == "dapo":
+    return dapo_loss(logp_BT, old_logp_BT, adv_B, mask_BT, is_weight_BT=is_weight,
+                     denom=denom, **clips)
+  return gspo_loss(logp_BT, old_logp_BT, adv_B, mask_BT, is_weight_B=is_weight,
+                   denom_seqs=denom, **clips)
+
+
+# ----------------------------------------------------------------------------
+# Log-probs and entropy from logits
+# ----------------------------------------------------------------------------
+
+def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """log softmax(logits)[target] per position, float32 [B, T].
+
+  `logits_BTV[:, t]` must already be the prediction for `targets_BT[:, t]`
+  (the caller shifts by one). Computed as `logit[target] − logsumexp(logits)`
+  in float32, which avoids materialising the full log-softmax.
+  """
+  logits_BTV = _f32(logits_BTV)
+  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return picked_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
+
+
+def token_entropy(logits_BTV: jax.Array, mask_BT: jax.Array,
+                  denom: jax.Array | float | None = None) -> jax.Array:
+  """Mean policy entropy `H = −Σ_v p_v log p_v` over masked tokens, float32 scalar.
+
+  `denom` defaults to this call's token count; pass the mini-batch's count
+  to make micro-step values add up.
+  """
+  log_p_BTV = jax.nn.log_softmax(_f32(logits_BTV), axis=-1)
+  p_BTV = jnp.exp(log_p_BTV)
+  # Masked-out vocab entries (-inf logits) have p = 0: use 0·log 0 = 0, and
+  # keep -inf out of the product so neither value nor gradient turns NaN.
+  log_p_BTV = jnp.where(p_BTV > 0, log_p_BTV, 0.0)
+  ent_BT = -jnp.einsum("btv,btv->bt", p_BTV, log_p_BTV)
+  mask_BT = _f32(mask_BT)
+  if denom is None:
+    denom = jnp.maximum(jnp.sum(mask_BT), 1.0)
+  return jnp.sum(ent_BT * mask_BT) / _f32(denom)

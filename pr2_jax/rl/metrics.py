@@ -1,0 +1,192 @@
+"""Train–inference mismatch and routing-drift metrics as pure `jax.numpy` functions.
+
+Dimension legend:
+  B sequences, T response positions, L MoE layers, K top-k, E experts.
+
+Every metric is a masked mean with static shapes, so it can run inside the
+jitted step. Each family has two forms:
+  * `*_sums(...)`: additive masked sums and counts. Micro-step results can be
+    added with `jax.tree.map(jnp.add, a, b)`; the total gives exact means over
+    the whole mini-batch, whatever the token count of each micro-step.
+  * `*_metrics(...)` = `*_from_sums(*_sums(...))`: the means themselves.
+`flatten_for_json` turns a metrics dict into plain Python for metrics.jsonl.
+
+Means over an empty selection are 0 (never NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LN2 = math.log(2.0)
+NUM_DEV_BINS = 4  # deviation histogram bins: 0, 1, 2, ≥3 experts changed
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  return jnp.asarray(x, jnp.float32)
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+  return num / jnp.maximum(den, 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Train vs rollout log-prob mismatch
+# ----------------------------------------------------------------------------
+
+def mismatch_sums(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
+                  mask_BT: jax.Array) -> dict[str, jax.Array]:
+  """Additive masked sums behind `mismatch_metrics` (all float32 scalars)."""
+  mask_BT = _f32(mask_BT)
+  # where() first: padding may hold -inf log-probs, and these are metrics only.
+  delta_BT = jax.lax.stop_gradient(
+      jnp.where(mask_BT > 0, _f32(train_logp_BT) - _f32(rollout_logp_BT), 0.0))
+  # expm1 keeps e^Δ − 1 accurate for the tiny Δ of a well-matched engine.
+  dev_BT = jnp.expm1(delta_BT)  # ratio − 1
+  return {
+      "count": jnp.sum(mask_BT),
+      "k3": jnp.sum((dev_BT - delta_BT) * mask_BT),
+      "extreme": jnp.sum((jnp.abs(delta_BT) > LN2) * mask_BT),
+      "ratio_dev": jnp.sum(dev_BT * mask_BT),
+      "ratio_dev_sq": jnp.sum(jnp.square(dev_BT) * mask_BT),
+  }
+
+
+def mismatch_from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Means from (possibly accumulated) `mismatch_sums`."""
+  n = sums["count"]
+  dev_mean = _safe_div(sums["ratio_dev"], n)
+  return {
+      "k3_kl": _safe_div(sums["k3"], n),
+      "extreme_frac": _safe_div(sums["extreme"], n),
+      "ratio_mean": jnp.where(n > 0, 1.0 + dev_mean, 0.0),
+      "ratio_var": jnp.maximum(_safe_div(sums["ratio_dev_sq"], n) - jnp.square(dev_mean), 0.0),
+  }
+
+
+def mismatch_metrics(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
+                     mask_BT: jax.Array) -> dict[str, jax.Array]:
+  """Train–inference mismatch over masked tokens, with `Δ = train − rollout` per token.
+
+  Returns float32 scalars:
+    k3_kl: `mean(e^Δ − 1 − Δ)`, the k3 estimator of KL(µ_rollout ‖ π_train)
+      (non-negative, 0 iff the log-probs agree).
+    extreme_frac: `mean(|Δ| > ln 2)`, tokens whose probability differs by
+      more than a factor 2 between the engines.
+    ratio_mean, ratio_var: mean and population variance of the IS ratio e^Δ.
+  """
+  return mismatch_from_sums(mismatch_sums(train_logp_BT, rollout_logp_BT, mask_BT))
+
+
+# ----------------------------------------------------------------------------
+# Routing drift: replayed route vs the live training router
+# ----------------------------------------------------------------------------
+
+def routing_sums(replayed_BTLK: jax.Array, current_BTLK: jax.Array, probs_BTLE: jax.Array,
+                 mask_BT: jax.Array) -> dict[str, jax.Array]:
+  """Additive per-layer sums behind `routing_metrics` (float32 [L] or [L, 4])."""
+  k = replayed_BTLK.shape[-1]
+  rep_BTLK = replayed_BTLK.astype(jnp.int32)
+  cur_BTLK = current_BTLK.astype(jnp.int32)
+  # A replayed row with any -1 is "live" (no route was forced), so there is
+  # nothing to compare: such (token, layer) pairs are left out.
+  valid_BTL = jnp.all(rep_BTLK >= 0, axis=-1) & jnp.all(cur_BTLK >= 0, axis=-1)
+  w_BTL = _f32(mask_BT)[:, :, None] * valid_BTL
+  # |I_rep ∩ I_cur| by pairwise comparison (K × K, K is small); the ids in one
+  # top-k set are distinct, so each replayed expert matches at most once.
+  same_BTLKK = rep_BTLK[..., :, None] == cur_BTLK[..., None, :]
+  inter_BTL = jnp.sum(jnp.any(same_BTLKK, axis=-1), axis=-1)
+  dev_BTL = jnp.minimum(k - inter_BTL, NUM_DEV_BINS - 1)
+  hist_BTLH = jax.nn.one_hot(dev_BTL, NUM_DEV_BINS, dtype=jnp.float32)
+  # Live probability mass the router still puts on the replayed set (a metric:
+  # no gradient; -1 ids are clamped to 0 and masked out by w).
+  probs_BTLE = jax.lax.stop_gradient(_f32(probs_BTLE))
+  rho_rep_BTLK = jnp.take_along_axis(probs_BTLE, jnp.maximum(rep_BTLK, 0), axis=-1)
+  gap_BTL = 1.0 - jnp.sum(rho_rep_BTLK, axis=-1)
+  return {
+      "count": jnp.einsum("btl->l", w_BTL),
+      "agreement": jnp.einsum("btl,btl->l", _f32(inter_BTL) / k, w_BTL),
+      "dev_hist": jnp.einsum("btlh,btl->lh", hist_BTLH, w_BTL),
+      "coverage_gap": jnp.einsum("btl,btl->l", gap_BTL, w_BTL),
+  }
+
+
+def routing_from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Means (overall and per layer) from (possibly accumulated) `routing_sums`."""
+  n_L = sums["count"]
+  n = jnp.sum(n_L)
+  hist_L4 = _safe_div(sums["dev_hist"], n_L[:, None])
+  hist_4 = _safe_div(jnp.sum(sums["dev_hist"], axis=0), n)
+  return {
+      "topk_agreement": _safe_div(jnp.sum(sums["agreement"]), n),
+      "zero_dev_ratio": hist_4[0],
+      "dev_hist": hist_4,
+      "coverage_gap": _safe_div(jnp.sum(sums["coverage_gap"]), n),
+      "topk_agreement_per_layer": _safe_div(sums["agreement"], n_L),
+      "zero_dev_ratio_per_layer": hist_L4[:, 0],
+      "dev_hist_per_layer": hist_L4,
+      "coverage_gap_per_layer": _safe_div(sums["coverage_gap"], n_L),
+  }
+
+
+def routing_metrics(replayed_BTLK: jax.Array, current_BTLK: jax.Array, probs_BTLE: jax.Array,
+                    mask_BT: jax.Array) -> dict[str, jax.Array]:
+  """How far the live training router has drifted from the replayed routes.
+
+  For every masked token t and layer l, with `I_rep` the replayed top-k set,
+  `I_cur` the set the live router would pick now, and `ρ` its live softmax:
+    topk_agreement: `mean |I_rep ∩ I_cur| / K`.
+    dev_hist [4]: shares of deviation `K − |I_rep ∩ I_cur|` ∈ {0, 1, 2, ≥3}.
+    zero_dev_ratio: `dev_hist[0]`, the share of routes that did not move.
+    coverage_gap: `mean(1 − Σ_{j∈I_rep} ρ_j)`, live mass outside the replayed set.
+  Overall values average over all (token, layer) pairs; the same keys with
+  suffix `_per_layer` hold arrays [L] (`dev_hist_per_layer` is [L, 4]).
+
+  The token mask applies to every layer. (token, layer) pairs whose replayed
+  row contains -1 (the live router was used, nothing was replayed) are
+  excluded from every metric; a layer with no pairs reports 0.
+
+  Args:
+    replayed_BTLK: int replayed expert ids, -1 rows = live.
+    current_BTLK: int live top-k ids of the current router on the same tokens.
+    probs_BTLE: float live router softmax ρ of the current router.
+    mask_BT: 1 on tokens that count.
+  """
+  return routing_from_sums(routing_sums(replayed_BTLK, current_BTLK, probs_BTLE, mask_BT))
+
+
+# ----------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------
+
+def _to_python(x: Any) -> Any:
+  a = np.asarray(jax.device_get(x))
+  if a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer):
+    return a.tolist()  # ints (e.g. `step`, counts) stay ints
+  return a.astype(np.float64).tolist()  # scalar → float, array → (nested) list of floats
+
+
+def flatten_for_json(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Metrics (jax/numpy arrays, Python numbers, nested dicts) → JSON-ready Python.
+
+  Scalars become `float` (integer scalars stay `int`), arrays become
+  (nested) lists, nested dicts are flattened with `/`-joined keys
+  (`{"loss": {"sums": {"count": n}}}` → `{"loss/sums/count": n}`). Strings and
+  None pass through. Non-finite values stay float NaN/inf (Python's `json`
+  writes them as NaN/Infinity).
+  """
+  out: dict[str, Any] = {}
+  for key, value in metrics.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flatten_for_json(value, prefix=f"{name}/"))
+    elif value is None or isinstance(value, str):
+      out[name] = value
+    else:
+      out[name] = _to_python(value)
+  return out

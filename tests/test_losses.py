@@ -1,0 +1,289 @@
+"""RL losses against hand-worked values: GRPO advantages, DAPO, GSPO, TIS, accumulation, dispatch."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr2_jax.rl import losses
+
+LN = math.log
+
+
+# ----------------------------------------------------------------------------
+# GRPO advantages
+# ----------------------------------------------------------------------------
+
+def test_grpo_advantages_two_groups_by_hand():
+  """Group [3,1,2,2]: mean 2, population std √0.5 → A = ±√2, 0, 0; a flat group gives exactly 0."""
+  rewards = jnp.array([3.0, 1.0, 2.0, 2.0, 0.1, 0.1, 0.1, 0.1])
+  adv = losses.grpo_advantages(rewards, group_size=4)
+  assert adv.dtype == jnp.float32
+  s = math.sqrt(0.5)
+  np.testing.assert_allclose(adv[:4], [1 / (s + 1e-6), -1 / (s + 1e-6), 0, 0], rtol=1e-6)
+  # Population std (ddof=0): the sample std would give 1/√(2/3) ≈ 1.2247 instead of √2.
+  assert abs(float(adv[0]) - math.sqrt(2)) < 1e-5
+  np.testing.assert_array_equal(adv[4:], 0.0)  # exactly zero, not rounding/eps noise
+  assert np.all(np.isfinite(adv))
+
+
+def test_grpo_flat_groups_of_three_are_exactly_zero():
+  """mean(0.1, 0.1, 0.1) is not exactly 0.1 in float32; the advantage still is exactly 0."""
+  adv = losses.grpo_advantages(jnp.array([0.1, 0.1, 0.1, 0.7, 0.7, 0.7]), group_size=3)
+  np.testing.assert_array_equal(adv, 0.0)
+
+
+def test_grpo_without_std_scaling_only_centres():
+  """Dr.GRPO: A = r − mean_g."""
+  adv = losses.grpo_advantages(jnp.array([3.0, 1.0, 2.0, 2.0, 1.0, 0.0]), group_size=2,
+                               scale_by_std=False)
+  np.testing.assert_allclose(adv, [1, -1, 0, 0, 0.5, -0.5], atol=1e-7)
+
+
+def test_grpo_rejects_ragged_groups():
+  with pytest.raises(ValueError, match="multiple of group_size=4"):
+    losses.grpo_advantages(jnp.zeros(7), group_size=4)
+
+
+def test_grpo_jits():
+  f = jax.jit(losses.grpo_advantages, static_argnums=1)
+  np.testing.assert_allclose(f(jnp.array([1.0, 0.0]), 2), [1 / 1.000002, -1 / 1.000002], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# TIS
+# ----------------------------------------------------------------------------
+
+def test_tis_weights_are_capped_and_stop_gradient():
+  """exp(old − µ) = 0.5, 3, 1 with cap 2 → 0.5, 2, 1; no gradient to either argument."""
+  old = jnp.array([[LN(0.5), LN(3.0), 0.0]])
+  mu = jnp.zeros((1, 3))
+  np.testing.assert_allclose(losses.tis_weights(old, mu, cap=2.0), [[0.5, 2.0, 1.0]], rtol=1e-6)
+  g_old, g_mu = jax.grad(lambda o, m: jnp.sum(losses.tis_weights(o, m, 2.0)), argnums=(0, 1))(old, mu)
+  np.testing.assert_array_equal(g_old, 0.0)
+  np.testing.assert_array_equal(g_mu, 0.0)
+
+
+def test_sequence_tis_weight_is_capped_geometric_mean():
+  """Token log-ratios (ln 4, 0) → (4·1)^{1/2} = 2; (ln 16) → 16 capped at 3; empty mask → 1."""
+  old = jnp.array([[LN(4.0), 0.0], [LN(16.0), 9.0], [5.0, 5.0]])
+  mask = jnp.array([[1, 1], [1, 0], [0, 0]])
+  w = losses.sequence_tis_weights(old, jnp.zeros_like(old), mask, cap=3.0)
+  np.testing.assert_allclose(w, [2.0, 3.0, 1.0], rtol=1e-6)
+
+
+def test_dapo_with_tis_weight_scales_tokens():
+  """Ratio 1, A = 1, weights (0.5, 2) → loss = −(0.5 + 2)/2."""
+  z = jnp.zeros((1, 2))
+  loss, _ = losses.dapo_loss(z, z, jnp.ones(1), jnp.ones((1, 2)),
+                             is_weight_BT=jnp.array([[0.5, 2.0]]))
+  np.testing.assert_allclose(loss, -1.25, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# DAPO
+# ----------------------------------------------------------------------------
+
+def test_dapo_ratio_one_is_minus_token_mean_advantage():
+  """logp = old: loss = −Σ A m / Σ m = −(2·3 − 1·2)/5, ratio exactly 1, nothing clipped."""
+  logp = jnp.array([[-1.0, -2.0, -0.5], [-0.3, -4.0, -9.0]])
+  mask = jnp.array([[1, 1, 1], [1, 1, 0]], bool)
+  loss, aux = losses.dapo_loss(logp, logp, jnp.array([2.0, -1.0]), mask)
+  np.testing.assert_allclose(loss, -0.8, rtol=1e-6)
+  assert float(aux["ratio_mean"]) == 1.0 and float(aux["ratio_var"]) == 0.0
+  assert float(aux["clip_frac_low"]) == 0.0 and float(aux["clip_frac_high"]) == 0.0
+  assert float(aux["sums"]["count"]) == 5.0
+
+
+# One token per sequence (plus a padding token holding -inf log-probs):
+#   r    A    objective −min(rA, clip(r)A)      d loss / d logp (× 5)
+#   1.5  +1   −1.28  (upper clip active)        0
+#   0.5  −1   +0.8   (lower clip active)        0
+#   1.1  +1   −1.1                              −1.1
+#   0.5  +1   −0.5   (min picks rA: no clip)    −0.5
+#   1.5  −1   +1.5   (min picks rA: no clip)    +1.5
+HAND_R = np.array([1.5, 0.5, 1.1, 0.5, 1.5], np.float32)
+HAND_A = np.array([1.0, -1.0, 1.0, 1.0, -1.0], np.float32)
+
+
+def _hand_batch():
+  old = jnp.array([[-1.0, 0.0]] * 5)
+  logp = old.at[:, 0].add(jnp.log(HAND_R)).at[:, 1].set(-jnp.inf)
+  mask = jnp.array([[1.0, 0.0]] * 5)
+  return logp, old, mask
+
+
+def test_dapo_hand_worked_clipping_values_and_gradients():
+  logp, old, mask = _hand_batch()
+  f = lambda lp: losses.dapo_loss(lp, old, jnp.asarray(HAND_A), mask)
+  (loss, aux), grad = jax.value_and_grad(f, has_aux=True)(logp)
+  np.testing.assert_allclose(loss, (-1.28 + 0.8 - 1.1 - 0.5 + 1.5) / 5, rtol=1e-5)
+  np.testing.assert_allclose(grad[:, 0], np.array([0, 0, -1.1, -0.5, 1.5]) / 5, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(grad[:, 1], 0.0)  # padding: finite, zero
+  np.testing.assert_allclose(aux["clip_frac_low"], 0.2)
+  np.testing.assert_allclose(aux["clip_frac_high"], 0.2)
+  np.testing.assert_allclose(aux["ratio_mean"], 5.1 / 5, rtol=1e-6)
+  np.testing.assert_allclose(aux["ratio_var"], 6.21 / 5 - 1.02 ** 2, rtol=1e-5)
+
+
+def test_dapo_clip_range_is_asymmetric():
+  """r = 1.25 with A > 0 is inside 1 + 0.28 (not clipped); with symmetric 0.2 it would be."""
+  lp = jnp.array([[LN(1.25)]])
+  z = jnp.zeros((1, 1))
+  loss, aux = losses.dapo_loss(lp, z, jnp.ones(1), jnp.ones((1, 1)))
+  np.testing.assert_allclose(loss, -1.25, rtol=1e-6)
+  assert float(aux["clip_frac_high"]) == 0.0
+  loss, aux = losses.dapo_loss(lp, z, jnp.ones(1), jnp.ones((1, 1)), clip_high=0.2)
+  np.testing.assert_allclose(loss, -1.2, rtol=1e-6)
+  assert float(aux["clip_frac_high"]) == 1.0
+
+
+def _tiny_policy(seed=0, b=4, t=5, v=7, d=3):
+  """logp_BT = log softmax(x W)[target]: a differentiable toy policy with parameters W."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
+  x_BTD = jax.random.normal(k1, (b, t, d))
+  w_DV = jax.random.normal(k2, (d, v))
+  targets_BT = jax.random.randint(k3, (b, t), 0, v)
+  old_BT = losses.token_logprobs(jnp.einsum("btd,dv->btv", x_BTD, w_DV), targets_BT)
+  w_DV = w_DV + 0.3 * jax.random.normal(k4, (d, v))  # current policy moved away from old
+  mask_BT = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], jnp.float32)
+  logp = lambda w, sl: losses.token_logprobs(jnp.einsum("btd,dv->btv", x_BTD[sl], w), targets_BT[sl])
+  return w_DV, old_BT, mask_BT, logp
+
+
+@pytest.mark.parametrize("kind", ["dapo", "gspo"])
+def test_micro_step_losses_and_grads_sum_to_the_full_batch(kind):
+  """With the mini-batch denominator, two half-batch losses (and grads, and sums) add up exactly."""
+  w, old, mask, logp = _tiny_policy()
+  adv = jnp.array([1.0, -0.5, 2.0, -1.5])
+  clips = dict(clip_low=0.1, clip_high=0.1)  # make some tokens/sequences clip
+  denom = losses.loss_denominator(kind, mask)
+
+  def loss_fn(w, d, lo, hi):
+    sl = slice(lo, hi)
+    return losses.policy_loss(kind, logp(w, sl), old[sl], adv[sl], mask[sl], denom=d, **clips)
+
+  vg = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(2, 3))
+  (full, aux), g_full = vg(w, None, 0, 4)
+  halves = [vg(w, denom, 0, 2), vg(w, denom, 2, 4)]
+  np.testing.assert_allclose(halves[0][0][0] + halves[1][0][0], full, rtol=1e-5)
+  np.testing.assert_allclose(halves[0][1] + halves[1][1], g_full, rtol=1e-5, atol=1e-7)
+  sums = jax.tree.map(jnp.add, halves[0][0][1]["sums"], halves[1][0][1]["sums"])
+  for key, val in losses.loss_stats_from_sums(sums).items():
+    np.testing.assert_allclose(val, aux[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  assert float(aux["clip_frac_low"]) + float(aux["clip_frac_high"]) > 0  # the test exercises clipping
+
+
+def test_loss_denominator_counts_tokens_or_sequences():
+  mask = jnp.array([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+  assert float(losses.loss_denominator("dapo", mask)) == 3.0
+  assert float(losses.loss_denominator("gspo", mask)) == 2.0
+
+
+def test_gradient_step_moves_logprobs_with_the_advantage_sign():
+  """One SGD step on logits raises log π of A > 0 tokens and lowers it for A < 0; grads finite."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+  logits = jax.random.normal(k1, (2, 3, 5))
+  targets = jax.random.randint(k2, (2, 3), 0, 5)
+  old = losses.token_logprobs(logits, targets)
+  mask = jnp.ones((2, 3))
+  adv = jnp.array([1.0, -1.0])
+  for kind in ("dapo", "gspo"):
+    g = jax.jit(jax.grad(lambda lg: losses.policy_loss(
+        kind, losses.token_logprobs(lg, targets), old, adv, mask)[0]))(logits)
+    assert np.all(np.isfinite(g))
+    delta = losses.token_logprobs(logits - 0.1 * g, targets) - old
+    assert np.all(delta[0] > 0) and np.all(delta[1] < 0), kind
+
+
+# ----------------------------------------------------------------------------
+# GSPO
+# ----------------------------------------------------------------------------
+
+def _gspo_batch():
+  """seq0: token log-ratios (ln 2, 0) → s = √2; seq1: (ln ¼) + padding → s = ¼; seq2 all padding."""
+  old = jnp.array([[-1.0, -2.0], [-0.5, -3.0], [-1.0, -1.0]])
+  logp = old + jnp.array([[LN(2.0), 0.0], [LN(0.25), 5.0], [7.0, 7.0]])
+  mask = jnp.array([[1, 1], [1, 0], [0, 0]], jnp.float32)
+  return logp, old, jnp.array([1.0, -1.0, 3.0]), mask
+
+
+def test_gspo_sequence_ratio_hand_worked():
+  """ε = (0.2, 0.5): seq0 unclipped −√2; seq1 −min(−¼, −0.8) = 0.8 (lower clip); mean over 2 seqs."""
+  logp, old, adv, mask = _gspo_batch()
+  f = lambda lp: losses.gspo_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.5)
+  (loss, aux), grad = jax.value_and_grad(f, has_aux=True)(logp)
+  np.testing.assert_allclose(loss, (-math.sqrt(2) + 0.8) / 2, rtol=1e-6)
+  np.testing.assert_allclose(aux["ratio_mean"], (math.sqrt(2) + 0.25) / 2, rtol=1e-6)
+  np.testing.assert_allclose(aux["clip_frac_low"], 0.5)
+  assert float(aux["clip_frac_high"]) == 0.0 and float(aux["sums"]["count"]) == 2.0
+  # GSPO gradient: d(−s A)/d logp_t = −s A / |y| per token, / 2 sequences; clipped seq1 gets 0.
+  np.testing.assert_allclose(grad, [[-math.sqrt(2) / 4] * 2, [0, 0], [0, 0]], rtol=1e-6, atol=1e-7)
+
+
+def test_gspo_default_clip_is_tight():
+  """With ε = 3e-4/4e-4, s = √2 with A > 0 clips at 1.0004 and gets no gradient."""
+  logp, old, adv, mask = _gspo_batch()
+  (loss, aux), grad = jax.value_and_grad(
+      lambda lp: losses.gspo_loss(lp, old, adv, mask), has_aux=True)(logp)
+  np.testing.assert_allclose(loss, (-1.0004 + 0.9997) / 2, atol=1e-7)  # float32 cancellation
+  np.testing.assert_array_equal(grad, 0.0)
+  np.testing.assert_allclose([aux["clip_frac_low"], aux["clip_frac_high"]], [0.5, 0.5])
+
+
+def test_gspo_ratio_one_is_minus_mean_sequence_advantage():
+  """Same log-probs: s = 1 for every sequence, loss = −mean A over non-empty sequences."""
+  logp, _, adv, mask = _gspo_batch()
+  loss, aux = losses.gspo_loss(logp, logp, adv, mask)
+  np.testing.assert_allclose(loss, -(1.0 - 1.0) / 2, atol=1e-7)
+  loss, aux = losses.gspo_loss(logp, logp, jnp.array([2.0, 1.0, 9.0]), mask)
+  np.testing.assert_allclose(loss, -1.5, rtol=1e-6)
+  assert float(aux["ratio_var"]) == 0.0 and float(aux["clip_frac_high"]) == 0.0
+
+
+# ----------------------------------------------------------------------------
+# Dispatch, log-probs, entropy
+# ----------------------------------------------------------------------------
+
+def test_policy_loss_dispatches_and_rejects_unknown_kinds():
+  logp, old, mask = _hand_batch()
+  a = losses.policy_loss("dapo", logp, old, jnp.asarray(HAND_A), mask)[0]
+  b = losses.dapo_loss(logp, old, jnp.asarray(HAND_A), mask)[0]
+  assert float(a) == float(b)
+  logp, old, adv, mask = _gspo_batch()
+  a = losses.policy_loss("gspo", logp, old, adv, mask, clip_low=0.2, clip_high=0.5, denom=4.0)[0]
+  np.testing.assert_allclose(a, (-math.sqrt(2) + 0.8) / 4, rtol=1e-6)
+  with pytest.raises(ValueError, match="allowed: dapo, gspo"):
+    losses.policy_loss("ppo", logp, old, adv, mask)
+
+
+def test_losses_jit():
+  logp, old, mask = _hand_batch()
+  loss, aux = jax.jit(losses.dapo_loss)(logp, old, jnp.asarray(HAND_A), mask)
+  np.testing.assert_allclose(loss, -0.116, rtol=1e-5)
+  loss, _ = jax.jit(losses.policy_loss, static_argnums=0)("gspo", *_gspo_batch())
+  assert np.isfinite(loss)
+
+
+def test_token_logprobs_by_hand_in_float32():
+  probs = np.array([0.1, 0.2, 0.7], np.float32)
+  logits = jnp.asarray(np.log(probs) + 3.0, jnp.bfloat16)[None, None].repeat(2, axis=1)
+  out = losses.token_logprobs(logits, jnp.array([[2, 0]]))
+  assert out.dtype == jnp.float32 and out.shape == (1, 2)
+  np.testing.assert_allclose(out, [[LN(0.7), LN(0.1)]], atol=2e-2)  # bf16 logits
+  out = losses.token_logprobs(jnp.log(jnp.asarray(probs))[None, None], jnp.array([[1]]))
+  np.testing.assert_allclose(out, [[LN(0.2)]], rtol=1e-6)
+
+
+def test_token_entropy_by_hand_with_mask_and_minus_inf_logits():
+  """Uniform over 4 → ln 4; two live entries (rest −inf) → ln 2; the masked token is ignored."""
+  ninf = -jnp.inf
+  logits = jnp.array([[[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, ninf, ninf], [5.0, 0.0, 0.0, 0.0]]])
+  mask = jnp.array([[1, 1, 0]])
+  np.testing.assert_allclose(losses.token_entropy(logits, mask), (LN(4) + LN(2)) / 2, rtol=1e-6)
+  np.testing.assert_allclose(losses.token_entropy(logits, mask, denom=4.0), (LN(4) + LN(2)) / 4,
+                             rtol=1e-6)
+  g = jax.grad(lambda lg: losses.token_entropy(lg, mask))(logits)
+  assert np.all(np.isfinite(g))

@@ -1,0 +1,154 @@
+"""Mismatch and routing metrics against hand-worked values; accumulation; JSON flattening."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pr2_jax.rl import metrics
+
+LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------
+# Mismatch
+# ----------------------------------------------------------------------------
+
+def test_identical_logprobs_have_zero_mismatch():
+  logp = jnp.array([[-1.0, -2.5, -0.1], [-3.0, -jnp.inf, -jnp.inf]])
+  mask = jnp.array([[1, 1, 1], [1, 0, 0]])
+  m = metrics.mismatch_metrics(logp, logp, mask)
+  assert float(m["k3_kl"]) == 0.0 and float(m["extreme_frac"]) == 0.0
+  assert float(m["ratio_mean"]) == 1.0 and float(m["ratio_var"]) == 0.0
+
+
+# Δ per token: ln2 + 0.01 (extreme), −(ln2 + 0.01) (extreme), ln2 − 0.01, 0; a masked Δ = 10.
+HAND_DELTA = [LN2 + 0.01, -(LN2 + 0.01), LN2 - 0.01, 0.0, 10.0]
+HAND_RATIO = [2 * math.exp(0.01), 0.5 * math.exp(-0.01), 2 * math.exp(-0.01), 1.0]
+HAND_K3 = [r - 1 - d for r, d in zip(HAND_RATIO, HAND_DELTA)]  # 0.31695, 0.19817, 0.29695, 0
+
+
+def test_mismatch_hand_worked():
+  rollout = jnp.full((1, 5), -1.5)
+  train = rollout + jnp.array([HAND_DELTA])
+  mask = jnp.array([[1, 1, 1, 1, 0]], bool)
+  m = jax.jit(metrics.mismatch_metrics)(train, rollout, mask)
+  np.testing.assert_allclose(m["k3_kl"], np.mean(HAND_K3), rtol=1e-5)
+  np.testing.assert_allclose(m["k3_kl"], 0.2030194, rtol=1e-5)
+  np.testing.assert_allclose(m["extreme_frac"], 0.5)  # ln2 − 0.01 is not extreme, the masked 10 is out
+  np.testing.assert_allclose(m["ratio_mean"], np.mean(HAND_RATIO), rtol=1e-6)
+  np.testing.assert_allclose(m["ratio_var"], np.var(HAND_RATIO), rtol=1e-5)
+
+
+def test_k3_is_nonnegative_and_mismatch_sums_accumulate():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(k1, (4, 6))
+  b = a + 0.5 * jax.random.normal(k2, (4, 6))
+  mask = (jnp.arange(6)[None] < jnp.array([[6], [2], [4], [1]])).astype(jnp.float32)
+  full = metrics.mismatch_metrics(a, b, mask)
+  assert float(full["k3_kl"]) > 0
+  s = jax.tree.map(jnp.add, metrics.mismatch_sums(a[:1], b[:1], mask[:1]),
+                   metrics.mismatch_sums(a[1:], b[1:], mask[1:]))
+  for key, val in metrics.mismatch_from_sums(s).items():
+    np.testing.assert_allclose(val, full[key], rtol=1e-5, err_msg=key)
+
+
+def test_empty_mask_gives_zeros_not_nan():
+  z = jnp.zeros((2, 3))
+  m = metrics.mismatch_metrics(z, z + 1.0, jnp.zeros((2, 3)))
+  assert all(float(v) == 0.0 for v in m.values())
+
+
+# ----------------------------------------------------------------------------
+# Routing
+# ----------------------------------------------------------------------------
+
+def _hand_routes():
+  """B=1, T=4, L=2, K=2, E=4. Token 3 is masked out; layer 1 token 0 is a live (-1) row.
+
+  layer 0: {0,1} vs {1,2} → ∩1 dev1 | {2,3} vs {3,2} → ∩2 dev0 | {0,1} vs {2,3} → ∩0 dev2
+  layer 1: live (excluded)         | {1,0} vs {0,1} → ∩2 dev0 | {3,0} vs {3,1} → ∩1 dev1
+  coverage gap 1 − ρ(I_rep): layer 0: 0.7, 0.5, 0.2; layer 1: —, 0.2, 0.3
+  """
+  rep = jnp.array([[[[0, 1], [-1, -1]], [[2, 3], [1, 0]], [[0, 1], [3, 0]], [[0, 1], [0, 1]]]])
+  cur = jnp.array([[[[1, 2], [2, 3]], [[3, 2], [0, 1]], [[2, 3], [3, 1]], [[2, 3], [2, 3]]]])
+  probs = jnp.array([[[[0.1, 0.2, 0.3, 0.4], [0.97, 0.01, 0.01, 0.01]],
+                      [[0.25, 0.25, 0.25, 0.25], [0.5, 0.3, 0.1, 0.1]],
+                      [[0.4, 0.4, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6]],
+                      [[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5]]]])
+  mask = jnp.array([[1, 1, 1, 0]])
+  return rep, cur, probs, mask
+
+
+def test_routing_single_token_k2():
+  """{0,1} vs {1,2}: agreement 0.5, deviation 1."""
+  rep = jnp.array([0, 1]).reshape(1, 1, 1, 2)
+  cur = jnp.array([1, 2]).reshape(1, 1, 1, 2)
+  probs = jnp.array([0.1, 0.2, 0.3, 0.4]).reshape(1, 1, 1, 4)
+  m = metrics.routing_metrics(rep, cur, probs, jnp.ones((1, 1)))
+  np.testing.assert_allclose(m["topk_agreement"], 0.5)
+  np.testing.assert_allclose(m["dev_hist"], [0, 1, 0, 0])
+  assert float(m["zero_dev_ratio"]) == 0.0
+  np.testing.assert_allclose(m["coverage_gap"], 0.7, rtol=1e-6)
+
+
+def test_routing_hand_worked_overall_and_per_layer():
+  m = jax.jit(metrics.routing_metrics)(*_hand_routes())
+  np.testing.assert_allclose(m["topk_agreement"], 3 / 5, rtol=1e-6)  # (.5 + 1 + 0 + 1 + .5) / 5
+  np.testing.assert_allclose(m["topk_agreement_per_layer"], [0.5, 0.75], rtol=1e-6)
+  np.testing.assert_allclose(m["dev_hist"], [0.4, 0.4, 0.2, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(m["dev_hist_per_layer"], [[1 / 3, 1 / 3, 1 / 3, 0], [0.5, 0.5, 0, 0]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(m["zero_dev_ratio"], 0.4, rtol=1e-6)
+  np.testing.assert_allclose(m["zero_dev_ratio_per_layer"], [1 / 3, 0.5], rtol=1e-6)
+  np.testing.assert_allclose(m["coverage_gap"], (0.7 + 0.5 + 0.2 + 0.2 + 0.3) / 5, rtol=1e-5)
+  np.testing.assert_allclose(m["coverage_gap_per_layer"], [1.4 / 3, 0.25], rtol=1e-5)
+
+
+def test_routing_mask_excludes_tokens():
+  """Unmasking token 3 (two deviations per layer, ρ(I_rep) = 0) changes the numbers as computed by hand."""
+  rep, cur, probs, _ = _hand_routes()
+  m = metrics.routing_metrics(rep, cur, probs, jnp.ones((1, 4)))
+  np.testing.assert_allclose(m["topk_agreement_per_layer"], [1.5 / 4, 1.5 / 3], rtol=1e-6)
+  np.testing.assert_allclose(m["dev_hist"], [2 / 7, 2 / 7, 3 / 7, 0], rtol=1e-6)
+  np.testing.assert_allclose(m["coverage_gap_per_layer"], [2.4 / 4, 1.5 / 3], rtol=1e-5)
+
+
+def test_routing_deviation_three_or_more_share_the_last_bin():
+  """K=4: {0..3} vs {4..7} (dev 4) and vs {0,5,6,7} (dev 3) both land in bin ≥3."""
+  rep = jnp.array([[0, 1, 2, 3], [0, 1, 2, 3]]).reshape(1, 2, 1, 4)
+  cur = jnp.array([[4, 5, 6, 7], [0, 5, 6, 7]]).reshape(1, 2, 1, 4)
+  probs = jnp.full((1, 2, 1, 8), 1 / 8)
+  m = metrics.routing_metrics(rep, cur, probs, jnp.ones((1, 2)))
+  np.testing.assert_allclose(m["dev_hist"], [0, 0, 0, 1])
+  np.testing.assert_allclose(m["topk_agreement"], 0.125)
+  np.testing.assert_allclose(m["coverage_gap"], 0.5, rtol=1e-6)
+
+
+def test_routing_identical_routes_agree_fully_and_sums_accumulate():
+  rep, cur, probs, mask = _hand_routes()
+  m = metrics.routing_metrics(cur, cur, probs, jnp.ones((1, 4)))
+  assert float(m["topk_agreement"]) == 1.0 and float(m["zero_dev_ratio"]) == 1.0
+  full = metrics.routing_metrics(rep, cur, probs, mask)
+  s = jax.tree.map(jnp.add, metrics.routing_sums(rep[:, :2], cur[:, :2], probs[:, :2], mask[:, :2]),
+                   metrics.routing_sums(rep[:, 2:], cur[:, 2:], probs[:, 2:], mask[:, 2:]))
+  for key, val in metrics.routing_from_sums(s).items():
+    np.testing.assert_allclose(val, full[key], rtol=1e-6, err_msg=key)
+
+
+# ----------------------------------------------------------------------------
+# JSON
+# ----------------------------------------------------------------------------
+
+def test_flatten_for_json():
+  m = {"step": 7, "k3_kl": jnp.float32(0.25), "per_layer": jnp.array([0.5, 0.75]),
+       "hist": jnp.ones((2, 2)), "loss": {"sums": {"count": jnp.int32(3)}}, "phase": "rl"}
+  out = metrics.flatten_for_json(m)
+  assert out == {"step": 7, "k3_kl": 0.25, "per_layer": [0.5, 0.75], "hist": [[1.0, 1.0], [1.0, 1.0]],
+                 "loss/sums/count": 3, "phase": "rl"}
+  assert type(out["k3_kl"]) is float and type(out["per_layer"][0]) is float
+  assert type(out["loss/sums/count"]) is int
+  json.dumps(out)
+  json.dumps(metrics.flatten_for_json(metrics.routing_metrics(*_hand_routes())))
