@@ -19,7 +19,7 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m experiments.train --config=configs/tiny.py --workdir=$(WORKDIR)
+	$(PY) -m experiments.main --config=configs/tiny.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

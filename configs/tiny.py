@@ -1,9 +1,10 @@
-"""The default experiment: a tiny Qwen3-MoE-style model on 2 CPU cores.
+"""The default experiment: warm up a tiny Qwen3-MoE-style model on 2-digit
+arithmetic, then RL it with DAPO and rollout routing replay (R3).
 
-    python -m experiments.train --config=configs/tiny.py --workdir=/tmp/pr2_tiny
-    python -m experiments.train --config=configs/tiny.py --config.supervised.num_steps=50
+    python -m experiments.main --config=configs/tiny.py --workdir=runs/tiny
+    python -m experiments.main --config=configs/tiny.py --config.rl.replay_mode=none
     # expert parallelism on 8 fake CPU devices:
-    python -m experiments.train --config=configs/tiny.py --cpu_devices=8 --config.mesh_expert=4
+    python -m experiments.main --config=configs/tiny.py --cpu_devices=8 --config.mesh_expert=4
 """
 
 import ml_collections
@@ -11,11 +12,16 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mesh_data = 0      # 'data' axis size; 0 = all devices not used by the expert axis
-  c.mesh_expert = 1    # 'expert' axis size (expert parallelism); divides num_experts
+  c.seed = 0                  # init, data and sampling seed
+  c.mesh_data = 0             # 'data' axis size; 0 = all devices not used by the expert axis
+  c.mesh_expert = 1           # 'expert' axis size (expert parallelism); divides num_experts
+  c.checkpoint_every = 10     # RL steps between checkpoints (resume from the newest)
+  c.init_from = ""            # warm-up checkpoint dir to start from ('' = WORKDIR/checkpoints/sft)
+  c.task = "arithmetic"       # pr2_jax.rl.tasks registry: arithmetic | countdown
+  c.task_kwargs = ml_collections.ConfigDict({"num_digits": 2, "ops": "+"})  # task options
 
   m = c.model = ml_collections.ConfigDict()
-  m.vocab_size = 32           # task tokens (14 used) rounded up
+  m.vocab_size = 32           # character tokenizer (24 ids) rounded up
   m.num_layers = 2            # decoder layers, all MoE
   m.d_model = 64              # residual width
   m.num_heads = 4             # query heads
@@ -28,21 +34,38 @@ def get_config() -> ml_collections.ConfigDict:
   m.rope_theta = 10000.0      # rotary base
   m.rms_norm_eps = 1e-6       # RMSNorm epsilon
   m.tie_embeddings = False    # separate LM head
-  m.dtype = "float32"         # computation dtype: float32 | bfloat16
+  m.dtype = "float32"         # training-engine compute dtype (rollout: rl.rollout_dtype)
   m.dense_layers = ()         # layer ids with a dense MLP instead of MoE
   m.dense_d_ff = 0            # dense MLP width (only with dense_layers)
   m.expert_impl = "capacity"  # capacity | ragged | dense
   m.capacity_factor = 0.0     # 0 = dropless; e.g. 1.25 drops beyond 1.25x an even share
   m.aux_loss_coef = 0.0       # Switch load-balancing loss weight (off)
 
-  s = c.supervised = ml_collections.ConfigDict()
-  s.batch_size = 32           # sequences per step
-  s.num_digits = 8            # reverse-copy length (sequence = 2n + 3 tokens)
-  s.num_steps = 300           # optimizer steps
+  s = c.sft = ml_collections.ConfigDict()
+  s.num_steps = 150           # warm-up steps on task solutions (partial competence)
+  s.batch_size = 64           # sequences per warm-up step
   s.learning_rate = 3e-3      # peak AdamW learning rate
-  s.warmup_steps = 20         # linear warmup
-  s.weight_decay = 0.0        # AdamW weight decay
-  s.grad_clip = 1.0           # global-norm clip
-  s.seed = 0                  # init + data seed
-  s.log_every = 25            # steps between log lines / metrics.jsonl rows
+  s.warmup_steps = 10         # linear warmup
+
+  r = c.rl = ml_collections.ConfigDict()
+  r.num_steps = 40            # RL steps (rollout batches)
+  r.prompts_per_step = 16     # prompts per rollout batch
+  r.group_size = 8            # samples per prompt (GRPO group)
+  r.off_policy_k = 2          # κ: mini-batches (optimizer steps) per rollout batch
+  r.micro_steps = 2           # M: gradient-accumulation micro-steps per mini-batch
+  r.replay_mode = "r3"        # none | r2 | r3
+  r.loss = "dapo"             # dapo | gspo
+  r.clip_low = 0.2            # ε_low
+  r.clip_high = 0.28          # ε_high
+  r.ratio_denominator = "rollout"  # π_θ/µ (rollout) or π_θ/π_old (old)
+  r.tis_cap = 0.0             # truncated IS cap with ratio_denominator='old' (0 = off)
+  r.learning_rate = 1e-3      # AdamW learning rate
+  r.weight_decay = 0.0        # AdamW weight decay
+  r.grad_clip = 1.0           # global-norm clip
+  r.temperature = 1.0         # sampling temperature
+  r.top_p = 1.0               # nucleus mass
+  r.max_new_tokens = 5        # response budget incl. EOS (answers <= 3 chars)
+  r.rollout_dtype = "bfloat16"  # inference-engine dtype (the train/inference mismatch)
+  r.eval_every = 10           # RL steps between held-out evaluations
+  r.eval_size = 128           # held-out problems per evaluation (greedy)
   return c

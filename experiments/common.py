@@ -3,14 +3,24 @@
 import json
 import os
 
-from absl import flags
+from absl import flags, logging
 
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "If > 0, run on this many fake CPU devices (tries expert parallelism "
     "without accelerators). Must be set before JAX starts.")
 
 
+class _QuietLibraries:
+  """Drops INFO chatter of Orbax and JAX internals from the absl log (warnings still pass)."""
+
+  def filter(self, record):
+    noisy = any(part in record.pathname for part in ("orbax", "jax/_src", "xla_bridge"))
+    return record.levelno >= 30 or not noisy
+
+
 def setup_devices():
+  import logging as py_logging
+  py_logging.getLogger("absl").addFilter(_QuietLibraries())
   import jax
   if _CPU_DEVICES.value > 0:
     jax.config.update("jax_platforms", "cpu")
@@ -28,13 +38,6 @@ def build_mesh(cfg):
   return make_mesh(data, expert)
 
 
-def model_config(cfg):
-  from pr2_jax.config import ModelConfig
-  mc = ModelConfig.from_dict(cfg.model.to_dict())
-  mc.validate_mesh(int(cfg.mesh_expert))
-  return mc
-
-
 class MetricsWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl."""
 
@@ -45,3 +48,35 @@ class MetricsWriter:
   def write(self, metrics: dict):
     with open(self.path, "a") as f:
       f.write(json.dumps(metrics, sort_keys=True) + "\n")
+
+
+_SHOWN = ("loss", "reward_mean", "eval_reward", "k3_kl", "topk_agreement", "grad_norm", "accuracy")
+
+
+def log_and_write(writer: MetricsWriter):
+  """Metrics callback: one JSON line per call, a short log line for humans."""
+  def callback(m: dict):
+    writer.write(m)
+    shown = "  ".join(f"{k} {m[k]:.4g}" for k in _SHOWN if isinstance(m.get(k), float))
+    logging.info("[%s %d] %s", m.get("phase"), m.get("step", 0), shown)
+  return callback
+
+
+def progress(step: int, total: int, seconds_per_step: float):
+  eta = (total - step) * seconds_per_step
+  logging.info("rl step %d/%d  %.1fs/step  ETA %dm%02ds", step, total, seconds_per_step,
+               eta // 60, eta % 60)
+
+
+def print_summary(summary: dict, workdir: str):
+  final = summary["final"]
+  warm = summary["warmup_eval_reward"]
+  lines = ["", "== summary =="]
+  if warm is not None:
+    lines.append(f"eval reward after warm-up: {warm:.3f}")
+  if "eval_reward" in final:
+    lines.append(f"eval reward after RL:      {final['eval_reward']:.3f}")
+  lines.append(f"train reward (last step):  {final.get('reward_mean', float('nan')):.3f}")
+  lines.append(f"metrics: {os.path.join(workdir, 'metrics.jsonl')}  plots: "
+               f"python -m experiments.plot {workdir}")
+  print("\n".join(lines), flush=True)

@@ -64,13 +64,18 @@ def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Ar
 
 
 def make_train_step(model: MoETransformer, tx: optax.GradientTransformation, mesh: Mesh,
-                    state_shardings) -> Callable:
-  """jit(step) with explicit shardings; the input state is donated."""
+                    state_shardings, batch_keys=("tokens", "loss_mask")) -> Callable:
+  """jit(step) with explicit shardings; the input state is donated.
+
+  A batch holds `tokens` and `loss_mask` [B, T] and optionally `positions`
+  and `valid` (left-padded prompts); `batch_keys` names the keys it has.
+  """
   aux_coef = model.config.aux_loss_coef
 
   def step(state: TrainState, batch):
     def loss_fn(params):
-      out = model.apply({"params": params}, batch["tokens"])
+      out = model.apply({"params": params}, batch["tokens"], positions=batch.get("positions"),
+                        valid=batch.get("valid"))
       nll, acc = next_token_loss(out.logits, batch["tokens"], batch["loss_mask"])
       return nll + aux_coef * out.aux_loss, (nll, acc, out)
 
@@ -81,7 +86,7 @@ def make_train_step(model: MoETransformer, tx: optax.GradientTransformation, mes
                "aux_loss": out.aux_loss, "dropped": out.dropped.sum()}
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  batch_sharding = logical_sharding(mesh, ("batch", "length"))
+  batch_sharding = {k: logical_sharding(mesh, ("batch", "length")) for k in batch_keys}
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
 

@@ -1,0 +1,34 @@
+"""Entry point: warm-up then RL on a procedural task, resumable from --workdir.
+
+    python -m experiments.main --config=configs/tiny.py --workdir=runs/tiny
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints and metrics.jsonl go here; "
+                               "rerunning with the same workdir resumes.")
+
+
+def main(argv):
+  del argv
+  common.setup_devices()
+  from pr2_jax.rl import loop
+  from pr2_jax.rl.config import ExperimentConfig
+
+  cfg = _CONFIG.value
+  config = ExperimentConfig.from_dict(cfg.to_dict())
+  mesh = common.build_mesh(cfg)
+  config.model.validate_mesh(mesh.shape["expert"])
+  writer = common.MetricsWriter(_WORKDIR.value)
+  logging.info("mesh %s; workdir %s", dict(mesh.shape), _WORKDIR.value)
+  summary = loop.run(config, mesh, _WORKDIR.value, on_metrics=common.log_and_write(writer),
+                     on_progress=common.progress)
+  common.print_summary(summary, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,140 @@
+"""Frozen, validated configuration of the RL phase.
+
+Every field is checked at start-up with a message naming the field and its
+allowed values: a bad flag must fail before any compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+REPLAY_MODES = ("none", "r2", "r3")
+LOSSES = ("dapo", "gspo")
+RATIO_DENOMINATORS = ("rollout", "old")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  num_steps: int = 30              # RL steps (one rollout batch each)
+  prompts_per_step: int = 16       # distinct prompts per rollout batch
+  group_size: int = 8              # G samples per prompt (GRPO group)
+  off_policy_k: int = 2            # κ mini-batches (optimizer steps) per rollout batch
+  micro_steps: int = 2             # M micro-steps of gradient accumulation per mini-batch
+  replay_mode: str = "r3"          # none | r2 | r3 (DESIGN §2)
+  loss: str = "dapo"               # dapo (token ratio) | gspo (sequence ratio)
+  clip_low: float = 0.2            # ε_low (GSPO: use 3e-4)
+  clip_high: float = 0.28          # ε_high (GSPO: use 4e-4)
+  ratio_denominator: str = "rollout"  # ratio π_θ/µ ('rollout') or π_θ/π_old ('old')
+  tis_cap: float = 0.0             # truncated IS weight cap for π_old/µ with 'old'; 0 = off
+  learning_rate: float = 1e-4      # AdamW learning rate
+  weight_decay: float = 0.0        # AdamW weight decay
+  grad_clip: float = 1.0           # global-norm clip
+  temperature: float = 1.0         # rollout sampling temperature (and of π_θ in the loss)
+  top_p: float = 1.0               # rollout nucleus mass
+  max_new_tokens: int = 8          # response budget including EOS
+  rollout_dtype: str = "bfloat16"  # the inference engine's dtype
+  eval_every: int = 10             # RL steps between held-out evaluations (0 = never)
+  eval_size: int = 128             # held-out problems per evaluation (greedy decoding)
+
+  def __post_init__(self):
+    for name in ("num_steps", "prompts_per_step", "group_size", "off_policy_k", "micro_steps",
+                 "max_new_tokens", "eval_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"RLConfig.{name} must be a positive int, got {value!r}")
+    choices = {"replay_mode": REPLAY_MODES, "loss": LOSSES,
+               "ratio_denominator": RATIO_DENOMINATORS, "rollout_dtype": DTYPES}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"RLConfig.{name}={getattr(self, name)!r} must be one of {allowed}")
+    if self.batch_size % (self.off_policy_k * self.micro_steps):
+      raise ValueError(
+          f"RLConfig batch prompts_per_step*group_size={self.batch_size} must be divisible by "
+          f"off_policy_k*micro_steps={self.off_policy_k}*{self.micro_steps}")
+    if self.group_size < 2:
+      raise ValueError(f"RLConfig.group_size={self.group_size} must be >= 2 (group advantages)")
+    for name in ("clip_low", "clip_high", "learning_rate"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"RLConfig.{name} must be > 0, got {getattr(self, name)}")
+    if self.clip_low >= 1:
+      raise ValueError(f"RLConfig.clip_low={self.clip_low} must be < 1")
+    if self.tis_cap < 0 or self.temperature < 0 or self.eval_every < 0:
+      raise ValueError("RLConfig.tis_cap, temperature and eval_every must be >= 0, got "
+                       f"{self.tis_cap}, {self.temperature}, {self.eval_every}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"RLConfig.top_p={self.top_p} must be in (0, 1]")
+    if self.temperature == 0:
+      raise ValueError("RLConfig.temperature=0 (greedy) leaves nothing to learn from: use > 0")
+
+  @property
+  def batch_size(self) -> int:
+    """B_global: sequences per rollout batch."""
+    return self.prompts_per_step * self.group_size
+
+  @property
+  def micro_batch_size(self) -> int:
+    return self.batch_size // (self.off_policy_k * self.micro_steps)
+
+  def validate_mesh(self, token_shards: int) -> None:
+    if self.micro_batch_size % token_shards:
+      raise ValueError(
+          f"RLConfig micro-batch size {self.micro_batch_size} (= batch {self.batch_size} / "
+          f"(off_policy_k*micro_steps)) must be divisible by the {token_shards} token shards")
+    if self.eval_size % token_shards:
+      raise ValueError(f"RLConfig.eval_size={self.eval_size} must be divisible by the "
+                       f"{token_shards} token shards")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "RLConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"Unknown RLConfig fields {unknown}; allowed: {sorted(known)}")
+    return cls(**dict(d))
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """Supervised warm-up on task solutions: a starting policy with partial competence."""
+  num_steps: int = 150             # optimizer steps (0 = start RL from the init/loaded params)
+  batch_size: int = 64             # sequences per step
+  learning_rate: float = 3e-3      # peak AdamW learning rate
+  warmup_steps: int = 10           # linear warmup
+
+  def __post_init__(self):
+    if self.num_steps < 0 or self.batch_size < 1 or self.learning_rate <= 0:
+      raise ValueError(f"SFTConfig needs num_steps >= 0, batch_size >= 1, learning_rate > 0; "
+                       f"got {self.num_steps}, {self.batch_size}, {self.learning_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything one run needs; built from a `configs/*.py` ConfigDict by `from_dict`."""
+  model: Any                       # pr2_jax.ModelConfig
+  rl: RLConfig
+  sft: SFTConfig
+  task: str = "arithmetic"         # pr2_jax.rl.tasks registry name
+  task_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  seed: int = 0                    # init, data and sampling seed
+  checkpoint_every: int = 10       # RL steps between checkpoints (0 = only at the end)
+  init_from: str = ""              # a warm-up checkpoint dir to start RL from (skips SFT)
+
+  def __post_init__(self):
+    if self.checkpoint_every < 0:
+      raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":
+    from pr2_jax.config import ModelConfig
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)} | {"mesh_data", "mesh_expert"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"Unknown config fields {unknown}; allowed: {sorted(known)}")
+    return cls(model=ModelConfig.from_dict(d["model"]), rl=RLConfig.from_dict(d["rl"]),
+               sft=SFTConfig(**dict(d["sft"])), task=d.get("task", "arithmetic"),
+               task_kwargs=dict(d.get("task_kwargs", {})), seed=int(d.get("seed", 0)),
+               checkpoint_every=int(d.get("checkpoint_every", 10)),
+               init_from=str(d.get("init_from", "")))

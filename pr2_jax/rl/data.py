@@ -1,0 +1,67 @@
+"""Host-side batch assembly: prompts, warm-up sequences and the learner's batch.
+
+Dimension legend: B sequences, P prompt slots (left-padded, BOS first),
+N response slots, S = P + N, L MoE layers, K top-k, M micro-steps, b
+sequences per micro-step.
+
+Layout shared by the warm-up and RL so the policy sees the same positions in
+both: `[PAD.. BOS prompt | response EOS PAD..]`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pr2_jax.rl.char_tokenizer import CharTokenizer
+from pr2_jax.rl.tasks import Problem, Task
+
+
+def layout(task: Task, max_new_tokens: int) -> tuple[int, int]:
+  """(P, N) slots for a task; raises if the response budget cannot hold a solution."""
+  prompt_slots = 1 + task.max_prompt_len
+  if max_new_tokens < task.max_answer_len + 1:
+    raise ValueError(f"RLConfig.max_new_tokens={max_new_tokens} cannot hold the task's answers "
+                     f"({task.max_answer_len} characters + EOS)")
+  return prompt_slots, max_new_tokens
+
+
+def positions_of(valid_BS: np.ndarray) -> np.ndarray:
+  return np.maximum(np.cumsum(valid_BS, axis=1) - 1, 0).astype(np.int32)
+
+
+def encode_prompts(tok: CharTokenizer, problems: list[Problem], prompt_slots: int):
+  """Left-padded prompt ids and validity [B, P]."""
+  return tok.encode_batch([p.prompt for p in problems], prompt_slots, left_pad=True, bos=True)
+
+
+def sft_batch(tok: CharTokenizer, problems: list[Problem], prompt_slots: int, response_slots: int):
+  """Warm-up sequences `prompt | solution EOS` with the loss on the response."""
+  prompt_BP, pvalid_BP = encode_prompts(tok, problems, prompt_slots)
+  resp_BN = np.full((len(problems), response_slots), tok.pad_id, np.int32)
+  rvalid_BN = np.zeros_like(resp_BN, bool)
+  for i, p in enumerate(problems):
+    ids = tok.encode(p.solution, eos=True)
+    resp_BN[i, :len(ids)] = ids
+    rvalid_BN[i, :len(ids)] = True
+  valid = np.concatenate([pvalid_BP, rvalid_BN], axis=1)
+  return {"tokens": np.concatenate([prompt_BP, resp_BN], axis=1), "valid": valid,
+          "positions": positions_of(valid),
+          "loss_mask": np.concatenate([np.zeros_like(pvalid_BP), rvalid_BN], 1).astype(np.float32)}
+
+
+def split_micro(batch: dict, num_chunks: int, order: np.ndarray | None = None) -> dict:
+  """[B, ...] -> [num_chunks, B / num_chunks, ...], optionally permuting rows first."""
+  def one(x):
+    x = np.asarray(x) if order is None else np.asarray(x)[order]
+    return x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:])
+  return {k: one(v) for k, v in batch.items()}
+
+
+def merge_micro(x: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+  """Inverse of `split_micro` for one array."""
+  x = np.asarray(x).reshape((-1,) + x.shape[2:])
+  if order is None:
+    return x
+  out = np.empty_like(x)
+  out[order] = x
+  return out

@@ -1,0 +1,204 @@
+"""The experiment loop: warm-up, then RL steps of rollout -> rewards -> old-log-prob -> κ updates.
+
+A thin host shell around the jitted phases. Everything random is derived from
+(seed, step), so a run resumed from a checkpoint draws exactly the prompts and
+samples the uninterrupted run would have: the checkpoint only needs the state
+and the step. Metrics and progress go to callbacks; files and logs belong to
+the caller (`experiments/main.py`).
+
+Dimension legend: B rollout sequences, P prompt slots, N response slots,
+M micro-steps, κ mini-batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from pr2_jax.models.transformer import MoETransformer
+from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
+from pr2_jax.rl import data, learner, losses
+from pr2_jax.rl.char_tokenizer import CharTokenizer
+from pr2_jax.rl.config import ExperimentConfig
+from pr2_jax.rl.sampler import SamplerConfig, generate
+from pr2_jax.rl.tasks import make_task
+from pr2_jax.train import supervised
+from pr2_jax.train.checkpoint import Checkpointer, abstract_like
+from pr2_jax.train.state import create_train_state, make_optimizer
+
+Callback = Callable[[dict], None]
+
+
+class Engine:
+  """The compiled pieces of one experiment: models, sampler, learner steps."""
+
+  def __init__(self, config: ExperimentConfig, mesh: Mesh):
+    rl = config.rl
+    self.config, self.mesh = config, mesh
+    self.tok = CharTokenizer()
+    self.task = make_task(config.task, **config.task_kwargs)
+    self.prompt_slots, self.response_slots = data.layout(self.task, rl.max_new_tokens)
+    if config.model.vocab_size < self.tok.vocab_size:
+      raise ValueError(f"ModelConfig.vocab_size={config.model.vocab_size} is below the "
+                       f"tokenizer's {self.tok.vocab_size} ids")
+    shards = num_token_shards(mesh)
+    rl.validate_mesh(shards)
+    if config.sft.batch_size % shards:
+      raise ValueError(f"SFTConfig.batch_size={config.sft.batch_size} must be divisible by the "
+                       f"{shards} token shards")
+    self.model = MoETransformer(config.model.replace(dtype="float32"), mesh)
+    rollout_model = MoETransformer(config.model.replace(dtype=rl.rollout_dtype), mesh)
+    sampling = SamplerConfig(rl.max_new_tokens, rl.temperature, rl.top_p, self.tok.eos_id,
+                             self.tok.pad_id)
+    greedy = SamplerConfig(rl.max_new_tokens, 0.0, 1.0, self.tok.eos_id, self.tok.pad_id)
+    self.sample = jax.jit(functools.partial(generate, rollout_model, config=sampling))
+    self.greedy = jax.jit(functools.partial(generate, rollout_model, config=greedy))
+    self.tx = make_optimizer(rl.learning_rate, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
+    self.key = jax.random.key(config.seed)
+    self.state, self.shardings = create_train_state(self.model, self.tx, self.key, mesh)
+    self.eval_problems = self.task.eval_set(rl.eval_size, seed=config.seed)
+    self._update_fns = None
+    self.seq_sharding = logical_sharding(mesh, ("batch", "length"))
+
+  # -- warm-up --------------------------------------------------------------
+  def warmup(self, on_metrics: Callback | None = None):
+    """Supervised training on task solutions; returns the warmed-up params."""
+    sft = self.config.sft
+    tx = make_optimizer(sft.learning_rate, warmup_steps=sft.warmup_steps, total_steps=sft.num_steps)
+    state, shardings = create_train_state(self.model, tx, self.key, self.mesh)
+    keys = ("tokens", "valid", "positions", "loss_mask")
+    step_fn = supervised.make_train_step(self.model, tx, self.mesh, shardings, batch_keys=keys)
+    for step in range(1, sft.num_steps + 1):
+      rng = np.random.default_rng([self.config.seed, 1, step])
+      batch = data.sft_batch(self.tok, self.task.sample(rng, sft.batch_size), self.prompt_slots,
+                             self.response_slots)
+      state, m = step_fn(state, jax.device_put(batch, self.seq_sharding))
+      if on_metrics and (step % 25 == 0 or step == sft.num_steps):
+        on_metrics({"phase": "sft", "step": step, **{k: float(v) for k, v in m.items()}})
+    return state.params
+
+  # -- evaluation -----------------------------------------------------------
+  def rewards(self, problems, tokens_BS) -> np.ndarray:
+    ids_BN = np.asarray(tokens_BS)[:, self.prompt_slots:]
+    # The model's vocabulary may be larger than the tokenizer's: an id the
+    # tokenizer lacks makes the answer malformed ('?' never parses), not a crash.
+    ids_BN = np.where(ids_BN < self.tok.vocab_size, ids_BN, self.tok.encode("?")[0])
+    completions = self.tok.decode_batch(ids_BN)
+    return np.array([self.task.reward(p, c) for p, c in zip(problems, completions)], np.float32)
+
+  def evaluate(self, params) -> float:
+    """Mean held-out reward under greedy decoding."""
+    prompts, valid = data.encode_prompts(self.tok, self.eval_problems, self.prompt_slots)
+    roll = self.greedy(params, *jax.device_put((prompts, valid), self.seq_sharding),
+                       jax.random.key(0))
+    return float(self.rewards(self.eval_problems, jax.device_get(roll.tokens)).mean())
+
+  # -- one RL step ----------------------------------------------------------
+  def rl_step(self, state, step: int):
+    rl = self.config.rl
+    rng = np.random.default_rng([self.config.seed, 2, step])
+    problems = [p for p in self.task.sample(rng, rl.prompts_per_step) for _ in range(rl.group_size)]
+    prompts, valid = data.encode_prompts(self.tok, problems, self.prompt_slots)
+    roll = self.sample(state.params, *jax.device_put((prompts, valid), self.seq_sharding),
+                       jax.random.fold_in(self.key, step))
+    roll = jax.device_get(roll)
+    rewards = self.rewards(problems, roll.tokens)
+    batch = {"tokens": roll.tokens, "valid": roll.valid, "positions": roll.positions,
+             "response_mask": roll.response_mask, "rollout_logp": roll.logp,
+             "rollout_routes": roll.routes,
+             "adv": np.asarray(losses.grpo_advantages(jnp.asarray(rewards), rl.group_size))}
+    chunks = rl.off_policy_k * rl.micro_steps
+    micro = data.split_micro(batch, chunks, rng.permutation(rl.batch_size))
+    sh = learner.batch_shardings(self.mesh, micro)
+    micro = jax.device_put(micro, sh)
+    old_fn, update_fn = self._learner_fns(micro)
+    micro["old_logp"], routes_used = old_fn(state.params, micro)
+    micro["replay_routes"] = routes_used if rl.replay_mode == "r2" else micro["rollout_routes"]
+    per_mini = []
+    for i in range(rl.off_policy_k):
+      mini = jax.tree.map(lambda x: x[i * rl.micro_steps:(i + 1) * rl.micro_steps], micro)
+      state, m = update_fn(state, mini)
+      per_mini.append(m)
+    return state, self._summarise(per_mini, rewards, roll.response_mask)
+
+  def _learner_fns(self, micro):
+    if self._update_fns is None:
+      example = jax.tree.map(lambda x: x[: self.config.rl.micro_steps], micro)
+      example["old_logp"] = jnp.zeros(example["tokens"].shape[:2] + (example["tokens"].shape[2] - 1,))
+      example["replay_routes"] = example["rollout_routes"]
+      self._update_fns = learner.make_learner_fns(self.model, self.config.rl, self.tx, self.mesh,
+                                                  self.shardings, example)
+    return self._update_fns
+
+  @staticmethod
+  def _summarise(per_mini, rewards, response_mask) -> dict:
+    per_mini = [jax.tree.map(np.asarray, jax.device_get(m)) for m in per_mini]
+    out = {k: np.mean([m[k] for m in per_mini], axis=0) for k in per_mini[0]}
+    out = {k: (v.tolist() if np.ndim(v) else float(v)) for k, v in out.items()}
+    out["topk_agreement_per_ministep"] = [float(m["topk_agreement"]) for m in per_mini]
+    out.update(reward_mean=float(rewards.mean()),
+               response_len=float(np.asarray(response_mask).sum(1).mean()))
+    return out
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Drops RL metric rows after the checkpoint a resumed run restarts from."""
+  import json
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  keep = [r for r in rows if not (r.get("phase") == "rl" and r.get("step", 0) > last_step)]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
+  os.replace(tmp, path)
+
+
+def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callback | None = None,
+        on_progress: Callable[[int, int, float], None] | None = None) -> dict:
+  """Warm-up (or resume), then RL; returns a summary dict. Resumable from `workdir`."""
+  emit = on_metrics or (lambda m: None)
+  engine = Engine(config, mesh)
+  rl_ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))
+  sft_dir = config.init_from or os.path.join(workdir, "checkpoints", "sft")
+  sft_ckpt = Checkpointer(sft_dir, max_to_keep=1)
+  state, start = engine.state, 0
+  params_abstract = abstract_like(state.params, engine.shardings.params)
+  if rl_ckpt.latest_step() is not None:
+    start = rl_ckpt.latest_step()
+    state, _ = rl_ckpt.restore(start, abstract_like(state, engine.shardings))
+    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+    warm_reward = None
+  else:
+    if sft_ckpt.latest_step() is not None:
+      params, _ = sft_ckpt.restore(sft_ckpt.latest_step(), params_abstract)
+    else:
+      params = engine.warmup(emit)
+      sft_ckpt.save(config.sft.num_steps, params, {"task": config.task, "seed": config.seed})
+      sft_ckpt.wait()
+    state = state.replace(params=params)
+    warm_reward = engine.evaluate(state.params)
+    emit({"phase": "sft_eval", "step": 0, "eval_reward": warm_reward})
+  rl, t0, last = config.rl, time.perf_counter(), {}
+  for step in range(start + 1, rl.num_steps + 1):
+    state, last = engine.rl_step(state, step)
+    last.update(phase="rl", step=step)
+    if rl.eval_every and (step % rl.eval_every == 0 or step == rl.num_steps):
+      last["eval_reward"] = engine.evaluate(state.params)
+    last["elapsed_s"] = time.perf_counter() - t0
+    emit(last)
+    if on_progress:
+      on_progress(step, rl.num_steps, (time.perf_counter() - t0) / (step - start))
+    if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == rl.num_steps:
+      rl_ckpt.save(step, state, {"rl_step": step})
+  rl_ckpt.close()
+  sft_ckpt.close()
+  return {"state": state, "warmup_eval_reward": warm_reward, "final": last}
