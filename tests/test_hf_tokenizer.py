@@ -1,0 +1,116 @@
+"""HFTokenizer on a byte-level BPE trained here (Qwen-style special tokens), no downloads.
+
+Oracles: exact round trips, hand-written special-token files, and
+transformers' PreTrainedTokenizerFast reading the same tokenizer.json.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from pr2_jax.hf.tokenizer import HFTokenizer
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Reverse the digits 1 2 3 4 5 6 7 8.",
+         "Mixture-of-experts models route every token to a few experts.",
+         "Predictive routing replay keeps the same experts in training."] * 20
+
+
+def train_bpe() -> Tokenizer:
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(TEXTS, trainer)
+  return tok
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+  """tokenizer.json plus the three files special tokens come from, as in a Qwen3 checkpoint."""
+  path = tmp_path_factory.mktemp("tok")
+  tok = train_bpe()
+  tok.save(str(path / "tokenizer.json"))
+  end, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+  (path / "tokenizer_config.json").write_text(json.dumps({
+      "eos_token": "<|im_end|>", "bos_token": None, "chat_template": "{{ messages }}",
+      "pad_token": {"content": "<|endoftext|>", "special": True, "lstrip": False}}))
+  (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, end]}))
+  (path / "config.json").write_text(json.dumps({"eos_token_id": im_end, "bos_token_id": end}))
+  return path
+
+
+def test_special_tokens_from_all_three_files(checkpoint_dir):
+  """eos: tokenizer_config's first, then generation_config's extra stop id; pad by name; bos by id."""
+  tok = HFTokenizer.from_dir(str(checkpoint_dir))
+  end, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+  assert tok.eos_ids == (im_end, end) and tok.eos_id == im_end
+  assert tok.pad_id == end and tok.bos_id == end
+  assert tok.chat_template == "{{ messages }}"
+  assert tok.id_to_token(im_end) == "<|im_end|>"
+  assert 256 + len(SPECIALS) < tok.vocab_size <= 400  # bytes + specials + learned merges
+
+
+@pytest.mark.parametrize("text", [TEXTS[0], "unseen wordz, naïve café 🙂\n\ttabs", ""])
+def test_encode_decode_round_trip_and_matches_transformers(checkpoint_dir, text):
+  """Byte-level BPE round-trips any text; ids equal transformers' fast tokenizer's."""
+  import transformers
+  tok = HFTokenizer.from_dir(str(checkpoint_dir))
+  ids = tok.encode(text)
+  assert tok.decode(ids) == text
+  oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(checkpoint_dir / "tokenizer.json"))
+  assert ids == oracle(text)["input_ids"]
+  assert tok.encode_batch([text, TEXTS[1]]) == [ids, tok.encode(TEXTS[1])]
+  assert tok.decode_batch([ids]) == [text]
+
+
+def test_special_tokens_encode_as_one_id_and_are_skipped_on_decode(checkpoint_dir):
+  tok = HFTokenizer.from_dir(str(checkpoint_dir))
+  ids = tok.encode("<|im_start|>hi<|im_end|>")
+  assert ids[0] == tok.token_to_id("<|im_start|>") and ids[-1] == tok.eos_id
+  assert tok.decode(ids) == "hi"
+  assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>hi<|im_end|>"
+
+
+def test_add_special_tokens_applies_the_post_processor(tmp_path):
+  """A BOS template is applied only when asked, as transformers does."""
+  raw = train_bpe()
+  bos = raw.token_to_id("<|endoftext|>")
+  raw.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                     special_tokens=[("<|endoftext|>", bos)])
+  raw.save(str(tmp_path / "tokenizer.json"))
+  tok = HFTokenizer.from_dir(str(tmp_path))
+  assert tok.encode("fox")[0] == bos and tok.encode("fox", add_special_tokens=False)[0] != bos
+  assert tok.eos_ids == () and tok.pad_id is None and tok.bos_id is None
+
+
+def test_pad_right_and_left(checkpoint_dir):
+  """pad() gives int32 tokens filled with pad_id and a bool valid mask, either side."""
+  tok = HFTokenizer.from_dir(str(checkpoint_dir))
+  batch = [[5, 6, 7], [8]]
+  tokens, valid = tok.pad(batch, 4)
+  assert tokens.dtype == np.int32 and valid.dtype == bool
+  p = tok.pad_id
+  np.testing.assert_array_equal(tokens, [[5, 6, 7, p], [8, p, p, p]])
+  np.testing.assert_array_equal(valid, [[1, 1, 1, 0], [1, 0, 0, 0]])
+  tokens, valid = tok.pad(batch, left=True)
+  np.testing.assert_array_equal(tokens, [[5, 6, 7], [p, p, 8]])
+  np.testing.assert_array_equal(valid, [[1, 1, 1], [0, 0, 1]])
+  with pytest.raises(ValueError, match="longer than length=2"):
+    tok.pad(batch, 2)
+
+
+def test_bad_directories_raise_value_error(checkpoint_dir, tmp_path):
+  with pytest.raises(ValueError, match="no tokenizer.json"):
+    HFTokenizer.from_dir(str(tmp_path))
+  (tmp_path / "tokenizer.json").write_text((checkpoint_dir / "tokenizer.json").read_text())
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+  with pytest.raises(ValueError, match="eos_token='</s>' is not in the vocabulary"):
+    HFTokenizer.from_dir(str(tmp_path))
+  (tmp_path / "tokenizer_config.json").write_text("{}")
+  (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 10_000}))
+  with pytest.raises(ValueError, match=r"eos_ids \[10000\] outside the vocabulary"):
+    HFTokenizer.from_dir(str(tmp_path))
