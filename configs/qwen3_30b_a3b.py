@@ -1,13 +1,11 @@
 """Qwen3-30B-A3B at real scale: 30.5B parameters, 3.3B active per token.
 
-    python -m experiments.train --config=configs/qwen3_30b_a3b.py
-    # from a local Hugging Face checkpoint, 8 accelerators, experts split 8 ways:
-    python -m experiments.train --config=configs/qwen3_30b_a3b.py \
-        --config.checkpoint_dir=/path/to/Qwen3-30B-A3B --config.mesh_expert=8
+    python -m experiments.main --config=configs/qwen3_30b_a3b.py --config.mesh_expert=8
 
 The model fields equal `pr2_jax.hf.config_from_hf` of the released
-config.json (tests/test_qwen3_30b_config.py checks it), so a checkpoint
-loaded with `p2.load_hf_checkpoint` matches this config.
+config.json (tests/test_qwen3_30b_config.py checks it), so the weights of a
+local checkpoint, `p2.load_hf_checkpoint(path, mesh=mesh)`, fit this model
+(docs/checkpoints.md).
 """
 
 import ml_collections
@@ -17,7 +15,6 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mesh_data = 0      # 'data' axis size; 0 = all devices not used by the expert axis
   c.mesh_expert = 8    # 'expert' axis size; divides num_experts (16 experts per device at 8)
-  c.checkpoint_dir = ""  # local HF checkpoint directory (config.json + safetensors); "" = random init
 
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 151936        # Qwen3 tokenizer ids (about 151.7k used), padded for the LM head
