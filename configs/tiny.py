@@ -17,8 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh_expert = 1           # 'expert' axis size (expert parallelism); divides num_experts
   c.checkpoint_every = 10     # RL steps between checkpoints (resume from the newest)
   c.init_from = ""            # warm-up checkpoint dir to start from ('' = WORKDIR/checkpoints/sft)
-  c.task = "arithmetic"       # pr2_jax.rl.tasks registry: arithmetic | countdown
-  c.task_kwargs = ml_collections.ConfigDict({"num_digits": 2, "ops": "+"})  # task options
+  c.task = "countdown"        # pr2_jax.rl.tasks registry: arithmetic | countdown
+  c.task_kwargs = ml_collections.ConfigDict({"num_numbers": 3, "max_number": 9})  # task options
 
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 32           # character tokenizer (24 ids) rounded up
@@ -64,8 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   r.grad_clip = 1.0           # global-norm clip
   r.temperature = 1.0         # sampling temperature
   r.top_p = 1.0               # nucleus mass
-  r.max_new_tokens = 5        # response budget incl. EOS (answers <= 3 chars)
+  r.max_new_tokens = 6        # response budget incl. EOS (expressions <= 5 chars)
   r.rollout_dtype = "bfloat16"  # inference-engine dtype (the train/inference mismatch)
   r.eval_every = 10           # RL steps between held-out evaluations
-  r.eval_size = 128           # held-out problems per evaluation (greedy)
+  r.eval_size = 256           # held-out problems per evaluation
+  r.eval_temperature = 1.0    # evaluation sampling temperature (0 = greedy): the policy's expected reward
   return c

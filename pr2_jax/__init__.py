@@ -2,14 +2,22 @@
 
     import pr2_jax as p2
     model = p2.MoETransformer(p2.ModelConfig())
+    out = model.apply({"params": params}, tokens)          # out.logits, out.routes
+    out = model.apply({"params": params}, tokens, routes=out.routes)   # replay
 """
 
 from pr2_jax.config import ModelConfig
+from pr2_jax.hf import HFTokenizer, load_hf_checkpoint, save_hf_checkpoint
 from pr2_jax.models.experts import ExpertWeights
 from pr2_jax.models.routing import (LIVE, Routing, expert_load, gates_at, replay_gates, route,
                                     router_logits, switch_aux_loss, top_k_experts, validate_routes)
-from pr2_jax.models.transformer import ModelOutput, MoETransformer
+from pr2_jax.models.transformer import KVCache, ModelOutput, MoETransformer, init_cache
 from pr2_jax.parallel.expert_parallel import moe_experts
 from pr2_jax.parallel.mesh import LOGICAL_RULES, make_mesh
+from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
+from pr2_jax.rl.losses import (dapo_loss, grpo_advantages, gspo_loss, policy_loss, tis_weights,
+                               token_entropy, token_logprobs)
+from pr2_jax.rl.metrics import mismatch_metrics, routing_metrics
+from pr2_jax.rl.sampler import Rollout, SamplerConfig, generate
 
 __version__ = "0.1.0"

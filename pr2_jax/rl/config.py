@@ -36,7 +36,8 @@ class RLConfig:
   max_new_tokens: int = 8          # response budget including EOS
   rollout_dtype: str = "bfloat16"  # the inference engine's dtype
   eval_every: int = 10             # RL steps between held-out evaluations (0 = never)
-  eval_size: int = 128             # held-out problems per evaluation (greedy decoding)
+  eval_size: int = 128             # held-out problems per evaluation
+  eval_temperature: float = 1.0    # evaluation sampling temperature (0 = greedy)
 
   def __post_init__(self):
     for name in ("num_steps", "prompts_per_step", "group_size", "off_policy_k", "micro_steps",
@@ -60,9 +61,9 @@ class RLConfig:
         raise ValueError(f"RLConfig.{name} must be > 0, got {getattr(self, name)}")
     if self.clip_low >= 1:
       raise ValueError(f"RLConfig.clip_low={self.clip_low} must be < 1")
-    if self.tis_cap < 0 or self.temperature < 0 or self.eval_every < 0:
-      raise ValueError("RLConfig.tis_cap, temperature and eval_every must be >= 0, got "
-                       f"{self.tis_cap}, {self.temperature}, {self.eval_every}")
+    for name in ("tis_cap", "temperature", "eval_every", "eval_temperature"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"RLConfig.{name} must be >= 0, got {getattr(self, name)}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"RLConfig.top_p={self.top_p} must be in (0, 1]")
     if self.temperature == 0:

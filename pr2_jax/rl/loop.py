@@ -57,9 +57,10 @@ class Engine:
     rollout_model = MoETransformer(config.model.replace(dtype=rl.rollout_dtype), mesh)
     sampling = SamplerConfig(rl.max_new_tokens, rl.temperature, rl.top_p, self.tok.eos_id,
                              self.tok.pad_id)
-    greedy = SamplerConfig(rl.max_new_tokens, 0.0, 1.0, self.tok.eos_id, self.tok.pad_id)
+    evaluation = SamplerConfig(rl.max_new_tokens, rl.eval_temperature, rl.top_p, self.tok.eos_id,
+                               self.tok.pad_id)
     self.sample = jax.jit(functools.partial(generate, rollout_model, config=sampling))
-    self.greedy = jax.jit(functools.partial(generate, rollout_model, config=greedy))
+    self.eval_sample = jax.jit(functools.partial(generate, rollout_model, config=evaluation))
     self.tx = make_optimizer(rl.learning_rate, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
     self.key = jax.random.key(config.seed)
     self.state, self.shardings = create_train_state(self.model, self.tx, self.key, mesh)
@@ -94,10 +95,10 @@ class Engine:
     return np.array([self.task.reward(p, c) for p, c in zip(problems, completions)], np.float32)
 
   def evaluate(self, params) -> float:
-    """Mean held-out reward under greedy decoding."""
+    """Mean held-out reward at `eval_temperature` (a fixed sampling key: comparable across steps)."""
     prompts, valid = data.encode_prompts(self.tok, self.eval_problems, self.prompt_slots)
-    roll = self.greedy(params, *jax.device_put((prompts, valid), self.seq_sharding),
-                       jax.random.key(0))
+    roll = self.eval_sample(params, *jax.device_put((prompts, valid), self.seq_sharding),
+                            jax.random.fold_in(self.key, -1))
     return float(self.rewards(self.eval_problems, jax.device_get(roll.tokens)).mean())
 
   # -- one RL step ----------------------------------------------------------

@@ -1,0 +1,126 @@
+"""Tests for pr2_jax.rl.sampler: KV-cache decode vs full forward, routes, sampling rules."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr2_jax.config import ModelConfig
+from pr2_jax.models.transformer import MoETransformer
+from pr2_jax.rl import sampler
+
+CFG = ModelConfig(vocab_size=24, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                  expert_d_ff=32, num_experts=8, top_k=2)
+B, P, N = 4, 5, 6
+
+
+@functools.lru_cache(maxsize=None)
+def _setup():
+  prompts = np.asarray(jax.random.randint(jax.random.key(1), (B, P), 3, CFG.vocab_size))
+  valid = np.ones((B, P), bool)
+  valid[0, :2] = False  # left padding on row 0
+  prompts = np.where(valid, prompts, 0).astype(np.int32)
+  params = nn.unbox(MoETransformer(CFG).init(jax.random.key(0), prompts)["params"])
+  return params, prompts, valid
+
+
+def _generate(dtype, temperature=1.0, top_p=1.0, eos_id=5, seed=2):
+  params, prompts, valid = _setup()
+  model = MoETransformer(CFG.replace(dtype=dtype))
+  config = sampler.SamplerConfig(max_new_tokens=N, temperature=temperature, top_p=top_p,
+                                 eos_id=eos_id)
+  return jax.jit(sampler.generate, static_argnums=(0, 5))(
+      model, params, prompts, valid, jax.random.key(seed), config)
+
+
+def _full_forward(roll, routes=None):
+  params, _, _ = _setup()
+  out = MoETransformer(CFG).apply({"params": params}, roll.tokens, routes=routes,
+                                  positions=roll.positions, valid=roll.valid)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(out.logits[:, :-1]), roll.tokens[:, 1:, None], -1)
+  return logp[..., 0], out
+
+
+def test_kv_cache_logprobs_equal_full_forward_float32():
+  """µ recorded by the decode loop equals the full-sequence forward's log-probs (float32)."""
+  roll = _generate("float32")
+  logp, _ = _full_forward(roll)
+  mask = roll.response_mask[:, 1:]
+  assert float(mask.sum()) > 0
+  np.testing.assert_allclose(np.asarray(logp * mask), np.asarray(roll.logp[:, 1:] * mask),
+                             atol=2e-5)
+
+
+def test_float32_rollout_routes_match_live_training_routes():
+  """Same dtype: the training engine's live router picks the rollout's expert sets."""
+  roll = _generate("float32")
+  _, out = _full_forward(roll)
+  same = np.asarray(jnp.all(jnp.sort(out.routes, -1) == jnp.sort(roll.routes, -1), axis=(-1, -2)))
+  assert same[np.asarray(roll.valid)].all()
+
+
+def test_bfloat16_rollout_routes_replayed_in_float32():
+  """Replaying bf16 rollout routes in the fp32 pass uses exactly those expert sets."""
+  roll = _generate("bfloat16")
+  _, out = _full_forward(roll, routes=roll.routes)
+  np.testing.assert_array_equal(np.asarray(out.routes), np.asarray(roll.routes))
+  logp, _ = _full_forward(roll, routes=roll.routes)
+  mask = np.asarray(roll.response_mask[:, 1:]) > 0
+  gap = np.abs(np.asarray(logp) - np.asarray(roll.logp[:, 1:]))[mask]
+  assert gap.max() > 0, "bf16 engine should differ numerically from the fp32 one"
+
+
+def test_layout_and_eos_handling():
+  """Response after EOS is padding, masked out, with log-prob 0; prompts are kept."""
+  params, prompts, valid = _setup()
+  roll = _generate("float32", eos_id=5)
+  toks, mask = np.asarray(roll.tokens), np.asarray(roll.response_mask)
+  np.testing.assert_array_equal(toks[:, :P], prompts)
+  assert (mask[:, :P] == 0).all()
+  for row, m, lp in zip(toks[:, P:], mask[:, P:], np.asarray(roll.logp)[:, P:]):
+    eos = np.flatnonzero(row == 5)
+    end = eos[0] + 1 if eos.size else N
+    assert (m[:end] == 1).all() and (m[end:] == 0).all()
+    assert (row[end:] == 0).all() and (lp[end:] == 0).all()
+  # Positions continue after the last real prompt token (row 0 has 3 real ones).
+  np.testing.assert_array_equal(np.asarray(roll.positions)[0, P:P + 2], [3, 4])
+
+
+def test_greedy_is_argmax_and_deterministic():
+  a, b = _generate("float32", temperature=0.0, seed=1), _generate("float32", temperature=0.0, seed=9)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  logp, _ = _full_forward(a)
+  mask = np.asarray(a.response_mask[:, 1:]) > 0
+  params, _, _ = _setup()
+  out = MoETransformer(CFG).apply({"params": params}, a.tokens, positions=a.positions, valid=a.valid)
+  argmax = np.asarray(jnp.argmax(out.logits[:, :-1], -1))
+  np.testing.assert_array_equal(argmax[mask], np.asarray(a.tokens)[:, 1:][mask])
+
+
+def test_top_p_keeps_only_the_nucleus():
+  """With logits [3, 2, 1, -inf...], top_p=0.6 keeps only the first token."""
+  logits = jnp.array([[3.0, 2.0, 1.0, -1e9]] * 64)
+  probs = jax.nn.softmax(logits[0])
+  assert float(probs[0]) > 0.6
+  toks, logp = sampler.sample_token(jax.random.key(0), logits, 1.0, 0.6)
+  assert set(np.asarray(toks).tolist()) == {0}
+  np.testing.assert_allclose(np.asarray(logp), np.log(float(probs[0])), rtol=1e-5)
+  toks, _ = sampler.sample_token(jax.random.key(0), logits, 1.0, 0.9)
+  assert set(np.asarray(toks).tolist()) == {0, 1}
+
+
+def test_temperature_scales_logprobs():
+  logits = jnp.array([[1.0, 0.0]])
+  np.testing.assert_allclose(np.asarray(sampler.tempered_logprobs(logits, 0.5)),
+                             np.asarray(jax.nn.log_softmax(logits * 2)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")])
+def test_config_validation(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    sampler.SamplerConfig(**kwargs)
