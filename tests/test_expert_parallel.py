@@ -1,0 +1,192 @@
+"""moe_experts under shard_map equals the single-device result; replicas change nothing; drops counted."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr2_jax import moe_experts
+from pr2_jax.models import experts as ex
+from pr2_jax.parallel.mesh import make_mesh
+
+N, D, F, E, K = 32, 16, 16, 8, 2
+IMPLS = ("capacity", "dense", "ragged")
+MESHES = ((2, 4), (1, 8))
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh(data, expert):
+  return make_mesh(data, expert)
+
+
+def _problem(seed=0, skew=False):
+  rng = np.random.default_rng(seed)
+  if skew:  # expert 0 is hot: every token's first choice
+    ids = np.stack([[0, rng.integers(1, E)] for _ in range(N)])
+  else:
+    ids = np.stack([rng.permutation(E)[:K] for _ in range(N)])
+  x = rng.normal(size=(N, D)).astype(np.float32)
+  gates = rng.uniform(0.1, 1.0, size=(N, K)).astype(np.float32)
+  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+  w = ex.ExpertWeights(jax.random.normal(ks[0], (E, D, F)) * 0.3,
+                       jax.random.normal(ks[1], (E, D, F)) * 0.3,
+                       jax.random.normal(ks[2], (E, F, D)) * 0.3)
+  return jnp.asarray(x), jnp.asarray(ids, jnp.int32), jnp.asarray(gates), w
+
+
+def _value_and_grads(x, ids, gates, w, **kw):
+  """One jit: forward output, dropped count and grads of <y, cot> w.r.t. (x, gates, weights)."""
+  cot = jax.random.normal(jax.random.PRNGKey(42), (N, D))
+
+  @jax.jit
+  def run(x, gates, w):
+    def loss(x, gates, w):
+      y, dropped = moe_experts(x, ids, gates, w, **kw)
+      return jnp.sum(y * cot), (y, dropped)
+    (_, (y, dropped)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, gates, w)
+    return y, dropped, grads
+
+  return run(x, gates, w)
+
+
+def _assert_close(a, b, what, rtol=1e-5, atol=1e-5):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(u, v, rtol=rtol, atol=atol, err_msg=what)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(impl):
+  x, ids, gates, w = _problem()
+  return _value_and_grads(x, ids, gates, w, impl=impl, mesh=None)
+
+
+def test_single_device_paths_agree():
+  """Without a mesh the three impls agree in output and gradients; nothing dropped."""
+  y_ref, dropped, g_ref = _reference("dense")
+  assert int(dropped) == 0
+  assert float(jnp.max(jnp.abs(y_ref))) > 0
+  for impl in ("capacity", "ragged"):
+    y, dropped, g = _reference(impl)
+    assert int(dropped) == 0
+    _assert_close(y, y_ref, impl, rtol=1e-4)
+    _assert_close(g, g_ref, impl, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sharded_equals_single_device(impl, shape):
+  """On meshes (2,4) and (1,8) output and grads (x, gates, weights) equal the mesh=None result."""
+  x, ids, gates, w = _problem()
+  y, dropped, g = _value_and_grads(x, ids, gates, w, impl=impl, mesh=_mesh(*shape))
+  y_ref, _, g_ref = _reference(impl)
+  assert int(dropped) == 0
+  _assert_close(y, y_ref, f"{impl} {shape} forward")
+  _assert_close(g, g_ref, f"{impl} {shape} grads")
+
+
+def _replica_map(shape):
+  """Per device its E/P native experts plus one extra slot holding a copy of a hot expert."""
+  p = shape[1]
+  native = E // p
+  hot = [0, 0, 1, 3, 0, 2, 1, 0][:p]
+  return np.concatenate([np.r_[np.arange(d * native, (d + 1) * native), hot[d]] for d in range(p)]
+                        ).astype(np.int32)
+
+
+def _spread_over_replicas(ids, slot_expert, seed=0):
+  """A planner-like choice: each assignment goes to a random slot holding its expert."""
+  rng = np.random.default_rng(seed)
+  ids = np.asarray(ids)
+  out = np.empty_like(ids)
+  for idx, e in np.ndenumerate(ids):
+    out[idx] = rng.choice(np.flatnonzero(slot_expert == e))
+  return out.astype(np.int32)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_replica_slots_change_nothing(impl, shape):
+  """With extra replica slots used by real tokens, output and all grads equal no-replication;
+  the expert-weight gradient is the owner's (replica grads sum back into it)."""
+  x, ids, gates, w = _problem(skew=True)
+  slot_expert = _replica_map(shape)
+  slot_ids = _spread_over_replicas(ids, slot_expert)
+  hot_slots = [s for s in range(len(slot_expert)) if (slot_expert[:s] == slot_expert[s]).any()]
+  assert np.isin(slot_ids, hot_slots).any()  # replicas really receive tokens
+  mesh = _mesh(*shape)
+  y_ref, _, g_ref = _value_and_grads(x, ids, gates, w, impl=impl, mesh=mesh)
+  y, dropped, g = _value_and_grads(x, ids, gates, w, impl=impl, mesh=mesh,
+                                   slot_expert_X=jnp.asarray(slot_expert), slot_ids_NK=jnp.asarray(slot_ids))
+  assert int(dropped) == 0
+  assert g[2].gate_SDF.shape == (E, D, F)
+  _assert_close(y, y_ref, f"{impl} {shape} replicas forward")
+  _assert_close(g, g_ref, f"{impl} {shape} replicas grads")
+
+
+def test_replica_map_default_slot_choice_and_no_mesh():
+  """Without slot_ids the first slot holding each expert is used; mesh=None accepts a slot map."""
+  x, ids, gates, w = _problem(seed=1, skew=True)
+  slot_expert = jnp.asarray(_replica_map((2, 4)))
+  y_ref, _, g_ref = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=None)
+  for mesh in (None, _mesh(2, 4)):
+    y, _, g = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=mesh, slot_expert_X=slot_expert)
+    _assert_close(y, y_ref, f"default slots, mesh={mesh}")
+    _assert_close(g, g_ref, f"default slots, mesh={mesh}")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 4), (1, 8)])
+def test_dropped_count_and_output_with_small_capacity(shape):
+  """Capacity 2 per (source shard, slot): dropped = numpy count per token shard, and the output
+  equals the dense path with the dropped gates zeroed."""
+  x, ids, gates, w = _problem(seed=2, skew=True)
+  mesh = None if shape == (1, 1) else _mesh(*shape)
+  shards = shape[0] * shape[1]
+  capacity = 2
+  y, dropped, _ = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=mesh, capacity=capacity)
+  # numpy oracle: per token shard, k-major arrival, at most `capacity` per slot.
+  ids_np, keep = np.asarray(ids), np.zeros((N, K), bool)
+  n = N // shards
+  for s in range(shards):
+    count = np.zeros(E, int)
+    for k in range(K):
+      for t in range(s * n, (s + 1) * n):
+        keep[t, k] = count[ids_np[t, k]] < capacity
+        count[ids_np[t, k]] += 1
+  assert int(dropped) == int((~keep).sum()) > 0
+  ref = ex.dense_experts(x, ids, jnp.where(keep, gates, 0.0), w)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_capacity_factor_sets_capacity():
+  """capacity_factor=1 on one shard: even share 32*2/8 = 8 per slot; the hot expert drops 24."""
+  x, ids, gates, w = _problem(seed=3, skew=True)  # expert 0 gets all 32 first choices
+  _, dropped, _ = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=None, capacity_factor=1.0)
+  counts = np.bincount(np.asarray(ids).reshape(-1), minlength=E)
+  assert int(dropped) == int(np.maximum(counts - 8, 0).sum())
+  assert int(dropped) >= 24
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  """dtype=bfloat16 runs sharded and stays near the float32 result; output is float32."""
+  x, ids, gates, w = _problem()
+  y32, _, _ = _reference("capacity")
+  y16, _ = jax.jit(functools.partial(moe_experts, impl="capacity", mesh=_mesh(2, 4), dtype=jnp.bfloat16))(
+      x, ids, gates, w)
+  assert y16.dtype == jnp.float32
+  np.testing.assert_allclose(y16, y32, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(y32))))
+
+
+def test_errors():
+  """Indivisible tokens, experts or slots, and capacity < 1, raise with a clear message."""
+  x, ids, gates, w = _problem()
+  with pytest.raises(ValueError, match=r"30 tokens cannot be split over 8 token shards"):
+    moe_experts(x[:30], ids[:30], gates[:30], w, mesh=_mesh(2, 4))
+  w6 = ex.ExpertWeights(*(a[:6] for a in w))
+  with pytest.raises(ValueError, match=r"num_experts=6 must be divisible by the 'expert' axis size 4"):
+    moe_experts(x, ids % 6, gates, w6, mesh=_mesh(2, 4))
+  with pytest.raises(ValueError, match=r"slot_expert has 10 slots, not a multiple of the 'expert' axis size 8"):
+    moe_experts(x, ids, gates, w, mesh=_mesh(1, 8), slot_expert_X=jnp.arange(10, dtype=jnp.int32) % E)
+  with pytest.raises(ValueError, match=r"capacity=0 must be >= 1"):
+    moe_experts(x, ids, gates, w, mesh=None, capacity=0)

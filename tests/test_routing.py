@@ -1,0 +1,170 @@
+"""Routing as pure functions: softmax/top-k/gates by hand, replay, -1 rows, load, aux loss, validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr2_jax.models import routing
+
+# Logits whose softmax is exactly the probabilities we wrote down (log-probs).
+PROBS = np.array([[0.1, 0.2, 0.3, 0.4],
+                  [0.5, 0.1, 0.15, 0.25],
+                  [0.25, 0.25, 0.25, 0.25]], np.float32)
+LOGITS = np.log(PROBS)
+
+
+def test_router_logits_is_float32_matmul():
+  """p = x W_r computed in float32 even from bfloat16 activations."""
+  x = np.array([[1.0, 2.0], [-1.0, 0.5]], np.float32)
+  w = np.array([[1.0, 0.0, -1.0], [0.5, 2.0, 1.0]], np.float32)
+  out = routing.router_logits(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w))
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, [[2.0, 4.0, 1.0], [-0.75, 1.0, 1.5]], rtol=1e-6)
+
+
+def test_top_k_hand_worked_with_ties_to_lower_index():
+  """Top-2 ids by hand: [3,2], [0,3]; a full tie picks the lower indices [0,1]."""
+  ids = routing.top_k_experts(jnp.asarray(PROBS), 2)
+  assert ids.dtype == jnp.int32
+  np.testing.assert_array_equal(ids, [[3, 2], [0, 3], [0, 1]])
+
+
+@pytest.mark.parametrize("norm, expected", [
+    (False, [[0.4, 0.3], [0.5, 0.25], [0.25, 0.25]]),
+    (True, [[4 / 7, 3 / 7], [2 / 3, 1 / 3], [0.5, 0.5]]),
+])
+def test_route_live_hand_worked(norm, expected):
+  """Live routing: softmax of log-probs gives the probs back; gates are ρ or ρ renormalised."""
+  r = routing.route(jnp.asarray(LOGITS), 2, norm)
+  np.testing.assert_allclose(r.probs, PROBS, rtol=1e-6)
+  np.testing.assert_array_equal(r.expert_ids, [[3, 2], [0, 3], [0, 1]])
+  np.testing.assert_allclose(r.gates, expected, rtol=1e-6)
+
+
+def test_route_matches_numpy_oracle_on_random_logits():
+  """Probabilities, ids and gates equal a numpy softmax/argsort/gather oracle."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 7, 8)).astype(np.float32) * 3
+  r = routing.route(jnp.asarray(logits), 3, True)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  ids = np.argsort(-probs, axis=-1, kind="stable")[..., :3]
+  gates = np.take_along_axis(probs, ids, -1)
+  np.testing.assert_allclose(r.probs, probs, rtol=1e-5)
+  np.testing.assert_array_equal(r.expert_ids, ids)
+  np.testing.assert_allclose(r.gates, gates / gates.sum(-1, keepdims=True), rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm, expected", [
+    (False, [[0.1, 0.2], [0.1, 0.15], [0.25, 0.25]]),
+    (True, [[1 / 3, 2 / 3], [0.4, 0.6], [0.5, 0.5]]),
+])
+def test_replay_gathers_gates_from_full_softmax(norm, expected):
+  """Replayed experts outside the live top-k get their true probability, not zero."""
+  routes = jnp.array([[0, 1], [1, 2], [3, 2]], jnp.int32)  # none equal to the live top-2 sets
+  r = routing.route(jnp.asarray(LOGITS), 2, norm, routes)
+  np.testing.assert_array_equal(r.expert_ids, routes)
+  np.testing.assert_allclose(r.gates, expected, rtol=1e-6)
+  np.testing.assert_allclose(routing.replay_gates(jnp.asarray(LOGITS), routes, norm), expected, rtol=1e-6)
+
+
+def test_replay_gives_router_gradient_through_replayed_experts():
+  """d(gate of a replayed, non-top-k expert)/d(its logit) = ρ(1-ρ) (no norm), not 0."""
+  routes = jnp.array([[0, 1]], jnp.int32)  # live top-2 would be [3, 2]
+  logits = jnp.asarray(LOGITS[:1])
+  grad = jax.grad(lambda l: routing.route(l, 2, False, routes).gates[0, 0])(logits)
+  # softmax Jacobian row for expert 0: ρ0(δ0j - ρj)
+  expected = 0.1 * (np.eye(4)[0] - PROBS[0])
+  np.testing.assert_allclose(grad[0], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_minus_one_rows_are_the_live_router():
+  """Rows of -1 take exactly the live ids and gates; replayed rows keep their ids."""
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(2, 6, 8)).astype(np.float32))
+  live = routing.route(logits, 2, True)
+  routes = np.full((2, 6, 2), -1, np.int32)
+  replayed = np.array([[5, 6], [7, 0], [1, 4]], np.int32)
+  routes[0, :3] = replayed
+  mixed = routing.route(logits, 2, True, jnp.asarray(routes))
+  all_live = routing.route(logits, 2, True, jnp.full((2, 6, 2), -1, jnp.int32))
+  np.testing.assert_array_equal(all_live.expert_ids, live.expert_ids)
+  np.testing.assert_array_equal(all_live.gates, live.gates)
+  np.testing.assert_array_equal(mixed.expert_ids[0, :3], replayed)
+  np.testing.assert_array_equal(mixed.expert_ids[0, 3:], live.expert_ids[0, 3:])
+  np.testing.assert_array_equal(mixed.expert_ids[1], live.expert_ids[1])
+  np.testing.assert_array_equal(mixed.gates[1], live.gates[1])
+  np.testing.assert_allclose(mixed.gates[0, :3],
+                             routing.replay_gates(logits[0, :3], jnp.asarray(replayed), True), rtol=1e-6)
+
+
+def test_route_jits_with_and_without_replay():
+  """route is jittable and jit gives the same result as eager."""
+  routes = jnp.array([[0, 1], [-1, -1], [3, 2]], jnp.int32)
+  eager = routing.route(jnp.asarray(LOGITS), 2, True, routes)
+  jitted = jax.jit(routing.route, static_argnums=(1, 2))(jnp.asarray(LOGITS), 2, True, routes)
+  np.testing.assert_array_equal(jitted.expert_ids, [[0, 1], [0, 3], [3, 2]])
+  np.testing.assert_allclose(jitted.gates, eager.gates, rtol=1e-6)
+
+
+def test_expert_load_counts_pairs_and_respects_mask():
+  """Load counts (token, k) pairs per expert; masked tokens (padding) are excluded."""
+  ids = jnp.array([[0, 1], [1, 2], [3, 0]], jnp.int32)
+  np.testing.assert_array_equal(routing.expert_load(ids, 5), [2, 2, 1, 1, 0])
+  np.testing.assert_array_equal(routing.expert_load(ids, 5, jnp.array([1, 0, 1])), [2, 1, 0, 1, 0])
+  np.testing.assert_array_equal(
+      routing.expert_load(ids.reshape(1, 3, 2), 5, jnp.array([[True, True, False]])), [1, 2, 1, 0, 0])
+
+
+def test_switch_aux_loss_uniform_is_one_and_collapsed_is_num_experts():
+  """E·Σ f_e P_e = 1 for perfectly even routing; E when everything goes to one expert."""
+  uniform = jnp.full((4, 4), 0.25)
+  np.testing.assert_allclose(routing.switch_aux_loss(uniform, jnp.array([[0, 1], [2, 3], [1, 0], [3, 2]])), 1.0,
+                             rtol=1e-6)
+  onehot = jnp.tile(jnp.array([[1.0, 0, 0, 0]]), (4, 1))
+  np.testing.assert_allclose(routing.switch_aux_loss(onehot, jnp.zeros((4, 1), jnp.int32)), 4.0, rtol=1e-6)
+  # Hand example: f = [3/4, 1/4, 0, 0], P = [0.5, 0.3, 0.1, 0.1] -> 4 * (0.375 + 0.075) = 1.8
+  probs = jnp.tile(jnp.array([[0.5, 0.3, 0.1, 0.1]]), (4, 1))
+  np.testing.assert_allclose(routing.switch_aux_loss(probs, jnp.array([[0], [0], [0], [1]])), 1.8, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- validate_routes
+
+SHAPE = dict(batch=2, length=3, num_layers=2, top_k=2, num_experts=4)
+
+
+def _good():
+  r = np.full((2, 3, 2, 2), -1, np.int32)
+  r[0, 0, 0] = [3, 1]
+  r[1, 2, 1] = [0, 2]
+  return r
+
+
+def test_validate_routes_accepts_valid_numpy_and_jax():
+  """All -1 rows, distinct in-range ids, numpy or jax int32: no error."""
+  routing.validate_routes(_good(), **SHAPE)
+  routing.validate_routes(jnp.asarray(_good()), **SHAPE)
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda r: r[:, :2], r"routes has shape \(2, 2, 2, 2\), expected \[B, T, L, K\] = \(2, 3, 2, 2\)"),
+    (lambda r: r[..., None], r"routes has shape .* expected"),
+    (lambda r: r.astype(np.int64), r"routes has dtype int64, expected int32"),
+    (lambda r: r.astype(np.float32), r"routes has dtype float32, expected int32"),
+    (lambda r: r.tolist(), r"routes has shape \(\)"),
+    (lambda r: _set(r, (0, 1, 0), [-2, -2]), r"value -2 < -1"),
+    (lambda r: _set(r, (0, 1, 0), [4, 0]), r"expert id 4 >= num_experts=4"),
+    (lambda r: _set(r, (1, 0, 1), [-1, 2]), r"row \(b, t, l\)=\(1, 0, 1\) mixes -1 and expert ids: \[-1, 2\]"),
+    (lambda r: _set(r, (0, 2, 1), [3, 3]), r"row \(b, t, l\)=\(0, 2, 1\) repeats an expert: \[3, 3\]"),
+])
+def test_validate_routes_rejects(make, pattern):
+  """Wrong shape, dtype, range, mixed rows and repeats each raise a ValueError naming the problem."""
+  with pytest.raises(ValueError, match=pattern):
+    routing.validate_routes(make(_good()), **SHAPE)
+
+
+def _set(r, idx, row):
+  r = r.copy()
+  r[idx] = row
+  return r
