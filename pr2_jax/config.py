@@ -48,6 +48,13 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+    for name in ("norm_topk_prob", "tie_embeddings"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    for name in ("rope_theta", "rms_norm_eps", "capacity_factor", "aux_loss_coef"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"ModelConfig.{name} must be a number, got {value!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"ModelConfig.num_heads={self.num_heads} must be divisible by "

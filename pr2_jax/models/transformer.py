@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
 from pr2_jax.models.moe import MoEBlock
-from pr2_jax.parallel.mesh import constrain, partitioned
+from pr2_jax.parallel.mesh import constrain, num_token_shards, partitioned
 
 
 @flax.struct.dataclass
@@ -97,6 +97,10 @@ class MoETransformer(nn.Module):
     """
     cfg = self.config
     b, t = tokens_BT.shape
+    shards = num_token_shards(self.mesh)
+    if b % shards:
+      raise ValueError(f"batch size {b} must be divisible by the {shards} token shards of the mesh "
+                       f"{dict(self.mesh.shape)} (the batch is split over data x expert)")
     embed = self.param("embed_tokens", partitioned(INIT, ("vocab", "embed")),
                        (cfg.vocab_size, cfg.d_model), jnp.float32)
     x_BTD = jnp.take(embed, tokens_BT, axis=0).astype(cfg.dtype)

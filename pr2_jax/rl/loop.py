@@ -98,7 +98,7 @@ class Engine:
     """Mean held-out reward at `eval_temperature` (a fixed sampling key: comparable across steps)."""
     prompts, valid = data.encode_prompts(self.tok, self.eval_problems, self.prompt_slots)
     roll = self.eval_sample(params, *jax.device_put((prompts, valid), self.seq_sharding),
-                            jax.random.fold_in(self.key, -1))
+                            jax.random.fold_in(self.key, 2**31 - 1))
     return float(self.rewards(self.eval_problems, jax.device_get(roll.tokens)).mean())
 
   # -- one RL step ----------------------------------------------------------

@@ -1,0 +1,37 @@
+"""Tests for pr2_jax.rl.data: the shared prompt | response layout and micro-batch splitting."""
+
+import numpy as np
+import pytest
+
+from pr2_jax.rl import data
+from pr2_jax.rl.char_tokenizer import CharTokenizer
+from pr2_jax.rl.tasks import Problem, make_task
+
+
+def test_sft_batch_layout():
+  tok = CharTokenizer()
+  problems = [Problem(prompt="1+2=", answer="3", solution="3", meta=()),
+              Problem(prompt="12+3=", answer="15", solution="15", meta=())]
+  b = data.sft_batch(tok, problems, 6, 3)
+  pad, bos, eos = tok.pad_id, tok.bos_id, tok.eos_id
+  np.testing.assert_array_equal(b["tokens"][0], [pad, bos] + tok.encode("1+2=") + tok.encode("3") + [eos, pad])
+  np.testing.assert_array_equal(b["tokens"][1], [bos] + tok.encode("12+3=") + tok.encode("15") + [eos])
+  np.testing.assert_array_equal(b["loss_mask"][0], [0, 0, 0, 0, 0, 0, 1, 1, 0])
+  np.testing.assert_array_equal(b["positions"][0], [0, 0, 1, 2, 3, 4, 5, 6, 6])
+  np.testing.assert_array_equal(b["valid"][0], [0, 1, 1, 1, 1, 1, 1, 1, 0])
+
+
+def test_split_and_merge_are_inverse():
+  x = np.arange(24).reshape(12, 2)
+  order = np.random.default_rng(0).permutation(12)
+  micro = data.split_micro({"x": x}, 3, order)["x"]
+  assert micro.shape == (3, 4, 2)
+  np.testing.assert_array_equal(micro[0, 0], x[order[0]])
+  np.testing.assert_array_equal(data.merge_micro(micro, order), x)
+
+
+def test_layout_needs_room_for_answers():
+  task = make_task("arithmetic", num_digits=2, ops="+")
+  assert data.layout(task, 4) == (1 + task.max_prompt_len, 4)
+  with pytest.raises(ValueError, match="max_new_tokens=3 cannot hold"):
+    data.layout(task, 3)
