@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0                  # init, data and sampling seed
   c.mesh_data = 0             # 'data' axis size; 0 = all devices not used by the expert axis
   c.mesh_expert = 1           # 'expert' axis size (expert parallelism); divides num_experts
-  c.checkpoint_every = 10     # RL steps between checkpoints (resume from the newest)
+  c.checkpoint_every = 25     # RL steps between checkpoints (resume from the newest)
   c.init_from = ""            # warm-up checkpoint dir to start from ('' = WORKDIR/checkpoints/sft)
   c.task = "countdown"        # pr2_jax.rl.tasks registry: arithmetic | countdown
   c.task_kwargs = ml_collections.ConfigDict({"num_numbers": 3, "max_number": 9})  # task options
@@ -44,11 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
   s = c.sft = ml_collections.ConfigDict()
   s.num_steps = 150           # warm-up steps on task solutions (partial competence)
   s.batch_size = 64           # sequences per warm-up step
-  s.learning_rate = 3e-3      # peak AdamW learning rate
+  s.learning_rate = 1e-2      # peak AdamW learning rate
   s.warmup_steps = 10         # linear warmup
 
   r = c.rl = ml_collections.ConfigDict()
-  r.num_steps = 40            # RL steps (rollout batches)
+  r.num_steps = 150           # RL steps (rollout batches)
   r.prompts_per_step = 16     # prompts per rollout batch
   r.group_size = 8            # samples per prompt (GRPO group)
   r.off_policy_k = 2          # κ: mini-batches (optimizer steps) per rollout batch
@@ -59,14 +59,14 @@ def get_config() -> ml_collections.ConfigDict:
   r.clip_high = 0.28          # ε_high
   r.ratio_denominator = "rollout"  # π_θ/µ (rollout) or π_θ/π_old (old)
   r.tis_cap = 0.0             # truncated IS cap with ratio_denominator='old' (0 = off)
-  r.learning_rate = 1e-3      # AdamW learning rate
+  r.learning_rate = 5e-4      # AdamW learning rate
   r.weight_decay = 0.0        # AdamW weight decay
   r.grad_clip = 1.0           # global-norm clip
   r.temperature = 1.0         # sampling temperature
   r.top_p = 1.0               # nucleus mass
   r.max_new_tokens = 6        # response budget incl. EOS (expressions <= 5 chars)
   r.rollout_dtype = "bfloat16"  # inference-engine dtype (the train/inference mismatch)
-  r.eval_every = 10           # RL steps between held-out evaluations
+  r.eval_every = 25           # RL steps between held-out evaluations
   r.eval_size = 256           # held-out problems per evaluation
   r.eval_temperature = 1.0    # evaluation sampling temperature (0 = greedy): the policy's expected reward
   return c
