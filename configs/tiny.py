@@ -48,8 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
   s.warmup_steps = 10         # linear warmup
 
   r = c.rl = ml_collections.ConfigDict()
-  r.num_steps = 150           # RL steps (rollout batches)
-  r.prompts_per_step = 16     # prompts per rollout batch
+  r.num_steps = 200           # RL steps (rollout batches)
+  r.prompts_per_step = 32     # prompts per rollout batch
   r.group_size = 8            # samples per prompt (GRPO group)
   r.off_policy_k = 2          # κ: mini-batches (optimizer steps) per rollout batch
   r.micro_steps = 2           # M: gradient-accumulation micro-steps per mini-batch
@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   r.clip_high = 0.28          # ε_high
   r.ratio_denominator = "rollout"  # π_θ/µ (rollout) or π_θ/π_old (old)
   r.tis_cap = 0.0             # truncated IS cap with ratio_denominator='old' (0 = off)
-  r.learning_rate = 5e-4      # AdamW learning rate
+  r.learning_rate = 1e-3      # AdamW learning rate
   r.weight_decay = 0.0        # AdamW weight decay
   r.grad_clip = 1.0           # global-norm clip
   r.temperature = 1.0         # sampling temperature

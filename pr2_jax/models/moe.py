@@ -23,6 +23,7 @@ from pr2_jax.models import routing
 from pr2_jax.models.layers import INIT
 from pr2_jax.parallel.expert_parallel import moe_experts
 from pr2_jax.parallel.mesh import constrain, partitioned
+from pr2_jax.pr2.predictor import predictor_bias
 
 
 class MoEAux(NamedTuple):
@@ -37,7 +38,8 @@ class MoEBlock(nn.Module):
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(self, x_BTD, routes_BTK=None, slot_expert_X=None, capacity=None):
+  def __call__(self, x_BTD, routes_BTK=None, slot_expert_X=None, capacity=None, predictor_DE=None,
+               predicted_gates=True):
     cfg = self.config
     b, t, d = x_BTD.shape
     e, f = cfg.num_experts, cfg.expert_d_ff
@@ -49,7 +51,8 @@ class MoEBlock(nn.Module):
     x_ND = constrain(x_BTD.reshape(b * t, d), self.mesh, ("batch", "embed"))
     logits_NE = routing.router_logits(x_ND, w_router)
     routes_NK = None if routes_BTK is None else routes_BTK.reshape(b * t, cfg.top_k)
-    r = routing.route(logits_NE, cfg.top_k, cfg.norm_topk_prob, routes_NK)
+    bias_NE = None if predictor_DE is None else predictor_bias(x_ND, predictor_DE)
+    r = routing.route(logits_NE, cfg.top_k, cfg.norm_topk_prob, routes_NK, bias_NE, predicted_gates)
     y_ND, dropped = moe_experts(
         x_ND, r.expert_ids, r.gates, weights, impl=cfg.expert_impl, mesh=self.mesh,
         capacity_factor=cfg.capacity_factor, capacity=capacity, slot_expert_X=slot_expert_X,

@@ -50,26 +50,36 @@ def gates_at(probs_NE: jax.Array, expert_ids_NK: jax.Array, norm_topk_prob: bool
 
 
 def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
-          routes_NK: jax.Array | None = None) -> Routing:
-  """Top-k routing with optional replay.
+          routes_NK: jax.Array | None = None, bias_NE: jax.Array | None = None,
+          predicted_gates: bool = True) -> Routing:
+  """Top-k routing with optional replay and PR2 prediction.
 
   Args:
-    logits_NE: float router logits.
+    logits_NE: float router logits p.
     k: experts per token.
     norm_topk_prob: renormalise gates over the chosen set.
     routes_NK: optional int32 replayed expert ids; rows of -1 use the live top-k.
+    bias_NE: optional PR2 predictor bias b = h W_p: the live choice becomes
+      TopK(softmax(p + b)) (the predicted route).
+    predicted_gates: with a bias, gate by the predictive distribution q̂ (the
+      paper's rollout choice) rather than the router's ρ.
 
   Returns:
-    Routing(expert_ids, gates, probs) with the experts actually used.
+    Routing(expert_ids, gates, probs) with the experts actually used; `probs`
+    is always the router's own ρ = softmax(p).
   """
   probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
-  live_NK = top_k_experts(probs_NE, k)
+  choose_NE = probs_NE
+  if bias_NE is not None:
+    choose_NE = jax.nn.softmax(logits_NE.astype(jnp.float32) + bias_NE, axis=-1)
+  live_NK = top_k_experts(choose_NE, k)
   if routes_NK is None:
     ids_NK = live_NK
   else:
     replay_N1 = routes_NK[..., :1] >= 0
     ids_NK = jnp.where(replay_N1, routes_NK.astype(jnp.int32), live_NK)
-  return Routing(ids_NK, gates_at(probs_NE, ids_NK, norm_topk_prob), probs_NE)
+  gate_NE = choose_NE if (bias_NE is not None and predicted_gates) else probs_NE
+  return Routing(ids_NK, gates_at(gate_NE, ids_NK, norm_topk_prob), probs_NE)
 
 
 def replay_gates(logits_NE: jax.Array, routes_NK: jax.Array, norm_topk_prob: bool) -> jax.Array:

@@ -59,7 +59,8 @@ class DecoderLayer(nn.Module):
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, routes_BTK, slot_expert_X, capacity, kv):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, routes_BTK, slot_expert_X, capacity, kv,
+               predictor_DE=None, predicted_gates=True):
     cfg = self.config
     h_BTD = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x_BTD)
     a_BTD, kv = Attention(cfg, self.mesh, name="self_attn")(h_BTD, positions_BT, mask_BTS, kv)
@@ -67,7 +68,8 @@ class DecoderLayer(nn.Module):
     h_BTD = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x_BTD)
     if not self.is_moe:
       return x_BTD + MLP(cfg, name="mlp")(h_BTD), None, None, kv
-    y_BTD, aux = MoEBlock(cfg, self.mesh, name="mlp")(h_BTD, routes_BTK, slot_expert_X, capacity)
+    y_BTD, aux = MoEBlock(cfg, self.mesh, name="mlp")(h_BTD, routes_BTK, slot_expert_X, capacity,
+                                                      predictor_DE, predicted_gates)
     return x_BTD + y_BTD, aux, h_BTD, kv
 
 
@@ -79,7 +81,8 @@ class MoETransformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT, routes=None, *, positions=None, valid=None,
                return_router_logits=False, return_router_inputs=False,
-               slot_expert=None, capacity=None, cache: KVCache | None = None) -> ModelOutput:
+               slot_expert=None, capacity=None, cache: KVCache | None = None,
+               predictor=None, predicted_gates: bool = True) -> ModelOutput:
     """Forward pass.
 
     Args:
@@ -94,6 +97,9 @@ class MoETransformer(nn.Module):
       cache: optional KVCache; the T tokens are written at `cache.index` and
         attend to everything before them (prefill and decode). `positions`
         must then be given; the output carries the updated cache.
+      predictor: optional PR2 weights [L, D, E]: live routes become the
+        predicted ones, TopK(softmax(p + h W_p)); replayed rows are unaffected.
+      predicted_gates: with `predictor`, gate by q̂ (True) or by ρ (False).
     """
     cfg = self.config
     b, t = tokens_BT.shape
@@ -119,9 +125,11 @@ class MoETransformer(nn.Module):
       is_moe = i in cfg.moe_layers
       layer_routes = routes[:, :, moe_idx] if (routes is not None and is_moe) else None
       layer_slots = slot_expert[moe_idx] if (slot_expert is not None and is_moe) else None
+      layer_pred = predictor[moe_idx] if (predictor is not None and is_moe) else None
       kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
       x_BTD, aux, h_BTD, kv = DecoderLayer(cfg, is_moe, self.mesh, name=f"layers_{i}")(
-          x_BTD, positions, mask_BTS, layer_routes, layer_slots, capacity, kv)
+          x_BTD, positions, mask_BTS, layer_routes, layer_slots, capacity, kv, layer_pred,
+          predicted_gates)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])

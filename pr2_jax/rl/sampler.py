@@ -32,6 +32,8 @@ class SamplerConfig:
   top_p: float = 1.0          # nucleus mass kept when sampling
   eos_id: int = 2             # stops a sequence (and is part of its response)
   pad_id: int = 0             # written after EOS
+  predicted_gates: bool = True  # PR2: gate by the predictive q̂ (paper) or by the router's ρ
+  feature_dtype: str = "bfloat16"  # dtype of the cached PR2 router features
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -50,6 +52,9 @@ class Rollout:
   response_mask: jax.Array  # float32 [B, S], 1 on response tokens incl. EOS
   logp: jax.Array           # float32 [B, S], behaviour log-prob µ of each response token
   routes: jax.Array         # int32 [B, S, L, K], routes the engine used per token
+  feature_slots: jax.Array | None = None  # int32 [B, F], slots whose router features are cached
+  feature_h: jax.Array | None = None      # [B, F, L, D] router inputs h_old there
+  feature_p: jax.Array | None = None      # [B, F, L, E] router logits p_old there
 
 
 def tempered_logprobs(logits_BV: jax.Array, temperature: float) -> jax.Array:
@@ -81,36 +86,62 @@ def prompt_positions(valid_BP: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(valid_BP.astype(jnp.int32), axis=1) - 1, 0)
 
 
+def _gather_slots(x_BPL_: jax.Array, slots_BF: jax.Array) -> jax.Array:
+  """Rows of x at prompt slots (zeros for slots beyond the prompt)."""
+  p = x_BPL_.shape[1]
+  idx_BF = jnp.clip(slots_BF, 0, p - 1)
+  rows = jnp.take_along_axis(x_BPL_, idx_BF.reshape(idx_BF.shape + (1,) * (x_BPL_.ndim - 2)), axis=1)
+  return jnp.where((slots_BF < p).reshape(slots_BF.shape + (1,) * (x_BPL_.ndim - 2)), rows, 0)
+
+
 def generate(model: MoETransformer, params, prompts_BP: jax.Array, prompt_valid_BP: jax.Array,
-             rng: jax.Array, config: SamplerConfig) -> Rollout:
+             rng: jax.Array, config: SamplerConfig, predictor=None,
+             feature_slots_BF: jax.Array | None = None) -> Rollout:
   """Samples N tokens after each left-padded prompt. Jit it with `model`/`config` static.
 
   `params` are the float32 training parameters; they are cast to the model's
-  compute dtype here, the weight sync into the inference engine.
+  compute dtype here, the weight sync into the inference engine. With a PR2
+  `predictor [L, D, E]` every token is routed by the predicted distribution.
+  With `feature_slots_BF`, the router inputs and logits at those slots are
+  cached (PR2's predictor is trained on them).
   """
   b, p = prompts_BP.shape
   n = config.max_new_tokens
   dtype = jnp.dtype(model.config.dtype)
+  fdtype = jnp.dtype(config.feature_dtype)
+  record = feature_slots_BF is not None
   engine_params = jax.tree.map(lambda w: w.astype(dtype), params)
   apply = lambda tok, pos, valid, cache: model.apply(
-      {"params": engine_params}, tok, positions=pos, valid=valid, cache=cache)
+      {"params": engine_params}, tok, positions=pos, valid=valid, cache=cache, predictor=predictor,
+      predicted_gates=config.predicted_gates, return_router_logits=record,
+      return_router_inputs=record)
 
   pos_BP = prompt_positions(prompt_valid_BP)
   first = apply(prompts_BP, pos_BP, prompt_valid_BP, init_cache(model.config, b, p + n, dtype))
+  feats = None
+  if record:
+    feats = (_gather_slots(first.router_inputs, feature_slots_BF).astype(fdtype),
+             _gather_slots(first.router_logits, feature_slots_BF).astype(fdtype))
 
-  def decode(carry, rng_t):
-    cache, logits_BV, pos_B, done_B = carry
+  def decode(carry, xs):
+    cache, logits_BV, pos_B, done_B, feats = carry
+    rng_t, slot = xs
     token_B, logp_B = sample_token(rng_t, logits_BV, config.temperature, config.top_p)
     token_B = jnp.where(done_B, config.pad_id, token_B)
     live_B = ~done_B
     out = apply(token_B[:, None], pos_B[:, None], live_B[:, None], cache)
+    if record:
+      hit_BF11 = (feature_slots_BF == slot)[:, :, None, None]
+      feats = (jnp.where(hit_BF11, out.router_inputs[:, :1].astype(fdtype), feats[0]),
+               jnp.where(hit_BF11, out.router_logits[:, :1].astype(fdtype), feats[1]))
     step = (token_B, jnp.where(live_B, logp_B, 0.0), live_B, pos_B, out.routes[:, 0])
     done_B = done_B | (token_B == config.eos_id)
-    return (out.cache, out.logits[:, 0], pos_B + live_B, done_B), step
+    return (out.cache, out.logits[:, 0], pos_B + live_B, done_B, feats), step
 
-  carry = (first.cache, first.logits[:, -1], pos_BP[:, -1] + 1, jnp.zeros((b,), bool))
-  _, (tok_NB, logp_NB, live_NB, pos_NB, routes_NBLK) = jax.lax.scan(
-      decode, carry, jax.random.split(rng, n))
+  carry = (first.cache, first.logits[:, -1], pos_BP[:, -1] + 1, jnp.zeros((b,), bool), feats)
+  xs = (jax.random.split(rng, n), p + jnp.arange(n))
+  (_, _, _, _, feats), (tok_NB, logp_NB, live_NB, pos_NB, routes_NBLK) = jax.lax.scan(
+      decode, carry, xs)
   live_BN = live_NB.T
   return Rollout(
       tokens=jnp.concatenate([prompts_BP, tok_NB.T], axis=1),
@@ -118,4 +149,7 @@ def generate(model: MoETransformer, params, prompts_BP: jax.Array, prompt_valid_
       positions=jnp.concatenate([pos_BP, pos_NB.T], axis=1),
       response_mask=jnp.concatenate([jnp.zeros((b, p)), live_BN], axis=1).astype(jnp.float32),
       logp=jnp.concatenate([jnp.zeros((b, p)), logp_NB.T], axis=1).astype(jnp.float32),
-      routes=jnp.concatenate([first.routes, jnp.swapaxes(routes_NBLK, 0, 1)], axis=1))
+      routes=jnp.concatenate([first.routes, jnp.swapaxes(routes_NBLK, 0, 1)], axis=1),
+      feature_slots=feature_slots_BF,
+      feature_h=None if feats is None else feats[0],
+      feature_p=None if feats is None else feats[1])

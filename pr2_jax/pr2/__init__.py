@@ -1,0 +1,1 @@
+"""Predictive Routing Replay: the route evolution predictor, its losses and feature cache."""

@@ -1,0 +1,94 @@
+"""PR2's route evolution predictor as pure functions on arrays.
+
+Dimension legend:
+  N tokens (or cached feature positions), D d_model, E experts, K top-k,
+  L MoE layers.
+
+Per MoE layer a weight `W_p [D, E]` (no bias, zero-initialised) forecasts
+where the router is heading: bias `b = h W_p`, predictive distribution
+`q̂ = softmax(p + b)`, predicted route `TopK(q̂, K)`. With `W_p = 0` the
+prediction is the live route, so PR2 starts exactly as R3.
+
+Training fits `W_p` on cached rollout features `(h_old, p_old)` against the
+current training router `ρ_θ` on the same tokens. Every loss here takes the
+router logits as data (stop-gradient), so only `W_p` can receive gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PREDICTOR_LOSSES = ("post", "delta", "l2")
+
+
+def init_predictor(num_layers: int, d_model: int, num_experts: int) -> jax.Array:
+  """Zero `W_p` for every MoE layer, float32 [L, D, E]."""
+  return jnp.zeros((num_layers, d_model, num_experts), jnp.float32)
+
+
+def predictor_bias(h_ND: jax.Array, w_DE: jax.Array) -> jax.Array:
+  """b = h W_p in float32 (added to float32 router logits)."""
+  return jnp.einsum("...d,de->...e", h_ND.astype(jnp.float32), w_DE.astype(jnp.float32))
+
+
+def _kl(target_logits, model_logits, weight_N):
+  """Σ_n w_n KL(softmax(target) ‖ softmax(model)) / Σ_n w_n."""
+  log_p = jax.nn.log_softmax(target_logits, axis=-1)
+  log_q = jax.nn.log_softmax(model_logits, axis=-1)
+  kl_N = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  return jnp.sum(kl_N * weight_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
+
+
+def predictor_loss(kind: str, w_DE: jax.Array, h_old_ND: jax.Array, p_old_NE: jax.Array,
+                   p_cur_NE: jax.Array, weight_N: jax.Array) -> jax.Array:
+  """One layer's predictor loss over weighted feature positions (weight 0 = padding).
+
+  'post' (default): KL(sg(ρ_cur) ‖ softmax(p_old + h_old W_p)), i.e. the
+    predicted distribution should be the router's distribution now.
+  'delta': KL(softmax(sg(p_cur − p_old)) ‖ softmax(b)), the bias alone
+    should predict the logit change.
+  'l2': mean ‖b − sg(p_cur − p_old)‖², squared error on the logit change.
+  """
+  p_old = jax.lax.stop_gradient(p_old_NE.astype(jnp.float32))
+  p_cur = jax.lax.stop_gradient(p_cur_NE.astype(jnp.float32))
+  b_NE = predictor_bias(jax.lax.stop_gradient(h_old_ND), w_DE)
+  weight_N = weight_N.astype(jnp.float32)
+  if kind == "post":
+    return _kl(p_cur, p_old + b_NE, weight_N)
+  if kind == "delta":
+    return _kl(p_cur - p_old, b_NE, weight_N)
+  if kind == "l2":
+    err_N = jnp.mean(jnp.square(b_NE - (p_cur - p_old)), axis=-1)
+    return jnp.sum(err_N * weight_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
+  raise ValueError(f"unknown predictor loss {kind!r}; allowed: {PREDICTOR_LOSSES}")
+
+
+def predictor_losses(kind: str, w_LDE: jax.Array, h_old_NLD: jax.Array, p_old_NLE: jax.Array,
+                     p_cur_NLE: jax.Array, weight_N: jax.Array) -> jax.Array:
+  """Per-layer losses [L]; the objective is their sum (DESIGN §3: Σ_l)."""
+  layer = lambda w, h, p_old, p_cur: predictor_loss(kind, w, h, p_old, p_cur, weight_N)
+  return jax.vmap(layer, in_axes=(0, 1, 1, 1))(w_LDE, h_old_NLD, p_old_NLE, p_cur_NLE)
+
+
+def predicted_topk(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array, k: int) -> jax.Array:
+  """TopK(softmax(p + h W_p)) per layer, int32 [N, L, K]."""
+  b_NLE = jnp.einsum("nld,lde->nle", h_NLD.astype(jnp.float32), w_LDE)
+  return jax.lax.top_k(p_NLE.astype(jnp.float32) + b_NLE, k)[1].astype(jnp.int32)
+
+
+def topk_overlap(a_NLK: jax.Array, b_NLK: jax.Array, weight_N: jax.Array) -> jax.Array:
+  """Weighted mean of |A ∩ B| / K per layer, float32 [L]."""
+  k = a_NLK.shape[-1]
+  inter_NL = jnp.sum(jnp.any(a_NLK[..., :, None] == b_NLK[..., None, :], axis=-1), axis=-1)
+  weight_N = weight_N.astype(jnp.float32)
+  return jnp.einsum("nl,n->l", inter_NL / k, weight_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
+
+
+def bias_logit_ratio(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
+                     weight_N: jax.Array) -> jax.Array:
+  """mean|b| / mean|p_old| over weighted positions: how hard the predictor pushes."""
+  b_NLE = jnp.einsum("nld,lde->nle", h_NLD.astype(jnp.float32), w_LDE)
+  w = weight_N.astype(jnp.float32)[:, None, None]
+  return jnp.sum(jnp.abs(b_NLE) * w) / jnp.maximum(jnp.sum(jnp.abs(p_NLE.astype(jnp.float32)) * w),
+                                                    1e-9)
