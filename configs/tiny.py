@@ -69,4 +69,13 @@ def get_config() -> ml_collections.ConfigDict:
   r.eval_every = 25           # RL steps between held-out evaluations
   r.eval_size = 256           # held-out problems per evaluation
   r.eval_temperature = 1.0    # evaluation sampling temperature (0 = greedy): the policy's expected reward
+
+  p = c.pr2 = ml_collections.ConfigDict()  # used when rl.replay_mode is pr2 | pr2_r2
+  p.loss = "post"             # predictor objective: post | delta | l2
+  p.lr_mult = 1.0             # α: predictor lr = α × rl.learning_rate (α·η ≈ 1e-3 suits Adam here;
+                              # the paper's α ~ 1e2-1e4 goes with its much smaller η)
+  p.feature_tokens = 8        # cached (h_old, p_old) positions per sequence
+  p.feature_rule = "random"   # random slots | response: the first response slots
+  p.feature_dtype = "bfloat16"  # feature cache dtype
+  p.predicted_gates = True    # rollout gates from the predicted distribution (paper's choice)
   return c

@@ -48,9 +48,13 @@ def _rollout(rollout_dtype="float32"):
   return model, tx, state, batch
 
 
+def _learner(model, config, tx):
+  return learner.Learner(model, config, tx)
+
+
 def _prepare(model, config, params, batch, chunks):
   micro = data.split_micro(batch, chunks)
-  old_logp, routes = learner.old_logprob_pass(model, config, params, micro)
+  old_logp, routes, _ = learner.old_logprob_pass(_learner(model, config, None), params, None, micro)
   micro["old_logp"] = old_logp
   micro["replay_routes"] = routes if config.replay_mode == "r2" else micro["rollout_routes"]
   return micro
@@ -69,7 +73,7 @@ def test_micro_step_accumulation_equals_full_minibatch():
   for m in (1, 4):
     config = _rl(micro_steps=m)
     micro = _prepare(model, config, state.params, batch, m)
-    new_state, metrics = learner.update_step(model, config, tx, state, micro)
+    new_state, metrics = learner.update_step(_learner(model, config, tx), state, micro)
     params[m] = new_state.params
     if m == 1:
       ref_metrics = metrics
@@ -94,7 +98,7 @@ def test_ratio_is_one_at_first_ministep_same_dtype_r3(loss):
                  clip_low=0.2 if loss == "dapo" else 3e-4,
                  clip_high=0.28 if loss == "dapo" else 4e-4)
     micro = _prepare(model, config, state.params, batch, 1)
-    _, m = learner.update_step(model, config, tx, state, micro)
+    _, m = learner.update_step(_learner(model, config, tx), state, micro)
     if denominator == "old":
       np.testing.assert_allclose(float(m["ratio_mean"]), 1.0, atol=1e-6)
       assert float(m["ratio_var"]) < 1e-12
@@ -109,7 +113,8 @@ def test_bf16_rollout_shows_mismatch():
   """A bfloat16 inference engine gives a non-zero train-inference KL."""
   model, tx, state, batch = _rollout("bfloat16")
   config = _rl(replay_mode="r3")
-  _, m = learner.update_step(model, config, tx, state, _prepare(model, config, state.params, batch, 1))
+  _, m = learner.update_step(_learner(model, config, tx), state,
+                             _prepare(model, config, state.params, batch, 1))
   assert float(m["k3_kl"]) > 0
 
 
@@ -119,10 +124,11 @@ def test_replay_modes_choose_routes():
   foreign = np.asarray(batch["rollout_routes"])[::-1].copy()  # other rows' routes
   batch = {**batch, "rollout_routes": foreign}
   micro = data.split_micro(batch, 1)
-  _, routes_r3 = learner.old_logprob_pass(model, _rl(replay_mode="r3"), state.params, micro)
+  old = lambda mode: learner.old_logprob_pass(_learner(model, _rl(replay_mode=mode), None),
+                                             state.params, None, micro)[1]
+  routes_r3 = old("r3")
   np.testing.assert_array_equal(np.asarray(routes_r3), micro["rollout_routes"])
-  _, routes_r2 = learner.old_logprob_pass(model, _rl(replay_mode="r2"), state.params, micro)
-  _, routes_none = learner.old_logprob_pass(model, _rl(replay_mode="none"), state.params, micro)
+  routes_r2, routes_none = old("r2"), old("none")
   np.testing.assert_array_equal(np.asarray(routes_r2), np.asarray(routes_none))
   assert not np.array_equal(np.asarray(routes_r2), micro["rollout_routes"])
 
@@ -136,7 +142,7 @@ def test_update_moves_logprob_with_advantage_sign():
       learner.forward_logprobs(model, p, batch, batch["rollout_routes"], 1.0)[0]
       * batch["response_mask"][:, 1:], axis=1))
   before = seq_logp(state.params)
-  step = jax.jit(functools.partial(learner.update_step, model, config, tx))
+  step = jax.jit(functools.partial(learner.update_step, _learner(model, config, tx)))
   for _ in range(3):
     state, _ = step(state, micro)
   delta, adv = seq_logp(state.params) - before, np.asarray(batch["adv"])
@@ -149,13 +155,101 @@ def test_sharded_update_matches_single_device():
   config = _rl(prompts_per_step=8, group_size=2, micro_steps=2)
   batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
   micro = _prepare(model1, config, state1.params, batch16, 2)
-  ref, _ = learner.update_step(model1, config, tx, state1, micro)
+  ref, _ = learner.update_step(_learner(model1, config, tx), state1, micro)
   mesh = make_mesh(2, 4)
   model = MoETransformer(CFG, mesh)
   state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
-  old_fn, update_fn = learner.make_learner_fns(model, config, tx, mesh, shardings, micro)
+  _, update_fn = learner.make_learner_fns(_learner(model, config, tx), mesh, shardings, micro)
   micro_sh = jax.device_put(micro, learner.batch_shardings(mesh, micro))
-  new, _ = update_fn(state, micro_sh)
+  new, _ = update_fn(state, micro_sh, jnp.asarray(False))
   diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                        ref.params, new.params)
   assert max(jax.tree.leaves(diffs)) < 1e-5
+
+
+# -- PR2 ---------------------------------------------------------------------
+
+from pr2_jax.pr2.predictor import init_predictor  # noqa: E402
+from pr2_jax.rl.config import PR2Config  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _pr2_setup():
+  """A PR2 rollout with W_p = 0 (so routes equal R3's) and features at 4 random slots."""
+  model, tx, state, _ = _rollout()
+  w = init_predictor(CFG.num_moe_layers, CFG.d_model, CFG.num_experts)
+  pred_tx = optax.adam(1e-2)
+  state = state.replace(predictor=w, pred_opt_state=pred_tx.init(w))
+  prompts = np.asarray(jax.random.randint(jax.random.key(1), (B, P), 3, 24), np.int32)
+  slots = np.sort(np.random.default_rng(0).permutation(P + N)[:4])[None].repeat(B, 0).astype(np.int32)
+  roll = jax.device_get(jax.jit(generate, static_argnums=(0, 5))(
+      model, state.params, prompts, np.ones((B, P), bool), jax.random.key(2),
+      SamplerConfig(max_new_tokens=N, eos_id=2, feature_dtype="float32"), w, slots))
+  rewards = jnp.asarray(np.arange(B) % 3, jnp.float32)
+  batch = {"tokens": roll.tokens, "valid": roll.valid, "positions": roll.positions,
+           "response_mask": roll.response_mask, "rollout_logp": roll.logp,
+           "rollout_routes": roll.routes, "adv": np.asarray(losses.grpo_advantages(rewards, 2)),
+           "feature_slots": slots, "feature_h": roll.feature_h, "feature_p": roll.feature_p}
+  return model, tx, pred_tx, state, batch
+
+
+def _pr2_learner(model, tx, pred_tx, mode="pr2"):
+  return learner.Learner(model, _rl(replay_mode=mode), tx, PR2Config(feature_dtype="float32"),
+                         pred_tx)
+
+
+def test_zero_predictor_pr2_step_equals_r3_step():
+  """With W_p = 0 the PR2 rollout routes are R3's, and the policy update is identical."""
+  model, tx, pred_tx, state, batch = _pr2_setup()
+  _, _, _, r3_batch = _rollout()
+  np.testing.assert_array_equal(batch["rollout_routes"], r3_batch["rollout_routes"])
+  r3_state, _ = learner.update_step(_learner(model, _rl(replay_mode="r3"), tx), state,
+                                    _prepare(model, _rl(replay_mode="r3"), state.params, r3_batch, 1))
+  lr = _pr2_learner(model, tx, pred_tx)
+  micro = _prepare(model, lr.rl, state.params, batch, 1)
+  pr2_state, m = learner.update_step(lr, state, micro, jnp.asarray(False))
+  for a, b in zip(jax.tree.leaves(r3_state.params), jax.tree.leaves(pr2_state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(m["pred_topk_acc"]) == 1.0 and float(m["bias_logit_ratio"]) == 0.0
+
+
+def test_gradients_stay_in_their_lanes():
+  """Policy loss -> W_p gradient is 0; predictor loss -> backbone gradient is 0."""
+  model, tx, pred_tx, state, batch = _pr2_setup()
+  lr = _pr2_learner(model, tx, pred_tx)
+  micro = jax.tree.map(lambda x: x[0], _prepare(model, lr.rl, state.params, batch, 1))
+  denoms = learner._denominators(lr.rl, jax.tree.map(lambda x: x[None], micro))
+  w = state.predictor + 0.1  # non-zero so a leak would show
+  g_w = jax.grad(lambda w: learner.micro_step(lr, state.params, w, micro, denoms)[0])(w)
+  assert float(jnp.abs(g_w).max()) == 0.0
+  pred_loss = lambda p: jnp.sum(
+      learner.micro_step(lr, p, w, micro, denoms)[1]["pred"]["loss_per_layer"])
+  assert float(pred_loss(state.params)) > 0
+  g_params = jax.grad(pred_loss)(state.params)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_params)) == 0.0
+
+
+def test_predictor_skipped_at_first_ministep_and_trained_after():
+  model, tx, pred_tx, state, batch = _pr2_setup()
+  lr = _pr2_learner(model, tx, pred_tx)
+  micro = _prepare(model, lr.rl, state.params, batch, 1)
+  skipped, m = learner.update_step(lr, state, micro, jnp.asarray(False))
+  np.testing.assert_array_equal(np.asarray(skipped.predictor), np.asarray(state.predictor))
+  for a, b in zip(jax.tree.leaves(skipped.pred_opt_state), jax.tree.leaves(state.pred_opt_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(m["pred_loss"]) > 0  # measured even when not applied
+  trained, _ = learner.update_step(lr, state, micro, jnp.asarray(True))
+  assert float(jnp.abs(trained.predictor).max()) > 0
+
+
+def test_pr2_r2_predicts_in_the_old_logprob_pass():
+  """pr2_r2: the old pass routes by softmax(p + h W_p) and caches its own features."""
+  model, tx, pred_tx, state, batch = _pr2_setup()
+  lr = _pr2_learner(model, tx, pred_tx, "pr2_r2")
+  micro = data.split_micro({k: v for k, v in batch.items() if k not in ("feature_h", "feature_p")}, 1)
+  w = jax.random.normal(jax.random.key(5), state.predictor.shape)
+  _, routes, (h, p) = learner.old_logprob_pass(lr, state.params, w, micro)
+  _, routes_live, _ = learner.old_logprob_pass(lr, state.params, jnp.zeros_like(w), micro)
+  assert not np.array_equal(np.asarray(routes), np.asarray(routes_live))
+  assert h.shape == (1, B, 4, CFG.num_moe_layers, CFG.d_model)
+  assert p.shape == (1, B, 4, CFG.num_moe_layers, CFG.num_experts)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-REPLAY_MODES = ("none", "r2", "r3")
+REPLAY_MODES = ("none", "r2", "r3", "pr2", "pr2_r2")
+PR2_MODES = ("pr2", "pr2_r2")
+PREDICTOR_LOSSES = ("post", "delta", "l2")
+FEATURE_RULES = ("random", "response")
 LOSSES = ("dapo", "gspo")
 RATIO_DENOMINATORS = ("rollout", "old")
 DTYPES = ("float32", "bfloat16")
@@ -22,7 +25,7 @@ class RLConfig:
   group_size: int = 8              # G samples per prompt (GRPO group)
   off_policy_k: int = 2            # κ mini-batches (optimizer steps) per rollout batch
   micro_steps: int = 2             # M micro-steps of gradient accumulation per mini-batch
-  replay_mode: str = "r3"          # none | r2 | r3 (DESIGN §2)
+  replay_mode: str = "r3"          # none | r2 | r3 | pr2 | pr2_r2 (DESIGN §2)
   loss: str = "dapo"               # dapo (token ratio) | gspo (sequence ratio)
   clip_low: float = 0.2            # ε_low (GSPO: use 3e-4)
   clip_high: float = 0.28          # ε_high (GSPO: use 4e-4)
@@ -97,6 +100,29 @@ class RLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PR2Config:
+  """The route evolution predictor (used when RLConfig.replay_mode is pr2 or pr2_r2)."""
+  loss: str = "post"               # post | delta | l2 (DESIGN §3)
+  lr_mult: float = 1e3             # α: predictor learning rate = α × RLConfig.learning_rate
+  feature_tokens: int = 8          # cached (h_old, p_old) positions per sequence
+  feature_rule: str = "random"     # random: uniform over all slots | response: first response slots
+  feature_dtype: str = "bfloat16"  # dtype of the feature cache
+  predicted_gates: bool = True     # rollout gates from q̂ (paper) instead of the router's ρ
+
+  def __post_init__(self):
+    choices = {"loss": PREDICTOR_LOSSES, "feature_rule": FEATURE_RULES, "feature_dtype": DTYPES}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"PR2Config.{name}={getattr(self, name)!r} must be one of {allowed}")
+    if self.lr_mult <= 0:
+      raise ValueError(f"PR2Config.lr_mult={self.lr_mult} must be > 0")
+    if not isinstance(self.feature_tokens, int) or self.feature_tokens < 1:
+      raise ValueError(f"PR2Config.feature_tokens={self.feature_tokens!r} must be a positive int")
+    if not isinstance(self.predicted_gates, bool):
+      raise ValueError(f"PR2Config.predicted_gates={self.predicted_gates!r} must be a bool")
+
+
+@dataclasses.dataclass(frozen=True)
 class SFTConfig:
   """Supervised warm-up on task solutions: a starting policy with partial competence."""
   num_steps: int = 150             # optimizer steps (0 = start RL from the init/loaded params)
@@ -116,6 +142,7 @@ class ExperimentConfig:
   model: Any                       # pr2_jax.ModelConfig
   rl: RLConfig
   sft: SFTConfig
+  pr2: PR2Config = PR2Config()
   task: str = "arithmetic"         # pr2_jax.rl.tasks registry name
   task_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   seed: int = 0                    # init, data and sampling seed
@@ -135,7 +162,8 @@ class ExperimentConfig:
     if unknown:
       raise ValueError(f"Unknown config fields {unknown}; allowed: {sorted(known)}")
     return cls(model=ModelConfig.from_dict(d["model"]), rl=RLConfig.from_dict(d["rl"]),
-               sft=SFTConfig(**dict(d["sft"])), task=d.get("task", "arithmetic"),
+               sft=SFTConfig(**dict(d["sft"])), pr2=PR2Config(**dict(d.get("pr2", {}))),
+               task=d.get("task", "arithmetic"),
                task_kwargs=dict(d.get("task_kwargs", {})), seed=int(d.get("seed", 0)),
                checkpoint_every=int(d.get("checkpoint_every", 10)),
                init_from=str(d.get("init_from", "")))

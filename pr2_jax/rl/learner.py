@@ -3,7 +3,8 @@
 Dimension legend:
   B sequences in a rollout batch, S slots (prompt + response), T = S - 1
   predicted positions, M micro-steps per mini-batch, b sequences per
-  micro-step, L MoE layers, K top-k, E experts, V vocab.
+  micro-step, F cached feature positions per sequence, L MoE layers,
+  K top-k, E experts, D d_model, V vocab.
 
 A rollout batch is cut into κ mini-batches (one optimizer step each), each of
 M micro-steps of gradient accumulation. `micro_step` is the unit the
@@ -13,11 +14,16 @@ loss denominators are the *mini-batch's*, so M accumulated micro-steps give
 exactly the mini-batch gradient.
 
 Replay modes (DESIGN §2): 'none' routes live everywhere; 'r2' replays the
-routes the old-log-prob pass recorded; 'r3' replays the rollout's routes.
+routes the old-log-prob pass recorded; 'r3' replays the rollout's routes;
+'pr2' replays the rollout's *predicted* routes; 'pr2_r2' predicts in the
+old-log-prob pass. PR2's predictor W_p lives outside the policy parameters
+with its own optimizer: the policy loss cannot reach it, and its own loss
+(on cached features, router logits as data) cannot reach the backbone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -29,93 +35,182 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pr2_jax.models.routing import top_k_experts
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import TOKEN_AXES
+from pr2_jax.pr2 import predictor as pred
 from pr2_jax.rl import losses, metrics
-from pr2_jax.rl.config import RLConfig
+from pr2_jax.rl.config import PR2_MODES, PR2Config, RLConfig
 from pr2_jax.train.state import TrainState, replicated
 
 
-def forward_logprobs(model: MoETransformer, params, seq: dict, routes, temperature: float):
+@dataclasses.dataclass(frozen=True)
+class Learner:
+  """What the jitted learner phases close over (hashable, static)."""
+  model: MoETransformer
+  rl: RLConfig
+  tx: optax.GradientTransformation
+  pr2: PR2Config = PR2Config()
+  pred_tx: optax.GradientTransformation | None = None
+
+  @property
+  def uses_predictor(self) -> bool:
+    return self.rl.replay_mode in PR2_MODES
+
+
+def gather_slots(x_bS_: jax.Array, slots_bF: jax.Array) -> jax.Array:
+  """x at the given slots along axis 1: [b, S, ...] -> [b, F, ...]."""
+  idx = slots_bF.reshape(slots_bF.shape + (1,) * (x_bS_.ndim - 2))
+  return jnp.take_along_axis(x_bS_, idx, axis=1)
+
+
+def forward_logprobs(model: MoETransformer, params, seq: dict, routes, temperature: float,
+                     predictor=None, features: bool = False):
   """Log-probs [b, T] of tokens[:, 1:] under π_θ/temperature, plus the model output."""
   out = model.apply({"params": params}, seq["tokens"], routes=routes, positions=seq["positions"],
-                    valid=seq["valid"], return_router_logits=True)
+                    valid=seq["valid"], return_router_logits=True,
+                    return_router_inputs=features, predictor=predictor)
   scale = 1.0 if temperature == 0 else 1.0 / temperature
   logits_BTV = out.logits[:, :-1] * scale
   return losses.token_logprobs(logits_BTV, seq["tokens"][:, 1:]), logits_BTV, out
 
 
-def old_logprob_pass(model: MoETransformer, config: RLConfig, params, batch: dict):
-  """π_old over every micro-batch [N, b, ...]; returns (old_logp [N, b, T], routes used).
+def old_logprob_pass(lr: Learner, params, predictor, batch: dict):
+  """π_old over every micro-batch [N, b, ...]; returns (old_logp [N, b, T], routes used, feats).
 
   Runs micro-batch by micro-batch with the same forward as the update, so with
-  equal routes and dtype π_old and the first mini-step's π_θ agree bitwise.
+  equal routes and dtype π_old and the first mini-step's π_θ agree. In 'pr2_r2'
+  the live routes here are the predicted ones and the PR2 features
+  (h_old, p_old) are taken here; otherwise `feats` is None.
   """
+  mode = lr.rl.replay_mode
+  pr2_r2 = mode == "pr2_r2"
+
   def one(_, micro):
-    routes = micro["rollout_routes"] if config.replay_mode == "r3" else None
-    logp, _, out = forward_logprobs(model, params, micro, routes, config.temperature)
-    return None, (logp, out.routes)
+    routes = micro["rollout_routes"] if mode in ("r3", "pr2") else None
+    logp, _, out = forward_logprobs(lr.model, params, micro, routes, lr.rl.temperature,
+                                    predictor if pr2_r2 else None, features=pr2_r2)
+    feats = None
+    if pr2_r2:
+      dtype = jnp.dtype(lr.pr2.feature_dtype)
+      feats = (gather_slots(out.router_inputs, micro["feature_slots"]).astype(dtype),
+               gather_slots(out.router_logits, micro["feature_slots"]).astype(dtype))
+    return None, (logp, out.routes, feats)
 
   return jax.lax.scan(one, None, batch)[1]
 
 
-def micro_step(model: MoETransformer, config: RLConfig, params, micro: dict, loss_denom,
-               token_denom):
-  """Loss and additive statistics of one micro-step (differentiate w.r.t. params)."""
-  routes = None if config.replay_mode == "none" else micro["replay_routes"]
-  logp_BT, logits_BTV, out = forward_logprobs(model, params, micro, routes, config.temperature)
+def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict):
+  """Policy loss and additive statistics of one micro-step (differentiate w.r.t. params).
+
+  With PR2 on, also the predictor's gradient from this micro-step's features,
+  normalised by the mini-batch's feature count so micro-steps add up.
+  """
+  rl = lr.rl
+  routes = None if rl.replay_mode == "none" else micro["replay_routes"]
+  logp_BT, logits_BTV, out = forward_logprobs(lr.model, params, micro, routes, rl.temperature)
   mask_BT = micro["response_mask"][:, 1:]
   rollout_BT = micro["rollout_logp"][:, 1:]
-  against_BT = rollout_BT if config.ratio_denominator == "rollout" else micro["old_logp"]
+  against_BT = rollout_BT if rl.ratio_denominator == "rollout" else micro["old_logp"]
   is_weight = None
-  if config.tis_cap > 0 and config.ratio_denominator == "old":
-    is_weight = (losses.tis_weights(micro["old_logp"], rollout_BT, config.tis_cap)
-                 if config.loss == "dapo" else
-                 losses.sequence_tis_weights(micro["old_logp"], rollout_BT, mask_BT, config.tis_cap))
-  loss, aux = losses.policy_loss(config.loss, logp_BT, against_BT, micro["adv"], mask_BT,
-                                 clip_low=config.clip_low, clip_high=config.clip_high,
-                                 is_weight=is_weight, denom=loss_denom)
+  if rl.tis_cap > 0 and rl.ratio_denominator == "old":
+    is_weight = (losses.tis_weights(micro["old_logp"], rollout_BT, rl.tis_cap)
+                 if rl.loss == "dapo" else
+                 losses.sequence_tis_weights(micro["old_logp"], rollout_BT, mask_BT, rl.tis_cap))
+  loss, aux = losses.policy_loss(rl.loss, logp_BT, against_BT, micro["adv"], mask_BT,
+                                 clip_low=rl.clip_low, clip_high=rl.clip_high,
+                                 is_weight=is_weight, denom=denoms["loss"])
   probs_BTLE = jax.nn.softmax(out.router_logits, axis=-1)
   live_BTLK = top_k_experts(probs_BTLE, micro["rollout_routes"].shape[-1])
   stats = {
       "loss": loss,
-      "entropy": jax.lax.stop_gradient(losses.token_entropy(logits_BTV, mask_BT, token_denom)),
+      "entropy": jax.lax.stop_gradient(losses.token_entropy(logits_BTV, mask_BT, denoms["tokens"])),
       "loss_sums": aux["sums"],
       "mismatch": metrics.mismatch_sums(logp_BT, rollout_BT, mask_BT),
       "routing": metrics.routing_sums(micro["rollout_routes"], live_BTLK, probs_BTLE,
                                       micro["valid"]),
       "dropped": out.dropped.sum(),
   }
+  if lr.uses_predictor:
+    stats["pred"] = predictor_step(lr, predictor, micro, out.router_logits, denoms["features"])
   return loss, stats
+
+
+def predictor_step(lr: Learner, predictor, micro: dict, router_logits_bSLE, feature_denom):
+  """Gradient and metrics of the predictor loss on this micro-step's cached features."""
+  slots_bF = micro["feature_slots"]
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  h_NLD, p_old_NLE = flat(micro["feature_h"]), flat(micro["feature_p"])
+  p_cur_NLE = flat(jax.lax.stop_gradient(gather_slots(router_logits_bSLE, slots_bF)))
+  weight_N = flat(gather_slots(micro["valid"], slots_bF)).astype(jnp.float32)
+  share = jnp.sum(weight_N) / feature_denom  # this micro-step's part of the mini-batch mean
+
+  def objective(w_LDE):
+    per_layer = pred.predictor_losses(lr.pr2.loss, w_LDE, h_NLD, p_old_NLE, p_cur_NLE, weight_N)
+    return jnp.sum(per_layer) * share, per_layer * share
+
+  grad, per_layer = jax.grad(objective, has_aux=True)(predictor)
+  k = micro["rollout_routes"].shape[-1]
+  live_NLK = jax.lax.top_k(p_cur_NLE, k)[1]
+  acc_L = pred.topk_overlap(pred.predicted_topk(predictor, h_NLD, p_old_NLE, k), live_NLK, weight_N)
+  return {"grad": grad, "loss_per_layer": per_layer, "topk_acc_per_layer": acc_L * share,
+          "bias_logit_ratio": pred.bias_logit_ratio(predictor, h_NLD, p_old_NLE, weight_N) * share}
 
 
 def minibatch_metrics(stats: dict, grads) -> dict:
   """Means from the micro-steps' summed statistics."""
-  return {"loss": stats["loss"], "entropy": stats["entropy"], "dropped": stats["dropped"],
-          "grad_norm": optax.global_norm(grads),
-          **losses.loss_stats_from_sums(stats["loss_sums"]),
-          **{f"mismatch_{k}" if k.startswith("ratio") else k: v
-             for k, v in metrics.mismatch_from_sums(stats["mismatch"]).items()},
-          **metrics.routing_from_sums(stats["routing"])}
+  out = {"loss": stats["loss"], "entropy": stats["entropy"], "dropped": stats["dropped"],
+         "grad_norm": optax.global_norm(grads),
+         **losses.loss_stats_from_sums(stats["loss_sums"]),
+         **{f"mismatch_{k}" if k.startswith("ratio") else k: v
+            for k, v in metrics.mismatch_from_sums(stats["mismatch"]).items()},
+         **metrics.routing_from_sums(stats["routing"])}
+  if "pred" in stats:
+    p = stats["pred"]
+    out.update(pred_loss=jnp.sum(p["loss_per_layer"]), pred_loss_per_layer=p["loss_per_layer"],
+               pred_topk_acc=jnp.mean(p["topk_acc_per_layer"]),
+               pred_topk_acc_per_layer=p["topk_acc_per_layer"],
+               bias_logit_ratio=p["bias_logit_ratio"])
+  return out
 
 
-def update_step(model: MoETransformer, config: RLConfig, tx: optax.GradientTransformation,
-                state: TrainState, minibatch: dict):
-  """One optimizer step from M accumulated micro-steps ([M, b, ...] arrays)."""
-  mask_NT = minibatch["response_mask"][..., 1:].reshape(-1, minibatch["response_mask"].shape[-1] - 1)
-  loss_denom = losses.loss_denominator(config.loss, mask_NT)
-  token_denom = jnp.maximum(mask_NT.sum(), 1.0)
-  grad_fn = jax.grad(functools.partial(micro_step, model, config), has_aux=True)
+def _denominators(rl: RLConfig, minibatch: dict) -> dict:
+  resp = minibatch["response_mask"]
+  mask_NT = resp[..., 1:].reshape(-1, resp.shape[-1] - 1)
+  denoms = {"loss": losses.loss_denominator(rl.loss, mask_NT),
+            "tokens": jnp.maximum(mask_NT.sum(), 1.0)}
+  if "feature_slots" in minibatch:
+    valid = jax.vmap(gather_slots)(minibatch["valid"], minibatch["feature_slots"])
+    denoms["features"] = jnp.maximum(jnp.sum(valid), 1.0)
+  return denoms
+
+
+def update_step(lr: Learner, state: TrainState, minibatch: dict, train_predictor=False):
+  """One optimizer step from M accumulated micro-steps ([M, b, ...] arrays).
+
+  `train_predictor` (a traced bool) gates PR2's predictor update: it is skipped
+  at the first mini-step of each rollout batch, where the router has not moved.
+  """
+  denoms = _denominators(lr.rl, minibatch)
+  grad_fn = jax.grad(functools.partial(micro_step, lr), has_aux=True)
 
   def accumulate(acc, micro):
-    grads, stats = grad_fn(state.params, micro, loss_denom, token_denom)
+    grads, stats = grad_fn(state.params, state.predictor, micro, denoms)
     return jax.tree.map(jnp.add, acc, (grads, stats)), None
 
-  first = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], minibatch),
-                         loss_denom, token_denom)
+  first = jax.eval_shape(grad_fn, state.params, state.predictor,
+                         jax.tree.map(lambda x: x[0], minibatch), denoms)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
   (grads, stats), _ = jax.lax.scan(accumulate, zeros, minibatch)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  return TrainState(state.step + 1, params, opt_state), minibatch_metrics(stats, grads)
+  updates, opt_state = lr.tx.update(grads, state.opt_state, state.params)
+  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      opt_state=opt_state)
+  if lr.uses_predictor:
+    p_updates, p_opt = lr.pred_tx.update(stats["pred"]["grad"], state.pred_opt_state,
+                                         state.predictor)
+    stepped = (optax.apply_updates(state.predictor, p_updates), p_opt)
+    keep = (state.predictor, state.pred_opt_state)
+    choose = lambda a, b: jnp.where(train_predictor, a, b)
+    predictor, pred_opt_state = jax.tree.map(choose, stepped, keep)
+    new = new.replace(predictor=predictor, pred_opt_state=pred_opt_state)
+  return new, minibatch_metrics(stats, grads)
 
 
 def batch_shardings(mesh: Mesh, batch: dict) -> dict:
@@ -125,14 +220,14 @@ def batch_shardings(mesh: Mesh, batch: dict) -> dict:
       batch)
 
 
-def make_learner_fns(model: MoETransformer, config: RLConfig, tx, mesh: Mesh, state_shardings,
+def make_learner_fns(lr: Learner, mesh: Mesh, state_shardings,
                      example_batch: dict) -> tuple[Callable, Callable]:
-  """(old_logprob_fn(params, batch), update_fn(state, minibatch)), jitted with shardings."""
+  """(old_logprob_fn(params, predictor, batch), update_fn(state, minibatch, train_predictor))."""
   shard = batch_shardings(mesh, example_batch)
   # The old-log-prob pass sees the batch before old_logp/replay_routes exist;
   # its inputs arrive already placed by `batch_shardings`.
-  old_fn = jax.jit(functools.partial(old_logprob_pass, model, config))
-  update_fn = jax.jit(functools.partial(update_step, model, config, tx),
-                      in_shardings=(state_shardings, shard),
+  old_fn = jax.jit(functools.partial(old_logprob_pass, lr))
+  update_fn = jax.jit(functools.partial(update_step, lr),
+                      in_shardings=(state_shardings, shard, replicated(mesh)),
                       out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
   return old_fn, update_fn

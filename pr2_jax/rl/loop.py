@@ -12,6 +12,7 @@ M micro-steps, κ mini-batches.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -26,12 +27,13 @@ from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
 from pr2_jax.rl import data, learner, losses
 from pr2_jax.rl.char_tokenizer import CharTokenizer
-from pr2_jax.rl.config import ExperimentConfig
+from pr2_jax.pr2.predictor import init_predictor
+from pr2_jax.rl.config import PR2_MODES, ExperimentConfig
 from pr2_jax.rl.sampler import SamplerConfig, generate
 from pr2_jax.rl.tasks import make_task
 from pr2_jax.train import supervised
 from pr2_jax.train.checkpoint import Checkpointer, abstract_like
-from pr2_jax.train.state import create_train_state, make_optimizer
+from pr2_jax.train.state import create_train_state, make_optimizer, replicated
 
 Callback = Callable[[dict], None]
 
@@ -55,18 +57,46 @@ class Engine:
                        f"{shards} token shards")
     self.model = MoETransformer(config.model.replace(dtype="float32"), mesh)
     rollout_model = MoETransformer(config.model.replace(dtype=rl.rollout_dtype), mesh)
+    pr2 = config.pr2
     sampling = SamplerConfig(rl.max_new_tokens, rl.temperature, rl.top_p, self.tok.eos_id,
-                             self.tok.pad_id)
-    evaluation = SamplerConfig(rl.max_new_tokens, rl.eval_temperature, rl.top_p, self.tok.eos_id,
-                               self.tok.pad_id)
+                             self.tok.pad_id, pr2.predicted_gates, pr2.feature_dtype)
+    evaluation = dataclasses.replace(sampling, temperature=rl.eval_temperature)
     self.sample = jax.jit(functools.partial(generate, rollout_model, config=sampling))
     self.eval_sample = jax.jit(functools.partial(generate, rollout_model, config=evaluation))
     self.tx = make_optimizer(rl.learning_rate, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
     self.key = jax.random.key(config.seed)
     self.state, self.shardings = create_train_state(self.model, self.tx, self.key, mesh)
+    self.pr2_mode = rl.replay_mode in PR2_MODES
+    pred_tx = None
+    if self.pr2_mode:
+      pred_tx = make_optimizer(rl.learning_rate * pr2.lr_mult, grad_clip=rl.grad_clip)
+      self._add_predictor(pred_tx)
+    self.learner = learner.Learner(self.model, rl, self.tx, pr2, pred_tx)
     self.eval_problems = self.task.eval_set(rl.eval_size, seed=config.seed)
     self._update_fns = None
     self.seq_sharding = logical_sharding(mesh, ("batch", "length"))
+
+  def _add_predictor(self, pred_tx):
+    """W_p [L, D, E] = 0 and its optimizer state, replicated (it is small)."""
+    m = self.config.model
+    rep = replicated(self.mesh)
+    w = jax.device_put(init_predictor(m.num_moe_layers, m.d_model, m.num_experts), rep)
+    opt = jax.jit(pred_tx.init, out_shardings=rep)(w)
+    self.state = self.state.replace(predictor=w, pred_opt_state=opt)
+    self.shardings = self.shardings.replace(predictor=rep,
+                                            pred_opt_state=jax.tree.map(lambda _: rep, opt))
+
+  def feature_slots(self, rng: np.random.Generator, batch: int) -> np.ndarray | None:
+    """Slots whose router features PR2 caches, int32 [B, F] (by `pr2.feature_rule`)."""
+    if not self.pr2_mode:
+      return None
+    f, s = self.config.pr2.feature_tokens, self.prompt_slots + self.response_slots
+    if f > s:
+      raise ValueError(f"PR2Config.feature_tokens={f} exceeds the {s} slots of a sequence")
+    if self.config.pr2.feature_rule == "response":
+      return np.broadcast_to(self.prompt_slots + np.arange(f) % self.response_slots,
+                             (batch, f)).astype(np.int32)
+    return np.sort(np.argsort(rng.random((batch, s)), axis=1)[:, :f], axis=1).astype(np.int32)
 
   # -- warm-up --------------------------------------------------------------
   def warmup(self, on_metrics: Callback | None = None):
@@ -107,35 +137,54 @@ class Engine:
     rng = np.random.default_rng([self.config.seed, 2, step])
     problems = [p for p in self.task.sample(rng, rl.prompts_per_step) for _ in range(rl.group_size)]
     prompts, valid = data.encode_prompts(self.tok, problems, self.prompt_slots)
+    # Its own stream: PR2 with W_p = 0 then draws exactly R3's prompts, samples and split.
+    slots = self.feature_slots(np.random.default_rng([self.config.seed, 3, step]), rl.batch_size)
+    in_rollout = rl.replay_mode == "pr2"  # PR2-R3: predict (and cache features) at rollout
     roll = self.sample(state.params, *jax.device_put((prompts, valid), self.seq_sharding),
-                       jax.random.fold_in(self.key, step))
+                       jax.random.fold_in(self.key, step),
+                       predictor=state.predictor if in_rollout else None,
+                       feature_slots_BF=slots if in_rollout else None)
     roll = jax.device_get(roll)
     rewards = self.rewards(problems, roll.tokens)
     batch = {"tokens": roll.tokens, "valid": roll.valid, "positions": roll.positions,
              "response_mask": roll.response_mask, "rollout_logp": roll.logp,
              "rollout_routes": roll.routes,
              "adv": np.asarray(losses.grpo_advantages(jnp.asarray(rewards), rl.group_size))}
+    if self.pr2_mode:
+      batch["feature_slots"] = slots
+    if in_rollout:
+      batch.update(feature_h=roll.feature_h, feature_p=roll.feature_p)
     chunks = rl.off_policy_k * rl.micro_steps
     micro = data.split_micro(batch, chunks, rng.permutation(rl.batch_size))
-    sh = learner.batch_shardings(self.mesh, micro)
-    micro = jax.device_put(micro, sh)
+    micro = jax.device_put(micro, learner.batch_shardings(self.mesh, micro))
     old_fn, update_fn = self._learner_fns(micro)
-    micro["old_logp"], routes_used = old_fn(state.params, micro)
-    micro["replay_routes"] = routes_used if rl.replay_mode == "r2" else micro["rollout_routes"]
+    micro["old_logp"], routes_used, feats = old_fn(state.params, state.predictor, micro)
+    micro["replay_routes"] = (routes_used if rl.replay_mode in ("r2", "pr2_r2")
+                              else micro["rollout_routes"])
+    if rl.replay_mode == "pr2_r2":
+      micro["feature_h"], micro["feature_p"] = feats
     per_mini = []
     for i in range(rl.off_policy_k):
       mini = jax.tree.map(lambda x: x[i * rl.micro_steps:(i + 1) * rl.micro_steps], micro)
-      state, m = update_fn(state, mini)
+      state, m = update_fn(state, mini, jnp.asarray(i > 0))
       per_mini.append(m)
-    return state, self._summarise(per_mini, rewards, roll.response_mask)
+    summary = self._summarise(per_mini, rewards, roll.response_mask)
+    if self.pr2_mode:
+      summary["feature_cache_bytes"] = int(micro["feature_h"].nbytes + micro["feature_p"].nbytes)
+    return state, summary
 
   def _learner_fns(self, micro):
     if self._update_fns is None:
       example = jax.tree.map(lambda x: x[: self.config.rl.micro_steps], micro)
       example["old_logp"] = jnp.zeros(example["tokens"].shape[:2] + (example["tokens"].shape[2] - 1,))
       example["replay_routes"] = example["rollout_routes"]
-      self._update_fns = learner.make_learner_fns(self.model, self.config.rl, self.tx, self.mesh,
-                                                  self.shardings, example)
+      if self.pr2_mode and "feature_h" not in example:
+        b, f = example["feature_slots"].shape[1:]
+        m = self.config.model
+        dtype = jnp.dtype(self.config.pr2.feature_dtype)
+        example["feature_h"] = jnp.zeros((1, b, f, m.num_moe_layers, m.d_model), dtype)
+        example["feature_p"] = jnp.zeros((1, b, f, m.num_moe_layers, m.num_experts), dtype)
+      self._update_fns = learner.make_learner_fns(self.learner, self.mesh, self.shardings, example)
     return self._update_fns
 
   @staticmethod
@@ -143,7 +192,9 @@ class Engine:
     per_mini = [jax.tree.map(np.asarray, jax.device_get(m)) for m in per_mini]
     out = {k: np.mean([m[k] for m in per_mini], axis=0) for k in per_mini[0]}
     out = {k: (v.tolist() if np.ndim(v) else float(v)) for k, v in out.items()}
-    out["topk_agreement_per_ministep"] = [float(m["topk_agreement"]) for m in per_mini]
+    for key in ("topk_agreement", "zero_dev_ratio", "pred_loss", "pred_topk_acc"):
+      if key in per_mini[0]:
+        out[f"{key}_per_ministep"] = [float(m[key]) for m in per_mini]
     out.update(reward_mean=float(rewards.mean()),
                response_len=float(np.asarray(response_mask).sum(1).mean()))
     return out

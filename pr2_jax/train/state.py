@@ -24,6 +24,8 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  predictor: Any = None       # PR2 W_p [L, D, E]: its own optimizer, outside the policy params
+  pred_opt_state: Any = None
 
 
 def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, total_steps: int = 0,
