@@ -253,3 +253,19 @@ def test_pr2_r2_predicts_in_the_old_logprob_pass():
   assert not np.array_equal(np.asarray(routes), np.asarray(routes_live))
   assert h.shape == (1, B, 4, CFG.num_moe_layers, CFG.d_model)
   assert p.shape == (1, B, 4, CFG.num_moe_layers, CFG.num_experts)
+
+
+def test_non_finite_loss_skips_the_update():
+  """A NaN advantage makes the loss non-finite: params and optimizer state stay untouched."""
+  model, tx, state, batch = _rollout()
+  config = _rl(replay_mode="r3")
+  bad = {**batch, "adv": np.full_like(batch["adv"], np.nan)}
+  new, m = learner.update_step(_learner(model, config, tx), state,
+                               _prepare(model, config, state.params, bad, 1))
+  assert int(m["skipped"]) == 1 and int(new.step) == int(state.step) + 1
+  for a, b in zip(jax.tree.leaves((new.params, new.opt_state)),
+                  jax.tree.leaves((state.params, state.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _, ok = learner.update_step(_learner(model, config, tx), state,
+                              _prepare(model, config, state.params, batch, 1))
+  assert int(ok["skipped"]) == 0

@@ -78,3 +78,23 @@ def test_bad_setups_fail_before_compiling(tmp_path):
                            sft=cfg.sft, task="countdown")
   with pytest.raises(ValueError, match="max_new_tokens=3 cannot hold"):
     loop.Engine(short, make_mesh(1, 1, devices=jax.devices()[:1]))
+
+
+@pytest.mark.slow
+def test_non_finite_updates_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
+  """NaN rewards make every update non-finite: skipped, counted, then a clear stop."""
+  monkeypatch.setattr(loop.Engine, "rewards",
+                      lambda self, problems, tokens: np.full(len(problems), np.nan, np.float32))
+  cfg = _config(5)
+  cfg = ExperimentConfig(model=cfg.model, rl=RLConfig(**{**cfg.rl.__dict__,
+                                                         "max_consecutive_skips": 3}),
+                         sft=cfg.sft, task="countdown", checkpoint_every=0)
+  rows = []
+  mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+  with pytest.raises(FloatingPointError, match="4 consecutive updates had a non-finite loss"):
+    loop.run(cfg, mesh, str(tmp_path), on_metrics=rows.append)
+  rl_rows = [r for r in rows if r["phase"] == "rl"]
+  assert [r["skipped_updates"] for r in rl_rows] == [2, 2]
+  from pr2_jax.train.checkpoint import Checkpointer
+  with Checkpointer(str(tmp_path / "checkpoints" / "rl")) as ck:
+    assert ck.latest_step() == 2

@@ -41,10 +41,11 @@ class RLConfig:
   eval_every: int = 10             # RL steps between held-out evaluations (0 = never)
   eval_size: int = 128             # held-out problems per evaluation
   eval_temperature: float = 1.0    # evaluation sampling temperature (0 = greedy)
+  max_consecutive_skips: int = 10  # updates skipped for non-finite loss/grads in a row before stopping
 
   def __post_init__(self):
     for name in ("num_steps", "prompts_per_step", "group_size", "off_policy_k", "micro_steps",
-                 "max_new_tokens", "eval_size"):
+                 "max_new_tokens", "eval_size", "max_consecutive_skips"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"RLConfig.{name} must be a positive int, got {value!r}")

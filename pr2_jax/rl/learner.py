@@ -200,8 +200,7 @@ def update_step(lr: Learner, state: TrainState, minibatch: dict, train_predictor
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
   (grads, stats), _ = jax.lax.scan(accumulate, zeros, minibatch)
   updates, opt_state = lr.tx.update(grads, state.opt_state, state.params)
-  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                      opt_state=opt_state)
+  new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
   if lr.uses_predictor:
     p_updates, p_opt = lr.pred_tx.update(stats["pred"]["grad"], state.pred_opt_state,
                                          state.predictor)
@@ -210,7 +209,14 @@ def update_step(lr: Learner, state: TrainState, minibatch: dict, train_predictor
     choose = lambda a, b: jnp.where(train_predictor, a, b)
     predictor, pred_opt_state = jax.tree.map(choose, stepped, keep)
     new = new.replace(predictor=predictor, pred_opt_state=pred_opt_state)
-  return new, minibatch_metrics(stats, grads)
+  # A non-finite loss or gradient skips the whole update: parameters and
+  # optimizer state stay exactly as they were (the step counter still moves).
+  finite = jnp.isfinite(stats["loss"]) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+  metrics = minibatch_metrics(stats, grads)
+  metrics["skipped"] = (~finite).astype(jnp.int32)
+  return new.replace(step=state.step + 1), metrics
 
 
 def batch_shardings(mesh: Mesh, batch: dict) -> dict:

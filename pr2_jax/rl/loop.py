@@ -190,8 +190,11 @@ class Engine:
   @staticmethod
   def _summarise(per_mini, rewards, response_mask) -> dict:
     per_mini = [jax.tree.map(np.asarray, jax.device_get(m)) for m in per_mini]
-    out = {k: np.mean([m[k] for m in per_mini], axis=0) for k in per_mini[0]}
+    out = {k: np.mean([m[k] for m in per_mini], axis=0) for k in per_mini[0] if k != "skipped"}
     out = {k: (v.tolist() if np.ndim(v) else float(v)) for k, v in out.items()}
+    out["skipped_updates"] = int(sum(int(m["skipped"]) for m in per_mini))
+    out["skipped_trailing"] = next((i for i, m in enumerate(reversed(per_mini))
+                                    if not int(m["skipped"])), len(per_mini))
     for key in ("topk_agreement", "zero_dev_ratio", "pred_loss", "pred_topk_acc"):
       if key in per_mini[0]:
         out[f"{key}_per_ministep"] = [float(m[key]) for m in per_mini]
@@ -239,10 +242,20 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     state = state.replace(params=params)
     warm_reward = engine.evaluate(state.params)
     emit({"phase": "sft_eval", "step": 0, "eval_reward": warm_reward})
-  rl, t0, last = config.rl, time.perf_counter(), {}
+  rl, t0, last, consecutive = config.rl, time.perf_counter(), {}, 0
   for step in range(start + 1, rl.num_steps + 1):
     state, last = engine.rl_step(state, step)
     last.update(phase="rl", step=step)
+    trailing = last.pop("skipped_trailing")
+    consecutive = consecutive + trailing if trailing == rl.off_policy_k else trailing
+    if consecutive >= rl.max_consecutive_skips:
+      emit(last)
+      rl_ckpt.save(step, state, {"rl_step": step})  # skipped updates left the last good state
+      rl_ckpt.close()
+      raise FloatingPointError(
+          f"{consecutive} consecutive updates had a non-finite loss or gradient (limit "
+          f"RLConfig.max_consecutive_skips={rl.max_consecutive_skips}); stopped at RL step {step} "
+          f"with the last good state checkpointed in {rl_ckpt.directory}")
     if rl.eval_every and (step % rl.eval_every == 0 or step == rl.num_steps):
       last["eval_reward"] = engine.evaluate(state.params)
     last["elapsed_s"] = time.perf_counter() - t0
