@@ -11,6 +11,8 @@ from experiments import common
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints and metrics.jsonl go here; "
                                "rerunning with the same workdir resumes.")
+_FRESH = flags.DEFINE_bool("fresh", False, "Allow starting from scratch in a workdir that has RL "
+                           "metrics but no usable checkpoint (otherwise that is an error).")
 
 
 def main(argv):
@@ -26,7 +28,8 @@ def main(argv):
   writer = common.MetricsWriter(_WORKDIR.value)
   logging.info("mesh %s; workdir %s", dict(mesh.shape), _WORKDIR.value)
   summary = loop.run(config, mesh, _WORKDIR.value, on_metrics=common.log_and_write(writer),
-                     on_progress=common.progress)
+                     on_progress=common.progress, warn=logging.warning,
+                     allow_fresh_start=_FRESH.value)
   common.print_summary(summary, _WORKDIR.value)
 
 

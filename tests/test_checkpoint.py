@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pr2_jax.parallel.mesh import make_mesh
@@ -36,3 +37,49 @@ def test_keeps_only_newest(tmp_path):
 def test_empty_directory_has_no_step(tmp_path):
   with Checkpointer(str(tmp_path / "none")) as ck:
     assert ck.latest_step() is None
+
+
+def _corrupt(directory):
+  """Truncates every data file of a checkpoint step (as a disk fault would)."""
+  import os
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "r+b") as f:
+        f.truncate(max(os.path.getsize(path) // 3, 1))
+
+
+def test_damaged_newest_falls_back_to_previous(tmp_path):
+  state = {"x": jnp.arange(4.0)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(1, state, {"model": {"d": 1}})
+    ck.save(2, {"x": state["x"] + 1}, {"model": {"d": 1}})
+    ck.wait()
+  _corrupt(str(tmp_path / "2"))
+  with Checkpointer(str(tmp_path)) as ck:
+    step, restored, _, problems = ck.restore_newest_good(abstract, {"model": {"d": 1}})
+  assert step == 1 and len(problems) == 1 and "step 2" in problems[0]
+  np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(4.0))
+
+
+def test_no_usable_checkpoint_is_an_error(tmp_path):
+  state = {"x": jnp.arange(4.0)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(1, state, {})
+    ck.wait()
+  _corrupt(str(tmp_path / "1"))
+  with Checkpointer(str(tmp_path)) as ck:
+    with pytest.raises(ValueError, match="no usable checkpoint: checkpoint step 1 .* unreadable"):
+      ck.restore_newest_good(abstract)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+  state = {"x": jnp.arange(4.0)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(1, state, {"model": {"num_experts": 8}})
+    ck.wait()
+    with pytest.raises(ValueError, match="written with model=.*num_experts': 8.* this run has"):
+      ck.restore_newest_good(abstract, {"model": {"num_experts": 16}})

@@ -98,3 +98,10 @@ def test_non_finite_updates_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch
   from pr2_jax.train.checkpoint import Checkpointer
   with Checkpointer(str(tmp_path / "checkpoints" / "rl")) as ck:
     assert ck.latest_step() == 2
+
+
+def test_refuses_fresh_start_over_existing_rl_metrics(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"phase": "rl", "step": 3}) + "\n")
+  mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match="holds RL metrics from an earlier run but no RL checkpoint"):
+    loop.run(_config(1), mesh, str(tmp_path))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Callable
@@ -203,14 +204,23 @@ class Engine:
     return out
 
 
-def _truncate_metrics(path: str, last_step: int) -> None:
-  """Drops RL metric rows after the checkpoint a resumed run restarts from."""
-  import json
+def _read_rows(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _has_rl_rows(path: str) -> bool:
+  return any(r.get("phase") == "rl" for r in _read_rows(path))
+
+
+def _truncate_metrics(path: str, last_step: int, phases=("rl",)) -> None:
+  """Drops rows of `phases` after `last_step`: a resumed run rewrites them identically."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  keep = [r for r in rows if not (r.get("phase") == "rl" and r.get("step", 0) > last_step)]
+  rows = _read_rows(path)
+  keep = [r for r in rows if not (r.get("phase") in phases and r.get("step", 0) > last_step)]
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
@@ -218,8 +228,14 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 
 def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callback | None = None,
-        on_progress: Callable[[int, int, float], None] | None = None) -> dict:
-  """Warm-up (or resume), then RL; returns a summary dict. Resumable from `workdir`."""
+        on_progress: Callable[[int, int, float], None] | None = None,
+        warn: Callable[[str], None] = print, allow_fresh_start: bool = False) -> dict:
+  """Warm-up (or resume), then RL; returns a summary dict. Resumable from `workdir`.
+
+  Resumes from the newest readable RL checkpoint (a damaged newest one is
+  reported through `warn` and an older one used). Refuses to start from
+  scratch over a workdir that already has metrics unless `allow_fresh_start`.
+  """
   emit = on_metrics or (lambda m: None)
   engine = Engine(config, mesh)
   rl_ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))
@@ -227,17 +243,33 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   sft_ckpt = Checkpointer(sft_dir, max_to_keep=1)
   state, start = engine.state, 0
   params_abstract = abstract_like(state.params, engine.shardings.params)
-  if rl_ckpt.latest_step() is not None:
-    start = rl_ckpt.latest_step()
-    state, _ = rl_ckpt.restore(start, abstract_like(state, engine.shardings))
+  # What a checkpoint must match to be resumed (JSON round trip: tuples come back as lists).
+  identity = json.loads(json.dumps({"model": dataclasses.asdict(config.model),
+                                    "replay_mode": config.rl.replay_mode}))
+  step, restored, _, problems = rl_ckpt.restore_newest_good(
+      abstract_like(state, engine.shardings), identity)
+  for problem in problems:
+    warn(problem + "; falling back to an older checkpoint")
+  if step is not None:
+    start, state = step, restored
     _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     warm_reward = None
   else:
-    if sft_ckpt.latest_step() is not None:
-      params, _ = sft_ckpt.restore(sft_ckpt.latest_step(), params_abstract)
-    else:
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if _has_rl_rows(metrics_path) and not allow_fresh_start:
+      raise ValueError(f"{workdir} holds RL metrics from an earlier run but no RL checkpoint to "
+                       "resume; refusing to start over it (pass allow_fresh_start=True / "
+                       "--fresh, or use another workdir)")
+    _truncate_metrics(metrics_path, -1, phases=("rl", "sft_eval"))
+    _, params, _, problems = sft_ckpt.restore_newest_good(
+        params_abstract, {"model": identity["model"]})
+    for problem in problems:
+      warn(problem)
+    if params is None:
+      _truncate_metrics(metrics_path, 0, phases=("sft",))  # an interrupted warm-up reruns whole
       params = engine.warmup(emit)
-      sft_ckpt.save(config.sft.num_steps, params, {"task": config.task, "seed": config.seed})
+      sft_ckpt.save(config.sft.num_steps, params, {"task": config.task, "seed": config.seed,
+                                                   "model": identity["model"]})
       sft_ckpt.wait()
     state = state.replace(params=params)
     warm_reward = engine.evaluate(state.params)
@@ -250,7 +282,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     consecutive = consecutive + trailing if trailing == rl.off_policy_k else trailing
     if consecutive >= rl.max_consecutive_skips:
       emit(last)
-      rl_ckpt.save(step, state, {"rl_step": step})  # skipped updates left the last good state
+      rl_ckpt.save(step, state, {"rl_step": step, **identity})  # skips left the last good state
       rl_ckpt.close()
       raise FloatingPointError(
           f"{consecutive} consecutive updates had a non-finite loss or gradient (limit "
@@ -263,7 +295,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     if on_progress:
       on_progress(step, rl.num_steps, (time.perf_counter() - t0) / (step - start))
     if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == rl.num_steps:
-      rl_ckpt.save(step, state, {"rl_step": step})
+      rl_ckpt.save(step, state, {"rl_step": step, **identity})
   rl_ckpt.close()
   sft_ckpt.close()
   return {"state": state, "warmup_eval_reward": warm_reward, "final": last}

@@ -45,6 +45,31 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta)
 
+  def restore_newest_good(self, abstract_state: Any, expect_meta: dict | None = None):
+    """Restores the newest step that reads back; returns (step, state, meta, problems).
+
+    A damaged or incomplete newest checkpoint is reported in `problems` (one
+    message per step tried) and the previous one is used. Raises ValueError
+    when steps exist but none restores, or when `expect_meta` entries differ
+    from what a checkpoint recorded (e.g. another model config).
+    """
+    problems = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as e:  # Orbax raises many types for damaged files
+        problems.append(f"checkpoint step {step} in {self.directory} is unreadable "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        continue
+      for key, want in (expect_meta or {}).items():
+        if key in meta and meta[key] != want:
+          raise ValueError(f"checkpoint step {step} in {self.directory} was written with "
+                           f"{key}={meta[key]!r}, but this run has {key}={want!r}")
+      return step, state, meta, problems
+    if problems:
+      raise ValueError("no usable checkpoint: " + "; ".join(problems))
+    return None, None, None, problems
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
