@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.aux_loss_coef = 0.0       # Switch load-balancing loss weight (off)
 
   s = c.sft = ml_collections.ConfigDict()
-  s.num_steps = 150           # warm-up steps on task solutions (partial competence)
+  s.num_steps = 100           # warm-up steps on task solutions (partial competence)
   s.batch_size = 64           # sequences per warm-up step
   s.learning_rate = 1e-2      # peak AdamW learning rate
   s.warmup_steps = 10         # linear warmup
