@@ -8,45 +8,27 @@ import json
 import os
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-PANELS = (
-    ("reward", ("reward_mean", "eval_reward")),
-    ("mismatch", ("k3_kl", "extreme_frac")),
-    ("ratio", ("ratio_mean", "ratio_var", "clip_frac_low", "clip_frac_high")),
-    ("routing", ("topk_agreement", "zero_dev_ratio", "coverage_gap")),
-    ("optimisation", ("grad_norm", "entropy", "response_len")),
-)
+from pr2_jax import viz
 
 
-def read_rows(workdir: str, phase: str = "rl") -> list[dict]:
+def read_rows(workdir: str, phases=("sft_eval", "rl")) -> list[dict]:
+  """Rows of the given phases ('sft_eval' is the warm-up policy's eval_reward at step 0)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     raise SystemExit(f"no metrics.jsonl in {workdir!r}")
   with open(path) as f:
-    return [r for r in map(json.loads, filter(str.strip, f)) if r.get("phase") == phase]
+    return [r for r in map(json.loads, filter(str.strip, f)) if r.get("phase") in phases]
 
 
 def plot(workdirs: list[str], out_dir: str) -> list[str]:
-  """One PNG per panel; every workdir is a line per metric. Returns the written paths."""
+  """One PNG per panel of `viz.PANELS` plus the horizon curve; returns the written paths."""
+  import matplotlib.pyplot as plt
   os.makedirs(out_dir, exist_ok=True)
   runs = {os.path.basename(os.path.normpath(w)): read_rows(w) for w in workdirs}
+  figures = [(name, viz.metric_panel(runs, keys)) for name, keys in viz.PANELS]
+  figures.append(("horizon", viz.horizon_curve(runs)))
   written = []
-  for name, keys in PANELS:
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-      for run, rows in runs.items():
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        if pts:
-          ax.plot(*zip(*pts), marker="." if key == "eval_reward" else None, label=run)
-      ax.set_title(key)
-      ax.set_xlabel("RL step")
-      ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+  for name, fig in figures:
     path = os.path.join(out_dir, f"{name}.png")
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from experiments import plot
+from pr2_jax import viz
 
 
 def test_writes_one_png_per_panel(tmp_path):
@@ -13,7 +14,7 @@ def test_writes_one_png_per_panel(tmp_path):
        "eval_reward": 0.5} for s in range(1, 4)]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   paths = plot.plot([str(tmp_path)], str(tmp_path / "plots"))
-  assert len(paths) == len(plot.PANELS)
+  assert len(paths) == len(viz.PANELS) + 1
   for p in paths:
     with open(p, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
