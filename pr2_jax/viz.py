@@ -70,3 +70,40 @@ def horizon_curve(runs: Mapping[str, Sequence[dict]], key: str = "zero_dev_ratio
     ax.legend(fontsize=8)
   fig.tight_layout()
   return fig
+
+
+def plan_figure(loads_E, slot_expert_DS, slot_load_DS, title: str = ""):
+  """Experts on devices before (native layout, no replicas) and after a plan, as stacked bars.
+
+  `loads_E` are one layer's (token, k) counts; `slot_expert_DS`/`slot_load_DS`
+  one layer of a `pr2_jax.balance.Plan`. Titles carry the imbalance max/mean.
+  """
+  plt = _plt()
+  loads_E = np.asarray(loads_E, float)
+  expert_DS, slot_DS = np.asarray(slot_expert_DS), np.asarray(slot_load_DS, float)
+  d, e = expert_DS.shape[0], loads_E.shape[0]
+  per = e // d
+  native_DS = np.arange(e).reshape(d, per)
+  colors = plt.get_cmap("tab20")(np.arange(e) % 20)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+  for ax, (name, ids_DS, load_DS) in zip(axes, (
+      ("static (no replicas)", native_DS, loads_E[native_DS]),
+      ("planned (replicas + split)", expert_DS, slot_DS))):
+    bottom = np.zeros(d)
+    for s in range(ids_DS.shape[1]):
+      ids = ids_DS[:, s]
+      ax.bar(np.arange(d), load_DS[:, s], bottom=bottom, color=colors[np.maximum(ids, 0)],
+             edgecolor="white")
+      for dev in range(d):
+        if load_DS[dev, s] > 0.04 * loads_E.sum() / d:
+          ax.text(dev, bottom[dev] + load_DS[dev, s] / 2, str(ids[dev]), ha="center",
+                  va="center", fontsize=7)
+      bottom += load_DS[:, s]
+    ax.axhline(loads_E.sum() / d, color="k", ls="--", lw=0.8)
+    ax.set_title(f"{name}: imbalance {bottom.max() / max(bottom.mean(), 1e-9):.2f}")
+    ax.set_xlabel("device")
+  axes[0].set_ylabel("(token, k) pairs; labels = expert ids")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
