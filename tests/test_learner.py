@@ -150,8 +150,10 @@ def test_update_moves_logprob_with_advantage_sign():
 
 
 def test_sharded_update_matches_single_device():
-  """The jitted learner on a (2, 4) mesh gives the single-device update."""
-  model1, tx, state1, batch = _rollout()
+  """The jitted learner on a (2, 4) mesh gives the single-device update (SGD: update = gradient)."""
+  model1, _, state1, batch = _rollout()
+  tx = optax.sgd(1.0)
+  state1 = state1.replace(opt_state=tx.init(state1.params))
   config = _rl(prompts_per_step=8, group_size=2, micro_steps=2)
   batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
   micro = _prepare(model1, config, state1.params, batch16, 2)

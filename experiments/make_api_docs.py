@@ -1,0 +1,63 @@
+"""Writes docs/api.md from the docstrings of the names `pr2_jax` exports.
+
+    python -m experiments.make_api_docs            # rewrite docs/api.md
+    python -m experiments.make_api_docs --check    # exit 1 if docs/api.md is stale
+"""
+
+import inspect
+import os
+import sys
+
+import pr2_jax
+
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "api.md")
+HEADER = """# API
+
+Everything below is importable as `import pr2_jax as p2; p2.<name>`. This page is generated
+from the docstrings by `python -m experiments.make_api_docs` (a test checks it is current).
+"""
+
+
+def public_names() -> list[str]:
+  return sorted(n for n in dir(pr2_jax) if not n.startswith("_") and n not in ("viz",)
+                and not inspect.ismodule(getattr(pr2_jax, n)))
+
+
+def entry(name: str) -> str:
+  obj = getattr(pr2_jax, name)
+  if callable(obj):
+    try:
+      sig = str(inspect.signature(obj))
+    except (TypeError, ValueError):
+      sig = "(...)"
+    kind = "class" if inspect.isclass(obj) else "def"
+    head = f"### `{name}`\n\n```python\n{kind} {name}{sig}\n```\n"
+    module = getattr(obj, "__module__", "")
+  else:
+    head = f"### `{name}`\n\n`{name} = {obj!r}`\n"
+    module = ""
+  doc = inspect.getdoc(obj) if callable(obj) else ""
+  where = f"\n*Defined in `{module}`.*\n" if module.startswith("pr2_jax") else ""
+  return head + (f"\n{doc}\n" if doc else "") + where
+
+
+def render() -> str:
+  return HEADER + "\n" + "\n".join(entry(n) for n in public_names())
+
+
+def main(argv):
+  text = render()
+  if "--check" in argv:
+    current = open(OUT).read() if os.path.exists(OUT) else ""
+    if current != text:
+      print(f"{OUT} is stale: run python -m experiments.make_api_docs", file=sys.stderr)
+      return 1
+    return 0
+  with open(OUT, "w") as f:
+    f.write(text)
+  print(f"wrote {OUT} ({len(public_names())} names)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
