@@ -1,0 +1,284 @@
+"""Benchmark: micro-step expert load balancing with routing foresight.
+
+    python -m experiments.bench_balance            # Qwen3-30B-A3B shape, ~2-4 min on 2 CPUs
+    python -m experiments.bench_balance --quick    # smoke test, seconds
+
+(a) planner time: `plan_placement` jitted on CPU for one micro-step (48 layers x
+    128 experts, top-8, D=64, 3 slots per device, 4 x 2048 tokens), from loads
+    and from routes (loads_from_routes + plan), against `eplb_rebalance` (numpy)
+    on the same loads. Medians of `--repeats` runs over different micro-steps.
+(b) imbalance (max / mean device load per micro-step and layer) of the modes
+    none / eplb_step / eplb_ema / foresight on a synthetic RL-like trace, for
+    micro-steps of each of `--micro_seqs` sequences.
+(c) measured wall time of one MoE layer (capacity path, all_to_all) on 8 fake CPU
+    devices: dropless static capacity vs foresight capacity with one redundant slot
+    per device (`experiments/balance_moe.py`, in a subprocess for its own devices).
+(d) a cost model of one RL step (old-log-prob pass + update) at D GPUs for the
+    Qwen3-30B-A3B shape: modelled speedup of every mode over `none`.
+Prints tables, writes JSON to `--out`; the last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+from experiments import common
+
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke test of every part.")
+_LAYERS = flags.DEFINE_integer("layers", 48, "MoE layers.")
+_EXPERTS = flags.DEFINE_integer("experts", 128, "Routed experts per layer.")
+_TOP_K = flags.DEFINE_integer("top_k", 8, "Experts per token.")
+_DEVICES = flags.DEFINE_integer("devices", 64, "Expert-parallel devices D.")
+_SLOTS = flags.DEFINE_integer("slots", 3, "Slots per device S (E/D native + redundant).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
+_PLAN_SEQS = flags.DEFINE_integer("plan_seqs", 4, "(a): sequences in the timed micro-step.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "(a): timed planner calls.")
+_STEPS = flags.DEFINE_integer("trace_steps", 4, "(b): RL steps in the synthetic trace.")
+_SEQS = flags.DEFINE_integer("trace_seqs", 16, "(b): sequences per RL step.")
+_MICRO = flags.DEFINE_list("micro_seqs", ["1", "2", "4"], "(b): sequences per micro-step.")
+_SKEW = flags.DEFINE_float("skew", 0.5, "(b): std of the stable popularity logits.")
+_CLUSTER = flags.DEFINE_integer("cluster", 16, "(b): experts each sequence prefers per layer.")
+_BOOST = flags.DEFINE_float("boost", 2.0, "(b): logit boost of a sequence's preferred experts.")
+_DRIFT = flags.DEFINE_float("drift", 0.1, "(b): per-step drift of the popularity logits.")
+_EMA = flags.DEFINE_float("ema", 0.5, "(b): weight of the past in eplb_ema's average.")
+_STICKINESS = flags.DEFINE_float("stickiness", 0.25, "Planner home-rule tolerance.")
+_SWEEP = flags.DEFINE_list("sweep_stickiness", ["0.05", "0.5", "1"],
+                           "(b, d): other stickiness values tried at --sim_micro_seqs.")
+_SWEEP_BW = flags.DEFINE_list("sweep_xfer_gbps", ["200", "450"],
+                              "(d): other weight-transfer bandwidths tried.")
+_SPLIT_ITERS = flags.DEFINE_integer("split_iters", 8, "Planner water-filling rounds.")
+_SIM_MICRO = flags.DEFINE_integer("sim_micro_seqs", 4, "(d): sequences per micro-step.")
+_GPU_TFLOPS = flags.DEFINE_float("gpu_tflops", 400.0, "(d): achieved bf16 TFLOP/s per GPU.")
+_A2A_GBPS = flags.DEFINE_float("a2a_gbps", 50.0, "(d): all-to-all GB/s per GPU.")
+_XFER_GBPS = flags.DEFINE_float("xfer_gbps", 50.0, "(d): weight-transfer GB/s per GPU.")
+_MOE = flags.DEFINE_bool("moe", True, "(c): run the measured MoE-layer comparison.")
+_MOE_ARGS = flags.DEFINE_list(
+    "moe_args", ["--experts=32", "--top_k=4", "--seqs=2", "--seq_len=1024", "--d_model=128",
+                 "--d_ff=256", "--repeats=5"], "(c): flags for experiments.balance_moe.")
+_SEED = flags.DEFINE_integer("seed", 0, "Trace and shuffling seed.")
+_OUT = flags.DEFINE_string("out", "experiments/results/bench_balance.json", "JSON output.")
+
+QUICK_MOE = ["--experts=16", "--top_k=2", "--seqs=2", "--seq_len=64", "--d_model=16",
+             "--d_ff=16", "--repeats=2"]
+QUICK = dict(sweep_stickiness=[], sweep_xfer_gbps=["450"], layers=4, experts=16, top_k=2,
+             devices=4, slots=6, seq_len=64, plan_seqs=2,
+             repeats=3, trace_steps=2, trace_seqs=4, micro_seqs=["1", "2"], cluster=4,
+             sim_micro_seqs=2)
+
+
+def _settings():
+  s = {f.name: f.value for f in (_LAYERS, _EXPERTS, _TOP_K, _DEVICES, _SLOTS, _SEQ_LEN,
+                                 _PLAN_SEQS, _REPEATS, _STEPS, _SEQS, _MICRO, _SKEW, _CLUSTER,
+                                 _BOOST, _DRIFT, _EMA, _STICKINESS, _SPLIT_ITERS, _SIM_MICRO,
+                                 _GPU_TFLOPS, _A2A_GBPS, _XFER_GBPS, _SEED, _SWEEP, _SWEEP_BW)}
+  s = {k.replace("trace_steps", "steps").replace("trace_seqs", "seqs"): v for k, v in s.items()}
+  if _QUICK.value:
+    s.update({k.replace("trace_steps", "steps").replace("trace_seqs", "seqs"): v
+              for k, v in QUICK.items()})
+  s["micro_seqs"] = [int(m) for m in s["micro_seqs"]]
+  s["sweep_stickiness"] = [float(x) for x in s["sweep_stickiness"]]
+  s["sweep_xfer_gbps"] = [float(x) for x in s["sweep_xfer_gbps"]]
+  if s["sim_micro_seqs"] not in s["micro_seqs"]:
+    raise app.UsageError(f"--sim_micro_seqs={s['sim_micro_seqs']} must be one of --micro_seqs")
+  return s
+
+
+def time_planner(s, rng):
+  """(a): ms per micro-step of the jitted planner (from loads, from routes) and of EPLB."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from experiments import balance_traces as bt
+  from pr2_jax import balance
+  e, d, slots = s["experts"], s["devices"], s["slots"]
+  base = rng.normal(0.0, s["skew"], (s["layers"], e)).astype(np.float32)
+  micro = [bt.synthetic_routes(rng, base, s["plan_seqs"], s["seq_len"], s["top_k"], s["cluster"],
+                               s["boost"]) for _ in range(3)]
+  valid = jnp.ones(micro[0].shape[:2], bool)
+  prev = jnp.asarray(np.broadcast_to(balance.native_layout(e, d, slots),
+                                     (s["layers"], d, slots)))
+  kw = dict(stickiness=s["stickiness"], split_iters=s["split_iters"])
+  from_loads = bt._plan_fn(d, slots, s["stickiness"], s["split_iters"])  # shared with (b)
+  from_routes = jax.jit(lambda r, v, p: balance.plan_placement(
+      balance.loads_from_routes(r, v, e), d, slots, p, **kw))
+  routes = [jnp.asarray(r) for r in micro]
+  loads = [balance.loads_from_routes(r, valid, e) for r in routes]
+  t0 = time.perf_counter()
+  jax.block_until_ready(from_loads(loads[0], prev))
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(from_routes(routes[0], valid, prev))
+  times = {"planner": [], "planner_from_routes": [], "eplb": []}
+  for i in range(s["repeats"]):  # round-robin, so machine load hits all alike
+    j = i % len(routes)
+    t0 = time.perf_counter()
+    jax.block_until_ready(from_loads(loads[j], prev))
+    times["planner"].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(from_routes(routes[j], valid, prev))
+    times["planner_from_routes"].append(time.perf_counter() - t0)
+    host_loads = np.asarray(loads[j])
+    t0 = time.perf_counter()
+    balance.eplb_rebalance(host_loads, d * slots, 1, 1, d)
+    times["eplb"].append(time.perf_counter() - t0)
+  ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+  ms.update({f"{k}_min": 1e3 * min(v) for k, v in times.items()})
+  ms["planner_compile_s"] = compile_s
+  return ms
+
+
+def start_moe(quick):
+  """(c) in a subprocess with 8 fake CPU devices; returns (process, JSON path)."""
+  out = os.path.join(tempfile.mkdtemp(), "moe.json")
+  args = QUICK_MOE if quick else _MOE_ARGS.value
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.balance_moe", "--cpu_devices=8",
+                           f"--out={out}", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  return proc, out
+
+
+def finish_moe(proc_out):
+  proc, out = proc_out
+  log, _ = proc.communicate()
+  if proc.returncode:
+    raise RuntimeError(f"experiments.balance_moe failed:\n{log}")
+  with open(out) as f:
+    return json.load(f)
+
+
+def main(argv):
+  del argv
+  common.setup_devices()
+  import jax
+  import numpy as np
+  from experiments import balance_traces as bt
+  s = _settings()
+  rng = np.random.default_rng(s["seed"])
+  t_start = time.perf_counter()
+
+  # (c) first and alone, so it does not disturb the timings of (a); --quick overlaps it.
+  moe_run = start_moe(_QUICK.value) if _MOE.value else None
+  moe = finish_moe(moe_run) if moe_run and not _QUICK.value else None
+  timing = time_planner(s, rng)
+  print(f"(a) planner, {s['layers']} layers x {s['experts']} experts, top-{s['top_k']}, "
+        f"D={s['devices']}, S={s['slots']}, micro-step {s['plan_seqs']} x {s['seq_len']} tokens")
+  for k in ("planner", "planner_from_routes", "eplb"):
+    print(f"    {k:<22} median {timing[k]:8.2f} ms   min {timing[k + '_min']:8.2f} ms")
+
+  trace = bt.synthetic_trace(rng, steps=s["steps"], seqs=s["seqs"], seq_len=s["seq_len"],
+                             layers=s["layers"], experts=s["experts"], top_k=s["top_k"],
+                             skew=s["skew"], cluster=s["cluster"], boost=s["boost"],
+                             drift=s["drift"])
+  cost = bt.CostModel(seq_len=s["seq_len"], gpu_flops=s["gpu_tflops"] * 1e12,
+                      a2a_bytes_per_s=s["a2a_gbps"] * 1e9, xfer_bytes_per_s=s["xfer_gbps"] * 1e9)
+  if _QUICK.value:
+    cost = bt.CostModel(d_model=64, expert_ff=32, attn_params=64 * 64 * 4, heads_x_dim=64,
+                        seq_len=s["seq_len"])
+  imb, sim, sweep = {}, {}, {}
+  kw = dict(ema=s["ema"], split_iters=s["split_iters"], seed=s["seed"])
+  lpt = {"foresight_lpt": {"stickiness": 0.0}}  # balance first: plain LPT, no home rules
+
+  def summarize(res, m, bw=None):
+    tokens = m * s["seq_len"]
+    c = cost if bw is None else dataclasses.replace(cost, xfer_bytes_per_s=bw * 1e9)
+    base = bt.simulate_step(res["none"], tokens, s["devices"], c)
+    return {mode: {"mean": float(r["imbalance"].mean()), "max": float(r["imbalance"].max()),
+                   "fetches_per_layer_device": float(r["transfers"].mean()),
+                   "sim_step_s": bt.simulate_step(r, tokens, s["devices"], c),
+                   "sim_speedup": base / bt.simulate_step(r, tokens, s["devices"], c),
+                   "sim_speedup_planner_serial": base / bt.simulate_step(
+                       r, tokens, s["devices"], c,
+                       planner_s=timing["planner"] / 1e3 if mode == "foresight" else 0.0)}
+            for mode, r in res.items()}
+
+  print(f"\n(b) imbalance max/mean per (micro-step, layer): mean [max]; {s['steps']} steps x "
+        f"{s['seqs']} sequences; foresight stickiness {s['stickiness']}")
+  modes = bt.MODES + tuple(lpt)
+  print(f"    {'seqs/micro':<11}" + "".join(f"{m:>20}" for m in modes))
+  for m in s["micro_seqs"]:
+    res = bt.evaluate_modes(trace, s["devices"], s["slots"], m, stickiness=s["stickiness"],
+                            variants=lpt, **kw)
+    imb[m] = summarize(res, m)
+    print(f"    {m:<11}" + "".join(f"{imb[m][k]['mean']:>12.3f} [{imb[m][k]['max']:5.2f}]"
+                                   for k in modes))
+    if m == s["sim_micro_seqs"]:
+      for bw in s["sweep_xfer_gbps"]:
+        sim[bw] = summarize(res, m, bw)
+  m = s["sim_micro_seqs"]
+  for st in s["sweep_stickiness"]:
+    res = bt.evaluate_modes(trace, s["devices"], s["slots"], m, stickiness=st, **kw)
+    sweep[st] = {bw: summarize(res, m, bw)["foresight"]
+                 for bw in [s["xfer_gbps"]] + s["sweep_xfer_gbps"]}
+  for st, mode in ((s["stickiness"], "foresight"), (0.0, "foresight_lpt")):
+    sweep[st] = {bw: (imb[m] if bw == s["xfer_gbps"] else sim[bw])[mode]
+                 for bw in [s["xfer_gbps"]] + s["sweep_xfer_gbps"]}
+  if moe_run and moe is None:
+    moe = finish_moe(moe_run)
+  if moe:
+    print(f"\n(c) one MoE layer on {moe['devices']} fake CPU devices, {moe['tokens']} tokens, "
+          f"top-{moe['top_k']}, {moe['experts']} experts: capacity static {moe['capacity_static']}"
+          f" x {moe['slots_static']} slots, foresight {moe['capacity_foresight']} x "
+          f"{moe['slots_foresight']} slots (buffer {moe['buffer_ratio']:.2f}x smaller)")
+    for k in ("forward", "train"):
+      t = moe[f"{k}_s"]
+      print(f"    {k:<8} static {t['static'] * 1e3:8.1f} ms  foresight {t['foresight'] * 1e3:8.1f}"
+            f" ms  speedup {moe[k + '_speedup']:.3f}x")
+
+  print(f"\n(d) modelled old-log-prob + update, {s['devices']} GPUs, "
+        f"{s['gpu_tflops']:.0f} TFLOP/s, a2a {s['a2a_gbps']:.0f} GB/s: speedup over none [fetches per layer and device]")
+  print(f"    {'seqs/micro':<11}" + "".join(f"{k:>20}" for k in modes) + "   (transfers "
+        f"{s['xfer_gbps']:.0f} GB/s)")
+  for mi in s["micro_seqs"]:
+    print(f"    {mi:<11}" + "".join(
+        f"{imb[mi][k]['sim_speedup']:>11.3f}x [{imb[mi][k]['fetches_per_layer_device']:5.2f}]"
+        for k in modes))
+  print(f"    at {m} seqs/micro, other transfer bandwidths:")
+  for bw, row in sim.items():
+    print(f"    {bw:>6.0f} GB/s" + "".join(f"{row[k]['sim_speedup']:>11.3f}x        "
+                                         for k in modes))
+  print(f"    foresight stickiness sweep at {m} seqs/micro: imbalance mean [max], fetches, "
+        "speedup per transfer bandwidth")
+  for st in sorted(sweep):
+    row = sweep[st][s["xfer_gbps"]]
+    print(f"    {st:<6} {row['mean']:.3f} [{row['max']:.2f}]  "
+          f"{row['fetches_per_layer_device']:5.2f}"
+          + "".join(f"  {bw:.0f} GB/s {r['sim_speedup']:.3f}x" for bw, r in sweep[st].items()))
+  headline = s["sim_micro_seqs"]
+  summary = {
+      "planner_ms": round(timing["planner"], 3),
+      "planner_from_routes_ms": round(timing["planner_from_routes"], 3),
+      "eplb_ms": round(timing["eplb"], 3),
+      **{f"imbalance_{k}": round(imb[headline][k]["mean"], 4) for k in modes},
+      "imbalance_micro_seqs": headline,
+      "cpu_moe_speedup": round(moe["train_speedup"], 4) if moe else None,
+      "cpu_moe_forward_speedup": round(moe["forward_speedup"], 4) if moe else None,
+      "fetches_per_layer_device_foresight": round(
+          imb[headline]["foresight"]["fetches_per_layer_device"], 4),
+      "sim_speedup": round(imb[headline]["foresight"]["sim_speedup"], 4),
+      "sim_speedup_eplb_step": round(imb[headline]["eplb_step"]["sim_speedup"], 4),
+  }
+  result = {"settings": s, "quick": _QUICK.value, "timing_ms": timing, "imbalance": imb,
+            "moe": moe,
+            "simulation_bandwidth": sim, "stickiness_sweep": sweep,
+            "cost_model": dataclasses.asdict(cost), "summary": summary,
+            "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+                        "platform": platform.platform(), "jax": jax.__version__,
+                        "device": jax.devices()[0].device_kind},
+            "wall_s": time.perf_counter() - t_start}
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(result, f, indent=1, default=str)
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,159 @@
+"""EPLB-compatible expert placement: DeepSeek's expert-parallel load balancer, in numpy.
+
+A host-side baseline for step-level balancing (`eplb_step` mode); the
+per-micro-step planner is `pr2_jax.balance.planner`.
+
+Dimension legend:
+  L layers, E logical experts, X physical experts (replicas, = num_replicas),
+  G expert groups, N nodes, U GPUs, R max replicas of one expert.
+
+Semantics (same outputs as DeepSeek's `rebalance_experts`):
+  * hierarchical policy when `num_groups % num_nodes == 0`:
+    1. pack expert groups onto nodes (balanced packing, equal count per node);
+    2. inside each node, replicate its experts up to X/N physical experts
+       (each new replica goes to the expert with the largest load per replica);
+    3. pack the node's physical experts onto its GPUs (balanced packing).
+  * otherwise the global policy: the same with one group and one node.
+Balanced packing: items heaviest first (stable sort, so equal weights keep
+index order), each into the lightest pack that still has room (first such
+pack on ties). Arithmetic is float32, like the reference, so ties break alike.
+Physical expert p lives on GPU p // (X/U); a replica gets 1/count of its
+expert's tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _balanced_packing(weight_LI: np.ndarray, num_packs: int):
+  """Items -> packs with equal item counts; returns (pack_LI, rank_in_pack_LI)."""
+  num_layers, num_items = weight_LI.shape
+  per_pack = num_items // num_packs
+  if per_pack == 1:
+    ident = np.broadcast_to(np.arange(num_items), weight_LI.shape).copy()
+    return ident, np.zeros_like(ident)
+  pack_LI = np.full(weight_LI.shape, -1, np.int64)
+  rank_LI = np.full(weight_LI.shape, -1, np.int64)
+  for l in range(num_layers):
+    pack_weight = np.zeros(num_packs, np.float32)
+    pack_items = np.zeros(num_packs, np.int64)
+    for item in np.argsort(-weight_LI[l], kind="stable"):
+      # Full packs are masked with +inf so argmin (first minimum) sees only open ones.
+      pack = int(np.argmin(np.where(pack_items < per_pack, pack_weight, np.inf)))
+      pack_LI[l, item] = pack
+      rank_LI[l, item] = pack_items[pack]
+      pack_weight[pack] += weight_LI[l, item]
+      pack_items[pack] += 1
+  return pack_LI, rank_LI
+
+
+def _replicate(weight_LE: np.ndarray, num_physical: int):
+  """Greedy replication; returns (phy2log_LX, phy_rank_LX, count_LE).
+
+  Physical expert i < E is logical expert i; each extra one copies the expert
+  with the largest weight / count (first on ties), and its rank is the
+  number of copies that expert already had.
+  """
+  num_layers, num_log = weight_LE.shape
+  rows = np.arange(num_layers)
+  phy2log = np.tile(np.arange(num_physical, dtype=np.int64), (num_layers, 1))
+  rank = np.zeros((num_layers, num_physical), np.int64)
+  count = np.ones((num_layers, num_log), np.int64)
+  for i in range(num_log, num_physical):
+    best = np.argmax(weight_LE / count.astype(np.float32), axis=-1)
+    phy2log[:, i] = best
+    rank[:, i] = count[rows, best]
+    count[rows, best] += 1
+  return phy2log, rank, count
+
+
+def _inverse(perm_LI: np.ndarray) -> np.ndarray:
+  inv = np.empty_like(perm_LI)
+  np.put_along_axis(inv, perm_LI, np.broadcast_to(np.arange(perm_LI.shape[1]), perm_LI.shape),
+                    axis=1)
+  return inv
+
+
+def _hierarchical(weight_LE, num_physical, num_groups, num_nodes, num_gpus):
+  num_layers, num_log = weight_LE.shape
+  group_size = num_log // num_groups
+  groups_per_node = num_groups // num_nodes
+  log_per_node, phy_per_node = num_log // num_nodes, num_physical // num_nodes
+  phy_per_gpu = num_physical // num_gpus
+
+  # 1. Groups -> nodes. "mlog" numbers experts node-major: node n owns mlog ids
+  #    [n * log_per_node, (n + 1) * log_per_node).
+  group_weight = weight_LE.reshape(num_layers, num_groups, group_size).sum(-1)
+  group_pack, group_rank = _balanced_packing(group_weight, num_nodes)
+  first_mlog = (group_pack * groups_per_node + group_rank) * group_size
+  log2mlog = (first_mlog[..., None] + np.arange(group_size)).reshape(num_layers, num_log)
+  mlog2log = _inverse(log2mlog)
+
+  # 2. Replicate inside each node (rows = (layer, node)).
+  mlog_weight = np.take_along_axis(weight_LE, mlog2log, -1).reshape(-1, log_per_node)
+  phy2mlog, phy_rank, mlog_count = _replicate(mlog_weight, phy_per_node)
+
+  # 3. Physical experts of a node -> its GPUs, by load per replica.
+  phy_weight = np.take_along_axis(mlog_weight / mlog_count.astype(np.float32), phy2mlog, -1)
+  pack, rank = _balanced_packing(phy_weight, num_gpus // num_nodes)
+  pphy2phy = _inverse(pack * phy_per_gpu + rank)
+  pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, -1)
+  pphy2mlog = (pphy2mlog.reshape(num_layers, num_nodes, -1)
+               + (np.arange(num_nodes) * log_per_node)[None, :, None]).reshape(num_layers, -1)
+  phy2log = np.take_along_axis(mlog2log, pphy2mlog, -1)
+  phy_rank = np.take_along_axis(phy_rank, pphy2phy, -1).reshape(num_layers, -1)
+  log_count = np.take_along_axis(mlog_count.reshape(num_layers, -1), log2mlog, -1)
+  return phy2log, phy_rank, log_count
+
+
+def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int):
+  """DeepSeek EPLB: replicate and place experts from a load estimate.
+
+  Args:
+    weight: [L, E] load per logical expert (any real dtype).
+    num_replicas: physical experts X (multiple of num_gpus, >= E).
+    num_groups: expert groups (E % num_groups == 0); the hierarchical policy
+      needs num_groups % num_nodes == 0, else the global policy is used.
+    num_nodes: server nodes (num_gpus % num_nodes == 0).
+    num_gpus: GPUs; GPU u holds physical experts [u * X/U, (u + 1) * X/U).
+  Returns:
+    phy2log int64 [L, X]: logical expert of each physical expert;
+    log2phy int64 [L, E, R]: physical ids of each logical expert, padded with -1;
+    logcnt int64 [L, E]: replicas per logical expert.
+  """
+  weight_LE = np.asarray(weight, np.float32)
+  if weight_LE.ndim != 2:
+    raise ValueError(f"weight must be [layers, experts], got shape {weight_LE.shape}")
+  num_layers, num_log = weight_LE.shape
+  for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups),
+                      ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
+    if value < 1:
+      raise ValueError(f"{name}={value} must be >= 1")
+  if num_replicas < num_log or num_replicas % num_gpus:
+    raise ValueError(f"num_replicas={num_replicas} must be >= num_experts={num_log} and a "
+                     f"multiple of num_gpus={num_gpus}")
+  if num_groups % num_nodes == 0:
+    if num_gpus % num_nodes:
+      raise ValueError(f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes}")
+    if num_log % num_groups:
+      raise ValueError(f"num_experts={num_log} must be a multiple of num_groups={num_groups}")
+    if num_replicas % num_nodes or num_log % num_nodes:
+      raise ValueError(f"num_replicas={num_replicas} and num_experts={num_log} must be "
+                       f"multiples of num_nodes={num_nodes}")
+    phy2log, phy_rank, logcnt = _hierarchical(weight_LE, num_replicas, num_groups, num_nodes,
+                                              num_gpus)
+  else:
+    phy2log, phy_rank, logcnt = _hierarchical(weight_LE, num_replicas, 1, 1, num_gpus)
+  max_count = int(logcnt.max())
+  log2phy = np.full((num_layers, num_log * max_count), -1, np.int64)
+  np.put_along_axis(log2phy, phy2log * max_count + phy_rank,
+                    np.broadcast_to(np.arange(num_replicas), phy2log.shape), axis=1)
+  return phy2log, log2phy.reshape(num_layers, num_log, max_count), logcnt
+
+
+def eplb_device_load(weight, phy2log, logcnt, num_gpus: int) -> np.ndarray:
+  """Per-GPU load [L, U] when every replica gets an even 1/count of its expert's load."""
+  weight_LE = np.asarray(weight, np.float64)
+  per_replica_LX = np.take_along_axis(weight_LE / logcnt, phy2log, -1)
+  return per_replica_LX.reshape(weight_LE.shape[0], num_gpus, -1).sum(-1)

@@ -1,0 +1,352 @@
+"""Per-micro-step expert placement with routing foresight (ForeMoE-style planner).
+
+Dimension legend:
+  L MoE layers, E experts, D expert-parallel devices, S slots per device,
+  X = D*S global slots (= replicas), R = X - E redundant replicas.
+
+Given one micro-step's loads (from its replayed routes) the planner decides,
+per layer, which expert every slot holds and what share of the expert's
+tokens each replica takes. It is `jax.numpy` with static shapes and a `vmap`
+over layers, so it traces into a jitted step and a new plan never
+recompiles. Per layer:
+
+1. Replica counts: each of the R redundant slots goes, one at a time, to the
+   expert with the largest load per replica n_e / r_e (lowest id on ties),
+   capped at D replicas when S <= E (a device gains nothing from two replicas
+   of one expert). See `replica_counts`.
+2. Placement, longest processing time first: replicas by decreasing n_e / r_e
+   (ties: expert id), each onto the lightest device with a free slot (exactly
+   S per device) that holds no replica of that expert yet (if every open
+   device does, the lightest open one). With stickiness > 0, two rules keep
+   weights in place (stickiness 0 is plain LPT: best balance, most moves):
+   * reservation: each device keeps one slot per native expert (e // (E/D))
+     free until that expert's first replica is placed, so heavy replicas of
+     other experts cannot crowd a light native out of its own device;
+   * home rule: a device that already holds the expert (native, or in
+     `previous`) is taken when its load is at most `stickiness` x (mean device
+     load) above the lightest candidate's: a small loss of balance for no
+     weight transfer (one argmin over load - bonus, the bonus being the
+     tolerance on home devices).
+   A device holding the expert is used only when no other device is open,
+   and one with only reserved slots free only before that. If the greedy
+   still had to put two replicas of an expert on one device, a few swap
+   rounds move one of them to a device without it, in exchange for a
+   replica of about the same load.
+3. Token split: start from 1/r_e per replica (what step 2 balanced), then
+   water-filling rounds among each expert's replicas (`split.water_fill`)
+   that only ever lower the busiest device.
+4. Slots: experts a device held before keep their old slot index, so
+   unchanged slots are not rewritten.
+5. Hysteresis (optional, `min_gain`): the previous layout, re-split for the
+   new loads, is kept (no transfers at all) unless the new plan lowers the
+   layer's peak device load by more than a fraction `min_gain`.
+6. Guard: a layer whose plan would make its busiest device busier than the
+   static layout's falls back to the native layout; its redundant slots hold
+   copies of other devices' experts with a zero share. So device load is
+   never above the static layout's.
+
+S == E/D (no redundant slots) returns the native layout: without spare slots
+the only way to rebalance is to move experts, which this planner does not do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pr2_jax.balance.loads import EMPTY, native_layout
+from pr2_jax.balance.split import water_fill
+
+_TINY = float(np.finfo(np.float32).tiny)
+_AVOID = 1e30  # placement score penalty of a device already holding the expert
+_REPAIR_ROUNDS = 4  # duplicate-replica swaps per layer (a forced twin is rare)
+_AVOID_RESERVED = 1e20  # ... and of a device with nothing but reserved slots free
+
+
+class Plan(flax.struct.PyTreeNode):
+  """One micro-step's placement for every MoE layer (a pytree of arrays).
+
+  Global slot x = d * S + s is local slot s of device d: the flattened
+  `slot_expert.reshape(L, D * S)[l]` is the `slot_expert_X` of `moe_experts`.
+  """
+  slot_expert: jax.Array    # int32 [L, D, S] expert held by each slot
+  replica_count: jax.Array  # int32 [L, E] slots holding each expert (>= 1, sums to D*S)
+  replica_share: jax.Array  # float32 [L, D, S] share of its expert's tokens (sums to 1 per expert)
+  slot_load: jax.Array      # float32 [L, D, S] planned (token, k) pairs of each slot
+  device_load: jax.Array    # float32 [L, D] planned (token, k) pairs per device
+
+  def layer(self, l) -> "Plan":
+    """The plan of one layer (arrays lose their leading L axis)."""
+    return jax.tree_util.tree_map(lambda a: a[l], self)
+
+
+def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.Array:
+  """int32 [E]: greedy replica counts of one layer (step 1 of the module docstring).
+
+  The greedy's picks are exactly the R = num_slots - E largest quotients
+  n_e / j (j = 1 .. max_replicas - 1), taken in expert order among equal
+  quotients. Rather than R sequential argmaxes, the R-th largest quotient v
+  is found by bisection on the bits of float32 (31 steps on E-vectors), with
+  counts made exactly with the float division the greedy would use.
+  Loads must be >= 0.
+  """
+  load_E = load_E.astype(jnp.float32)
+  num_experts = load_E.shape[0]
+  redundant = num_slots - num_experts
+  cols = min(redundant, max_replicas - 1)
+  if cols <= 0:
+    return jnp.ones((num_experts,), jnp.int32)
+
+  def count_at_least(bits):
+    """#{j in 1..cols : n_e / j >= v} per expert, v = the float32 with these bits."""
+    # XLA:CPU flushes subnormals to zero: the least v above 0 is the least normal.
+    v = jnp.maximum(jax.lax.bitcast_convert_type(bits, jnp.float32), _TINY)
+    guess_E = jnp.clip(jnp.floor(load_E / v), 0, cols).astype(jnp.int32)
+    best_E = jnp.zeros_like(guess_E)
+    for step in (-1, 0, 1):  # the float guess is within one of the exact count
+      c_E = jnp.clip(guess_E + step, 0, cols)
+      ok_E = (c_E == 0) | (load_E / jnp.maximum(c_E, 1).astype(jnp.float32) >= v)
+      best_E = jnp.maximum(best_E, jnp.where(ok_E, c_E, 0))
+    return jnp.where(bits > 0, best_E, cols)
+
+  def bisect(_, lo_hi):
+    lo, hi = lo_hi
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(count_at_least(mid)) >= redundant
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+  top = jax.lax.bitcast_convert_type(jnp.max(load_E), jnp.int32) + 1  # above every quotient
+  lo, _ = jax.lax.fori_loop(0, 31, bisect, (jnp.int32(0), top))
+  above_E = count_at_least(lo + 1)         # quotients > v: all taken
+  tied_E = count_at_least(lo) - above_E    # quotients == v: lowest experts first
+  left = redundant - jnp.sum(above_E)
+  take_E = jnp.clip(left - (jnp.cumsum(tied_E) - tied_E), 0, tied_E)
+  return (1 + above_E + take_E).astype(jnp.int32)
+
+
+def _lpt(load_E, count_E, prev_DS, num_devices, slots, tol, reserve):
+  """Step 2 of one layer; returns (expert_X, slot_X) of the replicas in placement order."""
+  num_experts = load_E.shape[0]
+  num_slots = num_devices * slots
+  device_D = jnp.arange(num_devices)
+  cum_E = jnp.cumsum(count_E)
+  expert_X = jnp.searchsorted(cum_E, jnp.arange(num_slots), side="right").astype(jnp.int32)
+  weight_X = load_E[expert_X] / count_E[expert_X]
+  # Stable: one expert's replicas (equal weights, adjacent in expert order) stay
+  # adjacent, so "holds this expert" only needs the devices of the current run.
+  order_X = jnp.argsort(-weight_X, stable=True)
+  expert_X, weight_X = expert_X[order_X], weight_X[order_X]
+  per = num_experts // num_devices
+  home_XD = ((device_D[None, :] == (expert_X // per)[:, None])
+             | jnp.any(prev_DS[None, :, :] == expert_X[:, None, None], axis=-1))
+  bonus_XD = jnp.where(home_XD, tol, 0.0)
+  same_X = jnp.concatenate([jnp.zeros((1,), bool), expert_X[1:] == expert_X[:-1]])
+  # The first replica of each expert owns a reserved slot on its native device
+  # until it is placed (there or, if the home rule says so, elsewhere).
+  own_XD = ~same_X[:, None] & (device_D[None, :] == (expert_X // per)[:, None])
+
+  def place(i, state):
+    load_D, used_D, reserved_D, holds_D, slot_X = state
+    holds_D &= same_X[i]
+    reserved_D = jnp.maximum(reserved_D - own_XD[i], 0)
+    # One argmin does it all: full devices are out; devices holding the expert
+    # come last, then devices whose only free slots are reserved (a distinct
+    # device beats a reservation); home devices win within `tol` of the
+    # lightest (lower id on ties).
+    steal_D = used_D + reserved_D >= slots
+    score_D = (load_D - bonus_XD[i] + jnp.where(holds_D, _AVOID, 0.0)
+               + jnp.where(steal_D, _AVOID_RESERVED, 0.0))
+    d = jnp.argmin(jnp.where(used_D < slots, score_D, jnp.inf))
+    on_D = device_D == d
+    return (load_D + jnp.where(on_D, weight_X[i], 0.0), used_D + on_D,
+            reserved_D - (on_D & steal_D), holds_D | on_D,
+            slot_X.at[i].set(d * slots + used_D[d]))
+
+  init = (jnp.zeros((num_devices,), jnp.float32), jnp.zeros((num_devices,), jnp.int32),
+          jnp.full((num_devices,), per if reserve else 0, jnp.int32),
+          jnp.zeros((num_devices,), bool),
+          jnp.zeros((num_slots,), jnp.int32))
+  return expert_X, jax.lax.fori_loop(0, num_slots, place, init)[4]
+
+
+def _repair_duplicates(expert_X, slot_X, weight_X, num_devices, slots, num_experts, rounds):
+  """Swaps away replicas the greedy had to put beside a twin (its last open slots were
+  on a device holding the expert): each round moves one such replica to a device
+  without that expert, in exchange for a replica of about the same load whose
+  expert the first device lacks. Returns the new slot_X."""
+  def round_(_, slot_X):
+    device_X = slot_X // slots
+    holds_DE = jnp.zeros((num_devices, num_experts), jnp.int32).at[device_X, expert_X].add(1)
+    dup_X = holds_DE[device_X, expert_X] > 1
+    i = jnp.argmax(dup_X)
+    ok_X = ((holds_DE[device_X, expert_X[i]] == 0)
+            & (holds_DE[device_X[i], expert_X] == 0))
+    j = jnp.argmin(jnp.where(ok_X, jnp.abs(weight_X - weight_X[i]), jnp.inf))
+    swap = dup_X[i] & ok_X[j]
+    return jnp.where(swap, slot_X.at[i].set(slot_X[j]).at[j].set(slot_X[i]), slot_X)
+
+  return jax.lax.fori_loop(0, rounds, round_, slot_X)
+
+
+def _keep_old_slots(new_DS, prev_DS):
+  """int [D, S] permutation p with new_DS[d, p[d, s]] == prev_DS[d, s] where possible."""
+  num_devices, slots = new_DS.shape
+  perm_DS = jnp.full((num_devices, slots), -1, jnp.int32)
+  taken_DS = jnp.zeros((num_devices, slots), bool)
+  for s in range(slots):  # S is small and static: an unrolled one-to-one matching
+    match_DS = (new_DS == prev_DS[:, s:s + 1]) & ~taken_DS & (prev_DS[:, s:s + 1] != EMPTY)
+    has_D = jnp.any(match_DS, axis=1)
+    j_D = jnp.argmax(match_DS, axis=1).astype(jnp.int32)
+    perm_DS = perm_DS.at[:, s].set(jnp.where(has_D, j_D, -1))
+    taken_DS |= (jnp.arange(slots)[None, :] == j_D[:, None]) & has_D[:, None]
+  # The q-th unmatched slot takes the q-th untaken new entry.
+  free_DS = perm_DS < 0
+  free_rank_DS = jnp.cumsum(free_DS, axis=1) - 1
+  untaken_rank_DS = jnp.where(taken_DS, -1, jnp.cumsum(~taken_DS, axis=1) - 1)
+  pick_DS = jnp.argmax(free_rank_DS[:, :, None] == untaken_rank_DS[:, None, :], axis=2)
+  return jnp.where(free_DS, pick_DS.astype(jnp.int32), perm_DS)
+
+
+def _fallback_layout(num_experts, num_devices, slots):
+  """Native layout; spare slot j of device d copies native expert j // (D-1) of device
+  d + 1 + j % (D-1) (mod D): distinct experts on every device while that is possible."""
+  per = num_experts // num_devices
+  layout = native_layout(num_experts, num_devices, slots)
+  others = max(num_devices - 1, 1)
+  for j in range(slots - per):
+    device = (np.arange(num_devices) + 1 + j % others) % num_devices
+    layout[:, per + j] = device * per + (j // others) % per
+  return layout
+
+
+def _resplit(load_E, layout_DS, split_iters):
+  """float32 [D, S] slot loads of a fixed layout: 1/r_e each, then water-filling."""
+  num_devices, slots = layout_DS.shape
+  flat_X = jnp.maximum(layout_DS.reshape(-1), 0)
+  order_X = jnp.argsort(flat_X, stable=True)  # one expert's replicas adjacent, as water_fill needs
+  expert_X = flat_X[order_X]
+  count_E = jnp.bincount(flat_X, length=load_E.shape[0])
+  n_X = load_E[expert_X]
+  x_X = water_fill(n_X, expert_X, order_X, n_X / jnp.maximum(count_E[expert_X], 1), num_devices,
+                   slots, split_iters)
+  return jnp.zeros_like(x_X).at[order_X].set(x_X).reshape(num_devices, slots)
+
+
+def _plan_layer(load_E, prev_DS, *, num_devices, slots, stickiness, split_iters, min_gain):
+  num_experts = load_E.shape[0]
+  per = num_experts // num_devices
+  num_slots = num_devices * slots
+  max_replicas = num_devices if slots <= num_experts else num_slots
+  count_E = replica_counts(load_E, num_slots, max_replicas)
+  tol = stickiness * jnp.sum(load_E) / num_devices
+  expert_X, slot_X = _lpt(load_E, count_E, prev_DS, num_devices, slots, tol,
+                          reserve=stickiness > 0)
+  n_X = load_E[expert_X]
+  if max_replicas > 1:
+    slot_X = _repair_duplicates(expert_X, slot_X, n_X / count_E[expert_X], num_devices, slots,
+                                num_experts, _REPAIR_ROUNDS)
+  x_X = water_fill(n_X, expert_X, slot_X, n_X / count_E[expert_X], num_devices, slots,
+                   split_iters)
+  new_DS = jnp.zeros((num_slots,), jnp.int32).at[slot_X].set(expert_X).reshape(num_devices, slots)
+  load_DS = jnp.zeros((num_slots,), jnp.float32).at[slot_X].set(x_X).reshape(num_devices, slots)
+  perm_DS = _keep_old_slots(new_DS, prev_DS)
+  slot_DS = jnp.take_along_axis(new_DS, perm_DS, axis=1)
+  load_DS = jnp.take_along_axis(load_DS, perm_DS, axis=1)
+  peak = lambda l_DS: jnp.max(jnp.sum(l_DS, axis=1))  # noqa: E731
+
+  if min_gain is not None:
+    # Step 5: keep the previous layout (re-split: no transfers) unless the new one
+    # lowers the peak by more than min_gain; needs every expert placed there.
+    prev_ok = jnp.all(prev_DS >= 0) & jnp.all(
+        jnp.bincount(jnp.maximum(prev_DS.reshape(-1), 0), length=num_experts) > 0)
+    prev_load_DS = _resplit(load_E, prev_DS, split_iters)
+    keep = prev_ok & (peak(prev_load_DS) <= peak(load_DS) * (1 + min_gain))
+    slot_DS = jnp.where(keep, prev_DS, slot_DS)
+    load_DS = jnp.where(keep, prev_load_DS, load_DS)
+
+  # Step 6: never above the static layout.
+  worse = peak(load_DS) > jnp.max(jnp.sum(load_E.reshape(num_devices, per), axis=1)) * (1 + 1e-6)
+  native_DS = jnp.broadcast_to(jnp.arange(slots) < per, (num_devices, slots)).astype(jnp.float32)
+  slot_DS = jnp.where(worse, jnp.asarray(_fallback_layout(num_experts, num_devices, slots)),
+                      slot_DS)
+  count_E = jnp.bincount(slot_DS.reshape(-1), length=num_experts).astype(jnp.int32)
+  n_DS = load_E[slot_DS]
+  load_DS = jnp.where(worse, native_DS * n_DS, load_DS)
+  # Share of an expert with no tokens: even over its replicas (native only in the fallback).
+  share_DS = jnp.where(n_DS > 0, load_DS / jnp.where(n_DS > 0, n_DS, 1.0),
+                       jnp.where(worse, native_DS, 1.0 / count_E[slot_DS]))
+  return Plan(slot_expert=slot_DS, replica_count=count_E, replica_share=share_DS,
+              slot_load=load_DS, device_load=jnp.sum(load_DS, axis=1))
+
+
+@functools.partial(jax.jit, static_argnames=("num_devices", "slots", "stickiness", "split_iters",
+                                             "min_gain"))
+def _plan(loads_LE, previous_LDS, *, num_devices, slots, stickiness, split_iters, min_gain):
+  fn = functools.partial(_plan_layer, num_devices=num_devices, slots=slots, stickiness=stickiness,
+                         split_iters=split_iters, min_gain=min_gain)
+  return jax.vmap(fn)(loads_LE, previous_LDS)
+
+
+def _native_plan(loads_LE, num_devices):
+  num_layers, num_experts = loads_LE.shape
+  layout = native_layout(num_experts, num_devices, num_experts // num_devices)
+  slot_LDS = jnp.broadcast_to(jnp.asarray(layout), (num_layers,) + layout.shape)
+  load_LDS = loads_LE.reshape(slot_LDS.shape)
+  return Plan(slot_expert=slot_LDS, replica_count=jnp.ones((num_layers, num_experts), jnp.int32),
+              replica_share=jnp.ones(slot_LDS.shape, jnp.float32), slot_load=load_LDS,
+              device_load=jnp.sum(load_LDS, axis=-1))
+
+
+def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=None, *,
+                   stickiness: float = 0.25, split_iters: int = 8,
+                   min_gain: float | None = None) -> Plan:
+  """Replicates and places experts for one micro-step (see the module docstring).
+
+  Args:
+    loads_LE: float or int [L, E] (token, k) pairs per expert, padding excluded, >= 0.
+    num_devices: D, the expert-parallel axis size (E % D == 0).
+    slots_per_device: S >= E/D (E/D native experts + S - E/D redundant slots).
+    previous: the previous `Plan` or its int [L, D, S] `slot_expert` (EMPTY = -1
+      allowed); devices holding an expert there count as its home, and kept
+      experts keep their slot. None: the native layout.
+    stickiness: the home rule's tolerance as a fraction of the mean device
+      load; 0 = plain LPT (no home preference, no reservations: best
+      balance, most transfers); larger = fewer transfers and somewhat worse
+      balance (see docs/results/balance.md for the trade-off).
+    split_iters: water-filling rounds of the token split (0 = proportional).
+    min_gain: None = off; else keep the previous layout unless the new plan
+      lowers the peak device load by more than this fraction (step 5).
+  Returns:
+    A `Plan`. Jit-compatible; D, S, stickiness and split_iters are static and
+    shapes depend only on (L, E, D, S), so new loads never recompile.
+  """
+  loads_LE = jnp.asarray(loads_LE)
+  if loads_LE.ndim != 2:
+    raise ValueError(f"loads must be [layers, experts], got shape {loads_LE.shape}")
+  num_layers, num_experts = loads_LE.shape
+  if num_devices < 1 or num_experts % num_devices:
+    raise ValueError(f"num_devices={num_devices} must be >= 1 and divide num_experts={num_experts}")
+  if slots_per_device * num_devices < num_experts:
+    raise ValueError(f"slots_per_device={slots_per_device} is too few: {num_devices} devices "
+                     f"need at least {num_experts // num_devices} slots each for {num_experts} "
+                     "experts")
+  if stickiness < 0 or split_iters < 0 or (min_gain is not None and min_gain < 0):
+    raise ValueError(f"stickiness={stickiness}, split_iters={split_iters} and "
+                     f"min_gain={min_gain} must be >= 0")
+  shape = (num_layers, num_devices, slots_per_device)
+  if previous is not None:
+    previous = jnp.asarray(getattr(previous, "slot_expert", previous))
+    if previous.shape != shape:
+      raise ValueError(f"previous layout has shape {previous.shape}, expected {shape} (L, D, S)")
+  loads_LE = loads_LE.astype(jnp.float32)
+  if slots_per_device == num_experts // num_devices:
+    return _native_plan(loads_LE, num_devices)
+  if previous is None:
+    previous = np.broadcast_to(native_layout(num_experts, num_devices, slots_per_device), shape)
+  return _plan(loads_LE, jnp.asarray(previous, jnp.int32), num_devices=num_devices,
+               slots=slots_per_device, stickiness=float(stickiness), split_iters=int(split_iters),
+               min_gain=None if min_gain is None else float(min_gain))

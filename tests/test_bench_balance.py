@@ -1,0 +1,27 @@
+"""Smoke test of experiments/bench_balance.py --quick: every part runs, the JSON is complete.
+
+No assertions on timings; the imbalance checks are loose facts of the tiny trace (the
+planner's guard makes foresight never worse than the static layout).
+"""
+
+import json
+import subprocess
+import sys
+
+KEYS = ("planner_ms", "eplb_ms", "imbalance_none", "imbalance_eplb_step", "imbalance_foresight",
+        "cpu_moe_speedup", "sim_speedup")
+
+
+def test_bench_balance_quick(tmp_path):
+  out = tmp_path / "b.json"
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench_balance", "--quick",
+                         f"--out={out}"], check=True, capture_output=True, text=True, timeout=300)
+  last = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert set(KEYS) <= set(last)
+  result = json.loads(out.read_text())
+  assert result["summary"] == last and result["quick"]
+  assert last["planner_ms"] > 0 and last["eplb_ms"] > 0 and last["sim_speedup"] > 0
+  assert 1.0 <= last["imbalance_foresight"] <= last["imbalance_none"]
+  for row in result["imbalance"].values():
+    assert set(row) == {"none", "eplb_step", "eplb_ema", "foresight", "foresight_lpt"}
+    assert row["foresight"]["mean"] <= row["none"]["mean"] + 1e-6

@@ -1,0 +1,70 @@
+"""assign_replicas: hand-worked split, shares match the plan per source shard, padding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr2_jax.balance import dispatch, loads as ld, planner as pl
+
+
+def _layer(slot_expert, share, num_experts):
+  slot_expert = jnp.asarray(slot_expert, jnp.int32)
+  count = jnp.bincount(slot_expert.reshape(-1), length=num_experts)
+  share = jnp.asarray(share, jnp.float32)
+  return pl.Plan(slot_expert=slot_expert, replica_count=count, replica_share=share,
+                 slot_load=share, device_load=share.sum(-1))
+
+
+def test_hand_worked_split():
+  """Expert 0 in slots 0 (share 1/4) and 3 (3/4); expert 1 in slot 1; expert 2 in slot 2.
+
+  8 tokens pick expert 0 (k=0) and expert 1 or 2 (k=1). Ranks r=0..7 of expert 0 sit at
+  (r + 1/2) / 8 = 1/16, 3/16, 5/16, ...: the first two fall below 1/4 -> slot 0, the rest
+  -> slot 3.
+  """
+  plan = _layer([[0, 1], [2, 0]], [[0.25, 1.0], [1.0, 0.75]], 3)
+  ids = np.stack([np.zeros(8), np.arange(8) % 2 + 1], axis=1).astype(np.int32)
+  got = dispatch.assign_replicas(jnp.asarray(ids), None, plan)
+  np.testing.assert_array_equal(got[:, 0], [0, 0, 3, 3, 3, 3, 3, 3])
+  np.testing.assert_array_equal(got[:, 1], [1, 2, 1, 2, 1, 2, 1, 2])
+  # Two source shards of 4 tokens: each splits its own 4 tokens 1 : 3.
+  got2 = dispatch.assign_replicas(jnp.asarray(ids), None, plan, num_source_shards=2)
+  np.testing.assert_array_equal(got2[:, 0], [0, 3, 3, 3, 0, 3, 3, 3])
+
+
+def test_zero_share_replica_gets_nothing_and_padding_is_split_apart():
+  plan = _layer([[0, 1], [0, 0]], [[0.5, 1.0], [0.0, 0.5]], 2)
+  ids = jnp.asarray(np.array([[0, 1]] * 6, np.int32))
+  valid = jnp.asarray([True, True, True, True, False, False])
+  got = np.asarray(dispatch.assign_replicas(ids, valid, plan))
+  np.testing.assert_array_equal(got[:4, 0], [0, 0, 3, 3])  # slot 2 has share 0
+  np.testing.assert_array_equal(got[4:, 0], [0, 3])        # padding split on its own
+  assert np.all(got[:, 1] == 1)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_counts_follow_the_plan(shards):
+  """Random routes with hot experts: every slot gets its planned load to within one token
+  per source shard, every assignment lands on a slot holding its expert."""
+  rng = np.random.default_rng(shards)
+  e, d, s, k, n = 16, 4, 6, 2, 512
+  p = np.r_[np.full(4, 0.15), np.full(12, 0.4 / 12)]
+  ids = np.stack([rng.choice(e, k, replace=False, p=p) for _ in range(n)]).astype(np.int32)
+  valid = rng.random(n) < 0.9
+  loads = ld.loads_from_routes(jnp.asarray(ids)[None, :, None, :], jnp.asarray(valid)[None], e)
+  layer = pl.plan_placement(loads, d, s).layer(0)
+  fn = jax.jit(dispatch.assign_replicas, static_argnums=3)
+  slots = np.asarray(fn(jnp.asarray(ids), jnp.asarray(valid), layer, shards))
+  np.testing.assert_array_equal(np.asarray(layer.slot_expert).reshape(-1)[slots], ids)
+  counts = np.bincount(slots[valid].reshape(-1), minlength=d * s)
+  np.testing.assert_allclose(counts, np.asarray(layer.slot_load).reshape(-1), atol=shards + 1e-3)
+  assert np.asarray(layer.replica_count).max() > 1  # the test exercises replicas
+
+
+def test_validation():
+  plan = pl.plan_placement(jnp.ones((2, 4)), 2, 3)
+  with pytest.raises(ValueError, match="one layer"):
+    dispatch.assign_replicas(jnp.zeros((4, 1), jnp.int32), None, plan)
+  with pytest.raises(ValueError, match="num_source_shards"):
+    dispatch.assign_replicas(jnp.zeros((5, 1), jnp.int32), None, plan.layer(0), 2)

@@ -1,0 +1,98 @@
+"""EPLB baseline: the DESIGN §4 oracle, a hand-worked global-policy case, invariants, errors."""
+
+import numpy as np
+import pytest
+
+from pr2_jax.balance.eplb import eplb_device_load, eplb_rebalance
+
+# DESIGN §4 (DeepSeek EPLB's own example): hierarchical, 4 groups on 2 nodes, 8 GPUs.
+WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+          [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
+PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+           [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+
+
+def _check_invariants(weight, phy2log, log2phy, logcnt, num_replicas, num_gpus):
+  num_layers, num_experts = np.asarray(weight).shape
+  assert phy2log.shape == (num_layers, num_replicas)
+  assert np.all(logcnt >= 1) and np.all(logcnt.sum(-1) == num_replicas)
+  for l in range(num_layers):
+    np.testing.assert_array_equal(np.bincount(phy2log[l], minlength=num_experts), logcnt[l])
+    for e in range(num_experts):
+      phys = log2phy[l, e]
+      assert np.all(phys[:logcnt[l, e]] >= 0) and np.all(phys[logcnt[l, e]:] == -1)
+      assert np.all(phy2log[l, phys[:logcnt[l, e]]] == e)
+  np.testing.assert_allclose(eplb_device_load(weight, phy2log, logcnt, num_gpus).sum(-1),
+                             np.asarray(weight, np.float64).sum(-1), rtol=1e-9)
+
+
+def test_design_example_exactly():
+  phy2log, log2phy, logcnt = eplb_rebalance(WEIGHT, 16, 4, 2, 8)
+  np.testing.assert_array_equal(phy2log, PHY2LOG)
+  np.testing.assert_array_equal(logcnt, [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1],
+                                         [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]])
+  # Replica rank order: expert 1 of layer 0 has its original copy at 15, the new one at 13.
+  np.testing.assert_array_equal(log2phy[0, 1], [15, 13])
+  assert log2phy.shape == (2, 12, 2) and log2phy[0, 0, 1] == -1
+  _check_invariants(WEIGHT, phy2log, log2phy, logcnt, 16, 8)
+
+
+def test_global_policy_hand_worked():
+  """groups % nodes != 0 -> global policy. weight [10, 4, 6, 2], 6 replicas, 3 GPUs.
+
+  Replication: expert 0 (10 -> 5 per copy), then expert 2 (6 -> 3); per-copy
+  loads of physical [0,1,2,3,0',2'] = [5,4,3,2,5,3]. Packing (2 per GPU,
+  heaviest first, stable): 0->g0, 0'->g1, 1->g2, 2->g2 (lightest open, 4),
+  2'->g0 (g0 = g1 = 5, first), 3->g1.
+  """
+  phy2log, log2phy, logcnt = eplb_rebalance([[10, 4, 6, 2]], 6, 1, 2, 3)
+  np.testing.assert_array_equal(phy2log, [[0, 2, 0, 3, 1, 2]])
+  np.testing.assert_array_equal(logcnt, [[2, 1, 2, 1]])
+  np.testing.assert_array_equal(log2phy, [[[0, 2], [4, -1], [5, 1], [3, -1]]])
+  np.testing.assert_allclose(eplb_device_load([[10, 4, 6, 2]], phy2log, logcnt, 3), [[8, 7, 7]])
+
+
+@pytest.mark.parametrize("groups,nodes,gpus,experts,replicas", [
+    (4, 2, 8, 16, 24), (3, 2, 4, 12, 16), (1, 1, 8, 32, 48), (8, 4, 8, 64, 64)])
+def test_invariants_random(groups, nodes, gpus, experts, replicas):
+  rng = np.random.default_rng(groups * 100 + experts)
+  for _ in range(5):
+    weight = rng.integers(0, 500, (3, experts))
+    out = eplb_rebalance(weight, replicas, groups, nodes, gpus)
+    _check_invariants(weight, *out, replicas, gpus)
+
+
+def test_hierarchical_keeps_groups_on_one_node():
+  """Hierarchical policy: every replica of a group's experts sits on the node the group went to."""
+  rng = np.random.default_rng(3)
+  weight = rng.integers(1, 300, (4, 16))
+  phy2log, _, _ = eplb_rebalance(weight, 24, 4, 2, 4)
+  for l in range(4):
+    node_of = phy2log[l].reshape(2, -1)  # 2 nodes x 12 physical experts
+    for n in range(2):
+      groups = set(node_of[n] // 4)
+      assert len(groups) == 2, groups  # 4 groups / 2 nodes
+
+
+def test_replication_lowers_peak_load():
+  """Skewed loads: 8 redundant replicas over 8 GPUs cut the mean peak GPU load by > 20 %."""
+  rng = np.random.default_rng(0)
+  weight = rng.lognormal(0, 1, (8, 32)) * 100
+  peak = [eplb_device_load(weight, p, c, 8).max(-1).mean()
+          for p, _, c in (eplb_rebalance(weight, r, 1, 1, 8) for r in (32, 40))]
+  assert peak[1] < 0.8 * peak[0]
+
+
+@pytest.mark.parametrize("args,match", [
+    (dict(num_replicas=10), "multiple of num_gpus"),
+    (dict(num_replicas=8), ">= num_experts"),
+    (dict(num_replicas=24, num_gpus=6, num_nodes=4), "multiple of num_nodes"),
+    (dict(num_groups=5, num_nodes=1), "multiple of num_groups"),
+    (dict(num_gpus=0), "num_gpus=0"),
+])
+def test_bad_arguments(args, match):
+  kwargs = dict(num_replicas=16, num_groups=4, num_nodes=2, num_gpus=8) | args
+  with pytest.raises(ValueError, match=match):
+    eplb_rebalance(WEIGHT, **kwargs)
+  with pytest.raises(ValueError, match="layers, experts"):
+    eplb_rebalance(WEIGHT[0], 16, 4, 2, 8)

@@ -1,0 +1,72 @@
+"""Loads from routes, the native layout, imbalance and plan churn, by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr2_jax.balance import loads as ld
+
+
+def test_loads_from_routes_hand_worked():
+  """2 sequences x 3 tokens, 2 layers, top-2, 4 experts; -1 and padding are not counted."""
+  routes = np.array([
+      [[[0, 1], [2, 3]], [[0, 2], [2, -1]], [[3, 1], [0, 1]]],
+      [[[1, 0], [3, 2]], [[1, 1], [1, 1]], [[-1, -1], [0, 3]]],
+  ], np.int32)
+  valid = np.array([[True, True, True], [True, False, True]])
+  got = ld.loads_from_routes(jnp.asarray(routes), jnp.asarray(valid), 4)
+  # layer 0: (0,1) (0,2) (3,1) (1,0) [pad] (-1,-1)  -> e0:3 e1:3 e2:1 e3:1
+  # layer 1: (2,3) (2,-1) (0,1) (3,2) [pad] (0,3)   -> e0:2 e1:1 e2:3 e3:3
+  np.testing.assert_array_equal(got, [[3, 3, 1, 1], [2, 1, 3, 3]])
+  assert got.dtype == jnp.float32
+  all_valid = ld.loads_from_routes(jnp.asarray(routes), None, 4)
+  np.testing.assert_array_equal(all_valid, [[3, 5, 1, 1], [2, 3, 3, 3]])
+
+
+def test_loads_from_routes_jits_and_validates():
+  routes = jnp.zeros((2, 3, 1, 2), jnp.int32)
+  fn = jax.jit(ld.loads_from_routes, static_argnums=2)
+  np.testing.assert_array_equal(fn(routes, jnp.ones((2, 3), bool), 3), [[12, 0, 0]])
+  with pytest.raises(ValueError, match="B, T, L, K"):
+    ld.loads_from_routes(routes[0], None, 3)
+  with pytest.raises(ValueError, match="valid has shape"):
+    ld.loads_from_routes(routes, jnp.ones((3, 2), bool), 3)
+
+
+def test_native_layout_and_static_load():
+  np.testing.assert_array_equal(ld.native_layout(6, 3, 3), [[0, 1, -1], [2, 3, -1], [4, 5, -1]])
+  loads = jnp.array([[1., 2., 3., 4., 5., 6.]])
+  np.testing.assert_array_equal(ld.static_device_load(loads, 3), [[3, 7, 11]])
+  with pytest.raises(ValueError, match="divisible"):
+    ld.static_device_load(loads, 4)
+
+
+def test_imbalance():
+  got = ld.imbalance(jnp.array([[3., 7., 11.], [2., 2., 2.], [0., 0., 0.]]))
+  np.testing.assert_allclose(got, [11 / 7, 1.0, 1.0])
+
+
+class _Plan:  # the two fields plan_stats reads
+  def __init__(self, slot_expert, num_experts):
+    self.slot_expert = np.asarray(slot_expert)
+    self.replica_count = np.zeros((self.slot_expert.shape[0], num_experts))
+
+
+def test_plan_stats_hand_worked():
+  """4 experts, 2 devices x 3 slots; native [[0,1,-],[2,3,-]].
+
+  New [[0,1,2],[3,2,0]]: device 0 keeps 0,1 and gains 2 in its spare slot (1 changed slot,
+  1 transfer); device 1 swaps 2 and 3 (2 changed slots, no transfer) and gains 0 in its
+  spare slot (1 changed, 1 transfer). Total: 4 changed, 2 transfers.
+  """
+  plan = _Plan([[[0, 1, 2], [3, 2, 0]]], 4)
+  stats = ld.plan_stats(plan, None, bytes_per_expert=10.0)
+  np.testing.assert_array_equal(stats["slots_changed"], [4])
+  np.testing.assert_array_equal(stats["transfers"], [2])
+  np.testing.assert_allclose(stats["bytes_moved"], [20.0])
+  same = ld.plan_stats(plan, plan.slot_expert)
+  np.testing.assert_array_equal(same["slots_changed"], [0])
+  np.testing.assert_array_equal(same["transfers"], [0])
+  with pytest.raises(ValueError, match="previous layout"):
+    ld.plan_stats(plan, np.zeros((1, 3, 2), np.int32))

@@ -1,0 +1,210 @@
+"""Planner: greedy counts vs a numpy oracle, hand-worked plans, properties on random loads,
+no recompilation, validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr2_jax.balance import loads as ld
+from pr2_jax.balance import planner as pl
+
+
+def _greedy_counts(load, num_slots, cap):
+  """The definition: one replica at a time to argmax load / count (first on ties)."""
+  count = np.ones(len(load), np.int64)
+  for _ in range(num_slots - len(load)):
+    per = np.where(count < cap, np.float32(load) / count.astype(np.float32), -1)
+    count[np.argmax(per)] += 1
+  return count
+
+
+@pytest.mark.parametrize("e,d,s", [(4, 2, 5), (8, 4, 3), (16, 8, 2), (128, 64, 3), (8, 1, 12)])
+def test_replica_counts_match_the_greedy(e, d, s):
+  rng = np.random.default_rng(e + d + s)
+  cap = d if s <= e else d * s
+  fn = jax.jit(lambda load: pl.replica_counts(load, d * s, cap))
+  for t in range(24):
+    load = [rng.integers(0, 5, e),                         # many ties
+            rng.lognormal(0, 2, e) * 100,                  # skewed floats
+            np.zeros(e),                                   # empty layer
+            rng.integers(0, 3, e) * rng.integers(1, 999)][t % 4].astype(np.float32)
+    np.testing.assert_array_equal(fn(jnp.asarray(load)), _greedy_counts(load, d * s, cap),
+                                  err_msg=str(load))
+
+
+def test_replica_counts_hand_worked():
+  """[5, 1, 1, 1], 6 slots, cap 2: expert 0 gets its 2nd copy (5), then ties at 1 -> expert 1."""
+  np.testing.assert_array_equal(pl.replica_counts(jnp.array([5., 1, 1, 1]), 6, 2), [2, 2, 1, 1])
+  np.testing.assert_array_equal(pl.replica_counts(jnp.array([5., 1, 1, 1]), 6, 6), [3, 1, 1, 1])
+
+
+def test_hand_worked_plan_with_water_filling():
+  """E=4, D=2, S=3, loads [3, 3, 4, 2], no home bonus.
+
+  Counts [2, 1, 2, 1]; replicas by load: e1 3, e2 2, e2 2, e3 2, e0 1.5, e0 1.5.
+  LPT: e1->d0, e2->d1, e2->d0 (d1 holds e2), e3->d1, e0->d1 (4 < 5), e0->d0:
+  d0 = 3+2+1.5 = 6.5, d1 = 2+2+1.5 = 5.5 (worse than the static [6, 6]).
+  Water-filling (damping 1/2) moves 0.25 of e2 and 0.25 of e0 to d1: [6, 6].
+  Native experts keep their slots: d0 [0, 1, 2], d1 [2, 3, 0].
+  """
+  plan = pl.plan_placement(jnp.array([[3., 3., 4., 2.]]), 2, 3, stickiness=0.0).layer(0)
+  np.testing.assert_array_equal(plan.slot_expert, [[0, 1, 2], [2, 3, 0]])
+  np.testing.assert_array_equal(plan.replica_count, [2, 1, 2, 1])
+  np.testing.assert_allclose(plan.slot_load, [[1.25, 3, 1.75], [2.25, 2, 1.75]], atol=1e-5)
+  np.testing.assert_allclose(plan.replica_share,
+                             [[1.25 / 3, 1, 1.75 / 4], [2.25 / 4, 1, 1.75 / 3]], atol=1e-6)
+  np.testing.assert_allclose(plan.device_load, [6, 6], atol=1e-5)
+
+
+def test_guard_falls_back_to_native_when_plan_is_worse():
+  """Same input, proportional split: the plan (6.5) loses to static (6), so the native
+  layout with zero-share copies in the spare slots (d0 copies e2, d1 copies e0) is used."""
+  plan = pl.plan_placement(jnp.array([[3., 3., 4., 2.]]), 2, 3, stickiness=0.0,
+                           split_iters=0).layer(0)
+  np.testing.assert_array_equal(plan.slot_expert, [[0, 1, 2], [2, 3, 0]])
+  np.testing.assert_array_equal(plan.replica_share, [[1, 1, 0], [1, 1, 0]])
+  np.testing.assert_array_equal(plan.device_load, [6, 6])
+  np.testing.assert_array_equal(plan.replica_count, [2, 1, 2, 1])
+
+
+def test_home_rule_hand_worked():
+  """E=4, D=2, S=3, loads [5, 1, 1, 1]; counts [2, 2, 1, 1], mean device load 4.
+
+  With stickiness 0.05 (tol 0.2): e0 -> d0, e0 -> d1, e2 -> d1 (its home, ties broken by the
+  bonus), e3 -> d0 (home d1 at 3.5 is more than tol above d0's 2.5), e1 -> d0 (home),
+  e1 -> d1. Without the bonus e2 goes to d0 (lower id on the 2.5 tie) instead.
+  """
+  loads = jnp.array([[5., 1., 1., 1.]])
+  sticky = pl.plan_placement(loads, 2, 3, stickiness=0.05).layer(0)
+  np.testing.assert_array_equal(sticky.slot_expert, [[0, 1, 3], [2, 0, 1]])
+  np.testing.assert_allclose(sticky.device_load, [4, 4])
+  plain = pl.plan_placement(loads, 2, 3, stickiness=0.0).layer(0)
+  np.testing.assert_array_equal(plain.slot_expert, [[0, 1, 2], [0, 3, 1]])
+
+
+def _check_plan(plan, loads, d, s, prefer_distinct=True):
+  loads = np.asarray(loads, np.float64)
+  num_layers, e = loads.shape
+  slot = np.asarray(plan.slot_expert)
+  assert slot.shape == (num_layers, d, s) and slot.dtype == np.int32
+  count = np.asarray(plan.replica_count)
+  share = np.asarray(plan.replica_share, np.float64)
+  slot_load = np.asarray(plan.slot_load, np.float64)
+  static_peak = np.asarray(ld.static_device_load(jnp.asarray(loads, jnp.float32), d)).max(-1)
+  for l in range(num_layers):
+    np.testing.assert_array_equal(np.bincount(slot[l].ravel(), minlength=e), count[l])
+    assert count[l].min() >= 1 and count[l].sum() == d * s
+    per_expert_share = np.bincount(slot[l].ravel(), share[l].ravel(), minlength=e)
+    np.testing.assert_allclose(per_expert_share, 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.bincount(slot[l].ravel(), slot_load[l].ravel(), minlength=e),
+                               loads[l], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(slot_load[l], share[l] * loads[l][slot[l]], rtol=1e-4, atol=1e-3)
+    if prefer_distinct:  # a device holds an expert at most once when counts <= D
+      for dev in range(d):
+        assert len(set(slot[l, dev])) == s, slot[l, dev]
+  dev_load = np.asarray(plan.device_load, np.float64)
+  np.testing.assert_allclose(dev_load, slot_load.sum(-1), rtol=1e-5)
+  np.testing.assert_allclose(dev_load.sum(-1), loads.sum(-1), rtol=1e-4)
+  assert np.all(dev_load.max(-1) <= static_peak * (1 + 1e-5) + 1e-3)
+
+
+@pytest.mark.parametrize("e,d,s", [(16, 4, 5), (16, 8, 3), (128, 64, 3), (8, 2, 6), (32, 8, 8)])
+def test_properties_on_random_loads(e, d, s):
+  rng = np.random.default_rng(e * 1000 + d * 10 + s)
+  fn = jax.jit(pl.plan_placement, static_argnums=(1, 2))
+  for trial in range(6):
+    kind = trial % 3
+    loads = [rng.lognormal(0, 1.5, (4, e)) * 50,
+             rng.integers(0, 300, (4, e)) * (rng.random((4, e)) < 0.3),  # sparse, integer ties
+             np.full((4, e), 7.0) + rng.integers(0, 2, (4, e))][kind]      # nearly uniform
+    _check_plan(fn(jnp.asarray(loads, jnp.float32), d, s), loads, d, s)
+
+
+def test_balances_skewed_loads():
+  """Lognormal loads at the 30B shape: far below static, close to 1 (measured ~1.05)."""
+  rng = np.random.default_rng(0)
+  loads = rng.lognormal(0, 1.0, (8, 128)) * 128
+  plan = pl.plan_placement(loads, 64, 3)
+  balanced = np.asarray(ld.imbalance(plan.device_load))
+  static = np.asarray(ld.imbalance(ld.static_device_load(jnp.asarray(loads, jnp.float32), 64)))
+  assert balanced.mean() < 1.12 and static.mean() > 2.0
+  proportional = np.asarray(ld.imbalance(pl.plan_placement(loads, 64, 3, split_iters=0)
+                                         .device_load))
+  assert np.all(balanced <= proportional + 1e-6) and balanced.mean() < proportional.mean()
+
+
+def test_identity_plan_without_spare_slots():
+  loads = np.arange(24, dtype=np.float32).reshape(2, 12)
+  plan = pl.plan_placement(loads, 4, 3)
+  np.testing.assert_array_equal(plan.slot_expert,
+                                np.broadcast_to(np.arange(12).reshape(4, 3), (2, 4, 3)))
+  np.testing.assert_array_equal(plan.replica_count, np.ones((2, 12)))
+  np.testing.assert_array_equal(plan.device_load, loads.reshape(2, 4, 3).sum(-1))
+
+
+def test_previous_plan_keeps_slots_and_cuts_transfers():
+  """Planning again from a previous plan: experts a device keeps stay in their slot, and
+  a stickier home rule moves fewer experts."""
+  rng = np.random.default_rng(5)
+  e, d, s = 32, 8, 6
+  first = pl.plan_placement(rng.lognormal(0, 1, (6, e)) * 40, d, s)
+  nxt_loads = rng.lognormal(0, 1, (6, e)) * 40
+  transfers = {}
+  for stick in (0.0, 0.3):
+    nxt = pl.plan_placement(nxt_loads, d, s, previous=first, stickiness=stick)
+    _check_plan(nxt, nxt_loads, d, s)
+    old, new = np.asarray(first.slot_expert), np.asarray(nxt.slot_expert)
+    for l, dev in np.ndindex(6, d):
+      for slot in range(s):
+        if new[l, dev, slot] in old[l, dev]:  # kept on this device -> same slot
+          assert old[l, dev, slot] == new[l, dev, slot]
+    transfers[stick] = int(ld.plan_stats(nxt, first)["transfers"].sum())
+  assert transfers[0.3] < transfers[0.0]
+
+
+def test_min_gain_keeps_the_previous_layout():
+  """Hysteresis: with a huge min_gain the previous layout stays, re-split for the new loads
+  (no transfers); with the native layout as previous (empty spare slots) it cannot."""
+  rng = np.random.default_rng(2)
+  first = pl.plan_placement(rng.lognormal(0, 1, (3, 16)) * 40, 4, 5)
+  loads = rng.lognormal(0, 1, (3, 16)) * 40
+  kept = pl.plan_placement(loads, 4, 5, previous=first, min_gain=100.0)
+  np.testing.assert_array_equal(kept.slot_expert, first.slot_expert)
+  _check_plan(kept, loads, 4, 5)
+  assert int(ld.plan_stats(kept, first)["transfers"].sum()) == 0
+  fresh = pl.plan_placement(loads, 4, 5, min_gain=100.0)
+  np.testing.assert_array_equal(fresh.slot_expert, pl.plan_placement(loads, 4, 5).slot_expert)
+
+
+def test_no_recompilation_across_loads():
+  """20 micro-steps, each planned from the last plan: one compiled entry (a jit's cache is
+  shared by every jit of the same function, hence the local function)."""
+  rng = np.random.default_rng(0)
+
+  @jax.jit
+  def plan_fn(loads, prev):
+    return pl.plan_placement(loads, 4, 6, prev)
+
+  previous = jnp.asarray(np.broadcast_to(ld.native_layout(16, 4, 6), (3, 4, 6)))
+  layouts = set()
+  for _ in range(20):
+    plan = plan_fn(jnp.asarray(rng.integers(0, 500, (3, 16)), jnp.float32), previous)
+    previous = plan.slot_expert
+    layouts.add(np.asarray(previous).tobytes())
+  assert plan_fn._cache_size() == 1
+  assert len(layouts) > 10  # the plans did change
+
+
+@pytest.mark.parametrize("loads_shape,d,s,prev_shape,match", [
+    ((2, 16), 3, 6, None, "divide num_experts"),
+    ((2, 16), 4, 3, None, "too few"),
+    ((16,), 4, 5, None, "layers, experts"),
+    ((2, 16), 4, 5, (2, 4, 4), "previous layout"),
+])
+def test_bad_inputs(loads_shape, d, s, prev_shape, match):
+  prev = None if prev_shape is None else jnp.zeros(prev_shape, jnp.int32)
+  with pytest.raises(ValueError, match=match):
+    pl.plan_placement(jnp.ones(loads_shape), d, s, prev)
+  with pytest.raises(ValueError, match="stickiness"):
+    pl.plan_placement(jnp.ones((2, 16)), 4, 5, stickiness=-1.0)
