@@ -11,7 +11,8 @@ from pr2_jax.hf import HFTokenizer, load_hf_checkpoint, save_hf_checkpoint
 from pr2_jax.models.experts import ExpertWeights
 from pr2_jax.models.routing import (LIVE, Routing, expert_load, gates_at, replay_gates, route,
                                     router_logits, switch_aux_loss, top_k_experts, validate_routes)
-from pr2_jax.models.transformer import KVCache, ModelOutput, MoETransformer, init_cache
+from pr2_jax.models.transformer import (KVCache, ModelOutput, MoETransformer, init_cache,
+                                        validate_tokens)
 from pr2_jax.parallel.expert_parallel import moe_experts
 from pr2_jax.parallel.mesh import LOGICAL_RULES, make_mesh
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig

@@ -17,6 +17,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from pr2_jax.config import ModelConfig
@@ -40,6 +41,22 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
   shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                  jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def validate_tokens(tokens, vocab_size: int) -> None:
+  """Host-side check that token ids are ints in [0, vocab_size); raises ValueError naming the bad id.
+
+  The embedding lookup would not fail on a bad id: `jnp.take` returns NaN for
+  ids >= vocab_size and wraps negative ones, silently. Call it before jit.
+  """
+  t = np.asarray(tokens)
+  if not np.issubdtype(t.dtype, np.integer):
+    raise ValueError(f"token ids have dtype {t.dtype}, expected an integer dtype (int32)")
+  bad = (t < 0) | (t >= vocab_size)
+  if np.any(bad):
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"token id {int(t[idx])} at index {idx} is outside the vocabulary "
+                     f"[0, ModelConfig.vocab_size={vocab_size})")
 
 
 @flax.struct.dataclass
@@ -103,6 +120,11 @@ class MoETransformer(nn.Module):
     """
     cfg = self.config
     b, t = tokens_BT.shape
+    if not isinstance(tokens_BT, jax.core.Tracer):  # eager call: jitted callers check on the host
+      validate_tokens(tokens_BT, cfg.vocab_size)
+    if cache is not None and t > cache.k.shape[2]:  # static: the write would be clipped silently
+      raise ValueError(f"{t} tokens do not fit the KV cache of max_len={cache.k.shape[2]} "
+                       "(init_cache(..., max_len)); allowed: at most max_len tokens")
     shards = num_token_shards(self.mesh)
     if b % shards:
       raise ValueError(f"batch size {b} must be divisible by the {shards} token shards of the mesh "

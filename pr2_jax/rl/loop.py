@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pr2_jax.models.transformer import MoETransformer
+from pr2_jax.models.transformer import MoETransformer, validate_tokens
 from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
 from pr2_jax.rl import data, learner, losses
 from pr2_jax.rl.char_tokenizer import CharTokenizer
@@ -128,6 +128,7 @@ class Engine:
   def evaluate(self, params) -> float:
     """Mean held-out reward at `eval_temperature` (a fixed sampling key: comparable across steps)."""
     prompts, valid = data.encode_prompts(self.tok, self.eval_problems, self.prompt_slots)
+    validate_tokens(prompts, self.config.model.vocab_size)
     roll = self.eval_sample(params, *jax.device_put((prompts, valid), self.seq_sharding),
                             jax.random.fold_in(self.key, 2**31 - 1))
     return float(self.rewards(self.eval_problems, jax.device_get(roll.tokens)).mean())
@@ -138,6 +139,7 @@ class Engine:
     rng = np.random.default_rng([self.config.seed, 2, step])
     problems = [p for p in self.task.sample(rng, rl.prompts_per_step) for _ in range(rl.group_size)]
     prompts, valid = data.encode_prompts(self.tok, problems, self.prompt_slots)
+    validate_tokens(prompts, self.config.model.vocab_size)  # the jitted sampler cannot check
     # Its own stream: PR2 with W_p = 0 then draws exactly R3's prompts, samples and split.
     slots = self.feature_slots(np.random.default_rng([self.config.seed, 3, step]), rl.batch_size)
     in_rollout = rl.replay_mode == "pr2"  # PR2-R3: predict (and cache features) at rollout
