@@ -145,3 +145,48 @@ def test_bfloat16_router_stays_float32():
   logit_scale = float(jnp.max(jnp.abs(aux32.logits_BTE)))
   np.testing.assert_allclose(aux16.logits_BTE, aux32.logits_BTE, rtol=0.05, atol=0.05 * logit_scale)
   np.testing.assert_allclose(y16.astype(jnp.float32), y32, rtol=0.1, atol=0.05 * float(jnp.max(jnp.abs(y32))))
+
+
+def test_planned_replicas_match_no_replication_and_never_recompile():
+  """A foresight Plan (replicas + token split) computed inside jit from the replayed routes
+  gives the no-replication logits and gradients, balances devices, and 20 new plans reuse
+  one compiled step."""
+  import flax.linen as nn
+  from pr2_jax.balance.loads import loads_from_routes
+  from pr2_jax.balance.planner import plan_placement
+  from pr2_jax.config import ModelConfig
+  from pr2_jax.models.transformer import MoETransformer
+  from pr2_jax.parallel.mesh import make_mesh
+
+  cfg = ModelConfig(vocab_size=32, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                    expert_d_ff=32, num_experts=8, top_k=2)
+  mesh = make_mesh(2, 4)
+  model = MoETransformer(cfg, mesh)
+  tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, 32)
+  params = nn.unbox(MoETransformer(cfg).init(jax.random.key(0), tokens)["params"])
+
+  def loss(p, routes, plan_it):
+    plan = None
+    if plan_it:
+      plan = plan_placement(loads_from_routes(routes, None, cfg.num_experts), 4, 3)
+    out = model.apply({"params": p}, tokens, routes=routes, slot_expert=plan)
+    return out.logits.sum(), (out.logits, None if plan is None else plan.device_load)
+
+  step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=2)
+  def routes_for(seed):
+    first = jax.random.randint(jax.random.key(seed), (8, 16, 2, 1), 0, 8)
+    shift = jax.random.randint(jax.random.key(seed + 1), (8, 16, 2, 1), 1, 8)
+    return jnp.concatenate([first, (first + shift) % 8], axis=-1).astype(jnp.int32)
+
+  routes = routes_for(0)
+  (_, (ref_logits, _)), ref_grads = step(params, routes, False)
+  (_, (logits, device_load)), grads = step(params, routes, True)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=1e-4)
+  load = np.asarray(device_load)
+  assert (load.max(1) / load.mean(1)).max() < 1.1
+  before = step._cache_size()
+  for seed in range(2, 42, 2):
+    step(params, routes_for(seed), True)
+  assert step._cache_size() == before

@@ -22,7 +22,8 @@ from pr2_jax.models import experts as ex
 from pr2_jax.models import routing
 from pr2_jax.models.layers import INIT
 from pr2_jax.parallel.expert_parallel import moe_experts
-from pr2_jax.parallel.mesh import constrain, partitioned
+from pr2_jax.balance.dispatch import assign_replicas
+from pr2_jax.parallel.mesh import constrain, num_token_shards, partitioned
 from pr2_jax.pr2.predictor import predictor_bias
 
 
@@ -39,7 +40,9 @@ class MoEBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, routes_BTK=None, slot_expert_X=None, capacity=None, predictor_DE=None,
-               predicted_gates=True):
+               predicted_gates=True, valid_BT=None):
+    """`slot_expert_X` is a slot map [X] (each expert's first slot takes its tokens) or one
+    layer of a `pr2_jax.balance.Plan` (tokens split among replicas by the plan's shares)."""
     cfg = self.config
     b, t, d = x_BTD.shape
     e, f = cfg.num_experts, cfg.expert_d_ff
@@ -53,10 +56,16 @@ class MoEBlock(nn.Module):
     routes_NK = None if routes_BTK is None else routes_BTK.reshape(b * t, cfg.top_k)
     bias_NE = None if predictor_DE is None else predictor_bias(x_ND, predictor_DE)
     r = routing.route(logits_NE, cfg.top_k, cfg.norm_topk_prob, routes_NK, bias_NE, predicted_gates)
+    slot_ids_NK = None
+    if hasattr(slot_expert_X, "replica_share"):  # a Plan layer: planned replica split
+      plan = slot_expert_X
+      slot_expert_X = plan.slot_expert.reshape(-1)
+      valid_N = None if valid_BT is None else valid_BT.reshape(b * t)
+      slot_ids_NK = assign_replicas(r.expert_ids, valid_N, plan, num_token_shards(self.mesh))
     y_ND, dropped = moe_experts(
         x_ND, r.expert_ids, r.gates, weights, impl=cfg.expert_impl, mesh=self.mesh,
         capacity_factor=cfg.capacity_factor, capacity=capacity, slot_expert_X=slot_expert_X,
-        dtype=jnp.dtype(cfg.dtype))
+        slot_ids_NK=slot_ids_NK, dtype=jnp.dtype(cfg.dtype))
     aux = MoEAux(r.expert_ids.reshape(b, t, cfg.top_k), logits_NE.reshape(b, t, e), dropped,
                  routing.switch_aux_loss(r.probs, r.expert_ids))
     return y_ND.reshape(b, t, d).astype(cfg.dtype), aux

@@ -77,7 +77,7 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, routes_BTK, slot_expert_X, capacity, kv,
-               predictor_DE=None, predicted_gates=True):
+               predictor_DE=None, predicted_gates=True, valid_BT=None):
     cfg = self.config
     h_BTD = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x_BTD)
     a_BTD, kv = Attention(cfg, self.mesh, name="self_attn")(h_BTD, positions_BT, mask_BTS, kv)
@@ -86,7 +86,7 @@ class DecoderLayer(nn.Module):
     if not self.is_moe:
       return x_BTD + MLP(cfg, name="mlp")(h_BTD), None, None, kv
     y_BTD, aux = MoEBlock(cfg, self.mesh, name="mlp")(h_BTD, routes_BTK, slot_expert_X, capacity,
-                                                      predictor_DE, predicted_gates)
+                                                      predictor_DE, predicted_gates, valid_BT)
     return x_BTD + y_BTD, aux, h_BTD, kv
 
 
@@ -109,7 +109,8 @@ class MoETransformer(nn.Module):
       valid: optional bool [B, T], False on padding (masked as attention keys).
       return_router_logits / return_router_inputs: also return per-layer router
         logits [B, T, L, E] / router inputs [B, T, L, D].
-      slot_expert: optional int32 [L, X] slot -> expert map per MoE layer.
+      slot_expert: optional int32 [L, X] slot -> expert map per MoE layer, or a
+        `pr2_jax.balance.Plan` (replicas plus the planned token split).
       capacity: optional static per-slot capacity (overrides capacity_factor).
       cache: optional KVCache; the T tokens are written at `cache.index` and
         attend to everything before them (prefill and decode). `positions`
@@ -146,12 +147,13 @@ class MoETransformer(nn.Module):
       moe_idx = len(auxes)
       is_moe = i in cfg.moe_layers
       layer_routes = routes[:, :, moe_idx] if (routes is not None and is_moe) else None
-      layer_slots = slot_expert[moe_idx] if (slot_expert is not None and is_moe) else None
+      layer_slots = (jax.tree.map(lambda a: a[moe_idx], slot_expert)
+                     if (slot_expert is not None and is_moe) else None)
       layer_pred = predictor[moe_idx] if (predictor is not None and is_moe) else None
       kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
       x_BTD, aux, h_BTD, kv = DecoderLayer(cfg, is_moe, self.mesh, name=f"layers_{i}")(
           x_BTD, positions, mask_BTS, layer_routes, layer_slots, capacity, kv, layer_pred,
-          predicted_gates)
+          predicted_gates, valid)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
