@@ -70,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   r.eval_size = 256           # held-out problems per evaluation
   r.eval_temperature = 1.0    # evaluation sampling temperature (0 = greedy): the policy's expected reward
   r.max_consecutive_skips = 10  # non-finite updates in a row before the run stops (state checkpointed)
+  r.balance_mode = "none"     # none: static expert layout | foresight: per-micro-step replica plan
+  r.redundant_slots = 1       # extra expert slots per device for foresight replicas
 
   p = c.pr2 = ml_collections.ConfigDict()  # used when rl.replay_mode is pr2 | pr2_r2
   p.loss = "post"             # predictor objective: post | delta | l2

@@ -271,3 +271,25 @@ def test_non_finite_loss_skips_the_update():
   _, ok = learner.update_step(_learner(model, config, tx), state,
                               _prepare(model, config, state.params, batch, 1))
   assert int(ok["skipped"]) == 0
+
+
+def test_foresight_balancing_gives_the_same_update():
+  """On a (2, 4) mesh, per-micro-step foresight plans change where experts run, not the maths."""
+  model1, _, state1, batch = _rollout()
+  tx = optax.sgd(1.0)
+  batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
+  mesh = make_mesh(2, 4)
+  model = MoETransformer(CFG, mesh)
+  results = {}
+  for mode in ("none", "foresight"):
+    state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)  # donated below
+    config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, balance_mode=mode)
+    micro = _prepare(model1, config, state1.params, batch16, 2)
+    _, update_fn = learner.make_learner_fns(_learner(model, config, tx), mesh, shardings, micro)
+    results[mode] = update_fn(state, jax.device_put(micro, learner.batch_shardings(mesh, micro)),
+                              jnp.asarray(False))
+  (a, ma), (b, mb) = results["none"], results["foresight"]
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+  assert float(mb["imbalance_foresight"]) < float(mb["imbalance_none"])
+  assert float(mb["imbalance_foresight"]) <= 1.1

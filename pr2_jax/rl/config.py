@@ -13,6 +13,7 @@ REPLAY_MODES = ("none", "r2", "r3", "pr2", "pr2_r2")
 PR2_MODES = ("pr2", "pr2_r2")
 PREDICTOR_LOSSES = ("post", "delta", "l2")
 FEATURE_RULES = ("random", "response")
+BALANCE_MODES = ("none", "foresight")
 LOSSES = ("dapo", "gspo")
 RATIO_DENOMINATORS = ("rollout", "old")
 DTYPES = ("float32", "bfloat16")
@@ -42,6 +43,8 @@ class RLConfig:
   eval_size: int = 128             # held-out problems per evaluation
   eval_temperature: float = 1.0    # evaluation sampling temperature (0 = greedy)
   max_consecutive_skips: int = 10  # updates skipped for non-finite loss/grads in a row before stopping
+  balance_mode: str = "none"       # none: static expert layout | foresight: per-micro-step plan
+  redundant_slots: int = 1         # extra expert slots per device for foresight replicas
 
   def __post_init__(self):
     for name in ("num_steps", "prompts_per_step", "group_size", "off_policy_k", "micro_steps",
@@ -50,7 +53,8 @@ class RLConfig:
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"RLConfig.{name} must be a positive int, got {value!r}")
     choices = {"replay_mode": REPLAY_MODES, "loss": LOSSES,
-               "ratio_denominator": RATIO_DENOMINATORS, "rollout_dtype": DTYPES}
+               "ratio_denominator": RATIO_DENOMINATORS, "rollout_dtype": DTYPES,
+               "balance_mode": BALANCE_MODES}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"RLConfig.{name}={getattr(self, name)!r} must be one of {allowed}")
@@ -65,7 +69,7 @@ class RLConfig:
         raise ValueError(f"RLConfig.{name} must be > 0, got {getattr(self, name)}")
     if self.clip_low >= 1:
       raise ValueError(f"RLConfig.clip_low={self.clip_low} must be < 1")
-    for name in ("tis_cap", "temperature", "eval_every", "eval_temperature"):
+    for name in ("tis_cap", "temperature", "eval_every", "eval_temperature", "redundant_slots"):
       if getattr(self, name) < 0:
         raise ValueError(f"RLConfig.{name} must be >= 0, got {getattr(self, name)}")
     if not 0 < self.top_p <= 1:

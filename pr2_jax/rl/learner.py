@@ -34,7 +34,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pr2_jax.models.routing import top_k_experts
 from pr2_jax.models.transformer import MoETransformer
-from pr2_jax.parallel.mesh import TOKEN_AXES
+from pr2_jax.balance.loads import imbalance, loads_from_routes, static_device_load
+from pr2_jax.balance.planner import plan_placement
+from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size
 from pr2_jax.pr2 import predictor as pred
 from pr2_jax.rl import losses, metrics
 from pr2_jax.rl.config import PR2_MODES, PR2Config, RLConfig
@@ -61,12 +63,32 @@ def gather_slots(x_bS_: jax.Array, slots_bF: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x_bS_, idx, axis=1)
 
 
+def foresight_plan(lr: Learner, routes_bSLK, valid_bS):
+  """The micro-step's placement from its replayed routes (None when balancing is off)."""
+  if lr.rl.balance_mode != "foresight" or routes_bSLK is None:
+    return None
+  cfg = lr.model.config
+  devices = axis_size(lr.model.mesh, EXPERT)
+  loads_LE = loads_from_routes(routes_bSLK, valid_bS, cfg.num_experts)
+  return plan_placement(loads_LE, devices, cfg.num_experts // devices + lr.rl.redundant_slots)
+
+
+def balance_metrics(lr: Learner, routes_bSLK, valid_bS) -> dict:
+  """Imbalance (max/mean device load, mean over layers) of the static layout and of a plan."""
+  cfg = lr.model.config
+  devices = axis_size(lr.model.mesh, EXPERT)
+  loads_LE = loads_from_routes(routes_bSLK, valid_bS, cfg.num_experts)
+  plan = plan_placement(loads_LE, devices, cfg.num_experts // devices + lr.rl.redundant_slots)
+  return {"imbalance_none": jnp.mean(imbalance(static_device_load(loads_LE, devices))),
+          "imbalance_foresight": jnp.mean(imbalance(plan.device_load))}
+
+
 def forward_logprobs(model: MoETransformer, params, seq: dict, routes, temperature: float,
-                     predictor=None, features: bool = False):
+                     predictor=None, features: bool = False, plan=None):
   """Log-probs [b, T] of tokens[:, 1:] under π_θ/temperature, plus the model output."""
   out = model.apply({"params": params}, seq["tokens"], routes=routes, positions=seq["positions"],
                     valid=seq["valid"], return_router_logits=True,
-                    return_router_inputs=features, predictor=predictor)
+                    return_router_inputs=features, predictor=predictor, slot_expert=plan)
   scale = 1.0 if temperature == 0 else 1.0 / temperature
   logits_BTV = out.logits[:, :-1] * scale
   return losses.token_logprobs(logits_BTV, seq["tokens"][:, 1:]), logits_BTV, out
@@ -86,7 +108,8 @@ def old_logprob_pass(lr: Learner, params, predictor, batch: dict):
   def one(_, micro):
     routes = micro["rollout_routes"] if mode in ("r3", "pr2") else None
     logp, _, out = forward_logprobs(lr.model, params, micro, routes, lr.rl.temperature,
-                                    predictor if pr2_r2 else None, features=pr2_r2)
+                                    predictor if pr2_r2 else None, features=pr2_r2,
+                                    plan=foresight_plan(lr, routes, micro["valid"]))
     feats = None
     if pr2_r2:
       dtype = jnp.dtype(lr.pr2.feature_dtype)
@@ -105,7 +128,8 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict):
   """
   rl = lr.rl
   routes = None if rl.replay_mode == "none" else micro["replay_routes"]
-  logp_BT, logits_BTV, out = forward_logprobs(lr.model, params, micro, routes, rl.temperature)
+  logp_BT, logits_BTV, out = forward_logprobs(lr.model, params, micro, routes, rl.temperature,
+                                              plan=foresight_plan(lr, routes, micro["valid"]))
   mask_BT = micro["response_mask"][:, 1:]
   rollout_BT = micro["rollout_logp"][:, 1:]
   against_BT = rollout_BT if rl.ratio_denominator == "rollout" else micro["old_logp"]
@@ -120,6 +144,7 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict):
   probs_BTLE = jax.nn.softmax(out.router_logits, axis=-1)
   live_BTLK = top_k_experts(probs_BTLE, micro["rollout_routes"].shape[-1])
   stats = {
+      "count": jnp.float32(1.0),
       "loss": loss,
       "entropy": jax.lax.stop_gradient(losses.token_entropy(logits_BTV, mask_BT, denoms["tokens"])),
       "loss_sums": aux["sums"],
@@ -127,6 +152,8 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict):
       "routing": metrics.routing_sums(micro["rollout_routes"], live_BTLK, probs_BTLE,
                                       micro["valid"]),
       "dropped": out.dropped.sum(),
+      # What each layout would give on this micro-step's routes (summed; averaged by M later).
+      "balance": balance_metrics(lr, micro["replay_routes"], micro["valid"]),
   }
   if lr.uses_predictor:
     stats["pred"] = predictor_step(lr, predictor, micro, out.router_logits, denoms["features"])
@@ -156,7 +183,9 @@ def predictor_step(lr: Learner, predictor, micro: dict, router_logits_bSLE, feat
 
 def minibatch_metrics(stats: dict, grads) -> dict:
   """Means from the micro-steps' summed statistics."""
+  micro_steps = stats["count"]
   out = {"loss": stats["loss"], "entropy": stats["entropy"], "dropped": stats["dropped"],
+         **{k: v / micro_steps for k, v in stats["balance"].items()},
          "grad_norm": optax.global_norm(grads),
          **losses.loss_stats_from_sums(stats["loss_sums"]),
          **{f"mismatch_{k}" if k.startswith("ratio") else k: v
