@@ -6,6 +6,8 @@
     out = model.apply({"params": params}, tokens, routes=out.routes)   # replay
 """
 
+from pr2_jax.balance import (Plan, assign_replicas, eplb_rebalance, imbalance, loads_from_routes,
+                             plan_placement)
 from pr2_jax.config import ModelConfig
 from pr2_jax.hf import HFTokenizer, load_hf_checkpoint, save_hf_checkpoint
 from pr2_jax.models.experts import ExpertWeights
@@ -15,6 +17,8 @@ from pr2_jax.models.transformer import (KVCache, ModelOutput, MoETransformer, in
                                         validate_tokens)
 from pr2_jax.parallel.expert_parallel import moe_experts
 from pr2_jax.parallel.mesh import LOGICAL_RULES, make_mesh
+from pr2_jax.pr2.predictor import (init_predictor, predicted_topk, predictor_bias, predictor_loss,
+                                   predictor_losses)
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
 from pr2_jax.rl.losses import (dapo_loss, grpo_advantages, gspo_loss, policy_loss, tis_weights,
                                token_entropy, token_logprobs)
