@@ -39,14 +39,17 @@ def _capacity(slot_ids_NK, num_slots, shards):
                          minlength=shards * num_slots).max())
 
 
-def _time(fn, args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
+def _time(fns, args, repeats):
+  """Median seconds per call of each function, timed round-robin (so load hits all alike)."""
+  for fn in fns.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure_moe(expert_ids_NK, *, num_experts, d_model, d_ff, repeats, seed=0):
@@ -82,10 +85,8 @@ def measure_moe(expert_ids_NK, *, num_experts, d_model, d_ff, repeats, seed=0):
 
   y_static, y_fs = jax.jit(static)(x, w), jax.jit(foresight)(x, w)
   max_diff = float(jnp.max(jnp.abs(y_static - y_fs)))
-  fwd = {name: _time(jax.jit(f), (x, w), repeats) for name, f in
-         (("static", static), ("foresight", foresight))}
-  bwd = {name: _time(train(f), (x, w), repeats) for name, f in
-         (("static", static), ("foresight", foresight))}
+  fwd = _time({"static": jax.jit(static), "foresight": jax.jit(foresight)}, (x, w), repeats)
+  bwd = _time({"static": train(static), "foresight": train(foresight)}, (x, w), repeats)
   return {"devices": num_devices, "tokens": n, "top_k": k, "experts": num_experts,
           "slots_static": per, "slots_foresight": slots,
           "capacity_static": cap_static, "capacity_foresight": cap_fs,

@@ -46,9 +46,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "(a): timed planner calls.")
 _STEPS = flags.DEFINE_integer("trace_steps", 4, "(b): RL steps in the synthetic trace.")
 _SEQS = flags.DEFINE_integer("trace_seqs", 16, "(b): sequences per RL step.")
 _MICRO = flags.DEFINE_list("micro_seqs", ["1", "2", "4"], "(b): sequences per micro-step.")
-_SKEW = flags.DEFINE_float("skew", 0.5, "(b): std of the stable popularity logits.")
+_SKEW = flags.DEFINE_float("skew", 0.3, "(b): std of the stable popularity logits.")
 _CLUSTER = flags.DEFINE_integer("cluster", 16, "(b): experts each sequence prefers per layer.")
-_BOOST = flags.DEFINE_float("boost", 2.0, "(b): logit boost of a sequence's preferred experts.")
+_BOOST = flags.DEFINE_float("boost", 1.5, "(b): logit boost of a sequence's preferred experts.")
 _DRIFT = flags.DEFINE_float("drift", 0.1, "(b): per-step drift of the popularity logits.")
 _EMA = flags.DEFINE_float("ema", 0.5, "(b): weight of the past in eplb_ema's average.")
 _STICKINESS = flags.DEFINE_float("stickiness", 0.25, "Planner home-rule tolerance.")
@@ -64,7 +64,7 @@ _XFER_GBPS = flags.DEFINE_float("xfer_gbps", 50.0, "(d): weight-transfer GB/s pe
 _MOE = flags.DEFINE_bool("moe", True, "(c): run the measured MoE-layer comparison.")
 _MOE_ARGS = flags.DEFINE_list(
     "moe_args", ["--experts=32", "--top_k=4", "--seqs=2", "--seq_len=1024", "--d_model=128",
-                 "--d_ff=256", "--repeats=5"], "(c): flags for experiments.balance_moe.")
+                 "--d_ff=256", "--repeats=9"], "(c): flags for experiments.balance_moe.")
 _SEED = flags.DEFINE_integer("seed", 0, "Trace and shuffling seed.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_balance.json", "JSON output.")
 

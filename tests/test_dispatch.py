@@ -62,6 +62,33 @@ def test_counts_follow_the_plan(shards):
   assert np.asarray(layer.replica_count).max() > 1  # the test exercises replicas
 
 
+def test_per_shard_calls_equal_one_call_over_shards():
+  """Blocks are split independently, so calling it on each shard's tokens (e.g. inside
+  shard_map, num_source_shards=1) gives what one call over all shards gives."""
+  rng = np.random.default_rng(7)
+  ids = np.stack([rng.choice(16, 2, replace=False) for _ in range(64)]).astype(np.int32)
+  valid = rng.random(64) < 0.8
+  layer = pl.plan_placement(ld.loads_from_routes(jnp.asarray(ids)[None, :, None, :],
+                                                 jnp.asarray(valid)[None], 16), 4, 6).layer(0)
+  whole = dispatch.assign_replicas(jnp.asarray(ids), jnp.asarray(valid), layer, 4)
+  parts = [dispatch.assign_replicas(jnp.asarray(ids[b:b + 16]), jnp.asarray(valid[b:b + 16]),
+                                    layer) for b in range(0, 64, 16)]
+  np.testing.assert_array_equal(whole, np.concatenate(parts))
+
+
+def test_slot_counts_give_the_dropless_capacity():
+  """The hand-worked plan, 2 source shards: shard 0 sends slot 0 one token, slot 3 three,
+  slots 1 and 2 two each; capacity = 3. With token 7 (slots 3 and 2) marked padding,
+  shard 1 sends [1, 2, 1, 2]."""
+  plan = _layer([[0, 1], [2, 0]], [[0.25, 1.0], [1.0, 0.75]], 3)
+  ids = np.stack([np.zeros(8), np.arange(8) % 2 + 1], axis=1).astype(np.int32)
+  slots = dispatch.assign_replicas(jnp.asarray(ids), None, plan, num_source_shards=2)
+  counts = dispatch.slot_counts(slots, 4, 2)
+  np.testing.assert_array_equal(counts, [[1, 2, 2, 3], [1, 2, 2, 3]])
+  valid = jnp.asarray([True] * 7 + [False])
+  np.testing.assert_array_equal(dispatch.slot_counts(slots, 4, 2, valid)[1], [1, 2, 1, 2])
+
+
 def test_validation():
   plan = pl.plan_placement(jnp.ones((2, 4)), 2, 3)
   with pytest.raises(ValueError, match="one layer"):

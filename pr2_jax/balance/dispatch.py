@@ -77,3 +77,23 @@ def assign_replicas(expert_ids_NK: jax.Array, valid_N: jax.Array | None, plan_la
   want_M = ids_M[order_M] * q + jnp.minimum(u_M, q - 1)
   slot_M = order_X[jnp.searchsorted(key_X, want_M, side="right")]
   return jnp.zeros_like(ids_M).at[order_M].set(slot_M.astype(jnp.int32)).reshape(n, k)
+
+
+def slot_counts(slot_ids_NK: jax.Array, num_slots: int, num_source_shards: int = 1,
+                valid_N: jax.Array | None = None) -> jax.Array:
+  """int32 [P, X]: assignments each source shard sends to each slot.
+
+  Its max is the smallest dropless per-(source shard, slot) capacity of
+  `moe_experts`' capacity path. Padding tokens take buffer places there too,
+  so pass `valid_N` only if padding is kept out of the buffers.
+  """
+  n, k = slot_ids_NK.shape
+  if n % num_source_shards:
+    raise ValueError(f"{n} tokens do not split into num_source_shards={num_source_shards}")
+  block_NK = jnp.broadcast_to((jnp.arange(n) // (n // num_source_shards))[:, None], (n, k))
+  weight_NK = jnp.ones((n, k), jnp.int32)
+  if valid_N is not None:
+    weight_NK = weight_NK * jnp.asarray(valid_N, jnp.int32)[:, None]
+  flat = (block_NK * num_slots + slot_ids_NK).reshape(-1)
+  return jnp.zeros((num_source_shards * num_slots,), jnp.int32).at[flat].add(
+      weight_NK.reshape(-1)).reshape(num_source_shards, num_slots)
