@@ -6,6 +6,7 @@
 
 import inspect
 import os
+import re
 import sys
 
 import pr2_jax
@@ -27,7 +28,8 @@ def entry(name: str) -> str:
   obj = getattr(pr2_jax, name)
   if callable(obj):
     try:
-      sig = str(inspect.signature(obj))
+      # Default values that print an object id would make the page differ run to run.
+      sig = re.sub(r" at 0x[0-9a-f]+", "", str(inspect.signature(obj)))
     except (TypeError, ValueError):
       sig = "(...)"
     kind = "class" if inspect.isclass(obj) else "def"
