@@ -198,7 +198,10 @@ class Engine:
     out["skipped_updates"] = int(sum(int(m["skipped"]) for m in per_mini))
     out["skipped_trailing"] = next((i for i, m in enumerate(reversed(per_mini))
                                     if not int(m["skipped"])), len(per_mini))
-    for key in ("topk_agreement", "zero_dev_ratio", "pred_loss", "pred_topk_acc"):
+    # Per mini-step: k3/extreme at mini-step 1 are the pure train-inference mismatch (π_θ = π_old);
+    # later mini-steps add the policy's own movement since the rollout.
+    for key in ("topk_agreement", "zero_dev_ratio", "pred_loss", "pred_topk_acc", "k3_kl",
+                "extreme_frac"):
       if key in per_mini[0]:
         out[f"{key}_per_ministep"] = [float(m[key]) for m in per_mini]
     out.update(reward_mean=float(rewards.mean()),
