@@ -105,3 +105,13 @@ def test_refuses_fresh_start_over_existing_rl_metrics(tmp_path):
   mesh = make_mesh(1, 1, devices=jax.devices()[:1])
   with pytest.raises(ValueError, match="holds RL metrics from an earlier run but no RL checkpoint"):
     loop.run(_config(1), mesh, str(tmp_path))
+
+
+def test_torn_last_metrics_line_is_dropped(tmp_path):
+  """A kill mid-write leaves half a JSON line: resume drops it; a torn middle line is an error."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"phase": "rl", "step": 1}\n{"phase": "rl", "st')
+  assert loop._read_rows(str(path)) == [{"phase": "rl", "step": 1}]
+  path.write_text('{"phase": "rl", "st\n{"phase": "rl", "step": 1}\n')
+  with pytest.raises(json.JSONDecodeError):
+    loop._read_rows(str(path))

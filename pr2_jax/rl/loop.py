@@ -210,10 +210,19 @@ class Engine:
 
 
 def _read_rows(path: str) -> list[dict]:
+  """metrics.jsonl rows; a torn last line (killed mid-write) is dropped, not fatal."""
   if not os.path.exists(path):
     return []
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise
+  return rows
 
 
 def _has_rl_rows(path: str) -> bool:
@@ -279,6 +288,8 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     state = state.replace(params=params)
     warm_reward = engine.evaluate(state.params)
     emit({"phase": "sft_eval", "step": 0, "eval_reward": warm_reward})
+    # Step 0 = the warm-up policy: a run killed before its first RL checkpoint resumes here.
+    rl_ckpt.save(0, state, {"rl_step": 0, **identity})
   rl, t0, last, consecutive = config.rl, time.perf_counter(), {}, 0
   for step in range(start + 1, rl.num_steps + 1):
     state, last = engine.rl_step(state, step)
