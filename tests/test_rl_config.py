@@ -18,6 +18,8 @@ from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(temperature=0.0), "temperature=0"),
     (dict(learning_rate=0.0), "learning_rate must be > 0"),
+    (dict(balance_mode="eplb"), r"balance_mode='eplb' must be one of \('none', 'foresight'\)"),
+    (dict(redundant_slots=-1), "redundant_slots must be >= 0"),
 ])
 def test_bad_rl_config(kwargs, message):
   with pytest.raises(ValueError, match=message):
