@@ -1,0 +1,326 @@
+"""Summaries, report and plots of the routing-replay comparison (`experiments/compare_replay.py`).
+
+Pure functions from metrics.jsonl rows to numbers, Markdown and PNGs; no flags,
+so tests and notebooks can import them.
+
+    from experiments import replay_report
+    summary = replay_report.summarise_run(rows, collapse_fraction=0.5)
+"""
+
+import math
+import os
+
+# Per-step scalars averaged over a run's RL steps (names as in metrics.jsonl).
+STEP_MEANS = ("k3_kl", "extreme_frac", "ratio_mean", "ratio_var", "clip_frac_low",
+              "clip_frac_high", "topk_agreement", "zero_dev_ratio", "coverage_gap", "entropy",
+              "grad_norm", "reward_mean", "response_len", "pred_loss", "pred_topk_acc",
+              "bias_logit_ratio", "feature_cache_bytes")
+# Per-step vectors averaged over steps: the horizon curve (length κ) and the deviation histogram.
+STEP_VECTORS = ("topk_agreement_per_ministep", "zero_dev_ratio_per_ministep", "dev_hist",
+                "pred_topk_acc_per_ministep", "k3_kl_per_ministep", "extreme_frac_per_ministep")
+# From each `X_per_ministep`: `X_ministep1` (mini-step 1, where π_θ = π_old and the live router is
+# the rollout's, up to the engines' numerics) and `X_ministep_ge2` (mean over mini-steps 2..κ,
+# after at least one optimizer step since the rollout).
+SPLIT = ("zero_dev_ratio", "topk_agreement", "k3_kl", "extreme_frac")
+CURVES = ("reward_mean", "k3_kl", "topk_agreement", "zero_dev_ratio_ministep_ge2")
+TABLE = (("eval_reward", "final eval reward", "{:.3f}"),
+         ("zero_dev_ratio_ministep_ge2", "zero-dev (mini-step ≥ 2)", "{:.4f}"),
+         ("zero_dev_ratio_ministep1", "zero-dev (mini-step 1)", "{:.4f}"),
+         ("k3_kl_ministep1", "k3 KL (mini-step 1)", "{:.2e}"),
+         ("k3_kl", "k3 KL (all)", "{:.2e}"),
+         ("extreme_frac_ministep1", "extreme (mini-step 1)", "{:.1e}"),
+         ("extreme_frac", "extreme (all)", "{:.1e}"),
+         ("clip_frac_low", "clip low", "{:.4f}"),
+         ("clip_frac_high", "clip high", "{:.4f}"))
+MODE_LABELS = {"none": "vanilla (DAPO, no replay)", "r2": "R2", "r3": "R3", "pr2": "PR2",
+               "pr2_r2": "PR2-R2", "gspo": "GSPO (no replay)"}
+
+
+# ----------------------------------------------------------------------------
+# Summaries (pure: rows of metrics.jsonl in, numbers out)
+# ----------------------------------------------------------------------------
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _mean(values):
+  values = [v for v in values if v is not None]
+  return sum(values) / len(values) if values else None
+
+
+def summarise_run(rows: list[dict], collapse_fraction: float, error: str | None = None) -> dict:
+  """One run's numbers from its metrics rows: final eval, step means, horizon curve, collapse."""
+  warm = next((r["eval_reward"] for r in rows if r.get("phase") == "sft_eval"), None)
+  rl = [r for r in rows if r.get("phase") == "rl"]
+  evals = [(r["step"], r["eval_reward"]) for r in rl if "eval_reward" in r]
+  out = {"warmup_eval_reward": warm, "eval_reward": evals[-1][1] if evals else None,
+         "steps": len(rl), "skipped_updates": sum(r.get("skipped_updates", 0) for r in rl)}
+  for key in STEP_MEANS:
+    out[key] = _mean([r[key] for r in rl if key in r])
+  for key in STEP_VECTORS:
+    vecs = [r[key] for r in rl if key in r]
+    out[key] = [sum(v) / len(vecs) for v in zip(*vecs)] if vecs else None
+  for key in SPLIT:
+    vec = out.get(f"{key}_per_ministep")  # every step has κ entries: the step mean splits exactly
+    out[f"{key}_ministep1"] = vec[0] if vec else None
+    out[f"{key}_ministep_ge2"] = _mean(vec[1:]) if vec and len(vec) > 1 else None
+  non_finite = any(not _finite(r.get("loss", 0.0)) for r in rl) or out["skipped_updates"] > 0
+  low = (out["eval_reward"] is None or warm is None or
+         out["eval_reward"] < collapse_fraction * warm)
+  out["collapsed"] = bool(error or non_finite or low)
+  out["error"] = error
+  out["curves"] = {"step": [r["step"] for r in rl],
+                   "eval_step": [s for s, _ in evals], "eval_reward": [v for _, v in evals],
+                   **{k: [(_mean(r["zero_dev_ratio_per_ministep"][1:])
+                           if k == "zero_dev_ratio_ministep_ge2" else r.get(k)) for r in rl]
+                      for k in CURVES}}
+  return out
+
+
+def _std(xs):
+  if len(xs) < 2:
+    return 0.0
+  m = sum(xs) / len(xs)
+  return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))  # sample std over seeds
+
+
+def aggregate(runs: dict) -> dict:
+  """{seed: summarise_run(...)} -> fields {mean, std, per_seed}, vectors and mean curves."""
+  seeds = sorted(runs)
+  first = runs[seeds[0]]
+  out = {"seeds": seeds, "collapsed_runs": sum(runs[s]["collapsed"] for s in seeds),
+         "errors": {str(s): runs[s]["error"] for s in seeds if runs[s]["error"]}}
+  for key, value in first.items():
+    if key in ("curves", "collapsed", "error"):
+      continue
+    vals = [runs[s][key] for s in seeds]
+    if isinstance(value, list):
+      ok = [v for v in vals if v is not None]
+      out[key] = {"mean": [sum(c) / len(ok) for c in zip(*ok)] if ok else None,
+                  "std": [_std(list(c)) for c in zip(*ok)] if ok else None, "per_seed": vals}
+    elif value is None or isinstance(value, (int, float)):
+      ok = [v for v in vals if _finite(v)]
+      out[key] = {"mean": sum(ok) / len(ok) if ok else None, "std": _std(ok) if ok else None,
+                  "per_seed": [v if _finite(v) else None for v in vals]}
+  curves = [runs[s]["curves"] for s in seeds]
+  mean_curve = lambda key: [_mean(list(c)) for c in zip(*[cv[key] for cv in curves])]
+  out["curves"] = {"step": curves[0]["step"], "eval_step": curves[0]["eval_step"],
+                   **{k: mean_curve(k) for k in CURVES + ("eval_reward",)}}
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------
+
+def _fmt(field: dict | None, pattern: str) -> str:
+  if not field or field.get("mean") is None:
+    return "–"
+  mean, std = field["mean"], field["std"] or 0.0
+  return f"{pattern.format(mean)} ± {pattern.format(std)}"
+
+
+def _diff_verdict(a: dict, b: dict, higher_is: str) -> str:
+  """'a − b = d (±2·se)': above/below/within noise by a 2-standard-error rule over seeds."""
+  if a["mean"] is None or b["mean"] is None:
+    return "n/a"
+  d = a["mean"] - b["mean"]
+  n_a = len([v for v in a["per_seed"] if v is not None])
+  n_b = len([v for v in b["per_seed"] if v is not None])
+  if min(n_a, n_b) < 2:
+    return f"{d:+.3g} (one seed: no noise estimate)"
+  se = math.sqrt((a["std"] or 0) ** 2 / n_a + (b["std"] or 0) ** 2 / n_b)
+  if abs(d) <= 2 * se:
+    word = "within noise"
+  else:
+    word = higher_is if d > 0 else ("lower" if higher_is == "higher" else "higher")
+  return f"{d:+.3g} (2·se {2 * se:.2g}): {word}"
+
+
+def expectation_checks(results: dict) -> list[str]:
+  """The paper's expectations, checked per κ from the numbers (no judgement by hand)."""
+  lines = []
+  for off, modes in results.items():
+    zd = lambda m: modes[m]["zero_dev_ratio_ministep_ge2"]
+    if "pr2" in modes:
+      for other in ("r3", "none"):
+        if other in modes:
+          lines.append(f"- {off}: zero-dev (mini-step ≥ 2) PR2 − {MODE_LABELS[other]}: "
+                       f"{_diff_verdict(zd('pr2'), zd(other), 'higher')} "
+                       f"(expected: higher)")
+    if "none" in modes:
+      for m in ("r3", "pr2"):
+        if m in modes:
+          for key, where in (("k3_kl_ministep1", "mini-step 1"), ("k3_kl", "all mini-steps")):
+            lines.append(f"- {off}: k3 KL ({where}) {MODE_LABELS[m]} − vanilla: "
+                         f"{_diff_verdict(modes[m][key], modes['none'][key], 'higher')} "
+                         "(expected: lower)")
+    if "pr2" in modes and "r3" in modes:
+      verdict = _diff_verdict(modes["pr2"]["eval_reward"], modes["r3"]["eval_reward"], "higher")
+      lines.append(f"- {off}: final eval reward PR2 − R3: {verdict}")
+  return lines
+
+
+def _setting_lines(cfg) -> list[str]:
+  m, rl, p, s = cfg.model, cfg.rl, cfg.pr2, cfg.sft
+  return [
+      f"- task `{cfg.task}` {cfg.task_kwargs.to_dict()}; model: {m.num_layers} MoE layers, d_model "
+      f"{m.d_model}, {m.num_experts} experts top-{m.top_k}, rollout dtype {rl.rollout_dtype}",
+      f"- warm-up: {s.num_steps} supervised steps (batch {s.batch_size}, lr {s.learning_rate}), "
+      f"trained once and shared by every run",
+      f"- RL: {rl.num_steps} steps of {rl.prompts_per_step} prompts × {rl.group_size} samples, "
+      f"off-κ mini-batches of {rl.micro_steps} micro-steps, AdamW lr {rl.learning_rate}, DAPO "
+      f"clip {rl.clip_low}/{rl.clip_high} (GSPO: 3e-4/4e-4 against π_old), eval every "
+      f"{rl.eval_every} steps on {rl.eval_size} held-out problems at temperature "
+      f"{rl.eval_temperature}",
+      f"- PR2: loss `{p.loss}`, α = {p.lr_mult} (predictor lr α·η = "
+      f"{p.lr_mult * rl.learning_rate:g}), {p.feature_tokens} cached positions per sequence "
+      f"({p.feature_rule}), predicted gates at rollout: {p.predicted_gates}",
+  ]
+
+
+def write_markdown(path: str, results: dict, meta: dict, plots: list[str], base) -> None:
+  keep = ""
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    begin, end = old.find("<!-- BEGIN analysis -->"), old.find("<!-- END analysis -->")
+    if 0 <= begin < end:
+      keep = old[begin:end + len("<!-- END analysis -->")]
+  lines = ["# Routing replay comparison: vanilla, R2, R3, PR2, GSPO at off-κ", "",
+           "```", meta["command"], "```", "",
+           f"Sweep time {meta['sweep_minutes']:.1f} min on {meta['devices']}: the shared warm-up "
+           f"and {meta['runs']} runs, each timed when it ran ({meta['reused_runs']} were reused "
+           f"from an earlier invocation, which took {meta['wall_minutes']:.1f} min in all).", "",
+           "## Setting", "", *_setting_lines(base), "",
+           "Numbers are mean ± sample std over seeds "
+           f"{', '.join(map(str, meta['seeds']))}. Per-step metrics (k3 KL, extreme fraction, "
+           "clip fractions, zero-deviation ratio) are averaged over all RL steps of a run; "
+           "\"zero-dev (mini-step ≥ 2)\" averages the zero-deviation ratio of mini-steps 2..κ, "
+           "where the live training router has taken at least one optimizer step since the "
+           "rollout. "
+           "Routing metrics compare the route recorded at rollout (PR2: the predicted route) with "
+           "the live training router's top-k at every mini-step, over all valid tokens and layers; "
+           "for R2 that is the rollout route, not the old-log-prob route R2 replays.", "",
+           f"**Collapse**: a run counts as collapsed if its final eval reward is below "
+           f"{meta['collapse_fraction']:.0%} of its own warm-up eval reward (same eval set and "
+           "sampling key), if any update had a non-finite loss or gradient, or if it stopped with "
+           "an error.", ""]
+  for off, modes in results.items():
+    lines += [f"## {off}", "", "| mode | " + " | ".join(t for _, t, _ in TABLE) + " | collapsed |",
+              "|---" * (len(TABLE) + 2) + "|"]
+    for mode, agg in modes.items():
+      cells = [_fmt(agg.get(k), pat) for k, _, pat in TABLE]
+      lines.append(f"| {MODE_LABELS.get(mode, mode)} | " + " | ".join(cells) +
+                   f" | {agg['collapsed_runs']}/{len(agg['seeds'])} |")
+    if "pr2" in modes:
+      p = modes["pr2"]
+      lines += ["", f"PR2 predictor: pred_loss {_fmt(p['pred_loss'], '{:.2e}')}, "
+                f"pred_topk_acc {_fmt(p['pred_topk_acc'], '{:.4f}')}, bias_logit_ratio "
+                f"{_fmt(p['bias_logit_ratio'], '{:.3f}')}, feature cache "
+                f"{(p['feature_cache_bytes']['mean'] or 0) / 1024:.0f} KiB per step."]
+    lines.append("")
+  lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+  lines += ["", "## Automatic checks against the paper's expectations", "",
+            "Differences of means over seeds; \"within noise\" when |difference| ≤ 2 standard "
+            "errors.", "", *expectation_checks(results), "",
+            "## What the numbers show", ""]
+  lines.append(keep or "<!-- BEGIN analysis -->\n(not written yet)\n<!-- END analysis -->")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def _smooth(ys, window=5):
+  out = []
+  for i in range(len(ys)):
+    part = [y for y in ys[max(0, i - window + 1):i + 1] if y is not None]
+    out.append(sum(part) / len(part) if part else None)
+  return out
+
+
+def write_plots(out_dir: str, results: dict, top_k: int) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  offs = list(results)
+  modes = sorted({m for r in results.values() for m in r}, key=list(MODE_LABELS).index)
+  color = {m: f"C{i}" for i, m in enumerate(MODE_LABELS)}
+  paths = []
+
+  # Reward, k3 KL and agreement against step (seed means; train curves smoothed over 5 steps).
+  panels = (("reward", "eval reward (markers) / train reward (line)"), ("k3_kl", "k3 KL"),
+            ("zero_dev_ratio_ministep_ge2", "zero-dev ratio, mini-steps ≥ 2"),
+            ("topk_agreement", "top-k agreement, all mini-steps"))
+  fig, axes = plt.subplots(len(offs), len(panels), figsize=(4.2 * len(panels), 3 * len(offs)),
+                           squeeze=False)
+  for row, off in enumerate(offs):
+    for col, (key, title) in enumerate(panels):
+      ax = axes[row][col]
+      for mode, agg in results[off].items():
+        c = agg["curves"]
+        if key == "reward":
+          ax.plot(c["step"], _smooth(c["reward_mean"]), color=color[mode], alpha=0.5, lw=1)
+          ax.plot(c["eval_step"], c["eval_reward"], "o-", color=color[mode], ms=3,
+                  label=MODE_LABELS[mode])
+        elif any(v is not None for v in c[key]):
+          ax.plot(c["step"], _smooth(c[key]), color=color[mode], label=MODE_LABELS[mode])
+      if key == "k3_kl":
+        ax.set_yscale("log")
+      ax.set_title(f"{off}: {title}", fontsize=9)
+      ax.set_xlabel("RL step")
+      ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "replay_comparison_curves.png"))
+  fig.savefig(paths[-1], dpi=90)
+  plt.close(fig)
+
+  # The horizon curve: agreement with the live router (and k3) at mini-step i = 1..κ.
+  fig, axes = plt.subplots(3, len(offs), figsize=(4.2 * len(offs), 9), squeeze=False)
+  for col, off in enumerate(offs):
+    for row, (key, title) in enumerate((("zero_dev_ratio_per_ministep", "zero-dev ratio"),
+                                        ("topk_agreement_per_ministep", "top-k agreement"),
+                                        ("k3_kl_per_ministep", "k3 KL"))):
+      ax = axes[row][col]
+      for mode, agg in results[off].items():
+        f = agg[key]
+        if f["mean"]:
+          xs = list(range(1, len(f["mean"]) + 1))
+          ax.errorbar(xs, f["mean"], yerr=f["std"], color=color[mode], marker="o", ms=3,
+                      capsize=2, label=MODE_LABELS[mode])
+      ax.set_title(f"{off}: {title} vs mini-step", fontsize=9)
+      ax.set_xticks(range(1, int(off[3:]) + 1))
+      if key.startswith("k3"):
+        ax.set_yscale("log")
+      ax.set_xlabel("mini-step i")
+      ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "replay_comparison_horizon.png"))
+  fig.savefig(paths[-1], dpi=90)
+  plt.close(fig)
+
+  # Deviation histogram K − |I_rep ∩ I_cur| (shares over all mini-steps; log scale).
+  bins = min(top_k, 3) + 1
+  fig, axes = plt.subplots(1, len(offs), figsize=(4.2 * len(offs), 3.2), squeeze=False)
+  width = 0.8 / max(len(modes), 1)
+  for col, off in enumerate(offs):
+    ax = axes[0][col]
+    for i, mode in enumerate(m for m in modes if m in results[off]):
+      hist = results[off][mode]["dev_hist"]["mean"][:bins]
+      ax.bar([b + (i - len(modes) / 2 + 0.5) * width for b in range(bins)], hist, width,
+             color=color[mode], label=MODE_LABELS[mode])
+    ax.set_xticks(range(bins), [str(b) if b < 3 else "≥3" for b in range(bins)])
+    ax.set_yscale("log")
+    ax.set_xlabel("experts changed (K − overlap)")
+    ax.set_title(f"{off}: deviation histogram", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "replay_comparison_dev_hist.png"))
+  fig.savefig(paths[-1], dpi=90)
+  plt.close(fig)
+  return paths
+
+
