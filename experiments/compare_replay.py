@@ -140,6 +140,13 @@ def _seconds(directory: str, seconds: float | None = None) -> float:
   return seconds or 0.0
 
 
+def _read_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def _read_rows(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
@@ -220,7 +227,7 @@ def main(argv):
     wanted = json.loads(json.dumps(cfg.to_dict()))
     cfg_path = os.path.join(run_dir, "run_config.json")
     rows = _read_rows(os.path.join(run_dir, "metrics.jsonl"))
-    done = (os.path.exists(cfg_path) and json.load(open(cfg_path)) == wanted and
+    done = (_read_json(cfg_path) == wanted and
             any(r.get("phase") == "rl" and r.get("step") == cfg.rl.num_steps for r in rows))
     error = None
     key = f"off{off}/{mode}/seed{seed}"

@@ -1,0 +1,148 @@
+"""Is router drift predictable across rollout batches? An oracle probe behind the PR2 comparison.
+
+    python -m experiments.drift_probe --init_from=runs/compare_replay/warmup/checkpoints/sft
+    python -m experiments.drift_probe --off=8 --learning_rate=2e-3 --steps=30 --out=/tmp/drift.json
+
+PR2 predicts the router of mini-step j+1 (after j updates) with a linear map
+of the router input, `TopK(p + h W_p)`, fitted on earlier rollout batches. This
+runs plain R3 RL and, around every optimizer step, records the live router
+logits p and inputs h on a fixed probe set (task prompts with their
+solutions). For batch t it then predicts the router after j updates from the
+batch start, using only batch t-1, and scores the prediction's zero-deviation
+ratio (same top-k set) against the router that really came:
+
+  stale           p_t,0                      (what R3 replays)
+  prev_drift      p_t,0 + (p_t-1,j − p_t-1,0)  (batch t-1's drift of the same token, per token)
+  momentum        p_t,0 + j·(p_t-1,κ − p_t-1,κ-1)  (the last update's drift, per token)
+  linear_fit      p_t,0 + h_t,0 W, W = lstsq(h_t-1,0, p_t-1,j − p_t-1,0)  (the best linear
+                                              W_p for batch t-1: PR2's hypothesis class)
+  router_weights  p_t,0 + h_t,0 (W_r,t-1,j − W_r,t-1,0)  (the router weights' own drift)
+
+It also reports the share of the logit drift due to the router weights
+(|h ΔW_r| / |Δp|; the rest comes from the hidden states changing) and the
+cosine between consecutive batches' drifts. Used by docs/results/replay_comparison.md.
+It wraps the engine's update function to see the parameters between
+mini-steps (a private hook: a diagnostic, not an API).
+"""
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base experiment config.")
+_INIT = flags.DEFINE_string("init_from", "", "Warm-up checkpoint dir (empty: train the warm-up "
+                            "here).")
+_OFF = flags.DEFINE_integer("off", 4, "κ: mini-batches per rollout batch.")
+_LR = flags.DEFINE_float("learning_rate", 2e-3, "RL learning rate.")
+_STEPS = flags.DEFINE_integer("steps", 30, "RL steps (rollout batches).")
+_PROBE = flags.DEFINE_integer("probe_size", 128, "Probe sequences.")
+_OUT = flags.DEFINE_string("out", "", "Optional JSON output.")
+
+PREDICTORS = ("stale", "prev_drift", "momentum", "linear_fit", "router_weights")
+
+
+def main(argv):
+  del argv
+  common.setup_devices()
+  import dataclasses
+
+  import jax
+  import numpy as np
+
+  from pr2_jax.rl import data, loop
+  from pr2_jax.rl.config import ExperimentConfig
+  from pr2_jax.train.checkpoint import Checkpointer, abstract_like
+
+  cfg = _CONFIG.value
+  cfg.rl.update(replay_mode="r3", off_policy_k=_OFF.value, learning_rate=_LR.value)
+  config = ExperimentConfig.from_dict(cfg.to_dict())
+  engine = loop.Engine(config, common.build_mesh(cfg))
+  if _INIT.value:
+    identity = json.loads(json.dumps({"model": dataclasses.asdict(config.model)}))
+    _, params, _, _ = Checkpointer(_INIT.value, max_to_keep=1).restore_newest_good(
+        abstract_like(engine.state.params, engine.shardings.params), identity)
+  else:
+    params = engine.warmup()
+  state = engine.state.replace(params=params)
+
+  probe = data.sft_batch(engine.tok, engine.task.sample(np.random.default_rng(123), _PROBE.value),
+                         engine.prompt_slots, engine.response_slots)
+  forward = jax.jit(lambda p: engine.model.apply(
+      {"params": p}, probe["tokens"], positions=probe["positions"], valid=probe["valid"],
+      return_router_logits=True, return_router_inputs=True))
+  mask_BS = np.asarray(probe["valid"], bool)
+  k, layers = config.model.top_k, config.model.num_layers
+
+  def snapshot(p):
+    out = forward(p)
+    w_LDE = np.stack([np.asarray(p[f"layers_{l}"]["mlp"]["gate"]) for l in range(layers)])
+    return np.asarray(out.router_logits), np.asarray(out.router_inputs), w_LDE
+
+  def zero_dev(pred_BSLE, truth_BSLE):
+    top = lambda x: np.sort(np.argsort(-x, -1)[..., :k], -1)
+    return float((top(pred_BSLE) == top(truth_BSLE)).all(-1)[mask_BS].mean())
+
+  def fit(h_BSLD, delta_BSLE):  # per-layer least squares h W = Δp over the probe tokens
+    return np.stack([np.linalg.lstsq(h_BSLD[..., l, :][mask_BS], delta_BSLE[..., l, :][mask_BS],
+                                     rcond=None)[0] for l in range(layers)])
+
+  lin = lambda h_BSLD, w_LDE: np.einsum("bsld,lde->bsle", h_BSLD, w_LDE)
+
+  state, _ = engine.rl_step(state, 1)  # builds the learner functions we wrap below
+  old_fn, update_fn = engine._update_fns
+  snaps = []
+
+  def recording_update(st, minibatch, train_predictor):
+    snaps.append(snapshot(st.params))  # the router before this mini-step's update
+    return update_fn(st, minibatch, train_predictor)
+
+  engine._update_fns = (old_fn, recording_update)
+  batches = []  # per rollout batch: κ+1 snapshots (θ_t,0 .. θ_t,κ)
+  for step in range(2, _STEPS.value + 2):
+    snaps.clear()
+    state, _ = engine.rl_step(state, step)
+    batches.append(snaps + [snapshot(state.params)])
+
+  kappa = _OFF.value
+  scores = {name: np.zeros(kappa - 1) for name in PREDICTORS}
+  cosines, router_share = [], []
+  for t in range(1, len(batches)):
+    prev, cur = batches[t - 1], batches[t]
+    p0, h0 = cur[0][0], cur[0][1]
+    for j in range(1, kappa):
+      truth = cur[j][0]
+      delta_prev = prev[j][0] - prev[0][0]
+      preds = {"stale": p0, "prev_drift": p0 + delta_prev,
+               "momentum": p0 + j * (prev[kappa][0] - prev[kappa - 1][0]),
+               "linear_fit": p0 + lin(h0, fit(prev[0][1], delta_prev)),
+               "router_weights": p0 + lin(h0, prev[j][2] - prev[0][2])}
+      for name, pred in preds.items():
+        scores[name][j - 1] += zero_dev(pred, truth) / (len(batches) - 1)
+    a = (prev[kappa][0] - prev[0][0])[mask_BS].ravel()
+    b = (cur[kappa][0] - cur[0][0])[mask_BS].ravel()
+    cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+  for batch in batches:
+    total = (batch[kappa][0] - batch[0][0])[mask_BS]
+    router = lin(batch[0][1], batch[kappa][2] - batch[0][2])[mask_BS]
+    router_share.append(float(np.linalg.norm(router) / np.linalg.norm(total)))
+
+  result = {"off": kappa, "learning_rate": _LR.value, "steps": _STEPS.value,
+            "zero_dev_by_ministep": {n: s.round(4).tolist() for n, s in scores.items()},
+            "mini_steps": list(range(2, kappa + 1)),
+            "router_weight_share_of_drift": float(np.mean(router_share)),
+            "consecutive_drift_cosine": float(np.mean(cosines))}
+  print(f"zero-dev ratio vs the real router at mini-steps {result['mini_steps']}:")
+  for name, s in result["zero_dev_by_ministep"].items():
+    print(f"  {name:15s} " + " ".join(f"{v:.4f}" for v in s))
+  print(f"router-weight share of the logit drift {result['router_weight_share_of_drift']:.3f}; "
+        f"cosine of consecutive batches' drifts {result['consecutive_drift_cosine']:.3f}")
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
