@@ -1,0 +1,118 @@
+"""Multi-host glue: JAX's distributed runtime, host <-> global array moves, process-0 duties.
+
+One program runs on every process (multi-controller JAX). Every process builds
+the same *global* mesh from all processes' devices; host data enters it with
+`to_global`, where each process hands over only the rows its own devices hold
+(`jax.make_array_from_process_local_data`), and leaves it with `to_host`, which
+gathers a sharded array to every process. Single-process runs take the same
+code path, so what the tests check on one process is what runs on many.
+
+Arrays here are any shape; the batch axis is the one split over processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """`jax.distributed.initialize` settings; all empty = single process (or auto-detect)."""
+  coordinator_address: str = ""  # host:port of process 0; "" = none / auto-detect
+  num_processes: int = 0         # 0 = single process unless auto-detection finds a cluster
+  process_id: int = -1           # this process's rank; -1 = auto-detect
+  auto_detect: bool = False      # let JAX find the cluster (TPU pods, SLURM, Open MPI, ...)
+
+  def __post_init__(self):
+    if self.num_processes < 0:
+      raise ValueError(f"num_processes={self.num_processes} must be >= 0")
+    if self.num_processes > 1 and not self.coordinator_address and not self.auto_detect:
+      raise ValueError(f"num_processes={self.num_processes} needs a coordinator_address "
+                       "(host:port of process 0) or auto_detect")
+    if self.process_id >= max(self.num_processes, 1) and self.num_processes:
+      raise ValueError(f"process_id={self.process_id} must be below num_processes="
+                       f"{self.num_processes}")
+    if self.coordinator_address and ":" not in self.coordinator_address:
+      raise ValueError(f"coordinator_address={self.coordinator_address!r} must be host:port")
+
+  @property
+  def enabled(self) -> bool:
+    return self.auto_detect or self.num_processes > 1
+
+
+def initialize(cfg: DistributedConfig) -> None:
+  """Joins the cluster (a no-op for a single process). Call before any other JAX work.
+
+  On CPU the cross-process collectives need gloo: XLA's default CPU
+  collectives only reach devices of the same process.
+  """
+  if not cfg.enabled:
+    return
+  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if cfg.coordinator_address:
+    kwargs["coordinator_address"] = cfg.coordinator_address
+  if cfg.num_processes:
+    kwargs["num_processes"] = cfg.num_processes
+  if cfg.process_id >= 0:
+    kwargs["process_id"] = cfg.process_id
+  jax.distributed.initialize(**kwargs)
+
+
+def is_main_process() -> bool:
+  """Metrics, logs and side files come from process 0 only."""
+  return jax.process_index() == 0
+
+
+def local_block(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """The block of a global `shape` array this process's devices hold, one slice per axis.
+
+  The block must be contiguous along every axis (it is when the mesh lists
+  devices process by process, as `jax.make_mesh` does); the batch axis is the
+  one the processes split.
+  """
+  block = []
+  indices = list(sharding.addressable_devices_indices_map(shape).values())
+  for axis, size in enumerate(shape):
+    covered = set()
+    for index in indices:
+      covered.update(range(*index[axis].indices(size)))
+    lo, hi = min(covered), max(covered) + 1
+    if len(covered) != hi - lo:
+      raise ValueError(f"process {jax.process_index()} holds non-contiguous parts of axis {axis} "
+                       f"of a {shape} array under {sharding.spec}; list mesh devices by process")
+    block.append(slice(lo, hi))
+  return tuple(block)
+
+
+def to_global(tree, shardings):
+  """Host arrays (the same full value on every process) -> global jax.Arrays.
+
+  Each process contributes only its own rows, so nothing is sent between
+  processes and no process needs device memory for the whole batch.
+  `shardings` is one sharding or a matching tree of them.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x[local_block(sharding, x.shape)],
+                                                  x.shape)
+
+  return jax.tree.map(put, tree, shardings)
+
+
+def to_host(tree):
+  """Global jax.Arrays -> full numpy arrays on every process (an all-gather across hosts)."""
+  def get(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(get, tree)
