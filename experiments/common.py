@@ -8,6 +8,14 @@ from absl import flags, logging
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "If > 0, run on this many fake CPU devices (tries expert parallelism "
     "without accelerators). Must be set before JAX starts.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Multi-host: host:port of process 0 (jax.distributed). Empty with "
+    "--num_processes<=1 = single process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's rank (-1 = auto).")
+_AUTO_DETECT = flags.DEFINE_bool(
+    "distributed_auto", False, "Multi-host: let JAX detect the cluster (TPU pods, SLURM, Open "
+    "MPI) instead of the three flags above.")
 
 
 class _QuietLibraries:
@@ -19,12 +27,25 @@ class _QuietLibraries:
 
 
 def setup_devices():
+  """Fake CPU devices and the distributed runtime; call before any other JAX work."""
   import logging as py_logging
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
   import jax
+  from pr2_jax.parallel import distributed
   if _CPU_DEVICES.value > 0:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  try:
+    cfg = distributed.DistributedConfig(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                        _PROCESS_ID.value, _AUTO_DETECT.value)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
+  distributed.initialize(cfg)
+  if not distributed.is_main_process():
+    logging.set_verbosity(logging.WARNING)  # one log: process 0's
+  if cfg.enabled:
+    logging.info("process %d of %d: %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def build_mesh(cfg):
@@ -46,6 +67,9 @@ class MetricsWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, metrics: dict):
+    from pr2_jax.parallel.distributed import is_main_process
+    if not is_main_process():  # every process computes the metrics; one writes them
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(metrics, sort_keys=True) + "\n")
 
@@ -69,6 +93,9 @@ def progress(step: int, total: int, seconds_per_step: float):
 
 
 def print_summary(summary: dict, workdir: str):
+  from pr2_jax.parallel.distributed import is_main_process
+  if not is_main_process():
+    return
   final = summary["final"]
   warm = summary["warmup_eval_reward"]
   lines = ["", "== summary =="]

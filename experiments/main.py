@@ -1,6 +1,11 @@
 """Entry point: warm-up then RL on a procedural task, resumable from --workdir.
 
     python -m experiments.main --config=configs/tiny.py --workdir=runs/tiny
+
+Multi-host (run the same command on every process; see docs/scaling.md):
+
+    python -m experiments.main --config=configs/tiny.py --workdir=SHARED_DIR \
+        --coordinator_address=HOST0:1234 --num_processes=2 --process_id=RANK
 """
 
 from absl import app, flags, logging

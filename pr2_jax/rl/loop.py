@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pr2_jax.models.transformer import MoETransformer, validate_tokens
+from pr2_jax.parallel.distributed import is_main_process, to_global, to_host
 from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
 from pr2_jax.rl import data, learner, losses
 from pr2_jax.rl.char_tokenizer import CharTokenizer
@@ -81,7 +82,7 @@ class Engine:
     """W_p [L, D, E] = 0 and its optimizer state, replicated (it is small)."""
     m = self.config.model
     rep = replicated(self.mesh)
-    w = jax.device_put(init_predictor(m.num_moe_layers, m.d_model, m.num_experts), rep)
+    w = to_global(init_predictor(m.num_moe_layers, m.d_model, m.num_experts), rep)
     opt = jax.jit(pred_tx.init, out_shardings=rep)(w)
     self.state = self.state.replace(predictor=w, pred_opt_state=opt)
     self.shardings = self.shardings.replace(predictor=rep,
@@ -111,7 +112,7 @@ class Engine:
       rng = np.random.default_rng([self.config.seed, 1, step])
       batch = data.sft_batch(self.tok, self.task.sample(rng, sft.batch_size), self.prompt_slots,
                              self.response_slots)
-      state, m = step_fn(state, jax.device_put(batch, self.seq_sharding))
+      state, m = step_fn(state, to_global(batch, self.seq_sharding))
       if on_metrics and (step % 25 == 0 or step == sft.num_steps):
         on_metrics({"phase": "sft", "step": step, **{k: float(v) for k, v in m.items()}})
     return state.params
@@ -129,9 +130,9 @@ class Engine:
     """Mean held-out reward at `eval_temperature` (a fixed sampling key: comparable across steps)."""
     prompts, valid = data.encode_prompts(self.tok, self.eval_problems, self.prompt_slots)
     validate_tokens(prompts, self.config.model.vocab_size)
-    roll = self.eval_sample(params, *jax.device_put((prompts, valid), self.seq_sharding),
+    roll = self.eval_sample(params, *to_global((prompts, valid), self.seq_sharding),
                             jax.random.fold_in(self.key, 2**31 - 1))
-    return float(self.rewards(self.eval_problems, jax.device_get(roll.tokens)).mean())
+    return float(self.rewards(self.eval_problems, to_host(roll.tokens)).mean())
 
   # -- one RL step ----------------------------------------------------------
   def rl_step(self, state, step: int):
@@ -143,11 +144,11 @@ class Engine:
     # Its own stream: PR2 with W_p = 0 then draws exactly R3's prompts, samples and split.
     slots = self.feature_slots(np.random.default_rng([self.config.seed, 3, step]), rl.batch_size)
     in_rollout = rl.replay_mode == "pr2"  # PR2-R3: predict (and cache features) at rollout
-    roll = self.sample(state.params, *jax.device_put((prompts, valid), self.seq_sharding),
+    roll = self.sample(state.params, *to_global((prompts, valid), self.seq_sharding),
                        jax.random.fold_in(self.key, step),
                        predictor=state.predictor if in_rollout else None,
                        feature_slots_BF=slots if in_rollout else None)
-    roll = jax.device_get(roll)
+    roll = to_host(roll)
     rewards = self.rewards(problems, roll.tokens)
     batch = {"tokens": roll.tokens, "valid": roll.valid, "positions": roll.positions,
              "response_mask": roll.response_mask, "rollout_logp": roll.logp,
@@ -159,7 +160,7 @@ class Engine:
       batch.update(feature_h=roll.feature_h, feature_p=roll.feature_p)
     chunks = rl.off_policy_k * rl.micro_steps
     micro = data.split_micro(batch, chunks, rng.permutation(rl.batch_size))
-    micro = jax.device_put(micro, learner.batch_shardings(self.mesh, micro))
+    micro = to_global(micro, learner.batch_shardings(self.mesh, micro))
     old_fn, update_fn = self._learner_fns(micro)
     micro["old_logp"], routes_used, feats = old_fn(state.params, state.predictor, micro)
     micro["replay_routes"] = (routes_used if rl.replay_mode in ("r2", "pr2_r2")
@@ -192,7 +193,7 @@ class Engine:
 
   @staticmethod
   def _summarise(per_mini, rewards, response_mask) -> dict:
-    per_mini = [jax.tree.map(np.asarray, jax.device_get(m)) for m in per_mini]
+    per_mini = [to_host(m) for m in per_mini]
     out = {k: np.mean([m[k] for m in per_mini], axis=0) for k in per_mini[0] if k != "skipped"}
     out = {k: (v.tolist() if np.ndim(v) else float(v)) for k, v in out.items()}
     out["skipped_updates"] = int(sum(int(m["skipped"]) for m in per_mini))
@@ -231,7 +232,7 @@ def _has_rl_rows(path: str) -> bool:
 
 def _truncate_metrics(path: str, last_step: int, phases=("rl",)) -> None:
   """Drops rows of `phases` after `last_step`: a resumed run rewrites them identically."""
-  if not os.path.exists(path):
+  if not is_main_process() or not os.path.exists(path):  # process 0 owns the metrics file
     return
   rows = _read_rows(path)
   keep = [r for r in rows if not (r.get("phase") in phases and r.get("step", 0) > last_step)]
