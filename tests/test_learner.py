@@ -54,7 +54,8 @@ def _learner(model, config, tx):
 
 def _prepare(model, config, params, batch, chunks):
   micro = data.split_micro(batch, chunks)
-  old_logp, routes, _ = learner.old_logprob_pass(_learner(model, config, None), params, None, micro)
+  old_logp, routes, _, _ = learner.old_logprob_pass(_learner(model, config, None), params, None,
+                                                    micro)
   micro["old_logp"] = old_logp
   micro["replay_routes"] = routes if config.replay_mode == "r2" else micro["rollout_routes"]
   return micro
@@ -250,8 +251,8 @@ def test_pr2_r2_predicts_in_the_old_logprob_pass():
   lr = _pr2_learner(model, tx, pred_tx, "pr2_r2")
   micro = data.split_micro({k: v for k, v in batch.items() if k not in ("feature_h", "feature_p")}, 1)
   w = jax.random.normal(jax.random.key(5), state.predictor.shape)
-  _, routes, (h, p) = learner.old_logprob_pass(lr, state.params, w, micro)
-  _, routes_live, _ = learner.old_logprob_pass(lr, state.params, jnp.zeros_like(w), micro)
+  _, routes, (h, p), _ = learner.old_logprob_pass(lr, state.params, w, micro)
+  _, routes_live, _, _ = learner.old_logprob_pass(lr, state.params, jnp.zeros_like(w), micro)
   assert not np.array_equal(np.asarray(routes), np.asarray(routes_live))
   assert h.shape == (1, B, 4, CFG.num_moe_layers, CFG.d_model)
   assert p.shape == (1, B, 4, CFG.num_moe_layers, CFG.num_experts)
@@ -273,23 +274,92 @@ def test_non_finite_loss_skips_the_update():
   assert int(ok["skipped"]) == 0
 
 
-def test_foresight_balancing_gives_the_same_update():
-  """On a (2, 4) mesh, per-micro-step foresight plans change where experts run, not the maths."""
-  model1, _, state1, batch = _rollout()
-  tx = optax.sgd(1.0)
-  batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
+# -- balancing: eplb_step / foresight layouts and foresight capacity -----------
+
+from pr2_jax.rl import balancing  # noqa: E402
+
+SHAPE = balancing.BalanceShape(num_experts=8, num_devices=4, slots=3, token_shards=8)
+TOKENS_PER_SHARD = 8 * (P + N) // 8  # a micro-step of 8 sequences over 8 token shards
+
+
+def _balanced_run(mode, micro, capacity_mode="bucket"):
+  """Old-log-prob pass + one update (SGD, lr 1) on a (2, 4) mesh; planning as the loop does."""
   mesh = make_mesh(2, 4)
   model = MoETransformer(CFG, mesh)
-  results = {}
-  for mode in ("none", "foresight"):
-    state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)  # donated below
-    config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, balance_mode=mode)
-    micro = _prepare(model1, config, state1.params, batch16, 2)
-    _, update_fn = learner.make_learner_fns(_learner(model, config, tx), mesh, shardings, micro)
-    results[mode] = update_fn(state, jax.device_put(micro, learner.batch_shardings(mesh, micro)),
-                              jnp.asarray(False))
-  (a, ma), (b, mb) = results["none"], results["foresight"]
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+  tx = optax.sgd(1.0)
+  state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
+  config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, balance_mode=mode)
+  micro = jax.device_put(micro, learner.batch_shardings(mesh, micro))
+  example = {**micro, "old_logp": jnp.zeros(micro["tokens"].shape[:2] + (P + N - 1,)),
+             "replay_routes": micro["rollout_routes"]}
+  old_fn, update_fn = learner.make_learner_fns(_learner(model, config, tx), mesh, shardings,
+                                               example)
+  step_plan, _, _ = balancing.step_plan(SHAPE, micro["rollout_routes"], micro["valid"], 0.0,
+                                        balancing.StepState())
+  phase = balancing.plan_phase(SHAPE, micro["rollout_routes"], micro["valid"], step_plan,
+                               balancing.layout_kind(mode, True), capacity_mode == "bucket", 2,
+                               TOKENS_PER_SHARD)
+  plan = step_plan if mode == "eplb_step" else None
+  old_logp, _, _, old_dropped = old_fn(state.params, None, micro, plan, capacity=phase.capacity)
+  micro = {**micro, "old_logp": old_logp, "replay_routes": micro["rollout_routes"]}
+  new, metrics = update_fn(state, micro, jnp.asarray(False), plan, phase.capacity)
+  return dict(old_logp=np.asarray(old_logp), old_dropped=int(np.sum(old_dropped)),
+              params=new.params, metrics=metrics, phase=phase, update_fn=update_fn,
+              step_plan=step_plan)
+
+
+@pytest.mark.parametrize("mode", ["eplb_step", "foresight"])
+def test_balanced_learner_equals_static_dropless(mode):
+  """eplb_step / foresight layouts at a foresight capacity bucket change where experts run and
+  the buffer size, not the maths: old log-probs, loss and gradients (SGD: update = -gradient)
+  equal the static layout's at the model's dropless capacity, with nothing dropped."""
+  _, _, _, batch = _rollout()
+  micro = data.split_micro({k: np.concatenate([v, v]) for k, v in batch.items()}, 2)
+  ref = _balanced_run("none", micro, capacity_mode="model")
+  got = _balanced_run(mode, micro)
+  assert ref["phase"].capacity is None and got["phase"].capacity < TOKENS_PER_SHARD
+  assert got["phase"].capacity >= got["phase"].needed
+  np.testing.assert_allclose(got["old_logp"], ref["old_logp"], atol=1e-5)
+  np.testing.assert_allclose(float(got["metrics"]["loss"]), float(ref["metrics"]["loss"]),
+                             rtol=1e-5, atol=1e-7)
+  for x, y in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(got["params"])):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
-  assert float(mb["imbalance_foresight"]) < float(mb["imbalance_none"])
-  assert float(mb["imbalance_foresight"]) <= 1.1
+  assert got["old_dropped"] == 0 and float(got["metrics"]["dropped"]) == 0
+  imb = got["phase"].imbalance_ML
+  assert imb["foresight"].mean() < imb["none"].mean()
+
+
+def test_capacity_buckets_compile_once_each():
+  """Plans change with every minibatch and never recompile (cache size stays 1); a new
+  capacity bucket compiles the update once, a repeated one not at all."""
+  _, _, _, batch = _rollout()
+  batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
+  run = _balanced_run("foresight", data.split_micro(batch16, 2))
+  mesh = make_mesh(2, 4)
+  model = MoETransformer(CFG, mesh)
+  state, shardings = create_train_state(model, optax.sgd(1.0), jax.random.key(0), mesh)
+  config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, balance_mode="foresight")
+  minis, layouts, needed = [], set(), []
+  for seed in range(3):  # other sequence orders: other micro-steps, other plans
+    micro = data.split_micro(batch16, 2, np.random.default_rng(seed).permutation(16))
+    micro["old_logp"], micro["replay_routes"] = run["old_logp"], micro["rollout_routes"]
+    phase = balancing.plan_phase(SHAPE, micro["rollout_routes"], micro["valid"], run["step_plan"],
+                                 "foresight", True, 2, TOKENS_PER_SHARD)
+    layouts.add(phase.layouts_MLDS.tobytes())
+    needed.append(phase.needed)
+    minis.append(jax.device_put(micro, learner.batch_shardings(mesh, micro)))
+  assert len(layouts) == 3  # three different sets of plans
+  capacity = balancing.capacity_bucket(max(needed), 2, TOKENS_PER_SHARD)
+  _, update_fn = learner.make_learner_fns(learner.Learner(model, config, optax.sgd(1.0)), mesh,
+                                          shardings, minis[0])
+  for mini in minis:
+    state, m = update_fn(state, mini, jnp.asarray(False), None, capacity)
+    assert float(m["dropped"]) == 0
+  assert update_fn.jitted._cache_size() == 1
+  bigger = balancing.capacity_bucket(capacity + 1, 2, TOKENS_PER_SHARD)
+  assert bigger > capacity
+  for mini in minis:
+    state, _ = update_fn(state, mini, jnp.asarray(False), None, bigger)
+  assert update_fn.jitted._cache_size() == 2
+  update_fn(state, minis[0], jnp.asarray(False), None, capacity)
+  assert update_fn.jitted._cache_size() == 2

@@ -13,7 +13,8 @@ REPLAY_MODES = ("none", "r2", "r3", "pr2", "pr2_r2")
 PR2_MODES = ("pr2", "pr2_r2")
 PREDICTOR_LOSSES = ("post", "delta", "l2")
 FEATURE_RULES = ("random", "response")
-BALANCE_MODES = ("none", "foresight")
+BALANCE_MODES = ("none", "eplb_step", "foresight")
+CAPACITY_MODES = ("auto", "model", "bucket", "forecast")
 LOSSES = ("dapo", "gspo")
 RATIO_DENOMINATORS = ("rollout", "old")
 DTYPES = ("float32", "bfloat16")
@@ -43,8 +44,17 @@ class RLConfig:
   eval_size: int = 128             # held-out problems per evaluation
   eval_temperature: float = 1.0    # evaluation sampling temperature (0 = greedy)
   max_consecutive_skips: int = 10  # updates skipped for non-finite loss/grads in a row before stopping
-  balance_mode: str = "none"       # none: static expert layout | foresight: per-micro-step plan
+  balance_mode: str = "none"       # none: static layout | eplb_step: one EPLB plan per RL step |
+                                   # foresight: a plan per micro-step from its replayed routes
   redundant_slots: int = 1         # extra expert slots per device for foresight replicas
+  # eplb_step: one EPLB plan per RL step from an EMA of step loads; 0 = this step's loads only.
+  eplb_ema: float = 0.0            # weight of the past in that average, in [0, 1)
+  # Per-slot token capacity of the learner (pr2_jax.rl.balancing): model = ModelConfig's
+  # capacity_factor; bucket = planned max of phases that replay routes, rounded up to a
+  # bucket (dropless); forecast = bucket also for live-routed phases, from the rollout's
+  # routes (drops reported); auto = bucket with a balance mode, model without.
+  capacity_mode: str = "auto"
+  capacity_buckets: int = 2        # capacity buckets per doubling (1 = powers of two)
 
   def __post_init__(self):
     for name in ("num_steps", "prompts_per_step", "group_size", "off_policy_k", "micro_steps",
@@ -54,7 +64,7 @@ class RLConfig:
         raise ValueError(f"RLConfig.{name} must be a positive int, got {value!r}")
     choices = {"replay_mode": REPLAY_MODES, "loss": LOSSES,
                "ratio_denominator": RATIO_DENOMINATORS, "rollout_dtype": DTYPES,
-               "balance_mode": BALANCE_MODES}
+               "balance_mode": BALANCE_MODES, "capacity_mode": CAPACITY_MODES}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"RLConfig.{name}={getattr(self, name)!r} must be one of {allowed}")
@@ -72,6 +82,12 @@ class RLConfig:
     for name in ("tis_cap", "temperature", "eval_every", "eval_temperature", "redundant_slots"):
       if getattr(self, name) < 0:
         raise ValueError(f"RLConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if not 0 <= self.eplb_ema < 1:
+      raise ValueError(f"RLConfig.eplb_ema={self.eplb_ema} must be in [0, 1) (0 = this step's "
+                       "loads only)")
+    if not isinstance(self.capacity_buckets, int) or self.capacity_buckets < 1:
+      raise ValueError(f"RLConfig.capacity_buckets={self.capacity_buckets!r} must be a positive "
+                       "int (buckets per doubling; 1 = powers of two)")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"RLConfig.top_p={self.top_p} must be in (0, 1]")
     if self.temperature == 0:
@@ -81,6 +97,13 @@ class RLConfig:
   def batch_size(self) -> int:
     """B_global: sequences per rollout batch."""
     return self.prompts_per_step * self.group_size
+
+  @property
+  def effective_capacity_mode(self) -> str:
+    """capacity_mode with 'auto' resolved: buckets when a balance mode plans, else the model's."""
+    if self.capacity_mode != "auto":
+      return self.capacity_mode
+    return "model" if self.balance_mode == "none" else "bucket"
 
   @property
   def micro_batch_size(self) -> int:

@@ -34,11 +34,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pr2_jax.models.routing import top_k_experts
 from pr2_jax.models.transformer import MoETransformer
-from pr2_jax.balance.loads import imbalance, loads_from_routes, static_device_load
-from pr2_jax.balance.planner import plan_placement
+from pr2_jax.balance.loads import loads_from_routes
 from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size
 from pr2_jax.pr2 import predictor as pred
 from pr2_jax.rl import losses, metrics
+from pr2_jax.rl.balancing import foresight_plan
 from pr2_jax.rl.config import PR2_MODES, PR2Config, RLConfig
 from pr2_jax.train.state import TrainState, replicated
 
@@ -63,39 +63,45 @@ def gather_slots(x_bS_: jax.Array, slots_bF: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x_bS_, idx, axis=1)
 
 
-def foresight_plan(lr: Learner, routes_bSLK, valid_bS):
-  """The micro-step's placement from its replayed routes (None when balancing is off)."""
-  if lr.rl.balance_mode != "foresight" or routes_bSLK is None:
+def micro_layout(lr: Learner, routes_bSLK, valid_bS, step_plan=None):
+  """The expert layout of one micro-step (None = static, no replicas).
+
+  eplb_step: the step's plan (computed on the host, passed in as data);
+  foresight: planned here, inside the jitted step, from the micro-step's
+  replayed routes (a live-routed phase has none to plan from).
+  """
+  mode = lr.rl.balance_mode
+  if mode == "eplb_step":
+    return step_plan
+  if mode != "foresight" or routes_bSLK is None:
     return None
   cfg = lr.model.config
   devices = axis_size(lr.model.mesh, EXPERT)
   loads_LE = loads_from_routes(routes_bSLK, valid_bS, cfg.num_experts)
-  return plan_placement(loads_LE, devices, cfg.num_experts // devices + lr.rl.redundant_slots)
-
-
-def balance_metrics(lr: Learner, routes_bSLK, valid_bS) -> dict:
-  """Imbalance (max/mean device load, mean over layers) of the static layout and of a plan."""
-  cfg = lr.model.config
-  devices = axis_size(lr.model.mesh, EXPERT)
-  loads_LE = loads_from_routes(routes_bSLK, valid_bS, cfg.num_experts)
-  plan = plan_placement(loads_LE, devices, cfg.num_experts // devices + lr.rl.redundant_slots)
-  return {"imbalance_none": jnp.mean(imbalance(static_device_load(loads_LE, devices))),
-          "imbalance_foresight": jnp.mean(imbalance(plan.device_load))}
+  return foresight_plan(loads_LE, devices, cfg.num_experts // devices + lr.rl.redundant_slots)
 
 
 def forward_logprobs(model: MoETransformer, params, seq: dict, routes, temperature: float,
-                     predictor=None, features: bool = False, plan=None):
-  """Log-probs [b, T] of tokens[:, 1:] under π_θ/temperature, plus the model output."""
+                     predictor=None, features: bool = False, plan=None, capacity=None):
+  """Log-probs [b, T] of tokens[:, 1:] under π_θ/temperature, plus the model output.
+
+  `capacity` is the static per-slot token capacity (None: the model's capacity_factor).
+  """
   out = model.apply({"params": params}, seq["tokens"], routes=routes, positions=seq["positions"],
                     valid=seq["valid"], return_router_logits=True,
-                    return_router_inputs=features, predictor=predictor, slot_expert=plan)
+                    return_router_inputs=features, predictor=predictor, slot_expert=plan,
+                    capacity=capacity)
   scale = 1.0 if temperature == 0 else 1.0 / temperature
   logits_BTV = out.logits[:, :-1] * scale
   return losses.token_logprobs(logits_BTV, seq["tokens"][:, 1:]), logits_BTV, out
 
 
-def old_logprob_pass(lr: Learner, params, predictor, batch: dict):
-  """π_old over every micro-batch [N, b, ...]; returns (old_logp [N, b, T], routes used, feats).
+def old_logprob_pass(lr: Learner, params, predictor, batch: dict, step_plan=None,
+                     capacity=None):
+  """π_old over every micro-batch [N, b, ...].
+
+  Returns (old_logp [N, b, T], routes used, feats, dropped [N] (token, k) pairs
+  over `capacity`). `step_plan` is eplb_step's plan; `capacity` is static.
 
   Runs micro-batch by micro-batch with the same forward as the update, so with
   equal routes and dtype π_old and the first mini-step's π_θ agree. In 'pr2_r2'
@@ -109,18 +115,20 @@ def old_logprob_pass(lr: Learner, params, predictor, batch: dict):
     routes = micro["rollout_routes"] if mode in ("r3", "pr2") else None
     logp, _, out = forward_logprobs(lr.model, params, micro, routes, lr.rl.temperature,
                                     predictor if pr2_r2 else None, features=pr2_r2,
-                                    plan=foresight_plan(lr, routes, micro["valid"]))
+                                    plan=micro_layout(lr, routes, micro["valid"], step_plan),
+                                    capacity=capacity)
     feats = None
     if pr2_r2:
       dtype = jnp.dtype(lr.pr2.feature_dtype)
       feats = (gather_slots(out.router_inputs, micro["feature_slots"]).astype(dtype),
                gather_slots(out.router_logits, micro["feature_slots"]).astype(dtype))
-    return None, (logp, out.routes, feats)
+    return None, (logp, out.routes, feats, out.dropped.sum())
 
   return jax.lax.scan(one, None, batch)[1]
 
 
-def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict):
+def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_plan=None,
+               capacity=None):
   """Policy loss and additive statistics of one micro-step (differentiate w.r.t. params).
 
   With PR2 on, also the predictor's gradient from this micro-step's features,
@@ -128,8 +136,9 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict):
   """
   rl = lr.rl
   routes = None if rl.replay_mode == "none" else micro["replay_routes"]
-  logp_BT, logits_BTV, out = forward_logprobs(lr.model, params, micro, routes, rl.temperature,
-                                              plan=foresight_plan(lr, routes, micro["valid"]))
+  logp_BT, logits_BTV, out = forward_logprobs(
+      lr.model, params, micro, routes, rl.temperature,
+      plan=micro_layout(lr, routes, micro["valid"], step_plan), capacity=capacity)
   mask_BT = micro["response_mask"][:, 1:]
   rollout_BT = micro["rollout_logp"][:, 1:]
   against_BT = rollout_BT if rl.ratio_denominator == "rollout" else micro["old_logp"]
@@ -152,8 +161,6 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict):
       "routing": metrics.routing_sums(micro["rollout_routes"], live_BTLK, probs_BTLE,
                                       micro["valid"]),
       "dropped": out.dropped.sum(),
-      # What each layout would give on this micro-step's routes (summed; averaged by M later).
-      "balance": balance_metrics(lr, micro["replay_routes"], micro["valid"]),
   }
   if lr.uses_predictor:
     stats["pred"] = predictor_step(lr, predictor, micro, out.router_logits, denoms["features"])
@@ -185,7 +192,6 @@ def minibatch_metrics(stats: dict, grads) -> dict:
   """Means from the micro-steps' summed statistics."""
   micro_steps = stats["count"]
   out = {"loss": stats["loss"], "entropy": stats["entropy"], "dropped": stats["dropped"],
-         **{k: v / micro_steps for k, v in stats["balance"].items()},
          "grad_norm": optax.global_norm(grads),
          **losses.loss_stats_from_sums(stats["loss_sums"]),
          **{f"mismatch_{k}" if k.startswith("ratio") else k: v
@@ -211,14 +217,17 @@ def _denominators(rl: RLConfig, minibatch: dict) -> dict:
   return denoms
 
 
-def update_step(lr: Learner, state: TrainState, minibatch: dict, train_predictor=False):
+def update_step(lr: Learner, state: TrainState, minibatch: dict, train_predictor=False,
+                step_plan=None, capacity=None):
   """One optimizer step from M accumulated micro-steps ([M, b, ...] arrays).
 
   `train_predictor` (a traced bool) gates PR2's predictor update: it is skipped
   at the first mini-step of each rollout batch, where the router has not moved.
+  `step_plan` is eplb_step's plan (data); `capacity` the static per-slot capacity.
   """
   denoms = _denominators(lr.rl, minibatch)
-  grad_fn = jax.grad(functools.partial(micro_step, lr), has_aux=True)
+  grad_fn = jax.grad(functools.partial(micro_step, lr, step_plan=step_plan, capacity=capacity),
+                     has_aux=True)
 
   def accumulate(acc, micro):
     grads, stats = grad_fn(state.params, state.predictor, micro, denoms)
@@ -257,12 +266,23 @@ def batch_shardings(mesh: Mesh, batch: dict) -> dict:
 
 def make_learner_fns(lr: Learner, mesh: Mesh, state_shardings,
                      example_batch: dict) -> tuple[Callable, Callable]:
-  """(old_logprob_fn(params, predictor, batch), update_fn(state, minibatch, train_predictor))."""
+  """(old_fn(params, predictor, batch, step_plan=None, capacity=None),
+  update_fn(state, minibatch, train_predictor, step_plan=None, capacity=None)).
+
+  `capacity` is static (each new value compiles once); `step_plan` (eplb_step's
+  `Plan`, replicated) is data, so a new plan never recompiles.
+  """
   shard = batch_shardings(mesh, example_batch)
   # The old-log-prob pass sees the batch before old_logp/replay_routes exist;
   # its inputs arrive already placed by `batch_shardings`.
-  old_fn = jax.jit(functools.partial(old_logprob_pass, lr))
-  update_fn = jax.jit(functools.partial(update_step, lr),
-                      in_shardings=(state_shardings, shard, replicated(mesh)),
-                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+  old_fn = jax.jit(functools.partial(old_logprob_pass, lr), static_argnames=("capacity",))
+  rep = replicated(mesh)
+  update = jax.jit(functools.partial(update_step, lr), static_argnums=(4,),
+                   in_shardings=(state_shardings, shard, rep, rep),
+                   out_shardings=(state_shardings, rep), donate_argnums=0)
+
+  def update_fn(state, minibatch, train_predictor, step_plan=None, capacity=None):
+    return update(state, minibatch, train_predictor, step_plan, capacity)
+
+  update_fn.jitted = update  # for cache inspection (tests)
   return old_fn, update_fn

@@ -1,0 +1,240 @@
+"""Host-side balance planning of one RL step: layouts per mode, capacity buckets, metrics.
+
+Dimension legend:
+  M micro-steps, b sequences per micro-step, T slots per sequence, N = b*T
+  tokens of a micro-step, L MoE layers, K top-k, E experts, D expert-parallel
+  devices, S slots per device, X = D*S global slots, P token shards.
+
+Replayed routes are fixed after rollout (or after the old-log-prob pass for
+R2), so before each learner phase the host knows every micro-step's routes
+and can:
+  * build the step-level EPLB plan of `eplb_step` mode (one per RL step,
+    fixed over its micro-steps) from the step's loads, or their EMA;
+  * count what every (token shard, slot) buffer will receive under the
+    layout each micro-step uses, i.e. the smallest dropless capacity, and
+    round its maximum up to a bucket: the phase's static capacity (a new
+    bucket compiles the phase once, a repeated bucket never does);
+  * measure what each of the three modes gives on these routes.
+The foresight plan is recomputed inside the jitted micro-step by the same
+`foresight_plan`, so a plan is data and never part of a jit key.
+
+Bucket rule (`capacity_bucket`): with q buckets per doubling, a need n >= 1
+is rounded up to a multiple of g = max(1, 2^ceil(log2 n) / (2q)), and capped
+at the dropless bound (tokens per shard). q = 1: powers of two; q = 2:
+1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ... A bucket is at most (1 + 1/q) x the need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pr2_jax.balance.dispatch import assign_replicas, slot_counts
+from pr2_jax.balance.eplb import eplb_rebalance
+from pr2_jax.balance.loads import imbalance, loads_from_routes, native_layout, static_device_load
+from pr2_jax.balance.planner import Plan, plan_placement
+
+MODES = ("none", "eplb_step", "foresight")
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceShape:
+  """Static sizes of the expert layout (hashable: a jit key of the host analysis)."""
+  num_experts: int
+  num_devices: int        # D, the 'expert' mesh axis
+  slots: int              # S = E/D + redundant slots (used by eplb_step and foresight)
+  token_shards: int       # P, source blocks of the capacity buffers
+  bytes_per_expert: float = 0.0  # weight bytes one replica fetch moves
+
+  def __post_init__(self):
+    if self.num_devices < 1 or self.num_experts % self.num_devices:
+      raise ValueError(f"BalanceShape.num_devices={self.num_devices} must divide "
+                       f"num_experts={self.num_experts}")
+    if self.slots * self.num_devices < self.num_experts:
+      raise ValueError(f"BalanceShape.slots={self.slots} is too few for {self.num_experts} "
+                       f"experts on {self.num_devices} devices")
+    if self.token_shards < 1:
+      raise ValueError(f"BalanceShape.token_shards={self.token_shards} must be >= 1")
+
+
+def capacity_bucket(needed: int, per_doubling: int, limit: int) -> int:
+  """The static capacity for a need of `needed` assignments per (shard, slot) buffer."""
+  if per_doubling < 1 or limit < 1:
+    raise ValueError(f"per_doubling={per_doubling} and limit={limit} must be >= 1")
+  needed = max(int(needed), 1)
+  power = 1 << (needed - 1).bit_length()  # smallest power of two >= needed
+  grain = max(1, power // (2 * per_doubling))
+  return min(-(-needed // grain) * grain, limit)
+
+
+def foresight_plan(loads_LE: jax.Array, num_devices: int, slots: int) -> Plan:
+  """The per-micro-step plan; one function for the jitted step and the host, so they agree."""
+  return plan_placement(loads_LE, num_devices, slots)
+
+
+def plan_from_eplb(phy2log_LX, logcnt_LE, loads_LE, num_devices: int, slots: int) -> Plan:
+  """EPLB's output as a `Plan`: GPU u holds physical experts [u*S, (u+1)*S), tokens split
+  evenly over an expert's replicas (EPLB's own assumption)."""
+  phy2log_LX, logcnt_LE = np.asarray(phy2log_LX), np.asarray(logcnt_LE)
+  num_layers = phy2log_LX.shape[0]
+  if phy2log_LX.shape[1] != num_devices * slots:
+    raise ValueError(f"phy2log has {phy2log_LX.shape[1]} physical experts, the layout "
+                     f"{num_devices} x {slots} slots")
+  slot_LDS = phy2log_LX.reshape(num_layers, num_devices, slots).astype(np.int32)
+  count_LDS = np.take_along_axis(logcnt_LE, phy2log_LX, -1).reshape(slot_LDS.shape)
+  share_LDS = (1.0 / count_LDS).astype(np.float32)
+  load_LDS = np.take_along_axis(np.asarray(loads_LE, np.float32), phy2log_LX,
+                                -1).reshape(slot_LDS.shape) * share_LDS
+  return Plan(slot_expert=jnp.asarray(slot_LDS), replica_count=jnp.asarray(logcnt_LE, jnp.int32),
+              replica_share=jnp.asarray(share_LDS), slot_load=jnp.asarray(load_LDS),
+              device_load=jnp.asarray(load_LDS.sum(-1)))
+
+
+class StepState(NamedTuple):
+  """Host state carried across RL steps (not checkpointed: a resumed run restarts the EMA)."""
+  ema_LE: np.ndarray | None = None       # EMA of step loads (eplb_step)
+  layout_LDS: np.ndarray | None = None   # the last layout the update phase used (churn)
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts",))
+def _step_loads(routes_MbTLK, valid_MbT, *, num_experts):
+  m, b, t = valid_MbT.shape
+  return loads_from_routes(routes_MbTLK.reshape((m * b, t) + routes_MbTLK.shape[3:]),
+                           valid_MbT.reshape(m * b, t), num_experts)
+
+
+def step_plan(shape: BalanceShape, rollout_routes, valid, ema: float, state: StepState):
+  """(EPLB Plan, new state, ms): one plan for the whole step from the EMA of step loads.
+
+  The EMA includes this step (weight 1 - ema), so ema = 0 plans from exactly
+  this step's loads, which the host knows after rollout.
+  """
+  total_LE = np.asarray(_step_loads(rollout_routes, valid, num_experts=shape.num_experts),
+                        np.float64)
+  avg_LE = total_LE if state.ema_LE is None else ema * state.ema_LE + (1 - ema) * total_LE
+  t0 = time.perf_counter()
+  # Global policy (1 group, 1 node): our D devices form one expert-parallel group.
+  phy2log, _, logcnt = eplb_rebalance(avg_LE, shape.num_devices * shape.slots, 1, 1,
+                                      shape.num_devices)
+  ms = (time.perf_counter() - t0) * 1e3
+  plan = plan_from_eplb(phy2log, logcnt, avg_LE, shape.num_devices, shape.slots)
+  return plan, state._replace(ema_LE=avg_LE), ms
+
+
+def layout_kind(balance_mode: str, replayed: bool) -> str:
+  """Which layout a phase runs: 'step' (EPLB), 'foresight' (needs replayed routes) or 'native'."""
+  if balance_mode == "eplb_step":
+    return "step"
+  return "foresight" if balance_mode == "foresight" and replayed else "native"
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _foresight_plans(routes_MbTLK, valid_MbT, *, shape):
+  loads_MLE = jax.vmap(lambda r, v: loads_from_routes(r, v, shape.num_experts))(
+      routes_MbTLK, valid_MbT)
+  return loads_MLE, jax.vmap(lambda l: foresight_plan(l, shape.num_devices, shape.slots))(loads_MLE)
+
+
+def _max_counts(ids_NLK, valid_N, plan, shape):
+  """int32 [L]: the largest (shard, slot) buffer need per layer; plan None = native layout."""
+  def layer(ids_NK, plan_l):
+    if plan_l is None:
+      return jnp.max(slot_counts(ids_NK, shape.num_experts, shape.token_shards))
+    slot_ids_NK = assign_replicas(ids_NK, valid_N, plan_l, shape.token_shards)
+    return jnp.max(slot_counts(slot_ids_NK, shape.num_devices * shape.slots, shape.token_shards))
+  return jax.vmap(layer, in_axes=(1, 0))(ids_NLK, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "kind"))
+def _analyse(routes_MbTLK, valid_MbT, loads_MLE, plans, step: Plan, *, shape, kind):
+  """Per micro-step: buffer needs (layout `kind` and native) and device loads of every mode."""
+  m, b, t, num_layers, k = routes_MbTLK.shape
+  ids_MNLK = routes_MbTLK.reshape(m, b * t, num_layers, k)
+  valid_MN = valid_MbT.reshape(m, b * t)
+  static_ML = jax.lax.map(lambda a: _max_counts(a[0], a[1], None, shape), (ids_MNLK, valid_MN))
+  if kind == "foresight":
+    need_ML = jax.lax.map(lambda a: _max_counts(a[0], a[1], a[2], shape),
+                          (ids_MNLK, valid_MN, plans))
+  elif kind == "step":  # one plan for every micro-step
+    need_ML = jax.lax.map(lambda a: _max_counts(a[0], a[1], step, shape), (ids_MNLK, valid_MN))
+  else:
+    need_ML = static_ML
+  count_LE = jnp.maximum(step.replica_count, 1).astype(jnp.float32)
+  eplb_MLD = jax.vmap(lambda l_LE: jnp.sum(
+      jnp.take_along_axis(l_LE / count_LE, step.slot_expert.reshape(num_layers, -1), -1)
+      .reshape(step.slot_expert.shape), -1))(loads_MLE)
+  loads = {"none": jax.vmap(lambda l: static_device_load(l, shape.num_devices))(loads_MLE),
+           "eplb_step": eplb_MLD, "foresight": plans.device_load}
+  return need_ML.max(-1), static_ML.max(-1), {k: imbalance(v) for k, v in loads.items()}
+
+
+class PhasePlan(NamedTuple):
+  needed: int            # planned max per-(shard, slot) count over the phase's micro-steps
+  needed_static: int     # the same for the native layout (what dropless static needs)
+  capacity: int | None   # the static capacity to run with (None: the model's own)
+  imbalance_ML: dict     # mode -> float [M, L] max/mean device load
+  layouts_MLDS: np.ndarray  # the layout every micro-step uses (for churn)
+  planner_ms: float      # host foresight planner wall time per micro-step (compile excluded)
+
+
+_COMPILED: set = set()
+
+
+def plan_phase(shape: BalanceShape, routes, valid, step: Plan, kind: str, bucket: bool,
+               per_doubling: int, limit: int) -> PhasePlan:
+  """Plans one learner phase on the host from the routes its micro-steps will see.
+
+  Args:
+    routes: int [M, b, T, L, K] the phase's routes (replayed, or a forecast).
+    valid: bool [M, b, T].
+    step: this step's EPLB plan (also the eplb_step counterfactual).
+    kind: `layout_kind` of the phase.
+    bucket: round the need up to a capacity bucket (else capacity None).
+    per_doubling, limit: `capacity_bucket`'s arguments.
+  """
+  key = (shape, tuple(routes.shape))
+  if key not in _COMPILED:  # time the planner, not its compilation
+    jax.block_until_ready(_foresight_plans(routes, valid, shape=shape))
+    _COMPILED.add(key)
+  t0 = time.perf_counter()
+  loads_MLE, plans = jax.block_until_ready(_foresight_plans(routes, valid, shape=shape))
+  ms = (time.perf_counter() - t0) * 1e3 / routes.shape[0]
+  need_M, static_M, imb = jax.device_get(
+      _analyse(routes, valid, loads_MLE, plans, step, shape=shape, kind=kind))
+  needed = int(np.max(need_M))
+  m, num_layers = routes.shape[0], routes.shape[3]
+  if kind == "foresight":
+    layouts = np.asarray(plans.slot_expert)
+  else:
+    one = (np.asarray(step.slot_expert) if kind == "step" else
+           np.broadcast_to(native_layout(shape.num_experts, shape.num_devices,
+                                         shape.num_experts // shape.num_devices),
+                           (num_layers, shape.num_devices, shape.num_experts // shape.num_devices)))
+    layouts = np.broadcast_to(one, (m,) + one.shape)
+  return PhasePlan(needed=needed, needed_static=int(np.max(static_M)),
+                   capacity=capacity_bucket(needed, per_doubling, limit) if bucket else None,
+                   imbalance_ML={k: np.asarray(v) for k, v in imb.items()},
+                   layouts_MLDS=layouts, planner_ms=ms)
+
+
+def churn(layouts_MLDS: np.ndarray, previous_LDS: np.ndarray | None, bytes_per_expert: float):
+  """(slots changed, bytes moved) per micro-step, each micro-step against the one before it
+  (the first against `previous_LDS`, the last layout of the previous step; None = itself).
+
+  A slot is changed when it holds another expert; bytes count only experts its
+  device did not hold anywhere before (a move within a device needs no transfer).
+  """
+  layouts = np.asarray(layouts_MLDS)
+  prev = layouts[:1] if previous_LDS is None or previous_LDS.shape != layouts.shape[1:] else (
+      np.asarray(previous_LDS)[None])
+  before = np.concatenate([prev, layouts[:-1]], axis=0)
+  changed_M = np.sum(layouts != before, axis=(1, 2, 3))
+  held = np.any(layouts[..., :, None] == before[..., None, :], axis=-1)
+  fetched_M = np.sum((layouts >= 0) & ~held, axis=(1, 2, 3))
+  return changed_M.astype(np.float64), fetched_M * float(bytes_per_expert)
