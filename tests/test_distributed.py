@@ -1,5 +1,6 @@
 """Multi-host glue: config validation, host <-> global moves, and a real 2-process run vs 1 process."""
 
+import contextlib
 import json
 import os
 import signal
@@ -67,7 +68,7 @@ def _free_port() -> int:
 _RUN = ["-m", "experiments.main", "--config=configs/tiny.py", "--config.sft.num_steps=4",
         "--config.sft.batch_size=16", "--config.rl.num_steps=2", "--config.rl.prompts_per_step=8",
         "--config.rl.group_size=4", "--config.rl.eval_every=2", "--config.rl.eval_size=16",
-        "--config.mesh_expert=4"]
+        "--config.mesh_expert=4", "--config.rl.replay_mode=pr2"]
 
 
 def _rows(workdir):
@@ -89,16 +90,8 @@ def _close(a, b, path=""):
     assert a == b, path
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-  """2 processes x 4 CPU devices (gloo) give the metrics of 1 process x 8 devices."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  port = _free_port()
-  cmds = [[sys.executable, *_RUN, f"--workdir={tmp_path / 'one'}", "--cpu_devices=8"]]
-  cmds += [[sys.executable, *_RUN, f"--workdir={tmp_path / 'two'}", "--cpu_devices=4",
-            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
-           for i in range(2)]
-  logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(3)]
+def _launch(cmds, logs, env):
+  """Runs the commands concurrently; all must exit 0. Kills every one of them whatever happens."""
   procs = []
   try:
     for cmd, log in zip(cmds, logs):
@@ -113,14 +106,39 @@ def test_two_processes_match_one(tmp_path):
       if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    for log in logs:
-      log.close()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume(tmp_path):
+  """2 processes x 4 CPU devices (gloo) give the metrics of 1 process x 8, then resume together."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  pair = lambda steps: [
+      [sys.executable, *_RUN, f"--config.rl.num_steps={steps}", f"--workdir={tmp_path / 'two'}",
+       "--cpu_devices=4", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2",
+       f"--process_id={i}"] for i in range(2)]
+  cmds = [[sys.executable, *_RUN, f"--workdir={tmp_path / 'one'}", "--cpu_devices=8"]]
+  cmds += pair(2)
+  cmds[2][-3] = cmds[1][-3]  # both ranks need the same coordinator port
+  with contextlib.ExitStack() as stack:
+    logs = [stack.enter_context(open(tmp_path / f"log{i}.txt", "w+")) for i in range(3)]
+    _launch(cmds, logs, env)
   one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
   assert [r["phase"] for r in two] == [r["phase"] for r in one]
   assert [r["phase"] for r in one].count("rl") == 2
   for a, b in zip(one, two):
     _close(a, b)
-  # Both processes wrote the checkpoint collectively; only process 0 wrote metrics and the log.
+  assert "pred_loss" in two[-1]  # PR2's predictor and feature cache ran across processes
+  # Only process 0 logs: rank 1's output has no progress lines and no summary.
+  rank1 = (tmp_path / "log2.txt").read_text()
+  assert "rl step" not in rank1 and "== summary ==" not in rank1
+  # Both ranks wrote the checkpoint collectively; both restore it and carry on to step 3.
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints" / "rl")) == ["0", "2"]
-  log1 = open(tmp_path / "log2.txt").read()
-  assert "rl step" not in log1 and "== summary ==" not in log1
+  resume = pair(3)
+  resume[1][-3] = resume[0][-3]
+  with contextlib.ExitStack() as stack:
+    logs = [stack.enter_context(open(tmp_path / f"resume{i}.txt", "w+")) for i in range(2)]
+    _launch(resume, logs, env)
+  resumed = _rows(tmp_path / "two")
+  assert resumed[:len(two)] == two  # nothing before the checkpoint was rewritten
+  assert [r.get("step") for r in resumed if r["phase"] == "rl"] == [1, 2, 3]
+  assert "eval reward after warm-up" not in (tmp_path / "resume0.txt").read_text()
