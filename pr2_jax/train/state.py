@@ -13,6 +13,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -45,18 +46,46 @@ def init_tokens(mesh: Mesh | None) -> jax.Array:
   return jnp.zeros((num_token_shards(mesh), 1), jnp.int32)
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                       mesh: Mesh):
-  """Returns (state, state_shardings) with every array born in its sharding."""
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh):
   tokens = init_tokens(mesh)
 
   def init(rng):
     params = model.init(rng, tokens)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+  return init
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       mesh: Mesh):
+  """Returns (state, state_shardings) with every array born in its sharding."""
+  init = _init_fn(model, tx, mesh)
   shardings = tree_shardings(mesh, jax.eval_shape(init, rng))
   state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
   return state, shardings
+
+
+def bytes_per_device(abstract_tree, shardings) -> int:
+  """Bytes one device holds of a tree of arrays (or ShapeDtypeStructs) under `shardings`."""
+  def one(x, sharding):
+    return int(np.prod(sharding.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
+  return sum(jax.tree.leaves(jax.tree.map(one, abstract_tree, shardings)))
+
+
+def state_memory(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh) -> dict:
+  """Per-device bytes of the train state on `mesh`, from shapes alone (nothing is allocated).
+
+  Gradients are laid out like the parameters, so they cost `params` again
+  during the update; activations are not counted (they depend on the batch).
+  """
+  boxed = jax.eval_shape(_init_fn(model, tx, mesh), jax.random.key(0))
+  shardings = tree_shardings(mesh, boxed)
+  state = nn.unbox(boxed)
+  params = bytes_per_device(state.params, shardings.params)
+  opt = bytes_per_device(state.opt_state, shardings.opt_state)
+  total_params = sum(x.size for x in jax.tree.leaves(state.params))
+  return {"param_count": total_params, "params": params, "opt_state": opt, "grads": params,
+          "total": 2 * params + opt}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

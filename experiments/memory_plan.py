@@ -1,0 +1,54 @@
+"""Per-device memory of the train state for a config over several mesh shapes (nothing is allocated).
+
+    python -m experiments.memory_plan --config=configs/qwen3_30b_a3b.py --cpu_devices=64 \
+        --mesh_expert=8,16,32,64
+
+The shapes come from `jax.eval_shape`, the layout from the same logical-axis
+rules the run uses, so the table is what each device would hold: parameters,
+AdamW state and gradients (activations and the rollout KV cache come on top).
+Fake CPU devices stand in for the accelerators. The last line is JSON.
+"""
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen3_30b_a3b.py", "Experiment config.")
+_EXPERT = flags.DEFINE_list("mesh_expert", ["8"], "Expert-axis sizes to tabulate; the data axis "
+                            "takes the remaining devices.")
+
+GIB = 2**30
+
+
+def main(argv):
+  del argv
+  common.setup_devices()
+  import jax
+  from pr2_jax.config import ModelConfig
+  from pr2_jax.models.transformer import MoETransformer
+  from pr2_jax.parallel.mesh import make_mesh
+  from pr2_jax.train.state import make_optimizer, state_memory
+
+  config = ModelConfig.from_dict(_CONFIG.value.model.to_dict())
+  n = jax.device_count()
+  rows = []
+  print(f"{'mesh (data x expert)':>22} {'params GiB':>11} {'AdamW GiB':>10} {'grads GiB':>10} "
+        f"{'total GiB':>10}")
+  for expert in map(int, _EXPERT.value):
+    if n % expert:
+      raise flags.ValidationError(f"--mesh_expert={expert} does not divide the {n} devices")
+    config.validate_mesh(expert)
+    mesh = make_mesh(n // expert, expert)
+    mem = state_memory(MoETransformer(config, mesh), make_optimizer(1e-6), mesh)
+    rows.append({"data": n // expert, "expert": expert, **mem})
+    print(f"{f'{n // expert} x {expert}':>22} {mem['params'] / GIB:11.2f} "
+          f"{mem['opt_state'] / GIB:10.2f} {mem['grads'] / GIB:10.2f} {mem['total'] / GIB:10.2f}")
+  print(f"parameters: {rows[0]['param_count'] / 1e9:.2f}B")
+  print(json.dumps({"devices": n, "rows": rows}))
+
+
+if __name__ == "__main__":
+  app.run(main)
