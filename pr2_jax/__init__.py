@@ -16,6 +16,7 @@ from pr2_jax.models.routing import (LIVE, Routing, expert_load, gates_at, replay
 from pr2_jax.models.transformer import (KVCache, ModelOutput, MoETransformer, init_cache,
                                         validate_tokens)
 from pr2_jax.parallel.expert_parallel import moe_experts
+from pr2_jax.parallel.distributed import DistributedConfig, to_global, to_host
 from pr2_jax.parallel.mesh import LOGICAL_RULES, make_mesh
 from pr2_jax.pr2.predictor import (init_predictor, predicted_topk, predictor_bias, predictor_loss,
                                    predictor_losses)
@@ -24,5 +25,6 @@ from pr2_jax.rl.losses import (dapo_loss, grpo_advantages, gspo_loss, policy_los
                                token_entropy, token_logprobs)
 from pr2_jax.rl.metrics import mismatch_metrics, routing_metrics
 from pr2_jax.rl.sampler import Rollout, SamplerConfig, generate
+from pr2_jax.train.state import state_memory
 
 __version__ = "0.1.0"
