@@ -180,3 +180,13 @@ def test_cli_unknown_config_key(tmp_path):
   code, err = _cli(f"--workdir={tmp_path}", "--config.rl.replay_mod=r2")
   assert code != 0
   assert 'Did you mean "replay_mode" instead of "replay_mod"?' in err
+
+
+def test_bad_balancing_fields_name_the_field():
+  with pytest.raises(ValueError, match=r"RLConfig.balance_mode='eplb' must be one of "
+                                       r"\('none', 'eplb_step', 'foresight'\)"):
+    RLConfig(balance_mode="eplb")
+  with pytest.raises(ValueError, match=r"RLConfig.eplb_ema=1.5 must be in \[0, 1\)"):
+    RLConfig(eplb_ema=1.5)
+  with pytest.raises(ValueError, match=r"RLConfig.capacity_buckets=0 must be a positive int"):
+    RLConfig(capacity_buckets=0)

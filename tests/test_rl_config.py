@@ -18,7 +18,13 @@ from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(temperature=0.0), "temperature=0"),
     (dict(learning_rate=0.0), "learning_rate must be > 0"),
-    (dict(balance_mode="eplb"), r"balance_mode='eplb' must be one of \('none', 'foresight'\)"),
+    (dict(balance_mode="eplb"),
+     r"balance_mode='eplb' must be one of \('none', 'eplb_step', 'foresight'\)"),
+    (dict(eplb_ema=1.0), r"RLConfig.eplb_ema=1.0 must be in \[0, 1\)"),
+    (dict(eplb_ema=-0.1), r"RLConfig.eplb_ema=-0.1 must be in \[0, 1\)"),
+    (dict(capacity_mode="exact"),
+     r"RLConfig.capacity_mode='exact' must be one of \('auto', 'model', 'bucket', 'forecast'\)"),
+    (dict(capacity_buckets=0), r"RLConfig.capacity_buckets=0 must be a positive int"),
     (dict(redundant_slots=-1), "redundant_slots must be >= 0"),
 ])
 def test_bad_rl_config(kwargs, message):
@@ -47,3 +53,11 @@ def test_experiment_from_dict_rejects_unknown_fields():
     ExperimentConfig.from_dict({**base, "rl": {"kappa": 2}})
   with pytest.raises(ValueError, match="num_steps >= 0"):
     SFTConfig(num_steps=-1)
+
+
+def test_capacity_mode_auto_buckets_only_with_a_balance_mode():
+  assert RLConfig().effective_capacity_mode == "model"
+  assert RLConfig(balance_mode="foresight").effective_capacity_mode == "bucket"
+  assert RLConfig(balance_mode="eplb_step").effective_capacity_mode == "bucket"
+  assert RLConfig(balance_mode="foresight", capacity_mode="model").effective_capacity_mode == "model"
+  assert RLConfig(capacity_mode="forecast").effective_capacity_mode == "forecast"

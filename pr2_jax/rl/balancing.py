@@ -39,6 +39,7 @@ from pr2_jax.balance.dispatch import assign_replicas, slot_counts
 from pr2_jax.balance.eplb import eplb_rebalance
 from pr2_jax.balance.loads import imbalance, loads_from_routes, native_layout, static_device_load
 from pr2_jax.balance.planner import Plan, plan_placement
+from pr2_jax.parallel.distributed import to_host
 
 MODES = ("none", "eplb_step", "foresight")
 
@@ -91,9 +92,10 @@ def plan_from_eplb(phy2log_LX, logcnt_LE, loads_LE, num_devices: int, slots: int
   share_LDS = (1.0 / count_LDS).astype(np.float32)
   load_LDS = np.take_along_axis(np.asarray(loads_LE, np.float32), phy2log_LX,
                                 -1).reshape(slot_LDS.shape) * share_LDS
-  return Plan(slot_expert=jnp.asarray(slot_LDS), replica_count=jnp.asarray(logcnt_LE, jnp.int32),
-              replica_share=jnp.asarray(share_LDS), slot_load=jnp.asarray(load_LDS),
-              device_load=jnp.asarray(load_LDS.sum(-1)))
+  # numpy leaves: the same value on every process, placed by the jitted step's shardings.
+  return Plan(slot_expert=slot_LDS, replica_count=logcnt_LE.astype(np.int32),
+              replica_share=share_LDS, slot_load=load_LDS.astype(np.float32),
+              device_load=load_LDS.sum(-1).astype(np.float32))
 
 
 class StepState(NamedTuple):
@@ -115,8 +117,8 @@ def step_plan(shape: BalanceShape, rollout_routes, valid, ema: float, state: Ste
   The EMA includes this step (weight 1 - ema), so ema = 0 plans from exactly
   this step's loads, which the host knows after rollout.
   """
-  total_LE = np.asarray(_step_loads(rollout_routes, valid, num_experts=shape.num_experts),
-                        np.float64)
+  total_LE = to_host(_step_loads(rollout_routes, valid, num_experts=shape.num_experts)).astype(
+      np.float64)
   avg_LE = total_LE if state.ema_LE is None else ema * state.ema_LE + (1 - ema) * total_LE
   t0 = time.perf_counter()
   # Global policy (1 group, 1 node): our D devices form one expert-parallel group.
@@ -205,12 +207,12 @@ def plan_phase(shape: BalanceShape, routes, valid, step: Plan, kind: str, bucket
   t0 = time.perf_counter()
   loads_MLE, plans = jax.block_until_ready(_foresight_plans(routes, valid, shape=shape))
   ms = (time.perf_counter() - t0) * 1e3 / routes.shape[0]
-  need_M, static_M, imb = jax.device_get(
+  need_M, static_M, imb = to_host(
       _analyse(routes, valid, loads_MLE, plans, step, shape=shape, kind=kind))
   needed = int(np.max(need_M))
   m, num_layers = routes.shape[0], routes.shape[3]
   if kind == "foresight":
-    layouts = np.asarray(plans.slot_expert)
+    layouts = to_host(plans.slot_expert)
   else:
     one = (np.asarray(step.slot_expert) if kind == "step" else
            np.broadcast_to(native_layout(shape.num_experts, shape.num_devices,
@@ -238,3 +240,98 @@ def churn(layouts_MLDS: np.ndarray, previous_LDS: np.ndarray | None, bytes_per_e
   held = np.any(layouts[..., :, None] == before[..., None, :], axis=-1)
   fetched_M = np.sum((layouts >= 0) & ~held, axis=(1, 2, 3))
   return changed_M.astype(np.float64), fetched_M * float(bytes_per_expert)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBalancer:
+  """Plans and reports balancing around one RL step's learner phases (built by `create`).
+
+  Phases and their routes: the old-log-prob pass replays the rollout's routes
+  in r3/pr2 and routes live otherwise; the update replays `replay_routes`
+  unless replay_mode is none. A live phase's capacity can only be forecast
+  from the rollout's routes (capacity_mode 'forecast'; drops are reported),
+  else it keeps the model's.
+  """
+  shape: BalanceShape
+  balance_mode: str        # none | eplb_step | foresight
+  replay_mode: str
+  capacity_mode: str       # RLConfig.effective_capacity_mode: model | bucket | forecast
+  capacity_buckets: int    # buckets per doubling
+  eplb_ema: float
+  tokens_per_shard: int    # the dropless bound of a micro-step's (shard, slot) buffer
+  model_capacity: tuple    # ModelConfig's capacity on the (native, D*S-slot) layouts; 0 = no
+                           # capacity path (dense/ragged experts are dropless)
+
+  @classmethod
+  def create(cls, rl, model_cfg, mesh, seq_len: int) -> "StepBalancer":
+    from pr2_jax.models.experts import capacity_for
+    from pr2_jax.parallel.mesh import EXPERT, axis_size, num_token_shards
+    devices, shards = axis_size(mesh, EXPERT), num_token_shards(mesh)
+    e = model_cfg.num_experts
+    shape = BalanceShape(e, devices, e // devices + rl.redundant_slots, shards,
+                         bytes_per_expert=3.0 * model_cfg.d_model * model_cfg.expert_d_ff * 4)
+    tokens = rl.micro_batch_size * seq_len // shards
+    model_capacity = (0, 0)
+    if model_cfg.expert_impl == "capacity":
+      model_capacity = tuple(capacity_for(tokens, model_cfg.top_k, x, model_cfg.capacity_factor)
+                             for x in (e, devices * shape.slots))
+    return cls(shape, rl.balance_mode, rl.replay_mode, rl.effective_capacity_mode,
+               rl.capacity_buckets, rl.eplb_ema, tokens, model_capacity)
+
+  def _phase(self, routes, valid, step: Plan, replayed: bool) -> PhasePlan:
+    kind = layout_kind(self.balance_mode, replayed)
+    bucket = self.model_capacity[0] > 0 and (
+        self.capacity_mode == "forecast" or (self.capacity_mode == "bucket" and replayed))
+    return plan_phase(self.shape, routes, valid, step, kind, bucket, self.capacity_buckets,
+                      self.tokens_per_shard)
+
+  def plan_old_pass(self, micro: dict, state: StepState):
+    """(step plan, old-pass PhasePlan, new state, EPLB ms) before the old-log-prob pass."""
+    step, state, eplb_ms = step_plan(self.shape, micro["rollout_routes"], micro["valid"],
+                                     self.eplb_ema, state)
+    old = self._phase(micro["rollout_routes"], micro["valid"], step,
+                      self.replay_mode in ("r3", "pr2"))
+    return step, old, state, eplb_ms
+
+  def plan_update(self, micro: dict, step: Plan, old: PhasePlan) -> PhasePlan:
+    replayed = self.replay_mode != "none"
+    same = (micro["replay_routes"] is micro["rollout_routes"]
+            and replayed == (self.replay_mode in ("r3", "pr2")))
+    return old if same else self._phase(micro["replay_routes"], micro["valid"], step, replayed)
+
+  def step_plan_arg(self, step: Plan):
+    """What the jitted phases take: the plan only in eplb_step mode."""
+    return step if self.balance_mode == "eplb_step" else None
+
+  def used_capacity(self, phase: PhasePlan, replayed: bool) -> int:
+    """The capacity a phase ran with (its bucket, or the model's; 0 = no capacity path)."""
+    if phase.capacity is not None:
+      return phase.capacity
+    return self.model_capacity[layout_kind(self.balance_mode, replayed) != "native"]
+
+  def summary(self, old: PhasePlan, update: PhasePlan, eplb_ms: float, old_dropped: float,
+              state: StepState):
+    """(metrics dict for metrics.jsonl, new state) of the step; see the README's table."""
+    out = {}
+    for mode in MODES:
+      imb = update.imbalance_ML[mode]
+      out[f"imbalance_{mode}_mean"] = float(imb.mean())
+      out[f"imbalance_{mode}_max"] = float(imb.max())
+    used = {"eplb_step": "eplb_step", "none": "none"}.get(
+        self.balance_mode, "foresight" if self.replay_mode != "none" else "none")
+    out["imbalance_used_mean"] = out[f"imbalance_{used}_mean"]
+    out["imbalance_used_max"] = out[f"imbalance_{used}_max"]
+    changed_M, bytes_M = churn(update.layouts_MLDS, state.layout_LDS, self.shape.bytes_per_expert)
+    m = update.layouts_MLDS.shape[0]
+    out.update(
+        capacity_needed=update.needed, capacity_needed_static=update.needed_static,
+        capacity_used=self.used_capacity(update, self.replay_mode != "none"),
+        old_capacity_needed=old.needed,
+        old_capacity_used=self.used_capacity(old, self.replay_mode in ("r3", "pr2")),
+        old_dropped=float(old_dropped), slots_changed=float(changed_M.mean()),
+        bytes_moved=float(bytes_M.mean()))
+    if self.balance_mode != "none":  # wall times: kept out of the deterministic default rows
+      out["planner_ms"] = (update.planner_ms if self.balance_mode == "foresight"
+                           else eplb_ms / m)
+    return out, state._replace(layout_LDS=np.asarray(update.layouts_MLDS[-1]))

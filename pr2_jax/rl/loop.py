@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from pr2_jax.models.transformer import MoETransformer, validate_tokens
 from pr2_jax.parallel.distributed import is_main_process, to_global, to_host
 from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
-from pr2_jax.rl import data, learner, losses
+from pr2_jax.rl import balancing, data, learner, losses
 from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.pr2.predictor import init_predictor
 from pr2_jax.rl.config import PR2_MODES, ExperimentConfig
@@ -74,6 +74,11 @@ class Engine:
       pred_tx = make_optimizer(rl.learning_rate * pr2.lr_mult, grad_clip=rl.grad_clip)
       self._add_predictor(pred_tx)
     self.learner = learner.Learner(self.model, rl, self.tx, pr2, pred_tx)
+    # Host-side balance planning (capacity buckets, eplb_step's plan, balance metrics); its
+    # state (EMA of loads, last layout) is not checkpointed: a resumed run restarts it.
+    self.balancer = balancing.StepBalancer.create(rl, config.model, mesh,
+                                                  self.prompt_slots + self.response_slots)
+    self.balance_state = balancing.StepState()
     self.eval_problems = self.task.eval_set(rl.eval_size, seed=config.seed)
     self._update_fns = None
     self.seq_sharding = logical_sharding(mesh, ("batch", "length"))
@@ -162,17 +167,25 @@ class Engine:
     micro = data.split_micro(batch, chunks, rng.permutation(rl.batch_size))
     micro = to_global(micro, learner.batch_shardings(self.mesh, micro))
     old_fn, update_fn = self._learner_fns(micro)
-    micro["old_logp"], routes_used, feats = old_fn(state.params, state.predictor, micro)
+    bal = self.balancer
+    plan, old_phase, self.balance_state, eplb_ms = bal.plan_old_pass(micro, self.balance_state)
+    micro["old_logp"], routes_used, feats, old_dropped = old_fn(
+        state.params, state.predictor, micro, bal.step_plan_arg(plan), capacity=old_phase.capacity)
     micro["replay_routes"] = (routes_used if rl.replay_mode in ("r2", "pr2_r2")
                               else micro["rollout_routes"])
     if rl.replay_mode == "pr2_r2":
       micro["feature_h"], micro["feature_p"] = feats
+    phase = bal.plan_update(micro, plan, old_phase)
     per_mini = []
     for i in range(rl.off_policy_k):
       mini = jax.tree.map(lambda x: x[i * rl.micro_steps:(i + 1) * rl.micro_steps], micro)
-      state, m = update_fn(state, mini, jnp.asarray(i > 0))
+      state, m = update_fn(state, mini, jnp.asarray(i > 0), bal.step_plan_arg(plan),
+                           phase.capacity)
       per_mini.append(m)
     summary = self._summarise(per_mini, rewards, roll.response_mask)
+    balance, self.balance_state = bal.summary(old_phase, phase, eplb_ms,
+                                              float(to_host(old_dropped).sum()), self.balance_state)
+    summary.update(balance)
     if self.pr2_mode:
       summary["feature_cache_bytes"] = int(micro["feature_h"].nbytes + micro["feature_p"].nbytes)
     return state, summary

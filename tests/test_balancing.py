@@ -1,0 +1,145 @@
+"""Tests for pr2_jax.rl.balancing: bucket rule, EPLB plans, capacity needs, metrics, the loop."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from pr2_jax.balance import eplb_rebalance, loads_from_routes
+from pr2_jax.config import ModelConfig
+from pr2_jax.parallel.mesh import make_mesh
+from pr2_jax.rl import balancing, loop
+from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
+
+
+@pytest.mark.parametrize("needed, per_doubling, limit, bucket", [
+    (0, 1, 100, 1), (1, 1, 100, 1), (5, 1, 100, 8), (8, 1, 100, 8), (9, 1, 100, 16),
+    (3, 2, 100, 3), (5, 2, 100, 6), (7, 2, 100, 8), (9, 2, 100, 12), (13, 2, 100, 16),
+    (17, 2, 100, 24), (25, 2, 100, 32), (9, 4, 100, 10), (17, 4, 100, 20),
+    (100, 2, 72, 72),  # capped at the dropless bound (tokens per shard)
+])
+def test_capacity_bucket_hand_values(needed, per_doubling, limit, bucket):
+  assert balancing.capacity_bucket(needed, per_doubling, limit) == bucket
+
+
+def test_buckets_are_few_and_tight():
+  buckets = {balancing.capacity_bucket(n, 2, 10**6) for n in range(1, 1025)}
+  assert len(buckets) == 20  # 1, 2, 3, 4, 6, 8, 12, ..., 768, 1024
+  assert all(balancing.capacity_bucket(n, 2, 10**6) <= 1.5 * n for n in range(1, 1025))
+
+
+# DESIGN §4's EPLB example (hierarchical policy): 8 GPUs x 2 slots.
+WEIGHT = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                   [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+PHY2LOG = np.array([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]])
+
+
+def test_plan_from_eplb_hand_values():
+  phy2log, _, logcnt = eplb_rebalance(WEIGHT, 16, 4, 2, 8)
+  np.testing.assert_array_equal(phy2log, PHY2LOG)
+  plan = balancing.plan_from_eplb(phy2log, logcnt, WEIGHT, num_devices=8, slots=2)
+  np.testing.assert_array_equal(plan.slot_expert[0, :2], [[5, 6], [5, 7]])
+  np.testing.assert_array_equal(plan.replica_share[0, :2], [[0.5, 1.0], [0.5, 1.0]])
+  # device 0 holds half of expert 5 and all of 6: 165 / 2 + 39; device 1: 165 / 2 + 4
+  np.testing.assert_allclose(plan.device_load[0, :2], [121.5, 86.5])
+  np.testing.assert_allclose(plan.device_load.sum(-1), WEIGHT.sum(-1))
+
+
+def _routes(rng, steps_shape, num_experts):
+  """Random distinct top-k routes [M, b, T, L, K] with skewed popularity."""
+  m, b, t, layers, k = steps_shape
+  logits = rng.gumbel(size=(m, b, t, layers, num_experts)) + np.linspace(2, 0, num_experts)
+  return np.argsort(-logits, axis=-1)[..., :k].astype(np.int32)
+
+
+def test_step_plan_is_eplb_rebalance_on_the_step_loads_and_its_ema():
+  shape = balancing.BalanceShape(num_experts=8, num_devices=4, slots=3, token_shards=2)
+  rng = np.random.default_rng(0)
+  valid = np.ones((2, 2, 5), bool)
+  valid[0, 1, 3:] = False  # padding is not load
+  routes = [_routes(rng, (2, 2, 5, 3, 2), 8) for _ in range(2)]
+  loads = [np.asarray(loads_from_routes(r.reshape(4, 5, 3, 2), valid.reshape(4, 5), 8),
+                      np.float64) for r in routes]
+  state = balancing.StepState()
+  plan, state, _ = balancing.step_plan(shape, routes[0], valid, 0.5, state)
+  phy2log, _, logcnt = eplb_rebalance(loads[0], 12, 1, 1, 4)
+  np.testing.assert_array_equal(plan.slot_expert, phy2log.reshape(3, 4, 3))
+  np.testing.assert_array_equal(plan.replica_count, logcnt)
+  plan, state, _ = balancing.step_plan(shape, routes[1], valid, 0.5, state)
+  phy2log, _, _ = eplb_rebalance(0.5 * loads[0] + 0.5 * loads[1], 12, 1, 1, 4)
+  np.testing.assert_array_equal(plan.slot_expert, phy2log.reshape(3, 4, 3))
+
+
+def test_capacity_needs_and_imbalance_hand_values():
+  """E = 4 on D = 2 devices, 2 token shards of one 3-token sequence each, one layer, top-2."""
+  shape = balancing.BalanceShape(num_experts=4, num_devices=2, slots=3, token_shards=2)
+  routes = np.array([[[0, 1], [0, 2], [0, 1]],      # shard 0: e0 x3, e1 x2, e2 x1
+                     [[3, 2], [3, 2], [1, 0]]],     # shard 1: e3 x2, e2 x2, e1, e0
+                    np.int32)[None, :, :, None, :]  # [M=1, b=2, T=3, L=1, K=2]
+  valid = np.ones((1, 2, 3), bool)
+  valid[0, 0, 2] = False  # padding: no load, but it still takes a buffer place
+  step, _, _ = balancing.step_plan(shape, routes, valid, 0.0, balancing.StepState())
+  native = balancing.plan_phase(shape, routes, valid, step, "native", True, 1, 3)
+  assert native.needed == native.needed_static == 3 and native.capacity == 3
+  # loads without the padding token: e0 3, e1 2, e2 3, e3 2; static devices {0,1}: 5, {2,3}: 5
+  assert native.imbalance_ML["none"].tolist() == [[1.0]]
+  foresight = balancing.plan_phase(shape, routes, valid, step, "foresight", True, 1, 3)
+  assert foresight.needed <= 3 and foresight.needed_static == 3
+  assert foresight.layouts_MLDS.shape == (1, 1, 2, 3)
+  assert native.layouts_MLDS.shape == (1, 1, 2, 2)
+
+
+def test_churn_hand_values():
+  prev = np.array([[[0, 1], [2, 3]]])
+  layouts = np.array([[[[0, 1], [2, 3]]],   # unchanged
+                      [[[0, 2], [2, 3]]],   # one slot: device 0 fetches expert 2
+                      [[[2, 0], [2, 3]]]])  # two slots swapped inside device 0: no fetch
+  changed, moved = balancing.churn(layouts, prev, bytes_per_expert=10.0)
+  assert changed.tolist() == [0, 1, 2] and moved.tolist() == [0.0, 10.0, 0.0]
+
+
+def _config(balance_mode, replay_mode="r3", **rl):
+  model = ModelConfig(vocab_size=24, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                      expert_d_ff=32, num_experts=4, top_k=2)
+  rl = RLConfig(num_steps=2, prompts_per_step=8, group_size=2, off_policy_k=2, micro_steps=2,
+                replay_mode=replay_mode, max_new_tokens=6, eval_every=0, eval_size=8,
+                balance_mode=balance_mode, **rl)
+  return ExperimentConfig(model=model, rl=rl, sft=SFTConfig(num_steps=2, batch_size=8),
+                          task="countdown", checkpoint_every=0)
+
+
+BALANCE_KEYS = {f"imbalance_{m}_{s}" for m in balancing.MODES for s in ("mean", "max")} | {
+    "imbalance_used_mean", "imbalance_used_max", "capacity_needed", "capacity_needed_static",
+    "capacity_used", "old_capacity_needed", "old_capacity_used", "dropped", "old_dropped",
+    "slots_changed", "bytes_moved", "planner_ms"}
+
+
+@pytest.mark.parametrize("mode, replay_mode, capacity_mode", [
+    ("foresight", "r3", "auto"), ("eplb_step", "r2", "auto"), ("foresight", "none", "forecast")])
+def test_loop_reports_balance_metrics(tmp_path, mode, replay_mode, capacity_mode):
+  """Two RL steps on a (2 data, 2 expert) mesh: every balance metric lands in metrics.jsonl."""
+  rows = []
+
+  def write(m):
+    rows.append(json.loads(json.dumps(m)))  # what metrics.jsonl holds
+
+  mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+  loop.run(_config(mode, replay_mode, capacity_mode=capacity_mode), mesh, str(tmp_path),
+           on_metrics=write)
+  rl_rows = [r for r in rows if r.get("phase") == "rl"]
+  assert len(rl_rows) == 2
+  for r in rl_rows:
+    assert BALANCE_KEYS <= set(r), BALANCE_KEYS - set(r)
+    assert r["planner_ms"] > 0
+    assert r["imbalance_foresight_mean"] <= r["imbalance_none_mean"]
+    assert r["imbalance_used_mean"] == r[f"imbalance_{mode if replay_mode != 'none' else 'none'}_mean"]
+    assert 1 <= r["capacity_needed"] <= r["capacity_used"]
+    if replay_mode != "none":  # replayed routes: the planned bucket is dropless
+      assert r["dropped"] == 0
+    if replay_mode == "r3":
+      assert r["old_dropped"] == 0 and r["old_capacity_used"] == r["capacity_used"]
+  if mode == "eplb_step":  # one plan per step: at most the first micro-step changes slots
+    assert all(r["slots_changed"] <= 2 * 3 * 2 / 4 for r in rl_rows)
