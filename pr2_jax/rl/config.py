@@ -176,6 +176,9 @@ class ExperimentConfig:
   seed: int = 0                    # init, data and sampling seed
   checkpoint_every: int = 10       # RL steps between checkpoints (0 = only at the end)
   init_from: str = ""              # a warm-up checkpoint dir to start RL from (skips SFT)
+  # A local Hugging Face checkpoint dir ('' = off): model, tokenizer and initial params come
+  # from it (pr2_jax.hf.experiment); `model` then only sets run-time knobs, SFT defaults to off.
+  hf_checkpoint: str = ""
 
   def __post_init__(self):
     if self.checkpoint_every < 0:
@@ -189,8 +192,15 @@ class ExperimentConfig:
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"Unknown config fields {unknown}; allowed: {sorted(known)}")
-    return cls(model=ModelConfig.from_dict(d["model"]), rl=RLConfig.from_dict(d["rl"]),
-               sft=SFTConfig(**dict(d["sft"])), pr2=PR2Config(**dict(d.get("pr2", {}))),
+    hf = str(d.get("hf_checkpoint", ""))
+    if hf:  # the architecture is the checkpoint's; RL starts from its weights (no SFT by default)
+      from pr2_jax.hf.experiment import model_config
+      model = model_config(hf, d.get("model"))
+      sft = SFTConfig(**dict(d.get("sft", {"num_steps": 0})))
+    else:
+      model, sft = ModelConfig.from_dict(d["model"]), SFTConfig(**dict(d["sft"]))
+    return cls(model=model, rl=RLConfig.from_dict(d["rl"]), sft=sft,
+               pr2=PR2Config(**dict(d.get("pr2", {}))), hf_checkpoint=hf,
                task=d.get("task", "arithmetic"),
                task_kwargs=dict(d.get("task_kwargs", {})), seed=int(d.get("seed", 0)),
                checkpoint_every=int(d.get("checkpoint_every", 10)),

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from pr2_jax.hf import experiment as hf_experiment
 from pr2_jax.models.transformer import MoETransformer, validate_tokens
 from pr2_jax.parallel.distributed import is_main_process, to_global, to_host
 from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
@@ -46,8 +47,10 @@ class Engine:
   def __init__(self, config: ExperimentConfig, mesh: Mesh):
     rl = config.rl
     self.config, self.mesh = config, mesh
-    self.tok = CharTokenizer()
     self.task = make_task(config.task, **config.task_kwargs)
+    self.tok = (hf_experiment.task_tokenizer(config.hf_checkpoint, self.task,
+                                             config.model.vocab_size)
+                if config.hf_checkpoint else CharTokenizer())
     self.prompt_slots, self.response_slots = data.layout(self.task, rl.max_new_tokens)
     if config.model.vocab_size < self.tok.vocab_size:
       raise ValueError(f"ModelConfig.vocab_size={config.model.vocab_size} is below the "
@@ -67,7 +70,11 @@ class Engine:
     self.eval_sample = jax.jit(functools.partial(generate, rollout_model, config=evaluation))
     self.tx = make_optimizer(rl.learning_rate, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
     self.key = jax.random.key(config.seed)
-    self.state, self.shardings = create_train_state(self.model, self.tx, self.key, mesh)
+    if config.hf_checkpoint:  # the checkpoint's weights, read into their shardings
+      self.state, self.shardings = hf_experiment.create_state(config.hf_checkpoint, self.model,
+                                                              self.tx, mesh)
+    else:
+      self.state, self.shardings = create_train_state(self.model, self.tx, self.key, mesh)
     self.pr2_mode = rl.replay_mode in PR2_MODES
     pred_tx = None
     if self.pr2_mode:
@@ -109,8 +116,13 @@ class Engine:
   def warmup(self, on_metrics: Callback | None = None):
     """Supervised training on task solutions; returns the warmed-up params."""
     sft = self.config.sft
+    if self.config.hf_checkpoint and not sft.num_steps:
+      return self.state.params  # RL starts from the checkpoint's weights
     tx = make_optimizer(sft.learning_rate, warmup_steps=sft.warmup_steps, total_steps=sft.num_steps)
     state, shardings = create_train_state(self.model, tx, self.key, self.mesh)
+    if self.config.hf_checkpoint:  # SFT from the checkpoint's weights (a copy: the step donates)
+      state = state.replace(params=jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                           out_shardings=shardings.params)(self.state.params))
     keys = ("tokens", "valid", "positions", "loss_mask")
     step_fn = supervised.make_train_step(self.model, tx, self.mesh, shardings, batch_keys=keys)
     for step in range(1, sft.num_steps + 1):
@@ -296,9 +308,10 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     if params is None:
       _truncate_metrics(metrics_path, 0, phases=("sft",))  # an interrupted warm-up reruns whole
       params = engine.warmup(emit)
-      sft_ckpt.save(config.sft.num_steps, params, {"task": config.task, "seed": config.seed,
-                                                   "model": identity["model"]})
-      sft_ckpt.wait()
+      if config.sft.num_steps or not config.hf_checkpoint:  # else: the checkpoint dir has them
+        sft_ckpt.save(config.sft.num_steps, params, {"task": config.task, "seed": config.seed,
+                                                     "model": identity["model"]})
+        sft_ckpt.wait()
     state = state.replace(params=params)
     warm_reward = engine.evaluate(state.params)
     emit({"phase": "sft_eval", "step": 0, "eval_reward": warm_reward})
