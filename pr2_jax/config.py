@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-EXPERT_IMPLS = ("capacity", "ragged", "dense")
+EXPERT_IMPLS = ("capacity", "ragged", "grouped", "dense")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -35,7 +35,8 @@ class ModelConfig:
   dtype: str = "float32"          # computation dtype; params and router stay float32
   dense_layers: tuple[int, ...] = ()  # layer ids with a dense SwiGLU MLP (HF mlp_only_layers)
   dense_d_ff: int = 0             # hidden width of the dense MLP (HF intermediate_size)
-  expert_impl: str = "capacity"   # 'capacity' (all_to_all), 'ragged' (ragged_dot), 'dense' (reference)
+  expert_impl: str = "capacity"   # 'capacity' (all_to_all), 'ragged' (ragged_dot), 'grouped'
+                                  # (blocked dropless matmuls, the fast CPU path), 'dense' (reference)
   capacity_factor: float = 0.0    # slots' token capacity / even share; 0 = dropless
   aux_loss_coef: float = 0.0      # Switch-style load-balancing loss weight (off by default)
 

@@ -124,6 +124,62 @@ def ragged_experts(x_ND: jax.Array, slot_ids_NK: jax.Array, gates_NK: jax.Array,
       y_MD.astype(jnp.float32) * gate_M[:, None])
 
 
+def block_rows(num_assignments: int, num_slots: int) -> int:
+  """Rows per block of the grouped path: about a slot's even share, a power of 2 in [8, 64].
+
+  Each slot's group is padded to whole blocks, so up to num_slots - 1 rows per
+  block are wasted: small blocks waste less but make more, smaller matmuls.
+  64 measured best on XLA:CPU at 4096 assignments over 16 slots (128: -10 %).
+  """
+  share = max(1, -(-num_assignments // max(num_slots, 1)))
+  return int(min(64, max(8, 1 << (share - 1).bit_length())))
+
+
+def grouped_positions(slot_ids_NK: jax.Array, num_slots: int, rows: int):
+  """Row of every (token, k) in a buffer where each slot's group fills whole blocks of `rows`.
+
+  Slot s's group starts at block Σ_{s'<s} ceil(size_s' / rows), so every block
+  holds one slot's tokens. Returns (index_NK into the [B*rows] buffer, B*rows
+  for ids outside [0, num_slots); keep_NK; block_slot_B the slot of every block),
+  with B = ceil(N*K / rows) + num_slots, a static bound (a group wastes < 1 block).
+  Blocks past the last group are empty (zeros) and labelled with the last slot.
+  """
+  n, k = slot_ids_NK.shape
+  num_blocks = -(-(n * k) // rows) + num_slots
+  keep_NK = (slot_ids_NK >= 0) & (slot_ids_NK < num_slots)
+  onehot_NKS = jax.nn.one_hot(jnp.where(keep_NK, slot_ids_NK, num_slots), num_slots, dtype=jnp.int32)
+  onehot_MS = onehot_NKS.reshape(n * k, num_slots)
+  pos_M = jnp.sum(jnp.cumsum(onehot_MS, axis=0) * onehot_MS, axis=1) - 1
+  blocks_S = (jnp.sum(onehot_MS, axis=0) + rows - 1) // rows
+  block_end_S = jnp.cumsum(blocks_S)
+  row_M = (block_end_S - blocks_S)[jnp.clip(slot_ids_NK.reshape(-1), 0, num_slots - 1)] * rows + pos_M
+  index_NK = jnp.where(keep_NK, row_M.reshape(n, k), num_blocks * rows)
+  block_slot_B = jnp.searchsorted(block_end_S, jnp.arange(num_blocks), side="right")
+  return index_NK.astype(jnp.int32), keep_NK, jnp.minimum(block_slot_B, num_slots - 1)
+
+
+def grouped_experts(x_ND: jax.Array, slot_ids_NK: jax.Array, gates_NK: jax.Array,
+                    w: ExpertWeights, slot_offset=0, rows: int | None = None) -> jax.Array:
+  """Dropless grouped path: each slot runs on its own tokens only, in blocks of `rows`.
+
+  The work is Σ_s ceil(size_s / rows) blocks (at most N*K + S*(rows-1) rows),
+  where the dropless capacity buffer needs S*N rows (S/K times more); and unlike
+  `ragged_dot`, which XLA:CPU expands to every group over every row, each
+  block is one small dense matmul against its slot's weights (gathered per
+  block). Returns float32 [N, D]: the contribution of slots [slot_offset, slot_offset+S).
+  """
+  n, k = slot_ids_NK.shape
+  num_local, d = w.gate_SDF.shape[0], x_ND.shape[1]
+  rows = rows or block_rows(n * k, num_local)
+  index_NK, keep_NK, block_slot_B = grouped_positions(slot_ids_NK - slot_offset, num_local, rows)
+  num_blocks = block_slot_B.shape[0]
+  buf_BRD = dispatch(x_ND, index_NK, num_blocks * rows).reshape(num_blocks, rows, d)
+  g_BRF = jnp.einsum("brd,bdf->brf", buf_BRD, w.gate_SDF[block_slot_B])
+  u_BRF = jnp.einsum("brd,bdf->brf", buf_BRD, w.up_SDF[block_slot_B])
+  y_BRD = jnp.einsum("brf,bfd->brd", jax.nn.silu(g_BRF) * u_BRF, w.down_SFD[block_slot_B])
+  return combine(y_BRD.reshape(num_blocks * rows, d), index_NK, keep_NK, gates_NK)
+
+
 def capacity_for(tokens_per_shard: int, top_k: int, num_slots: int, capacity_factor: float) -> int:
   """Static per-(source shard, slot) capacity; factor 0 means dropless (= tokens_per_shard).
 

@@ -8,7 +8,9 @@ Tokens are split over ('data', 'expert'); expert weights over 'expert'.
   * capacity: each shard packs its tokens into a [P, S, C, D] buffer, one
     dense `all_to_all` sends slot s's rows to the shard holding it, experts
     run as one einsum, a second `all_to_all` brings results home.
-  * dense / ragged: tokens are all-gathered over 'expert', each shard runs its
+    On one expert shard a dropless capacity (the whole shard) runs the
+    grouped path instead: same sums, no buffer of every slot over every token.
+  * dense / ragged / grouped: tokens are all-gathered over 'expert', each shard runs its
     own slots, and `psum_scatter` returns every token's sum to its shard.
     (Ragged all-to-all is unimplemented on XLA:CPU, so this is the dropless
     grouped path that runs everywhere; on GPU/TPU it uses `ragged_dot`.)
@@ -40,7 +42,13 @@ def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, nu
     weights = weights.take(jax.lax.dynamic_slice_in_dim(slot_expert_X, p * S, S))
   weights = weights.astype(dtype)
   x_nD = x_nD.astype(dtype)
-  if impl == "capacity":
+  if impl == "capacity" and P_ == 1 and capacity >= x_nD.shape[0]:
+    # Dropless on one expert shard: no all_to_all needs the [S, n, D] buffer, and
+    # filling it computes every slot over every token (S/K times the work).
+    # The grouped path computes the same sums over only the routed tokens.
+    y_nD = ex.grouped_experts(x_nD, slot_ids_nK, gates_nK, weights)
+    dropped = jnp.zeros((), jnp.int32)
+  elif impl == "capacity":
     index_nK, keep_nK = ex.capacity_positions(slot_ids_nK, P_ * S, capacity)
     buf_PSCD = ex.dispatch(x_nD, index_nK, P_ * S * capacity).reshape(P_, S, capacity, -1)
     if distributed and P_ > 1:
@@ -54,7 +62,8 @@ def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, nu
     if distributed and P_ > 1:
       gather = functools.partial(jax.lax.all_gather, axis_name=EXPERT, tiled=True)
       x_nD, slot_ids_nK, gates_nK = gather(x_nD), gather(slot_ids_nK), gather(gates_nK)
-    fn = ex.dense_experts if impl == "dense" else ex.ragged_experts
+    fn = {"dense": ex.dense_experts, "ragged": ex.ragged_experts,
+          "grouped": ex.grouped_experts}[impl]
     y_nD = fn(x_nD, slot_ids_nK, gates_nK, weights, slot_offset=p * S)
     if distributed and P_ > 1:
       y_nD = jax.lax.psum_scatter(y_nD, EXPERT, scatter_dimension=0, tiled=True)
@@ -75,7 +84,7 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
     x_ND: token activations, sharded over ('data', 'expert') when `mesh` is set.
     expert_ids_NK, gates_NK: the routing (experts used and their gates).
     weights: per-expert weights [E, ...], sharded over 'expert'.
-    impl: 'capacity' | 'ragged' | 'dense'.
+    impl: 'capacity' | 'ragged' | 'grouped' | 'dense'.
     capacity_factor: capacity per slot relative to an even share; 0 = dropless.
     capacity: explicit static capacity (overrides capacity_factor), e.g. a
       foresight bucket chosen on the host from the planned loads.

@@ -1,0 +1,297 @@
+"""Peer benchmark: our MoETransformer against transformers' Qwen3-MoE (PyTorch), same CPU.
+
+    python -m experiments.bench_peer                  # the default config below, ~6 min
+    python -m experiments.bench_peer --quick          # test-sized, ~30 s
+
+Both sides hold the SAME weights: ours are initialised, written with
+`save_hf_checkpoint` and read by `Qwen3MoeForCausalLM.from_pretrained`, and
+both compute the loss and logits of one batch before anything is timed
+(their difference is reported). Then, interleaved round by round so machine
+load hits both alike (medians after warm-up):
+  (a) train step on the same [B, T] batch: forward, backward, clip 1.0, AdamW
+      (ours: `supervised.make_train_step`, jitted and donated; torch: the same
+      optimizer settings in eager PyTorch);
+  (b) rollout decode with a KV cache: greedy, exactly N new tokens after the
+      same [B, P] prompts (ours: the jitted `rl.sampler.generate`; torch:
+      `model.generate(use_cache=True)`); tokens/s = B*N / time of the call;
+  (c) MFU: our train step's model FLOP/s over the best rate of a large jitted
+      float32 matmul timed in the same rounds. Model FLOPs are analytic (PaLM
+      appendix B): 6 * active params * tokens + 12 * L * H * Z * T * tokens,
+      active = attention + router + top-k experts + LM head (the embedding is
+      a lookup). XLA's own count of the compiled step is reported beside it.
+torch uses as many threads as JAX's CPU client (all usable cores).
+Prints a table; the last line is one JSON object (also written to --out).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import common
+
+_QUICK = flags.DEFINE_bool("quick", False, "Test-sized model and batch, 2 rounds.")
+_D_MODEL = flags.DEFINE_integer("d_model", 256, "Residual width.")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Decoder layers (all MoE).")
+_NUM_EXPERTS = flags.DEFINE_integer("num_experts", 16, "Routed experts per layer.")
+_TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token.")
+_EXPERT_D_FF = flags.DEFINE_integer("expert_d_ff", 256, "SwiGLU expert hidden width.")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Query heads.")
+_NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 2, "Key/value heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Per-head width.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 1024, "Vocabulary size.")
+_EXPERT_IMPL = flags.DEFINE_string("expert_impl", "capacity", "Our expert path (ModelConfig).")
+_BATCH = flags.DEFINE_integer("batch", 8, "Train sequences per step.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Train tokens per sequence.")
+_DEC_BATCH = flags.DEFINE_integer("decode_batch", 16, "Sequences decoded together.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens (no padding).")
+_NEW = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (each times both sides once).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed rounds first.")
+_PEAK_N = flags.DEFINE_integer("peak_n", 1024, "Square f32 matmul size for the peak rate.")
+_LR = flags.DEFINE_float("lr", 1e-4, "AdamW learning rate (both sides).")
+_SEED = flags.DEFINE_integer("seed", 0, "Parameter and token seed.")
+_OUT = flags.DEFINE_string("out", "experiments/results/bench_peer.json", "JSON result path.")
+
+TARGETS = {"train_speedup": 2.0, "decode_speedup": 3.0, "mfu": 0.25}
+QUICK = dict(d_model=64, num_layers=2, num_experts=8, top_k=2, expert_d_ff=64, num_heads=4,
+             num_kv_heads=2, head_dim=16, vocab_size=256, batch=2, seq_len=32, decode_batch=2,
+             prompt_len=8, new_tokens=8, rounds=2, warmup=1, peak_n=256)
+
+
+def settings() -> dict:
+  """The run's sizes: the flags, with --quick's test sizes where a flag was left at its default."""
+  names = list(QUICK) + ["expert_impl", "lr", "seed"]
+  s = {n: flags.FLAGS[n].value for n in names}
+  if _QUICK.value:
+    s.update({n: v for n, v in QUICK.items() if not flags.FLAGS[n].present})
+  return s
+
+
+def model_config(s):
+  from pr2_jax.config import ModelConfig
+  return ModelConfig(vocab_size=s["vocab_size"], num_layers=s["num_layers"], d_model=s["d_model"],
+                     num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
+                     head_dim=s["head_dim"], expert_d_ff=s["expert_d_ff"],
+                     num_experts=s["num_experts"], top_k=s["top_k"], expert_impl=s["expert_impl"])
+
+
+def train_model_flops(cfg, batch: int, seq_len: int) -> float:
+  """Analytic train-step FLOPs: 6 N_active per token plus attention's 12 L H Z T (PaLM, app. B)."""
+  d, z = cfg.d_model, cfg.head_dim
+  attn = d * z * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)      # q, k, v, o projections
+  moe = d * cfg.num_experts + cfg.top_k * 3 * d * cfg.expert_d_ff  # router + active experts
+  active = cfg.num_layers * (attn + moe) + d * cfg.vocab_size     # + LM head
+  tokens = batch * seq_len
+  return 6.0 * active * tokens + 12.0 * cfg.num_layers * cfg.num_heads * z * seq_len * tokens
+
+
+def timed(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+class Ours:
+  """Our side: the jitted, donated train step, the jitted sampler and a peak-rate matmul."""
+
+  def __init__(self, cfg, s, tokens_BT, prompts_BP):
+    from pr2_jax.models.transformer import MoETransformer
+    from pr2_jax.parallel.mesh import make_mesh
+    from pr2_jax.rl.sampler import SamplerConfig, generate
+    from pr2_jax.train.state import create_train_state, make_optimizer
+    from pr2_jax.train.supervised import make_train_step, next_token_loss
+    mesh = make_mesh(1, 1, jax.devices()[:1])  # one device: the fair comparison
+    self.model, tx = MoETransformer(cfg, mesh), make_optimizer(s["lr"], grad_clip=1.0)
+    self.state, shardings = create_train_state(self.model, tx, jax.random.key(s["seed"]), mesh)
+    self.params0 = jax.tree.map(lambda x: x.copy(), self.state.params)  # the step donates state
+    self.batch = {"tokens": jnp.asarray(tokens_BT), "loss_mask": jnp.ones(tokens_BT.shape)}
+    t0 = time.perf_counter()
+    self.step = make_train_step(self.model, tx, mesh, shardings).lower(
+        self.state, self.batch).compile()
+    self.compile_train_s = time.perf_counter() - t0
+    cost = self.step.cost_analysis()
+    self.xla_train_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+    def loss(params, tokens):
+      logits = self.model.apply({"params": params}, tokens).logits
+      return next_token_loss(logits, tokens, jnp.ones(tokens.shape))[0], logits
+    self.loss = jax.jit(loss)
+    self.prompts, self.prompt_valid = jnp.asarray(prompts_BP), jnp.ones(prompts_BP.shape, bool)
+    sampling = SamplerConfig(max_new_tokens=s["new_tokens"], temperature=0.0, eos_id=-1)
+    t0 = time.perf_counter()
+    self.generate = jax.jit(functools.partial(generate, self.model, config=sampling)).lower(
+        self.params0, self.prompts, self.prompt_valid, jax.random.key(0)).compile()
+    self.compile_decode_s = time.perf_counter() - t0
+    n = s["peak_n"]
+    self.a, self.b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in (1, 2))
+    self.matmul = jax.jit(jnp.matmul).lower(self.a, self.b).compile()
+    self.peak_flops_per_call = 2.0 * n ** 3
+    self.losses = []
+
+  def train(self):
+    self.state, metrics = self.step(self.state, self.batch)
+    self.losses.append(float(metrics["loss"]))  # a host sync: the step has finished
+
+  def decode(self):
+    self.tokens = jax.block_until_ready(
+        self.generate(self.params0, self.prompts, self.prompt_valid, jax.random.key(0)).tokens)
+
+  def peak(self):
+    jax.block_until_ready(self.matmul(self.a, self.b))
+
+
+class Torch:
+  """transformers' Qwen3MoeForCausalLM from our checkpoint, eager PyTorch, its default kernels."""
+
+  def __init__(self, path, s, tokens_BT, prompts_BP):
+    import torch
+    import transformers
+    self.torch = torch
+    load = lambda: transformers.Qwen3MoeForCausalLM.from_pretrained(path, dtype=torch.float32)
+    self.model, self.decoder = load().train(), load().eval()  # decode from the initial weights
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=s["lr"], betas=(0.9, 0.999),
+                                 eps=1e-8, weight_decay=0.0)
+    self.tokens, self.prompts = (torch.tensor(a, dtype=torch.long) for a in (tokens_BT, prompts_BP))
+    self.new_tokens = s["new_tokens"]
+    self.impl = {"experts": self.model.config._experts_implementation,
+                 "attention": self.model.config._attn_implementation}
+    self.losses = []
+
+  def train(self):
+    self.opt.zero_grad(set_to_none=True)
+    loss = self.model(self.tokens, labels=self.tokens).loss  # shifted mean CE, as ours
+    loss.backward()
+    self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    self.opt.step()
+    self.losses.append(float(loss.detach()))
+
+  def decode(self):
+    with self.torch.no_grad():
+      out = self.decoder.generate(
+          self.prompts, attention_mask=self.torch.ones_like(self.prompts), do_sample=False,
+          use_cache=True, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
+          eos_token_id=None, pad_token_id=0)
+    assert out.shape[1] == self.prompts.shape[1] + self.new_tokens, out.shape
+    self.tokens = out.numpy()
+
+  def forward(self):
+    with self.torch.no_grad():
+      out = self.decoder(self.tokens, labels=self.tokens)
+    return float(out.loss), out.logits.numpy()
+
+
+def interleaved(pairs: dict, rounds: int, warmup: int) -> dict:
+  """Times every callable once per round, alternating the order; {name: [seconds after warm-up]}."""
+  times = {name: [] for name in pairs}
+  names = list(pairs)
+  for r in range(warmup + rounds):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      t = timed(pairs[name])
+      if r >= warmup:
+        times[name].append(t)
+    logging.info("round %d/%d %s", r + 1, warmup + rounds,
+                 {n: round(t[-1], 3) for n, t in times.items() if t})
+  return times
+
+
+def run(s) -> dict:
+  cfg = model_config(s)
+  rng = np.random.default_rng(s["seed"])
+  tokens_BT = rng.integers(0, cfg.vocab_size, (s["batch"], s["seq_len"])).astype(np.int32)
+  prompts_BP = rng.integers(0, cfg.vocab_size, (s["decode_batch"], s["prompt_len"])).astype(np.int32)
+  logging.info("compiling our train step and sampler ...")
+  ours = Ours(cfg, s, tokens_BT, prompts_BP)
+  from pr2_jax.hf.checkpoint import save_hf_checkpoint
+  with tempfile.TemporaryDirectory() as path:
+    save_hf_checkpoint(cfg, ours.params0, path)
+    peer = Torch(path, s, tokens_BT, prompts_BP)
+
+  # Apples to apples: the same weights give the same loss and logits before any step.
+  our_loss, our_logits = jax.device_get(ours.loss(ours.params0, ours.batch["tokens"]))
+  peer_loss, peer_logits = peer.forward()
+  parity = {"initial_loss_ours": float(our_loss), "initial_loss_torch": peer_loss,
+            "initial_loss_abs_diff": abs(float(our_loss) - peer_loss),
+            "initial_logits_max_abs_diff": float(np.max(np.abs(our_logits - peer_logits)))}
+  logging.info("parity %s", parity)
+
+  train = interleaved({"ours": ours.train, "torch": peer.train, "peak": ours.peak},
+                      s["rounds"], s["warmup"])
+  decode = interleaved({"ours": ours.decode, "torch": peer.decode}, s["rounds"], s["warmup"])
+  med = {k: statistics.median(v) for k, v in train.items()}
+  dmed = {k: statistics.median(v) for k, v in decode.items()}
+  tokens = s["batch"] * s["seq_len"]
+  model_flops = train_model_flops(cfg, s["batch"], s["seq_len"])
+  peak = ours.peak_flops_per_call / min(train["peak"])
+  new = ours.tokens[:, s["prompt_len"]:]
+  return dict(
+      parity,
+      ours_train_tokens_per_s=tokens / med["ours"], torch_train_tokens_per_s=tokens / med["torch"],
+      train_speedup=med["torch"] / med["ours"],
+      ours_decode_tokens_per_s=s["decode_batch"] * s["new_tokens"] / dmed["ours"],
+      torch_decode_tokens_per_s=s["decode_batch"] * s["new_tokens"] / dmed["torch"],
+      decode_speedup=dmed["torch"] / dmed["ours"],
+      peak_flops_per_s=peak, peak_flops_per_s_median=ours.peak_flops_per_call / med["peak"],
+      train_model_flops=model_flops, train_xla_flops=ours.xla_train_flops,
+      train_model_flops_per_s=model_flops / med["ours"],
+      train_xla_flops_per_s=ours.xla_train_flops / med["ours"],
+      mfu=model_flops / med["ours"] / peak,
+      train_loss_trace_max_abs_diff=float(np.max(np.abs(
+          np.asarray(ours.losses) - np.asarray(peer.losses)))),
+      decode_first_token_agreement=float(np.mean(new[:, 0] == peer.tokens[:, s["prompt_len"]])),
+      decode_token_agreement=float(np.mean(new == peer.tokens[:, s["prompt_len"]:])),
+      compile_train_s=ours.compile_train_s, compile_decode_s=ours.compile_decode_s,
+      torch_impl=peer.impl, times_s={"train": train, "decode": decode})
+
+
+def format_table(r: dict) -> str:
+  rows = ["| | ours (JAX) | transformers (torch) | ours / torch | target |", "|---|---|---|---|---|",
+          f"| train step tokens/s | {r['ours_train_tokens_per_s']:,.0f} "
+          f"| {r['torch_train_tokens_per_s']:,.0f} | {r['train_speedup']:.2f}x | >= 2x |",
+          f"| decode tokens/s | {r['ours_decode_tokens_per_s']:,.0f} "
+          f"| {r['torch_decode_tokens_per_s']:,.0f} | {r['decode_speedup']:.2f}x | >= 3x |",
+          f"| train model GFLOP/s (MFU) | {r['train_model_flops_per_s'] / 1e9:.1f} "
+          f"({100 * r['mfu']:.1f}% of {r['peak_flops_per_s'] / 1e9:.0f}) | | | MFU >= 25% |",
+          f"| initial loss | {r['initial_loss_ours']:.6f} | {r['initial_loss_torch']:.6f} "
+          f"| diff {r['initial_loss_abs_diff']:.1e} | same weights |"]
+  return "\n".join(rows)
+
+
+def main(argv):
+  del argv
+  common.setup_devices()
+  s = settings()
+  import torch
+  threads = len(os.sched_getaffinity(0))  # XLA:CPU's pool uses every usable core
+  torch.set_num_threads(threads)
+  load_start = os.getloadavg()
+  result = run(s)
+  result.update(targets_met={k: bool(result[k] >= v) for k, v in TARGETS.items()},
+                targets=TARGETS, settings=s, torch_threads=threads,
+                load_avg_start=load_start, load_avg_end=os.getloadavg(),
+                machine={"cpus_usable": threads, "platform": platform.platform(),
+                         "jax": jax.__version__, "torch": torch.__version__,
+                         "transformers": __import__("transformers").__version__,
+                         "device_count": jax.device_count()},
+                command=" ".join(sys.argv))
+  print(format_table(result), flush=True)
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(result, f, indent=1, sort_keys=True)
+  summary = {k: v for k, v in result.items() if k not in ("times_s", "settings", "machine")}
+  print(json.dumps(summary, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
