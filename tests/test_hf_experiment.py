@@ -25,6 +25,7 @@ from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import loop
 from pr2_jax.rl.char_tokenizer import CHARS
 from pr2_jax.rl.config import ExperimentConfig
+from pr2_jax.rl.tasks import make_task
 
 torch.set_num_threads(1)  # jax and torch share 2 cores: a spinning torch pool slows both
 
@@ -59,6 +60,23 @@ def test_config_comes_from_the_checkpoint(ckpt):
   assert ExperimentConfig.from_dict(d).sft.num_steps == 0
   d["model"]["num_experts"] = 8  # repeating the checkpoint's value is allowed
   assert ExperimentConfig.from_dict(d).model.num_experts == 8
+
+
+def test_task_tokenizer_has_the_char_tokenizer_interface(ckpt):
+  tok = hf_experiment.task_tokenizer(ckpt, make_task("countdown"), vocab_size=32)
+  end, im_end = tok.hf.token_to_id("<|endoftext|>"), tok.hf.token_to_id("<|im_end|>")
+  assert (tok.eos_id, tok.pad_id, tok.bos_id, tok.vocab_size) == (im_end, end, None, 24)
+  three, plus = tok.encode("3+")
+  assert tok.encode("3+", bos=True, eos=True) == [three, plus, im_end]  # no BOS to add
+  # Decoding stops at either stop id (Qwen3 generation stops on both), as a response would.
+  assert tok.decode_batch([[three, plus, end, three], [three, im_end, plus, plus]]) == ["3+", "3"]
+  ids_BT, valid_BT = tok.encode_batch(["3+", "3"], 4)
+  np.testing.assert_array_equal(ids_BT, [[end, end, three, plus], [end, end, end, three]])
+  np.testing.assert_array_equal(valid_BT, [[0, 0, 1, 1], [0, 0, 0, 1]])
+  with pytest.raises(ValueError, match="token id 30 is outside the vocabulary"):
+    tok.decode([three, 30])
+  with pytest.raises(ValueError, match="prompt '3\\+3\\+3' is 5 tokens long, more than length=4"):
+    tok.encode_batch(["3+3+3"], 4)
 
 
 def test_initial_policy_is_the_checkpoint(ckpt):

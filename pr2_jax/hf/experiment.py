@@ -76,8 +76,11 @@ def model_config(path: str, section: Mapping[str, Any] | None = None) -> ModelCo
 
 def prepended_id(hf: HFTokenizer) -> int | None:
   """The special id the post-processor puts before a text (BOS), else None."""
-  bare = hf.encode("0", add_special_tokens=False)
-  full = hf.encode("0", add_special_tokens=True)
+  try:
+    bare = hf.encode("0", add_special_tokens=False)
+    full = hf.encode("0", add_special_tokens=True)
+  except Exception:  # cannot encode '0': check_task_tokenizer reports it by name
+    return None
   return full[0] if len(full) > len(bare) and full[1:1 + len(bare)] == bare else None
 
 
