@@ -100,7 +100,7 @@ def print_summary(summary: dict, workdir: str):
   warm = summary["warmup_eval_reward"]
   lines = ["", "== summary =="]
   if warm is not None:
-    lines.append(f"eval reward after warm-up: {warm:.3f}")
+    lines.append(f"eval reward before RL:     {warm:.3f}")  # after the warm-up, or the checkpoint's
   if "eval_reward" in final:
     lines.append(f"eval reward after RL:      {final['eval_reward']:.3f}")
   lines.append(f"train reward (last step):  {final.get('reward_mean', float('nan')):.3f}")

@@ -141,4 +141,4 @@ def test_two_processes_match_one_and_resume(tmp_path):
   resumed = _rows(tmp_path / "two")
   assert resumed[:len(two)] == two  # nothing before the checkpoint was rewritten
   assert [r.get("step") for r in resumed if r["phase"] == "rl"] == [1, 2, 3]
-  assert "eval reward after warm-up" not in (tmp_path / "resume0.txt").read_text()
+  assert "eval reward before RL" not in (tmp_path / "resume0.txt").read_text()
