@@ -53,6 +53,39 @@ def trace_from_routes(steps, num_experts):
   return [routes_to_seq_loads(r, v, num_experts) for r, v in steps]
 
 
+def rollout_trace(*, steps, prompts, group_size, experts, top_k, sft_steps, seed=0):
+  """A trace recorded from our own rollouts: configs/tiny.py's model (with `experts` and
+  `top_k`) warmed up for `sft_steps` on countdown, then `steps` rollout batches of
+  `prompts` x `group_size` sequences sampled by the RL engine (prompt and response tokens,
+  padding excluded). Returns (trace, tokens per sequence)."""
+  import importlib.util
+  import os
+
+  from pr2_jax.parallel.mesh import make_mesh
+  from pr2_jax.rl import data, loop
+  from pr2_jax.rl.config import ExperimentConfig
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny_config", path)
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  c = tiny.get_config()
+  c.seed, c.model.num_experts, c.model.top_k, c.sft.num_steps = seed, experts, top_k, sft_steps
+  c.rl.prompts_per_step, c.rl.group_size, c.rl.off_policy_k, c.rl.micro_steps = (
+      prompts, group_size, 1, 1)
+  c.rl.eval_size = 8
+  engine = loop.Engine(ExperimentConfig.from_dict(c.to_dict()),
+                       make_mesh(1, 1, devices=jax.devices()[:1]))
+  params = engine.warmup()
+  recorded = []
+  for step in range(1, steps + 1):
+    rng = np.random.default_rng([seed, 2, step])
+    problems = [p for p in engine.task.sample(rng, prompts) for _ in range(group_size)]
+    tokens, valid = data.encode_prompts(engine.tok, problems, engine.prompt_slots)
+    roll = jax.device_get(engine.sample(params, tokens, valid, jax.random.fold_in(engine.key, step)))
+    recorded.append((np.asarray(roll.routes), np.asarray(roll.valid)))
+  return trace_from_routes(recorded, experts), engine.prompt_slots + engine.response_slots
+
+
 def synthetic_trace(rng, *, steps, seqs, seq_len, layers, experts, top_k, skew, cluster, boost,
                     drift):
   """RL-like trace: stable skewed popularity (logits ~ N(0, skew), drifting by N(0, drift)

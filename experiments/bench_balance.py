@@ -9,7 +9,8 @@
     on the same loads. Medians of `--repeats` runs over different micro-steps.
 (b) imbalance (max / mean device load per micro-step and layer) of the modes
     none / eplb_step / eplb_ema / foresight on a synthetic RL-like trace, for
-    micro-steps of each of `--micro_seqs` sequences.
+    micro-steps of each of `--micro_seqs` sequences, and (`--rollout`) on a trace
+    recorded from our own rollouts (configs/tiny.py's model, `--rollout_model`).
 (c) measured wall time of one MoE layer (capacity path, all_to_all) on 8 fake CPU
     devices: dropless static capacity vs foresight capacity with one redundant slot
     per device (`experiments/balance_moe.py`, in a subprocess for its own devices).
@@ -65,6 +66,14 @@ _MOE = flags.DEFINE_bool("moe", True, "(c): run the measured MoE-layer compariso
 _MOE_ARGS = flags.DEFINE_list(
     "moe_args", ["--experts=32", "--top_k=4", "--seqs=2", "--seq_len=1024", "--d_model=128",
                  "--d_ff=256", "--repeats=9"], "(c): flags for experiments.balance_moe.")
+_ROLLOUT = flags.DEFINE_bool("rollout", True, "(b): also a trace recorded from our own rollouts.")
+_ROLLOUT_MODEL = flags.DEFINE_list(
+    "rollout_model", ["32", "4", "8", "5", "50"],
+    "(b) rollouts: experts, top_k, devices D, slots S, warm-up steps of configs/tiny.py's model.")
+_ROLLOUT_BATCH = flags.DEFINE_list("rollout_batch", ["4", "16", "8"],
+                                   "(b) rollouts: RL steps, prompts per step, group size.")
+_ROLLOUT_MICRO = flags.DEFINE_list("rollout_micro_seqs", ["4", "16", "64"],
+                                   "(b) rollouts: sequences per micro-step.")
 _SEED = flags.DEFINE_integer("seed", 0, "Trace and shuffling seed.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_balance.json", "JSON output.")
 
@@ -73,19 +82,23 @@ QUICK_MOE = ["--experts=16", "--top_k=2", "--seqs=2", "--seq_len=64", "--d_model
 QUICK = dict(sweep_stickiness=[], sweep_xfer_gbps=["450"], layers=4, experts=16, top_k=2,
              devices=4, slots=6, seq_len=64, plan_seqs=2,
              repeats=3, trace_steps=2, trace_seqs=4, micro_seqs=["1", "2"], cluster=4,
-             sim_micro_seqs=2)
+             sim_micro_seqs=2, rollout_model=["8", "2", "4", "3", "2"],
+             rollout_batch=["2", "4", "4"], rollout_micro_seqs=["4", "8"])
 
 
 def _settings():
   s = {f.name: f.value for f in (_LAYERS, _EXPERTS, _TOP_K, _DEVICES, _SLOTS, _SEQ_LEN,
                                  _PLAN_SEQS, _REPEATS, _STEPS, _SEQS, _MICRO, _SKEW, _CLUSTER,
                                  _BOOST, _DRIFT, _EMA, _STICKINESS, _SPLIT_ITERS, _SIM_MICRO,
-                                 _GPU_TFLOPS, _A2A_GBPS, _XFER_GBPS, _SEED, _SWEEP, _SWEEP_BW)}
+                                 _GPU_TFLOPS, _A2A_GBPS, _XFER_GBPS, _SEED, _SWEEP, _SWEEP_BW,
+                                 _ROLLOUT_MODEL, _ROLLOUT_BATCH, _ROLLOUT_MICRO)}
   s = {k.replace("trace_steps", "steps").replace("trace_seqs", "seqs"): v for k, v in s.items()}
   if _QUICK.value:
     s.update({k.replace("trace_steps", "steps").replace("trace_seqs", "seqs"): v
               for k, v in QUICK.items()})
   s["micro_seqs"] = [int(m) for m in s["micro_seqs"]]
+  for k in ("rollout_model", "rollout_batch", "rollout_micro_seqs"):
+    s[k] = [int(x) for x in s[k]]
   s["sweep_stickiness"] = [float(x) for x in s["sweep_stickiness"]]
   s["sweep_xfer_gbps"] = [float(x) for x in s["sweep_xfer_gbps"]]
   if s["sim_micro_seqs"] not in s["micro_seqs"]:
@@ -221,6 +234,26 @@ def main(argv):
   for st, mode in ((s["stickiness"], "foresight"), (0.0, "foresight_lpt")):
     sweep[st] = {bw: (imb[m] if bw == s["xfer_gbps"] else sim[bw])[mode]
                  for bw in [s["xfer_gbps"]] + s["sweep_xfer_gbps"]}
+  rollout = {}
+  if _ROLLOUT.value:  # the same modes on routes our own (tiny, warmed-up) model sampled
+    experts, top_k, devices, slots, sft_steps = s["rollout_model"]
+    steps, prompts, group = s["rollout_batch"]
+    trace_r, seq_len_r = bt.rollout_trace(steps=steps, prompts=prompts, group_size=group,
+                                          experts=experts, top_k=top_k, sft_steps=sft_steps,
+                                          seed=s["seed"])
+    print(f"\n(b) on rollouts of configs/tiny.py's model ({experts} experts, top-{top_k}, "
+          f"{sft_steps} warm-up steps): {steps} steps x {prompts * group} sequences of "
+          f"{seq_len_r} slots, D={devices}, S={slots}")
+    print(f"    {'seqs/micro':<11}" + "".join(f"{m:>20}" for m in modes))
+    for mr in s["rollout_micro_seqs"]:
+      res = bt.evaluate_modes(trace_r, devices, slots, mr, stickiness=s["stickiness"],
+                              variants=lpt, **kw)
+      rollout[mr] = {k: {"mean": float(r["imbalance"].mean()),
+                         "max": float(r["imbalance"].max()),
+                         "fetches_per_layer_device": float(r["transfers"].mean())}
+                     for k, r in res.items()}
+      print(f"    {mr:<11}" + "".join(
+          f"{rollout[mr][k]['mean']:>12.3f} [{rollout[mr][k]['max']:5.2f}]" for k in modes))
   if moe_run and moe is None:
     moe = finish_moe(moe_run)
   if moe:
@@ -266,7 +299,12 @@ def main(argv):
       "sim_speedup": round(imb[headline]["foresight"]["sim_speedup"], 4),
       "sim_speedup_eplb_step": round(imb[headline]["eplb_step"]["sim_speedup"], 4),
   }
+  if rollout:  # at the largest rollout micro-step
+    big = max(rollout)
+    summary.update({f"rollout_imbalance_{k}": round(rollout[big][k]["mean"], 4) for k in modes},
+                   rollout_micro_seqs=big)
   result = {"settings": s, "quick": _QUICK.value, "timing_ms": timing, "imbalance": imb,
+            "imbalance_rollout": rollout,
             "moe": moe,
             "simulation_bandwidth": sim, "stickiness_sweep": sweep,
             "cost_model": dataclasses.asdict(cost), "summary": summary,

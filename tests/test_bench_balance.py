@@ -22,6 +22,9 @@ def test_bench_balance_quick(tmp_path):
   assert result["summary"] == last and result["quick"]
   assert last["planner_ms"] > 0 and last["eplb_ms"] > 0 and last["sim_speedup"] > 0
   assert 1.0 <= last["imbalance_foresight"] <= last["imbalance_none"]
+  # (b) on a trace recorded from our own rollouts, at every micro-step size
+  assert last["rollout_imbalance_foresight"] <= last["rollout_imbalance_none"] + 1e-6
+  assert set(result["imbalance_rollout"]) == {"4", "8"}
   for row in result["imbalance"].values():
     assert set(row) == {"none", "eplb_step", "eplb_ema", "foresight", "foresight_lpt"}
     assert row["foresight"]["mean"] <= row["none"]["mean"] + 1e-6
