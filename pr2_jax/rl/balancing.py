@@ -173,7 +173,7 @@ def _analyse(routes_MbTLK, valid_MbT, loads_MLE, plans, step: Plan, *, shape, ki
       .reshape(step.slot_expert.shape), -1))(loads_MLE)
   loads = {"none": jax.vmap(lambda l: static_device_load(l, shape.num_devices))(loads_MLE),
            "eplb_step": eplb_MLD, "foresight": plans.device_load}
-  return need_ML.max(-1), static_ML.max(-1), {k: imbalance(v) for k, v in loads.items()}
+  return need_ML.max(-1), static_ML.max(-1), {mode: imbalance(v) for mode, v in loads.items()}
 
 
 class PhasePlan(NamedTuple):
@@ -185,7 +185,7 @@ class PhasePlan(NamedTuple):
   planner_ms: float      # host foresight planner wall time per micro-step (compile excluded)
 
 
-_COMPILED: set = set()
+_COMPILED: set = set()  # (shape, routes shape) keys seen: time the planner, not its compile
 
 
 def plan_phase(shape: BalanceShape, routes, valid, step: Plan, kind: str, bucket: bool,
