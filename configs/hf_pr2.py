@@ -64,8 +64,12 @@ def get_config() -> ml_collections.ConfigDict:
   r.eval_size = 128           # held-out problems per evaluation
   r.eval_temperature = 1.0    # evaluation sampling temperature (0 = greedy)
   r.max_consecutive_skips = 10  # non-finite updates in a row before the run stops (checkpointed)
-  r.balance_mode = "none"     # none: static expert layout | foresight: per-micro-step replica plan
-  r.redundant_slots = 1       # extra expert slots per device for foresight replicas
+  r.balance_mode = "none"     # none: static layout | eplb_step: one EPLB plan per RL step |
+                              # foresight: per-micro-step replica plan (needs mesh_expert > 1 to matter)
+  r.redundant_slots = 1       # extra expert slots per device for eplb_step/foresight replicas
+  r.eplb_ema = 0.0            # eplb_step: weight of past steps' loads in its EMA (0 = this step's)
+  r.capacity_mode = "auto"    # auto | model | bucket | forecast: the learner's per-slot capacity
+  r.capacity_buckets = 2      # capacity buckets per doubling (1 = powers of two)
 
   p = c.pr2 = ml_collections.ConfigDict()  # predictor W_p [L, D, E]; L, D, E from config.json
   p.loss = "post"             # predictor objective: post | delta | l2
