@@ -61,3 +61,15 @@ def test_capacity_mode_auto_buckets_only_with_a_balance_mode():
   assert RLConfig(balance_mode="eplb_step").effective_capacity_mode == "bucket"
   assert RLConfig(balance_mode="foresight", capacity_mode="model").effective_capacity_mode == "model"
   assert RLConfig(capacity_mode="forecast").effective_capacity_mode == "forecast"
+
+
+@pytest.mark.parametrize("name", ["tiny", "hf_pr2"])
+def test_experiment_configs_expose_every_field(name):
+  """Every dataclass field is in the config file, so any of them can be set by a flag."""
+  import dataclasses
+  import importlib
+  from pr2_jax.rl.config import PR2Config
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  for section, cls in (("rl", RLConfig), ("pr2", PR2Config), ("sft", SFTConfig)):
+    missing = {f.name for f in dataclasses.fields(cls)} - set(cfg[section].keys())
+    assert not missing, f"configs/{name}.py {section} lacks {sorted(missing)}"
