@@ -1,6 +1,7 @@
 """Peer benchmark: our MoETransformer against transformers' Qwen3-MoE (PyTorch), same CPU.
 
-    python -m experiments.bench_peer                  # the default config below, ~6 min
+    python -m experiments.bench_peer                  # the default config below, ~5 min
+    python -m experiments.bench_peer --decode_batch=16  # a smaller decode batch
     python -m experiments.bench_peer --quick          # test-sized, ~30 s
 
 Both sides hold the SAME weights: ours are initialised, written with
@@ -54,7 +55,7 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 1024, "Vocabulary size.")
 _EXPERT_IMPL = flags.DEFINE_string("expert_impl", "capacity", "Our expert path (ModelConfig).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Train sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Train tokens per sequence.")
-_DEC_BATCH = flags.DEFINE_integer("decode_batch", 16, "Sequences decoded together.")
+_DEC_BATCH = flags.DEFINE_integer("decode_batch", 64, "Sequences decoded together (an RL rollout batch).")
 _PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens (no padding).")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (each times both sides once).")

@@ -115,6 +115,8 @@ def _paths(n):
       "capacity": lambda x, ids, g, w: _capacity_path(x, ids, g, w, capacity=n)[0],
       "dense": ex.dense_experts,
       "ragged": ex.ragged_experts,
+      "grouped": ex.grouped_experts,             # blocks of 8 rows here
+      "grouped:4": lambda x, ids, g, w: ex.grouped_experts(x, ids, g, w, rows=4),
   }
 
 
@@ -140,12 +142,12 @@ def test_three_paths_agree_gradients():
     grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, gates, w)
   ref = jax.tree.leaves(grads["dense"])
   assert all(float(jnp.max(jnp.abs(g))) > 0 for g in ref)
-  for name in ("capacity", "ragged"):
+  for name in ("capacity", "ragged", "grouped", "grouped:4"):
     for a, b in zip(jax.tree.leaves(grads[name]), ref):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("fn", [ex.dense_experts, ex.ragged_experts])
+@pytest.mark.parametrize("fn", [ex.dense_experts, ex.ragged_experts, ex.grouped_experts])
 def test_slot_offset_splits_the_work(fn):
   """Running slots [0,4) and [4,8) with slot_offset and summing equals running all 8."""
   x, ids, gates, w = _random_problem(seed=2)
@@ -157,6 +159,25 @@ def test_slot_offset_splits_the_work(fn):
   # An assignment outside the shard's slots contributes nothing.
   only_hi = fn(x, jnp.full_like(ids, 1), gates, hi, slot_offset=4)
   np.testing.assert_array_equal(only_hi, jnp.zeros_like(only_hi))
+
+
+def test_grouped_positions_hand_worked():
+  """Each slot's group fills whole blocks: sizes 3, 0, 1 with 2 rows -> blocks [0, 0, 2] + 2 empty.
+
+  Slot 0 holds (t0,k0) (t1,k0) (t3,k0) at rows 0, 1, 2 (blocks 0-1); slot 2 holds
+  (t2,k0) at row 4 (block 2); the k=1 picks of slot 1 are out of range (-1 -> dropped).
+  """
+  ids = jnp.array([[0, -1], [0, -1], [2, -1], [0, -1]], jnp.int32)
+  index, keep, block_slot = ex.grouped_positions(ids, 3, 2)
+  # B = ceil(8 / 2) + 3 = 7 blocks; 14 = B * rows marks "not placed".
+  np.testing.assert_array_equal(index, [[0, 14], [1, 14], [4, 14], [2, 14]])
+  np.testing.assert_array_equal(keep, [[True, False]] * 4)
+  np.testing.assert_array_equal(block_slot, [0, 0, 2, 2, 2, 2, 2])
+
+
+@pytest.mark.parametrize("args, expected", [((4096, 16), 64), ((32, 16), 8), ((512, 16), 32)])
+def test_block_rows(args, expected):
+  assert ex.block_rows(*args) == expected
 
 
 def test_capacity_dropping_loses_only_dropped_contributions():

@@ -142,7 +142,8 @@ class MoETransformer(nn.Module):
       step_valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
       key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid, cache.index, 1)
       mask_BTS = cache_mask(cache.index, t, key_valid)
-    auxes, inputs, new_k, new_v = [], [], [], []
+    auxes, inputs = [], []
+    kv_cache = None if cache is None else (cache.k, cache.v)
     for i in range(cfg.num_layers):
       moe_idx = len(auxes)
       is_moe = i in cfg.moe_layers
@@ -150,13 +151,11 @@ class MoETransformer(nn.Module):
       layer_slots = (jax.tree.map(lambda a: a[moe_idx], slot_expert)
                      if (slot_expert is not None and is_moe) else None)
       layer_pred = predictor[moe_idx] if (predictor is not None and is_moe) else None
-      kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+      kv = None if cache is None else (*kv_cache, cache.index, i)
       x_BTD, aux, h_BTD, kv = DecoderLayer(cfg, is_moe, self.mesh, name=f"layers_{i}")(
           x_BTD, positions, mask_BTS, layer_routes, layer_slots, capacity, kv, layer_pred,
           predicted_gates, valid)
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+      kv_cache = kv
       if is_moe:
         auxes.append(aux)
         inputs.append(h_BTD)
@@ -174,5 +173,4 @@ class MoETransformer(nn.Module):
         aux_loss=jnp.mean(jnp.stack([a.aux_loss for a in auxes])),
         router_logits=jnp.stack([a.logits_BTE for a in auxes], axis=2) if return_router_logits else None,
         router_inputs=jnp.stack(inputs, axis=2) if return_router_inputs else None,
-        cache=None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v), key_valid,
-                                                 cache.index + t))
+        cache=None if cache is None else KVCache(*kv_cache, key_valid, cache.index + t))
