@@ -12,7 +12,7 @@ from pr2_jax.models import experts as ex
 from pr2_jax.parallel.mesh import make_mesh
 
 N, D, F, E, K = 32, 16, 16, 8, 2
-IMPLS = ("capacity", "dense", "ragged")
+IMPLS = ("capacity", "dense", "ragged", "grouped")
 MESHES = ((2, 4), (1, 8))
 
 
@@ -67,7 +67,7 @@ def test_single_device_paths_agree():
   y_ref, dropped, g_ref = _reference("dense")
   assert int(dropped) == 0
   assert float(jnp.max(jnp.abs(y_ref))) > 0
-  for impl in ("capacity", "ragged"):
+  for impl in ("capacity", "ragged", "grouped"):
     y, dropped, g = _reference(impl)
     assert int(dropped) == 0
     _assert_close(y, y_ref, impl, rtol=1e-4)
@@ -84,6 +84,17 @@ def test_sharded_equals_single_device(impl, shape):
   assert int(dropped) == 0
   _assert_close(y, y_ref, f"{impl} {shape} forward")
   _assert_close(g, g_ref, f"{impl} {shape} grads")
+
+
+def test_dropless_capacity_on_data_only_mesh_runs_grouped():
+  """Mesh (8, 1): one expert shard, so dropless capacity takes the grouped path inside
+  shard_map; its weight gradients (partial sums per data shard) must add up over 'data'."""
+  x, ids, gates, w = _problem()
+  y, dropped, g = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=_mesh(8, 1))
+  y_ref, _, g_ref = _reference("dense")
+  assert int(dropped) == 0
+  _assert_close(y, y_ref, "forward", rtol=1e-4)
+  _assert_close(g, g_ref, "grads", rtol=1e-4)
 
 
 def _replica_map(shape):
