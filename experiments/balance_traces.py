@@ -106,11 +106,11 @@ def _transfers_LD(new_LDS, prev_LDS):
 
 
 @functools.lru_cache(maxsize=None)
-def _plan_fn(num_devices, slots, stickiness, split_iters, min_gain=None):
+def _plan_fn(num_devices, slots, stickiness, split_iters, min_gain=None, method="lpt"):
   """One jitted planner per setting, so repeated evaluations compile once."""
   return jax.jit(lambda loads, prev: plan_placement(
       loads, num_devices, slots, prev, stickiness=stickiness, split_iters=split_iters,
-      min_gain=min_gain))
+      min_gain=min_gain, method=method))
 
 
 def evaluate_modes(trace, num_devices, slots, micro_seqs, *, ema=0.5, stickiness=0.25,
@@ -133,11 +133,11 @@ def evaluate_modes(trace, num_devices, slots, micro_seqs, *, ema=0.5, stickiness
   native = np.broadcast_to(native_layout(num_experts, num_devices, slots),
                            (num_layers, num_devices, slots))
   planners = {"foresight": dict(stickiness=stickiness, split_iters=split_iters,
-                                min_gain=min_gain)}
+                                min_gain=min_gain, method="lpt")}
   for name, over in (variants or {}).items():
     planners[name] = {**planners["foresight"], **over}
   plan_fns = {name: _plan_fn(num_devices, slots, kw["stickiness"], kw["split_iters"],
-                             kw["min_gain"]) for name, kw in planners.items()}
+                             kw["min_gain"], kw["method"]) for name, kw in planners.items()}
   modes = MODES[:-1] + tuple(planners)
   out = {m: {"device_load": [], "imbalance": [], "transfers": []} for m in modes}
   prev_fs, prev_eplb = {m: native for m in planners}, {"eplb_step": native, "eplb_ema": native}

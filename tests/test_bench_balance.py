@@ -8,7 +8,8 @@ import json
 import subprocess
 import sys
 
-KEYS = ("planner_ms", "eplb_ms", "imbalance_none", "imbalance_eplb_step", "imbalance_foresight",
+KEYS = ("planner_ms", "planner_ms_rounds", "eplb_ms",
+        "imbalance_none", "imbalance_eplb_step", "imbalance_foresight", "imbalance_foresight_rounds",
         "cpu_moe_speedup", "sim_speedup")
 
 
@@ -20,11 +21,14 @@ def test_bench_balance_quick(tmp_path):
   assert set(KEYS) <= set(last)
   result = json.loads(out.read_text())
   assert result["summary"] == last and result["quick"]
-  assert last["planner_ms"] > 0 and last["eplb_ms"] > 0 and last["sim_speedup"] > 0
+  assert last["planner_ms"] > 0 and last["planner_ms_rounds"] > 0
+  assert last["eplb_ms"] > 0 and last["sim_speedup"] > 0
   assert 1.0 <= last["imbalance_foresight"] <= last["imbalance_none"]
   # (b) on a trace recorded from our own rollouts, at every micro-step size
   assert last["rollout_imbalance_foresight"] <= last["rollout_imbalance_none"] + 1e-6
   assert set(result["imbalance_rollout"]) == {"4", "8"}
   for row in result["imbalance"].values():
-    assert set(row) == {"none", "eplb_step", "eplb_ema", "foresight", "foresight_lpt"}
+    assert set(row) == {"none", "eplb_step", "eplb_ema", "foresight", "foresight_lpt",
+                        "foresight_rounds"}
     assert row["foresight"]["mean"] <= row["none"]["mean"] + 1e-6
+    assert row["foresight_rounds"]["mean"] <= row["none"]["mean"] + 1e-6

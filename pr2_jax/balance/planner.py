@@ -32,6 +32,8 @@ recompiles. Per layer:
    still had to put two replicas of an expert on one device, a few swap
    rounds move one of them to a device without it, in exchange for a
    replica of about the same load.
+   `method="rounds"` replaces this greedy by S rounds of D (`rounds.py`):
+   faster, no stickiness, usually a little less even; the rest is shared.
 3. Token split: start from 1/r_e per replica (what step 2 balanced), then
    water-filling rounds among each expert's replicas (`split.water_fill`)
    that only ever lower the busiest device.
@@ -59,12 +61,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.balance.loads import EMPTY, native_layout
+from pr2_jax.balance.rounds import place_in_rounds
 from pr2_jax.balance.split import water_fill
 
 _TINY = float(np.finfo(np.float32).tiny)
 _AVOID = 1e30  # placement score penalty of a device already holding the expert
 _REPAIR_ROUNDS = 4  # duplicate-replica swaps per layer (a forced twin is rare)
 _AVOID_RESERVED = 1e20  # ... and of a device with nothing but reserved slots free
+METHODS = ("lpt", "rounds")  # step 2: sequential LPT greedy, or S rounds of D
 
 
 class Plan(flax.struct.PyTreeNode):
@@ -236,15 +240,19 @@ def _resplit(load_E, layout_DS, split_iters):
   return jnp.zeros_like(x_X).at[order_X].set(x_X).reshape(num_devices, slots)
 
 
-def _plan_layer(load_E, prev_DS, *, num_devices, slots, stickiness, split_iters, min_gain):
+def _plan_layer(load_E, prev_DS, *, num_devices, slots, stickiness, split_iters, min_gain,
+                method):
   num_experts = load_E.shape[0]
   per = num_experts // num_devices
   num_slots = num_devices * slots
   max_replicas = num_devices if slots <= num_experts else num_slots
   count_E = replica_counts(load_E, num_slots, max_replicas)
   tol = stickiness * jnp.sum(load_E) / num_devices
-  expert_X, slot_X = _lpt(load_E, count_E, prev_DS, num_devices, slots, tol,
-                          reserve=stickiness > 0)
+  if method == "rounds":
+    expert_X, slot_X = place_in_rounds(load_E, count_E, num_devices, slots)
+  else:
+    expert_X, slot_X = _lpt(load_E, count_E, prev_DS, num_devices, slots, tol,
+                            reserve=stickiness > 0)
   n_X = load_E[expert_X]
   if max_replicas > 1:
     slot_X = _repair_duplicates(expert_X, slot_X, n_X / count_E[expert_X], num_devices, slots,
@@ -284,10 +292,11 @@ def _plan_layer(load_E, prev_DS, *, num_devices, slots, stickiness, split_iters,
 
 
 @functools.partial(jax.jit, static_argnames=("num_devices", "slots", "stickiness", "split_iters",
-                                             "min_gain"))
-def _plan(loads_LE, previous_LDS, *, num_devices, slots, stickiness, split_iters, min_gain):
+                                             "min_gain", "method"))
+def _plan(loads_LE, previous_LDS, *, num_devices, slots, stickiness, split_iters, min_gain,
+          method):
   fn = functools.partial(_plan_layer, num_devices=num_devices, slots=slots, stickiness=stickiness,
-                         split_iters=split_iters, min_gain=min_gain)
+                         split_iters=split_iters, min_gain=min_gain, method=method)
   return jax.vmap(fn)(loads_LE, previous_LDS)
 
 
@@ -303,7 +312,7 @@ def _native_plan(loads_LE, num_devices):
 
 def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=None, *,
                    stickiness: float = 0.25, split_iters: int = 8,
-                   min_gain: float | None = None) -> Plan:
+                   min_gain: float | None = None, method: str = "lpt") -> Plan:
   """Replicates and places experts for one micro-step (see the module docstring).
 
   Args:
@@ -320,10 +329,15 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
     split_iters: water-filling rounds of the token split (0 = proportional).
     min_gain: None = off; else keep the previous layout unless the new plan
       lowers the peak device load by more than this fraction (step 5).
+    method: step 2's placement: "lpt" (sequential greedy, honours
+      stickiness) or "rounds" (S rounds of D, `rounds.py`: several times
+      faster on CPU; ignores stickiness, so more weights move).
   Returns:
-    A `Plan`. Jit-compatible; D, S, stickiness and split_iters are static and
+    A `Plan`. Jit-compatible; D, S, stickiness, split_iters and method are static and
     shapes depend only on (L, E, D, S), so new loads never recompile.
   """
+  if method not in METHODS:
+    raise ValueError(f"method={method!r} is not one of {METHODS}")
   loads_LE = jnp.asarray(loads_LE)
   if loads_LE.ndim != 2:
     raise ValueError(f"loads must be [layers, experts], got shape {loads_LE.shape}")
@@ -349,4 +363,4 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
     previous = np.broadcast_to(native_layout(num_experts, num_devices, slots_per_device), shape)
   return _plan(loads_LE, jnp.asarray(previous, jnp.int32), num_devices=num_devices,
                slots=slots_per_device, stickiness=float(stickiness), split_iters=int(split_iters),
-               min_gain=None if min_gain is None else float(min_gain))
+               min_gain=None if min_gain is None else float(min_gain), method=method)

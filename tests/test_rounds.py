@@ -1,0 +1,89 @@
+"""Placement in rounds (pr2_jax/balance/rounds.py): a hand-worked layer, the ranking against a
+stable sort, no twins without the repair, and the planner's method="rounds" end to end."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr2_jax.balance import loads as ld
+from pr2_jax.balance import planner as pl
+from pr2_jax.balance import rounds as rd
+
+# E=6, D=3, S=3, loads [9, 6, 1, 3, 2, 6]. Replica counts (greedy, cap D=3): e0 (9 -> 4.5),
+# then e1 and e5 tie at 6 (e1 first, then e5): counts [2, 2, 1, 1, 1, 2].
+# Replicas by weight (stable): e0 4.5, e0 4.5, e1 3, e1 3, e3 3, e5 3, e5 3, e4 2, e2 1.
+#   round 0 [e0, e0, e1], loads [0, 0, 0]: d0 <- e0, d1 <- e0, d2 <- e1 -> [4.5, 4.5, 3]
+#   round 1 [e1, e3, e5]: d2 is lightest but holds e1, so it ranks last:
+#           d0 <- e1, d1 <- e3, d2 <- e5 -> [7.5, 7.5, 6]
+#   round 2 [e5, e4, e2]: d2 holds e5, last again: d0 <- e5, d1 <- e4, d2 <- e2
+#           -> [10.5, 9.5, 7]   (static layout: [15, 4, 8])
+# Slots: round s -> local slot s: d0 [e0, e1, e5], d1 [e0, e3, e4], d2 [e1, e5, e2]. Against
+# the native layout (d0 [0, 1], d1 [2, 3], d2 [4, 5]) kept experts keep their slot: d0
+# [0, 1, 5]; d1 keeps e3 in slot 1, e0 and e4 fill slots 0 and 2; d2 keeps e5 in slot 1.
+# LPT on the same input (one replica at a time) reaches [9.5, 8.5, 9]: rounds is worse here.
+LOADS = [9., 6., 1., 3., 2., 6.]
+
+
+def test_hand_worked_rounds():
+  load_E = jnp.array(LOADS)
+  count_E = pl.replica_counts(load_E, 9, 3)
+  np.testing.assert_array_equal(count_E, [2, 2, 1, 1, 1, 2])
+  expert_X, slot_X = jax.jit(rd.place_in_rounds, static_argnums=(2, 3))(load_E, count_E, 3, 3)
+  np.testing.assert_array_equal(expert_X, [0, 0, 1, 1, 3, 5, 5, 4, 2])
+  np.testing.assert_array_equal(slot_X, [0, 3, 6, 1, 4, 7, 2, 5, 8])
+
+
+def test_hand_worked_plan():
+  loads = jnp.array([LOADS])
+  plan = pl.plan_placement(loads, 3, 3, method="rounds", split_iters=0).layer(0)
+  np.testing.assert_array_equal(plan.slot_expert, [[0, 1, 5], [0, 3, 4], [1, 5, 2]])
+  np.testing.assert_allclose(plan.device_load, [10.5, 9.5, 7.0])
+  np.testing.assert_allclose(plan.slot_load, [[4.5, 3, 3], [4.5, 3, 2], [3, 3, 1]])
+  lpt = pl.plan_placement(loads, 3, 3, method="lpt", stickiness=0.0, split_iters=0).layer(0)
+  np.testing.assert_allclose(lpt.device_load, [9.5, 8.5, 9.0])
+  # Water-filling then evens the rounds plan out (peak strictly lower, totals kept).
+  filled = pl.plan_placement(loads, 3, 3, method="rounds").layer(0)
+  np.testing.assert_array_equal(filled.slot_expert, plan.slot_expert)
+  assert float(filled.device_load.max()) < 10.5
+  np.testing.assert_allclose(float(filled.device_load.sum()), 27.0, rtol=1e-6)
+
+
+def test_rank_is_a_stable_argsort():
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    key = rng.integers(0, 6, 40).astype(np.float32)  # many ties
+    first = rng.random(40) < 0.3
+    rank = np.asarray(rd._rank(jnp.asarray(key)))
+    np.testing.assert_array_equal(np.argsort(rank), np.argsort(key, kind="stable"))
+    rank = np.asarray(rd._rank(jnp.asarray(key), jnp.asarray(first)))
+    np.testing.assert_array_equal(np.argsort(rank), np.lexsort((key, ~first)))
+    np.testing.assert_array_equal(rd._inverse(jnp.asarray(rank)), np.argsort(rank))
+
+
+@pytest.mark.parametrize("e,d,s", [(16, 4, 5), (128, 64, 3), (32, 8, 8), (8, 2, 6)])
+def test_no_twins_and_s_per_device_without_repair(e, d, s):
+  """With at most D replicas per expert, rounds alone never puts an expert twice on a device."""
+  rng = np.random.default_rng(e + d + s)
+  fn = jax.jit(lambda load: rd.place_in_rounds(load, pl.replica_counts(load, d * s, d), d, s))
+  for t in range(12):
+    load = [rng.lognormal(0, 2, e) * 100, rng.integers(0, 4, e).astype(float),
+            np.zeros(e)][t % 3].astype(np.float32)
+    expert_X, slot_X = (np.asarray(a) for a in fn(jnp.asarray(load)))
+    assert sorted(slot_X) == list(range(d * s))
+    layout = np.zeros(d * s, np.int64)
+    layout[slot_X] = expert_X
+    for dev in layout.reshape(d, s):
+      assert len(set(dev)) == s, (load, dev)
+
+
+def test_stickiness_does_not_apply():
+  """rounds ignores the home rule: the same plan for every stickiness."""
+  rng = np.random.default_rng(1)
+  first = pl.plan_placement(rng.lognormal(0, 1, (3, 32)) * 40, 8, 6, method="rounds")
+  loads = rng.lognormal(0, 1, (3, 32)) * 40
+  plans = [pl.plan_placement(loads, 8, 6, previous=first, method="rounds", stickiness=st)
+           for st in (0.0, 0.25, 1.0)]
+  for other in plans[1:]:
+    jax.tree_util.tree_map(np.testing.assert_array_equal, plans[0], other)
+  assert int(ld.plan_stats(plans[0], first)["transfers"].sum()) > 0
