@@ -92,6 +92,36 @@ def test_capacity_needs_and_imbalance_hand_values():
   assert native.layouts_MLDS.shape == (1, 1, 2, 2)
 
 
+def test_planner_method_reaches_host_and_step_planning():
+  """RLConfig.planner_method: the host phase plan (BalanceShape) and the jitted step's
+  `micro_layout` both plan with it, so they agree; lpt and rounds differ here."""
+  from types import SimpleNamespace
+
+  from pr2_jax.balance import plan_placement
+  from pr2_jax.rl import learner
+  rng = np.random.default_rng(4)
+  routes = _routes(rng, (2, 4, 16, 3, 2), 8)
+  valid = np.ones((2, 4, 16), bool)
+  step, _, _ = balancing.step_plan(balancing.BalanceShape(8, 4, 3, 2), routes, valid, 0.0,
+                                   balancing.StepState())
+  mesh = make_mesh(2, 4, devices=jax.devices()[:8])
+  layouts = {}
+  for method in ("lpt", "rounds"):
+    shape = balancing.BalanceShape(8, 4, 3, 2, planner_method=method)
+    phase = balancing.plan_phase(shape, routes, valid, step, "foresight", True, 1, 64)
+    lr = SimpleNamespace(rl=RLConfig(balance_mode="foresight", planner_method=method),
+                         model=SimpleNamespace(config=ModelConfig(num_experts=8, top_k=2),
+                                               mesh=mesh))
+    for m in range(2):
+      loads = loads_from_routes(routes[m], valid[m], 8)
+      want = plan_placement(loads, 4, 3, method=method).slot_expert
+      np.testing.assert_array_equal(phase.layouts_MLDS[m], want)
+      in_step = jax.jit(lambda r, v: learner.micro_layout(lr, r, v).slot_expert)
+      np.testing.assert_array_equal(in_step(routes[m], valid[m]), want)
+    layouts[method] = phase.layouts_MLDS
+  assert not np.array_equal(layouts["lpt"], layouts["rounds"])
+
+
 def test_churn_hand_values():
   prev = np.array([[[0, 1], [2, 3]]])
   layouts = np.array([[[[0, 1], [2, 3]]],   # unchanged
@@ -117,9 +147,10 @@ BALANCE_KEYS = {f"imbalance_{m}_{s}" for m in balancing.MODES for s in ("mean", 
     "slots_changed", "bytes_moved", "planner_ms"}
 
 
-@pytest.mark.parametrize("mode, replay_mode, capacity_mode", [
-    ("foresight", "r3", "auto"), ("eplb_step", "r2", "auto"), ("foresight", "none", "forecast")])
-def test_loop_reports_balance_metrics(tmp_path, mode, replay_mode, capacity_mode):
+@pytest.mark.parametrize("mode, replay_mode, capacity_mode, method", [
+    ("foresight", "r3", "auto", "lpt"), ("eplb_step", "r2", "auto", "lpt"),
+    ("foresight", "none", "forecast", "lpt"), ("foresight", "r3", "auto", "rounds")])
+def test_loop_reports_balance_metrics(tmp_path, mode, replay_mode, capacity_mode, method):
   """Two RL steps on a (2 data, 2 expert) mesh: every balance metric lands in metrics.jsonl."""
   rows = []
 
@@ -127,8 +158,8 @@ def test_loop_reports_balance_metrics(tmp_path, mode, replay_mode, capacity_mode
     rows.append(json.loads(json.dumps(m)))  # what metrics.jsonl holds
 
   mesh = make_mesh(2, 2, devices=jax.devices()[:4])
-  loop.run(_config(mode, replay_mode, capacity_mode=capacity_mode), mesh, str(tmp_path),
-           on_metrics=write)
+  loop.run(_config(mode, replay_mode, capacity_mode=capacity_mode, planner_method=method), mesh,
+           str(tmp_path), on_metrics=write)
   rl_rows = [r for r in rows if r.get("phase") == "rl"]
   assert len(rl_rows) == 2
   for r in rl_rows:

@@ -26,6 +26,8 @@ from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
      r"RLConfig.capacity_mode='exact' must be one of \('auto', 'model', 'bucket', 'forecast'\)"),
     (dict(capacity_buckets=0), r"RLConfig.capacity_buckets=0 must be a positive int"),
     (dict(redundant_slots=-1), "redundant_slots must be >= 0"),
+    (dict(planner_method="greedy"),
+     r"RLConfig.planner_method='greedy' must be one of \('lpt', 'rounds'\)"),
 ])
 def test_bad_rl_config(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -73,3 +75,11 @@ def test_experiment_configs_expose_every_field(name):
   for section, cls in (("rl", RLConfig), ("pr2", PR2Config), ("sft", SFTConfig)):
     missing = {f.name for f in dataclasses.fields(cls)} - set(cfg[section].keys())
     assert not missing, f"configs/{name}.py {section} lacks {sorted(missing)}"
+
+
+def test_planner_methods_match_the_planner():
+  """config.py stays jax-free, so it repeats the planner's method names: they must agree."""
+  from pr2_jax.balance.planner import METHODS
+  from pr2_jax.rl.config import PLANNER_METHODS
+  assert PLANNER_METHODS == METHODS
+  assert RLConfig().planner_method == "lpt"

@@ -52,6 +52,7 @@ class BalanceShape:
   slots: int              # S = E/D + redundant slots (used by eplb_step and foresight)
   token_shards: int       # P, source blocks of the capacity buffers
   bytes_per_expert: float = 0.0  # weight bytes one replica fetch moves
+  planner_method: str = "lpt"    # foresight placement, RLConfig.planner_method
 
   def __post_init__(self):
     if self.num_devices < 1 or self.num_experts % self.num_devices:
@@ -74,9 +75,11 @@ def capacity_bucket(needed: int, per_doubling: int, limit: int) -> int:
   return min(-(-needed // grain) * grain, limit)
 
 
-def foresight_plan(loads_LE: jax.Array, num_devices: int, slots: int) -> Plan:
-  """The per-micro-step plan; one function for the jitted step and the host, so they agree."""
-  return plan_placement(loads_LE, num_devices, slots)
+def foresight_plan(loads_LE: jax.Array, num_devices: int, slots: int,
+                   method: str = "lpt") -> Plan:
+  """The per-micro-step plan; one function for the jitted step and the host, so they agree
+  (both must pass the same `method`, RLConfig.planner_method)."""
+  return plan_placement(loads_LE, num_devices, slots, method=method)
 
 
 def plan_from_eplb(phy2log_LX, logcnt_LE, loads_LE, num_devices: int, slots: int) -> Plan:
@@ -140,7 +143,8 @@ def layout_kind(balance_mode: str, replayed: bool) -> str:
 def _foresight_plans(routes_MbTLK, valid_MbT, *, shape):
   loads_MLE = jax.vmap(lambda r, v: loads_from_routes(r, v, shape.num_experts))(
       routes_MbTLK, valid_MbT)
-  return loads_MLE, jax.vmap(lambda l: foresight_plan(l, shape.num_devices, shape.slots))(loads_MLE)
+  return loads_MLE, jax.vmap(lambda l: foresight_plan(l, shape.num_devices, shape.slots,
+                                                      shape.planner_method))(loads_MLE)
 
 
 def _max_counts(ids_NLK, valid_N, plan, shape):
@@ -270,7 +274,8 @@ class StepBalancer:
     devices, shards = axis_size(mesh, EXPERT), num_token_shards(mesh)
     e = model_cfg.num_experts
     shape = BalanceShape(e, devices, e // devices + rl.redundant_slots, shards,
-                         bytes_per_expert=3.0 * model_cfg.d_model * model_cfg.expert_d_ff * 4)
+                         bytes_per_expert=3.0 * model_cfg.d_model * model_cfg.expert_d_ff * 4,
+                         planner_method=rl.planner_method)
     tokens = rl.micro_batch_size * seq_len // shards
     model_capacity = (0, 0)
     if model_cfg.expert_impl == "capacity":

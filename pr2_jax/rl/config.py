@@ -15,6 +15,7 @@ PREDICTOR_LOSSES = ("post", "delta", "l2")
 FEATURE_RULES = ("random", "response")
 BALANCE_MODES = ("none", "eplb_step", "foresight")
 CAPACITY_MODES = ("auto", "model", "bucket", "forecast")
+PLANNER_METHODS = ("lpt", "rounds")  # pr2_jax.balance.planner.METHODS (kept jax-free here)
 LOSSES = ("dapo", "gspo")
 RATIO_DENOMINATORS = ("rollout", "old")
 DTYPES = ("float32", "bfloat16")
@@ -47,6 +48,9 @@ class RLConfig:
   balance_mode: str = "none"       # none: static layout | eplb_step: one EPLB plan per RL step |
                                    # foresight: a plan per micro-step from its replayed routes
   redundant_slots: int = 1         # extra expert slots per device for foresight replicas
+  # foresight placement (plan_placement's method): lpt = sequential greedy with home rules
+  # (fewer transfers) | rounds = S rounds of D devices (faster planner, more transfers).
+  planner_method: str = "lpt"
   # eplb_step: one EPLB plan per RL step from an EMA of step loads; 0 = this step's loads only.
   eplb_ema: float = 0.0            # weight of the past in that average, in [0, 1)
   # Per-slot token capacity of the learner (pr2_jax.rl.balancing): model = ModelConfig's
@@ -64,7 +68,8 @@ class RLConfig:
         raise ValueError(f"RLConfig.{name} must be a positive int, got {value!r}")
     choices = {"replay_mode": REPLAY_MODES, "loss": LOSSES,
                "ratio_denominator": RATIO_DENOMINATORS, "rollout_dtype": DTYPES,
-               "balance_mode": BALANCE_MODES, "capacity_mode": CAPACITY_MODES}
+               "balance_mode": BALANCE_MODES, "capacity_mode": CAPACITY_MODES,
+               "planner_method": PLANNER_METHODS}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"RLConfig.{name}={getattr(self, name)!r} must be one of {allowed}")

@@ -78,7 +78,8 @@ def micro_layout(lr: Learner, routes_bSLK, valid_bS, step_plan=None):
   cfg = lr.model.config
   devices = axis_size(lr.model.mesh, EXPERT)
   loads_LE = loads_from_routes(routes_bSLK, valid_bS, cfg.num_experts)
-  return foresight_plan(loads_LE, devices, cfg.num_experts // devices + lr.rl.redundant_slots)
+  return foresight_plan(loads_LE, devices, cfg.num_experts // devices + lr.rl.redundant_slots,
+                        lr.rl.planner_method)
 
 
 def forward_logprobs(model: MoETransformer, params, seq: dict, routes, temperature: float,
