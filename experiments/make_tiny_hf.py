@@ -37,10 +37,14 @@ MODEL = dict(vocab_size=32, hidden_size=64, num_hidden_layers=2, num_attention_h
              max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
-_OUT = flags.DEFINE_string("out", "/tmp/tiny_qwen3_moe", "Checkpoint directory to write.")
-_SEED = flags.DEFINE_integer("seed", 0, "torch seed of the random weights.")
-_INIT_RANGE = flags.DEFINE_float("initializer_range", 0.02, "Std of the random weights "
-                                 "(transformers' default).")
+
+def _define_flags():
+  """Flags exist only when run as a script: tests import the writers beside other scripts'
+  flags (a second '--out' would be a DuplicateFlagError)."""
+  flags.DEFINE_string("out", "/tmp/tiny_qwen3_moe", "Checkpoint directory to write.")
+  flags.DEFINE_integer("seed", 0, "torch seed of the random weights.")
+  flags.DEFINE_float("initializer_range", 0.02, "Std of the random weights (transformers' "
+                     "default).")
 
 
 def char_tokenizer(chars: str = CHARS, specials=SPECIALS):
@@ -93,10 +97,12 @@ def main(argv):
   del argv
   import torch
   torch.set_num_threads(1)  # the machine's 2 cores are shared: no spinning thread pool
-  out = write_checkpoint(_OUT.value, seed=_SEED.value, initializer_range=_INIT_RANGE.value)
+  f = flags.FLAGS
+  out = write_checkpoint(f.out, seed=f.seed, initializer_range=f.initializer_range)
   for name in sorted(os.listdir(out)):
     print(f"{os.path.getsize(os.path.join(out, name)):>9,d}  {os.path.join(out, name)}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
