@@ -95,9 +95,9 @@ def main(argv):
   old_fn, update_fn = engine._update_fns
   snaps = []
 
-  def recording_update(st, minibatch, train_predictor):
+  def recording_update(st, *args):
     snaps.append(snapshot(st.params))  # the router before this mini-step's update
-    return update_fn(st, minibatch, train_predictor)
+    return update_fn(st, *args)
 
   engine._update_fns = (old_fn, recording_update)
   batches = []  # per rollout batch: κ+1 snapshots (θ_t,0 .. θ_t,κ)

@@ -223,12 +223,13 @@ def test_gradients_stay_in_their_lanes():
   micro = jax.tree.map(lambda x: x[0], _prepare(model, lr.rl, state.params, batch, 1))
   denoms = learner._denominators(lr.rl, jax.tree.map(lambda x: x[None], micro))
   w = state.predictor + 0.1  # non-zero so a leak would show
-  g_w = jax.grad(lambda w: learner.micro_step(lr, state.params, w, micro, denoms)[0])(w)
+  # Jitted: op-by-op autodiff of the whole model takes about a minute on 2 cores.
+  g_w = jax.jit(jax.grad(lambda w: learner.micro_step(lr, state.params, w, micro, denoms)[0]))(w)
   assert float(jnp.abs(g_w).max()) == 0.0
   pred_loss = lambda p: jnp.sum(
       learner.micro_step(lr, p, w, micro, denoms)[1]["pred"]["loss_per_layer"])
   assert float(pred_loss(state.params)) > 0
-  g_params = jax.grad(pred_loss)(state.params)
+  g_params = jax.jit(jax.grad(pred_loss))(state.params)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_params)) == 0.0
 
 
