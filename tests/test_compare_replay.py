@@ -73,8 +73,8 @@ def test_quick_sweep_writes_report(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       # Shorter than --quick's own defaults: this checks the plumbing, not the numbers.
-      [sys.executable, "-m", "experiments.compare_replay", "--quick", "--rl_steps=3",
-       "--eval_every=3", "--sft_steps=10", "--eval_size=32",
+      [sys.executable, "-m", "experiments.compare_replay", "--quick", "--rl_steps=2",
+       "--eval_every=2", "--sft_steps=4", "--eval_size=16",
        f"--workdir={tmp_path / 'work'}", f"--out_dir={out}"],
       capture_output=True, text=True, timeout=900, env=env,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
