@@ -22,6 +22,7 @@ import numpy as np
 
 from pr2_jax.balance import (eplb_device_load, eplb_rebalance, imbalance, loads_from_routes,
                              native_layout, plan_placement, static_device_load)
+from pr2_jax.balance.planner import DEFAULT_METHOD
 
 MODES = ("none", "eplb_step", "eplb_ema", "foresight")
 
@@ -106,7 +107,7 @@ def _transfers_LD(new_LDS, prev_LDS):
 
 
 @functools.lru_cache(maxsize=None)
-def _plan_fn(num_devices, slots, stickiness, split_iters, min_gain=None, method="lpt"):
+def _plan_fn(num_devices, slots, stickiness, split_iters, min_gain=None, method=DEFAULT_METHOD):
   """One jitted planner per setting, so repeated evaluations compile once."""
   return jax.jit(lambda loads, prev: plan_placement(
       loads, num_devices, slots, prev, stickiness=stickiness, split_iters=split_iters,
@@ -123,7 +124,7 @@ def evaluate_modes(trace, num_devices, slots, micro_seqs, *, ema=0.5, stickiness
                step's micro-steps, even split among replicas (an oracle: it knows the step);
     eplb_ema:  the same from an exponential moving average of past steps' totals
                (first step: native layout);
-    foresight: `plan_placement` per micro-step, chained through `previous`;
+    foresight: `plan_placement` (default method) per micro-step, chained through `previous`;
     variants: more foresight modes, {name: plan_placement keyword overrides}.
   Returns {mode: {"device_load": [M, L, D], "imbalance": [M, L], "transfers": [M, L, D]}}.
   """
@@ -133,7 +134,7 @@ def evaluate_modes(trace, num_devices, slots, micro_seqs, *, ema=0.5, stickiness
   native = np.broadcast_to(native_layout(num_experts, num_devices, slots),
                            (num_layers, num_devices, slots))
   planners = {"foresight": dict(stickiness=stickiness, split_iters=split_iters,
-                                min_gain=min_gain, method="lpt")}
+                                min_gain=min_gain, method=DEFAULT_METHOD)}
   for name, over in (variants or {}).items():
     planners[name] = {**planners["foresight"], **over}
   plan_fns = {name: _plan_fn(num_devices, slots, kw["stickiness"], kw["split_iters"],

@@ -5,12 +5,12 @@
 
 (a) planner time: `plan_placement` jitted on CPU for one micro-step (48 layers x
     128 experts, top-8, D=64, 3 slots per device, 4 x 2048 tokens), from loads
-    and from routes (loads_from_routes + plan), with method="rounds" from loads,
+    and from routes (loads_from_routes + plan), with method="lpt" from loads,
     against `eplb_rebalance` (numpy) on the same loads. Medians of `--repeats`
     runs over different micro-steps.
 (b) imbalance (max / mean device load per micro-step and layer) of the modes
-    none / eplb_step / eplb_ema / foresight (+ foresight_lpt: stickiness 0,
-    foresight_rounds: method="rounds") on a synthetic RL-like trace, for
+    none / eplb_step / eplb_ema / foresight (+ foresight_lpt: plain LPT,
+    stickiness 0; foresight_sticky_lpt: method="lpt") on a synthetic RL-like trace, for
     micro-steps of each of `--micro_seqs` sequences, and (`--rollout`) on a trace
     recorded from our own rollouts (configs/tiny.py's model, `--rollout_model`).
 (c) measured wall time of one MoE layer (capacity path, all_to_all) on 8 fake CPU
@@ -55,7 +55,7 @@ _BOOST = flags.DEFINE_float("boost", 1.5, "(b): logit boost of a sequence's pref
 _DRIFT = flags.DEFINE_float("drift", 0.1, "(b): per-step drift of the popularity logits.")
 _EMA = flags.DEFINE_float("ema", 0.5, "(b): weight of the past in eplb_ema's average.")
 _STICKINESS = flags.DEFINE_float("stickiness", 0.25, "Planner home-rule tolerance.")
-_SWEEP = flags.DEFINE_list("sweep_stickiness", ["0.05", "0.5", "1"],
+_SWEEP = flags.DEFINE_list("sweep_stickiness", ["0", "0.05", "0.5", "1"],
                            "(b, d): other stickiness values tried at --sim_micro_seqs.")
 _SWEEP_BW = flags.DEFINE_list("sweep_xfer_gbps", ["200", "450"],
                               "(d): other weight-transfer bandwidths tried.")
@@ -124,7 +124,7 @@ def time_planner(s, rng):
                                      (s["layers"], d, slots)))
   kw = dict(stickiness=s["stickiness"], split_iters=s["split_iters"])
   from_loads = bt._plan_fn(d, slots, s["stickiness"], s["split_iters"])  # shared with (b)
-  rounds = bt._plan_fn(d, slots, s["stickiness"], s["split_iters"], method="rounds")
+  lpt = bt._plan_fn(d, slots, s["stickiness"], s["split_iters"], method="lpt")
   from_routes = jax.jit(lambda r, v, p: balance.plan_placement(
       balance.loads_from_routes(r, v, e), d, slots, p, **kw))
   routes = [jnp.asarray(r) for r in micro]
@@ -133,16 +133,16 @@ def time_planner(s, rng):
   jax.block_until_ready(from_loads(loads[0], prev))
   compile_s = time.perf_counter() - t0
   jax.block_until_ready(from_routes(routes[0], valid, prev))
-  jax.block_until_ready(rounds(loads[0], prev))
-  times = {"planner": [], "planner_rounds": [], "planner_from_routes": [], "eplb": []}
+  jax.block_until_ready(lpt(loads[0], prev))
+  times = {"planner": [], "planner_lpt": [], "planner_from_routes": [], "eplb": []}
   for i in range(s["repeats"]):  # round-robin, so machine load hits all alike
     j = i % len(routes)
     t0 = time.perf_counter()
     jax.block_until_ready(from_loads(loads[j], prev))
     times["planner"].append(time.perf_counter() - t0)
-    t0 = time.perf_counter()  # the same input, placed by rounds instead of LPT
-    jax.block_until_ready(rounds(loads[j], prev))
-    times["planner_rounds"].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()  # the same input, placed by LPT instead of rounds
+    jax.block_until_ready(lpt(loads[j], prev))
+    times["planner_lpt"].append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     jax.block_until_ready(from_routes(routes[j], valid, prev))
     times["planner_from_routes"].append(time.perf_counter() - t0)
@@ -191,11 +191,11 @@ def main(argv):
   timing = time_planner(s, rng)
   print(f"(a) planner, {s['layers']} layers x {s['experts']} experts, top-{s['top_k']}, "
         f"D={s['devices']}, S={s['slots']}, micro-step {s['plan_seqs']} x {s['seq_len']} tokens")
-  for k in ("planner", "planner_rounds", "planner_from_routes", "eplb"):
+  for k in ("planner", "planner_lpt", "planner_from_routes", "eplb"):
     print(f"    {k:<22} median {timing[k]:8.2f} ms   min {timing[k + '_min']:8.2f} ms")
-  print(f"    method=\"rounds\" {'meets' if timing['planner_rounds'] < 5 else 'misses'} the 5 ms "
-        f"target ({timing['planner_rounds']:.2f} ms median), method=\"lpt\" "
-        f"{'meets' if timing['planner'] < 5 else 'misses'} it ({timing['planner']:.2f} ms)")
+  print(f"    the default (method=\"rounds\") {'meets' if timing['planner'] < 5 else 'misses'} the "
+        f"5 ms target ({timing['planner']:.2f} ms median), method=\"lpt\" "
+        f"{'meets' if timing['planner_lpt'] < 5 else 'misses'} it ({timing['planner_lpt']:.2f} ms)")
 
   trace = bt.synthetic_trace(rng, steps=s["steps"], seqs=s["seqs"], seq_len=s["seq_len"],
                              layers=s["layers"], experts=s["experts"], top_k=s["top_k"],
@@ -208,9 +208,10 @@ def main(argv):
                         seq_len=s["seq_len"])
   imb, sim, sweep = {}, {}, {}
   kw = dict(ema=s["ema"], split_iters=s["split_iters"], seed=s["seed"])
-  # foresight_lpt: balance first, plain LPT without home rules; foresight_rounds: the
-  # faster placement (stickiness does not apply to it, so it moves about as much as lpt).
-  variants = {"foresight_lpt": {"stickiness": 0.0}, "foresight_rounds": {"method": "rounds"}}
+  # foresight_lpt: balance first, plain LPT without home rules; foresight_sticky_lpt: the
+  # one-replica-at-a-time placement with the same stickiness as foresight (the old default).
+  variants = {"foresight_lpt": {"stickiness": 0.0, "method": "lpt"},
+              "foresight_sticky_lpt": {"method": "lpt"}}
 
   def summarize(res, m, bw=None):
     tokens = m * s["seq_len"]
@@ -243,9 +244,8 @@ def main(argv):
     res = bt.evaluate_modes(trace, s["devices"], s["slots"], m, stickiness=st, **kw)
     sweep[st] = {bw: summarize(res, m, bw)["foresight"]
                  for bw in [s["xfer_gbps"]] + s["sweep_xfer_gbps"]}
-  for st, mode in ((s["stickiness"], "foresight"), (0.0, "foresight_lpt")):
-    sweep[st] = {bw: (imb[m] if bw == s["xfer_gbps"] else sim[bw])[mode]
-                 for bw in [s["xfer_gbps"]] + s["sweep_xfer_gbps"]}
+  sweep[s["stickiness"]] = {bw: (imb[m] if bw == s["xfer_gbps"] else sim[bw])["foresight"]
+                            for bw in [s["xfer_gbps"]] + s["sweep_xfer_gbps"]}
   rollout = {}
   if _ROLLOUT.value:  # the same modes on routes our own (tiny, warmed-up) model sampled
     experts, top_k, devices, slots, sft_steps = s["rollout_model"]
@@ -300,7 +300,7 @@ def main(argv):
   headline = s["sim_micro_seqs"]
   summary = {
       "planner_ms": round(timing["planner"], 3),
-      "planner_ms_rounds": round(timing["planner_rounds"], 3),
+      "planner_ms_lpt": round(timing["planner_lpt"], 3),
       "planner_from_routes_ms": round(timing["planner_from_routes"], 3),
       "eplb_ms": round(timing["eplb"], 3),
       **{f"imbalance_{k}": round(imb[headline][k]["mean"], 4) for k in modes},
@@ -309,10 +309,11 @@ def main(argv):
       "cpu_moe_forward_speedup": round(moe["forward_speedup"], 4) if moe else None,
       "fetches_per_layer_device_foresight": round(
           imb[headline]["foresight"]["fetches_per_layer_device"], 4),
-      "fetches_per_layer_device_foresight_rounds": round(
-          imb[headline]["foresight_rounds"]["fetches_per_layer_device"], 4),
+      "fetches_per_layer_device_foresight_sticky_lpt": round(
+          imb[headline]["foresight_sticky_lpt"]["fetches_per_layer_device"], 4),
       "sim_speedup": round(imb[headline]["foresight"]["sim_speedup"], 4),
-      "sim_speedup_foresight_rounds": round(imb[headline]["foresight_rounds"]["sim_speedup"], 4),
+      "sim_speedup_foresight_sticky_lpt": round(
+          imb[headline]["foresight_sticky_lpt"]["sim_speedup"], 4),
       "sim_speedup_eplb_step": round(imb[headline]["eplb_step"]["sim_speedup"], 4),
   }
   if rollout:  # at the largest rollout micro-step

@@ -8,8 +8,9 @@ import json
 import subprocess
 import sys
 
-KEYS = ("planner_ms", "planner_ms_rounds", "eplb_ms",
-        "imbalance_none", "imbalance_eplb_step", "imbalance_foresight", "imbalance_foresight_rounds",
+KEYS = ("planner_ms", "planner_ms_lpt", "eplb_ms",
+        "imbalance_none", "imbalance_eplb_step", "imbalance_foresight",
+        "imbalance_foresight_sticky_lpt",
         "cpu_moe_speedup", "sim_speedup")
 
 
@@ -21,7 +22,7 @@ def test_bench_balance_quick(tmp_path):
   assert set(KEYS) <= set(last)
   result = json.loads(out.read_text())
   assert result["summary"] == last and result["quick"]
-  assert last["planner_ms"] > 0 and last["planner_ms_rounds"] > 0
+  assert last["planner_ms"] > 0 and last["planner_ms_lpt"] > 0
   assert last["eplb_ms"] > 0 and last["sim_speedup"] > 0
   assert 1.0 <= last["imbalance_foresight"] <= last["imbalance_none"]
   # (b) on a trace recorded from our own rollouts, at every micro-step size
@@ -29,6 +30,6 @@ def test_bench_balance_quick(tmp_path):
   assert set(result["imbalance_rollout"]) == {"4", "8"}
   for row in result["imbalance"].values():
     assert set(row) == {"none", "eplb_step", "eplb_ema", "foresight", "foresight_lpt",
-                        "foresight_rounds"}
+                        "foresight_sticky_lpt"}
     assert row["foresight"]["mean"] <= row["none"]["mean"] + 1e-6
-    assert row["foresight_rounds"]["mean"] <= row["none"]["mean"] + 1e-6
+    assert row["foresight_sticky_lpt"]["mean"] <= row["none"]["mean"] + 1e-6

@@ -229,11 +229,11 @@ def test_bad_method():
     pl.plan_placement(jnp.ones((2, 16)), 4, 5, method="greedy")
 
 
-def test_methods_differ_and_lpt_is_the_default():
-  """The default is LPT (the same plan as method="lpt"); rounds is a different placement."""
+def test_methods_differ_and_rounds_is_the_default():
+  """The default is rounds (the same plan as method="rounds"); lpt is a different placement."""
   rng = np.random.default_rng(3)
   loads = rng.lognormal(0, 1.0, (4, 32)) * 50
-  default, lpt = pl.plan_placement(loads, 8, 5), pl.plan_placement(loads, 8, 5, method="lpt")
-  jax.tree_util.tree_map(np.testing.assert_array_equal, default, lpt)
-  rounds = pl.plan_placement(loads, 8, 5, method="rounds")
+  default, rounds = pl.plan_placement(loads, 8, 5), pl.plan_placement(loads, 8, 5, method="rounds")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, default, rounds)
+  lpt = pl.plan_placement(loads, 8, 5, method="lpt")
   assert not np.array_equal(rounds.slot_expert, lpt.slot_expert)

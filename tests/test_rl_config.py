@@ -82,4 +82,4 @@ def test_planner_methods_match_the_planner():
   from pr2_jax.balance.planner import METHODS
   from pr2_jax.rl.config import PLANNER_METHODS
   assert PLANNER_METHODS == METHODS
-  assert RLConfig().planner_method == "lpt"
+  assert RLConfig().planner_method == "rounds"

@@ -65,10 +65,12 @@ from pr2_jax.balance.rounds import place_in_rounds
 from pr2_jax.balance.split import water_fill
 
 _TINY = float(np.finfo(np.float32).tiny)
+_PROBES_J = np.arange(1, 8, dtype=np.int32)  # replica_counts' search probes, in eighths
 _AVOID = 1e30  # placement score penalty of a device already holding the expert
 _REPAIR_ROUNDS = 4  # duplicate-replica swaps per layer (a forced twin is rare)
 _AVOID_RESERVED = 1e20  # ... and of a device with nothing but reserved slots free
 METHODS = ("lpt", "rounds")  # step 2: sequential LPT greedy, or S rounds of D
+DEFAULT_METHOD = "rounds"  # as even as LPT or more, no more moves, and 2-3x faster on CPU
 
 
 class Plan(flax.struct.PyTreeNode):
@@ -94,7 +96,7 @@ def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.
   The greedy's picks are exactly the R = num_slots - E largest quotients
   n_e / j (j = 1 .. max_replicas - 1), taken in expert order among equal
   quotients. Rather than R sequential argmaxes, the R-th largest quotient v
-  is found by bisection on the bits of float32 (31 steps on E-vectors), with
+  is found by an 8-way search on the bits of float32 (11 rounds on E-vectors), with
   counts made exactly with the float division the greedy would use.
   Loads must be >= 0.
   """
@@ -117,14 +119,18 @@ def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.
       best_E = jnp.maximum(best_E, jnp.where(ok_E, c_E, 0))
     return jnp.where(bits > 0, best_E, cols)
 
-  def bisect(_, lo_hi):
+  def search(_, lo_hi):
+    # Octasection: 7 probes at once, so 11 dependent rounds instead of 31 (each round
+    # is a handful of tiny ops whose launch cost dominates on CPU). No int32 overflow:
+    # (hi - lo) // 8 * j + (hi - lo) % 8 * j // 8 == (hi - lo) * j // 8.
     lo, hi = lo_hi
-    mid = lo + (hi - lo) // 2
-    enough = jnp.sum(count_at_least(mid)) >= redundant
-    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+    width = hi - lo
+    probe_J = lo + width // 8 * _PROBES_J + width % 8 * _PROBES_J // 8
+    enough_J = jnp.sum(jax.vmap(count_at_least)(probe_J), axis=1) >= redundant
+    return (jnp.max(jnp.where(enough_J, probe_J, lo)), jnp.min(jnp.where(enough_J, hi, probe_J)))
 
   top = jax.lax.bitcast_convert_type(jnp.max(load_E), jnp.int32) + 1  # above every quotient
-  lo, _ = jax.lax.fori_loop(0, 31, bisect, (jnp.int32(0), top))
+  lo, _ = jax.lax.fori_loop(0, 11, search, (jnp.int32(0), top))  # 8**11 > 2**31
   above_E = count_at_least(lo + 1)         # quotients > v: all taken
   tied_E = count_at_least(lo) - above_E    # quotients == v: lowest experts first
   left = redundant - jnp.sum(above_E)
@@ -181,19 +187,25 @@ def _repair_duplicates(expert_X, slot_X, weight_X, num_devices, slots, num_exper
   """Swaps away replicas the greedy had to put beside a twin (its last open slots were
   on a device holding the expert): each round moves one such replica to a device
   without that expert, in exchange for a replica of about the same load whose
-  expert the first device lacks. Returns the new slot_X."""
-  def round_(_, slot_X):
+  expert the first device lacks. Returns the new slot_X. Stops early once no twin
+  is left or no swap helps (usually at once: twins are rare)."""
+  def twins(slot_X):
     device_X = slot_X // slots
     holds_DE = jnp.zeros((num_devices, num_experts), jnp.int32).at[device_X, expert_X].add(1)
-    dup_X = holds_DE[device_X, expert_X] > 1
+    return device_X, holds_DE, holds_DE[device_X, expert_X] > 1
+
+  def swap(state):
+    i_round, slot_X, device_X, holds_DE, dup_X = state
     i = jnp.argmax(dup_X)
     ok_X = ((holds_DE[device_X, expert_X[i]] == 0)
             & (holds_DE[device_X[i], expert_X] == 0))
     j = jnp.argmin(jnp.where(ok_X, jnp.abs(weight_X - weight_X[i]), jnp.inf))
-    swap = dup_X[i] & ok_X[j]
-    return jnp.where(swap, slot_X.at[i].set(slot_X[j]).at[j].set(slot_X[i]), slot_X)
+    slot_X = jnp.where(ok_X[j], slot_X.at[i].set(slot_X[j]).at[j].set(slot_X[i]), slot_X)
+    # No partner for the first twin: stop (it would be picked again every round).
+    return (jnp.where(ok_X[j], i_round + 1, rounds), slot_X) + twins(slot_X)
 
-  return jax.lax.fori_loop(0, rounds, round_, slot_X)
+  state = (jnp.int32(0), slot_X) + twins(slot_X)
+  return jax.lax.while_loop(lambda st: (st[0] < rounds) & jnp.any(st[4]), swap, state)[1]
 
 
 def _keep_old_slots(new_DS, prev_DS):
@@ -230,14 +242,12 @@ def _fallback_layout(num_experts, num_devices, slots):
 def _resplit(load_E, layout_DS, split_iters):
   """float32 [D, S] slot loads of a fixed layout: 1/r_e each, then water-filling."""
   num_devices, slots = layout_DS.shape
-  flat_X = jnp.maximum(layout_DS.reshape(-1), 0)
-  order_X = jnp.argsort(flat_X, stable=True)  # one expert's replicas adjacent, as water_fill needs
-  expert_X = flat_X[order_X]
-  count_E = jnp.bincount(flat_X, length=load_E.shape[0])
+  expert_X = jnp.maximum(layout_DS.reshape(-1), 0)  # replica x sits in global slot x
+  count_E = jnp.bincount(expert_X, length=load_E.shape[0])
   n_X = load_E[expert_X]
-  x_X = water_fill(n_X, expert_X, order_X, n_X / jnp.maximum(count_E[expert_X], 1), num_devices,
-                   slots, split_iters)
-  return jnp.zeros_like(x_X).at[order_X].set(x_X).reshape(num_devices, slots)
+  x_X = water_fill(n_X, expert_X, jnp.arange(expert_X.shape[0]),
+                   n_X / jnp.maximum(count_E[expert_X], 1), num_devices, slots, split_iters)
+  return x_X.reshape(num_devices, slots)
 
 
 def _plan_layer(load_E, prev_DS, *, num_devices, slots, stickiness, split_iters, min_gain,
@@ -249,7 +259,8 @@ def _plan_layer(load_E, prev_DS, *, num_devices, slots, stickiness, split_iters,
   count_E = replica_counts(load_E, num_slots, max_replicas)
   tol = stickiness * jnp.sum(load_E) / num_devices
   if method == "rounds":
-    expert_X, slot_X = place_in_rounds(load_E, count_E, num_devices, slots)
+    expert_X, slot_X = place_in_rounds(load_E, count_E, num_devices, slots,
+                                       prev_DS if stickiness > 0 else None, tol)
   else:
     expert_X, slot_X = _lpt(load_E, count_E, prev_DS, num_devices, slots, tol,
                             reserve=stickiness > 0)
@@ -312,7 +323,7 @@ def _native_plan(loads_LE, num_devices):
 
 def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=None, *,
                    stickiness: float = 0.25, split_iters: int = 8,
-                   min_gain: float | None = None, method: str = "lpt") -> Plan:
+                   min_gain: float | None = None, method: str = DEFAULT_METHOD) -> Plan:
   """Replicates and places experts for one micro-step (see the module docstring).
 
   Args:
@@ -329,9 +340,11 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
     split_iters: water-filling rounds of the token split (0 = proportional).
     min_gain: None = off; else keep the previous layout unless the new plan
       lowers the peak device load by more than this fraction (step 5).
-    method: step 2's placement: "lpt" (sequential greedy, honours
-      stickiness) or "rounds" (S rounds of D, `rounds.py`: several times
-      faster on CPU; ignores stickiness, so more weights move).
+    method: step 2's placement: "rounds" (default; S rounds of D with the
+      home rule, `rounds.py`) or "lpt" (one replica at a time, with
+      reservations; several times slower on CPU). On the bench traces rounds
+      balanced better than LPT at equal stickiness and moved about as many
+      experts (docs/results/balance.md).
   Returns:
     A `Plan`. Jit-compatible; D, S, stickiness, split_iters and method are static and
     shapes depend only on (L, E, D, S), so new loads never recompile.

@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+_CLAIM_PASSES = 2  # home claims per round (a loser tries its next home)
 
-def _rank(key_N, first_N=None):
-  """int32 [N]: position of each entry in a stable ascending sort of key_N (ties: index),
-  entries with first_N set before all others. Pairwise counts: N <= a few hundred here,
-  and on XLA:CPU this one fusion is several times faster than a sort."""
+
+def _rank(key_N, tier_N=None):
+  """int32 [N]: position of each entry in a stable ascending sort by (tier_N, key_N, index).
+  Pairwise counts: N <= a few hundred here, and on XLA:CPU this one fusion is several
+  times faster than a sort."""
   index_N = jnp.arange(key_N.shape[0])
   before_NN = (key_N[None, :] < key_N[:, None]) | (
       (key_N[None, :] == key_N[:, None]) & (index_N[None, :] < index_N[:, None]))
-  if first_N is not None:
-    before_NN = jnp.where(first_N[None, :] == first_N[:, None], before_NN, first_N[None, :])
+  if tier_N is not None:
+    before_NN = jnp.where(tier_N[None, :] == tier_N[:, None], before_NN,
+                          tier_N[None, :] < tier_N[:, None])
   return jnp.sum(before_NN, axis=1).astype(jnp.int32)
 
 
@@ -46,12 +49,75 @@ def _inverse(rank_N):
   return jnp.zeros((n,), jnp.int32).at[rank_N].set(jnp.arange(n, dtype=jnp.int32))
 
 
-def place_in_rounds(load_E, count_E, num_devices: int, slots: int):
+def _homes(expert_X, prev_DS, num_devices, num_experts):
+  """int32 [X, 3]: devices holding each replica's expert already: its native device, then the
+  lowest and highest other device holding it in prev_DS (D where there is none). Enough for
+  the usual one or two copies; the home rule ignores further ones."""
+  num_slots = prev_DS.size
+  native_E = jnp.arange(num_experts, dtype=jnp.int32) // (num_experts // num_devices)
+  expert_Y = prev_DS.reshape(-1)
+  device_Y = jnp.arange(num_slots, dtype=jnp.int32) // prev_DS.shape[1]
+  other_Y = (expert_Y >= 0) & (device_Y != native_E[jnp.maximum(expert_Y, 0)])
+  target_Y = jnp.where(other_Y, expert_Y, num_experts)
+  low_E = jnp.full((num_experts,), num_devices, jnp.int32).at[target_Y].min(device_Y, mode="drop")
+  high_E = jnp.full((num_experts,), -1, jnp.int32).at[target_Y].max(device_Y, mode="drop")
+  high_E = jnp.where((high_E < 0) | (high_E == low_E), num_devices, high_E)
+  return jnp.stack([native_E, low_E, high_E], axis=1)[expert_X]
+
+
+def _sticky_round(load_D, expert_R, home_RH, held_DS, tol):
+  """int32 [D]: the replica (index into the round) each device takes, with the home rule.
+
+  A replica claims its lightest home device that does not hold its expert yet,
+  if that device is at most `tol` heavier than the device the plain matching
+  would give it (the r-th lightest for the r-th heaviest replica); a device
+  claimed several times takes the heaviest claimant, and the losers claim
+  their next home. The other replicas, still heaviest first, go to the
+  unclaimed devices, lightest first; devices holding the first of them's
+  expert rank last (no twin for it, as in the plain rounds).
+  """
+  n = load_D.shape[0]
+  index_N = jnp.arange(n, dtype=jnp.int32)
+  home_RH = jnp.minimum(home_RH, n)  # n = no such home
+  padded_D = jnp.concatenate([load_D, jnp.full((1,), jnp.inf, load_D.dtype)])
+  held_PS = jnp.concatenate([held_DS, jnp.full((1, held_DS.shape[1]), -1, held_DS.dtype)])
+  reference_R = jnp.sort(load_D)  # replica r's device under the plain matching
+  home_load_RH = padded_D[home_RH]
+  ok_RH = ((home_RH < n) & (home_load_RH <= reference_R[:, None] + tol)
+           & ~jnp.any(held_PS[home_RH] == expert_R[:, None, None], axis=-1))
+  taken_P = jnp.zeros((n + 1,), bool)
+  won_R = jnp.zeros((n,), bool)
+  winner_P = jnp.full((n + 1,), n, jnp.int32)
+  for _ in range(_CLAIM_PASSES):  # a replica that lost a device claims its next home
+    open_RH = ok_RH & ~taken_P[home_RH] & ~won_R[:, None]
+    pick_R = jnp.argmin(jnp.where(open_RH, home_load_RH, jnp.inf), axis=1)
+    claim_R = jnp.where(jnp.any(open_RH, axis=1),
+                        jnp.take_along_axis(home_RH, pick_R[:, None], axis=1)[:, 0], n)
+    first_P = jnp.full((n + 1,), n, jnp.int32).at[claim_R].min(index_N)  # heaviest claimant
+    new_P = (first_P < n) & ~taken_P
+    new_P = new_P.at[n].set(False)
+    winner_P = jnp.where(new_P, first_P, winner_P)
+    won_R = won_R | (winner_P[claim_R] == index_N)
+    taken_P |= new_P
+  taken_D, winner_D = taken_P[:n], winner_P[:n]
+  # Everyone else in weight order: q-th left-over replica -> q-th free device.
+  rest_q = jnp.cumsum(~won_R) - 1
+  rest_at_Q = jnp.zeros((n,), jnp.int32).at[jnp.where(won_R, n, rest_q)].set(index_N, mode="drop")
+  avoid_D = jnp.any(held_DS == expert_R[rest_at_Q[0]], axis=1) & ~taken_D
+  tier_D = jnp.where(taken_D, 2, jnp.where(avoid_D, 1, 0))
+  position_D = _rank(load_D, tier_N=tier_D)
+  return jnp.where(taken_D, winner_D, rest_at_Q[jnp.minimum(position_D, n - 1)])
+
+
+def place_in_rounds(load_E, count_E, num_devices: int, slots: int, prev_DS=None, tol=None):
   """Step 2 of one layer by rounds; returns (expert_X, slot_X) in placement order.
 
   Args:
     load_E: float32 [E] (token, k) pairs per expert.
     count_E: int32 [E] replicas per expert (>= 1, sums to D*S).
+    prev_DS, tol: with both given, the home rule (`_sticky_round`): a replica
+      stays on a device holding its expert (native, or in prev_DS) when that
+      costs at most tol of load against the plain matching.
   Returns:
     expert_X int32 [X]: replicas by decreasing n_e / r_e (ties: expert id);
     slot_X int32 [X]: global slot d * S + s of each (round s -> local slot s).
@@ -64,14 +130,23 @@ def place_in_rounds(load_E, count_E, num_devices: int, slots: int):
   order_X = _inverse(_rank(-weight_X))
   expert_SD = expert_X[order_X].reshape(slots, num_devices)
   weight_SD = weight_X[order_X].reshape(slots, num_devices)
+  sticky = prev_DS is not None and tol is not None
+  if sticky:
+    home_SRH = _homes(expert_SD.reshape(-1), prev_DS, num_devices, load_E.shape[0]).reshape(
+        slots, num_devices, -1)
   load_D = jnp.zeros((num_devices,), jnp.float32)
   last_D = jnp.full((num_devices,), -1, jnp.int32)  # expert each device got last round
+  held_DS = jnp.full((num_devices, slots), -1, jnp.int32)  # experts placed so far
   slot_SD = []
   for s in range(slots):  # S is small and static: unrolled
-    # Device d takes the round's replica rank_D[d]: lightest device, heaviest replica;
-    # devices holding the round's first expert rank last (no twins).
-    rank_D = _rank(load_D, first_N=last_D != expert_SD[s, 0])
-    load_D = load_D + weight_SD[s][rank_D]
-    last_D = expert_SD[s][rank_D]
-    slot_SD.append(_inverse(rank_D) * slots + s)
+    if sticky:
+      take_D = _sticky_round(load_D, expert_SD[s], home_SRH[s], held_DS, tol)
+      held_DS = held_DS.at[:, s].set(expert_SD[s][take_D])
+    else:
+      # Device d takes the round's replica rank_D[d]: lightest device, heaviest replica;
+      # devices holding the round's first expert rank last (no twins).
+      take_D = _rank(load_D, tier_N=(last_D == expert_SD[s, 0]).astype(jnp.int32))
+      last_D = expert_SD[s][take_D]
+    load_D = load_D + weight_SD[s][take_D]
+    slot_SD.append(_inverse(take_D) * slots + s)
   return expert_SD.reshape(-1), jnp.stack(slot_SD).reshape(-1)

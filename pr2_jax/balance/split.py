@@ -12,10 +12,13 @@ replica i max(0, λ - o_i). `water_fill` does that for all experts at once
 lighter; a rejected round halves the step. So the busiest device never gets
 busier than under the starting split, and every expert's total is kept.
 
-The replicas come in placement order, where one expert's replicas are
-adjacent (a run), so per-expert sums are differences of one cumulative sum:
-at these sizes far cheaper on XLA:CPU than sorting, scattering or one-hot
-products.
+Cost, not maths, shapes the code: the planner runs inside every micro-step,
+and on XLA:CPU its time is the number of small kernels launched. Rounds work
+in slot order (a device's load is a reshape-sum) and per-expert sums are one
+scatter-add and one gather by expert id: `jnp.cumsum` lowers to an O(X^2)
+reduce-window on CPU and was 2-3x slower per round at X = 192.
+
+`runs` (bounds of runs of equal ids) serves the dispatch's replica assignment.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def water_fill(n_X: jax.Array, expert_X: jax.Array, slot_X: jax.Array, x_X: jax.
 
   Args:
     n_X: float32 [X] load of each replica's expert.
-    expert_X: int [X] expert of each replica; one expert's replicas adjacent.
+    expert_X: int [X] expert of each replica (ids < X, any order).
     slot_X: int [X] global slot (d * S + s) of each replica, a permutation.
     x_X: float32 [X] starting split (e.g. n / replica count).
     num_devices, slots: D and S.
@@ -52,41 +55,43 @@ def water_fill(n_X: jax.Array, expert_X: jax.Array, slot_X: jax.Array, x_X: jax.
   if iters <= 0:
     return x_X
   num_slots = num_devices * slots
-  first_X, last_X = runs(expert_X)
-  device_X = slot_X // slots
-  replica_of_slot = jnp.zeros((num_slots,), jnp.int32).at[slot_X].set(
-      jnp.arange(num_slots, dtype=jnp.int32))
+  # The rounds run in slot order, where a device's load is a reshape-sum and the
+  # rest of each replica's device a repeat: no gathers. Per-expert sums are one
+  # scatter-add and one gather by expert id (XLA:CPU lowers cumsum to an O(X^2)
+  # reduce-window, several times slower at these sizes).
+  to_slots = lambda a_X: jnp.zeros_like(a_X).at[slot_X].set(a_X)  # noqa: E731
+  n_Y, expert_Y = to_slots(n_X.astype(jnp.float32)), to_slots(expert_X)
 
-  def per_expert(v_KX):
-    """Σ of each row of v over each replica's run, for every replica: [K, X] -> [K, X]."""
-    cs_KX = jnp.cumsum(v_KX, axis=-1)
-    return cs_KX[:, last_X] - cs_KX[:, first_X] + v_KX[:, first_X]
+  def per_expert(v_KY):
+    """Σ of each row of v over each slot's expert, for every slot: [K, Y] -> [K, Y]."""
+    sums_KE = jnp.zeros(v_KY.shape, v_KY.dtype).at[:, expert_Y].add(v_KY)
+    return sums_KE[:, expert_Y]
 
-  def device_load(v_X):
-    return jnp.sum(v_X[replica_of_slot].reshape(num_devices, slots), axis=1)
+  def device_load(v_Y):
+    return jnp.sum(v_Y.reshape(num_devices, slots), axis=1)
 
-  def targets(v_X):
-    other_X = device_load(v_X)[device_X] - v_X
+  def targets(v_Y):
+    other_Y = jnp.repeat(device_load(v_Y), slots) - v_Y
     # Active-set iteration from "all replicas active": the level only falls and
     # reaches λ once no active replica sits above it. Stopping after a few
     # steps can leave λ a little high, so the fill is rescaled to sum to n_e.
-    active_X = jnp.ones_like(v_X)
+    active_Y = jnp.ones_like(v_Y)
     for _ in range(_LEVEL_STEPS):
-      sums_2X = per_expert(jnp.stack([active_X * other_X, active_X]))
-      level_X = (n_X + sums_2X[0]) / jnp.maximum(sums_2X[1], 1.0)
-      active_X = (other_X < level_X).astype(v_X.dtype)
-    fill_X = jnp.maximum(level_X - other_X, 0.0)
-    total_X = per_expert(fill_X[None])[0]
-    return jnp.where(total_X > 0, fill_X * (n_X / jnp.where(total_X > 0, total_X, 1.0)), v_X)
+      sums_2Y = per_expert(jnp.stack([active_Y * other_Y, active_Y]))
+      level_Y = (n_Y + sums_2Y[0]) / jnp.maximum(sums_2Y[1], 1.0)
+      active_Y = (other_Y < level_Y).astype(v_Y.dtype)
+    fill_Y = jnp.maximum(level_Y - other_Y, 0.0)
+    total_Y = per_expert(fill_Y[None])[0]
+    return jnp.where(total_Y > 0, fill_Y * (n_Y / jnp.where(total_Y > 0, total_Y, 1.0)), v_Y)
 
   def round_(_, state):
-    v_X, alpha, peak = state
-    cand_X = v_X + alpha * (targets(v_X) - v_X)
-    cand_peak = jnp.max(device_load(cand_X))
+    v_Y, alpha, peak = state
+    cand_Y = v_Y + alpha * (targets(v_Y) - v_Y)
+    cand_peak = jnp.max(device_load(cand_Y))
     better = cand_peak < peak
-    return (jnp.where(better, cand_X, v_X), jnp.where(better, alpha, alpha / 2),
+    return (jnp.where(better, cand_Y, v_Y), jnp.where(better, alpha, alpha / 2),
             jnp.where(better, cand_peak, peak))
 
-  x_X = x_X.astype(jnp.float32)
-  init = (x_X, jnp.float32(step), jnp.max(device_load(x_X)))
-  return jax.lax.fori_loop(0, iters, round_, init)[0]
+  v_Y = to_slots(x_X.astype(jnp.float32))
+  init = (v_Y, jnp.float32(step), jnp.max(device_load(v_Y)))
+  return jax.lax.fori_loop(0, iters, round_, init)[0][slot_X]

@@ -38,7 +38,7 @@ import numpy as np
 from pr2_jax.balance.dispatch import assign_replicas, slot_counts
 from pr2_jax.balance.eplb import eplb_rebalance
 from pr2_jax.balance.loads import imbalance, loads_from_routes, native_layout, static_device_load
-from pr2_jax.balance.planner import Plan, plan_placement
+from pr2_jax.balance.planner import DEFAULT_METHOD, Plan, plan_placement
 from pr2_jax.parallel.distributed import to_host
 
 MODES = ("none", "eplb_step", "foresight")
@@ -52,7 +52,7 @@ class BalanceShape:
   slots: int              # S = E/D + redundant slots (used by eplb_step and foresight)
   token_shards: int       # P, source blocks of the capacity buffers
   bytes_per_expert: float = 0.0  # weight bytes one replica fetch moves
-  planner_method: str = "lpt"    # foresight placement, RLConfig.planner_method
+  planner_method: str = DEFAULT_METHOD  # foresight placement, RLConfig.planner_method
 
   def __post_init__(self):
     if self.num_devices < 1 or self.num_experts % self.num_devices:
@@ -76,7 +76,7 @@ def capacity_bucket(needed: int, per_doubling: int, limit: int) -> int:
 
 
 def foresight_plan(loads_LE: jax.Array, num_devices: int, slots: int,
-                   method: str = "lpt") -> Plan:
+                   method: str = DEFAULT_METHOD) -> Plan:
   """The per-micro-step plan; one function for the jitted step and the host, so they agree
   (both must pass the same `method`, RLConfig.planner_method)."""
   return plan_placement(loads_LE, num_devices, slots, method=method)

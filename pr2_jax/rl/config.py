@@ -50,7 +50,7 @@ class RLConfig:
   redundant_slots: int = 1         # extra expert slots per device for foresight replicas
   # foresight placement (plan_placement's method): lpt = sequential greedy with home rules
   # (fewer transfers) | rounds = S rounds of D devices (faster planner, more transfers).
-  planner_method: str = "lpt"
+  planner_method: str = "rounds"
   # eplb_step: one EPLB plan per RL step from an EMA of step loads; 0 = this step's loads only.
   eplb_ema: float = 0.0            # weight of the past in that average, in [0, 1)
   # Per-slot token capacity of the learner (pr2_jax.rl.balancing): model = ModelConfig's
