@@ -80,12 +80,12 @@ def test_no_twins_and_s_per_device_without_repair(e, d, s):
 # The same layer with the home rule (stickiness 0.25: tol = 0.25 * 27 / 3 = 2.25), previous =
 # native layout, so every expert's only home is its native device (e0, e1 -> d0; e2, e3 -> d1;
 # e4, e5 -> d2). A replica claims its home if that device is at most tol heavier than the
-# device plain matching would give it; the heaviest claimant wins; the rest match as before.
+# lightest device; the heaviest claimant wins; the rest match as before.
 #   round 0 [e0, e0, e1], loads [0, 0, 0]: all three claim d0, the first e0 wins; the other e0
 #           and e1 have no other home: d1 <- e0, d2 <- e1 -> [4.5, 4.5, 3]
-#   round 1 [e1, e3, e5], reference [3, 4.5, 4.5]: e1 claims d0 (4.5 <= 3 + 2.25), e3 d1,
+#   round 1 [e1, e3, e5], lightest 3: e1 claims d0 (4.5 <= 3 + 2.25), e3 d1,
 #           e5 d2: all win -> [7.5, 7.5, 6]
-#   round 2 [e5, e4, e2], reference [6, 7.5, 7.5]: e5's home d2 holds e5 already; e4 claims
+#   round 2 [e5, e4, e2], lightest 6: e5's home d2 holds e5 already; e4 claims
 #           d2, e2 claims d1; e5 takes the free d0 -> [10.5, 8.5, 8]
 # Slots kept against the native layout: d0 [0, 1, 5], d1 [2, 3, 0], d2 [4, 5, 1]: one fetch
 # per device (3) where plain rounds fetch 5 ([0, 3, 4] and [1, 5, 2] bring two new each).

@@ -1,4 +1,4 @@
-"""Replica placement in S rounds of D (the planner's `method="rounds"`, step 2).
+"""Replica placement in S rounds of D (the planner's default `method="rounds"`, step 2).
 
 Dimension legend:
   E experts, D expert-parallel devices, S slots per device, X = D*S replicas.
@@ -19,8 +19,16 @@ sort after all others in that round, so its replicas go to devices without
 it and the holders take the round's lightest replicas. (With more than D
 replicas per expert, S > E, twins cannot be avoided and are allowed.)
 
-Stickiness (home rule, reservations) does not apply: the matching ignores
-where an expert was, so plans move more weights than sticky LPT.
+With stickiness > 0 (`prev_DS` and `tol` given) the home rule keeps weights
+in place: before the matching, each replica claims a device that already
+holds its expert (native, or in the previous layout) if that device is at
+most `tol` heavier than the round's lightest; a device claimed twice takes
+the heavier replica and the loser tries its next home. The unclaimed
+replicas and devices are then matched as above. There are no reservations
+(LPT's other rule): each device takes one replica per round anyway. On the
+bench traces this moved about as many experts as sticky LPT and balanced
+better (docs/results/balance.md). A claim can rarely leave a twin for a
+later replica of the round; the planner's repair step swaps it away.
 """
 
 from __future__ import annotations
@@ -69,8 +77,7 @@ def _sticky_round(load_D, expert_R, home_RH, held_DS, tol):
   """int32 [D]: the replica (index into the round) each device takes, with the home rule.
 
   A replica claims its lightest home device that does not hold its expert yet,
-  if that device is at most `tol` heavier than the device the plain matching
-  would give it (the r-th lightest for the r-th heaviest replica); a device
+  if that device is at most `tol` heavier than the lightest device; a device
   claimed several times takes the heaviest claimant, and the losers claim
   their next home. The other replicas, still heaviest first, go to the
   unclaimed devices, lightest first; devices holding the first of them's
@@ -81,9 +88,8 @@ def _sticky_round(load_D, expert_R, home_RH, held_DS, tol):
   home_RH = jnp.minimum(home_RH, n)  # n = no such home
   padded_D = jnp.concatenate([load_D, jnp.full((1,), jnp.inf, load_D.dtype)])
   held_PS = jnp.concatenate([held_DS, jnp.full((1, held_DS.shape[1]), -1, held_DS.dtype)])
-  reference_R = jnp.sort(load_D)  # replica r's device under the plain matching
   home_load_RH = padded_D[home_RH]
-  ok_RH = ((home_RH < n) & (home_load_RH <= reference_R[:, None] + tol)
+  ok_RH = ((home_RH < n) & (home_load_RH <= jnp.min(load_D) + tol)
            & ~jnp.any(held_PS[home_RH] == expert_R[:, None, None], axis=-1))
   taken_P = jnp.zeros((n + 1,), bool)
   won_R = jnp.zeros((n,), bool)
@@ -117,19 +123,22 @@ def place_in_rounds(load_E, count_E, num_devices: int, slots: int, prev_DS=None,
     count_E: int32 [E] replicas per expert (>= 1, sums to D*S).
     prev_DS, tol: with both given, the home rule (`_sticky_round`): a replica
       stays on a device holding its expert (native, or in prev_DS) when that
-      costs at most tol of load against the plain matching.
+      is at most tol heavier than the round's lightest device.
   Returns:
     expert_X int32 [X]: replicas by decreasing n_e / r_e (ties: expert id);
     slot_X int32 [X]: global slot d * S + s of each (round s -> local slot s).
   """
   num_slots = num_devices * slots
-  cum_E = jnp.cumsum(count_E)
-  expert_X = jnp.searchsorted(cum_E, jnp.arange(num_slots), side="right").astype(jnp.int32)
-  weight_X = load_E[expert_X] / count_E[expert_X]
-  # Stable, as in LPT: one expert's replicas stay adjacent (see the module docstring).
-  order_X = _inverse(_rank(-weight_X))
-  expert_SD = expert_X[order_X].reshape(slots, num_devices)
-  weight_SD = weight_X[order_X].reshape(slots, num_devices)
+  # Replicas by decreasing n_e / r_e, ties by expert id (a stable sort of the replicas in
+  # expert order, as in LPT): rank the E experts, then repeat each r_e times, which keeps
+  # one expert's replicas adjacent (see the module docstring) and ranks E, not X, entries.
+  weight_E = load_E / count_E
+  by_weight_E = _inverse(_rank(-weight_E))
+  cum_E = jnp.cumsum(count_E[by_weight_E])
+  expert_X = by_weight_E[jnp.searchsorted(cum_E, jnp.arange(num_slots), side="right",
+                                          method="compare_all")]
+  expert_SD = expert_X.reshape(slots, num_devices)
+  weight_SD = weight_E[expert_X].reshape(slots, num_devices)
   sticky = prev_DS is not None and tol is not None
   if sticky:
     home_SRH = _homes(expert_SD.reshape(-1), prev_DS, num_devices, load_E.shape[0]).reshape(
@@ -149,4 +158,4 @@ def place_in_rounds(load_E, count_E, num_devices: int, slots: int, prev_DS=None,
       last_D = expert_SD[s][take_D]
     load_D = load_D + weight_SD[s][take_D]
     slot_SD.append(_inverse(take_D) * slots + s)
-  return expert_SD.reshape(-1), jnp.stack(slot_SD).reshape(-1)
+  return expert_X, jnp.stack(slot_SD).reshape(-1)
