@@ -32,6 +32,7 @@ import optax
 from absl import app, flags, logging
 
 from experiments import common
+from experiments import model_flags as mf
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import logical_sharding, make_mesh
@@ -41,15 +42,6 @@ from pr2_jax.train.supervised import make_train_step
 # Importing jax does not start a backend: `common.setup_devices()` in main still
 # takes effect (the device count is fixed on the first jax operation).
 
-_D_MODEL = flags.DEFINE_integer("d_model", 256, "Residual width.")
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Decoder layers (all MoE).")
-_NUM_EXPERTS = flags.DEFINE_integer("num_experts", 16, "Routed experts per layer.")
-_TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token.")
-_EXPERT_D_FF = flags.DEFINE_integer("expert_d_ff", 256, "SwiGLU expert hidden width.")
-_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Query heads.")
-_NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 2, "Key/value heads.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Per-head width.")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 1024, "Vocabulary size.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step (global).")
 _IMPLS = flags.DEFINE_list(
@@ -79,9 +71,9 @@ def parse_impl(entry: str) -> tuple[str, float]:
 def model_config(entry: str) -> ModelConfig:
   impl, capacity_factor = parse_impl(entry)
   return ModelConfig(
-      vocab_size=_VOCAB_SIZE.value, num_layers=_NUM_LAYERS.value, d_model=_D_MODEL.value,
-      num_heads=_NUM_HEADS.value, num_kv_heads=_NUM_KV_HEADS.value, head_dim=_HEAD_DIM.value,
-      expert_d_ff=_EXPERT_D_FF.value, num_experts=_NUM_EXPERTS.value, top_k=_TOP_K.value,
+      vocab_size=mf.VOCAB_SIZE.value, num_layers=mf.NUM_LAYERS.value, d_model=mf.D_MODEL.value,
+      num_heads=mf.NUM_HEADS.value, num_kv_heads=mf.NUM_KV_HEADS.value, head_dim=mf.HEAD_DIM.value,
+      expert_d_ff=mf.EXPERT_D_FF.value, num_experts=mf.NUM_EXPERTS.value, top_k=mf.TOP_K.value,
       dtype=_DTYPE.value, expert_impl=impl, capacity_factor=capacity_factor)
 
 
@@ -238,6 +230,7 @@ def bench_paths(mesh) -> dict:
 def flag_values() -> dict:
   """This benchmark's flags (and --cpu_devices) as given, for the record."""
   fl = flags.FLAGS.get_flags_for_module(sys.modules[__name__])
+  fl += flags.FLAGS.get_flags_for_module(mf)
   fl += flags.FLAGS.get_flags_for_module(common)
   return {f.name: f.value for f in fl}
 

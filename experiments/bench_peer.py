@@ -41,17 +41,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
+from experiments import model_flags  # noqa: F401  (defines the model-shape flags read below)
 
 _QUICK = flags.DEFINE_bool("quick", False, "Test-sized model and batch, 2 rounds.")
-_D_MODEL = flags.DEFINE_integer("d_model", 256, "Residual width.")
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Decoder layers (all MoE).")
-_NUM_EXPERTS = flags.DEFINE_integer("num_experts", 16, "Routed experts per layer.")
-_TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token.")
-_EXPERT_D_FF = flags.DEFINE_integer("expert_d_ff", 256, "SwiGLU expert hidden width.")
-_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Query heads.")
-_NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 2, "Key/value heads.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Per-head width.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 1024, "Vocabulary size.")
 _EXPERT_IMPL = flags.DEFINE_string("expert_impl", "capacity", "Our expert path (ModelConfig).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Train sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Train tokens per sequence.")
