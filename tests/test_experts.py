@@ -115,8 +115,10 @@ def _paths(n):
       "capacity": lambda x, ids, g, w: _capacity_path(x, ids, g, w, capacity=n)[0],
       "dense": ex.dense_experts,
       "ragged": ex.ragged_experts,
-      "grouped": ex.grouped_experts,             # blocks of 8 rows here
-      "grouped:4": lambda x, ids, g, w: ex.grouped_experts(x, ids, g, w, rows=4),
+      "grouped": ex.grouped_experts,             # capacity 12 = fast_capacity(16, 2, 8) < 16
+      "grouped:4": lambda x, ids, g, w: ex.grouped_experts(x, ids, g, w, rows=4, capacity=0),
+      # capacity 1 never fits: the run-time choice takes the blocks (of 8 rows) instead
+      "grouped:fallback": lambda x, ids, g, w: ex.grouped_experts(x, ids, g, w, capacity=1),
   }
 
 
@@ -142,7 +144,7 @@ def test_three_paths_agree_gradients():
     grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, gates, w)
   ref = jax.tree.leaves(grads["dense"])
   assert all(float(jnp.max(jnp.abs(g))) > 0 for g in ref)
-  for name in ("capacity", "ragged", "grouped", "grouped:4"):
+  for name in ("capacity", "ragged", "grouped", "grouped:4", "grouped:fallback"):
     for a, b in zip(jax.tree.leaves(grads[name]), ref):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
 
@@ -178,6 +180,30 @@ def test_grouped_positions_hand_worked():
 @pytest.mark.parametrize("args, expected", [((4096, 16), 64), ((32, 16), 8), ((512, 16), 32)])
 def test_block_rows(args, expected):
   assert ex.block_rows(*args) == expected
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((64, 2, 16), 20),     # B=64 decode: mean 8 + 4 * sqrt(8) = 19.3
+    ((2048, 2, 16), 320),  # the benchmark's train batch: 256 + 64
+    ((4, 2, 16), 4),       # never more than N: then the one-einsum branch always runs
+])
+def test_fast_capacity(args, expected):
+  assert ex.fast_capacity(*args) == expected
+
+
+def test_grouped_chooses_by_the_largest_group():
+  """Fits: the one-einsum branch; one slot over capacity: the blocks. Same sums either way."""
+  x, ids, gates, w = _random_problem(n=16, seed=4)
+  largest = int(np.bincount(np.asarray(ids).reshape(-1)).max())
+  ref = ex.dense_experts(x, ids, gates, w)
+  for capacity in (largest, largest - 1, 0):
+    fn = jax.jit(lambda x, g, w, c=capacity: ex.grouped_experts(x, ids, g, w, capacity=c))
+    y = fn(x, gates, w)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5, err_msg=str(capacity))
+  jaxpr = str(jax.make_jaxpr(lambda x: ex.grouped_experts(x, ids, gates, w, capacity=largest))(x))
+  assert "cond" in jaxpr and "scan" in jaxpr  # chosen at run time
+  jaxpr = str(jax.make_jaxpr(lambda x: ex.grouped_experts(x, ids, gates, w, capacity=16))(x))
+  assert "cond" not in jaxpr and "scan" not in jaxpr  # capacity N: always fits, no blocks
 
 
 def test_capacity_dropping_loses_only_dropped_contributions():

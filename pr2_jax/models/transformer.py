@@ -28,9 +28,13 @@ from pr2_jax.parallel.mesh import constrain, num_token_shards, partitioned
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys/values of every layer for decoding; slot `index` is the next to write."""
-  k: jax.Array       # [num_layers, B, S, G, Z]
-  v: jax.Array       # [num_layers, B, S, G, Z]
+  """Keys/values of every layer for decoding; slot `index` is the next to write.
+
+  One array per layer, not one [L, ...] array: a layer's attention reads its cache
+  in place, where slicing a layer out of a stacked cache copied it every step.
+  """
+  k: tuple[jax.Array, ...]  # num_layers x [B, S, G, Z]
+  v: tuple[jax.Array, ...]  # num_layers x [B, S, G, Z]
   valid: jax.Array   # [B, S] bool, True where a slot holds a real (non-padding) token
   index: jax.Array   # int32 scalar
 
@@ -38,8 +42,9 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache for `max_len` tokens (prompt + response) in `dtype` (default: compute dtype)."""
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(zeros(), zeros(),
                  jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
@@ -123,8 +128,8 @@ class MoETransformer(nn.Module):
     b, t = tokens_BT.shape
     if not isinstance(tokens_BT, jax.core.Tracer):  # eager call: jitted callers check on the host
       validate_tokens(tokens_BT, cfg.vocab_size)
-    if cache is not None and t > cache.k.shape[2]:  # static: the write would be clipped silently
-      raise ValueError(f"{t} tokens do not fit the KV cache of max_len={cache.k.shape[2]} "
+    if cache is not None and t > cache.valid.shape[1]:  # static: the write would be clipped silently
+      raise ValueError(f"{t} tokens do not fit the KV cache of max_len={cache.valid.shape[1]} "
                        "(init_cache(..., max_len)); allowed: at most max_len tokens")
     shards = num_token_shards(self.mesh)
     if b % shards:
@@ -142,8 +147,7 @@ class MoETransformer(nn.Module):
       step_valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
       key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid, cache.index, 1)
       mask_BTS = cache_mask(cache.index, t, key_valid)
-    auxes, inputs = [], []
-    kv_cache = None if cache is None else (cache.k, cache.v)
+    auxes, inputs, new_k, new_v = [], [], [], []  # the last two: each layer's updated cache
     for i in range(cfg.num_layers):
       moe_idx = len(auxes)
       is_moe = i in cfg.moe_layers
@@ -151,16 +155,20 @@ class MoETransformer(nn.Module):
       layer_slots = (jax.tree.map(lambda a: a[moe_idx], slot_expert)
                      if (slot_expert is not None and is_moe) else None)
       layer_pred = predictor[moe_idx] if (predictor is not None and is_moe) else None
-      kv = None if cache is None else (*kv_cache, cache.index, i)
+      kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
       x_BTD, aux, h_BTD, kv = DecoderLayer(cfg, is_moe, self.mesh, name=f"layers_{i}")(
           x_BTD, positions, mask_BTS, layer_routes, layer_slots, capacity, kv, layer_pred,
           predicted_gates, valid)
-      kv_cache = kv
+      if cache is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
       if is_moe:
         auxes.append(aux)
         inputs.append(h_BTD)
       x_BTD = constrain(x_BTD, self.mesh, ("batch", "length", "embed"))
     x_BTD = RMSNorm(cfg.rms_norm_eps, name="norm")(x_BTD)
+    if cache is not None:
+      cache = KVCache(tuple(new_k), tuple(new_v), key_valid, cache.index + t)
     if cfg.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", x_BTD, embed.astype(cfg.dtype))
     else:
@@ -173,4 +181,4 @@ class MoETransformer(nn.Module):
         aux_loss=jnp.mean(jnp.stack([a.aux_loss for a in auxes])),
         router_logits=jnp.stack([a.logits_BTE for a in auxes], axis=2) if return_router_logits else None,
         router_inputs=jnp.stack(inputs, axis=2) if return_router_inputs else None,
-        cache=None if cache is None else KVCache(*kv_cache, key_valid, cache.index + t))
+        cache=cache)
