@@ -102,9 +102,21 @@ def plan_from_eplb(phy2log_LX, logcnt_LE, loads_LE, num_devices: int, slots: int
 
 
 class StepState(NamedTuple):
-  """Host state carried across RL steps (not checkpointed: a resumed run restarts the EMA)."""
+  """Host state carried across RL steps; saved in the checkpoint's metadata (`to_json`), so a
+  resumed run continues the EMA and the churn count as if never interrupted."""
   ema_LE: np.ndarray | None = None       # EMA of step loads (eplb_step)
   layout_LDS: np.ndarray | None = None   # the last layout the update phase used (churn)
+
+  def to_json(self) -> dict:
+    """Plain lists (float64 round-trips exactly through JSON's repr)."""
+    return {k: None if v is None else np.asarray(v).tolist() for k, v in self._asdict().items()}
+
+  @classmethod
+  def from_json(cls, saved: dict | None) -> "StepState":
+    """The state `to_json` wrote; None or {} (a checkpoint from before this field) = fresh."""
+    saved = saved or {}
+    as_array = lambda k, dtype: None if saved.get(k) is None else np.asarray(saved[k], dtype)  # noqa: E731
+    return cls(ema_LE=as_array("ema_LE", np.float64), layout_LDS=as_array("layout_LDS", np.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("num_experts",))

@@ -82,7 +82,7 @@ class Engine:
       self._add_predictor(pred_tx)
     self.learner = learner.Learner(self.model, rl, self.tx, pr2, pred_tx)
     # Host-side balance planning (capacity buckets, eplb_step's plan, balance metrics); its
-    # state (EMA of loads, last layout) is not checkpointed: a resumed run restarts it.
+    # state (EMA of loads, last layout) rides in the RL checkpoint's metadata.
     self.balancer = balancing.StepBalancer.create(rl, config.model, mesh,
                                                   self.prompt_slots + self.response_slots)
     self.balance_state = balancing.StepState()
@@ -286,12 +286,18 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   # What a checkpoint must match to be resumed (JSON round trip: tuples come back as lists).
   identity = json.loads(json.dumps({"model": dataclasses.asdict(config.model),
                                     "replay_mode": config.rl.replay_mode}))
-  step, restored, _, problems = rl_ckpt.restore_newest_good(
+
+  def save(step, state):
+    rl_ckpt.save(step, state, {"rl_step": step, **identity,
+                               "balance_state": engine.balance_state.to_json()})
+
+  step, restored, meta, problems = rl_ckpt.restore_newest_good(
       abstract_like(state, engine.shardings), identity)
   for problem in problems:
     warn(problem + "; falling back to an older checkpoint")
   if step is not None:
     start, state = step, restored
+    engine.balance_state = balancing.StepState.from_json(meta.get("balance_state"))
     _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     warm_reward = None
   else:
@@ -316,7 +322,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     warm_reward = engine.evaluate(state.params)
     emit({"phase": "sft_eval", "step": 0, "eval_reward": warm_reward})
     # Step 0 = the warm-up policy: a run killed before its first RL checkpoint resumes here.
-    rl_ckpt.save(0, state, {"rl_step": 0, **identity})
+    save(0, state)
   rl, t0, last, consecutive = config.rl, time.perf_counter(), {}, 0
   for step in range(start + 1, rl.num_steps + 1):
     state, last = engine.rl_step(state, step)
@@ -325,7 +331,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     consecutive = consecutive + trailing if trailing == rl.off_policy_k else trailing
     if consecutive >= rl.max_consecutive_skips:
       emit(last)
-      rl_ckpt.save(step, state, {"rl_step": step, **identity})  # skips left the last good state
+      save(step, state)  # the skips left the last good state
       rl_ckpt.close()
       raise FloatingPointError(
           f"{consecutive} consecutive updates had a non-finite loss or gradient (limit "
@@ -338,7 +344,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     if on_progress:
       on_progress(step, rl.num_steps, (time.perf_counter() - t0) / (step - start))
     if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == rl.num_steps:
-      rl_ckpt.save(step, state, {"rl_step": step, **identity})
+      save(step, state)
   rl_ckpt.close()
   sft_ckpt.close()
   return {"state": state, "warmup_eval_reward": warm_reward, "final": last}
