@@ -190,23 +190,26 @@ def _repair_duplicates(expert_X, slot_X, weight_X, num_devices, slots, num_exper
   without that expert, in exchange for a replica of about the same load whose
   expert the first device lacks. Returns the new slot_X. Stops early once no twin
   is left or no swap helps (usually at once: twins are rare)."""
-  def twins(slot_X):
-    device_X = slot_X // slots
-    holds_DE = jnp.zeros((num_devices, num_experts), jnp.int32).at[device_X, expert_X].add(1)
-    return device_X, holds_DE, holds_DE[device_X, expert_X] > 1
+  def twins_X(slot_X):
+    # On the [D, S] layout: S x S compares per device, far cheaper than a [D, E] count.
+    layout_DS = jnp.zeros_like(expert_X).at[slot_X].set(expert_X).reshape(num_devices, slots)
+    same_DSS = layout_DS[:, :, None] == layout_DS[:, None, :]
+    return (jnp.sum(same_DSS, axis=2) > 1).reshape(-1)[slot_X]
 
   def swap(state):
-    i_round, slot_X, device_X, holds_DE, dup_X = state
+    i_round, slot_X, dup_X = state
+    device_X = slot_X // slots
+    holds_DE = jnp.zeros((num_devices, num_experts), jnp.int32).at[device_X, expert_X].add(1)
     i = jnp.argmax(dup_X)
     ok_X = ((holds_DE[device_X, expert_X[i]] == 0)
             & (holds_DE[device_X[i], expert_X] == 0))
     j = jnp.argmin(jnp.where(ok_X, jnp.abs(weight_X - weight_X[i]), jnp.inf))
     slot_X = jnp.where(ok_X[j], slot_X.at[i].set(slot_X[j]).at[j].set(slot_X[i]), slot_X)
     # No partner for the first twin: stop (it would be picked again every round).
-    return (jnp.where(ok_X[j], i_round + 1, rounds), slot_X) + twins(slot_X)
+    return jnp.where(ok_X[j], i_round + 1, rounds), slot_X, twins_X(slot_X)
 
-  state = (jnp.int32(0), slot_X) + twins(slot_X)
-  return jax.lax.while_loop(lambda st: (st[0] < rounds) & jnp.any(st[4]), swap, state)[1]
+  state = (jnp.int32(0), slot_X, twins_X(slot_X))
+  return jax.lax.while_loop(lambda st: (st[0] < rounds) & jnp.any(st[2]), swap, state)[1]
 
 
 def _keep_old_slots(new_DS, prev_DS):
