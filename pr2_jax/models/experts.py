@@ -190,12 +190,14 @@ def _block_swiglu_fwd(buf_BRD, block_slot_B, w):
 
 
 def _block_swiglu_bwd(res, dy_BRD):
-  """Hand-written so no gradient is carried through the loop: autodiff of the scan carries the
-  whole [S, D, F] weight gradients and rewrites them every iteration. Each block's weight
-  gradients come out of the loop instead and are summed per slot after it."""
+  """Hand-written: autodiff of the scan adds whole [S, D, F] weight gradients every
+  iteration. Here each block's weight gradients are added into its slot's slab of the
+  loop-carried sums, in place (`.at[s].add`: one [D, F] slab read and written); emitting
+  per-block [B, D, F] gradients and summing per slot after the loop wrote and re-read
+  3 B D F floats (15% slower forward + backward at 4096 assignments on XLA:CPU)."""
   buf_BRD, block_slot_B, w, g_BRF, u_BRF = res
 
-  def body(_, xs):
+  def body(dw, xs):
     x_RD, dy_RD, g_RF, u_RF, s = xs
     sig_RF = jax.nn.sigmoid(g_RF)
     silu_RF = g_RF * sig_RF
@@ -203,13 +205,13 @@ def _block_swiglu_bwd(res, dy_BRD):
     du_RF = dh_RF * silu_RF
     dg_RF = dh_RF * u_RF * sig_RF * (1 + g_RF * (1 - sig_RF))
     dx_RD = dg_RF @ w.gate_SDF[s].T + du_RF @ w.up_SDF[s].T
-    return None, (dx_RD, x_RD.T @ dg_RF, x_RD.T @ du_RF, (silu_RF * u_RF).T @ dy_RD)
+    add = lambda d_S, d: d_S.at[s].add(d.astype(d_S.dtype))
+    dw = ExpertWeights(add(dw.gate_SDF, x_RD.T @ dg_RF), add(dw.up_SDF, x_RD.T @ du_RF),
+                       add(dw.down_SFD, (silu_RF * u_RF).T @ dy_RD))
+    return dw, dx_RD
 
-  dx_BRD, dgate_BDF, dup_BDF, ddown_BFD = jax.lax.scan(
-      body, None, (buf_BRD, dy_BRD, g_BRF, u_BRF, block_slot_B))[1]
-  per_slot = lambda d_B, w_S: jnp.zeros_like(w_S).at[block_slot_B].add(d_B.astype(w_S.dtype))
-  dw = ExpertWeights(per_slot(dgate_BDF, w.gate_SDF), per_slot(dup_BDF, w.up_SDF),
-                     per_slot(ddown_BFD, w.down_SFD))
+  dw0 = ExpertWeights(*(jnp.zeros_like(a) for a in w))
+  dw, dx_BRD = jax.lax.scan(body, dw0, (buf_BRD, dy_BRD, g_BRF, u_BRF, block_slot_B))
   return dx_BRD, None, dw
 
 
