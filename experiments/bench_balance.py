@@ -229,12 +229,12 @@ def main(argv):
   print(f"\n(b) imbalance max/mean per (micro-step, layer): mean [max]; {s['steps']} steps x "
         f"{s['seqs']} sequences; foresight stickiness {s['stickiness']}")
   modes = bt.MODES + tuple(variants)
-  print(f"    {'seqs/micro':<11}" + "".join(f"{m:>20}" for m in modes))
+  print(f"    {'seqs/micro':<11}" + "".join(f"{m:>22}" for m in modes))
   for m in s["micro_seqs"]:
     res = bt.evaluate_modes(trace, s["devices"], s["slots"], m, stickiness=s["stickiness"],
                             variants=variants, **kw)
     imb[m] = summarize(res, m)
-    print(f"    {m:<11}" + "".join(f"{imb[m][k]['mean']:>12.3f} [{imb[m][k]['max']:5.2f}]"
+    print(f"    {m:<11}" + "".join(f"{imb[m][k]['mean']:>14.3f} [{imb[m][k]['max']:5.2f}]"
                                    for k in modes))
     if m == s["sim_micro_seqs"]:
       for bw in s["sweep_xfer_gbps"]:
@@ -256,7 +256,7 @@ def main(argv):
     print(f"\n(b) on rollouts of configs/tiny.py's model ({experts} experts, top-{top_k}, "
           f"{sft_steps} warm-up steps): {steps} steps x {prompts * group} sequences of "
           f"{seq_len_r} slots, D={devices}, S={slots}")
-    print(f"    {'seqs/micro':<11}" + "".join(f"{m:>20}" for m in modes))
+    print(f"    {'seqs/micro':<11}" + "".join(f"{m:>22}" for m in modes))
     for mr in s["rollout_micro_seqs"]:
       res = bt.evaluate_modes(trace_r, devices, slots, mr, stickiness=s["stickiness"],
                               variants=variants, **kw)
@@ -265,7 +265,7 @@ def main(argv):
                          "fetches_per_layer_device": float(r["transfers"].mean())}
                      for k, r in res.items()}
       print(f"    {mr:<11}" + "".join(
-          f"{rollout[mr][k]['mean']:>12.3f} [{rollout[mr][k]['max']:5.2f}]" for k in modes))
+          f"{rollout[mr][k]['mean']:>14.3f} [{rollout[mr][k]['max']:5.2f}]" for k in modes))
   if moe_run and moe is None:
     moe = finish_moe(moe_run)
   if moe:
@@ -280,15 +280,15 @@ def main(argv):
 
   print(f"\n(d) modelled old-log-prob + update, {s['devices']} GPUs, "
         f"{s['gpu_tflops']:.0f} TFLOP/s, a2a {s['a2a_gbps']:.0f} GB/s: speedup over none [fetches per layer and device]")
-  print(f"    {'seqs/micro':<11}" + "".join(f"{k:>20}" for k in modes) + "   (transfers "
+  print(f"    {'seqs/micro':<11}" + "".join(f"{k:>22}" for k in modes) + "   (transfers "
         f"{s['xfer_gbps']:.0f} GB/s)")
   for mi in s["micro_seqs"]:
     print(f"    {mi:<11}" + "".join(
-        f"{imb[mi][k]['sim_speedup']:>11.3f}x [{imb[mi][k]['fetches_per_layer_device']:5.2f}]"
+        f"{imb[mi][k]['sim_speedup']:>13.3f}x [{imb[mi][k]['fetches_per_layer_device']:5.2f}]"
         for k in modes))
   print(f"    at {m} seqs/micro, other transfer bandwidths:")
   for bw, row in sim.items():
-    print(f"    {bw:>6.0f} GB/s" + "".join(f"{row[k]['sim_speedup']:>11.3f}x        "
+    print(f"    {bw:>6.0f} GB/s" + "".join(f"{row[k]['sim_speedup']:>13.3f}x        "
                                          for k in modes))
   print(f"    foresight stickiness sweep at {m} seqs/micro: imbalance mean [max], fetches, "
         "speedup per transfer bandwidth")
