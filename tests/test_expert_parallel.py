@@ -117,6 +117,19 @@ def _spread_over_replicas(ids, slot_expert, seed=0):
 
 
 @pytest.mark.parametrize("shape", MESHES)
+def test_grouped_with_a_hot_expert_equals_single_device_dense(shape):
+  """Expert 0 takes every first choice: its shard's group exceeds the one-einsum capacity
+  and runs the blocks while the other shards fit (a per-shard run-time choice); output
+  and grads still equal the single-device dense reference."""
+  x, ids, gates, w = _problem(seed=5, skew=True)
+  y_ref, _, g_ref = _value_and_grads(x, ids, gates, w, impl="dense", mesh=None)
+  y, dropped, g = _value_and_grads(x, ids, gates, w, impl="grouped", mesh=_mesh(*shape))
+  assert int(dropped) == 0
+  _assert_close(y, y_ref, f"grouped {shape} hot expert forward", rtol=1e-4)
+  _assert_close(g, g_ref, f"grouped {shape} hot expert grads", rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", MESHES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_replica_slots_change_nothing(impl, shape):
   """With extra replica slots used by real tokens, output and all grads equal no-replication;

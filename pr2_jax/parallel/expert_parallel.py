@@ -62,8 +62,11 @@ def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, nu
     if distributed and P_ > 1:
       gather = functools.partial(jax.lax.all_gather, axis_name=EXPERT, tiled=True)
       x_nD, slot_ids_nK, gates_nK = gather(x_nD), gather(slot_ids_nK), gather(gates_nK)
-    fn = {"dense": ex.dense_experts, "ragged": ex.ragged_experts,
-          "grouped": ex.grouped_experts}[impl]
+    # The grouped path's one-einsum capacity: an even share of the global slots (the
+    # all-gathered assignments mostly belong to other shards' slots).
+    grouped = functools.partial(ex.grouped_experts,
+                                capacity=ex.fast_capacity(x_nD.shape[0], slot_ids_nK.shape[1], P_ * S))
+    fn = {"dense": ex.dense_experts, "ragged": ex.ragged_experts, "grouped": grouped}[impl]
     y_nD = fn(x_nD, slot_ids_nK, gates_nK, weights, slot_offset=p * S)
     if distributed and P_ > 1:
       y_nD = jax.lax.psum_scatter(y_nD, EXPERT, scatter_dimension=0, tiled=True)
