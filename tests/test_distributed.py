@@ -65,8 +65,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-_RUN = ["-m", "experiments.main", "--config=configs/tiny.py", "--config.sft.num_steps=4",
-        "--config.sft.batch_size=16", "--config.rl.num_steps=2", "--config.rl.prompts_per_step=8",
+# No warm-up (sft.num_steps=0): RL from the initial weights checks the same multi-process plumbing
+# and saves every process the SFT step's compile.
+_RUN = ["-m", "experiments.main", "--config=configs/tiny.py", "--config.sft.num_steps=0",
+        "--config.rl.num_steps=2", "--config.rl.prompts_per_step=8",
         "--config.rl.group_size=4", "--config.rl.eval_every=2", "--config.rl.eval_size=16",
         "--config.mesh_expert=4", "--config.rl.replay_mode=pr2"]
 
