@@ -95,3 +95,9 @@ def test_validation():
     dispatch.assign_replicas(jnp.zeros((4, 1), jnp.int32), None, plan)
   with pytest.raises(ValueError, match="num_source_shards"):
     dispatch.assign_replicas(jnp.zeros((5, 1), jnp.int32), None, plan.layer(0), 2)
+
+
+def test_runs():
+  first, last = dispatch.runs(jnp.array([4, 4, 1, 7, 7, 7, 2]))
+  np.testing.assert_array_equal(first, [0, 0, 2, 3, 3, 3, 6])
+  np.testing.assert_array_equal(last, [1, 1, 2, 5, 5, 5, 6])

@@ -1,15 +1,9 @@
-"""Water-filling token split: runs, a hand-worked round, invariants."""
+"""Water-filling token split: a hand-worked round, invariants."""
 
 import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.balance import split
-
-
-def test_runs():
-  first, last = split.runs(jnp.array([4, 4, 1, 7, 7, 7, 2]))
-  np.testing.assert_array_equal(first, [0, 0, 2, 3, 3, 3, 6])
-  np.testing.assert_array_equal(last, [1, 1, 2, 5, 5, 5, 6])
 
 
 # Replicas in placement order of the planner's [3, 3, 4, 2] example (D=2, S=3):

@@ -16,7 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.balance.split import runs
+
+def runs(expert_X: jax.Array):
+  """(first_X, last_X): bounds of the run of equal experts each replica is in."""
+  idx_X = jnp.arange(expert_X.shape[0])
+  starts_X = jnp.concatenate([jnp.ones((1,), bool), expert_X[1:] != expert_X[:-1]])
+  ends_X = jnp.concatenate([expert_X[1:] != expert_X[:-1], jnp.ones((1,), bool)])
+  first_X = jax.lax.cummax(jnp.where(starts_X, idx_X, 0))
+  last_X = jax.lax.cummin(jnp.where(ends_X, idx_X, expert_X.shape[0] - 1), reverse=True)
+  return first_X, last_X
 
 
 def assign_replicas(expert_ids_NK: jax.Array, valid_N: jax.Array | None, plan_layer,

@@ -17,8 +17,6 @@ and on XLA:CPU its time is the number of small kernels launched. Rounds work
 in slot order (a device's load is a reshape-sum) and per-expert sums are one
 scatter-add and one gather by expert id: `jnp.cumsum` lowers to an O(X^2)
 reduce-window on CPU and was 2-3x slower per round at X = 192.
-
-`runs` (bounds of runs of equal ids) serves the dispatch's replica assignment.
 """
 
 from __future__ import annotations
@@ -27,16 +25,6 @@ import jax
 import jax.numpy as jnp
 
 _LEVEL_STEPS = 1  # active-set steps per water level (1 matched 2, and 2 matched 4, on the bench traces)
-
-
-def runs(expert_X: jax.Array):
-  """(first_X, last_X): bounds of the run of equal experts each replica is in."""
-  idx_X = jnp.arange(expert_X.shape[0])
-  starts_X = jnp.concatenate([jnp.ones((1,), bool), expert_X[1:] != expert_X[:-1]])
-  ends_X = jnp.concatenate([expert_X[1:] != expert_X[:-1], jnp.ones((1,), bool)])
-  first_X = jax.lax.cummax(jnp.where(starts_X, idx_X, 0))
-  last_X = jax.lax.cummin(jnp.where(ends_X, idx_X, expert_X.shape[0] - 1), reverse=True)
-  return first_X, last_X
 
 
 def water_fill(n_X: jax.Array, expert_X: jax.Array, slot_X: jax.Array, x_X: jax.Array,
