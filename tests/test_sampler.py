@@ -133,7 +133,7 @@ def test_decode_loop_updates_the_kv_cache_in_place():
   config = sampler.SamplerConfig(max_new_tokens=N, temperature=0.0)
   hlo = jax.jit(sampler.generate, static_argnums=(0, 5)).lower(
       MoETransformer(CFG), params, prompts, valid, jax.random.key(0), config).compile().as_text()
-  cache_shape = f"f32[{B},{P + N},{CFG.num_kv_heads},{CFG.head_dim}]"
+  cache_shape = f"f32[{B},{CFG.num_kv_heads},{P + N},{CFG.head_dim}]"  # [B, G, S, Z]
   entry = hlo[hlo.index("\nENTRY"):]
   loop_code = hlo.replace(entry, "")
   assert f"{cache_shape}" in loop_code  # the loop does hold the caches ...

@@ -52,29 +52,19 @@ def rotary(x_BTHZ: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Arra
   return (x32 * jnp.cos(angles_BTZ) + rotated * jnp.sin(angles_BTZ)).astype(x_BTHZ.dtype)
 
 
-def attend(q_BTHZ, k_BSGZ, v_BSGZ, mask_BTS) -> jax.Array:
-  """Grouped-query softmax attention; `mask_BTS` True where a query may see a key."""
+def attend(q_BTHZ, k_BGSZ, v_BGSZ, mask_BTS) -> jax.Array:
+  """Grouped-query softmax attention; `mask_BTS` True where a query may see a key.
+
+  Keys and values come (b, g)-leading, the layout the KV cache is kept in: both
+  einsums are then batched matmuls over (b, g) with contiguous [S, Z] operands.
+  """
   b, t, h, z = q_BTHZ.shape
-  g = k_BSGZ.shape[2]
-  q_BTGRZ = q_BTHZ.reshape(b, t, g, h // g, z)
-  softmax = lambda scores: jax.nn.softmax(
-      jnp.where(mask_BTS[:, None, None], scores.astype(jnp.float32) * z ** -0.5, NEG_INF),
-      axis=-1).astype(v_BSGZ.dtype)
-  if t == 1:
-    # Decode: the einsums below become B*G tiny batched matmuls ([R, Z] x [Z, S]),
-    # which XLA:CPU runs one by one (2.5 ms a layer at B=64); as a broadcast
-    # multiply and reduce they fuse into one pass over the cache.
-    scores_BSGR = jnp.sum(q_BTGRZ[:, 0][:, None] * k_BSGZ[:, :, :, None], axis=-1)
-    probs_BGR1S = softmax(jnp.transpose(scores_BSGR, (0, 2, 3, 1))[:, :, :, None])
-    probs_BSGR = jnp.transpose(probs_BGR1S[:, :, :, 0], (0, 3, 1, 2))
-    out_BGRZ = jnp.sum(probs_BSGR[..., None] * v_BSGZ[:, :, :, None], axis=1)
-    return out_BGRZ.reshape(b, 1, h, z)
-  # Batch dims (b, g) leading in both operands, by explicit transposes that XLA fuses into
-  # their producers (rotary, the projections): given "btgrz,bsgz" as is, XLA:CPU's batched
-  # dots ran ~1.6x slower forward at B=8, T=256 (both einsums; backward too).
-  q_BGRTZ = jnp.transpose(q_BTGRZ, (0, 2, 3, 1, 4))
-  k_BGSZ, v_BGSZ = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BSGZ, v_BSGZ))
-  probs_BGRTS = softmax(jnp.einsum("bgrtz,bgsz->bgrts", q_BGRTZ, k_BGSZ))
+  g = k_BGSZ.shape[1]
+  q_BGRTZ = jnp.transpose(q_BTHZ.reshape(b, t, g, h // g, z), (0, 2, 3, 1, 4))
+  scores_BGRTS = jnp.einsum("bgrtz,bgsz->bgrts", q_BGRTZ, k_BGSZ).astype(jnp.float32)
+  probs_BGRTS = jax.nn.softmax(
+      jnp.where(mask_BTS[:, None, None], scores_BGRTS * z ** -0.5, NEG_INF),
+      axis=-1).astype(v_BGSZ.dtype)
   out_BGRTZ = jnp.einsum("bgrts,bgsz->bgrtz", probs_BGRTS, v_BGSZ)
   return jnp.transpose(out_BGRTZ, (0, 3, 1, 2, 4)).reshape(b, t, h, z)
 
@@ -97,9 +87,9 @@ def cache_mask(index: jax.Array, length: int, key_valid_BS: jax.Array) -> jax.Ar
 
 
 class Attention(nn.Module):
-  """GQA attention; with `kv` = (k_BSGZ, v_BSGZ, index) (this layer's cache) it writes the
+  """GQA attention; with `kv` = (k_BGSZ, v_BGSZ, index) (this layer's cache) it writes the
   new keys and values at slot `index`, attends over the whole cache (decode) and returns
-  (out, updated (k_BSGZ, v_BSGZ))."""
+  (out, updated (k_BGSZ, v_BGSZ))."""
   config: ModelConfig
   mesh: Mesh | None = None
 
@@ -118,16 +108,20 @@ class Attention(nn.Module):
     q_BTHZ = rotary(q_BTHZ, positions_BT, cfg.rope_theta)
     k_BTGZ = rotary(k_BTGZ, positions_BT, cfg.rope_theta)
     q_BTHZ = constrain(q_BTHZ, self.mesh, ("batch", "length", "heads", "head_dim"))
+    # (b, g)-leading keys and values, for attend and the cache; XLA fuses the transposes
+    # into the projections. At B=64 decode over a [B, S, G, Z] cache the score and value
+    # reductions took ~3 ms a layer; over [B, G, S, Z] they are batched matmuls (~0.8 ms).
+    k_BGTZ, v_BGTZ = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BTGZ, v_BTGZ))
     new_kv = None
     if kv is not None:
       # This layer's cache only (one array per layer): the in-place write comes first and
       # the attention reads its result. Writing after the read, or slicing the layer out of
       # a stacked [L, ...] cache, made XLA copy whole caches every decode step.
-      cache_k_BSGZ, cache_v_BSGZ, index = kv
-      write = lambda c, a: jax.lax.dynamic_update_slice_in_dim(c, a.astype(c.dtype), index, axis=1)
-      new_kv = (write(cache_k_BSGZ, k_BTGZ), write(cache_v_BSGZ, v_BTGZ))
-      k_BTGZ, v_BTGZ = new_kv
-    out_BTHZ = attend(q_BTHZ, k_BTGZ.astype(dtype), v_BTGZ.astype(dtype), mask_BTS)
+      cache_k_BGSZ, cache_v_BGSZ, index = kv
+      write = lambda c, a: jax.lax.dynamic_update_slice_in_dim(c, a.astype(c.dtype), index, axis=2)
+      new_kv = (write(cache_k_BGSZ, k_BGTZ), write(cache_v_BGSZ, v_BGTZ))
+      k_BGTZ, v_BGTZ = new_kv
+    out_BTHZ = attend(q_BTHZ, k_BGTZ.astype(dtype), v_BGTZ.astype(dtype), mask_BTS)
     out_BTD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, name="o_proj",
                               kernel_init=partitioned(INIT, ("heads", "head_dim", "embed")))(out_BTHZ)
     return out_BTD, new_kv
