@@ -222,7 +222,9 @@ def test_gradients_stay_in_their_lanes():
   lr = _pr2_learner(model, tx, pred_tx)
   micro = jax.tree.map(lambda x: x[0], _prepare(model, lr.rl, state.params, batch, 1))
   denoms = learner._denominators(lr.rl, jax.tree.map(lambda x: x[None], micro))
-  w = state.predictor + 0.1  # non-zero so a leak would show
+  # Random, so h W_p differs across experts: a constant W_p shifts every logit equally, leaves
+  # the softmax unchanged, and the predictor loss would be zero up to rounding.
+  w = 0.1 * jax.random.normal(jax.random.key(7), state.predictor.shape)
   # Jitted: op-by-op autodiff of the whole model takes about a minute on 2 cores.
   g_w = jax.jit(jax.grad(lambda w: learner.micro_step(lr, state.params, w, micro, denoms)[0]))(w)
   assert float(jnp.abs(g_w).max()) == 0.0
@@ -237,13 +239,17 @@ def test_predictor_skipped_at_first_ministep_and_trained_after():
   model, tx, pred_tx, state, batch = _pr2_setup()
   lr = _pr2_learner(model, tx, pred_tx)
   micro = _prepare(model, lr.rl, state.params, batch, 1)
+  # A W_p that mispredicts the (unchanged) router, so the loss is clearly positive; with W_p = 0
+  # the prediction is the live distribution and the loss is zero up to rounding.
+  w = 0.1 * jax.random.normal(jax.random.key(7), state.predictor.shape)
+  state = state.replace(predictor=w, pred_opt_state=pred_tx.init(w))
   skipped, m = learner.update_step(lr, state, micro, jnp.asarray(False))
   np.testing.assert_array_equal(np.asarray(skipped.predictor), np.asarray(state.predictor))
   for a, b in zip(jax.tree.leaves(skipped.pred_opt_state), jax.tree.leaves(state.pred_opt_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert float(m["pred_loss"]) > 0  # measured even when not applied
   trained, _ = learner.update_step(lr, state, micro, jnp.asarray(True))
-  assert float(jnp.abs(trained.predictor).max()) > 0
+  assert float(jnp.abs(trained.predictor - state.predictor).max()) > 0
 
 
 def test_pr2_r2_predicts_in_the_old_logprob_pass():
