@@ -201,6 +201,16 @@ def _pr2_learner(model, tx, pred_tx, mode="pr2"):
                          pred_tx)
 
 
+def _mispredicting_wp(state):
+  """A random W_p: the predictor loss is then clearly positive.
+
+  W_p = 0 predicts the live distribution (the router has not moved), and a constant W_p shifts
+  every expert's logit equally, leaving the softmax unchanged: both give a loss of zero up to
+  rounding.
+  """
+  return 0.1 * jax.random.normal(jax.random.key(7), state.predictor.shape)
+
+
 def test_zero_predictor_pr2_step_equals_r3_step():
   """With W_p = 0 the PR2 rollout routes are R3's, and the policy update is identical."""
   model, tx, pred_tx, state, batch = _pr2_setup()
@@ -222,9 +232,7 @@ def test_gradients_stay_in_their_lanes():
   lr = _pr2_learner(model, tx, pred_tx)
   micro = jax.tree.map(lambda x: x[0], _prepare(model, lr.rl, state.params, batch, 1))
   denoms = learner._denominators(lr.rl, jax.tree.map(lambda x: x[None], micro))
-  # Random, so h W_p differs across experts: a constant W_p shifts every logit equally, leaves
-  # the softmax unchanged, and the predictor loss would be zero up to rounding.
-  w = 0.1 * jax.random.normal(jax.random.key(7), state.predictor.shape)
+  w = _mispredicting_wp(state)  # non-zero so a leak would show
   # Jitted: op-by-op autodiff of the whole model takes about a minute on 2 cores.
   g_w = jax.jit(jax.grad(lambda w: learner.micro_step(lr, state.params, w, micro, denoms)[0]))(w)
   assert float(jnp.abs(g_w).max()) == 0.0
@@ -239,9 +247,7 @@ def test_predictor_skipped_at_first_ministep_and_trained_after():
   model, tx, pred_tx, state, batch = _pr2_setup()
   lr = _pr2_learner(model, tx, pred_tx)
   micro = _prepare(model, lr.rl, state.params, batch, 1)
-  # A W_p that mispredicts the (unchanged) router, so the loss is clearly positive; with W_p = 0
-  # the prediction is the live distribution and the loss is zero up to rounding.
-  w = 0.1 * jax.random.normal(jax.random.key(7), state.predictor.shape)
+  w = _mispredicting_wp(state)
   state = state.replace(predictor=w, pred_opt_state=pred_tx.init(w))
   skipped, m = learner.update_step(lr, state, micro, jnp.asarray(False))
   np.testing.assert_array_equal(np.asarray(skipped.predictor), np.asarray(state.predictor))
