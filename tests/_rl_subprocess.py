@@ -32,7 +32,6 @@ def command(workdir: str, overrides: dict = OVERRIDES, extra: tuple = ()) -> lis
 def environment(compile_cache: str | None = None, **extra) -> dict:
   """The child's environment; `compile_cache` turns on JAX's persistent compilation cache."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
-  env.pop("XLA_FLAGS", None)  # the parent's fake-device flags must not leak into the child
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's shared cache: each run compiles
   if compile_cache:
     # Reruns then skip most of their ~30 s of compiling; the programs are the same.

@@ -16,7 +16,6 @@ KEYS = {"rss_growth_frac", "recompiles_after_warmup", "steps", "metrics_ok", "sk
 def test_soak_quick_reports_json(tmp_path):
   out = tmp_path / "soak.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
   proc = subprocess.run([sys.executable, "-m", "experiments.soak", "--quick", f"--out={out}",
                          f"--workdir={tmp_path / 'run'}"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)

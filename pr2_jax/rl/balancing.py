@@ -151,11 +151,13 @@ def layout_kind(balance_mode: str, replayed: bool) -> str:
   return "foresight" if balance_mode == "foresight" and replayed else "native"
 
 
-@functools.partial(jax.jit, static_argnames=("shape",))
-def _foresight_plans(routes_MbTLK, valid_MbT, *, shape):
+@functools.partial(jax.jit, static_argnames=("shape", "plan"))
+def _foresight_plans(routes_MbTLK, valid_MbT, *, shape, plan=True):
+  """Per micro-step loads and foresight plans; plan=False gives native plans instead."""
   loads_MLE = jax.vmap(lambda r, v: loads_from_routes(r, v, shape.num_experts))(
       routes_MbTLK, valid_MbT)
-  return loads_MLE, jax.vmap(lambda l: foresight_plan(l, shape.num_devices, shape.slots,
+  slots = shape.slots if plan else shape.num_experts // shape.num_devices  # = E/D: native
+  return loads_MLE, jax.vmap(lambda l: foresight_plan(l, shape.num_devices, slots,
                                                       shape.planner_method))(loads_MLE)
 
 
@@ -216,12 +218,17 @@ def plan_phase(shape: BalanceShape, routes, valid, step: Plan, kind: str, bucket
     bucket: round the need up to a capacity bucket (else capacity None).
     per_doubling, limit: `capacity_bucket`'s arguments.
   """
-  key = (shape, tuple(routes.shape))
+  # On one device every plan puts the whole load there (foresight's imbalance is 1 whatever it
+  # plans), so unless the phase runs the plan, skip the planner: its trace and compile cost
+  # seconds in every single-device run.
+  plan = kind == "foresight" or shape.num_devices > 1
+  key = (shape, tuple(routes.shape), plan)
   if key not in _COMPILED:  # time the planner, not its compilation
-    jax.block_until_ready(_foresight_plans(routes, valid, shape=shape))
+    jax.block_until_ready(_foresight_plans(routes, valid, shape=shape, plan=plan))
     _COMPILED.add(key)
   t0 = time.perf_counter()
-  loads_MLE, plans = jax.block_until_ready(_foresight_plans(routes, valid, shape=shape))
+  loads_MLE, plans = jax.block_until_ready(
+      _foresight_plans(routes, valid, shape=shape, plan=plan))
   ms = (time.perf_counter() - t0) * 1e3 / routes.shape[0]
   need_M, static_M, imb = to_host(
       _analyse(routes, valid, loads_MLE, plans, step, shape=shape, kind=kind))
