@@ -50,7 +50,7 @@ REQUIRED_KEYS = ("step", "phase", "loss", "reward_mean", "response_len", "entrop
                  "extreme_frac", "ratio_mean", "clip_frac_low", "clip_frac_high", "grad_norm",
                  "topk_agreement", "zero_dev_ratio", "coverage_gap", "skipped_updates",
                  "elapsed_s")
-QUICK = {"sft.num_steps": 10, "rl.prompts_per_step": 4, "rl.group_size": 4, "rl.eval_size": 8,
+QUICK = {"sft.num_steps": 10, "rl.prompts_per_step": 4, "rl.group_size": 4, "rl.eval_size": 16,
          "rl.eval_every": 3, "checkpoint_every": 3}
 
 

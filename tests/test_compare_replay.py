@@ -76,7 +76,7 @@ def test_quick_sweep_writes_report(tmp_path):
       # 32 rollouts a step, not tiny.py's 256 (8 warm-up sequences, not 64): this checks the
       # plumbing, not the numbers. 32 = 8 prompts x 4 samples still splits into κ x M = 8.
       [sys.executable, "-m", "experiments.compare_replay", "--quick", "--offs=4", "--rl_steps=2",
-       "--eval_every=2", "--sft_steps=4", "--eval_size=16", "--config.rl.prompts_per_step=8",
+       "--eval_every=2", "--sft_steps=4", "--eval_size=32", "--config.rl.prompts_per_step=8",
        "--config.rl.group_size=4", "--config.sft.batch_size=8",
        f"--workdir={tmp_path / 'work'}", f"--out_dir={out}"],
       capture_output=True, text=True, timeout=900, env=env,

@@ -1,5 +1,6 @@
 """End-to-end tests of pr2_jax.rl.loop: a tiny run, resume after interruption, metrics keys."""
 
+import dataclasses
 import json
 import os
 
@@ -23,7 +24,7 @@ def _config(num_steps, replay_mode="r3"):
                       expert_d_ff=32, num_experts=4, top_k=2)
   rl = RLConfig(num_steps=num_steps, prompts_per_step=8, group_size=2, off_policy_k=2,
                 micro_steps=2, replay_mode=replay_mode, max_new_tokens=6, eval_every=2,
-                eval_size=8)
+                eval_size=16)  # = the rollout batch: r3's evaluation reuses its sampler
   return ExperimentConfig(model=model, rl=rl, sft=SFTConfig(num_steps=4, batch_size=8),
                           task="countdown", checkpoint_every=1)
 
@@ -62,6 +63,18 @@ def test_resume_matches_uninterrupted_run(tmp_path):
   assert "eval_reward" in rl_rows[1] and "eval_reward" in rl_rows[2]
   assert len(rl_rows[0]["topk_agreement_per_layer"]) == 2
   assert len(rl_rows[0]["topk_agreement_per_ministep"]) == 2
+
+
+def test_evaluation_at_the_rollout_temperature_reuses_the_sampler():
+  """Same sampling settings: one jitted sampler (an eval batch of the rollout's shape then
+  compiles nothing new); another eval temperature gets its own."""
+  mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+  cfg = _config(1)
+  same = loop.Engine(cfg, mesh)
+  assert same.eval_sample is same.sample
+  greedy = loop.Engine(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl,
+                                                                       eval_temperature=0.0)), mesh)
+  assert greedy.eval_sample is not greedy.sample
 
 
 def test_bad_setups_fail_before_compiling(tmp_path):

@@ -67,7 +67,10 @@ class Engine:
                              self.tok.pad_id, pr2.predicted_gates, pr2.feature_dtype)
     evaluation = dataclasses.replace(sampling, temperature=rl.eval_temperature)
     self.sample = jax.jit(functools.partial(generate, rollout_model, config=sampling))
-    self.eval_sample = jax.jit(functools.partial(generate, rollout_model, config=evaluation))
+    # Evaluating at the rollout's temperature reuses its sampler, so an eval batch of the
+    # rollout's shape (tiny.py's) reuses its compiled program as well.
+    self.eval_sample = self.sample if evaluation == sampling else jax.jit(
+        functools.partial(generate, rollout_model, config=evaluation))
     self.tx = make_optimizer(rl.learning_rate, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
     self.key = jax.random.key(config.seed)
     if config.hf_checkpoint:  # the checkpoint's weights, read into their shardings
