@@ -93,6 +93,23 @@ def test_capacity_needs_and_imbalance_hand_values():
   assert native.layouts_MLDS.shape == (1, 1, 2, 2)
 
 
+def test_one_device_skips_the_planner_unless_the_phase_runs_its_plan():
+  """D = 1: every plan puts the whole load on the one device, so a native phase reports
+  foresight's imbalance (1) without compiling the planner; a foresight phase still plans."""
+  shape = balancing.BalanceShape(num_experts=4, num_devices=1, slots=5, token_shards=1)
+  routes = _routes(np.random.default_rng(1), (2, 2, 6, 2, 2), 4)
+  valid = np.ones((2, 2, 6), bool)
+  step, _, _ = balancing.step_plan(shape, routes, valid, 0.0, balancing.StepState())
+  native = balancing.plan_phase(shape, routes, valid, step, "native", False, 1, 12)
+  assert (shape, routes.shape, False) in balancing._COMPILED
+  assert (shape, routes.shape, True) not in balancing._COMPILED
+  planned = balancing.plan_phase(shape, routes, valid, step, "foresight", False, 1, 12)
+  assert planned.layouts_MLDS.shape == (2, 2, 1, 5)  # a replica in the spare slot
+  for mode in balancing.MODES:
+    assert native.imbalance_ML[mode].tolist() == [[1.0, 1.0]] * 2
+    assert planned.imbalance_ML[mode].tolist() == [[1.0, 1.0]] * 2
+
+
 def test_planner_method_reaches_host_and_step_planning():
   """RLConfig.planner_method: the host phase plan (BalanceShape) and the jitted step's
   `micro_layout` both plan with it, so they agree; lpt and rounds differ here."""
