@@ -27,3 +27,25 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+if os.environ.get("PR2_TEST_CPU_LOG"):
+  import resource
+  import time
+
+  import pytest
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    """Appends each test's CPU seconds (this process plus its subprocesses) to PR2_TEST_CPU_LOG.
+    The suite is CPU-bound on 2 cores, and tests that run subprocesses side by side use more
+    CPU than their wall time (--durations) shows."""
+    def cpu():
+      own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+      return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+    (own0, kids0), wall0 = cpu(), time.time()
+    yield
+    (own1, kids1), wall1 = cpu(), time.time()
+    with open(os.environ["PR2_TEST_CPU_LOG"], "a") as f:
+      f.write(f"{own1 - own0 + kids1 - kids0:.2f} {own1 - own0:.2f} {kids1 - kids0:.2f} "
+              f"{wall1 - wall0:.2f} {item.nodeid}\n")
