@@ -183,7 +183,7 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  from pr2_jax.rl import loop
+  from pr2_jax.rl import loop, programs
   from pr2_jax.rl.config import ExperimentConfig, REPLAY_MODES
 
   seeds = [int(s) for s in _value(_SEEDS, "seeds")]
@@ -254,7 +254,10 @@ def main(argv):
         error = str(e)
         logging.warning("[%s] stopped: %s", label, e)
       run_seconds[key] = _seconds(run_dir, time.perf_counter() - t0)
-      jax.clear_caches()  # drop this run's executables (the persistent cache keeps them)
+    if i < len(grid) and grid[i][:2] != (off, mode):
+      # The next runs' programs differ (seeds share this run's): drop this run's executables.
+      programs.clear()
+      jax.clear_caches()
     per_run.setdefault(f"off{off}", {}).setdefault(mode, {})[seed] = replay_report.summarise_run(
         rows, _COLLAPSE.value, error)
 

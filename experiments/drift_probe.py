@@ -91,15 +91,19 @@ def main(argv):
 
   lin = lambda h_BSLD, w_LDE: np.einsum("bsld,lde->bsle", h_BSLD, w_LDE)
 
-  state, _ = engine.rl_step(state, 1)  # builds the learner functions we wrap below
-  old_fn, update_fn = engine._update_fns
+  state, _ = engine.rl_step(state, 1)
   snaps = []
+  learner_fns = engine._learner_fns
 
-  def recording_update(st, *args):
-    snaps.append(snapshot(st.params))  # the router before this mini-step's update
-    return update_fn(st, *args)
+  def recording_fns(micro):  # this engine's update also snapshots the router before it runs
+    old_fn, update_fn = learner_fns(micro)
 
-  engine._update_fns = (old_fn, recording_update)
+    def recording_update(st, *args):
+      snaps.append(snapshot(st.params))  # the router before this mini-step's update
+      return update_fn(st, *args)
+    return old_fn, recording_update
+
+  engine._learner_fns = recording_fns
   batches = []  # per rollout batch: κ+1 snapshots (θ_t,0 .. θ_t,κ)
   for step in range(2, _STEPS.value + 2):
     snaps.clear()

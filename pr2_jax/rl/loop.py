@@ -13,7 +13,6 @@ M micro-steps, κ mini-batches.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -25,18 +24,16 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pr2_jax.hf import experiment as hf_experiment
-from pr2_jax.models.transformer import MoETransformer, validate_tokens
+from pr2_jax.models.transformer import validate_tokens
 from pr2_jax.parallel.distributed import is_main_process, to_global, to_host
 from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
-from pr2_jax.rl import balancing, data, learner, losses
+from pr2_jax.rl import balancing, data, learner, losses, programs
 from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.pr2.predictor import init_predictor
 from pr2_jax.rl.config import PR2_MODES, ExperimentConfig
-from pr2_jax.rl.sampler import SamplerConfig, generate
 from pr2_jax.rl.tasks import make_task
-from pr2_jax.train import supervised
 from pr2_jax.train.checkpoint import Checkpointer, abstract_like
-from pr2_jax.train.state import create_train_state, make_optimizer, replicated
+from pr2_jax.train.state import replicated
 
 Callback = Callable[[dict], None]
 
@@ -60,45 +57,33 @@ class Engine:
     if config.sft.batch_size % shards:
       raise ValueError(f"SFTConfig.batch_size={config.sft.batch_size} must be divisible by the "
                        f"{shards} token shards")
-    self.model = MoETransformer(config.model.replace(dtype="float32"), mesh)
-    rollout_model = MoETransformer(config.model.replace(dtype=rl.rollout_dtype), mesh)
-    pr2 = config.pr2
-    sampling = SamplerConfig(rl.max_new_tokens, rl.temperature, rl.top_p, self.tok.eos_id,
-                             self.tok.pad_id, pr2.predicted_gates, pr2.feature_dtype)
-    evaluation = dataclasses.replace(sampling, temperature=rl.eval_temperature)
-    self.sample = jax.jit(functools.partial(generate, rollout_model, config=sampling))
-    # Evaluating at the rollout's temperature reuses its sampler, so an eval batch of the
-    # rollout's shape (tiny.py's) reuses its compiled program as well.
-    self.eval_sample = self.sample if evaluation == sampling else jax.jit(
-        functools.partial(generate, rollout_model, config=evaluation))
-    self.tx = make_optimizer(rl.learning_rate, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
+    # Shared with earlier Engines of the same programs (other seeds, a resumed run).
+    self.programs = programs.programs_for(config, mesh, self.tok.eos_id, self.tok.pad_id)
+    self.model, self.learner = self.programs.model, self.programs.learner
+    self.sample, self.eval_sample = self.programs.sample, self.programs.eval_sample
     self.key = jax.random.key(config.seed)
     if config.hf_checkpoint:  # the checkpoint's weights, read into their shardings
       self.state, self.shardings = hf_experiment.create_state(config.hf_checkpoint, self.model,
-                                                              self.tx, mesh)
+                                                              self.programs.tx, mesh)
     else:
-      self.state, self.shardings = create_train_state(self.model, self.tx, self.key, mesh)
+      self.state, self.shardings = self.programs.init_state(self.key)
     self.pr2_mode = rl.replay_mode in PR2_MODES
-    pred_tx = None
     if self.pr2_mode:
-      pred_tx = make_optimizer(rl.learning_rate * pr2.lr_mult, grad_clip=rl.grad_clip)
-      self._add_predictor(pred_tx)
-    self.learner = learner.Learner(self.model, rl, self.tx, pr2, pred_tx)
+      self._add_predictor()
     # Host-side balance planning (capacity buckets, eplb_step's plan, balance metrics); its
     # state (EMA of loads, last layout) rides in the RL checkpoint's metadata.
     self.balancer = balancing.StepBalancer.create(rl, config.model, mesh,
                                                   self.prompt_slots + self.response_slots)
     self.balance_state = balancing.StepState()
     self.eval_problems = self.task.eval_set(rl.eval_size, seed=config.seed)
-    self._update_fns = None
     self.seq_sharding = logical_sharding(mesh, ("batch", "length"))
 
-  def _add_predictor(self, pred_tx):
+  def _add_predictor(self):
     """W_p [L, D, E] = 0 and its optimizer state, replicated (it is small)."""
     m = self.config.model
     rep = replicated(self.mesh)
     w = to_global(init_predictor(m.num_moe_layers, m.d_model, m.num_experts), rep)
-    opt = jax.jit(pred_tx.init, out_shardings=rep)(w)
+    opt = self.programs.pred_init(w)
     self.state = self.state.replace(predictor=w, pred_opt_state=opt)
     self.shardings = self.shardings.replace(predictor=rep,
                                             pred_opt_state=jax.tree.map(lambda _: rep, opt))
@@ -121,13 +106,11 @@ class Engine:
     sft = self.config.sft
     if self.config.hf_checkpoint and not sft.num_steps:
       return self.state.params  # RL starts from the checkpoint's weights
-    tx = make_optimizer(sft.learning_rate, warmup_steps=sft.warmup_steps, total_steps=sft.num_steps)
-    state, shardings = create_train_state(self.model, tx, self.key, self.mesh)
+    init, shardings, step_fn = self.programs.warmup(self.key)
+    state = init(self.key)
     if self.config.hf_checkpoint:  # SFT from the checkpoint's weights (a copy: the step donates)
       state = state.replace(params=jax.jit(lambda p: jax.tree.map(jnp.copy, p),
                                            out_shardings=shardings.params)(self.state.params))
-    keys = ("tokens", "valid", "positions", "loss_mask")
-    step_fn = supervised.make_train_step(self.model, tx, self.mesh, shardings, batch_keys=keys)
     for step in range(1, sft.num_steps + 1):
       rng = np.random.default_rng([self.config.seed, 1, step])
       batch = data.sft_batch(self.tok, self.task.sample(rng, sft.batch_size), self.prompt_slots,
@@ -150,8 +133,10 @@ class Engine:
     """Mean held-out reward at `eval_temperature` (a fixed sampling key: comparable across steps)."""
     prompts, valid = data.encode_prompts(self.tok, self.eval_problems, self.prompt_slots)
     validate_tokens(prompts, self.config.model.vocab_size)
+    # The rollout's keyword arguments too: the same call signature hits its jit cache entry.
     roll = self.eval_sample(params, *to_global((prompts, valid), self.seq_sharding),
-                            jax.random.fold_in(self.key, 2**31 - 1))
+                            jax.random.fold_in(self.key, 2**31 - 1), predictor=None,
+                            feature_slots_BF=None)
     return float(self.rewards(self.eval_problems, to_host(roll.tokens)).mean())
 
   # -- one RL step ----------------------------------------------------------
@@ -206,18 +191,20 @@ class Engine:
     return state, summary
 
   def _learner_fns(self, micro):
-    if self._update_fns is None:
-      example = jax.tree.map(lambda x: x[: self.config.rl.micro_steps], micro)
-      example["old_logp"] = jnp.zeros(example["tokens"].shape[:2] + (example["tokens"].shape[2] - 1,))
-      example["replay_routes"] = example["rollout_routes"]
-      if self.pr2_mode and "feature_h" not in example:
-        b, f = example["feature_slots"].shape[1:]
-        m = self.config.model
-        dtype = jnp.dtype(self.config.pr2.feature_dtype)
-        example["feature_h"] = jnp.zeros((1, b, f, m.num_moe_layers, m.d_model), dtype)
-        example["feature_p"] = jnp.zeros((1, b, f, m.num_moe_layers, m.num_experts), dtype)
-      self._update_fns = learner.make_learner_fns(self.learner, self.mesh, self.shardings, example)
-    return self._update_fns
+    return self.programs.learner_fns(self.shardings, lambda: self._example_batch(micro))
+
+  def _example_batch(self, micro) -> dict:
+    """A mini-batch with the keys the update step sees (only its shapes and shardings matter)."""
+    example = jax.tree.map(lambda x: x[: self.config.rl.micro_steps], micro)
+    example["old_logp"] = jnp.zeros(example["tokens"].shape[:2] + (example["tokens"].shape[2] - 1,))
+    example["replay_routes"] = example["rollout_routes"]
+    if self.pr2_mode and "feature_h" not in example:
+      b, f = example["feature_slots"].shape[1:]
+      m = self.config.model
+      dtype = jnp.dtype(self.config.pr2.feature_dtype)
+      example["feature_h"] = jnp.zeros((1, b, f, m.num_moe_layers, m.d_model), dtype)
+      example["feature_p"] = jnp.zeros((1, b, f, m.num_moe_layers, m.num_experts), dtype)
+    return example
 
   @staticmethod
   def _summarise(per_mini, rewards, response_mask) -> dict:

@@ -56,13 +56,21 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh):
   return init
 
 
+def state_initializer(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                      rng: jax.Array):
+  """(init, state_shardings): `init(key)` is a jitted init whose arrays are born in their
+  shardings. Keep it to initialise again from another key without tracing again; `rng` only
+  gives the key's type."""
+  init = _init_fn(model, tx, mesh)
+  shardings = tree_shardings(mesh, jax.eval_shape(init, rng))
+  return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings), shardings
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        mesh: Mesh):
   """Returns (state, state_shardings) with every array born in its sharding."""
-  init = _init_fn(model, tx, mesh)
-  shardings = tree_shardings(mesh, jax.eval_shape(init, rng))
-  state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
-  return state, shardings
+  init, shardings = state_initializer(model, tx, mesh, rng)
+  return init(rng), shardings
 
 
 def bytes_per_device(abstract_tree, shardings) -> int:
