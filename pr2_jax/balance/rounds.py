@@ -33,6 +33,7 @@ later replica of the round; the planner's repair step swaps it away.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 _CLAIM_PASSES = 2  # home claims per round (a loser tries its next home)
@@ -140,22 +141,26 @@ def place_in_rounds(load_E, count_E, num_devices: int, slots: int, prev_DS=None,
   expert_SD = expert_X.reshape(slots, num_devices)
   weight_SD = weight_E[expert_X].reshape(slots, num_devices)
   sticky = prev_DS is not None and tol is not None
-  if sticky:
-    home_SRH = _homes(expert_SD.reshape(-1), prev_DS, num_devices, load_E.shape[0]).reshape(
-        slots, num_devices, -1)
-  load_D = jnp.zeros((num_devices,), jnp.float32)
-  last_D = jnp.full((num_devices,), -1, jnp.int32)  # expert each device got last round
-  held_DS = jnp.full((num_devices, slots), -1, jnp.int32)  # experts placed so far
-  slot_SD = []
-  for s in range(slots):  # S is small and static: unrolled
+  home_SDH = (_homes(expert_SD.reshape(-1), prev_DS, num_devices, load_E.shape[0]).reshape(
+      slots, num_devices, -1) if sticky else jnp.zeros((slots, 0), jnp.int32))
+
+  def one_round(carry, round_s):
+    load_D, last_D, held_DS = carry  # device loads; each device's last expert; experts so far
+    s, expert_D, weight_D, home_DH = round_s
     if sticky:
-      take_D = _sticky_round(load_D, expert_SD[s], home_SRH[s], held_DS, tol)
-      held_DS = held_DS.at[:, s].set(expert_SD[s][take_D])
+      take_D = _sticky_round(load_D, expert_D, home_DH, held_DS, tol)
+      held_DS = held_DS.at[:, s].set(expert_D[take_D])
     else:
-      # Device d takes the round's replica rank_D[d]: lightest device, heaviest replica;
+      # Device d takes the round's replica take_D[d]: lightest device, heaviest replica;
       # devices holding the round's first expert rank last (no twins).
-      take_D = _rank(load_D, tier_N=(last_D == expert_SD[s, 0]).astype(jnp.int32))
-      last_D = expert_SD[s][take_D]
-    load_D = load_D + weight_SD[s][take_D]
-    slot_SD.append(_inverse(take_D) * slots + s)
-  return expert_X, jnp.stack(slot_SD).reshape(-1)
+      take_D = _rank(load_D, tier_N=(last_D == expert_D[0]).astype(jnp.int32))
+      last_D = expert_D[take_D]
+    return (load_D + weight_D[take_D], last_D, held_DS), _inverse(take_D) * slots + s
+
+  # A scan, not S unrolled rounds: the compile stays that of one round (the sticky round is
+  # large), and each round depends on the last anyway.
+  init = (jnp.zeros((num_devices,), jnp.float32), jnp.full((num_devices,), -1, jnp.int32),
+          jnp.full((num_devices, slots), -1, jnp.int32))
+  _, slot_SD = jax.lax.scan(one_round, init, (jnp.arange(slots, dtype=jnp.int32), expert_SD,
+                                              weight_SD, home_SDH))
+  return expert_X, slot_SD.reshape(-1)
