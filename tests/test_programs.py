@@ -5,11 +5,10 @@ import dataclasses
 
 import jax
 import numpy as np
-import pytest
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.rl import loop, programs
+from pr2_jax.rl import data, loop, programs
 from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.rl.config import ExperimentConfig, PR2Config, RLConfig, SFTConfig
 
@@ -65,23 +64,28 @@ def test_programs_for_keeps_the_last_two():
   assert programs.programs_for(a, MESH, **IDS) is not first
 
 
-@pytest.mark.slow
-def test_a_second_seed_traces_nothing_and_matches_fresh_programs(tmp_path):
-  """Seed 1 after seed 0 in one process runs seed 0's traced programs (one trace each) and ends
-  exactly where seed 1 on fresh programs does: no program may close over the seed."""
+def _sample(engine):
+  """The engine's rollout of its evaluation prompts, sampled with its own key."""
+  prompts, valid = data.encode_prompts(engine.tok, engine.eval_problems, engine.prompt_slots)
+  return np.asarray(engine.sample(engine.state.params, prompts, valid, engine.key, predictor=None,
+                                  feature_slots_BF=None).tokens)
+
+
+def test_a_second_seed_traces_nothing_and_matches_fresh_programs():
+  """Seed 1 after seed 0 runs seed 0's traced programs and gets exactly what seed 1 gets on
+  fresh programs: no program closes over the seed (the key is an argument of the state init and
+  the sampler; the learner takes none). Runs that share programs with the same seed are checked
+  end to end by test_loop's and test_balancing's resume tests."""
   programs.clear()
-  loop.run(_config(seed=0), MESH, str(tmp_path / "seed0"))
-  shared = loop.run(_config(seed=1), MESH, str(tmp_path / "seed1"))
-  kept = programs.programs_for(_config(), MESH, **IDS)
-  assert kept.sample._cache_size() == 1
-  _, update_fn = kept.learner_fns(None, lambda: None)
-  assert update_fn.jitted._cache_size() == 1
+  first = loop.Engine(_config(seed=0), MESH)
+  shared = loop.Engine(_config(seed=1), MESH)
+  assert shared.programs is first.programs
+  tokens = [_sample(first), _sample(shared)]
+  assert shared.sample._cache_size() == 1  # one trace for both seeds
+  assert not np.array_equal(tokens[0], tokens[1])
   programs.clear()
-  fresh = loop.run(_config(seed=1), MESH, str(tmp_path / "seed1_fresh"))
-  assert programs.programs_for(_config(), MESH, **IDS) is not kept
-  assert shared["final"]["reward_mean"] == fresh["final"]["reward_mean"]
-  for a, b in zip(jax.tree.leaves(shared["state"]), jax.tree.leaves(fresh["state"]), strict=True):
+  fresh = loop.Engine(_config(seed=1), MESH)
+  assert fresh.programs is not shared.programs
+  for a, b in zip(jax.tree.leaves(shared.state), jax.tree.leaves(fresh.state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  seed0 = loop.run(_config(seed=0), MESH, str(tmp_path / "seed0"))  # resumes: nothing to do
-  assert not np.array_equal(np.asarray(jax.tree.leaves(seed0["state"].params)[0]),
-                            np.asarray(jax.tree.leaves(fresh["state"].params)[0]))
+  np.testing.assert_array_equal(_sample(fresh), tokens[1])
