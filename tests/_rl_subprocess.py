@@ -1,7 +1,7 @@
 """Helpers for tests that run `python -m experiments.main` in subprocesses (interruption, determinism).
 
-A tiny run: a 2-layer, 4-expert, d=32 model warmed up for 100 steps (enough
-that rewards vary, so RL updates really move the parameters), then 6 RL steps
+A tiny run: a 2-layer, 4-expert, d=32 model warmed up for 50 steps (enough
+that some rewards are non-zero, so RL updates really move the parameters), then 6 RL steps
 of 16 sequences with a checkpoint after every step; evaluations on 16 problems reuse
 the rollout's compiled sampler.
 """
@@ -19,7 +19,7 @@ import jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
-    "sft.num_steps": 100, "rl.num_steps": 6, "rl.prompts_per_step": 4, "rl.group_size": 4,
+    "sft.num_steps": 50, "rl.num_steps": 6, "rl.prompts_per_step": 4, "rl.group_size": 4,
     "rl.eval_size": 16, "rl.eval_every": 3, "checkpoint_every": 1, "model.d_model": 32,
     "model.num_experts": 4, "model.expert_d_ff": 32,
 }

@@ -153,7 +153,8 @@ def _config(balance_mode, replay_mode="r3", **rl):
   model = ModelConfig(vocab_size=24, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
                       expert_d_ff=32, num_experts=4, top_k=2)
   rl = RLConfig(num_steps=2, prompts_per_step=8, group_size=2, off_policy_k=2, micro_steps=2,
-                replay_mode=replay_mode, max_new_tokens=6, eval_every=0, eval_size=8,
+                replay_mode=replay_mode, max_new_tokens=6, eval_every=0,
+                eval_size=16,  # the rollout batch: evaluation reuses the rollout's sampler
                 balance_mode=balance_mode, **rl)
   return ExperimentConfig(model=model, rl=rl, sft=SFTConfig(num_steps=2, batch_size=8),
                           task="countdown", checkpoint_every=0)
