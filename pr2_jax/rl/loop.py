@@ -59,7 +59,7 @@ class Engine:
                        f"{shards} token shards")
     # Shared with earlier Engines of the same programs (other seeds, a resumed run).
     self.programs = programs.programs_for(config, mesh, self.tok.eos_id, self.tok.pad_id)
-    self.model, self.learner = self.programs.model, self.programs.learner
+    self.model = self.programs.model
     self.sample, self.eval_sample = self.programs.sample, self.programs.eval_sample
     self.key = jax.random.key(config.seed)
     if config.hf_checkpoint:  # the checkpoint's weights, read into their shardings

@@ -51,7 +51,7 @@ class Programs:
 
   def __init__(self, config: ExperimentConfig, mesh: Mesh, eos_id: int, pad_id: int):
     rl, pr2 = config.rl, config.pr2
-    self.config, self.mesh = config, mesh
+    self.sft, self.mesh = config.sft, mesh  # not the config: its seed etc. are not ours
     self.model = MoETransformer(config.model.replace(dtype="float32"), mesh)
     rollout_model = MoETransformer(config.model.replace(dtype=rl.rollout_dtype), mesh)
     sampling = SamplerConfig(rl.max_new_tokens, rl.temperature, rl.top_p, eos_id, pad_id,
@@ -81,7 +81,7 @@ class Programs:
   def warmup(self, key: jax.Array):
     """(init, shardings, step) of the supervised warm-up: its own optimizer and schedule."""
     if self._warmup is None:
-      sft = self.config.sft
+      sft = self.sft
       tx = make_optimizer(sft.learning_rate, warmup_steps=sft.warmup_steps,
                           total_steps=sft.num_steps)
       init, shardings = state_initializer(self.model, tx, self.mesh, key)
