@@ -193,7 +193,7 @@ def minibatch_metrics(stats: dict, grads) -> dict:
   """Means from the micro-steps' summed statistics."""
   micro_steps = stats["count"]
   out = {"loss": stats["loss"], "entropy": stats["entropy"], "dropped": stats["dropped"],
-         "grad_norm": optax.global_norm(grads),
+         "grad_norm": optax.tree.norm(grads),
          **losses.loss_stats_from_sums(stats["loss_sums"]),
          **{f"mismatch_{k}" if k.startswith("ratio") else k: v
             for k, v in metrics.mismatch_from_sums(stats["mismatch"]).items()},

@@ -82,7 +82,7 @@ def make_train_step(model: MoETransformer, tx: optax.GradientTransformation, mes
     grads, (nll, acc, out) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": nll, "accuracy": acc, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": nll, "accuracy": acc, "grad_norm": optax.tree.norm(grads),
                "aux_loss": out.aux_loss, "dropped": out.dropped.sum()}
     return TrainState(state.step + 1, params, opt_state), metrics
 
