@@ -147,8 +147,9 @@ def test_attend_matches_naive_gqa():
   v = rng.normal(size=(2, 5, 2, 8)).astype(np.float32)
   mask = np.asarray(layers.causal_mask(jnp.broadcast_to(jnp.arange(5), (2, 5)),
                                        jnp.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], bool)))
-  bgsz = lambda a: jnp.asarray(a.transpose(0, 2, 1, 3))  # attend takes (b, g)-leading k, v
-  out = layers.attend(jnp.asarray(q), bgsz(k), bgsz(v), jnp.asarray(mask))
+  bgzs = jnp.asarray(k.transpose(0, 2, 3, 1))  # attend takes (b, g)-leading k^T and v
+  bgsz = jnp.asarray(v.transpose(0, 2, 1, 3))
+  out = layers.attend(jnp.asarray(q), bgzs, bgsz, jnp.asarray(mask))
   np.testing.assert_allclose(out, np_attend(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
@@ -156,9 +157,9 @@ def test_attend_one_key_returns_its_value():
   """A query that may see only key s returns v[s] exactly."""
   v_BGSZ = jnp.arange(3 * 1 * 2, dtype=jnp.float32).reshape(1, 1, 3, 2)
   q = jnp.ones((1, 3, 2, 2))
-  k_BGSZ = jnp.ones((1, 1, 3, 2))
+  k_BGZS = jnp.ones((1, 1, 2, 3))
   mask = jnp.eye(3, dtype=bool)[None]
-  out = layers.attend(q, k_BGSZ, v_BGSZ, mask)
+  out = layers.attend(q, k_BGZS, v_BGSZ, mask)
   np.testing.assert_allclose(out[0, :, 0], v_BGSZ[0, 0], rtol=1e-6)
   np.testing.assert_allclose(out[0, :, 1], v_BGSZ[0, 0], rtol=1e-6)
 

@@ -33,7 +33,7 @@ class KVCache:
   One array per layer, not one [L, ...] array: a layer's attention reads its cache
   in place, where slicing a layer out of a stacked cache copied it every step.
   """
-  k: tuple[jax.Array, ...]  # num_layers x [B, G, S, Z]: (b, g)-leading for attention's matmuls
+  k: tuple[jax.Array, ...]  # num_layers x [B, G, Z, S]: attend's layouts (see layers.attend)
   v: tuple[jax.Array, ...]  # num_layers x [B, G, S, Z]
   valid: jax.Array   # [B, S] bool, True where a slot holds a real (non-padding) token
   index: jax.Array   # int32 scalar
@@ -42,9 +42,9 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache for `max_len` tokens (prompt + response) in `dtype` (default: compute dtype)."""
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(zeros(), zeros(),
+  b, g, s, z = batch, config.num_kv_heads, max_len, config.head_dim
+  zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(zeros((b, g, z, s)), zeros((b, g, s, z)),
                  jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
