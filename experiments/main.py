@@ -29,7 +29,7 @@ def main(argv):
   cfg = _CONFIG.value
   config = ExperimentConfig.from_dict(cfg.to_dict())
   mesh = common.build_mesh(cfg)
-  config.model.validate_mesh(mesh.shape["expert"])
+  config.model.validate_mesh(mesh.shape["expert"], mesh.shape["data"])
   writer = common.MetricsWriter(_WORKDIR.value)
   logging.info("mesh %s; workdir %s", dict(mesh.shape), _WORKDIR.value)
   summary = loop.run(config, mesh, _WORKDIR.value, on_metrics=common.log_and_write(writer),

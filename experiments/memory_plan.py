@@ -6,7 +6,8 @@
 The shapes come from `jax.eval_shape`, the layout from the same logical-axis
 rules the run uses, so the table is what each device would hold: parameters,
 AdamW state and gradients (activations and the rollout KV cache come on top).
-Fake CPU devices stand in for the accelerators. The last line is JSON.
+The last column is the total with `model.fsdp=True` (weights also split over
+'data'). Fake CPU devices stand in for the accelerators. The last line is JSON.
 """
 
 import json
@@ -36,16 +37,24 @@ def main(argv):
   n = jax.device_count()
   rows = []
   print(f"{'mesh (data x expert)':>22} {'params GiB':>11} {'AdamW GiB':>10} {'grads GiB':>10} "
-        f"{'total GiB':>10}")
+        f"{'total GiB':>10} {'fsdp total':>11}")
   for expert in map(int, _EXPERT.value):
     if n % expert:
       raise flags.ValidationError(f"--mesh_expert={expert} does not divide the {n} devices")
     config.validate_mesh(expert)
     mesh = make_mesh(n // expert, expert)
     mem = state_memory(MoETransformer(config, mesh), make_optimizer(1e-6), mesh)
+    fsdp = config.replace(fsdp=True)
+    if config.d_model % (n // expert) == 0:
+      mem["fsdp_total"] = state_memory(MoETransformer(fsdp, mesh), make_optimizer(1e-6),
+                                       mesh)["total"]
+    else:  # the data axis cannot split d_model
+      mem["fsdp_total"] = None
     rows.append({"data": n // expert, "expert": expert, **mem})
+    fsdp_gib = "n/a" if mem["fsdp_total"] is None else f"{mem['fsdp_total'] / GIB:.2f}"
     print(f"{f'{n // expert} x {expert}':>22} {mem['params'] / GIB:11.2f} "
-          f"{mem['opt_state'] / GIB:10.2f} {mem['grads'] / GIB:10.2f} {mem['total'] / GIB:10.2f}")
+          f"{mem['opt_state'] / GIB:10.2f} {mem['grads'] / GIB:10.2f} {mem['total'] / GIB:10.2f} "
+          f"{fsdp_gib:>11}")
   print(f"parameters: {rows[0]['param_count'] / 1e9:.2f}B")
   print(json.dumps({"devices": n, "rows": rows}))
 

@@ -39,6 +39,8 @@ class ModelConfig:
                                   # (blocked dropless matmuls, the fast CPU path), 'dense' (reference)
   capacity_factor: float = 0.0    # slots' token capacity / even share; 0 = dropless
   aux_loss_coef: float = 0.0      # Switch-style load-balancing loss weight (off by default)
+  fsdp: bool = False              # also split every parameter's d_model dim (and its AdamW
+                                  # moments) over the mesh's 'data' axis (ZeRO-3 style)
 
   def __post_init__(self):
     # Accept lists (from ConfigDicts/JSON) but store a hashable tuple.
@@ -49,7 +51,7 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
-    for name in ("norm_topk_prob", "tie_embeddings"):
+    for name in ("norm_topk_prob", "tie_embeddings", "fsdp"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
     for name in ("rope_theta", "rms_norm_eps", "capacity_factor", "aux_loss_coef"):
@@ -96,12 +98,17 @@ class ModelConfig:
   def num_moe_layers(self) -> int:
     return len(self.moe_layers)
 
-  def validate_mesh(self, expert_axis_size: int) -> None:
-    """Raises if the experts cannot be split evenly over the expert axis."""
+  def validate_mesh(self, expert_axis_size: int, data_axis_size: int = 1) -> None:
+    """Raises if the experts cannot be split evenly over the expert axis, or (fsdp) the
+    parameters' d_model dim over the data axis."""
     if self.num_experts % expert_axis_size:
       raise ValueError(
           f"ModelConfig.num_experts={self.num_experts} must be divisible by the mesh's "
           f"'expert' axis size {expert_axis_size}")
+    if self.fsdp and self.d_model % data_axis_size:
+      raise ValueError(
+          f"ModelConfig.fsdp=True splits d_model={self.d_model} over the mesh's 'data' axis, "
+          f"but its size {data_axis_size} does not divide it")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

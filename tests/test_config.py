@@ -48,6 +48,7 @@ def test_replace_revalidates():
     (dict(head_dim=15), r"head_dim=15 must be even"),
     (dict(capacity_factor=-1.0), r"capacity_factor=-1.0 must be >= 0"),
     (dict(aux_loss_coef=-0.1), r"aux_loss_coef=-0.1 must be >= 0"),
+    (dict(fsdp=1), r"ModelConfig.fsdp must be a bool, got 1"),
     (dict(rope_theta=0.0), r"rope_theta=0.0"),
     (dict(rms_norm_eps=-1e-6), r"rms_norm_eps"),
     (dict(d_model=0), r"ModelConfig.d_model must be a positive int, got 0"),

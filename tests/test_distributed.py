@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P

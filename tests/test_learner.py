@@ -1,6 +1,5 @@
 """Tests for pr2_jax.rl.learner: accumulation, ratios at the first mini-step, replay modes."""
 
-import dataclasses
 import functools
 
 import jax
@@ -295,10 +294,10 @@ SHAPE = balancing.BalanceShape(num_experts=8, num_devices=4, slots=3, token_shar
 TOKENS_PER_SHARD = 8 * (P + N) // 8  # a micro-step of 8 sequences over 8 token shards
 
 
-def _balanced_run(mode, micro, capacity_mode="bucket"):
+def _balanced_run(mode, micro, capacity_mode="bucket", fsdp=False):
   """Old-log-prob pass + one update (SGD, lr 1) on a (2, 4) mesh; planning as the loop does."""
   mesh = make_mesh(2, 4)
-  model = MoETransformer(CFG, mesh)
+  model = MoETransformer(CFG.replace(fsdp=fsdp), mesh)
   tx = optax.sgd(1.0)
   state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
   config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, balance_mode=mode)
@@ -320,15 +319,17 @@ def _balanced_run(mode, micro, capacity_mode="bucket"):
               params=new.params, metrics=metrics, phase=phase)
 
 
-@pytest.mark.parametrize("mode", ["eplb_step", "foresight"])
-def test_balanced_learner_equals_static_dropless(mode):
+@pytest.mark.parametrize("mode, fsdp", [("eplb_step", False), ("foresight", False),
+                                        ("foresight", True)])
+def test_balanced_learner_equals_static_dropless(mode, fsdp):
   """eplb_step / foresight layouts at a foresight capacity bucket change where experts run and
   the buffer size, not the maths: old log-probs, loss and gradients (SGD: update = -gradient)
-  equal the static layout's at the model's dropless capacity, with nothing dropped."""
+  equal the static layout's at the model's dropless capacity, with nothing dropped. So do
+  weights split over 'data' too (fsdp), which the replicas are gathered from."""
   _, _, _, batch = _rollout()
   micro = data.split_micro({k: np.concatenate([v, v]) for k, v in batch.items()}, 2)
   ref = _balanced_run("none", micro, capacity_mode="model")
-  got = _balanced_run(mode, micro)
+  got = _balanced_run(mode, micro, fsdp=fsdp)
   assert ref["phase"].capacity is None and got["phase"].capacity < TOKENS_PER_SHARD
   assert got["phase"].capacity >= got["phase"].needed
   np.testing.assert_allclose(got["old_logp"], ref["old_logp"], atol=1e-5)

@@ -24,6 +24,10 @@ def test_memory_plan_table_and_json():
   # The tiny config's experts: 2 layers x 8 experts x 3 x 64 x 64 float32, split 8 ways at 1 x 8.
   expert_bytes = 2 * 8 * 3 * 64 * 64 * 4
   assert rows[0]["params"] - rows[2]["params"] == expert_bytes - expert_bytes // 8
+  # fsdp splits d_model over 'data' as well: less per device wherever 'data' > 1, the
+  # same at 1 x 8; params, AdamW moments and gradients alike.
+  assert rows[0]["fsdp_total"] < rows[1]["fsdp_total"] < rows[1]["total"]
+  assert rows[2]["fsdp_total"] == rows[2]["total"]
 
 
 def test_memory_plan_rejects_a_mesh_that_does_not_divide():

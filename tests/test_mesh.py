@@ -89,6 +89,27 @@ def test_tree_shardings_of_the_model_params():
   assert len(jax.tree.leaves(sh)) == len(jax.tree.leaves(nn.unbox(boxed)))
 
 
+def test_fsdp_param_rules_split_d_model_over_data():
+  """Under fsdp every weight's 'embed' dim also goes over 'data' (experts keep 'expert');
+  head_dim-only norms stay replicated; activations' rules are unchanged."""
+  cfg = ModelConfig(vocab_size=32, num_layers=1, d_model=32, head_dim=8, expert_d_ff=16)
+  mesh = pm.make_mesh(2, 4)
+  boxed = jax.eval_shape(MoETransformer(cfg, mesh).init, jax.random.PRNGKey(0),
+                         jnp.zeros((8, 4), jnp.int32))["params"]
+  sh = pm.tree_shardings(mesh, boxed, fsdp=True)
+  mlp, attn = sh["layers_0"]["mlp"], sh["layers_0"]["self_attn"]
+  assert mlp["gate_proj"].spec == P("expert", "data", None)   # [E, D, F]
+  assert mlp["down_proj"].spec == P("expert", None, "data")   # [E, F, D]
+  assert mlp["gate"].spec == P("data", None)                  # router [D, E]
+  assert sh["embed_tokens"].spec == P(None, "data")           # [V, D]
+  assert sh["lm_head"]["kernel"].spec == P("data", None)      # [D, V]
+  assert attn["q_proj"]["kernel"].spec == P("data", None, None)
+  assert attn["o_proj"]["kernel"].spec == P(None, None, "data")
+  assert attn["q_norm"]["scale"].spec == P(None)              # [Z]: nothing to split
+  assert sh["norm"]["scale"].spec == P("data")
+  assert pm.logical_spec(("batch", "length", "embed")) == P(("data", "expert"), None, None)
+
+
 def test_partitioned_attaches_logical_names():
   """partitioned() wraps an initializer so the param is LogicallyPartitioned with the names."""
   init = pm.partitioned(nn.initializers.ones, ("expert", "embed"))

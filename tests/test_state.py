@@ -40,3 +40,22 @@ def test_expert_weights_split_over_the_expert_axis():
   four = state_memory(MoETransformer(CFG, make_mesh(2, 4)), optax.sgd(1.0), make_mesh(2, 4))
   assert one["params"] - four["params"] == expert_bytes - expert_bytes // 4
   np.testing.assert_equal(four["opt_state"], 0)  # plain SGD keeps no state
+
+
+def test_fsdp_splits_every_d_model_weight_over_data():
+  """fsdp on (2, 4): every parameter but the [Z] q/k norms holds half as much per device
+  (hand count), as the arrays a device really holds confirm; a data axis that does not
+  divide d_model is refused up front."""
+  mesh = make_mesh(2, 4)
+  tx = optax.adamw(1e-3)
+  plain = state_memory(MoETransformer(CFG, mesh), tx, mesh)
+  model = MoETransformer(CFG.replace(fsdp=True), mesh)
+  fsdp = state_memory(model, tx, mesh)
+  norms = CFG.num_layers * 2 * CFG.head_dim * 4  # q_norm and k_norm scales, float32
+  assert fsdp["params"] == (plain["params"] - norms) // 2 + norms
+  state, _ = create_train_state(model, tx, jax.random.key(0), mesh)
+  assert fsdp["params"] == _device0_bytes(state.params)
+  assert fsdp["opt_state"] == _device0_bytes(state.opt_state)
+  odd = MoETransformer(CFG.replace(d_model=36, fsdp=True), make_mesh(8, 1))
+  with pytest.raises(ValueError, match=r"fsdp=True splits d_model=36 .* size 8 does not divide"):
+    create_train_state(odd, tx, jax.random.key(0), make_mesh(8, 1))

@@ -64,6 +64,22 @@ def test_sharded_step_matches_single_device():
     assert max(jax.tree.leaves(diffs)) < 1e-4, diffs
 
 
+def test_fsdp_step_matches_single_device_and_keeps_weights_split():
+  """ModelConfig.fsdp on a (4, 2) mesh: the same two steps as one device, and the updated
+  weights and AdamW moments stay split over 'data' (XLA gathers them only where used)."""
+  state1, _, m_ref = _two_steps(_mesh(1, 1))
+  state, _, m = _two_steps(_mesh(4, 2), ModelConfig(vocab_size=32, fsdp=True))
+  np.testing.assert_allclose(float(m["loss"]), float(m_ref["loss"]), rtol=1e-5)
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       state.params, state1.params)
+  assert max(jax.tree.leaves(diffs)) < 1e-4, diffs
+  q = state.params["layers_0"]["self_attn"]["q_proj"]["kernel"]  # [D, H, Z]
+  assert q.sharding.spec[0] == "data" and q.addressable_shards[0].data.shape[0] == 64 // 4
+  mu = state.opt_state[1][0].mu["layers_0"]["mlp"]["gate_proj"]  # [E, D, F]
+  assert tuple(mu.sharding.spec)[:2] == ("expert", "data")
+  assert mu.addressable_shards[0].data.shape[:2] == (8 // 2, 64 // 4)
+
+
 def test_state_is_created_sharded():
   """Expert weights are split over 'expert'; the step donates the old state."""
   mesh = _mesh(2, 4)

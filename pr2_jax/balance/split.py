@@ -42,7 +42,6 @@ def water_fill(n_X: jax.Array, expert_X: jax.Array, slot_X: jax.Array, x_X: jax.
   """
   if iters <= 0:
     return x_X
-  num_slots = num_devices * slots
   # The rounds run in slot order, where a device's load is a reshape-sum and the
   # rest of each replica's device a repeat: no gathers. Per-expert sums are one
   # scatter-add and one gather by expert id (XLA:CPU lowers cumsum to an O(X^2)

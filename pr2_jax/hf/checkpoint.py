@@ -35,7 +35,7 @@ from pr2_jax.config import ModelConfig
 from pr2_jax.hf import layout
 from pr2_jax.hf.config_map import config_from_hf, config_to_hf, read_hf_config
 from pr2_jax.models.transformer import MoETransformer
-from pr2_jax.parallel.mesh import EXPERT, tree_shardings
+from pr2_jax.parallel.mesh import DATA, EXPERT, tree_shardings
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -125,12 +125,12 @@ def abstract_params(config: ModelConfig):
   return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
 
 
-def param_shardings(boxed, mesh: Mesh | None):
+def param_shardings(boxed, mesh: Mesh | None, fsdp: bool = False):
   """Flat {path: sharding}: from the logical axes with a mesh, else the default device."""
   if mesh is None:
     device = SingleDeviceSharding(jax.devices()[0])
     return {p: device for p in traverse_util.flatten_dict(nn.unbox(boxed))}
-  return traverse_util.flatten_dict(tree_shardings(mesh, boxed))
+  return traverse_util.flatten_dict(tree_shardings(mesh, boxed, fsdp))
 
 
 def read_block(files: Mapping[str, str], src: layout.Source, shape: tuple[int, ...],
@@ -154,8 +154,8 @@ def read_block(files: Mapping[str, str], src: layout.Source, shape: tuple[int, .
   return np.ascontiguousarray(block, dtype=dtype)
 
 
-def load_hf_checkpoint(path: str, *, mesh: Mesh | None = None,
-                       dtype=None) -> tuple[ModelConfig, dict[str, Any]]:
+def load_hf_checkpoint(path: str, *, mesh: Mesh | None = None, dtype=None,
+                       fsdp: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
   """Loads a Hugging Face Qwen3-MoE checkpoint directory.
 
   Reads `config.json` and `model.safetensors` or a sharded
@@ -167,6 +167,8 @@ def load_hf_checkpoint(path: str, *, mesh: Mesh | None = None,
     mesh: optional ('data', 'expert') mesh; each parameter is created directly
       in the sharding its logical axes give (experts split over 'expert'),
       shard by shard, so no device ever holds the whole model.
+    fsdp: read into `ModelConfig.fsdp`'s shardings (d_model also split over
+      'data'); the returned config has `fsdp` set to match.
     dtype: dtype of the returned parameters; default float32, as `model.init`
       makes them. `jnp.bfloat16` halves memory (the model casts per op).
 
@@ -179,9 +181,9 @@ def load_hf_checkpoint(path: str, *, mesh: Mesh | None = None,
       missing, unexpected or misshapen tensor, or experts not divisible by the
       mesh's 'expert' axis.
   """
-  config = config_from_hf(read_hf_config(path))
+  config = config_from_hf(read_hf_config(path)).replace(fsdp=fsdp)
   if mesh is not None and EXPERT in mesh.shape:
-    config.validate_mesh(mesh.shape[EXPERT])
+    config.validate_mesh(mesh.shape[EXPERT], mesh.shape.get(DATA, 1))
   files = tensor_files(path)
   shapes = tensor_shapes(files)
   fused = [i for i in config.moe_layers if layout.fused_gate_up_key(i) in shapes]
@@ -191,7 +193,7 @@ def load_hf_checkpoint(path: str, *, mesh: Mesh | None = None,
   abstract = traverse_util.flatten_dict(nn.unbox(boxed))
   if set(abstract) != set(sources):  # the model and layout.py drifted apart: our bug
     raise RuntimeError(f"layout.hf_sources disagrees with the model on {set(abstract) ^ set(sources)}")
-  shardings = param_shardings(boxed, mesh)
+  shardings = param_shardings(boxed, mesh, config.fsdp)
   dtype = np.dtype(jnp.float32 if dtype is None else dtype)
 
   def place(p: layout.Path) -> jax.Array:

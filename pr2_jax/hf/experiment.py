@@ -33,12 +33,11 @@ from pr2_jax.config import ModelConfig
 from pr2_jax.hf.checkpoint import load_hf_checkpoint
 from pr2_jax.hf.config_map import config_from_hf, read_hf_config
 from pr2_jax.hf.tokenizer import TOKENIZER_FILE, HFTokenizer
-from pr2_jax.parallel.mesh import tree_shardings
 from pr2_jax.rl.char_tokenizer import CHARS
-from pr2_jax.train.state import TrainState, init_tokens
+from pr2_jax.train.state import TrainState, init_tokens, state_shardings
 
 # ModelConfig fields that are our run-time choices, not the checkpoint's (docs/checkpoints.md).
-RUNTIME_FIELDS = ("dtype", "expert_impl", "capacity_factor", "aux_loss_coef")
+RUNTIME_FIELDS = ("dtype", "expert_impl", "capacity_factor", "aux_loss_coef", "fsdp")
 # Problems whose text must survive encode -> decode (a fixed sample: checks are reproducible).
 CHECK_PROBLEMS = 64
 
@@ -196,7 +195,7 @@ def create_state(path: str, model: nn.Module, tx: optax.GradientTransformation,
   params are read shard by shard into them, the optimizer state is born sharded.
   Raises ValueError if DIR's architecture is not `model.config`'s.
   """
-  config, params = load_hf_checkpoint(path, mesh=mesh)
+  config, params = load_hf_checkpoint(path, mesh=mesh, fsdp=model.config.fsdp)
   want, got = architecture(model.config), architecture(config)
   if want != got:
     diff = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
@@ -208,7 +207,7 @@ def create_state(path: str, model: nn.Module, tx: optax.GradientTransformation,
     p = model.init(rng, tokens)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
-  shardings = tree_shardings(mesh, jax.eval_shape(init, jax.random.key(0)))
+  shardings = state_shardings(model, mesh, jax.eval_shape(init, jax.random.key(0)))
   params = jax.device_put(params, shardings.params)  # no copy: the loader used these shardings
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings.step)()

@@ -4,6 +4,9 @@ Parameters and activations are annotated with logical names ('batch',
 'expert', 'embed', ...); `LOGICAL_RULES` is the only place that says which
 mesh axis each name is sharded over. Tokens are sharded over both mesh axes
 (data parallel everywhere outside the experts); expert weights over 'expert'.
+With `ModelConfig.fsdp`, parameters (only) follow `FSDP_PARAM_RULES`, which
+also split their 'embed' dimension over 'data'; XLA then gathers each weight
+where it is used and reduce-scatters its gradient.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("experts_logits", None),  # router output columns: replicated, tokens are sharded
 )
+
+# Tried first for parameters under ModelConfig.fsdp; a rule whose mesh axis a
+# parameter already uses is skipped (flax), so expert weights get ('expert', 'data').
+FSDP_PARAM_RULES = (("embed", DATA),) + LOGICAL_RULES
 
 
 def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -69,10 +76,11 @@ def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> ja
   return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, axes))
 
 
-def tree_shardings(mesh: Mesh, boxed_tree):
-  """NamedShardings for a tree of `nn.LogicallyPartitioned` (or plain) abstract leaves."""
+def tree_shardings(mesh: Mesh, boxed_tree, fsdp: bool = False):
+  """NamedShardings for a tree of `nn.LogicallyPartitioned` (or plain) abstract leaves;
+  `fsdp` (parameter trees only) uses `FSDP_PARAM_RULES`."""
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+  return nn.logical_to_mesh_sharding(specs, mesh, FSDP_PARAM_RULES if fsdp else LOGICAL_RULES)
 
 
 def partitioned(init_fn, axes: Sequence[str | None]):

@@ -191,7 +191,6 @@ def predictor_step(lr: Learner, predictor, micro: dict, router_logits_bSLE, feat
 
 def minibatch_metrics(stats: dict, grads) -> dict:
   """Means from the micro-steps' summed statistics."""
-  micro_steps = stats["count"]
   out = {"loss": stats["loss"], "entropy": stats["entropy"], "dropped": stats["dropped"],
          "grad_norm": optax.tree.norm(grads),
          **losses.loss_stats_from_sums(stats["loss_sums"]),

@@ -1,8 +1,9 @@
 """Train state created sharded: eval_shape -> shardings -> jit(init).
 
 The state never exists whole on one device: its shardings come from the
-parameters' logical axis names (`LOGICAL_RULES`) and `jax.jit(init,
-out_shardings=...)` materialises every array directly in place.
+parameters' logical axis names (`LOGICAL_RULES`, or `FSDP_PARAM_RULES` under
+`ModelConfig.fsdp`) and `jax.jit(init, out_shardings=...)` materialises every
+array directly in place.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pr2_jax.parallel.mesh import num_token_shards, tree_shardings
+from pr2_jax.parallel.mesh import DATA, EXPERT, num_token_shards, tree_shardings
 
 
 @flax.struct.dataclass
@@ -56,13 +57,19 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh):
   return init
 
 
+def state_shardings(model: nn.Module, mesh: Mesh, boxed_state):
+  """Shardings of a boxed abstract state (or parameter tree) of `model` on `mesh`."""
+  model.config.validate_mesh(mesh.shape[EXPERT], mesh.shape[DATA])
+  return tree_shardings(mesh, boxed_state, fsdp=model.config.fsdp)
+
+
 def state_initializer(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                       rng: jax.Array):
   """(init, state_shardings): `init(key)` is a jitted init whose arrays are born in their
   shardings. Keep it to initialise again from another key without tracing again; `rng` only
   gives the key's type."""
   init = _init_fn(model, tx, mesh)
-  shardings = tree_shardings(mesh, jax.eval_shape(init, rng))
+  shardings = state_shardings(model, mesh, jax.eval_shape(init, rng))
   return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings), shardings
 
 
@@ -87,7 +94,7 @@ def state_memory(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh)
   during the update; activations are not counted (they depend on the batch).
   """
   boxed = jax.eval_shape(_init_fn(model, tx, mesh), jax.random.key(0))
-  shardings = tree_shardings(mesh, boxed)
+  shardings = state_shardings(model, mesh, boxed)
   state = nn.unbox(boxed)
   params = bytes_per_device(state.params, shardings.params)
   opt = bytes_per_device(state.opt_state, shardings.opt_state)
