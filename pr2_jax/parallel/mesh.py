@@ -6,7 +6,7 @@ mesh axis each name is sharded over. Tokens are sharded over both mesh axes
 (data parallel everywhere outside the experts); expert weights over 'expert'.
 With `ModelConfig.fsdp`, parameters (only) follow `FSDP_PARAM_RULES`, which
 also split their 'embed' dimension over 'data'; XLA then gathers each weight
-where it is used and reduce-scatters its gradient.
+where it is used and sums its gradient back into the split layout.
 """
 
 from __future__ import annotations
