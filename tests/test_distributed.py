@@ -1,5 +1,6 @@
 """Multi-host glue: config validation, host <-> global moves, and a real 2-process run vs 1 process."""
 
+import base64
 import contextlib
 import json
 import os
@@ -91,6 +92,13 @@ def _close(a, b, path=""):
     assert a == b, path
 
 
+def _saved_specs(step_dir):
+  """{state leaf path: partition spec} as the Orbax checkpoint recorded them."""
+  with open(os.path.join(step_dir, "state", "_sharding")) as f:
+    saved = json.load(f)
+  return {base64.b64decode(k).decode(): json.loads(v)["partition_spec"] for k, v in saved.items()}
+
+
 def _launch(cmds, logs, env):
   """Runs the commands concurrently; all must exit 0. Kills every one of them whatever happens."""
   procs = []
@@ -111,11 +119,16 @@ def _launch(cmds, logs, env):
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume(tmp_path):
-  """2 processes x 4 CPU devices (gloo) give the metrics of 1 process x 8, then resume together."""
+  """2 processes x 4 CPU devices (gloo) give the metrics of 1 process x 8, then resume together.
+
+  The two processes also split their weights over 'data' (model.fsdp), an axis that spans
+  both of them, so the collective checkpoint holds arrays no process has whole; the
+  single-process reference keeps them replicated."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   pair = lambda steps: [
       [sys.executable, *_RUN, f"--config.rl.num_steps={steps}", f"--workdir={tmp_path / 'two'}",
-       "--cpu_devices=4", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2",
+       "--cpu_devices=4", "--config.model.fsdp=True",
+       f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2",
        f"--process_id={i}"] for i in range(2)]
   cmds = [[sys.executable, *_RUN, f"--workdir={tmp_path / 'one'}", "--cpu_devices=8"]]
   cmds += pair(2)
@@ -134,6 +147,9 @@ def test_two_processes_match_one_and_resume(tmp_path):
   assert "rl step" not in rank1 and "== summary ==" not in rank1
   # Both ranks wrote the checkpoint collectively; both restore it and carry on to step 3.
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints" / "rl")) == ["0", "2"]
+  specs = _saved_specs(tmp_path / "two" / "checkpoints" / "rl" / "2")
+  assert specs["params.embed_tokens"] == [None, "data"]  # [V, D]: D split over the processes
+  assert specs["params.layers_0.mlp.gate_proj"] == ["expert", "data", None]  # [E, D, F]
   # Without evaluation (not part of the checkpoint's identity): the resumed ranks then compile
   # no evaluation sampler, which PR2's rollout sampler (it takes the predictor) cannot stand in for.
   resume = [cmd + ["--config.rl.eval_every=0"] for cmd in pair(3)]
