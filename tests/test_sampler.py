@@ -1,6 +1,7 @@
 """Tests for pr2_jax.rl.sampler: KV-cache decode vs full forward, routes, sampling rules."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -10,7 +11,9 @@ import pytest
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
+from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import sampler
+from pr2_jax.train.state import create_train_state, make_optimizer
 
 CFG = ModelConfig(vocab_size=24, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                   expert_d_ff=32, num_experts=8, top_k=2)
@@ -141,3 +144,29 @@ def test_decode_loop_updates_the_kv_cache_in_place():
   copies = [line for line in loop_code.splitlines()
             if any(f"{shape}{{" in line for shape in cache_shapes) and " copy(" in line]
   assert not copies, copies  # ... but never copies them
+
+
+def test_fsdp_weights_are_gathered_once_per_rollout_not_per_token():
+  """With model.fsdp the compiled sampler all-gathers every split weight in the entry
+  computation, before the decode loop: no loop body gathers a weight-shaped array."""
+  mesh = make_mesh(4, 2)
+  model = MoETransformer(CFG.replace(fsdp=True), mesh)
+  state, _ = create_train_state(model, make_optimizer(1e-3), jax.random.key(0), mesh)
+  prompts, valid = np.ones((8, P), np.int32), np.ones((8, P), bool)
+  hlo = jax.jit(sampler.generate, static_argnums=(0, 5)).lower(
+      model, state.params, prompts, valid, jax.random.key(0),
+      sampler.SamplerConfig(max_new_tokens=N)).compile().as_text()
+  # A weight as gathered over 'data': whole, or (experts) one 'expert' shard's worth.
+  shapes = [x.shape for x in jax.tree.leaves(state.params)]
+  shapes += [(s[0] // 2,) + s[1:] for s in shapes if s[0] == CFG.num_experts]
+  weight_shapes = {f"f32[{','.join(map(str, s))}]" for s in shapes}
+  gathered = {"entry": [], "elsewhere": []}
+  where = None
+  for line in hlo.splitlines():
+    if not line.startswith(" ") and line.endswith("{"):
+      where = "entry" if line.startswith("ENTRY") else "elsewhere"
+    found = re.search(r"= (\w+\[[\d,]*\])\S* all-gather\(", line)
+    if found:
+      gathered[where].append(found.group(1))
+  assert sum(s in weight_shapes for s in gathered["entry"]) >= 10  # the weights, once
+  assert not [s for s in gathered["elsewhere"] if s in weight_shapes], gathered["elsewhere"]
