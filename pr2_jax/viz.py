@@ -47,7 +47,10 @@ def metric_panel(runs: Mapping[str, Sequence[dict]], keys: Sequence[str], title:
     ax.set_title(key)
     ax.set_xlabel("RL step")
     ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=8)
+  # The legend goes on the first subplot with lines: a run may lack a panel's first metric.
+  drawn = [ax for ax in axes[0] if ax.get_lines()]
+  if drawn:
+    drawn[0].legend(fontsize=8)
   if title:
     fig.suptitle(title)
   fig.tight_layout()

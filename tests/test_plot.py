@@ -1,6 +1,7 @@
 """Tests for experiments/plot.py: PNGs from metrics.jsonl, clear error without one."""
 
 import json
+import warnings
 
 import pytest
 
@@ -24,3 +25,15 @@ def test_writes_one_png_per_panel(tmp_path):
 def test_missing_metrics_is_a_clear_error(tmp_path):
   with pytest.raises(SystemExit, match="no metrics.jsonl"):
     plot.read_rows(str(tmp_path))
+
+
+def test_legend_goes_on_the_first_panel_with_data():
+  """A run without a panel's first metric still gets a legend, on the next subplot, and no
+  empty-legend warning."""
+  runs = {"a": [{"step": 1, "k3_kl": 0.1}], "b": [{"step": 1, "k3_kl": 0.2}]}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    fig = viz.metric_panel(runs, ["eval_reward", "k3_kl"])
+  first, second = fig.axes[:2]
+  assert first.get_legend() is None
+  assert [t.get_text() for t in second.get_legend().get_texts()] == ["a", "b"]
