@@ -44,11 +44,10 @@ def main(argv):
     config.validate_mesh(expert)
     mesh = make_mesh(n // expert, expert)
     mem = state_memory(MoETransformer(config, mesh), make_optimizer(1e-6), mesh)
-    fsdp = config.replace(fsdp=True)
-    if config.d_model % (n // expert) == 0:
-      mem["fsdp_total"] = state_memory(MoETransformer(fsdp, mesh), make_optimizer(1e-6),
-                                       mesh)["total"]
-    else:  # the data axis cannot split d_model
+    fsdp = MoETransformer(config.replace(fsdp=True), mesh)
+    try:
+      mem["fsdp_total"] = state_memory(fsdp, make_optimizer(1e-6), mesh)["total"]
+    except ValueError:  # validate_mesh: the data axis does not divide d_model
       mem["fsdp_total"] = None
     rows.append({"data": n // expert, "expert": expert, **mem})
     fsdp_gib = "n/a" if mem["fsdp_total"] is None else f"{mem['fsdp_total'] / GIB:.2f}"
