@@ -170,11 +170,12 @@ def test_grouped_positions_hand_worked():
   (t2,k0) at row 4 (block 2); the k=1 picks of slot 1 are out of range (-1 -> dropped).
   """
   ids = jnp.array([[0, -1], [0, -1], [2, -1], [0, -1]], jnp.int32)
-  index, keep, block_slot = ex.grouped_positions(ids, 3, 2)
+  index, keep, block_slot, used = ex.grouped_positions(ids, 3, 2)
   # B = ceil(8 / 2) + 3 = 7 blocks; 14 = B * rows marks "not placed".
   np.testing.assert_array_equal(index, [[0, 14], [1, 14], [4, 14], [2, 14]])
   np.testing.assert_array_equal(keep, [[True, False]] * 4)
   np.testing.assert_array_equal(block_slot, [0, 0, 2, 2, 2, 2, 2])
+  assert int(used) == 3  # blocks 0-1 (slot 0) and 2 (slot 2); the loop stops there
 
 
 @pytest.mark.parametrize("args, expected", [((4096, 16), 64), ((32, 16), 8), ((512, 16), 32)])
@@ -201,9 +202,9 @@ def test_grouped_chooses_by_the_largest_group():
     y = fn(x, gates, w)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5, err_msg=str(capacity))
   jaxpr = str(jax.make_jaxpr(lambda x: ex.grouped_experts(x, ids, gates, w, capacity=largest))(x))
-  assert "cond" in jaxpr and "scan" in jaxpr  # chosen at run time
+  assert "cond" in jaxpr and "while" in jaxpr  # chosen at run time
   jaxpr = str(jax.make_jaxpr(lambda x: ex.grouped_experts(x, ids, gates, w, capacity=16))(x))
-  assert "cond" not in jaxpr and "scan" not in jaxpr  # capacity N: always fits, no blocks
+  assert "cond" not in jaxpr and "while" not in jaxpr  # capacity N: always fits, no blocks
 
 
 def test_capacity_dropping_loses_only_dropped_contributions():
