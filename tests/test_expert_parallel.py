@@ -86,15 +86,27 @@ def test_sharded_equals_single_device(impl, shape):
   _assert_close(g, g_ref, f"{impl} {shape} grads")
 
 
-def test_dropless_capacity_on_data_only_mesh_runs_grouped():
-  """Mesh (8, 1): one expert shard, so dropless capacity takes the grouped path inside
-  shard_map; its weight gradients (partial sums per data shard) must add up over 'data'."""
+@pytest.mark.parametrize("shape", ((8, 1),) + MESHES)
+def test_dropless_capacity_runs_grouped(shape):
+  """A dropless capacity (the whole shard) takes the grouped path: no [P, S, n, D] buffer
+  and no all_to_all, tokens all-gathered over 'expert' when it is split. Values and
+  gradients equal the dense reference; on (8, 1) the weight gradients (partial sums per
+  data shard) must add up over 'data'. A capacity with a factor keeps the all_to_all."""
   x, ids, gates, w = _problem()
-  y, dropped, g = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=_mesh(8, 1))
+  y, dropped, g = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=_mesh(*shape))
   y_ref, _, g_ref = _reference("dense")
   assert int(dropped) == 0
   _assert_close(y, y_ref, "forward", rtol=1e-4)
   _assert_close(g, g_ref, "grads", rtol=1e-4)
+
+  def hlo(**kw):
+    fn = jax.jit(lambda x, g, w: moe_experts(x, ids, g, w, impl="capacity", mesh=_mesh(*shape), **kw))
+    return fn.lower(x, gates, w).compile().as_text()
+  dropless = hlo()
+  assert "all-to-all" not in dropless
+  assert ("all-gather" in dropless) == (shape[1] > 1)
+  if shape[1] > 1:
+    assert "all-to-all" in hlo(capacity_factor=1.25)
 
 
 def _replica_map(shape):
