@@ -20,7 +20,13 @@ load hits both alike (medians after warm-up):
       appendix B): 6 * active params * tokens + 12 * L * H * Z * T * tokens,
       active = attention + router + top-k experts + LM head (the embedding is
       a lookup). XLA's own count of the compiled step is reported beside it.
-torch uses as many threads as JAX's CPU client (all usable cores).
+Both sides use every usable core: torch as that many threads, ours as that
+many JAX CPU devices (one per core; `--cpu_devices`, by default the usable
+cores that divide the batches and the experts) with the experts split over
+them (`--mesh_expert`, 0 = all devices). XLA:CPU runs many of a decode
+step's small ops on one thread each, so one device leaves a core idle where
+two devices each run their own half. Ours on ONE device is timed in the same
+rounds as a second reference column (`--one_device_too`).
 Prints a table; the last line is one JSON object (also written to --out).
 """
 
@@ -51,11 +57,18 @@ _DEC_BATCH = flags.DEFINE_integer("decode_batch", 64, "Sequences decoded togethe
 _PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens (no padding).")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (each times both sides once).")
-_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed rounds first.")
+_WARMUP = flags.DEFINE_integer(
+    "warmup", 3, "Untimed rounds first: our first few train steps run up to 1.8x slower "
+    "(docs/benchmarks.md, fifth round).")
 _PEAK_N = flags.DEFINE_integer("peak_n", 1024, "Square f32 matmul size for the peak rate.")
 _LR = flags.DEFINE_float("lr", 1e-4, "AdamW learning rate (both sides).")
 _SEED = flags.DEFINE_integer("seed", 0, "Parameter and token seed.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_peer.json", "JSON result path.")
+_MESH_EXPERT = flags.DEFINE_integer(
+    "mesh_expert", 0, "Our 'expert' mesh axis over the devices (0 = all of them, 1 = data "
+    "parallel); the rest is 'data'.")
+_ONE_DEVICE = flags.DEFINE_bool("one_device_too", True,
+                                "Also time ours on one device, in the same rounds.")
 
 TARGETS = {"train_speedup": 2.0, "decode_speedup": 3.0, "mfu": 0.25}
 QUICK = dict(d_model=64, num_layers=2, num_experts=8, top_k=2, expert_d_ff=64, num_heads=4,
@@ -80,6 +93,28 @@ def model_config(s):
                      num_experts=s["num_experts"], top_k=s["top_k"], expert_impl=s["expert_impl"])
 
 
+def usable_cores() -> int:
+  return len(os.sched_getaffinity(0))
+
+
+def default_devices(s: dict, cores: int) -> int:
+  """One device per usable core, as many as split both batches and the experts evenly."""
+  return max(d for d in range(1, cores + 1)
+             if s["batch"] % d == 0 and s["decode_batch"] % d == 0 and s["num_experts"] % d == 0)
+
+
+def mesh_shape(num_devices: int, mesh_expert: int, s: dict) -> tuple[int, int]:
+  """(data, expert) for our mesh; a clear error where the flags cannot split the work."""
+  expert = mesh_expert or num_devices
+  if num_devices % expert or s["num_experts"] % expert:
+    raise ValueError(f"--mesh_expert={expert} must divide the {num_devices} devices and "
+                     f"--num_experts={s['num_experts']}")
+  for name in ("batch", "decode_batch"):
+    if s[name] % num_devices:
+      raise ValueError(f"--{name}={s[name]} must be divisible by the {num_devices} devices")
+  return num_devices // expert, expert
+
+
 def train_model_flops(cfg, batch: int, seq_len: int) -> float:
   """Analytic train-step FLOPs: 6 N_active per token plus attention's 12 L H Z T (PaLM, app. B)."""
   d, z = cfg.d_model, cfg.head_dim
@@ -97,21 +132,24 @@ def timed(fn) -> float:
 
 
 class Ours:
-  """Our side: the jitted, donated train step, the jitted sampler and a peak-rate matmul."""
+  """Our side on a (data, expert) mesh of `devices`: the jitted, donated train step and the
+  jitted sampler."""
 
-  def __init__(self, cfg, s, tokens_BT, prompts_BP):
+  def __init__(self, cfg, s, tokens_BT, prompts_BP, devices, mesh_expert: int):
     from pr2_jax.models.transformer import MoETransformer
-    from pr2_jax.parallel.mesh import make_mesh
+    from pr2_jax.parallel.mesh import logical_sharding, make_mesh
     from pr2_jax.rl.sampler import SamplerConfig, generate
     from pr2_jax.train.state import create_train_state, make_optimizer
     from pr2_jax.train.supervised import make_train_step, next_token_loss
-    mesh = make_mesh(1, 1, jax.devices()[:1])  # one device: the fair comparison
-    self.model, tx = MoETransformer(cfg, mesh), make_optimizer(s["lr"], grad_clip=1.0)
-    self.state, shardings = create_train_state(self.model, tx, jax.random.key(s["seed"]), mesh)
+    self.mesh = make_mesh(*mesh_shape(len(devices), mesh_expert, s), devices)
+    self.model, tx = MoETransformer(cfg, self.mesh), make_optimizer(s["lr"], grad_clip=1.0)
+    self.state, shardings = create_train_state(self.model, tx, jax.random.key(s["seed"]), self.mesh)
     self.params0 = jax.tree.map(lambda x: x.copy(), self.state.params)  # the step donates state
-    self.batch = {"tokens": jnp.asarray(tokens_BT), "loss_mask": jnp.ones(tokens_BT.shape)}
+    rows = logical_sharding(self.mesh, ("batch", "length"))
+    self.batch = {"tokens": jax.device_put(tokens_BT, rows),
+                  "loss_mask": jax.device_put(np.ones(tokens_BT.shape, np.float32), rows)}
     t0 = time.perf_counter()
-    self.step = make_train_step(self.model, tx, mesh, shardings).lower(
+    self.step = make_train_step(self.model, tx, self.mesh, shardings).lower(
         self.state, self.batch).compile()
     self.compile_train_s = time.perf_counter() - t0
     cost = self.step.cost_analysis()
@@ -121,16 +159,13 @@ class Ours:
       logits = self.model.apply({"params": params}, tokens).logits
       return next_token_loss(logits, tokens, jnp.ones(tokens.shape))[0], logits
     self.loss = jax.jit(loss)
-    self.prompts, self.prompt_valid = jnp.asarray(prompts_BP), jnp.ones(prompts_BP.shape, bool)
+    self.prompts = jax.device_put(prompts_BP, rows)
+    self.prompt_valid = jax.device_put(np.ones(prompts_BP.shape, bool), rows)
     sampling = SamplerConfig(max_new_tokens=s["new_tokens"], temperature=0.0, eos_id=-1)
     t0 = time.perf_counter()
     self.generate = jax.jit(functools.partial(generate, self.model, config=sampling)).lower(
         self.params0, self.prompts, self.prompt_valid, jax.random.key(0)).compile()
     self.compile_decode_s = time.perf_counter() - t0
-    n = s["peak_n"]
-    self.a, self.b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in (1, 2))
-    self.matmul = jax.jit(jnp.matmul).lower(self.a, self.b).compile()
-    self.peak_flops_per_call = 2.0 * n ** 3
     self.losses = []
 
   def train(self):
@@ -138,10 +173,19 @@ class Ours:
     self.losses.append(float(metrics["loss"]))  # a host sync: the step has finished
 
   def decode(self):
-    self.tokens = jax.block_until_ready(
+    self.tokens = np.asarray(
         self.generate(self.params0, self.prompts, self.prompt_valid, jax.random.key(0)).tokens)
 
-  def peak(self):
+
+class Peak:
+  """A jitted n x n float32 matmul on one device: the machine's matrix-multiply rate."""
+
+  def __init__(self, n: int):
+    self.a, self.b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in (1, 2))
+    self.matmul = jax.jit(jnp.matmul).lower(self.a, self.b).compile()
+    self.flops_per_call = 2.0 * n ** 3
+
+  def __call__(self):
     jax.block_until_ready(self.matmul(self.a, self.b))
 
 
@@ -199,13 +243,17 @@ def interleaved(pairs: dict, rounds: int, warmup: int) -> dict:
   return times
 
 
-def run(s) -> dict:
+def run(s, mesh_expert: int = 0, one_device_too: bool = True) -> dict:
   cfg = model_config(s)
   rng = np.random.default_rng(s["seed"])
   tokens_BT = rng.integers(0, cfg.vocab_size, (s["batch"], s["seq_len"])).astype(np.int32)
   prompts_BP = rng.integers(0, cfg.vocab_size, (s["decode_batch"], s["prompt_len"])).astype(np.int32)
-  logging.info("compiling our train step and sampler ...")
-  ours = Ours(cfg, s, tokens_BT, prompts_BP)
+  logging.info("compiling our train step and sampler on %d device(s) ...", jax.device_count())
+  sides = {"ours": Ours(cfg, s, tokens_BT, prompts_BP, jax.devices(), mesh_expert)}
+  if one_device_too and jax.device_count() > 1:
+    sides["ours_1dev"] = Ours(cfg, s, tokens_BT, prompts_BP, jax.devices()[:1], 1)
+  ours = sides["ours"]
+  peak_fn = Peak(s["peak_n"])
   from pr2_jax.hf.checkpoint import save_hf_checkpoint
   with tempfile.TemporaryDirectory() as path:
     save_hf_checkpoint(cfg, ours.params0, path)
@@ -219,34 +267,41 @@ def run(s) -> dict:
             "initial_logits_max_abs_diff": float(np.max(np.abs(our_logits - peer_logits)))}
   logging.info("parity %s", parity)
 
-  train = interleaved({"ours": ours.train, "torch": peer.train, "peak": ours.peak},
+  train = interleaved(dict({n: o.train for n, o in sides.items()}, torch=peer.train, peak=peak_fn),
                       s["rounds"], s["warmup"])
-  decode = interleaved({"ours": ours.decode, "torch": peer.decode}, s["rounds"], s["warmup"])
+  decode = interleaved(dict({n: o.decode for n, o in sides.items()}, torch=peer.decode),
+                       s["rounds"], s["warmup"])
   med = {k: statistics.median(v) for k, v in train.items()}
   dmed = {k: statistics.median(v) for k, v in decode.items()}
-  tokens = s["batch"] * s["seq_len"]
+  tokens, new_tokens = s["batch"] * s["seq_len"], s["decode_batch"] * s["new_tokens"]
   model_flops = train_model_flops(cfg, s["batch"], s["seq_len"])
-  peak = ours.peak_flops_per_call / min(train["peak"])
-  new = ours.tokens[:, s["prompt_len"]:]
-  return dict(
-      parity,
-      ours_train_tokens_per_s=tokens / med["ours"], torch_train_tokens_per_s=tokens / med["torch"],
-      train_speedup=med["torch"] / med["ours"],
-      ours_decode_tokens_per_s=s["decode_batch"] * s["new_tokens"] / dmed["ours"],
-      torch_decode_tokens_per_s=s["decode_batch"] * s["new_tokens"] / dmed["torch"],
-      decode_speedup=dmed["torch"] / dmed["ours"],
-      peak_flops_per_s=peak, peak_flops_per_s_median=ours.peak_flops_per_call / med["peak"],
+  peak = peak_fn.flops_per_call / min(train["peak"])
+  peer_new = peer.tokens[:, s["prompt_len"]:]
+  result = dict(
+      parity, devices=jax.device_count(), mesh=dict(ours.mesh.shape),
+      torch_train_tokens_per_s=tokens / med["torch"],
+      torch_decode_tokens_per_s=new_tokens / dmed["torch"],
+      peak_flops_per_s=peak, peak_flops_per_s_median=peak_fn.flops_per_call / med["peak"],
       train_model_flops=model_flops, train_xla_flops=ours.xla_train_flops,
-      train_model_flops_per_s=model_flops / med["ours"],
       train_xla_flops_per_s=ours.xla_train_flops / med["ours"],
-      mfu=model_flops / med["ours"] / peak,
       torch_mfu=model_flops / med["torch"] / peak,  # the same count: what transformers achieves
-      train_loss_trace_max_abs_diff=float(np.max(np.abs(
-          np.asarray(ours.losses) - np.asarray(peer.losses)))),
-      decode_first_token_agreement=float(np.mean(new[:, 0] == peer.tokens[:, s["prompt_len"]])),
-      decode_token_agreement=float(np.mean(new == peer.tokens[:, s["prompt_len"]:])),
       compile_train_s=ours.compile_train_s, compile_decode_s=ours.compile_decode_s,
       torch_impl=peer.impl, times_s={"train": train, "decode": decode})
+  for name, side in sides.items():
+    suffix = name[len("ours"):]  # "" for the headline side, "_1dev" for the reference
+    new = side.tokens[:, s["prompt_len"]:]
+    result.update({
+        f"ours{suffix}_train_tokens_per_s": tokens / med[name],
+        f"train_speedup{suffix}": med["torch"] / med[name],
+        f"ours{suffix}_decode_tokens_per_s": new_tokens / dmed[name],
+        f"decode_speedup{suffix}": dmed["torch"] / dmed[name],
+        f"train_model_flops_per_s{suffix}": model_flops / med[name],
+        f"mfu{suffix}": model_flops / med[name] / peak,
+        f"train_loss_trace_max_abs_diff{suffix}": float(np.max(np.abs(
+            np.asarray(side.losses) - np.asarray(peer.losses)))),
+        f"decode_first_token_agreement{suffix}": float(np.mean(new[:, 0] == peer_new[:, 0])),
+        f"decode_token_agreement{suffix}": float(np.mean(new == peer_new))})
+  return result
 
 
 def tokens_of(r: dict) -> int:
@@ -254,29 +309,46 @@ def tokens_of(r: dict) -> int:
 
 
 def format_table(r: dict) -> str:
-  rows = ["| | ours (JAX) | transformers (torch) | ours / torch | target |", "|---|---|---|---|---|",
-          f"| train step tokens/s | {r['ours_train_tokens_per_s']:,.0f} "
-          f"| {r['torch_train_tokens_per_s']:,.0f} | {r['train_speedup']:.2f}x | >= 2x |",
-          f"| decode tokens/s | {r['ours_decode_tokens_per_s']:,.0f} "
-          f"| {r['torch_decode_tokens_per_s']:,.0f} | {r['decode_speedup']:.2f}x | >= 3x |",
-          f"| train model GFLOP/s (MFU) | {r['train_model_flops_per_s'] / 1e9:.1f} "
-          f"({100 * r['mfu']:.1f}% of {r['peak_flops_per_s'] / 1e9:.0f}) "
-          f"| {r['train_model_flops'] / 1e9 * r['torch_train_tokens_per_s'] / tokens_of(r):.1f} "
-          f"({100 * r['torch_mfu']:.1f}%) | | MFU >= 25% |",
-          f"| initial loss | {r['initial_loss_ours']:.6f} | {r['initial_loss_torch']:.6f} "
-          f"| diff {r['initial_loss_abs_diff']:.1e} | same weights |"]
+  one = "ours_1dev_train_tokens_per_s" in r
+  mesh = "x".join(str(v) for v in r["mesh"].values())
+  head = f"| | ours ({r['devices']} dev, mesh {mesh}) |" + (" ours (1 device) |" if one else "")
+  rows = [head + " transformers (torch) | ours / torch | target |",
+          "|---|---|" + ("---|" if one else "") + "---|---|---|"]
+
+  def row(label, key, fmt, ratio, target):
+    cells = [fmt(r[f"ours{key}"])] + ([fmt(r[f"ours_1dev{key}"])] if one else [])
+    ratios = f"{r[ratio]:.2f}x" + (f" ({r[ratio + '_1dev']:.2f}x)" if one else "")
+    return f"| {label} | " + " | ".join(cells) + f" | {fmt(r[f'torch{key}'])} | {ratios} | {target} |"
+
+  count = lambda v: f"{v:,.0f}"
+  rows += [row("train step tokens/s", "_train_tokens_per_s", count, "train_speedup", ">= 2x"),
+           row("decode tokens/s", "_decode_tokens_per_s", count, "decode_speedup", ">= 3x")]
+  peak = r["peak_flops_per_s"]
+  mfu = lambda suffix: (f"{r['train_model_flops_per_s' + suffix] / 1e9:.1f} "
+                        f"({100 * r['mfu' + suffix]:.1f}% of {peak / 1e9:.0f})")
+  torch_rate = r["train_model_flops"] * r["torch_train_tokens_per_s"] / tokens_of(r)
+  rows.append(f"| train model GFLOP/s (MFU) | {mfu('')} |" + (f" {mfu('_1dev')} |" if one else "")
+              + f" {torch_rate / 1e9:.1f} ({100 * r['torch_mfu']:.1f}%) | | MFU >= 25% |")
+  rows.append(f"| initial loss | {r['initial_loss_ours']:.6f} |" + (" |" if one else "")
+              + f" {r['initial_loss_torch']:.6f} | diff {r['initial_loss_abs_diff']:.1e} | same weights |")
   return "\n".join(rows)
 
 
 def main(argv):
   del argv
-  common.setup_devices()
   s = settings()
+  threads = usable_cores()
+  if not flags.FLAGS["cpu_devices"].present:  # one JAX device per core torch has a thread on
+    flags.FLAGS.cpu_devices = default_devices(s, threads)
+  common.setup_devices()
+  try:
+    mesh_shape(jax.device_count(), _MESH_EXPERT.value, s)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   import torch
-  threads = len(os.sched_getaffinity(0))  # XLA:CPU's pool uses every usable core
   torch.set_num_threads(threads)
   load_start = os.getloadavg()
-  result = run(s)
+  result = run(s, _MESH_EXPERT.value, _ONE_DEVICE.value)
   result.update(targets_met={k: bool(result[k] >= v) for k, v in TARGETS.items()},
                 targets=TARGETS, settings=s, torch_threads=threads,
                 load_avg_start=load_start, load_avg_end=os.getloadavg(),

@@ -4,8 +4,9 @@ No assertions on timings (they describe a shared machine): only that every
 figure exists, is positive and finite, and that the comparison is apples to
 apples: on the shared weights transformers and our model give the same loss
 and logits, train the same (loss trace) and decode the same greedy tokens.
-It runs in a subprocess: the benchmark needs the real device count, while
-this test process has conftest's 8 fake devices.
+It runs in a subprocess: the benchmark sets its own device count (one per
+core; 2 here, with the experts split over them, plus the one-device
+reference), while this test process has conftest's 8 fake devices.
 """
 
 import json
@@ -16,14 +17,19 @@ import sys
 import pytest
 
 POSITIVE = ("train_speedup", "decode_speedup", "mfu", "ours_train_tokens_per_s",
-            "torch_train_tokens_per_s", "ours_decode_tokens_per_s", "torch_decode_tokens_per_s",
-            "peak_flops_per_s", "train_model_flops", "train_xla_flops", "train_model_flops_per_s")
+            "ours_decode_tokens_per_s", "train_model_flops_per_s",
+            # the one-device reference, timed in the same rounds
+            "train_speedup_1dev", "decode_speedup_1dev", "mfu_1dev", "ours_1dev_train_tokens_per_s",
+            "ours_1dev_decode_tokens_per_s", "train_model_flops_per_s_1dev",
+            "torch_train_tokens_per_s", "torch_decode_tokens_per_s", "peak_flops_per_s",
+            "train_model_flops", "train_xla_flops")
 
 
 @pytest.mark.slow  # ~40-60 s on 2 shared cores, mostly XLA compiles
 def test_bench_peer_quick(tmp_path):
   out = tmp_path / "peer.json"
-  proc = subprocess.run([sys.executable, "-m", "experiments.bench_peer", "--quick", f"--out={out}"],
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench_peer", "--quick", "--cpu_devices=2",
+                         f"--out={out}"],
                         check=True, capture_output=True, text=True, timeout=300)
   line = json.loads(proc.stdout.strip().splitlines()[-1])
   for key in POSITIVE:
@@ -34,7 +40,24 @@ def test_bench_peer_quick(tmp_path):
   assert line["initial_loss_abs_diff"] < 1e-5
   assert line["initial_logits_max_abs_diff"] < 1e-4
   assert abs(line["initial_loss_ours"] - line["initial_loss_torch"]) < 1e-5
-  # Same optimizer too: the losses of the timed steps follow the same trace.
-  assert line["train_loss_trace_max_abs_diff"] < 1e-4
-  assert line["decode_first_token_agreement"] == 1.0
+  assert line["devices"] == 2 and line["mesh"] == {"data": 1, "expert": 2}
+  for suffix in ("", "_1dev"):  # two devices with split experts, and one device
+    # Same optimizer too: the losses of the timed steps follow the same trace.
+    assert line["train_loss_trace_max_abs_diff" + suffix] < 1e-4
+    assert line["decode_first_token_agreement" + suffix] == 1.0
   assert json.loads(out.read_text())["mfu"] == line["mfu"]
+
+
+def test_default_devices_and_mesh_shape():
+  """One device per core where the batches and experts split evenly; bad meshes name the flag."""
+  from experiments.bench_peer import default_devices, mesh_shape
+  s = {"batch": 8, "decode_batch": 64, "num_experts": 16}
+  assert [default_devices(s, cores) for cores in (1, 2, 3, 4, 6)] == [1, 2, 2, 4, 4]
+  assert default_devices(dict(s, batch=2), 4) == 2
+  assert mesh_shape(2, 0, s) == (1, 2)   # 0: the experts over every device
+  assert mesh_shape(4, 2, s) == (2, 2)
+  assert mesh_shape(2, 1, s) == (2, 1)   # data parallel
+  with pytest.raises(ValueError, match="--mesh_expert=3"):
+    mesh_shape(6, 3, s)
+  with pytest.raises(ValueError, match="--batch=8 must be divisible by the 16 devices"):
+    mesh_shape(16, 16, s)
