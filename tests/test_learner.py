@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
@@ -14,7 +15,7 @@ from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import data, learner, losses
 from pr2_jax.rl.config import RLConfig
 from pr2_jax.rl.sampler import SamplerConfig, generate
-from pr2_jax.train.state import create_train_state, make_optimizer
+from pr2_jax.train.state import create_train_state, make_optimizer, predictor_initializer
 
 CFG = ModelConfig(vocab_size=24, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                   expert_d_ff=32, num_experts=8, top_k=2)
@@ -255,6 +256,36 @@ def test_predictor_skipped_at_first_ministep_and_trained_after():
   assert float(m["pred_loss"]) > 0  # measured even when not applied
   trained, _ = learner.update_step(lr, state, micro, jnp.asarray(True))
   assert float(jnp.abs(trained.predictor - state.predictor).max()) > 0
+
+
+def test_pr2_update_with_fsdp_matches_single_device():
+  """PR2 on a (2, 4) mesh with model.fsdp: W_p is split over 'data' like the weights, the
+  update (SGD, lr 1: update = gradient) equals one device's, and W_p stays split."""
+  model1, _, _, state1, batch = _pr2_setup()
+  tx, pred_tx = optax.sgd(1.0), optax.sgd(1.0)
+  config = _rl(replay_mode="pr2", prompts_per_step=8, group_size=2, micro_steps=2)
+  make = lambda model: learner.Learner(model, config, tx, PR2Config(feature_dtype="float32"), pred_tx)
+  w = _mispredicting_wp(state1)
+  state1 = state1.replace(opt_state=tx.init(state1.params), predictor=w,
+                          pred_opt_state=pred_tx.init(w))
+  micro = _prepare(model1, config, state1.params, {k: np.concatenate([v, v]) for k, v in batch.items()}, 2)
+  ref, _ = learner.update_step(make(model1), state1, micro, jnp.asarray(True))
+
+  mesh = make_mesh(2, 4)
+  model = MoETransformer(CFG.replace(fsdp=True), mesh)
+  state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
+  _, (w_sharding, opt_shardings) = predictor_initializer(model.config, pred_tx, mesh)
+  state = state.replace(predictor=jax.device_put(w, w_sharding),
+                        pred_opt_state=jax.device_put(pred_tx.init(w), opt_shardings))
+  shardings = shardings.replace(predictor=w_sharding, pred_opt_state=opt_shardings)
+  _, update_fn = learner.make_learner_fns(make(model), mesh, shardings, micro)
+  new, _ = update_fn(state, jax.device_put(micro, learner.batch_shardings(mesh, micro)),
+                     jnp.asarray(True))
+  assert new.predictor.sharding.spec == PartitionSpec(None, "data", None)
+  assert float(jnp.abs(ref.predictor - state1.predictor).max()) > 0  # W_p did move
+  np.testing.assert_allclose(np.asarray(new.predictor), np.asarray(ref.predictor), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 def test_pr2_r2_predicts_in_the_old_logprob_pass():

@@ -4,11 +4,12 @@ import jax
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.train.state import create_train_state, state_memory
+from pr2_jax.train.state import create_train_state, predictor_initializer, state_memory
 
 CFG = ModelConfig(vocab_size=24, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                   expert_d_ff=16, num_experts=8, top_k=2, num_layers=2)
@@ -59,3 +60,20 @@ def test_fsdp_splits_every_d_model_weight_over_data():
   odd = MoETransformer(CFG.replace(d_model=36, fsdp=True), make_mesh(8, 1))
   with pytest.raises(ValueError, match=r"fsdp=True splits d_model=36 .* size 8 does not divide"):
     create_train_state(odd, tx, jax.random.key(0), make_mesh(8, 1))
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_predictor_is_born_zero_and_split_like_the_parameters(fsdp):
+  """W_p [L, D, E] and its AdamW moments: replicated, or under fsdp split over 'data' on D
+  (hand count on (2, 4): 2 layers x 32 x 8 float32 = 2048 bytes, half of it per device)."""
+  mesh = make_mesh(2, 4)
+  init, (w_sharding, opt_shardings) = predictor_initializer(CFG.replace(fsdp=fsdp),
+                                                             optax.adamw(1e-3), mesh)
+  w, opt = init()
+  assert w.shape == (2, 32, 8) and not np.any(np.asarray(w))
+  expected = PartitionSpec(None, "data" if fsdp else None, None)
+  assert w.sharding.spec == w_sharding.spec == expected
+  assert _device0_bytes(w) == (1024 if fsdp else 2048)
+  mu = opt[0].mu  # adamw: (ScaleByAdamState, ...)
+  assert mu.sharding.spec == expected and _device0_bytes(mu) == _device0_bytes(w)
+  assert jax.tree.structure(opt_shardings) == jax.tree.structure(opt)

@@ -29,11 +29,9 @@ from pr2_jax.parallel.distributed import is_main_process, to_global, to_host
 from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
 from pr2_jax.rl import balancing, data, learner, losses, programs
 from pr2_jax.rl.char_tokenizer import CharTokenizer
-from pr2_jax.pr2.predictor import init_predictor
 from pr2_jax.rl.config import PR2_MODES, ExperimentConfig
 from pr2_jax.rl.tasks import make_task
 from pr2_jax.train.checkpoint import Checkpointer, abstract_like
-from pr2_jax.train.state import replicated
 
 Callback = Callable[[dict], None]
 
@@ -79,14 +77,11 @@ class Engine:
     self.seq_sharding = logical_sharding(mesh, ("batch", "length"))
 
   def _add_predictor(self):
-    """W_p [L, D, E] = 0 and its optimizer state, replicated (it is small)."""
-    m = self.config.model
-    rep = replicated(self.mesh)
-    w = to_global(init_predictor(m.num_moe_layers, m.d_model, m.num_experts), rep)
-    opt = self.programs.pred_init(w)
+    """W_p [L, D, E] = 0 and its optimizer state (split like the parameters under fsdp)."""
+    init, (w_sharding, opt_shardings) = self.programs.pred_init
+    w, opt = init()
     self.state = self.state.replace(predictor=w, pred_opt_state=opt)
-    self.shardings = self.shardings.replace(predictor=rep,
-                                            pred_opt_state=jax.tree.map(lambda _: rep, opt))
+    self.shardings = self.shardings.replace(predictor=w_sharding, pred_opt_state=opt_shardings)
 
   def feature_slots(self, rng: np.random.Generator, batch: int) -> np.ndarray | None:
     """Slots whose router features PR2 caches, int32 [B, F] (by `pr2.feature_rule`)."""

@@ -28,7 +28,7 @@ from pr2_jax.rl import learner
 from pr2_jax.rl.config import PR2_MODES, ExperimentConfig
 from pr2_jax.rl.sampler import SamplerConfig, generate
 from pr2_jax.train import supervised
-from pr2_jax.train.state import make_optimizer, replicated, state_initializer
+from pr2_jax.train.state import make_optimizer, predictor_initializer, state_initializer
 
 # RLConfig fields only the host loop reads: runs that differ in them run the same programs.
 HOST_ONLY_RL_FIELDS = ("num_steps", "eval_every", "eval_size", "max_consecutive_skips")
@@ -67,7 +67,7 @@ class Programs:
     self.pred_tx = (make_optimizer(rl.learning_rate * pr2.lr_mult, grad_clip=rl.grad_clip)
                     if rl.replay_mode in PR2_MODES else None)
     self.learner = learner.Learner(self.model, rl, self.tx, pr2, self.pred_tx)
-    self.pred_init = (jax.jit(self.pred_tx.init, out_shardings=replicated(mesh))
+    self.pred_init = (predictor_initializer(config.model, self.pred_tx, mesh)
                       if self.pred_tx else None)
     self._state_init = self._warmup = self._learner_fns = None
 

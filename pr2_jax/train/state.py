@@ -19,6 +19,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pr2_jax.parallel.mesh import DATA, EXPERT, num_token_shards, tree_shardings
+from pr2_jax.pr2.predictor import init_predictor
+
+# PR2's W_p [L, D, E]: its D is a parameter's d_model, so model.fsdp splits it too.
+PREDICTOR_AXES = ("layers", "embed", "experts_logits")
 
 
 @flax.struct.dataclass
@@ -78,6 +82,23 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
   """Returns (state, state_shardings) with every array born in its sharding."""
   init, shardings = state_initializer(model, tx, mesh, rng)
   return init(rng), shardings
+
+
+def predictor_initializer(config, tx: optax.GradientTransformation, mesh: Mesh):
+  """(init, (w_sharding, opt_shardings)) for PR2's W_p = 0 and its optimizer state.
+
+  `config` is the ModelConfig. Replicated by default; under `config.fsdp` W_p and its
+  moments are split over 'data' on D like every other parameter (for the 30B config
+  that is 50 MB of W_p and 100 MB of moments per device otherwise). `init()` is jitted
+  and its arrays are born in those shardings.
+  """
+  def init():
+    w = nn.LogicallyPartitioned(
+        init_predictor(config.num_moe_layers, config.d_model, config.num_experts), PREDICTOR_AXES)
+    return w, tx.init(w)
+
+  shardings = tree_shardings(mesh, jax.eval_shape(init), fsdp=config.fsdp)
+  return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings), shardings
 
 
 def bytes_per_device(abstract_tree, shardings) -> int:
