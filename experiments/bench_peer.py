@@ -93,26 +93,9 @@ def model_config(s):
                      num_experts=s["num_experts"], top_k=s["top_k"], expert_impl=s["expert_impl"])
 
 
-def usable_cores() -> int:
-  return len(os.sched_getaffinity(0))
-
-
-def default_devices(s: dict, cores: int) -> int:
-  """One device per usable core, as many as split both batches and the experts evenly."""
-  return max(d for d in range(1, cores + 1)
-             if s["batch"] % d == 0 and s["decode_batch"] % d == 0 and s["num_experts"] % d == 0)
-
-
 def mesh_shape(num_devices: int, mesh_expert: int, s: dict) -> tuple[int, int]:
-  """(data, expert) for our mesh; a clear error where the flags cannot split the work."""
-  expert = mesh_expert or num_devices
-  if num_devices % expert or s["num_experts"] % expert:
-    raise ValueError(f"--mesh_expert={expert} must divide the {num_devices} devices and "
-                     f"--num_experts={s['num_experts']}")
-  for name in ("batch", "decode_batch"):
-    if s[name] % num_devices:
-      raise ValueError(f"--{name}={s[name]} must be divisible by the {num_devices} devices")
-  return num_devices // expert, expert
+  return common.split_mesh_shape(num_devices, mesh_expert, s["num_experts"],
+                                 {n: s[n] for n in ("batch", "decode_batch")})
 
 
 def train_model_flops(cfg, batch: int, seq_len: int) -> float:
@@ -337,9 +320,10 @@ def format_table(r: dict) -> str:
 def main(argv):
   del argv
   s = settings()
-  threads = usable_cores()
+  threads = len(os.sched_getaffinity(0))
   if not flags.FLAGS["cpu_devices"].present:  # one JAX device per core torch has a thread on
-    flags.FLAGS.cpu_devices = default_devices(s, threads)
+    flags.FLAGS.cpu_devices = common.devices_dividing(
+        threads, s["batch"], s["decode_batch"], s["num_experts"])
   common.setup_devices()
   try:
     mesh_shape(jax.device_count(), _MESH_EXPERT.value, s)

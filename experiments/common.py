@@ -48,6 +48,25 @@ def setup_devices():
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def devices_dividing(cores: int, *sizes: int) -> int:
+  """The most devices, at most one per core, that split every size evenly."""
+  return max(d for d in range(1, cores + 1) if all(n % d == 0 for n in sizes))
+
+
+def split_mesh_shape(num_devices: int, mesh_expert: int, num_experts: int,
+                     batches: dict[str, int]) -> tuple[int, int]:
+  """(data, expert) over `num_devices` (mesh_expert 0 = all of them on 'expert'); a ValueError
+  naming the flag where the devices cannot split the experts or a batch (`{flag: size}`)."""
+  expert = mesh_expert or num_devices
+  if num_devices % expert or num_experts % expert:
+    raise ValueError(f"--mesh_expert={expert} must divide the {num_devices} devices and "
+                     f"--num_experts={num_experts}")
+  for name, size in batches.items():
+    if size % num_devices:
+      raise ValueError(f"--{name}={size} must be divisible by the {num_devices} devices")
+  return num_devices // expert, expert
+
+
 def build_mesh(cfg):
   import jax
   from pr2_jax.parallel.mesh import make_mesh

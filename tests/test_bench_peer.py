@@ -50,14 +50,14 @@ def test_bench_peer_quick(tmp_path):
 
 def test_default_devices_and_mesh_shape():
   """One device per core where the batches and experts split evenly; bad meshes name the flag."""
-  from experiments.bench_peer import default_devices, mesh_shape
-  s = {"batch": 8, "decode_batch": 64, "num_experts": 16}
-  assert [default_devices(s, cores) for cores in (1, 2, 3, 4, 6)] == [1, 2, 2, 4, 4]
-  assert default_devices(dict(s, batch=2), 4) == 2
-  assert mesh_shape(2, 0, s) == (1, 2)   # 0: the experts over every device
-  assert mesh_shape(4, 2, s) == (2, 2)
-  assert mesh_shape(2, 1, s) == (2, 1)   # data parallel
+  from experiments.common import devices_dividing, split_mesh_shape
+  assert [devices_dividing(cores, 8, 64, 16) for cores in (1, 2, 3, 4, 6)] == [1, 2, 2, 4, 4]
+  assert devices_dividing(4, 2, 64, 16) == 2
+  batches = {"batch": 8, "decode_batch": 64}
+  assert split_mesh_shape(2, 0, 16, batches) == (1, 2)   # 0: the experts over every device
+  assert split_mesh_shape(4, 2, 16, batches) == (2, 2)
+  assert split_mesh_shape(2, 1, 16, batches) == (2, 1)   # data parallel
   with pytest.raises(ValueError, match="--mesh_expert=3"):
-    mesh_shape(6, 3, s)
+    split_mesh_shape(6, 3, 16, batches)
   with pytest.raises(ValueError, match="--batch=8 must be divisible by the 16 devices"):
-    mesh_shape(16, 16, s)
+    split_mesh_shape(16, 16, 16, batches)
