@@ -1,8 +1,9 @@
 """Peer benchmark: our MoETransformer against transformers' Qwen3-MoE (PyTorch), same CPU.
 
-    python -m experiments.bench_peer                  # the default config below, ~5 min
+    python -m experiments.bench_peer                  # the default config below, 1-2 min
     python -m experiments.bench_peer --decode_batch=16  # a smaller decode batch
-    python -m experiments.bench_peer --quick          # test-sized, ~30 s
+    python -m experiments.bench_peer --quick          # test-sized, ~25 s
+    python -m experiments.bench_peer --cpu_devices=1  # ours on one device only
 
 Both sides hold the SAME weights: ours are initialised, written with
 `save_hf_checkpoint` and read by `Qwen3MoeForCausalLM.from_pretrained`, and
