@@ -94,11 +94,6 @@ def model_config(s):
                      num_experts=s["num_experts"], top_k=s["top_k"], expert_impl=s["expert_impl"])
 
 
-def mesh_shape(num_devices: int, mesh_expert: int, s: dict) -> tuple[int, int]:
-  return common.split_mesh_shape(num_devices, mesh_expert, s["num_experts"],
-                                 {n: s[n] for n in ("batch", "decode_batch")})
-
-
 def train_model_flops(cfg, batch: int, seq_len: int) -> float:
   """Analytic train-step FLOPs: 6 N_active per token plus attention's 12 L H Z T (PaLM, app. B)."""
   d, z = cfg.d_model, cfg.head_dim
@@ -119,13 +114,13 @@ class Ours:
   """Our side on a (data, expert) mesh of `devices`: the jitted, donated train step and the
   jitted sampler."""
 
-  def __init__(self, cfg, s, tokens_BT, prompts_BP, devices, mesh_expert: int):
+  def __init__(self, cfg, s, tokens_BT, prompts_BP, devices, shape: tuple[int, int]):
     from pr2_jax.models.transformer import MoETransformer
     from pr2_jax.parallel.mesh import logical_sharding, make_mesh
     from pr2_jax.rl.sampler import SamplerConfig, generate
     from pr2_jax.train.state import create_train_state, make_optimizer
     from pr2_jax.train.supervised import make_train_step, next_token_loss
-    self.mesh = make_mesh(*mesh_shape(len(devices), mesh_expert, s), devices)
+    self.mesh = make_mesh(*shape, devices)
     self.model, tx = MoETransformer(cfg, self.mesh), make_optimizer(s["lr"], grad_clip=1.0)
     self.state, shardings = create_train_state(self.model, tx, jax.random.key(s["seed"]), self.mesh)
     self.params0 = jax.tree.map(lambda x: x.copy(), self.state.params)  # the step donates state
@@ -227,15 +222,16 @@ def interleaved(pairs: dict, rounds: int, warmup: int) -> dict:
   return times
 
 
-def run(s, mesh_expert: int = 0, one_device_too: bool = True) -> dict:
+def run(s, shape: tuple[int, int], one_device_too: bool = True) -> dict:
+  """Both sides timed; `shape` is our (data, expert) mesh over all devices."""
   cfg = model_config(s)
   rng = np.random.default_rng(s["seed"])
   tokens_BT = rng.integers(0, cfg.vocab_size, (s["batch"], s["seq_len"])).astype(np.int32)
   prompts_BP = rng.integers(0, cfg.vocab_size, (s["decode_batch"], s["prompt_len"])).astype(np.int32)
   logging.info("compiling our train step and sampler on %d device(s) ...", jax.device_count())
-  sides = {"ours": Ours(cfg, s, tokens_BT, prompts_BP, jax.devices(), mesh_expert)}
+  sides = {"ours": Ours(cfg, s, tokens_BT, prompts_BP, jax.devices(), shape)}
   if one_device_too and jax.device_count() > 1:
-    sides["ours_1dev"] = Ours(cfg, s, tokens_BT, prompts_BP, jax.devices()[:1], 1)
+    sides["ours_1dev"] = Ours(cfg, s, tokens_BT, prompts_BP, jax.devices()[:1], (1, 1))
   ours = sides["ours"]
   peak_fn = Peak(s["peak_n"])
   from pr2_jax.hf.checkpoint import save_hf_checkpoint
@@ -327,13 +323,14 @@ def main(argv):
         threads, s["batch"], s["decode_batch"], s["num_experts"])
   common.setup_devices()
   try:
-    mesh_shape(jax.device_count(), _MESH_EXPERT.value, s)
+    shape = common.split_mesh_shape(jax.device_count(), _MESH_EXPERT.value, s["num_experts"],
+                                    {n: s[n] for n in ("batch", "decode_batch")})
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   import torch
   torch.set_num_threads(threads)
   load_start = os.getloadavg()
-  result = run(s, _MESH_EXPERT.value, _ONE_DEVICE.value)
+  result = run(s, shape, _ONE_DEVICE.value)
   result.update(targets_met={k: bool(result[k] >= v) for k, v in TARGETS.items()},
                 targets=TARGETS, settings=s, torch_threads=threads,
                 load_avg_start=load_start, load_avg_end=os.getloadavg(),

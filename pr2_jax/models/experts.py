@@ -164,25 +164,18 @@ def grouped_positions(slot_ids_NK: jax.Array, num_slots: int, rows: int):
           block_end_S[-1].astype(jnp.int32))
 
 
-def _block_loop(used, body, init):
-  """`body(b, carry)` for the blocks b < used only: a while loop with a run-time trip count.
-
-  The buffer's static block count must hold the worst case (every assignment in
-  this shard's slots), but the routed groups fill only `used` blocks: about half
-  of them on each of two expert shards (the all-gathered assignments mostly
-  belong to the other shard), a few fewer than the bound on one. Empty blocks
-  would contribute zeros at the full price of a block's three matmuls.
-  """
-  return jax.lax.fori_loop(0, used, body, init)
-
-
 def _block_swiglu_loop(buf_BRD, block_slot_B, used, w):
   """Every used block through its slot's SwiGLU, one block per loop iteration.
 
   Indexing the weights inside the loop reads each block's [D, F] slabs in
   place: a batched einsum would first gather them into [B, D, F] copies
   (3 B D F floats written and read again), which measured 2.3x slower on
-  XLA:CPU at 4096 assignments. Returns (y_BRD, g_BRF, u_BRF), zero past `used`.
+  XLA:CPU at 4096 assignments. The loop (and the VJP's) stops at `used`, a
+  run-time count: the buffer's static block count must hold the worst case
+  (every assignment in this shard's slots), but the routed groups fill a few
+  blocks fewer on one shard and about half on each of two expert shards (the
+  all-gathered assignments mostly belong to the other), and an empty block
+  costs a full block's matmuls. Returns (y_BRD, g_BRF, u_BRF), zero past `used`.
   """
   num_blocks, rows, d = buf_BRD.shape
   f = w.gate_SDF.shape[-1]
@@ -200,7 +193,7 @@ def _block_swiglu_loop(buf_BRD, block_slot_B, used, w):
   # products, and the loop carry must start with the type it ends with.
   init = _vary_like((jnp.zeros((num_blocks, rows, d), dtype), jnp.zeros((num_blocks, rows, f), dtype),
                      jnp.zeros((num_blocks, rows, f), dtype)), w.gate_SDF)
-  return _block_loop(used, body, init)
+  return jax.lax.fori_loop(0, used, body, init)
 
 
 @jax.custom_vjp
@@ -240,7 +233,7 @@ def _block_swiglu_bwd(res, dy_BRD):
 
   dw0 = ExpertWeights(*(jnp.zeros_like(a) for a in w))
   dx0 = _vary_like(jnp.zeros_like(buf_BRD), g_BRF)
-  dw, dx_BRD = _block_loop(used, body, (dw0, dx0))
+  dw, dx_BRD = jax.lax.fori_loop(0, used, body, (dw0, dx0))
   return dx_BRD, None, None, dw
 
 
