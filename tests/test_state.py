@@ -77,3 +77,11 @@ def test_predictor_is_born_zero_and_split_like_the_parameters(fsdp):
   mu = opt[0].mu  # adamw: (ScaleByAdamState, ...)
   assert mu.sharding.spec == expected and _device0_bytes(mu) == _device0_bytes(w)
   assert jax.tree.structure(opt_shardings) == jax.tree.structure(opt)
+
+
+def test_predictor_initializer_rejects_a_mesh_the_model_cannot_use():
+  tx = optax.adamw(1e-3)
+  with pytest.raises(ValueError, match=r"fsdp=True splits d_model=36 .* size 8 does not divide"):
+    predictor_initializer(CFG.replace(d_model=36, fsdp=True), tx, make_mesh(8, 1))
+  with pytest.raises(ValueError, match=r"num_experts=6 must be divisible .* 'expert' axis size 4"):
+    predictor_initializer(CFG.replace(num_experts=6), tx, make_mesh(2, 4))

@@ -34,7 +34,7 @@ from pr2_jax.hf.checkpoint import load_hf_checkpoint
 from pr2_jax.hf.config_map import config_from_hf, read_hf_config
 from pr2_jax.hf.tokenizer import TOKENIZER_FILE, HFTokenizer
 from pr2_jax.rl.char_tokenizer import CHARS
-from pr2_jax.train.state import TrainState, init_tokens, state_shardings
+from pr2_jax.train.state import TrainState, state_initializer
 
 # ModelConfig fields that are our run-time choices, not the checkpoint's (docs/checkpoints.md).
 RUNTIME_FIELDS = ("dtype", "expert_impl", "capacity_factor", "aux_loss_coef", "fsdp")
@@ -201,13 +201,8 @@ def create_state(path: str, model: nn.Module, tx: optax.GradientTransformation,
     diff = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
     raise ValueError(f"{path} holds another model than ExperimentConfig.model: "
                      f"{{field: (config, checkpoint)}} = {diff}")
-  tokens = init_tokens(mesh)
-
-  def init(rng):
-    p = model.init(rng, tokens)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
-
-  shardings = state_shardings(model, mesh, jax.eval_shape(init, jax.random.key(0)))
+  # Only the shardings: the jitted random init is never called.
+  _, shardings = state_initializer(model, tx, mesh, jax.random.key(0))
   params = jax.device_put(params, shardings.params)  # no copy: the loader used these shardings
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings.step)()

@@ -90,8 +90,11 @@ def predictor_initializer(config, tx: optax.GradientTransformation, mesh: Mesh):
   `config` is the ModelConfig. Replicated by default; under `config.fsdp` W_p and its
   moments are split over 'data' on D like every other parameter (for the 30B config
   that is 50 MB of W_p and 100 MB of moments per device otherwise). `init()` is jitted
-  and its arrays are born in those shardings.
+  and its arrays are born in those shardings. Raises ValueError if `mesh` cannot hold
+  the model (`ModelConfig.validate_mesh`).
   """
+  config.validate_mesh(mesh.shape[EXPERT], mesh.shape[DATA])
+
   def init():
     w = nn.LogicallyPartitioned(
         init_predictor(config.num_moe_layers, config.d_model, config.num_experts), PREDICTOR_AXES)
