@@ -29,6 +29,7 @@ from pr2_jax import balance
 from pr2_jax.models.experts import ExpertWeights
 from pr2_jax.parallel.expert_parallel import moe_experts
 from pr2_jax.parallel.mesh import make_mesh
+from pr2_jax.parallel.replica_fetch import fetch_slabs
 
 
 def _capacity(slot_ids_NK, num_slots, shards):
@@ -88,6 +89,7 @@ def measure_moe(expert_ids_NK, *, num_experts, d_model, d_ff, repeats, seed=0):
   fwd = _time({"static": jax.jit(static), "foresight": jax.jit(foresight)}, (x, w), repeats)
   bwd = _time({"static": train(static), "foresight": train(foresight)}, (x, w), repeats)
   return {"devices": num_devices, "tokens": n, "top_k": k, "experts": num_experts,
+          "fetched_experts": int(fetch_slabs(slot_expert, num_experts, num_devices)),
           "slots_static": per, "slots_foresight": slots,
           "capacity_static": cap_static, "capacity_foresight": cap_fs,
           "buffer_ratio": (per * cap_static) / (slots * cap_fs),

@@ -18,6 +18,7 @@ from pr2_jax.models.transformer import (KVCache, ModelOutput, MoETransformer, in
 from pr2_jax.parallel.expert_parallel import moe_experts
 from pr2_jax.parallel.distributed import DistributedConfig, to_global, to_host
 from pr2_jax.parallel.mesh import LOGICAL_RULES, make_mesh
+from pr2_jax.parallel.replica_fetch import fetch_slabs
 from pr2_jax.pr2.predictor import (init_predictor, predicted_topk, predictor_bias, predictor_loss,
                                    predictor_losses)
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig

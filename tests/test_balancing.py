@@ -162,7 +162,7 @@ def _config(balance_mode, replay_mode="r3", **rl):
 BALANCE_KEYS = {f"imbalance_{m}_{s}" for m in balancing.MODES for s in ("mean", "max")} | {
     "imbalance_used_mean", "imbalance_used_max", "capacity_needed", "capacity_needed_static",
     "capacity_used", "old_capacity_needed", "old_capacity_used", "dropped", "old_dropped",
-    "slots_changed", "bytes_moved", "planner_ms"}
+    "slots_changed", "bytes_moved", "fetched_experts", "planner_ms"}
 
 
 # eplb_step's rows are checked by test_balance_state_survives_resume, and lpt's planning in

@@ -16,9 +16,10 @@ Tokens are split over ('data', 'expert'); expert weights over 'expert'.
     (Ragged all-to-all is unimplemented on XLA:CPU, so this is the dropless
     grouped path that runs everywhere; on GPU/TPU it uses `ragged_dot`.)
 Slots: with `slot_expert=None` shard p's slots are its own E/P experts and no
-weight moves. With a `slot_expert [X]` map, slot weights are gathered from
-their owners (`all_gather`) inside the step; autodiff turns that into a
-reduce-scatter, so replica gradients sum back into the owner's weights.
+weight moves. With a `slot_expert [X]` map, each shard receives the slot weights
+it does not own from their owners inside the step (`replica_fetch`: one
+all_to_all of only those, or an all_gather when the plan exceeds its bound);
+autodiff sends replica gradients back into the owner's weights.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pr2_jax.models import experts as ex
+from pr2_jax.parallel import replica_fetch
 from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size, num_token_shards
 
 
@@ -39,8 +41,9 @@ def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, nu
   p = jax.lax.axis_index(EXPERT) if distributed and P_ > 1 else 0
   if slot_expert_X is not None:
     if distributed and P_ > 1:
-      weights = ex.ExpertWeights(*(jax.lax.all_gather(w, EXPERT, tiled=True) for w in weights))
-    weights = weights.take(jax.lax.dynamic_slice_in_dim(slot_expert_X, p * S, S))
+      weights = replica_fetch.slot_weights(weights, slot_expert_X, P_, S)
+    else:
+      weights = weights.take(slot_expert_X)
   weights = weights.astype(dtype)
   x_nD = x_nD.astype(dtype)
   if impl == "capacity" and capacity >= x_nD.shape[0]:
@@ -92,7 +95,8 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
     capacity_factor: capacity per slot relative to an even share; 0 = dropless.
     capacity: explicit static capacity (overrides capacity_factor), e.g. a
       foresight bucket chosen on the host from the planned loads.
-    slot_expert_X: int32 [P*S] slot -> expert map; None = identity, S = E/P.
+    slot_expert_X: int32 [P*S] slot -> expert map; None = identity, S = E/P. Each
+      shard receives only the slot weights it does not own (`fetch_slabs` says how many).
     slot_ids_NK: the slot of each assignment (a planner's replica choice);
       default: the first slot holding the expert.
     dtype: computation dtype of the experts.

@@ -40,6 +40,7 @@ from pr2_jax.balance.eplb import eplb_rebalance
 from pr2_jax.balance.loads import imbalance, loads_from_routes, native_layout, static_device_load
 from pr2_jax.balance.planner import DEFAULT_METHOD, Plan, plan_placement
 from pr2_jax.parallel.distributed import to_host
+from pr2_jax.parallel.replica_fetch import fetch_slabs
 
 MODES = ("none", "eplb_step", "foresight")
 
@@ -348,13 +349,20 @@ class StepBalancer:
     out["imbalance_used_max"] = out[f"imbalance_{used}_max"]
     changed_M, bytes_M = churn(update.layouts_MLDS, state.layout_LDS, self.shape.bytes_per_expert)
     m = update.layouts_MLDS.shape[0]
+    # Expert-weight slabs each device's fetch receives per layer and micro-step, as a fraction
+    # of all E (1 = gathering every expert; parallel.replica_fetch). A native layout fetches none.
+    fetched = 0.0
+    if layout_kind(self.balance_mode, self.replay_mode != "none") != "native":
+      layouts_MLX = update.layouts_MLDS.reshape(update.layouts_MLDS.shape[:2] + (-1,))
+      slabs_ML = fetch_slabs(jnp.asarray(layouts_MLX), self.shape.num_experts, self.shape.num_devices)
+      fetched = float(np.mean(np.asarray(slabs_ML))) / self.shape.num_experts
     out.update(
         capacity_needed=update.needed, capacity_needed_static=update.needed_static,
         capacity_used=self.used_capacity(update, self.replay_mode != "none"),
         old_capacity_needed=old.needed,
         old_capacity_used=self.used_capacity(old, self.replay_mode in ("r3", "pr2")),
         old_dropped=float(old_dropped), slots_changed=float(changed_M.mean()),
-        bytes_moved=float(bytes_M.mean()))
+        bytes_moved=float(bytes_M.mean()), fetched_experts=fetched)
     if self.balance_mode != "none":  # wall times: kept out of the deterministic default rows
       out["planner_ms"] = (update.planner_ms if self.balance_mode == "foresight"
                            else eplb_ms / m)
