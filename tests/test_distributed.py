@@ -67,10 +67,14 @@ def _free_port() -> int:
 
 # No warm-up (sft.num_steps=0): RL from the initial weights checks the same multi-process plumbing
 # and saves every process the SFT step's compile.
-_RUN = ["-m", "experiments.main", "--config=configs/tiny.py", "--config.sft.num_steps=0",
+# 30 SFT steps first: from the random init every reward is 0, so every advantage, policy loss
+# and policy gradient would be 0 and equal whatever the processes did. A float32 rollout engine:
+# in bfloat16 the gloo collectives' summation order alone moves rollout log-probs by ~1e-3
+# (RL loss 0.00169 in one process against 0.00138 in two, 1.6e-4 relative in float32).
+_RUN = ["-m", "experiments.main", "--config=configs/tiny.py", "--config.sft.num_steps=30",
         "--config.rl.num_steps=2", "--config.rl.prompts_per_step=8",
         "--config.rl.group_size=4", "--config.rl.eval_every=2", "--config.rl.eval_size=16",
-        "--config.mesh_expert=4", "--config.rl.replay_mode=pr2"]
+        "--config.mesh_expert=4", "--config.rl.replay_mode=pr2", "--config.rl.rollout_dtype=float32"]
 
 
 def _rows(workdir):
@@ -139,6 +143,7 @@ def test_two_processes_match_one_and_resume(tmp_path):
   one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
   assert [r["phase"] for r in two] == [r["phase"] for r in one]
   assert [r["phase"] for r in one].count("rl") == 2
+  assert all(r["grad_norm"] > 0 and r["loss"] != 0 for r in one if r["phase"] == "rl")
   for a, b in zip(one, two):
     _close(a, b)
   assert "pred_loss" in two[-1]  # PR2's predictor and feature cache ran across processes
