@@ -67,8 +67,8 @@ def _free_port() -> int:
 
 # 30 SFT steps first: from the random init every reward is 0, so every advantage, policy loss
 # and policy gradient would be 0 and equal whatever the processes did. A float32 rollout engine:
-# in bfloat16 the gloo collectives' summation order alone moves rollout log-probs enough that
-# the RL loss differs (0.00169 in one process against 0.00138 in two; 1.6e-4 relative in float32).
+# in bfloat16, running the collectives across processes (gloo) changes the rollout's rounding
+# enough that the RL loss differs (0.00169 in one process against 0.00138 in two; 1.6e-4 relative in float32).
 _RUN = ["-m", "experiments.main", "--config=configs/tiny.py", "--config.sft.num_steps=30",
         "--config.rl.num_steps=2", "--config.rl.prompts_per_step=8",
         "--config.rl.group_size=4", "--config.rl.eval_every=2", "--config.rl.eval_size=16",
