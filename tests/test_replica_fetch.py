@@ -93,7 +93,8 @@ def _slot_value_and_grads(fetch, slot_map, mesh):
 def _targeted(bound):
   """The all_to_all alone with a given bound (compiled in slot_weights or not)."""
   def targeted(w, slot_map, num_shards, slots):
-    return rf._targeted(w, slot_map, E, num_shards, bound)
+    plan = rf.fetch_plan(slot_map, E, num_shards)
+    return rf._targeted(w, plan, slot_map, E, num_shards, bound)
   return targeted
 
 
@@ -134,8 +135,8 @@ def test_targeted_moves_only_the_bound():
   mesh = make_mesh(1, 4, jax.devices()[:4])
   slot_map = jnp.asarray(_maps(4)["hot copies"][0], jnp.int32)
   w_spec = ex.ExpertWeights(P(EXPERT), P(EXPERT), P(EXPERT))
-  fn = jax.jit(jax.shard_map(lambda w, m: rf._targeted(w, m, E, 4, 1), mesh=mesh,
-                             in_specs=(w_spec, P()), out_specs=w_spec))
+  fn = jax.jit(jax.shard_map(lambda w, m: rf._targeted(w, rf.fetch_plan(m, E, 4), m, E, 4, 1),
+                             mesh=mesh, in_specs=(w_spec, P()), out_specs=w_spec))
   hlo = fn.lower(_weights(), slot_map).compile().as_text()
   assert "all-gather" not in hlo
   lines = [line for line in hlo.splitlines() if "all-to-all(" in line]

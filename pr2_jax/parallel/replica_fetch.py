@@ -56,7 +56,8 @@ def fetch_plan(slot_expert_X: jax.Array, num_experts: int, num_shards: int):
   expert_PS = slot_expert_X.reshape(num_shards, slots)
   owner_PS = expert_PS // per_owner
   remote_PS = owner_PS != jnp.arange(num_shards)[:, None]
-  from_PSQ = (remote_PS[:, :, None] & (owner_PS[:, :, None] == jnp.arange(num_shards))).astype(jnp.int32)
+  from_PSQ = (remote_PS[:, :, None]
+              & (owner_PS[:, :, None] == jnp.arange(num_shards))).astype(jnp.int32)
   rank_PS = jnp.sum((jnp.cumsum(from_PSQ, axis=1) - 1) * from_PSQ, axis=2)
   return remote_PS, rank_PS, expert_PS % per_owner, jnp.sum(from_PSQ, axis=1)
 
@@ -83,20 +84,21 @@ def fetch_slabs(slot_expert_X: jax.Array, num_experts: int, num_shards: int) -> 
   return sizes[branch].reshape(slot_expert_X.shape[:-1])
 
 
-def _targeted(weights: ex.ExpertWeights, slot_expert_X, num_experts, num_shards, bound):
-  """Inside shard_map over 'expert': this shard's [S, ...] slot weights via one all_to_all."""
+def _targeted(weights: ex.ExpertWeights, plan, slot_expert_X, num_experts, num_shards, bound):
+  """Inside shard_map over 'expert': this shard's [S, ...] slot weights via one all_to_all;
+  `plan` is `fetch_plan` of the map."""
   p = jax.lax.axis_index(EXPERT)
-  remote_PS, rank_PS, local_PS, _ = fetch_plan(slot_expert_X, num_experts, num_shards)
-  per_owner = num_experts // num_shards
+  remote_PS, rank_PS, local_PS, _ = plan
+  owner_PS = slot_expert_X.reshape(remote_PS.shape) // (num_experts // num_shards)
   # As the owner: row r, place b holds the expert shard r needs from me at its rank b (my
   # expert 0 pads the places nobody needs).
-  mine_PS = remote_PS & (slot_expert_X.reshape(remote_PS.shape) // per_owner == p)
   shard_PS = jnp.broadcast_to(jnp.arange(num_shards)[:, None], remote_PS.shape)
   send_PB = jnp.zeros((num_shards, bound), jnp.int32).at[
-      jnp.where(mine_PS, shard_PS, num_shards), rank_PS].set(local_PS, mode="drop")
+      jnp.where(remote_PS & (owner_PS == p), shard_PS, num_shards), rank_PS].set(
+          local_PS, mode="drop")
   # As the receiver: my slots index [my own L experts ; the P*B received slabs].
-  owner_S = slot_expert_X.reshape(remote_PS.shape)[p] // per_owner
-  index_S = jnp.where(remote_PS[p], per_owner + owner_S * bound + rank_PS[p], local_PS[p])
+  index_S = jnp.where(remote_PS[p], num_experts // num_shards + owner_PS[p] * bound + rank_PS[p],
+                      local_PS[p])
 
   def one(own_L):  # [L, ...] -> [S, ...], for each of the three weights
     recv_PB = jax.lax.all_to_all(own_L[send_PB], EXPERT, 0, 0, tiled=True)
@@ -121,7 +123,8 @@ def slot_weights(weights: ex.ExpertWeights, slot_expert_X: jax.Array, num_shards
 
   if not bounds:
     return gather_all(weights)
-  targeted = [functools.partial(_targeted, slot_expert_X=slot_expert_X, num_experts=num_experts,
-                                num_shards=num_shards, bound=b) for b in bounds]
-  branch = _branch(fetch_plan(slot_expert_X, num_experts, num_shards)[3], bounds)
-  return jax.lax.switch(branch, targeted + [gather_all], weights)
+  plan = fetch_plan(slot_expert_X, num_experts, num_shards)
+  targeted = [functools.partial(_targeted, plan=plan, slot_expert_X=slot_expert_X,
+                                num_experts=num_experts, num_shards=num_shards, bound=b)
+              for b in bounds]
+  return jax.lax.switch(_branch(plan[3], bounds), targeted + [gather_all], weights)
