@@ -81,5 +81,29 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
   with Checkpointer(str(tmp_path)) as ck:
     ck.save(1, state, {"model": {"num_experts": 8}})
     ck.wait()
-    with pytest.raises(ValueError, match="written with model=.*num_experts': 8.* this run has"):
+    with pytest.raises(ValueError, match=r"another setup than this run: "
+                       r"model\.num_experts: checkpoint 8, this run 16 \("):
       ck.restore_newest_good(abstract, {"model": {"num_experts": 16}})
+
+
+def test_another_setup_is_named_before_any_array_is_read(tmp_path):
+  # The arrays would not even fit the new abstract state: the message must still name the
+  # config fields that differ (not an Orbax shape or tree-structure error), and every one.
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(3, {"x": jnp.arange(4.0)}, {"model": {"num_experts": 6, "top_k": 2}, "mode": "r3"})
+    ck.wait()
+  abstract = {"x": jax.ShapeDtypeStruct((8,), jnp.float32),
+              "y": jax.ShapeDtypeStruct((2,), jnp.int32)}
+  with Checkpointer(str(tmp_path)) as ck:
+    with pytest.raises(ValueError) as err:
+      ck.restore_newest_good(abstract, {"model": {"num_experts": 8, "top_k": 2}, "mode": "pr2"})
+  message = str(err.value)
+  assert "unreadable" not in message and "top_k" not in message
+  assert "model.num_experts: checkpoint 6, this run 8; mode: checkpoint 'r3', this run 'pr2'" in message
+
+
+def test_restore_meta_reads_the_metadata_alone(tmp_path):
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(5, {"x": jnp.arange(4.0)}, {"rl_step": 5, "model": {"d": [1, 2]}})
+    ck.wait()
+    assert ck.restore_meta(5) == {"rl_step": 5, "model": {"d": [1, 2]}}

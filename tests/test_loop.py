@@ -12,6 +12,7 @@ from pr2_jax.config import ModelConfig
 from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import loop
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
+from pr2_jax.train.checkpoint import Checkpointer, abstract_like
 
 REQUIRED_KEYS = {"step", "phase", "reward_mean", "response_len", "entropy", "k3_kl",
                  "extreme_frac", "ratio_mean", "ratio_var", "clip_frac_low", "clip_frac_high",
@@ -34,6 +35,13 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+def _token_rewards(self, problems, tokens_BS):
+  """A deterministic reward that varies within groups from the first step (the tiny warm-up
+  earns the task's reward 0 everywhere, which makes every advantage and gradient 0)."""
+  del problems
+  return (np.asarray(tokens_BS)[:, self.prompt_slots:] % 3 == 0).mean(1).astype(np.float32)
+
+
 def _run(workdir, num_steps, mesh):
   rows = []
   def write(m):
@@ -45,8 +53,10 @@ def _run(workdir, num_steps, mesh):
 
 
 @pytest.mark.slow
-def test_resume_matches_uninterrupted_run(tmp_path):
-  """Stopping after step 2 and rerunning to step 3 ends bit-identical to one run of 3 steps."""
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+  """Stopping after step 2 and rerunning to step 3 ends bit-identical to one run of 3 steps,
+  with non-zero updates (so the optimizer state and the params must come back exactly)."""
+  monkeypatch.setattr(loop.Engine, "rewards", _token_rewards)
   mesh = make_mesh(2, 2, devices=jax.devices()[:4])
   full, _ = _run(str(tmp_path / "full"), 3, mesh)
   _run(str(tmp_path / "split"), 2, mesh)
@@ -63,6 +73,70 @@ def test_resume_matches_uninterrupted_run(tmp_path):
   assert "eval_reward" in rl_rows[1] and "eval_reward" in rl_rows[2]
   assert len(rl_rows[0]["topk_agreement_per_layer"]) == 2
   assert len(rl_rows[0]["topk_agreement_per_ministep"]) == 2
+  assert all(r["grad_norm"] > 0 and r["loss"] != 0 for r in rl_rows), rl_rows
+  with Checkpointer(str(tmp_path / "full" / "checkpoints" / "sft")) as ck:
+    params = full["state"].params
+    warm, _ = ck.restore(ck.latest_step(), abstract_like(
+        params, jax.tree.map(lambda x: x.sharding, params)))
+  moved = [not np.array_equal(np.asarray(a), np.asarray(b))
+           for a, b in zip(jax.tree.leaves(warm), jax.tree.leaves(params))]
+  assert all(moved), "three RL steps with non-zero gradients must move every parameter"
+
+
+def test_rl_step_feeds_the_learner_the_rollouts_group_advantages(monkeypatch):
+  """rl_step's wiring against a hand computation: the rollout's rewards become GRPO
+  advantages per consecutive group of G, rows reach the update in the split's order, the
+  off-policy mini-steps take consecutive chunks, and only mini-steps after the first train
+  PR2's predictor."""
+  seen, orders, updates = {}, [], []
+
+  def rewards(self, problems, tokens_BS):
+    seen["tokens"], seen["rewards"] = np.asarray(tokens_BS), _token_rewards(self, problems,
+                                                                            tokens_BS)
+    return seen["rewards"]
+
+  def split(batch, num_chunks, order=None):
+    orders.append(order)
+    return real_split(batch, num_chunks, order)
+
+  real_split = loop.data.split_micro
+  monkeypatch.setattr(loop.Engine, "rewards", rewards)
+  monkeypatch.setattr(loop.data, "split_micro", split)
+  cfg = _config(1)
+  engine = loop.Engine(cfg, make_mesh(2, 2, devices=jax.devices()[:4]))
+  real_fns = engine._learner_fns
+
+  def spy(micro):
+    old_fn, update_fn = real_fns(micro)
+    def update(state, mini, train_predictor, *args):
+      updates.append((np.asarray(jax.device_get(mini["adv"])),
+                      np.asarray(jax.device_get(mini["tokens"])), bool(train_predictor)))
+      return update_fn(state, mini, train_predictor, *args)
+    return old_fn, update
+  engine._learner_fns = spy
+  _, summary = engine.rl_step(engine.state, 1)
+
+  rl, r_PG = cfg.rl, seen["rewards"].reshape(-1, cfg.rl.group_size).astype(np.float64)
+  std_PG = r_PG.std(1, keepdims=True)
+  adv_B = np.where(std_PG > 0, (r_PG - r_PG.mean(1, keepdims=True)) / (std_PG + 1e-6), 0).ravel()
+  assert np.count_nonzero(adv_B) >= rl.batch_size // 2, "the check needs non-trivial advantages"
+  (order,) = orders
+  assert sorted(order) == list(range(rl.batch_size))
+  assert [u[2] for u in updates] == [False, True]
+  chunk = rl.batch_size // (rl.off_policy_k * rl.micro_steps)
+  for i, (adv_MB, tokens_MBS, _) in enumerate(updates):
+    rows = order[i * rl.micro_steps * chunk:(i + 1) * rl.micro_steps * chunk]
+    np.testing.assert_allclose(adv_MB.reshape(-1), adv_B[rows], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(tokens_MBS.reshape(len(rows), -1), seen["tokens"][rows])
+  assert summary["reward_mean"] == pytest.approx(float(seen["rewards"].mean()), rel=1e-6)
+
+
+def test_a_missing_init_from_is_an_error_not_a_fresh_warm_up(tmp_path):
+  typo = tmp_path / "typo_dir"
+  cfg = dataclasses.replace(_config(1), init_from=str(typo))
+  with pytest.raises(ValueError, match=f"init_from='{typo}' holds no checkpoint"):
+    loop.run(cfg, make_mesh(1, 1, devices=jax.devices()[:1]), str(tmp_path / "work"))
+  assert not typo.exists() and not (tmp_path / "work" / "checkpoints").exists()
 
 
 def test_evaluation_at_the_rollout_temperature_reuses_the_sampler():
@@ -110,7 +184,6 @@ def test_non_finite_updates_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch
     loop.run(cfg, mesh, str(tmp_path), on_metrics=rows.append)
   rl_rows = [r for r in rows if r["phase"] == "rl"]
   assert [r["skipped_updates"] for r in rl_rows] == [2, 2]
-  from pr2_jax.train.checkpoint import Checkpointer
   with Checkpointer(str(tmp_path / "checkpoints" / "rl")) as ck:
     assert ck.latest_step() == 2
 

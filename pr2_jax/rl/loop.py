@@ -252,6 +252,13 @@ def _truncate_metrics(path: str, last_step: int, phases=("rl",)) -> None:
   os.replace(tmp, path)
 
 
+def _holds_checkpoint(directory: str) -> bool:
+  """Whether `directory` has at least one finished Orbax step (a numbered subdirectory)."""
+  return os.path.isdir(directory) and any(
+      name.isdigit() and os.path.isdir(os.path.join(directory, name))
+      for name in os.listdir(directory))
+
+
 def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callback | None = None,
         on_progress: Callable[[int, int, float], None] | None = None,
         warn: Callable[[str], None] = print, allow_fresh_start: bool = False) -> dict:
@@ -261,6 +268,11 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   reported through `warn` and an older one used). Refuses to start from
   scratch over a workdir that already has metrics unless `allow_fresh_start`.
   """
+  if config.init_from and not _holds_checkpoint(config.init_from):
+    # Checked before any Checkpointer is made: it would create the (mistyped) directory, and
+    # the run would silently warm up from scratch instead of starting from the named policy.
+    raise ValueError(f"init_from={config.init_from!r} holds no checkpoint (expected a warm-up "
+                     "checkpoint dir such as WORKDIR/checkpoints/sft of an earlier run)")
   emit = on_metrics or (lambda m: None)
   engine = Engine(config, mesh)
   rl_ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))

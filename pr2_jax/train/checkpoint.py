@@ -45,26 +45,39 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta)
 
+  def restore_meta(self, step: int) -> dict:
+    """The JSON metadata of `step` alone (cheap: no array is read)."""
+    return dict(self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta)
+
   def restore_newest_good(self, abstract_state: Any, expect_meta: dict | None = None):
     """Restores the newest step that reads back; returns (step, state, meta, problems).
 
     A damaged or incomplete newest checkpoint is reported in `problems` (one
     message per step tried) and the previous one is used. Raises ValueError
     when steps exist but none restores, or when `expect_meta` entries differ
-    from what a checkpoint recorded (e.g. another model config).
+    from what a checkpoint recorded (e.g. another model config): the metadata
+    is compared before any array is read, so the error names the fields that
+    differ instead of an Orbax shape or tree-structure mismatch.
     """
     problems = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        state, meta = self.restore(step, abstract_state)
+        meta = self.restore_meta(step)
       except Exception as e:  # Orbax raises many types for damaged files
-        problems.append(f"checkpoint step {step} in {self.directory} is unreadable "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        problems.append(_unreadable(self.directory, step, e))
         continue
-      for key, want in (expect_meta or {}).items():
-        if key in meta and meta[key] != want:
-          raise ValueError(f"checkpoint step {step} in {self.directory} was written with "
-                           f"{key}={meta[key]!r}, but this run has {key}={want!r}")
+      differences = [d for key, want in (expect_meta or {}).items() if key in meta
+                     for d in _differences(key, meta[key], want)]
+      if differences:
+        raise ValueError(f"checkpoint step {step} in {self.directory} was written with another "
+                         "setup than this run: " + "; ".join(differences) + " (use another "
+                         "workdir, or the checkpoint's settings)")
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as e:
+        problems.append(_unreadable(self.directory, step, e))
+        continue
       return step, state, meta, problems
     if problems:
       raise ValueError("no usable checkpoint: " + "; ".join(problems))
@@ -81,3 +94,16 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _unreadable(directory: str, step: int, e: Exception) -> str:
+  return (f"checkpoint step {step} in {directory} is unreadable "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def _differences(key: str, had, want) -> list[str]:
+  """'key.field: checkpoint X, this run Y' for every leaf where two JSON values differ."""
+  if isinstance(had, dict) and isinstance(want, dict):
+    return [d for k in sorted(set(had) | set(want), key=str)
+            for d in _differences(f"{key}.{k}", had.get(k, "<missing>"), want.get(k, "<missing>"))]
+  return [] if had == want else [f"{key}: checkpoint {had!r}, this run {want!r}"]
