@@ -266,12 +266,20 @@ def edit_config(path, **changes):
     (lambda p: edit_config(p, use_sliding_window=True, sliding_window=8), "use_sliding_window"),
     (lambda p: os.remove(p / "model.safetensors"), "only safetensors"),
     (lambda p: os.remove(p / "config.json"), "no config.json"),
+    (lambda p: (p / "config.json").write_text("[1, 2]"), "holds a JSON list, not an object"),
+    (lambda p: (p / "config.json").write_text('{"vocab_size": 64,'), "config.json is not valid JSON"),
 ])
 def test_bad_checkpoints_raise_value_error_naming_the_problem(breakage, message, tmp_path):
   random_checkpoint(tmp_path)
   breakage(tmp_path)
   with pytest.raises(ValueError, match=message):
     load_hf_checkpoint(str(tmp_path))
+
+
+def test_load_rejects_a_non_float_dtype(tmp_path):
+  random_checkpoint(tmp_path)  # a cast to int8 would silently give all-zero weights
+  with pytest.raises(ValueError, match="dtype=int8 is not supported; use one of"):
+    load_hf_checkpoint(str(tmp_path), dtype=jnp.int8)
 
 
 def test_tied_checkpoint_may_store_the_duplicate_head(tmp_path):

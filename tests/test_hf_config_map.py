@@ -59,6 +59,9 @@ def test_sliding_window_value_is_ignored_when_not_used():
     ({"hidden_size": None}, "hidden_size"),
     ({"num_experts_per_tok": 9}, "top_k"),
     ({"num_key_value_heads": 3}, "num_kv_heads"),
+    ({"rope_theta": "abc"}, "rope_theta='abc' must be a number"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": [1e4]}}, "rope_theta"),
+    ({"rms_norm_eps": True}, "rms_norm_eps=True must be a number"),
 ])
 def test_unsupported_or_bad_fields_name_the_field(change, field):
   with pytest.raises(ValueError, match=field):

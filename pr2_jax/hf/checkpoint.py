@@ -181,6 +181,9 @@ def load_hf_checkpoint(path: str, *, mesh: Mesh | None = None, dtype=None,
       missing, unexpected or misshapen tensor, or experts not divisible by the
       mesh's 'expert' axis.
   """
+  dtype = np.dtype(jnp.float32 if dtype is None else dtype)
+  if dtype not in DTYPE_NAMES:  # a cast to an integer type would silently zero the weights
+    raise ValueError(f"dtype={dtype} is not supported; use one of {list(DTYPE_NAMES.values())}")
   config = config_from_hf(read_hf_config(path)).replace(fsdp=fsdp)
   if mesh is not None and EXPERT in mesh.shape:
     config.validate_mesh(mesh.shape[EXPERT], mesh.shape.get(DATA, 1))
@@ -194,7 +197,6 @@ def load_hf_checkpoint(path: str, *, mesh: Mesh | None = None, dtype=None,
   if set(abstract) != set(sources):  # the model and layout.py drifted apart: our bug
     raise RuntimeError(f"layout.hf_sources disagrees with the model on {set(abstract) ^ set(sources)}")
   shardings = param_shardings(boxed, mesh, config.fsdp)
-  dtype = np.dtype(jnp.float32 if dtype is None else dtype)
 
   def place(p: layout.Path) -> jax.Array:
     shape, src, sharding = tuple(abstract[p].shape), sources[p], shardings[p]

@@ -40,7 +40,23 @@ def read_hf_config(path: str) -> dict[str, Any]:
   if not os.path.isfile(file):
     raise ValueError(f"no config.json in checkpoint directory {path!r}")
   with open(file) as f:
-    return json.load(f)
+    try:
+      hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{file} is not valid JSON: {e}") from e
+  if not isinstance(hf, dict):
+    raise ValueError(f"{file} holds a JSON {type(hf).__name__}, not an object of config fields")
+  return hf
+
+
+def _real(key: str, value: Any) -> float:
+  """A float config field, or a ValueError naming it (not float()'s bare message)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    raise ValueError(f"config.json field {key}={value!r} must be a number")
+  try:
+    return float(value)
+  except ValueError:
+    raise ValueError(f"config.json field {key}={value!r} must be a number") from None
 
 
 def _get(hf: Mapping[str, Any], key: str) -> Any:
@@ -58,7 +74,7 @@ def _rope_theta(hf: Mapping[str, Any]) -> float:
   if rope_type != "default" or extra:
     raise ValueError(f"config.json field rope_parameters={params!r} is not supported "
                      "(only rope_type='default' with rope_theta)")
-  return float(params.get("rope_theta", _get(hf, "rope_theta")))
+  return _real("rope_theta", params.get("rope_theta", _get(hf, "rope_theta")))
 
 
 def _check_supported(hf: Mapping[str, Any]) -> None:
@@ -112,7 +128,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
       num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
       head_dim=head_dim, expert_d_ff=hf["moe_intermediate_size"], num_experts=num_experts,
       top_k=hf["num_experts_per_tok"], norm_topk_prob=bool(_get(hf, "norm_topk_prob")),
-      rope_theta=_rope_theta(hf), rms_norm_eps=float(_get(hf, "rms_norm_eps")),
+      rope_theta=_rope_theta(hf), rms_norm_eps=_real("rms_norm_eps", _get(hf, "rms_norm_eps")),
       tie_embeddings=bool(_get(hf, "tie_word_embeddings")), dense_layers=dense,
       dense_d_ff=int(hf.get("intermediate_size") or 0) if dense else 0)
   try:
