@@ -163,8 +163,8 @@ def test_checkpoint_of_a_different_model_config(tmp_path):
     ck.wait()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   with Checkpointer(str(tmp_path)) as ck:
-    with pytest.raises(ValueError, match=r"written with model=\{'d_model': 32, 'num_experts': 4\}, "
-                                         r"but this run has model=\{'d_model': 64"):
+    with pytest.raises(ValueError, match=r"written with another setup than this run: "
+                                         r"model\.d_model: checkpoint 32, this run 64 \("):
       ck.restore_newest_good(abstract, meta(wide))
 
 

@@ -190,3 +190,18 @@ def test_planned_replicas_match_no_replication_and_never_recompile():
   for seed in range(2, 42, 2):
     step(params, routes_for(seed), True)
   assert step._cache_size() == before
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(routes_BTK=jnp.zeros((B, T, 3), jnp.int32)),
+     r"routes_BTK has shape \(2, 8, 3\), expected \[B, T, K\] = \(2, 8, 2\)"),
+    (dict(routes_BTK=jnp.zeros((B * T, 2), jnp.int32)),
+     r"routes_BTK has shape \(16, 2\), expected"),
+    (dict(predictor_DE=jnp.zeros((1, 32, 8))),
+     r"predictor_DE has shape \(1, 32, 8\), expected \[D, E\] = \(32, 8\)"),
+])
+def test_wrong_routes_or_predictor_shape_raises_under_jit(kwargs, pattern):
+  """Static checks name the shape (a reshape would fail obscurely, [1, D, E] would broadcast)."""
+  x, params = _init()
+  with pytest.raises(ValueError, match=pattern):
+    jax.eval_shape(lambda p, k: MoEBlock(CFG).apply({"params": p}, x, **k), params, kwargs)

@@ -108,6 +108,70 @@ def test_route_jits_with_and_without_replay():
   np.testing.assert_allclose(jitted.gates, eager.gates, rtol=1e-6)
 
 
+# --------------------------------------------------------------------------- PR2 prediction
+
+# b = log(w) multiplies the probabilities by w, so q̂ = softmax(p + b) = ρ·w / Σ ρ·w by hand:
+#   row 0: ρ·w = [.5, .2, .3, .2] / 1.2 -> q̂ = [5, 2, 3, 2] / 12, top-2 [0, 2] (live: [3, 2])
+#   row 1: ρ·w = [.05, .6, .15, .25] / 1.05 -> q̂ = [1, 12, 3, 5] / 21, top-2 [1, 3] (live: [0, 3])
+#   row 2: a constant bias changes nothing: q̂ = ρ uniform, top-2 [0, 1]
+BIAS_W = np.array([[5.0, 1.0, 1.0, 0.5], [0.1, 6.0, 1.0, 1.0], [3.0, 3.0, 3.0, 3.0]])
+BIAS = np.log(BIAS_W).astype(np.float32)
+Q_HAT = np.array([[5 / 12, 2 / 12, 3 / 12, 2 / 12], [1 / 21, 12 / 21, 3 / 21, 5 / 21],
+                  [0.25, 0.25, 0.25, 0.25]])
+PREDICTED_IDS = [[0, 2], [1, 3], [0, 1]]
+
+
+@pytest.mark.parametrize("predicted_gates, norm, expected", [
+    (True, False, [[5 / 12, 3 / 12], [12 / 21, 5 / 21], [0.25, 0.25]]),    # q̂ at the ids
+    (True, True, [[5 / 8, 3 / 8], [12 / 17, 5 / 17], [0.5, 0.5]]),
+    (False, False, [[0.1, 0.3], [0.1, 0.25], [0.25, 0.25]]),               # ρ at the ids
+    (False, True, [[0.25, 0.75], [2 / 7, 5 / 7], [0.5, 0.5]]),
+])
+def test_route_with_predictor_bias_hand_worked(predicted_gates, norm, expected):
+  """With a bias b the ids are TopK(softmax(p + b)); gates are q̂ (predicted_gates) or ρ at those
+  ids; `probs` stays the router's own ρ."""
+  r = routing.route(jnp.asarray(LOGITS), 2, norm, bias_NE=jnp.asarray(BIAS),
+                    predicted_gates=predicted_gates)
+  np.testing.assert_array_equal(r.expert_ids, PREDICTED_IDS)
+  np.testing.assert_allclose(r.gates, expected, rtol=1e-5)
+  np.testing.assert_allclose(r.probs, PROBS, rtol=1e-6)
+
+
+def test_route_with_bias_oracle_on_random_logits():
+  """Random logits and bias: ids and q̂ gates equal a numpy softmax(p + b) oracle."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(6, 8)).astype(np.float32) * 2
+  bias = rng.normal(size=(6, 8)).astype(np.float32) * 2
+  q = np.exp(logits + bias - (logits + bias).max(-1, keepdims=True))
+  q /= q.sum(-1, keepdims=True)
+  ids = np.argsort(-q, axis=-1, kind="stable")[:, :3]
+  r = routing.route(jnp.asarray(logits), 3, False, bias_NE=jnp.asarray(bias))
+  np.testing.assert_array_equal(r.expert_ids, ids)
+  np.testing.assert_allclose(r.gates, np.take_along_axis(q, ids, -1), rtol=1e-5)
+  assert not np.array_equal(ids, np.argsort(-logits, axis=-1, kind="stable")[:, :3])
+
+
+@pytest.mark.parametrize("predicted_gates, live_gates", [(False, [0.1, 0.25]),
+                                                          (True, [12 / 21, 5 / 21])])
+def test_route_with_bias_keeps_replayed_ids(predicted_gates, live_gates):
+  """A bias only changes the live (-1) rows' choice and gates; replayed rows keep their ids
+  and the replay rule's gates, ρ at the replayed ids (DESIGN §2), whatever predicted_gates."""
+  routes = jnp.array([[1, 3], [-1, -1], [2, 0]], jnp.int32)
+  r = routing.route(jnp.asarray(LOGITS), 2, False, routes, jnp.asarray(BIAS),
+                    predicted_gates=predicted_gates)
+  np.testing.assert_array_equal(r.expert_ids, [[1, 3], [1, 3], [2, 0]])
+  np.testing.assert_allclose(r.gates, [[0.2, 0.4], live_gates, [0.25, 0.25]], rtol=1e-5)
+
+
+def test_predicted_ids_survive_scores_far_apart():
+  """Scores ~180 apart underflow q̂ to exact zeros below the top expert; the predicted ids
+  must still be the top-k of the scores p + b (as `predicted_topk`), not a tie among zeros."""
+  logits = jnp.asarray([[150.0, -29.0, 3.0, 34.0, -5.0, 0.0]])
+  r = routing.route(logits, 2, True, bias_NE=jnp.zeros_like(logits))
+  np.testing.assert_array_equal(r.expert_ids, [[0, 3]])
+  np.testing.assert_allclose(r.gates, [[1.0, 0.0]], atol=1e-6)
+
+
 def test_expert_load_counts_pairs_and_respects_mask():
   """Load counts (token, k) pairs per expert; masked tokens (padding) are excluded."""
   ids = jnp.array([[0, 1], [1, 2], [3, 0]], jnp.int32)
@@ -164,7 +228,26 @@ def test_validate_routes_rejects(make, pattern):
     routing.validate_routes(make(_good()), **SHAPE)
 
 
+def test_check_routes_shape_works_on_tracers():
+  """The static part (shape, int32) also runs inside jit, where values are unknown."""
+  dims = {k: v for k, v in SHAPE.items() if k != "num_experts"}
+  check = lambda r: routing.check_routes_shape(r, **dims) or r
+  jax.eval_shape(check, jnp.asarray(_good()))
+  with pytest.raises(ValueError, match=r"routes has shape \(2, 3, 1, 2\), "
+                                       r"expected \[B, T, L, K\] = \(2, 3, 2, 2\)"):
+    jax.eval_shape(check, jnp.asarray(_good())[:, :, :1])
+  with pytest.raises(ValueError, match=r"routes has dtype float32, expected int32"):
+    jax.eval_shape(check, jnp.asarray(_good(), jnp.float32))
+
+
 def _set(r, idx, row):
   r = r.copy()
   r[idx] = row
   return r
+
+
+def test_expert_load_rejects_ids_outside_the_experts():
+  with pytest.raises(ValueError, match=r"expert_ids_NK\[0, 1\] = 9 is outside \[0, num_experts=8\)"):
+    routing.expert_load(jnp.asarray([[0, 9]], jnp.int32), 8)
+  np.testing.assert_array_equal(jax.jit(routing.expert_load, static_argnums=1)(
+      jnp.asarray([[0, 3], [3, 1]], jnp.int32), 4), [1, 1, 0, 2])

@@ -275,3 +275,208 @@ def test_left_padding_matches_unpadded():
   out = _apply(params, padded, pos=positions, valid=valid)
   np.testing.assert_array_equal(out.routes[:, 2:], ref.routes[:, :6])
   np.testing.assert_allclose(out.logits[:, 2:], ref.logits[:, :6], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- PR2 predictor
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_predict(predicted_gates):
+  model = MoETransformer(CFG)
+  return jax.jit(lambda p, tok, w: model.apply(
+      {"params": p}, tok, predictor=w, predicted_gates=predicted_gates,
+      return_router_logits=True, return_router_inputs=True))
+
+
+def _predicted_routes_oracle(out, w):
+  """TopK(p + h W_p) per layer in float64 numpy from a forward's router inputs and logits."""
+  h = np.asarray(out.router_inputs, np.float64)
+  scores = np.asarray(out.router_logits, np.float64) + np.einsum(
+      "btld,lde->btle", h, np.asarray(w, np.float64))
+  top = -np.sort(-scores, axis=-1)
+  assert np.min(np.abs(np.diff(top[..., :K + 1], axis=-1))) > 1e-3  # no near-ties: float32 agrees
+  return np.argsort(-scores, axis=-1, kind="stable")[..., :K]
+
+
+@pytest.mark.parametrize("predicted_gates", [True, False])
+def test_nonzero_predictor_routes_are_topk_of_the_predicted_distribution(predicted_gates):
+  """With a random W_p the routes used are TopK(p + h W_p) per layer, computed in float64 numpy
+  (and by predicted_topk) from the router inputs h and logits p the same forward returns.
+  Gates: ρ at those routes (predicted_gates=False) is exactly a replay of them; q̂ is not."""
+  from pr2_jax.pr2.predictor import predicted_topk
+  params, tokens = _params(), _tokens(10)
+  w = jax.random.normal(jax.random.PRNGKey(5), (L, 32, E)) * 3.0
+  out = _jit_predict(predicted_gates)(params, tokens, w)
+  np.testing.assert_array_equal(out.routes, _predicted_routes_oracle(out, w))
+  flat = lambda a: a.reshape((B * T,) + a.shape[2:])
+  np.testing.assert_array_equal(
+      predicted_topk(w, flat(out.router_inputs), flat(out.router_logits), K).reshape(B, T, L, K),
+      out.routes)
+  live = _apply(params, tokens)
+  assert np.mean(np.asarray(out.routes) != np.asarray(live.routes)) > 0.5
+  replayed = _apply(params, tokens, out.routes)
+  if predicted_gates:
+    assert float(jnp.max(jnp.abs(out.logits - replayed.logits))) > 1e-3
+  else:
+    np.testing.assert_allclose(out.logits, replayed.logits, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _eager(*args, cfg=CFG, **kwargs):
+  return MoETransformer(cfg).apply({"params": _params(cfg)}, *args, **kwargs)
+
+
+def _traced(*args, cfg=CFG, mesh=None, **kwargs):
+  """Abstract call (as under jit): every array argument is a tracer, nothing is compiled."""
+  model = MoETransformer(cfg, mesh)
+  return jax.eval_shape(lambda p, a, k: model.apply({"params": p}, *a, **k), _params(cfg), args,
+                        kwargs)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda r: r.at[0, 0, 0, 0].set(99), r"routes has expert id 99 >= num_experts=8"),
+    (lambda r: r.at[0, 0, 0, 0].set(-5), r"routes has value -5 < -1"),
+    (lambda r: r.at[0, 1, 1].set(jnp.array([-1, 6])),
+     r"routes row \(b, t, l\)=\(0, 1, 1\) mixes -1 and expert ids: \[-1, 6\]"),
+    (lambda r: r.at[2, 0, 0].set(jnp.array([6, -1])),
+     r"routes row \(b, t, l\)=\(2, 0, 0\) mixes -1 and expert ids: \[6, -1\]"),
+    (lambda r: r.at[1, 3, 0].set(3),
+     r"routes row \(b, t, l\)=\(1, 3, 0\) repeats an expert: \[3, 3\]"),
+    (lambda r: r.astype(jnp.float32), r"routes has dtype float32, expected int32"),
+])
+def test_bad_route_values_raise_on_eager_calls(edit, pattern):
+  """Replayed routes are validated on eager calls (jnp.take would give NaN or clamp silently)."""
+  routes = _apply(_params(), _tokens()).routes
+  with pytest.raises(ValueError, match=pattern):
+    _eager(_tokens(), edit(routes))
+
+
+def test_valid_routes_with_live_rows_are_accepted_on_eager_calls():
+  """-1 rows (live router) pass the eager validation; eager equals the jitted forward."""
+  tokens = _tokens(11)
+  routes = np.full((B, T, L, K), -1, np.int32)
+  routes[:, : T // 2] = np.asarray(_foreign_routes(seed=5))[:, : T // 2]
+  ref = _apply(_params(), tokens, jnp.asarray(routes))
+  out = _eager(tokens, jnp.asarray(routes), positions=POS, valid=VALID)
+  np.testing.assert_array_equal(out.routes, ref.routes)
+  np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+def _plan(slot_LDS, replica_count_LE=None):
+  from pr2_jax.balance.planner import Plan
+  slot_LDS = jnp.asarray(slot_LDS, jnp.int32)
+  count = jnp.ones((L, E), jnp.int32) if replica_count_LE is None else replica_count_LE
+  share = jnp.ones(slot_LDS.shape, jnp.float32)
+  return Plan(slot_expert=slot_LDS, replica_count=count, replica_share=share,
+              slot_load=share, device_load=share.sum(-1))
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(routes=LIVE[:, :, :1]),
+     r"routes has shape \(8, 8, 1, 2\), expected \[B, T, L, K\] = \(8, 8, 2, 2\)"),
+    (dict(routes=jnp.concatenate([LIVE, LIVE[:, :, :1]], 2)), r"routes has shape \(8, 8, 3, 2\)"),
+    (dict(routes=LIVE[:4]), r"routes has shape \(4, 8, 2, 2\), expected"),
+    (dict(routes=LIVE[:, :5]), r"routes has shape \(8, 5, 2, 2\), expected"),
+    (dict(routes=LIVE[..., :1]), r"routes has shape \(8, 8, 2, 1\), expected"),
+    (dict(routes=LIVE.astype(jnp.float32)), r"routes has dtype float32, expected int32"),
+    (dict(predictor=jnp.zeros((1, 32, E))),
+     r"predictor has shape \(1, 32, 8\), expected \[L, D, E\] = \(2, 32, 8\)"),
+    (dict(predictor=jnp.zeros((L, 32, 4))), r"predictor has shape \(2, 32, 4\)"),
+    (dict(slot_expert=jnp.zeros((2, 4), jnp.int32)),
+     r"slot_expert has shape \(2, 4\): 4 slots per layer, expected at least num_experts=8"),
+    (dict(slot_expert=jnp.tile(jnp.arange(E, dtype=jnp.int32), (1, 1))),
+     r"slot_expert has shape \(1, 8\), expected \[L, X\] with L = 2"),
+    (dict(slot_expert=jnp.arange(E, dtype=jnp.int32)),
+     r"slot_expert has shape \(8,\), expected \[L, X\] with L = 2"),
+    (dict(slot_expert=jnp.zeros((L, E), jnp.float32)), r"slot_expert has dtype float32, expected"),
+    (dict(slot_expert=_plan(jnp.zeros((1, 4, 2)))),
+     r"plan.slot_expert has shape \(1, 4, 2\), expected \[L, D, S\] with L = 2"),
+    (dict(slot_expert=_plan(jnp.zeros((L, 2, 3)))),
+     r"plan.slot_expert has shape \(2, 2, 3\): 6 slots per layer, expected at least num_experts=8"),
+    (dict(slot_expert=_plan(jnp.zeros((L, 4, 2)), jnp.ones((L, 4), jnp.int32))),
+     r"plan.replica_count has shape \(2, 4\), expected \[L, E\] = \(2, 8\)"),
+    (dict(positions=POS[0]), r"positions has shape \(8,\), expected \[B, T\] = \(8, 8\)"),
+    (dict(positions=POS[:, :5]), r"positions has shape \(8, 5\), expected \[B, T\] = \(8, 8\)"),
+    (dict(valid=VALID[:1]), r"valid has shape \(1, 8\), expected \[B, T\] = \(8, 8\)"),
+])
+def test_wrong_shapes_and_layer_counts_raise_under_jit(kwargs, pattern):
+  """Static checks: JAX would clamp a missing layer's index (routes/predictor/slot map of layer 0
+  reused in layer 1) or broadcast; they raise while tracing, naming the shape and the expected."""
+  with pytest.raises(ValueError, match=pattern):
+    _traced(_tokens(), **kwargs)
+
+
+def test_slot_map_not_a_multiple_of_the_expert_axis_raises():
+  """On a (2, 4) mesh a slot map needs a multiple of 4 slots per layer."""
+  with pytest.raises(ValueError, match=r"slot_expert has shape \(2, 10\): 10 slots per layer, "
+                                       r".* multiple of the mesh's 'expert' axis size 4"):
+    _traced(_tokens(), slot_expert=jnp.zeros((L, 10), jnp.int32), mesh=make_mesh(2, 4))
+
+
+def test_tokens_of_wrong_rank_raise():
+  with pytest.raises(ValueError, match=r"tokens have shape \(5,\), expected rank 2 \[B, T\]"):
+    _eager(jnp.ones((5,), jnp.int32))
+  with pytest.raises(ValueError, match=r"tokens have shape \(8, 8, 1\), expected rank 2"):
+    _traced(_tokens()[..., None])
+
+
+def test_kv_cache_boundary_write_equals_full_forward():
+  """Eager prefill of 5 tokens then 3 more at index 5 of a max_len-8 cache (index + T = max_len,
+  the largest allowed write) gives the full forward's logits."""
+  from pr2_jax.models.transformer import init_cache
+  tokens = _tokens(12)
+  ref = _apply(_params(), tokens)
+  first = _eager(tokens[:, :5], positions=POS[:, :5], cache=init_cache(CFG, B, T))
+  second = _eager(tokens[:, 5:], positions=POS[:, 5:], cache=first.cache)
+  assert int(second.cache.index) == T
+  np.testing.assert_allclose(second.logits, ref.logits[:, 5:], rtol=1e-4, atol=1e-4)
+
+
+def test_kv_cache_misuse_raises():
+  """No positions, a write past the end (eager: concrete index), and caches built for another
+  batch size, number of layers or head_dim each raise naming the values."""
+  from pr2_jax.models.transformer import init_cache
+  tok3, pos3 = _tokens()[:, :3], POS[:, :3]
+  cache = init_cache(CFG, B, 5)
+  with pytest.raises(ValueError, match=r"cache= needs positions \[B, T\].*got positions=None"):
+    _traced(tok3, cache=cache)
+  with pytest.raises(ValueError, match=r"cache index 3 \+ 3 tokens > max_len 5"):
+    _eager(tok3, positions=pos3, cache=cache.replace(index=jnp.array(3, jnp.int32)))
+  with pytest.raises(ValueError, match=r"cache index -1 is negative"):
+    _eager(tok3, positions=pos3, cache=cache.replace(index=jnp.array(-1, jnp.int32)))
+  # Under jit the index is unknown: only static checks run (no host sync).
+  model = MoETransformer(CFG)
+  jax.eval_shape(lambda p, c: model.apply({"params": p}, tok3, positions=pos3, cache=c),
+                 _params(), cache.replace(index=jnp.array(3, jnp.int32)))
+  with pytest.raises(ValueError, match=r"KV cache is for batch 4 \(cache.valid has shape "
+                                       r"\(4, 5\)\), but tokens have shape \(8, 3\)"):
+    _traced(tok3, positions=pos3, cache=init_cache(CFG, 4, 5))
+  with pytest.raises(ValueError, match=r"KV cache has 3 key and 3 value layers, expected "
+                                       r"ModelConfig.num_layers=2"):
+    _traced(tok3, positions=pos3, cache=init_cache(CFG.replace(num_layers=3), B, 5))
+  with pytest.raises(ValueError, match=r"cache.k\[0\] has shape \(8, 2, 16, 5\), expected "
+                                       r"\[B, G, Z, S\] = \(8, 2, 8, 5\)"):
+    _traced(tok3, positions=pos3, cache=init_cache(CFG.replace(head_dim=16), B, 5))
+  with pytest.raises(ValueError, match=r"cache.valid has shape \(5,\), expected \[B, S\]"):
+    _traced(tok3, positions=pos3, cache=cache.replace(valid=cache.valid[0]))
+
+
+def test_eager_slot_map_values_are_checked_per_layer():
+  """A map naming expert 20 (of 8) gave NaN logits; a map without some expert sent its tokens
+  to another expert's weights. Eager calls name the layer and the bad entry."""
+  cfg = ModelConfig(num_layers=2, num_experts=8, top_k=2)
+  model = MoETransformer(cfg)
+  tokens = jnp.ones((2, 5), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  good = np.tile(np.arange(8, dtype=np.int32), (2, 1))
+  model.apply({"params": params}, tokens, slot_expert=jnp.asarray(good))
+  bad = good.copy()
+  bad[1, 3] = 20
+  with pytest.raises(ValueError, match=r"MoE layer 1's slot map: slot_expert_X\[3\] = 20"):
+    model.apply({"params": params}, tokens, slot_expert=jnp.asarray(bad))
+  bad = good.copy()
+  bad[0, 5] = 4
+  with pytest.raises(ValueError, match=r"MoE layer 0's slot map: .* no slot for expert\(s\) \[5\]"):
+    model.apply({"params": params}, tokens, slot_expert=jnp.asarray(bad))

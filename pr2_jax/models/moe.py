@@ -46,6 +46,13 @@ class MoEBlock(nn.Module):
     cfg = self.config
     b, t, d = x_BTD.shape
     e, f = cfg.num_experts, cfg.expert_d_ff
+    # Static: a reshape below would fail obscurely, or a [1, ...] predictor broadcast silently.
+    if routes_BTK is not None and tuple(routes_BTK.shape) != (b, t, cfg.top_k):
+      raise ValueError(f"routes_BTK has shape {tuple(routes_BTK.shape)}, expected [B, T, K] = "
+                       f"{(b, t, cfg.top_k)}")
+    if predictor_DE is not None and tuple(predictor_DE.shape) != (d, e):
+      raise ValueError(f"predictor_DE has shape {tuple(predictor_DE.shape)}, expected [D, E] = "
+                       f"{(d, e)}")
     w_router = self.param("gate", partitioned(INIT, ("embed", "experts_logits")), (d, e), jnp.float32)
     weights = ex.ExpertWeights(
         self.param("gate_proj", partitioned(INIT, ("expert", "embed", "mlp")), (e, d, f), jnp.float32),

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pr2_jax.models import experts
+
 LIVE = -1  # route entry meaning "let the live router choose"
 
 
@@ -60,26 +62,31 @@ def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
     norm_topk_prob: renormalise gates over the chosen set.
     routes_NK: optional int32 replayed expert ids; rows of -1 use the live top-k.
     bias_NE: optional PR2 predictor bias b = h W_p: the live choice becomes
-      TopK(softmax(p + b)) (the predicted route).
-    predicted_gates: with a bias, gate by the predictive distribution q̂ (the
-      paper's rollout choice) rather than the router's ρ.
+      TopK(softmax(p + b)) (the predicted route); replayed rows are unaffected.
+    predicted_gates: with a bias, gate the predicted rows by the predictive
+      distribution q̂ (the paper's rollout choice) rather than the router's ρ.
 
   Returns:
     Routing(expert_ids, gates, probs) with the experts actually used; `probs`
     is always the router's own ρ = softmax(p).
   """
   probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
-  choose_NE = probs_NE
-  if bias_NE is not None:
-    choose_NE = jax.nn.softmax(logits_NE.astype(jnp.float32) + bias_NE, axis=-1)
-  live_NK = top_k_experts(choose_NE, k)
-  if routes_NK is None:
-    ids_NK = live_NK
+  if bias_NE is None:
+    live_NK, gate_NE = top_k_experts(probs_NE, k), probs_NE
   else:
-    replay_N1 = routes_NK[..., :1] >= 0
-    ids_NK = jnp.where(replay_N1, routes_NK.astype(jnp.int32), live_NK)
-  gate_NE = choose_NE if (bias_NE is not None and predicted_gates) else probs_NE
-  return Routing(ids_NK, gates_at(gate_NE, ids_NK, norm_topk_prob), probs_NE)
+    # Top-k of the scores p + b, not of q̂: the same order, but scores ~100 apart underflow
+    # q̂ to exact zeros whose ties would pick arbitrary experts (`predicted_topk` agrees).
+    scores_NE = logits_NE.astype(jnp.float32) + bias_NE
+    live_NK = top_k_experts(scores_NE, k)
+    gate_NE = jax.nn.softmax(scores_NE, axis=-1) if predicted_gates else probs_NE
+  if routes_NK is None:
+    return Routing(live_NK, gates_at(gate_NE, live_NK, norm_topk_prob), probs_NE)
+  # Replayed rows keep the replay rule whatever the bias: gates are ρ at the recorded ids.
+  replay_N1 = routes_NK[..., :1] >= 0
+  ids_NK = jnp.where(replay_N1, routes_NK.astype(jnp.int32), live_NK)
+  gates_NK = jnp.where(replay_N1, gates_at(probs_NE, ids_NK, norm_topk_prob),
+                       gates_at(gate_NE, ids_NK, norm_topk_prob))
+  return Routing(ids_NK, gates_NK, probs_NE)
 
 
 def replay_gates(logits_NE: jax.Array, routes_NK: jax.Array, norm_topk_prob: bool) -> jax.Array:
@@ -90,7 +97,11 @@ def replay_gates(logits_NE: jax.Array, routes_NK: jax.Array, norm_topk_prob: boo
 
 def expert_load(expert_ids_NK: jax.Array, num_experts: int,
                 mask_N: jax.Array | None = None) -> jax.Array:
-  """Number of (token, k) pairs sent to each expert, float32 [E]; masked tokens excluded."""
+  """Number of (token, k) pairs sent to each expert, float32 [E]; masked tokens excluded.
+
+  Concrete ids outside [0, E) raise (one_hot would count them nowhere, silently)."""
+  if experts.is_concrete(expert_ids_NK):
+    experts.check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
   onehot_NKE = jax.nn.one_hot(expert_ids_NK, num_experts, dtype=jnp.float32)
   if mask_N is not None:
     onehot_NKE = onehot_NKE * mask_N[..., None, None].astype(jnp.float32)
@@ -105,6 +116,17 @@ def switch_aux_loss(probs_NE: jax.Array, expert_ids_NK: jax.Array) -> jax.Array:
   return num_experts * jnp.sum(f_E * p_E)
 
 
+def check_routes_shape(routes, *, batch: int, length: int, num_layers: int, top_k: int) -> None:
+  """Static check of a routes array's shape `[B, T, L, K]` and int32 dtype (works on tracers)."""
+  expected = (batch, length, num_layers, top_k)
+  shape = tuple(getattr(routes, "shape", ()))
+  if shape != expected:
+    raise ValueError(f"routes has shape {shape}, expected [B, T, L, K] = {expected}")
+  dtype = getattr(routes, "dtype", None)
+  if dtype is None or np.dtype(dtype) != np.int32:
+    raise ValueError(f"routes has dtype {dtype}, expected int32")
+
+
 def validate_routes(routes, *, batch: int, length: int, num_layers: int, top_k: int,
                     num_experts: int) -> None:
   """Host-side check of a routes array `[B, T, L, K]`; raises ValueError naming the problem.
@@ -112,13 +134,7 @@ def validate_routes(routes, *, batch: int, length: int, num_layers: int, top_k: 
   Each (token, layer) row must be all -1 (live router) or K distinct ids in
   [0, num_experts). Runs on host numpy: call it before jit, not inside.
   """
-  expected = (batch, length, num_layers, top_k)
-  shape = tuple(getattr(routes, "shape", ()))
-  if shape != expected:
-    raise ValueError(f"routes has shape {shape}, expected [B, T, L, K] = {expected}")
-  dtype = np.dtype(getattr(routes, "dtype", None))
-  if dtype != np.int32:
-    raise ValueError(f"routes has dtype {dtype}, expected int32")
+  check_routes_shape(routes, batch=batch, length=length, num_layers=num_layers, top_k=top_k)
   r = np.asarray(routes)
   live = r < 0
   if np.any(r < LIVE):

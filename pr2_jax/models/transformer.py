@@ -21,9 +21,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pr2_jax.config import ModelConfig
+from pr2_jax.models.experts import is_concrete, validate_slot_expert
 from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
 from pr2_jax.models.moe import MoEBlock
-from pr2_jax.parallel.mesh import constrain, num_token_shards, partitioned
+from pr2_jax.models.routing import check_routes_shape, validate_routes
+from pr2_jax.parallel.mesh import EXPERT, axis_size, constrain, num_token_shards, partitioned
 
 
 @flax.struct.dataclass
@@ -62,6 +64,77 @@ def validate_tokens(tokens, vocab_size: int) -> None:
     idx = tuple(int(i) for i in np.argwhere(bad)[0])
     raise ValueError(f"token id {int(t[idx])} at index {idx} is outside the vocabulary "
                      f"[0, ModelConfig.vocab_size={vocab_size})")
+
+
+def _check_shape(name: str, x, expected: tuple, dims: str) -> None:
+  """Static (works under jit): raises naming `name`'s shape and the expected one."""
+  shape = tuple(np.shape(x))
+  if shape != tuple(expected):
+    raise ValueError(f"{name} has shape {shape}, expected {dims} = {tuple(expected)}")
+
+
+def _check_slot_expert(slot_expert, config: ModelConfig, mesh: Mesh | None) -> None:
+  """Static: a slot map [L, X] or a Plan (slot_expert [L, D, S]) for every MoE layer.
+
+  JAX clamps out-of-range indexes, so a map with too few layers would silently
+  reuse its last layer, and one with fewer than E slots leaves experts without a slot.
+  """
+  n_layers, n_experts = config.num_moe_layers, config.num_experts
+  if hasattr(slot_expert, "replica_share"):  # a balance.Plan
+    name, slots, dims = "plan.slot_expert", slot_expert.slot_expert, "[L, D, S]"
+    shape = tuple(np.shape(slots))
+    ok = len(shape) == 3 and shape[0] == n_layers
+    num_slots = int(np.prod(shape[1:])) if ok else 0
+  else:
+    name, slots, dims = "slot_expert", slot_expert, "[L, X]"
+    shape = tuple(np.shape(slots))
+    ok = len(shape) == 2 and shape[0] == n_layers
+    num_slots = shape[1] if ok else 0
+  if not ok:
+    raise ValueError(f"{name} has shape {shape}, expected {dims} with L = {n_layers} "
+                     f"(ModelConfig.num_moe_layers)")
+  if not jnp.issubdtype(slots.dtype, jnp.integer):
+    raise ValueError(f"{name} has dtype {slots.dtype}, expected an integer dtype (int32)")
+  if hasattr(slot_expert, "replica_share"):
+    _check_shape("plan.replica_share", slot_expert.replica_share, shape, "slot_expert's [L, D, S]")
+    _check_shape("plan.replica_count", slot_expert.replica_count, (n_layers, n_experts), "[L, E]")
+  shards = axis_size(mesh, EXPERT)
+  if num_slots < n_experts or num_slots % shards:
+    raise ValueError(f"{name} has shape {shape}: {num_slots} slots per layer, expected at least "
+                     f"num_experts={n_experts} (one per expert) and a multiple of the mesh's "
+                     f"'expert' axis size {shards}")
+
+
+def _check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int, positions) -> None:
+  """Static checks of a KV cache against the model and the tokens; the write position too
+  when the cache index is concrete (an eager call)."""
+  if positions is None:
+    raise ValueError("cache= needs positions [B, T]: the tokens' positions in their sequences "
+                     "(with left padding they differ from the cache slots); got positions=None")
+  if len(cache.k) != config.num_layers or len(cache.v) != config.num_layers:
+    raise ValueError(f"KV cache has {len(cache.k)} key and {len(cache.v)} value layers, expected "
+                     f"ModelConfig.num_layers={config.num_layers} (init_cache(config, ...))")
+  if np.ndim(cache.valid) != 2:
+    raise ValueError(f"cache.valid has shape {tuple(np.shape(cache.valid))}, expected [B, S]")
+  cache_batch, max_len = cache.valid.shape
+  if cache_batch != batch:
+    raise ValueError(f"KV cache is for batch {cache_batch} (cache.valid has shape "
+                     f"{tuple(cache.valid.shape)}), but tokens have shape {(batch, length)}; "
+                     f"expected init_cache(config, batch={batch}, max_len)")
+  g, z = config.num_kv_heads, config.head_dim
+  for i in range(config.num_layers):
+    _check_shape(f"cache.k[{i}]", cache.k[i], (batch, g, z, max_len), "[B, G, Z, S]")
+    _check_shape(f"cache.v[{i}]", cache.v[i], (batch, g, max_len, z), "[B, G, S, Z]")
+  if length > max_len:  # the write would be clipped silently
+    raise ValueError(f"{length} tokens do not fit the KV cache of max_len={max_len} "
+                     "(init_cache(..., max_len)); allowed: at most max_len tokens")
+  if not isinstance(cache.index, jax.core.Tracer):  # eager: dynamic_update_slice would clamp
+    index = int(cache.index)
+    if index < 0:
+      raise ValueError(f"cache index {index} is negative; allowed: 0 <= index <= max_len - tokens")
+    if index + length > max_len:
+      raise ValueError(f"cache index {index} + {length} tokens > max_len {max_len}: the write "
+                       "would be clamped; allowed: 0 <= index <= max_len - tokens")
 
 
 @flax.struct.dataclass
@@ -123,14 +196,42 @@ class MoETransformer(nn.Module):
       predictor: optional PR2 weights [L, D, E]: live routes become the
         predicted ones, TopK(softmax(p + h W_p)); replayed rows are unaffected.
       predicted_gates: with `predictor`, gate by q̂ (True) or by ρ (False).
+
+    Raises ValueError on a wrong shape, rank or layer count (also under jit) and, on
+    eager calls only, on bad values: token ids, routes (`validate_routes`), cache index.
     """
     cfg = self.config
+    if np.ndim(tokens_BT) != 2:
+      raise ValueError(f"tokens have shape {tuple(np.shape(tokens_BT))}, expected rank 2 [B, T]")
     b, t = tokens_BT.shape
-    if not isinstance(tokens_BT, jax.core.Tracer):  # eager call: jitted callers check on the host
+    # Static checks (also under jit): JAX clamps out-of-range indexes and broadcasts, so a
+    # wrong layer count or shape would otherwise run silently or fail deep inside a layer.
+    n_moe = cfg.num_moe_layers
+    if positions is not None:
+      _check_shape("positions", positions, (b, t), "[B, T]")
+    if valid is not None:
+      _check_shape("valid", valid, (b, t), "[B, T]")
+    if routes is not None:
+      check_routes_shape(routes, batch=b, length=t, num_layers=n_moe, top_k=cfg.top_k)
+    if predictor is not None:
+      _check_shape("predictor", predictor, (n_moe, cfg.d_model, cfg.num_experts), "[L, D, E]")
+    if slot_expert is not None:
+      _check_slot_expert(slot_expert, cfg, self.mesh)
+    if cache is not None:
+      _check_cache(cache, cfg, b, t, positions)
+    # Value checks only on concrete arrays: jitted callers check on the host.
+    if is_concrete(tokens_BT):
       validate_tokens(tokens_BT, cfg.vocab_size)
-    if cache is not None and t > cache.valid.shape[1]:  # static: the write would be clipped silently
-      raise ValueError(f"{t} tokens do not fit the KV cache of max_len={cache.valid.shape[1]} "
-                       "(init_cache(..., max_len)); allowed: at most max_len tokens")
+    if routes is not None and is_concrete(routes):
+      validate_routes(routes, batch=b, length=t, num_layers=n_moe, top_k=cfg.top_k,
+                      num_experts=cfg.num_experts)
+    slots = getattr(slot_expert, "slot_expert", slot_expert)  # a map [L, X] or a Plan's
+    if slots is not None and is_concrete(slots):
+      for layer, map_X in enumerate(np.asarray(slots).reshape(n_moe, -1)):
+        try:
+          validate_slot_expert(map_X, cfg.num_experts)
+        except ValueError as e:
+          raise ValueError(f"MoE layer {layer}'s slot map: {e}") from None
     shards = num_token_shards(self.mesh)
     if b % shards:
       raise ValueError(f"batch size {b} must be divisible by the {shards} token shards of the mesh "
