@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from pr2_jax.balance import eplb_rebalance, loads_from_routes
+from pr2_jax.balance import assign_replicas, eplb_rebalance, loads_from_routes
 from pr2_jax.config import ModelConfig
 from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import balancing, loop
@@ -86,10 +86,28 @@ def test_capacity_needs_and_imbalance_hand_values():
   assert native.needed == native.needed_static == 3 and native.capacity == 3
   # loads without the padding token: e0 3, e1 2, e2 3, e3 2; static devices {0,1}: 5, {2,3}: 5
   assert native.imbalance_ML["none"].tolist() == [[1.0]]
-  foresight = balancing.plan_phase(shape, routes, valid, step, "foresight", True, 1, 3)
-  assert foresight.needed <= 3 and foresight.needed_static == 3
-  assert foresight.layouts_MLDS.shape == (1, 1, 2, 3)
   assert native.layouts_MLDS.shape == (1, 1, 2, 2)
+  # Foresight by hand. Loads e0 3, e1 2, e2 3, e3 2; 2 spare slots, at most D = 2 replicas:
+  # the greedy gives them to the largest n_e / r_e, e0 then e2 (3, 3; lower id first).
+  # Replicas heaviest first: e1 2, e3 2 | e0 1.5, e0 1.5 | e2 1.5, e2 1.5, in 3 rounds of 2;
+  # each replica keeps its native device when it can (e0, e1 on 0; e2, e3 on 1), its twin
+  # takes the other: device 0 {e1, e0, e2}, device 1 {e3, e0, e2}, 5 and 5. Old experts keep
+  # their slots: [[0, 1, 2], [2, 3, 0]], global slots 0..5 = e0 e1 e2 | e2 e3 e0.
+  foresight = balancing.plan_phase(shape, routes, valid, step, "foresight", True, 1, 3)
+  np.testing.assert_array_equal(foresight.layouts_MLDS, [[[[0, 1, 2], [2, 3, 0]]]])
+  assert foresight.imbalance_ML["foresight"].tolist() == [[1.0]]  # devices 5, 5
+  # Each shard's assignments of e0 / e2 split 1:1 over slots (0, 5) / (2, 3) by rank,
+  # (r + 1/2) / c below 1/2 -> first slot; the padding token is split on its own:
+  #   shard 0: t0 (0, 1) -> 0, 1; t1 (0, 2) -> 5, 3; pad (0, 1) -> 5, 1
+  #   shard 1: t0 (3, 2) -> 4, 2; t1 (3, 2) -> 4, 3; t2 (1, 0) -> 1, 5
+  slots = np.array([[0, 1], [5, 3], [5, 1], [4, 2], [4, 3], [1, 5]])
+  plan = balancing.foresight_plan(loads_from_routes(routes[0], valid[0], 4), 2, 3)
+  np.testing.assert_array_equal(
+      assign_replicas(routes[0, :, :, 0].reshape(6, 2), valid[0].ravel(), plan.layer(0), 2), slots)
+  counts = [np.bincount(slots[3 * p:3 * p + 3].ravel(), minlength=6) for p in (0, 1)]
+  np.testing.assert_array_equal(counts, [[1, 2, 0, 1, 0, 2], [0, 1, 1, 1, 2, 1]])
+  assert foresight.needed == 2 and foresight.capacity == 2  # vs 3 for the native layout
+  assert foresight.needed_static == 3
 
 
 def test_one_device_skips_the_planner_unless_the_phase_runs_its_plan():

@@ -95,6 +95,39 @@ def test_validation():
     dispatch.assign_replicas(jnp.zeros((4, 1), jnp.int32), None, plan)
   with pytest.raises(ValueError, match="num_source_shards"):
     dispatch.assign_replicas(jnp.zeros((5, 1), jnp.int32), None, plan.layer(0), 2)
+  with pytest.raises(ValueError, match=r"num_source_shards=0"):
+    dispatch.assign_replicas(jnp.zeros((4, 1), jnp.int32), None, plan.layer(0), 0)
+  with pytest.raises(ValueError, match=r"ids must be \[N, K\], got shape \(4,\)"):
+    dispatch.assign_replicas(jnp.zeros((4,), jnp.int32), None, plan.layer(0))
+  with pytest.raises(ValueError, match=r"valid has shape \(3,\), the 4 tokens need \(4,\)"):
+    dispatch.assign_replicas(jnp.zeros((4, 1), jnp.int32), jnp.ones((3,), bool), plan.layer(0))
+
+
+@pytest.mark.parametrize("bad", [20, 4, -1])
+def test_assign_replicas_rejects_ids_outside_the_experts(bad):
+  """Id 20 (of 4 experts) used to land in slot 0; padding is masked by `valid`, never by -1."""
+  layer = pl.plan_placement(jnp.ones((1, 4)), 2, 3).layer(0)
+  ids = jnp.array([[0, 1], [2, bad]], jnp.int32)
+  with pytest.raises(ValueError, match=rf"expert_ids_NK\[1, 1\] = {bad} is outside "
+                                       r"\[0, num_experts=4\)"):
+    dispatch.assign_replicas(ids, None, layer)
+
+
+def test_assign_replicas_rejects_a_plan_without_some_expert():
+  plan = _layer([[0, 1], [1, 0]], [[0.5, 0.5], [0.5, 0.5]], 3)  # expert 2 has no slot
+  with pytest.raises(ValueError, match=r"slot_expert_X has no slot for expert\(s\) \[2\]"):
+    dispatch.assign_replicas(jnp.array([[0, 2]], jnp.int32), None, plan)
+
+
+def test_slot_counts_validation():
+  """A slot id >= num_slots used to count in the next shard's row (flat index)."""
+  slots = jnp.array([[0, 1], [2, 3], [0, 4], [1, 2]], jnp.int32)
+  with pytest.raises(ValueError, match=r"slot_ids_NK\[2, 1\] = 4 is outside \[0, num_slots=4\)"):
+    dispatch.slot_counts(slots, 4, 2)
+  with pytest.raises(ValueError, match=r"valid has shape \(2,\)"):
+    dispatch.slot_counts(slots, 5, 2, jnp.ones((2,), bool))
+  np.testing.assert_array_equal(dispatch.slot_counts(slots, 5, 2), [[1, 1, 1, 1, 0],
+                                                                    [1, 1, 1, 0, 1]])
 
 
 def test_runs():

@@ -226,3 +226,85 @@ def test_errors():
     moe_experts(x, ids, gates, w, mesh=_mesh(1, 8), slot_expert_X=jnp.arange(10, dtype=jnp.int32) % E)
   with pytest.raises(ValueError, match=r"capacity=0 must be >= 1"):
     moe_experts(x, ids, gates, w, mesh=None, capacity=0)
+
+
+def _small():
+  """N=16 tokens, E=4 experts, top-2 (the review's example)."""
+  rng = np.random.default_rng(11)
+  ids = np.stack([rng.permutation(4)[:2] for _ in range(16)]).astype(np.int32)
+  w = ex.ExpertWeights(jnp.ones((4, D, F)), jnp.ones((4, D, F)), jnp.ones((4, F, D)))
+  return jnp.ones((16, D)), ids, jnp.ones((16, 2)), w
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [9, 4, -1])
+def test_expert_ids_outside_the_experts_raise(impl, bad):
+  """An id >= E or < 0 used to be dropped silently (and `dropped` still said 0)."""
+  x, ids, gates, w = _small()
+  ids[3, 1] = bad
+  match = rf"expert_ids_NK\[3, 1\] = {bad} is outside \[0, num_experts=4\)"
+  with pytest.raises(ValueError, match=match):
+    moe_experts(x, jnp.asarray(ids), gates, w, impl=impl)
+  with pytest.raises(ValueError, match=match):
+    moe_experts(x, jnp.asarray(ids), gates, w, impl=impl, mesh=_mesh(2, 4))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mismatched_shapes_and_unknown_impl_raise_even_under_jit(impl):
+  x, ids, gates, w = _small()
+  ids = jnp.asarray(ids)
+  run = lambda *a, **kw: jax.jit(functools.partial(moe_experts, impl=impl, **kw))(*a)  # noqa: E731
+  with pytest.raises(ValueError, match=r"expert_ids has 16 tokens but x has 8"):
+    run(x[:8], ids, gates, w)
+  with pytest.raises(ValueError, match=r"gates has shape \(16, 1\), expected expert_ids' "
+                                       r"\(16, 2\)"):
+    run(x, ids, gates[:, :1], w)
+  with pytest.raises(ValueError, match=r"slot_ids has shape \(16, 1\)"):
+    run(x, ids, gates, w, slot_ids_NK=ids[:, :1])
+  with pytest.raises(ValueError, match=r"x must be \[N, D\] and expert_ids \[N, K\]; got shapes "
+                                       r"\(16, 16\) and \(16,\)"):
+    run(x, ids[:, 0], gates, w)
+  with pytest.raises(ValueError, match=r"x has d_model 4, the expert weights 16"):
+    run(x[:, :4], ids, gates, w)
+  with pytest.raises(TypeError, match=r"expert_ids has dtype float32"):
+    run(x, ids.astype(jnp.float32), gates, w)
+  with pytest.raises(ValueError, match=r"impl='fast' is not one of \('capacity', 'ragged', "):
+    moe_experts(x, ids, gates, w, impl="fast")
+
+
+def test_bad_slot_maps_raise():
+  """A map without a slot for an expert used to send its tokens to slot 0's weights; a slot
+  holding expert 7 of 4 (or 20, NaN logits through the model) was accepted."""
+  x, ids, gates, w = _small()
+  ids = jnp.asarray(ids)
+  with pytest.raises(ValueError, match=r"slot_expert_X has no slot for expert\(s\) \[3\] of "
+                                       r"num_experts=4"):
+    moe_experts(x, ids, gates, w, slot_expert_X=jnp.array([0, 1, 2, 2], jnp.int32))
+  with pytest.raises(ValueError, match=r"slot_expert_X\[4\] = 7 is outside \[0, num_experts=4\)"):
+    moe_experts(x, ids, gates, w, slot_expert_X=jnp.array([0, 1, 2, 3, 7, 0, 1, 2], jnp.int32))
+  with pytest.raises(ValueError, match=r"slot_expert_X\[0\] = 20 is outside"):
+    moe_experts(x, ids, gates, w, slot_expert_X=jnp.full((8,), 20, jnp.int32), mesh=_mesh(2, 4))
+  with pytest.raises(ValueError, match=r"slot_expert_X must be one layer's map \[X\]"):
+    moe_experts(x, ids, gates, w, slot_expert_X=jnp.arange(4, dtype=jnp.int32)[None])
+  slot_expert = jnp.array([0, 1, 2, 3, 0, 1], jnp.int32)
+  slot_ids = np.asarray(ids).copy()
+  slot_ids[5, 0] = 6
+  with pytest.raises(ValueError, match=r"slot_ids_NK\[5, 0\] = 6 is outside "
+                                       r"\[0, number of slots=6\)"):
+    moe_experts(x, ids, gates, w, slot_expert_X=slot_expert, slot_ids_NK=jnp.asarray(slot_ids))
+  other = (int(ids[5, 0]) + 1) % 4  # slot `other` holds expert `other`
+  slot_ids[5, 0] = other
+  with pytest.raises(ValueError, match=rf"slot_ids_NK\[5, 0\] = {other} holds expert {other}, "
+                                       rf"but expert_ids_NK\[5, 0\] = {int(ids[5, 0])}"):
+    moe_experts(x, ids, gates, w, slot_expert_X=slot_expert, slot_ids_NK=jnp.asarray(slot_ids))
+
+
+def test_valid_replica_slot_choice_is_accepted_and_matches_the_default():
+  """The value checks accept a planner's choice of replicas (slot 4 holds expert 0 too)."""
+  x, ids, gates, w = _problem(seed=2)
+  slot_expert = jnp.asarray(np.r_[np.arange(E), np.arange(E)].astype(np.int32))
+  slot_ids = np.where(np.asarray(ids) == 0, E, np.asarray(ids)).astype(np.int32)
+  y, _ = moe_experts(x, ids, gates, w, impl="dense", slot_expert_X=slot_expert,
+                     slot_ids_NK=jnp.asarray(slot_ids))
+  y_ref, _ = moe_experts(x, ids, gates, w, impl="dense")
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)

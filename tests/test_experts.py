@@ -225,6 +225,29 @@ def test_expert_to_slot_with_replicas():
   np.testing.assert_array_equal(ex.expert_to_slot(ids, identity, 4), ids)
 
 
+def test_expert_to_slot_rejects_bad_maps_and_ids():
+  """Concrete inputs are checked: argmax over an all-False row used to send an expert
+  without a slot to slot 0; under jit (tracers) only the static rank check runs."""
+  ids = jnp.array([[0, 1], [2, 3]], jnp.int32)
+  with pytest.raises(ValueError, match=r"slot_expert_X has no slot for expert\(s\) \[1, 3\] of "
+                                       r"num_experts=4"):
+    ex.expert_to_slot(ids, jnp.array([0, 2, 0, 2], jnp.int32), 4)
+  with pytest.raises(ValueError, match=r"slot_expert_X\[2\] = 7 is outside \[0, num_experts=4\)"):
+    ex.expert_to_slot(ids, jnp.array([0, 1, 7, 2, 3], jnp.int32), 4)
+  with pytest.raises(ValueError, match=r"slot_expert_X\[1\] = -1 is outside"):
+    ex.expert_to_slot(ids, jnp.array([0, -1, 1, 2, 3], jnp.int32), 4)
+  with pytest.raises(ValueError, match=r"expert_ids_NK\[1, 1\] = 4 is outside "
+                                       r"\[0, num_experts=4\)"):
+    ex.expert_to_slot(jnp.array([[0, 1], [2, 4]], jnp.int32), jnp.arange(4, dtype=jnp.int32), 4)
+  with pytest.raises(ValueError, match=r"one layer's map \[X\], got shape \(1, 4\)"):
+    ex.expert_to_slot(ids, jnp.arange(4, dtype=jnp.int32)[None], 4)
+  with pytest.raises(TypeError, match=r"slot_expert_X has dtype float32"):
+    ex.expert_to_slot(ids, jnp.arange(4, dtype=jnp.float32), 4)
+  jitted = jax.jit(ex.expert_to_slot, static_argnums=2)
+  np.testing.assert_array_equal(jitted(ids, jnp.array([3, 2, 1, 0], jnp.int32), 4),
+                                [[3, 2], [1, 0]])
+
+
 def test_expert_weights_take_and_replica_slots_compute_the_same():
   """ExpertWeights.take copies the owner's weights into replica slots, which compute the same."""
   w = _weights(jax.random.PRNGKey(4), 4, 5, 6)

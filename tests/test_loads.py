@@ -34,12 +34,33 @@ def test_loads_from_routes_jits_and_validates():
     ld.loads_from_routes(routes, jnp.ones((3, 2), bool), 3)
 
 
+@pytest.mark.parametrize("bad", [4, 7, -2])
+def test_loads_from_routes_rejects_ids_outside_minus_one_to_e(bad):
+  """Ids >= E or < -1 used to go uncounted silently (ids up to 7 with E=4 counted only 0-3);
+  -1 (live) stays legal, and under jit only the static checks run."""
+  routes = np.zeros((2, 3, 1, 2), np.int32)
+  routes[1, 2, 0, 1] = bad
+  with pytest.raises(ValueError, match=rf"routes_BTLK\[1, 2, 0, 1\] = {bad} is outside "
+                                       r"\[-1, num_experts=4\)"):
+    ld.loads_from_routes(jnp.asarray(routes), None, 4)
+  with pytest.raises(TypeError, match=r"routes_BTLK has dtype float32"):
+    ld.loads_from_routes(routes.astype(np.float32), None, 4)
+  routes[1, 2, 0, 1] = -1
+  np.testing.assert_array_equal(ld.loads_from_routes(routes, None, 4), [[11, 0, 0, 0]])
+
+
 def test_native_layout_and_static_load():
   np.testing.assert_array_equal(ld.native_layout(6, 3, 3), [[0, 1, -1], [2, 3, -1], [4, 5, -1]])
   loads = jnp.array([[1., 2., 3., 4., 5., 6.]])
   np.testing.assert_array_equal(ld.static_device_load(loads, 3), [[3, 7, 11]])
   with pytest.raises(ValueError, match="divisible"):
     ld.static_device_load(loads, 4)
+  with pytest.raises(ValueError, match=r"loads must be \[L, E\], got shape \(6,\)"):
+    ld.static_device_load(loads[0], 3)
+  with pytest.raises(ValueError, match=r"num_devices=4 must be >= 1 and divide num_experts=6"):
+    ld.native_layout(6, 4, 2)
+  with pytest.raises(ValueError, match=r"slots_per_device=1 is fewer than the 2 native experts"):
+    ld.native_layout(6, 3, 1)
 
 
 def test_imbalance():

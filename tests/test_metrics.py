@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pr2_jax.rl import metrics
 
@@ -105,6 +106,35 @@ def test_routing_hand_worked_overall_and_per_layer():
   np.testing.assert_allclose(m["zero_dev_ratio_per_layer"], [1 / 3, 0.5], rtol=1e-6)
   np.testing.assert_allclose(m["coverage_gap"], (0.7 + 0.5 + 0.2 + 0.2 + 0.3) / 5, rtol=1e-5)
   np.testing.assert_allclose(m["coverage_gap_per_layer"], [1.4 / 3, 0.25], rtol=1e-5)
+
+
+def test_routing_shape_mismatches_raise_even_under_jit():
+  """K=2 replayed against K=3 current used to broadcast to an agreement of 1.0."""
+  rep, cur, probs, mask = _hand_routes()
+  fn = jax.jit(metrics.routing_metrics)
+  cur3 = jnp.concatenate([cur, cur[..., :1]], axis=-1)
+  with pytest.raises(ValueError, match=r"current routes have shape \(1, 4, 2, 3\), expected the "
+                                       r"replayed routes' \(1, 4, 2, 2\)"):
+    fn(rep, cur3, probs, mask)
+  with pytest.raises(ValueError, match=r"replayed routes must be \[B, T, L, K\], got shape "
+                                       r"\(4, 2, 2\)"):
+    fn(rep[0], cur[0], probs, mask)
+  with pytest.raises(ValueError, match=r"probs have shape \(1, 4, 1, 4\), expected "
+                                       r"\(1, 4, 2\) \+ \(E,\)"):
+    fn(rep, cur, probs[:, :, :1], mask)
+  with pytest.raises(ValueError, match=r"mask has shape \(1, 3\), expected \(1, 4\)"):
+    fn(rep, cur, probs, mask[:, :3])
+
+
+@pytest.mark.parametrize("which, bad", [(0, 9), (1, 4), (1, -2)])
+def test_routing_ids_outside_the_experts_raise(which, bad):
+  """An id of 9 with E=4 used to read a NaN probability into coverage_gap; -1 stays legal."""
+  args = list(_hand_routes())
+  args[which] = args[which].at[0, 2, 1, 0].set(bad)
+  name = ("replayed_BTLK", "current_BTLK")[which]
+  with pytest.raises(ValueError, match=rf"{name}\[0, 2, 1, 0\] = {bad} is outside "
+                                       r"\[-1, num_experts=4\)"):
+    metrics.routing_metrics(*args)
 
 
 def test_routing_mask_excludes_tokens():

@@ -224,6 +224,25 @@ def test_bad_inputs(loads_shape, d, s, prev_shape, match):
     pl.plan_placement(jnp.ones((2, 16)), 4, 5, stickiness=-1.0)
 
 
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])
+def test_negative_or_non_finite_loads_raise(bad):
+  loads = np.ones((2, 16), np.float32)
+  loads[1, 5] = bad
+  with pytest.raises(ValueError, match=rf"loads\[1, 5\] = {bad} is not a finite count >= 0"):
+    pl.plan_placement(loads, 4, 5)
+  with pytest.raises(ValueError, match=rf"loads\[5\] = {bad} is not a finite count >= 0"):
+    pl.replica_counts(jnp.asarray(loads[1]), 20, 4)
+
+
+@pytest.mark.parametrize("bad", [16, -2])
+def test_previous_layout_ids_outside_the_experts_raise(bad):
+  prev = np.broadcast_to(ld.native_layout(16, 4, 5), (2, 4, 5)).copy()
+  prev[1, 2, 4] = bad
+  with pytest.raises(ValueError, match=rf"previous\[1, 2, 4\] = {bad} is outside "
+                                       r"\[-1, num_experts=16\)"):
+    pl.plan_placement(jnp.ones((2, 16)), 4, 5, prev)
+
+
 def test_bad_method():
   with pytest.raises(ValueError, match="method='greedy'"):
     pl.plan_placement(jnp.ones((2, 16)), 4, 5, method="greedy")

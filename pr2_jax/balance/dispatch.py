@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pr2_jax.models.experts import check_ids, is_concrete, validate_slot_expert
+
 
 def runs(expert_X: jax.Array):
   """(first_X, last_X): bounds of the run of equal experts each replica is in."""
@@ -25,6 +27,17 @@ def runs(expert_X: jax.Array):
   first_X = jax.lax.cummax(jnp.where(starts_X, idx_X, 0))
   last_X = jax.lax.cummin(jnp.where(ends_X, idx_X, expert_X.shape[0] - 1), reverse=True)
   return first_X, last_X
+
+
+def _check_tokens(ids_NK, valid_N, num_source_shards: int) -> None:
+  """Static checks of [N, K] ids, a [N] mask and the token blocks."""
+  if jnp.ndim(ids_NK) != 2:
+    raise ValueError(f"ids must be [N, K], got shape {jnp.shape(ids_NK)}")
+  n = jnp.shape(ids_NK)[0]
+  if valid_N is not None and tuple(jnp.shape(valid_N)) != (n,):
+    raise ValueError(f"valid has shape {jnp.shape(valid_N)}, the {n} tokens need ({n},)")
+  if num_source_shards < 1 or n % num_source_shards:
+    raise ValueError(f"{n} tokens do not split into num_source_shards={num_source_shards}")
 
 
 def assign_replicas(expert_ids_NK: jax.Array, valid_N: jax.Array | None, plan_layer,
@@ -45,15 +58,20 @@ def assign_replicas(expert_ids_NK: jax.Array, valid_N: jax.Array | None, plan_la
     valid_N: bool [N] or None.
     plan_layer: one layer of a `Plan` (`plan.layer(l)`).
     num_source_shards: token blocks (must divide N).
+  Ids outside [0, E), or a slot map without a slot for some expert, raise ValueError when
+  concrete (else such an id would silently land in another expert's slot).
   """
+  if plan_layer.replica_count.ndim != 1:
+    raise ValueError("assign_replicas takes one layer of a plan: use plan.layer(l)")
+  _check_tokens(expert_ids_NK, valid_N, num_source_shards)
   n, k = expert_ids_NK.shape
   slot_X = plan_layer.slot_expert.reshape(-1)
   share_X = plan_layer.replica_share.reshape(-1).astype(jnp.float32)
   num_experts = plan_layer.replica_count.shape[-1]
-  if slot_X.ndim != 1 or plan_layer.replica_count.ndim != 1:
-    raise ValueError("assign_replicas takes one layer of a plan: use plan.layer(l)")
-  if n % num_source_shards:
-    raise ValueError(f"{n} tokens do not split into num_source_shards={num_source_shards}")
+  if is_concrete(slot_X):
+    validate_slot_expert(slot_X, num_experts)
+  if is_concrete(expert_ids_NK):
+    check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
   # Integer keys expert * Q + position in [0, Q) make one exact searchsorted
   # across all experts (float keys would lose the position to rounding).
   q = 1 << int(np.floor(np.log2((2**31 - 1) / (num_experts + 1))))
@@ -93,11 +111,13 @@ def slot_counts(slot_ids_NK: jax.Array, num_slots: int, num_source_shards: int =
 
   Its max is the smallest dropless per-(source shard, slot) capacity of
   `moe_experts`' capacity path. Padding tokens take buffer places there too,
-  so pass `valid_N` only if padding is kept out of the buffers.
+  so pass `valid_N` only if padding is kept out of the buffers. Slot ids must be in
+  [0, num_slots) (checked when concrete: one outside would count in another shard's row).
   """
+  _check_tokens(slot_ids_NK, valid_N, num_source_shards)
+  if is_concrete(slot_ids_NK):
+    check_ids(slot_ids_NK, "slot_ids_NK", 0, num_slots, "num_slots")
   n, k = slot_ids_NK.shape
-  if n % num_source_shards:
-    raise ValueError(f"{n} tokens do not split into num_source_shards={num_source_shards}")
   block_NK = jnp.broadcast_to((jnp.arange(n) // (n // num_source_shards))[:, None], (n, k))
   weight_NK = jnp.ones((n, k), jnp.int32)
   if valid_N is not None:

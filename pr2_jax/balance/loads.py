@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pr2_jax.models.experts import check_ids, is_concrete
+
 EMPTY = -1  # slot_expert value of a slot that holds no expert
 
 
@@ -24,8 +26,8 @@ def loads_from_routes(routes_BTLK: jax.Array, valid_BT: jax.Array | None,
   """float32 [L, E]: (token, k) pairs routed to each expert, padding and -1 excluded.
 
   Args:
-    routes_BTLK: int [B, T, L, K] expert ids; -1 (live router) is not counted,
-      since its expert is unknown before the forward pass.
+    routes_BTLK: int [B, T, L, K] expert ids in [-1, E) (checked when concrete); -1
+      (live router) is not counted, since its expert is unknown before the forward pass.
     valid_BT: bool [B, T] real-token mask, or None (all valid).
     num_experts: E.
   """
@@ -34,6 +36,8 @@ def loads_from_routes(routes_BTLK: jax.Array, valid_BT: jax.Array | None,
   b, t, num_layers, _ = routes_BTLK.shape
   if valid_BT is not None and tuple(valid_BT.shape) != (b, t):
     raise ValueError(f"valid has shape {valid_BT.shape}, routes need {(b, t)}")
+  if is_concrete(routes_BTLK):  # ids outside [-1, E) would silently go uncounted
+    check_ids(routes_BTLK, "routes_BTLK", -1, num_experts, "num_experts")
   routes_BTLK = jnp.asarray(routes_BTLK, jnp.int32)
   keep_BTLK = (routes_BTLK >= 0) & (routes_BTLK < num_experts)
   if valid_BT is not None:
@@ -47,6 +51,11 @@ def loads_from_routes(routes_BTLK: jax.Array, valid_BT: jax.Array | None,
 
 def native_layout(num_experts: int, num_devices: int, slots_per_device: int) -> np.ndarray:
   """int32 [D, S]: expert e in device e // (E/D), slot e % (E/D); extra slots EMPTY."""
+  if num_devices < 1 or num_experts % num_devices:
+    raise ValueError(f"num_devices={num_devices} must be >= 1 and divide num_experts={num_experts}")
+  if slots_per_device < num_experts // num_devices:
+    raise ValueError(f"slots_per_device={slots_per_device} is fewer than the "
+                     f"{num_experts // num_devices} native experts of each device")
   per = num_experts // num_devices
   layout = np.full((num_devices, slots_per_device), EMPTY, np.int32)
   layout[:, :per] = np.arange(num_experts, dtype=np.int32).reshape(num_devices, per)
@@ -55,6 +64,8 @@ def native_layout(num_experts: int, num_devices: int, slots_per_device: int) -> 
 
 def static_device_load(loads_LE: jax.Array, num_devices: int) -> jax.Array:
   """float32 [L, D]: device loads of the native layout without replicas."""
+  if jnp.ndim(loads_LE) != 2:
+    raise ValueError(f"loads must be [L, E], got shape {jnp.shape(loads_LE)}")
   num_layers, num_experts = loads_LE.shape
   if num_experts % num_devices:
     raise ValueError(f"num_experts={num_experts} must be divisible by num_devices={num_devices}")

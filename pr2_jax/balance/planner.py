@@ -64,6 +64,7 @@ import numpy as np
 from pr2_jax.balance.loads import EMPTY, native_layout
 from pr2_jax.balance.rounds import place_in_rounds
 from pr2_jax.balance.split import water_fill
+from pr2_jax.models.experts import check_ids, is_concrete
 
 _TINY = float(np.finfo(np.float32).tiny)
 _PROBES_J = np.arange(1, 8, dtype=np.int32)  # replica_counts' search probes, in eighths
@@ -91,6 +92,16 @@ class Plan(flax.struct.PyTreeNode):
     return jax.tree_util.tree_map(lambda a: a[l], self)
 
 
+def _check_loads(loads) -> None:
+  """Host check of concrete loads: finite counts >= 0 (the greedy's float-bit search and the
+  water-filling assume both, and a NaN would spread through the whole plan)."""
+  a = np.asarray(loads, np.float64)
+  bad = ~np.isfinite(a) | (a < 0)
+  if np.any(bad):
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"loads{list(idx)} = {a[idx]} is not a finite count >= 0")
+
+
 def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.Array:
   """int32 [E]: greedy replica counts of one layer (step 1 of the module docstring).
 
@@ -99,8 +110,10 @@ def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.
   quotients. Rather than R sequential argmaxes, the R-th largest quotient v
   is found by an 8-way search on the bits of float32 (11 rounds on E-vectors), with
   counts made exactly with the float division the greedy would use.
-  Loads must be >= 0.
+  Loads must be finite and >= 0 (checked when concrete).
   """
+  if is_concrete(load_E):
+    _check_loads(load_E)
   load_E = load_E.astype(jnp.float32)
   num_experts = load_E.shape[0]
   redundant = num_slots - num_experts
@@ -331,7 +344,8 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
   """Replicates and places experts for one micro-step (see the module docstring).
 
   Args:
-    loads_LE: float or int [L, E] (token, k) pairs per expert, padding excluded, >= 0.
+    loads_LE: float or int [L, E] (token, k) pairs per expert, padding excluded, finite and
+      >= 0 (checked when concrete).
     num_devices: D, the expert-parallel axis size (E % D == 0).
     slots_per_device: S >= E/D (E/D native experts + S - E/D redundant slots).
     previous: the previous `Plan` or its int [L, D, S] `slot_expert` (EMPTY = -1
@@ -358,6 +372,8 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
   loads_LE = jnp.asarray(loads_LE)
   if loads_LE.ndim != 2:
     raise ValueError(f"loads must be [layers, experts], got shape {loads_LE.shape}")
+  if is_concrete(loads_LE):
+    _check_loads(loads_LE)
   num_layers, num_experts = loads_LE.shape
   if num_devices < 1 or num_experts % num_devices:
     raise ValueError(f"num_devices={num_devices} must be >= 1 and divide num_experts={num_experts}")
@@ -373,6 +389,8 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
     previous = jnp.asarray(getattr(previous, "slot_expert", previous))
     if previous.shape != shape:
       raise ValueError(f"previous layout has shape {previous.shape}, expected {shape} (L, D, S)")
+    if is_concrete(previous):
+      check_ids(previous, "previous", EMPTY, num_experts, "num_experts")
   loads_LE = loads_LE.astype(jnp.float32)
   if slots_per_device == num_experts // num_devices:
     return _native_plan(loads_LE, num_devices)

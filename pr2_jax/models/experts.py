@@ -22,6 +22,40 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True when x's values can be read on the host: not a tracer (a jitted caller checks its
+  inputs before jit) and, for a jax.Array, held whole by this process."""
+  if isinstance(x, jax.core.Tracer):
+    return False
+  return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
+def check_ids(ids, name: str, low: int, high: int, bound: str) -> None:
+  """Host check of concrete ids: raises ValueError naming the first one outside [low, high).
+
+  `bound` names the upper bound in the message (e.g. "num_experts"). The gathers and
+  scatters these ids feed would not fail: they clamp, drop or return NaN, silently.
+  """
+  a = np.asarray(ids)
+  if not np.issubdtype(a.dtype, np.integer):
+    raise TypeError(f"{name} has dtype {a.dtype}, expected an integer dtype (int32)")
+  bad = (a < low) | (a >= high)
+  if np.any(bad):
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"{name}{list(idx)} = {int(a[idx])} is outside [{low}, {bound}={high})")
+
+
+def validate_slot_expert(slot_expert_X, num_experts: int) -> None:
+  """Host check of a concrete slot map: every slot holds an expert in [0, E) and every expert
+  has a slot (`expert_to_slot` would send an expert without one to slot 0's weights)."""
+  check_ids(slot_expert_X, "slot_expert_X", 0, num_experts, "num_experts")
+  missing = np.setdiff1d(np.arange(num_experts), np.asarray(slot_expert_X))
+  if missing.size:
+    raise ValueError(f"slot_expert_X has no slot for expert(s) {missing.tolist()} of "
+                     f"num_experts={num_experts}; every expert needs at least one slot")
 
 
 class ExpertWeights(NamedTuple):
@@ -45,7 +79,16 @@ def swiglu(x_SCD: jax.Array, w: ExpertWeights) -> jax.Array:
 
 
 def expert_to_slot(expert_ids_NK: jax.Array, slot_expert_X: jax.Array, num_experts: int) -> jax.Array:
-  """Slot of each chosen expert: the first slot holding it (a planner can do better)."""
+  """Slot of each chosen expert: the first slot holding it (a planner can do better).
+
+  Every expert must have a slot and ids be in [0, E); checked when the inputs are concrete.
+  """
+  if slot_expert_X.ndim != 1:
+    raise ValueError(f"slot_expert_X must be one layer's map [X], got shape {slot_expert_X.shape}")
+  if is_concrete(slot_expert_X):
+    validate_slot_expert(slot_expert_X, num_experts)
+  if is_concrete(expert_ids_NK):
+    check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
   holds_EX = slot_expert_X[None, :] == jnp.arange(num_experts, dtype=slot_expert_X.dtype)[:, None]
   first_slot_E = jnp.argmax(holds_EX, axis=1).astype(jnp.int32)
   return first_slot_E[expert_ids_NK]

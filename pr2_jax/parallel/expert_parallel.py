@@ -28,11 +28,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pr2_jax.models import experts as ex
 from pr2_jax.parallel import replica_fetch
 from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size, num_token_shards
+
+IMPLS = ("capacity", "ragged", "grouped", "dense")
 
 
 def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, num_shards,
@@ -80,6 +83,52 @@ def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, nu
   return y_nD, dropped
 
 
+def _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, weights, impl):
+  """Static checks (they hold under jit): a bad shape would be broadcast or cut silently."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+  if x_ND.ndim != 2 or expert_ids_NK.ndim != 2:
+    raise ValueError(f"x must be [N, D] and expert_ids [N, K]; got shapes {x_ND.shape} and "
+                     f"{expert_ids_NK.shape}")
+  if expert_ids_NK.shape[0] != x_ND.shape[0]:
+    raise ValueError(f"expert_ids has {expert_ids_NK.shape[0]} tokens but x has {x_ND.shape[0]}; "
+                     "expected one row of ids per token")
+  if not jnp.issubdtype(expert_ids_NK.dtype, jnp.integer):
+    raise TypeError(f"expert_ids has dtype {expert_ids_NK.dtype}, expected an integer dtype")
+  for name, a in (("gates", gates_NK), ("slot_ids", slot_ids_NK)):
+    if a is not None and tuple(a.shape) != tuple(expert_ids_NK.shape):
+      raise ValueError(f"{name} has shape {a.shape}, expected expert_ids' {expert_ids_NK.shape} "
+                       "[N, K]")
+  if slot_expert_X is not None and slot_expert_X.ndim != 1:
+    raise ValueError(f"slot_expert_X must be one layer's map [X], got shape {slot_expert_X.shape}")
+  if x_ND.shape[1] != weights.gate_SDF.shape[1]:
+    raise ValueError(f"x has d_model {x_ND.shape[1]}, the expert weights "
+                     f"{weights.gate_SDF.shape[1]}")
+
+
+def _check_values(expert_ids_NK, slot_expert_X, slot_ids_NK, num_experts):
+  """Host checks of whatever is concrete (a jitted caller's tracers are left alone)."""
+  if ex.is_concrete(expert_ids_NK):
+    ex.check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
+  if slot_expert_X is not None and ex.is_concrete(slot_expert_X):
+    ex.validate_slot_expert(slot_expert_X, num_experts)
+  if slot_ids_NK is None or not ex.is_concrete(slot_ids_NK):
+    return
+  num_slots = num_experts if slot_expert_X is None else slot_expert_X.shape[0]
+  ex.check_ids(slot_ids_NK, "slot_ids_NK", 0, num_slots, "number of slots")
+  if ex.is_concrete(expert_ids_NK) and (slot_expert_X is None or ex.is_concrete(slot_expert_X)):
+    # A slot holding another expert would run that expert's weights.
+    held_NK = np.asarray(slot_ids_NK)
+    if slot_expert_X is not None:
+      held_NK = np.asarray(slot_expert_X)[held_NK]
+    wrong = np.argwhere(held_NK != np.asarray(expert_ids_NK))
+    if wrong.size:
+      t, k = (int(i) for i in wrong[0])
+      raise ValueError(f"slot_ids_NK[{t}, {k}] = {int(np.asarray(slot_ids_NK)[t, k])} holds "
+                       f"expert {int(held_NK[t, k])}, but expert_ids_NK[{t}, {k}] = "
+                       f"{int(np.asarray(expert_ids_NK)[t, k])}")
+
+
 def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
                 weights: ex.ExpertWeights, *, impl: str = "capacity", mesh: Mesh | None = None,
                 capacity_factor: float = 0.0, capacity: int | None = None,
@@ -100,21 +149,25 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
     slot_ids_NK: the slot of each assignment (a planner's replica choice);
       default: the first slot holding the expert.
     dtype: computation dtype of the experts.
+  Raises ValueError on bad shapes, and on ids or slot maps outside their range when
+  they are concrete (not traced).
   """
   num_experts = weights.gate_SDF.shape[0]
+  _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, weights, impl)
   n_shards, P_ = num_token_shards(mesh), axis_size(mesh, EXPERT)
   if x_ND.shape[0] % n_shards:
     raise ValueError(f"{x_ND.shape[0]} tokens cannot be split over {n_shards} token shards "
                      f"(mesh {dict(mesh.shape) if mesh is not None else {}}); make the batch divisible")
   if num_experts % P_:
     raise ValueError(f"num_experts={num_experts} must be divisible by the 'expert' axis size {P_}")
+  if slot_expert_X is not None and slot_expert_X.shape[0] % P_:
+    raise ValueError(f"slot_expert has {slot_expert_X.shape[0]} slots, not a multiple of "
+                     f"the 'expert' axis size {P_}")
+  _check_values(expert_ids_NK, slot_expert_X, slot_ids_NK, num_experts)
   if slot_expert_X is None:
     S = num_experts // P_
     slot_ids_NK = expert_ids_NK if slot_ids_NK is None else slot_ids_NK
   else:
-    if slot_expert_X.shape[0] % P_:
-      raise ValueError(f"slot_expert has {slot_expert_X.shape[0]} slots, not a multiple of "
-                       f"the 'expert' axis size {P_}")
     S = slot_expert_X.shape[0] // P_
     if slot_ids_NK is None:
       slot_ids_NK = ex.expert_to_slot(expert_ids_NK, slot_expert_X, num_experts)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pr2_jax.models.experts import check_ids, is_concrete
+
 LN2 = math.log(2.0)
 NUM_DEV_BINS = 4  # deviation histogram bins: 0, 1, 2, ≥3 experts changed
 
@@ -87,9 +89,29 @@ def mismatch_metrics(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
 # Routing drift: replayed route vs the live training router
 # ----------------------------------------------------------------------------
 
+def _check_routing_inputs(replayed_BTLK, current_BTLK, probs_BTLE, mask_BT) -> None:
+  """Shapes always (a K mismatch would broadcast into a wrong agreement); ids in [-1, E)
+  when concrete (an id >= E reads a NaN probability)."""
+  shape = tuple(jnp.shape(replayed_BTLK))
+  if len(shape) != 4:
+    raise ValueError(f"replayed routes must be [B, T, L, K], got shape {shape}")
+  if tuple(jnp.shape(current_BTLK)) != shape:
+    raise ValueError(f"current routes have shape {jnp.shape(current_BTLK)}, expected the "
+                     f"replayed routes' {shape} [B, T, L, K]")
+  if tuple(jnp.shape(probs_BTLE))[:3] != shape[:3] or jnp.ndim(probs_BTLE) != 4:
+    raise ValueError(f"probs have shape {jnp.shape(probs_BTLE)}, expected {shape[:3]} + (E,)")
+  if tuple(jnp.shape(mask_BT)) != shape[:2]:
+    raise ValueError(f"mask has shape {jnp.shape(mask_BT)}, expected {shape[:2]} [B, T]")
+  num_experts = jnp.shape(probs_BTLE)[-1]
+  for name, ids in (("replayed_BTLK", replayed_BTLK), ("current_BTLK", current_BTLK)):
+    if is_concrete(ids):
+      check_ids(ids, name, -1, num_experts, "num_experts")
+
+
 def routing_sums(replayed_BTLK: jax.Array, current_BTLK: jax.Array, probs_BTLE: jax.Array,
                  mask_BT: jax.Array) -> dict[str, jax.Array]:
   """Additive per-layer sums behind `routing_metrics` (float32 [L] or [L, 4])."""
+  _check_routing_inputs(replayed_BTLK, current_BTLK, probs_BTLE, mask_BT)
   k = replayed_BTLK.shape[-1]
   rep_BTLK = replayed_BTLK.astype(jnp.int32)
   cur_BTLK = current_BTLK.astype(jnp.int32)
@@ -156,6 +178,7 @@ def routing_metrics(replayed_BTLK: jax.Array, current_BTLK: jax.Array, probs_BTL
     current_BTLK: int live top-k ids of the current router on the same tokens.
     probs_BTLE: float live router softmax ρ of the current router.
     mask_BT: 1 on tokens that count.
+  Raises ValueError on mismatched shapes, or (when concrete) ids outside [-1, E).
   """
   return routing_from_sums(routing_sums(replayed_BTLK, current_BTLK, probs_BTLE, mask_BT))
 
