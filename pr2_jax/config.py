@@ -9,10 +9,31 @@ bad flag fails at start-up and never deep inside XLA.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping
 
 EXPERT_IMPLS = ("capacity", "ragged", "grouped", "dense")
 DTYPES = ("float32", "bfloat16")
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
+  """Raises ValueError unless `value` is an int >= `minimum` (a bool or a whole float is not:
+  2.0 in an int field is a typo that would break shapes deep inside jit)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    raise ValueError(f"{owner}.{name} must be {expected}, got {value!r}")
+
+
+def check_real(owner: str, name: str, value: Any, low: float | None = None, *,
+               inclusive: bool = True) -> None:
+  """Raises ValueError unless `value` is a finite real number (not a bool or a string) and,
+  with `low`, >= low (`inclusive`) or > low. NaN would pass every `<`/`>` range check and
+  silently poison training, hence the explicit isfinite."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    raise ValueError(f"{owner}.{name} must be a finite real number, got {value!r}")
+  if low is not None and (value < low if inclusive else value <= low):
+    raise ValueError(f"{owner}.{name} must be {'>=' if inclusive else '>'} {low}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,20 +65,24 @@ class ModelConfig:
 
   def __post_init__(self):
     # Accept lists (from ConfigDicts/JSON) but store a hashable tuple.
-    object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
+    layers = self.dense_layers
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+      raise ValueError(f"ModelConfig.dense_layers must be a sequence of ints, got {layers!r}")
+    not_ints = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if not_ints:
+      raise ValueError(f"ModelConfig.dense_layers must hold int layer ids, got {not_ints!r} "
+                       f"in {layers!r}")
+    object.__setattr__(self, "dense_layers", tuple(int(i) for i in layers))
     positive = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads",
                 "head_dim", "expert_d_ff", "num_experts", "top_k")
     for name in positive:
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+      check_int("ModelConfig", name, getattr(self, name))
+    check_int("ModelConfig", "dense_d_ff", self.dense_d_ff, minimum=0)
     for name in ("norm_topk_prob", "tie_embeddings", "fsdp"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
     for name in ("rope_theta", "rms_norm_eps", "capacity_factor", "aux_loss_coef"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"ModelConfig.{name} must be a number, got {value!r}")
+      check_real("ModelConfig", name, getattr(self, name))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"ModelConfig.num_heads={self.num_heads} must be divisible by "
@@ -72,9 +97,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.expert_impl={self.expert_impl!r} must be one of {EXPERT_IMPLS}")
     if self.capacity_factor < 0:
       raise ValueError(f"ModelConfig.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
-    if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
-      raise ValueError(f"ModelConfig.rope_theta={self.rope_theta} and rms_norm_eps="
-                       f"{self.rms_norm_eps} must be positive")
+    for name in ("rope_theta", "rms_norm_eps"):
+      check_real("ModelConfig", name, getattr(self, name), 0, inclusive=False)
     bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
     if bad:
       raise ValueError(f"ModelConfig.dense_layers={self.dense_layers} has ids {bad} outside "

@@ -49,8 +49,19 @@ def test_replace_revalidates():
     (dict(capacity_factor=-1.0), r"capacity_factor=-1.0 must be >= 0"),
     (dict(aux_loss_coef=-0.1), r"aux_loss_coef=-0.1 must be >= 0"),
     (dict(fsdp=1), r"ModelConfig.fsdp must be a bool, got 1"),
-    (dict(rope_theta=0.0), r"rope_theta=0.0"),
-    (dict(rms_norm_eps=-1e-6), r"rms_norm_eps"),
+    (dict(rope_theta=0.0), r"ModelConfig.rope_theta must be > 0, got 0.0"),
+    (dict(rms_norm_eps=-1e-6), r"ModelConfig.rms_norm_eps must be > 0, got -1e-06"),
+    (dict(rope_theta=float("inf")), r"ModelConfig.rope_theta must be a finite real .* inf"),
+    (dict(rms_norm_eps=float("nan")), r"ModelConfig.rms_norm_eps must be a finite real .* nan"),
+    (dict(capacity_factor=float("nan")), r"ModelConfig.capacity_factor must be a finite .* nan"),
+    (dict(aux_loss_coef=float("nan")), r"ModelConfig.aux_loss_coef must be a finite .* nan"),
+    (dict(rope_theta="1e4"), r"ModelConfig.rope_theta must be a finite real number, got '1e4'"),
+    (dict(aux_loss_coef=True), r"ModelConfig.aux_loss_coef must be a finite real .* True"),
+    (dict(dense_d_ff=2.5), r"ModelConfig.dense_d_ff must be an int >= 0, got 2.5"),
+    (dict(dense_d_ff=-1), r"ModelConfig.dense_d_ff must be an int >= 0, got -1"),
+    (dict(num_layers=2, dense_layers=(0.5,), dense_d_ff=32),
+     r"ModelConfig.dense_layers must hold int layer ids, got \[0.5\]"),
+    (dict(dense_layers=3), r"ModelConfig.dense_layers must be a sequence of ints, got 3"),
     (dict(d_model=0), r"ModelConfig.d_model must be a positive int, got 0"),
     (dict(num_experts=2.0), r"ModelConfig.num_experts must be a positive int, got 2.0"),
     (dict(top_k=True), r"ModelConfig.top_k must be a positive int, got True"),
@@ -59,6 +70,12 @@ def test_bad_values_raise_naming_the_field(changes, pattern):
   """Each invalid field raises ValueError whose message names that field and value."""
   with pytest.raises(ValueError, match=pattern):
     ModelConfig(**changes)
+
+
+def test_numbers_of_any_real_type_and_ints_for_floats_are_accepted():
+  """A float field takes an int (a config file's `rope_theta = 10000`); values are kept."""
+  cfg = ModelConfig(rope_theta=10_000, capacity_factor=1, aux_loss_coef=0, rms_norm_eps=1e-5)
+  assert (cfg.rope_theta, cfg.capacity_factor, cfg.rms_norm_eps) == (10_000, 1, 1e-5)
 
 
 def test_validate_mesh_expert_axis():

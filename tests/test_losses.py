@@ -287,3 +287,105 @@ def test_token_entropy_by_hand_with_mask_and_minus_inf_logits():
                              rtol=1e-6)
   g = jax.grad(lambda lg: losses.token_entropy(lg, mask))(logits)
   assert np.all(np.isfinite(g))
+
+
+# ----------------------------------------------------------------------------
+# Bad input: exact shapes (no silent broadcasting), dtypes, and concrete values
+# ----------------------------------------------------------------------------
+
+def test_gspo_per_token_advantage_with_b_equal_t_is_rejected_not_misaligned():
+  """B == T: an [B, T] advantage would broadcast against s_B along the wrong axis."""
+  z, mask = jnp.zeros((3, 3)), jnp.ones((3, 3))
+  adv_BT = jnp.arange(9.0).reshape(3, 3)
+  with pytest.raises(ValueError, match=r"adv_B has shape \(3, 3\), expected \[B\] = \(3,\): GSPO"):
+    losses.policy_loss("gspo", z, z, adv_BT, mask)
+  with pytest.raises(ValueError, match=r"is_weight_B has shape \(3, 3\), expected \[B\] = \(3,\)"):
+    losses.policy_loss("gspo", z, z, jnp.ones(3), mask, is_weight=jnp.ones((3, 3)))
+
+
+@pytest.mark.parametrize("kind", ["dapo", "gspo"])
+@pytest.mark.parametrize("arg, bad, message", [
+    ("adv", jnp.ones(1), r"adv_B has shape \(1,\), expected \[B\] = \(4,\)"),
+    ("mask", jnp.ones((4, 1)),
+     r"mask_BT has shape \(4, 1\), expected \[B, T\] of logp_BT = \(4, 6\)"),
+    ("old", jnp.zeros((6,)), r"old_logp_BT has shape \(6,\), expected \[B, T\] of logp_BT"),
+    ("logp", jnp.zeros((4, 6, 1)), r"logp_BT has shape \(4, 6, 1\), expected rank 2 \[B, T\]"),
+    ("denom", 0.0, r"=0.0 must be a finite count > 0"),
+    ("denom", float("nan"), r"=nan must be a finite count > 0"),
+    ("denom", jnp.ones(2), r"has shape \(2,\), expected a scalar count"),
+])
+def test_policy_losses_reject_misshaped_inputs(kind, arg, bad, message):
+  args = {"logp": jnp.zeros((4, 6)), "old": jnp.zeros((4, 6)), "adv": jnp.ones(4),
+          "mask": jnp.ones((4, 6)), "denom": None, arg: bad}
+  with pytest.raises(ValueError, match=message):
+    losses.policy_loss(kind, args["logp"], args["old"], args["adv"], args["mask"],
+                       denom=args["denom"])
+
+
+def test_dapo_shape_checks_keep_valid_per_token_advantages_and_weights():
+  """[B, T] advantages stay valid for DAPO; a [B] TIS weight (would misalign) is rejected."""
+  z, mask = jnp.zeros((2, 2)), jnp.ones((2, 2))
+  loss, _ = losses.dapo_loss(z, z, jnp.array([[1.0, 2.0], [3.0, 6.0]]), mask)
+  np.testing.assert_allclose(loss, -3.0, rtol=1e-6)  # ratio 1: −mean of the token advantages
+  with pytest.raises(ValueError,
+                     match=r"is_weight_BT has shape \(2,\), expected \[B, T\] = \(2, 2\)"):
+    losses.dapo_loss(z, z, jnp.ones(2), mask, is_weight_BT=jnp.ones(2))
+
+
+def test_denominator_is_checked_only_when_concrete():
+  """A traced denom (inside jit) is not read on the host; the loss is still right."""
+  logp, old, mask = _hand_batch()
+  f = jax.jit(lambda d: losses.dapo_loss(logp, old, jnp.asarray(HAND_A), mask, denom=d)[0])
+  np.testing.assert_allclose(f(jnp.float32(10.0)), -0.116 / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rewards, group_size, eps, message", [
+    (jnp.ones((2, 2)), 2, 1e-6, r"rewards_B has shape \(2, 2\), expected rank 1 \[B\]"),
+    (jnp.ones(4), 2.0, 1e-6, r"group_size must be a positive int, got 2.0"),
+    (jnp.ones(4), True, 1e-6, r"group_size must be a positive int, got True"),
+    (jnp.ones(4), 0, 1e-6, r"group_size must be a positive int, got 0"),
+    (jnp.array([1.0, 0.0, jnp.nan, 1.0]), 2, 1e-6, r"non-finite value nan at index 2"),
+    (np.array([1.0, -np.inf]), 2, 1e-6, r"non-finite value -inf at index 1"),
+    (jnp.array([1.0, 0.0]), 2, -0.5, r"eps must be a finite number >= 0, got -0.5"),
+    (jnp.array([1.0, 0.0]), 2, float("nan"), r"eps must be a finite number >= 0, got nan"),
+])
+def test_grpo_rejects_bad_inputs(rewards, group_size, eps, message):
+  with pytest.raises(ValueError, match=message):
+    losses.grpo_advantages(rewards, group_size, eps=eps)
+
+
+def test_grpo_eps_zero_is_valid():
+  np.testing.assert_allclose(losses.grpo_advantages(jnp.array([1.0, 0.0]), 2, eps=0.0),
+                             [1.0, -1.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("targets, message", [
+    (jnp.array([[0, -1]]), r"targets_BT has token id -1 at index \(0, 1\) outside .* \[0, V=3\)"),
+    (jnp.array([[3, 0]]), r"targets_BT has token id 3 at index \(0, 0\) outside"),
+    (jnp.array([[0.0, 1.0]]), r"targets_BT has dtype float32, expected an integer dtype"),
+    (jnp.array([[True, False]]), r"targets_BT has dtype bool, expected an integer dtype"),
+    (jnp.array([0, 1]), r"targets_BT has shape \(2,\), expected \[B, T\] of logits_BTV = \(1, 2\)"),
+])
+def test_token_logprobs_rejects_bad_targets(targets, message):
+  with pytest.raises(ValueError, match=message):
+    losses.token_logprobs(jnp.zeros((1, 2, 3)), targets)
+
+
+def test_token_logprobs_rejects_float_targets_under_jit_and_bad_logits_rank():
+  with pytest.raises(ValueError, match=r"targets_BT has dtype float32"):
+    jax.jit(losses.token_logprobs)(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2)))
+  with pytest.raises(ValueError, match=r"logits_BTV has shape \(2, 3\), expected rank 3"):
+    losses.token_logprobs(jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32))
+
+
+def test_tis_and_entropy_reject_misshaped_inputs():
+  with pytest.raises(ValueError, match=r"behaviour_logp_BT has shape \(2,\), expected"):
+    losses.tis_weights(jnp.zeros((2, 2)), jnp.zeros(2), cap=2.0)
+  with pytest.raises(ValueError, match=r"mask_BT has shape \(2, 1\), expected \[B, T\]"):
+    losses.sequence_tis_weights(jnp.zeros((2, 2)), jnp.zeros((2, 2)), jnp.ones((2, 1)), cap=2.0)
+  with pytest.raises(ValueError, match=r"mask_BT has shape \(1, 1\), expected \[B, T\] of logits"):
+    losses.token_entropy(jnp.zeros((1, 2, 3)), jnp.ones((1, 1)))
+  with pytest.raises(ValueError, match=r"denom=0.0 must be a finite count > 0"):
+    losses.token_entropy(jnp.zeros((1, 2, 3)), jnp.ones((1, 2)), denom=0.0)
+  with pytest.raises(ValueError, match=r"mask_BT has shape \(3,\), expected rank 2"):
+    losses.loss_denominator("dapo", jnp.ones(3))

@@ -25,7 +25,26 @@ from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
     (dict(capacity_mode="exact"),
      r"RLConfig.capacity_mode='exact' must be one of \('auto', 'model', 'bucket', 'forecast'\)"),
     (dict(capacity_buckets=0), r"RLConfig.capacity_buckets=0 must be a positive int"),
-    (dict(redundant_slots=-1), "redundant_slots must be >= 0"),
+    (dict(redundant_slots=-1), r"RLConfig.redundant_slots must be an int >= 0, got -1"),
+    (dict(redundant_slots=1.5), r"RLConfig.redundant_slots must be an int >= 0, got 1.5"),
+    (dict(eval_every=2.5), r"RLConfig.eval_every must be an int >= 0, got 2.5"),
+    (dict(num_steps=True), r"RLConfig.num_steps must be a positive int, got True"),
+    (dict(capacity_buckets=2.0), r"RLConfig.capacity_buckets=2.0 must be a positive int"),
+    (dict(grad_clip=-1.0), r"RLConfig.grad_clip must be > 0, got -1.0"),
+    (dict(grad_clip=0.0), r"RLConfig.grad_clip must be > 0, got 0.0"),
+    (dict(weight_decay=-0.1), r"RLConfig.weight_decay must be >= 0, got -0.1"),
+    (dict(learning_rate="1e-3"), r"RLConfig.learning_rate must be a finite real .* got '1e-3'"),
+    (dict(learning_rate=float("nan")), r"RLConfig.learning_rate must be a finite real .* nan"),
+    (dict(temperature=float("nan")), r"RLConfig.temperature must be a finite real .* nan"),
+    (dict(clip_high=float("nan")), r"RLConfig.clip_high must be a finite real .* nan"),
+    (dict(clip_high=-0.1), r"RLConfig.clip_high must be > 0, got -0.1"),
+    (dict(tis_cap=float("nan")), r"RLConfig.tis_cap must be a finite real .* nan"),
+    (dict(tis_cap=-1.0), r"RLConfig.tis_cap must be >= 0, got -1.0"),
+    (dict(eval_temperature=float("nan")), r"RLConfig.eval_temperature must be a finite .* nan"),
+    (dict(eval_temperature=-1.0), r"RLConfig.eval_temperature must be >= 0, got -1.0"),
+    (dict(top_p=float("inf")), r"RLConfig.top_p must be a finite real number, got inf"),
+    (dict(eplb_ema=float("nan")), r"RLConfig.eplb_ema must be a finite real number, got nan"),
+    (dict(weight_decay=None), r"RLConfig.weight_decay must be a finite real number, got None"),
     (dict(planner_method="greedy"),
      r"RLConfig.planner_method='greedy' must be one of \('lpt', 'rounds'\)"),
 ])
@@ -53,8 +72,48 @@ def test_experiment_from_dict_rejects_unknown_fields():
     ExperimentConfig.from_dict({**base, "bogus": 1})
   with pytest.raises(ValueError, match="Unknown RLConfig fields \\['kappa'\\]"):
     ExperimentConfig.from_dict({**base, "rl": {"kappa": 2}})
-  with pytest.raises(ValueError, match="num_steps >= 0"):
+  with pytest.raises(ValueError, match=r"SFTConfig.num_steps must be an int >= 0, got -1"):
     SFTConfig(num_steps=-1)
+  with pytest.raises(ValueError, match=r"ExperimentConfig.seed must be an int, got 1.5"):
+    ExperimentConfig.from_dict({**base, "seed": 1.5})
+  with pytest.raises(ValueError, match=r"ExperimentConfig.checkpoint_every must be an int >= 0, "
+                     r"got 2.5"):
+    ExperimentConfig.from_dict({**base, "checkpoint_every": 2.5})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(warmup_steps=-5), r"SFTConfig.warmup_steps must be an int >= 0, got -5"),
+    (dict(num_steps=2.5), r"SFTConfig.num_steps must be an int >= 0, got 2.5"),
+    (dict(batch_size=0), r"SFTConfig.batch_size must be a positive int, got 0"),
+    (dict(learning_rate=float("nan")), r"SFTConfig.learning_rate must be a finite real .* nan"),
+    (dict(learning_rate=0.0), r"SFTConfig.learning_rate must be > 0, got 0.0"),
+])
+def test_bad_sft_config(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    SFTConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr_mult=float("nan")), r"PR2Config.lr_mult must be a finite real number, got nan"),
+    (dict(lr_mult=0.0), r"PR2Config.lr_mult must be > 0, got 0.0"),
+    (dict(feature_tokens=True), r"PR2Config.feature_tokens must be a positive int, got True"),
+    (dict(feature_tokens=2.0), r"PR2Config.feature_tokens must be a positive int, got 2.0"),
+])
+def test_bad_pr2_config(kwargs, message):
+  from pr2_jax.rl.config import PR2Config
+  with pytest.raises(ValueError, match=message):
+    PR2Config(**kwargs)
+
+
+def test_valid_edge_values_are_kept():
+  """Documented zeros stay valid (tis_cap 0 = off, eval_every 0 = never, greedy eval, no decay);
+  a float field takes an int as a config file may write it."""
+  c = RLConfig(tis_cap=0.0, eval_every=0, eval_temperature=0.0, weight_decay=0.0,
+               redundant_slots=0, learning_rate=1, grad_clip=2)
+  assert (c.tis_cap, c.eval_every, c.eval_temperature, c.learning_rate, c.grad_clip) == (
+      0.0, 0, 0.0, 1, 2)
+  s = SFTConfig(num_steps=0, warmup_steps=0)
+  assert (s.num_steps, s.warmup_steps) == (0, 0)
 
 
 def test_capacity_mode_auto_buckets_only_with_a_balance_mode():

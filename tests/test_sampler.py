@@ -121,12 +121,83 @@ def test_temperature_scales_logprobs():
                              np.asarray(jax.nn.log_softmax(logits * 2)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")])
-def test_config_validation(kwargs, field):
-  with pytest.raises(ValueError, match=field):
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), r"SamplerConfig.max_new_tokens must be a positive int, got 0"),
+    (dict(max_new_tokens=2.5), r"SamplerConfig.max_new_tokens must be a positive int, got 2.5"),
+    (dict(temperature=-1.0), r"SamplerConfig.temperature must be >= 0, got -1.0"),
+    (dict(temperature=float("nan")), r"SamplerConfig.temperature must be a finite real .* nan"),
+    (dict(top_p=0.0), r"SamplerConfig.top_p must be in \(0, 1\], got 0.0"),
+    (dict(top_p=1.5), r"SamplerConfig.top_p must be in \(0, 1\], got 1.5"),
+    (dict(top_p=float("nan")), r"SamplerConfig.top_p must be a finite real number, got nan"),
+    (dict(eos_id=-2), r"SamplerConfig.eos_id must be an int >= -1, got -2"),
+    (dict(eos_id=2.0), r"SamplerConfig.eos_id must be an int >= -1, got 2.0"),
+    (dict(pad_id=-1), r"SamplerConfig.pad_id must be an int >= 0, got -1"),
+    (dict(feature_dtype="fp8"),
+     r"SamplerConfig.feature_dtype='fp8' must be one of \('float32', 'bfloat16'\)"),
+    (dict(predicted_gates=1), r"SamplerConfig.predicted_gates must be a bool, got 1"),
+])
+def test_config_validation(kwargs, message):
+  with pytest.raises(ValueError, match=message):
     sampler.SamplerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, slots, message", [
+    (dict(eos_id=24), None, r"SamplerConfig.eos_id=24 must be < ModelConfig.vocab_size=24 "
+     r"\(or -1: no EOS\)"),
+    (dict(pad_id=99), None, r"SamplerConfig.pad_id=99 must be < ModelConfig.vocab_size=24"),
+    ({}, np.full((B, 2), P + N, np.int32),
+     rf"feature_slots_BF has slot {P + N} at index \(0, 0\) outside the \[0, P \+ "
+     rf"max_new_tokens = {P + N}\) slots"),
+    ({}, np.array([[0, -1]] * B, np.int32), r"feature_slots_BF has slot -1 at index \(0, 1\)"),
+    ({}, np.zeros((B, 2), np.float32), r"feature_slots_BF has dtype float32, expected an integer"),
+    ({}, np.zeros((B + 1, 2), np.int32), rf"feature_slots_BF has shape \({B + 1}, 2\), expected "
+     rf"\[B, F\] with B={B}"),
+])
+def test_generate_rejects_inputs_that_do_not_fit_the_model(kwargs, slots, message):
+  """Checked before any compute, eagerly; the vocabulary checks also under jit."""
+  params, prompts, valid = _setup()
+  config = sampler.SamplerConfig(max_new_tokens=N, **kwargs)
+  with pytest.raises(ValueError, match=message):
+    sampler.generate(MoETransformer(CFG), params, prompts, valid, jax.random.key(0), config,
+                     feature_slots_BF=slots)
+  if kwargs:
+    with pytest.raises(ValueError, match=message):
+      jax.jit(sampler.generate, static_argnums=(0, 5))(
+          MoETransformer(CFG), params, prompts, valid, jax.random.key(0), config)
+
+
+def test_generate_rejects_mismatched_prompt_mask():
+  params, prompts, valid = _setup()
+  with pytest.raises(ValueError, match=rf"prompt_valid_BP has shape \({B}, {P - 1}\), expected"):
+    sampler.generate(MoETransformer(CFG), params, prompts, valid[:, 1:], jax.random.key(0),
+                     sampler.SamplerConfig(max_new_tokens=N))
+
+
+def test_cached_features_equal_the_full_forward_router_inputs_and_logits():
+  """feature_h / feature_p at prompt and response slots are the router inputs / logits a full
+  float32 forward of the rollout (its routes replayed) computes there."""
+  params, prompts, valid = _setup()
+  # Real slots only (row 0's prompt slots 0, 1 are padding); no EOS: every response slot is live.
+  # Slot P - 1 comes from the prefill, P and P + N - 1 from the first and last decode steps.
+  slots = np.array([[2, 4, 5, 10], [0, 6, 9, 3], [4, 8, 1, 5], [10, 2, 7, 3]], np.int32)
+  assert slots.max() == P + N - 1 and (slots < P).any() and (slots >= P).any()
+  config = sampler.SamplerConfig(max_new_tokens=N, eos_id=-1, feature_dtype="float32")
+  roll = jax.jit(sampler.generate, static_argnums=(0, 5))(
+      MoETransformer(CFG), params, prompts, valid, jax.random.key(3), config,
+      feature_slots_BF=slots)
+  assert np.take_along_axis(np.asarray(roll.valid), slots, axis=1).all()
+  out = MoETransformer(CFG).apply(
+      {"params": params}, roll.tokens, routes=roll.routes, positions=roll.positions,
+      valid=roll.valid, return_router_inputs=True, return_router_logits=True)
+  idx = slots[:, :, None, None]
+  want_h = np.take_along_axis(np.asarray(out.router_inputs, np.float32), idx, axis=1)
+  want_p = np.take_along_axis(np.asarray(out.router_logits, np.float32), idx, axis=1)
+  assert roll.feature_h.dtype == jnp.float32 and roll.feature_p.dtype == jnp.float32
+  assert want_h.shape == (B, 4, CFG.num_layers, CFG.d_model)
+  assert want_p.shape == (B, 4, CFG.num_layers, CFG.num_experts)
+  assert np.abs(want_h).min(axis=-1).max() > 0 and np.abs(want_p).max() > 0.1
+  np.testing.assert_allclose(np.asarray(roll.feature_h), want_h, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(roll.feature_p), want_p, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_loop_updates_the_kv_cache_in_place():

@@ -7,7 +7,10 @@ allowed values: a bad flag must fail before any compilation.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping
+
+from pr2_jax.config import check_int, check_real
 
 REPLAY_MODES = ("none", "r2", "r3", "pr2", "pr2_r2")
 PR2_MODES = ("pr2", "pr2_r2")
@@ -61,11 +64,19 @@ class RLConfig:
   capacity_buckets: int = 2        # capacity buckets per doubling (1 = powers of two)
 
   def __post_init__(self):
+    # Types first: a string or NaN must not reach the range checks (NaN passes every one).
     for name in ("num_steps", "prompts_per_step", "group_size", "off_policy_k", "micro_steps",
                  "max_new_tokens", "eval_size", "max_consecutive_skips"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"RLConfig.{name} must be a positive int, got {value!r}")
+      check_int("RLConfig", name, getattr(self, name))
+    for name in ("eval_every", "redundant_slots"):
+      check_int("RLConfig", name, getattr(self, name), minimum=0)
+    if (isinstance(self.capacity_buckets, bool) or not isinstance(self.capacity_buckets, int)
+        or self.capacity_buckets < 1):
+      raise ValueError(f"RLConfig.capacity_buckets={self.capacity_buckets!r} must be a positive "
+                       "int (buckets per doubling; 1 = powers of two)")
+    for name in ("clip_low", "clip_high", "tis_cap", "learning_rate", "weight_decay",
+                 "grad_clip", "temperature", "top_p", "eval_temperature", "eplb_ema"):
+      check_real("RLConfig", name, getattr(self, name))
     choices = {"replay_mode": REPLAY_MODES, "loss": LOSSES,
                "ratio_denominator": RATIO_DENOMINATORS, "rollout_dtype": DTYPES,
                "balance_mode": BALANCE_MODES, "capacity_mode": CAPACITY_MODES,
@@ -79,20 +90,17 @@ class RLConfig:
           f"off_policy_k*micro_steps={self.off_policy_k}*{self.micro_steps}")
     if self.group_size < 2:
       raise ValueError(f"RLConfig.group_size={self.group_size} must be >= 2 (group advantages)")
-    for name in ("clip_low", "clip_high", "learning_rate"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"RLConfig.{name} must be > 0, got {getattr(self, name)}")
+    # grad_clip <= 0 is no "off" switch: optax's clip_by_global_norm(-1) flips the gradient's
+    # sign (ascent) and 0 zeroes every update.
+    for name in ("clip_low", "clip_high", "learning_rate", "grad_clip"):
+      check_real("RLConfig", name, getattr(self, name), 0, inclusive=False)
     if self.clip_low >= 1:
       raise ValueError(f"RLConfig.clip_low={self.clip_low} must be < 1")
-    for name in ("tis_cap", "temperature", "eval_every", "eval_temperature", "redundant_slots"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"RLConfig.{name} must be >= 0, got {getattr(self, name)}")
+    for name in ("tis_cap", "weight_decay", "temperature", "eval_temperature"):
+      check_real("RLConfig", name, getattr(self, name), 0)
     if not 0 <= self.eplb_ema < 1:
       raise ValueError(f"RLConfig.eplb_ema={self.eplb_ema} must be in [0, 1) (0 = this step's "
                        "loads only)")
-    if not isinstance(self.capacity_buckets, int) or self.capacity_buckets < 1:
-      raise ValueError(f"RLConfig.capacity_buckets={self.capacity_buckets!r} must be a positive "
-                       "int (buckets per doubling; 1 = powers of two)")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"RLConfig.top_p={self.top_p} must be in (0, 1]")
     if self.temperature == 0:
@@ -147,10 +155,8 @@ class PR2Config:
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"PR2Config.{name}={getattr(self, name)!r} must be one of {allowed}")
-    if self.lr_mult <= 0:
-      raise ValueError(f"PR2Config.lr_mult={self.lr_mult} must be > 0")
-    if not isinstance(self.feature_tokens, int) or self.feature_tokens < 1:
-      raise ValueError(f"PR2Config.feature_tokens={self.feature_tokens!r} must be a positive int")
+    check_real("PR2Config", "lr_mult", self.lr_mult, 0, inclusive=False)
+    check_int("PR2Config", "feature_tokens", self.feature_tokens)
     if not isinstance(self.predicted_gates, bool):
       raise ValueError(f"PR2Config.predicted_gates={self.predicted_gates!r} must be a bool")
 
@@ -164,9 +170,10 @@ class SFTConfig:
   warmup_steps: int = 10           # linear warmup
 
   def __post_init__(self):
-    if self.num_steps < 0 or self.batch_size < 1 or self.learning_rate <= 0:
-      raise ValueError(f"SFTConfig needs num_steps >= 0, batch_size >= 1, learning_rate > 0; "
-                       f"got {self.num_steps}, {self.batch_size}, {self.learning_rate}")
+    check_int("SFTConfig", "num_steps", self.num_steps, minimum=0)
+    check_int("SFTConfig", "batch_size", self.batch_size)
+    check_int("SFTConfig", "warmup_steps", self.warmup_steps, minimum=0)
+    check_real("SFTConfig", "learning_rate", self.learning_rate, 0, inclusive=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +193,9 @@ class ExperimentConfig:
   hf_checkpoint: str = ""
 
   def __post_init__(self):
-    if self.checkpoint_every < 0:
-      raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0")
+    check_int("ExperimentConfig", "checkpoint_every", self.checkpoint_every, minimum=0)
+    if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+      raise ValueError(f"ExperimentConfig.seed must be an int, got {self.seed!r}")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":
@@ -207,6 +215,6 @@ class ExperimentConfig:
     return cls(model=model, rl=RLConfig.from_dict(d["rl"]), sft=sft,
                pr2=PR2Config(**dict(d.get("pr2", {}))), hf_checkpoint=hf,
                task=d.get("task", "arithmetic"),
-               task_kwargs=dict(d.get("task_kwargs", {})), seed=int(d.get("seed", 0)),
-               checkpoint_every=int(d.get("checkpoint_every", 10)),
+               task_kwargs=dict(d.get("task_kwargs", {})), seed=d.get("seed", 0),
+               checkpoint_every=d.get("checkpoint_every", 10),
                init_from=str(d.get("init_from", "")))

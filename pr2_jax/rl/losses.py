@@ -23,8 +23,12 @@ Conventions:
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 POLICY_LOSS_KINDS = ("dapo", "gspo")
 # Log-ratios are clamped before exp so a wild token cannot overflow to inf/NaN
@@ -40,6 +44,58 @@ def _adv_BT(adv: jax.Array) -> jax.Array:
   """Per-sequence advantages [B] broadcast over tokens; [B, T] passes through."""
   adv = _f32(adv)
   return adv[:, None] if adv.ndim == 1 else adv
+
+
+# ----------------------------------------------------------------------------
+# Input checks: shapes and dtypes are static (free under jit); values only when concrete
+# ----------------------------------------------------------------------------
+
+def _check_shape(name: str, x, expected: tuple[int, ...], dims: str, why: str = "") -> None:
+  """Exact shapes: jnp broadcasting would silently misalign e.g. a [B, T] array with B == T
+  where [B] is meant, or spread a [B, 1] mask over every token."""
+  if jnp.shape(x) != expected:
+    raise ValueError(f"{name} has shape {jnp.shape(x)}, expected {dims} = {expected}{why}")
+
+
+def _check_BT_inputs(logp_BT, old_logp_BT, mask_BT) -> tuple[int, int]:
+  """Checks the [B, T] inputs of a policy loss against `logp_BT`; returns (B, T)."""
+  if jnp.ndim(logp_BT) != 2:
+    raise ValueError(f"logp_BT has shape {jnp.shape(logp_BT)}, expected rank 2 [B, T]")
+  b, t = jnp.shape(logp_BT)
+  _check_shape("old_logp_BT", old_logp_BT, (b, t), "[B, T] of logp_BT")
+  _check_shape("mask_BT", mask_BT, (b, t), "[B, T] of logp_BT")
+  return b, t
+
+
+def _check_denom(name: str, denom) -> None:
+  """A denominator is a scalar; when concrete, a finite count > 0 (0 gives a NaN loss)."""
+  if denom is None:
+    return
+  if jnp.ndim(denom) != 0:
+    raise ValueError(f"{name} has shape {jnp.shape(denom)}, expected a scalar count")
+  if not isinstance(denom, jax.core.Tracer):
+    value = float(denom)
+    if not (math.isfinite(value) and value > 0):
+      raise ValueError(f"{name}={value} must be a finite count > 0 (see loss_denominator)")
+
+
+def _check_rewards(rewards_B) -> None:
+  """Host-side: a NaN/inf reward would turn its whole group's advantages NaN."""
+  r = np.asarray(rewards_B, np.float32)
+  bad = np.flatnonzero(~np.isfinite(r))
+  if bad.size:
+    raise ValueError(f"rewards_B has non-finite value {r[bad[0]]} at index {int(bad[0])}; "
+                     "rewards must be finite")
+
+
+def _check_targets(targets_BT, vocab_size: int) -> None:
+  """Host-side: take_along_axis wraps a negative target and gives NaN for one >= V."""
+  t = np.asarray(targets_BT)
+  bad = (t < 0) | (t >= vocab_size)
+  if np.any(bad):
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"targets_BT has token id {int(t[idx])} at index {idx} outside the "
+                     f"vocabulary [0, V={vocab_size}) of logits_BTV")
 
 
 # ----------------------------------------------------------------------------
@@ -61,16 +117,29 @@ def grpo_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6,
   alone would give, nor NaN).
 
   Args:
-    rewards_B: rewards, B a multiple of `group_size`.
-    group_size: G samples per prompt (static).
-    eps: added to the standard deviation.
+    rewards_B: rewards, B a multiple of `group_size`; finite (checked when concrete).
+    group_size: G samples per prompt (static int).
+    eps: added to the standard deviation, >= 0.
     scale_by_std: divide by the group standard deviation.
 
   Returns:
     adv_B float32.
+
+  Raises:
+    ValueError: rewards not rank 1, group_size not a positive int dividing B,
+      a negative or non-finite eps, or (concrete rewards) a NaN/inf reward.
   """
-  (b,) = rewards_B.shape
-  if group_size < 1 or b % group_size:
+  if jnp.ndim(rewards_B) != 1:
+    raise ValueError(f"rewards_B has shape {jnp.shape(rewards_B)}, expected rank 1 [B]")
+  if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+    raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+  if not isinstance(eps, jax.core.Tracer) and not (math.isfinite(eps) and eps >= 0):
+    raise ValueError(f"eps must be a finite number >= 0, got {eps!r} (a negative eps can "
+                     "cancel the std: inf advantages)")
+  if not isinstance(rewards_B, jax.core.Tracer):
+    _check_rewards(rewards_B)
+  (b,) = jnp.shape(rewards_B)
+  if b % group_size:
     raise ValueError(f"batch of {b} rewards is not a multiple of group_size={group_size}")
   r_GN = _f32(rewards_B).reshape(b // group_size, group_size)  # G groups × N samples
   mean_G1 = jnp.mean(r_GN, axis=1, keepdims=True)
@@ -89,6 +158,8 @@ def tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array, cap: float
   the training engine's π_old (TIS). Stop-gradient: a weight, not a path.
   Returns float32 [B, T].
   """
+  _check_shape("behaviour_logp_BT", behaviour_logp_BT, jnp.shape(old_logp_BT),
+               "the shape of old_logp_BT")
   log_w_BT = jnp.clip(_f32(old_logp_BT) - _f32(behaviour_logp_BT), -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
   return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w_BT), cap))
 
@@ -100,6 +171,7 @@ def sequence_tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array,
   The geometric-mean ratio matches GSPO's length-normalised sequence ratio.
   Stop-gradient; sequences with an empty mask get weight 1.
   """
+  _check_BT_inputs(old_logp_BT, behaviour_logp_BT, mask_BT)
   mask_BT = _f32(mask_BT)
   delta_BT = jnp.where(mask_BT > 0, _f32(old_logp_BT) - _f32(behaviour_logp_BT), 0.0)
   log_w_B = jnp.sum(delta_BT * mask_BT, axis=1) / jnp.maximum(jnp.sum(mask_BT, axis=1), 1.0)
@@ -182,7 +254,18 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
     (loss, aux): aux has `ratio_mean`, `ratio_var`, `clip_frac_low`,
     `clip_frac_high` as means over this call's masked tokens, and `sums`
     (additive; see `loss_stats_from_sums`).
+
+  Raises:
+    ValueError: an input whose shape is not exactly the documented one (no
+      broadcasting), or a concrete `denom` that is not a finite count > 0.
   """
+  b, t = _check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
+  if jnp.shape(adv_B) not in ((b,), (b, t)):
+    raise ValueError(f"adv_B has shape {jnp.shape(adv_B)}, expected [B] = {(b,)} or "
+                     f"[B, T] = {(b, t)}")
+  if is_weight_BT is not None:
+    _check_shape("is_weight_BT", is_weight_BT, (b, t), "[B, T]")
+  _check_denom("denom", denom)
   mask_BT = _f32(mask_BT)
   adv_BT = jnp.broadcast_to(_adv_BT(adv_B), mask_BT.shape)
   # where() before exp: padding positions may hold -inf/NaN log-probs.
@@ -222,7 +305,15 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   Returns:
     (loss, aux) like `dapo_loss`, but the ratio statistics and clip fractions
     are over *sequences* (`sums["count"]` counts sequences).
+
+  Raises:
+    ValueError: as `dapo_loss`; `adv_B` and `is_weight_B` must be exactly [B].
   """
+  b, _ = _check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
+  _check_shape("adv_B", adv_B, (b,), "[B]", ": GSPO's advantage is per sequence")
+  if is_weight_B is not None:
+    _check_shape("is_weight_B", is_weight_B, (b,), "[B]", ": GSPO's TIS weight is per sequence")
+  _check_denom("denom_seqs", denom_seqs)
   mask_BT = _f32(mask_BT)
   len_B = jnp.sum(mask_BT, axis=1)
   valid_B = _f32(len_B > 0)
@@ -248,6 +339,8 @@ def loss_denominator(kind: str, mask_BT: jax.Array) -> jax.Array:
   to every micro-step's `policy_loss` so their losses and gradients sum exactly.
   """
   _check_kind(kind)
+  if jnp.ndim(mask_BT) != 2:
+    raise ValueError(f"mask_BT has shape {jnp.shape(mask_BT)}, expected rank 2 [B, T]")
   mask_BT = _f32(mask_BT)
   if kind == "dapo":
     return jnp.maximum(jnp.sum(mask_BT), 1.0)
@@ -293,9 +386,22 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
   `logits_BTV[:, t]` must already be the prediction for `targets_BT[:, t]`
   (the caller shifts by one). Computed as `logit[target] − logsumexp(logits)`
   in float32, which avoids materialising the full log-softmax.
+
+  Raises:
+    ValueError: logits not [B, T, V], targets not an integer [B, T] array, or
+      (concrete targets) a target outside [0, V).
   """
+  if jnp.ndim(logits_BTV) != 3:
+    raise ValueError(f"logits_BTV has shape {jnp.shape(logits_BTV)}, expected rank 3 [B, T, V]")
+  _check_shape("targets_BT", targets_BT, jnp.shape(logits_BTV)[:2], "[B, T] of logits_BTV")
+  if not jnp.issubdtype(jnp.result_type(targets_BT), jnp.integer):
+    raise ValueError(f"targets_BT has dtype {jnp.result_type(targets_BT)}, expected an integer "
+                     "dtype (token ids; a float would be truncated)")
+  if not isinstance(targets_BT, jax.core.Tracer):
+    _check_targets(targets_BT, jnp.shape(logits_BTV)[2])
   logits_BTV = _f32(logits_BTV)
-  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  targets_BT1 = jnp.asarray(targets_BT, jnp.int32)[..., None]
+  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT1, axis=-1)[..., 0]
   return picked_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
 
 
@@ -306,6 +412,10 @@ def token_entropy(logits_BTV: jax.Array, mask_BT: jax.Array,
   `denom` defaults to this call's token count; pass the mini-batch's count
   to make micro-step values add up.
   """
+  if jnp.ndim(logits_BTV) != 3:
+    raise ValueError(f"logits_BTV has shape {jnp.shape(logits_BTV)}, expected rank 3 [B, T, V]")
+  _check_shape("mask_BT", mask_BT, jnp.shape(logits_BTV)[:2], "[B, T] of logits_BTV")
+  _check_denom("denom", denom)
   log_p_BTV = jax.nn.log_softmax(_f32(logits_BTV), axis=-1)
   p_BTV = jnp.exp(log_p_BTV)
   # Masked-out vocab entries (-inf logits) have p = 0: use 0·log 0 = 0, and

@@ -21,7 +21,9 @@ import dataclasses
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from pr2_jax.config import DTYPES, check_int, check_real
 from pr2_jax.models.transformer import MoETransformer, init_cache
 
 
@@ -30,18 +32,27 @@ class SamplerConfig:
   max_new_tokens: int = 8     # N, response budget (EOS included)
   temperature: float = 1.0    # 0 = greedy
   top_p: float = 1.0          # nucleus mass kept when sampling
-  eos_id: int = 2             # stops a sequence (and is part of its response)
+  eos_id: int = 2             # stops a sequence (and is part of its response); -1 = no EOS,
+                              # every row decodes max_new_tokens (benchmarks)
   pad_id: int = 0             # written after EOS
   predicted_gates: bool = True  # PR2: gate by the predictive q̂ (paper) or by the router's ρ
   feature_dtype: str = "bfloat16"  # dtype of the cached PR2 router features
 
   def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise ValueError(f"SamplerConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if self.temperature < 0:
-      raise ValueError(f"SamplerConfig.temperature must be >= 0, got {self.temperature}")
+    # The vocabulary bound of eos_id / pad_id is the model's: `generate` checks it.
+    check_int("SamplerConfig", "max_new_tokens", self.max_new_tokens)
+    check_int("SamplerConfig", "eos_id", self.eos_id, minimum=-1)
+    check_int("SamplerConfig", "pad_id", self.pad_id, minimum=0)
+    check_real("SamplerConfig", "temperature", self.temperature, 0)
+    check_real("SamplerConfig", "top_p", self.top_p)
     if not 0 < self.top_p <= 1:
       raise ValueError(f"SamplerConfig.top_p must be in (0, 1], got {self.top_p}")
+    if not isinstance(self.predicted_gates, bool):
+      raise ValueError(
+          f"SamplerConfig.predicted_gates must be a bool, got {self.predicted_gates!r}")
+    if self.feature_dtype not in DTYPES:
+      raise ValueError(
+          f"SamplerConfig.feature_dtype={self.feature_dtype!r} must be one of {DTYPES}")
 
 
 @flax.struct.dataclass
@@ -94,6 +105,40 @@ def _gather_slots(x_BPL_: jax.Array, slots_BF: jax.Array) -> jax.Array:
   return jnp.where((slots_BF < p).reshape(slots_BF.shape + (1,) * (x_BPL_.ndim - 2)), rows, 0)
 
 
+def validate_generate_inputs(vocab_size: int, prompts_BP, prompt_valid_BP, config: SamplerConfig,
+                             feature_slots_BF=None) -> None:
+  """Checks `generate`'s inputs against the model's vocabulary; raises ValueError naming the bad
+  value. Shapes, dtypes and ids are static; slot values are checked only when concrete."""
+  if config.eos_id >= vocab_size:  # the sampler never draws it: no row would ever stop
+    raise ValueError(f"SamplerConfig.eos_id={config.eos_id} must be < ModelConfig.vocab_size="
+                     f"{vocab_size} (or -1: no EOS)")
+  if config.pad_id >= vocab_size:
+    raise ValueError(f"SamplerConfig.pad_id={config.pad_id} must be < ModelConfig.vocab_size="
+                     f"{vocab_size}")
+  if jnp.ndim(prompts_BP) != 2:
+    raise ValueError(f"prompts_BP has shape {jnp.shape(prompts_BP)}, expected rank 2 [B, P]")
+  if jnp.shape(prompt_valid_BP) != jnp.shape(prompts_BP):
+    raise ValueError(f"prompt_valid_BP has shape {jnp.shape(prompt_valid_BP)}, expected [B, P] "
+                     f"of prompts_BP = {jnp.shape(prompts_BP)}")
+  if feature_slots_BF is None:
+    return
+  b, p = jnp.shape(prompts_BP)
+  s = p + config.max_new_tokens
+  if jnp.ndim(feature_slots_BF) != 2 or jnp.shape(feature_slots_BF)[0] != b:
+    raise ValueError(f"feature_slots_BF has shape {jnp.shape(feature_slots_BF)}, expected "
+                     f"[B, F] with B={b}")
+  if not jnp.issubdtype(jnp.result_type(feature_slots_BF), jnp.integer):
+    raise ValueError(f"feature_slots_BF has dtype {jnp.result_type(feature_slots_BF)}, "
+                     "expected an integer dtype (slot ids)")
+  if not isinstance(feature_slots_BF, jax.core.Tracer):
+    slots = np.asarray(feature_slots_BF)
+    bad = (slots < 0) | (slots >= s)
+    if np.any(bad):  # out-of-range slots would silently cache all-zero features
+      idx = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f"feature_slots_BF has slot {int(slots[idx])} at index {idx} outside "
+                       f"the [0, P + max_new_tokens = {s}) slots of a sequence")
+
+
 def generate(model: MoETransformer, params, prompts_BP: jax.Array, prompt_valid_BP: jax.Array,
              rng: jax.Array, config: SamplerConfig, predictor=None,
              feature_slots_BF: jax.Array | None = None) -> Rollout:
@@ -103,8 +148,11 @@ def generate(model: MoETransformer, params, prompts_BP: jax.Array, prompt_valid_
   compute dtype here, the weight sync into the inference engine. With a PR2
   `predictor [L, D, E]` every token is routed by the predicted distribution.
   With `feature_slots_BF`, the router inputs and logits at those slots are
-  cached (PR2's predictor is trained on them).
+  cached (PR2's predictor is trained on them). Bad inputs raise ValueError
+  (see `validate_generate_inputs`).
   """
+  validate_generate_inputs(model.config.vocab_size, prompts_BP, prompt_valid_BP, config,
+                           feature_slots_BF)
   b, p = prompts_BP.shape
   n = config.max_new_tokens
   dtype = jnp.dtype(model.config.dtype)
