@@ -228,9 +228,9 @@ def test_bad_inputs(loads_shape, d, s, prev_shape, match):
 def test_negative_or_non_finite_loads_raise(bad):
   loads = np.ones((2, 16), np.float32)
   loads[1, 5] = bad
-  with pytest.raises(ValueError, match=rf"loads\[1, 5\] = {bad} is not a finite count >= 0"):
+  with pytest.raises(ValueError, match=rf"loads\[1, 5\] = {bad} is not a finite number >= 0"):
     pl.plan_placement(loads, 4, 5)
-  with pytest.raises(ValueError, match=rf"loads\[5\] = {bad} is not a finite count >= 0"):
+  with pytest.raises(ValueError, match=rf"loads\[5\] = {bad} is not a finite number >= 0"):
     pl.replica_counts(jnp.asarray(loads[1]), 20, 4)
 
 

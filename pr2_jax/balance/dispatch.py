@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.models.experts import check_ids, is_concrete, validate_slot_expert
+from pr2_jax.checks import check_ids, is_concrete
+from pr2_jax.models.experts import validate_slot_expert
 
 
 def runs(expert_X: jax.Array):

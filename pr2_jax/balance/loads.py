@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.models.experts import check_ids, is_concrete
+from pr2_jax.checks import check_ids, is_concrete
 
 EMPTY = -1  # slot_expert value of a slot that holds no expert
 

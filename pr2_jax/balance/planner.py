@@ -64,9 +64,11 @@ import numpy as np
 from pr2_jax.balance.loads import EMPTY, native_layout
 from pr2_jax.balance.rounds import place_in_rounds
 from pr2_jax.balance.split import water_fill
-from pr2_jax.models.experts import check_ids, is_concrete
+from pr2_jax.checks import check_finite, check_ids, is_concrete
 
 _TINY = float(np.finfo(np.float32).tiny)
+# The greedy's float-bit search and the water-filling assume counts; a NaN spreads everywhere.
+_LOADS_WHY = "loads are (token, k) counts"
 _PROBES_J = np.arange(1, 8, dtype=np.int32)  # replica_counts' search probes, in eighths
 _AVOID = 1e30  # placement score penalty of a device already holding the expert
 _REPAIR_ROUNDS = 4  # duplicate-replica swaps per layer (a forced twin is rare)
@@ -92,16 +94,6 @@ class Plan(flax.struct.PyTreeNode):
     return jax.tree_util.tree_map(lambda a: a[l], self)
 
 
-def _check_loads(loads) -> None:
-  """Host check of concrete loads: finite counts >= 0 (the greedy's float-bit search and the
-  water-filling assume both, and a NaN would spread through the whole plan)."""
-  a = np.asarray(loads, np.float64)
-  bad = ~np.isfinite(a) | (a < 0)
-  if np.any(bad):
-    idx = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(f"loads{list(idx)} = {a[idx]} is not a finite count >= 0")
-
-
 def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.Array:
   """int32 [E]: greedy replica counts of one layer (step 1 of the module docstring).
 
@@ -113,7 +105,7 @@ def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.
   Loads must be finite and >= 0 (checked when concrete).
   """
   if is_concrete(load_E):
-    _check_loads(load_E)
+    check_finite("loads", load_E, _LOADS_WHY, low=0)
   load_E = load_E.astype(jnp.float32)
   num_experts = load_E.shape[0]
   redundant = num_slots - num_experts
@@ -373,7 +365,7 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
   if loads_LE.ndim != 2:
     raise ValueError(f"loads must be [layers, experts], got shape {loads_LE.shape}")
   if is_concrete(loads_LE):
-    _check_loads(loads_LE)
+    check_finite("loads", loads_LE, _LOADS_WHY, low=0)
   num_layers, num_experts = loads_LE.shape
   if num_devices < 1 or num_experts % num_devices:
     raise ValueError(f"num_devices={num_devices} must be >= 1 and divide num_experts={num_experts}")

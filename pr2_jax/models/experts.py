@@ -24,28 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def is_concrete(x) -> bool:
-  """True when x's values can be read on the host: not a tracer (a jitted caller checks its
-  inputs before jit) and, for a jax.Array, held whole by this process."""
-  if isinstance(x, jax.core.Tracer):
-    return False
-  return not isinstance(x, jax.Array) or x.is_fully_addressable
-
-
-def check_ids(ids, name: str, low: int, high: int, bound: str) -> None:
-  """Host check of concrete ids: raises ValueError naming the first one outside [low, high).
-
-  `bound` names the upper bound in the message (e.g. "num_experts"). The gathers and
-  scatters these ids feed would not fail: they clamp, drop or return NaN, silently.
-  """
-  a = np.asarray(ids)
-  if not np.issubdtype(a.dtype, np.integer):
-    raise TypeError(f"{name} has dtype {a.dtype}, expected an integer dtype (int32)")
-  bad = (a < low) | (a >= high)
-  if np.any(bad):
-    idx = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(f"{name}{list(idx)} = {int(a[idx])} is outside [{low}, {bound}={high})")
+from pr2_jax.checks import check_ids, is_concrete
 
 
 def validate_slot_expert(slot_expert_X, num_experts: int) -> None:

@@ -21,7 +21,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pr2_jax.config import ModelConfig
-from pr2_jax.models.experts import is_concrete, validate_slot_expert
+from pr2_jax.checks import check_shape, is_concrete
+from pr2_jax.models.experts import validate_slot_expert
 from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
 from pr2_jax.models.moe import MoEBlock
 from pr2_jax.models.routing import check_routes_shape, validate_routes
@@ -66,13 +67,6 @@ def validate_tokens(tokens, vocab_size: int) -> None:
                      f"[0, ModelConfig.vocab_size={vocab_size})")
 
 
-def _check_shape(name: str, x, expected: tuple, dims: str) -> None:
-  """Static (works under jit): raises naming `name`'s shape and the expected one."""
-  shape = tuple(np.shape(x))
-  if shape != tuple(expected):
-    raise ValueError(f"{name} has shape {shape}, expected {dims} = {tuple(expected)}")
-
-
 def _check_slot_expert(slot_expert, config: ModelConfig, mesh: Mesh | None) -> None:
   """Static: a slot map [L, X] or a Plan (slot_expert [L, D, S]) for every MoE layer.
 
@@ -96,8 +90,8 @@ def _check_slot_expert(slot_expert, config: ModelConfig, mesh: Mesh | None) -> N
   if not jnp.issubdtype(slots.dtype, jnp.integer):
     raise ValueError(f"{name} has dtype {slots.dtype}, expected an integer dtype (int32)")
   if hasattr(slot_expert, "replica_share"):
-    _check_shape("plan.replica_share", slot_expert.replica_share, shape, "slot_expert's [L, D, S]")
-    _check_shape("plan.replica_count", slot_expert.replica_count, (n_layers, n_experts), "[L, E]")
+    check_shape("plan.replica_share", slot_expert.replica_share, shape, "slot_expert's [L, D, S]")
+    check_shape("plan.replica_count", slot_expert.replica_count, (n_layers, n_experts), "[L, E]")
   shards = axis_size(mesh, EXPERT)
   if num_slots < n_experts or num_slots % shards:
     raise ValueError(f"{name} has shape {shape}: {num_slots} slots per layer, expected at least "
@@ -123,12 +117,12 @@ def _check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int, p
                      f"expected init_cache(config, batch={batch}, max_len)")
   g, z = config.num_kv_heads, config.head_dim
   for i in range(config.num_layers):
-    _check_shape(f"cache.k[{i}]", cache.k[i], (batch, g, z, max_len), "[B, G, Z, S]")
-    _check_shape(f"cache.v[{i}]", cache.v[i], (batch, g, max_len, z), "[B, G, S, Z]")
+    check_shape(f"cache.k[{i}]", cache.k[i], (batch, g, z, max_len), "[B, G, Z, S]")
+    check_shape(f"cache.v[{i}]", cache.v[i], (batch, g, max_len, z), "[B, G, S, Z]")
   if length > max_len:  # the write would be clipped silently
     raise ValueError(f"{length} tokens do not fit the KV cache of max_len={max_len} "
                      "(init_cache(..., max_len)); allowed: at most max_len tokens")
-  if not isinstance(cache.index, jax.core.Tracer):  # eager: dynamic_update_slice would clamp
+  if is_concrete(cache.index):  # eager: dynamic_update_slice would clamp
     index = int(cache.index)
     if index < 0:
       raise ValueError(f"cache index {index} is negative; allowed: 0 <= index <= max_len - tokens")
@@ -208,13 +202,13 @@ class MoETransformer(nn.Module):
     # wrong layer count or shape would otherwise run silently or fail deep inside a layer.
     n_moe = cfg.num_moe_layers
     if positions is not None:
-      _check_shape("positions", positions, (b, t), "[B, T]")
+      check_shape("positions", positions, (b, t), "[B, T]")
     if valid is not None:
-      _check_shape("valid", valid, (b, t), "[B, T]")
+      check_shape("valid", valid, (b, t), "[B, T]")
     if routes is not None:
       check_routes_shape(routes, batch=b, length=t, num_layers=n_moe, top_k=cfg.top_k)
     if predictor is not None:
-      _check_shape("predictor", predictor, (n_moe, cfg.d_model, cfg.num_experts), "[L, D, E]")
+      check_shape("predictor", predictor, (n_moe, cfg.d_model, cfg.num_experts), "[L, D, E]")
     if slot_expert is not None:
       _check_slot_expert(slot_expert, cfg, self.mesh)
     if cache is not None:

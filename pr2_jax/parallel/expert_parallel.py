@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from pr2_jax.checks import check_ids, is_concrete
 from pr2_jax.models import experts as ex
 from pr2_jax.parallel import replica_fetch
 from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size, num_token_shards
@@ -108,15 +109,15 @@ def _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, wei
 
 def _check_values(expert_ids_NK, slot_expert_X, slot_ids_NK, num_experts):
   """Host checks of whatever is concrete (a jitted caller's tracers are left alone)."""
-  if ex.is_concrete(expert_ids_NK):
-    ex.check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
-  if slot_expert_X is not None and ex.is_concrete(slot_expert_X):
+  if is_concrete(expert_ids_NK):
+    check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
+  if slot_expert_X is not None and is_concrete(slot_expert_X):
     ex.validate_slot_expert(slot_expert_X, num_experts)
-  if slot_ids_NK is None or not ex.is_concrete(slot_ids_NK):
+  if slot_ids_NK is None or not is_concrete(slot_ids_NK):
     return
   num_slots = num_experts if slot_expert_X is None else slot_expert_X.shape[0]
-  ex.check_ids(slot_ids_NK, "slot_ids_NK", 0, num_slots, "number of slots")
-  if ex.is_concrete(expert_ids_NK) and (slot_expert_X is None or ex.is_concrete(slot_expert_X)):
+  check_ids(slot_ids_NK, "slot_ids_NK", 0, num_slots, "number of slots")
+  if is_concrete(expert_ids_NK) and (slot_expert_X is None or is_concrete(slot_expert_X)):
     # A slot holding another expert would run that expert's weights.
     held_NK = np.asarray(slot_ids_NK)
     if slot_expert_X is not None:

@@ -28,7 +28,8 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from pr2_jax.checks import check_count, check_finite, check_ids, check_shape, is_concrete
 
 POLICY_LOSS_KINDS = ("dapo", "gspo")
 # Log-ratios are clamped before exp so a wild token cannot overflow to inf/NaN
@@ -50,52 +51,14 @@ def _adv_BT(adv: jax.Array) -> jax.Array:
 # Input checks: shapes and dtypes are static (free under jit); values only when concrete
 # ----------------------------------------------------------------------------
 
-def _check_shape(name: str, x, expected: tuple[int, ...], dims: str, why: str = "") -> None:
-  """Exact shapes: jnp broadcasting would silently misalign e.g. a [B, T] array with B == T
-  where [B] is meant, or spread a [B, 1] mask over every token."""
-  if jnp.shape(x) != expected:
-    raise ValueError(f"{name} has shape {jnp.shape(x)}, expected {dims} = {expected}{why}")
-
-
 def _check_BT_inputs(logp_BT, old_logp_BT, mask_BT) -> tuple[int, int]:
   """Checks the [B, T] inputs of a policy loss against `logp_BT`; returns (B, T)."""
   if jnp.ndim(logp_BT) != 2:
     raise ValueError(f"logp_BT has shape {jnp.shape(logp_BT)}, expected rank 2 [B, T]")
   b, t = jnp.shape(logp_BT)
-  _check_shape("old_logp_BT", old_logp_BT, (b, t), "[B, T] of logp_BT")
-  _check_shape("mask_BT", mask_BT, (b, t), "[B, T] of logp_BT")
+  check_shape("old_logp_BT", old_logp_BT, (b, t), "[B, T] of logp_BT")
+  check_shape("mask_BT", mask_BT, (b, t), "[B, T] of logp_BT")
   return b, t
-
-
-def _check_denom(name: str, denom) -> None:
-  """A denominator is a scalar; when concrete, a finite count > 0 (0 gives a NaN loss)."""
-  if denom is None:
-    return
-  if jnp.ndim(denom) != 0:
-    raise ValueError(f"{name} has shape {jnp.shape(denom)}, expected a scalar count")
-  if not isinstance(denom, jax.core.Tracer):
-    value = float(denom)
-    if not (math.isfinite(value) and value > 0):
-      raise ValueError(f"{name}={value} must be a finite count > 0 (see loss_denominator)")
-
-
-def _check_rewards(rewards_B) -> None:
-  """Host-side: a NaN/inf reward would turn its whole group's advantages NaN."""
-  r = np.asarray(rewards_B, np.float32)
-  bad = np.flatnonzero(~np.isfinite(r))
-  if bad.size:
-    raise ValueError(f"rewards_B has non-finite value {r[bad[0]]} at index {int(bad[0])}; "
-                     "rewards must be finite")
-
-
-def _check_targets(targets_BT, vocab_size: int) -> None:
-  """Host-side: take_along_axis wraps a negative target and gives NaN for one >= V."""
-  t = np.asarray(targets_BT)
-  bad = (t < 0) | (t >= vocab_size)
-  if np.any(bad):
-    idx = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(f"targets_BT has token id {int(t[idx])} at index {idx} outside the "
-                     f"vocabulary [0, V={vocab_size}) of logits_BTV")
 
 
 # ----------------------------------------------------------------------------
@@ -133,11 +96,11 @@ def grpo_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6,
     raise ValueError(f"rewards_B has shape {jnp.shape(rewards_B)}, expected rank 1 [B]")
   if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
     raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-  if not isinstance(eps, jax.core.Tracer) and not (math.isfinite(eps) and eps >= 0):
+  if is_concrete(eps) and not (math.isfinite(eps) and eps >= 0):
     raise ValueError(f"eps must be a finite number >= 0, got {eps!r} (a negative eps can "
                      "cancel the std: inf advantages)")
-  if not isinstance(rewards_B, jax.core.Tracer):
-    _check_rewards(rewards_B)
+  if is_concrete(rewards_B):
+    check_finite("rewards_B", rewards_B, "a NaN/inf reward makes its whole group's advantages NaN")
   (b,) = jnp.shape(rewards_B)
   if b % group_size:
     raise ValueError(f"batch of {b} rewards is not a multiple of group_size={group_size}")
@@ -158,7 +121,7 @@ def tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array, cap: float
   the training engine's π_old (TIS). Stop-gradient: a weight, not a path.
   Returns float32 [B, T].
   """
-  _check_shape("behaviour_logp_BT", behaviour_logp_BT, jnp.shape(old_logp_BT),
+  check_shape("behaviour_logp_BT", behaviour_logp_BT, jnp.shape(old_logp_BT),
                "the shape of old_logp_BT")
   log_w_BT = jnp.clip(_f32(old_logp_BT) - _f32(behaviour_logp_BT), -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
   return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w_BT), cap))
@@ -264,8 +227,8 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
     raise ValueError(f"adv_B has shape {jnp.shape(adv_B)}, expected [B] = {(b,)} or "
                      f"[B, T] = {(b, t)}")
   if is_weight_BT is not None:
-    _check_shape("is_weight_BT", is_weight_BT, (b, t), "[B, T]")
-  _check_denom("denom", denom)
+    check_shape("is_weight_BT", is_weight_BT, (b, t), "[B, T]")
+  check_count("denom", denom)
   mask_BT = _f32(mask_BT)
   adv_BT = jnp.broadcast_to(_adv_BT(adv_B), mask_BT.shape)
   # where() before exp: padding positions may hold -inf/NaN log-probs.
@@ -310,10 +273,10 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
     ValueError: as `dapo_loss`; `adv_B` and `is_weight_B` must be exactly [B].
   """
   b, _ = _check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
-  _check_shape("adv_B", adv_B, (b,), "[B]", ": GSPO's advantage is per sequence")
+  check_shape("adv_B", adv_B, (b,), "[B]", ": GSPO's advantage is per sequence")
   if is_weight_B is not None:
-    _check_shape("is_weight_B", is_weight_B, (b,), "[B]", ": GSPO's TIS weight is per sequence")
-  _check_denom("denom_seqs", denom_seqs)
+    check_shape("is_weight_B", is_weight_B, (b,), "[B]", ": GSPO's TIS weight is per sequence")
+  check_count("denom_seqs", denom_seqs)
   mask_BT = _f32(mask_BT)
   len_B = jnp.sum(mask_BT, axis=1)
   valid_B = _f32(len_B > 0)
@@ -393,12 +356,12 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
   """
   if jnp.ndim(logits_BTV) != 3:
     raise ValueError(f"logits_BTV has shape {jnp.shape(logits_BTV)}, expected rank 3 [B, T, V]")
-  _check_shape("targets_BT", targets_BT, jnp.shape(logits_BTV)[:2], "[B, T] of logits_BTV")
+  check_shape("targets_BT", targets_BT, jnp.shape(logits_BTV)[:2], "[B, T] of logits_BTV")
   if not jnp.issubdtype(jnp.result_type(targets_BT), jnp.integer):
     raise ValueError(f"targets_BT has dtype {jnp.result_type(targets_BT)}, expected an integer "
                      "dtype (token ids; a float would be truncated)")
-  if not isinstance(targets_BT, jax.core.Tracer):
-    _check_targets(targets_BT, jnp.shape(logits_BTV)[2])
+  if is_concrete(targets_BT):
+    check_ids(targets_BT, "targets_BT", 0, jnp.shape(logits_BTV)[2], "V")
   logits_BTV = _f32(logits_BTV)
   targets_BT1 = jnp.asarray(targets_BT, jnp.int32)[..., None]
   picked_BT = jnp.take_along_axis(logits_BTV, targets_BT1, axis=-1)[..., 0]
@@ -414,8 +377,8 @@ def token_entropy(logits_BTV: jax.Array, mask_BT: jax.Array,
   """
   if jnp.ndim(logits_BTV) != 3:
     raise ValueError(f"logits_BTV has shape {jnp.shape(logits_BTV)}, expected rank 3 [B, T, V]")
-  _check_shape("mask_BT", mask_BT, jnp.shape(logits_BTV)[:2], "[B, T] of logits_BTV")
-  _check_denom("denom", denom)
+  check_shape("mask_BT", mask_BT, jnp.shape(logits_BTV)[:2], "[B, T] of logits_BTV")
+  check_count("denom", denom)
   log_p_BTV = jax.nn.log_softmax(_f32(logits_BTV), axis=-1)
   p_BTV = jnp.exp(log_p_BTV)
   # Masked-out vocab entries (-inf logits) have p = 0: use 0·log 0 = 0, and

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.models.experts import check_ids, is_concrete
+from pr2_jax.checks import check_ids, is_concrete
 
 LN2 = math.log(2.0)
 NUM_DEV_BINS = 4  # deviation histogram bins: 0, 1, 2, ≥3 experts changed

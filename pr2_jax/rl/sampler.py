@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pr2_jax.checks import is_concrete
 from pr2_jax.config import DTYPES, check_int, check_real
 from pr2_jax.models.transformer import MoETransformer, init_cache
 
@@ -130,7 +131,7 @@ def validate_generate_inputs(vocab_size: int, prompts_BP, prompt_valid_BP, confi
   if not jnp.issubdtype(jnp.result_type(feature_slots_BF), jnp.integer):
     raise ValueError(f"feature_slots_BF has dtype {jnp.result_type(feature_slots_BF)}, "
                      "expected an integer dtype (slot ids)")
-  if not isinstance(feature_slots_BF, jax.core.Tracer):
+  if is_concrete(feature_slots_BF):
     slots = np.asarray(feature_slots_BF)
     bad = (slots < 0) | (slots >= s)
     if np.any(bad):  # out-of-range slots would silently cache all-zero features

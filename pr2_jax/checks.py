@@ -1,0 +1,72 @@
+"""Input checks shared by the library's pure functions.
+
+Two kinds, so that no check ever costs a jitted caller anything:
+  * static checks of shapes and dtypes (`check_shape`): they read only what
+    tracing knows, so they also run, for free, when the caller is jitted;
+  * value checks (`check_ids`) on host numpy, only where `is_concrete` says the
+    values can be read: never inside jit (that would be a device-to-host sync),
+    and never on an array this process holds only part of. Jitted callers
+    check their inputs on the host before the call.
+
+Why bother: the gathers, scatters and one-hots these arrays feed do not fail
+on bad input. They clamp, drop, wrap or return NaN, and the result is a
+silently wrong answer far from its cause.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True when x's values can be read on the host: not a tracer and, for a jax.Array,
+  held whole by this process."""
+  if isinstance(x, jax.core.Tracer):
+    return False
+  return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
+def check_shape(name: str, x, expected: tuple, dims: str, why: str = "") -> None:
+  """Exactly `expected` (static, works under jit): broadcasting would otherwise misalign
+  e.g. a [B, T] array with B == T where [B] is meant. `dims` names the axes in the message."""
+  shape, expected = tuple(np.shape(x)), tuple(expected)
+  if shape != expected:
+    raise ValueError(f"{name} has shape {shape}, expected {dims} = {expected}{why}")
+
+
+def check_ids(ids, name: str, low: int, high: int, bound: str) -> None:
+  """Host check of concrete integer ids: raises naming the first one outside [low, high).
+
+  `bound` names the upper bound in the message (e.g. "num_experts").
+  """
+  a = np.asarray(ids)
+  if not np.issubdtype(a.dtype, np.integer):
+    raise TypeError(f"{name} has dtype {a.dtype}, expected an integer dtype (int32)")
+  bad = (a < low) | (a >= high)
+  if np.any(bad):
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"{name}{list(idx)} = {int(a[idx])} is outside [{low}, {bound}={high})")
+
+
+def check_finite(name: str, x, why: str = "", low: float | None = None) -> None:
+  """Host check of concrete values: raises naming the first NaN, inf or value below `low`."""
+  a = np.asarray(x, np.float64)
+  bad = np.argwhere(~np.isfinite(a) | (a < (-np.inf if low is None else low)))
+  if bad.size:
+    idx = tuple(int(i) for i in bad[0])
+    what = "not finite" if low is None else f"not a finite number >= {low:g}"
+    raise ValueError(f"{name}{list(idx)} = {a[idx]} is {what}" + (f" ({why})" if why else ""))
+
+
+def check_count(name: str, x) -> None:
+  """A denominator: a scalar (static) and, when concrete, a finite count > 0 (0 gives NaN).
+  None passes (the callee's default)."""
+  if x is None:
+    return
+  if np.ndim(x) != 0:
+    raise ValueError(f"{name} has shape {np.shape(x)}, expected a scalar count")
+  if is_concrete(x) and not (math.isfinite(float(x)) and float(x) > 0):
+    raise ValueError(f"{name}={float(x)} must be a finite count > 0")

@@ -1,0 +1,54 @@
+"""Tests for pr2_jax.checks: the shared static and host-side input checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr2_jax import checks
+
+
+def test_is_concrete_is_false_inside_jit_and_true_outside():
+  seen = []
+  jax.jit(lambda x: seen.append(checks.is_concrete(x)) or x)(jnp.ones(2))
+  assert seen == [False]
+  assert checks.is_concrete(jnp.ones(2)) and checks.is_concrete(np.ones(2))
+  assert checks.is_concrete(3.0)
+
+
+def test_check_shape_is_exact_and_works_on_tracers():
+  checks.check_shape("x", np.ones((2, 3)), (2, 3), "[B, T]")
+  with pytest.raises(ValueError, match=r"adv has shape \(3, 3\), expected \[B\] = \(3,\): per seq"):
+    checks.check_shape("adv", np.ones((3, 3)), (3,), "[B]", ": per seq")
+  with pytest.raises(ValueError, match=r"x has shape \(2, 1\), expected \[B, T\] = \(2, 3\)"):
+    jax.eval_shape(lambda x: checks.check_shape("x", x, (2, 3), "[B, T]"), jnp.ones((2, 1)))
+
+
+def test_check_ids_names_the_first_bad_entry():
+  checks.check_ids(np.array([[0, 3], [2, 1]]), "ids", 0, 4, "E")
+  with pytest.raises(ValueError, match=r"ids\[1, 0\] = 4 is outside \[0, E=4\)"):
+    checks.check_ids(np.array([[0, 3], [4, -1]]), "ids", 0, 4, "E")
+  with pytest.raises(ValueError, match=r"ids\[1\] = -2 is outside \[-1, E=4\)"):
+    checks.check_ids(np.array([-1, -2]), "ids", -1, 4, "E")
+  with pytest.raises(TypeError, match="ids has dtype float32, expected an integer dtype"):
+    checks.check_ids(np.array([0.0, 1.0], np.float32), "ids", 0, 4, "E")
+
+
+def test_check_finite_and_lower_bound():
+  checks.check_finite("r", np.array([0.0, -1.0]))
+  with pytest.raises(ValueError, match=r"r\[1\] = inf is not finite \(why\)"):
+    checks.check_finite("r", np.array([0.0, np.inf]), "why")
+  checks.check_finite("loads", np.array([[0.0, 2.0]]), low=0)
+  with pytest.raises(ValueError, match=r"loads\[0, 1\] = -1.0 is not a finite number >= 0"):
+    checks.check_finite("loads", np.array([[0.0, -1.0]]), low=0)
+
+
+def test_check_count_scalar_finite_positive():
+  checks.check_count("denom", None)
+  checks.check_count("denom", jnp.float32(3.0))
+  for bad in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match=rf"denom={bad} must be a finite count > 0"):
+      checks.check_count("denom", bad)
+  with pytest.raises(ValueError, match=r"denom has shape \(2,\), expected a scalar count"):
+    checks.check_count("denom", np.ones(2))
+  jax.jit(lambda d: checks.check_count("denom", d) or d)(jnp.float32(0.0))  # no host sync
