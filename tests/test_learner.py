@@ -52,6 +52,19 @@ def _learner(model, config, tx):
   return learner.Learner(model, config, tx)
 
 
+def _assert_updates_close(new, ref, before, tol=1e-5):
+  """SGD(lr 1) updates new - before and ref - before (= minus the gradients) agree per leaf,
+  to `tol` times the leaf's largest reference entry: an absolute tolerance would wave through
+  any error in leaves whose gradients are small (router leaves: ~1e-4 at most)."""
+  flat = jax.tree_util.tree_flatten_with_path(before)[0]
+  for (path, b), n, r in zip(flat, jax.tree.leaves(new), jax.tree.leaves(ref)):
+    b = np.asarray(b)
+    want, got = np.asarray(r) - b, np.asarray(n) - b
+    scale = float(np.max(np.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
 def _prepare(model, config, params, batch, chunks):
   micro = data.split_micro(batch, chunks)
   old_logp, routes, _, _ = learner.old_logprob_pass(_learner(model, config, None), params, None,
@@ -78,8 +91,7 @@ def test_micro_step_accumulation_equals_full_minibatch():
     params[m] = new_state.params
     if m == 1:
       ref_metrics = metrics
-  diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params[1], params[4])
-  assert max(jax.tree.leaves(diffs)) < 1e-6
+  _assert_updates_close(params[4], params[1], state.params)
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
   np.testing.assert_allclose(metrics["entropy"], ref_metrics["entropy"], rtol=1e-5)
@@ -117,6 +129,118 @@ def test_bf16_rollout_shows_mismatch():
   _, m = learner.update_step(_learner(model, config, tx), state,
                              _prepare(model, config, state.params, batch, 1))
   assert float(m["k3_kl"]) > 0
+
+
+def _hand_logp(model, params, micro0, temperature=1.0):
+  """float64 log softmax(logits / temperature) of tokens[:, 1:] from a plain forward
+  (routes replayed from the rollout, as R3 does)."""
+  out = model.apply({"params": params}, micro0["tokens"], routes=micro0["rollout_routes"],
+                    positions=micro0["positions"], valid=micro0["valid"])
+  z = np.asarray(out.logits[:, :-1], np.float64) / temperature
+  z = z - z.max(-1, keepdims=True)
+  log_softmax = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  return log_softmax, np.take_along_axis(log_softmax, micro0["tokens"][:, 1:, None], -1)[..., 0]
+
+
+def _hand_policy_loss(kind, logp, against, adv, mask, clip_low, clip_high, weight=None):
+  """Numpy DAPO (token mean) / GSPO (sequence mean) loss and mean ratio; weight = TIS."""
+  log_r = np.where(mask > 0, logp - against, 0.0)
+  if kind == "gspo":
+    log_r = (log_r * mask).sum(1) / mask.sum(1)
+    mask = (mask.sum(1) > 0).astype(np.float64)
+  else:
+    adv = adv[:, None]
+  r = np.exp(log_r)
+  obj = -np.minimum(r * adv, np.clip(r, 1 - clip_low, 1 + clip_high) * adv)
+  if weight is not None:
+    obj = obj * weight
+  return (obj * mask).sum() / mask.sum(), (r * mask).sum() / mask.sum()
+
+
+def _perturbed_r3_micro(model, state, batch, config, old_shift=(-0.3, 0.1),
+                        rollout_shift=(-0.1, 0.3)):
+  """One micro-step whose π_old and µ are both moved off π_θ by independent uniform shifts
+  (nats; by default to opposite sides on average, so π_θ/π_old > 1 > π_θ/µ in the mean)."""
+  micro = _prepare(model, config, state.params, batch, 1)
+  rng = np.random.default_rng(3)
+  micro["old_logp"] = np.asarray(micro["old_logp"]) + rng.uniform(*old_shift,
+                                                                  micro["old_logp"].shape)
+  micro["rollout_logp"] = micro["rollout_logp"] + rng.uniform(*rollout_shift,
+                                                              micro["rollout_logp"].shape)
+  return {k: np.asarray(v, np.float32) if k.endswith("logp") else v for k, v in micro.items()}
+
+
+def test_ratio_denominator_divides_by_pi_old_or_by_mu():
+  """'old' takes r = π_θ/π_old, 'rollout' r = π_θ/µ: with π_old and µ moved apart by hand, the
+  ratio mean and the DAPO loss match a numpy oracle on the chosen denominator only."""
+  model, tx, state, batch = _rollout()
+  results = {}
+  for denominator in ("old", "rollout"):
+    config = _rl(replay_mode="r3", ratio_denominator=denominator)
+    micro = _perturbed_r3_micro(model, state, batch, config)
+    _, m = learner.update_step(_learner(model, config, tx), state, micro)
+    m0 = jax.tree.map(lambda x: x[0], micro)
+    logp = _hand_logp(model, state.params, m0)[1]
+    against = m0["old_logp"] if denominator == "old" else m0["rollout_logp"][:, 1:]
+    loss, ratio_mean = _hand_policy_loss("dapo", logp, np.float64(against), m0["adv"],
+                                         m0["response_mask"][:, 1:].astype(np.float64),
+                                         config.clip_low, config.clip_high)
+    np.testing.assert_allclose(float(m["ratio_mean"]), ratio_mean, rtol=1e-5)
+    np.testing.assert_allclose(float(m["loss"]), loss, rtol=1e-5, atol=1e-7)
+    results[denominator] = ratio_mean
+  assert results["old"] > 1.05 and results["rollout"] < 0.95  # the two cases can tell apart
+
+
+@pytest.mark.parametrize("loss", ["dapo", "gspo"])
+def test_tis_weights_cap_the_loss(loss):
+  """ratio 'old' with tis_cap: each token's (DAPO) or sequence's (GSPO) loss is weighted by
+  min(π_old/µ, cap); the perturbation pushes some weights onto the cap and leaves some below."""
+  model, tx, state, batch = _rollout()
+  clips = (0.2, 0.28) if loss == "dapo" else (3e-4, 4e-4)
+  config = _rl(replay_mode="r3", loss=loss, ratio_denominator="old", tis_cap=1.1,
+               clip_low=clips[0], clip_high=clips[1])
+  # π_old/µ = e^(U(-0.2, 0.4) - U(-0.2, 0.2)): spread on both sides of the cap and of 1.
+  micro = _perturbed_r3_micro(model, state, batch, config, (-0.2, 0.4), (-0.2, 0.2))
+  _, m = learner.update_step(_learner(model, config, tx), state, micro)
+  m0 = jax.tree.map(lambda x: x[0], micro)
+  mask = m0["response_mask"][:, 1:].astype(np.float64)
+  log_w = np.float64(m0["old_logp"]) - m0["rollout_logp"][:, 1:]
+  if loss == "gspo":
+    log_w = (log_w * mask).sum(1) / mask.sum(1)
+    counted = mask.sum(1) > 0
+  else:
+    counted = mask > 0
+  weight = np.minimum(np.exp(log_w), 1.1)
+  assert (weight[counted] == 1.1).any() and (weight[counted] < 1.0).any()
+  logp = _hand_logp(model, state.params, m0)[1]
+  want, _ = _hand_policy_loss(loss, logp, np.float64(m0["old_logp"]), m0["adv"], mask,
+                              *clips, weight=weight)
+  unweighted, _ = _hand_policy_loss(loss, logp, np.float64(m0["old_logp"]), m0["adv"], mask,
+                                    *clips)
+  assert abs(want - unweighted) > 1e-3 * abs(want)
+  np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5, atol=1e-7)
+
+
+def test_temperature_divides_the_learner_logits():
+  """temperature 0.7: π_old, π_θ and the entropy are those of softmax(logits / 0.7)."""
+  model, tx, state, batch = _rollout()
+  config = _rl(replay_mode="r3", temperature=0.7)
+  micro = data.split_micro(batch, 1)
+  m0 = jax.tree.map(lambda x: x[0], micro)
+  log_softmax, want = _hand_logp(model, state.params, m0, 0.7)
+  at_one = _hand_logp(model, state.params, m0)[1]
+  mask = m0["response_mask"][:, 1:] > 0
+  assert np.abs(want - at_one)[mask].max() > 1e-2  # 0.7 is far from 1 for this model
+  old_logp = learner.old_logprob_pass(_learner(model, config, None), state.params, None,
+                                      micro)[0]
+  np.testing.assert_allclose(np.asarray(old_logp[0])[mask], want[mask], rtol=1e-5, atol=1e-5)
+  # µ := the hand log-probs, so the update's ratio π_θ/µ is 1 only if π_θ uses 0.7 too.
+  micro["old_logp"], micro["replay_routes"] = old_logp, micro["rollout_routes"]
+  micro["rollout_logp"] = np.concatenate([np.zeros((1, B, 1)), want[None]], -1).astype(np.float32)
+  _, m = learner.update_step(_learner(model, config, tx), state, micro)
+  np.testing.assert_allclose(float(m["ratio_mean"]), 1.0, atol=1e-5)
+  entropy = -(np.exp(log_softmax) * log_softmax).sum(-1)
+  np.testing.assert_allclose(float(m["entropy"]), entropy[mask].mean(), rtol=1e-5)
 
 
 def test_replay_modes_choose_routes():
@@ -165,14 +289,13 @@ def test_sharded_update_matches_single_device():
   _, update_fn = learner.make_learner_fns(_learner(model, config, tx), mesh, shardings, micro)
   micro_sh = jax.device_put(micro, learner.batch_shardings(mesh, micro))
   new, _ = update_fn(state, micro_sh, jnp.asarray(False))
-  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
-                       ref.params, new.params)
-  assert max(jax.tree.leaves(diffs)) < 1e-5
+  _assert_updates_close(new.params, ref.params, state1.params)
 
 
 # -- PR2 ---------------------------------------------------------------------
 
-from pr2_jax.pr2.predictor import init_predictor  # noqa: E402
+from pr2_jax.pr2.predictor import (init_predictor, predicted_topk,  # noqa: E402
+                                   predictor_losses)
 from pr2_jax.rl.config import PR2Config  # noqa: E402
 
 
@@ -184,7 +307,8 @@ def _pr2_setup():
   pred_tx = optax.adam(1e-2)
   state = state.replace(predictor=w, pred_opt_state=pred_tx.init(w))
   prompts = np.asarray(jax.random.randint(jax.random.key(1), (B, P), 3, 24), np.int32)
-  slots = np.sort(np.random.default_rng(0).permutation(P + N)[:4])[None].repeat(B, 0).astype(np.int32)
+  slots = np.sort(np.random.default_rng(0).permutation(P + N)[:4])[None].repeat(B, 0)
+  slots = slots.astype(np.int32)
   roll = jax.device_get(jax.jit(generate, static_argnums=(0, 5))(
       model, state.params, prompts, np.ones((B, P), bool), jax.random.key(2),
       SamplerConfig(max_new_tokens=N, eos_id=2, feature_dtype="float32"), w, slots))
@@ -216,8 +340,9 @@ def test_zero_predictor_pr2_step_equals_r3_step():
   model, tx, pred_tx, state, batch = _pr2_setup()
   _, _, _, r3_batch = _rollout()
   np.testing.assert_array_equal(batch["rollout_routes"], r3_batch["rollout_routes"])
-  r3_state, _ = learner.update_step(_learner(model, _rl(replay_mode="r3"), tx), state,
-                                    _prepare(model, _rl(replay_mode="r3"), state.params, r3_batch, 1))
+  r3 = _rl(replay_mode="r3")
+  r3_state, _ = learner.update_step(_learner(model, r3, tx), state,
+                                    _prepare(model, r3, state.params, r3_batch, 1))
   lr = _pr2_learner(model, tx, pred_tx)
   micro = _prepare(model, lr.rl, state.params, batch, 1)
   pr2_state, m = learner.update_step(lr, state, micro, jnp.asarray(False))
@@ -258,17 +383,59 @@ def test_predictor_skipped_at_first_ministep_and_trained_after():
   assert float(jnp.abs(trained.predictor - state.predictor).max()) > 0
 
 
+def _at_slots(x_bS_, slots_bF):
+  """x[i, slots[i, f]] flattened to [b * F, ...] (numpy)."""
+  x = np.asarray(x_bS_)[np.arange(slots_bF.shape[0])[:, None], slots_bF]
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def test_predictor_learns_toward_the_router_after_the_update():
+  """Once θ ≠ θ_old the predictor's target is the router of the *current* params: pred_loss (per
+  layer) is predictor_losses(W_p, h_old, p_old, p_θ at the feature slots) and the top-k accuracy
+  is the overlap of the predicted top-k with p_θ's. At the first mini-step p_θ = p_old, which
+  every other test runs at: a target of p_old would give W_p = 0 loss 0 and accuracy 1 here."""
+  model, tx, pred_tx, state, batch = _pr2_setup()
+  lr = _pr2_learner(model, tx, pred_tx)
+  micro = _prepare(model, lr.rl, state.params, batch, 1)
+  moved, _ = learner.update_step(lr, state, micro, jnp.asarray(False))  # θ_old -> θ
+  m0 = jax.tree.map(lambda x: np.asarray(x[0]), micro)
+  out = model.apply({"params": moved.params}, m0["tokens"], routes=m0["replay_routes"],
+                    positions=m0["positions"], valid=m0["valid"], return_router_logits=True)
+  slots = m0["feature_slots"]
+  p_cur = _at_slots(out.router_logits, slots)
+  h_old = m0["feature_h"].reshape(-1, CFG.num_moe_layers, CFG.d_model)  # cached at the slots
+  p_old = m0["feature_p"].reshape(-1, CFG.num_moe_layers, CFG.num_experts)
+  valid = _at_slots(m0["valid"], slots).astype(np.float32)
+  k = CFG.top_k
+  live = np.asarray(jax.lax.top_k(p_cur, k)[1])
+  for w in (jnp.zeros_like(state.predictor), _mispredicting_wp(state)):
+    _, m = learner.update_step(lr, moved.replace(predictor=w, pred_opt_state=pred_tx.init(w)),
+                               micro, jnp.asarray(False))
+    want = np.asarray(predictor_losses("post", w, h_old, p_old, p_cur, valid))
+    np.testing.assert_allclose(np.asarray(m["pred_loss_per_layer"]), want, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(float(m["pred_loss"]), want.sum(), rtol=1e-4, atol=1e-8)
+    predicted = np.asarray(predicted_topk(w, h_old, p_old, k))
+    hits = (predicted[..., :, None] == live[..., None, :]).any(-1).sum(-1) / k  # [N, L]
+    acc_L = (hits * valid[:, None]).sum(0) / valid.sum()
+    np.testing.assert_allclose(np.asarray(m["pred_topk_acc_per_layer"]), acc_L, rtol=1e-6)
+    assert float(m["pred_topk_acc"]) < 1.0
+  # W_p = 0 predicts p_old: its loss is KL(ρ_θ ‖ ρ_old) > 0 only because the router moved.
+  assert want.sum() > 0
+
+
 def test_pr2_update_with_fsdp_matches_single_device():
   """PR2 on a (2, 4) mesh with model.fsdp: W_p is split over 'data' like the weights, the
   update (SGD, lr 1: update = gradient) equals one device's, and W_p stays split."""
   model1, _, _, state1, batch = _pr2_setup()
   tx, pred_tx = optax.sgd(1.0), optax.sgd(1.0)
   config = _rl(replay_mode="pr2", prompts_per_step=8, group_size=2, micro_steps=2)
-  make = lambda model: learner.Learner(model, config, tx, PR2Config(feature_dtype="float32"), pred_tx)
+  make = lambda model: learner.Learner(model, config, tx, PR2Config(feature_dtype="float32"),
+                                       pred_tx)
   w = _mispredicting_wp(state1)
   state1 = state1.replace(opt_state=tx.init(state1.params), predictor=w,
                           pred_opt_state=pred_tx.init(w))
-  micro = _prepare(model1, config, state1.params, {k: np.concatenate([v, v]) for k, v in batch.items()}, 2)
+  batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
+  micro = _prepare(model1, config, state1.params, batch16, 2)
   ref, _ = learner.update_step(make(model1), state1, micro, jnp.asarray(True))
 
   mesh = make_mesh(2, 4)
@@ -283,22 +450,40 @@ def test_pr2_update_with_fsdp_matches_single_device():
                      jnp.asarray(True))
   assert new.predictor.sharding.spec == PartitionSpec(None, "data", None)
   assert float(jnp.abs(ref.predictor - state1.predictor).max()) > 0  # W_p did move
-  np.testing.assert_allclose(np.asarray(new.predictor), np.asarray(ref.predictor), atol=1e-5)
-  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  _assert_updates_close(new.predictor, ref.predictor, state1.predictor)
+  _assert_updates_close(new.params, ref.params, state1.params)
 
 
 def test_pr2_r2_predicts_in_the_old_logprob_pass():
   """pr2_r2: the old pass routes by softmax(p + h W_p) and caches its own features."""
   model, tx, pred_tx, state, batch = _pr2_setup()
   lr = _pr2_learner(model, tx, pred_tx, "pr2_r2")
-  micro = data.split_micro({k: v for k, v in batch.items() if k not in ("feature_h", "feature_p")}, 1)
+  micro = data.split_micro({k: v for k, v in batch.items()
+                            if k not in ("feature_h", "feature_p")}, 1)
   w = jax.random.normal(jax.random.key(5), state.predictor.shape)
   _, routes, (h, p), _ = learner.old_logprob_pass(lr, state.params, w, micro)
   _, routes_live, _, _ = learner.old_logprob_pass(lr, state.params, jnp.zeros_like(w), micro)
   assert not np.array_equal(np.asarray(routes), np.asarray(routes_live))
-  assert h.shape == (1, B, 4, CFG.num_moe_layers, CFG.d_model)
-  assert p.shape == (1, B, 4, CFG.num_moe_layers, CFG.num_experts)
+  m0 = jax.tree.map(lambda x: x[0], micro)
+  out = model.apply({"params": state.params}, m0["tokens"], positions=m0["positions"],
+                    valid=m0["valid"], predictor=w, return_router_logits=True,
+                    return_router_inputs=True)
+  num_l, k = CFG.num_moe_layers, CFG.top_k
+  slots = m0["feature_slots"]
+  # The cached features are the predicting forward's router inputs and logits at the slots.
+  np.testing.assert_allclose(np.asarray(h[0]).reshape(-1, num_l, CFG.d_model),
+                             _at_slots(out.router_inputs, slots), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(p[0]).reshape(-1, num_l, CFG.num_experts),
+                             _at_slots(out.router_logits, slots), rtol=1e-5, atol=1e-5)
+  # ...and the recorded routes there are TopK(p + h W_p) of exactly those features.
+  want = np.asarray(predicted_topk(w, np.asarray(h[0]).reshape(-1, num_l, CFG.d_model),
+                                   np.asarray(p[0]).reshape(-1, num_l, CFG.num_experts), k))
+  np.testing.assert_array_equal(np.sort(_at_slots(routes[0], slots), -1), np.sort(want, -1))
+  # Everywhere else too, from the forward's own router inputs and logits.
+  every = predicted_topk(w, np.asarray(out.router_inputs).reshape(-1, num_l, CFG.d_model),
+                         np.asarray(out.router_logits).reshape(-1, num_l, CFG.num_experts), k)
+  np.testing.assert_array_equal(np.sort(np.asarray(routes[0]).reshape(-1, num_l, k), -1),
+                                np.sort(np.asarray(every), -1))
 
 
 def test_non_finite_loss_skips_the_update():
@@ -315,6 +500,45 @@ def test_non_finite_loss_skips_the_update():
   _, ok = learner.update_step(_learner(model, config, tx), state,
                               _prepare(model, config, state.params, batch, 1))
   assert int(ok["skipped"]) == 0
+
+
+def test_aux_loss_coef_adds_the_micro_steps_mean_switch_loss():
+  """ModelConfig.aux_loss_coef: the objective is the policy loss plus coef x the mean over the M
+  micro-steps of each one's Switch loss (replayed routes), in the value, the metrics and the
+  gradient (SGD, lr 1: update = -gradient)."""
+  model, _, state, batch = _rollout()
+  coef, m_steps = 2.0, 2
+  tx = optax.sgd(1.0)
+  state = state.replace(opt_state=tx.init(state.params))
+  config = _rl(replay_mode="r3", micro_steps=m_steps)
+  micro = _prepare(model, config, state.params, batch, m_steps)
+  with_aux = MoETransformer(CFG.replace(aux_loss_coef=coef), model.mesh)
+  new0, m0 = learner.update_step(_learner(model, config, tx), state, micro)
+  new_c, m_c = learner.update_step(_learner(with_aux, config, tx), state, micro)
+
+  def mean_aux(params):
+    return jnp.mean(jnp.stack([model.apply(
+        {"params": params}, micro["tokens"][i], routes=micro["replay_routes"][i],
+        positions=micro["positions"][i], valid=micro["valid"][i]).aux_loss
+        for i in range(m_steps)]))
+
+  aux, g_aux = jax.jit(jax.value_and_grad(mean_aux))(state.params)
+  for m in (m0, m_c):
+    np.testing.assert_allclose(float(m["aux_loss"]), float(aux), rtol=1e-5)
+  np.testing.assert_allclose(float(m_c["loss"]), float(m0["loss"]) + coef * float(aux),
+                             rtol=1e-5)
+  flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  for (path, p), a, b, g in zip(flat, jax.tree.leaves(new0.params), jax.tree.leaves(new_c.params),
+                                jax.tree.leaves(g_aux)):
+    # Gradients are read as parameter differences: float32 rounding of |p| adds to the error.
+    p = np.asarray(p)
+    atol = 1e-5 * np.abs(p - np.asarray(b)).max() + 4 * np.finfo(np.float32).eps * np.abs(p).max()
+    np.testing.assert_allclose(np.asarray(a) - np.asarray(b), coef * np.asarray(g), rtol=1e-4,
+                               atol=atol, err_msg=jax.tree_util.keystr(path))
+  gate = state.params["layers_0"]["mlp"]["gate"]
+  router_grad = coef * np.abs(np.asarray(g_aux["layers_0"]["mlp"]["gate"])).max()
+  assert router_grad > 1e-2 * np.abs(np.asarray(gate) - np.asarray(
+      new_c.params["layers_0"]["mlp"]["gate"])).max()  # the aux term is visible in the step
 
 
 # -- balancing: eplb_step / foresight layouts and foresight capacity -----------
@@ -345,9 +569,10 @@ def _balanced_run(mode, micro, capacity_mode="bucket", fsdp=False):
   plan = step_plan if mode == "eplb_step" else None
   old_logp, _, _, old_dropped = old_fn(state.params, None, micro, plan, capacity=phase.capacity)
   micro = {**micro, "old_logp": old_logp, "replay_routes": micro["rollout_routes"]}
+  before = jax.device_get(state.params)  # the update donates the state
   new, metrics = update_fn(state, micro, jnp.asarray(False), plan, phase.capacity)
   return dict(old_logp=np.asarray(old_logp), old_dropped=int(np.sum(old_dropped)),
-              params=new.params, metrics=metrics, phase=phase)
+              params=new.params, before=before, metrics=metrics, phase=phase)
 
 
 @pytest.mark.parametrize("mode, fsdp", [("eplb_step", False), ("foresight", False),
@@ -366,8 +591,7 @@ def test_balanced_learner_equals_static_dropless(mode, fsdp):
   np.testing.assert_allclose(got["old_logp"], ref["old_logp"], atol=1e-5)
   np.testing.assert_allclose(float(got["metrics"]["loss"]), float(ref["metrics"]["loss"]),
                              rtol=1e-5, atol=1e-7)
-  for x, y in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(got["params"])):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+  _assert_updates_close(got["params"], ref["params"], ref["before"])
   assert got["old_dropped"] == 0 and float(got["metrics"]["dropped"]) == 0
   imb = got["phase"].imbalance_ML
   assert imb["foresight"].mean() < imb["none"].mean()
@@ -389,7 +613,8 @@ def test_capacity_buckets_compile_once_each():
   for seed in range(3):  # other sequence orders: other micro-steps, other plans
     micro = data.split_micro(batch16, 2, np.random.default_rng(seed).permutation(16))
     # π_old = µ (the loss's value is not under test): no old-log-prob pass to compile.
-    micro["old_logp"], micro["replay_routes"] = micro["rollout_logp"][..., 1:], micro["rollout_routes"]
+    micro["old_logp"] = micro["rollout_logp"][..., 1:]
+    micro["replay_routes"] = micro["rollout_routes"]
     phase = balancing.plan_phase(SHAPE, micro["rollout_routes"], micro["valid"], step_plan,
                                  "foresight", True, 2, TOKENS_PER_SHARD)
     layouts.add(phase.layouts_MLDS.tobytes())

@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -169,9 +170,10 @@ def test_bad_setups_fail_before_compiling(tmp_path):
 
 @pytest.mark.slow
 def test_non_finite_updates_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
-  """NaN rewards make every update non-finite: skipped, counted, then a clear stop."""
-  monkeypatch.setattr(loop.Engine, "rewards",
-                      lambda self, problems, tokens: np.full(len(problems), np.nan, np.float32))
+  """NaN advantages make every update non-finite: skipped, counted, then a clear stop. (NaN
+  rewards are rejected earlier, by grpo_advantages: here the blow-up is downstream of them.)"""
+  monkeypatch.setattr(loop.losses, "grpo_advantages",
+                      lambda rewards, group_size: jnp.full(rewards.shape, jnp.nan, jnp.float32))
   cfg = _config(5)
   cfg = ExperimentConfig(model=cfg.model, rl=RLConfig(**{**cfg.rl.__dict__,
                                                          "max_consecutive_skips": 3}),

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from pr2_jax.config import ModelConfig
@@ -49,8 +50,9 @@ def test_golden_loss_after_one_step():
   """Single device: the loss after one AdamW step matches the recorded value."""
   _, m1, m2 = _two_steps(_mesh(1, 1))
   assert float(m2["loss"]) < float(m1["loss"])
-  np.testing.assert_allclose(float(m2["loss"]), GOLDEN_LOSS_AFTER_ONE_STEP, rtol=1e-5,
-                             err_msg="golden loss moved: see the comment on GOLDEN_LOSS_AFTER_ONE_STEP")
+  np.testing.assert_allclose(
+      float(m2["loss"]), GOLDEN_LOSS_AFTER_ONE_STEP, rtol=1e-5,
+      err_msg="golden loss moved: see the comment on GOLDEN_LOSS_AFTER_ONE_STEP")
 
 
 def test_sharded_step_matches_single_device():
@@ -97,11 +99,37 @@ def test_state_is_created_sharded():
 
 
 def test_aux_loss_enters_the_objective():
-  """With aux_loss_coef > 0 the router gets extra gradient (parameters differ)."""
-  s0, _, _ = _two_steps(_mesh(1, 1))
-  s1, _, _ = _two_steps(_mesh(1, 1), ModelConfig(vocab_size=32, aux_loss_coef=1.0))
-  diff = jnp.abs(s0.params["layers_0"]["mlp"]["gate"] - s1.params["layers_0"]["mlp"]["gate"]).max()
-  assert float(diff) > 0
+  """The step descends nll + aux_loss_coef * Switch loss: with SGD (lr 1) the update is
+  ∇nll + coef ∇aux computed apart; the metrics report the nll as `loss` and aux apart."""
+  mesh, coef = _mesh(1, 1), 2.0
+  model = MoETransformer(ModelConfig(vocab_size=32, aux_loss_coef=coef), mesh)
+  tx = optax.sgd(1.0)
+  state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
+  before = jax.device_get(state.params)  # the step donates the state
+  batch = synthetic.reverse_copy_batch(np.random.default_rng(0), 8, 4)
+  new, m = supervised.make_train_step(model, tx, mesh, shardings)(state, batch)
+
+  def parts(params):
+    out = model.apply({"params": params}, batch["tokens"])
+    log_p = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(log_p, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+    mask = jnp.asarray(batch["loss_mask"][:, 1:], jnp.float32)
+    return -jnp.sum(picked * mask) / jnp.sum(mask), out.aux_loss
+
+  (nll, aux), (g_nll, g_aux) = jax.jit(lambda p: (
+      parts(p), (jax.grad(lambda q: parts(q)[0])(p), jax.grad(lambda q: parts(q)[1])(p))))(before)
+  np.testing.assert_allclose(float(m["loss"]), float(nll), rtol=1e-5)
+  np.testing.assert_allclose(float(m["aux_loss"]), float(aux), rtol=1e-5)
+  flat = jax.tree_util.tree_flatten_with_path(before)[0]
+  for (path, p), n, gn, ga in zip(flat, jax.tree.leaves(new.params), jax.tree.leaves(g_nll),
+                                  jax.tree.leaves(g_aux)):
+    want = np.asarray(gn) + coef * np.asarray(ga)
+    # Read as parameter differences: float32 rounding of |p| adds to the error.
+    atol = 1e-5 * np.abs(want).max() + 4 * np.finfo(np.float32).eps * np.abs(np.asarray(p)).max()
+    np.testing.assert_allclose(np.asarray(p) - np.asarray(n), want, rtol=1e-4, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+  router_aux = coef * np.abs(np.asarray(g_aux["layers_0"]["mlp"]["gate"])).max()
+  assert router_aux > 1e-2 * np.abs(np.asarray(g_nll["layers_0"]["mlp"]["gate"])).max()
 
 
 def test_train_loop_loss_falls():

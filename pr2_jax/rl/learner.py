@@ -132,10 +132,14 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
                capacity=None):
   """Policy loss and additive statistics of one micro-step (differentiate w.r.t. params).
 
+  The loss is the policy loss plus `ModelConfig.aux_loss_coef` times this
+  micro-step's Switch load-balancing loss over the M micro-steps
+  (`denoms["micro"]` = 1/M), so M micro-steps add up to the mini-batch's mean.
   With PR2 on, also the predictor's gradient from this micro-step's features,
   normalised by the mini-batch's feature count so micro-steps add up.
   """
   rl = lr.rl
+  aux_coef = lr.model.config.aux_loss_coef
   routes = None if rl.replay_mode == "none" else micro["replay_routes"]
   logp_BT, logits_BTV, out = forward_logprobs(
       lr.model, params, micro, routes, rl.temperature,
@@ -151,6 +155,9 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
   loss, aux = losses.policy_loss(rl.loss, logp_BT, against_BT, micro["adv"], mask_BT,
                                  clip_low=rl.clip_low, clip_high=rl.clip_high,
                                  is_weight=is_weight, denom=denoms["loss"])
+  aux_share = jax.lax.stop_gradient(out.aux_loss) * denoms["micro"]
+  if aux_coef:  # a Python float: at 0 the objective stays exactly the policy loss
+    loss = loss + aux_coef * denoms["micro"] * out.aux_loss
   probs_BTLE = jax.nn.softmax(out.router_logits, axis=-1)
   live_BTLK = top_k_experts(probs_BTLE, micro["rollout_routes"].shape[-1])
   stats = {
@@ -162,6 +169,7 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
       "routing": metrics.routing_sums(micro["rollout_routes"], live_BTLK, probs_BTLE,
                                       micro["valid"]),
       "dropped": out.dropped.sum(),
+      "aux_loss": aux_share,
   }
   if lr.uses_predictor:
     stats["pred"] = predictor_step(lr, predictor, micro, out.router_logits, denoms["features"])
@@ -190,8 +198,14 @@ def predictor_step(lr: Learner, predictor, micro: dict, router_logits_bSLE, feat
 
 
 def minibatch_metrics(stats: dict, grads) -> dict:
-  """Means from the micro-steps' summed statistics."""
+  """Means from the micro-steps' summed statistics.
+
+  `loss` is the optimised objective (policy loss + aux_loss_coef * aux_loss);
+  `aux_loss` is the micro-steps' mean Switch load-balancing loss, reported at
+  any coefficient.
+  """
   out = {"loss": stats["loss"], "entropy": stats["entropy"], "dropped": stats["dropped"],
+         "aux_loss": stats["aux_loss"],
          "grad_norm": optax.tree.norm(grads),
          **losses.loss_stats_from_sums(stats["loss_sums"]),
          **{f"mismatch_{k}" if k.startswith("ratio") else k: v
@@ -207,10 +221,12 @@ def minibatch_metrics(stats: dict, grads) -> dict:
 
 
 def _denominators(rl: RLConfig, minibatch: dict) -> dict:
+  """The mini-batch's ([M, b, ...]) normalisers every micro-step shares; `micro` = 1/M."""
   resp = minibatch["response_mask"]
   mask_NT = resp[..., 1:].reshape(-1, resp.shape[-1] - 1)
   denoms = {"loss": losses.loss_denominator(rl.loss, mask_NT),
-            "tokens": jnp.maximum(mask_NT.sum(), 1.0)}
+            "tokens": jnp.maximum(mask_NT.sum(), 1.0),
+            "micro": jnp.float32(1.0 / resp.shape[0])}
   if "feature_slots" in minibatch:
     valid = jax.vmap(gather_slots)(minibatch["valid"], minibatch["feature_slots"])
     denoms["features"] = jnp.maximum(jnp.sum(valid), 1.0)
