@@ -1,10 +1,12 @@
-"""The default experiment: warm up a tiny Qwen3-MoE-style model on 2-digit
-arithmetic, then RL it with DAPO and rollout routing replay (R3).
+"""The default experiment: warm up a tiny Qwen3-MoE-style model on countdown
+(reach a target from a few numbers), then RL it with DAPO and rollout routing replay (R3).
 
     python -m experiments.main --config=configs/tiny.py --workdir=runs/tiny
-    python -m experiments.main --config=configs/tiny.py --config.rl.replay_mode=none
+    python -m experiments.main --config=configs/tiny.py --workdir=runs/none \
+        --config.rl.replay_mode=none
     # expert parallelism on 8 fake CPU devices:
-    python -m experiments.main --config=configs/tiny.py --cpu_devices=8 --config.mesh_expert=4
+    python -m experiments.main --config=configs/tiny.py --workdir=runs/ep --cpu_devices=8 \
+        --config.mesh_expert=4
 """
 
 import ml_collections
@@ -54,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   r.group_size = 8            # samples per prompt (GRPO group)
   r.off_policy_k = 2          # κ: mini-batches (optimizer steps) per rollout batch
   r.micro_steps = 2           # M: gradient-accumulation micro-steps per mini-batch
-  r.replay_mode = "r3"        # none | r2 | r3
+  r.replay_mode = "r3"        # none | r2 | r3 | pr2 (PR2-R3) | pr2_r2 (PR2-R2)
   r.loss = "dapo"             # dapo | gspo
   r.clip_low = 0.2            # ε_low
   r.clip_high = 0.28          # ε_high

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 from absl import flags, logging
 
@@ -124,5 +125,5 @@ def print_summary(summary: dict, workdir: str):
     lines.append(f"eval reward after RL:      {final['eval_reward']:.3f}")
   lines.append(f"train reward (last step):  {final.get('reward_mean', float('nan')):.3f}")
   lines.append(f"metrics: {os.path.join(workdir, 'metrics.jsonl')}  plots: "
-               f"python -m experiments.plot {workdir}")
+               f"{sys.executable} -m experiments.plot {workdir}")
   print("\n".join(lines), flush=True)

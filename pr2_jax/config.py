@@ -15,6 +15,9 @@ from typing import Any, Mapping
 
 EXPERT_IMPLS = ("capacity", "ragged", "grouped", "dense")
 DTYPES = ("float32", "bfloat16")
+# ModelConfig fields that are training knobs, not architecture: they may differ from a
+# checkpoint's config.json (a model section of only these takes the rest from a checkpoint).
+RUNTIME_FIELDS = ("dtype", "expert_impl", "capacity_factor", "aux_loss_coef", "fsdp")
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:

@@ -62,7 +62,8 @@ def test_config_builds_and_every_field_is_commented():
                  if line.strip().startswith(("c.", "m.")) and " = " in line
                  and "ConfigDict()" not in line]
   assert field_lines and all("#" in line for line in field_lines), field_lines
-  assert "python -m experiments.main --config=configs/qwen3_30b_a3b.py" in CONFIG_FILE.read_text()
+  doc = CONFIG_FILE.read_text()
+  assert "python -m experiments.memory_plan --config=configs/qwen3_30b_a3b.py" in doc
 
 
 def test_config_matches_released_checkpoint_config_json():

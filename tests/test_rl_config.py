@@ -142,3 +142,20 @@ def test_planner_methods_match_the_planner():
   from pr2_jax.rl.config import PLANNER_METHODS
   assert PLANNER_METHODS == METHODS
   assert RLConfig().planner_method == "rounds"
+
+
+def test_configs_that_cannot_describe_a_run_fail_naming_what_is_missing():
+  """A model-only config used to fail with KeyError 'sft'; hf_pr2.py without a checkpoint
+  silently trained ModelConfig's default (random) model."""
+  import importlib
+  qwen = importlib.import_module("configs.qwen3_30b_a3b").get_config().to_dict()
+  with pytest.raises(ValueError, match=r"no \['sft', 'rl'\] section\(s\).*experiments.memory_plan"):
+    ExperimentConfig.from_dict(qwen)
+  hf = importlib.import_module("configs.hf_pr2").get_config().to_dict()
+  with pytest.raises(ValueError, match=r"hf_checkpoint is empty.*--config.hf_checkpoint=DIR"):
+    ExperimentConfig.from_dict(hf)
+  tiny = importlib.import_module("configs.tiny").get_config().to_dict()
+  assert ExperimentConfig.from_dict(tiny).model.num_experts == tiny["model"]["num_experts"]
+  del tiny["sft"]
+  with pytest.raises(ValueError, match=r"no \['sft'\] section"):
+    ExperimentConfig.from_dict(tiny)

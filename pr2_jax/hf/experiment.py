@@ -29,7 +29,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from pr2_jax.config import ModelConfig
+from pr2_jax.config import RUNTIME_FIELDS, ModelConfig
 from pr2_jax.hf.checkpoint import load_hf_checkpoint
 from pr2_jax.hf.config_map import config_from_hf, read_hf_config
 from pr2_jax.hf.tokenizer import TOKENIZER_FILE, HFTokenizer
@@ -37,7 +37,6 @@ from pr2_jax.rl.char_tokenizer import CHARS
 from pr2_jax.train.state import TrainState, state_initializer
 
 # ModelConfig fields that are our run-time choices, not the checkpoint's (docs/checkpoints.md).
-RUNTIME_FIELDS = ("dtype", "expert_impl", "capacity_factor", "aux_loss_coef", "fsdp")
 # Problems whose text must survive encode -> decode (a fixed sample: checks are reproducible).
 CHECK_PROBLEMS = 64
 

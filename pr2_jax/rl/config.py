@@ -10,7 +10,7 @@ import dataclasses
 import numbers
 from typing import Any, Mapping
 
-from pr2_jax.config import check_int, check_real
+from pr2_jax.config import RUNTIME_FIELDS, check_int, check_real
 
 REPLAY_MODES = ("none", "r2", "r3", "pr2", "pr2_r2")
 PR2_MODES = ("pr2", "pr2_r2")
@@ -206,6 +206,7 @@ class ExperimentConfig:
     if unknown:
       raise ValueError(f"Unknown config fields {unknown}; allowed: {sorted(known)}")
     hf = str(d.get("hf_checkpoint", ""))
+    _check_sections(d, hf)
     if hf:  # the architecture is the checkpoint's; RL starts from its weights (no SFT by default)
       from pr2_jax.hf.experiment import model_config
       model = model_config(hf, d.get("model"))
@@ -218,3 +219,23 @@ class ExperimentConfig:
                task_kwargs=dict(d.get("task_kwargs", {})), seed=d.get("seed", 0),
                checkpoint_every=d.get("checkpoint_every", 10),
                init_from=str(d.get("init_from", "")))
+
+
+
+def _check_sections(d: Mapping[str, Any], hf: str) -> None:
+  """A config that cannot describe a run fails here, naming what is missing, instead of a
+  KeyError or a silently random model."""
+  needed = ("rl",) if hf else ("model", "sft", "rl")
+  missing = [k for k in needed if k not in d]
+  if missing:
+    raise ValueError(f"the config has no {missing} section(s): an RL experiment needs model, sft "
+                     "and rl (configs/tiny.py), or hf_checkpoint and rl (configs/hf_pr2.py). A "
+                     "model-only config such as configs/qwen3_30b_a3b.py is for "
+                     "experiments.memory_plan; RL from that model's checkpoint is "
+                     "configs/hf_pr2.py --config.hf_checkpoint=DIR")
+  if "hf_checkpoint" in d and not hf and set(d["model"]) <= set(RUNTIME_FIELDS):
+    # hf_pr2.py's model section holds only run-time knobs: without a checkpoint there is no
+    # architecture and no weights, and ModelConfig's defaults would train a random model.
+    raise ValueError("hf_checkpoint is empty, and this config takes its model from a checkpoint "
+                     f"(its model section only sets {sorted(d['model'])}): pass "
+                     "--config.hf_checkpoint=DIR (a local Qwen3-MoE checkpoint dir)")
