@@ -22,6 +22,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 import transformers
+from jax.sharding import PartitionSpec
 from safetensors import safe_open
 
 from pr2_jax.config import ModelConfig
@@ -140,17 +141,49 @@ def test_parity_with_padding_mask(left, tmp_path):
   assert_parity(hf, cfg, params, tokens, mask, positions)
 
 
-def test_fused_expert_layout_is_read(tmp_path):
-  """transformers' in-memory fused experts ([E, 2F, D] gate_up) load to the same params."""
-  hf = hf_model(2, **CASES["e6_k3_norm_mqa_dense0"])
-  hf.save_pretrained(tmp_path / "hub")
+def hub_and_fused_checkpoints(hf, path) -> tuple[str, str]:
+  """The same model saved in the hub layout and in transformers' in-memory fused layout."""
+  hf.save_pretrained(path / "hub")
   state = {k: v.contiguous() for k, v in hf.state_dict().items()}
   assert "model.layers.1.mlp.experts.gate_up_proj" in state
-  os.makedirs(tmp_path / "fused")
-  safetensors.torch.save_file(state, str(tmp_path / "fused" / "model.safetensors"))
-  (tmp_path / "fused" / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
-  assert_same_params(load_hf_checkpoint(str(tmp_path / "fused"))[1],
-                     load_hf_checkpoint(str(tmp_path / "hub"))[1])
+  os.makedirs(path / "fused")
+  safetensors.torch.save_file(state, str(path / "fused" / "model.safetensors"))
+  (path / "fused" / "config.json").write_text((path / "hub" / "config.json").read_text())
+  return str(path / "hub"), str(path / "fused")
+
+
+def test_fused_expert_layout_is_read(tmp_path):
+  """transformers' in-memory fused experts ([E, 2F, D] gate_up) load to the same params."""
+  hub, fused = hub_and_fused_checkpoints(hf_model(2, **CASES["e6_k3_norm_mqa_dense0"]), tmp_path)
+  assert_same_params(load_hf_checkpoint(fused)[1], load_hf_checkpoint(hub)[1])
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_fused_expert_layout_loads_onto_an_expert_mesh(fsdp, tmp_path):
+  """Fused experts read shard by shard on a (data 2, expert 4) mesh, with or without fsdp:
+  each expert shard holds its own 2 of the 8 experts (values equal the unsharded hub load),
+  and d_model is also split over 'data' under fsdp (hand-worked specs and shard shapes)."""
+  hub, fused = hub_and_fused_checkpoints(hf_model(4, **CASES["e8_k2_norm_gqa2"]), tmp_path)
+  mesh = make_mesh(2, 4)
+  cfg, sharded = load_hf_checkpoint(fused, mesh=mesh, fsdp=fsdp)
+  assert cfg.fsdp == fsdp and (cfg.num_experts, cfg.d_model, cfg.expert_d_ff) == (8, 32, 16)
+  assert_same_params(sharded, load_hf_checkpoint(hub)[1])
+  assert_same_params(sharded, load_hf_checkpoint(hub, mesh=mesh, fsdp=fsdp)[1])
+  d = "data" if fsdp else None
+  d_shard = 16 if fsdp else 32
+  want = {  # name: (spec, per-device shard shape); experts [E, D, F] / [E, F, D], E=8, D=32, F=16
+      "gate_proj": (PartitionSpec("expert", d, None), (2, d_shard, 16)),
+      "up_proj": (PartitionSpec("expert", d, None), (2, d_shard, 16)),
+      "down_proj": (PartitionSpec("expert", None, d), (2, 16, d_shard)),
+  }
+  for layer in range(cfg.num_layers):
+    for name, (spec, shard_shape) in want.items():
+      x = sharded[f"layers_{layer}"]["mlp"][name]
+      assert x.sharding.mesh == mesh and x.sharding.spec == spec, (layer, name, x.sharding)
+      assert {s.data.shape for s in x.addressable_shards} == {shard_shape}
+  embed = sharded["embed_tokens"]
+  assert embed.sharding.spec == PartitionSpec(None, d)
+  assert {s.data.shape for s in embed.addressable_shards} == {(96, d_shard)}
 
 
 def random_params(cfg, seed=0):

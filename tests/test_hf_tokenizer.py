@@ -35,11 +35,12 @@ def checkpoint_dir(tmp_path_factory):
   tok = train_bpe()
   tok.save(str(path / "tokenizer.json"))
   end, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+  im_start = tok.token_to_id("<|im_start|>")  # bos differs from pad, so a swap of the two shows
   (path / "tokenizer_config.json").write_text(json.dumps({
       "eos_token": "<|im_end|>", "bos_token": None, "chat_template": "{{ messages }}",
       "pad_token": {"content": "<|endoftext|>", "special": True, "lstrip": False}}))
   (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, end]}))
-  (path / "config.json").write_text(json.dumps({"eos_token_id": im_end, "bos_token_id": end}))
+  (path / "config.json").write_text(json.dumps({"eos_token_id": im_end, "bos_token_id": im_start}))
   return path
 
 
@@ -47,8 +48,10 @@ def test_special_tokens_from_all_three_files(checkpoint_dir):
   """eos: tokenizer_config's first, then generation_config's extra stop id; pad by name; bos by id."""
   tok = HFTokenizer.from_dir(str(checkpoint_dir))
   end, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+  im_start = tok.token_to_id("<|im_start|>")
+  assert len({end, im_end, im_start}) == 3
   assert tok.eos_ids == (im_end, end) and tok.eos_id == im_end
-  assert tok.pad_id == end and tok.bos_id == end
+  assert tok.pad_id == end and tok.bos_id == im_start
   assert tok.chat_template == "{{ messages }}"
   assert tok.id_to_token(im_end) == "<|im_end|>"
   assert 256 + len(SPECIALS) < tok.vocab_size <= 400  # bytes + specials + learned merges

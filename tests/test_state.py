@@ -1,6 +1,7 @@
 """Train state: born sharded, and its per-device memory computed from shapes alone."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -9,7 +10,8 @@ from jax.sharding import PartitionSpec
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.train.state import create_train_state, predictor_initializer, state_memory
+from pr2_jax.train.state import (create_train_state, make_optimizer, predictor_initializer,
+                                  state_memory)
 
 CFG = ModelConfig(vocab_size=24, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                   expert_d_ff=16, num_experts=8, top_k=2, num_layers=2)
@@ -85,3 +87,55 @@ def test_predictor_initializer_rejects_a_mesh_the_model_cannot_use():
     predictor_initializer(CFG.replace(d_model=36, fsdp=True), tx, make_mesh(8, 1))
   with pytest.raises(ValueError, match=r"num_experts=6 must be divisible .* 'expert' axis size 4"):
     predictor_initializer(CFG.replace(num_experts=6), tx, make_mesh(2, 4))
+
+
+def _at_schedule_step(state, step):
+  """`state` with only the learning-rate schedule's counter moved to `step` (Adam's moments
+  and bias-correction count stay fresh, so the update is still Adam's first: sign(g)).
+  A constant lr keeps no counter: its state is returned unchanged."""
+  is_schedule = lambda path, _: path[-1].tuple_name == "ScaleByScheduleState"
+  if not optax.tree_utils.tree_get_all_with_path(state, "count", is_schedule):
+    return state
+  return optax.tree_utils.tree_set(state, is_schedule, count=jnp.asarray(step, jnp.int32))
+
+
+@pytest.mark.parametrize("total_steps, lr_at_step", [
+    # lr 0.01, warmup 4, cosine over steps 4..20 to 0.1 * lr, then held there
+    (20, {0: 0.0, 2: 0.005, 4: 0.01, 12: 0.0055, 20: 0.001, 30: 0.001}),
+    (0, {0: 0.01}),  # no total_steps: a constant lr, no warmup (the state keeps no counter)
+])
+def test_make_optimizer_schedule_and_decoupled_weight_decay(total_steps, lr_at_step):
+  """Adam's first update is -lr_t * (g / (|g| + eps) + wd * p) = -lr_t * (sign(g) + wd * p):
+  decoupled weight decay, scaled by the scheduled lr (|g| < grad_clip, so no clipping)."""
+  tx = make_optimizer(0.01, warmup_steps=4, total_steps=total_steps, weight_decay=0.1)
+  p = np.array([0.5, -2.0, 1.5], np.float32)
+  g = np.array([0.3, -0.2, 0.05], np.float32)
+  for step, lr in lr_at_step.items():
+    state = _at_schedule_step(tx.init(jnp.asarray(p)), step)
+    update, _ = tx.update(jnp.asarray(g), state, jnp.asarray(p))
+    np.testing.assert_allclose(np.asarray(update), -lr * (np.sign(g) + 0.1 * p), rtol=1e-5,
+                               atol=1e-9, err_msg=f"step {step}")
+
+
+def test_make_optimizer_clips_the_global_norm_before_adam():
+  """Two steps, grad_clip=2: g1 (norm 5) is scaled to norm 2, g2 (norm 0.5) is not. Adam's
+  first step is sign(g) either way; the second shows the clipped g1 in both moments."""
+  b1, b2, eps, lr, clip = 0.9, 0.95, 1e-8, 0.1, 2.0
+  tx = make_optimizer(lr, grad_clip=clip, b2=b2)
+  grads = [np.array([3.0, -4.0], np.float32), np.array([0.3, 0.4], np.float32)]
+  p = jnp.zeros(2)
+  state, updates = tx.init(p), []
+  for g in grads:
+    update, state = tx.update(jnp.asarray(g), state, p)
+    p = optax.apply_updates(p, update)
+    updates.append(np.asarray(update))
+  # numpy oracle: clip by global norm, then Adam with bias correction (weight decay 0)
+  mu, nu, want = np.zeros(2), np.zeros(2), []
+  for t, g in enumerate(grads, 1):
+    g = g * min(1.0, clip / np.linalg.norm(g))
+    mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g**2
+    want.append(-lr * (mu / (1 - b1**t)) / (np.sqrt(nu / (1 - b2**t)) + eps))
+  # hand-worked: g1 -> [1.2, -1.6]; mu2 = [0.138, -0.104], nu2 = [0.0729, 0.1296]
+  np.testing.assert_allclose(want[1], [-0.0840, 0.0475], atol=1e-4)
+  np.testing.assert_allclose(updates[0], [-lr, lr], rtol=1e-6)
+  np.testing.assert_allclose(updates[1], want[1], rtol=1e-5)

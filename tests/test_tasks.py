@@ -48,6 +48,31 @@ def test_arithmetic_generation():
     assert b >= 1 and a == b * value and a <= 99
 
 
+class _Draws:
+  """A stand-in rng whose `integers` returns the given values in order (to pin a draw)."""
+
+  def __init__(self, *values):
+    self.values = iter(values)
+
+  def integers(self, *args, **kwargs):
+    return next(self.values)
+
+
+def test_arithmetic_multiplication():
+  """Every '*' problem's value is a*b of its operands; "12*34=" is hand-worked: 408."""
+  task = tasks.Arithmetic(num_digits=2, ops="*")
+  assert (task.max_prompt_len, task.max_answer_len) == (6, 4)  # "99*99=" -> "9801"
+  for p in task.sample(np.random.default_rng(2), 500):
+    a, op, b, value = p.meta
+    assert op == "*" and p.prompt == f"{a}*{b}=" and 0 <= a <= 99 and 0 <= b <= 99
+    assert value == a * b and p.answer == p.solution == str(a * b), p
+  p = task._generate(_Draws(0, 12, 34))  # draws: op index, a, b
+  assert p == tasks.Problem("12*34=", "408", "408", (12, "*", 34, 408), "arithmetic")
+  assert task.reward(p, "408") == 1.0 and task.reward(p, " 408") == 1.0
+  for wrong in ["407", "409", "4080", "-408", "12*34"]:
+    assert task.reward(p, wrong) == 0.0, wrong
+
+
 @pytest.mark.parametrize("text, value, used", [
     ("3*5+8", 23, [3, 5, 8]),
     ("3+5*8", 43, [3, 5, 8]),
