@@ -9,17 +9,49 @@ import pytest
 from pr2_jax.pr2 import predictor as pred
 
 
-def _features(n=256, d=16, e=8, seed=0):
+def _features(n=256, d=16, e=8, seed=0, drift_scale=0.5):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
   h = jax.random.normal(k1, (n, d))
   w_router = jax.random.normal(k2, (d, e))
-  drift = 0.5 * jax.random.normal(k3, (d, e))  # the router's move: a fixed linear map of h
+  drift = drift_scale * jax.random.normal(k3, (d, e))  # the router's move: linear in h
   p_old = h @ w_router
   return h, p_old, p_old + h @ drift
 
 
+def _np_log_softmax(x_NE):
+  x_NE = x_NE - x_NE.max(-1, keepdims=True)
+  return x_NE - np.log(np.exp(x_NE).sum(-1, keepdims=True))
+
+
+def _np_kl(target_NE, model_NE):
+  log_p, log_q = _np_log_softmax(target_NE), _np_log_softmax(model_NE)
+  return (np.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def _np_loss(kind, w_DE, h_ND, p_old_NE, p_cur_NE, weight_N):
+  """Float64 numpy oracle of one layer's predictor loss (DESIGN §3 PR2)."""
+  w_DE, h_ND, p_old_NE, p_cur_NE, weight_N = (np.asarray(x, np.float64) for x in
+                                              (w_DE, h_ND, p_old_NE, p_cur_NE, weight_N))
+  b_NE = h_ND @ w_DE
+  loss_N = {"post": lambda: _np_kl(p_cur_NE, p_old_NE + b_NE),
+            "delta": lambda: _np_kl(p_cur_NE - p_old_NE, b_NE),
+            "l2": lambda: ((b_NE - (p_cur_NE - p_old_NE)) ** 2).mean(-1)}[kind]()
+  return (loss_N * weight_N).sum() / max(weight_N.sum(), 1.0)
+
+
+def _np_topk(x_NE, k):
+  """Indices of the k largest entries, largest first (lax.top_k's order)."""
+  return np.argsort(-np.asarray(x_NE), axis=-1, kind="stable")[:, :k]
+
+
+def _np_overlap(a_NK, b_NK, weight_N):
+  hits_N = np.array([len(set(a) & set(b)) for a, b in zip(a_NK.tolist(), b_NK.tolist())])
+  return (hits_N / a_NK.shape[-1] * weight_N).sum() / weight_N.sum()
+
+
 def test_post_loss_hand_worked():
-  """W_p = 0 and p_cur = p_old: KL is 0; with p_cur = p_old + log 2 on expert 0 it is KL(ρ‖ρ_old)."""
+  """W_p = 0 and p_cur = p_old: KL is 0; with p_cur = p_old + log 2 on expert 0 it is
+  KL(ρ‖ρ_old)."""
   h = jnp.ones((1, 2))
   p_old = jnp.zeros((1, 2))
   w = jnp.zeros((2, 2))
@@ -40,13 +72,41 @@ def test_l2_and_delta_targets_are_the_logit_change():
                                      jnp.ones(64))) > 1e-2
 
 
+def test_loss_values_hand_worked():
+  """One token, E = 2, logit change d = p_cur - p_old = [0, ln 2], so softmax(d) = [1/3, 2/3].
+
+  W_p = 0 (b = 0, q̂ = softmax(p_old) = [2/3, 1/3], ρ_cur = softmax([ln 2, ln 2]) = [1/2, 1/2]):
+    l2    = mean_e (b - d)² = (0 + (ln 2)²) / 2      = 0.2402265  (a sum would give 0.4805)
+    delta = KL([1/3, 2/3] ‖ [1/2, 1/2]) = 5/3 ln 2 - ln 3 = 0.0566330  (reversed KL: 0.0588915)
+    post  = KL([1/2, 1/2] ‖ [2/3, 1/3]) = ln 3 - 3/2 ln 2 = 0.0588915  (reversed KL: 0.0566330)
+  W_p overshooting, b = h W_p = [0, 2 ln 2] (error b - d = [0, ln 2]):
+    l2    = (ln 2)² / 2                                           = 0.2402265
+    delta = KL([1/3, 2/3] ‖ softmax(b) = [1/5, 4/5]) = ln 5 - ln 3 - 2/3 ln 2 = 0.0487275
+    post  = KL([1/2, 1/2] ‖ softmax([ln 2, 2 ln 2]) = [1/3, 2/3]) = ln 3 - 3/2 ln 2 = 0.0588915
+  """
+  ln2, ln3, ln5 = np.log(2.0), np.log(3.0), np.log(5.0)
+  h = jnp.array([[1.0, 0.0]])  # picks W_p's first row: the second row must not matter
+  p_old = jnp.array([[ln2, 0.0]])
+  p_cur = jnp.array([[ln2, ln2]])
+  loss = lambda kind, w: float(pred.predictor_loss(kind, w, h, p_old, p_cur, jnp.ones(1)))
+  zero = jnp.zeros((2, 2))
+  np.testing.assert_allclose(loss("l2", zero), ln2 ** 2 / 2, rtol=1e-6)
+  np.testing.assert_allclose(loss("delta", zero), 5 / 3 * ln2 - ln3, rtol=1e-5)
+  np.testing.assert_allclose(loss("post", zero), ln3 - 1.5 * ln2, rtol=1e-5)
+  over = jnp.array([[0.0, 2 * ln2], [7.0, -7.0]])
+  np.testing.assert_allclose(loss("l2", over), ln2 ** 2 / 2, rtol=1e-6)
+  np.testing.assert_allclose(loss("delta", over), ln5 - ln3 - 2 / 3 * ln2, rtol=1e-5)
+  np.testing.assert_allclose(loss("post", over), ln3 - 1.5 * ln2, rtol=1e-5)
+
+
 def test_weights_exclude_padding():
   h, p_old, p_cur = _features(n=4)
   w = jnp.zeros((h.shape[1], p_old.shape[1]))
   p_cur_padded = p_cur.at[3].set(100.0)  # garbage on a padded position
   mask = jnp.array([1.0, 1.0, 1.0, 0.0])
   np.testing.assert_allclose(pred.predictor_loss("post", w, h[:3], p_old[:3], p_cur[:3], mask[:3]),
-                             pred.predictor_loss("post", w, h, p_old, p_cur_padded, mask), rtol=1e-6)
+                             pred.predictor_loss("post", w, h, p_old, p_cur_padded, mask),
+                             rtol=1e-6)
 
 
 def test_gradient_reaches_only_w_p():
@@ -62,26 +122,57 @@ def test_gradient_reaches_only_w_p():
 
 @pytest.mark.parametrize("kind", pred.PREDICTOR_LOSSES)
 def test_loss_falls_and_predictor_learns_linear_drift(kind):
-  """On a router whose drift is linear in h, the trained predictor's top-k beats the stale route."""
-  h, p_old, p_cur = _features()
-  L = 2
-  h_NLD, p_old_NLE, p_cur_NLE = (jnp.stack([x, x], axis=1) for x in (h, p_old, p_cur))
-  weight = jnp.ones(h.shape[0])
-  w = pred.init_predictor(L, h.shape[1], p_old.shape[1])
+  """On a router whose drift is linear in h, the trained predictor's top-k beats the stale route.
+
+  The two layers get different features, routers and drifts, so their trained W_p differ and
+  each layer's loss, predicted top-k and overlap are checked against a numpy oracle on that
+  layer's own data and weights: a layer mix-up (layer 0's W_p everywhere, weights paired with
+  another layer's data) cannot pass.
+  """
+  layers = [_features(seed=0, drift_scale=0.5), _features(seed=1, drift_scale=0.8)]
+  L = len(layers)
+  h_NLD, p_old_NLE, p_cur_NLE = (jnp.stack(x, axis=1) for x in zip(*layers))
+  weight = jnp.ones(h_NLD.shape[0])
+  w = pred.init_predictor(L, h_NLD.shape[-1], p_old_NLE.shape[-1])
   tx = optax.adam(3e-2)
   opt = tx.init(w)
-  loss_fn = lambda w: jnp.sum(pred.predictor_losses(kind, w, h_NLD, p_old_NLE, p_cur_NLE, weight))
-  first = float(loss_fn(w))
-  step = jax.jit(lambda w, opt: (lambda g: (optax.apply_updates(w, tx.update(g, opt)[0]),
-                                            tx.update(g, opt)[1]))(jax.grad(loss_fn)(w)))
+  losses_fn = lambda w: pred.predictor_losses(kind, w, h_NLD, p_old_NLE, p_cur_NLE, weight)
+  first_L = np.asarray(losses_fn(w))
+  # A random W_p that differs per layer: each layer's loss must use its own weights and data.
+  w_rand = 0.3 * jax.random.normal(jax.random.key(3), w.shape)
+  rand_L = np.asarray(losses_fn(w_rand))
+
+  @jax.jit
+  def step(w, opt):
+    updates, opt = tx.update(jax.grad(lambda w: jnp.sum(losses_fn(w)))(w), opt)
+    return optax.apply_updates(w, updates), opt
+
   for _ in range(300):
     w, opt = step(w, opt)
-  assert float(loss_fn(w)) < 0.2 * first
+  last_L = np.asarray(losses_fn(w))
   k = 2
   live = jax.lax.top_k(p_cur_NLE, k)[1]
-  stale = pred.topk_overlap(jax.lax.top_k(p_old_NLE, k)[1], live, weight)
-  predicted = pred.topk_overlap(pred.predicted_topk(w, h_NLD, p_old_NLE, k), live, weight)
-  assert float(predicted.mean()) > float(stale.mean()) + 0.2, (predicted, stale)
+  predicted_NLK = np.asarray(pred.predicted_topk(w, h_NLD, p_old_NLE, k))
+  overlap_L = np.asarray(pred.topk_overlap(predicted_NLK, live, weight))
+  w_np = np.asarray(w, np.float64)
+  assert np.abs(w_np[0] - w_np[1]).max() > 0.1  # the layers really learned different W_p
+  for l, (h, p_old, p_cur) in enumerate(layers):
+    h, p_old, p_cur = (np.asarray(x, np.float64) for x in (h, p_old, p_cur))
+    ones = np.ones(h.shape[0])
+    np.testing.assert_allclose(first_L[l], _np_loss(kind, np.zeros_like(w_np[l]), h, p_old,
+                                                    p_cur, ones), rtol=1e-4)
+    np.testing.assert_allclose(rand_L[l], _np_loss(kind, np.asarray(w_rand[l], np.float64), h,
+                                                   p_old, p_cur, ones), rtol=1e-4)
+    # Trained to ~0, so only the absolute error is meaningful here.
+    np.testing.assert_allclose(last_L[l], _np_loss(kind, w_np[l], h, p_old, p_cur, ones),
+                               atol=1e-6)
+    assert last_L[l] < 0.2 * first_L[l], (l, last_L, first_L)
+    want_topk = _np_topk(p_old + h @ w_np[l], k)
+    np.testing.assert_array_equal(predicted_NLK[:, l], want_topk)
+    want_overlap = _np_overlap(want_topk, _np_topk(p_cur, k), ones)
+    np.testing.assert_allclose(overlap_L[l], want_overlap, rtol=1e-6)
+    stale = _np_overlap(_np_topk(p_old, k), _np_topk(p_cur, k), ones)
+    assert want_overlap > stale + 0.2, (l, want_overlap, stale)
   assert float(pred.bias_logit_ratio(w, h_NLD, p_old_NLE, weight)) > 0
 
 
@@ -98,6 +189,18 @@ def test_topk_overlap_hand_worked():
   b = jnp.array([[[1, 2]], [[2, 3]]])
   np.testing.assert_allclose(pred.topk_overlap(a, b, jnp.ones(2)), [0.75])
   np.testing.assert_allclose(pred.topk_overlap(a, b, jnp.array([1.0, 0.0])), [0.5])
+
+
+def test_topk_overlap_hand_worked_two_layers():
+  """|A ∩ B| / K per (token, layer), order-free, averaged over tokens separately per layer:
+  token 0: layer 0 {0,1}∩{2,1} = 1/2, layer 1 {4,5}∩{5,4} = 1;
+  token 1: layer 0 {2,3}∩{3,2} = 1,   layer 1 {6,7}∩{0,1} = 0.
+  Weights [1, 3]: layer 0 (1/2 + 3) / 4 = 0.875, layer 1 (1 + 0) / 4 = 0.25."""
+  a = jnp.array([[[0, 1], [4, 5]], [[2, 3], [6, 7]]])
+  b = jnp.array([[[2, 1], [5, 4]], [[3, 2], [0, 1]]])
+  np.testing.assert_allclose(pred.topk_overlap(a, b, jnp.ones(2)), [0.75, 0.5])
+  np.testing.assert_allclose(pred.topk_overlap(a, b, jnp.array([1.0, 3.0])), [0.875, 0.25])
+  np.testing.assert_allclose(pred.topk_overlap(a, b, jnp.array([1.0, 0.0])), [0.5, 1.0])
 
 
 def test_unknown_loss():
