@@ -27,21 +27,77 @@ mini-steps (a private hook: a diagnostic, not an API).
 
 import json
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base experiment config.")
-_INIT = flags.DEFINE_string("init_from", "", "Warm-up checkpoint dir (empty: train the warm-up "
-                            "here).")
-_OFF = flags.DEFINE_integer("off", 4, "κ: mini-batches per rollout batch.")
-_LR = flags.DEFINE_float("learning_rate", 2e-3, "RL learning rate.")
-_STEPS = flags.DEFINE_integer("steps", 30, "RL steps (rollout batches).")
-_PROBE = flags.DEFINE_integer("probe_size", 128, "Probe sequences.")
-_OUT = flags.DEFINE_string("out", "", "Optional JSON output.")
+# Flags only when run as a script: tests import the scoring functions below, and absl refuses
+# a second module defining the same flag names (config, steps, out).
+if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
+                                            "Base experiment config.")
+  _INIT = flags.DEFINE_string("init_from", "", "Warm-up checkpoint dir (empty: train the "
+                              "warm-up here).")
+  _OFF = flags.DEFINE_integer("off", 4, "κ: mini-batches per rollout batch.")
+  _LR = flags.DEFINE_float("learning_rate", 2e-3, "RL learning rate.")
+  _STEPS = flags.DEFINE_integer("steps", 30, "RL steps (rollout batches).")
+  _PROBE = flags.DEFINE_integer("probe_size", 128, "Probe sequences.")
+  _OUT = flags.DEFINE_string("out", "", "Optional JSON output.")
 
 PREDICTORS = ("stale", "prev_drift", "momentum", "linear_fit", "router_weights")
+
+
+def zero_dev(pred_BSLE, truth_BSLE, mask_BS, top_k: int) -> float:
+  """Share of valid (token, layer) pairs whose predicted top-k set is the true one."""
+  top = lambda x: np.sort(np.argsort(-x, -1)[..., :top_k], -1)
+  return float((top(pred_BSLE) == top(truth_BSLE)).all(-1)[mask_BS].mean())
+
+
+def fit_drift(h_BSLD, delta_BSLE, mask_BS):
+  """[L, D, E]: per-layer least squares h W = Δp over the valid probe tokens."""
+  return np.stack([np.linalg.lstsq(h_BSLD[..., l, :][mask_BS], delta_BSLE[..., l, :][mask_BS],
+                                   rcond=None)[0] for l in range(h_BSLD.shape[-2])])
+
+
+def _lin(h_BSLD, w_LDE):
+  return np.einsum("bsld,lde->bsle", h_BSLD, w_LDE)
+
+
+def score_batches(batches, mask_BS, top_k: int) -> dict:
+  """Scores of every predictor (module docstring) from recorded router snapshots.
+
+  `batches[t]` holds the κ+1 snapshots (logits p [B,S,L,E], inputs h [B,S,L,D], router
+  weights W_r [L,D,E]) of rollout batch t, before each mini-step's update and after the
+  last. Returns {"zero_dev": {name: [κ-1] mean over batches 1.. at mini-steps 2..κ},
+  "cosine": mean cosine of consecutive batches' drifts, "router_share": mean over batches
+  of |h ΔW_r| / |Δp|}.
+  """
+  kappa = len(batches[0]) - 1
+  scores = {name: np.zeros(kappa - 1) for name in PREDICTORS}
+  cosines, router_share = [], []
+  for t in range(1, len(batches)):
+    prev, cur = batches[t - 1], batches[t]
+    p0, h0 = cur[0][0], cur[0][1]
+    for j in range(1, kappa):
+      truth = cur[j][0]
+      delta_prev = prev[j][0] - prev[0][0]
+      preds = {"stale": p0, "prev_drift": p0 + delta_prev,
+               "momentum": p0 + j * (prev[kappa][0] - prev[kappa - 1][0]),
+               "linear_fit": p0 + _lin(h0, fit_drift(prev[0][1], delta_prev, mask_BS)),
+               "router_weights": p0 + _lin(h0, prev[j][2] - prev[0][2])}
+      for name, pred in preds.items():
+        scores[name][j - 1] += zero_dev(pred, truth, mask_BS, top_k) / (len(batches) - 1)
+    a = (prev[kappa][0] - prev[0][0])[mask_BS].ravel()
+    b = (cur[kappa][0] - cur[0][0])[mask_BS].ravel()
+    cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+  for batch in batches:
+    total = (batch[kappa][0] - batch[0][0])[mask_BS]
+    router = _lin(batch[0][1], batch[kappa][2] - batch[0][2])[mask_BS]
+    router_share.append(float(np.linalg.norm(router) / np.linalg.norm(total)))
+  return {"zero_dev": scores, "cosine": float(np.mean(cosines)),
+          "router_share": float(np.mean(router_share))}
 
 
 def main(argv):
@@ -50,7 +106,6 @@ def main(argv):
   import dataclasses
 
   import jax
-  import numpy as np
 
   from pr2_jax.rl import data, loop
   from pr2_jax.rl.config import ExperimentConfig
@@ -74,22 +129,12 @@ def main(argv):
       {"params": p}, probe["tokens"], positions=probe["positions"], valid=probe["valid"],
       return_router_logits=True, return_router_inputs=True))
   mask_BS = np.asarray(probe["valid"], bool)
-  k, layers = config.model.top_k, config.model.num_layers
+  layers = config.model.num_layers
 
   def snapshot(p):
     out = forward(p)
     w_LDE = np.stack([np.asarray(p[f"layers_{l}"]["mlp"]["gate"]) for l in range(layers)])
     return np.asarray(out.router_logits), np.asarray(out.router_inputs), w_LDE
-
-  def zero_dev(pred_BSLE, truth_BSLE):
-    top = lambda x: np.sort(np.argsort(-x, -1)[..., :k], -1)
-    return float((top(pred_BSLE) == top(truth_BSLE)).all(-1)[mask_BS].mean())
-
-  def fit(h_BSLD, delta_BSLE):  # per-layer least squares h W = Δp over the probe tokens
-    return np.stack([np.linalg.lstsq(h_BSLD[..., l, :][mask_BS], delta_BSLE[..., l, :][mask_BS],
-                                     rcond=None)[0] for l in range(layers)])
-
-  lin = lambda h_BSLD, w_LDE: np.einsum("bsld,lde->bsle", h_BSLD, w_LDE)
 
   state, _ = engine.rl_step(state, 1)
   snaps = []
@@ -111,33 +156,13 @@ def main(argv):
     batches.append(snaps + [snapshot(state.params)])
 
   kappa = _OFF.value
-  scores = {name: np.zeros(kappa - 1) for name in PREDICTORS}
-  cosines, router_share = [], []
-  for t in range(1, len(batches)):
-    prev, cur = batches[t - 1], batches[t]
-    p0, h0 = cur[0][0], cur[0][1]
-    for j in range(1, kappa):
-      truth = cur[j][0]
-      delta_prev = prev[j][0] - prev[0][0]
-      preds = {"stale": p0, "prev_drift": p0 + delta_prev,
-               "momentum": p0 + j * (prev[kappa][0] - prev[kappa - 1][0]),
-               "linear_fit": p0 + lin(h0, fit(prev[0][1], delta_prev)),
-               "router_weights": p0 + lin(h0, prev[j][2] - prev[0][2])}
-      for name, pred in preds.items():
-        scores[name][j - 1] += zero_dev(pred, truth) / (len(batches) - 1)
-    a = (prev[kappa][0] - prev[0][0])[mask_BS].ravel()
-    b = (cur[kappa][0] - cur[0][0])[mask_BS].ravel()
-    cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
-  for batch in batches:
-    total = (batch[kappa][0] - batch[0][0])[mask_BS]
-    router = lin(batch[0][1], batch[kappa][2] - batch[0][2])[mask_BS]
-    router_share.append(float(np.linalg.norm(router) / np.linalg.norm(total)))
-
+  scored = score_batches(batches, mask_BS, config.model.top_k)
   result = {"off": kappa, "learning_rate": _LR.value, "steps": _STEPS.value,
-            "zero_dev_by_ministep": {n: s.round(4).tolist() for n, s in scores.items()},
+            "zero_dev_by_ministep": {n: s.round(4).tolist()
+                                     for n, s in scored["zero_dev"].items()},
             "mini_steps": list(range(2, kappa + 1)),
-            "router_weight_share_of_drift": float(np.mean(router_share)),
-            "consecutive_drift_cosine": float(np.mean(cosines))}
+            "router_weight_share_of_drift": scored["router_share"],
+            "consecutive_drift_cosine": scored["cosine"]}
   print(f"zero-dev ratio vs the real router at mini-steps {result['mini_steps']}:")
   for name, s in result["zero_dev_by_ministep"].items():
     print(f"  {name:15s} " + " ".join(f"{v:.4f}" for v in s))

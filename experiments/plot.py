@@ -20,15 +20,19 @@ def read_rows(workdir: str, phases=("sft_eval", "rl")) -> list[dict]:
     return [r for r in map(json.loads, filter(str.strip, f)) if r.get("phase") in phases]
 
 
+def figures(runs: dict[str, list[dict]]) -> list[tuple]:
+  """(name, matplotlib Figure) of every panel of `viz.PANELS`, then the horizon curve."""
+  return ([(name, viz.metric_panel(runs, keys)) for name, keys in viz.PANELS]
+          + [("horizon", viz.horizon_curve(runs))])
+
+
 def plot(workdirs: list[str], out_dir: str) -> list[str]:
   """One PNG per panel of `viz.PANELS` plus the horizon curve; returns the written paths."""
   import matplotlib.pyplot as plt
   os.makedirs(out_dir, exist_ok=True)
   runs = {os.path.basename(os.path.normpath(w)): read_rows(w) for w in workdirs}
-  figures = [(name, viz.metric_panel(runs, keys)) for name, keys in viz.PANELS]
-  figures.append(("horizon", viz.horizon_curve(runs)))
   written = []
-  for name, fig in figures:
+  for name, fig in figures(runs):
     path = os.path.join(out_dir, f"{name}.png")
     fig.savefig(path, dpi=90)
     plt.close(fig)

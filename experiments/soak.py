@@ -36,14 +36,18 @@ from ml_collections import config_flags
 
 from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
-_STEPS = flags.DEFINE_integer("steps", 300, "RL steps (overrides config.rl.num_steps).")
-_WARMUP = flags.DEFINE_integer("warmup_steps", 25, "RL steps counted as warm-up: compilation, "
-                               "the first evaluation and the first checkpoint happen in them.")
-_WORKDIR = flags.DEFINE_string("workdir", "", "Run directory ('' = a temporary one, deleted after).")
-_OUT = flags.DEFINE_string("out", "experiments/results/soak.json", "JSON output.")
-_QUICK = flags.DEFINE_bool("quick", False, "6 steps of a small batch (3 of warm-up): a smoke test "
-                           "of this script, not a soak.")
+# Flags only when run as a script: tests import check_metrics, and absl refuses a second
+# module defining the same flag names (config, steps, out).
+if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
+  _STEPS = flags.DEFINE_integer("steps", 300, "RL steps (overrides config.rl.num_steps).")
+  _WARMUP = flags.DEFINE_integer("warmup_steps", 25, "RL steps counted as warm-up: compilation, "
+                                 "the first evaluation and the first checkpoint happen in them.")
+  _WORKDIR = flags.DEFINE_string("workdir", "", "Run directory ('' = a temporary one, deleted "
+                                 "after).")
+  _OUT = flags.DEFINE_string("out", "experiments/results/soak.json", "JSON output.")
+  _QUICK = flags.DEFINE_bool("quick", False, "6 steps of a small batch (3 of warm-up): a smoke "
+                             "test of this script, not a soak.")
 
 # Every RL row must carry these (eval_reward only on evaluation steps).
 REQUIRED_KEYS = ("step", "phase", "loss", "reward_mean", "response_len", "entropy", "k3_kl",

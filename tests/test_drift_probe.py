@@ -1,11 +1,15 @@
-"""Smoke test of experiments/drift_probe.py at a minuscule size (numbers in range, JSON shape)."""
+"""experiments/drift_probe.py: a smoke run at a minuscule size (numbers in range, JSON shape),
+and its scoring on synthetic router snapshots whose drift is exactly linear."""
 
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from experiments.drift_probe import PREDICTORS, score_batches, zero_dev
 
 
 @pytest.mark.slow
@@ -22,3 +26,74 @@ def test_drift_probe_writes_scores(tmp_path):
   for name, scores in result["zero_dev_by_ministep"].items():
     assert len(scores) == 1 and 0.0 <= scores[0] <= 1.0, name
   assert result["router_weight_share_of_drift"] > 0
+
+
+def test_zero_dev_compares_top_k_sets_on_valid_tokens():
+  # [B=1, S=2, L=1, E=3]: token 0's top-2 is {0, 1} in both (order differs); token 1's is
+  # {2, 1} predicted against {2, 0} true.
+  pred = np.array([[[[3.0, 2.0, 1.0]], [[1.0, 2.0, 3.0]]]])
+  truth = np.array([[[[2.0, 3.0, 0.0]], [[3.0, 1.0, 4.0]]]])
+  assert zero_dev(pred, truth, np.array([[True, True]]), top_k=2) == 0.5
+  assert zero_dev(pred, truth, np.array([[True, False]]), top_k=2) == 1.0
+  assert zero_dev(pred, truth, np.array([[False, True]]), top_k=2) == 0.0
+
+
+def _same_set_share(pred, truth, mask, k):
+  """Oracle of zero_dev: python sets per valid (token, layer)."""
+  hits = [set(np.argsort(-pred[b, s, l])[:k]) == set(np.argsort(-truth[b, s, l])[:k])
+          for b, s in zip(*np.nonzero(mask)) for l in range(pred.shape[2])]
+  return sum(hits) / len(hits)
+
+
+def _linear_drift_batches(rng, *, same_h, batches=3, kappa=3, b=2, s=6, layers=2, d=3, e=5):
+  """Router logits p = h W_r with W_r moving by the same Δ at every update, h fixed within a
+  batch (new per batch unless `same_h`); invalid tokens get noise logits, which must be ignored."""
+  mask = np.ones((b, s), bool)
+  mask[0, -2:] = mask[1, -1] = False
+  w0, step = rng.normal(size=(layers, d, e)), rng.normal(size=(layers, d, e))
+  h_shared = rng.normal(size=(b, s, layers, d))
+  out = []
+  for t in range(batches):
+    h = h_shared if same_h else rng.normal(size=(b, s, layers, d))
+    snaps = []
+    for j in range(kappa + 1):
+      w = w0 + (t * kappa + j) * step
+      p = np.einsum("bsld,lde->bsle", h, w)
+      p[~mask] = 10 * rng.normal(size=p[~mask].shape)
+      snaps.append((p, h, w))
+    out.append(snaps)
+  return out, mask
+
+
+def test_score_batches_exact_on_linear_drift_with_new_hidden_states():
+  batches, mask = _linear_drift_batches(np.random.default_rng(0), same_h=False)
+  got = score_batches(batches, mask, top_k=2)
+  assert set(got["zero_dev"]) == set(PREDICTORS)
+  # Truth at mini-step j+1 of batch t is p_t,0 + h_t,0 · jΔ: the least-squares map fitted on
+  # batch t-1 recovers jΔ exactly, and so does batch t-1's router-weight drift.
+  assert got["zero_dev"]["linear_fit"].tolist() == [1.0, 1.0]
+  assert got["zero_dev"]["router_weights"].tolist() == [1.0, 1.0]
+  # Per-token drifts of batch t-1 belong to other hidden states: wrong somewhere.
+  assert got["zero_dev"]["prev_drift"].max() < 1.0
+  # Stale: the mean over batches 1, 2 of the share of unchanged top-2 sets.
+  for j in (1, 2):
+    want = np.mean([_same_set_share(batches[t][0][0], batches[t][j][0], mask, 2)
+                    for t in (1, 2)])
+    assert got["zero_dev"]["stale"][j - 1] == pytest.approx(want, abs=1e-12)
+  assert got["zero_dev"]["stale"].max() < 1.0
+  # All drift comes from the router weights (h is fixed within a batch).
+  assert got["router_share"] == pytest.approx(1.0, abs=1e-12)
+  cos = []
+  for t in (1, 2):
+    a, c = ((batches[u][3][0] - batches[u][0][0])[mask].ravel() for u in (t - 1, t))
+    cos.append(a @ c / np.linalg.norm(a) / np.linalg.norm(c))
+  assert got["cosine"] == pytest.approx(np.mean(cos), abs=1e-12)
+
+
+def test_score_batches_same_hidden_states_every_drift_predictor_is_exact():
+  batches, mask = _linear_drift_batches(np.random.default_rng(1), same_h=True)
+  got = score_batches(batches, mask, top_k=2)
+  for name in ("prev_drift", "momentum", "linear_fit", "router_weights"):
+    assert got["zero_dev"][name].tolist() == [1.0, 1.0], name
+  assert got["zero_dev"]["stale"].max() < 1.0
+  assert got["cosine"] == pytest.approx(1.0, abs=1e-12)  # the same drift every batch

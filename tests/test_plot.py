@@ -1,25 +1,81 @@
-"""Tests for experiments/plot.py: PNGs from metrics.jsonl, clear error without one."""
+"""Tests for experiments/plot.py and pr2_jax/viz.py: what each figure draws (lines, bars,
+titles) from hand-worked rows and plans, PNGs from metrics.jsonl, clear error without one."""
 
 import json
 import warnings
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from experiments import plot
 from pr2_jax import viz
 
+# Per-mini-step zero-dev ratios of steps 1..3; their mean over steps is [1.0, 0.8, 0.5].
+ZERO_DEV = {1: [1.0, 0.9, 0.6], 2: [1.0, 0.7, 0.5], 3: [1.0, 0.8, 0.4]}
+
+
+def _write_run(workdir):
+  rows = [{"phase": "sft", "step": 1, "loss": 1.0},
+          {"phase": "sft_eval", "step": 0, "eval_reward": 0.4}] + [
+      {"phase": "rl", "step": s, "reward_mean": 0.1 * s, "k3_kl": 1e-3 * s, "topk_agreement": 0.9,
+       "zero_dev_ratio_per_ministep": ZERO_DEV[s], **({"eval_reward": 0.5} if s == 3 else {})}
+      for s in range(1, 4)]
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(workdir)
+
+
+def _xy(line):
+  return np.asarray(line.get_xdata(), float).tolist(), np.asarray(line.get_ydata(), float)
+
+
+def test_figures_draw_the_rows(tmp_path):
+  runs = {"r3": plot.read_rows(_write_run(tmp_path / "r3"))}
+  figs = dict(plot.figures(runs))
+  try:
+    assert list(figs) == [name for name, _ in viz.PANELS] + ["horizon"]
+    reward_ax, eval_ax = figs["reward"].axes
+    (line,) = reward_ax.get_lines()
+    xs, ys = _xy(line)
+    assert xs == [1, 2, 3] and ys == pytest.approx([0.1, 0.2, 0.3])
+    assert line.get_label() == "r3" and reward_ax.get_title() == "reward_mean"
+    xs, ys = _xy(eval_ax.get_lines()[0])  # the warm-up eval is step 0
+    assert xs == [0, 3] and ys == pytest.approx([0.4, 0.5])
+    xs, ys = _xy(figs["mismatch"].axes[0].get_lines()[0])
+    assert xs == [1, 2, 3] and ys == pytest.approx([1e-3, 2e-3, 3e-3])
+    assert not figs["mismatch"].axes[1].get_lines()  # no extreme_frac in the rows
+    assert not any(ax.get_lines() for ax in figs["ratio"].axes)
+    (horizon_ax,) = figs["horizon"].axes
+    (line,) = horizon_ax.get_lines()
+    xs, ys = _xy(line)
+    assert xs == [1, 2, 3] and ys == pytest.approx([1.0, 0.8, 0.5])  # mean over the 3 steps
+    assert line.get_label() == "r3" and horizon_ax.get_ylabel() == "zero_dev_ratio"
+  finally:
+    for fig in figs.values():
+      plt.close(fig)
+
+
+def test_horizon_curve_skips_runs_without_the_metric():
+  runs = {"a": [{"step": 1, "k3_kl_per_ministep": [3.0, 1.0]},
+                {"step": 2, "k3_kl_per_ministep": [1.0, 2.0]}],
+          "b": [{"step": 1, "k3_kl": 0.1}]}
+  fig = viz.horizon_curve(runs, key="k3_kl_per_ministep")
+  (line,) = fig.axes[0].get_lines()
+  assert line.get_label() == "a" and _xy(line)[1].tolist() == [2.0, 1.5]
+  assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["a"]
+  plt.close(fig)
+
 
 def test_writes_one_png_per_panel(tmp_path):
-  rows = [{"phase": "sft", "step": 1, "loss": 1.0}] + [
-      {"phase": "rl", "step": s, "reward_mean": 0.1 * s, "k3_kl": 1e-3, "topk_agreement": 0.9,
-       "eval_reward": 0.5} for s in range(1, 4)]
-  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  paths = plot.plot([str(tmp_path)], str(tmp_path / "plots"))
-  assert len(paths) == len(viz.PANELS) + 1
+  workdir = _write_run(tmp_path / "run")
+  paths = plot.plot([workdir], str(tmp_path / "plots"))
+  assert [p.rsplit("/", 1)[1] for p in paths] == [f"{name}.png" for name, _ in viz.PANELS] + [
+      "horizon.png"]
   for p in paths:
     with open(p, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert [r["step"] for r in plot.read_rows(str(tmp_path))] == [1, 2, 3]
+  assert [r["step"] for r in plot.read_rows(workdir)] == [0, 1, 2, 3]
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path):
@@ -37,3 +93,31 @@ def test_legend_goes_on_the_first_panel_with_data():
   first, second = fig.axes[:2]
   assert first.get_legend() is None
   assert [t.get_text() for t in second.get_legend().get_texts()] == ["a", "b"]
+
+
+def test_plan_figure_bars_and_imbalance():
+  """One layer of 4 experts on 2 devices. Static: device 0 holds experts 0, 1 (6 + 2 = 8),
+  device 1 experts 2, 3 (2 + 2 = 4): max / mean = 8 / 6. The plan moves 2 of expert 0's load to
+  a replica on device 1 (slot 2) and leaves device 0's slot 2 empty: 6 and 6."""
+  loads_E = [6, 2, 2, 2]
+  slot_expert_DS = [[0, 1, -1], [2, 3, 0]]
+  slot_load_DS = [[4, 2, 0], [2, 2, 2]]
+  fig = viz.plan_figure(loads_E, slot_expert_DS, slot_load_DS, title="layer 0")
+  static_ax, plan_ax = fig.axes
+  assert static_ax.get_title() == "static (no replicas): imbalance 1.33"
+  assert plan_ax.get_title() == "planned (replicas + split): imbalance 1.00"
+  assert fig.get_suptitle() == "layer 0"
+  # Bars slot by slot, devices 0 and 1 in each: (x, bottom, height).
+  bars = lambda ax: np.array([(p.get_x() + p.get_width() / 2, p.get_y(), p.get_height())
+                              for p in ax.patches])
+  np.testing.assert_allclose(bars(static_ax), [(0, 0, 6), (1, 0, 2), (0, 6, 2), (1, 2, 2)],
+                             atol=1e-12)
+  np.testing.assert_allclose(bars(plan_ax), [(0, 0, 4), (1, 0, 2), (0, 4, 2), (1, 2, 2),
+                                             (0, 6, 0), (1, 4, 2)], atol=1e-12)
+  # Expert ids label every non-empty slot; a replica has its expert's colour.
+  assert [t.get_text() for t in plan_ax.texts] == ["0", "2", "1", "3", "0"]
+  assert plan_ax.patches[5].get_facecolor() == plan_ax.patches[0].get_facecolor()
+  assert plan_ax.patches[5].get_facecolor() != plan_ax.patches[1].get_facecolor()
+  # The dashed line is the perfect balance: total load / devices.
+  assert _xy(static_ax.get_lines()[0])[1].tolist() == [6.0, 6.0]
+  plt.close(fig)

@@ -1,4 +1,5 @@
-"""experiments/soak.py --quick runs end to end and reports what docs/results/soak.md relies on."""
+"""experiments/soak.py: --quick runs end to end and reports what docs/results/soak.md relies on;
+check_metrics flags every kind of bad metrics.jsonl."""
 
 import json
 import os
@@ -6,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from experiments.soak import REQUIRED_KEYS, check_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"rss_growth_frac", "recompiles_after_warmup", "steps", "metrics_ok", "skipped_updates",
@@ -32,3 +35,62 @@ def test_soak_quick_reports_json(tmp_path):
   assert saved["peak_rss_mb_end"] >= saved["peak_rss_mb_after_warmup"] > 0
   assert saved["compiles_in_warmup"] > 0, "the compile counter must see the warm-up compiles"
   assert saved["metrics"]["rl_rows"] == 6 and not saved["metrics"]["problems"]
+
+
+def _rows(steps, eval_every):
+  """metrics.jsonl rows the soak accepts: a warm-up row, then one full RL row per step."""
+  rows = [{"phase": "sft", "step": 1, "loss": 2.0}]
+  for step in range(1, steps + 1):
+    row = {k: 0.5 for k in REQUIRED_KEYS}
+    row.update(step=step, phase="rl", skipped_updates=step % 2)
+    if step % eval_every == 0 or step == steps:
+      row["eval_reward"] = 0.25
+    rows.append(row)
+  return rows
+
+
+def _write(tmp_path, rows):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # NaN is written as NaN
+  return str(path)
+
+
+def test_check_metrics_accepts_a_good_file(tmp_path):
+  got = check_metrics(_write(tmp_path, _rows(5, 2)), steps=5, eval_every=2)
+  # Steps 1, 3, 5 each skipped one update.
+  assert got == {"rows": 6, "rl_rows": 5, "ok": True, "problems": [], "skipped_updates": 3}
+
+
+def test_check_metrics_reports_a_missing_step(tmp_path):
+  rows = _rows(5, 2)
+  del rows[3]  # RL step 3
+  got = check_metrics(_write(tmp_path, rows), steps=5, eval_every=2)
+  assert not got["ok"] and got["rl_rows"] == 4
+  assert got["problems"] == ["RL steps [1, 2, 4, 5]... are not 1..5 once each"]
+
+
+def test_check_metrics_reports_a_repeated_step(tmp_path):
+  rows = _rows(3, 2)
+  rows.insert(3, dict(rows[2]))  # step 2 written twice (a resumed run that redid it)
+  got = check_metrics(_write(tmp_path, rows), steps=3, eval_every=2)
+  assert got["problems"] == ["RL steps [1, 2, 2, 3]... are not 1..3 once each"]
+
+
+def test_check_metrics_reports_nan_missing_keys_and_eval_rows(tmp_path):
+  rows = _rows(4, 2)
+  rows[1]["k3_kl"] = float("nan")
+  rows[2]["grad_norm"] = float("inf")
+  del rows[3]["entropy"], rows[3]["loss"]
+  del rows[4]["eval_reward"]  # step 4: the last step always evaluates
+  rows[1]["eval_reward"] = 0.1  # step 1 is not an evaluation step
+  got = check_metrics(_write(tmp_path, rows), steps=4, eval_every=2)
+  assert not got["ok"]
+  assert got["problems"] == ["step 1: eval_reward unexpected", "step 1: non-finite ['k3_kl']",
+                             "step 2: non-finite ['grad_norm']",
+                             "step 3 lacks ['loss', 'entropy']", "step 4: eval_reward missing"]
+
+
+def test_check_metrics_without_evaluation_wants_no_eval_rows(tmp_path):
+  rows = _rows(2, 1)  # eval_reward on every row
+  got = check_metrics(_write(tmp_path, rows), steps=2, eval_every=0)
+  assert got["problems"] == ["step 1: eval_reward unexpected", "step 2: eval_reward unexpected"]

@@ -1,0 +1,81 @@
+"""experiments/replay_report.py: the 'higher / lower / within noise' verdicts of
+docs/results/replay_comparison.md (summaries and aggregation: tests/test_compare_replay.py)."""
+
+from experiments.replay_report import _diff_verdict, expectation_checks
+
+
+def _field(mean, std, per_seed):
+  return {"mean": mean, "std": std, "per_seed": per_seed}
+
+
+# Two seeds each with std 0.1: se = sqrt(0.1² / 2 + 0.1² / 2) = 0.1, so the threshold is 0.2.
+def test_beyond_two_standard_errors_names_the_direction():
+  a, b = _field(0.71, 0.1, [0.6, 0.82]), _field(0.5, 0.1, [0.4, 0.6])
+  assert _diff_verdict(a, b, "higher") == "+0.21 (2·se 0.2): higher"
+  assert _diff_verdict(b, a, "higher") == "-0.21 (2·se 0.2): lower"
+
+
+def test_within_two_standard_errors_is_noise():
+  # A None seed (a collapsed run) is not counted: n = 2 for a, so 2·se stays 0.2 (with n = 3
+  # it would be 0.16 and 0.19 would read as higher).
+  a, b = _field(0.69, 0.1, [0.6, None, 0.78]), _field(0.5, 0.1, [0.4, 0.6])
+  assert _diff_verdict(a, b, "higher") == "+0.19 (2·se 0.2): within noise"
+  assert _diff_verdict(b, a, "higher") == "-0.19 (2·se 0.2): within noise"
+
+
+def test_unequal_seed_counts_and_stds():
+  # se = sqrt(0.3² / 3 + 0.4² / 4) = sqrt(0.03 + 0.04) = 0.2646; 2·se = 0.529 < 0.6.
+  a, b = _field(1.0, 0.3, [1, 1, 1]), _field(0.4, 0.4, [0, 0, 0, 0])
+  assert _diff_verdict(a, b, "higher") == "+0.6 (2·se 0.53): higher"
+  a["mean"] = 0.9  # d = 0.5 < 0.529
+  assert _diff_verdict(a, b, "higher") == "+0.5 (2·se 0.53): within noise"
+
+
+def test_the_word_flips_when_lower_is_expected():
+  up, down = _field(0.71, 0.1, [0, 0]), _field(0.5, 0.1, [0, 0])
+  assert _diff_verdict(up, down, "lower").endswith(": lower")  # d > 0 reads as `higher_is`
+  assert _diff_verdict(down, up, "lower").endswith(": higher")
+
+
+def test_one_seed_and_missing_means():
+  a, b = _field(0.7, 0.0, [0.7]), _field(0.5, 0.1, [0.4, 0.6])
+  assert _diff_verdict(a, b, "higher") == "+0.2 (one seed: no noise estimate)"
+  two_with_none = _field(0.7, 0.0, [0.7, None])
+  assert _diff_verdict(b, two_with_none, "higher") == "-0.2 (one seed: no noise estimate)"
+  assert _diff_verdict(_field(None, None, [None, None]), b, "higher") == "n/a"
+  assert _diff_verdict(b, _field(None, None, [None]), "higher") == "n/a"
+
+
+def _mode(zd, kl1, kl, reward):
+  seeds = [0, 0]
+  return {"zero_dev_ratio_ministep_ge2": _field(zd, 0.1, seeds),
+          "k3_kl_ministep1": _field(kl1, 0.1, seeds), "k3_kl": _field(kl, 0.1, seeds),
+          "eval_reward": _field(reward, 0.1, seeds)}
+
+
+def test_expectation_checks_hand_worked():
+  # Every field has two seeds and std 0.1, so 2·se = 0.2 everywhere (see above).
+  results = {"off4": {"none": _mode(zd=0.5, kl1=1.0, kl=1.0, reward=0.5),
+                      "r3": _mode(zd=0.6, kl1=0.5, kl=0.9, reward=0.5),
+                      "pr2": _mode(zd=0.9, kl1=0.7, kl=0.5, reward=0.6)},
+             "off2": {"none": _mode(zd=0.5, kl1=1.0, kl=1.0, reward=0.5)}}
+  assert expectation_checks(results) == [
+      "- off4: zero-dev (mini-step ≥ 2) PR2 − R3: +0.3 (2·se 0.2): higher (expected: higher)",
+      "- off4: zero-dev (mini-step ≥ 2) PR2 − vanilla (DAPO, no replay): +0.4 (2·se 0.2): "
+      "higher (expected: higher)",
+      "- off4: k3 KL (mini-step 1) R3 − vanilla: -0.5 (2·se 0.2): lower (expected: lower)",
+      "- off4: k3 KL (all mini-steps) R3 − vanilla: -0.1 (2·se 0.2): within noise "
+      "(expected: lower)",
+      "- off4: k3 KL (mini-step 1) PR2 − vanilla: -0.3 (2·se 0.2): lower (expected: lower)",
+      "- off4: k3 KL (all mini-steps) PR2 − vanilla: -0.5 (2·se 0.2): lower (expected: lower)",
+      "- off4: final eval reward PR2 − R3: +0.1 (2·se 0.2): within noise",
+  ]  # off2 has vanilla only: nothing to compare
+
+
+def test_expectation_checks_skips_absent_modes():
+  results = {"off8": {"pr2": _mode(zd=0.4, kl1=1.0, kl=1.0, reward=0.5),
+                      "none": _mode(zd=0.5, kl1=1.0, kl=1.0, reward=0.5)}}
+  lines = expectation_checks(results)
+  assert lines[0] == ("- off8: zero-dev (mini-step ≥ 2) PR2 − vanilla (DAPO, no replay): "
+                      "-0.1 (2·se 0.2): within noise (expected: higher)")
+  assert len(lines) == 3 and not any("R3" in line for line in lines)
