@@ -106,7 +106,18 @@ def log_and_write(writer: MetricsWriter):
   return callback
 
 
-def progress(step: int, total: int, seconds_per_step: float):
+def exit_with_error(message: str):
+  """A user error (bad config, a workdir of another setup): one line on stderr, exit code 2,
+  no traceback (those are for bugs)."""
+  sys.stderr.write(f"error: {message}\n")
+  raise SystemExit(2)
+
+
+def progress(step: int, total: int, seconds_per_step: float | None):
+  if seconds_per_step is None:  # the first step after a start or resume: mostly compiling
+    logging.info("rl step %d/%d  (the first step includes compiling; ETA from the next)",
+                 step, total)
+    return
   eta = (total - step) * seconds_per_step
   logging.info("rl step %d/%d  %.1fs/step  ETA %dm%02ds", step, total, seconds_per_step,
                eta // 60, eta % 60)
@@ -119,6 +130,12 @@ def print_summary(summary: dict, workdir: str):
   final = summary["final"]
   warm = summary["warmup_eval_reward"]
   lines = ["", "== summary =="]
+  if not final:  # resumed a finished run: nothing ran, report its last row
+    from pr2_jax.rl.loop import _read_rows
+    rows = [r for r in _read_rows(os.path.join(workdir, "metrics.jsonl")) if r.get("phase") == "rl"]
+    final = rows[-1] if rows else {}
+    lines.append(f"already complete at RL step {summary.get('resumed_from')}: nothing to run "
+                 "(raise --config.rl.num_steps to continue, or use another --workdir)")
   if warm is not None:
     lines.append(f"eval reward before RL:     {warm:.3f}")  # after the warm-up, or the checkpoint's
   if "eval_reward" in final:

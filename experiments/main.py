@@ -25,16 +25,30 @@ def main(argv):
   common.setup_devices()
   from pr2_jax.rl import loop
   from pr2_jax.rl.config import ExperimentConfig
+  from pr2_jax.train.checkpoint import SetupMismatchError
 
   cfg = _CONFIG.value
-  config = ExperimentConfig.from_dict(cfg.to_dict())
-  mesh = common.build_mesh(cfg)
-  config.model.validate_mesh(mesh.shape["expert"], mesh.shape["data"])
+  try:  # a bad setting is a usage error: one line naming it, not a traceback
+    config = ExperimentConfig.from_dict(cfg.to_dict())
+    mesh = common.build_mesh(cfg)
+    config.model.validate_mesh(mesh.shape["expert"], mesh.shape["data"])
+  except (ValueError, KeyError, flags.ValidationError) as e:
+    common.exit_with_error(f"bad config: {e}")
   writer = common.MetricsWriter(_WORKDIR.value)
   logging.info("mesh %s; workdir %s", dict(mesh.shape), _WORKDIR.value)
-  summary = loop.run(config, mesh, _WORKDIR.value, on_metrics=common.log_and_write(writer),
-                     on_progress=common.progress, warn=logging.warning,
-                     allow_fresh_start=_FRESH.value)
+  try:
+    summary = loop.run(config, mesh, _WORKDIR.value, on_metrics=common.log_and_write(writer),
+                       on_progress=common.progress, warn=logging.warning, info=logging.info,
+                       allow_fresh_start=_FRESH.value)
+  except SetupMismatchError as e:
+    common.exit_with_error(str(e))
+  except KeyboardInterrupt:  # loop.run has finished any checkpoint save in flight
+    logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "
+                    "in %s", _WORKDIR.value)
+    raise SystemExit(130) from None
+  if _FRESH.value and summary["resumed_from"] is not None:
+    logging.warning("--fresh had no effect: %s has an RL checkpoint, which was resumed (use "
+                    "another --workdir to start over)", _WORKDIR.value)
   common.print_summary(summary, _WORKDIR.value)
 
 

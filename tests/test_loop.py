@@ -205,3 +205,52 @@ def test_torn_last_metrics_line_is_dropped(tmp_path):
   path.write_text('{"phase": "rl", "st\n{"phase": "rl", "step": 1}\n')
   with pytest.raises(json.JSONDecodeError):
     loop._read_rows(str(path))
+
+
+def test_resume_with_another_setup_is_refused_naming_the_fields(tmp_path):
+  """Only how long a run goes and how it is evaluated may change on resume: another learning
+  rate or seed would mix two setups in one metrics file (it used to resume silently)."""
+  mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+  _run(str(tmp_path), 1, mesh)
+  cfg = _config(2)
+  changed = dataclasses.replace(cfg, seed=7, rl=dataclasses.replace(cfg.rl, learning_rate=0.5))
+  with pytest.raises(ValueError, match=r"another setup than this run: rl\.learning_rate: "
+                                       r"checkpoint 0\.0001, this run 0\.5; "
+                                       r"seed: checkpoint 0, this run 7"):
+    loop.run(changed, mesh, str(tmp_path))
+  more = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, eval_every=0, num_steps=2))
+  messages = []
+  out = loop.run(more, mesh, str(tmp_path), info=messages.append)
+  assert out["resumed_from"] == 1 and out["final"]["step"] == 2
+  assert messages == [f"resuming from the RL checkpoint of step 1 in "
+                      f"{tmp_path / 'checkpoints' / 'rl'}; metrics rows after step 1 are rewritten"]
+  assert loop.run_identity(more) == loop.run_identity(cfg)  # the fields a resume may change
+
+
+def test_an_interrupt_keeps_the_checkpoint_being_written(tmp_path, monkeypatch):
+  """Ctrl-C right after a save: run() waits for the background commit before unwinding (an
+  interpreter exiting mid-commit left only a tmp directory, and the run restarted)."""
+  real_step = loop.Engine.rl_step
+
+  def interrupted(self, state, step):
+    if step == 3:
+      raise KeyboardInterrupt
+    return real_step(self, state, step)
+
+  monkeypatch.setattr(loop.Engine, "rl_step", interrupted)
+  mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+  with pytest.raises(KeyboardInterrupt):
+    _run(str(tmp_path), 5, mesh)
+  rl_dir = tmp_path / "checkpoints" / "rl"
+  assert sorted(os.listdir(rl_dir)) == ["1", "2"], "no tmp directory: the save of step 2 finished"
+  monkeypatch.setattr(loop.Engine, "rl_step", real_step)
+  out, rows = _run(str(tmp_path), 3, mesh)
+  assert out["resumed_from"] == 2 and [r["step"] for r in rows] == [3]
+
+
+def test_progress_rate_leaves_the_first_step_out(tmp_path):
+  calls = []
+  mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+  loop.run(_config(3), mesh, str(tmp_path), on_progress=lambda *a: calls.append(a))
+  assert [c[:2] for c in calls] == [(1, 3), (2, 3), (3, 3)]
+  assert calls[0][2] is None and all(c[2] > 0 for c in calls[1:])

@@ -66,6 +66,11 @@ class Engine:
     else:
       self.state, self.shardings = self.programs.init_state(self.key)
     self.pr2_mode = rl.replay_mode in PR2_MODES
+    slots = self.prompt_slots + self.response_slots
+    if self.pr2_mode and config.pr2.feature_tokens > slots:  # before any compiling
+      raise ValueError(f"PR2Config.feature_tokens={config.pr2.feature_tokens} exceeds the "
+                       f"{slots} slots of a sequence (prompt {self.prompt_slots} + "
+                       f"max_new_tokens {self.response_slots})")
     if self.pr2_mode:
       self._add_predictor()
     # Host-side balance planning (capacity buckets, eplb_step's plan, balance metrics); its
@@ -88,8 +93,6 @@ class Engine:
     if not self.pr2_mode:
       return None
     f, s = self.config.pr2.feature_tokens, self.prompt_slots + self.response_slots
-    if f > s:
-      raise ValueError(f"PR2Config.feature_tokens={f} exceeds the {s} slots of a sequence")
     if self.config.pr2.feature_rule == "response":
       return np.broadcast_to(self.prompt_slots + np.arange(f) % self.response_slots,
                              (batch, f)).astype(np.int32)
@@ -252,6 +255,22 @@ def _truncate_metrics(path: str, last_step: int, phases=("rl",)) -> None:
   os.replace(tmp, path)
 
 
+# RL fields a resumed run may change: how long it runs and how it is evaluated, not what
+# it computes (anything else would mix two setups in one metrics file and checkpoint).
+RESUMABLE_RL_FIELDS = ("num_steps", "eval_every", "eval_size", "eval_temperature",
+                       "max_consecutive_skips")
+
+
+def run_identity(config: ExperimentConfig) -> dict:
+  """What an RL checkpoint records and a resume must match, as JSON (tuples become lists)."""
+  rl = {k: v for k, v in dataclasses.asdict(config.rl).items() if k not in RESUMABLE_RL_FIELDS}
+  return json.loads(json.dumps({
+      "model": dataclasses.asdict(config.model), "replay_mode": config.rl.replay_mode,
+      "rl": rl, "sft": dataclasses.asdict(config.sft), "pr2": dataclasses.asdict(config.pr2),
+      "task": config.task, "task_kwargs": dict(config.task_kwargs), "seed": config.seed,
+      "hf_checkpoint": config.hf_checkpoint}))
+
+
 def _holds_checkpoint(directory: str) -> bool:
   """Whether `directory` has at least one finished Orbax step (a numbered subdirectory)."""
   return os.path.isdir(directory) and any(
@@ -261,12 +280,16 @@ def _holds_checkpoint(directory: str) -> bool:
 
 def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callback | None = None,
         on_progress: Callable[[int, int, float], None] | None = None,
-        warn: Callable[[str], None] = print, allow_fresh_start: bool = False) -> dict:
+        warn: Callable[[str], None] = print, info: Callable[[str], None] = print,
+        allow_fresh_start: bool = False) -> dict:
   """Warm-up (or resume), then RL; returns a summary dict. Resumable from `workdir`.
 
   Resumes from the newest readable RL checkpoint (a damaged newest one is
-  reported through `warn` and an older one used). Refuses to start from
-  scratch over a workdir that already has metrics unless `allow_fresh_start`.
+  reported through `warn` and an older one used; the resume point through
+  `info`) if it was written by the same setup (`run_identity`). Refuses to start
+  from scratch over a workdir that already has metrics unless `allow_fresh_start`.
+  `on_progress(step, total, seconds_per_step)` gets None as the rate for the first
+  step after a start or resume (it includes compiling).
   """
   if config.init_from and not _holds_checkpoint(config.init_from):
     # Checked before any Checkpointer is made: it would create the (mistyped) directory, and
@@ -278,70 +301,83 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   rl_ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))
   sft_dir = config.init_from or os.path.join(workdir, "checkpoints", "sft")
   sft_ckpt = Checkpointer(sft_dir, max_to_keep=1)
-  state, start = engine.state, 0
-  params_abstract = abstract_like(state.params, engine.shardings.params)
-  # What a checkpoint must match to be resumed (JSON round trip: tuples come back as lists).
-  identity = json.loads(json.dumps({"model": dataclasses.asdict(config.model),
-                                    "replay_mode": config.rl.replay_mode}))
+  try:
+    state, start = engine.state, 0
+    params_abstract = abstract_like(state.params, engine.shardings.params)
+    identity = run_identity(config)
 
-  def save(step, state):
-    rl_ckpt.save(step, state, {"rl_step": step, **identity,
-                               "balance_state": engine.balance_state.to_json()})
+    def save(step, state):
+      rl_ckpt.save(step, state, {"rl_step": step, **identity,
+                                 "balance_state": engine.balance_state.to_json()})
 
-  step, restored, meta, problems = rl_ckpt.restore_newest_good(
-      abstract_like(state, engine.shardings), identity)
-  for problem in problems:
-    warn(problem + "; falling back to an older checkpoint")
-  if step is not None:
-    start, state = step, restored
-    engine.balance_state = balancing.StepState.from_json(meta.get("balance_state"))
-    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
-    warm_reward = None
-  else:
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if _has_rl_rows(metrics_path) and not allow_fresh_start:
-      raise ValueError(f"{workdir} holds RL metrics from an earlier run but no RL checkpoint to "
-                       "resume; refusing to start over it (pass allow_fresh_start=True / "
-                       "--fresh, or use another workdir)")
-    _truncate_metrics(metrics_path, -1, phases=("rl", "sft_eval"))
-    _, params, _, problems = sft_ckpt.restore_newest_good(
-        params_abstract, {"model": identity["model"]})
+    resumed_from, restored, meta, problems = rl_ckpt.restore_newest_good(
+        abstract_like(state, engine.shardings), identity)
     for problem in problems:
-      warn(problem)
-    if params is None:
-      _truncate_metrics(metrics_path, 0, phases=("sft",))  # an interrupted warm-up reruns whole
-      params = engine.warmup(emit)
-      if config.sft.num_steps or not config.hf_checkpoint:  # else: the checkpoint dir has them
-        sft_ckpt.save(config.sft.num_steps, params, {"task": config.task, "seed": config.seed,
-                                                     "model": identity["model"]})
-        sft_ckpt.wait()
-    state = state.replace(params=params)
-    warm_reward = engine.evaluate(state.params)
-    emit({"phase": "sft_eval", "step": 0, "eval_reward": warm_reward})
-    # Step 0 = the warm-up policy: a run killed before its first RL checkpoint resumes here.
-    save(0, state)
-  rl, t0, last, consecutive = config.rl, time.perf_counter(), {}, 0
-  for step in range(start + 1, rl.num_steps + 1):
-    state, last = engine.rl_step(state, step)
-    last.update(phase="rl", step=step)
-    trailing = last.pop("skipped_trailing")
-    consecutive = consecutive + trailing if trailing == rl.off_policy_k else trailing
-    if consecutive >= rl.max_consecutive_skips:
+      warn(problem + "; falling back to an older checkpoint")
+    if resumed_from is not None:
+      start, state = resumed_from, restored
+      info(f"resuming from the RL checkpoint of step {start} in {rl_ckpt.directory}"
+           + (" (already complete)" if start >= config.rl.num_steps else
+              f"; metrics rows after step {start} are rewritten"))
+      engine.balance_state = balancing.StepState.from_json(meta.get("balance_state"))
+      _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+      warm_reward = None
+    else:
+      metrics_path = os.path.join(workdir, "metrics.jsonl")
+      if _has_rl_rows(metrics_path) and not allow_fresh_start:
+        raise ValueError(f"{workdir} holds RL metrics from an earlier run but no RL checkpoint to "
+                         "resume; refusing to start over it (pass allow_fresh_start=True / "
+                         "--fresh, or use another workdir)")
+      _truncate_metrics(metrics_path, -1, phases=("rl", "sft_eval"))
+      # A warm-up of this workdir must match the run's warm-up settings; one named by init_from
+      # is the user's choice (e.g. compare_replay's shared warm-up), checked for the model only.
+      sft_expect = {"model": identity["model"]} if config.init_from else {
+          k: identity[k] for k in ("model", "task", "task_kwargs", "seed", "sft")}
+      _, params, _, problems = sft_ckpt.restore_newest_good(params_abstract, sft_expect)
+      for problem in problems:
+        warn(problem)
+      if params is None:
+        # An interrupted warm-up reruns whole.
+        _truncate_metrics(metrics_path, 0, phases=("sft",))
+        params = engine.warmup(emit)
+        if config.sft.num_steps or not config.hf_checkpoint:  # else: the checkpoint dir has them
+          sft_ckpt.save(config.sft.num_steps, params,
+                        {k: identity[k] for k in ("model", "task", "task_kwargs", "seed", "sft")})
+          sft_ckpt.wait()
+      state = state.replace(params=params)
+      warm_reward = engine.evaluate(state.params)
+      emit({"phase": "sft_eval", "step": 0, "eval_reward": warm_reward})
+      # Step 0 = the warm-up policy: a run killed before its first RL checkpoint resumes here.
+      save(0, state)
+    rl, t0, last, consecutive = config.rl, time.perf_counter(), {}, 0
+    t_first = None  # the end of the first step: later rates leave its compiling out
+    for step in range(start + 1, rl.num_steps + 1):
+      state, last = engine.rl_step(state, step)
+      last.update(phase="rl", step=step)
+      trailing = last.pop("skipped_trailing")
+      consecutive = consecutive + trailing if trailing == rl.off_policy_k else trailing
+      if consecutive >= rl.max_consecutive_skips:
+        emit(last)
+        save(step, state)  # the skips left the last good state
+        raise FloatingPointError(
+            f"{consecutive} consecutive updates had a non-finite loss or gradient (limit "
+            f"RLConfig.max_consecutive_skips={rl.max_consecutive_skips}); stopped at RL step "
+            f"{step} with the last good state checkpointed in {rl_ckpt.directory}")
+      if rl.eval_every and (step % rl.eval_every == 0 or step == rl.num_steps):
+        last["eval_reward"] = engine.evaluate(state.params)
+      last["elapsed_s"] = time.perf_counter() - t0
       emit(last)
-      save(step, state)  # the skips left the last good state
-      rl_ckpt.close()
-      raise FloatingPointError(
-          f"{consecutive} consecutive updates had a non-finite loss or gradient (limit "
-          f"RLConfig.max_consecutive_skips={rl.max_consecutive_skips}); stopped at RL step {step} "
-          f"with the last good state checkpointed in {rl_ckpt.directory}")
-    if rl.eval_every and (step % rl.eval_every == 0 or step == rl.num_steps):
-      last["eval_reward"] = engine.evaluate(state.params)
-    last["elapsed_s"] = time.perf_counter() - t0
-    emit(last)
-    if on_progress:
-      on_progress(step, rl.num_steps, (time.perf_counter() - t0) / (step - start))
-    if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == rl.num_steps:
-      save(step, state)
-  rl_ckpt.close()
-  sft_ckpt.close()
-  return {"state": state, "warmup_eval_reward": warm_reward, "final": last}
+      if on_progress:
+        now = time.perf_counter()
+        on_progress(step, rl.num_steps,
+                    None if t_first is None else (now - t_first) / (step - start - 1))
+        t_first = t_first or now
+      if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == rl.num_steps:
+        save(step, state)
+    return {"state": state, "warmup_eval_reward": warm_reward, "final": last,
+            "resumed_from": resumed_from}
+  finally:
+    # Ctrl-C or an error must not lose a checkpoint: Orbax commits saves in the background,
+    # and an interpreter exiting mid-commit leaves only a tmp directory. close() waits.
+    rl_ckpt.close()
+    sft_ckpt.close()

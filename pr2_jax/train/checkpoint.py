@@ -15,6 +15,10 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class SetupMismatchError(ValueError):
+  """A checkpoint was written by another setup than the one asking to resume from it."""
+
+
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs carrying shardings: restore places each array straight in its shards."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -70,9 +74,10 @@ class Checkpointer:
       differences = [d for key, want in (expect_meta or {}).items() if key in meta
                      for d in _differences(key, meta[key], want)]
       if differences:
-        raise ValueError(f"checkpoint step {step} in {self.directory} was written with another "
-                         "setup than this run: " + "; ".join(differences) + " (use another "
-                         "workdir, or the checkpoint's settings)")
+        raise SetupMismatchError(
+            f"checkpoint step {step} in {self.directory} was written with another setup than "
+            "this run: " + "; ".join(differences) + " (use another workdir, or the "
+            "checkpoint's settings)")
       try:
         state, meta = self.restore(step, abstract_state)
       except Exception as e:
