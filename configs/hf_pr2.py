@@ -27,7 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 10     # RL steps between checkpoints (resume from the newest)
   c.init_from = ""            # an SFT checkpoint dir of this model to start from ('' = none)
   c.task = "countdown"        # pr2_jax.rl.tasks registry: arithmetic | countdown
-  c.task_kwargs = ml_collections.ConfigDict({"num_numbers": 3, "max_number": 9})  # task options
+  # Options of `task`; these are countdown's. Another task takes its own (an unknown key stops
+  # the run, naming the task's options): --config.task=arithmetic --config.task_kwargs={} (its
+  # defaults) or --config.task_kwargs="{'num_digits': 1}" (replaces the whole dict).
+  c.task_kwargs = ml_collections.ConfigDict({"num_numbers": 3, "max_number": 9})
 
   m = c.model = ml_collections.ConfigDict()  # run-time knobs only (architecture: config.json)
   m.dtype = "float32"         # training-engine compute dtype; bfloat16 at real scale
@@ -66,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   r.eval_temperature = 1.0    # evaluation sampling temperature (0 = greedy)
   r.max_consecutive_skips = 10  # non-finite updates in a row before the run stops (checkpointed)
   r.balance_mode = "none"     # none: static layout | eplb_step: one EPLB plan per RL step |
-                              # foresight: per-micro-step replica plan (needs mesh_expert > 1 to matter)
+                              # foresight: per-micro-step replica plan (both need mesh_expert > 1)
   r.redundant_slots = 1       # extra expert slots per device for eplb_step/foresight replicas
   r.planner_method = "rounds"  # foresight placement: rounds (S rounds of D, fast) | lpt (one replica at a time)
   r.eplb_ema = 0.0            # eplb_step: weight of past steps' loads in its EMA (0 = this step's)

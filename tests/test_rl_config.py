@@ -159,3 +159,58 @@ def test_configs_that_cannot_describe_a_run_fail_naming_what_is_missing():
   del tiny["sft"]
   with pytest.raises(ValueError, match=r"no \['sft'\] section"):
     ExperimentConfig.from_dict(tiny)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tis_cap=2.0), r"RLConfig.tis_cap=2.0 has no effect with ratio_denominator='rollout' "
+     r"\(.*\): set ratio_denominator='old' to use truncated IS, or tis_cap=0"),
+    (dict(tis_cap=2.0, loss="gspo", clip_low=3e-4, clip_high=4e-4),
+     r"RLConfig.tis_cap=2.0 has no effect with ratio_denominator='rollout'"),
+    (dict(eplb_ema=0.5), r"RLConfig.eplb_ema=0.5 is only read by balance_mode='eplb_step', not "
+     r"balance_mode='none': set balance_mode='eplb_step' or eplb_ema=0"),
+    (dict(eplb_ema=0.5, balance_mode="foresight"),
+     r"eplb_ema=0.5 is only read by balance_mode='eplb_step', not balance_mode='foresight'"),
+])
+def test_settings_the_mode_never_reads_are_rejected(kwargs, message):
+  """learner.micro_step applies tis_cap only against π_old, and only eplb_step reads eplb_ema:
+  such a setting would otherwise be dropped without a word."""
+  with pytest.raises(ValueError, match=message):
+    RLConfig(**kwargs)
+
+
+def test_settings_that_take_effect_stay_valid():
+  assert RLConfig(tis_cap=2.0, ratio_denominator="old").tis_cap == 2.0
+  assert RLConfig(tis_cap=0.0, ratio_denominator="old").tis_cap == 0.0  # 'old' without TIS
+  assert RLConfig(eplb_ema=0.5, balance_mode="eplb_step").eplb_ema == 0.5
+
+
+@pytest.mark.parametrize("mode", ["eplb_step", "foresight"])
+def test_balance_mode_needs_an_expert_axis(mode):
+  """One expert device: every layout is the same, the planner would run for nothing."""
+  c = RLConfig(prompts_per_step=8, group_size=4, balance_mode=mode, eval_size=8)
+  message = (rf"RLConfig.balance_mode='{mode}' needs expert parallelism, but the 'expert' mesh "
+             r"axis has size 1: set mesh_expert > 1 .* or balance_mode='none'")
+  with pytest.raises(ValueError, match=message):
+    c.validate_mesh(4, expert_axis_size=1)
+  c.validate_mesh(4, expert_axis_size=2)
+  c.validate_mesh(4)  # the expert axis is optional: token shards only
+  RLConfig(balance_mode="none").validate_mesh(1, expert_axis_size=1)
+  # From a config file, mesh_expert is that axis (experiments.common.build_mesh): caught before
+  # any device or mesh exists.
+  import importlib
+  tiny = importlib.import_module("configs.tiny").get_config().to_dict()
+  tiny["rl"]["balance_mode"] = mode
+  with pytest.raises(ValueError, match=message):
+    ExperimentConfig.from_dict(tiny)
+  tiny["mesh_expert"] = 4
+  assert ExperimentConfig.from_dict(tiny).rl.balance_mode == mode
+
+
+@pytest.mark.parametrize("name", ["tiny", "hf_pr2"])
+def test_shipped_rl_sections_validate(name):
+  """Both config files' rl sections build as shipped (the combination checks above included)."""
+  import importlib
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  rl = RLConfig.from_dict(cfg.rl.to_dict())
+  rl._check_expert_axis(cfg.mesh_expert)
+  assert (rl.tis_cap, rl.balance_mode, rl.eplb_ema) == (0.0, "none", 0.0)

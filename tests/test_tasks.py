@@ -205,3 +205,28 @@ def test_make_task_and_validation():
     tasks.Countdown(eval_fraction=1.0)
   with pytest.raises(ValueError, match="found only"):
     tasks.Arithmetic(num_digits=1, ops="+").eval_set(50)  # 100 prompts, ~10 held out
+
+
+def test_make_task_rejects_options_of_another_task():
+  """configs/tiny.py's task_kwargs are countdown's: `--config.task=arithmetic` used to die in
+  Arithmetic.__init__ with a bare TypeError; now the error names the keys, whose they are, the
+  task's own options with defaults and the flag forms that work for a dict-valued field."""
+  tiny_kwargs = {"num_numbers": 3, "max_number": 9}
+  with pytest.raises(ValueError) as err:
+    tasks.make_task("arithmetic", **tiny_kwargs)
+  assert str(err.value) == (
+      "task 'arithmetic' does not take task_kwargs ['max_number', 'num_numbers'] (options of "
+      "'countdown'); it accepts (defaults): num_digits=2, ops='+-', allow_negative=False, "
+      "eval_fraction=0.1, name=None. task_kwargs is a dict in the config: replace it whole with "
+      "e.g. --config.task_kwargs=\"{'num_digits': 2}\" (--config.task_kwargs={} for the "
+      "defaults), change a key it already has with --config.task_kwargs.KEY=VALUE, or edit the "
+      "config file")
+  # A key no task has: no owner named; one bad key among good ones is still caught.
+  with pytest.raises(ValueError, match=r"task 'countdown' does not take task_kwargs \['digits'\]; "
+                     r"it accepts \(defaults\): num_numbers=3, max_number=9, ops='\+-\*', "):
+    tasks.make_task("countdown", num_numbers=4, digits=2)
+  # Options the task shares with another (ops, eval_fraction, name) are its own: accepted.
+  task = tasks.make_task("countdown", **tiny_kwargs, ops="+", eval_fraction=0.2, name="cd")
+  assert (task.num_numbers, task.max_number, task.ops, task.eval_fraction, task.name) == (
+      3, 9, "+", 0.2, "cd")
+  assert tasks.make_task("arithmetic").num_digits == 2  # {} = the defaults

@@ -105,6 +105,22 @@ class RLConfig:
       raise ValueError(f"RLConfig.top_p={self.top_p} must be in (0, 1]")
     if self.temperature == 0:
       raise ValueError("RLConfig.temperature=0 (greedy) leaves nothing to learn from: use > 0")
+    self._check_no_dead_settings()
+
+  def _check_no_dead_settings(self):
+    """A non-default setting that the chosen mode never reads is a user mistake: fail naming
+    the fields rather than run without it."""
+    # learner.micro_step weights by min(π_old/µ, cap) only against π_old: with 'rollout' the
+    # ratio is already π_θ/µ, so the cap would be silently ignored.
+    if self.tis_cap > 0 and self.ratio_denominator != "old":
+      raise ValueError(
+          f"RLConfig.tis_cap={self.tis_cap} has no effect with ratio_denominator="
+          f"{self.ratio_denominator!r} (the ratio π_θ/µ already corrects for the rollout "
+          "engine): set ratio_denominator='old' to use truncated IS, or tis_cap=0")
+    if self.eplb_ema > 0 and self.balance_mode != "eplb_step":
+      raise ValueError(
+          f"RLConfig.eplb_ema={self.eplb_ema} is only read by balance_mode='eplb_step', not "
+          f"balance_mode={self.balance_mode!r}: set balance_mode='eplb_step' or eplb_ema=0")
 
   @property
   def batch_size(self) -> int:
@@ -122,7 +138,11 @@ class RLConfig:
   def micro_batch_size(self) -> int:
     return self.batch_size // (self.off_policy_k * self.micro_steps)
 
-  def validate_mesh(self, token_shards: int) -> None:
+  def validate_mesh(self, token_shards: int, expert_axis_size: int | None = None) -> None:
+    """Checks against the mesh: `token_shards` ('data' x 'expert' devices a batch splits
+    over) and, when given, the 'expert' axis size."""
+    if expert_axis_size is not None:
+      self._check_expert_axis(expert_axis_size)
     if self.micro_batch_size % token_shards:
       raise ValueError(
           f"RLConfig micro-batch size {self.micro_batch_size} (= batch {self.batch_size} / "
@@ -130,6 +150,16 @@ class RLConfig:
     if self.eval_size % token_shards:
       raise ValueError(f"RLConfig.eval_size={self.eval_size} must be divisible by the "
                        f"{token_shards} token shards")
+
+  def _check_expert_axis(self, expert_axis_size: int) -> None:
+    """A balance mode moves experts between the devices of the 'expert' axis: with one device
+    every layout is the same and the planner would run for nothing."""
+    if self.balance_mode != "none" and expert_axis_size == 1:
+      raise ValueError(
+          f"RLConfig.balance_mode={self.balance_mode!r} needs expert parallelism, but the "
+          "'expert' mesh axis has size 1: set mesh_expert > 1 (e.g. --cpu_devices=8 "
+          "--config.mesh_expert=4) or balance_mode='none' (capacity_mode='bucket' still sizes "
+          "the expert buffers from the replayed routes)")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "RLConfig":
@@ -213,7 +243,10 @@ class ExperimentConfig:
       sft = SFTConfig(**dict(d.get("sft", {"num_steps": 0})))
     else:
       model, sft = ModelConfig.from_dict(d["model"]), SFTConfig(**dict(d["sft"]))
-    return cls(model=model, rl=RLConfig.from_dict(d["rl"]), sft=sft,
+    rl = RLConfig.from_dict(d["rl"])
+    if "mesh_expert" in d:  # the 'expert' axis size experiments.common.build_mesh makes
+      rl._check_expert_axis(d["mesh_expert"])
+    return cls(model=model, rl=rl, sft=sft,
                pr2=PR2Config(**dict(d.get("pr2", {}))), hf_checkpoint=hf,
                task=d.get("task", "arithmetic"),
                task_kwargs=dict(d.get("task_kwargs", {})), seed=d.get("seed", 0),

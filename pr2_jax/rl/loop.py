@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from pr2_jax.hf import experiment as hf_experiment
 from pr2_jax.models.transformer import validate_tokens
 from pr2_jax.parallel.distributed import is_main_process, to_global, to_host
-from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
+from pr2_jax.parallel.mesh import EXPERT, axis_size, logical_sharding, num_token_shards
 from pr2_jax.rl import balancing, data, learner, losses, programs
 from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.rl.config import PR2_MODES, ExperimentConfig
@@ -51,7 +51,7 @@ class Engine:
       raise ValueError(f"ModelConfig.vocab_size={config.model.vocab_size} is below the "
                        f"tokenizer's {self.tok.vocab_size} ids")
     shards = num_token_shards(mesh)
-    rl.validate_mesh(shards)
+    rl.validate_mesh(shards, axis_size(mesh, EXPERT))
     if config.sft.batch_size % shards:
       raise ValueError(f"SFTConfig.batch_size={config.sft.batch_size} must be divisible by the "
                        f"{shards} token shards")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import inspect
 import re
 from typing import Sequence
 
@@ -368,8 +369,37 @@ class Mixture(Task):
 TASKS = {"arithmetic": Arithmetic, "countdown": Countdown}
 
 
-def make_task(name: str, **kwargs) -> Task:
-  """Builds a registered task by name, e.g. `make_task('arithmetic', num_digits=3)`."""
+def _task_options(name: str) -> dict:
+  """{option: default} of a registered task's constructor (what `task_kwargs` may set)."""
+  params = inspect.signature(TASKS[name]).parameters.values()
+  return {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _check_options(name: str, kwargs) -> None:
+  """Unknown keys fail naming the task's options, instead of a bare TypeError from __init__:
+  the usual cause is a config's task_kwargs written for another task (configs/tiny.py's are
+  countdown's)."""
+  options = _task_options(name)
+  unknown = sorted(set(kwargs) - set(options))
+  if not unknown:
+    return
+  owners = [t for t in sorted(TASKS) if t != name and set(unknown) <= set(_task_options(t))]
+  hint = f" (options of {' / '.join(map(repr, owners))})" if owners else ""
+  accepted = ", ".join(f"{k}={v!r}" for k, v in options.items())
+  first, default = next(iter(options.items()))
+  raise ValueError(
+      f"task {name!r} does not take task_kwargs {unknown}{hint}; it accepts (defaults): "
+      f"{accepted}. task_kwargs is a dict in the config: replace it whole with e.g. "
+      f"--config.task_kwargs=\"{{'{first}': {default!r}}}\" (--config.task_kwargs={{}} for the "
+      "defaults), change a key it already has with --config.task_kwargs.KEY=VALUE, or edit the "
+      "config file")
+
+
+def make_task(name: str, /, **kwargs) -> Task:
+  """Builds a registered task by name, e.g. `make_task('arithmetic', num_digits=3)`.
+
+  `name` is positional-only so that kwargs may hold the task's own `name` option."""
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
+  _check_options(name, kwargs)
   return TASKS[name](**kwargs)
