@@ -8,10 +8,12 @@ One warm-up (supervised, `configs/tiny.py`'s `sft`) is trained once into
 WORKDIR/warmup; every (κ, mode, seed) run then starts from that checkpoint
 (`init_from`) and runs in this process through `pr2_jax.rl.loop.run`, writing
 its own WORKDIR/off{κ}/{mode}/seed{s}/metrics.jsonl. A run whose metrics are
-complete and whose config is unchanged is reused, so an interrupted sweep
-resumes. Compiled functions are shared between runs through JAX's persistent
-compilation cache (WORKDIR/jax_cache): runs differing only in seed compile
-nothing.
+complete and whose config is unchanged is reused; an interrupted run, or one
+whose config differs only in rl.num_steps (raised), is resumed from its newest
+checkpoint (`replay_report.plan_run`); a run whose config differs in another
+field is deleted and rerun, with the field logged. Compiled functions are
+shared between runs through JAX's persistent compilation cache
+(WORKDIR/jax_cache): runs differing only in seed compile nothing.
 
 Modes: `none`, `r2`, `r3`, `pr2`, `pr2_r2` are DAPO with that replay mode;
 `gspo` is GSPO without replay (sequence ratio against π_old, clip 3e-4/4e-4,
@@ -95,7 +97,9 @@ def base_config():
   sft_steps = _value(_SFT_STEPS, "sft_steps")
   if sft_steps is not None:
     cfg.sft.num_steps = sft_steps
-  cfg.checkpoint_every = 0  # a run is short: one checkpoint at its end
+  # A run is short: one checkpoint at its end (and loop.run's at step 0, where an interrupted
+  # run resumes, keeping its warm-up evaluation).
+  cfg.checkpoint_every = 0
   return cfg
 
 
@@ -148,10 +152,8 @@ def _read_json(path: str):
 
 
 def _read_rows(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  from pr2_jax.rl import loop  # the loop's reader: a torn last line (killed mid-write) is dropped
+  return loop.read_metrics_rows(path)
 
 
 class Progress:
@@ -200,21 +202,26 @@ def main(argv):
   t_start = time.perf_counter()
   run_seconds = {}  # compute time per run (recorded in its directory, so reused runs keep theirs)
 
-  # One warm-up for every run: a 1-step RL run that leaves WORKDIR/warmup/checkpoints/sft
-  # (rerunning resumes it, i.e. does nothing), unless --config.init_from names one.
+  # One warm-up for every run: a 1-step RL run that leaves WORKDIR/warmup/checkpoints/sft,
+  # unless --config.init_from names one. Once that checkpoint exists it is used as it is: the
+  # 1-step run's RL checkpoint records this sweep's RL flags, and resuming it with others
+  # (--learning_rate, --offs, ...) is a setup mismatch, although the warm-up does not use them.
   init_from = base.init_from
   if not init_from:
     warm_dir = os.path.join(workdir, "warmup")
-    fresh = not os.path.exists(os.path.join(warm_dir, "checkpoints", "sft"))
-    t0 = time.perf_counter()
-    warm_cfg = run_config(base, "r3", offs[0], int(base.seed), "")
-    warm_cfg.rl.num_steps, warm_cfg.rl.eval_every = 1, 0
-    logging.info("warm-up into %s", warm_dir)
-    loop.run(ExperimentConfig.from_dict(warm_cfg.to_dict()), mesh, warm_dir,
-             on_metrics=common.log_and_write(common.MetricsWriter(warm_dir)),
-             warn=logging.warning, allow_fresh_start=True)
-    run_seconds["warmup"] = _seconds(warm_dir, (time.perf_counter() - t0) if fresh else None)
     init_from = os.path.join(warm_dir, "checkpoints", "sft")
+    fresh = not loop.holds_checkpoint(init_from)
+    t0 = time.perf_counter()
+    if fresh:
+      warm_cfg = run_config(base, "r3", offs[0], int(base.seed), "")
+      warm_cfg.rl.num_steps, warm_cfg.rl.eval_every = 1, 0
+      logging.info("warm-up into %s", warm_dir)
+      loop.run(ExperimentConfig.from_dict(warm_cfg.to_dict()), mesh, warm_dir,
+               on_metrics=common.log_and_write(common.MetricsWriter(warm_dir)),
+               warn=logging.warning, allow_fresh_start=True)
+    else:
+      logging.info("warm-up checkpoint %s found, reused", init_from)
+    run_seconds["warmup"] = _seconds(warm_dir, (time.perf_counter() - t0) if fresh else None)
   init_from = os.path.abspath(init_from)
 
   grid = [(off, mode, seed) for off in offs for mode in modes for seed in seeds]
@@ -226,34 +233,41 @@ def main(argv):
     run_dir = os.path.join(workdir, f"off{off}", mode, f"seed{seed}")
     wanted = json.loads(json.dumps(cfg.to_dict()))
     cfg_path = os.path.join(run_dir, "run_config.json")
-    rows = _read_rows(os.path.join(run_dir, "metrics.jsonl"))
-    done = (_read_json(cfg_path) == wanted and
-            any(r.get("phase") == "rl" and r.get("step") == cfg.rl.num_steps for r in rows))
-    error = None
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    stopped_path = os.path.join(run_dir, "stopped.json")
+    error = (_read_json(stopped_path) or {}).get("error")
+    action, why = replay_report.plan_run(_read_json(cfg_path), wanted, _read_rows(metrics_path),
+                                         error)
     key = f"off{off}/{mode}/seed{seed}"
-    if done:
+    if action == "reuse":
       run_seconds[key] = _seconds(run_dir)
       reused += 1
       progress.skip(cfg.rl.num_steps)
-      logging.info("[%s] complete in %s, reused", label, run_dir)
+      logging.info("[%s] %s in %s, reused", label, why, run_dir)
     else:
-      shutil.rmtree(run_dir, ignore_errors=True)  # a partial run of ours: start it over
-      os.makedirs(run_dir)
+      error = None  # a stale stopped.json goes with a restarted run; a resumed run had none
+      if action == "restart" and os.path.exists(run_dir):
+        logging.warning("[%s] deleting %s and starting over (%s)", label, run_dir, why)
+        shutil.rmtree(run_dir)
+      elif action == "resume":
+        logging.info("[%s] resuming %s (%s)", label, run_dir, why)
+      os.makedirs(run_dir, exist_ok=True)
       with open(cfg_path, "w") as f:
         json.dump(wanted, f, indent=1, sort_keys=True)
       writer = common.MetricsWriter(run_dir)
-      rows = []
-      def on_metrics(m, rows=rows, writer=writer):
-        rows.append(m)
-        writer.write(m)
-      t0 = time.perf_counter()
+      t0, seconds_before = time.perf_counter(), _seconds(run_dir)
       try:
-        loop.run(ExperimentConfig.from_dict(cfg.to_dict()), mesh, run_dir, on_metrics=on_metrics,
-                 on_progress=progress.callback(label), warn=logging.warning)
+        # allow_fresh_start: a run dir of ours with RL rows but no readable checkpoint restarts.
+        loop.run(ExperimentConfig.from_dict(cfg.to_dict()), mesh, run_dir,
+                 on_metrics=writer.write, on_progress=progress.callback(label),
+                 warn=logging.warning, allow_fresh_start=True)
       except FloatingPointError as e:  # the loop's non-finite stop: a collapsed run, not a crash
         error = str(e)
         logging.warning("[%s] stopped: %s", label, e)
-      run_seconds[key] = _seconds(run_dir, time.perf_counter() - t0)
+        with open(stopped_path, "w") as f:  # a rerun reuses it: resuming would go past the stop
+          json.dump({"error": error}, f)
+      run_seconds[key] = _seconds(run_dir, seconds_before + time.perf_counter() - t0)
+    rows = _read_rows(metrics_path)  # the whole run's rows, those before a resume too
     if i < len(grid) and grid[i][:2] != (off, mode):
       # The next runs' programs differ (seeds share this run's): drop this run's executables.
       programs.clear()
@@ -265,7 +279,8 @@ def main(argv):
              for off, modes_ in per_run.items()}
   wall = time.perf_counter() - t_start
   meta = {"command": "python -m experiments.compare_replay " + shlex.join(sys.argv[1:]),
-          "wall_minutes": wall / 60, "sweep_minutes": sum(run_seconds.values()) / 60, "runs": len(grid), "reused_runs": reused, "seeds": seeds,
+          "wall_minutes": wall / 60, "sweep_minutes": sum(run_seconds.values()) / 60,
+          "runs": len(grid), "reused_runs": reused, "seeds": seeds,
           "devices": f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
                      f"{os.cpu_count()} cores",
           "collapse_fraction": _COLLAPSE.value, "run_seconds": run_seconds,

@@ -28,7 +28,7 @@ mini-steps (a private hook: a diagnostic, not an API).
 import json
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import common
@@ -100,8 +100,31 @@ def score_batches(batches, mask_BS, top_k: int) -> dict:
           "router_share": float(np.mean(router_share))}
 
 
+def check_init_from(init_from: str) -> None:
+  """A ValueError unless `init_from` is empty or holds a checkpoint step. Called before anything
+  is made: a Checkpointer would create the (mistyped) directory, and the restore find nothing."""
+  from pr2_jax.rl import loop
+  if init_from and not loop.holds_checkpoint(init_from):
+    # The wording of experiments.main (pr2_jax.rl.loop.run), for the same mistake.
+    raise ValueError(f"init_from={init_from!r} holds no checkpoint (expected a warm-up "
+                     "checkpoint dir such as WORKDIR/checkpoints/sft of an earlier run)")
+
+
+def restore_params(checkpointer, params_abstract, identity: dict, warn=print):
+  """The newest readable warm-up params of `checkpointer`; a ValueError naming its directory when
+  none restores (its steps unreadable, or none finished), instead of params=None downstream."""
+  _, params, _, problems = checkpointer.restore_newest_good(params_abstract, identity)
+  for problem in problems:
+    warn(problem)
+  if params is None:
+    raise ValueError(f"init_from={checkpointer.directory!r}: no checkpoint step restored (expected "
+                     "a finished warm-up checkpoint such as WORKDIR/checkpoints/sft)")
+  return params
+
+
 def main(argv):
   del argv
+  check_init_from(_INIT.value)
   common.setup_devices()
   import dataclasses
 
@@ -117,8 +140,10 @@ def main(argv):
   engine = loop.Engine(config, common.build_mesh(cfg))
   if _INIT.value:
     identity = json.loads(json.dumps({"model": dataclasses.asdict(config.model)}))
-    _, params, _, _ = Checkpointer(_INIT.value, max_to_keep=1).restore_newest_good(
-        abstract_like(engine.state.params, engine.shardings.params), identity)
+    with Checkpointer(_INIT.value, max_to_keep=1) as checkpointer:
+      params = restore_params(checkpointer, abstract_like(engine.state.params,
+                                                          engine.shardings.params), identity,
+                              logging.warning)
   else:
     params = engine.warmup()
   state = engine.state.replace(params=params)

@@ -1,23 +1,41 @@
 """Draws PNG plots of a run's metrics.jsonl (one or more workdirs, overlaid).
 
     python -m experiments.plot runs/tiny                 # -> runs/tiny/plots/*.png
-    python -m experiments.plot runs/r3 runs/none --out runs/compare
+    python -m experiments.plot runs/r3 runs/none --out=runs/compare
+
+Every WORKDIR must hold a metrics.jsonl with at least one RL row; they are all
+read and checked before the output directory is made. A torn last line (a run
+killed mid-write) is skipped, as the training loop does.
 """
 
-import json
 import os
-import sys
+
+from absl import app, flags
 
 from pr2_jax import viz
 
 
 def read_rows(workdir: str, phases=("sft_eval", "rl")) -> list[dict]:
   """Rows of the given phases ('sft_eval' is the warm-up policy's eval_reward at step 0)."""
+  from pr2_jax.rl import loop  # the loop's reader: it tolerates a torn last line
   path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    raise SystemExit(f"no metrics.jsonl in {workdir!r}")
-  with open(path) as f:
-    return [r for r in map(json.loads, filter(str.strip, f)) if r.get("phase") in phases]
+  if not os.path.isfile(path):
+    raise ValueError(f"no metrics.jsonl in {workdir!r} (expected a run's workdir, e.g. runs/tiny)")
+  return [r for r in loop.read_metrics_rows(path) if r.get("phase") in phases]
+
+
+def load_runs(workdirs: list[str]) -> dict[str, list[dict]]:
+  """{run name (the workdir's basename): rows}; a ValueError naming a workdir without RL rows."""
+  if not workdirs:
+    raise ValueError("no workdir given (expected one or more run directories)")
+  runs = {}
+  for workdir in workdirs:
+    rows = read_rows(workdir)
+    if not any(r.get("phase") == "rl" for r in rows):
+      raise ValueError(f"metrics.jsonl in {workdir!r} has no RL rows (phase 'rl'), nothing to "
+                       "plot: has the run finished an RL step yet?")
+    runs[os.path.basename(os.path.normpath(workdir))] = rows
+  return runs
 
 
 def figures(runs: dict[str, list[dict]]) -> list[tuple]:
@@ -29,8 +47,8 @@ def figures(runs: dict[str, list[dict]]) -> list[tuple]:
 def plot(workdirs: list[str], out_dir: str) -> list[str]:
   """One PNG per panel of `viz.PANELS` plus the horizon curve; returns the written paths."""
   import matplotlib.pyplot as plt
+  runs = load_runs(workdirs)  # before makedirs: bad input must not leave a directory behind
   os.makedirs(out_dir, exist_ok=True)
-  runs = {os.path.basename(os.path.normpath(w)): read_rows(w) for w in workdirs}
   written = []
   for name, fig in figures(runs):
     path = os.path.join(out_dir, f"{name}.png")
@@ -40,17 +58,21 @@ def plot(workdirs: list[str], out_dir: str) -> list[str]:
   return written
 
 
-def main(argv):
-  args = argv[1:]
-  out = None
-  if "--out" in args:
-    i = args.index("--out")
-    out, args = args[i + 1], args[:i] + args[i + 2:]
-  if not args:
-    raise SystemExit(__doc__)
-  for path in plot(args, out or os.path.join(args[0], "plots")):
+def main(argv, out_dir: str | None = None):
+  """The command line: argv[1:] are the workdirs (absl has taken the flags out)."""
+  workdirs = argv[1:]
+  if not workdirs:
+    raise app.UsageError("give one or more WORKDIRs (run directories holding metrics.jsonl)")
+  try:
+    paths = plot(workdirs, out_dir or os.path.join(workdirs[0], "plots"))
+  except ValueError as e:
+    raise SystemExit(f"experiments.plot: {e}") from None
+  for path in paths:
     print(path)
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  # Flags only when run as a script: other entry points define --out too, and absl refuses a
+  # second definition in a process that imports both (the test suite).
+  _OUT = flags.DEFINE_string("out", None, "Output directory (default: the first WORKDIR/plots).")
+  app.run(lambda argv: main(argv, _OUT.value))

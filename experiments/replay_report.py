@@ -1,7 +1,8 @@
 """Summaries, report and plots of the routing-replay comparison (`experiments/compare_replay.py`).
 
-Pure functions from metrics.jsonl rows to numbers, Markdown and PNGs; no flags,
-so tests and notebooks can import them.
+Pure functions from metrics.jsonl rows to numbers, Markdown and PNGs, and the
+sweep's choice to reuse, resume or restart a run directory (`plan_run`); no
+flags, so tests and notebooks can import them.
 
     from experiments import replay_report
     summary = replay_report.summarise_run(rows, collapse_fraction=0.5)
@@ -9,6 +10,7 @@ so tests and notebooks can import them.
 
 import math
 import os
+import sys
 
 # Per-step scalars averaged over a run's RL steps (names as in metrics.jsonl).
 STEP_MEANS = ("k3_kl", "extreme_frac", "ratio_mean", "ratio_var", "clip_frac_low",
@@ -34,6 +36,61 @@ TABLE = (("eval_reward", "final eval reward", "{:.3f}"),
          ("clip_frac_high", "clip high", "{:.4f}"))
 MODE_LABELS = {"none": "vanilla (DAPO, no replay)", "r2": "R2", "r3": "R3", "pr2": "PR2",
                "pr2_r2": "PR2-R2", "gspo": "GSPO (no replay)"}
+
+
+# ----------------------------------------------------------------------------
+# Run directories (pure: what the sweep does with a run it finds on disk)
+# ----------------------------------------------------------------------------
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  """{'rl.num_steps': 100, ...}: nested config dicts as dotted leaves."""
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_differences(stored: dict, wanted: dict) -> list[str]:
+  """Dotted names of the config fields that differ (or exist in one of the two only)."""
+  a, b = _flat(stored), _flat(wanted)
+  return sorted(k for k in a.keys() | b.keys() if a.get(k, a) != b.get(k, b))
+
+
+def plan_run(stored: dict | None, wanted: dict, rows: list[dict],
+             stopped: str | None = None) -> tuple[str, str]:
+  """What to do with a run directory: ('reuse' | 'resume' | 'restart', why).
+
+  `stored` is its run_config.json (None: none), `rows` its metrics rows, `stopped` the error of
+  a run the loop stopped (non-finite updates). 'reuse': the config is `wanted` and the metrics
+  reach rl.num_steps (or the run stopped, which it would again). 'resume': the configs differ at
+  most in rl.num_steps and the run has not gone past the wanted steps, so `loop.run` continues
+  from its newest checkpoint (a raised step count extends a complete run). 'restart' (delete it):
+  no config, another field differs (named in `why`), or the step count was lowered below
+  where the run already is (no checkpoint there, and its final evaluation would be missing).
+  """
+  if stored is None:
+    return "restart", "no run_config.json"
+  had_flat, want_flat = _flat(stored), _flat(wanted)
+  changed = [k for k in config_differences(stored, wanted) if k != "rl.num_steps"]
+  if changed:
+    return "restart", "config changed: " + ", ".join(
+        f"{k} {had_flat.get(k, '(absent)')!r} -> {want_flat.get(k, '(absent)')!r}"
+        for k in changed)
+  steps, had = want_flat["rl.num_steps"], had_flat.get("rl.num_steps")
+  if not isinstance(had, int):
+    return "restart", f"rl.num_steps {had!r} in run_config.json is not a step count"
+  last = max((r.get("step", 0) for r in rows if r.get("phase") == "rl"), default=0)
+  if had > steps and last >= steps:
+    return "restart", f"rl.num_steps lowered from {had} to {steps}, the run is at step {last}"
+  if stopped is not None:
+    return "reuse", f"stopped at step {last}: {stopped}"
+  if had == steps and last == steps:
+    return "reuse", "complete"
+  return "resume", (f"at step {last} of {steps}" if had == steps else
+                    f"rl.num_steps {had} -> {steps}, at step {last}")
 
 
 # ----------------------------------------------------------------------------
@@ -324,3 +381,18 @@ def write_plots(out_dir: str, results: dict, top_k: int) -> list[str]:
   return paths
 
 
+def main(argv: list[str]) -> int:
+  """`python -m experiments.replay_report`: this module has no command of its own; it says so
+  and names the one that writes the report (exit status 2 if given arguments other than help)."""
+  usage = (__doc__.strip() + "\n\nA library module, not a command: the report, JSON and plots are "
+           "written by\n\n    python -m experiments.compare_replay    (options: --help)\n")
+  if any(arg not in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
+    print(f"experiments.replay_report takes no arguments (got {argv[1:]})\n\n{usage}",
+          file=sys.stderr)
+    return 2
+  print(usage)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

@@ -1,5 +1,6 @@
 """Tests for experiments/compare_replay.py (the --quick sweep, as a subprocess) and its
-summaries in experiments/replay_report.py (run summary, collapse rule, seed aggregation)."""
+summaries in experiments/replay_report.py (run summary, collapse rule, seed aggregation, and
+`plan_run`: which run directories the sweep reuses, resumes or deletes)."""
 
 import json
 import math
@@ -61,9 +62,67 @@ def test_aggregate_mean_std_over_seeds():
   assert agg["zero_dev_ratio_per_ministep"]["mean"] == pytest.approx([1.0, 0.9])
 
 
+def _run_cfg(num_steps=6, lr=2e-3, seed=0, **extra):
+  """A run_config.json as compare_replay writes it (nested, JSON round-tripped)."""
+  return {"seed": seed, "init_from": "/w/warmup/checkpoints/sft", "checkpoint_every": 0,
+          "model": {"num_experts": 8, "top_k": 2, "layer_types": []},
+          "rl": {"num_steps": num_steps, "learning_rate": lr, "replay_mode": "r3",
+                 "off_policy_k": 4, **extra}}
+
+
+def _steps(last):
+  return [{"phase": "sft_eval", "step": 0, "eval_reward": 0.4}] + [
+      _rl_row(s, [1.0, 0.9]) for s in range(1, last + 1)]
+
+
+def test_config_differences_names_nested_and_missing_fields():
+  stored = {"a": 1, "b": {"c": 2, "e": [1, 2]}, "f": {}}
+  wanted = {"a": 1, "b": {"c": 3, "e": [1, 2]}, "d": None, "f": {}}
+  assert cr.config_differences(stored, wanted) == ["b.c", "d"]
+  assert cr.config_differences(wanted, wanted) == []
+
+
+@pytest.mark.parametrize("stored, last, want", [
+    # Unchanged config: complete -> reuse; interrupted (or never started) -> resume.
+    (_run_cfg(), 6, ("reuse", "complete")),
+    (_run_cfg(), 3, ("resume", "at step 3 of 6")),
+    (_run_cfg(), 0, ("resume", "at step 0 of 6")),
+    # rl.num_steps raised from 4: a complete 4-step run (or a partial one) continues to 6.
+    (_run_cfg(num_steps=4), 4, ("resume", "rl.num_steps 4 -> 6, at step 4")),
+    (_run_cfg(num_steps=4), 2, ("resume", "rl.num_steps 4 -> 6, at step 2")),
+    # Lowered from 10: a run still short of 6 continues to 6; one at or past 6 has no
+    # checkpoint (nor final evaluation) at step 6, so it starts over.
+    (_run_cfg(num_steps=10), 5, ("resume", "rl.num_steps 10 -> 6, at step 5")),
+    (_run_cfg(num_steps=10), 6,
+     ("restart", "rl.num_steps lowered from 10 to 6, the run is at step 6")),
+    (_run_cfg(num_steps=10), 8,
+     ("restart", "rl.num_steps lowered from 10 to 6, the run is at step 8")),
+    # Another field changed: deleted, the field (not rl.num_steps) named with both values.
+    (_run_cfg(lr=1e-3), 6, ("restart", "config changed: rl.learning_rate 0.001 -> 0.002")),
+    (_run_cfg(num_steps=4, lr=1e-3, seed=1), 2,
+     ("restart", "config changed: rl.learning_rate 0.001 -> 0.002, seed 1 -> 0")),
+    (_run_cfg(clip_low=0.2), 6,
+     ("restart", "config changed: rl.clip_low 0.2 -> '(absent)'")),
+    (None, 0, ("restart", "no run_config.json")),
+])
+def test_plan_run(stored, last, want):
+  assert cr.plan_run(stored, _run_cfg(), _steps(last)) == want
+
+
+def test_plan_run_reuses_a_stopped_run_unless_its_config_changed():
+  """A run the loop stopped (non-finite updates) would stop again: resuming it would train past
+  the stop from its last good state, a different run."""
+  rows, error = _steps(3), "3 consecutive updates had a non-finite loss"
+  assert cr.plan_run(_run_cfg(), _run_cfg(), rows, error) == (
+      "reuse", f"stopped at step 3: {error}")
+  assert cr.plan_run(_run_cfg(num_steps=4), _run_cfg(), rows, error)[0] == "reuse"
+  assert cr.plan_run(_run_cfg(lr=1e-3), _run_cfg(), rows, error)[0] == "restart"
+
+
 FIELDS = ("eval_reward", "zero_dev_ratio_ministep_ge2", "zero_dev_ratio_ministep1", "k3_kl",
-          "k3_kl_ministep1", "extreme_frac", "extreme_frac_ministep1", "clip_frac_low", "clip_frac_high", "topk_agreement_per_ministep",
-          "zero_dev_ratio_per_ministep", "dev_hist")
+          "k3_kl_ministep1", "extreme_frac", "extreme_frac_ministep1", "clip_frac_low",
+          "clip_frac_high", "topk_agreement_per_ministep", "zero_dev_ratio_per_ministep",
+          "dev_hist")
 
 
 @pytest.mark.slow

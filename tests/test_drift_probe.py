@@ -1,5 +1,6 @@
 """experiments/drift_probe.py: a smoke run at a minuscule size (numbers in range, JSON shape),
-and its scoring on synthetic router snapshots whose drift is exactly linear."""
+its scoring on synthetic router snapshots whose drift is exactly linear, and a missing or empty
+--init_from refused before anything is created."""
 
 import json
 import os
@@ -9,7 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.drift_probe import PREDICTORS, score_batches, zero_dev
+from experiments.drift_probe import (PREDICTORS, check_init_from, restore_params, score_batches,
+                                     zero_dev)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
@@ -19,7 +23,7 @@ def test_drift_probe_writes_scores(tmp_path):
       [sys.executable, "-m", "experiments.drift_probe", "--off=2", "--steps=3", "--probe_size=16",
        "--config.sft.num_steps=5", f"--out={out}"],
       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["mini_steps"] == [2]
@@ -97,3 +101,51 @@ def test_score_batches_same_hidden_states_every_drift_predictor_is_exact():
     assert got["zero_dev"][name].tolist() == [1.0, 1.0], name
   assert got["zero_dev"]["stale"].max() < 1.0
   assert got["cosine"] == pytest.approx(1.0, abs=1e-12)  # the same drift every batch
+
+
+def test_init_from_without_a_checkpoint_is_refused(tmp_path):
+  nope = tmp_path / "nope"
+  with pytest.raises(ValueError, match=f"init_from='{nope}' holds no checkpoint"):
+    check_init_from(str(nope))
+  assert not nope.exists()
+  empty = tmp_path / "empty"  # e.g. a warm-up killed before its first step finished
+  (empty / "tmp_step").mkdir(parents=True)
+  with pytest.raises(ValueError, match=f"init_from='{empty}' holds no checkpoint"):
+    check_init_from(str(empty))
+  (empty / "40").mkdir()
+  check_init_from(str(empty))
+  check_init_from("")  # no --init_from: the probe trains its own warm-up
+
+
+def test_command_line_refuses_a_missing_init_from_before_creating_it(tmp_path):
+  nope = tmp_path / "nope"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.drift_probe", f"--init_from={nope}", "--steps=1"],
+      capture_output=True, text=True, timeout=120, cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode != 0
+  assert f"ValueError: init_from='{nope}' holds no checkpoint" in proc.stderr
+  assert not nope.exists()
+
+
+def test_restore_params_reads_the_newest_step_and_refuses_none(tmp_path):
+  import jax
+  from pr2_jax.train.checkpoint import Checkpointer
+  params = {"gate": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  abstract = {"gate": jax.ShapeDtypeStruct((2, 3), np.float32)}
+  identity = {"model": {"num_experts": 3}}
+  with Checkpointer(str(tmp_path / "sft"), max_to_keep=2) as ckpt:
+    ckpt.save(5, {"gate": params["gate"] - 1}, identity)
+    ckpt.save(10, params, identity)
+    ckpt.wait()
+    got = restore_params(ckpt, abstract, identity)
+  np.testing.assert_array_equal(np.asarray(got["gate"]), params["gate"])
+
+  class NothingFinished:  # what restore_newest_good returns for a directory without steps
+    directory = str(tmp_path / "empty")
+
+    def restore_newest_good(self, abstract_state, expect_meta):
+      return None, None, None, []
+  with pytest.raises(ValueError, match=f"init_from='{tmp_path / 'empty'}': no checkpoint step "
+                     "restored"):
+    restore_params(NothingFinished(), abstract, identity)

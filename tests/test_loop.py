@@ -201,10 +201,10 @@ def test_torn_last_metrics_line_is_dropped(tmp_path):
   """A kill mid-write leaves half a JSON line: resume drops it; a torn middle line is an error."""
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"phase": "rl", "step": 1}\n{"phase": "rl", "st')
-  assert loop._read_rows(str(path)) == [{"phase": "rl", "step": 1}]
+  assert loop.read_metrics_rows(str(path)) == [{"phase": "rl", "step": 1}]
   path.write_text('{"phase": "rl", "st\n{"phase": "rl", "step": 1}\n')
   with pytest.raises(json.JSONDecodeError):
-    loop._read_rows(str(path))
+    loop.read_metrics_rows(str(path))
 
 
 def test_resume_with_another_setup_is_refused_naming_the_fields(tmp_path):

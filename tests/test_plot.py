@@ -1,12 +1,17 @@
 """Tests for experiments/plot.py and pr2_jax/viz.py: what each figure draws (lines, bars,
-titles) from hand-worked rows and plans, PNGs from metrics.jsonl, clear error without one."""
+titles) from hand-worked rows and plans, PNGs from metrics.jsonl, clear errors (no metrics, no
+RL rows, bad command lines) that leave no directory behind, a torn last line tolerated."""
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from absl import app
 
 from experiments import plot
 from pr2_jax import viz
@@ -79,8 +84,68 @@ def test_writes_one_png_per_panel(tmp_path):
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path):
-  with pytest.raises(SystemExit, match="no metrics.jsonl"):
+  with pytest.raises(ValueError, match=f"no metrics.jsonl in '{tmp_path}'"):
     plot.read_rows(str(tmp_path))
+
+
+def test_torn_last_line_is_skipped(tmp_path):
+  """SIGKILL mid-write leaves half a JSON object as the last line: the rows before it count."""
+  workdir = _write_run(tmp_path / "run")
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write('{"phase": "rl", "step": 4, "reward_me')
+  assert [r["step"] for r in plot.read_rows(workdir)] == [0, 1, 2, 3]
+  assert len(plot.plot([workdir], str(tmp_path / "plots"))) == len(viz.PANELS) + 1
+
+
+def test_bad_workdirs_leave_no_directory(tmp_path):
+  """Every workdir is read and checked before the output directory is made."""
+  good, out = _write_run(tmp_path / "good"), tmp_path / "plots"
+  nope = tmp_path / "nope"
+  with pytest.raises(ValueError, match=f"no metrics.jsonl in '{nope}'"):
+    plot.plot([good, str(nope)], str(nope / "plots"))
+  assert not nope.exists()
+  warm = tmp_path / "warm"  # warm-up rows only: no RL step finished yet
+  warm.mkdir()
+  (warm / "metrics.jsonl").write_text('{"phase": "sft", "step": 1, "loss": 1.0}\n'
+                                      '{"phase": "sft_eval", "step": 0, "eval_reward": 0.4}\n')
+  with pytest.raises(ValueError, match=f"metrics.jsonl in '{warm}' has no RL rows"):
+    plot.plot([good, str(warm)], str(out))
+  assert not out.exists() and sorted(os.listdir(warm)) == ["metrics.jsonl"]
+
+
+def test_main_errors(tmp_path):
+  with pytest.raises(app.UsageError, match="give one or more WORKDIRs"):
+    plot.main(["plot"])
+  with pytest.raises(SystemExit, match=f"experiments.plot: no metrics.jsonl in '{tmp_path}'"):
+    plot.main(["plot", str(tmp_path)], str(tmp_path / "out"))
+  assert os.listdir(tmp_path) == []
+  workdir = _write_run(tmp_path / "run")
+  plot.main(["plot", workdir])
+  assert sorted(os.listdir(tmp_path / "run" / "plots")) == sorted(
+      [f"{name}.png" for name, _ in viz.PANELS] + ["horizon.png"])
+
+
+def _cli(args, cwd):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo)
+  return subprocess.run([sys.executable, "-m", "experiments.plot", *args], capture_output=True,
+                        text=True, timeout=120, cwd=cwd, env=env)
+
+
+def test_command_line(tmp_path):
+  """--help prints the usage (absl's exit status 1) and creates nothing; a bare --out is a flag
+  error, not an IndexError; a good command writes the PNGs where --out says."""
+  proc = _cli(["--help"], tmp_path)
+  assert "Draws PNG plots of a run's metrics.jsonl" in proc.stdout and "--out" in proc.stdout
+  assert os.listdir(tmp_path) == []
+  workdir = _write_run(tmp_path / "run")
+  proc = _cli([workdir, "--out"], tmp_path)
+  assert proc.returncode != 0 and "Missing value for flag --out" in proc.stderr
+  assert sorted(os.listdir(tmp_path)) == ["run"] and os.listdir(workdir) == ["metrics.jsonl"]
+  proc = _cli([workdir, f"--out={tmp_path / 'out'}"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == [str(tmp_path / "out" / f"{name}.png")
+                                 for name, _ in viz.PANELS] + [str(tmp_path / "out/horizon.png")]
 
 
 def test_legend_goes_on_the_first_panel_with_data():

@@ -1,6 +1,12 @@
 """experiments/replay_report.py: the 'higher / lower / within noise' verdicts of
-docs/results/replay_comparison.md (summaries and aggregation: tests/test_compare_replay.py)."""
+docs/results/replay_comparison.md (summaries, aggregation and `plan_run`:
+tests/test_compare_replay.py), and what `python -m experiments.replay_report` says (it is a library, not a command)."""
 
+import os
+import subprocess
+import sys
+
+from experiments import replay_report
 from experiments.replay_report import _diff_verdict, expectation_checks
 
 
@@ -79,3 +85,22 @@ def test_expectation_checks_skips_absent_modes():
   assert lines[0] == ("- off8: zero-dev (mini-step ≥ 2) PR2 − vanilla (DAPO, no replay): "
                       "-0.1 (2·se 0.2): within noise (expected: higher)")
   assert len(lines) == 3 and not any("R3" in line for line in lines)
+
+
+def test_main_says_it_is_a_library_and_names_the_command(capsys):
+  assert replay_report.main(["replay_report", "--help"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("Summaries, report and plots of the routing-replay comparison")
+  assert "A library module, not a command" in out
+  assert "python -m experiments.compare_replay" in out
+  assert replay_report.main(["replay_report", "--out=x"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("experiments.replay_report takes no arguments (got ['--out=x'])")
+
+
+def test_module_run_as_a_command_is_not_silent():
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "experiments.replay_report", "--help"],
+                        capture_output=True, text=True, timeout=60, cwd=repo)
+  assert proc.returncode == 0 and "A library module, not a command" in proc.stdout
+

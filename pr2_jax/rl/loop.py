@@ -223,7 +223,7 @@ class Engine:
     return out
 
 
-def _read_rows(path: str) -> list[dict]:
+def read_metrics_rows(path: str) -> list[dict]:
   """metrics.jsonl rows; a torn last line (killed mid-write) is dropped, not fatal."""
   if not os.path.exists(path):
     return []
@@ -240,14 +240,14 @@ def _read_rows(path: str) -> list[dict]:
 
 
 def _has_rl_rows(path: str) -> bool:
-  return any(r.get("phase") == "rl" for r in _read_rows(path))
+  return any(r.get("phase") == "rl" for r in read_metrics_rows(path))
 
 
 def _truncate_metrics(path: str, last_step: int, phases=("rl",)) -> None:
   """Drops rows of `phases` after `last_step`: a resumed run rewrites them identically."""
   if not is_main_process() or not os.path.exists(path):  # process 0 owns the metrics file
     return
-  rows = _read_rows(path)
+  rows = read_metrics_rows(path)
   keep = [r for r in rows if not (r.get("phase") in phases and r.get("step", 0) > last_step)]
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -271,7 +271,7 @@ def run_identity(config: ExperimentConfig) -> dict:
       "hf_checkpoint": config.hf_checkpoint}))
 
 
-def _holds_checkpoint(directory: str) -> bool:
+def holds_checkpoint(directory: str) -> bool:
   """Whether `directory` has at least one finished Orbax step (a numbered subdirectory)."""
   return os.path.isdir(directory) and any(
       name.isdigit() and os.path.isdir(os.path.join(directory, name))
@@ -291,7 +291,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   `on_progress(step, total, seconds_per_step)` gets None as the rate for the first
   step after a start or resume (it includes compiling).
   """
-  if config.init_from and not _holds_checkpoint(config.init_from):
+  if config.init_from and not holds_checkpoint(config.init_from):
     # Checked before any Checkpointer is made: it would create the (mistyped) directory, and
     # the run would silently warm up from scratch instead of starting from the named policy.
     raise ValueError(f"init_from={config.init_from!r} holds no checkpoint (expected a warm-up "
