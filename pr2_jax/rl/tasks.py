@@ -1,30 +1,28 @@
 """Procedurally generated, verifiable RL tasks (pure host-side Python/numpy).
 
-No data set can be downloaded here, so every task draws its problems from a
-seeded `np.random.Generator` and checks completions with its own code.
+No data set can be downloaded here, so every task draws its problems from a seeded
+`np.random.Generator` and checks completions with its own code.
 
-Lengths are in characters (= tokens of `char_tokenizer.CharTokenizer`), not
-counting BOS/EOS: `max_prompt_len` bounds every prompt and `max_answer_len`
-bounds every `answer` and `solution`, so a sampler can size its buffers as
-`1 + max_prompt_len` (BOS + prompt) and `max_answer_len + 1` (response + EOS).
+Lengths are in characters (= tokens of `char_tokenizer.CharTokenizer`), not counting
+BOS/EOS: `max_prompt_len` bounds every prompt and `max_answer_len` every `answer` and
+`solution`, so a sampler can size its buffers as `1 + max_prompt_len` (BOS + prompt) and
+`max_answer_len + 1` (response + EOS).
 
-Train/eval split. A problem is held out iff a keyed hash of its prompt falls
-in the first `eval_fraction` of the hash range (`is_eval_prompt`). Train
-sampling rejects held-out prompts, so no amount of training ever shows an
-eval prompt. The hash ignores the task's parameters, so different settings
-of one task (e.g. a 1-digit and a 2-digit curriculum stage) agree on the split.
+Train/eval split. A problem is held out iff a keyed hash of its prompt falls in the first
+`eval_fraction` of the hash range (`is_eval_prompt`). Train sampling rejects held-out
+prompts, so no amount of training ever shows an eval prompt. The hash ignores the task's
+parameters, so different settings of one task (1- and 2-digit stages) agree on the split.
 
-Tasks (defaults keep prompts <= 10 and answers <= 5 characters so a tiny
-model can learn them on CPU in minutes):
+Tasks (defaults keep prompts <= 10 and answers <= 5 characters: a tiny model learns them on
+CPU in minutes):
 - `Arithmetic(num_digits=2, ops='+-')`: "12+34=" -> "46". Reward 1 iff the
   completion is exactly the integer (surrounding spaces allowed), else 0.
-- `Countdown(num_numbers=3, max_number=9)`: "3 5 8:23=" -> "3*5+8". Reward 1
-  for an expression over + - * and brackets that uses each given number at
-  most once (not necessarily all) and equals the target; `format_reward`
-  (0.1) for such an expression with the wrong value, so early RL gets a
-  signal for legal syntax; 0 if it is malformed or uses a number that was
-  not given (or more often than given). Evaluated by a small recursive-descent
-  parser, never `eval`.
+- `Countdown(num_numbers=3, max_number=9)`: "3 5 8:23=" -> "3*5+8". Reward 1 for an
+  expression over + - * and brackets that uses each given number at most once (not
+  necessarily all) and equals the target; `format_reward` (0.1) for such an expression with
+  the wrong value, so early RL gets a signal for legal syntax; 0 if it is malformed or uses
+  a number that was not given (or more often than given). Parsed by recursive descent,
+  never `eval`.
 """
 
 from __future__ import annotations
@@ -376,23 +374,20 @@ def _task_options(name: str) -> dict:
 
 
 def _check_options(name: str, kwargs) -> None:
-  """Unknown keys fail naming the task's options, instead of a bare TypeError from __init__:
-  the usual cause is a config's task_kwargs written for another task (configs/tiny.py's are
-  countdown's)."""
+  """Unknown keys name the task's options (the usual cause: a config's task_kwargs written
+  for another task; configs/tiny.py's are countdown's), not a bare TypeError from __init__."""
   options = _task_options(name)
   unknown = sorted(set(kwargs) - set(options))
-  if not unknown:
-    return
-  owners = [t for t in sorted(TASKS) if t != name and set(unknown) <= set(_task_options(t))]
-  hint = f" (options of {' / '.join(map(repr, owners))})" if owners else ""
-  accepted = ", ".join(f"{k}={v!r}" for k, v in options.items())
-  first, default = next(iter(options.items()))
-  raise ValueError(
-      f"task {name!r} does not take task_kwargs {unknown}{hint}; it accepts (defaults): "
-      f"{accepted}. task_kwargs is a dict in the config: replace it whole with e.g. "
-      f"--config.task_kwargs=\"{{'{first}': {default!r}}}\" (--config.task_kwargs={{}} for the "
-      "defaults), change a key it already has with --config.task_kwargs.KEY=VALUE, or edit the "
-      "config file")
+  if unknown:
+    owners = [t for t in sorted(TASKS) if t != name and set(unknown) <= set(_task_options(t))]
+    hint = f" (options of {' / '.join(map(repr, owners))})" if owners else ""
+    first, default = next(iter(options.items()))
+    raise ValueError(
+        f"task {name!r} does not take task_kwargs {unknown}{hint}; it accepts (defaults): "
+        + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ". task_kwargs is a dict in "
+        f"the config: replace it whole with e.g. --config.task_kwargs=\"{{'{first}': "
+        f"{default!r}}}\" (--config.task_kwargs={{}} for the defaults), change a key it "
+        "already has with --config.task_kwargs.KEY=VALUE, or edit the config file")
 
 
 def make_task(name: str, /, **kwargs) -> Task:
