@@ -3,10 +3,10 @@
 Two kinds, so that no check ever costs a jitted caller anything:
   * static checks of shapes and dtypes (`check_shape`): they read only what
     tracing knows, so they also run, for free, when the caller is jitted;
-  * value checks (`check_ids`) on host numpy, only where `is_concrete` says the
-    values can be read: never inside jit (that would be a device-to-host sync),
-    and never on an array this process holds only part of. Jitted callers
-    check their inputs on the host before the call.
+  * value checks (`check_ids`, `check_finite`) on host numpy: they pass over
+    any array `is_concrete` says cannot be read (a tracer inside jit, where
+    reading would be a device-to-host sync, or an array this process holds
+    only part of). Jitted callers check their inputs on the host before the call.
 
 Why bother: the gathers, scatters and one-hots these arrays feed do not fail
 on bad input. They clamp, drop, wrap or return NaN, and the result is a
@@ -37,11 +37,17 @@ def check_shape(name: str, x, expected: tuple, dims: str, why: str = "") -> None
     raise ValueError(f"{name} has shape {shape}, expected {dims} = {expected}{why}")
 
 
-def check_ids(ids, name: str, low: int, high: int, bound: str) -> None:
-  """Host check of concrete integer ids: raises naming the first one outside [low, high).
+def check_rank(name: str, x, rank: int, dims: str) -> None:
+  """Static: `x` has `rank` axes, named `dims` in the message (e.g. "[B, T]")."""
+  if np.ndim(x) != rank:
+    raise ValueError(f"{name} has shape {tuple(np.shape(x))}, expected rank {rank} {dims}")
 
-  `bound` names the upper bound in the message (e.g. "num_experts").
-  """
+
+def check_ids(ids, name: str, low: int, high: int, bound: str) -> None:
+  """Concrete integer ids: raises naming the first one outside [low, high) (no-op on
+  arrays that are not concrete). `bound` names the upper bound (e.g. "num_experts")."""
+  if not is_concrete(ids):
+    return
   a = np.asarray(ids)
   if not np.issubdtype(a.dtype, np.integer):
     raise TypeError(f"{name} has dtype {a.dtype}, expected an integer dtype (int32)")
@@ -52,7 +58,10 @@ def check_ids(ids, name: str, low: int, high: int, bound: str) -> None:
 
 
 def check_finite(name: str, x, why: str = "", low: float | None = None) -> None:
-  """Host check of concrete values: raises naming the first NaN, inf or value below `low`."""
+  """Concrete values: raises naming the first NaN, inf or value below `low` (no-op on arrays
+  that are not concrete)."""
+  if not is_concrete(x):
+    return
   a = np.asarray(x, np.float64)
   bad = np.argwhere(~np.isfinite(a) | (a < (-np.inf if low is None else low)))
   if bad.size:

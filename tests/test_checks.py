@@ -52,3 +52,15 @@ def test_check_count_scalar_finite_positive():
   with pytest.raises(ValueError, match=r"denom has shape \(2,\), expected a scalar count"):
     checks.check_count("denom", np.ones(2))
   jax.jit(lambda d: checks.check_count("denom", d) or d)(jnp.float32(0.0))  # no host sync
+
+
+def test_check_rank_and_value_checks_pass_over_tracers():
+  checks.check_rank("x", np.ones((2, 3)), 2, "[B, T]")
+  with pytest.raises(ValueError, match=r"x has shape \(2,\), expected rank 2 \[B, T\]"):
+    checks.check_rank("x", np.ones(2), 2, "[B, T]")
+
+  def traced(ids, values):  # inside jit the values cannot be read: no check, no host sync
+    checks.check_ids(ids, "ids", 0, 4, "E")
+    checks.check_finite("values", values)
+    return ids
+  jax.jit(traced)(jnp.array([9]), jnp.array([jnp.nan]))

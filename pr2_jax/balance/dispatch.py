@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_ids, is_concrete
+from pr2_jax.checks import check_ids
 from pr2_jax.models.experts import validate_slot_expert
 
 
@@ -69,10 +69,8 @@ def assign_replicas(expert_ids_NK: jax.Array, valid_N: jax.Array | None, plan_la
   slot_X = plan_layer.slot_expert.reshape(-1)
   share_X = plan_layer.replica_share.reshape(-1).astype(jnp.float32)
   num_experts = plan_layer.replica_count.shape[-1]
-  if is_concrete(slot_X):
-    validate_slot_expert(slot_X, num_experts)
-  if is_concrete(expert_ids_NK):
-    check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
+  validate_slot_expert(slot_X, num_experts)
+  check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
   # Integer keys expert * Q + position in [0, Q) make one exact searchsorted
   # across all experts (float keys would lose the position to rounding).
   q = 1 << int(np.floor(np.log2((2**31 - 1) / (num_experts + 1))))
@@ -116,8 +114,7 @@ def slot_counts(slot_ids_NK: jax.Array, num_slots: int, num_source_shards: int =
   [0, num_slots) (checked when concrete: one outside would count in another shard's row).
   """
   _check_tokens(slot_ids_NK, valid_N, num_source_shards)
-  if is_concrete(slot_ids_NK):
-    check_ids(slot_ids_NK, "slot_ids_NK", 0, num_slots, "num_slots")
+  check_ids(slot_ids_NK, "slot_ids_NK", 0, num_slots, "num_slots")
   n, k = slot_ids_NK.shape
   block_NK = jnp.broadcast_to((jnp.arange(n) // (n // num_source_shards))[:, None], (n, k))
   weight_NK = jnp.ones((n, k), jnp.int32)

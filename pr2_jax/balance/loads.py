@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_ids, is_concrete
+from pr2_jax.checks import check_ids
 
 EMPTY = -1  # slot_expert value of a slot that holds no expert
 
@@ -36,8 +36,8 @@ def loads_from_routes(routes_BTLK: jax.Array, valid_BT: jax.Array | None,
   b, t, num_layers, _ = routes_BTLK.shape
   if valid_BT is not None and tuple(valid_BT.shape) != (b, t):
     raise ValueError(f"valid has shape {valid_BT.shape}, routes need {(b, t)}")
-  if is_concrete(routes_BTLK):  # ids outside [-1, E) would silently go uncounted
-    check_ids(routes_BTLK, "routes_BTLK", -1, num_experts, "num_experts")
+  # ids outside [-1, E) would silently go uncounted
+  check_ids(routes_BTLK, "routes_BTLK", -1, num_experts, "num_experts")
   routes_BTLK = jnp.asarray(routes_BTLK, jnp.int32)
   keep_BTLK = (routes_BTLK >= 0) & (routes_BTLK < num_experts)
   if valid_BT is not None:

@@ -64,7 +64,7 @@ import numpy as np
 from pr2_jax.balance.loads import EMPTY, native_layout
 from pr2_jax.balance.rounds import place_in_rounds
 from pr2_jax.balance.split import water_fill
-from pr2_jax.checks import check_finite, check_ids, is_concrete
+from pr2_jax.checks import check_finite, check_ids
 
 _TINY = float(np.finfo(np.float32).tiny)
 # The greedy's float-bit search and the water-filling assume counts; a NaN spreads everywhere.
@@ -104,8 +104,7 @@ def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.
   counts made exactly with the float division the greedy would use.
   Loads must be finite and >= 0 (checked when concrete).
   """
-  if is_concrete(load_E):
-    check_finite("loads", load_E, _LOADS_WHY, low=0)
+  check_finite("loads", load_E, _LOADS_WHY, low=0)
   load_E = load_E.astype(jnp.float32)
   num_experts = load_E.shape[0]
   redundant = num_slots - num_experts
@@ -364,8 +363,7 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
   loads_LE = jnp.asarray(loads_LE)
   if loads_LE.ndim != 2:
     raise ValueError(f"loads must be [layers, experts], got shape {loads_LE.shape}")
-  if is_concrete(loads_LE):
-    check_finite("loads", loads_LE, _LOADS_WHY, low=0)
+  check_finite("loads", loads_LE, _LOADS_WHY, low=0)
   num_layers, num_experts = loads_LE.shape
   if num_devices < 1 or num_experts % num_devices:
     raise ValueError(f"num_devices={num_devices} must be >= 1 and divide num_experts={num_experts}")
@@ -381,8 +379,7 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
     previous = jnp.asarray(getattr(previous, "slot_expert", previous))
     if previous.shape != shape:
       raise ValueError(f"previous layout has shape {previous.shape}, expected {shape} (L, D, S)")
-    if is_concrete(previous):
-      check_ids(previous, "previous", EMPTY, num_experts, "num_experts")
+    check_ids(previous, "previous", EMPTY, num_experts, "num_experts")
   loads_LE = loads_LE.astype(jnp.float32)
   if slots_per_device == num_experts // num_devices:
     return _native_plan(loads_LE, num_devices)

@@ -28,8 +28,10 @@ from pr2_jax.checks import check_ids, is_concrete
 
 
 def validate_slot_expert(slot_expert_X, num_experts: int) -> None:
-  """Host check of a concrete slot map: every slot holds an expert in [0, E) and every expert
-  has a slot (`expert_to_slot` would send an expert without one to slot 0's weights)."""
+  """A concrete slot map (no-op otherwise): every slot holds an expert in [0, E) and every
+  expert has a slot (`expert_to_slot` would send an expert without one to slot 0's weights)."""
+  if not is_concrete(slot_expert_X):
+    return
   check_ids(slot_expert_X, "slot_expert_X", 0, num_experts, "num_experts")
   missing = np.setdiff1d(np.arange(num_experts), np.asarray(slot_expert_X))
   if missing.size:
@@ -64,10 +66,8 @@ def expert_to_slot(expert_ids_NK: jax.Array, slot_expert_X: jax.Array, num_exper
   """
   if slot_expert_X.ndim != 1:
     raise ValueError(f"slot_expert_X must be one layer's map [X], got shape {slot_expert_X.shape}")
-  if is_concrete(slot_expert_X):
-    validate_slot_expert(slot_expert_X, num_experts)
-  if is_concrete(expert_ids_NK):
-    check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
+  validate_slot_expert(slot_expert_X, num_experts)
+  check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
   holds_EX = slot_expert_X[None, :] == jnp.arange(num_experts, dtype=slot_expert_X.dtype)[:, None]
   first_slot_E = jnp.argmax(holds_EX, axis=1).astype(jnp.int32)
   return first_slot_E[expert_ids_NK]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from pr2_jax.checks import check_shape
 from pr2_jax.config import ModelConfig
 from pr2_jax.models import experts as ex
 from pr2_jax.models import routing
@@ -47,12 +48,10 @@ class MoEBlock(nn.Module):
     b, t, d = x_BTD.shape
     e, f = cfg.num_experts, cfg.expert_d_ff
     # Static: a reshape below would fail obscurely, or a [1, ...] predictor broadcast silently.
-    if routes_BTK is not None and tuple(routes_BTK.shape) != (b, t, cfg.top_k):
-      raise ValueError(f"routes_BTK has shape {tuple(routes_BTK.shape)}, expected [B, T, K] = "
-                       f"{(b, t, cfg.top_k)}")
-    if predictor_DE is not None and tuple(predictor_DE.shape) != (d, e):
-      raise ValueError(f"predictor_DE has shape {tuple(predictor_DE.shape)}, expected [D, E] = "
-                       f"{(d, e)}")
+    if routes_BTK is not None:
+      check_shape("routes_BTK", routes_BTK, (b, t, cfg.top_k), "[B, T, K]")
+    if predictor_DE is not None:
+      check_shape("predictor_DE", predictor_DE, (d, e), "[D, E]")
     w_router = self.param("gate", partitioned(INIT, ("embed", "experts_logits")), (d, e), jnp.float32)
     weights = ex.ExpertWeights(
         self.param("gate_proj", partitioned(INIT, ("expert", "embed", "mlp")), (e, d, f), jnp.float32),

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_ids, is_concrete
+from pr2_jax.checks import check_ids
 
 LIVE = -1  # route entry meaning "let the live router choose"
 
@@ -100,8 +100,7 @@ def expert_load(expert_ids_NK: jax.Array, num_experts: int,
   """Number of (token, k) pairs sent to each expert, float32 [E]; masked tokens excluded.
 
   Concrete ids outside [0, E) raise (one_hot would count them nowhere, silently)."""
-  if is_concrete(expert_ids_NK):
-    check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
+  check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
   onehot_NKE = jax.nn.one_hot(expert_ids_NK, num_experts, dtype=jnp.float32)
   if mask_N is not None:
     onehot_NKE = onehot_NKE * mask_N[..., None, None].astype(jnp.float32)

@@ -109,9 +109,8 @@ def _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, wei
 
 def _check_values(expert_ids_NK, slot_expert_X, slot_ids_NK, num_experts):
   """Host checks of whatever is concrete (a jitted caller's tracers are left alone)."""
-  if is_concrete(expert_ids_NK):
-    check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
-  if slot_expert_X is not None and is_concrete(slot_expert_X):
+  check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
+  if slot_expert_X is not None:
     ex.validate_slot_expert(slot_expert_X, num_experts)
   if slot_ids_NK is None or not is_concrete(slot_ids_NK):
     return

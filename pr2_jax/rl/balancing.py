@@ -354,7 +354,8 @@ class StepBalancer:
     fetched = 0.0
     if layout_kind(self.balance_mode, self.replay_mode != "none") != "native":
       layouts_MLX = update.layouts_MLDS.reshape(update.layouts_MLDS.shape[:2] + (-1,))
-      slabs_ML = fetch_slabs(jnp.asarray(layouts_MLX), self.shape.num_experts, self.shape.num_devices)
+      slabs_ML = fetch_slabs(jnp.asarray(layouts_MLX), self.shape.num_experts,
+                             self.shape.num_devices)
       fetched = float(np.mean(np.asarray(slabs_ML))) / self.shape.num_experts
     out.update(
         capacity_needed=update.needed, capacity_needed_static=update.needed_static,

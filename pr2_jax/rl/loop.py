@@ -331,8 +331,8 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
       _truncate_metrics(metrics_path, -1, phases=("rl", "sft_eval"))
       # A warm-up of this workdir must match the run's warm-up settings; one named by init_from
       # is the user's choice (e.g. compare_replay's shared warm-up), checked for the model only.
-      sft_expect = {"model": identity["model"]} if config.init_from else {
-          k: identity[k] for k in ("model", "task", "task_kwargs", "seed", "sft")}
+      warm_identity = {k: identity[k] for k in ("model", "task", "task_kwargs", "seed", "sft")}
+      sft_expect = {"model": identity["model"]} if config.init_from else warm_identity
       _, params, _, problems = sft_ckpt.restore_newest_good(params_abstract, sft_expect)
       for problem in problems:
         warn(problem)
@@ -341,8 +341,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
         _truncate_metrics(metrics_path, 0, phases=("sft",))
         params = engine.warmup(emit)
         if config.sft.num_steps or not config.hf_checkpoint:  # else: the checkpoint dir has them
-          sft_ckpt.save(config.sft.num_steps, params,
-                        {k: identity[k] for k in ("model", "task", "task_kwargs", "seed", "sft")})
+          sft_ckpt.save(config.sft.num_steps, params, warm_identity)
           sft_ckpt.wait()
       state = state.replace(params=params)
       warm_reward = engine.evaluate(state.params)

@@ -29,7 +29,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from pr2_jax.checks import check_count, check_finite, check_ids, check_shape, is_concrete
+from pr2_jax.checks import (check_count, check_finite, check_ids, check_rank, check_shape,
+                            is_concrete)
 
 POLICY_LOSS_KINDS = ("dapo", "gspo")
 # Log-ratios are clamped before exp so a wild token cannot overflow to inf/NaN
@@ -53,8 +54,7 @@ def _adv_BT(adv: jax.Array) -> jax.Array:
 
 def _check_BT_inputs(logp_BT, old_logp_BT, mask_BT) -> tuple[int, int]:
   """Checks the [B, T] inputs of a policy loss against `logp_BT`; returns (B, T)."""
-  if jnp.ndim(logp_BT) != 2:
-    raise ValueError(f"logp_BT has shape {jnp.shape(logp_BT)}, expected rank 2 [B, T]")
+  check_rank("logp_BT", logp_BT, 2, "[B, T]")
   b, t = jnp.shape(logp_BT)
   check_shape("old_logp_BT", old_logp_BT, (b, t), "[B, T] of logp_BT")
   check_shape("mask_BT", mask_BT, (b, t), "[B, T] of logp_BT")
@@ -92,15 +92,13 @@ def grpo_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6,
     ValueError: rewards not rank 1, group_size not a positive int dividing B,
       a negative or non-finite eps, or (concrete rewards) a NaN/inf reward.
   """
-  if jnp.ndim(rewards_B) != 1:
-    raise ValueError(f"rewards_B has shape {jnp.shape(rewards_B)}, expected rank 1 [B]")
+  check_rank("rewards_B", rewards_B, 1, "[B]")
   if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
     raise ValueError(f"group_size must be a positive int, got {group_size!r}")
   if is_concrete(eps) and not (math.isfinite(eps) and eps >= 0):
     raise ValueError(f"eps must be a finite number >= 0, got {eps!r} (a negative eps can "
                      "cancel the std: inf advantages)")
-  if is_concrete(rewards_B):
-    check_finite("rewards_B", rewards_B, "a NaN/inf reward makes its whole group's advantages NaN")
+  check_finite("rewards_B", rewards_B, "a NaN/inf reward makes its whole group's advantages NaN")
   (b,) = jnp.shape(rewards_B)
   if b % group_size:
     raise ValueError(f"batch of {b} rewards is not a multiple of group_size={group_size}")
@@ -302,8 +300,7 @@ def loss_denominator(kind: str, mask_BT: jax.Array) -> jax.Array:
   to every micro-step's `policy_loss` so their losses and gradients sum exactly.
   """
   _check_kind(kind)
-  if jnp.ndim(mask_BT) != 2:
-    raise ValueError(f"mask_BT has shape {jnp.shape(mask_BT)}, expected rank 2 [B, T]")
+  check_rank("mask_BT", mask_BT, 2, "[B, T]")
   mask_BT = _f32(mask_BT)
   if kind == "dapo":
     return jnp.maximum(jnp.sum(mask_BT), 1.0)
@@ -354,8 +351,7 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     ValueError: logits not [B, T, V], targets not an integer [B, T] array, or
       (concrete targets) a target outside [0, V).
   """
-  if jnp.ndim(logits_BTV) != 3:
-    raise ValueError(f"logits_BTV has shape {jnp.shape(logits_BTV)}, expected rank 3 [B, T, V]")
+  check_rank("logits_BTV", logits_BTV, 3, "[B, T, V]")
   check_shape("targets_BT", targets_BT, jnp.shape(logits_BTV)[:2], "[B, T] of logits_BTV")
   if not jnp.issubdtype(jnp.result_type(targets_BT), jnp.integer):
     raise ValueError(f"targets_BT has dtype {jnp.result_type(targets_BT)}, expected an integer "
@@ -375,8 +371,7 @@ def token_entropy(logits_BTV: jax.Array, mask_BT: jax.Array,
   `denom` defaults to this call's token count; pass the mini-batch's count
   to make micro-step values add up.
   """
-  if jnp.ndim(logits_BTV) != 3:
-    raise ValueError(f"logits_BTV has shape {jnp.shape(logits_BTV)}, expected rank 3 [B, T, V]")
+  check_rank("logits_BTV", logits_BTV, 3, "[B, T, V]")
   check_shape("mask_BT", mask_BT, jnp.shape(logits_BTV)[:2], "[B, T] of logits_BTV")
   check_count("denom", denom)
   log_p_BTV = jax.nn.log_softmax(_f32(logits_BTV), axis=-1)

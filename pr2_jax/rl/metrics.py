@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_ids, is_concrete
+from pr2_jax.checks import check_ids
 
 LN2 = math.log(2.0)
 NUM_DEV_BINS = 4  # deviation histogram bins: 0, 1, 2, ≥3 experts changed
@@ -104,8 +104,7 @@ def _check_routing_inputs(replayed_BTLK, current_BTLK, probs_BTLE, mask_BT) -> N
     raise ValueError(f"mask has shape {jnp.shape(mask_BT)}, expected {shape[:2]} [B, T]")
   num_experts = jnp.shape(probs_BTLE)[-1]
   for name, ids in (("replayed_BTLK", replayed_BTLK), ("current_BTLK", current_BTLK)):
-    if is_concrete(ids):
-      check_ids(ids, name, -1, num_experts, "num_experts")
+    check_ids(ids, name, -1, num_experts, "num_experts")
 
 
 def routing_sums(replayed_BTLK: jax.Array, current_BTLK: jax.Array, probs_BTLE: jax.Array,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import is_concrete
+from pr2_jax.checks import check_rank, is_concrete
 from pr2_jax.config import DTYPES, check_int, check_real
 from pr2_jax.models.transformer import MoETransformer, init_cache
 
@@ -116,8 +116,7 @@ def validate_generate_inputs(vocab_size: int, prompts_BP, prompt_valid_BP, confi
   if config.pad_id >= vocab_size:
     raise ValueError(f"SamplerConfig.pad_id={config.pad_id} must be < ModelConfig.vocab_size="
                      f"{vocab_size}")
-  if jnp.ndim(prompts_BP) != 2:
-    raise ValueError(f"prompts_BP has shape {jnp.shape(prompts_BP)}, expected rank 2 [B, P]")
+  check_rank("prompts_BP", prompts_BP, 2, "[B, P]")
   if jnp.shape(prompt_valid_BP) != jnp.shape(prompts_BP):
     raise ValueError(f"prompt_valid_BP has shape {jnp.shape(prompt_valid_BP)}, expected [B, P] "
                      f"of prompts_BP = {jnp.shape(prompts_BP)}")
