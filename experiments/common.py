@@ -4,7 +4,8 @@ import json
 import os
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "If > 0, run on this many fake CPU devices (tries expert parallelism "
@@ -104,6 +105,45 @@ def log_and_write(writer: MetricsWriter):
     shown = "  ".join(f"{k} {m[k]:.4g}" for k in _SHOWN if isinstance(m.get(k), float))
     logging.info("[%s %d] %s", m.get("phase"), m.get("step", 0), shown)
   return callback
+
+
+def _unknown_config_key(e: AttributeError, argv: list[str]):
+  """ml_collections refuses an unknown `--config.*` key with an AttributeError wrapping a KeyError
+  whose traceback buries its "Did you mean" hint: one line instead."""
+  message = e
+  while isinstance(message, BaseException) and message.args:
+    message = message.args[0]
+  given = [a for a in argv[1:] if a.startswith("--config.")]
+  exit_with_error(f"unknown config key {' '.join(str(message).split())} (in {' '.join(given)})")
+
+
+def define_config(default: str, help_text: str):
+  """`config_flags.DEFINE_config_file("config", ...)`. Without `--config` on the command line,
+  ml_collections applies the `--config.*` overrides here, at definition, not in parse_flags."""
+  try:
+    return config_flags.DEFINE_config_file("config", default, help_text)
+  except AttributeError as e:
+    _unknown_config_key(e, sys.argv)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """`app.run`'s flag parser (`app.run(main, flags_parser=common.parse_flags)`): absl's, but an
+  unknown `--config.*` key is one line naming it, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except AttributeError as e:
+    _unknown_config_key(e, argv)
+
+
+def config_value(config_flag):
+  """The ConfigDict of a `DEFINE_config_file` flag; a config file that does not load (missing,
+  or raising) is a usage error naming the file, not a traceback."""
+  cfg = config_flag.value
+  try:
+    cfg.to_dict()  # ml_collections defers a load error to the first use of the value
+  except OSError as e:
+    exit_with_error(f"bad --config: {' '.join(str(e).split())}")
+  return cfg
 
 
 def exit_with_error(message: str):

@@ -11,7 +11,8 @@ its own WORKDIR/off{κ}/{mode}/seed{s}/metrics.jsonl. A run whose metrics are
 complete and whose config is unchanged is reused; an interrupted run, or one
 whose config differs only in rl.num_steps (raised), is resumed from its newest
 checkpoint (`replay_report.plan_run`); a run whose config differs in another
-field is deleted and rerun, with the field logged. Compiled functions are
+field (or started from another warm-up) is deleted and rerun, with the field logged. The
+shared warm-up is reused while its checkpoint records this sweep's warm-up settings. Compiled functions are
 shared between runs through JAX's persistent compilation cache
 (WORKDIR/jax_cache): runs differing only in seed compile nothing.
 
@@ -36,12 +37,11 @@ import sys
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import common, replay_report
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base experiment config; "
-                                          "the flags below override parts of it.")
+_CONFIG = common.define_config("configs/tiny.py", "Base experiment config; the flags below "
+                               "override parts of it.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 2 κ, R3 and PR2, 2 seeds, a few steps, "
                            "a short warm-up. Flags given explicitly still win.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "RL seeds (prompts, sampling, eval set).")
@@ -73,6 +73,8 @@ _QUICK_DEFAULTS = {"seeds": ["0", "1"], "offs": ["2", "4"], "modes": ["r3", "pr2
                    "rl_steps": 6, "eval_every": 3, "eval_size": 64, "sft_steps": 40,
                    "workdir": "runs/compare_replay_quick"}
 
+CHECKPOINT_EVERY = 20  # RL steps between a run's checkpoints
+
 # ----------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------
@@ -86,7 +88,7 @@ def _value(flag, name):
 
 def base_config():
   """The shared setting: the config file plus this script's overrides (a ConfigDict)."""
-  cfg = _CONFIG.value.copy_and_resolve_references()
+  cfg = common.config_value(_CONFIG).copy_and_resolve_references()
   cfg.model.num_experts = _EXPERTS.value
   cfg.model.top_k = _TOP_K.value
   cfg.rl.learning_rate = _LR.value
@@ -97,9 +99,9 @@ def base_config():
   sft_steps = _value(_SFT_STEPS, "sft_steps")
   if sft_steps is not None:
     cfg.sft.num_steps = sft_steps
-  # A run is short: one checkpoint at its end (and loop.run's at step 0, where an interrupted
-  # run resumes, keeping its warm-up evaluation).
-  cfg.checkpoint_every = 0
+  # An interrupted run resumes from its newest checkpoint (loop.run also saves step 0 and the
+  # last step); the cadence changes no result, so replay_report.plan_run ignores it.
+  cfg.checkpoint_every = CHECKPOINT_EVERY
   return cfg
 
 
@@ -151,6 +153,13 @@ def _read_json(path: str):
     return json.load(f)
 
 
+def _checkpoint_meta(directory: str) -> dict:
+  """The JSON metadata of the newest checkpoint in `directory` (a warm-up's: its settings)."""
+  from pr2_jax.train.checkpoint import Checkpointer
+  with Checkpointer(directory, max_to_keep=1) as checkpointer:
+    return checkpointer.restore_meta(checkpointer.latest_step())
+
+
 def _read_rows(path: str) -> list[dict]:
   from pr2_jax.rl import loop  # the loop's reader: a torn last line (killed mid-write) is dropped
   return loop.read_metrics_rows(path)
@@ -198,40 +207,56 @@ def main(argv):
   if _QUICK.value and not flags.FLAGS["out_dir"].present:
     out_dir = os.path.join(workdir, "results")
   base = base_config()
-  mesh = common.build_mesh(base)
+  grid = [(off, mode, seed) for off in offs for mode in modes for seed in seeds]
+  try:  # every run's settings before any work: a bad one is one line naming it
+    for off, mode, seed in grid:
+      ExperimentConfig.from_dict(run_config(base, mode, off, seed, "").to_dict())
+    mesh = common.build_mesh(base)
+    ExperimentConfig.from_dict(base.to_dict()).model.validate_mesh(mesh.shape["expert"],
+                                                                   mesh.shape["data"])
+  except (ValueError, KeyError, flags.ValidationError) as e:
+    common.exit_with_error(f"bad config: {e}")
   t_start = time.perf_counter()
   run_seconds = {}  # compute time per run (recorded in its directory, so reused runs keep theirs)
 
   # One warm-up for every run: a 1-step RL run that leaves WORKDIR/warmup/checkpoints/sft,
-  # unless --config.init_from names one. Once that checkpoint exists it is used as it is: the
-  # 1-step run's RL checkpoint records this sweep's RL flags, and resuming it with others
-  # (--learning_rate, --offs, ...) is a setup mismatch, although the warm-up does not use them.
+  # unless --config.init_from names one. An existing warm-up checkpoint is reused if it records
+  # this sweep's warm-up settings (loop.warmup_identity), else trained again. The 1-step run's
+  # RL checkpoint is never resumed: it records this sweep's RL flags, which the warm-up ignores.
   init_from = base.init_from
   if not init_from:
     warm_dir = os.path.join(workdir, "warmup")
     init_from = os.path.join(warm_dir, "checkpoints", "sft")
+    warm_cfg = run_config(base, "r3", offs[0], int(base.seed), "")
+    warm_cfg.rl.num_steps, warm_cfg.rl.eval_every = 1, 0
+    warm_config = ExperimentConfig.from_dict(warm_cfg.to_dict())
+    if loop.holds_checkpoint(init_from):
+      changed = replay_report.config_differences(_checkpoint_meta(init_from),
+                                                 loop.warmup_identity(warm_config))
+      if changed:
+        logging.warning("the warm-up in %s was trained with other settings (%s): training it "
+                        "again", warm_dir, ", ".join(changed))
+        shutil.rmtree(warm_dir)
     fresh = not loop.holds_checkpoint(init_from)
     t0 = time.perf_counter()
     if fresh:
-      warm_cfg = run_config(base, "r3", offs[0], int(base.seed), "")
-      warm_cfg.rl.num_steps, warm_cfg.rl.eval_every = 1, 0
       logging.info("warm-up into %s", warm_dir)
-      loop.run(ExperimentConfig.from_dict(warm_cfg.to_dict()), mesh, warm_dir,
+      loop.run(warm_config, mesh, warm_dir,
                on_metrics=common.log_and_write(common.MetricsWriter(warm_dir)),
                warn=logging.warning, allow_fresh_start=True)
     else:
       logging.info("warm-up checkpoint %s found, reused", init_from)
     run_seconds["warmup"] = _seconds(warm_dir, (time.perf_counter() - t0) if fresh else None)
   init_from = os.path.abspath(init_from)
-
-  grid = [(off, mode, seed) for off in offs for mode in modes for seed in seeds]
+  # Recorded in every run's config: a run on another warm-up is restarted, not reused.
+  warmup_settings = _checkpoint_meta(init_from)
   progress = Progress(len(grid) * base.rl.num_steps)
   per_run, reused = {}, 0
   for i, (off, mode, seed) in enumerate(grid, 1):
     label = f"off{off} {mode} seed{seed} ({i}/{len(grid)})"
     cfg = run_config(base, mode, off, seed, init_from)
     run_dir = os.path.join(workdir, f"off{off}", mode, f"seed{seed}")
-    wanted = json.loads(json.dumps(cfg.to_dict()))
+    wanted = {**json.loads(json.dumps(cfg.to_dict())), "warmup": warmup_settings}
     cfg_path = os.path.join(run_dir, "run_config.json")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     stopped_path = os.path.join(run_dir, "stopped.json")
@@ -296,4 +321,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

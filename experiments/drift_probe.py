@@ -29,15 +29,13 @@ import json
 
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import common
 
 # Flags only when run as a script: tests import the scoring functions below, and absl refuses
 # a second module defining the same flag names (config, steps, out).
 if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
-                                            "Base experiment config.")
+  _CONFIG = common.define_config("configs/tiny.py", "Base experiment config.")
   _INIT = flags.DEFINE_string("init_from", "", "Warm-up checkpoint dir (empty: train the "
                               "warm-up here).")
   _OFF = flags.DEFINE_integer("off", 4, "κ: mini-batches per rollout batch.")
@@ -134,7 +132,7 @@ def main(argv):
   from pr2_jax.rl.config import ExperimentConfig
   from pr2_jax.train.checkpoint import Checkpointer, abstract_like
 
-  cfg = _CONFIG.value
+  cfg = common.config_value(_CONFIG)
   cfg.rl.update(replay_mode="r3", off_policy_k=_OFF.value, learning_rate=_LR.value)
   config = ExperimentConfig.from_dict(cfg.to_dict())
   engine = loop.Engine(config, common.build_mesh(cfg))
@@ -199,4 +197,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -9,11 +9,10 @@ Multi-host (run the same command on every process; see docs/scaling.md):
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
+_CONFIG = common.define_config("configs/tiny.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints and metrics.jsonl go here; "
                                "rerunning with the same workdir resumes.")
 _FRESH = flags.DEFINE_bool("fresh", False, "Allow starting from scratch in a workdir that has RL "
@@ -27,7 +26,7 @@ def main(argv):
   from pr2_jax.rl.config import ExperimentConfig
   from pr2_jax.train.checkpoint import SetupMismatchError
 
-  cfg = _CONFIG.value
+  cfg = common.config_value(_CONFIG)
   try:  # a bad setting is a usage error: one line naming it, not a traceback
     config = ExperimentConfig.from_dict(cfg.to_dict())
     mesh = common.build_mesh(cfg)
@@ -53,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

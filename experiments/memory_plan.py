@@ -13,11 +13,10 @@ The last column is the total with `model.fsdp=True` (weights also split over
 import json
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen3_30b_a3b.py", "Experiment config.")
+_CONFIG = common.define_config("configs/qwen3_30b_a3b.py", "Experiment config.")
 _EXPERT = flags.DEFINE_list("mesh_expert", ["8"], "Expert-axis sizes to tabulate; the data axis "
                             "takes the remaining devices.")
 
@@ -33,7 +32,7 @@ def main(argv):
   from pr2_jax.parallel.mesh import make_mesh
   from pr2_jax.train.state import make_optimizer, state_memory
 
-  config = ModelConfig.from_dict(_CONFIG.value.model.to_dict())
+  config = ModelConfig.from_dict(common.config_value(_CONFIG).model.to_dict())
   n = jax.device_count()
   rows = []
   print(f"{'mesh (data x expert)':>22} {'params GiB':>11} {'AdamW GiB':>10} {'grads GiB':>10} "
@@ -59,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -66,7 +66,7 @@ def plan_run(stored: dict | None, wanted: dict, rows: list[dict],
   `stored` is its run_config.json (None: none), `rows` its metrics rows, `stopped` the error of
   a run the loop stopped (non-finite updates). 'reuse': the config is `wanted` and the metrics
   reach rl.num_steps (or the run stopped, which it would again). 'resume': the configs differ at
-  most in rl.num_steps and the run has not gone past the wanted steps, so `loop.run` continues
+  most in rl.num_steps (and checkpoint_every, which changes no result) and the run has not gone past the wanted steps, so `loop.run` continues
   from its newest checkpoint (a raised step count extends a complete run). 'restart' (delete it):
   no config, another field differs (named in `why`), or the step count was lowered below
   where the run already is (no checkpoint there, and its final evaluation would be missing).
@@ -74,7 +74,8 @@ def plan_run(stored: dict | None, wanted: dict, rows: list[dict],
   if stored is None:
     return "restart", "no run_config.json"
   had_flat, want_flat = _flat(stored), _flat(wanted)
-  changed = [k for k in config_differences(stored, wanted) if k != "rl.num_steps"]
+  changed = [k for k in config_differences(stored, wanted)
+             if k not in ("rl.num_steps", "checkpoint_every")]
   if changed:
     return "restart", "config changed: " + ", ".join(
         f"{k} {had_flat.get(k, '(absent)')!r} -> {want_flat.get(k, '(absent)')!r}"

@@ -32,14 +32,13 @@ import time
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import common
 
 # Flags only when run as a script: tests import check_metrics, and absl refuses a second
 # module defining the same flag names (config, steps, out).
 if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
+  _CONFIG = common.define_config("configs/tiny.py", "Experiment config file.")
   _STEPS = flags.DEFINE_integer("steps", 300, "RL steps (overrides config.rl.num_steps).")
   _WARMUP = flags.DEFINE_integer("warmup_steps", 25, "RL steps counted as warm-up: compilation, "
                                  "the first evaluation and the first checkpoint happen in them.")
@@ -117,7 +116,7 @@ def main(argv):
   from pr2_jax.rl import loop
   from pr2_jax.rl.config import ExperimentConfig
 
-  cfg = _CONFIG.value
+  cfg = common.config_value(_CONFIG)
   steps, warmup = (6, 3) if _QUICK.value else (_STEPS.value, _WARMUP.value)
   if _QUICK.value:
     cfg.update_from_flattened_dict(QUICK)
@@ -208,4 +207,4 @@ def _print_table(r: dict):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -176,10 +176,27 @@ def test_cli_bad_config_value_names_field_and_choices(tmp_path):
 
 
 def test_cli_unknown_config_key(tmp_path):
-  # ml_collections refuses the key while parsing flags and suggests the near miss.
+  # ml_collections refuses the key while parsing flags; its near-miss hint is kept, in one line.
   code, err = _cli(f"--workdir={tmp_path}", "--config.rl.replay_mod=r2")
-  assert code != 0
-  assert 'Did you mean "replay_mode" instead of "replay_mod"?' in err
+  assert code == 2 and "Traceback" not in err, err
+  assert err.strip() == ("error: unknown config key 'replay_mod' Did you mean \"replay_mode\" "
+                         "instead of \"replay_mod\"? (in --config.rl.replay_mod=r2)")
+
+
+def test_cli_unknown_config_key_without_config_flag(tmp_path):
+  # Without --config, ml_collections applies the overrides where the flag is defined (import).
+  proc = subprocess.run([sys.executable, "-m", "experiments.main", f"--workdir={tmp_path}",
+                         "--config.rl.replay_mod=r2"], cwd=REPO, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert proc.returncode == 2 and proc.stderr.startswith("error: unknown config key 'replay_mod' "
+                                                         "Did you mean"), proc.stderr
+
+
+def test_cli_config_file_that_does_not_load(tmp_path):
+  code, err = _cli(f"--workdir={tmp_path}", "--config=configs/nope.py")
+  assert code == 2 and "Traceback" not in err, err
+  assert err.startswith("error: bad --config: ") and "configs/nope.py" in err
+  assert len(err.strip().splitlines()) == 1
 
 
 def test_bad_balancing_fields_name_the_field():

@@ -64,7 +64,7 @@ def test_aggregate_mean_std_over_seeds():
 
 def _run_cfg(num_steps=6, lr=2e-3, seed=0, **extra):
   """A run_config.json as compare_replay writes it (nested, JSON round-tripped)."""
-  return {"seed": seed, "init_from": "/w/warmup/checkpoints/sft", "checkpoint_every": 0,
+  return {"seed": seed, "init_from": "/w/warmup/checkpoints/sft", "checkpoint_every": 20,
           "model": {"num_experts": 8, "top_k": 2, "layer_types": []},
           "rl": {"num_steps": num_steps, "learning_rate": lr, "replay_mode": "r3",
                  "off_policy_k": 4, **extra}}
@@ -104,9 +104,16 @@ def test_config_differences_names_nested_and_missing_fields():
     (_run_cfg(clip_low=0.2), 6,
      ("restart", "config changed: rl.clip_low 0.2 -> '(absent)'")),
     (None, 0, ("restart", "no run_config.json")),
+    # The checkpoint cadence changes no number: not a reason to rerun. Another warm-up is.
+    ({**_run_cfg(), "checkpoint_every": 0}, 6, ("reuse", "complete")),
+    ({**_run_cfg(), "checkpoint_every": 0}, 3, ("resume", "at step 3 of 6")),
+    ({**_run_cfg(), "warmup": {"seed": 1}}, 6, ("restart", "config changed: warmup.seed 1 -> 0")),
 ])
 def test_plan_run(stored, last, want):
-  assert cr.plan_run(stored, _run_cfg(), _steps(last)) == want
+  wanted = _run_cfg()
+  if stored and "warmup" in stored:
+    wanted["warmup"] = {"seed": 0}
+  assert cr.plan_run(stored, wanted, _steps(last)) == want
 
 
 def test_plan_run_reuses_a_stopped_run_unless_its_config_changed():
@@ -130,17 +137,22 @@ def test_quick_sweep_writes_report(tmp_path):
   """The --quick variant end to end (a few minutes on 2 cores): JSON structure, report, plots."""
   out = tmp_path / "out"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      # Shorter than --quick's own defaults (one κ, not two: the runs of each κ are alike) and
-      # 32 rollouts a step, not tiny.py's 256 (8 warm-up sequences, not 64): this checks the
-      # plumbing, not the numbers. 32 = 8 prompts x 4 samples still splits into κ x M = 8.
-      [sys.executable, "-m", "experiments.compare_replay", "--quick", "--offs=4", "--rl_steps=2",
-       "--eval_every=2", "--sft_steps=4", "--eval_size=32", "--config.rl.prompts_per_step=8",
-       "--config.rl.group_size=4", "--config.sft.batch_size=8",
-       f"--workdir={tmp_path / 'work'}", f"--out_dir={out}"],
-      capture_output=True, text=True, timeout=900, env=env,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Shorter than --quick's own defaults (one κ, not two: the runs of each κ are alike) and
+  # 32 rollouts a step, not tiny.py's 256 (8 warm-up sequences, not 64): this checks the
+  # plumbing, not the numbers. 32 = 8 prompts x 4 samples still splits into κ x M = 8.
+  args = ["--quick", "--offs=4", "--rl_steps=2", "--eval_every=2", "--sft_steps=4",
+          "--eval_size=32", "--config.rl.prompts_per_step=8", "--config.rl.group_size=4",
+          "--config.sft.batch_size=8", f"--workdir={tmp_path / 'work'}", f"--out_dir={out}"]
+
+  def sweep(*extra):
+    proc = subprocess.run([sys.executable, "-m", "experiments.compare_replay", *args, *extra],
+                          capture_output=True, text=True, timeout=900, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+  log = sweep()
+  assert "warm-up into" in log and "reused" not in log
   result = json.loads((out / "replay_comparison.json").read_text())
   assert set(result) >= {"off4"} and "off2" not in result
   for off in ("off4",):
@@ -164,3 +176,22 @@ def test_quick_sweep_writes_report(tmp_path):
     png = out / f"replay_comparison_{name}.png"
     assert png.exists() and png.stat().st_size > 1000
     assert png.name in md
+
+  # Rerun: the warm-up and all runs are reused. With another warm-up seed (the runs keep their
+  # own seeds) the warm-up is trained again and a run that started from the old one restarts.
+  log = sweep()
+  assert "warm-up checkpoint" in log and log.count("complete in") == 4, log[-3000:]
+  log = sweep("--config.seed=5", "--seeds=0", "--modes=r3")
+  assert "was trained with other settings (seed): training it again" in log, log[-3000:]
+  assert "starting over (config changed: warmup.seed 0 -> 5)" in log, log[-3000:]
+
+
+def test_bad_setting_fails_in_one_line_before_any_work(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.compare_replay", "--quick", "--learning_rate=-1",
+       f"--workdir={tmp_path / 'work'}"], capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr == "error: bad config: RLConfig.learning_rate must be > 0, got -1.0\n"
+  assert not (tmp_path / "work").exists()

@@ -271,6 +271,12 @@ def run_identity(config: ExperimentConfig) -> dict:
       "hf_checkpoint": config.hf_checkpoint}))
 
 
+def warmup_identity(config: ExperimentConfig) -> dict:
+  """The part of `run_identity` that determines the warm-up: its checkpoint records this."""
+  identity = run_identity(config)
+  return {k: identity[k] for k in ("model", "task", "task_kwargs", "seed", "sft")}
+
+
 def holds_checkpoint(directory: str) -> bool:
   """Whether `directory` has at least one finished Orbax step (a numbered subdirectory)."""
   return os.path.isdir(directory) and any(
@@ -331,7 +337,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
       _truncate_metrics(metrics_path, -1, phases=("rl", "sft_eval"))
       # A warm-up of this workdir must match the run's warm-up settings; one named by init_from
       # is the user's choice (e.g. compare_replay's shared warm-up), checked for the model only.
-      warm_identity = {k: identity[k] for k in ("model", "task", "task_kwargs", "seed", "sft")}
+      warm_identity = warmup_identity(config)
       sft_expect = {"model": identity["model"]} if config.init_from else warm_identity
       _, params, _, problems = sft_ckpt.restore_newest_good(params_abstract, sft_expect)
       for problem in problems:
