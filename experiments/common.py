@@ -1,8 +1,10 @@
 """Shell helpers shared by entry points: devices, mesh, configs, metrics file."""
 
 import json
+import math
 import os
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -153,14 +155,24 @@ def exit_with_error(message: str):
   raise SystemExit(2)
 
 
-def progress(step: int, total: int, seconds_per_step: float | None):
-  if seconds_per_step is None:  # the first step after a start or resume: mostly compiling
-    logging.info("rl step %d/%d  (the first step includes compiling; ETA from the next)",
-                 step, total)
-    return
-  eta = (total - step) * seconds_per_step
-  logging.info("rl step %d/%d  %.1fs/step  ETA %dm%02ds", step, total, seconds_per_step,
-               eta // 60, eta % 60)
+def progress_logger(phase: str, every_s: float = 10.0, clock=time.monotonic):
+  """An `on_progress(step, total, seconds_per_step)` callback for loop.run: '{phase} step i/n,
+  s/step, ETA' in the log, at most every `every_s` seconds (always at the first and last)."""
+  last_logged = [-math.inf]
+
+  def log(step: int, total: int, seconds_per_step: float | None):
+    now = clock()
+    if seconds_per_step is None:  # the first report after a start or resume: mostly compiling
+      logging.info("%s step %d/%d  (includes compiling; ETA from the next report)", phase, step,
+                   total)
+    elif step == total or now - last_logged[0] >= every_s:
+      eta = (total - step) * seconds_per_step
+      logging.info("%s step %d/%d  %.2fs/step  ETA %dm%02ds", phase, step, total,
+                   seconds_per_step, eta // 60, eta % 60)
+    else:
+      return
+    last_logged[0] = now
+  return log
 
 
 def print_summary(summary: dict, workdir: str):

@@ -37,7 +37,9 @@ def main(argv):
   logging.info("mesh %s; workdir %s", dict(mesh.shape), _WORKDIR.value)
   try:
     summary = loop.run(config, mesh, _WORKDIR.value, on_metrics=common.log_and_write(writer),
-                       on_progress=common.progress, warn=logging.warning, info=logging.info,
+                       on_progress=common.progress_logger("rl"),
+                       on_warmup_progress=common.progress_logger("warm-up"),
+                       warn=logging.warning, info=logging.info,
                        allow_fresh_start=_FRESH.value)
   except SetupMismatchError as e:
     common.exit_with_error(str(e))

@@ -144,8 +144,8 @@ def main(argv):
     if m["step"] == warmup:
       marks["warmup"] = per_step[-1]
 
-  summary = loop.run(config, mesh, workdir, on_metrics=on_metrics, on_progress=common.progress,
-                     warn=print)
+  summary = loop.run(config, mesh, workdir, on_metrics=on_metrics,
+                     on_progress=common.progress_logger("rl"), warn=print)
   jax.block_until_ready(summary["state"])
   end = {"rss_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(), "compiles": len(compiles),
          "t": time.perf_counter() - t_start}

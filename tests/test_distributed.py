@@ -146,7 +146,8 @@ def test_two_processes_match_one_and_resume(tmp_path):
     _close(a, b)
   assert "pred_loss" in two[-1]  # PR2's predictor and feature cache ran across processes
   # Only process 0 logs: rank 1's output has no progress lines and no summary.
-  rank1 = (tmp_path / "log2.txt").read_text()
+  rank0, rank1 = (tmp_path / "log1.txt").read_text(), (tmp_path / "log2.txt").read_text()
+  assert "rl step 2/2" in rank0 and "== summary ==" in rank0
   assert "rl step" not in rank1 and "== summary ==" not in rank1
   # Both ranks wrote the checkpoint collectively; both restore it and carry on to step 3.
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints" / "rl")) == ["0", "2"]

@@ -249,8 +249,13 @@ def test_an_interrupt_keeps_the_checkpoint_being_written(tmp_path, monkeypatch):
 
 
 def test_progress_rate_leaves_the_first_step_out(tmp_path):
-  calls = []
+  calls, warm = [], []
   mesh = make_mesh(2, 2, devices=jax.devices()[:4])
-  loop.run(_config(3), mesh, str(tmp_path), on_progress=lambda *a: calls.append(a))
+  config = dataclasses.replace(_config(3), sft=SFTConfig(num_steps=75, batch_size=8))
+  loop.run(config, mesh, str(tmp_path), on_progress=lambda *a: calls.append(a),
+           on_warmup_progress=lambda *a: warm.append(a))
   assert [c[:2] for c in calls] == [(1, 3), (2, 3), (3, 3)]
   assert calls[0][2] is None and all(c[2] > 0 for c in calls[1:])
+  # The warm-up reports with its metrics rows, every 25 steps; the first includes compiling.
+  assert [c[:2] for c in warm] == [(25, 75), (50, 75), (75, 75)]
+  assert warm[0][2] is None and all(c[2] > 0 for c in warm[1:])

@@ -34,6 +34,7 @@ from pr2_jax.rl.tasks import make_task
 from pr2_jax.train.checkpoint import Checkpointer, abstract_like
 
 Callback = Callable[[dict], None]
+Progress = Callable[[int, int, "float | None"], None]  # (step, total, seconds per step)
 
 
 class Engine:
@@ -99,8 +100,10 @@ class Engine:
     return np.sort(np.argsort(rng.random((batch, s)), axis=1)[:, :f], axis=1).astype(np.int32)
 
   # -- warm-up --------------------------------------------------------------
-  def warmup(self, on_metrics: Callback | None = None):
-    """Supervised training on task solutions; returns the warmed-up params."""
+  def warmup(self, on_metrics: Callback | None = None, on_progress: Progress | None = None):
+    """Supervised training on task solutions; returns the warmed-up params. Every 25 steps
+    `on_metrics` gets a row and `on_progress(step, total, seconds_per_step)` the rate (None
+    at the first report, whose steps include compiling)."""
     sft = self.config.sft
     if self.config.hf_checkpoint and not sft.num_steps:
       return self.state.params  # RL starts from the checkpoint's weights
@@ -109,13 +112,20 @@ class Engine:
     if self.config.hf_checkpoint:  # SFT from the checkpoint's weights (a copy: the step donates)
       state = state.replace(params=jax.jit(lambda p: jax.tree.map(jnp.copy, p),
                                            out_shardings=shardings.params)(self.state.params))
+    t_first = first = None
     for step in range(1, sft.num_steps + 1):
       rng = np.random.default_rng([self.config.seed, 1, step])
       batch = data.sft_batch(self.tok, self.task.sample(rng, sft.batch_size), self.prompt_slots,
                              self.response_slots)
       state, m = step_fn(state, to_global(batch, self.seq_sharding))
-      if on_metrics and (step % 25 == 0 or step == sft.num_steps):
-        on_metrics({"phase": "sft", "step": step, **{k: float(v) for k, v in m.items()}})
+      if step % 25 == 0 or step == sft.num_steps:
+        row = {"phase": "sft", "step": step, **{k: float(v) for k, v in m.items()}}  # waits
+        now = time.perf_counter()
+        if on_metrics:
+          on_metrics(row)
+        if on_progress:
+          on_progress(step, sft.num_steps, t_first and (now - t_first) / (step - first))
+        t_first, first = t_first or now, first or step
     return state.params
 
   # -- evaluation -----------------------------------------------------------
@@ -285,7 +295,7 @@ def holds_checkpoint(directory: str) -> bool:
 
 
 def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callback | None = None,
-        on_progress: Callable[[int, int, float], None] | None = None,
+        on_progress: Progress | None = None, on_warmup_progress: Progress | None = None,
         warn: Callable[[str], None] = print, info: Callable[[str], None] = print,
         allow_fresh_start: bool = False) -> dict:
   """Warm-up (or resume), then RL; returns a summary dict. Resumable from `workdir`.
@@ -295,7 +305,8 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   `info`) if it was written by the same setup (`run_identity`). Refuses to start
   from scratch over a workdir that already has metrics unless `allow_fresh_start`.
   `on_progress(step, total, seconds_per_step)` gets None as the rate for the first
-  step after a start or resume (it includes compiling).
+  step after a start or resume (it includes compiling); `on_warmup_progress` the same for
+  the warm-up (see `Engine.warmup`).
   """
   if config.init_from and not holds_checkpoint(config.init_from):
     # Checked before any Checkpointer is made: it would create the (mistyped) directory, and
@@ -343,9 +354,10 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
       for problem in problems:
         warn(problem)
       if params is None:
-        # An interrupted warm-up reruns whole.
-        _truncate_metrics(metrics_path, 0, phases=("sft",))
-        params = engine.warmup(emit)
+        _truncate_metrics(metrics_path, 0, phases=("sft",))  # an interrupted warm-up reruns whole
+        if config.sft.num_steps:
+          info(f"warm-up: {config.sft.num_steps} supervised steps (the first compiles)")
+        params = engine.warmup(emit, on_warmup_progress)
         if config.sft.num_steps or not config.hf_checkpoint:  # else: the checkpoint dir has them
           sft_ckpt.save(config.sft.num_steps, params, warm_identity)
           sft_ckpt.wait()

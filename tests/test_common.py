@@ -1,0 +1,45 @@
+"""Tests for experiments/common.py's shell helpers: the progress log's throttle and ETA, and
+exit_with_error. (Its flag parsing is tested through the command line in test_bad_input.)"""
+
+import logging
+
+import pytest
+
+from experiments import common
+
+
+def _logged(caplog):
+  return [r.getMessage() for r in caplog.records if "step" in r.getMessage()]
+
+
+def test_progress_logger_throttles_and_computes_the_eta(caplog):
+  now = [0.0]
+  log = common.progress_logger("rl", every_s=10.0, clock=lambda: now[0])
+  with caplog.at_level(logging.INFO, logger="absl"):
+    log(1, 100, None)             # first: compiling, no ETA, always shown
+    for step, t in [(2, 1.0), (3, 2.0), (11, 10.0), (12, 11.0), (22, 21.0)]:
+      now[0] = t
+      log(step, 100, 0.5)
+    now[0] = 21.5
+    log(100, 100, 0.5)            # the last step: always shown
+  assert _logged(caplog) == [
+      "rl step 1/100  (includes compiling; ETA from the next report)",
+      # 10 s after the first report, not before; then 10 s after that one.
+      "rl step 11/100  0.50s/step  ETA 0m44s",   # 89 steps x 0.5 s
+      "rl step 22/100  0.50s/step  ETA 0m39s",
+      "rl step 100/100  0.50s/step  ETA 0m00s"]
+
+
+def test_progress_logger_shows_minutes_and_every_report_with_every_s_0(caplog):
+  log = common.progress_logger("warm-up", every_s=0.0)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    log(25, 300, 1.5)
+    log(50, 300, 1.5)
+  assert _logged(caplog) == ["warm-up step 25/300  1.50s/step  ETA 6m52s",
+                             "warm-up step 50/300  1.50s/step  ETA 6m15s"]
+
+
+def test_exit_with_error_is_one_line_and_code_2(capsys):
+  with pytest.raises(SystemExit) as e:
+    common.exit_with_error("bad config: x")
+  assert e.value.code == 2 and capsys.readouterr().err == "error: bad config: x\n"
