@@ -148,6 +148,15 @@ def config_value(config_flag):
   return cfg
 
 
+def ineffective_overrides(argv: list[str], replay_mode: str) -> list[str]:
+  """`--config.pr2.*` flags given for a run whose replay mode has no predictor: they would
+  change nothing, which a user who typed them should hear."""
+  from pr2_jax.rl.config import PR2_MODES
+  if replay_mode in PR2_MODES:
+    return []
+  return [a for a in argv[1:] if a.startswith("--config.pr2.")]
+
+
 def exit_with_error(message: str):
   """A user error (bad config, a workdir of another setup): one line on stderr, exit code 2,
   no traceback (those are for bugs)."""

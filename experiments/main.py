@@ -8,6 +8,8 @@ Multi-host (run the same command on every process; see docs/scaling.md):
         --coordinator_address=HOST0:1234 --num_processes=2 --process_id=RANK
 """
 
+import sys
+
 from absl import app, flags, logging
 
 from experiments import common
@@ -33,6 +35,9 @@ def main(argv):
     config.model.validate_mesh(mesh.shape["expert"], mesh.shape["data"])
   except (ValueError, KeyError, flags.ValidationError) as e:
     common.exit_with_error(f"bad config: {e}")
+  for flag in common.ineffective_overrides(sys.argv, config.rl.replay_mode):
+    logging.warning("%s has no effect: rl.replay_mode=%r runs no predictor (pr2 and pr2_r2 do)",
+                    flag, config.rl.replay_mode)
   writer = common.MetricsWriter(_WORKDIR.value)
   logging.info("mesh %s; workdir %s", dict(mesh.shape), _WORKDIR.value)
   try:

@@ -43,3 +43,13 @@ def test_exit_with_error_is_one_line_and_code_2(capsys):
   with pytest.raises(SystemExit) as e:
     common.exit_with_error("bad config: x")
   assert e.value.code == 2 and capsys.readouterr().err == "error: bad config: x\n"
+
+
+def test_pr2_overrides_without_a_predictor_are_named():
+  argv = ["main", "--config=configs/tiny.py", "--config.pr2.lr_mult=5", "--config.rl.seed=1",
+          "--config.pr2.loss=l2"]
+  assert common.ineffective_overrides(argv, "r3") == ["--config.pr2.lr_mult=5",
+                                                      "--config.pr2.loss=l2"]
+  assert common.ineffective_overrides(argv, "none") == common.ineffective_overrides(argv, "r2")
+  assert common.ineffective_overrides(argv, "pr2") == []
+  assert common.ineffective_overrides(argv, "pr2_r2") == []
