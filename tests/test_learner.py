@@ -485,13 +485,18 @@ def test_pr2_r2_predicts_in_the_old_logprob_pass():
   micro = data.split_micro({k: v for k, v in batch.items()
                             if k not in ("feature_h", "feature_p")}, 1)
   w = jax.random.normal(jax.random.key(5), state.predictor.shape)
-  _, routes, (h, p), _ = learner.old_logprob_pass(lr, state.params, w, micro)
+  old_logp, routes, (h, p), _ = learner.old_logprob_pass(lr, state.params, w, micro)
   _, routes_live, _, _ = learner.old_logprob_pass(lr, state.params, jnp.zeros_like(w), micro)
   assert not np.array_equal(np.asarray(routes), np.asarray(routes_live))
   m0 = jax.tree.map(lambda x: x[0], micro)
+  # π_old is the training forward's: R̂ replayed, gated by ρ (the predictor only picks R̂), so
+  # the first mini-step's ratio π_θ/π_old is 1. Gating by q̂ here would differ by ~1e-2.
+  m0_replay = {**m0, "rollout_routes": routes[0]}
+  np.testing.assert_allclose(np.asarray(old_logp[0]),
+                             _hand_logp(model, state.params, m0_replay)[1], rtol=0, atol=2e-5)
   out = model.apply({"params": state.params}, m0["tokens"], positions=m0["positions"],
-                    valid=m0["valid"], predictor=w, return_router_logits=True,
-                    return_router_inputs=True)
+                    valid=m0["valid"], predictor=w, predicted_gates=False,
+                    return_router_logits=True, return_router_inputs=True)
   num_l, k = CFG.num_moe_layers, CFG.top_k
   slots = m0["feature_slots"]
   # The cached features are the predicting forward's router inputs and logits at the slots.

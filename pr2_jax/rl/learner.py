@@ -86,12 +86,15 @@ def forward_logprobs(model: MoETransformer, params, seq: dict, routes, temperatu
                      predictor=None, features: bool = False, plan=None, capacity=None):
   """Log-probs [b, T] of tokens[:, 1:] under π_θ/temperature, plus the model output.
 
-  `capacity` is the static per-slot token capacity (None: the model's capacity_factor).
+  The training engine's forward: gates always come from the router's ρ (DESIGN §3). A
+  `predictor` (PR2-R2's old pass) only chooses the route R̂, so π_old is exactly what the
+  update's forward computes when it replays R̂ at θ = θ_old. `capacity` is the static
+  per-slot token capacity (None: the model's capacity_factor).
   """
   out = model.apply({"params": params}, seq["tokens"], routes=routes, positions=seq["positions"],
                     valid=seq["valid"], return_router_logits=True,
-                    return_router_inputs=features, predictor=predictor, slot_expert=plan,
-                    capacity=capacity)
+                    return_router_inputs=features, predictor=predictor, predicted_gates=False,
+                    slot_expert=plan, capacity=capacity)
   scale = 1.0 if temperature == 0 else 1.0 / temperature
   logits_BTV = out.logits[:, :-1] * scale
   return losses.token_logprobs(logits_BTV, seq["tokens"][:, 1:]), logits_BTV, out
