@@ -16,6 +16,7 @@ checkpoint's weights: no SFT warm-up unless `sft.num_steps > 0`.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -53,9 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
   r.micro_steps = 2           # M: gradient-accumulation micro-steps per mini-batch
   r.replay_mode = "pr2"       # PR2-R3: rollout routes by the predicted q̂, training replays them
   r.loss = "dapo"             # dapo (token ratio) | gspo (sequence ratio)
-  r.clip_low = 0.2            # ε_low
-  r.clip_high = 0.28          # ε_high
-  r.ratio_denominator = "rollout"  # π_θ/µ (rollout) or π_θ/π_old (old)
+  # None = the loss's own (DESIGN §3): dapo 0.2 / 0.28 against µ, gspo 3e-4 / 4e-4 against π_old
+  r.clip_low = placeholder(float)   # ε_low
+  r.clip_high = placeholder(float)  # ε_high
+  r.ratio_denominator = placeholder(str)  # π_θ/µ (rollout) or π_θ/π_old (old)
   r.tis_cap = 0.0             # truncated IS cap with ratio_denominator='old' (0 = off)
   r.learning_rate = 1e-5      # AdamW learning rate (a pretrained policy: small steps)
   r.weight_decay = 0.0        # AdamW weight decay

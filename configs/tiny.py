@@ -10,6 +10,7 @@
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -61,9 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   r.micro_steps = 2           # M: gradient-accumulation micro-steps per mini-batch
   r.replay_mode = "r3"        # none | r2 | r3 | pr2 (PR2-R3) | pr2_r2 (PR2-R2)
   r.loss = "dapo"             # dapo | gspo
-  r.clip_low = 0.2            # ε_low
-  r.clip_high = 0.28          # ε_high
-  r.ratio_denominator = "rollout"  # π_θ/µ (rollout) or π_θ/π_old (old)
+  # None = the loss's own (DESIGN §3): dapo 0.2 / 0.28 against µ, gspo 3e-4 / 4e-4 against π_old
+  r.clip_low = placeholder(float)   # ε_low
+  r.clip_high = placeholder(float)  # ε_high
+  r.ratio_denominator = placeholder(str)  # π_θ/µ (rollout) or π_θ/π_old (old)
   r.tis_cap = 0.0             # truncated IS cap with ratio_denominator='old' (0 = off)
   r.learning_rate = 1e-3      # AdamW learning rate
   r.weight_decay = 0.0        # AdamW weight decay

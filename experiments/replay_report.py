@@ -221,7 +221,9 @@ def expectation_checks(results: dict) -> list[str]:
 
 
 def _setting_lines(cfg) -> list[str]:
-  m, rl, p, s = cfg.model, cfg.rl, cfg.pr2, cfg.sft
+  from pr2_jax.rl.config import RLConfig
+  m, p, s = cfg.model, cfg.pr2, cfg.sft
+  rl = RLConfig.from_dict(cfg.rl.to_dict())  # the clip range as run (None = the loss's own)
   return [
       f"- task `{cfg.task}` {cfg.task_kwargs.to_dict()}; model: {m.num_layers} MoE layers, d_model "
       f"{m.d_model}, {m.num_experts} experts top-{m.top_k}, rollout dtype {rl.rollout_dtype}",

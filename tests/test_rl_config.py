@@ -164,7 +164,7 @@ def test_configs_that_cannot_describe_a_run_fail_naming_what_is_missing():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tis_cap=2.0), r"RLConfig.tis_cap=2.0 has no effect with ratio_denominator='rollout' "
      r"\(.*\): set ratio_denominator='old' to use truncated IS, or tis_cap=0"),
-    (dict(tis_cap=2.0, loss="gspo", clip_low=3e-4, clip_high=4e-4),
+    (dict(tis_cap=2.0, loss="gspo", ratio_denominator="rollout"),
      r"RLConfig.tis_cap=2.0 has no effect with ratio_denominator='rollout'"),
     (dict(eplb_ema=0.5), r"RLConfig.eplb_ema=0.5 is only read by balance_mode='eplb_step', not "
      r"balance_mode='none': set balance_mode='eplb_step' or eplb_ema=0"),
@@ -182,6 +182,7 @@ def test_settings_that_take_effect_stay_valid():
   assert RLConfig(tis_cap=2.0, ratio_denominator="old").tis_cap == 2.0
   assert RLConfig(tis_cap=0.0, ratio_denominator="old").tis_cap == 0.0  # 'old' without TIS
   assert RLConfig(eplb_ema=0.5, balance_mode="eplb_step").eplb_ema == 0.5
+  assert RLConfig(tis_cap=2.0, loss="gspo").tis_cap == 2.0  # GSPO's ratio is against π_old
 
 
 @pytest.mark.parametrize("mode", ["eplb_step", "foresight"])
@@ -214,3 +215,28 @@ def test_shipped_rl_sections_validate(name):
   rl = RLConfig.from_dict(cfg.rl.to_dict())
   rl._check_expert_axis(cfg.mesh_expert)
   assert (rl.tis_cap, rl.balance_mode, rl.eplb_ema) == (0.0, "none", 0.0)
+
+
+def test_clip_range_and_ratio_default_to_the_losses_own():
+  """DESIGN §3: DAPO clips the token ratio π_θ/µ at 0.2 / 0.28; GSPO the sequence ratio against
+  π_old at 3e-4 / 4e-4. Choosing a loss brings its own; a value given explicitly is kept."""
+  def triple(r):
+    return r.clip_low, r.clip_high, r.ratio_denominator
+  assert triple(RLConfig()) == (0.2, 0.28, "rollout")
+  assert triple(RLConfig(loss="gspo")) == (3e-4, 4e-4, "old")
+  assert triple(RLConfig(loss="gspo", clip_high=1e-3)) == (3e-4, 1e-3, "old")
+  assert triple(RLConfig(loss="dapo", ratio_denominator="old")) == (0.2, 0.28, "old")
+  with pytest.raises(ValueError, match=r"RLConfig.loss='ppo' must be one of \('dapo', 'gspo'\)"):
+    RLConfig(loss="ppo")
+
+
+@pytest.mark.parametrize("name", ["tiny", "hf_pr2"])
+def test_config_files_leave_the_clip_range_to_the_loss(name):
+  """The shipped files hold placeholders, so `--config.rl.loss=gspo` alone gives GSPO's."""
+  import importlib
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  cfg.rl.loss = "gspo"
+  rl = RLConfig.from_dict(cfg.rl.to_dict())
+  assert (rl.clip_low, rl.clip_high, rl.ratio_denominator) == (3e-4, 4e-4, "old")
+  cfg.rl.clip_low = 0.1  # a typed placeholder: a flag can set it
+  assert RLConfig.from_dict(cfg.rl.to_dict()).clip_low == 0.1

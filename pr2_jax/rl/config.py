@@ -21,6 +21,9 @@ CAPACITY_MODES = ("auto", "model", "bucket", "forecast")
 PLANNER_METHODS = ("lpt", "rounds")  # pr2_jax.balance.planner.METHODS (kept jax-free here)
 LOSSES = ("dapo", "gspo")
 RATIO_DENOMINATORS = ("rollout", "old")
+# Each loss's (clip_low, clip_high, ratio_denominator), DESIGN §3: DAPO's token ratio π_θ/µ,
+# GSPO's sequence ratio against π_old with its tiny clip range.
+LOSS_DEFAULTS = {"dapo": (0.2, 0.28, "rollout"), "gspo": (3e-4, 4e-4, "old")}
 DTYPES = ("float32", "bfloat16")
 
 
@@ -33,9 +36,11 @@ class RLConfig:
   micro_steps: int = 2             # M micro-steps of gradient accumulation per mini-batch
   replay_mode: str = "r3"          # none | r2 | r3 | pr2 | pr2_r2 (DESIGN §2)
   loss: str = "dapo"               # dapo (token ratio) | gspo (sequence ratio)
-  clip_low: float = 0.2            # ε_low (GSPO: use 3e-4)
-  clip_high: float = 0.28          # ε_high (GSPO: use 4e-4)
-  ratio_denominator: str = "rollout"  # ratio π_θ/µ ('rollout') or π_θ/π_old ('old')
+  # None = the loss's own (LOSS_DEFAULTS), filled in at construction: ε_low/ε_high 0.2/0.28 and
+  # π_θ/µ for dapo, 3e-4/4e-4 and π_θ/π_old for gspo.
+  clip_low: float | None = None    # ε_low
+  clip_high: float | None = None   # ε_high
+  ratio_denominator: str | None = None  # ratio π_θ/µ ('rollout') or π_θ/π_old ('old')
   tis_cap: float = 0.0             # truncated IS weight cap for π_old/µ with 'old'; 0 = off
   learning_rate: float = 1e-4      # AdamW learning rate
   weight_decay: float = 0.0        # AdamW weight decay
@@ -64,6 +69,12 @@ class RLConfig:
   capacity_buckets: int = 2        # capacity buckets per doubling (1 = powers of two)
 
   def __post_init__(self):
+    if self.loss not in LOSSES:
+      raise ValueError(f"RLConfig.loss={self.loss!r} must be one of {LOSSES}")
+    for name, default in zip(("clip_low", "clip_high", "ratio_denominator"),
+                             LOSS_DEFAULTS[self.loss]):
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, default)
     # Types first: a string or NaN must not reach the range checks (NaN passes every one).
     for name in ("num_steps", "prompts_per_step", "group_size", "off_policy_k", "micro_steps",
                  "max_new_tokens", "eval_size", "max_consecutive_skips"):
