@@ -447,6 +447,27 @@ def test_predictor_learns_toward_the_router_after_the_update():
   assert wants[0].sum() > 1e-6, wants[0]
 
 
+def test_bias_logit_ratio_is_the_minibatch_ratio_of_means():
+  """DESIGN §3's mean|b| / mean|p_old| over the whole mini-batch: with two micro-steps whose
+  logits differ 10x in size, a mean of per-micro-step ratios would be far from it."""
+  model, tx, pred_tx, state, batch = _pr2_setup()
+  lr = learner.Learner(model, _rl(replay_mode="pr2", micro_steps=2), tx,
+                       PR2Config(feature_dtype="float32"), pred_tx)
+  micro = _prepare(model, lr.rl, state.params, batch, 2)
+  micro["feature_p"] = micro["feature_p"] * np.array([1.0, 10.0])[:, None, None, None, None]
+  w = _mispredicting_wp(state)
+  _, m = learner.update_step(lr, state.replace(predictor=w, pred_opt_state=pred_tx.init(w)),
+                             micro, jnp.asarray(False))
+  num_l = CFG.num_moe_layers
+  h = np.asarray(micro["feature_h"], np.float64).reshape(-1, num_l, CFG.d_model)
+  p = np.asarray(micro["feature_p"], np.float64).reshape(-1, num_l, CFG.num_experts)
+  valid = np.concatenate([_at_slots(micro["valid"][i], micro["feature_slots"][i])
+                          for i in range(2)]).astype(np.float64)[:, None, None]
+  b = np.einsum("nld,lde->nle", h, np.asarray(w, np.float64))
+  want = (np.abs(b) * valid).sum() / (np.abs(p) * valid).sum()
+  np.testing.assert_allclose(float(m["bias_logit_ratio"]), want, rtol=1e-5)
+
+
 def test_pr2_update_with_fsdp_matches_single_device():
   """PR2 on a (2, 4) mesh with model.fsdp: W_p is split over 'data' like the weights, the
   update (SGD, lr 1: update = gradient) equals one device's, and W_p stays split."""

@@ -184,6 +184,20 @@ def test_zero_predictor_predicts_the_live_route():
   assert float(pred.bias_logit_ratio(w, h[:, None], p_old[:, None], jnp.ones(16))) == 0.0
 
 
+def test_bias_logit_ratio_hand_worked():
+  """mean|b| / mean|p_old| over weighted positions, b = h W_p. Two positions, one layer,
+  d = 1, E = 2: W_p = [[1, -2]] gives b = h·[1, -2]."""
+  w_LDE = jnp.array([[[1.0, -2.0]]])
+  h_NLD = jnp.array([[[1.0]], [[-3.0]]])            # |b| rows: [1, 2] and [3, 6]
+  p_NLE = jnp.array([[[4.0, -4.0]], [[1.0, 1.0]]])  # |p| rows: 8 and 2
+  bias, logit = pred.bias_logit_sums(w_LDE, h_NLD, p_NLE, jnp.array([1.0, 1.0]))
+  assert (float(bias), float(logit)) == (12.0, 10.0)
+  np.testing.assert_allclose(pred.bias_logit_ratio(w_LDE, h_NLD, p_NLE, jnp.ones(2)), 1.2)
+  # A padding position (weight 0) counts in neither sum.
+  np.testing.assert_allclose(pred.bias_logit_ratio(w_LDE, h_NLD, p_NLE, jnp.array([1.0, 0.0])),
+                             3.0 / 8.0)
+
+
 def test_topk_overlap_hand_worked():
   a = jnp.array([[[0, 1]], [[2, 3]]])
   b = jnp.array([[[1, 2]], [[2, 3]]])

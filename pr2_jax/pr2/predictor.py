@@ -48,7 +48,9 @@ def predictor_loss(kind: str, w_DE: jax.Array, h_old_ND: jax.Array, p_old_NE: ja
     predicted distribution should be the router's distribution now.
   'delta': KL(softmax(sg(p_cur − p_old)) ‖ softmax(b)), the bias alone
     should predict the logit change.
-  'l2': mean ‖b − sg(p_cur − p_old)‖², squared error on the logit change.
+  'l2': ‖b − sg(p_cur − p_old)‖² / E, the squared error on the logit change averaged over
+    the E experts (DESIGN §3's norm divided by E, so its size does not grow with E; Adam's
+    update is invariant to that constant factor).
   """
   p_old = jax.lax.stop_gradient(p_old_NE.astype(jnp.float32))
   p_cur = jax.lax.stop_gradient(p_cur_NE.astype(jnp.float32))
@@ -85,10 +87,17 @@ def topk_overlap(a_NLK: jax.Array, b_NLK: jax.Array, weight_N: jax.Array) -> jax
   return jnp.einsum("nl,n->l", inter_NL / k, weight_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
 
 
-def bias_logit_ratio(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
-                     weight_N: jax.Array) -> jax.Array:
-  """mean|b| / mean|p_old| over weighted positions: how hard the predictor pushes."""
+def bias_logit_sums(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
+                    weight_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(Σ w|b|, Σ w|p_old|) over positions, layers and experts: additive over micro-steps, so a
+  mini-batch's ratio is the ratio of its sums (not a mean of per-micro-step ratios)."""
   b_NLE = jnp.einsum("nld,lde->nle", h_NLD.astype(jnp.float32), w_LDE)
   w = weight_N.astype(jnp.float32)[:, None, None]
-  return jnp.sum(jnp.abs(b_NLE) * w) / jnp.maximum(jnp.sum(jnp.abs(p_NLE.astype(jnp.float32)) * w),
-                                                    1e-9)
+  return jnp.sum(jnp.abs(b_NLE) * w), jnp.sum(jnp.abs(p_NLE.astype(jnp.float32)) * w)
+
+
+def bias_logit_ratio(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
+                     weight_N: jax.Array) -> jax.Array:
+  """mean|b| / mean|p_old| over weighted positions (DESIGN §3): how hard the predictor pushes."""
+  bias, logit = bias_logit_sums(w_LDE, h_NLD, p_NLE, weight_N)
+  return bias / jnp.maximum(logit, 1e-9)

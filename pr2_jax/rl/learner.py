@@ -196,8 +196,9 @@ def predictor_step(lr: Learner, predictor, micro: dict, router_logits_bSLE, feat
   k = micro["rollout_routes"].shape[-1]
   live_NLK = jax.lax.top_k(p_cur_NLE, k)[1]
   acc_L = pred.topk_overlap(pred.predicted_topk(predictor, h_NLD, p_old_NLE, k), live_NLK, weight_N)
+  bias_sum, logit_sum = pred.bias_logit_sums(predictor, h_NLD, p_old_NLE, weight_N)
   return {"grad": grad, "loss_per_layer": per_layer, "topk_acc_per_layer": acc_L * share,
-          "bias_logit_ratio": pred.bias_logit_ratio(predictor, h_NLD, p_old_NLE, weight_N) * share}
+          "bias_abs_sum": bias_sum, "logit_abs_sum": logit_sum}
 
 
 def minibatch_metrics(stats: dict, grads) -> dict:
@@ -219,7 +220,7 @@ def minibatch_metrics(stats: dict, grads) -> dict:
     out.update(pred_loss=jnp.sum(p["loss_per_layer"]), pred_loss_per_layer=p["loss_per_layer"],
                pred_topk_acc=jnp.mean(p["topk_acc_per_layer"]),
                pred_topk_acc_per_layer=p["topk_acc_per_layer"],
-               bias_logit_ratio=p["bias_logit_ratio"])
+               bias_logit_ratio=p["bias_abs_sum"] / jnp.maximum(p["logit_abs_sum"], 1e-9))
   return out
 
 

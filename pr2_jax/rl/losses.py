@@ -72,7 +72,8 @@ def grpo_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6,
   Groups are consecutive blocks of `group_size` samples of the same prompt
   (rows `[g*G, (g+1)*G)`). Each reward is centred on its group mean and, when
   `scale_by_std`, divided by the group's *population* standard deviation
-  (ddof=0, as DAPO/verl) plus `eps`: `A = (r − mean_g) / (std_g + eps)`.
+  (ddof=0) plus `eps`: `A = (r − mean_g) / (std_g + eps)`. (verl's `torch.std`
+  is the sample one, ddof=1: its advantages are ours × sqrt((G−1)/G).)
   `scale_by_std=False` is Dr.GRPO's unbiased variant `A = r − mean_g`.
 
   A group whose rewards are all equal carries no learning signal and gets an
