@@ -116,7 +116,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   flags.DEFINE_integer("experts", 32, "Experts (a multiple of the device count).")
   flags.DEFINE_integer("top_k", 4, "Experts per token.")
   flags.DEFINE_integer("seqs", 2, "Sequences in the micro-step.")
@@ -129,4 +129,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
   flags.DEFINE_integer("seed", 0, "Seed.")
   flags.DEFINE_string("out", "/tmp/balance_moe.json", "JSON output.")
-  app.run(main)
+  common.at_least(1, "experts", "top_k", "seqs", "seq_len", "cluster", "d_model", "d_ff",
+                  "repeats")
+  common.at_least(0, "boost", "skew")
+  common.run(main)

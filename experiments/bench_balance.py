@@ -78,6 +78,10 @@ _ROLLOUT_MICRO = flags.DEFINE_list("rollout_micro_seqs", ["4", "16", "64"],
                                    "(b) rollouts: sequences per micro-step.")
 _SEED = flags.DEFINE_integer("seed", 0, "Trace and shuffling seed.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_balance.json", "JSON output.")
+common.at_least(1, "layers", "experts", "top_k", "devices", "slots", "seq_len", "plan_seqs",
+                "repeats", "trace_steps", "trace_seqs", "cluster", "split_iters",
+                "sim_micro_seqs")
+common.at_least(0, "skew", "boost", "drift", "ema", "stickiness")
 
 QUICK_MOE = ["--experts=16", "--top_k=2", "--seqs=2", "--seq_len=64", "--d_model=16",
              "--d_ff=16", "--repeats=2"]
@@ -336,4 +340,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -55,6 +55,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs after compiling.")
 _MESH_EXPERT = flags.DEFINE_integer("mesh_expert", 1, "'expert' mesh axis size; data = rest.")
 _SEED = flags.DEFINE_integer("seed", 0, "Parameter and token seed.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_model.json", "JSON result path.")
+common.at_least(1, "seq_len", "batch", "steps", "mesh_expert")
+common.at_least(0, "warmup", "capacity_factor")
 
 BASELINE = "capacity"
 
@@ -65,16 +67,21 @@ def parse_impl(entry: str) -> tuple[str, float]:
   try:
     return impl, float(factor) if factor else _CAPACITY_FACTOR.value
   except ValueError:
-    raise app.UsageError(f"--impls entry {entry!r}: capacity factor must be a number") from None
+    raise flags.ValidationError(f"--impls entry {entry!r}: capacity factor must be a number"
+                                ) from None
 
 
 def model_config(entry: str) -> ModelConfig:
   impl, capacity_factor = parse_impl(entry)
-  return ModelConfig(
-      vocab_size=mf.VOCAB_SIZE.value, num_layers=mf.NUM_LAYERS.value, d_model=mf.D_MODEL.value,
-      num_heads=mf.NUM_HEADS.value, num_kv_heads=mf.NUM_KV_HEADS.value, head_dim=mf.HEAD_DIM.value,
-      expert_d_ff=mf.EXPERT_D_FF.value, num_experts=mf.NUM_EXPERTS.value, top_k=mf.TOP_K.value,
-      dtype=_DTYPE.value, expert_impl=impl, capacity_factor=capacity_factor)
+  try:
+    return ModelConfig(
+        vocab_size=mf.VOCAB_SIZE.value, num_layers=mf.NUM_LAYERS.value,
+        d_model=mf.D_MODEL.value, num_heads=mf.NUM_HEADS.value,
+        num_kv_heads=mf.NUM_KV_HEADS.value, head_dim=mf.HEAD_DIM.value,
+        expert_d_ff=mf.EXPERT_D_FF.value, num_experts=mf.NUM_EXPERTS.value, top_k=mf.TOP_K.value,
+        dtype=_DTYPE.value, expert_impl=impl, capacity_factor=capacity_factor)
+  except ValueError as e:  # a usage error: one line (common.run), not a traceback
+    raise flags.ValidationError(f"--impls entry {entry!r}: {e}") from None
 
 
 def build_mesh():
@@ -266,4 +273,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

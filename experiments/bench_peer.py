@@ -70,6 +70,9 @@ _MESH_EXPERT = flags.DEFINE_integer(
     "parallel); the rest is 'data'.")
 _ONE_DEVICE = flags.DEFINE_bool("one_device_too", True,
                                 "Also time ours on one device, in the same rounds.")
+common.at_least(1, "batch", "seq_len", "decode_batch", "prompt_len", "new_tokens", "rounds",
+                "peak_n")
+common.at_least(0, "warmup", "mesh_expert")
 
 TARGETS = {"train_speedup": 2.0, "decode_speedup": 3.0, "mfu": 0.25}
 QUICK = dict(d_model=64, num_layers=2, num_experts=8, top_k=2, expert_d_ff=64, num_heads=4,
@@ -348,4 +351,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -18,7 +18,7 @@ import statistics
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 
@@ -31,6 +31,8 @@ _OUT = flags.DEFINE_string("out", "experiments/results/bench_rollout.json", "JSO
 _D_MODEL = flags.DEFINE_integer("d_model", 64, "Residual width (tiny config by default).")
 _EXPERTS = flags.DEFINE_integer("num_experts", 8, "Routed experts.")
 _LAYERS = flags.DEFINE_integer("num_layers", 2, "Decoder layers.")
+common.at_least(1, "batch", "prompt_len", "new_tokens", "repeats", "d_model", "num_experts",
+                "num_layers")
 
 
 def main(argv):
@@ -84,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

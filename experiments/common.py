@@ -129,12 +129,33 @@ def define_config(default: str, help_text: str):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """`app.run`'s flag parser (`app.run(main, flags_parser=common.parse_flags)`): absl's, but an
-  unknown `--config.*` key is one line naming it, not a traceback."""
+  """`app.run`'s flag parser: absl's, but a bad flag (unknown, mistyped, out of bounds, or an
+  unknown `--config.*` key) is one `error:` line naming it, exit code 2, not a traceback."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
   except AttributeError as e:
     _unknown_config_key(e, argv)
+  except flags.Error as e:
+    exit_with_error(f"{' '.join(str(e).split())} (--helpfull lists every flag)")
+
+
+def run(main):
+  """`app.run(main)` for our entry points: flags parsed by `parse_flags`, and a
+  `flags.ValidationError` raised in `main` (a bad flag combination) is one error line too."""
+  def checked(argv):
+    try:
+      return main(argv)
+    except flags.ValidationError as e:
+      exit_with_error(str(e))
+  app.run(checked, flags_parser=parse_flags)
+
+
+def at_least(minimum: float, *names: str):
+  """Registers `--name >= minimum` for each flag: a negative count or size fails as it is parsed
+  instead of as a numpy or XLA error later (None, an unset optional flag, passes)."""
+  for name in names:
+    flags.register_validator(name, lambda v, m=minimum: v is None or v >= m,
+                             message=f"--{name} must be >= {minimum}")
 
 
 def config_value(config_flag):
@@ -206,3 +227,7 @@ def print_summary(summary: dict, workdir: str):
   lines.append(f"metrics: {os.path.join(workdir, 'metrics.jsonl')}  plots: "
                f"{sys.executable} -m experiments.plot {workdir}")
   print("\n".join(lines), flush=True)
+
+
+at_least(0, "cpu_devices", "num_processes")
+at_least(-1, "process_id")

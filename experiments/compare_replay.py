@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common, replay_report
 
@@ -61,6 +61,8 @@ _SFT_STEPS = flags.DEFINE_integer("sft_steps", None, "Warm-up steps (default: th
 _COLLAPSE = flags.DEFINE_float("collapse_fraction", 0.5, "A run collapsed if its final eval reward "
                                "is below this fraction of its warm-up eval reward (or it hit a "
                                "non-finite loss/gradient).")
+common.at_least(1, "rl_steps", "eval_size", "num_experts", "top_k")
+common.at_least(0, "eval_every", "sft_steps", "collapse_fraction")
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs/results", "Where the JSON, report and PNGs go "
                                "(--quick default: WORKDIR/results).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare_replay", "Run directories, the shared "
@@ -321,4 +323,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=common.parse_flags)
+  common.run(main)

@@ -28,7 +28,7 @@ mini-steps (a private hook: a diagnostic, not an API).
 import json
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common
 
@@ -42,6 +42,7 @@ if __name__ == "__main__":
   _LR = flags.DEFINE_float("learning_rate", 2e-3, "RL learning rate.")
   _STEPS = flags.DEFINE_integer("steps", 30, "RL steps (rollout batches).")
   _PROBE = flags.DEFINE_integer("probe_size", 128, "Probe sequences.")
+  common.at_least(1, "off", "steps", "probe_size")
   _OUT = flags.DEFINE_string("out", "", "Optional JSON output.")
 
 PREDICTORS = ("stale", "prev_drift", "momentum", "linear_fit", "router_weights")
@@ -122,7 +123,10 @@ def restore_params(checkpointer, params_abstract, identity: dict, warn=print):
 
 def main(argv):
   del argv
-  check_init_from(_INIT.value)
+  try:
+    check_init_from(_INIT.value)
+  except ValueError as e:
+    common.exit_with_error(str(e))
   common.setup_devices()
   import dataclasses
 
@@ -134,7 +138,10 @@ def main(argv):
 
   cfg = common.config_value(_CONFIG)
   cfg.rl.update(replay_mode="r3", off_policy_k=_OFF.value, learning_rate=_LR.value)
-  config = ExperimentConfig.from_dict(cfg.to_dict())
+  try:
+    config = ExperimentConfig.from_dict(cfg.to_dict())
+  except ValueError as e:
+    common.exit_with_error(f"bad config: {e}")
   engine = loop.Engine(config, common.build_mesh(cfg))
   if _INIT.value:
     identity = json.loads(json.dumps({"model": dataclasses.asdict(config.model)}))
@@ -197,4 +204,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=common.parse_flags)
+  common.run(main)

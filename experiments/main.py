@@ -10,7 +10,7 @@ Multi-host (run the same command on every process; see docs/scaling.md):
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common
 
@@ -59,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=common.parse_flags)
+  common.run(main)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from pr2_jax.rl.char_tokenizer import CHARS
 
@@ -104,5 +104,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from experiments import common
   _define_flags()
-  app.run(main)
+  common.at_least(0, "initializer_range")
+  common.run(main)

@@ -12,7 +12,7 @@ The last column is the total with `model.fsdp=True` (weights also split over
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 
@@ -38,7 +38,7 @@ def main(argv):
   print(f"{'mesh (data x expert)':>22} {'params GiB':>11} {'AdamW GiB':>10} {'grads GiB':>10} "
         f"{'total GiB':>10} {'fsdp total':>11}")
   for expert in map(int, _EXPERT.value):
-    if n % expert:
+    if expert < 1 or n % expert:
       raise flags.ValidationError(f"--mesh_expert={expert} does not divide the {n} devices")
     config.validate_mesh(expert)
     mesh = make_mesh(n // expert, expert)
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=common.parse_flags)
+  common.run(main)

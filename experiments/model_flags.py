@@ -7,6 +7,8 @@ Defaults: the benchmarks' shared config (a Qwen3-MoE shape scaled to a 2-core CP
 
 from absl import flags
 
+from experiments import common
+
 D_MODEL = flags.DEFINE_integer("d_model", 256, "Residual width.")
 NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Decoder layers (all MoE).")
 NUM_EXPERTS = flags.DEFINE_integer("num_experts", 16, "Routed experts per layer.")
@@ -16,3 +18,5 @@ NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Query heads.")
 NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 2, "Key/value heads.")
 HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Per-head width.")
 VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 1024, "Vocabulary size.")
+common.at_least(1, "d_model", "num_layers", "num_experts", "top_k", "expert_d_ff", "num_heads",
+                "num_kv_heads", "head_dim", "vocab_size")

@@ -75,4 +75,5 @@ if __name__ == "__main__":
   # Flags only when run as a script: other entry points define --out too, and absl refuses a
   # second definition in a process that imports both (the test suite).
   _OUT = flags.DEFINE_string("out", None, "Output directory (default: the first WORKDIR/plots).")
-  app.run(lambda argv: main(argv, _OUT.value))
+  from experiments import common
+  common.run(lambda argv: main(argv, _OUT.value))

@@ -31,7 +31,7 @@ import threading
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 
@@ -47,6 +47,7 @@ if __name__ == "__main__":
   _OUT = flags.DEFINE_string("out", "experiments/results/soak.json", "JSON output.")
   _QUICK = flags.DEFINE_bool("quick", False, "6 steps of a small batch (3 of warm-up): a smoke "
                              "test of this script, not a soak.")
+  common.at_least(1, "steps", "warmup_steps")
 
 # Every RL row must carry these (eval_reward only on evaluation steps).
 REQUIRED_KEYS = ("step", "phase", "loss", "reward_mean", "response_len", "entropy", "k3_kl",
@@ -207,4 +208,4 @@ def _print_table(r: dict):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=common.parse_flags)
+  common.run(main)

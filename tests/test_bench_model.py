@@ -56,5 +56,5 @@ def test_main_writes_expected_json(tmp_path):
                                           ("capacity:x", "capacity factor"),
                                           ("sparse", "expert_impl")])
 def test_bad_impls_fail_before_compiling(tmp_path, impls, match):
-  with pytest.raises((app.UsageError, ValueError), match=match):
+  with pytest.raises((app.UsageError, flags.ValidationError), match=match):
     _run(tmp_path, impls=impls)

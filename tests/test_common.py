@@ -1,9 +1,11 @@
-"""Tests for experiments/common.py's shell helpers: the progress log's throttle and ETA, and
-exit_with_error. (Its flag parsing is tested through the command line in test_bad_input.)"""
+"""Tests for experiments/common.py's shell helpers: the progress log's throttle and ETA, the
+one-line usage errors (bad flags, bounds, validation errors in main) and the ineffective-flag
+warning. (Config-file errors are tested through the command line in test_bad_input.)"""
 
 import logging
 
 import pytest
+from absl import flags
 
 from experiments import common
 
@@ -53,3 +55,39 @@ def test_pr2_overrides_without_a_predictor_are_named():
   assert common.ineffective_overrides(argv, "none") == common.ineffective_overrides(argv, "r2")
   assert common.ineffective_overrides(argv, "pr2") == []
   assert common.ineffective_overrides(argv, "pr2_r2") == []
+
+
+_COUNT = flags.DEFINE_integer("test_common_count", 3, "A count only these tests use.")
+common.at_least(1, "test_common_count")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prog", "--test_common_count=0"],
+     "error: flag --test_common_count=0: --test_common_count must be >= 1 (--helpfull lists "
+     "every flag)\n"),
+    (["prog", "--test_common_count=abc"],
+     "error: flag --test_common_count=abc: invalid literal for int() with base 10: 'abc' "
+     "(--helpfull lists every flag)\n"),
+    (["prog", "--test_common_nope=1"],
+     "error: Unknown command line flag 'test_common_nope'. Did you mean: test_common_count ? "
+     "(--helpfull lists every flag)\n"),
+])
+def test_a_bad_flag_is_one_error_line_and_exit_code_2(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    common.parse_flags(argv)
+  assert e.value.code == 2 and capsys.readouterr().err == message
+
+
+def test_bounded_flag_accepts_its_minimum():
+  common.parse_flags(["prog", "--test_common_count=1"])
+  assert _COUNT.value == 1
+
+
+def test_run_turns_a_validation_error_in_main_into_one_line(capsys, monkeypatch):
+  def main(argv):
+    raise flags.ValidationError("--mesh_expert=3 does not divide the 8 devices")
+  monkeypatch.setattr("sys.argv", ["prog"])
+  with pytest.raises(SystemExit) as e:
+    common.run(main)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == "error: --mesh_expert=3 does not divide the 8 devices\n"
