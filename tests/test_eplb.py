@@ -52,6 +52,33 @@ def test_global_policy_hand_worked():
   np.testing.assert_allclose(eplb_device_load([[10, 4, 6, 2]], phy2log, logcnt, 3), [[8, 7, 7]])
 
 
+def test_global_policy_ignores_groups_hand_worked():
+  """3 groups on 2 nodes (3 % 2 != 0) falls back to the global policy: groups and nodes play no
+  part. 6 experts, 8 replicas, 4 GPUs of 2; two layers worked by hand.
+
+  Layer 0, weight [30, 12, 9, 20, 6, 3]: replicate e0 (30 -> 15), then e3 (20 -> 10). Per-copy
+  loads of physical [0..5, 0', 3'] = [15, 12, 9, 10, 6, 3, 15, 10]. Packing, heaviest first
+  (stable): 0->g0, 0'->g1, 1->g2, 3->g3, 3'->g3 (10, lightest; full), 2->g2 (12; full),
+  4->g0 (15 = g1, first; full), 5->g1. GPUs: [0, 4], [0', 5], [1, 2], [3, 3'].
+
+  Layer 1, weight [12, 3, 24, 9, 6, 21]: replicate e2 (24 -> 12), then e5 (21 -> 10.5). Loads of
+  [0..5, 2', 5'] = [12, 3, 12, 9, 6, 10.5, 12, 10.5]. Packing: 0->g0, 2->g1, 2'->g2, 5->g3,
+  5'->g3 (full), 3->g0 (three-way tie at 12: first; full), 4->g1 (full), 1->g2. GPUs: [0, 3],
+  [2, 4], [2', 1], [5, 5']. A group-aware placement (group loads 15, 33, 27) would number
+  group 1's experts first and place them differently.
+  """
+  weight = [[30, 12, 9, 20, 6, 3], [12, 3, 24, 9, 6, 21]]
+  phy2log, log2phy, logcnt = eplb_rebalance(weight, 8, 3, 2, 4)
+  np.testing.assert_array_equal(phy2log, [[0, 4, 0, 5, 1, 2, 3, 3], [0, 3, 2, 4, 2, 1, 5, 5]])
+  np.testing.assert_array_equal(logcnt, [[2, 1, 1, 2, 1, 1], [1, 1, 2, 1, 1, 2]])
+  # The original copy (rank 0) is listed before the replica made from it.
+  np.testing.assert_array_equal(log2phy, [
+      [[0, 2], [4, -1], [5, -1], [6, 7], [1, -1], [3, -1]],
+      [[0, -1], [5, -1], [2, 4], [1, -1], [3, -1], [6, 7]]])
+  np.testing.assert_allclose(eplb_device_load(weight, phy2log, logcnt, 4),
+                             [[21, 18, 21, 20], [21, 18, 15, 21]])
+
+
 @pytest.mark.parametrize("groups,nodes,gpus,experts,replicas", [
     (4, 2, 8, 16, 24), (3, 2, 4, 12, 16), (1, 1, 8, 32, 48), (8, 4, 8, 64, 64)])
 def test_invariants_random(groups, nodes, gpus, experts, replicas):

@@ -142,6 +142,75 @@ def _hand_logp(model, params, micro0, temperature=1.0):
   return log_softmax, np.take_along_axis(log_softmax, micro0["tokens"][:, 1:, None], -1)[..., 0]
 
 
+def test_mismatch_metrics_match_a_numpy_oracle():
+  """k3_kl, extreme_frac and the IS ratio's mean/variance (DESIGN §3 Metrics) over the valid
+  response tokens of the mini-batch, with Δ = log π_train − log µ: µ is moved by hand by offsets
+  on both sides of ±ln 2, and two micro-steps of different token counts must add up to the
+  mini-batch's means. The ratio denominator is π_old, so only a µ-based metric can match."""
+  model, tx, state, batch = _rollout()
+  offsets = np.array([-1.2, -0.4, 0.0, 0.5, 1.0])  # |Δ| ≈ |offset|: 2 of 5 beyond ln 2
+  shift_BS = offsets[np.random.default_rng(4).integers(0, 5, batch["rollout_logp"].shape)]
+  moved = {**batch, "rollout_logp": (batch["rollout_logp"] + shift_BS).astype(np.float32)}
+  config = _rl(replay_mode="r3", micro_steps=2, ratio_denominator="old")
+  _, m = learner.update_step(_learner(model, config, tx), state,
+                             _prepare(model, config, state.params, moved, 2))
+  mask_BT = np.asarray(batch["response_mask"][:, 1:]) > 0
+  counts = mask_BT.reshape(2, -1).sum(1)
+  assert counts[0] != counts[1]  # a mean of the micro-steps' means would differ
+  delta = (_hand_logp(model, state.params, batch)[1]
+           - np.float64(moved["rollout_logp"][:, 1:]))[mask_BT]
+  extreme = np.abs(delta) > np.log(2)
+  assert 0.2 < extreme.mean() < 0.6 and np.abs(np.abs(delta) - np.log(2)).min() > 0.1
+  ratio = np.exp(delta)
+  np.testing.assert_allclose(float(m["k3_kl"]), np.mean(ratio - 1 - delta), rtol=1e-5)
+  assert float(m["extreme_frac"]) == pytest.approx(extreme.mean(), abs=1e-7)
+  np.testing.assert_allclose(float(m["mismatch_ratio_mean"]), ratio.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m["mismatch_ratio_var"]), ratio.var(), rtol=1e-4)
+
+
+def _np_topk(x, k):
+  """Top-k ids of the last axis (ties to the lower index, as the router)."""
+  return np.argsort(-np.asarray(x, np.float64), axis=-1, kind="stable")[..., :k]
+
+
+def test_r2_routing_metrics_compare_rollout_routes_with_the_live_router():
+  """R2's routing metrics (docs/architecture.md §5): the ROLLOUT's routes against the live
+  training router's top-k, over every valid slot (prompt and response), from a numpy oracle on
+  the router logits of the update's forward (old-pass routes replayed). A bfloat16 rollout plus
+  hand-edited routes (one and two experts swapped out) give deviations 0, 1 and 2."""
+  model, tx, state, batch = _rollout("bfloat16")
+  k, num_e = CFG.top_k, CFG.num_experts
+  routes = np.array(batch["rollout_routes"])
+  rng = np.random.default_rng(5)
+  num_l = CFG.num_moe_layers
+  for dev in (1, 2):  # 6 (row, slot, layer) triples each get `dev` experts from outside the set
+    for b, t, l in zip(rng.integers(0, B, 6), rng.integers(0, P + N, 6),
+                       rng.integers(0, num_l, 6)):
+      free = [e for e in range(num_e) if e not in routes[b, t, l]]
+      routes[b, t, l, :dev] = free[:dev]
+  config = _rl(replay_mode="r2")
+  micro = _prepare(model, config, state.params, {**batch, "rollout_routes": routes}, 1)
+  _, m = learner.update_step(_learner(model, config, tx), state, micro)
+  m0 = jax.tree.map(lambda x: np.asarray(x[0]), micro)
+  out = model.apply({"params": state.params}, m0["tokens"], routes=m0["replay_routes"],
+                    positions=m0["positions"], valid=m0["valid"], return_router_logits=True)
+  live_BSLK = _np_topk(out.router_logits, k)
+  inter_BSL = (routes[..., :, None] == live_BSLK[..., None, :]).any(-1).sum(-1)
+  w_BS1 = m0["valid"].astype(np.float64)[..., None]
+  agree_L = (inter_BSL / k * w_BS1).sum((0, 1)) / w_BS1.sum()
+  hist_4 = np.array([((k - inter_BSL == d) * w_BS1).sum() for d in range(4)]) / (
+      w_BS1.sum() * num_l)
+  assert hist_4[1] > 0 and hist_4[2] > 0  # the hand edits show up as deviations 1 and 2
+  np.testing.assert_allclose(np.asarray(m["topk_agreement_per_layer"]), agree_L, rtol=1e-6)
+  np.testing.assert_allclose(float(m["topk_agreement"]), agree_L.mean(), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(m["dev_hist"]), hist_4, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(float(m["zero_dev_ratio"]), hist_4[0], rtol=1e-6)
+  # The old pass's replayed routes are the live router's own at θ_old: comparing those instead
+  # would give (almost) full agreement and hide the rollout's drift.
+  replayed = (m0["replay_routes"][..., :, None] == live_BSLK[..., None, :]).any(-1).sum(-1)
+  assert (replayed / k * w_BS1).sum() / w_BS1.sum() / num_l > agree_L.mean() + 0.02
+
+
 def _hand_policy_loss(kind, logp, against, adv, mask, clip_low, clip_high, weight=None):
   """Numpy DAPO (token mean) / GSPO (sequence mean) loss and mean ratio; weight = TIS."""
   log_r = np.where(mask > 0, logp - against, 0.0)
@@ -295,7 +364,8 @@ def test_sharded_update_matches_single_device():
 # -- PR2 ---------------------------------------------------------------------
 
 from pr2_jax.pr2.predictor import init_predictor, predicted_topk  # noqa: E402
-from pr2_jax.rl.config import PR2Config  # noqa: E402
+from pr2_jax.rl import programs  # noqa: E402
+from pr2_jax.rl.config import ExperimentConfig, PR2Config, SFTConfig  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
@@ -380,6 +450,37 @@ def test_predictor_skipped_at_first_ministep_and_trained_after():
   assert float(m["pred_loss"]) > 0  # measured even when not applied
   trained, _ = learner.update_step(lr, state, micro, jnp.asarray(True))
   assert float(jnp.abs(trained.predictor - state.predictor).max()) > 0
+
+
+def test_predictor_learning_rate_is_lr_mult_times_the_policy_rate():
+  """Programs' predictor optimizer steps at α·η (PR2Config.lr_mult × RLConfig.learning_rate):
+  the W_p change of one trained update equals Adam's first step at α·η on the (clipped) W_p
+  gradient, −α·η·g / (|g| + ε), for α = 3 and 6; at η alone it would be 3-6x smaller."""
+  model, tx, _, state, batch = _pr2_setup()
+  rl = _rl(replay_mode="pr2")
+  micro = _prepare(model, rl, state.params, batch, 1)
+  w = _mispredicting_wp(state)
+  # The W_p gradient: SGD with lr 1 moves W_p by exactly -g.
+  sgd = optax.sgd(1.0)
+  by_sgd, _ = learner.update_step(
+      learner.Learner(model, rl, tx, PR2Config(feature_dtype="float32"), sgd),
+      state.replace(predictor=w, pred_opt_state=sgd.init(w)), micro, jnp.asarray(True))
+  g = np.asarray(w, np.float64) - np.asarray(by_sgd.predictor, np.float64)
+  g = g * min(1.0, rl.grad_clip / np.linalg.norm(g))  # make_optimizer clips by global norm
+  assert np.mean(np.abs(g) > 1e-6) > 0.9  # nearly every entry is checked below
+  mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+  for alpha in (3.0, 6.0):
+    cfg = ExperimentConfig(model=CFG, rl=rl, sft=SFTConfig(num_steps=0),
+                           pr2=PR2Config(lr_mult=alpha, feature_dtype="float32"))
+    progs = programs.Programs(cfg, mesh, eos_id=2, pad_id=0)
+    new, _ = learner.update_step(progs.learner, state.replace(
+        predictor=w, pred_opt_state=progs.pred_tx.init(w)), micro, jnp.asarray(True))
+    step = np.asarray(new.predictor, np.float64) - np.asarray(w, np.float64)
+    want = -alpha * rl.learning_rate * g / (np.abs(g) + 1e-8)
+    # g is read off float32 weights (rounding ~1e-8): compare where that cannot flip Adam's step.
+    big = np.abs(g) > 1e-6
+    np.testing.assert_allclose(step[big], want[big], rtol=0, atol=1e-6, err_msg=f"α={alpha}")
+    assert np.abs(step).max() <= alpha * rl.learning_rate * (1 + 1e-5)
 
 
 def _at_slots(x_bS_, slots_bF):

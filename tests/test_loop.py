@@ -12,7 +12,7 @@ import pytest
 from pr2_jax.config import ModelConfig
 from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import loop
-from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
+from pr2_jax.rl.config import ExperimentConfig, PR2Config, RLConfig, SFTConfig
 from pr2_jax.train.checkpoint import Checkpointer, abstract_like
 
 REQUIRED_KEYS = {"step", "phase", "reward_mean", "response_len", "entropy", "k3_kl",
@@ -166,6 +166,48 @@ def test_bad_setups_fail_before_compiling(tmp_path):
                            sft=cfg.sft, task="countdown")
   with pytest.raises(ValueError, match="max_new_tokens=3 cannot hold"):
     loop.Engine(short, make_mesh(1, 1, devices=jax.devices()[:1]))
+
+
+def _pr2_engine(feature_rule, feature_tokens):
+  cfg = dataclasses.replace(_config(1, "pr2"), pr2=PR2Config(feature_rule=feature_rule,
+                                                             feature_tokens=feature_tokens))
+  return loop.Engine(cfg, make_mesh(1, 1, devices=jax.devices()[:1]))
+
+
+def test_response_feature_slots_are_the_first_response_slots_of_every_row():
+  """feature_rule='response': every row caches slots P, P+1, ..., P+F-1, whatever the rng; more
+  features than the N response slots would cache (and weight) slots twice: refused."""
+  engine = _pr2_engine("response", 5)
+  p, n = engine.prompt_slots, engine.response_slots
+  assert (p, n) == (11, 6)  # countdown's prompt layout
+  for seed in (0, 1):
+    slots_BF = engine.feature_slots(np.random.default_rng(seed), 5)
+    assert slots_BF.dtype == np.int32
+    np.testing.assert_array_equal(slots_BF, np.broadcast_to(np.arange(11, 16), (5, 5)))
+  np.testing.assert_array_equal(_pr2_engine("response", 6).feature_slots(None, 1),
+                                [np.arange(11, 17)])
+  with pytest.raises(ValueError, match=r"PR2Config.feature_tokens=7 exceeds the 6 slots "
+                                       r"feature_rule='response' draws from \(prompt 11 \+ "
+                                       r"max_new_tokens 6\)"):
+    _pr2_engine("response", 7)
+
+
+def test_random_feature_slots_are_distinct_sorted_and_uniform():
+  """feature_rule='random': each row is F distinct slots of [0, P + N), sorted, drawn from the
+  rng alone (same seed, same slots; another seed, others); over many rows every slot is picked
+  with frequency F / S, rows differ from each other."""
+  engine = _pr2_engine("random", 5)
+  s, f, rows = engine.prompt_slots + engine.response_slots, 5, 4000
+  slots_BF = engine.feature_slots(np.random.default_rng(0), rows)
+  assert slots_BF.shape == (rows, f) and slots_BF.dtype == np.int32
+  assert np.all(np.diff(slots_BF, axis=1) > 0)  # sorted and distinct
+  assert slots_BF.min() >= 0 and slots_BF.max() < s
+  np.testing.assert_array_equal(engine.feature_slots(np.random.default_rng(0), rows), slots_BF)
+  assert not np.array_equal(engine.feature_slots(np.random.default_rng(1), rows), slots_BF)
+  assert len({tuple(r) for r in slots_BF[:50]}) > 45  # C(17, 5) = 6188 subsets: rare repeats
+  freq_S = np.bincount(slots_BF.ravel(), minlength=s) / rows
+  # Binomial(4000, 5/17) per slot: std 0.0072, so 0.04 is > 5 sigma.
+  np.testing.assert_allclose(freq_S, np.full(s, f / s), atol=0.04)
 
 
 @pytest.mark.slow

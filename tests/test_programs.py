@@ -4,6 +4,7 @@ on shared programs equals a run on fresh ones."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.config import ModelConfig
@@ -89,3 +90,45 @@ def test_a_second_seed_traces_nothing_and_matches_fresh_programs():
   for a, b in zip(jax.tree.leaves(shared.state), jax.tree.leaves(fresh.state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(_sample(fresh), tokens[1])
+
+
+def _np_token_logp(logits_BSV, tokens_BS):
+  """float64 log softmax of logits[:, :-1] at tokens[:, 1:] (temperature 1)."""
+  z = np.asarray(logits_BSV[:, :-1], np.float64)
+  z = z - z.max(-1, keepdims=True)
+  log_softmax = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  return np.take_along_axis(log_softmax, np.asarray(tokens_BS)[:, 1:, None], -1)[..., 0]
+
+
+def test_predicted_gates_reaches_the_rollout():
+  """PR2Config.predicted_gates sets how the rollout gates its predicted routes: with a non-zero
+  W_p, µ is the log-prob of a forward gated by q̂ (True) or by the router's ρ at the same
+  routes (False), each checked against a full forward of the training model (float32 rollout)
+  on the sampled tokens; the two oracles differ by far more than the tolerance."""
+  base = _config(replay_mode="pr2", rollout_dtype="float32")
+  m = base.model
+  w_LDE = 0.5 * jax.random.normal(jax.random.key(5), (m.num_moe_layers, m.d_model, m.num_experts))
+  prompts_BP = np.asarray(jax.random.randint(jax.random.key(1), (4, 5), 3, 24), np.int32)
+  valid_BP = np.ones((4, 5), bool)
+  forward = jax.jit(lambda model, params, roll, **kw: model.apply(
+      {"params": params}, roll.tokens, positions=roll.positions, valid=roll.valid, **kw).logits,
+                    static_argnums=0, static_argnames="predicted_gates")
+  for gates in (True, False):
+    progs = programs.Programs(dataclasses.replace(base, pr2=PR2Config(predicted_gates=gates)),
+                              MESH, **IDS)
+    params = progs.init_state(jax.random.key(0))[0].params
+    roll = jax.device_get(progs.sample(params, prompts_BP, valid_BP, jax.random.key(2),
+                                       predictor=w_LDE, feature_slots_BF=None))
+    mask_BT = roll.response_mask[:, 1:] > 0
+    mu = roll.logp[:, 1:][mask_BT]
+    live = _np_token_logp(forward(progs.model, params, roll, predictor=w_LDE,
+                                  predicted_gates=gates), roll.tokens)[mask_BT]
+    np.testing.assert_allclose(mu, live, rtol=0, atol=1e-5, err_msg=f"gates={gates}")
+    # ρ gates at the rollout's own routes (a replay): µ exactly when gates=False, and far from
+    # µ when the rollout gated by q̂.
+    replay = _np_token_logp(forward(progs.model, params, roll, routes=jnp.asarray(roll.routes)),
+                            roll.tokens)[mask_BT]
+    if gates:
+      assert np.abs(mu - replay).max() > 1e-3
+    else:
+      np.testing.assert_allclose(mu, replay, rtol=0, atol=1e-5)

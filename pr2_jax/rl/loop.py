@@ -67,11 +67,12 @@ class Engine:
     else:
       self.state, self.shardings = self.programs.init_state(self.key)
     self.pr2_mode = rl.replay_mode in PR2_MODES
-    slots = self.prompt_slots + self.response_slots
+    # Distinct feature slots: none cached (and weighted in the predictor loss) twice.
+    slots = self.response_slots + (self.prompt_slots if config.pr2.feature_rule == "random" else 0)
     if self.pr2_mode and config.pr2.feature_tokens > slots:  # before any compiling
       raise ValueError(f"PR2Config.feature_tokens={config.pr2.feature_tokens} exceeds the "
-                       f"{slots} slots of a sequence (prompt {self.prompt_slots} + "
-                       f"max_new_tokens {self.response_slots})")
+                       f"{slots} slots feature_rule={config.pr2.feature_rule!r} draws from "
+                       f"(prompt {self.prompt_slots} + max_new_tokens {self.response_slots})")
     if self.pr2_mode:
       self._add_predictor()
     # Host-side balance planning (capacity buckets, eplb_step's plan, balance metrics); its
@@ -94,9 +95,8 @@ class Engine:
     if not self.pr2_mode:
       return None
     f, s = self.config.pr2.feature_tokens, self.prompt_slots + self.response_slots
-    if self.config.pr2.feature_rule == "response":
-      return np.broadcast_to(self.prompt_slots + np.arange(f) % self.response_slots,
-                             (batch, f)).astype(np.int32)
+    if self.config.pr2.feature_rule == "response":  # f <= response_slots (checked at init)
+      return np.broadcast_to(self.prompt_slots + np.arange(f), (batch, f)).astype(np.int32)
     return np.sort(np.argsort(rng.random((batch, s)), axis=1)[:, :f], axis=1).astype(np.int32)
 
   # -- warm-up --------------------------------------------------------------
