@@ -1,11 +1,11 @@
-"""PR2 (predictive routing replay, PR2-R3) RL from a local Hugging Face Qwen3-MoE checkpoint.
+r"""PR2 (predictive routing replay, PR2-R3) RL from a local Hugging Face Qwen3-MoE checkpoint.
 
     python -m experiments.make_tiny_hf --out=/tmp/tiny_qwen3_moe     # a runnable stand-in
     python -m experiments.main --config=configs/hf_pr2.py --workdir=runs/hf_pr2 \
         --config.hf_checkpoint=/tmp/tiny_qwen3_moe
-    # a real checkpoint on 8 accelerators, experts split 8 ways (docs/real_checkpoint.md):
+    # a real checkpoint, experts split 16 ways (80 GB devices: docs/real_checkpoint.md):
     python -m experiments.main --config=configs/hf_pr2.py --workdir=runs/qwen3_pr2 \
-        --config.hf_checkpoint=/data/Qwen3-30B-A3B --config.mesh_expert=8 \
+        --config.hf_checkpoint=/data/Qwen3-30B-A3B-Base --config.mesh_expert=16 \
         --config.model.dtype=bfloat16 --config.model.expert_impl=ragged
 
 The architecture, the tokenizer and the initial weights come from the
@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   m = c.model = ml_collections.ConfigDict()  # run-time knobs only (architecture: config.json)
   m.dtype = "float32"         # training-engine compute dtype; bfloat16 at real scale
-  m.expert_impl = "capacity"  # capacity (all_to_all; CPU) | ragged (GPU/TPU) | dense
+  m.expert_impl = "capacity"  # capacity (all_to_all; CPU) | ragged (GPU/TPU) | grouped | dense
   m.capacity_factor = 0.0     # 0 = dropless; e.g. 1.25 drops beyond 1.25x an even share
   m.aux_loss_coef = 0.0       # Switch load-balancing loss weight (off for RL)
   m.fsdp = False              # True: split weights' d_model dim over the 'data' axis too

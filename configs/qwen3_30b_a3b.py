@@ -1,4 +1,4 @@
-"""Qwen3-30B-A3B at real scale: 30.5B parameters, 3.3B active per token (a model config).
+r"""Qwen3-30B-A3B at real scale: 30.5B parameters, 3.3B active per token (a model config).
 
     python -m experiments.memory_plan --config=configs/qwen3_30b_a3b.py --cpu_devices=64 \
         --mesh_expert=8,16,32,64
@@ -10,7 +10,7 @@ local checkpoint, `p2.load_hf_checkpoint(path, mesh=mesh)`, fit this model
 checkpoint, with configs/hf_pr2.py (architecture and weights from the directory):
 
     python -m experiments.main --config=configs/hf_pr2.py --workdir=runs/q30b \
-        --config.hf_checkpoint=/data/Qwen3-30B-A3B --config.mesh_expert=16 \
+        --config.hf_checkpoint=/data/Qwen3-30B-A3B-Base --config.mesh_expert=16 \
         --config.model.dtype=bfloat16 --config.model.expert_impl=ragged
 """
 

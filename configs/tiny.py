@@ -1,4 +1,4 @@
-"""The default experiment: warm up a tiny Qwen3-MoE-style model on countdown
+r"""The default experiment: warm up a tiny Qwen3-MoE-style model on countdown
 (reach a target from a few numbers), then RL it with DAPO and rollout routing replay (R3).
 
     python -m experiments.main --config=configs/tiny.py --workdir=runs/tiny
@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"         # training-engine compute dtype (rollout: rl.rollout_dtype)
   m.dense_layers = ()         # layer ids with a dense MLP instead of MoE
   m.dense_d_ff = 0            # dense MLP width (only with dense_layers)
-  m.expert_impl = "capacity"  # capacity | ragged | dense
+  m.expert_impl = "capacity"  # capacity | ragged | grouped | dense
   m.capacity_factor = 0.0     # 0 = dropless; e.g. 1.25 drops beyond 1.25x an even share
   m.aux_loss_coef = 0.0       # Switch load-balancing loss weight (off)
   m.fsdp = False              # True: split weights' d_model dim over the 'data' axis too

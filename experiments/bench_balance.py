@@ -1,7 +1,7 @@
 """Benchmark: micro-step expert load balancing with routing foresight.
 
     python -m experiments.bench_balance            # Qwen3-30B-A3B shape, ~2-4 min on 2 CPUs
-    python -m experiments.bench_balance --quick    # smoke test, seconds
+    python -m experiments.bench_balance --quick    # smoke test, ~40 s (longer at high load)
 
 (a) planner time: `plan_placement` jitted on CPU for one micro-step (48 layers x
     128 experts, top-8, D=64, 3 slots per device, 4 x 2048 tokens), from loads
@@ -37,7 +37,8 @@ from absl import app, flags
 
 from experiments import common
 
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke test of every part.")
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke test of every part (flags given "
+                           "explicitly still win).")
 _LAYERS = flags.DEFINE_integer("layers", 48, "MoE layers.")
 _EXPERTS = flags.DEFINE_integer("experts", 128, "Routed experts per layer.")
 _TOP_K = flags.DEFINE_integer("top_k", 8, "Experts per token.")
@@ -99,9 +100,9 @@ def _settings():
                                  _GPU_TFLOPS, _A2A_GBPS, _XFER_GBPS, _SEED, _SWEEP, _SWEEP_BW,
                                  _ROLLOUT_MODEL, _ROLLOUT_BATCH, _ROLLOUT_MICRO)}
   s = {k.replace("trace_steps", "steps").replace("trace_seqs", "seqs"): v for k, v in s.items()}
-  if _QUICK.value:
+  if _QUICK.value:  # flags given explicitly still win
     s.update({k.replace("trace_steps", "steps").replace("trace_seqs", "seqs"): v
-              for k, v in QUICK.items()})
+              for k, v in QUICK.items() if not flags.FLAGS[k].present})
   s["micro_seqs"] = [int(m) for m in s["micro_seqs"]]
   for k in ("rollout_model", "rollout_batch", "rollout_micro_seqs"):
     s[k] = [int(x) for x in s[k]]

@@ -2,7 +2,7 @@
 
     python -m experiments.bench_peer                  # the default config below, 1-2 min
     python -m experiments.bench_peer --decode_batch=16  # a smaller decode batch
-    python -m experiments.bench_peer --quick          # test-sized, ~25 s
+    python -m experiments.bench_peer --quick          # test-sized, ~25 s (~1 min at high load)
     python -m experiments.bench_peer --cpu_devices=1  # ours on one device only
 
 Both sides hold the SAME weights: ours are initialised, written with

@@ -1,4 +1,4 @@
-"""Entry point: warm-up then RL on a procedural task, resumable from --workdir.
+r"""Entry point: warm-up then RL on a procedural task, resumable from --workdir.
 
     python -m experiments.main --config=configs/tiny.py --workdir=runs/tiny
 

@@ -48,6 +48,11 @@ def render() -> str:
 
 
 def main(argv):
+  unknown = [a for a in argv[1:] if a != "--check"]
+  if unknown:  # --help or a typo must not rewrite the file
+    print(f"error: unknown argument(s) {' '.join(unknown)}; usage:\n{__doc__.strip()}",
+          file=sys.stderr)
+    return 2
   text = render()
   if "--check" in argv:
     current = open(OUT).read() if os.path.exists(OUT) else ""

@@ -1,4 +1,4 @@
-"""Writes a tiny random Hugging Face Qwen3-MoE checkpoint with a task tokenizer.
+r"""Writes a tiny random Hugging Face Qwen3-MoE checkpoint with a task tokenizer.
 
     python -m experiments.make_tiny_hf --out=/tmp/tiny_qwen3_moe
     python -m experiments.main --config=configs/hf_pr2.py --workdir=/tmp/runs/hf_pr2 \

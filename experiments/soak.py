@@ -118,7 +118,10 @@ def main(argv):
   from pr2_jax.rl.config import ExperimentConfig
 
   cfg = common.config_value(_CONFIG)
-  steps, warmup = (6, 3) if _QUICK.value else (_STEPS.value, _WARMUP.value)
+  steps, warmup = _STEPS.value, _WARMUP.value
+  if _QUICK.value:  # its sizes, where a flag was not given explicitly
+    steps = steps if flags.FLAGS["steps"].present else 6
+    warmup = warmup if flags.FLAGS["warmup_steps"].present else 3
   if _QUICK.value:
     cfg.update_from_flattened_dict(QUICK)
   if not 0 < warmup < steps:
