@@ -11,9 +11,9 @@ its own WORKDIR/off{κ}/{mode}/seed{s}/metrics.jsonl. A run whose metrics are
 complete and whose config is unchanged is reused; an interrupted run, or one
 whose config differs only in rl.num_steps (raised), is resumed from its newest
 checkpoint (`replay_report.plan_run`); a run whose config differs in another
-field (or started from another warm-up) is deleted and rerun, with the field logged. The
-shared warm-up is reused while its checkpoint records this sweep's warm-up settings. Compiled functions are
-shared between runs through JAX's persistent compilation cache
+field (or started from another warm-up) is deleted and rerun, with the field
+logged. The shared warm-up is reused while its checkpoint records this sweep's
+warm-up settings. Compiled functions are shared between runs through JAX's persistent compilation cache
 (WORKDIR/jax_cache): runs differing only in seed compile nothing.
 
 Modes: `none`, `r2`, `r3`, `pr2`, `pr2_r2` are DAPO with that replay mode;

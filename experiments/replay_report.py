@@ -12,6 +12,8 @@ import math
 import os
 import sys
 
+RESUMABLE = ("rl.num_steps", "checkpoint_every")  # plan_run continues a run differing only here
+
 # Per-step scalars averaged over a run's RL steps (names as in metrics.jsonl).
 STEP_MEANS = ("k3_kl", "extreme_frac", "ratio_mean", "ratio_var", "clip_frac_low",
               "clip_frac_high", "topk_agreement", "zero_dev_ratio", "coverage_gap", "entropy",
@@ -38,9 +40,7 @@ MODE_LABELS = {"none": "vanilla (DAPO, no replay)", "r2": "R2", "r3": "R3", "pr2
                "pr2_r2": "PR2-R2", "gspo": "GSPO (no replay)"}
 
 
-# ----------------------------------------------------------------------------
-# Run directories (pure: what the sweep does with a run it finds on disk)
-# ----------------------------------------------------------------------------
+# -- Run directories (pure: what the sweep does with a run it finds on disk) -----------------------
 
 def _flat(d: dict, prefix: str = "") -> dict:
   """{'rl.num_steps': 100, ...}: nested config dicts as dotted leaves."""
@@ -66,16 +66,15 @@ def plan_run(stored: dict | None, wanted: dict, rows: list[dict],
   `stored` is its run_config.json (None: none), `rows` its metrics rows, `stopped` the error of
   a run the loop stopped (non-finite updates). 'reuse': the config is `wanted` and the metrics
   reach rl.num_steps (or the run stopped, which it would again). 'resume': the configs differ at
-  most in rl.num_steps (and checkpoint_every, which changes no result) and the run has not gone past the wanted steps, so `loop.run` continues
-  from its newest checkpoint (a raised step count extends a complete run). 'restart' (delete it):
+  most in rl.num_steps and checkpoint_every (no result changes), the run has not gone past the
+  wanted steps: `loop.run` continues from its newest checkpoint. 'restart' (delete it):
   no config, another field differs (named in `why`), or the step count was lowered below
   where the run already is (no checkpoint there, and its final evaluation would be missing).
   """
   if stored is None:
     return "restart", "no run_config.json"
   had_flat, want_flat = _flat(stored), _flat(wanted)
-  changed = [k for k in config_differences(stored, wanted)
-             if k not in ("rl.num_steps", "checkpoint_every")]
+  changed = [k for k in config_differences(stored, wanted) if k not in RESUMABLE]
   if changed:
     return "restart", "config changed: " + ", ".join(
         f"{k} {had_flat.get(k, '(absent)')!r} -> {want_flat.get(k, '(absent)')!r}"
@@ -94,9 +93,7 @@ def plan_run(stored: dict | None, wanted: dict, rows: list[dict],
                     f"rl.num_steps {had} -> {steps}, at step {last}")
 
 
-# ----------------------------------------------------------------------------
-# Summaries (pure: rows of metrics.jsonl in, numbers out)
-# ----------------------------------------------------------------------------
+# -- Summaries (pure: rows of metrics.jsonl in, numbers out) ---------------------------------------
 
 def _finite(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x)
@@ -168,9 +165,7 @@ def aggregate(runs: dict) -> dict:
   return out
 
 
-# ----------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------
+# -- Report ----------------------------------------------------------------------------------------
 
 def _fmt(field: dict | None, pattern: str) -> str:
   if not field or field.get("mean") is None:

@@ -43,14 +43,14 @@ def _token_rewards(self, problems, tokens_BS):
   return (np.asarray(tokens_BS)[:, self.prompt_slots:] % 3 == 0).mean(1).astype(np.float32)
 
 
-def _run(workdir, num_steps, mesh):
+def _run(workdir, num_steps, mesh, replay_mode="r3"):
   rows = []
   def write(m):
     rows.append(m)
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
       f.write(json.dumps(m, sort_keys=True) + "\n")
   os.makedirs(workdir, exist_ok=True)
-  return loop.run(_config(num_steps), mesh, workdir, on_metrics=write), rows
+  return loop.run(_config(num_steps, replay_mode), mesh, workdir, on_metrics=write), rows
 
 
 @pytest.mark.slow
@@ -82,6 +82,23 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
   moved = [not np.array_equal(np.asarray(a), np.asarray(b))
            for a, b in zip(jax.tree.leaves(warm), jax.tree.leaves(params))]
   assert all(moved), "three RL steps with non-zero gradients must move every parameter"
+
+
+@pytest.mark.slow
+def test_pr2_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+  """PR2-R3 resumed after step 2 ends bit-identical to 3 steps straight: params, AdamW state,
+  the predictor W_p (trained from mini-step 2, so non-zero) and its optimizer state."""
+  monkeypatch.setattr(loop.Engine, "rewards", _token_rewards)
+  mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+  full, _ = _run(str(tmp_path / "full"), 3, mesh, "pr2")
+  _run(str(tmp_path / "split"), 2, mesh, "pr2")
+  resumed, rows = _run(str(tmp_path / "split"), 3, mesh, "pr2")
+  assert [r["step"] for r in rows] == [3]
+  assert float(jnp.abs(full["state"].predictor).max()) > 0
+  for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(resumed["state"]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
+  assert strip(_rows(str(tmp_path / "full"))) == strip(_rows(str(tmp_path / "split")))
 
 
 def test_rl_step_feeds_the_learner_the_rollouts_group_advantages(monkeypatch):
@@ -230,6 +247,12 @@ def test_non_finite_updates_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch
   assert [r["skipped_updates"] for r in rl_rows] == [2, 2]
   with Checkpointer(str(tmp_path / "checkpoints" / "rl")) as ck:
     assert ck.latest_step() == 2
+  # The count survives a resume: 1 step (2 skips), then resumed, the run stops at step 2 too.
+  resumed = str(tmp_path / "resumed")
+  loop.run(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, num_steps=1)), mesh, resumed)
+  with pytest.raises(FloatingPointError, match="4 consecutive updates had a non-finite loss.*"
+                                               "stopped at RL step 2 "):
+    loop.run(cfg, mesh, resumed)
 
 
 def test_refuses_fresh_start_over_existing_rl_metrics(tmp_path):

@@ -309,8 +309,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   the warm-up (see `Engine.warmup`).
   """
   if config.init_from and not holds_checkpoint(config.init_from):
-    # Checked before any Checkpointer is made: it would create the (mistyped) directory, and
-    # the run would silently warm up from scratch instead of starting from the named policy.
+    # Before any Checkpointer: it would create the mistyped dir and warm up from scratch.
     raise ValueError(f"init_from={config.init_from!r} holds no checkpoint (expected a warm-up "
                      "checkpoint dir such as WORKDIR/checkpoints/sft of an earlier run)")
   emit = on_metrics or (lambda m: None)
@@ -319,20 +318,21 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   sft_dir = config.init_from or os.path.join(workdir, "checkpoints", "sft")
   sft_ckpt = Checkpointer(sft_dir, max_to_keep=1)
   try:
-    state, start = engine.state, 0
+    state, start, consecutive = engine.state, 0, 0  # consecutive: skipped updates in a row
     params_abstract = abstract_like(state.params, engine.shardings.params)
     identity = run_identity(config)
 
     def save(step, state):
       rl_ckpt.save(step, state, {"rl_step": step, **identity,
-                                 "balance_state": engine.balance_state.to_json()})
+                                 "balance_state": engine.balance_state.to_json(),
+                                 "consecutive_skips": consecutive})
 
     resumed_from, restored, meta, problems = rl_ckpt.restore_newest_good(
         abstract_like(state, engine.shardings), identity)
     for problem in problems:
       warn(problem + "; falling back to an older checkpoint")
     if resumed_from is not None:
-      start, state = resumed_from, restored
+      start, state, consecutive = resumed_from, restored, meta.get("consecutive_skips", 0)
       info(f"resuming from the RL checkpoint of step {start} in {rl_ckpt.directory}"
            + (" (already complete)" if start >= config.rl.num_steps else
               f"; metrics rows after step {start} are rewritten"))
@@ -366,7 +366,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
       emit({"phase": "sft_eval", "step": 0, "eval_reward": warm_reward})
       # Step 0 = the warm-up policy: a run killed before its first RL checkpoint resumes here.
       save(0, state)
-    rl, t0, last, consecutive = config.rl, time.perf_counter(), {}, 0
+    rl, t0, last = config.rl, time.perf_counter(), {}
     t_first = None  # the end of the first step: later rates leave its compiling out
     for step in range(start + 1, rl.num_steps + 1):
       state, last = engine.rl_step(state, step)
