@@ -74,8 +74,11 @@ def _prepare(model, config, params, batch, chunks):
   return micro
 
 
-def test_micro_step_accumulation_equals_full_minibatch():
-  """M=4 micro-steps of b=2 give the gradient of one micro-step of 8 sequences.
+@pytest.mark.parametrize("loss_kw", [{}, {"loss": "gspo", "tis_cap": 2.0}],
+                         ids=["dapo", "gspo_old_tis"])
+def test_micro_step_accumulation_equals_full_minibatch(loss_kw):
+  """M=4 micro-steps of b=2 give the gradient of one micro-step of 8 sequences: DAPO's token
+  mean and GSPO's sequence mean (ratio against π_old, TIS weights) share mini-batch denominators.
 
   Plain SGD with lr 1 makes the parameter change equal to the gradient (Adam
   would amplify float noise in near-zero gradients into sign flips).
@@ -85,7 +88,7 @@ def test_micro_step_accumulation_equals_full_minibatch():
   state = state.replace(opt_state=tx.init(state.params))
   params = {}
   for m in (1, 4):
-    config = _rl(micro_steps=m)
+    config = _rl(micro_steps=m, **loss_kw)
     micro = _prepare(model, config, state.params, batch, m)
     new_state, metrics = learner.update_step(_learner(model, config, tx), state, micro)
     params[m] = new_state.params
