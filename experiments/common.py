@@ -1,5 +1,6 @@
 """Shell helpers shared by entry points: devices, mesh, configs, metrics file."""
 
+import contextlib
 import json
 import math
 import os
@@ -116,7 +117,7 @@ def _unknown_config_key(e: AttributeError, argv: list[str]):
   while isinstance(message, BaseException) and message.args:
     message = message.args[0]
   given = [a for a in argv[1:] if a.startswith("--config.")]
-  exit_with_error(f"unknown config key {' '.join(str(message).split())} (in {' '.join(given)})")
+  exit_with_error(f"unknown config key {message} (in {' '.join(given)})")
 
 
 def define_config(default: str, help_text: str):
@@ -136,7 +137,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except AttributeError as e:
     _unknown_config_key(e, argv)
   except flags.Error as e:
-    exit_with_error(f"{' '.join(str(e).split())} (--helpfull lists every flag)")
+    exit_with_error(f"{e} (--helpfull lists every flag)")
 
 
 def run(main):
@@ -165,7 +166,7 @@ def config_value(config_flag):
   try:
     cfg.to_dict()  # ml_collections defers a load error to the first use of the value
   except OSError as e:
-    exit_with_error(f"bad --config: {' '.join(str(e).split())}")
+    exit_with_error(f"bad --config: {e}")
   return cfg
 
 
@@ -179,10 +180,20 @@ def ineffective_overrides(argv: list[str], replay_mode: str) -> list[str]:
 
 
 def exit_with_error(message: str):
-  """A user error (bad config, a workdir of another setup): one line on stderr, exit code 2,
-  no traceback (those are for bugs)."""
-  sys.stderr.write(f"error: {message}\n")
+  """A user error (bad config, a workdir of another setup): one line on stderr (line breaks
+  folded), exit code 2, no traceback (those are for bugs)."""
+  sys.stderr.write(f"error: {' '.join(message.split())}\n")
   raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def bad_config_exits():
+  """A setting the config dataclasses, the mesh or a flag check refuses (ValueError, KeyError,
+  flags.ValidationError) raised inside is a usage error: `error: bad config: ...`, exit 2."""
+  try:
+    yield
+  except (ValueError, KeyError, flags.ValidationError) as e:
+    exit_with_error(f"bad config: {e}")
 
 
 def progress_logger(phase: str, every_s: float = 10.0, clock=time.monotonic):

@@ -13,8 +13,9 @@ whose config differs only in rl.num_steps (raised), is resumed from its newest
 checkpoint (`replay_report.plan_run`); a run whose config differs in another
 field (or started from another warm-up) is deleted and rerun, with the field
 logged. The shared warm-up is reused while its checkpoint records this sweep's
-warm-up settings. Compiled functions are shared between runs through JAX's persistent compilation cache
-(WORKDIR/jax_cache): runs differing only in seed compile nothing.
+warm-up settings. Compiled functions are shared between runs through JAX's
+persistent compilation cache (WORKDIR/jax_cache): runs differing only in seed
+compile nothing.
 
 Modes: `none`, `r2`, `r3`, `pr2`, `pr2_r2` are DAPO with that replay mode;
 `gspo` is GSPO without replay (sequence ratio against π_old, clip 3e-4/4e-4,
@@ -210,14 +211,12 @@ def main(argv):
     out_dir = os.path.join(workdir, "results")
   base = base_config()
   grid = [(off, mode, seed) for off in offs for mode in modes for seed in seeds]
-  try:  # every run's settings before any work: a bad one is one line naming it
+  with common.bad_config_exits():  # every run's settings, before any work
     for off, mode, seed in grid:
       ExperimentConfig.from_dict(run_config(base, mode, off, seed, "").to_dict())
     mesh = common.build_mesh(base)
     ExperimentConfig.from_dict(base.to_dict()).model.validate_mesh(mesh.shape["expert"],
                                                                    mesh.shape["data"])
-  except (ValueError, KeyError, flags.ValidationError) as e:
-    common.exit_with_error(f"bad config: {e}")
   t_start = time.perf_counter()
   run_seconds = {}  # compute time per run (recorded in its directory, so reused runs keep theirs)
 

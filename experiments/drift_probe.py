@@ -138,10 +138,8 @@ def main(argv):
 
   cfg = common.config_value(_CONFIG)
   cfg.rl.update(replay_mode="r3", off_policy_k=_OFF.value, learning_rate=_LR.value)
-  try:
+  with common.bad_config_exits():
     config = ExperimentConfig.from_dict(cfg.to_dict())
-  except ValueError as e:
-    common.exit_with_error(f"bad config: {e}")
   engine = loop.Engine(config, common.build_mesh(cfg))
   if _INIT.value:
     identity = json.loads(json.dumps({"model": dataclasses.asdict(config.model)}))

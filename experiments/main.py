@@ -29,12 +29,10 @@ def main(argv):
   from pr2_jax.train.checkpoint import SetupMismatchError
 
   cfg = common.config_value(_CONFIG)
-  try:  # a bad setting is a usage error: one line naming it, not a traceback
+  with common.bad_config_exits():
     config = ExperimentConfig.from_dict(cfg.to_dict())
     mesh = common.build_mesh(cfg)
     config.model.validate_mesh(mesh.shape["expert"], mesh.shape["data"])
-  except (ValueError, KeyError, flags.ValidationError) as e:
-    common.exit_with_error(f"bad config: {e}")
   for flag in common.ineffective_overrides(sys.argv, config.rl.replay_mode):
     logging.warning("%s has no effect: rl.replay_mode=%r runs no predictor (pr2 and pr2_r2 do)",
                     flag, config.rl.replay_mode)
