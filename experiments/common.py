@@ -224,7 +224,7 @@ def print_summary(summary: dict, workdir: str):
   warm = summary["warmup_eval_reward"]
   lines = ["", "== summary =="]
   if not final:  # resumed a finished run: nothing ran, report its last row
-    from pr2_jax.rl.loop import read_metrics_rows
+    from pr2_jax.rl.records import read_metrics_rows
     rows = [r for r in read_metrics_rows(os.path.join(workdir, "metrics.jsonl"))
             if r.get("phase") == "rl"]
     final = rows[-1] if rows else {}

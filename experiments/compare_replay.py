@@ -164,8 +164,8 @@ def _checkpoint_meta(directory: str) -> dict:
 
 
 def _read_rows(path: str) -> list[dict]:
-  from pr2_jax.rl import loop  # the loop's reader: a torn last line (killed mid-write) is dropped
-  return loop.read_metrics_rows(path)
+  from pr2_jax.rl import records  # drops a torn last line (killed mid-write)
+  return records.read_metrics_rows(path)
 
 
 class Progress:
@@ -197,7 +197,7 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  from pr2_jax.rl import loop, programs
+  from pr2_jax.rl import loop, programs, records
   from pr2_jax.rl.config import ExperimentConfig, REPLAY_MODES
 
   seeds = [int(s) for s in _value(_SEEDS, "seeds")]
@@ -222,7 +222,7 @@ def main(argv):
 
   # One warm-up for every run: a 1-step RL run that leaves WORKDIR/warmup/checkpoints/sft,
   # unless --config.init_from names one. An existing warm-up checkpoint is reused if it records
-  # this sweep's warm-up settings (loop.warmup_identity), else trained again. The 1-step run's
+  # this sweep's warm-up settings (records.warmup_identity), else trained again. The 1-step run's
   # RL checkpoint is never resumed: it records this sweep's RL flags, which the warm-up ignores.
   init_from = base.init_from
   if not init_from:
@@ -231,14 +231,14 @@ def main(argv):
     warm_cfg = run_config(base, "r3", offs[0], int(base.seed), "")
     warm_cfg.rl.num_steps, warm_cfg.rl.eval_every = 1, 0
     warm_config = ExperimentConfig.from_dict(warm_cfg.to_dict())
-    if loop.holds_checkpoint(init_from):
+    if records.holds_checkpoint(init_from):
       changed = replay_report.config_differences(_checkpoint_meta(init_from),
-                                                 loop.warmup_identity(warm_config))
+                                                 records.warmup_identity(warm_config))
       if changed:
         logging.warning("the warm-up in %s was trained with other settings (%s): training it "
                         "again", warm_dir, ", ".join(changed))
         shutil.rmtree(warm_dir)
-    fresh = not loop.holds_checkpoint(init_from)
+    fresh = not records.holds_checkpoint(init_from)
     t0 = time.perf_counter()
     if fresh:
       logging.info("warm-up into %s", warm_dir)

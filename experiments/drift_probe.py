@@ -102,8 +102,8 @@ def score_batches(batches, mask_BS, top_k: int) -> dict:
 def check_init_from(init_from: str) -> None:
   """A ValueError unless `init_from` is empty or holds a checkpoint step. Called before anything
   is made: a Checkpointer would create the (mistyped) directory, and the restore find nothing."""
-  from pr2_jax.rl import loop
-  if init_from and not loop.holds_checkpoint(init_from):
+  from pr2_jax.rl import records
+  if init_from and not records.holds_checkpoint(init_from):
     # The wording of experiments.main (pr2_jax.rl.loop.run), for the same mistake.
     raise ValueError(f"init_from={init_from!r} holds no checkpoint (expected a warm-up "
                      "checkpoint dir such as WORKDIR/checkpoints/sft of an earlier run)")

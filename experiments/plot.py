@@ -17,11 +17,11 @@ from pr2_jax import viz
 
 def read_rows(workdir: str, phases=("sft_eval", "rl")) -> list[dict]:
   """Rows of the given phases ('sft_eval' is the warm-up policy's eval_reward at step 0)."""
-  from pr2_jax.rl import loop  # the loop's reader: it tolerates a torn last line
+  from pr2_jax.rl import records  # the loop's reader: it tolerates a torn last line
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(path):
     raise ValueError(f"no metrics.jsonl in {workdir!r} (expected a run's workdir, e.g. runs/tiny)")
-  return [r for r in loop.read_metrics_rows(path) if r.get("phase") in phases]
+  return [r for r in records.read_metrics_rows(path) if r.get("phase") in phases]
 
 
 def load_runs(workdirs: list[str]) -> dict[str, list[dict]]:

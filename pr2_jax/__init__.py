@@ -16,7 +16,8 @@ from pr2_jax.models.routing import (LIVE, Routing, expert_load, gates_at, replay
 from pr2_jax.models.transformer import (KVCache, ModelOutput, MoETransformer, init_cache,
                                         validate_tokens)
 from pr2_jax.parallel.expert_parallel import moe_experts
-from pr2_jax.parallel.distributed import DistributedConfig, to_global, to_host
+from pr2_jax.parallel.distributed import (DistributedConfig, gather_rows, local_rows, to_global,
+                                          to_host)
 from pr2_jax.parallel.mesh import LOGICAL_RULES, make_mesh
 from pr2_jax.parallel.replica_fetch import fetch_slabs
 from pr2_jax.pr2.predictor import (init_predictor, predicted_topk, predictor_bias, predictor_loss,

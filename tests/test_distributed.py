@@ -119,6 +119,51 @@ def _launch(cmds, logs, env):
         proc.wait()
 
 
+# Each of two processes holds half the rows of a global [16, 3] array: `local_rows` must read
+# exactly those rows (no all-gather) and `gather_rows` must hand every process all 16 results.
+_ROWS_CHILD = """
+import json, sys
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+jax.config.update("jax_num_cpu_devices", 4)
+from pr2_jax.parallel import distributed
+from pr2_jax.parallel.mesh import make_mesh
+distributed.initialize(distributed.DistributedConfig(sys.argv[1], 2, int(sys.argv[2])))
+x = np.arange(16 * 3).reshape(16, 3)
+placed = distributed.to_global(x, NamedSharding(make_mesh(2, 4), P(("data", "expert"))))
+rows, local = distributed.local_rows(placed)
+sums = distributed.gather_rows(rows, local.sum(1), 16)
+print(json.dumps({"rows": [rows.start, rows.stop], "local": local.tolist(), "sums": sums.tolist()}))
+"""
+
+
+def test_local_rows_and_gather_rows_across_two_processes(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  address = f"127.0.0.1:{_free_port()}"
+  cmds = [[sys.executable, "-c", _ROWS_CHILD, address, str(i)] for i in range(2)]
+  with contextlib.ExitStack() as stack:
+    logs = [stack.enter_context(open(tmp_path / f"log{i}.txt", "w+")) for i in range(2)]
+    _launch(cmds, logs, env)
+  x = np.arange(16 * 3).reshape(16, 3)
+  for i in range(2):
+    out = json.loads((tmp_path / f"log{i}.txt").read_text().strip().splitlines()[-1])
+    assert out["rows"] == [8 * i, 8 * i + 8]  # process i's devices hold the i-th half
+    np.testing.assert_array_equal(out["local"], x[8 * i:8 * i + 8])
+    np.testing.assert_array_equal(out["sums"], x.sum(1))
+
+
+def test_local_rows_of_one_process_read_every_shard_once():
+  mesh = make_mesh(2, 4)
+  x = np.arange(16 * 2 * 3).reshape(16, 2, 3)
+  for spec in (P(("data", "expert")), P("data", None, None), P()):
+    rows, local = distributed.local_rows(distributed.to_global(x, NamedSharding(mesh, spec)))
+    assert rows == slice(0, 16)
+    np.testing.assert_array_equal(local, x)
+  np.testing.assert_array_equal(distributed.gather_rows(slice(0, 16), x[:, 0, 0], 16), x[:, 0, 0])
+  with pytest.raises(ValueError, match="rows cover 8 of 16"):
+    distributed.gather_rows(slice(0, 8), x[:8, 0, 0], 16)
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume(tmp_path):
   """2 processes x 4 CPU devices (gloo) give the metrics of 1 process x 8, then resume together.

@@ -11,7 +11,7 @@ import pytest
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.rl import loop
+from pr2_jax.rl import loop, records
 from pr2_jax.rl.config import ExperimentConfig, PR2Config, RLConfig, SFTConfig
 from pr2_jax.train.checkpoint import Checkpointer, abstract_like
 
@@ -113,13 +113,13 @@ def test_rl_step_feeds_the_learner_the_rollouts_group_advantages(monkeypatch):
                                                                             tokens_BS)
     return seen["rewards"]
 
-  def split(batch, num_chunks, order=None):
-    orders.append(order)
-    return real_split(batch, num_chunks, order)
+  def split(batch, order, **kwargs):
+    orders.append(np.asarray(jax.device_get(order)))
+    return real_split(batch, order, **kwargs)
 
-  real_split = loop.data.split_micro
+  real_split = loop.learner.shard_micro
   monkeypatch.setattr(loop.Engine, "rewards", rewards)
-  monkeypatch.setattr(loop.data, "split_micro", split)
+  monkeypatch.setattr(loop.learner, "shard_micro", split)
   cfg = _config(1)
   engine = loop.Engine(cfg, make_mesh(2, 2, devices=jax.devices()[:4]))
   real_fns = engine._learner_fns
@@ -262,16 +262,6 @@ def test_refuses_fresh_start_over_existing_rl_metrics(tmp_path):
     loop.run(_config(1), mesh, str(tmp_path))
 
 
-def test_torn_last_metrics_line_is_dropped(tmp_path):
-  """A kill mid-write leaves half a JSON line: resume drops it; a torn middle line is an error."""
-  path = tmp_path / "metrics.jsonl"
-  path.write_text('{"phase": "rl", "step": 1}\n{"phase": "rl", "st')
-  assert loop.read_metrics_rows(str(path)) == [{"phase": "rl", "step": 1}]
-  path.write_text('{"phase": "rl", "st\n{"phase": "rl", "step": 1}\n')
-  with pytest.raises(json.JSONDecodeError):
-    loop.read_metrics_rows(str(path))
-
-
 def test_resume_with_another_setup_is_refused_naming_the_fields(tmp_path):
   """Only how long a run goes and how it is evaluated may change on resume: another learning
   rate or seed would mix two setups in one metrics file (it used to resume silently)."""
@@ -289,7 +279,7 @@ def test_resume_with_another_setup_is_refused_naming_the_fields(tmp_path):
   assert out["resumed_from"] == 1 and out["final"]["step"] == 2
   assert messages == [f"resuming from the RL checkpoint of step 1 in "
                       f"{tmp_path / 'checkpoints' / 'rl'}; metrics rows after step 1 are rewritten"]
-  assert loop.run_identity(more) == loop.run_identity(cfg)  # the fields a resume may change
+  assert records.run_identity(more) == records.run_identity(cfg)  # the fields a resume may change
 
 
 def test_an_interrupt_keeps_the_checkpoint_being_written(tmp_path, monkeypatch):

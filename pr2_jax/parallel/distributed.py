@@ -4,8 +4,11 @@ One program runs on every process (multi-controller JAX). Every process builds
 the same *global* mesh from all processes' devices; host data enters it with
 `to_global`, where each process hands over only the rows its own devices hold
 (`jax.make_array_from_process_local_data`), and leaves it with `to_host`, which
-gathers a sharded array to every process. Single-process runs take the same
-code path, so what the tests check on one process is what runs on many.
+gathers a sharded array to every process. Per-row host work (decoding and
+scoring a rollout) uses `local_rows`, each process reading only the rows its
+devices hold, and `gather_rows`, which shares just the small per-row results.
+Single-process runs take the same code path, so what the tests check on one
+process is what runs on many.
 
 Arrays here are any shape; the batch axis is the one split over processes.
 """
@@ -116,3 +119,38 @@ def to_host(tree):
       return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return jax.tree.map(get, tree)
+
+
+def local_rows(x: jax.Array) -> tuple[slice, np.ndarray]:
+  """(the batch rows this process's devices hold, their values on the host).
+
+  Unlike `to_host`, nothing crosses processes: a rollout's tokens are decoded
+  and scored where they already are.
+  """
+  block = local_block(x.sharding, x.shape)
+  out = np.empty(tuple(b.stop - b.start for b in block), x.dtype)
+  for shard in x.addressable_shards:  # replicated shards overwrite with equal values
+    where = tuple(slice(s.indices(n)[0] - b.start, s.indices(n)[1] - b.start)
+                  for s, b, n in zip(shard.index, block, x.shape))
+    out[where] = np.asarray(shard.data)
+  return block[0], out
+
+
+def gather_rows(rows: slice, local: np.ndarray, total: int) -> np.ndarray:
+  """Each process's per-row results for its `rows` (from `local_rows`) -> all `total` rows
+  on every process. Every process must pass the same number of rows."""
+  local = np.asarray(local)
+  if jax.process_count() == 1:
+    starts, values = [rows.start], [local]
+  else:
+    starts = multihost_utils.process_allgather(np.int32(rows.start))
+    values = multihost_utils.process_allgather(local)  # [processes, rows, ...]
+  out = np.empty((total,) + local.shape[1:], local.dtype)
+  covered = np.zeros(total, bool)
+  for start, value in zip(np.atleast_1d(starts), values):
+    out[start:start + len(value)] = value
+    covered[start:start + len(value)] = True
+  if not covered.all():
+    raise ValueError(f"the processes' rows cover {int(covered.sum())} of {total}: rows "
+                     f"{rows.start}:{rows.stop} here; every row must belong to some process")
+  return out

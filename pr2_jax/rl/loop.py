@@ -12,8 +12,6 @@ M micro-steps, κ mini-batches.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import time
 from typing import Callable
@@ -25,9 +23,9 @@ from jax.sharding import Mesh
 
 from pr2_jax.hf import experiment as hf_experiment
 from pr2_jax.models.transformer import validate_tokens
-from pr2_jax.parallel.distributed import is_main_process, to_global, to_host
+from pr2_jax.parallel.distributed import gather_rows, local_rows, to_global, to_host
 from pr2_jax.parallel.mesh import EXPERT, axis_size, logical_sharding, num_token_shards
-from pr2_jax.rl import balancing, data, learner, losses, programs
+from pr2_jax.rl import balancing, data, learner, losses, programs, records
 from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.rl.config import PR2_MODES, ExperimentConfig
 from pr2_jax.rl.tasks import make_task
@@ -82,6 +80,8 @@ class Engine:
     self.balance_state = balancing.StepState()
     self.eval_problems = self.task.eval_set(rl.eval_size, seed=config.seed)
     self.seq_sharding = logical_sharding(mesh, ("batch", "length"))
+    self.row_sharding = logical_sharding(mesh, ("batch",))  # [B, ...], trailing axes whole
+    self.replicated = logical_sharding(mesh, ())
 
   def _add_predictor(self):
     """W_p [L, D, E] = 0 and its optimizer state (split like the parameters under fsdp)."""
@@ -137,6 +137,16 @@ class Engine:
     completions = self.tok.decode_batch(ids_BN)
     return np.array([self.task.reward(p, c) for p, c in zip(problems, completions)], np.float32)
 
+  def score(self, problems, roll) -> tuple[np.ndarray, np.ndarray]:
+    """(rewards [B], response lengths [B]) on every process. Each process decodes and scores
+    only the rows its devices hold (a reward may be costly: a verifier, a sandbox), and only
+    these two numbers a row cross hosts; routes and features stay on the devices."""
+    rows, tokens_BS = local_rows(roll.tokens)
+    _, mask_BS = local_rows(roll.response_mask)
+    per_row = np.stack([self.rewards(problems[rows], tokens_BS), mask_BS.sum(1)], axis=1)
+    both = gather_rows(rows, per_row.astype(np.float32), len(problems))
+    return both[:, 0], both[:, 1]
+
   def evaluate(self, params) -> float:
     """Mean held-out reward at `eval_temperature` (a fixed sampling key: comparable across steps)."""
     prompts, valid = data.encode_prompts(self.tok, self.eval_problems, self.prompt_slots)
@@ -145,7 +155,7 @@ class Engine:
     roll = self.eval_sample(params, *to_global((prompts, valid), self.seq_sharding),
                             jax.random.fold_in(self.key, 2**31 - 1), predictor=None,
                             feature_slots_BF=None)
-    return float(self.rewards(self.eval_problems, to_host(roll.tokens)).mean())
+    return float(self.score(self.eval_problems, roll)[0].mean())
 
   # -- one RL step ----------------------------------------------------------
   def rl_step(self, state, step: int):
@@ -161,8 +171,7 @@ class Engine:
                        jax.random.fold_in(self.key, step),
                        predictor=state.predictor if in_rollout else None,
                        feature_slots_BF=slots if in_rollout else None)
-    roll = to_host(roll)
-    rewards = self.rewards(problems, roll.tokens)
+    rewards, response_len = self.score(problems, roll)
     batch = {"tokens": roll.tokens, "valid": roll.valid, "positions": roll.positions,
              "response_mask": roll.response_mask, "rollout_logp": roll.logp,
              "rollout_routes": roll.routes,
@@ -171,9 +180,11 @@ class Engine:
       batch["feature_slots"] = slots
     if in_rollout:
       batch.update(feature_h=roll.feature_h, feature_p=roll.feature_p)
-    chunks = rl.off_policy_k * rl.micro_steps
-    micro = data.split_micro(batch, chunks, rng.permutation(rl.batch_size))
-    micro = to_global(micro, learner.batch_shardings(self.mesh, micro))
+    batch = {k: to_global(v, self.row_sharding) if isinstance(v, np.ndarray) else v
+             for k, v in batch.items()}
+    order = to_global(rng.permutation(rl.batch_size), self.replicated)
+    micro = learner.shard_micro(batch, order, num_chunks=rl.off_policy_k * rl.micro_steps,
+                                mesh=self.mesh)
     old_fn, update_fn = self._learner_fns(micro)
     bal = self.balancer
     plan, old_phase, self.balance_state, eplb_ms = bal.plan_old_pass(micro, self.balance_state)
@@ -190,7 +201,7 @@ class Engine:
       state, m = update_fn(state, mini, jnp.asarray(i > 0), bal.step_plan_arg(plan),
                            phase.capacity)
       per_mini.append(m)
-    summary = self._summarise(per_mini, rewards, roll.response_mask)
+    summary = self._summarise(per_mini, rewards, response_len)
     balance, self.balance_state = bal.summary(old_phase, phase, eplb_ms,
                                               float(to_host(old_dropped).sum()), self.balance_state)
     summary.update(balance)
@@ -215,7 +226,7 @@ class Engine:
     return example
 
   @staticmethod
-  def _summarise(per_mini, rewards, response_mask) -> dict:
+  def _summarise(per_mini, rewards, response_len) -> dict:
     per_mini = [to_host(m) for m in per_mini]
     out = {k: np.mean([m[k] for m in per_mini], axis=0) for k in per_mini[0] if k != "skipped"}
     out = {k: (v.tolist() if np.ndim(v) else float(v)) for k, v in out.items()}
@@ -229,69 +240,8 @@ class Engine:
       if key in per_mini[0]:
         out[f"{key}_per_ministep"] = [float(m[key]) for m in per_mini]
     out.update(reward_mean=float(rewards.mean()),
-               response_len=float(np.asarray(response_mask).sum(1).mean()))
+               response_len=float(response_len.mean()))
     return out
-
-
-def read_metrics_rows(path: str) -> list[dict]:
-  """metrics.jsonl rows; a torn last line (killed mid-write) is dropped, not fatal."""
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  for i, line in enumerate(lines):
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError:
-      if i != len(lines) - 1:
-        raise
-  return rows
-
-
-def _has_rl_rows(path: str) -> bool:
-  return any(r.get("phase") == "rl" for r in read_metrics_rows(path))
-
-
-def _truncate_metrics(path: str, last_step: int, phases=("rl",)) -> None:
-  """Drops rows of `phases` after `last_step`: a resumed run rewrites them identically."""
-  if not is_main_process() or not os.path.exists(path):  # process 0 owns the metrics file
-    return
-  rows = read_metrics_rows(path)
-  keep = [r for r in rows if not (r.get("phase") in phases and r.get("step", 0) > last_step)]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
-  os.replace(tmp, path)
-
-
-# RL fields a resumed run may change: how long it runs and how it is evaluated, not what
-# it computes (anything else would mix two setups in one metrics file and checkpoint).
-RESUMABLE_RL_FIELDS = ("num_steps", "eval_every", "eval_size", "eval_temperature",
-                       "max_consecutive_skips")
-
-
-def run_identity(config: ExperimentConfig) -> dict:
-  """What an RL checkpoint records and a resume must match, as JSON (tuples become lists)."""
-  rl = {k: v for k, v in dataclasses.asdict(config.rl).items() if k not in RESUMABLE_RL_FIELDS}
-  return json.loads(json.dumps({
-      "model": dataclasses.asdict(config.model), "replay_mode": config.rl.replay_mode,
-      "rl": rl, "sft": dataclasses.asdict(config.sft), "pr2": dataclasses.asdict(config.pr2),
-      "task": config.task, "task_kwargs": dict(config.task_kwargs), "seed": config.seed,
-      "hf_checkpoint": config.hf_checkpoint}))
-
-
-def warmup_identity(config: ExperimentConfig) -> dict:
-  """The part of `run_identity` that determines the warm-up: its checkpoint records this."""
-  identity = run_identity(config)
-  return {k: identity[k] for k in ("model", "task", "task_kwargs", "seed", "sft")}
-
-
-def holds_checkpoint(directory: str) -> bool:
-  """Whether `directory` has at least one finished Orbax step (a numbered subdirectory)."""
-  return os.path.isdir(directory) and any(
-      name.isdigit() and os.path.isdir(os.path.join(directory, name))
-      for name in os.listdir(directory))
 
 
 def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callback | None = None,
@@ -308,7 +258,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   step after a start or resume (it includes compiling); `on_warmup_progress` the same for
   the warm-up (see `Engine.warmup`).
   """
-  if config.init_from and not holds_checkpoint(config.init_from):
+  if config.init_from and not records.holds_checkpoint(config.init_from):
     # Before any Checkpointer: it would create the mistyped dir and warm up from scratch.
     raise ValueError(f"init_from={config.init_from!r} holds no checkpoint (expected a warm-up "
                      "checkpoint dir such as WORKDIR/checkpoints/sft of an earlier run)")
@@ -320,7 +270,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   try:
     state, start, consecutive = engine.state, 0, 0  # consecutive: skipped updates in a row
     params_abstract = abstract_like(state.params, engine.shardings.params)
-    identity = run_identity(config)
+    identity = records.run_identity(config)
 
     def save(step, state):
       rl_ckpt.save(step, state, {"rl_step": step, **identity,
@@ -337,24 +287,25 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
            + (" (already complete)" if start >= config.rl.num_steps else
               f"; metrics rows after step {start} are rewritten"))
       engine.balance_state = balancing.StepState.from_json(meta.get("balance_state"))
-      _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+      records.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
       warm_reward = None
     else:
       metrics_path = os.path.join(workdir, "metrics.jsonl")
-      if _has_rl_rows(metrics_path) and not allow_fresh_start:
+      if records.has_rl_rows(metrics_path) and not allow_fresh_start:
         raise ValueError(f"{workdir} holds RL metrics from an earlier run but no RL checkpoint to "
                          "resume; refusing to start over it (pass allow_fresh_start=True / "
                          "--fresh, or use another workdir)")
-      _truncate_metrics(metrics_path, -1, phases=("rl", "sft_eval"))
+      records.truncate_metrics(metrics_path, -1, phases=("rl", "sft_eval"))
       # A warm-up of this workdir must match the run's warm-up settings; one named by init_from
       # is the user's choice (e.g. compare_replay's shared warm-up), checked for the model only.
-      warm_identity = warmup_identity(config)
+      warm_identity = records.warmup_identity(config)
       sft_expect = {"model": identity["model"]} if config.init_from else warm_identity
       _, params, _, problems = sft_ckpt.restore_newest_good(params_abstract, sft_expect)
       for problem in problems:
         warn(problem)
       if params is None:
-        _truncate_metrics(metrics_path, 0, phases=("sft",))  # an interrupted warm-up reruns whole
+        # An interrupted warm-up reruns whole.
+        records.truncate_metrics(metrics_path, 0, phases=("sft",))
         if config.sft.num_steps:
           info(f"warm-up: {config.sft.num_steps} supervised steps (the first compiles)")
         params = engine.warmup(emit, on_warmup_progress)

@@ -1,0 +1,76 @@
+"""What a run keeps in its workdir besides checkpoints: the metrics rows, and the identities
+its checkpoints record so that a resume (or a shared warm-up) is only ever taken up by the
+same setup.
+
+`metrics.jsonl` holds one JSON row per reported step; process 0 alone writes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from pr2_jax.parallel.distributed import is_main_process
+from pr2_jax.rl.config import ExperimentConfig
+
+
+def read_metrics_rows(path: str) -> list[dict]:
+  """metrics.jsonl rows; a torn last line (killed mid-write) is dropped, not fatal."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise
+  return rows
+
+
+def has_rl_rows(path: str) -> bool:
+  return any(r.get("phase") == "rl" for r in read_metrics_rows(path))
+
+
+def truncate_metrics(path: str, last_step: int, phases=("rl",)) -> None:
+  """Drops rows of `phases` after `last_step`: a resumed run rewrites them identically."""
+  if not is_main_process() or not os.path.exists(path):  # process 0 owns the metrics file
+    return
+  rows = read_metrics_rows(path)
+  keep = [r for r in rows if not (r.get("phase") in phases and r.get("step", 0) > last_step)]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
+  os.replace(tmp, path)
+
+
+# RL fields a resumed run may change: how long it runs and how it is evaluated, not what
+# it computes (anything else would mix two setups in one metrics file and checkpoint).
+RESUMABLE_RL_FIELDS = ("num_steps", "eval_every", "eval_size", "eval_temperature",
+                       "max_consecutive_skips")
+
+
+def run_identity(config: ExperimentConfig) -> dict:
+  """What an RL checkpoint records and a resume must match, as JSON (tuples become lists)."""
+  rl = {k: v for k, v in dataclasses.asdict(config.rl).items() if k not in RESUMABLE_RL_FIELDS}
+  return json.loads(json.dumps({
+      "model": dataclasses.asdict(config.model), "replay_mode": config.rl.replay_mode,
+      "rl": rl, "sft": dataclasses.asdict(config.sft), "pr2": dataclasses.asdict(config.pr2),
+      "task": config.task, "task_kwargs": dict(config.task_kwargs), "seed": config.seed,
+      "hf_checkpoint": config.hf_checkpoint}))
+
+
+def warmup_identity(config: ExperimentConfig) -> dict:
+  """The part of `run_identity` that determines the warm-up: its checkpoint records this."""
+  identity = run_identity(config)
+  return {k: identity[k] for k in ("model", "task", "task_kwargs", "seed", "sft")}
+
+
+def holds_checkpoint(directory: str) -> bool:
+  """Whether `directory` has at least one finished Orbax step (a numbered subdirectory)."""
+  return os.path.isdir(directory) and any(
+      name.isdigit() and os.path.isdir(os.path.join(directory, name))
+      for name in os.listdir(directory))

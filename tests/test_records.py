@@ -1,0 +1,71 @@
+"""The workdir's metrics rows and the identities checkpoints record."""
+
+import dataclasses
+import json
+
+import pytest
+
+from pr2_jax.config import ModelConfig
+from pr2_jax.rl import records
+from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
+
+
+def _config(**rl) -> ExperimentConfig:
+  model = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                      head_dim=16, num_experts=4, top_k=2, expert_d_ff=32, dense_d_ff=32)
+  return ExperimentConfig(model=model, rl=RLConfig(prompts_per_step=4, group_size=2, **rl),
+                          sft=SFTConfig(num_steps=3, batch_size=8))
+
+
+def _write(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_torn_last_metrics_line_is_dropped(tmp_path):
+  """A kill mid-write leaves half a JSON line: resume drops it; a torn middle line is an error."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"phase": "rl", "step": 1}\n{"phase": "rl", "st')
+  assert records.read_metrics_rows(str(path)) == [{"phase": "rl", "step": 1}]
+  path.write_text('{"phase": "rl", "st\n{"phase": "rl", "step": 1}\n')
+  with pytest.raises(json.JSONDecodeError):
+    records.read_metrics_rows(str(path))
+  assert records.read_metrics_rows(str(tmp_path / "missing.jsonl")) == []
+
+
+def test_truncate_keeps_other_phases_and_earlier_steps(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"phase": "sft", "step": 25}, {"phase": "sft_eval", "step": 0},
+          {"phase": "rl", "step": 1}, {"phase": "rl", "step": 2}, {"phase": "rl", "step": 3}]
+  _write(path, rows)
+  records.truncate_metrics(str(path), 1)
+  assert records.read_metrics_rows(str(path)) == rows[:3]
+  assert records.has_rl_rows(str(path))
+  records.truncate_metrics(str(path), -1, phases=("rl", "sft_eval"))
+  assert records.read_metrics_rows(str(path)) == rows[:1]
+  assert not records.has_rl_rows(str(path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no tmp file left
+
+
+def test_resumable_fields_leave_the_identity_and_the_rest_enter_it():
+  base = _config()
+  longer = _config(num_steps=base.rl.num_steps + 5, eval_every=7, eval_size=3)
+  assert records.run_identity(longer) == records.run_identity(base)
+  assert records.run_identity(_config(learning_rate=0.5))["rl"]["learning_rate"] == 0.5
+  assert records.run_identity(_config(learning_rate=0.5)) != records.run_identity(base)
+  other_seed = dataclasses.replace(base, seed=3)
+  assert records.run_identity(other_seed)["seed"] == 3
+  # The warm-up identity ignores RL settings but not the warm-up's own.
+  assert records.warmup_identity(_config(learning_rate=0.5)) == records.warmup_identity(base)
+  longer_sft = dataclasses.replace(base, sft=SFTConfig(num_steps=4, batch_size=8))
+  assert records.warmup_identity(longer_sft) != records.warmup_identity(base)
+  assert sorted(records.warmup_identity(base)) == ["model", "seed", "sft", "task", "task_kwargs"]
+
+
+def test_holds_checkpoint_needs_a_numbered_step_directory(tmp_path):
+  assert not records.holds_checkpoint(str(tmp_path / "missing"))
+  assert not records.holds_checkpoint(str(tmp_path))
+  (tmp_path / "3.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save
+  (tmp_path / "7").write_text("")                   # a file, not a step
+  assert not records.holds_checkpoint(str(tmp_path))
+  (tmp_path / "12").mkdir()
+  assert records.holds_checkpoint(str(tmp_path))
