@@ -7,12 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
-from pr2_jax.parallel import distributed
-from pr2_jax.parallel.mesh import TOKEN_AXES, make_mesh
+from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import data, learner, losses
 from pr2_jax.rl.config import RLConfig
 from pr2_jax.rl.sampler import SamplerConfig, generate
@@ -791,19 +790,3 @@ def test_capacity_buckets_compile_once_each():
   update_fn(state, minis[0], jnp.asarray(False), None, capacity)
   assert update_fn.jitted._cache_size() == 2
 
-
-def test_shard_micro_matches_the_host_split_and_places_rows_by_batch_shardings():
-  """The device-side shuffle is `data.split_micro` (the oracle) with the learner's placement."""
-  mesh = make_mesh(2, 4)
-  rng = np.random.default_rng(0)
-  batch = {"tokens": rng.integers(0, 50, (16, 6)).astype(np.int32),
-           "routes": rng.integers(0, 8, (16, 6, 2, 2)).astype(np.int32),
-           "adv": rng.normal(size=16).astype(np.float32)}
-  order = rng.permutation(16)
-  placed = distributed.to_global(batch, NamedSharding(mesh, PartitionSpec(TOKEN_AXES)))
-  micro = learner.shard_micro(placed, order, num_chunks=2, mesh=mesh)
-  expected = data.split_micro(batch, 2, order)
-  shardings = learner.batch_shardings(mesh, expected)
-  for key in batch:
-    np.testing.assert_array_equal(np.asarray(micro[key]), expected[key])
-    assert micro[key].sharding.is_equivalent_to(shardings[key], micro[key].ndim)

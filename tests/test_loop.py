@@ -117,9 +117,9 @@ def test_rl_step_feeds_the_learner_the_rollouts_group_advantages(monkeypatch):
     orders.append(np.asarray(jax.device_get(order)))
     return real_split(batch, order, **kwargs)
 
-  real_split = loop.learner.shard_micro
+  real_split = loop.shuffle.shuffle_into_chunks
   monkeypatch.setattr(loop.Engine, "rewards", rewards)
-  monkeypatch.setattr(loop.learner, "shard_micro", split)
+  monkeypatch.setattr(loop.shuffle, "shuffle_into_chunks", split)
   cfg = _config(1)
   engine = loop.Engine(cfg, make_mesh(2, 2, devices=jax.devices()[:4]))
   real_fns = engine._learner_fns

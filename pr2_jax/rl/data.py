@@ -50,7 +50,8 @@ def sft_batch(tok: CharTokenizer, problems: list[Problem], prompt_slots: int, re
 
 
 def split_micro(batch: dict, num_chunks: int, order: np.ndarray | None = None) -> dict:
-  """[B, ...] -> [num_chunks, B / num_chunks, ...], optionally permuting rows first."""
+  """[B, ...] -> [num_chunks, B / num_chunks, ...], optionally permuting rows first (on the host;
+  the loop does this on the devices: `parallel.shuffle.shuffle_into_chunks`)."""
   def one(x):
     x = np.asarray(x) if order is None else np.asarray(x)[order]
     return x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:])

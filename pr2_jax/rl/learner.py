@@ -284,19 +284,6 @@ def batch_shardings(mesh: Mesh, batch: dict) -> dict:
       batch)
 
 
-@functools.partial(jax.jit, static_argnames=("num_chunks", "mesh"))
-def shard_micro(batch: dict, order_B: jax.Array, *, num_chunks: int, mesh: Mesh) -> dict:
-  """[B, ...] rollout arrays -> [num_chunks, B / num_chunks, ...] in `order_B`, placed by
-  `batch_shardings`; on device (`data.split_micro` is its host counterpart), so rows move
-  between devices, never through a host."""
-  def one(x):
-    x = jnp.take(x, order_B, axis=0)
-    x = x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:])
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None,
-                                                                                 TOKEN_AXES)))
-  return jax.tree.map(one, batch)
-
-
 def make_learner_fns(lr: Learner, mesh: Mesh, state_shardings,
                      example_batch: dict) -> tuple[Callable, Callable]:
   """(old_fn(params, predictor, batch, step_plan=None, capacity=None),

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from pr2_jax.hf import experiment as hf_experiment
 from pr2_jax.models.transformer import validate_tokens
 from pr2_jax.parallel.distributed import gather_rows, local_rows, to_global, to_host
+from pr2_jax.parallel import shuffle
 from pr2_jax.parallel.mesh import EXPERT, axis_size, logical_sharding, num_token_shards
 from pr2_jax.rl import balancing, data, learner, losses, programs, records
 from pr2_jax.rl.char_tokenizer import CharTokenizer
@@ -183,8 +184,8 @@ class Engine:
     batch = {k: to_global(v, self.row_sharding) if isinstance(v, np.ndarray) else v
              for k, v in batch.items()}
     order = to_global(rng.permutation(rl.batch_size), self.replicated)
-    micro = learner.shard_micro(batch, order, num_chunks=rl.off_policy_k * rl.micro_steps,
-                                mesh=self.mesh)
+    micro = shuffle.shuffle_into_chunks(batch, order, num_chunks=rl.off_policy_k * rl.micro_steps,
+                                        mesh=self.mesh)
     old_fn, update_fn = self._learner_fns(micro)
     bal = self.balancer
     plan, old_phase, self.balance_state, eplb_ms = bal.plan_old_pass(micro, self.balance_state)

@@ -1,0 +1,71 @@
+"""A row shuffle of batch-sharded arrays that never holds the whole batch on one device.
+
+Dimension legend: B rows of the batch, n token shards (devices along the
+token axes), R = B / n rows per shard, C chunks, b = B / C rows per chunk,
+c = b / n rows of a chunk per shard.
+
+The learner cuts a rollout batch into C randomly composed micro-batches. Left
+to the SPMD partitioner, `x[order]` on a row-sharded `x` becomes a masked
+local gather plus an all-reduce of the full [B, ...] result (or an
+all-gather): every device transiently holds the whole batch, which at scale
+is the largest array of the step (routes [B, S, L, K], PR2's features
+[B, F, L, D]). Here each shard passes its rows around a ring of n - 1
+`ppermute`s and keeps the ones it needs: per device, two blocks of R rows in
+flight, and the same bytes on the wire as an all-gather.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from pr2_jax.parallel.mesh import TOKEN_AXES, num_token_shards
+
+
+def _ring_take(x_R, want_N, *, axes, n: int):
+  """Inside shard_map: rows `want_N` (global row ids) of the array whose shard i holds global
+  rows [i R, (i + 1) R); this shard's block is `x_R`."""
+  rows = x_R.shape[0]
+  me = lax.axis_index(axes)
+  out = jnp.zeros(want_N.shape + x_R.shape[1:], x_R.dtype)
+  block = x_R
+  for step in range(n):  # n is a mesh size: small, and each step is one ppermute
+    local_N = want_N - ((me + step) % n) * rows  # the block held now is shard (me + step)'s
+    hit_N = (local_N >= 0) & (local_N < rows)
+    taken = jnp.take(block, jnp.clip(local_N, 0, rows - 1), axis=0)
+    out = jnp.where(hit_N.reshape(hit_N.shape + (1,) * (x_R.ndim - 1)), taken, out)
+    if step + 1 < n:  # receive shard (me + step + 1)'s block from the next shard
+      block = lax.ppermute(block, axes, perm=[(i, (i - 1) % n) for i in range(n)])
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("num_chunks", "mesh"))
+def shuffle_into_chunks(tree, order_B: jax.Array, *, num_chunks: int, mesh: Mesh):
+  """Every [B, ...] leaf -> x[order_B] as [C, b, ...], with b split over the token shards.
+
+  Equal to `x[order_B].reshape(C, b, ...)` for any permutation (or any row ids)
+  `order_B`; B must divide into C chunks and every chunk over the token shards.
+  """
+  n = num_token_shards(mesh)
+
+  def one(x):
+    total = x.shape[0]
+    if total % (num_chunks * n):
+      raise ValueError(f"{total} rows do not split into num_chunks={num_chunks} chunks of "
+                       f"whole rows on each of {n} token shards")
+    per_shard = total // num_chunks // n
+
+    def body(x_R, order_B):
+      me = lax.axis_index(TOKEN_AXES)
+      want_Cc = lax.dynamic_slice_in_dim(order_B.reshape(num_chunks, -1), me * per_shard,
+                                         per_shard, axis=1)
+      return _ring_take(x_R, want_Cc, axes=TOKEN_AXES, n=n)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(TOKEN_AXES), P()),
+                         out_specs=P(None, TOKEN_AXES))(x, order_B)
+
+  return jax.tree.map(one, tree)

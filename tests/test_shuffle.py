@@ -1,0 +1,68 @@
+"""The ring shuffle against numpy's x[order], and what it compiles to."""
+
+import collections
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pr2_jax.parallel import distributed
+from pr2_jax.parallel.mesh import TOKEN_AXES, make_mesh
+from pr2_jax.parallel.shuffle import shuffle_into_chunks
+from pr2_jax.rl import data
+
+
+def _batch(rng, rows=32):
+  return {"routes": rng.integers(0, 9, (rows, 6, 2, 2)).astype(np.int32),
+          "adv": rng.normal(size=rows).astype(np.float32),
+          "valid": rng.random((rows, 6)) > 0.5}
+
+
+@pytest.mark.parametrize("data_axis, expert_axis", [(1, 1), (2, 4), (8, 1), (1, 8), (2, 2)])
+@pytest.mark.parametrize("num_chunks", [1, 4])
+def test_equals_the_host_split_on_every_mesh(data_axis, expert_axis, num_chunks):
+  rng = np.random.default_rng(data_axis * 10 + expert_axis + num_chunks)
+  mesh = make_mesh(data_axis, expert_axis, devices=jax.devices()[:data_axis * expert_axis])
+  batch, order = _batch(rng), rng.permutation(32)
+  placed = distributed.to_global(batch, NamedSharding(mesh, P(TOKEN_AXES)))
+  out = shuffle_into_chunks(placed, order, num_chunks=num_chunks, mesh=mesh)
+  expected = data.split_micro(batch, num_chunks, order)  # the oracle: numpy's x[order]
+  for key in batch:
+    np.testing.assert_array_equal(np.asarray(out[key]), expected[key])
+    assert out[key].dtype == batch[key].dtype
+    assert out[key].sharding.is_equivalent_to(
+        NamedSharding(mesh, P(None, TOKEN_AXES)), out[key].ndim)
+
+
+def test_repeated_row_ids_are_taken_like_numpy():
+  """Any row ids work, not only permutations (a row may land on every shard)."""
+  mesh = make_mesh(2, 4)
+  batch = _batch(np.random.default_rng(1), rows=16)
+  order = np.array([5] * 8 + [15, 0, 7, 8, 3, 3, 12, 1])
+  out = shuffle_into_chunks(distributed.to_global(batch, NamedSharding(mesh, P(TOKEN_AXES))),
+                            order, num_chunks=2, mesh=mesh)
+  np.testing.assert_array_equal(np.asarray(out["routes"]), batch["routes"][order].reshape(
+      (2, 8) + batch["routes"].shape[1:]))
+
+
+def test_compiles_to_a_ring_of_permutes_not_a_whole_batch_collective():
+  """x[order] left to the partitioner all-reduces the whole [B, ...] result on every device;
+  the ring moves one shard's rows at a time."""
+  mesh = make_mesh(2, 4)
+  rng = np.random.default_rng(2)
+  placed = distributed.to_global(_batch(rng), NamedSharding(mesh, P(TOKEN_AXES)))
+  text = shuffle_into_chunks.lower(placed, rng.permutation(32), num_chunks=4,
+                                   mesh=mesh).compile().as_text()
+  ops = collections.Counter(op for line in text.splitlines()
+                            for op in ("all-gather(", "all-reduce(", "all-to-all(",
+                                       "collective-permute(") if op in line)
+  assert ops == {"collective-permute(": 3 * 7}  # 3 leaves, 8 shards: 7 hops each
+
+
+def test_rows_that_do_not_split_evenly_are_refused():
+  mesh = make_mesh(2, 4)
+  placed = distributed.to_global({"x": np.zeros(24, np.float32)},
+                                 NamedSharding(mesh, P(TOKEN_AXES)))
+  with pytest.raises(ValueError, match="24 rows do not split into num_chunks=2 chunks"):
+    shuffle_into_chunks(placed, np.arange(24), num_chunks=2, mesh=mesh)
