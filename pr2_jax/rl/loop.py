@@ -26,7 +26,7 @@ from pr2_jax.models.transformer import validate_tokens
 from pr2_jax.parallel.distributed import gather_rows, local_rows, to_global, to_host
 from pr2_jax.parallel import shuffle
 from pr2_jax.parallel.mesh import EXPERT, axis_size, logical_sharding, num_token_shards
-from pr2_jax.rl import balancing, data, learner, losses, programs, records
+from pr2_jax.rl import balancing, data, losses, programs, records
 from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.rl.config import PR2_MODES, ExperimentConfig
 from pr2_jax.rl.tasks import make_task
