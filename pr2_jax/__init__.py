@@ -20,6 +20,7 @@ from pr2_jax.parallel.distributed import (DistributedConfig, gather_rows, local_
                                           to_host)
 from pr2_jax.parallel.mesh import LOGICAL_RULES, make_mesh
 from pr2_jax.parallel.replica_fetch import fetch_slabs
+from pr2_jax.parallel.shuffle import shuffle_into_chunks
 from pr2_jax.pr2.predictor import (init_predictor, predicted_topk, predictor_bias, predictor_loss,
                                    predictor_losses)
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig

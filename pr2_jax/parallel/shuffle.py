@@ -45,10 +45,12 @@ def _ring_take(x_R, want_N, *, axes, n: int):
 
 @functools.partial(jax.jit, static_argnames=("num_chunks", "mesh"))
 def shuffle_into_chunks(tree, order_B: jax.Array, *, num_chunks: int, mesh: Mesh):
-  """Every [B, ...] leaf -> x[order_B] as [C, b, ...], with b split over the token shards.
+  """Every [B, ...] leaf x of `tree` -> `x[order_B]` cut into C = `num_chunks` chunks,
+  [C, B / C, ...], the B / C axis split over `mesh`'s token shards ('data', 'expert').
 
-  Equal to `x[order_B].reshape(C, b, ...)` for any permutation (or any row ids)
-  `order_B`; B must divide into C chunks and every chunk over the token shards.
+  Equal to `x[order_B].reshape(C, B // C, ...)` for any permutation (or any row ids)
+  `order_B` [B]; B must divide into C chunks and every chunk over the token shards. No
+  device holds more than two shards' rows at a time (a ring of `ppermute`s).
   """
   n = num_token_shards(mesh)
 
