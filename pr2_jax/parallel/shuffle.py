@@ -31,16 +31,21 @@ def _ring_take(x_R, want_N, *, axes, n: int):
   rows [i R, (i + 1) R); this shard's block is `x_R`."""
   rows = x_R.shape[0]
   me = lax.axis_index(axes)
-  out = jnp.zeros(want_N.shape + x_R.shape[1:], x_R.dtype)
-  block = x_R
-  for step in range(n):  # n is a mesh size: small, and each step is one ppermute
-    local_N = want_N - ((me + step) % n) * rows  # the block held now is shard (me + step)'s
+  expand = lambda m_N: m_N.reshape(m_N.shape + (1,) * (x_R.ndim - 1))
+
+  def keep(step, block, out):  # `block` is shard (me + step)'s
+    local_N = want_N - ((me + step) % n) * rows
     hit_N = (local_N >= 0) & (local_N < rows)
-    taken = jnp.take(block, jnp.clip(local_N, 0, rows - 1), axis=0)
-    out = jnp.where(hit_N.reshape(hit_N.shape + (1,) * (x_R.ndim - 1)), taken, out)
-    if step + 1 < n:  # receive shard (me + step + 1)'s block from the next shard
-      block = lax.ppermute(block, axes, perm=[(i, (i - 1) % n) for i in range(n)])
-  return out
+    return jnp.where(expand(hit_N), jnp.take(block, jnp.clip(local_N, 0, rows - 1), axis=0), out)
+
+  def hop(step, carry):  # receive the next shard's block, keep its wanted rows
+    block, out = carry
+    block = lax.ppermute(block, axes, perm=[(i, (i - 1) % n) for i in range(n)])
+    return block, keep(step, block, out)
+
+  # A loop, not n unrolled hops: XLA keeps every unrolled hop's block alive at once.
+  out = keep(0, x_R, jnp.zeros(want_N.shape + x_R.shape[1:], x_R.dtype))
+  return lax.fori_loop(1, n, hop, (x_R, out))[1]
 
 
 @functools.partial(jax.jit, static_argnames=("num_chunks", "mesh"))
