@@ -4,6 +4,7 @@
     python -m experiments.make_api_docs --check    # exit 1 if docs/api.md is stale
 """
 
+import dataclasses
 import inspect
 import os
 import re
@@ -24,12 +25,43 @@ def public_names() -> list[str]:
                 and not inspect.ismodule(getattr(pr2_jax, n)))
 
 
+_FIELD = re.compile(r"^(\s+)(\w+)\s*:[^#]*?(?:#\s?(.*))?$")
+
+
+def field_table(cls) -> str:
+  """A dataclass's or NamedTuple's fields with the comments they carry in the source (the one
+  place their shapes and meanings are written), as a markdown table; "" for other objects."""
+  if dataclasses.is_dataclass(cls):
+    names = [f.name for f in dataclasses.fields(cls)]
+  else:
+    names = list(getattr(cls, "_fields", ()))
+  if not names or not inspect.isclass(cls):
+    return ""
+  comments, last, pending = {}, None, []  # pending: comment lines above the next field
+  for line in inspect.getsource(cls).splitlines()[1:]:
+    match, text = _FIELD.match(line), line.strip().lstrip("#").strip()
+    if match and match.group(2) in names and match.group(2) not in comments:
+      last, indent = match.group(2), len(match.group(1))
+      comments[last] = " ".join(pending + [(match.group(3) or "").strip()]).strip()
+      pending = []
+    elif line.strip().startswith("#"):
+      if last and len(line) - len(line.lstrip()) > indent:
+        comments[last] += " " + text  # a trailing comment's continuation
+      else:
+        last, pending = None, pending + [text]
+    else:
+      last, pending = None, []
+  rows = "".join(f"| `{n}` | {comments.get(n, '').replace('|', '/')} |\n" for n in names)
+  return "\n| field | meaning |\n|---|---|\n" + rows
+
+
 def entry(name: str) -> str:
   obj = getattr(pr2_jax, name)
   if callable(obj):
     try:
       # Default values that print an object id would make the page differ run to run.
       sig = re.sub(r" at 0x[0-9a-f]+", "", str(inspect.signature(obj)))
+      sig = re.sub(r"ForwardRef\(('[^']*')\)", r"\1", sig)
     except (TypeError, ValueError):
       sig = "(...)"
     kind = "class" if inspect.isclass(obj) else "def"
@@ -39,8 +71,10 @@ def entry(name: str) -> str:
     head = f"### `{name}`\n\n`{name} = {obj!r}`\n"
     module = ""
   doc = inspect.getdoc(obj) if callable(obj) else ""
+  if doc and doc.startswith(f"{name}("):  # the signature dataclasses write as a docstring
+    doc = ""
   where = f"\n*Defined in `{module}`.*\n" if module.startswith("pr2_jax") else ""
-  return head + (f"\n{doc}\n" if doc else "") + where
+  return head + (f"\n{doc}\n" if doc else "") + field_table(obj) + where
 
 
 def render() -> str:

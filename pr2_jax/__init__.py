@@ -10,6 +10,7 @@ from pr2_jax.balance import (Plan, assign_replicas, eplb_rebalance, imbalance, l
                              plan_placement)
 from pr2_jax.config import ModelConfig
 from pr2_jax.hf import HFTokenizer, load_hf_checkpoint, save_hf_checkpoint
+from pr2_jax.hf.config_map import read_hf_config
 from pr2_jax.models.experts import ExpertWeights
 from pr2_jax.models.routing import (LIVE, Routing, expert_load, gates_at, replay_gates, route,
                                     router_logits, switch_aux_loss, top_k_experts, validate_routes)
@@ -21,13 +22,15 @@ from pr2_jax.parallel.distributed import (DistributedConfig, gather_rows, local_
 from pr2_jax.parallel.mesh import LOGICAL_RULES, make_mesh
 from pr2_jax.parallel.replica_fetch import fetch_slabs
 from pr2_jax.parallel.shuffle import shuffle_into_chunks
-from pr2_jax.pr2.predictor import (init_predictor, predicted_topk, predictor_bias, predictor_loss,
-                                   predictor_losses)
+from pr2_jax.pr2.predictor import (bias_logit_ratio, init_predictor, predicted_topk, predictor_bias,
+                                   predictor_loss, predictor_losses, topk_overlap)
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
-from pr2_jax.rl.losses import (dapo_loss, grpo_advantages, gspo_loss, policy_loss, tis_weights,
-                               token_entropy, token_logprobs)
-from pr2_jax.rl.metrics import mismatch_metrics, routing_metrics
-from pr2_jax.rl.sampler import Rollout, SamplerConfig, generate
+from pr2_jax.rl.losses import (dapo_loss, grpo_advantages, gspo_loss, loss_stats_from_sums,
+                               policy_loss, sequence_tis_weights, tis_weights, token_entropy,
+                               token_logprobs)
+from pr2_jax.rl.metrics import (mismatch_from_sums, mismatch_metrics, mismatch_sums,
+                                routing_from_sums, routing_metrics, routing_sums)
+from pr2_jax.rl.sampler import Rollout, SamplerConfig, generate, validate_generate_inputs
 from pr2_jax.train.state import state_memory
 
 __version__ = "0.1.0"

@@ -390,3 +390,34 @@ def test_tis_and_entropy_reject_misshaped_inputs():
     losses.token_entropy(jnp.zeros((1, 2, 3)), jnp.ones((1, 2)), denom=0.0)
   with pytest.raises(ValueError, match=r"mask_BT has shape \(3,\), expected rank 2"):
     losses.loss_denominator("dapo", jnp.ones(3))
+
+
+def test_tis_weights_at_padding_with_inf_logprobs_do_not_make_the_loss_nan():
+  """Padding may hold -inf log-probs on both sides: its TIS weight is exp(-inf + inf) = NaN,
+  and NaN * mask 0 is still NaN. The loss masks the weight first: the value is the one
+  without the padding position, by hand -A·w·r averaged over the two real tokens."""
+  logp = jnp.asarray([[-1.0, -2.0, -jnp.inf]])
+  old = jnp.asarray([[-1.0, -2.0, -jnp.inf]])
+  behaviour = jnp.asarray([[-0.9, -2.2, -jnp.inf]])
+  mask = jnp.asarray([[1.0, 1.0, 0.0]])
+  w = losses.tis_weights(old, behaviour, cap=2.0)
+  assert np.isnan(w[0, 2])  # documented; the losses take care of it
+  loss, _ = losses.dapo_loss(logp, old, jnp.asarray([1.5]), mask, is_weight_BT=w)
+  expected = -1.5 * (math.exp(-0.1) + math.exp(0.2)) / 2  # ratio 1, w = exp(old - µ)
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: losses.tis_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), cap=0.0), r"cap=0.0 must be"),
+    (lambda: losses.sequence_tis_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones((1, 2)),
+                                         cap=-1), r"cap=-1 must be"),
+    (lambda: losses.dapo_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
+                              clip_low=1.2), r"clip_low=1.2 must be in \[0, 1\)"),
+    (lambda: losses.gspo_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
+                              clip_high=-0.1), r"clip_high=-0.1 must be in \[0, inf\)"),
+])
+def test_bad_loss_hyper_parameters_are_refused(call, match):
+  """cap 0 zeroed every gradient, cap -1 flipped the loss's sign, clip_low > 1 made the lower
+  ratio bound negative: all silently."""
+  with pytest.raises(ValueError, match=match):
+    call()

@@ -1,5 +1,7 @@
 """docs/api.md must match the docstrings of the exported names."""
 
+import dataclasses
+
 from experiments import make_api_docs
 
 
@@ -20,3 +22,25 @@ def test_an_unknown_argument_is_refused_without_writing(capsys, monkeypatch):
   monkeypatch.setattr("builtins.open", lambda *a, **k: written.append(a) or 1 / 0)
   assert make_api_docs.main(["x", "--help"]) == 2 and not written
   assert capsys.readouterr().err.startswith("error: unknown argument(s) --help; usage:")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Toy:
+  width: int = 2          # columns of the thing
+  # the mode, above its field:
+  mode: str = "a"         # a | b
+  depth: int = 3          # rows, with a note that
+                          # goes on below
+  bare: float = 0.0
+
+
+def test_field_table_reads_the_comments_on_every_field():
+  """Fields' meanings live in source comments: trailing, above the field, continued below."""
+  table = make_api_docs.field_table(_Toy)
+  assert table.splitlines()[1:] == [
+      "| field | meaning |", "|---|---|",
+      "| `width` | columns of the thing |",
+      "| `mode` | the mode, above its field: a / b |",
+      "| `depth` | rows, with a note that goes on below |",
+      "| `bare` |  |"]
+  assert make_api_docs.field_table(make_api_docs.render) == ""

@@ -182,3 +182,14 @@ def test_flatten_for_json():
   assert type(out["loss/sums/count"]) is int
   json.dumps(out)
   json.dumps(metrics.flatten_for_json(metrics.routing_metrics(*_hand_routes())))
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (((2, 5), (2, 5), (5,)), r"mask_BT has shape \(5,\), expected \[B, T\] of train_logp_BT"),
+    (((2, 5), (2, 1), (2, 5)), r"rollout_logp_BT has shape \(2, 1\)"),
+    (((10,), (10,), (10,)), r"train_logp_BT has shape \(10,\), expected rank 2"),
+])
+def test_mismatch_metrics_refuse_shapes_that_would_broadcast(shapes, match):
+  """A [T] mask broadcast over [B, T] gave an extreme fraction of 1.33."""
+  with pytest.raises(ValueError, match=match):
+    metrics.mismatch_metrics(*(jnp.zeros(s) for s in shapes))

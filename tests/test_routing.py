@@ -251,3 +251,61 @@ def test_expert_load_rejects_ids_outside_the_experts():
     routing.expert_load(jnp.asarray([[0, 9]], jnp.int32), 8)
   np.testing.assert_array_equal(jax.jit(routing.expert_load, static_argnums=1)(
       jnp.asarray([[0, 3], [3, 1]], jnp.int32), 4), [1, 1, 0, 2])
+
+
+@pytest.mark.parametrize("routes, match", [
+    ([[7, 0], [1, 2], [0, 1]], r"routes_NK has expert id 7 >= num_experts=4"),
+    ([[-2, 0], [1, 2], [0, 1]], r"routes_NK has value -2 < -1"),
+    ([[0, -1], [1, 2], [0, 1]], r"routes_NK row=\(0,\) mixes -1 and expert ids: \[0, -1\]"),
+    ([[2, 2], [1, 2], [0, 1]], r"routes_NK row=\(0,\) repeats an expert: \[2, 2\]"),
+    ([2, 1], r"routes_NK has shape \(2,\), expected the logits' leading axes \+ \(k,\) = \(3, 2\)"),
+    ([[0, 1, 2]] * 3, r"routes_NK has shape \(3, 3\), expected .* = \(3, 2\)"),
+])
+def test_route_refuses_bad_replayed_routes_eagerly(routes, match):
+  """Gathers do not fail on bad ids: id 7 gave NaN gates, -2 wrapped to expert 2, a [K] row
+  was broadcast to every token."""
+  with pytest.raises(ValueError, match=match):
+    routing.route(jnp.asarray(LOGITS), 2, True, routes_NK=jnp.asarray(routes, jnp.int32))
+
+
+def test_replay_gates_refuses_live_rows_and_bad_ids():
+  with pytest.raises(ValueError, match=r"value -1 < 0; every row must be replayed"):
+    routing.replay_gates(jnp.asarray(LOGITS), jnp.full((3, 2), -1, jnp.int32), True)
+  with pytest.raises(ValueError, match=r"expert id 9 >= num_experts=4"):
+    routing.replay_gates(jnp.asarray(LOGITS), jnp.asarray([[9, 0]] * 3, jnp.int32), True)
+  with pytest.raises(ValueError, match=r"k=0 must be an int in \[1, num_experts=4\]"):
+    routing.route(jnp.asarray(LOGITS), 0, True)
+
+
+def test_bad_routes_are_only_shape_checked_under_jit():
+  """Under jit the values cannot be read without a host sync: callers validate first."""
+  fn = jax.jit(lambda r: routing.replay_gates(jnp.asarray(LOGITS), r, True))
+  assert fn(jnp.asarray([[3, 2]] * 3, jnp.int32)).shape == (3, 2)
+  with pytest.raises(ValueError, match=r"has shape \(3, 1\)"):
+    jax.jit(lambda r: routing.route(jnp.asarray(LOGITS), 2, True, routes_NK=r))(
+        jnp.zeros((3, 1), jnp.int32))
+
+
+def test_normalised_gates_of_underflowed_experts_are_their_softmax_not_nan():
+  """Replayed experts ~120 below the top logit: ρ underflows to 0 for both, and ρ_j / Σρ was
+  0/0. The gates are softmax over the chosen logits, [0, -1] -> [0.731, 0.269], with a
+  finite gradient; rows that do not underflow keep the usual value bit for bit."""
+  logits = jnp.asarray([[120.0, 0.0, -1.0, 1.0], [1.0, 2.0, 0.5, 2.0]])
+  routes = jnp.asarray([[1, 2], [1, 3]], jnp.int32)
+  gates = routing.replay_gates(logits, routes, True)
+  e = np.exp([0.0, -1.0])
+  np.testing.assert_allclose(gates[0], e / e.sum(), rtol=1e-6)
+  rho = jax.nn.softmax(logits[1])
+  assert np.array_equal(gates[1], np.asarray(rho[jnp.asarray([1, 3])] / (rho[1] + rho[3])))
+  grad = jax.grad(lambda p: routing.route(p, 2, True, routes_NK=routes).gates[:, 0].sum())(logits)
+  assert np.all(np.isfinite(grad)) and grad[0, 1] > 0
+  assert np.all(routing.gates_at(jax.nn.softmax(logits), routes, True)[0] == 0)  # no logits
+
+
+def test_expert_load_refuses_a_mask_of_another_shape():
+  """A [N, 1] mask gave loads [2, 6, 2, 2] for a true [1, 2, 0, 1]."""
+  ids = jnp.asarray([[0, 1], [1, 3], [2, 0]], jnp.int32)
+  mask = jnp.asarray([1.0, 1.0, 0.0])
+  np.testing.assert_array_equal(routing.expert_load(ids, 4, mask), [1, 2, 0, 1])
+  with pytest.raises(ValueError, match=r"mask_N has shape \(3, 1\), expected the ids' leading"):
+    routing.expert_load(ids, 4, mask[:, None])

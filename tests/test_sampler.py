@@ -173,6 +173,17 @@ def test_generate_rejects_mismatched_prompt_mask():
                      sampler.SamplerConfig(max_new_tokens=N))
 
 
+def test_generate_rejects_right_padded_prompts():
+  """Sampling continues from the last slot: a right-padded prompt conditioned on padding."""
+  params, prompts, valid = _setup()
+  right = np.asarray(valid).copy()
+  right[0] = right[0][::-1]  # row 0's padding moved to the end
+  assert not right[0, -1]
+  with pytest.raises(ValueError, match=r"prompt_valid_BP row 0 = \[1, .*0\] is not left-padded"):
+    sampler.generate(MoETransformer(CFG), params, prompts, right, jax.random.key(0),
+                     sampler.SamplerConfig(max_new_tokens=N))
+
+
 def test_cached_features_equal_the_full_forward_router_inputs_and_logits():
   """feature_h / feature_p at prompt and response slots are the router inputs / logits a full
   float32 forward of the rollout (its routes replayed) computes there."""

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_ids
+from pr2_jax.checks import check_ids, check_shape, is_concrete
 
 LIVE = -1  # route entry meaning "let the live router choose"
 
@@ -43,12 +43,68 @@ def top_k_experts(probs_NE: jax.Array, k: int) -> jax.Array:
   return jax.lax.top_k(probs_NE, k)[1].astype(jnp.int32)
 
 
-def gates_at(probs_NE: jax.Array, expert_ids_NK: jax.Array, norm_topk_prob: bool) -> jax.Array:
-  """Gates g_j = ρ_j (or ρ_j / Σ_{i∈I} ρ_i) gathered from the full softmax at `expert_ids`."""
+def gates_at(probs_NE: jax.Array, expert_ids_NK: jax.Array, norm_topk_prob: bool,
+             logits_NE: jax.Array | None = None) -> jax.Array:
+  """Gates g_j = ρ_j (or ρ_j / Σ_{i∈I} ρ_i) gathered from the full softmax at `expert_ids`.
+
+  A normalised row whose chosen ρ all underflow to 0 (the chosen logits ~90 below the
+  top one) is softmax over the chosen `logits_NE` (the same value, computed in log space),
+  or 0 without logits; never 0/0 = NaN, which would poison the whole step's gradient.
+  """
   g_NK = jnp.take_along_axis(probs_NE, expert_ids_NK, axis=-1)
-  if norm_topk_prob:
-    g_NK = g_NK / jnp.sum(g_NK, axis=-1, keepdims=True)
-  return g_NK
+  if not norm_topk_prob:
+    return g_NK
+  total_N1 = jnp.sum(g_NK, axis=-1, keepdims=True)
+  ok_N1 = total_N1 > np.finfo(np.float32).tiny
+  g_NK = g_NK / jnp.where(ok_N1, total_N1, 1.0)  # the usual path, bit for bit
+  if logits_NE is None:
+    return jnp.where(ok_N1, g_NK, 0.0)
+  chosen_NK = jnp.take_along_axis(logits_NE.astype(jnp.float32), expert_ids_NK, axis=-1)
+  return jnp.where(ok_N1, g_NK, jax.nn.softmax(chosen_NK, axis=-1))
+
+
+def check_route_rows(routes, num_experts: int, *, name: str = "routes", row: str = "row",
+                     allow_live: bool = True) -> None:
+  """Concrete routes [..., K] (a no-op on tracers): every row is all -1 (live router, if
+  `allow_live`) or K distinct ids in [0, num_experts); raises ValueError naming the row.
+
+  A bad id is not an error downstream: gathers clamp or wrap it, or return NaN."""
+  if not is_concrete(routes):
+    return
+  r = np.asarray(routes)
+  if not np.issubdtype(r.dtype, np.integer):
+    raise ValueError(f"{name} has dtype {r.dtype}, expected int32 expert ids")
+  low = LIVE if allow_live else 0
+  if np.any(r < low):
+    raise ValueError(f"{name} has value {int(r.min())} < {low}" + (
+        "; -1 (live router) is the only negative allowed" if allow_live else
+        "; every row must be replayed here (no -1 rows)"))
+  if np.any(r >= num_experts):
+    raise ValueError(f"{name} has expert id {int(r.max())} >= num_experts={num_experts}")
+  live = r < 0
+  partial = live.any(-1) & ~live.all(-1)
+  if np.any(partial):
+    idx = tuple(int(i) for i in np.argwhere(partial)[0])
+    raise ValueError(f"{name} {row}={idx} mixes -1 and expert ids: {r[idx].tolist()}; "
+                     "a row is either all -1 (live) or K expert ids")
+  srt = np.sort(r, axis=-1)
+  dup = np.any((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0), axis=-1)
+  if np.any(dup):
+    idx = tuple(int(i) for i in np.argwhere(dup)[0])
+    raise ValueError(f"{name} {row}={idx} repeats an expert: {r[idx].tolist()}")
+
+
+def _check_route_args(logits_NE, k: int, routes_NK, name: str, allow_live: bool) -> None:
+  num_experts = logits_NE.shape[-1]
+  if not isinstance(k, (int, np.integer)) or not 1 <= k <= num_experts:
+    raise ValueError(f"k={k!r} must be an int in [1, num_experts={num_experts}]")
+  if routes_NK is None:
+    return
+  expected = tuple(logits_NE.shape[:-1]) + (k,)
+  if tuple(jnp.shape(routes_NK)) != expected:  # static: no broadcasting a [K] row to all
+    raise ValueError(f"{name} has shape {tuple(jnp.shape(routes_NK))}, expected the logits' "
+                     f"leading axes + (k,) = {expected}")
+  check_route_rows(routes_NK, num_experts, name=name, allow_live=allow_live)
 
 
 def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
@@ -69,30 +125,44 @@ def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
   Returns:
     Routing(expert_ids, gates, probs) with the experts actually used; `probs`
     is always the router's own ρ = softmax(p).
+
+  Raises:
+    ValueError: `k` outside [1, E]; `routes_NK` not of shape logits[:-1] + (k,)
+      (static); on concrete routes, a row neither all -1 nor K distinct ids in
+      [0, E). `k` and `norm_topk_prob` are static under jit.
   """
+  _check_route_args(logits_NE, k, routes_NK, "routes_NK", allow_live=True)
   probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+  # gate_NE: the distribution live rows are gated by; gate_logits_NE: the logits it came from.
+  live_NK, gate_NE, gate_logits_NE = None, probs_NE, logits_NE
   if bias_NE is None:
-    live_NK, gate_NE = top_k_experts(probs_NE, k), probs_NE
+    live_NK = top_k_experts(probs_NE, k)
   else:
     # Top-k of the scores p + b, not of q̂: the same order, but scores ~100 apart underflow
     # q̂ to exact zeros whose ties would pick arbitrary experts (`predicted_topk` agrees).
     scores_NE = logits_NE.astype(jnp.float32) + bias_NE
     live_NK = top_k_experts(scores_NE, k)
-    gate_NE = jax.nn.softmax(scores_NE, axis=-1) if predicted_gates else probs_NE
+    if predicted_gates:
+      gate_NE, gate_logits_NE = jax.nn.softmax(scores_NE, axis=-1), scores_NE
   if routes_NK is None:
-    return Routing(live_NK, gates_at(gate_NE, live_NK, norm_topk_prob), probs_NE)
+    return Routing(live_NK, gates_at(gate_NE, live_NK, norm_topk_prob, gate_logits_NE), probs_NE)
   # Replayed rows keep the replay rule whatever the bias: gates are ρ at the recorded ids.
   replay_N1 = routes_NK[..., :1] >= 0
   ids_NK = jnp.where(replay_N1, routes_NK.astype(jnp.int32), live_NK)
-  gates_NK = jnp.where(replay_N1, gates_at(probs_NE, ids_NK, norm_topk_prob),
-                       gates_at(gate_NE, ids_NK, norm_topk_prob))
+  gates_NK = jnp.where(replay_N1, gates_at(probs_NE, ids_NK, norm_topk_prob, logits_NE),
+                       gates_at(gate_NE, ids_NK, norm_topk_prob, gate_logits_NE))
   return Routing(ids_NK, gates_NK, probs_NE)
 
 
 def replay_gates(logits_NE: jax.Array, routes_NK: jax.Array, norm_topk_prob: bool) -> jax.Array:
-  """Gates of a fully replayed route (no -1 rows) from the live logits."""
+  """Gates of a fully replayed route (no -1 rows) from the live logits, float32 [..., K].
+
+  `routes_NK` must have the logits' leading axes and K ids per row (static check); concrete
+  routes must hold K distinct ids in [0, E) per row (ValueError otherwise)."""
+  _check_route_args(logits_NE, jnp.shape(routes_NK)[-1] if jnp.ndim(routes_NK) else 0,
+                    routes_NK, "routes_NK", allow_live=False)
   probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
-  return gates_at(probs_NE, routes_NK.astype(jnp.int32), norm_topk_prob)
+  return gates_at(probs_NE, routes_NK.astype(jnp.int32), norm_topk_prob, logits_NE)
 
 
 def expert_load(expert_ids_NK: jax.Array, num_experts: int,
@@ -101,6 +171,8 @@ def expert_load(expert_ids_NK: jax.Array, num_experts: int,
 
   Concrete ids outside [0, E) raise (one_hot would count them nowhere, silently)."""
   check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
+  if mask_N is not None:  # exact: a [N, 1] mask broadcast over K counted every pair N times
+    check_shape("mask_N", mask_N, jnp.shape(expert_ids_NK)[:-1], "the ids' leading axes")
   onehot_NKE = jax.nn.one_hot(expert_ids_NK, num_experts, dtype=jnp.float32)
   if mask_N is not None:
     onehot_NKE = onehot_NKE * mask_N[..., None, None].astype(jnp.float32)
@@ -134,19 +206,4 @@ def validate_routes(routes, *, batch: int, length: int, num_layers: int, top_k: 
   [0, num_experts). Runs on host numpy: call it before jit, not inside.
   """
   check_routes_shape(routes, batch=batch, length=length, num_layers=num_layers, top_k=top_k)
-  r = np.asarray(routes)
-  live = r < 0
-  if np.any(r < LIVE):
-    raise ValueError(f"routes has value {int(r.min())} < -1; -1 (live router) is the only negative allowed")
-  if np.any(r >= num_experts):
-    raise ValueError(f"routes has expert id {int(r.max())} >= num_experts={num_experts}")
-  partial = live.any(-1) & ~live.all(-1)
-  if np.any(partial):
-    idx = tuple(int(i) for i in np.argwhere(partial)[0])
-    raise ValueError(f"routes row (b, t, l)={idx} mixes -1 and expert ids: {r[idx].tolist()}; "
-                     "a row is either all -1 (live) or K expert ids")
-  srt = np.sort(r, axis=-1)
-  dup = np.any((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0), axis=-1)
-  if np.any(dup):
-    idx = tuple(int(i) for i in np.argwhere(dup)[0])
-    raise ValueError(f"routes row (b, t, l)={idx} repeats an expert: {r[idx].tolist()}")
+  check_route_rows(routes, num_experts, row="row (b, t, l)")

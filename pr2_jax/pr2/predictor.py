@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pr2_jax.checks import check_rank, check_shape
+
 PREDICTOR_LOSSES = ("post", "delta", "l2")
 
 
@@ -40,6 +42,16 @@ def _kl(target_logits, model_logits, weight_N):
   return jnp.sum(kl_N * weight_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
 
 
+def _check_layer_inputs(w_DE, h_ND, p_old_NE, p_cur_NE, weight_N) -> None:
+  check_rank("w_DE", w_DE, 2, "[D, E]")
+  check_rank("h_old_ND", h_ND, 2, "[N, D]")
+  (d, e), n = jnp.shape(w_DE), jnp.shape(h_ND)[0]
+  check_shape("h_old_ND", h_ND, (n, d), "[N, D] with D of w_DE")
+  check_shape("p_old_NE", p_old_NE, (n, e), "[N, E] with N of h_old and E of w_DE")
+  check_shape("p_cur_NE", p_cur_NE, (n, e), "[N, E] with N of h_old and E of w_DE")
+  check_shape("weight_N", weight_N, (n,), "[N]")
+
+
 def predictor_loss(kind: str, w_DE: jax.Array, h_old_ND: jax.Array, p_old_NE: jax.Array,
                    p_cur_NE: jax.Array, weight_N: jax.Array) -> jax.Array:
   """One layer's predictor loss over weighted feature positions (weight 0 = padding).
@@ -51,7 +63,12 @@ def predictor_loss(kind: str, w_DE: jax.Array, h_old_ND: jax.Array, p_old_NE: ja
   'l2': ‖b − sg(p_cur − p_old)‖² / E, the squared error on the logit change averaged over
     the E experts (DESIGN §3's norm divided by E, so its size does not grow with E; Adam's
     update is invariant to that constant factor).
+
+  Shapes (checked, static): w_DE [D, E], h_old_ND [N, D], p_old_NE and p_cur_NE [N, E],
+  weight_N [N]. Weights are counts (0/1 per position): the mean divides by
+  max(Σ weight, 1).
   """
+  _check_layer_inputs(w_DE, h_old_ND, p_old_NE, p_cur_NE, weight_N)
   p_old = jax.lax.stop_gradient(p_old_NE.astype(jnp.float32))
   p_cur = jax.lax.stop_gradient(p_cur_NE.astype(jnp.float32))
   b_NE = predictor_bias(jax.lax.stop_gradient(h_old_ND), w_DE)
@@ -68,7 +85,17 @@ def predictor_loss(kind: str, w_DE: jax.Array, h_old_ND: jax.Array, p_old_NE: ja
 
 def predictor_losses(kind: str, w_LDE: jax.Array, h_old_NLD: jax.Array, p_old_NLE: jax.Array,
                      p_cur_NLE: jax.Array, weight_N: jax.Array) -> jax.Array:
-  """Per-layer losses [L]; the objective is their sum (DESIGN §3: Σ_l)."""
+  """Per-layer losses [L]; the objective is their sum (DESIGN §3: Σ_l).
+
+  Shapes (checked): w_LDE [L, D, E], h_old_NLD [N, L, D], p_old_NLE and p_cur_NLE
+  [N, L, E], weight_N [N] (0/1 counts, as in `predictor_loss`)."""
+  check_rank("w_LDE", w_LDE, 3, "[L, D, E]")
+  l, d, e = jnp.shape(w_LDE)
+  n = jnp.shape(weight_N)[0] if jnp.ndim(weight_N) else -1
+  check_shape("weight_N", weight_N, (n,), "[N]")
+  check_shape("h_old_NLD", h_old_NLD, (n, l, d), "[N, L, D] of weight_N and w_LDE")
+  check_shape("p_old_NLE", p_old_NLE, (n, l, e), "[N, L, E] of weight_N and w_LDE")
+  check_shape("p_cur_NLE", p_cur_NLE, (n, l, e), "[N, L, E] of weight_N and w_LDE")
   layer = lambda w, h, p_old, p_cur: predictor_loss(kind, w, h, p_old, p_cur, weight_N)
   return jax.vmap(layer, in_axes=(0, 1, 1, 1))(w_LDE, h_old_NLD, p_old_NLE, p_cur_NLE)
 

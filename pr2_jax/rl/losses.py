@@ -61,6 +61,17 @@ def _check_BT_inputs(logp_BT, old_logp_BT, mask_BT) -> tuple[int, int]:
   return b, t
 
 
+def _check_bound(name: str, value, low: float, high: float = math.inf) -> None:
+  """A concrete hyper-parameter (a Python number; traced values pass) in [low, high)."""
+  if isinstance(value, numbers.Real) and not (low <= float(value) < high):
+    raise ValueError(f"{name}={value!r} must be in [{low:g}, {high:g})")
+
+
+def _check_clip(clip_low, clip_high) -> None:
+  _check_bound("clip_low", clip_low, 0.0, 1.0)  # 1 - clip_low is the lower ratio bound
+  _check_bound("clip_high", clip_high, 0.0)
+
+
 # ----------------------------------------------------------------------------
 # Advantages and importance weights
 # ----------------------------------------------------------------------------
@@ -118,8 +129,10 @@ def tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array, cap: float
 
   Corrects for the gap between the inference engine's behaviour policy µ and
   the training engine's π_old (TIS). Stop-gradient: a weight, not a path.
-  Returns float32 [B, T].
+  Returns float32 [B, T]; positions where both log-probs are -inf (padding) are NaN,
+  which the losses mask out. `cap` must be > 0 (no TIS: pass no weights).
   """
+  _check_bound("cap", cap, math.ulp(0.0))
   check_shape("behaviour_logp_BT", behaviour_logp_BT, jnp.shape(old_logp_BT),
                "the shape of old_logp_BT")
   log_w_BT = jnp.clip(_f32(old_logp_BT) - _f32(behaviour_logp_BT), -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
@@ -131,8 +144,9 @@ def sequence_tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array,
   """Sequence-level TIS weight for GSPO, `min((π_old(y)/µ(y))^{1/|y|}, cap)`, float32 [B].
 
   The geometric-mean ratio matches GSPO's length-normalised sequence ratio.
-  Stop-gradient; sequences with an empty mask get weight 1.
+  Stop-gradient; sequences with an empty mask get weight 1. `cap` must be > 0.
   """
+  _check_bound("cap", cap, math.ulp(0.0))
   _check_BT_inputs(old_logp_BT, behaviour_logp_BT, mask_BT)
   mask_BT = _f32(mask_BT)
   delta_BT = jnp.where(mask_BT > 0, _f32(old_logp_BT) - _f32(behaviour_logp_BT), 0.0)
@@ -205,8 +219,10 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
     logp_BT: current-policy log-probs of the sampled tokens (differentiated).
     old_logp_BT: log-probs the ratio is taken against (stop-gradient).
     adv_B: per-sequence advantages [B] (a per-token [B, T] array also works).
-    mask_BT: 1 on response tokens that count.
-    clip_low, clip_high: ε_low, ε_high of the asymmetric clip range.
+    mask_BT: 1 on response tokens that count, 0 elsewhere (a float mask weights tokens,
+      but the default denominator is max(Σ mask, 1), a token count: pass `denom` for
+      weights that sum below 1).
+    clip_low, clip_high: ε_low in [0, 1), ε_high >= 0 of the asymmetric clip range.
     is_weight_BT: optional TIS weights (see `tis_weights`), stop-gradient.
     denom: token-mean denominator; default `mask_BT.sum()` of this call. Pass
       the mini-batch's token count so micro-step losses add up to the
@@ -228,14 +244,15 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   if is_weight_BT is not None:
     check_shape("is_weight_BT", is_weight_BT, (b, t), "[B, T]")
   check_count("denom", denom)
+  _check_clip(clip_low, clip_high)
   mask_BT = _f32(mask_BT)
   adv_BT = jnp.broadcast_to(_adv_BT(adv_B), mask_BT.shape)
   # where() before exp: padding positions may hold -inf/NaN log-probs.
   log_ratio_BT = jnp.where(mask_BT > 0, _f32(logp_BT) - jax.lax.stop_gradient(_f32(old_logp_BT)), 0.0)
   ratio_BT = jnp.exp(jnp.clip(log_ratio_BT, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
   loss_BT = _clipped_objective(ratio_BT, adv_BT, clip_low, clip_high)
-  if is_weight_BT is not None:
-    loss_BT = loss_BT * jax.lax.stop_gradient(_f32(is_weight_BT))
+  if is_weight_BT is not None:  # masked first: a padding weight may be NaN (-inf - -inf)
+    loss_BT = loss_BT * jnp.where(mask_BT > 0, jax.lax.stop_gradient(_f32(is_weight_BT)), 0.0)
   if denom is None:
     denom = jnp.maximum(jnp.sum(mask_BT), 1.0)
   loss = jnp.sum(loss_BT * mask_BT) / jax.lax.stop_gradient(_f32(denom))
@@ -276,6 +293,7 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   if is_weight_B is not None:
     check_shape("is_weight_B", is_weight_B, (b,), "[B]", ": GSPO's TIS weight is per sequence")
   check_count("denom_seqs", denom_seqs)
+  _check_clip(clip_low, clip_high)
   mask_BT = _f32(mask_BT)
   len_B = jnp.sum(mask_BT, axis=1)
   valid_B = _f32(len_B > 0)
@@ -285,7 +303,7 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   adv_B = _f32(adv_B)
   loss_B = _clipped_objective(s_B, adv_B, clip_low, clip_high)
   if is_weight_B is not None:
-    loss_B = loss_B * jax.lax.stop_gradient(_f32(is_weight_B))
+    loss_B = loss_B * jnp.where(valid_B > 0, jax.lax.stop_gradient(_f32(is_weight_B)), 0.0)
   if denom_seqs is None:
     denom_seqs = jnp.maximum(jnp.sum(valid_B), 1.0)
   loss = jnp.sum(loss_B * valid_B) / jax.lax.stop_gradient(_f32(denom_seqs))

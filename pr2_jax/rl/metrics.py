@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_ids
+from pr2_jax.checks import check_ids, check_rank, check_shape
 
 LN2 = math.log(2.0)
 NUM_DEV_BINS = 4  # deviation histogram bins: 0, 1, 2, ≥3 experts changed
@@ -44,6 +44,10 @@ def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
 def mismatch_sums(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
                   mask_BT: jax.Array) -> dict[str, jax.Array]:
   """Additive masked sums behind `mismatch_metrics` (all float32 scalars)."""
+  check_rank("train_logp_BT", train_logp_BT, 2, "[B, T]")
+  shape = tuple(jnp.shape(train_logp_BT))  # exact: broadcasting gave fractions above 1
+  check_shape("rollout_logp_BT", rollout_logp_BT, shape, "[B, T] of train_logp_BT")
+  check_shape("mask_BT", mask_BT, shape, "[B, T] of train_logp_BT")
   mask_BT = _f32(mask_BT)
   # where() first: padding may hold -inf log-probs, and these are metrics only.
   delta_BT = jax.lax.stop_gradient(
@@ -60,7 +64,9 @@ def mismatch_sums(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
 
 
 def mismatch_from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Means from (possibly accumulated) `mismatch_sums`."""
+  """`mismatch_metrics`' keys from (possibly accumulated) `mismatch_sums`: sums of several
+  micro-steps add key by key (`jax.tree.map(jnp.add, a, b)`), so the result is the exact token
+  mean over all of them, not a mean of per-micro-step means."""
   n = sums["count"]
   dev_mean = _safe_div(sums["ratio_dev"], n)
   return {
@@ -81,6 +87,7 @@ def mismatch_metrics(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
     extreme_frac: `mean(|Δ| > ln 2)`, tokens whose probability differs by
       more than a factor 2 between the engines.
     ratio_mean, ratio_var: mean and population variance of the IS ratio e^Δ.
+  Raises ValueError unless all three inputs have the same [B, T] shape.
   """
   return mismatch_from_sums(mismatch_sums(train_logp_BT, rollout_logp_BT, mask_BT))
 
@@ -138,7 +145,8 @@ def routing_sums(replayed_BTLK: jax.Array, current_BTLK: jax.Array, probs_BTLE: 
 
 
 def routing_from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Means (overall and per layer) from (possibly accumulated) `routing_sums`."""
+  """`routing_metrics`' keys (overall and `_per_layer`) from (possibly accumulated)
+  `routing_sums`, which add key by key over micro-steps like `mismatch_sums`."""
   n_L = sums["count"]
   n = jnp.sum(n_L)
   hist_L4 = _safe_div(sums["dev_hist"], n_L[:, None])
@@ -169,8 +177,10 @@ def routing_metrics(replayed_BTLK: jax.Array, current_BTLK: jax.Array, probs_BTL
   suffix `_per_layer` hold arrays [L] (`dev_hist_per_layer` is [L, 4]).
 
   The token mask applies to every layer. (token, layer) pairs whose replayed
-  row contains -1 (the live router was used, nothing was replayed) are
-  excluded from every metric; a layer with no pairs reports 0.
+  or current row contains -1 (the live router was used, nothing was replayed)
+  are excluded from every metric; a layer with no pairs reports 0. Rows are
+  top-k sets: K distinct ids (a repeated replayed id counts each time it
+  matches).
 
   Args:
     replayed_BTLK: int replayed expert ids, -1 rows = live.

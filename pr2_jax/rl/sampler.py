@@ -120,6 +120,14 @@ def validate_generate_inputs(vocab_size: int, prompts_BP, prompt_valid_BP, confi
   if jnp.shape(prompt_valid_BP) != jnp.shape(prompts_BP):
     raise ValueError(f"prompt_valid_BP has shape {jnp.shape(prompt_valid_BP)}, expected [B, P] "
                      f"of prompts_BP = {jnp.shape(prompts_BP)}")
+  if is_concrete(prompt_valid_BP) and jnp.size(prompt_valid_BP):
+    valid = np.asarray(prompt_valid_BP).astype(bool)
+    # Sampling continues from the last slot: right padding would condition on a pad token.
+    bad = ~valid[:, -1] | np.any(valid[:, :-1] & ~valid[:, 1:], axis=1)
+    if np.any(bad):
+      row = int(np.argmax(bad))
+      raise ValueError(f"prompt_valid_BP row {row} = {valid[row].astype(int).tolist()} is not "
+                       "left-padded (padding first, then the prompt up to the last slot)")
   if feature_slots_BF is None:
     return
   b, p = jnp.shape(prompts_BP)
