@@ -123,3 +123,12 @@ def test_bad_arguments(args, match):
     eplb_rebalance(WEIGHT, **kwargs)
   with pytest.raises(ValueError, match="layers, experts"):
     eplb_rebalance(WEIGHT[0], 16, 4, 2, 8)
+
+
+@pytest.mark.parametrize("bad", [np.nan, -1.0, np.inf])
+def test_loads_that_are_not_finite_and_non_negative_are_refused(bad):
+  """A NaN expert took 6 of 12 replicas, and the plan's device loads came out NaN."""
+  weight = np.array(WEIGHT, np.float32)
+  weight[1, 3] = bad
+  with pytest.raises(ValueError, match=r"weight\[1, 3\] = .* is not a finite load >= 0"):
+    eplb_rebalance(weight, 16, 4, 2, 8)

@@ -41,6 +41,13 @@ def test_replica_counts_hand_worked():
   np.testing.assert_array_equal(pl.replica_counts(jnp.array([5., 1, 1, 1]), 6, 6), [3, 1, 1, 1])
 
 
+@pytest.mark.parametrize("slots, cap", [(20, 2), (6, 4)])
+def test_replica_counts_refuse_slot_counts_they_cannot_reach(slots, cap):
+  """8 experts: 20 slots with at most 2 replicas each gave counts summing to 16, 6 slots 8."""
+  with pytest.raises(ValueError, match=rf"num_slots={slots} must be in \[E, E \* max_replicas\]"):
+    pl.replica_counts(jnp.arange(1.0, 9.0), slots, cap)
+
+
 def test_hand_worked_plan_with_water_filling():
   """E=4, D=2, S=3, loads [3, 3, 4, 2], no home bonus.
 

@@ -7,7 +7,9 @@ Dimension legend:
   L layers, E logical experts, X physical experts (replicas, = num_replicas),
   G expert groups, N nodes, U GPUs, R max replicas of one expert.
 
-Semantics (same outputs as DeepSeek's `rebalance_experts`):
+Semantics (DeepSeek's `rebalance_experts` with a stable sort, which DESIGN prescribes; the
+reference's `torch.sort` is not stable on larger arrays, so there the two may place tied
+replicas differently, with the same replica counts and per-GPU loads):
   * hierarchical policy when `num_groups % num_nodes == 0`:
     1. pack expert groups onto nodes (balanced packing, equal count per node);
     2. inside each node, replicate its experts up to X/N physical experts
@@ -125,6 +127,10 @@ def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, n
   weight_LE = np.asarray(weight, np.float32)
   if weight_LE.ndim != 2:
     raise ValueError(f"weight must be [layers, experts], got shape {weight_LE.shape}")
+  bad = np.argwhere(~np.isfinite(weight_LE) | (weight_LE < 0))
+  if bad.size:  # a NaN expert took half the replicas; a negative one made NaN device loads
+    idx = tuple(int(i) for i in bad[0])
+    raise ValueError(f"weight{list(idx)} = {weight_LE[idx]} is not a finite load >= 0")
   num_layers, num_log = weight_LE.shape
   for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups),
                       ("num_nodes", num_nodes), ("num_gpus", num_gpus)):

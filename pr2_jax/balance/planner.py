@@ -18,7 +18,7 @@ recompiles. Per layer:
    (ties: expert id), each onto the lightest device with a free slot (exactly
    S per device) that holds no replica of that expert yet (if every open
    device does, the lightest open one). With stickiness > 0, two rules keep
-   weights in place (stickiness 0 is plain LPT: best balance, most moves):
+   weights in place (stickiness 0 is plain LPT: no home preference, most moves):
    * reservation: each device keeps one slot per native expert (e // (E/D))
      free until that expert's first replica is placed, so heavy replicas of
      other experts cannot crowd a light native out of its own device;
@@ -97,6 +97,9 @@ class Plan(flax.struct.PyTreeNode):
 def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.Array:
   """int32 [E]: greedy replica counts of one layer (step 1 of the module docstring).
 
+  Needs E <= num_slots <= E * max_replicas (every expert one replica, none more than
+  max_replicas): counts then sum to num_slots.
+
   The greedy's picks are exactly the R = num_slots - E largest quotients
   n_e / j (j = 1 .. max_replicas - 1), taken in expert order among equal
   quotients. Rather than R sequential argmaxes, the R-th largest quotient v
@@ -105,8 +108,11 @@ def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.
   Loads must be finite and >= 0 (checked when concrete).
   """
   check_finite("loads", load_E, _LOADS_WHY, low=0)
-  load_E = load_E.astype(jnp.float32)
+  load_E = jnp.asarray(load_E).astype(jnp.float32)
   num_experts = load_E.shape[0]
+  if not num_experts <= num_slots <= num_experts * max_replicas:
+    raise ValueError(f"num_slots={num_slots} must be in [E, E * max_replicas] = [{num_experts}, "
+                     f"{num_experts * max_replicas}]: counts could not sum to it")
   redundant = num_slots - num_experts
   cols = min(redundant, max_replicas - 1)
   if cols <= 0:
@@ -343,10 +349,13 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
       allowed); devices holding an expert there count as its home, and kept
       experts keep their slot. None: the native layout.
     stickiness: the home rule's tolerance as a fraction of the mean device
-      load; 0 = no home preference (and for lpt no reservations): best
-      balance, most transfers; larger = fewer transfers and somewhat worse
-      balance (see docs/results/balance.md for the trade-off).
+      load; 0 = no home preference (and for lpt no reservations): most
+      transfers; larger = fewer transfers. 0 is not the best balance on
+      heavily skewed loads: without the home rule and reservations heavy
+      replicas can stack on one device (docs/results/balance.md, "Heavy skew").
     split_iters: water-filling rounds of the token split (0 = proportional).
+      More rounds get closer to the best split of a layout on heavy skew, at
+      a cost in planner time (same section).
     min_gain: None = off; else keep the previous layout unless the new plan
       lowers the peak device load by more than this fraction (step 5).
     method: step 2's placement: "rounds" (default; S rounds of D with the
