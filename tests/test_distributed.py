@@ -210,3 +210,8 @@ def test_two_processes_match_one_and_resume(tmp_path):
   assert resumed[:len(two)] == two  # nothing before the checkpoint was rewritten
   assert [r.get("step") for r in resumed if r["phase"] == "rl"] == [1, 2, 3]
   assert "eval reward before RL" not in (tmp_path / "resume0.txt").read_text()
+
+
+def test_local_rows_names_a_host_array_passed_by_mistake():
+  with pytest.raises(TypeError, match="local_rows takes a jax.Array .* got ndarray"):
+    distributed.local_rows(np.zeros(3))

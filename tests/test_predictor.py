@@ -235,3 +235,8 @@ def test_predictor_losses_refuse_shapes_that_would_broadcast(bad, match):
           "weight_N": jnp.ones(3), **bad}
   with pytest.raises(ValueError, match=match):
     pred.predictor_losses("post", **args)
+
+
+def test_init_predictor_refuses_sizes_that_are_not_positive_ints():
+  with pytest.raises(ValueError, match=r"init_predictor.num_layers must be a positive int, got -1"):
+    pred.init_predictor(-1, 4, 4)

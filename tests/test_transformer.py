@@ -480,3 +480,27 @@ def test_eager_slot_map_values_are_checked_per_layer():
   bad[0, 5] = 4
   with pytest.raises(ValueError, match=r"MoE layer 0's slot map: .* no slot for expert\(s\) \[5\]"):
     model.apply({"params": params}, tokens, slot_expert=jnp.asarray(bad))
+
+
+def test_aux_loss_counts_only_valid_tokens():
+  """The model's Switch loss is the mean over MoE layers of `switch_aux_loss` on the valid
+  tokens' router softmax and routes (padding was counted before)."""
+  params, tokens = _params(), _tokens()
+  valid = VALID.at[0, :3].set(False)
+  out = MoETransformer(CFG).apply({"params": params}, tokens, valid=valid,
+                                  return_router_logits=True)
+  keep = np.asarray(valid).reshape(-1)
+  per_layer = [routing.switch_aux_loss(
+      jax.nn.softmax(out.router_logits[:, :, l].reshape(B * T, -1)[keep]),
+      out.routes[:, :, l].reshape(B * T, -1)[keep]) for l in range(L)]
+  np.testing.assert_allclose(out.aux_loss, np.mean(per_layer), rtol=1e-5)
+  everything = MoETransformer(CFG).apply({"params": params}, tokens, valid=VALID)
+  assert not np.isclose(everything.aux_loss, out.aux_loss)
+
+
+def test_init_cache_refuses_sizes_that_are_not_positive_ints():
+  from pr2_jax import init_cache
+  with pytest.raises(ValueError, match=r"init_cache.batch must be a positive int, got -1"):
+    init_cache(CFG, -1, 6)
+  with pytest.raises(ValueError, match=r"init_cache.max_len must be a positive int, got 2.0"):
+    init_cache(CFG, 2, 2.0)

@@ -63,15 +63,15 @@ class MoEBlock(nn.Module):
     bias_NE = None if predictor_DE is None else predictor_bias(x_ND, predictor_DE)
     r = routing.route(logits_NE, cfg.top_k, cfg.norm_topk_prob, routes_NK, bias_NE, predicted_gates)
     slot_ids_NK = None
+    valid_N = None if valid_BT is None else valid_BT.reshape(b * t)
     if hasattr(slot_expert_X, "replica_share"):  # a Plan layer: planned replica split
       plan = slot_expert_X
       slot_expert_X = plan.slot_expert.reshape(-1)
-      valid_N = None if valid_BT is None else valid_BT.reshape(b * t)
       slot_ids_NK = assign_replicas(r.expert_ids, valid_N, plan, num_token_shards(self.mesh))
     y_ND, dropped = moe_experts(
         x_ND, r.expert_ids, r.gates, weights, impl=cfg.expert_impl, mesh=self.mesh,
         capacity_factor=cfg.capacity_factor, capacity=capacity, slot_expert_X=slot_expert_X,
         slot_ids_NK=slot_ids_NK, dtype=jnp.dtype(cfg.dtype))
     aux = MoEAux(r.expert_ids.reshape(b, t, cfg.top_k), logits_NE.reshape(b, t, e), dropped,
-                 routing.switch_aux_loss(r.probs, r.expert_ids))
+                 routing.switch_aux_loss(r.probs, r.expert_ids, valid_N))
     return y_ND.reshape(b, t, d).astype(cfg.dtype), aux

@@ -179,11 +179,17 @@ def expert_load(expert_ids_NK: jax.Array, num_experts: int,
   return onehot_NKE.reshape(-1, num_experts).sum(0)
 
 
-def switch_aux_loss(probs_NE: jax.Array, expert_ids_NK: jax.Array) -> jax.Array:
-  """Switch-Transformer load-balancing loss E·Σ_e f_e·P_e (1.0 when perfectly even)."""
-  num_experts = probs_NE.shape[-1]
-  f_E = expert_load(expert_ids_NK, num_experts) / expert_ids_NK.size
-  p_E = probs_NE.reshape(-1, num_experts).mean(0)
+def switch_aux_loss(probs_NE: jax.Array, expert_ids_NK: jax.Array,
+                    mask_N: jax.Array | None = None) -> jax.Array:
+  """Switch-Transformer load-balancing loss E·Σ_e f_e·P_e (1.0 when perfectly even), over the
+  tokens `mask_N` keeps (all if None): padding is not routed work and must not be balanced."""
+  num_experts, k = probs_NE.shape[-1], expert_ids_NK.shape[-1]
+  if mask_N is None:
+    mask_N = jnp.ones(expert_ids_NK.shape[:-1], jnp.float32)
+  mask_N = mask_N.astype(jnp.float32)
+  tokens = jnp.maximum(jnp.sum(mask_N), 1.0)
+  f_E = expert_load(expert_ids_NK, num_experts, mask_N) / (tokens * k)
+  p_E = jnp.einsum("...e,...->e", probs_NE, mask_N) / tokens
   return num_experts * jnp.sum(f_E * p_E)
 
 

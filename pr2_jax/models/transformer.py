@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pr2_jax.config import ModelConfig
+from pr2_jax.config import ModelConfig, check_int
 from pr2_jax.checks import check_shape, is_concrete
 from pr2_jax.models.experts import validate_slot_expert
 from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
@@ -44,6 +44,8 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache for `max_len` tokens (prompt + response) in `dtype` (default: compute dtype)."""
+  check_int("init_cache", "batch", batch)
+  check_int("init_cache", "max_len", max_len)
   dtype = jnp.dtype(dtype or config.dtype)
   b, g, s, z = batch, config.num_kv_heads, max_len, config.head_dim
   zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))

@@ -127,6 +127,8 @@ def local_rows(x: jax.Array) -> tuple[slice, np.ndarray]:
   Unlike `to_host`, nothing crosses processes: a rollout's tokens are decoded
   and scored where they already are.
   """
+  if not isinstance(x, jax.Array):
+    raise TypeError(f"local_rows takes a jax.Array (a global array), got {type(x).__name__}")
   block = local_block(x.sharding, x.shape)
   out = np.empty(tuple(b.stop - b.start for b in block), x.dtype)
   for shard in x.addressable_shards:  # replicated shards overwrite with equal values

@@ -20,12 +20,16 @@ import jax
 import jax.numpy as jnp
 
 from pr2_jax.checks import check_rank, check_shape
+from pr2_jax.config import check_int
 
 PREDICTOR_LOSSES = ("post", "delta", "l2")
 
 
 def init_predictor(num_layers: int, d_model: int, num_experts: int) -> jax.Array:
   """Zero `W_p` for every MoE layer, float32 [L, D, E]."""
+  for name, value in (("num_layers", num_layers), ("d_model", d_model),
+                      ("num_experts", num_experts)):
+    check_int("init_predictor", name, value)
   return jnp.zeros((num_layers, d_model, num_experts), jnp.float32)
 
 
