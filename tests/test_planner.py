@@ -10,6 +10,7 @@ import pytest
 
 from pr2_jax.balance import loads as ld
 from pr2_jax.balance import planner as pl
+from pr2_jax.balance.dispatch import assign_replicas
 
 
 def _greedy_counts(load, num_slots, cap):
@@ -263,3 +264,22 @@ def test_methods_differ_and_rounds_is_the_default():
   jax.tree_util.tree_map(np.testing.assert_array_equal, default, rounds)
   lpt = pl.plan_placement(loads, 8, 5, method="lpt")
   assert not np.array_equal(rounds.slot_expert, lpt.slot_expert)
+
+
+def test_a_nan_load_under_jit_still_gives_a_valid_plan():
+  """Under jit the loads cannot be checked: a NaN load gave its expert 0 replicas and
+  assign_replicas sent its tokens to another expert's slot. It now counts as 0."""
+  loads = np.arange(1, 17, dtype=np.float32)[None]
+  loads[0, 3] = np.nan
+
+  @jax.jit
+  def step(loads_LE, ids_NK):
+    plan = pl.plan_placement(loads_LE, 4, 5)
+    return plan, assign_replicas(ids_NK, None, plan.layer(0))
+
+  plan, slots = step(jnp.asarray(loads), jnp.full((8, 1), 3, jnp.int32))
+  assert np.all(np.asarray(plan.replica_count) >= 1)
+  held = np.asarray(plan.slot_expert).reshape(-1)[np.asarray(slots).ravel()]
+  assert np.all(held == 3)  # expert 3's tokens reach a slot of expert 3
+  zeroed = np.nan_to_num(loads)
+  np.testing.assert_array_equal(plan.slot_expert, pl.plan_placement(zeroed, 4, 5).slot_expert)

@@ -64,7 +64,7 @@ import numpy as np
 from pr2_jax.balance.loads import EMPTY, native_layout
 from pr2_jax.balance.rounds import place_in_rounds
 from pr2_jax.balance.split import water_fill
-from pr2_jax.checks import check_finite, check_ids
+from pr2_jax.checks import check_finite, check_ids, is_concrete
 
 _TINY = float(np.finfo(np.float32).tiny)
 # The greedy's float-bit search and the water-filling assume counts; a NaN spreads everywhere.
@@ -342,7 +342,9 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
 
   Args:
     loads_LE: float or int [L, E] (token, k) pairs per expert, padding excluded, finite and
-      >= 0 (checked when concrete).
+      >= 0 (checked when concrete; under jit, where they cannot be read, a NaN, inf or
+      negative load counts as 0, so the plan stays a valid one: every expert keeps a
+      replica and its tokens a slot of its own expert).
     num_devices: D, the expert-parallel axis size (E % D == 0).
     slots_per_device: S >= E/D (E/D native experts + S - E/D redundant slots).
     previous: the previous `Plan` or its int [L, D, S] `slot_expert` (EMPTY = -1
@@ -390,6 +392,8 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
       raise ValueError(f"previous layout has shape {previous.shape}, expected {shape} (L, D, S)")
     check_ids(previous, "previous", EMPTY, num_experts, "num_experts")
   loads_LE = loads_LE.astype(jnp.float32)
+  if not is_concrete(loads_LE):  # a NaN load gave an expert 0 replicas, its tokens another's slot
+    loads_LE = jnp.where(jnp.isfinite(loads_LE) & (loads_LE >= 0), loads_LE, 0.0)
   if slots_per_device == num_experts // num_devices:
     return _native_plan(loads_LE, num_devices)
   if previous is None:
