@@ -23,8 +23,8 @@ from jax.sharding import Mesh
 
 from pr2_jax.hf import experiment as hf_experiment
 from pr2_jax.models.transformer import validate_tokens
-from pr2_jax.parallel.distributed import gather_rows, local_rows, to_global, to_host
 from pr2_jax.parallel import shuffle
+from pr2_jax.parallel.distributed import gather_rows, local_rows, to_global, to_host
 from pr2_jax.parallel.mesh import EXPERT, axis_size, logical_sharding, num_token_shards
 from pr2_jax.rl import balancing, data, losses, programs, records
 from pr2_jax.rl.char_tokenizer import CharTokenizer
