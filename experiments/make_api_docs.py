@@ -4,11 +4,15 @@
     python -m experiments.make_api_docs --check    # exit 1 if docs/api.md is stale
 """
 
+import ast
 import dataclasses
 import inspect
+import io
 import os
 import re
 import sys
+import textwrap
+import tokenize
 
 import pr2_jax
 
@@ -25,34 +29,44 @@ def public_names() -> list[str]:
                 and not inspect.ismodule(getattr(pr2_jax, n)))
 
 
-_FIELD = re.compile(r"^(\s+)(\w+)\s*:[^#]*?(?:#\s?(.*))?$")
-
-
 def field_table(cls) -> str:
   """A dataclass's or NamedTuple's fields with the comments they carry in the source (the one
-  place their shapes and meanings are written), as a markdown table; "" for other objects."""
+  place their shapes and meanings are written), as a markdown table; "" for other objects.
+
+  A field's meaning: comment lines right above it at its indent, its trailing comment, and
+  comment lines below that are indented deeper (a trailing comment's continuation). Fields
+  the class's own source does not declare (inherited: flax's parent and name) are left out.
+  """
+  if not inspect.isclass(cls):
+    return ""
   if dataclasses.is_dataclass(cls):
     names = [f.name for f in dataclasses.fields(cls)]
   else:
     names = list(getattr(cls, "_fields", ()))
-  if not names or not inspect.isclass(cls):
+  if not names:
     return ""
-  comments, last, pending = {}, None, []  # pending: comment lines above the next field
-  for line in inspect.getsource(cls).splitlines()[1:]:
-    match, text = _FIELD.match(line), line.strip().lstrip("#").strip()
-    if match and match.group(2) in names and match.group(2) not in comments:
-      last, indent = match.group(2), len(match.group(1))
-      comments[last] = " ".join(pending + [(match.group(3) or "").strip()]).strip()
-      pending = []
-    elif line.strip().startswith("#"):
-      if last and len(line) - len(line.lstrip()) > indent:
-        comments[last] += " " + text  # a trailing comment's continuation
-      else:
-        last, pending = None, pending + [text]
-    else:
-      last, pending = None, []
-  rows = "".join(f"| `{n}` | {comments.get(n, '').replace('|', '/')} |\n" for n in names)
-  return "\n| field | meaning |\n|---|---|\n" + rows
+  source = textwrap.dedent(inspect.getsource(cls))
+  lines = source.splitlines()
+  comment = {tok.start[0]: tok.string.lstrip("#").strip()  # 1-based line -> its comment
+             for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+             if tok.type == tokenize.COMMENT}
+  only_comment = lambda i: 1 <= i <= len(lines) and lines[i - 1].lstrip().startswith("#")
+  indent = lambda i: len(lines[i - 1]) - len(lines[i - 1].lstrip())
+  meaning = {}
+  for node in ast.parse(source).body[0].body:
+    if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and node.target.id in names):
+      continue
+    above, below = node.lineno - 1, node.end_lineno + 1
+    while only_comment(above) and indent(above) == node.col_offset:
+      above -= 1
+    text = [comment[i] for i in range(above + 1, node.end_lineno + 1) if i in comment]
+    while node.end_lineno in comment and only_comment(below) and indent(below) > node.col_offset:
+      text.append(comment[below])
+      below += 1
+    meaning[node.target.id] = " ".join(text)
+  rows = "".join(f"| `{n}` | {meaning[n].replace('|', '/')} |\n" for n in names if n in meaning)
+  return "\n| field | meaning |\n|---|---|\n" + rows if rows else ""
 
 
 def entry(name: str) -> str:

@@ -152,7 +152,7 @@ def test_local_rows_and_gather_rows_across_two_processes(tmp_path):
     np.testing.assert_array_equal(out["sums"], x.sum(1))
 
 
-def test_local_rows_of_one_process_read_every_shard_once():
+def test_local_rows_of_one_process_are_the_whole_batch_in_any_layout():
   mesh = make_mesh(2, 4)
   x = np.arange(16 * 2 * 3).reshape(16, 2, 3)
   for spec in (P(("data", "expert")), P("data", None, None), P()):
@@ -210,6 +210,15 @@ def test_two_processes_match_one_and_resume(tmp_path):
   assert resumed[:len(two)] == two  # nothing before the checkpoint was rewritten
   assert [r.get("step") for r in resumed if r["phase"] == "rl"] == [1, 2, 3]
   assert "eval reward before RL" not in (tmp_path / "resume0.txt").read_text()
+
+
+def test_local_rows_refuse_rows_split_across_processes(monkeypatch):
+  """A process holding half of every row (axis 1 split across processes) would score partial
+  rows; one process cannot lay that out, so the block is faked."""
+  placed = distributed.to_global(np.zeros((4, 6)), NamedSharding(make_mesh(2, 4), P()))
+  monkeypatch.setattr(distributed, "local_block", lambda sharding, shape: (slice(0, 4), slice(0, 3)))
+  with pytest.raises(ValueError, match=r"needs whole rows, but axis 1 of a \(4, 6\) array"):
+    distributed.local_rows(placed)
 
 
 def test_local_rows_names_a_host_array_passed_by_mistake():

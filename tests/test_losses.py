@@ -408,13 +408,13 @@ def test_tis_weights_at_padding_with_inf_logprobs_do_not_make_the_loss_nan():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: losses.tis_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), cap=0.0), r"cap=0.0 must be"),
+    (lambda: losses.tis_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), cap=0.0), r"cap=0.0 must be > 0 \(no TIS: pass no weights\)"),
     (lambda: losses.sequence_tis_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones((1, 2)),
                                          cap=-1), r"cap=-1 must be"),
     (lambda: losses.dapo_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
-                              clip_low=1.2), r"clip_low=1.2 must be in \[0, 1\)"),
+                              clip_low=1.2), r"clip_low=1.2 must be in \[0, 1\]"),
     (lambda: losses.gspo_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
-                              clip_high=-0.1), r"clip_high=-0.1 must be in \[0, inf\)"),
+                              clip_high=-0.1), r"clip_high=-0.1 must be in \[0, inf\]"),
 ])
 def test_bad_loss_hyper_parameters_are_refused(call, match):
   """cap 0 zeroed every gradient, cap -1 flipped the loss's sign, clip_low > 1 made the lower

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pr2_jax
 from experiments import make_api_docs
 
 
@@ -26,12 +27,17 @@ def test_an_unknown_argument_is_refused_without_writing(capsys, monkeypatch):
 
 @dataclasses.dataclass(frozen=True)
 class _Toy:
+  """A toy.
+
+  width: a docstring line that looks like a field
+  """
   width: int = 2          # columns of the thing
   # the mode, above its field:
   mode: str = "a"         # a | b
   depth: int = 3          # rows, with a note that
                           # goes on below
   bare: float = 0.0
+  sep: str = "a # b"      # the separator
 
 
 def test_field_table_reads_the_comments_on_every_field():
@@ -42,5 +48,7 @@ def test_field_table_reads_the_comments_on_every_field():
       "| `width` | columns of the thing |",
       "| `mode` | the mode, above its field: a / b |",
       "| `depth` | rows, with a note that goes on below |",
-      "| `bare` |  |"]
+      "| `bare` |  |",
+      "| `sep` | the separator |"]
   assert make_api_docs.field_table(make_api_docs.render) == ""
+  assert "`parent`" not in make_api_docs.field_table(pr2_jax.MoETransformer)  # flax's own

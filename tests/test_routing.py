@@ -321,3 +321,16 @@ def test_switch_aux_loss_leaves_masked_tokens_out():
   mask = jnp.asarray([True, True, False, False])
   np.testing.assert_allclose(routing.switch_aux_loss(probs, ids, mask), 1.6, rtol=1e-6)
   np.testing.assert_allclose(routing.switch_aux_loss(probs[:2], ids[:2]), 1.6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gap", [20.0, 50.0, 60.0, 80.0, 86.0, 100.0])
+def test_replayed_gates_have_a_finite_gradient_far_below_the_top_logit(gap):
+  """ρ / Σρ's gradient -ρ / (Σρ)² overflowed to inf (NaN for the whole step) once Σρ fell below
+  ~1e-19, well before Σρ itself underflows: between ~44 and ~87 logits below the top."""
+  logits = jnp.asarray([[0.0, -gap, -gap - 1.0, -gap - 2.0]])
+  routes = jnp.asarray([[1, 2]], jnp.int32)
+  fn = lambda p: routing.route(p, 2, True, routes_NK=routes).gates[:, 0].sum()
+  np.testing.assert_allclose(fn(logits), 1 / (1 + np.exp(-1.0)), rtol=1e-6)
+  for grad in (jax.grad(fn)(logits), jax.jit(jax.grad(fn))(logits)):
+    assert np.all(np.isfinite(grad)), grad
+    np.testing.assert_allclose(grad[0, 1], np.exp(-1.0) / (1 + np.exp(-1.0)) ** 2, rtol=1e-5)

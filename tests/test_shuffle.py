@@ -49,7 +49,7 @@ def test_repeated_row_ids_are_taken_like_numpy():
 
 def test_compiles_to_a_ring_of_permutes_not_a_whole_batch_collective():
   """x[order] left to the partitioner all-reduces the whole [B, ...] result on every device;
-  the ring moves one shard's rows at a time (one ppermute per leaf, in a loop)."""
+  the ring moves one shard's rows at a time: one loop for all leaves, a ppermute per leaf."""
   mesh = make_mesh(2, 4)
   rng = np.random.default_rng(2)
   placed = distributed.to_global(_batch(rng), NamedSharding(mesh, P(TOKEN_AXES)))
@@ -59,6 +59,7 @@ def test_compiles_to_a_ring_of_permutes_not_a_whole_batch_collective():
                             for op in ("all-gather(", "all-reduce(", "all-to-all(",
                                        "collective-permute(") if op in line)
   assert ops == {"collective-permute(": 3}
+  assert sum(" while(" in line for line in text.splitlines()) == 1
 
 
 def test_a_device_holds_two_shards_of_rows_not_the_batch():
@@ -84,3 +85,13 @@ def test_rows_that_do_not_split_evenly_are_refused():
                                  NamedSharding(mesh, P(TOKEN_AXES)))
   with pytest.raises(ValueError, match="24 rows do not split into num_chunks=2 chunks"):
     shuffle_into_chunks(placed, np.arange(24), num_chunks=2, mesh=mesh)
+
+
+def test_order_of_another_length_or_dtype_is_refused():
+  mesh = make_mesh(2, 4)
+  placed = distributed.to_global({"x": np.zeros(16, np.float32)},
+                                 NamedSharding(mesh, P(TOKEN_AXES)))
+  with pytest.raises(ValueError, match=r"same number of rows; leaves \[\(16,\)\], order_B \(8,\)"):
+    shuffle_into_chunks(placed, np.arange(8), num_chunks=2, mesh=mesh)
+  with pytest.raises(ValueError, match="order_B has dtype float32, expected integer row ids"):
+    shuffle_into_chunks(placed, np.arange(16, dtype=np.float32), num_chunks=2, mesh=mesh)

@@ -342,9 +342,8 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
 
   Args:
     loads_LE: float or int [L, E] (token, k) pairs per expert, padding excluded, finite and
-      >= 0 (checked when concrete; under jit, where they cannot be read, a NaN, inf or
-      negative load counts as 0, so the plan stays a valid one: every expert keeps a
-      replica and its tokens a slot of its own expert).
+      >= 0 (checked when concrete; under jit a NaN, inf or negative load counts as 0, so
+      the plan stays valid: every expert keeps a replica).
     num_devices: D, the expert-parallel axis size (E % D == 0).
     slots_per_device: S >= E/D (E/D native experts + S - E/D redundant slots).
     previous: the previous `Plan` or its int [L, D, S] `slot_expert` (EMPTY = -1
@@ -352,12 +351,10 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
       experts keep their slot. None: the native layout.
     stickiness: the home rule's tolerance as a fraction of the mean device
       load; 0 = no home preference (and for lpt no reservations): most
-      transfers; larger = fewer transfers. 0 is not the best balance on
-      heavily skewed loads: without the home rule and reservations heavy
-      replicas can stack on one device (docs/results/balance.md, "Heavy skew").
-    split_iters: water-filling rounds of the token split (0 = proportional).
-      More rounds get closer to the best split of a layout on heavy skew, at
-      a cost in planner time (same section).
+      transfers, and on heavy skew worse balance (heavy replicas can stack on
+      one device; docs/results/balance.md, "Heavy skew"); larger = fewer moves.
+    split_iters: water-filling rounds of the token split (0 = proportional);
+      more get closer to a layout's best split, at a cost in planner time.
     min_gain: None = off; else keep the previous layout unless the new plan
       lowers the peak device load by more than this fraction (step 5).
     method: step 2's placement: "rounds" (default; S rounds of D with the

@@ -25,6 +25,7 @@ import numpy as np
 from pr2_jax.checks import check_ids, check_shape, is_concrete
 
 LIVE = -1  # route entry meaning "let the live router choose"
+_MIN_GATE_SUM = 1e-18  # its square stays a normal float32: the division's gradient is finite
 
 
 class Routing(NamedTuple):
@@ -47,15 +48,16 @@ def gates_at(probs_NE: jax.Array, expert_ids_NK: jax.Array, norm_topk_prob: bool
              logits_NE: jax.Array | None = None) -> jax.Array:
   """Gates g_j = ρ_j (or ρ_j / Σ_{i∈I} ρ_i) gathered from the full softmax at `expert_ids`.
 
-  A normalised row whose chosen ρ all underflow to 0 (the chosen logits ~90 below the
-  top one) is softmax over the chosen `logits_NE` (the same value, computed in log space),
-  or 0 without logits; never 0/0 = NaN, which would poison the whole step's gradient.
+  A normalised row whose chosen ρ sum below 1e-18 (chosen logits ~40 or more below the top
+  one) is softmax over the chosen `logits_NE` (the same value, computed in log space), or 0
+  without logits: ρ_j / Σρ there is 0/0 = NaN, or its gradient -ρ_j / (Σρ)² overflows, and
+  either poisons the whole step's gradient.
   """
   g_NK = jnp.take_along_axis(probs_NE, expert_ids_NK, axis=-1)
   if not norm_topk_prob:
     return g_NK
   total_N1 = jnp.sum(g_NK, axis=-1, keepdims=True)
-  ok_N1 = total_N1 > np.finfo(np.float32).tiny
+  ok_N1 = total_N1 > _MIN_GATE_SUM
   g_NK = g_NK / jnp.where(ok_N1, total_N1, 1.0)  # the usual path, bit for bit
   if logits_NE is None:
     return jnp.where(ok_N1, g_NK, 0.0)
@@ -189,7 +191,7 @@ def switch_aux_loss(probs_NE: jax.Array, expert_ids_NK: jax.Array,
   mask_N = mask_N.astype(jnp.float32)
   tokens = jnp.maximum(jnp.sum(mask_N), 1.0)
   f_E = expert_load(expert_ids_NK, num_experts, mask_N) / (tokens * k)
-  p_E = jnp.einsum("...e,...->e", probs_NE, mask_N) / tokens
+  p_E = jnp.sum((probs_NE * mask_N[..., None]).reshape(-1, num_experts), axis=0) / tokens
   return num_experts * jnp.sum(f_E * p_E)
 
 

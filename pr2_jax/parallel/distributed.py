@@ -130,6 +130,10 @@ def local_rows(x: jax.Array) -> tuple[slice, np.ndarray]:
   if not isinstance(x, jax.Array):
     raise TypeError(f"local_rows takes a jax.Array (a global array), got {type(x).__name__}")
   block = local_block(x.sharding, x.shape)
+  split = [a for a, b in enumerate(block[1:], 1) if (b.start, b.stop) != (0, x.shape[a])]
+  if split:  # the rows would be partial: per-row results (a sum over a row) silently wrong
+    raise ValueError(f"local_rows needs whole rows, but axis {split[0]} of a {x.shape} array "
+                     f"under {x.sharding.spec} is split across processes")
   out = np.empty(tuple(b.stop - b.start for b in block), x.dtype)
   for shard in x.addressable_shards:  # replicated shards overwrite with equal values
     where = tuple(slice(s.indices(n)[0] - b.start, s.indices(n)[1] - b.start)

@@ -143,7 +143,9 @@ class Engine:
     only the rows its devices hold (a reward may be costly: a verifier, a sandbox), and only
     these two numbers a row cross hosts; routes and features stay on the devices."""
     rows, tokens_BS = local_rows(roll.tokens)
-    _, mask_BS = local_rows(roll.response_mask)
+    mask_rows, mask_BS = local_rows(roll.response_mask)
+    if mask_rows != rows:  # both come from the sampler; a layout change must not misalign them
+      raise ValueError(f"rollout tokens and response mask hold rows {rows} and {mask_rows} here")
     per_row = np.stack([self.rewards(problems[rows], tokens_BS), mask_BS.sum(1)], axis=1)
     both = gather_rows(rows, per_row.astype(np.float32), len(problems))
     return both[:, 0], both[:, 1]
@@ -186,6 +188,7 @@ class Engine:
     order = to_global(rng.permutation(rl.batch_size), self.replicated)
     micro = shuffle.shuffle_into_chunks(batch, order, num_chunks=rl.off_policy_k * rl.micro_steps,
                                         mesh=self.mesh)
+    del roll, batch  # the [B, ...] rollout: only its shuffled copy is needed from here on
     old_fn, update_fn = self._learner_fns(micro)
     bal = self.balancer
     plan, old_phase, self.balance_state, eplb_ms = bal.plan_old_pass(micro, self.balance_state)

@@ -48,9 +48,7 @@ def _adv_BT(adv: jax.Array) -> jax.Array:
   return adv[:, None] if adv.ndim == 1 else adv
 
 
-# ----------------------------------------------------------------------------
-# Input checks: shapes and dtypes are static (free under jit); values only when concrete
-# ----------------------------------------------------------------------------
+# -- Input checks: shapes and dtypes are static (free under jit); values only when concrete --------
 
 def _check_BT_inputs(logp_BT, old_logp_BT, mask_BT) -> tuple[int, int]:
   """Checks the [B, T] inputs of a policy loss against `logp_BT`; returns (B, T)."""
@@ -61,10 +59,10 @@ def _check_BT_inputs(logp_BT, old_logp_BT, mask_BT) -> tuple[int, int]:
   return b, t
 
 
-def _check_bound(name: str, value, low: float, high: float = math.inf) -> None:
-  """A concrete hyper-parameter (a Python number; traced values pass) in [low, high)."""
-  if isinstance(value, numbers.Real) and not (low <= float(value) < high):
-    raise ValueError(f"{name}={value!r} must be in [{low:g}, {high:g})")
+def _check_bound(name: str, value, low: float, high: float = math.inf, what: str = "") -> None:
+  """A concrete hyper-parameter (a Python or numpy number; traced values pass) in [low, high]."""
+  if isinstance(value, numbers.Real) and not (low <= float(value) <= high):
+    raise ValueError(f"{name}={value!r} must be " + (what or f"in [{low:g}, {high:g}]"))
 
 
 def _check_clip(clip_low, clip_high) -> None:
@@ -72,9 +70,7 @@ def _check_clip(clip_low, clip_high) -> None:
   _check_bound("clip_high", clip_high, 0.0)
 
 
-# ----------------------------------------------------------------------------
-# Advantages and importance weights
-# ----------------------------------------------------------------------------
+# -- Advantages and importance weights -------------------------------------------------------------
 
 def grpo_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6,
                     scale_by_std: bool = True) -> jax.Array:
@@ -132,7 +128,7 @@ def tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array, cap: float
   Returns float32 [B, T]; positions where both log-probs are -inf (padding) are NaN,
   which the losses mask out. `cap` must be > 0 (no TIS: pass no weights).
   """
-  _check_bound("cap", cap, math.ulp(0.0))
+  _check_bound("cap", cap, math.ulp(0.0), what="> 0 (no TIS: pass no weights)")
   check_shape("behaviour_logp_BT", behaviour_logp_BT, jnp.shape(old_logp_BT),
                "the shape of old_logp_BT")
   log_w_BT = jnp.clip(_f32(old_logp_BT) - _f32(behaviour_logp_BT), -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
@@ -146,7 +142,7 @@ def sequence_tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array,
   The geometric-mean ratio matches GSPO's length-normalised sequence ratio.
   Stop-gradient; sequences with an empty mask get weight 1. `cap` must be > 0.
   """
-  _check_bound("cap", cap, math.ulp(0.0))
+  _check_bound("cap", cap, math.ulp(0.0), what="> 0 (no TIS: pass no weights)")
   _check_BT_inputs(old_logp_BT, behaviour_logp_BT, mask_BT)
   mask_BT = _f32(mask_BT)
   delta_BT = jnp.where(mask_BT > 0, _f32(old_logp_BT) - _f32(behaviour_logp_BT), 0.0)
@@ -155,9 +151,7 @@ def sequence_tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array,
   return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w_B), cap))
 
 
-# ----------------------------------------------------------------------------
-# Diagnostics shared by the losses
-# ----------------------------------------------------------------------------
+# -- Diagnostics shared by the losses --------------------------------------------------------------
 
 def _ratio_sums(ratio_X: jax.Array, adv_X: jax.Array, weight_X: jax.Array,
                 clip_low: float, clip_high: float) -> dict[str, jax.Array]:
@@ -201,9 +195,7 @@ def _clipped_objective(ratio: jax.Array, adv: jax.Array, clip_low: float,
   return -jnp.minimum(ratio * adv, clipped * adv)
 
 
-# ----------------------------------------------------------------------------
-# Losses
-# ----------------------------------------------------------------------------
+# -- Losses ----------------------------------------------------------------------------------------
 
 def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
               mask_BT: jax.Array, *, clip_low: float = 0.2, clip_high: float = 0.28,
@@ -222,7 +214,7 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
     mask_BT: 1 on response tokens that count, 0 elsewhere (a float mask weights tokens,
       but the default denominator is max(Σ mask, 1), a token count: pass `denom` for
       weights that sum below 1).
-    clip_low, clip_high: ε_low in [0, 1), ε_high >= 0 of the asymmetric clip range.
+    clip_low, clip_high: ε_low in [0, 1], ε_high >= 0 of the asymmetric clip range.
     is_weight_BT: optional TIS weights (see `tis_weights`), stop-gradient.
     denom: token-mean denominator; default `mask_BT.sum()` of this call. Pass
       the mini-batch's token count so micro-step losses add up to the
@@ -355,9 +347,7 @@ def policy_loss(kind: str, logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: ja
                    denom_seqs=denom, **clips)
 
 
-# ----------------------------------------------------------------------------
-# Log-probs and entropy from logits
-# ----------------------------------------------------------------------------
+# -- Log-probs and entropy from logits -------------------------------------------------------------
 
 def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
   """log softmax(logits)[target] per position, float32 [B, T].

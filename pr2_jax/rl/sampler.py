@@ -123,7 +123,8 @@ def validate_generate_inputs(vocab_size: int, prompts_BP, prompt_valid_BP, confi
   if is_concrete(prompt_valid_BP) and jnp.size(prompt_valid_BP):
     valid = np.asarray(prompt_valid_BP).astype(bool)
     # Sampling continues from the last slot: right padding would condition on a pad token.
-    bad = ~valid[:, -1] | np.any(valid[:, :-1] & ~valid[:, 1:], axis=1)
+    # (All-padding rows, e.g. filling a batch, pass.)
+    bad = valid.any(1) & (~valid[:, -1] | np.any(valid[:, :-1] & ~valid[:, 1:], axis=1))
     if np.any(bad):
       row = int(np.argmax(bad))
       raise ValueError(f"prompt_valid_BP row {row} = {valid[row].astype(int).tolist()} is not "
