@@ -91,3 +91,8 @@ def test_plan_stats_hand_worked():
   np.testing.assert_array_equal(same["transfers"], [0])
   with pytest.raises(ValueError, match="previous layout"):
     ld.plan_stats(plan, np.zeros((1, 3, 2), np.int32))
+
+
+def test_loads_from_routes_takes_nested_lists():
+  routes = [[[[0, 1]], [[1, 2]]]]  # [B=1, T=2, L=1, K=2]
+  np.testing.assert_array_equal(ld.loads_from_routes(routes, [[True, False]], 3), [[1, 1, 0]])

@@ -223,6 +223,8 @@ def test_no_recompilation_across_loads(method):
     ((2, 16), 4, 3, None, "too few"),
     ((16,), 4, 5, None, "layers, experts"),
     ((2, 16), 4, 5, (2, 4, 4), "previous layout"),
+    ((2, 16), 4, 5.0, None, r"plan_placement.slots_per_device must be a positive int, got 5.0"),
+    ((2, 16), 0, 5, None, r"plan_placement.num_devices must be a positive int, got 0"),
 ])
 def test_bad_inputs(loads_shape, d, s, prev_shape, match):
   prev = None if prev_shape is None else jnp.zeros(prev_shape, jnp.int32)

@@ -31,6 +31,9 @@ def loads_from_routes(routes_BTLK: jax.Array, valid_BT: jax.Array | None,
     valid_BT: bool [B, T] real-token mask, or None (all valid).
     num_experts: E.
   """
+  routes_BTLK = jnp.asarray(routes_BTLK)  # a nested list or numpy array works too
+  if valid_BT is not None:
+    valid_BT = jnp.asarray(valid_BT)
   if routes_BTLK.ndim != 4:
     raise ValueError(f"routes must be [B, T, L, K], got shape {routes_BTLK.shape}")
   b, t, num_layers, _ = routes_BTLK.shape

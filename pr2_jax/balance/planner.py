@@ -65,6 +65,7 @@ from pr2_jax.balance.loads import EMPTY, native_layout
 from pr2_jax.balance.rounds import place_in_rounds
 from pr2_jax.balance.split import water_fill
 from pr2_jax.checks import check_finite, check_ids, is_concrete
+from pr2_jax.config import check_int
 
 _TINY = float(np.finfo(np.float32).tiny)
 # The greedy's float-bit search and the water-filling assume counts; a NaN spreads everywhere.
@@ -344,24 +345,21 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
     loads_LE: float or int [L, E] (token, k) pairs per expert, padding excluded, finite and
       >= 0 (checked when concrete; under jit a NaN, inf or negative load counts as 0, so
       the plan stays valid: every expert keeps a replica).
-    num_devices: D, the expert-parallel axis size (E % D == 0).
-    slots_per_device: S >= E/D (E/D native experts + S - E/D redundant slots).
-    previous: the previous `Plan` or its int [L, D, S] `slot_expert` (EMPTY = -1
-      allowed); devices holding an expert there count as its home, and kept
-      experts keep their slot. None: the native layout.
-    stickiness: the home rule's tolerance as a fraction of the mean device
-      load; 0 = no home preference (and for lpt no reservations): most
-      transfers, and on heavy skew worse balance (heavy replicas can stack on
-      one device; docs/results/balance.md, "Heavy skew"); larger = fewer moves.
-    split_iters: water-filling rounds of the token split (0 = proportional);
-      more get closer to a layout's best split, at a cost in planner time.
+    num_devices, slots_per_device: D, the expert-parallel axis size (E % D == 0), and
+      S >= E/D (E/D native experts + S - E/D redundant slots); positive ints.
+    previous: the previous `Plan` or its int [L, D, S] `slot_expert` (EMPTY = -1 allowed);
+      devices holding an expert there are its home, kept experts keep their slot. None: native.
+    stickiness: the home rule's tolerance as a fraction of the mean device load; 0 = no home
+      preference (and for lpt no reservations): most transfers, and on heavy skew worse
+      balance (heavy replicas stack; docs/results/balance.md, "Heavy skew"); larger = fewer.
+    split_iters: water-filling rounds of the token split (0 = proportional); more get
+      closer to a layout's best split, at a cost in planner time.
     min_gain: None = off; else keep the previous layout unless the new plan
       lowers the peak device load by more than this fraction (step 5).
-    method: step 2's placement: "rounds" (default; S rounds of D with the
-      home rule, `rounds.py`) or "lpt" (one replica at a time, with
-      reservations; several times slower on CPU). On the bench traces rounds
-      balanced better than LPT at equal stickiness and moved about as many
-      experts (docs/results/balance.md).
+    method: step 2's placement: "rounds" (default; S rounds of D with the home rule,
+      `rounds.py`) or "lpt" (one replica at a time, with reservations; several times slower
+      on CPU). On the bench traces rounds balanced better than LPT at equal stickiness and
+      moved about as many experts (docs/results/balance.md).
   Returns:
     A `Plan`. Jit-compatible; D, S, stickiness, split_iters and method are static and
     shapes depend only on (L, E, D, S), so new loads never recompile.
@@ -373,7 +371,9 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
     raise ValueError(f"loads must be [layers, experts], got shape {loads_LE.shape}")
   check_finite("loads", loads_LE, _LOADS_WHY, low=0)
   num_layers, num_experts = loads_LE.shape
-  if num_devices < 1 or num_experts % num_devices:
+  for name, value in (("num_devices", num_devices), ("slots_per_device", slots_per_device)):
+    check_int("plan_placement", name, value)  # a float 3.0 failed deep in numpy
+  if num_experts % num_devices:
     raise ValueError(f"num_devices={num_devices} must be >= 1 and divide num_experts={num_experts}")
   if slots_per_device * num_devices < num_experts:
     raise ValueError(f"slots_per_device={slots_per_device} is too few: {num_devices} devices "
