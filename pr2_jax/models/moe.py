@@ -61,7 +61,10 @@ class MoEBlock(nn.Module):
     logits_NE = routing.router_logits(x_ND, w_router)
     routes_NK = None if routes_BTK is None else routes_BTK.reshape(b * t, cfg.top_k)
     bias_NE = None if predictor_DE is None else predictor_bias(x_ND, predictor_DE)
-    r = routing.route(logits_NE, cfg.top_k, cfg.norm_topk_prob, routes_NK, bias_NE, predicted_gates)
+    # MoETransformer checked the whole routes array eagerly (validate_routes): another host
+    # sync per layer would repeat it.
+    r = routing.route(logits_NE, cfg.top_k, cfg.norm_topk_prob, routes_NK, bias_NE, predicted_gates,
+                      check_values=False)
     slot_ids_NK = None
     valid_N = None if valid_BT is None else valid_BT.reshape(b * t)
     if hasattr(slot_expert_X, "replica_share"):  # a Plan layer: planned replica split

@@ -96,7 +96,8 @@ def check_route_rows(routes, num_experts: int, *, name: str = "routes", row: str
     raise ValueError(f"{name} {row}={idx} repeats an expert: {r[idx].tolist()}")
 
 
-def _check_route_args(logits_NE, k: int, routes_NK, name: str, allow_live: bool) -> None:
+def _check_route_args(logits_NE, k: int, routes_NK, name: str, allow_live: bool,
+                      values: bool = True) -> None:
   num_experts = logits_NE.shape[-1]
   if not isinstance(k, (int, np.integer)) or not 1 <= k <= num_experts:
     raise ValueError(f"k={k!r} must be an int in [1, num_experts={num_experts}]")
@@ -106,12 +107,13 @@ def _check_route_args(logits_NE, k: int, routes_NK, name: str, allow_live: bool)
   if tuple(jnp.shape(routes_NK)) != expected:  # static: no broadcasting a [K] row to all
     raise ValueError(f"{name} has shape {tuple(jnp.shape(routes_NK))}, expected the logits' "
                      f"leading axes + (k,) = {expected}")
-  check_route_rows(routes_NK, num_experts, name=name, allow_live=allow_live)
+  if values:
+    check_route_rows(routes_NK, num_experts, name=name, allow_live=allow_live)
 
 
 def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
           routes_NK: jax.Array | None = None, bias_NE: jax.Array | None = None,
-          predicted_gates: bool = True) -> Routing:
+          predicted_gates: bool = True, check_values: bool = True) -> Routing:
   """Top-k routing with optional replay and PR2 prediction.
 
   Args:
@@ -123,6 +125,8 @@ def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
       TopK(softmax(p + b)) (the predicted route); replayed rows are unaffected.
     predicted_gates: with a bias, gate the predicted rows by the predictive
       distribution q̂ (the paper's rollout choice) rather than the router's ρ.
+    check_values: check concrete routes' values (False: the caller already did, e.g.
+      `MoETransformer` with `validate_routes`; shapes are always checked).
 
   Returns:
     Routing(expert_ids, gates, probs) with the experts actually used; `probs`
@@ -133,7 +137,7 @@ def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
       (static); on concrete routes, a row neither all -1 nor K distinct ids in
       [0, E). `k` and `norm_topk_prob` are static under jit.
   """
-  _check_route_args(logits_NE, k, routes_NK, "routes_NK", allow_live=True)
+  _check_route_args(logits_NE, k, routes_NK, "routes_NK", allow_live=True, values=check_values)
   probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
   # gate_NE: the distribution live rows are gated by; gate_logits_NE: the logits it came from.
   live_NK, gate_NE, gate_logits_NE = None, probs_NE, logits_NE
@@ -173,10 +177,9 @@ def expert_load(expert_ids_NK: jax.Array, num_experts: int,
 
   Concrete ids outside [0, E) raise (one_hot would count them nowhere, silently)."""
   check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
-  if mask_N is not None:  # exact: a [N, 1] mask broadcast over K counted every pair N times
-    check_shape("mask_N", mask_N, jnp.shape(expert_ids_NK)[:-1], "the ids' leading axes")
   onehot_NKE = jax.nn.one_hot(expert_ids_NK, num_experts, dtype=jnp.float32)
-  if mask_N is not None:
+  if mask_N is not None:  # exact shape: a [N, 1] mask broadcast over K counted pairs N times
+    check_shape("mask_N", mask_N, jnp.shape(expert_ids_NK)[:-1], "the ids' leading axes")
     onehot_NKE = onehot_NKE * mask_N[..., None, None].astype(jnp.float32)
   return onehot_NKE.reshape(-1, num_experts).sum(0)
 
