@@ -57,9 +57,19 @@ def check_ids(ids, name: str, low: int, high: int, bound: str) -> None:
     raise ValueError(f"{name}{list(idx)} = {int(a[idx])} is outside [{low}, {bound}={high})")
 
 
+def check_real(name: str, x) -> None:
+  """Static: x holds real numbers (integer, float or bool). A complex array would otherwise be
+  cast to float with only numpy's ComplexWarning, silently dropping its imaginary part."""
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+  if jax.numpy.issubdtype(dtype, np.complexfloating) or not (
+      jax.numpy.issubdtype(dtype, np.number) or dtype == np.bool_):
+    raise TypeError(f"{name} has dtype {dtype}, expected real numbers")
+
+
 def check_finite(name: str, x, why: str = "", low: float | None = None) -> None:
-  """Concrete values: raises naming the first NaN, inf or value below `low` (no-op on arrays
-  that are not concrete)."""
+  """Real dtype (static, always) and, on concrete values, raises naming the first NaN, inf or
+  value below `low` (no-op on arrays that are not concrete)."""
+  check_real(name, x)
   if not is_concrete(x):
     return
   a = np.asarray(x, np.float64)

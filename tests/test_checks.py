@@ -43,6 +43,18 @@ def test_check_finite_and_lower_bound():
     checks.check_finite("loads", np.array([[0.0, -1.0]]), low=0)
 
 
+def test_check_finite_refuses_values_that_are_not_real():
+  """A complex load used to be cast to float with only numpy's ComplexWarning."""
+  with pytest.raises(TypeError, match="loads has dtype complex64, expected real numbers"):
+    checks.check_finite("loads", np.array([1 + 2j], np.complex64), low=0)
+  with pytest.raises(TypeError, match="r has dtype <U1, expected real numbers"):
+    checks.check_finite("r", ["a"])
+  with pytest.raises(TypeError, match="complex64"):  # static: also under jit
+    jax.jit(lambda x: checks.check_finite("x", x))(jnp.ones(2, jnp.complex64))
+  for ok in (np.array([True]), jnp.ones(2, jnp.bfloat16), [1, 2], np.int8(3)):
+    checks.check_finite("ok", ok)
+
+
 def test_check_count_scalar_finite_positive():
   checks.check_count("denom", None)
   checks.check_count("denom", jnp.float32(3.0))

@@ -130,5 +130,10 @@ def test_loads_that_are_not_finite_and_non_negative_are_refused(bad):
   """A NaN expert took 6 of 12 replicas, and the plan's device loads came out NaN."""
   weight = np.array(WEIGHT, np.float32)
   weight[1, 3] = bad
-  with pytest.raises(ValueError, match=r"weight\[1, 3\] = .* is not a finite load >= 0"):
+  with pytest.raises(ValueError, match=r"weight\[1, 3\] = .* is not a finite number >= 0"):
     eplb_rebalance(weight, 16, 4, 2, 8)
+
+
+def test_complex_loads_are_refused():
+  with pytest.raises(TypeError, match="weight has dtype complex128, expected real numbers"):
+    eplb_rebalance(np.asarray(WEIGHT) + 1j, 16, 4, 2, 8)

@@ -244,6 +244,15 @@ def test_negative_or_non_finite_loads_raise(bad):
     pl.replica_counts(jnp.asarray(loads[1]), 20, 4)
 
 
+def test_complex_loads_raise_eagerly_and_under_jit():
+  """They were cast to float with only numpy's ComplexWarning."""
+  loads = np.ones((2, 16), np.complex64)
+  with pytest.raises(TypeError, match="loads has dtype complex64, expected real numbers"):
+    pl.plan_placement(loads, 4, 5)
+  with pytest.raises(TypeError, match="complex64"):
+    jax.jit(lambda x: pl.plan_placement(x, 4, 5))(loads)
+
+
 @pytest.mark.parametrize("bad", [16, -2])
 def test_previous_layout_ids_outside_the_experts_raise(bad):
   prev = np.broadcast_to(ld.native_layout(16, 4, 5), (2, 4, 5)).copy()

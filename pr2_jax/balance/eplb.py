@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pr2_jax.checks import check_finite
+
 
 def _balanced_packing(weight_LI: np.ndarray, num_packs: int):
   """Items -> packs with equal item counts; returns (pack_LI, rank_in_pack_LI)."""
@@ -124,13 +126,11 @@ def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, n
     log2phy int64 [L, E, R]: physical ids of each logical expert, padded with -1;
     logcnt int64 [L, E]: replicas per logical expert.
   """
+  # A NaN expert took half the replicas; a negative one made NaN device loads.
+  check_finite("weight", weight, "a load estimate", low=0)
   weight_LE = np.asarray(weight, np.float32)
   if weight_LE.ndim != 2:
     raise ValueError(f"weight must be [layers, experts], got shape {weight_LE.shape}")
-  bad = np.argwhere(~np.isfinite(weight_LE) | (weight_LE < 0))
-  if bad.size:  # a NaN expert took half the replicas; a negative one made NaN device loads
-    idx = tuple(int(i) for i in bad[0])
-    raise ValueError(f"weight{list(idx)} = {weight_LE[idx]} is not a finite load >= 0")
   num_layers, num_log = weight_LE.shape
   for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups),
                       ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
