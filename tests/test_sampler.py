@@ -252,3 +252,21 @@ def test_fsdp_weights_are_gathered_once_per_rollout_not_per_token():
       gathered[where].append(found.group(1))
   assert sum(s in weight_shapes for s in gathered["entry"]) >= 10  # the weights, once
   assert not [s for s in gathered["elsewhere"] if s in weight_shapes], gathered["elsewhere"]
+
+
+def test_prefill_computes_only_the_last_positions_logits():
+  """The compiled sampler never builds [B, P, V] logits: at a real vocabulary they would be the
+  rollout's largest buffer, and the prefill samples from the last position only."""
+  cfg = CFG.replace(vocab_size=4096)
+  prompts = np.full((B, 64), 3, np.int32)
+  valid = np.ones_like(prompts, bool)
+  model = MoETransformer(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), prompts[:, :2])["params"])
+  compiled = jax.jit(sampler.generate, static_argnums=(0, 5)).lower(
+      model, params, prompts, valid, jax.random.key(0),
+      sampler.SamplerConfig(max_new_tokens=2)).compile()
+  whole = f"f32[{B},64,4096]"
+  assert whole not in compiled.as_text()
+  assert f"f32[{B},1,4096]" in compiled.as_text() or f"f32[{B},4096]" in compiled.as_text()
+  # The buffer it would have been (4 MiB) is larger than all of the program's temporaries.
+  assert compiled.memory_analysis().temp_size_in_bytes < B * 64 * 4096 * 4

@@ -265,6 +265,21 @@ def test_tie_embeddings_has_no_lm_head():
   np.testing.assert_array_equal(_apply(p2, tokens, cfg=tied).logits[..., unused], 0.0)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_last_logits_only_equals_the_last_position_of_the_full_logits(tied):
+  cfg = CFG.replace(tie_embeddings=tied)
+  params = _params()
+  if tied:
+    params = {k: v for k, v in params.items() if k != "lm_head"}
+  tokens = _tokens()
+  full = _apply(params, tokens, cfg=cfg)
+  last = MoETransformer(cfg).apply({"params": params}, tokens, LIVE, positions=POS, valid=VALID,
+                                   last_logits_only=True)
+  assert last.logits.shape == (B, 1, CFG.vocab_size)
+  np.testing.assert_allclose(last.logits[:, 0], full.logits[:, -1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(last.routes, full.routes)  # every position still routed
+
+
 def test_left_padding_matches_unpadded():
   """Left-padded prompts (positions + valid) give the unpadded logits and routes on the real tokens."""
   params, tokens = _params(), _tokens(9)

@@ -173,7 +173,8 @@ class MoETransformer(nn.Module):
   def __call__(self, tokens_BT, routes=None, *, positions=None, valid=None,
                return_router_logits=False, return_router_inputs=False,
                slot_expert=None, capacity=None, cache: KVCache | None = None,
-               predictor=None, predicted_gates: bool = True) -> ModelOutput:
+               predictor=None, predicted_gates: bool = True,
+               last_logits_only: bool = False) -> ModelOutput:
     """Forward pass.
 
     Args:
@@ -192,6 +193,9 @@ class MoETransformer(nn.Module):
       predictor: optional PR2 weights [L, D, E]: live routes become the
         predicted ones, TopK(softmax(p + h W_p)); replayed rows are unaffected.
       predicted_gates: with `predictor`, gate by q̂ (True) or by ρ (False).
+      last_logits_only: logits of the last position only, [B, 1, V]: all a prefill samples
+        from. At a real vocabulary the [B, T, V] logits are a prefill's largest buffer (151,936
+        float32 columns are 0.6 MB per prompt token).
 
     Raises ValueError on a wrong shape, rank or layer count (also under jit) and, on
     eager calls only, on bad values: token ids, routes (`validate_routes`), cache index.
@@ -266,6 +270,8 @@ class MoETransformer(nn.Module):
     x_BTD = RMSNorm(cfg.rms_norm_eps, name="norm")(x_BTD)
     if cache is not None:
       cache = KVCache(tuple(new_k), tuple(new_v), key_valid, cache.index + t)
+    if last_logits_only:
+      x_BTD = x_BTD[:, -1:]
     if cfg.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", x_BTD, embed.astype(cfg.dtype))
     else:
