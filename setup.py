@@ -24,8 +24,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers", "nbclient", "nbformat",
-                 "ipykernel"],
+        "test": ["pytest", "pytest-xdist", "pytest-rerunfailures", "torch==2.13.0", "transformers",
+                 "nbclient", "nbformat", "ipykernel"],
         "colab": ["matplotlib", "ipykernel"],
     },
 )
