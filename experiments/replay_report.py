@@ -247,7 +247,7 @@ def write_markdown(path: str, results: dict, meta: dict, plots: list[str], base)
            "```", meta["command"], "```", "",
            f"Sweep time {meta['sweep_minutes']:.1f} min on {meta['devices']}: the shared warm-up "
            f"and {meta['runs']} runs, each timed when it ran ({meta['reused_runs']} were reused "
-           f"from an earlier invocation, which took {meta['wall_minutes']:.1f} min in all).", "",
+           f"from an earlier invocation; this one took {meta['wall_minutes']:.1f} min).", "",
            "## Setting", "", *_setting_lines(base), "",
            "Numbers are mean ± sample std over seeds "
            f"{', '.join(map(str, meta['seeds']))}. Per-step metrics (k3 KL, extreme fraction, "
