@@ -171,7 +171,7 @@ def generate(model: MoETransformer, params, prompts_BP: jax.Array, prompt_valid_
   apply = lambda tok, pos, valid, cache: model.apply(
       {"params": engine_params}, tok, positions=pos, valid=valid, cache=cache, predictor=predictor,
       predicted_gates=config.predicted_gates, return_router_logits=record,
-      return_router_inputs=record, last_logits_only=True)  # the prefill samples from its last
+      return_router_inputs=record, last_logits_only=True)  # a prefill samples from its last position only
 
   pos_BP = prompt_positions(prompt_valid_BP)
   first = apply(prompts_BP, pos_BP, prompt_valid_BP, init_cache(model.config, b, p + n, dtype))
