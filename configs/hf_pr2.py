@@ -77,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   r.eplb_ema = 0.0            # eplb_step: weight of past steps' loads in its EMA (0 = this step's)
   r.capacity_mode = "auto"    # auto | model | bucket | forecast: the learner's per-slot capacity
   r.capacity_buckets = 2      # capacity buckets per doubling (1 = powers of two)
+  r.logits_chunk = 0          # >0: learner log-probs over chunks of this many positions (memory)
 
   p = c.pr2 = ml_collections.ConfigDict()  # predictor W_p [L, D, E]; L, D, E from config.json
   p.loss = "post"             # predictor objective: post | delta | l2

@@ -15,7 +15,7 @@ from pr2_jax.models.experts import ExpertWeights
 from pr2_jax.models.routing import (LIVE, Routing, expert_load, gates_at, replay_gates, route,
                                     router_logits, switch_aux_loss, top_k_experts, validate_routes)
 from pr2_jax.models.transformer import (KVCache, ModelOutput, MoETransformer, init_cache,
-                                        validate_tokens)
+                                        lm_head_kernel, validate_tokens)
 from pr2_jax.parallel.expert_parallel import moe_experts
 from pr2_jax.parallel.distributed import (DistributedConfig, gather_rows, local_rows, to_global,
                                           to_host)
@@ -24,10 +24,11 @@ from pr2_jax.parallel.replica_fetch import fetch_slabs
 from pr2_jax.parallel.shuffle import shuffle_into_chunks
 from pr2_jax.pr2.predictor import (bias_logit_ratio, init_predictor, predicted_topk, predictor_bias,
                                    predictor_loss, predictor_losses, topk_overlap)
+from pr2_jax.rl.chunked_logprobs import chunked_token_stats
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
 from pr2_jax.rl.losses import (dapo_loss, grpo_advantages, gspo_loss, loss_stats_from_sums,
-                               policy_loss, sequence_tis_weights, tis_weights, token_entropy,
-                               token_logprobs)
+                               policy_loss, sequence_tis_weights, tis_weights, token_entropies,
+                               token_entropy, token_logprobs)
 from pr2_jax.rl.metrics import (mismatch_from_sums, mismatch_metrics, mismatch_sums,
                                 routing_from_sums, routing_metrics, routing_sums)
 from pr2_jax.rl.sampler import Rollout, SamplerConfig, generate, validate_generate_inputs

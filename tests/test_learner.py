@@ -100,6 +100,26 @@ def test_micro_step_accumulation_equals_full_minibatch(loss_kw):
   np.testing.assert_allclose(metrics["entropy"], ref_metrics["entropy"], rtol=1e-5)
 
 
+def test_logits_chunk_gives_the_same_old_logprobs_update_and_metrics():
+  """rl.logits_chunk only changes how many positions the LM head sees at a time: π_old, the
+  SGD update (= the gradient) and the metrics equal the unchunked learner's (T - 1 = 8
+  positions in chunks of 3: the last chunk is padded)."""
+  model, _, state, batch = _rollout()
+  tx = optax.sgd(1.0)
+  state = state.replace(opt_state=tx.init(state.params))
+  out = {}
+  for chunk in (0, 3):
+    config = _rl(micro_steps=2, logits_chunk=chunk)
+    micro = _prepare(model, config, state.params, batch, 2)
+    new_state, metrics = learner.update_step(_learner(model, config, tx), state, micro)
+    out[chunk] = micro["old_logp"], new_state.params, metrics
+  np.testing.assert_allclose(out[3][0], out[0][0], rtol=1e-5, atol=1e-6)
+  _assert_updates_close(out[3][1], out[0][1], state.params)
+  for key in ("loss", "grad_norm", "entropy", "k3_kl"):
+    np.testing.assert_allclose(out[3][2][key], out[0][2][key], rtol=1e-5, atol=1e-7,
+                               err_msg=key)
+
+
 @pytest.mark.parametrize("loss", ["dapo", "gspo"])
 def test_ratio_is_one_at_first_ministep_same_dtype_r3(loss):
   """float32 rollout + R3: π_θ/π_old and π_θ/µ are 1 and nothing clips.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pr2_jax import ModelConfig, MoETransformer
-from pr2_jax.models import routing
+from pr2_jax.models import routing, transformer
 from pr2_jax.parallel.mesh import make_mesh, tree_shardings
 
 CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -266,18 +266,27 @@ def test_tie_embeddings_has_no_lm_head():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_last_logits_only_equals_the_last_position_of_the_full_logits(tied):
+def test_last_and_no_logits_agree_with_the_full_logits(tied):
+  """logits='last' is the last position of 'all'; 'none' returns the normed hidden states,
+  which `lm_head_kernel` turns into the same logits."""
   cfg = CFG.replace(tie_embeddings=tied)
   params = _params()
   if tied:
     params = {k: v for k, v in params.items() if k != "lm_head"}
   tokens = _tokens()
   full = _apply(params, tokens, cfg=cfg)
-  last = MoETransformer(cfg).apply({"params": params}, tokens, LIVE, positions=POS, valid=VALID,
-                                   last_logits_only=True)
-  assert last.logits.shape == (B, 1, CFG.vocab_size)
+  run = lambda logits: MoETransformer(cfg).apply({"params": params}, tokens, LIVE, positions=POS,
+                                                 valid=VALID, logits=logits)
+  last, none = run("last"), run("none")
+  assert last.logits.shape == (B, 1, CFG.vocab_size) and last.hidden is None
   np.testing.assert_allclose(last.logits[:, 0], full.logits[:, -1], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(last.routes, full.routes)  # every position still routed
+  assert none.logits is None and none.hidden.shape == (B, T, CFG.d_model)
+  head = transformer.lm_head_kernel(params, cfg)
+  assert head.shape == (CFG.d_model, CFG.vocab_size)
+  np.testing.assert_allclose(none.hidden @ head, full.logits, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="logits='first' must be 'all', 'last' or 'none'"):
+    run("first")
 
 
 def test_left_padding_matches_unpadded():

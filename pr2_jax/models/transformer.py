@@ -135,13 +135,14 @@ def _check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int, p
 
 @flax.struct.dataclass
 class ModelOutput:
-  logits: jax.Array                        # [B, T, V] float32
+  logits: Optional[jax.Array]              # [B, T, V] float32 ([B, 1, V] with logits='last')
   routes: jax.Array                        # [B, T, L, K] int32, routes actually used
   dropped: jax.Array                       # [L] int32, (token, k) pairs over capacity per layer
   aux_loss: jax.Array                      # scalar, mean Switch loss over MoE layers
   router_logits: Optional[jax.Array] = None  # [B, T, L, E] float32, on request
   router_inputs: Optional[jax.Array] = None  # [B, T, L, D], on request (PR2 features)
   cache: Optional[KVCache] = None            # updated cache when decoding
+  hidden: Optional[jax.Array] = None         # [B, T, D] final normed hidden, with logits='none'
 
 
 class DecoderLayer(nn.Module):
@@ -174,7 +175,7 @@ class MoETransformer(nn.Module):
                return_router_logits=False, return_router_inputs=False,
                slot_expert=None, capacity=None, cache: KVCache | None = None,
                predictor=None, predicted_gates: bool = True,
-               last_logits_only: bool = False) -> ModelOutput:
+               logits: str = "all") -> ModelOutput:
     """Forward pass.
 
     Args:
@@ -193,9 +194,10 @@ class MoETransformer(nn.Module):
       predictor: optional PR2 weights [L, D, E]: live routes become the
         predicted ones, TopK(softmax(p + h W_p)); replayed rows are unaffected.
       predicted_gates: with `predictor`, gate by q̂ (True) or by ρ (False).
-      last_logits_only: logits of the last position only, [B, 1, V]: all a prefill samples
-        from. At a real vocabulary the [B, T, V] logits are a prefill's largest buffer (151,936
-        float32 columns are 0.6 MB per prompt token).
+      logits: 'all' [B, T, V]; 'last' [B, 1, V], all a prefill samples from; 'none': no LM
+        head, the output carries `hidden` instead (`lm_head_kernel` turns it into logits, e.g.
+        chunk by chunk). At a real vocabulary the [B, T, V] float32 logits are the largest
+        buffer of a forward pass (151,936 columns: 0.6 MB per token).
 
     Raises ValueError on a wrong shape, rank or layer count (also under jit) and, on
     eager calls only, on bad values: token ids, routes (`validate_routes`), cache index.
@@ -207,6 +209,8 @@ class MoETransformer(nn.Module):
     # Static checks (also under jit): JAX clamps out-of-range indexes and broadcasts, so a
     # wrong layer count or shape would otherwise run silently or fail deep inside a layer.
     n_moe = cfg.num_moe_layers
+    if logits not in ("all", "last", "none"):
+      raise ValueError(f"logits={logits!r} must be 'all', 'last' or 'none'")
     if positions is not None:
       check_shape("positions", positions, (b, t), "[B, T]")
     if valid is not None:
@@ -270,18 +274,29 @@ class MoETransformer(nn.Module):
     x_BTD = RMSNorm(cfg.rms_norm_eps, name="norm")(x_BTD)
     if cache is not None:
       cache = KVCache(tuple(new_k), tuple(new_v), key_valid, cache.index + t)
-    if last_logits_only:
-      x_BTD = x_BTD[:, -1:]
-    if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x_BTD, embed.astype(cfg.dtype))
-    else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
-                        kernel_init=partitioned(INIT, ("embed", "vocab")))(x_BTD)
+    hidden_BTD, logits_BTV = (x_BTD, None) if logits == "none" else (None, x_BTD)
+    if logits == "last":
+      logits_BTV = x_BTD[:, -1:]
+    if logits_BTV is not None and cfg.tie_embeddings:
+      logits_BTV = jnp.einsum("btd,vd->btv", logits_BTV, embed.astype(cfg.dtype))
+    elif logits_BTV is not None:
+      logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
+                            kernel_init=partitioned(INIT, ("embed", "vocab")))(logits_BTV)
     return ModelOutput(
-        logits=logits.astype(jnp.float32),
+        logits=None if logits_BTV is None else logits_BTV.astype(jnp.float32),
+        hidden=hidden_BTD,
         routes=jnp.stack([a.routes_BTK for a in auxes], axis=2),
         dropped=jnp.stack([a.dropped for a in auxes]),
         aux_loss=jnp.mean(jnp.stack([a.aux_loss for a in auxes])),
         router_logits=jnp.stack([a.logits_BTE for a in auxes], axis=2) if return_router_logits else None,
         router_inputs=jnp.stack(inputs, axis=2) if return_router_inputs else None,
         cache=cache)
+
+
+def lm_head_kernel(params, config: ModelConfig) -> jax.Array:
+  """The LM head's [D, V] weights in `params`: its own, or the embedding's with tied
+  embeddings. `logits = hidden @ kernel` in the model's dtype, as `MoETransformer` computes
+  them (for callers that take `logits='none'` and apply the head themselves)."""
+  if config.tie_embeddings:
+    return params["embed_tokens"].T
+  return params["lm_head"]["kernel"]

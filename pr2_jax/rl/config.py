@@ -67,6 +67,9 @@ class RLConfig:
   # routes (drops reported); auto = bucket with a balance mode, model without.
   capacity_mode: str = "auto"
   capacity_buckets: int = 2        # capacity buckets per doubling (1 = powers of two)
+  # > 0: the learner applies the LM head to this many positions at a time and recomputes it in
+  # the backward pass (rl.chunked_logprobs): [b, C, V] logits instead of [b, T, V]; 0 = off.
+  logits_chunk: int = 0
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -79,7 +82,7 @@ class RLConfig:
     for name in ("num_steps", "prompts_per_step", "group_size", "off_policy_k", "micro_steps",
                  "max_new_tokens", "eval_size", "max_consecutive_skips"):
       check_int("RLConfig", name, getattr(self, name))
-    for name in ("eval_every", "redundant_slots"):
+    for name in ("eval_every", "redundant_slots", "logits_chunk"):
       check_int("RLConfig", name, getattr(self, name), minimum=0)
     if (isinstance(self.capacity_buckets, bool) or not isinstance(self.capacity_buckets, int)
         or self.capacity_buckets < 1):

@@ -33,11 +33,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pr2_jax.models.routing import top_k_experts
-from pr2_jax.models.transformer import MoETransformer
+from pr2_jax.models.transformer import MoETransformer, lm_head_kernel
 from pr2_jax.balance.loads import loads_from_routes
 from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size
 from pr2_jax.pr2 import predictor as pred
 from pr2_jax.rl import losses, metrics
+from pr2_jax.rl.chunked_logprobs import chunked_token_stats
 from pr2_jax.rl.balancing import foresight_plan
 from pr2_jax.rl.config import PR2_MODES, PR2Config, RLConfig
 from pr2_jax.train.state import TrainState, replicated
@@ -83,21 +84,30 @@ def micro_layout(lr: Learner, routes_bSLK, valid_bS, step_plan=None):
 
 
 def forward_logprobs(model: MoETransformer, params, seq: dict, routes, temperature: float,
-                     predictor=None, features: bool = False, plan=None, capacity=None):
-  """Log-probs [b, T] of tokens[:, 1:] under π_θ/temperature, plus the model output.
+                     predictor=None, features: bool = False, plan=None, capacity=None,
+                     logits_chunk: int = 0):
+  """Log-probs and entropies [b, T] of tokens[:, 1:] under π_θ/temperature, plus the model
+  output.
 
   The training engine's forward: gates always come from the router's ρ (DESIGN §3). A
   `predictor` (PR2-R2's old pass) only chooses the route R̂, so π_old is exactly what the
   update's forward computes when it replays R̂ at θ = θ_old. `capacity` is the static
-  per-slot token capacity (None: the model's capacity_factor).
+  per-slot token capacity (None: the model's capacity_factor). `logits_chunk` > 0 applies the
+  LM head that many positions at a time (`chunked_token_stats`); the output then has no logits.
   """
   out = model.apply({"params": params}, seq["tokens"], routes=routes, positions=seq["positions"],
                     valid=seq["valid"], return_router_logits=True,
                     return_router_inputs=features, predictor=predictor, predicted_gates=False,
-                    slot_expert=plan, capacity=capacity)
+                    slot_expert=plan, capacity=capacity, logits="none" if logits_chunk else "all")
   scale = 1.0 if temperature == 0 else 1.0 / temperature
+  targets_BT = seq["tokens"][:, 1:]
+  if logits_chunk:
+    logp_BT, ent_BT = chunked_token_stats(
+        out.hidden[:, :-1], lm_head_kernel(params, model.config), targets_BT, chunk=logits_chunk,
+        scale=scale, dtype=model.config.dtype)
+    return logp_BT, ent_BT, out
   logits_BTV = out.logits[:, :-1] * scale
-  return losses.token_logprobs(logits_BTV, seq["tokens"][:, 1:]), logits_BTV, out
+  return losses.token_logprobs(logits_BTV, targets_BT), losses.token_entropies(logits_BTV), out
 
 
 def old_logprob_pass(lr: Learner, params, predictor, batch: dict, step_plan=None,
@@ -120,7 +130,7 @@ def old_logprob_pass(lr: Learner, params, predictor, batch: dict, step_plan=None
     logp, _, out = forward_logprobs(lr.model, params, micro, routes, lr.rl.temperature,
                                     predictor if pr2_r2 else None, features=pr2_r2,
                                     plan=micro_layout(lr, routes, micro["valid"], step_plan),
-                                    capacity=capacity)
+                                    capacity=capacity, logits_chunk=lr.rl.logits_chunk)
     feats = None
     if pr2_r2:
       dtype = jnp.dtype(lr.pr2.feature_dtype)
@@ -144,9 +154,10 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
   rl = lr.rl
   aux_coef = lr.model.config.aux_loss_coef
   routes = None if rl.replay_mode == "none" else micro["replay_routes"]
-  logp_BT, logits_BTV, out = forward_logprobs(
+  logp_BT, ent_BT, out = forward_logprobs(
       lr.model, params, micro, routes, rl.temperature,
-      plan=micro_layout(lr, routes, micro["valid"], step_plan), capacity=capacity)
+      plan=micro_layout(lr, routes, micro["valid"], step_plan), capacity=capacity,
+      logits_chunk=rl.logits_chunk)
   mask_BT = micro["response_mask"][:, 1:]
   rollout_BT = micro["rollout_logp"][:, 1:]
   against_BT = rollout_BT if rl.ratio_denominator == "rollout" else micro["old_logp"]
@@ -166,7 +177,8 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
   stats = {
       "count": jnp.float32(1.0),
       "loss": loss,
-      "entropy": jax.lax.stop_gradient(losses.token_entropy(logits_BTV, mask_BT, denoms["tokens"])),
+      "entropy": jax.lax.stop_gradient(
+          jnp.sum(ent_BT * mask_BT.astype(jnp.float32)) / denoms["tokens"]),
       "loss_sums": aux["sums"],
       "mismatch": metrics.mismatch_sums(logp_BT, rollout_BT, mask_BT),
       "routing": metrics.routing_sums(micro["rollout_routes"], live_BTLK, probs_BTLE,

@@ -383,13 +383,18 @@ def token_entropy(logits_BTV: jax.Array, mask_BT: jax.Array,
   check_rank("logits_BTV", logits_BTV, 3, "[B, T, V]")
   check_shape("mask_BT", mask_BT, jnp.shape(logits_BTV)[:2], "[B, T] of logits_BTV")
   check_count("denom", denom)
+  mask_BT = _f32(mask_BT)
+  if denom is None:
+    denom = jnp.maximum(jnp.sum(mask_BT), 1.0)
+  return jnp.sum(token_entropies(logits_BTV) * mask_BT) / _f32(denom)
+
+
+def token_entropies(logits_BTV: jax.Array) -> jax.Array:
+  """Policy entropy `−Σ_v p_v log p_v` per position, float32 [B, T]."""
+  check_rank("logits_BTV", logits_BTV, 3, "[B, T, V]")
   log_p_BTV = jax.nn.log_softmax(_f32(logits_BTV), axis=-1)
   p_BTV = jnp.exp(log_p_BTV)
   # Masked-out vocab entries (-inf logits) have p = 0: use 0·log 0 = 0, and
   # keep -inf out of the product so neither value nor gradient turns NaN.
   log_p_BTV = jnp.where(p_BTV > 0, log_p_BTV, 0.0)
-  ent_BT = -jnp.einsum("btv,btv->bt", p_BTV, log_p_BTV)
-  mask_BT = _f32(mask_BT)
-  if denom is None:
-    denom = jnp.maximum(jnp.sum(mask_BT), 1.0)
-  return jnp.sum(ent_BT * mask_BT) / _f32(denom)
+  return -jnp.einsum("btv,btv->bt", p_BTV, log_p_BTV)

@@ -47,10 +47,11 @@ def truncate_metrics(path: str, last_step: int, phases=("rl",)) -> None:
   os.replace(tmp, path)
 
 
-# RL fields a resumed run may change: how long it runs and how it is evaluated, not what
-# it computes (anything else would mix two setups in one metrics file and checkpoint).
+# RL fields a resumed run may change: how long it runs, how it is evaluated and how much
+# memory the learner's logits take, not what it computes (anything else would mix two setups
+# in one metrics file and checkpoint).
 RESUMABLE_RL_FIELDS = ("num_steps", "eval_every", "eval_size", "eval_temperature",
-                       "max_consecutive_skips")
+                       "max_consecutive_skips", "logits_chunk")
 
 
 def run_identity(config: ExperimentConfig) -> dict:

@@ -168,11 +168,11 @@ def generate(model: MoETransformer, params, prompts_BP: jax.Array, prompt_valid_
   fdtype = jnp.dtype(config.feature_dtype)
   record = feature_slots_BF is not None
   engine_params = jax.tree.map(lambda w: w.astype(dtype), params)
-  # last_logits_only: a prefill samples from its last position only (decode steps have one).
+  # logits='last': a prefill samples from its last position only (decode steps have one).
   apply = lambda tok, pos, valid, cache: model.apply(
       {"params": engine_params}, tok, positions=pos, valid=valid, cache=cache, predictor=predictor,
       predicted_gates=config.predicted_gates, return_router_logits=record,
-      return_router_inputs=record, last_logits_only=True)
+      return_router_inputs=record, logits="last")
 
   pos_BP = prompt_positions(prompt_valid_BP)
   first = apply(prompts_BP, pos_BP, prompt_valid_BP, init_cache(model.config, b, p + n, dtype))

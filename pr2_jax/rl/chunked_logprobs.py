@@ -1,0 +1,62 @@
+"""Token log-probs and entropies without the whole [B, T, V] logits: the LM head chunk by chunk.
+
+At a real vocabulary the learner's logits are the largest buffer of a micro-step: Qwen3's
+151,936 float32 columns are 0.6 MB per token, 2.5 GB for one 4096-token sequence, and the
+backward pass holds their gradient too. `chunked_token_stats` applies the LM head to C
+positions at a time inside a `lax.map` whose body is rematerialised (`jax.checkpoint`): the
+forward and the backward pass each hold one chunk's [B, C, V] logits, at the price of a second
+LM-head matmul per chunk in the backward pass. The values are `token_logprobs` and
+`token_entropies` of the full logits, up to float rounding.
+
+Dimensions: B batch, T positions, D model width, V vocabulary, C chunk, N = ceil(T / C) chunks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pr2_jax.checks import check_ids, check_rank, check_shape, is_concrete
+from pr2_jax.config import check_int
+from pr2_jax.rl.losses import token_entropies, token_logprobs
+
+
+def chunked_token_stats(hidden_BTD: jax.Array, kernel_DV: jax.Array, targets_BT: jax.Array, *,
+                        chunk: int, scale: float = 1.0, dtype=None):
+  """(log-probs, entropies), each float32 [B, T], of softmax(scale · hidden @ kernel).
+
+  Args:
+    hidden_BTD: the final normed hidden states (`MoETransformer(..., logits='none').hidden`);
+      position t must predict `targets_BT[:, t]` (the caller shifts by one).
+    kernel_DV: the LM head (`transformer.lm_head_kernel`).
+    targets_BT: int token ids in [0, V).
+    chunk: positions per LM-head call, C >= 1 (T need not be a multiple).
+    scale: 1 / temperature, applied to the float32 logits as the learner does.
+    dtype: the matmul's dtype, the model's compute dtype (default: hidden's), as the model's
+      own LM head computes it.
+  """
+  check_rank("hidden_BTD", hidden_BTD, 3, "[B, T, D]")
+  b, t, d = hidden_BTD.shape
+  check_rank("kernel_DV", kernel_DV, 2, "[D, V]")
+  check_shape("kernel_DV", kernel_DV, (d, kernel_DV.shape[1]), "[D, V] with D of hidden_BTD")
+  check_shape("targets_BT", targets_BT, (b, t), "[B, T] of hidden_BTD")
+  check_int("chunked_token_stats", "chunk", chunk)
+  if is_concrete(targets_BT):  # inside the loop they are traced, and unchecked
+    check_ids(targets_BT, "targets_BT", 0, kernel_DV.shape[1], "V")
+  dtype = hidden_BTD.dtype if dtype is None else jnp.dtype(dtype)
+  n = -(-t // chunk)
+  pad = n * chunk - t  # padded positions predict token 0 and are cut off below
+  h_NBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+  t_NBC = jnp.pad(jnp.asarray(targets_BT, jnp.int32), ((0, 0), (0, pad)))
+  t_NBC = t_NBC.reshape(b, n, chunk).swapaxes(0, 1)
+  w_DV = kernel_DV.astype(dtype)
+
+  @jax.checkpoint
+  def one(args):
+    h_BCD, t_BC = args
+    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD.astype(dtype), w_DV).astype(jnp.float32) * scale
+    return token_logprobs(logits_BCV, t_BC), token_entropies(logits_BCV)
+
+  logp_NBC, ent_NBC = jax.lax.map(one, (h_NBCD, t_NBC))
+  unchunk = lambda x_NBC: x_NBC.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+  return unchunk(logp_NBC), unchunk(ent_NBC)
