@@ -22,10 +22,11 @@ run: $(STAMP)
 	$(PY) -m experiments.main --config=configs/tiny.py --workdir=$(WORKDIR)
 
 # A worker process that crashes (jaxlib 0.10.2 has segfaulted, rarely, while loading a program
-# from the persistent compilation cache) is replaced and its test run once more; only crashes are
-# retried, never a failing assertion. --dist load, not loadfile: after a worker crash xdist 3.8's
-# loadfile scheduler can hang for good (pytest-xdist issue 1378), and rerunfailures does not retry
-# crashes under it.
+# from the persistent compilation cache) is replaced and its test run once more: pytest-
+# rerunfailures retries a crashed worker's test whatever --only-rerun says, and --only-rerun keeps
+# it from retrying an ordinary failure. A test that crashes twice fails; one that crashed once
+# shows as "1 rerun" in the summary. --dist load, not loadfile: after a worker crash xdist 3.8's
+# loadfile scheduler can hang for good (pytest-xdist issue 1378), and no crash is retried under it.
 PYTEST_XDIST := -n 2 --dist load --reruns 1 --only-rerun "crashed while running"
 
 test: $(STAMP)

@@ -12,7 +12,8 @@ import math
 import os
 import sys
 
-RESUMABLE = ("rl.num_steps", "checkpoint_every")  # plan_run continues a run differing only here
+# plan_run continues a run differing only here (how long it runs, and the learner's memory).
+RESUMABLE = ("rl.num_steps", "checkpoint_every", "rl.logits_chunk")
 
 # Per-step scalars averaged over a run's RL steps (names as in metrics.jsonl).
 STEP_MEANS = ("k3_kl", "extreme_frac", "ratio_mean", "ratio_var", "clip_frac_low",

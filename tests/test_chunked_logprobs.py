@@ -1,10 +1,14 @@
 """Tests for pr2_jax.rl.chunked_logprobs: the LM head chunk by chunk equals the whole logits."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pr2_jax.parallel.mesh import TOKEN_AXES, make_mesh
 from pr2_jax.rl import losses
 from pr2_jax.rl.chunked_logprobs import chunked_token_stats
 
@@ -89,3 +93,35 @@ def test_bad_inputs_are_named():
     chunked_token_stats(hidden, kernel[:8], targets, chunk=4)
   with pytest.raises(ValueError, match=r"targets_BT has shape \(2, 7\)"):
     chunked_token_stats(hidden, kernel, targets[:, :7], chunk=4)
+
+
+def _loop_bodies(hlo: str) -> list[str]:
+  """The text of every while-loop body computation in a compiled module."""
+  names = re.findall(r"body=%?([\w.\-]+)", hlo)
+  blocks = re.split(r"\n(?=\S)", hlo)
+  return [blk for blk in blocks for name in names if re.match(rf"%?{re.escape(name)} ", blk)]
+
+
+def test_sharded_rows_equal_one_device_and_sum_the_head_gradient_once():
+  """Rows split over a (2, 4) mesh: the values and gradients of one device, and no all-reduce
+  inside the chunk loop (plain jit all-reduces the head's gradient there, once per chunk)."""
+  mesh = make_mesh(2, 4)
+  hidden, kernel, targets = _inputs()
+  b8 = lambda x: jnp.concatenate([x] * 4)  # B = 8 rows for 8 token shards
+  rows = NamedSharding(mesh, P(TOKEN_AXES))
+  hidden, targets = jax.device_put(b8(hidden), rows), jax.device_put(b8(targets), rows)
+
+  def grad_fn(m):
+    loss = lambda h, k: sum(jnp.sum(s) for s in chunked_token_stats(h, k, targets, chunk=3,
+                                                                     mesh=m))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+  (value, grads), (want_value, want_grads) = (grad_fn(m)(hidden, kernel) for m in (mesh, None))
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  for m, inside in ((mesh, False), (None, True)):
+    bodies = _loop_bodies(grad_fn(m).lower(hidden, kernel).compile().as_text())
+    assert bodies and any("all-reduce(" in body for body in bodies) == inside
+  with pytest.raises(ValueError, match="batch size 2 must be divisible by the 8 token shards"):
+    chunked_token_stats(*_inputs(), chunk=3, mesh=mesh)

@@ -107,6 +107,8 @@ def test_config_differences_names_nested_and_missing_fields():
     # The checkpoint cadence changes no number: not a reason to rerun. Another warm-up is.
     ({**_run_cfg(), "checkpoint_every": 0}, 6, ("reuse", "complete")),
     ({**_run_cfg(), "checkpoint_every": 0}, 3, ("resume", "at step 3 of 6")),
+    # Nor does the learner's LM-head chunking (memory only), or its absence from older runs.
+    (_run_cfg(logits_chunk=256), 6, ("reuse", "complete")),
     ({**_run_cfg(), "warmup": {"seed": 1}}, 6, ("restart", "config changed: warmup.seed 1 -> 0")),
 ])
 def test_plan_run(stored, last, want):

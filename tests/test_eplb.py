@@ -137,3 +137,11 @@ def test_loads_that_are_not_finite_and_non_negative_are_refused(bad):
 def test_complex_loads_are_refused():
   with pytest.raises(TypeError, match="weight has dtype complex128, expected real numbers"):
     eplb_rebalance(np.asarray(WEIGHT) + 1j, 16, 4, 2, 8)
+
+
+def test_loads_beyond_float32_are_refused():
+  """The reference computes in float32: 1e39 is finite in float64 but inf there."""
+  weight = np.array(WEIGHT, np.float64)
+  weight[0, 2] = 1e39
+  with pytest.raises(ValueError, match=r"weight\[0, 2\] = inf is not a finite number >= 0"):
+    eplb_rebalance(weight, 16, 4, 2, 8)

@@ -366,12 +366,14 @@ def test_update_moves_logprob_with_advantage_sign():
   assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
 
 
-def test_sharded_update_matches_single_device():
-  """The jitted learner on a (2, 4) mesh gives the single-device update (SGD: update = gradient)."""
+@pytest.mark.parametrize("logits_chunk", [0, 3])
+def test_sharded_update_matches_single_device(logits_chunk):
+  """The jitted learner on a (2, 4) mesh gives the single-device update (SGD: update = gradient),
+  also with the LM head in chunks (then each device loops over its own rows)."""
   model1, _, state1, batch = _rollout()
   tx = optax.sgd(1.0)
   state1 = state1.replace(opt_state=tx.init(state1.params))
-  config = _rl(prompts_per_step=8, group_size=2, micro_steps=2)
+  config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, logits_chunk=logits_chunk)
   batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
   micro = _prepare(model1, config, state1.params, batch16, 2)
   ref, _ = learner.update_step(_learner(model1, config, tx), state1, micro)

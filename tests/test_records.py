@@ -48,7 +48,7 @@ def test_truncate_keeps_other_phases_and_earlier_steps(tmp_path):
 
 def test_resumable_fields_leave_the_identity_and_the_rest_enter_it():
   base = _config()
-  longer = _config(num_steps=base.rl.num_steps + 5, eval_every=7, eval_size=3)
+  longer = _config(num_steps=base.rl.num_steps + 5, eval_every=7, eval_size=3, logits_chunk=64)
   assert records.run_identity(longer) == records.run_identity(base)
   assert records.run_identity(_config(learning_rate=0.5))["rl"]["learning_rate"] == 0.5
   assert records.run_identity(_config(learning_rate=0.5)) != records.run_identity(base)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pr2_jax.checks import check_finite
+from pr2_jax.checks import check_finite, check_real
 
 
 def _balanced_packing(weight_LI: np.ndarray, num_packs: int):
@@ -126,9 +126,12 @@ def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, n
     log2phy int64 [L, E, R]: physical ids of each logical expert, padded with -1;
     logcnt int64 [L, E]: replicas per logical expert.
   """
-  # A NaN expert took half the replicas; a negative one made NaN device loads.
-  check_finite("weight", weight, "a load estimate", low=0)
-  weight_LE = np.asarray(weight, np.float32)
+  # A NaN expert took half the replicas; a negative one made NaN device loads. Checked after
+  # the float32 cast the reference computes in (1e39 is finite in float64, inf in float32).
+  check_real("weight", weight)
+  with np.errstate(over="ignore"):  # an overflow becomes inf, refused by name below
+    weight_LE = np.asarray(weight, np.float32)
+  check_finite("weight", weight_LE, "a load estimate", low=0)
   if weight_LE.ndim != 2:
     raise ValueError(f"weight must be [layers, experts], got shape {weight_LE.shape}")
   num_layers, num_log = weight_LE.shape

@@ -274,17 +274,16 @@ class MoETransformer(nn.Module):
     x_BTD = RMSNorm(cfg.rms_norm_eps, name="norm")(x_BTD)
     if cache is not None:
       cache = KVCache(tuple(new_k), tuple(new_v), key_valid, cache.index + t)
-    hidden_BTD, logits_BTV = (x_BTD, None) if logits == "none" else (None, x_BTD)
-    if logits == "last":
-      logits_BTV = x_BTD[:, -1:]
-    if logits_BTV is not None and cfg.tie_embeddings:
-      logits_BTV = jnp.einsum("btd,vd->btv", logits_BTV, embed.astype(cfg.dtype))
-    elif logits_BTV is not None:
+    logits_BTV = None
+    head_in_BTD = x_BTD[:, -1:] if logits == "last" else x_BTD
+    if logits != "none" and cfg.tie_embeddings:
+      logits_BTV = jnp.einsum("btd,vd->btv", head_in_BTD, embed.astype(cfg.dtype))
+    elif logits != "none":
       logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
-                            kernel_init=partitioned(INIT, ("embed", "vocab")))(logits_BTV)
+                            kernel_init=partitioned(INIT, ("embed", "vocab")))(head_in_BTD)
     return ModelOutput(
         logits=None if logits_BTV is None else logits_BTV.astype(jnp.float32),
-        hidden=hidden_BTD,
+        hidden=x_BTD if logits == "none" else None,
         routes=jnp.stack([a.routes_BTK for a in auxes], axis=2),
         dropped=jnp.stack([a.dropped for a in auxes]),
         aux_loss=jnp.mean(jnp.stack([a.aux_loss for a in auxes])),

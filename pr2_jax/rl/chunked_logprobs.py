@@ -13,16 +13,20 @@ Dimensions: B batch, T positions, D model width, V vocabulary, C chunk, N = ceil
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from pr2_jax.checks import check_ids, check_rank, check_shape, is_concrete
 from pr2_jax.config import check_int
+from pr2_jax.parallel.mesh import TOKEN_AXES, num_token_shards
 from pr2_jax.rl.losses import token_entropies, token_logprobs
 
 
 def chunked_token_stats(hidden_BTD: jax.Array, kernel_DV: jax.Array, targets_BT: jax.Array, *,
-                        chunk: int, scale: float = 1.0, dtype=None):
+                        chunk: int, scale: float = 1.0, dtype=None, mesh: Mesh | None = None):
   """(log-probs, entropies), each float32 [B, T], of softmax(scale · hidden @ kernel).
 
   Args:
@@ -30,10 +34,13 @@ def chunked_token_stats(hidden_BTD: jax.Array, kernel_DV: jax.Array, targets_BT:
       position t must predict `targets_BT[:, t]` (the caller shifts by one).
     kernel_DV: the LM head (`transformer.lm_head_kernel`).
     targets_BT: int token ids in [0, V).
-    chunk: positions per LM-head call, C >= 1 (T need not be a multiple).
+    chunk: positions per LM-head call, C >= 1 (T need not be a multiple; C > T means T).
     scale: 1 / temperature, applied to the float32 logits as the learner does.
     dtype: the matmul's dtype, the model's compute dtype (default: hidden's), as the model's
-      own LM head computes it.
+      own LM head computes it. The head's gradient is summed over chunks in float32.
+    mesh: the rows' mesh, B split over its token axes ('data' x 'expert'). Each device then
+      loops over its own rows and the head's gradient is summed across devices once, after
+      the loop: under plain jit XLA all-reduces it inside the loop, once per chunk.
   """
   check_rank("hidden_BTD", hidden_BTD, 3, "[B, T, D]")
   b, t, d = hidden_BTD.shape
@@ -43,18 +50,35 @@ def chunked_token_stats(hidden_BTD: jax.Array, kernel_DV: jax.Array, targets_BT:
   check_int("chunked_token_stats", "chunk", chunk)
   if is_concrete(targets_BT):  # inside the loop they are traced, and unchecked
     check_ids(targets_BT, "targets_BT", 0, kernel_DV.shape[1], "V")
-  dtype = hidden_BTD.dtype if dtype is None else jnp.dtype(dtype)
+  local = functools.partial(_local_stats, chunk=min(chunk, t), scale=scale,
+                            dtype=hidden_BTD.dtype if dtype is None else jnp.dtype(dtype))
+  if mesh is None or mesh.size == 1:
+    return local(hidden_BTD, kernel_DV, jnp.asarray(targets_BT, jnp.int32))
+  rows = P(TOKEN_AXES)
+  shards = num_token_shards(mesh)
+  if b % shards:
+    raise ValueError(f"batch size {b} must be divisible by the {shards} token shards of the mesh "
+                     f"{dict(mesh.shape)}")
+  # The kernel turns device-varying before the loop, not at its use inside: the transpose of
+  # that cast is the one psum of the head's gradient, after the loop.
+  varying = lambda h, k, tg: local(h, jax.lax.pcast(k, TOKEN_AXES, to="varying"), tg)
+  return jax.shard_map(varying, mesh=mesh, in_specs=(rows, P(), rows), out_specs=(rows, rows))(
+      hidden_BTD, kernel_DV, jnp.asarray(targets_BT, jnp.int32))
+
+
+def _local_stats(hidden_BTD, kernel_DV, targets_BT, *, chunk: int, scale: float, dtype):
+  b, t, d = hidden_BTD.shape
   n = -(-t // chunk)
   pad = n * chunk - t  # padded positions predict token 0 and are cut off below
   h_NBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
-  t_NBC = jnp.pad(jnp.asarray(targets_BT, jnp.int32), ((0, 0), (0, pad)))
-  t_NBC = t_NBC.reshape(b, n, chunk).swapaxes(0, 1)
-  w_DV = kernel_DV.astype(dtype)
+  t_NBC = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
 
   @jax.checkpoint
   def one(args):
     h_BCD, t_BC = args
-    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD.astype(dtype), w_DV).astype(jnp.float32) * scale
+    # The cast inside the loop: the kernel's gradient then adds up over chunks in float32.
+    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD.astype(dtype), kernel_DV.astype(dtype))
+    logits_BCV = logits_BCV.astype(jnp.float32) * scale
     return token_logprobs(logits_BCV, t_BC), token_entropies(logits_BCV)
 
   logp_NBC, ent_NBC = jax.lax.map(one, (h_NBCD, t_NBC))

@@ -104,7 +104,7 @@ def forward_logprobs(model: MoETransformer, params, seq: dict, routes, temperatu
   if logits_chunk:
     logp_BT, ent_BT = chunked_token_stats(
         out.hidden[:, :-1], lm_head_kernel(params, model.config), targets_BT, chunk=logits_chunk,
-        scale=scale, dtype=model.config.dtype)
+        scale=scale, dtype=model.config.dtype, mesh=model.mesh)
     return logp_BT, ent_BT, out
   logits_BTV = out.logits[:, :-1] * scale
   return losses.token_logprobs(logits_BTV, targets_BT), losses.token_entropies(logits_BTV), out
