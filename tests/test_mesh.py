@@ -117,3 +117,12 @@ def test_partitioned_attaches_logical_names():
   assert isinstance(boxed, nn.LogicallyPartitioned)
   assert boxed.names == ("expert", "embed")
   np.testing.assert_array_equal(boxed.unbox(), np.ones((4, 3)))
+
+
+def test_check_batch_split_names_the_batch_and_the_shards():
+  mesh = pm.make_mesh(2, 4)
+  pm.check_batch_split(16, mesh)
+  pm.check_batch_split(3, None)  # no mesh: one shard
+  with pytest.raises(ValueError, match=r"batch size 12 must be divisible by the 8 token shards "
+                                       r"of the mesh \{'data': 2, 'expert': 4\}"):
+    pm.check_batch_split(12, mesh)

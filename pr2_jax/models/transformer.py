@@ -26,7 +26,7 @@ from pr2_jax.models.experts import validate_slot_expert
 from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
 from pr2_jax.models.moe import MoEBlock
 from pr2_jax.models.routing import check_routes_shape, validate_routes
-from pr2_jax.parallel.mesh import EXPERT, axis_size, constrain, num_token_shards, partitioned
+from pr2_jax.parallel.mesh import EXPERT, axis_size, check_batch_split, constrain, partitioned
 
 
 @flax.struct.dataclass
@@ -236,10 +236,7 @@ class MoETransformer(nn.Module):
           validate_slot_expert(map_X, cfg.num_experts)
         except ValueError as e:
           raise ValueError(f"MoE layer {layer}'s slot map: {e}") from None
-    shards = num_token_shards(self.mesh)
-    if b % shards:
-      raise ValueError(f"batch size {b} must be divisible by the {shards} token shards of the mesh "
-                       f"{dict(self.mesh.shape)} (the batch is split over data x expert)")
+    check_batch_split(b, self.mesh)
     embed = self.param("embed_tokens", partitioned(INIT, ("vocab", "embed")),
                        (cfg.vocab_size, cfg.d_model), jnp.float32)
     x_BTD = jnp.take(embed, tokens_BT, axis=0).astype(cfg.dtype)

@@ -61,6 +61,14 @@ def num_token_shards(mesh: Mesh | None) -> int:
   return int(np.prod([axis_size(mesh, a) for a in TOKEN_AXES]))
 
 
+def check_batch_split(batch: int, mesh: Mesh | None) -> None:
+  """Static: `batch` rows split evenly over the mesh's token shards ('data' x 'expert')."""
+  shards = num_token_shards(mesh)
+  if batch % shards:
+    raise ValueError(f"batch size {batch} must be divisible by the {shards} token shards of the "
+                     f"mesh {dict(mesh.shape)} (the batch is split over data x expert)")
+
+
 def logical_spec(axes: Sequence[str | None]) -> PartitionSpec:
   return nn.logical_to_mesh_axes(tuple(axes), LOGICAL_RULES)
 

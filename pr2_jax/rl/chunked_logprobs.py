@@ -21,7 +21,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from pr2_jax.checks import check_ids, check_rank, check_shape, is_concrete
 from pr2_jax.config import check_int
-from pr2_jax.parallel.mesh import TOKEN_AXES, num_token_shards
+from pr2_jax.parallel.mesh import TOKEN_AXES, check_batch_split
 from pr2_jax.rl.losses import token_entropies, token_logprobs
 
 
@@ -54,11 +54,8 @@ def chunked_token_stats(hidden_BTD: jax.Array, kernel_DV: jax.Array, targets_BT:
                             dtype=hidden_BTD.dtype if dtype is None else jnp.dtype(dtype))
   if mesh is None or mesh.size == 1:
     return local(hidden_BTD, kernel_DV, jnp.asarray(targets_BT, jnp.int32))
+  check_batch_split(b, mesh)
   rows = P(TOKEN_AXES)
-  shards = num_token_shards(mesh)
-  if b % shards:
-    raise ValueError(f"batch size {b} must be divisible by the {shards} token shards of the mesh "
-                     f"{dict(mesh.shape)}")
   # The kernel turns device-varying before the loop, not at its use inside: the transpose of
   # that cast is the one psum of the head's gradient, after the loop.
   varying = lambda h, k, tg: local(h, jax.lax.pcast(k, TOKEN_AXES, to="varying"), tg)
