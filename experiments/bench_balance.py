@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -183,7 +182,6 @@ def finish_moe(proc_out):
 def main(argv):
   del argv
   common.setup_devices()
-  import jax
   import numpy as np
   from experiments import balance_traces as bt
   s = _settings()
@@ -330,9 +328,7 @@ def main(argv):
             "moe": moe,
             "simulation_bandwidth": sim, "stickiness_sweep": sweep,
             "cost_model": dataclasses.asdict(cost), "summary": summary,
-            "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
-                        "platform": platform.platform(), "jax": jax.__version__,
-                        "device": jax.devices()[0].device_kind},
+            "machine": common.machine_info(load_avg_at_end=os.getloadavg()),
             "wall_s": time.perf_counter() - t_start}
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:

@@ -19,16 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
-import optax
 from absl import app, flags, logging
 
 from experiments import common
@@ -195,18 +191,6 @@ def format_table(results: dict, base: str) -> str:
   return "\n".join(rows)
 
 
-def machine_info(mesh) -> dict:
-  dev = jax.devices()[0]
-  return {
-      "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-      "load_avg_1m_at_start": os.getloadavg()[0], "platform": platform.platform(),
-      "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-      "flax": flax.__version__, "optax": optax.__version__, "backend": jax.default_backend(),
-      "device_kind": dev.device_kind, "device_count": jax.device_count(),
-      "mesh": dict(mesh.shape),
-  }
-
-
 def run_config(mesh) -> dict:
   cfg = dataclasses.asdict(model_config(_IMPLS.value[0]))
   del cfg["expert_impl"], cfg["capacity_factor"]  # per path: see results
@@ -259,7 +243,7 @@ def main(argv):
     model_config(entry)  # bad names or sizes fail here, before any compile
   common.setup_devices()
   mesh = build_mesh()
-  machine, config = machine_info(mesh), run_config(mesh)
+  machine, config = common.machine_info(mesh=dict(mesh.shape)), run_config(mesh)
   logging.info("machine %s\nconfig %s", machine, config)
   results = bench_paths(mesh)
   base = add_ratios(results)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -337,10 +336,9 @@ def main(argv):
   result.update(targets_met={k: bool(result[k] >= v) for k, v in TARGETS.items()},
                 targets=TARGETS, settings=s, torch_threads=threads,
                 load_avg_start=load_start, load_avg_end=os.getloadavg(),
-                machine={"cpus_usable": threads, "platform": platform.platform(),
-                         "jax": jax.__version__, "torch": torch.__version__,
-                         "transformers": __import__("transformers").__version__,
-                         "device_count": jax.device_count()},
+                machine=common.machine_info(
+                    torch=torch.__version__, transformers=__import__("transformers").__version__,
+                    load_avg_1m_at_start=load_start[0]),
                 command=" ".join(sys.argv))
   print(format_table(result), flush=True)
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)

@@ -13,7 +13,6 @@ Prints a table and writes JSON to `--out`. No timing assertions anywhere.
 import functools
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -76,8 +75,7 @@ def main(argv):
     print(f"{d:<10} {row['compile_s']:>10.1f} {row['median_s']:>8.3f} "
           f"{row['decode_tokens_per_s']:>10.0f}")
   result = {"config": {"batch": b, "prompt_len": p, "new_tokens": n, "model": cfg.__dict__},
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "jax": jax.__version__, "device": jax.devices()[0].device_kind},
+            "machine": common.machine_info(),
             "results": rows}
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:

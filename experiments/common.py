@@ -4,6 +4,8 @@ import contextlib
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
 import time
 
@@ -51,6 +53,51 @@ def setup_devices():
   if cfg.enabled:
     logging.info("process %d of %d: %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def source_revision(path: str | None = None) -> dict:
+  """The git commit a benchmark ran from, and whether tracked files differed from it (numbers in
+  the docs name the code they measured); {} outside a git checkout or without git."""
+  path = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  def git(*args) -> str:
+    return subprocess.run(("git", "-C", path) + args, capture_output=True, text=True, check=True,
+                          timeout=10).stdout.strip()
+  try:
+    return {"git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+  except (OSError, subprocess.SubprocessError):
+    return {}
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def machine_info(**extra) -> dict:
+  """What a benchmark JSON records of where and from what it ran: CPU, cores, load, versions,
+  JAX devices, git commit, time (UTC); `extra` adds or overrides fields."""
+  import flax
+  import jax
+  import jaxlib
+  import optax
+  info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+          "cpus_usable": len(os.sched_getaffinity(0)), "load_avg_1m_at_start": os.getloadavg()[0],
+          "platform": platform.platform(), "python": platform.python_version(),
+          "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+          "optax": optax.__version__, "backend": jax.default_backend(),
+          "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+          "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          **source_revision()}
+  info.update(extra)
+  return info
 
 
 def devices_dividing(cores: int, *sizes: int) -> int:

@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+from experiments import common
+
 KEYS = ("planner_ms", "planner_ms_lpt", "eplb_ms",
         "imbalance_none", "imbalance_eplb_step", "imbalance_foresight",
         "imbalance_foresight_sticky_lpt",
@@ -22,6 +24,8 @@ def test_bench_balance_quick(tmp_path):
   assert set(KEYS) <= set(last)
   result = json.loads(out.read_text())
   assert result["summary"] == last and result["quick"]
+  revision = common.source_revision()  # which code the numbers measured
+  assert {k: result["machine"][k] for k in revision} == revision
   assert last["planner_ms"] > 0 and last["planner_ms_lpt"] > 0
   assert last["eplb_ms"] > 0 and last["sim_speedup"] > 0
   assert 1.0 <= last["imbalance_foresight"] <= last["imbalance_none"]

@@ -9,7 +9,7 @@ import pytest
 from absl import app, flags
 from absl.testing import flagsaver
 
-from experiments import bench_model
+from experiments import bench_model, common
 
 TINY = dict(d_model=16, num_layers=1, num_experts=4, top_k=2, expert_d_ff=16, num_heads=2,
             num_kv_heads=1, head_dim=8, vocab_size=32, seq_len=4, batch=8, steps=2, warmup=0)
@@ -40,7 +40,10 @@ def test_main_writes_expected_json(tmp_path):
   assert result["config"]["model"]["d_model"] == 16
   machine = result["machine"]
   assert machine["cpu_count"] > 0 and machine["device_count"] == 8
-  assert machine["jax"] and machine["device_kind"]
+  assert machine["jax"] and machine["device_kind"] and machine["cpu_model"]
+  assert machine["mesh"] == result["config"]["mesh"]
+  revision = common.source_revision()  # which code the numbers measured
+  assert {k: machine[k] for k in revision} == revision
   for name, r in result["results"].items():
     for key in PER_PATH_POSITIVE:
       assert r[key] > 0, (name, key, r[key])

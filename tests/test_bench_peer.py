@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from experiments import common
+
 POSITIVE = ("train_speedup", "decode_speedup", "mfu", "ours_train_tokens_per_s",
             "ours_decode_tokens_per_s", "train_model_flops_per_s",
             # the one-device reference, timed in the same rounds
@@ -45,7 +47,11 @@ def test_bench_peer_quick(tmp_path):
     # Same optimizer too: the losses of the timed steps follow the same trace.
     assert line["train_loss_trace_max_abs_diff" + suffix] < 1e-4
     assert line["decode_first_token_agreement" + suffix] == 1.0
-  assert json.loads(out.read_text())["mfu"] == line["mfu"]
+  written = json.loads(out.read_text())
+  assert written["mfu"] == line["mfu"]
+  assert written["machine"]["torch"] and written["machine"]["cpu_model"]
+  revision = common.source_revision()
+  assert {k: written["machine"][k] for k in revision} == revision
 
 
 def test_default_devices_and_mesh_shape():

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from experiments import common
+
 
 def test_bench_rollout_writes_json(tmp_path):
   out = tmp_path / "r.json"
@@ -14,3 +16,5 @@ def test_bench_rollout_writes_json(tmp_path):
   row = result["results"]["float32"]
   assert row["decode_tokens_per_s"] > 0 and row["compile_s"] > 0
   assert result["config"]["new_tokens"] == 2
+  revision = common.source_revision()
+  assert {k: result["machine"][k] for k in revision} == revision

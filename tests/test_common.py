@@ -91,3 +91,35 @@ def test_run_turns_a_validation_error_in_main_into_one_line(capsys, monkeypatch)
     common.run(main)
   assert e.value.code == 2
   assert capsys.readouterr().err == "error: --mesh_expert=3 does not divide the 8 devices\n"
+
+
+def test_source_revision_names_the_checkout_and_its_state(tmp_path):
+  import subprocess
+  repo = tmp_path / "repo"
+  repo.mkdir()
+  def git(*args):
+    return subprocess.run(("git", "-C", str(repo)) + args, check=True, capture_output=True,
+                          text=True).stdout.strip()
+  git("init", "-q")
+  (repo / "a.txt").write_text("one\n")
+  git("add", "a.txt")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+  head = git("rev-parse", "HEAD")
+  assert common.source_revision(str(repo)) == {"git_commit": head, "git_dirty": False}
+  (repo / "untracked.txt").write_text("ignored: not part of the measured code\n")
+  assert common.source_revision(str(repo))["git_dirty"] is False
+  (repo / "a.txt").write_text("two\n")
+  assert common.source_revision(str(repo)) == {"git_commit": head, "git_dirty": True}
+  assert common.source_revision(str(tmp_path / "not_a_repo")) == {}
+
+
+def test_machine_info_records_the_code_and_the_machine():
+  import subprocess
+  info = common.machine_info(mesh={"data": 1, "expert": 1}, cpus_usable=1)
+  head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                        cwd=common.__file__.rsplit("/experiments/", 1)[0])
+  if head.returncode == 0:  # CI runs a clone; an exported tree has no commit to name
+    assert info["git_commit"] == head.stdout.strip()
+  assert info["cpu_model"] and info["cpu_count"] >= 1 and info["device_count"] >= 1
+  assert info["mesh"] == {"data": 1, "expert": 1} and info["cpus_usable"] == 1  # extra wins
+  assert info["started_utc"].endswith("Z")
