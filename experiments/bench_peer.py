@@ -4,6 +4,7 @@
     python -m experiments.bench_peer --decode_batch=16  # a smaller decode batch
     python -m experiments.bench_peer --quick          # test-sized, ~25 s (~1 min at high load)
     python -m experiments.bench_peer --cpu_devices=1  # ours on one device only
+    python -m experiments.bench_peer --breakdown=3    # then profile 3 calls: where the time goes
 
 Both sides hold the SAME weights: ours are initialised, written with
 `save_hf_checkpoint` and read by `Qwen3MoeForCausalLM.from_pretrained`, and
@@ -69,9 +70,12 @@ _MESH_EXPERT = flags.DEFINE_integer(
     "parallel); the rest is 'data'.")
 _ONE_DEVICE = flags.DEFINE_bool("one_device_too", True,
                                 "Also time ours on one device, in the same rounds.")
+_BREAKDOWN = flags.DEFINE_integer(
+    "breakdown", 0, "If > 0, after the timing profile this many train steps and decodes of ours "
+    "and of transformers and print where the time goes by kind (experiments/profile_breakdown).")
 common.at_least(1, "batch", "seq_len", "decode_batch", "prompt_len", "new_tokens", "rounds",
                 "peak_n")
-common.at_least(0, "warmup", "mesh_expert")
+common.at_least(0, "warmup", "mesh_expert", "breakdown")
 
 TARGETS = {"train_speedup": 2.0, "decode_speedup": 3.0, "mfu": 0.25}
 QUICK = dict(d_model=64, num_layers=2, num_experts=8, top_k=2, expert_d_ff=64, num_heads=4,
@@ -154,7 +158,7 @@ class Ours:
     self.losses.append(float(metrics["loss"]))  # a host sync: the step has finished
 
   def decode(self):
-    self.tokens = np.asarray(
+    self.decoded = np.asarray(
         self.generate(self.params0, self.prompts, self.prompt_valid, jax.random.key(0)).tokens)
 
 
@@ -202,7 +206,7 @@ class Torch:
           use_cache=True, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
           eos_token_id=None, pad_token_id=0)
     assert out.shape[1] == self.prompts.shape[1] + self.new_tokens, out.shape
-    self.tokens = out.numpy()
+    self.decoded = out.numpy()  # not self.tokens: the train batch
 
   def forward(self):
     with self.torch.no_grad():
@@ -224,8 +228,9 @@ def interleaved(pairs: dict, rounds: int, warmup: int) -> dict:
   return times
 
 
-def run(s, shape: tuple[int, int], one_device_too: bool = True) -> dict:
-  """Both sides timed; `shape` is our (data, expert) mesh over all devices."""
+def run(s, shape: tuple[int, int], one_device_too: bool = True, breakdown_calls: int = 0) -> dict:
+  """Both sides timed; `shape` is our (data, expert) mesh over all devices. With
+  `breakdown_calls`, then profiled that many calls per phase (`profile_breakdown`)."""
   cfg = model_config(s)
   rng = np.random.default_rng(s["seed"])
   tokens_BT = rng.integers(0, cfg.vocab_size, (s["batch"], s["seq_len"])).astype(np.int32)
@@ -258,7 +263,7 @@ def run(s, shape: tuple[int, int], one_device_too: bool = True) -> dict:
   tokens, new_tokens = s["batch"] * s["seq_len"], s["decode_batch"] * s["new_tokens"]
   model_flops = train_model_flops(cfg, s["batch"], s["seq_len"])
   peak = peak_fn.flops_per_call / min(train["peak"])
-  peer_new = peer.tokens[:, s["prompt_len"]:]
+  peer_new = peer.decoded[:, s["prompt_len"]:]
   result = dict(
       parity, devices=jax.device_count(), mesh=dict(ours.mesh.shape),
       torch_train_tokens_per_s=tokens / med["torch"],
@@ -271,7 +276,7 @@ def run(s, shape: tuple[int, int], one_device_too: bool = True) -> dict:
       torch_impl=peer.impl, times_s={"train": train, "decode": decode})
   for name, side in sides.items():
     suffix = name[len("ours"):]  # "" for the headline side, "_1dev" for the reference
-    new = side.tokens[:, s["prompt_len"]:]
+    new = side.decoded[:, s["prompt_len"]:]
     result.update({
         f"ours{suffix}_train_tokens_per_s": tokens / med[name],
         f"train_speedup{suffix}": med["torch"] / med[name],
@@ -283,6 +288,15 @@ def run(s, shape: tuple[int, int], one_device_too: bool = True) -> dict:
             np.asarray(side.losses) - np.asarray(peer.losses)))),
         f"decode_first_token_agreement{suffix}": float(np.mean(new[:, 0] == peer_new[:, 0])),
         f"decode_token_agreement{suffix}": float(np.mean(new == peer_new))})
+  if breakdown_calls:  # after the timing and the loss traces, which it would disturb
+    from experiments import profile_breakdown as pb
+    devices = jax.device_count()
+    result["breakdown_ms"] = {
+        "ours": {"train": pb.jax_breakdown(ours.train, ours.step, breakdown_calls, devices),
+                 "decode": pb.jax_breakdown(ours.decode, ours.generate, breakdown_calls,
+                                            devices)},
+        "torch": {"train": pb.torch_breakdown(peer.train, breakdown_calls),
+                  "decode": pb.torch_breakdown(peer.decode, breakdown_calls)}}
   return result
 
 
@@ -332,7 +346,7 @@ def main(argv):
   import torch
   torch.set_num_threads(threads)
   load_start = os.getloadavg()
-  result = run(s, shape, _ONE_DEVICE.value)
+  result = run(s, shape, _ONE_DEVICE.value, _BREAKDOWN.value)
   result.update(targets_met={k: bool(result[k] >= v) for k, v in TARGETS.items()},
                 targets=TARGETS, settings=s, torch_threads=threads,
                 load_avg_start=load_start, load_avg_end=os.getloadavg(),
@@ -341,10 +355,16 @@ def main(argv):
                     load_avg_1m_at_start=load_start[0]),
                 command=" ".join(sys.argv))
   print(format_table(result), flush=True)
+  if "breakdown_ms" in result:
+    from experiments import profile_breakdown as pb
+    print("\nwhere the time goes, ms per call (ours: per device; profiled, so above the medians)")
+    print(pb.format_table(result["breakdown_ms"]["ours"], result["breakdown_ms"]["torch"]),
+          flush=True)
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(result, f, indent=1, sort_keys=True)
-  summary = {k: v for k, v in result.items() if k not in ("times_s", "settings", "machine")}
+  summary = {k: v for k, v in result.items()
+             if k not in ("times_s", "settings", "machine", "breakdown_ms")}
   print(json.dumps(summary, sort_keys=True), flush=True)
 
 

@@ -31,6 +31,7 @@ POSITIVE = ("train_speedup", "decode_speedup", "mfu", "ours_train_tokens_per_s",
 def test_bench_peer_quick(tmp_path):
   out = tmp_path / "peer.json"
   proc = subprocess.run([sys.executable, "-m", "experiments.bench_peer", "--quick", "--cpu_devices=2",
+                         "--breakdown=1",
                          f"--out={out}"],
                         check=True, capture_output=True, text=True, timeout=300)
   line = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -52,6 +53,14 @@ def test_bench_peer_quick(tmp_path):
   assert written["machine"]["torch"] and written["machine"]["cpu_model"]
   revision = common.source_revision()
   assert {k: written["machine"][k] for k in revision} == revision
+  # --breakdown: where the time goes, by kind, both sides and phases; the kinds add up.
+  breakdown = written["breakdown_ms"]
+  for side, phase in [(s, p) for s in ("ours", "torch") for p in ("train", "decode")]:
+    kinds = breakdown[side][phase]
+    top = [kinds[k] for k in ("matmuls outside attention", "attention core", "other")]
+    assert kinds["total"] == pytest.approx(sum(top)) and kinds["total"] > 0, (side, phase)
+    assert kinds["matmuls outside attention"] > 0, (side, phase)
+  assert "where the time goes" in proc.stdout
 
 
 def test_default_devices_and_mesh_shape():
