@@ -182,6 +182,7 @@ def finish_moe(proc_out):
 def main(argv):
   del argv
   common.setup_devices()
+  machine = common.machine_info()  # at the start: the load before our own work
   import numpy as np
   from experiments import balance_traces as bt
   s = _settings()
@@ -328,7 +329,7 @@ def main(argv):
             "moe": moe,
             "simulation_bandwidth": sim, "stickiness_sweep": sweep,
             "cost_model": dataclasses.asdict(cost), "summary": summary,
-            "machine": common.machine_info(load_avg_at_end=os.getloadavg()),
+            "machine": dict(machine, load_avg_at_end=os.getloadavg()),
             "wall_s": time.perf_counter() - t_start}
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:

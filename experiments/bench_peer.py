@@ -346,13 +346,13 @@ def main(argv):
   import torch
   torch.set_num_threads(threads)
   load_start = os.getloadavg()
+  machine = common.machine_info(torch=torch.__version__,
+                                transformers=__import__("transformers").__version__)
   result = run(s, shape, _ONE_DEVICE.value, _BREAKDOWN.value)
   result.update(targets_met={k: bool(result[k] >= v) for k, v in TARGETS.items()},
                 targets=TARGETS, settings=s, torch_threads=threads,
                 load_avg_start=load_start, load_avg_end=os.getloadavg(),
-                machine=common.machine_info(
-                    torch=torch.__version__, transformers=__import__("transformers").__version__,
-                    load_avg_1m_at_start=load_start[0]),
+                machine=machine,
                 command=" ".join(sys.argv))
   print(format_table(result), flush=True)
   if "breakdown_ms" in result:

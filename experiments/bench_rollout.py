@@ -37,6 +37,7 @@ common.at_least(1, "batch", "prompt_len", "new_tokens", "repeats", "d_model", "n
 def main(argv):
   del argv
   common.setup_devices()
+  machine = common.machine_info()  # at the start: the load before our own work
   import flax.linen as nn
   import numpy as np
   from pr2_jax.config import ModelConfig
@@ -75,7 +76,7 @@ def main(argv):
     print(f"{d:<10} {row['compile_s']:>10.1f} {row['median_s']:>8.3f} "
           f"{row['decode_tokens_per_s']:>10.0f}")
   result = {"config": {"batch": b, "prompt_len": p, "new_tokens": n, "model": cfg.__dict__},
-            "machine": common.machine_info(),
+            "machine": machine,
             "results": rows}
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:
