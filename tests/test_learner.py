@@ -386,6 +386,35 @@ def test_sharded_update_matches_single_device(logits_chunk):
   _assert_updates_close(new.params, ref.params, state1.params)
 
 
+def test_data_parallel_update_never_gathers():
+  """On a (8, 1) mesh no device needs another's rows: the router's top-k (the model's and the
+  routing metrics') runs on each device's rows (plain jit gathered the whole batch's router
+  logits to every device, per layer and micro-step), the loss denominators keep the rows split,
+  and the metrics are one device's."""
+  import re
+  model1, _, state1, batch = _rollout()
+  tx = optax.sgd(1.0)
+  state1 = state1.replace(opt_state=tx.init(state1.params))
+  config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, replay_mode="r2")
+  batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
+  micro = _prepare(model1, config, state1.params, batch16, 2)
+  _, ref_metrics = learner.update_step(_learner(model1, config, tx), state1, micro)
+  mesh = make_mesh(8, 1)
+  model = MoETransformer(CFG, mesh)
+  state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
+  _, update_fn = learner.make_learner_fns(_learner(model, config, tx), mesh, shardings, micro)
+  micro_sh = jax.device_put(micro, learner.batch_shardings(mesh, micro))
+  args = (state, micro_sh, jnp.asarray(False), None)
+  text = update_fn.jitted.lower(*args).compile().as_text()
+  gathers = [l for l in text.splitlines() if re.search(r"= \S+ all-gather(-start)?\(", l)]
+  assert gathers == []
+  _, metrics = update_fn(*args)
+  assert set(metrics) == set(ref_metrics)
+  for key, value in ref_metrics.items():
+    np.testing.assert_allclose(np.asarray(metrics[key]), np.asarray(value), rtol=1e-5,
+                               atol=1e-6, err_msg=key)
+
+
 # -- PR2 ---------------------------------------------------------------------
 
 from pr2_jax.pr2.predictor import init_predictor, predicted_topk  # noqa: E402

@@ -1,5 +1,7 @@
 """The ('data', 'expert') mesh, the logical-axis rules table and sharding helpers."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -126,3 +128,60 @@ def test_check_batch_split_names_the_batch_and_the_shards():
   with pytest.raises(ValueError, match=r"batch size 12 must be divisible by the 8 token shards "
                                        r"of the mesh \{'data': 2, 'expert': 4\}"):
     pm.check_batch_split(12, mesh)
+
+
+def _all_gathers(compiled_text: str) -> list[str]:
+  import re
+  return [l for l in compiled_text.splitlines() if re.search(r"= \S+ all-gather(-start)?\(", l)]
+
+
+def test_on_token_shards_is_fn_itself_without_a_split():
+  fn = lambda x: x
+  assert pm.on_token_shards(fn, None) is fn
+  assert pm.on_token_shards(fn, pm.make_mesh(1, 1, jax.devices()[:1])) is fn
+
+
+def test_on_token_shards_routes_each_shard_without_gathering_the_batch():
+  """`route` (top-k) per token shard on a (4, 2) mesh: the same routing as on one device, a
+  None argument passed through, gradients equal, and no all-gather in the compiled program
+  (plain jit gathers lax.top_k's whole operand to every device)."""
+  from pr2_jax.models import routing
+  mesh = pm.make_mesh(4, 2)
+  logits = jax.random.normal(jax.random.key(0), (16, 8))
+  bias = jax.random.normal(jax.random.key(1), (16, 8))
+  rows = pm.logical_sharding(mesh, ("batch", None))
+  sharded = [jax.device_put(a, rows) for a in (logits, bias)]
+
+  def routed(l, b, mesh):
+    fn = lambda l, r, b: routing.route(l, 3, True, r, b, check_values=False)
+    return pm.on_token_shards(fn, mesh)(l, None, b)
+
+  ref = routed(logits, bias, None)
+  f = jax.jit(functools.partial(routed, mesh=mesh))
+  out = f(*sharded)
+  np.testing.assert_array_equal(np.asarray(out.expert_ids), np.asarray(ref.expert_ids))
+  np.testing.assert_allclose(np.asarray(out.gates), np.asarray(ref.gates), rtol=1e-6)
+  assert out.expert_ids.sharding.spec == P(pm.TOKEN_AXES, None)  # rows stay split
+  assert _all_gathers(f.lower(*sharded).compile().as_text()) == []
+  loss = lambda mesh: lambda l, b: jnp.sum(routed(l, b, mesh).gates ** 2)
+  grads = jax.jit(jax.grad(loss(mesh), argnums=(0, 1)))(*sharded)
+  ref_grads = jax.grad(loss(None), argnums=(0, 1))(logits, bias)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-7)
+
+
+def test_data_parallel_forward_has_no_collective():
+  """Weights whole on every device, tokens split: the model's forward needs no communication
+  at all; the router's top-k once gathered the batch's logits in every MoE layer."""
+  cfg = ModelConfig(vocab_size=32, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                    expert_d_ff=32, num_experts=8, top_k=2)
+  mesh = pm.make_mesh(8, 1)
+  model = MoETransformer(cfg, mesh)
+  tokens = jax.device_put(jnp.zeros((8, 16), jnp.int32),
+                          pm.logical_sharding(mesh, ("batch", "length")))
+  params = nn.unbox(MoETransformer(cfg).init(jax.random.key(0), tokens)["params"])
+  text = jax.jit(lambda p, t: model.apply({"params": p}, t).logits).lower(params, tokens).compile()
+  collectives = [l for l in text.as_text().splitlines()
+                 if any(f" {op}(" in l or f" {op}-start(" in l
+                        for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all"))]
+  assert collectives == []

@@ -24,7 +24,7 @@ from pr2_jax.models import routing
 from pr2_jax.models.layers import INIT
 from pr2_jax.parallel.expert_parallel import moe_experts
 from pr2_jax.balance.dispatch import assign_replicas
-from pr2_jax.parallel.mesh import constrain, num_token_shards, partitioned
+from pr2_jax.parallel.mesh import constrain, num_token_shards, on_token_shards, partitioned
 from pr2_jax.pr2.predictor import predictor_bias
 
 
@@ -62,9 +62,10 @@ class MoEBlock(nn.Module):
     routes_NK = None if routes_BTK is None else routes_BTK.reshape(b * t, cfg.top_k)
     bias_NE = None if predictor_DE is None else predictor_bias(x_ND, predictor_DE)
     # MoETransformer checked the whole routes array eagerly (validate_routes): another host
-    # sync per layer would repeat it.
-    r = routing.route(logits_NE, cfg.top_k, cfg.norm_topk_prob, routes_NK, bias_NE, predicted_gates,
-                      check_values=False)
+    # sync per layer would repeat it. Per token shard: see on_token_shards (top-k).
+    r = on_token_shards(lambda logits, routes, bias: routing.route(
+        logits, cfg.top_k, cfg.norm_topk_prob, routes, bias, predicted_gates, check_values=False),
+        self.mesh)(logits_NE, routes_NK, bias_NE)
     slot_ids_NK = None
     valid_N = None if valid_BT is None else valid_BT.reshape(b * t)
     if hasattr(slot_expert_X, "replica_share"):  # a Plan layer: planned replica split

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pr2_jax.models.routing import top_k_experts
 from pr2_jax.models.transformer import MoETransformer, lm_head_kernel
 from pr2_jax.balance.loads import loads_from_routes
-from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size
+from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size, on_token_shards
 from pr2_jax.pr2 import predictor as pred
 from pr2_jax.rl import losses, metrics
 from pr2_jax.rl.chunked_logprobs import chunked_token_stats
@@ -173,7 +173,8 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
   if aux_coef:  # a Python float: at 0 the objective stays exactly the policy loss
     loss = loss + aux_coef * denoms["micro"] * out.aux_loss
   probs_BTLE = jax.nn.softmax(out.router_logits, axis=-1)
-  live_BTLK = top_k_experts(probs_BTLE, micro["rollout_routes"].shape[-1])
+  k = micro["rollout_routes"].shape[-1]
+  live_BTLK = on_token_shards(lambda p: top_k_experts(p, k), lr.model.mesh)(probs_BTLE)
   stats = {
       "count": jnp.float32(1.0),
       "loss": loss,
@@ -206,8 +207,10 @@ def predictor_step(lr: Learner, predictor, micro: dict, router_logits_bSLE, feat
 
   grad, per_layer = jax.grad(objective, has_aux=True)(predictor)
   k = micro["rollout_routes"].shape[-1]
-  live_NLK = jax.lax.top_k(p_cur_NLE, k)[1]
-  acc_L = pred.topk_overlap(pred.predicted_topk(predictor, h_NLD, p_old_NLE, k), live_NLK, weight_N)
+  live_NLK, predicted_NLK = on_token_shards(lambda h, p_old, p_cur: (
+      jax.lax.top_k(p_cur, k)[1], pred.predicted_topk(predictor, h, p_old, k)),
+      lr.model.mesh)(h_NLD, p_old_NLE, p_cur_NLE)
+  acc_L = pred.topk_overlap(predicted_NLK, live_NLK, weight_N)
   bias_sum, logit_sum = pred.bias_logit_sums(predictor, h_NLD, p_old_NLE, weight_N)
   return {"grad": grad, "loss_per_layer": per_layer, "topk_acc_per_layer": acc_L * share,
           "bias_abs_sum": bias_sum, "logit_abs_sum": logit_sum}
@@ -239,7 +242,9 @@ def minibatch_metrics(stats: dict, grads) -> dict:
 def _denominators(rl: RLConfig, minibatch: dict) -> dict:
   """The mini-batch's ([M, b, ...]) normalisers every micro-step shares; `micro` = 1/M."""
   resp = minibatch["response_mask"]
-  mask_NT = resp[..., 1:].reshape(-1, resp.shape[-1] - 1)
+  # Rows as [b, M] (order does not matter to a sum): b, the split one, stays the major
+  # dimension, so the flattened rows keep their split instead of being gathered.
+  mask_NT = jnp.swapaxes(resp[..., 1:], 0, 1).reshape(-1, resp.shape[-1] - 1)
   denoms = {"loss": losses.loss_denominator(rl.loss, mask_NT),
             "tokens": jnp.maximum(mask_NT.sum(), 1.0),
             "micro": jnp.float32(1.0 / resp.shape[0])}
