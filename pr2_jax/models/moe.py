@@ -24,7 +24,7 @@ from pr2_jax.models import routing
 from pr2_jax.models.layers import INIT
 from pr2_jax.parallel.expert_parallel import moe_experts
 from pr2_jax.balance.dispatch import assign_replicas
-from pr2_jax.parallel.mesh import constrain, num_token_shards, on_token_shards, partitioned
+from pr2_jax.parallel.mesh import constrain, on_token_shards, partitioned
 from pr2_jax.pr2.predictor import predictor_bias
 
 
@@ -71,7 +71,11 @@ class MoEBlock(nn.Module):
     if hasattr(slot_expert_X, "replica_share"):  # a Plan layer: planned replica split
       plan = slot_expert_X
       slot_expert_X = plan.slot_expert.reshape(-1)
-      slot_ids_NK = assign_replicas(r.expert_ids, valid_N, plan, num_token_shards(self.mesh))
+      # Per token shard, like the routing: a shard's replica split depends on its own rows only,
+      # and over split rows XLA partitions the global sort and search (slowly, and deadlocking
+      # XLA:CPU's collectives).
+      slot_ids_NK = on_token_shards(lambda ids, valid: assign_replicas(ids, valid, plan),
+                                    self.mesh)(r.expert_ids, valid_N)
     y_ND, dropped = moe_experts(
         x_ND, r.expert_ids, r.gates, weights, impl=cfg.expert_impl, mesh=self.mesh,
         capacity_factor=cfg.capacity_factor, capacity=capacity, slot_expert_X=slot_expert_X,
