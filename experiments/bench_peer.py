@@ -228,7 +228,8 @@ def interleaved(pairs: dict, rounds: int, warmup: int) -> dict:
   return times
 
 
-def run(s, shape: tuple[int, int], one_device_too: bool = True, breakdown_calls: int = 0) -> dict:
+def run(s, shape: tuple[int, int], one_device_too: bool = True,
+        breakdown_calls: int = 0) -> dict:
   """Both sides timed; `shape` is our (data, expert) mesh over all devices. With
   `breakdown_calls`, then profiled that many calls per phase (`profile_breakdown`)."""
   cfg = model_config(s)
@@ -357,7 +358,7 @@ def main(argv):
   print(format_table(result), flush=True)
   if "breakdown_ms" in result:
     from experiments import profile_breakdown as pb
-    print("\nwhere the time goes, ms per call (ours: per device; profiled, so above the medians)")
+    print("\nwhere the time goes: op time by kind, ms per call (ours: per device); wall time")
     print(pb.format_table(result["breakdown_ms"]["ours"], result["breakdown_ms"]["torch"]),
           flush=True)
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)

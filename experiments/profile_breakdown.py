@@ -4,20 +4,20 @@
 
 Ours: a `jax.profiler` trace of the compiled function. Each XLA:CPU op event is
 named by its HLO instruction, whose `op_name` metadata in the compiled HLO text
-names the model code it came from (`.../layers_2/self_attn/...`). Loop and
-branch ops (`while`, `conditional`) are skipped: their bodies' ops are events
-of their own. Every JAX CPU device runs its ops on its own threads, so the
-figures are op time per device and call: the sum over the XLA threads divided
-by the devices. Waiting for the other device (`Rendezvous`, `Wait`) is a kind
-of its own.
+names the model code it came from (`.../layers_2/self_attn/...`); an op is a
+matmul by its opcode (a `dot`, or a fusion that holds one). Events nest (a loop
+holds its body's ops, a collective its rendezvous and the wait inside that), so
+each counts its self time: its duration less that of the events inside it. The
+devices' ops share XLA's thread pools, so the figures are op time per device
+and call: the sum over the XLA threads divided by the devices.
 
-transformers: `torch.profiler`'s self CPU time of each aten op, per call. The
-intra-op threads work inside those ops, so this is wall time on the calling
-thread; its fused attention kernel (`sdpa`) holds the score and value matmuls,
-softmax and masking together.
+transformers: `torch.profiler`'s self CPU time of each aten op, per call, on
+the calling thread (its intra-op threads work inside the ops); its fused
+attention kernel (`sdpa`) holds the score and value matmuls, softmax and
+masking together.
 
-These are diagnostics, not benchmark figures: profiling slows both sides a
-little, so the totals sit above the benchmark's medians.
+Both are op time, not wall time: Python, dispatch and idle cores between ops
+are in no kind. The `wall` row is each side's own time per profiled call.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import json
 import os
 import re
 import tempfile
+import time
 
 # The table's rows. The three unindented kinds add up to the total, for both sides; the indented
 # ones (ours only) split the kind above them.
@@ -37,46 +38,52 @@ KINDS = ("matmuls outside attention",
          "other", "  MoE routing, dispatch, combine", "  collectives",
          "  waiting for the other device", "  norms", "  loss, optimizer, the rest")
 _PARTS = {"attention core": KINDS[2:4], "other": KINDS[5:]}
-_CONTAINERS = ("while", "conditional", "call", "ThunkExecutor", "ThreadpoolListener", "end: ")
+_SKIPPED = ("ThunkExecutor", "ThreadpoolListener", "end: ")  # executor bookkeeping, not ops
 _COLLECTIVE = re.compile(r"(all[-_]gather|reduce[-_]scatter|all[-_]reduce|all[-_]to[-_]all|"
                          r"collective[-_]permute|psum)")
 _METADATA = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name=\"([^\"]*)\"")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
-def op_names(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name -> its `op_name` metadata, from a compiled module's text. A fusion
-  that holds a matmul gets its matmul's `op_name`: XLA names a fusion after its root, which is
-  often the reduction or the elementwise op the matmul feeds."""
-  names, dot_of, computation = {}, {}, None
+def parse_hlo(hlo_text: str) -> tuple[dict[str, str], set[str]]:
+  """From a compiled module's text: instruction name -> its `op_name` metadata, and the names
+  of the matmuls (a `dot`, or a fusion calling a computation that holds one). A fusion that
+  holds a matmul gets its matmul's `op_name`: XLA names a fusion after its root, often the
+  reduction or elementwise op the matmul feeds. A `copy` may carry a dot's `op_name` too (a
+  layout change of its operand), which is why matmuls go by opcode."""
+  names, matmuls, dot_of, computation = {}, set(), {}, None
   lines = hlo_text.splitlines()
   for line in lines:
     start = _COMPUTATION.match(line)
     if start:
       computation = start[1]
-    m = _METADATA.match(line)
+    m, inst = _METADATA.match(line), _INSTRUCTION.match(line)
     if m:
       names[m[1]] = m[2]
-      if " dot(" in line and computation is not None:
-        dot_of.setdefault(computation, m[2])
+    if inst and " dot(" in line:
+      matmuls.add(inst[1])
+      if computation is not None:
+        dot_of.setdefault(computation, m[2] if m else "")
   for line in lines:
-    m, calls = _METADATA.match(line), _CALLS.search(line)
-    if m and calls and calls[1] in dot_of:
-      names[m[1]] = dot_of[calls[1]]
-  return names
+    inst, calls = _INSTRUCTION.match(line), _CALLS.search(line)
+    if inst and calls and calls[1] in dot_of:
+      matmuls.add(inst[1])
+      names[inst[1]] = dot_of[calls[1]]
+  return names, matmuls
 
 
-def classify(event_name: str, op_name: str) -> str | None:
-  """The kind of one XLA op event (None: a loop or branch, whose body ops count instead)."""
-  if event_name.startswith(_CONTAINERS):
+def classify(event_name: str, op_name: str, is_matmul: bool) -> str | None:
+  """The kind of one XLA op event (None: executor bookkeeping, not an op)."""
+  if event_name.startswith(_SKIPPED):
     return None
   if event_name.startswith(("Rendezvous", "Wait")):
     return "  waiting for the other device"
   if _COLLECTIVE.match(event_name):
     return "  collectives"
   in_attention = "self_attn/" in op_name and "_proj/" not in op_name and "_norm/" not in op_name
-  if "dot_general" in op_name or event_name.startswith("dot"):
+  if is_matmul:
     return "  its two matmuls" if in_attention else "matmuls outside attention"
   if in_attention:
     return "  softmax, mask, RoPE, layouts"
@@ -87,19 +94,39 @@ def classify(event_name: str, op_name: str) -> str | None:
   return "  loss, optimizer, the rest"
 
 
-def summarize_trace(events: list[dict], names: dict[str, str], calls: int,
+def self_times(events: list[dict]) -> list[tuple[dict, float]]:
+  """(event, its duration less the events nested in it on its thread), for complete events."""
+  by_thread = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X":
+      by_thread[(e["pid"], e["tid"])].append(e)
+  out = []
+  for thread in by_thread.values():
+    thread.sort(key=lambda e: (e["ts"], -e["dur"]))
+    stack = []  # [event, self time so far]: the open events, outermost first
+    for e in thread:
+      while stack and e["ts"] >= stack[-1][0]["ts"] + stack[-1][0]["dur"]:
+        out.append(tuple(stack.pop()))
+      if stack:
+        stack[-1][1] -= e["dur"]  # e lies inside the innermost open event
+      stack.append([e, float(e["dur"])])
+    out.extend(tuple(entry) for entry in reversed(stack))
+  return out
+
+
+def summarize_trace(events: list[dict], names: dict[str, str], matmuls: set[str], calls: int,
                     devices: int) -> dict[str, float]:
   """ms per call and device of each kind, from a Chrome-format trace's events."""
   threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
   ms = collections.Counter()
-  for e in events:
+  for e, self_us in self_times(events):
     # XLA:CPU's op threads: its intra-op pools, and the client thread that runs small programs.
-    if e.get("ph") != "X" or not threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA"):
+    if not threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA"):
       continue
-    kind = classify(e["name"], names.get(e["name"], ""))
+    kind = classify(e["name"], names.get(e["name"], ""), e["name"] in matmuls)
     if kind is not None:
-      ms[kind] += e["dur"] / 1e3 / calls / devices
+      ms[kind] += self_us / 1e3 / calls / devices
   out = {k: ms[k] for k in KINDS}
   out.update({kind: sum(ms[k] for k in parts) for kind, parts in _PARTS.items()})
   out["total"] = sum(out[k] for k in KINDS if not k.startswith(" "))
@@ -111,14 +138,17 @@ def jax_breakdown(fn, compiled, calls: int, devices: int) -> dict[str, float]:
   import jax
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
+      t0 = time.perf_counter()
       for _ in range(calls):
         fn()
+      wall_ms = (time.perf_counter() - t0) * 1e3 / calls
     paths = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
     if not paths:
       raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {d}")
     with gzip.open(paths[0]) as f:
       events = json.load(f)["traceEvents"]
-  return summarize_trace(events, op_names(compiled.as_text()), calls, devices)
+  return dict(summarize_trace(events, *parse_hlo(compiled.as_text()), calls, devices),
+              wall=wall_ms)
 
 
 def classify_torch(op: str) -> str:
@@ -133,13 +163,16 @@ def torch_breakdown(fn, calls: int) -> dict[str, float]:
   """Self CPU ms per call of transformers' aten ops, by kind, over `calls` calls of `fn`."""
   from torch.profiler import ProfilerActivity, profile
   with profile(activities=[ProfilerActivity.CPU]) as prof:
+    t0 = time.perf_counter()
     for _ in range(calls):
       fn()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / calls
   ms = collections.Counter()
   for avg in prof.key_averages():
     ms[classify_torch(avg.key)] += avg.self_cpu_time_total / 1e3 / calls
   out = {k: ms[k] for k in KINDS if not k.startswith(" ")}
   out["total"] = sum(out.values())
+  out["wall"] = wall_ms
   return out
 
 
@@ -148,10 +181,11 @@ def format_table(ours: dict[str, dict], torch: dict[str, dict]) -> str:
   phases = list(ours)
   head = "| ms per call | " + " | ".join(f"ours {p} | torch {p}" for p in phases) + " |"
   rows = [head, "|---|" + "---|" * (2 * len(phases))]
-  for kind in KINDS + ("total",):
+  labels = {"total": "op time, all kinds", "wall": "wall time of a profiled call"}
+  for kind in KINDS + ("total", "wall"):
     cells = []
     for p in phases:
       cells.append(f"{ours[p][kind]:.1f}")
       cells.append(f"{torch[p][kind]:.1f}" if kind in torch[p] else "")
-    rows.append(f"| {kind} | " + " | ".join(cells) + " |")
+    rows.append(f"| {labels.get(kind, kind)} | " + " | ".join(cells) + " |")
   return "\n".join(rows)
