@@ -55,16 +55,25 @@ def setup_devices():
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+# What a benchmark's numbers depend on: the code, not the docs or earlier results.
+CODE_PATHS = ("pr2_jax", "experiments", "configs", "setup.py", "constraints.txt",
+              ":(exclude)experiments/results")
+
+
 def source_revision(path: str | None = None) -> dict:
-  """The git commit a benchmark ran from, and whether tracked files differed from it (numbers in
-  the docs name the code they measured); {} outside a git checkout or without git."""
+  """The git commit a benchmark ran from, and the code files (CODE_PATHS, new ones included)
+  that differed from it, so numbers in the docs name the code they measured; {} outside a git
+  checkout or without git."""
   path = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
   def git(*args) -> str:
     return subprocess.run(("git", "-C", path) + args, capture_output=True, text=True, check=True,
-                          timeout=10).stdout.strip()
+                          timeout=10).stdout
   try:
-    return {"git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    changed = sorted(line[3:] for line in git("status", "--porcelain", "--", *CODE_PATHS)
+                     .splitlines())
+    return {"git_commit": git("rev-parse", "HEAD").strip(), "git_dirty": bool(changed),
+            "git_changed": changed}
   except (OSError, subprocess.SubprocessError):
     return {}
 

@@ -40,7 +40,7 @@ def test_main_writes_expected_json(tmp_path):
   assert result["config"]["model"]["d_model"] == 16
   machine = result["machine"]
   assert machine["cpu_count"] > 0 and machine["device_count"] == 8
-  assert machine["jax"] and machine["device_kind"] and machine["cpu_model"]
+  assert machine["jax"] and machine["device_kind"] and "cpu_model" in machine
   assert machine["mesh"] == result["config"]["mesh"]
   revision = common.source_revision()  # which code the numbers measured
   assert {k: machine[k] for k in revision} == revision

@@ -50,7 +50,7 @@ def test_bench_peer_quick(tmp_path):
     assert line["decode_first_token_agreement" + suffix] == 1.0
   written = json.loads(out.read_text())
   assert written["mfu"] == line["mfu"]
-  assert written["machine"]["torch"] and written["machine"]["cpu_model"]
+  assert written["machine"]["torch"] and "cpu_model" in written["machine"]
   revision = common.source_revision()
   assert {k: written["machine"][k] for k in revision} == revision
   # --breakdown: where the time goes, by kind, both sides and phases; the kinds add up.

@@ -185,3 +185,9 @@ def test_data_parallel_forward_has_no_collective():
                  if any(f" {op}(" in l or f" {op}-start(" in l
                         for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all"))]
   assert collectives == []
+
+
+def test_on_token_shards_names_rows_that_do_not_split():
+  mesh = pm.make_mesh(4, 2)
+  with pytest.raises(ValueError, match=r"batch size 12 must be divisible by the 8 token shards"):
+    pm.on_token_shards(lambda x: x, mesh)(jnp.zeros((12, 3)))

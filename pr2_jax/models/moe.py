@@ -1,8 +1,8 @@
 """The MoE feed-forward block: float32 router, record/replay, slot-based experts.
 
 Dimension legend:
-  B batch, T length, N = B*T tokens, D d_model, E experts, K top-k,
-  F expert hidden width, X global expert slots.
+  B batch, T length, N = B*T tokens, n one token shard's N, D d_model, E experts,
+  K top-k, F expert hidden width, X global expert slots.
 
 Parameter names mirror Hugging Face Qwen3-MoE (`gate` is the router), with
 expert weights stacked on a leading 'expert' axis that the mesh shards.
@@ -63,18 +63,17 @@ class MoEBlock(nn.Module):
     bias_NE = None if predictor_DE is None else predictor_bias(x_ND, predictor_DE)
     # MoETransformer checked the whole routes array eagerly (validate_routes): another host
     # sync per layer would repeat it. Per token shard: see on_token_shards (top-k).
-    r = on_token_shards(lambda logits, routes, bias: routing.route(
-        logits, cfg.top_k, cfg.norm_topk_prob, routes, bias, predicted_gates, check_values=False),
-        self.mesh)(logits_NE, routes_NK, bias_NE)
+    r = on_token_shards(lambda logits_nE, routes_nK, bias_nE: routing.route(
+        logits_nE, cfg.top_k, cfg.norm_topk_prob, routes_nK, bias_nE, predicted_gates,
+        check_values=False), self.mesh)(logits_NE, routes_NK, bias_NE)
     slot_ids_NK = None
     valid_N = None if valid_BT is None else valid_BT.reshape(b * t)
     if hasattr(slot_expert_X, "replica_share"):  # a Plan layer: planned replica split
       plan = slot_expert_X
       slot_expert_X = plan.slot_expert.reshape(-1)
       # Per token shard, like the routing: a shard's replica split depends on its own rows only,
-      # and over split rows XLA partitions the global sort and search (slowly, and deadlocking
-      # XLA:CPU's collectives).
-      slot_ids_NK = on_token_shards(lambda ids, valid: assign_replicas(ids, valid, plan),
+      # and over split rows XLA partitions the global sort by all-gathering every shard's ids.
+      slot_ids_NK = on_token_shards(lambda ids_nK, valid_n: assign_replicas(ids_nK, valid_n, plan),
                                     self.mesh)(r.expert_ids, valid_N)
     y_ND, dropped = moe_experts(
         x_ND, r.expert_ids, r.gates, weights, impl=cfg.expert_impl, mesh=self.mesh,

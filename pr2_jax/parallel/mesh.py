@@ -71,18 +71,22 @@ def check_batch_split(batch: int, mesh: Mesh | None) -> None:
 
 def on_token_shards(fn, mesh: Mesh | None):
   """`fn` run on each token shard: every argument and output is split on its first dimension
-  over 'data' x 'expert' (the batch's split); None arguments pass through. For row-wise
-  functions only (row i of each output depends on row i of the inputs alone), and anything
-  else `fn` needs is closed over whole.
+  over 'data' x 'expert' (the batch's split); None arguments pass through. Only for functions
+  whose rows on one shard depend on that shard's rows alone (row-wise ones, or ones defined
+  per token shard like `assign_replicas`); anything else `fn` needs is closed over whole.
 
   Why: XLA's SPMD partitioner has no rule for `lax.top_k` on a split batch. Under plain jit it
   all-gathers the operand, and every device top-k's the global batch: at Qwen3-30B's router
-  (128 experts) a [global tokens, 128] float32 gather per layer."""
+  (128 experts) a [global tokens, 128] float32 gather per layer. Raises ValueError when an
+  argument's rows do not split evenly over the token shards."""
   if mesh is None or num_token_shards(mesh) == 1:
     return fn
   rows = PartitionSpec(TOKEN_AXES)
 
   def on_shards(*args):
+    for a in args:
+      if a is not None:
+        check_batch_split(a.shape[0], mesh)
     specs = tuple(None if a is None else rows for a in args)
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=rows)(*args)
   return on_shards

@@ -4,7 +4,8 @@ Dimension legend:
   B sequences in a rollout batch, S slots (prompt + response), T = S - 1
   predicted positions, M micro-steps per mini-batch, b sequences per
   micro-step, F cached feature positions per sequence, L MoE layers,
-  K top-k, E experts, D d_model, V vocab.
+  K top-k, E experts, D d_model, V vocab; N = b*F feature rows, n (b) one token
+  shard's share of N (of b).
 
 A rollout batch is cut into κ mini-batches (one optimizer step each), each of
 M micro-steps of gradient accumulation. `micro_step` is the unit the
@@ -174,7 +175,8 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
     loss = loss + aux_coef * denoms["micro"] * out.aux_loss
   probs_BTLE = jax.nn.softmax(out.router_logits, axis=-1)
   k = micro["rollout_routes"].shape[-1]
-  live_BTLK = on_token_shards(lambda p: top_k_experts(p, k), lr.model.mesh)(probs_BTLE)
+  live_BTLK = on_token_shards(lambda probs_bTLE: top_k_experts(probs_bTLE, k),
+                              lr.model.mesh)(probs_BTLE)
   stats = {
       "count": jnp.float32(1.0),
       "loss": loss,
@@ -207,8 +209,8 @@ def predictor_step(lr: Learner, predictor, micro: dict, router_logits_bSLE, feat
 
   grad, per_layer = jax.grad(objective, has_aux=True)(predictor)
   k = micro["rollout_routes"].shape[-1]
-  live_NLK, predicted_NLK = on_token_shards(lambda h, p_old, p_cur: (
-      jax.lax.top_k(p_cur, k)[1], pred.predicted_topk(predictor, h, p_old, k)),
+  live_NLK, predicted_NLK = on_token_shards(lambda h_nLD, p_old_nLE, p_cur_nLE: (
+      jax.lax.top_k(p_cur_nLE, k)[1], pred.predicted_topk(predictor, h_nLD, p_old_nLE, k)),
       lr.model.mesh)(h_NLD, p_old_NLE, p_cur_NLE)
   acc_L = pred.topk_overlap(predicted_NLK, live_NLK, weight_N)
   bias_sum, logit_sum = pred.bias_logit_sums(predictor, h_NLD, p_old_NLE, weight_N)
@@ -242,9 +244,11 @@ def minibatch_metrics(stats: dict, grads) -> dict:
 def _denominators(rl: RLConfig, minibatch: dict) -> dict:
   """The mini-batch's ([M, b, ...]) normalisers every micro-step shares; `micro` = 1/M."""
   resp = minibatch["response_mask"]
-  # Rows as [b, M] (order does not matter to a sum): b, the split one, stays the major
-  # dimension, so the flattened rows keep their split instead of being gathered.
-  mask_NT = jnp.swapaxes(resp[..., 1:], 0, 1).reshape(-1, resp.shape[-1] - 1)
+  # XLA gathers this small [M, b, T] mask to flatten it. Swapping M and b first keeps the rows
+  # split, but the all-reduce left in its place runs independently of the forward's
+  # collectives, and on fake CPU devices sharing two cores that ordering hung the eplb_step
+  # learner test in 3 runs of 4 (tests/test_learner.py).
+  mask_NT = resp[..., 1:].reshape(-1, resp.shape[-1] - 1)
   denoms = {"loss": losses.loss_denominator(rl.loss, mask_NT),
             "tokens": jnp.maximum(mask_NT.sum(), 1.0),
             "micro": jnp.float32(1.0 / resp.shape[0])}
