@@ -366,24 +366,31 @@ def test_update_moves_logprob_with_advantage_sign():
   assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
 
 
-@pytest.mark.parametrize("logits_chunk", [0, 3])
-def test_sharded_update_matches_single_device(logits_chunk):
-  """The jitted learner on a (2, 4) mesh gives the single-device update (SGD: update = gradient),
-  also with the LM head in chunks (then each device loops over its own rows)."""
+def _single_and_sharded(config, mesh_shape):
+  """The SGD learner (update = gradient) on one device and jitted on a mesh, on the same
+  16-sequence batch: ((state, metrics) of one device, the state before, update_fn, its args)."""
   model1, _, state1, batch = _rollout()
   tx = optax.sgd(1.0)
   state1 = state1.replace(opt_state=tx.init(state1.params))
-  config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, logits_chunk=logits_chunk)
   batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
   micro = _prepare(model1, config, state1.params, batch16, 2)
-  ref, _ = learner.update_step(_learner(model1, config, tx), state1, micro)
-  mesh = make_mesh(2, 4)
+  ref = learner.update_step(_learner(model1, config, tx), state1, micro)
+  mesh = make_mesh(*mesh_shape)
   model = MoETransformer(CFG, mesh)
   state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
   _, update_fn = learner.make_learner_fns(_learner(model, config, tx), mesh, shardings, micro)
   micro_sh = jax.device_put(micro, learner.batch_shardings(mesh, micro))
-  new, _ = update_fn(state, micro_sh, jnp.asarray(False))
-  _assert_updates_close(new.params, ref.params, state1.params)
+  return ref, state1, update_fn, (state, micro_sh, jnp.asarray(False), None)
+
+
+@pytest.mark.parametrize("logits_chunk", [0, 3])
+def test_sharded_update_matches_single_device(logits_chunk):
+  """The jitted learner on a (2, 4) mesh gives the single-device update (SGD: update = gradient),
+  also with the LM head in chunks (then each device loops over its own rows)."""
+  config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, logits_chunk=logits_chunk)
+  (ref, _), before, update_fn, args = _single_and_sharded(config, (2, 4))
+  new, _ = update_fn(*args)
+  _assert_updates_close(new.params, ref.params, before.params)
 
 
 def test_data_parallel_update_never_gathers_router_logits():
@@ -392,19 +399,8 @@ def test_data_parallel_update_never_gathers_router_logits():
   logits to every device, per layer and micro-step; only the small response mask of the loss
   denominators is gathered), and the metrics are one device's."""
   import re
-  model1, _, state1, batch = _rollout()
-  tx = optax.sgd(1.0)
-  state1 = state1.replace(opt_state=tx.init(state1.params))
   config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, replay_mode="r2")
-  batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
-  micro = _prepare(model1, config, state1.params, batch16, 2)
-  _, ref_metrics = learner.update_step(_learner(model1, config, tx), state1, micro)
-  mesh = make_mesh(8, 1)
-  model = MoETransformer(CFG, mesh)
-  state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
-  _, update_fn = learner.make_learner_fns(_learner(model, config, tx), mesh, shardings, micro)
-  micro_sh = jax.device_put(micro, learner.batch_shardings(mesh, micro))
-  args = (state, micro_sh, jnp.asarray(False), None)
+  (_, ref_metrics), _, update_fn, args = _single_and_sharded(config, (8, 1))
   text = update_fn.jitted.lower(*args).compile().as_text()
   gathers = [l for l in text.splitlines() if re.search(r" all-gather(-start)?\(", l)]
   assert not [l for l in gathers if "top_k" in l], gathers
