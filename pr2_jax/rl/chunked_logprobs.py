@@ -8,7 +8,8 @@ forward and the backward pass each hold one chunk's [B, C, V] logits, at the pri
 LM-head matmul per chunk in the backward pass. The values are `token_logprobs` and
 `token_entropies` of the full logits, up to float rounding.
 
-Dimensions: B batch, T positions, D model width, V vocabulary, C chunk, N = ceil(T / C) chunks.
+Dimensions: B batch (b on one token shard), T positions, D model width, V vocabulary, C chunk,
+N = ceil(T / C) chunks.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from pr2_jax.checks import check_ids, check_rank, check_shape, is_concrete
 from pr2_jax.config import check_int
-from pr2_jax.parallel.mesh import TOKEN_AXES, check_batch_split
+from pr2_jax.parallel.mesh import TOKEN_AXES, on_token_shards
 from pr2_jax.rl.losses import token_entropies, token_logprobs
 
 
@@ -52,15 +53,14 @@ def chunked_token_stats(hidden_BTD: jax.Array, kernel_DV: jax.Array, targets_BT:
     check_ids(targets_BT, "targets_BT", 0, kernel_DV.shape[1], "V")
   local = functools.partial(_local_stats, chunk=min(chunk, t), scale=scale,
                             dtype=hidden_BTD.dtype if dtype is None else jnp.dtype(dtype))
+  targets_BT = jnp.asarray(targets_BT, jnp.int32)
   if mesh is None or mesh.size == 1:
-    return local(hidden_BTD, kernel_DV, jnp.asarray(targets_BT, jnp.int32))
-  check_batch_split(b, mesh)
-  rows = P(TOKEN_AXES)
+    return local(hidden_BTD, kernel_DV, targets_BT)
   # The kernel turns device-varying before the loop, not at its use inside: the transpose of
   # that cast is the one psum of the head's gradient, after the loop.
-  varying = lambda h, k, tg: local(h, jax.lax.pcast(k, TOKEN_AXES, to="varying"), tg)
-  return jax.shard_map(varying, mesh=mesh, in_specs=(rows, P(), rows), out_specs=(rows, rows))(
-      hidden_BTD, kernel_DV, jnp.asarray(targets_BT, jnp.int32))
+  return on_token_shards(lambda h_bTD, t_bT: local(
+      h_bTD, jax.lax.pcast(kernel_DV, TOKEN_AXES, to="varying"), t_bT), mesh)(
+          hidden_BTD, targets_BT)
 
 
 def _local_stats(hidden_BTD, kernel_DV, targets_BT, *, chunk: int, scale: float, dtype):
