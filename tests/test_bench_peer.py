@@ -11,12 +11,13 @@ reference), while this test process has conftest's 8 fake devices.
 
 import json
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 
-from experiments import common
+from experiments import common, huge_pages
 
 POSITIVE = ("train_speedup", "decode_speedup", "mfu", "ours_train_tokens_per_s",
             "ours_decode_tokens_per_s", "train_model_flops_per_s",
@@ -30,10 +31,11 @@ POSITIVE = ("train_speedup", "decode_speedup", "mfu", "ours_train_tokens_per_s",
 @pytest.mark.slow  # ~40-60 s on 2 shared cores, mostly XLA compiles
 def test_bench_peer_quick(tmp_path):
   out = tmp_path / "peer.json"
+  environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # see it re-exec
   proc = subprocess.run([sys.executable, "-m", "experiments.bench_peer", "--quick", "--cpu_devices=2",
                          "--breakdown=1",
                          f"--out={out}"],
-                        check=True, capture_output=True, text=True, timeout=300)
+                        check=True, capture_output=True, text=True, timeout=300, env=environ)
   line = json.loads(proc.stdout.strip().splitlines()[-1])
   for key in POSITIVE:
     assert math.isfinite(line[key]) and line[key] > 0, (key, line[key])
@@ -53,6 +55,11 @@ def test_bench_peer_quick(tmp_path):
   assert written["machine"]["torch"] and "cpu_model" in written["machine"]
   revision = common.source_revision()
   assert {k: written["machine"][k] for k in revision} == revision
+  # Both sides ran with glibc's huge pages wherever they change anything (huge_pages.py).
+  reexec = huge_pages.environ_with_huge_pages(environ, huge_pages.thp_mode(),
+                                              huge_pages.glibc_version())
+  assert written["machine"]["glibc_tunables"] == (reexec or environ).get("GLIBC_TUNABLES", "")
+  assert written["machine"]["transparent_hugepage"] == huge_pages.thp_mode()
   # --breakdown: where the time goes, by kind, both sides and phases; the kinds add up.
   breakdown = written["breakdown_ms"]
   for side, phase in [(s, p) for s in ("ours", "torch") for p in ("train", "decode")]:

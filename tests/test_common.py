@@ -3,6 +3,7 @@ one-line usage errors (bad flags, bounds, validation errors in main) and the ine
 warning. (Config-file errors are tested through the command line in test_bad_input.)"""
 
 import logging
+import os
 
 import pytest
 from absl import flags
@@ -132,3 +133,5 @@ def test_machine_info_records_the_code_and_the_machine():
   assert info["cpu_count"] >= 1 and info["device_count"] >= 1
   assert info["mesh"] == {"data": 1, "expert": 1} and info["cpus_usable"] == 1  # extra wins
   assert info["started_utc"].endswith("Z")
+  assert info["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")  # huge pages or not
+  assert info["transparent_hugepage"] in ("always", "madvise", "never", "")
