@@ -17,7 +17,10 @@ attention kernel (`sdpa`) holds the score and value matmuls, softmax and
 masking together.
 
 Both are op time, not wall time: Python, dispatch and idle cores between ops
-are in no kind. The `wall` row is each side's own time per profiled call.
+are in no kind. The `wall` row is each side's own time per profiled call; for
+ours, two more rows split off the wall time during which no XLA op ran on any
+thread, or exactly one did (`concurrency`: on 2 cores, one core idle). That is
+how the per-call page faults of the tenth round in docs/benchmarks.md showed.
 """
 
 from __future__ import annotations
@@ -133,6 +136,44 @@ def summarize_trace(events: list[dict], names: dict[str, str], matmuls: set[str]
   return out
 
 
+_CONTAINERS = ("while", "conditional", "call")  # control flow: their bodies' ops are the work
+
+
+def concurrency(events: list[dict], calls: int) -> dict[str, float]:
+  """ms per call, between the trace's first XLA op and its last, during which no op ran on any
+  of XLA's threads and during which exactly one did (on 2 cores: one core idle). A thread waiting
+  at a rendezvous (inside a collective's event) runs no op; executor bookkeeping and control-flow
+  containers are not ops; a thread's nested events count once."""
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  per_thread = collections.defaultdict(list)  # (time, Δops, Δwaits)
+  for e in events:
+    if e.get("ph") != "X" or not threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA"):
+      continue
+    kind = classify(e["name"], "", False)
+    if kind is None or e["name"].startswith(_CONTAINERS):
+      continue
+    waiting = kind == "  waiting for the other device"
+    per_thread[(e["pid"], e["tid"])] += [(e["ts"], not waiting, waiting),
+                                         (e["ts"] + e["dur"], -(not waiting), -waiting)]
+  edges = []  # (time, ±1): a thread starts or stops running an op
+  for thread_edges in per_thread.values():
+    ops = waits = 0
+    was_busy = False
+    for t, d_ops, d_waits in sorted(thread_edges):
+      ops, waits = ops + d_ops, waits + d_waits
+      if (ops > 0 and waits == 0) != was_busy:
+        was_busy = not was_busy
+        edges.append((t, 1 if was_busy else -1))
+  edges.sort()
+  out, running = {"no op running": 0.0, "one op running": 0.0}, 0
+  for (t, step), (t_next, _) in zip(edges, edges[1:]):
+    running += step
+    if running <= 1:
+      out["no op running" if running == 0 else "one op running"] += (t_next - t) / 1e3 / calls
+  return out
+
+
 def jax_breakdown(fn, compiled, calls: int, devices: int) -> dict[str, float]:
   """Runs `fn` (which calls `compiled` and waits for it) `calls` times under the profiler."""
   import jax
@@ -148,7 +189,7 @@ def jax_breakdown(fn, compiled, calls: int, devices: int) -> dict[str, float]:
     with gzip.open(paths[0]) as f:
       events = json.load(f)["traceEvents"]
   return dict(summarize_trace(events, *parse_hlo(compiled.as_text()), calls, devices),
-              wall=wall_ms)
+              wall=wall_ms, **concurrency(events, calls))
 
 
 def classify_torch(op: str) -> str:
@@ -181,8 +222,11 @@ def format_table(ours: dict[str, dict], torch: dict[str, dict]) -> str:
   phases = list(ours)
   head = "| ms per call | " + " | ".join(f"ours {p} | torch {p}" for p in phases) + " |"
   rows = [head, "|---|" + "---|" * (2 * len(phases))]
-  labels = {"total": "op time, all kinds", "wall": "wall time of a profiled call"}
-  for kind in KINDS + ("total", "wall"):
+  labels = {"total": "op time, all kinds", "wall": "wall time of a profiled call",
+            "no op running": "&nbsp;&nbsp;of it with no op running",
+            "one op running": "&nbsp;&nbsp;of it with exactly one op running"}
+  extra = tuple(k for k in labels if k in ours[phases[0]])  # older JSONs lack the last two
+  for kind in KINDS + extra:
     cells = []
     for p in phases:
       cells.append(f"{ours[p][kind]:.1f}")

@@ -82,28 +82,30 @@ def test_self_times_subtract_nested_events():
                  "fusion.2": 40}
 
 
+TRACE = [  # two XLA threads and a Python one; µs
+    {"ph": "M", "pid": 1, "tid": 10, "name": "thread_name", "args": {"name": "tf_XLAEigen/1"}},
+    {"ph": "M", "pid": 1, "tid": 11, "name": "thread_name", "args": {"name": "tf_XLAEigen/2"}},
+    {"ph": "M", "pid": 1, "tid": 12, "name": "thread_name", "args": {"name": "python"}},
+    _event(10, "ynn_fusion.3", 0, 4000), _event(11, "ynn_fusion.3", 0, 4000),  # 8 ms matmul
+    _event(10, "while.1", 5000, 6000),       # a loop: 1 ms of its own around its body's 5 ms
+    _event(10, "ynn_fusion.4", 5000, 2000),                                # 2 ms attention dot
+    _event(10, "fusion.6", 7000, 3000),                                    # 3 ms dispatch
+    _event(11, "fusion.5", 5000, 1000),                                    # 1 ms softmax
+    _event(11, "all-reduce.1", 7000, 3000),  # 1 ms of its own around 2 ms of waiting
+    _event(11, "Rendezvous", 7500, 2000),
+    _event(10, "ThunkExecutor::Execute", 0, 20000),  # bookkeeping: not counted
+    _event(12, "ynn_fusion.3", 0, 90000),     # not an XLA device thread
+    {"ph": "i", "pid": 1, "tid": 10, "name": "ynn_fusion.3", "ts": 0},  # not a complete event
+]
+
+
 def test_summarize_trace_by_hand():
   names = {"ynn_fusion.3": "x/self_attn/q_proj/dot_general",
            "ynn_fusion.4": "x/self_attn/bgrtz/dot_general", "fusion.5": "x/self_attn/exp",
            "fusion.6": "x/mlp/gather", "while.1": "x/mlp/while"}
   matmuls = {"ynn_fusion.3", "ynn_fusion.4"}
-  events = [
-      {"ph": "M", "pid": 1, "tid": 10, "name": "thread_name", "args": {"name": "tf_XLAEigen/1"}},
-      {"ph": "M", "pid": 1, "tid": 11, "name": "thread_name", "args": {"name": "tf_XLAEigen/2"}},
-      {"ph": "M", "pid": 1, "tid": 12, "name": "thread_name", "args": {"name": "python"}},
-      _event(10, "ynn_fusion.3", 0, 4000), _event(11, "ynn_fusion.3", 0, 4000),  # 8 ms matmul
-      _event(10, "while.1", 5000, 6000),       # a loop: 1 ms of its own around its body's 5 ms
-      _event(10, "ynn_fusion.4", 5000, 2000),                                # 2 ms attention dot
-      _event(10, "fusion.6", 7000, 3000),                                    # 3 ms dispatch
-      _event(11, "fusion.5", 5000, 1000),                                    # 1 ms softmax
-      _event(11, "all-reduce.1", 7000, 3000),  # 1 ms of its own around 2 ms of waiting
-      _event(11, "Rendezvous", 7500, 2000),
-      _event(10, "ThunkExecutor::Execute", 0, 20000),  # bookkeeping: not counted
-      _event(12, "ynn_fusion.3", 0, 90000),     # not an XLA device thread
-      {"ph": "i", "pid": 1, "tid": 10, "name": "ynn_fusion.3", "ts": 0},  # not a complete event
-  ]
   # 2 calls on 2 devices: every figure is the sum / 4.
-  out = pb.summarize_trace(events, names, matmuls, calls=2, devices=2)
+  out = pb.summarize_trace(TRACE, names, matmuls, calls=2, devices=2)
   assert out["matmuls outside attention"] == pytest.approx(2.0)
   assert out["  its two matmuls"] == pytest.approx(0.5)
   assert out["  softmax, mask, RoPE, layouts"] == pytest.approx(0.25)
@@ -113,6 +115,14 @@ def test_summarize_trace_by_hand():
   assert out["  waiting for the other device"] == pytest.approx(0.5)
   assert out["other"] == pytest.approx(1.75)
   assert out["total"] == pytest.approx(4.5)  # (8 + 2 + 1 + 3 + 1 + 1 + 2) / 4
+
+
+def test_concurrency_by_hand():
+  """Thread 10 runs ops over [0, 4] and [5, 10] ms (the loop around them is no op of its own),
+  thread 11 over [0, 4], [5, 6] and [7, 10] less its rendezvous [7.5, 9.5]: nothing runs over
+  [4, 5]; one thread alone over [6, 7] and [7.5, 9.5]. Per call of 2."""
+  assert pb.concurrency(TRACE, calls=2) == pytest.approx(
+      {"no op running": 0.5, "one op running": 1.5})
 
 
 @pytest.mark.parametrize("op, kind", [
@@ -134,6 +144,11 @@ def test_format_table_rows_and_blank_torch_details():
   assert lines[4] == "|   its two matmuls | 1.0 |  |"   # ours only
   assert lines[-2] == "| op time, all kinds | 3.0 | 2.8 |"
   assert lines[-1] == "| wall time of a profiled call | 4.0 | 3.5 |"
+  ours["train"].update({"no op running": 0.5, "one op running": 1.5})  # ours only
+  lines = pb.format_table(ours, torch).splitlines()
+  assert lines[-3:] == ["| wall time of a profiled call | 4.0 | 3.5 |",
+                        "| &nbsp;&nbsp;of it with no op running | 0.5 |  |",
+                        "| &nbsp;&nbsp;of it with exactly one op running | 1.5 |  |"]
 
 
 def test_jax_breakdown_of_a_real_profile():
@@ -148,3 +163,5 @@ def test_jax_breakdown_of_a_real_profile():
       out["matmuls outside attention"] + out["attention core"] + out["other"])
   assert out["  collectives"] == out["  waiting for the other device"] == 0.0
   assert out["wall"] > 0
+  # One device: at most one op at a time, and idle time only inside the profiled span.
+  assert 0 <= out["no op running"] and 0 < out["one op running"] <= out["wall"]
