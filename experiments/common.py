@@ -203,7 +203,7 @@ def run(main):
   """`app.run(main)` for our entry points: flags parsed by `parse_flags`, and a
   `flags.ValidationError` raised in `main` (a bad flag combination) is one error line too.
   Started as a script, the process first re-executes itself with transparent huge pages for
-  malloc where that changes anything (`huge_pages`: ~25 % faster CPU train steps)."""
+  malloc where that changes anything (`huge_pages`: faster CPU train steps)."""
   huge_pages.reexec_if_useful(os.path.dirname(os.path.abspath(__file__)))
 
   def checked(argv):

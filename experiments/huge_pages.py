@@ -7,7 +7,8 @@ with 4 KiB pages the kernel takes a page fault for every 4 KiB the step first to
 faults a call before the work itself, and every later access walks 4 KiB-page translations.
 With the tunable, malloc asks the kernel for transparent huge pages (2 MiB) on its large
 mappings (`madvise(MADV_HUGEPAGE)`): 512 times fewer faults and TLB entries. The peer
-benchmark's train step runs ~25 % faster with it (docs/benchmarks.md, tenth round).
+benchmark's train steps run ~25 % faster with it back to back; on a VM that hands freed memory
+back to its host, a step after other work can lose that again (docs/benchmarks.md, tenth round).
 
 glibc reads its tunables once, when the process starts, so the only way in is the environment
 of a new process: `run` in `experiments/common.py` calls `reexec_if_useful()` first, which
