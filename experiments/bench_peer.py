@@ -326,6 +326,12 @@ def format_table(r: dict) -> str:
   torch_rate = r["train_model_flops"] * r["torch_train_tokens_per_s"] / tokens_of(r)
   rows.append(f"| train model GFLOP/s (MFU) | {mfu('')} |" + (f" {mfu('_1dev')} |" if one else "")
               + f" {torch_rate / 1e9:.1f} ({100 * r['torch_mfu']:.1f}%) | | MFU >= 25% |")
+  # The spread shows what a median hides, e.g. steps that re-fault their buffers after other work.
+  spread = lambda name: " / ".join(f"{min(r['times_s'][phase][name]):.3f}-"
+                                   f"{max(r['times_s'][phase][name]):.3f}"
+                                   for phase in ("train", "decode"))
+  rows.append(f"| train / decode s, min-max | {spread('ours')} |"
+              + (f" {spread('ours_1dev')} |" if one else "") + f" {spread('torch')} | | |")
   rows.append(f"| initial loss | {r['initial_loss_ours']:.6f} |" + (" |" if one else "")
               + f" {r['initial_loss_torch']:.6f} | diff {r['initial_loss_abs_diff']:.1e} | same weights |")
   return "\n".join(rows)

@@ -70,6 +70,11 @@ def test_bench_peer_quick(tmp_path):
     if side == "ours":  # idle cores: part of the wall time of the profiled calls
       assert 0 <= kinds["no op running"] + kinds["one op running"] <= kinds["wall"], phase
   assert "where the time goes" in proc.stdout
+  # The table's spread row: each side's fastest and slowest timed call, train then decode.
+  times = written["times_s"]
+  spread = " / ".join(f"{min(times[p]['ours']):.3f}-{max(times[p]['ours']):.3f}"
+                      for p in ("train", "decode"))
+  assert f"| train / decode s, min-max | {spread} |" in proc.stdout
 
 
 def test_default_devices_and_mesh_shape():
