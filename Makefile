@@ -7,10 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/tiny
 PYTEST_ARGS ?=
-# glibc's malloc on transparent huge pages: XLA:CPU's large per-call buffers fault in 2 MiB at a
-# time, CPU train steps back to back ~25 % faster (experiments/huge_pages.py; entry points
-# started by hand re-execute themselves with it). A GLIBC_TUNABLES of your own is kept as it is.
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# glibc's malloc on transparent huge pages for the runs: XLA:CPU's large per-call buffers fault in
+# 2 MiB at a time, CPU train steps back to back ~25 % faster (experiments/huge_pages.py; entry
+# points started by hand re-execute themselves with it). A GLIBC_TUNABLES of your own is kept.
+# Not for the tests, which gain no time from it: three of the four suites run with it had a
+# worker segfault in jaxlib's cache deserialisation (retried below), against about one in five
+# before; not shown to be caused by it, but CI does not need the risk.
+run bench: export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+test test-fast: export PR2_JAX_HUGE_PAGES ?= 0
 
 .PHONY: install run test test-fast bench clean
 
