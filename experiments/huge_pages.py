@@ -13,10 +13,9 @@ back to its host, a step after other work can lose that again (docs/benchmarks.m
 glibc reads its tunables once, when the process starts, so the only way in is the environment
 of a new process: `run` in `experiments/common.py` calls `reexec_if_useful()` first, which
 `execve`s the same command line with the tunable added when it would change anything (Linux,
-glibc >= 2.35, THP in `madvise` mode, the tunable not set yet). The Makefile exports it for
-`make run` and `make bench`; `make test` opts out (the Makefile says why). PR2_JAX_HUGE_PAGES=0
-turns the re-execution off. Library users running their own scripts set
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` themselves (README).
+glibc >= 2.35, THP in `madvise` mode, the tunable not set yet). The Makefile exports it for the
+test suite and `make run`. PR2_JAX_HUGE_PAGES=0 turns the re-execution off. Library users
+running their own scripts set `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` themselves (README).
 """
 
 from __future__ import annotations

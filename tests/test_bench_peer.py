@@ -31,7 +31,7 @@ POSITIVE = ("train_speedup", "decode_speedup", "mfu", "ours_train_tokens_per_s",
 @pytest.mark.slow  # ~40-60 s on 2 shared cores, mostly XLA compiles
 def test_bench_peer_quick(tmp_path):
   out = tmp_path / "peer.json"
-  environ = {k: v for k, v in os.environ.items()  # see it re-exec (make test opts out)
+  environ = {k: v for k, v in os.environ.items()  # see it re-exec, whatever the caller set
              if k not in ("GLIBC_TUNABLES", huge_pages.OPT_OUT)}
   proc = subprocess.run([sys.executable, "-m", "experiments.bench_peer", "--quick", "--cpu_devices=2",
                          "--breakdown=1",
