@@ -26,8 +26,8 @@ run: $(STAMP)
 	$(PY) -m experiments.main --config=configs/tiny.py --workdir=$(WORKDIR)
 
 # A worker process that crashes (jaxlib 0.10.2 segfaults now and then while deserialising a
-# program from the persistent compilation cache: once in 4 of 5 suites on 2026-12-05, with huge
-# pages and without) is replaced and its test run once more: pytest-
+# program from the persistent compilation cache: once in 6 of 7 suites on 2026-12-05, with huge
+# pages and without, with a 256 MB stack too) is replaced and its test run once more: pytest-
 # rerunfailures retries a crashed worker's test whatever --only-rerun says, and --only-rerun keeps
 # it from retrying an ordinary failure. A test that crashes twice fails; one that crashed once
 # shows as "1 rerun" in the summary. --dist load, not loadfile: after a worker crash xdist 3.8's
