@@ -117,15 +117,20 @@ def self_times(events: list[dict]) -> list[tuple[dict, float]]:
   return out
 
 
+def _xla_threads(events: list[dict]) -> set[tuple[int, int]]:
+  """(pid, tid) of XLA:CPU's op threads: its intra-op pools, and the client thread that runs
+  small programs."""
+  return {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M"
+          and e.get("name") == "thread_name" and e["args"]["name"].startswith("tf_XLA")}
+
+
 def summarize_trace(events: list[dict], names: dict[str, str], matmuls: set[str], calls: int,
                     devices: int) -> dict[str, float]:
   """ms per call and device of each kind, from a Chrome-format trace's events."""
-  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  xla = _xla_threads(events)
   ms = collections.Counter()
   for e, self_us in self_times(events):
-    # XLA:CPU's op threads: its intra-op pools, and the client thread that runs small programs.
-    if not threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA"):
+    if (e["pid"], e["tid"]) not in xla:
       continue
     kind = classify(e["name"], names.get(e["name"], ""), e["name"] in matmuls)
     if kind is not None:
@@ -144,11 +149,10 @@ def concurrency(events: list[dict], calls: int) -> dict[str, float]:
   of XLA's threads and during which exactly one did (on 2 cores: one core idle). A thread waiting
   at a rendezvous (inside a collective's event) runs no op; executor bookkeeping and control-flow
   containers are not ops; a thread's nested events count once."""
-  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  xla = _xla_threads(events)
   per_thread = collections.defaultdict(list)  # (time, Δops, Δwaits)
   for e in events:
-    if e.get("ph") != "X" or not threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA"):
+    if e.get("ph") != "X" or (e["pid"], e["tid"]) not in xla:
       continue
     kind = classify(e["name"], "", False)
     if kind is None or e["name"].startswith(_CONTAINERS):
