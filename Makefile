@@ -25,13 +25,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m experiments.main --config=configs/tiny.py --workdir=$(WORKDIR)
 
-# A worker process that crashes (jaxlib 0.10.2 segfaults now and then while deserialising a
-# program from the persistent compilation cache: once in 6 of 7 suites on 2026-12-05, with huge
-# pages and without, with a 256 MB stack too) is replaced and its test run once more: pytest-
-# rerunfailures retries a crashed worker's test whatever --only-rerun says, and --only-rerun keeps
-# it from retrying an ordinary failure. A test that crashes twice fails; one that crashed once
-# shows as "1 rerun" in the summary. --dist load, not loadfile: after a worker crash xdist 3.8's
-# loadfile scheduler can hang for good (pytest-xdist issue 1378), and no crash is retried under it.
+# A worker process that crashes is replaced and its test run once more: pytest-rerunfailures
+# retries a crashed worker's test whatever --only-rerun says, and --only-rerun keeps it from
+# retrying an ordinary failure. A test that crashes twice fails; one that crashed once shows as
+# "1 rerun" in the summary. The crash this was added for (a segfault in jaxlib once in most
+# suites until 2026-12-05) came from workers running out of memory mappings; tests/conftest.py
+# now keeps them below the limit, and the rule stays as a net. --dist load, not loadfile: after
+# a worker crash xdist 3.8's loadfile scheduler can hang for good (pytest-xdist issue 1378).
 PYTEST_XDIST := -n 2 --dist load --reruns 1 --only-rerun "crashed while running"
 
 test: $(STAMP)

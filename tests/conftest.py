@@ -13,8 +13,11 @@ end-to-end run by about 40 %. Put your own --xla_backend_optimization_level in
 XLA_FLAGS to test at another level.
 """
 
+import gc
 import os
 import tempfile
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
@@ -31,11 +34,54 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 
+def memory_map_count() -> int | None:
+  """How many memory mappings this process has (Linux), else None."""
+  try:
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return None
+
+
+def _map_budget() -> int:
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      return int(f.read()) // 3
+  except (OSError, ValueError):
+    return 65530 // 3  # Linux's default limit
+
+
+# XLA:CPU links every compiled kernel as its own small object, mapped in three pieces (code,
+# constants, data), and JAX keeps every program a worker compiles alive in its caches. A worker
+# of the full suite reached 63,901 maps of Linux's default limit of 65,530 (vm.max_map_count;
+# test_learner.py alone adds ~44,000). Past the limit the JIT's next mmap fails, jaxlib reports
+# "Failed to materialize symbols" and segfaults while unwinding that error: the crash the
+# Makefile's rerun rule was added for. Clearing JAX's caches each time a worker passes a third of
+# the limit keeps it far below. Not after every test: that makes test_learner.py 4x slower
+# (every test re-traces and reloads programs its neighbours share).
+MAP_BUDGET = _map_budget()
+
+
+def release_programs_if_over(budget: int) -> bool:
+  """Drops JAX's compiled programs (and their kernels' mappings) when this process holds more
+  than `budget` memory mappings; True if it did."""
+  count = memory_map_count()
+  if count is None or count <= budget:
+    return False
+  jax.clear_caches()
+  gc.collect()
+  return True
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory_maps():
+  yield
+  release_programs_if_over(MAP_BUDGET)
+
+
 if os.environ.get("PR2_TEST_CPU_LOG"):
   import resource
   import time
-
-  import pytest
 
   @pytest.hookimpl(hookwrapper=True)
   def pytest_runtest_protocol(item, nextitem):
