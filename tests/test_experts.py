@@ -178,6 +178,41 @@ def test_grouped_positions_hand_worked():
   assert int(used) == 3  # blocks 0-1 (slot 0) and 2 (slot 2); the loop stops there
 
 
+def test_slot_block_ranges_hand_worked():
+  """The layout above: slot 0 owns blocks [0, 2), slot 1 none, slot 2 [2, 3); the padding
+  blocks 3-6 carry slot 2's label but lie past `used`."""
+  start, end = ex.slot_block_ranges(jnp.array([0, 0, 2, 2, 2, 2, 2]), jnp.int32(3), 3)
+  np.testing.assert_array_equal(start, [0, 2, 2])
+  np.testing.assert_array_equal(end, [2, 2, 3])
+  # Nothing used: every slot empty, the last one too.
+  start, end = ex.slot_block_ranges(jnp.array([2, 2, 2]), jnp.int32(0), 3)
+  np.testing.assert_array_equal(end - start, [0, 0, 0])
+
+
+def test_block_swiglu_rejects_unsorted_blocks():
+  w = _weights(jax.random.PRNGKey(0), 3, 4, 5)
+  with pytest.raises(ValueError, match=r"sorted by slot, got \[1, 0, 2\]"):
+    ex.block_swiglu(jnp.ones((3, 2, 4)), jnp.array([1, 0, 2]), jnp.int32(3), w)
+
+
+def test_block_path_gradients_with_empty_slots():
+  """Slots 1, 3, 4, 6 and 7 receive no token (and slot 0 three blocks of 2 rows): the block
+  loop's weight gradients are zero for them and equal the dense path's for the others."""
+  x, _, gates, w = _random_problem(n=6, seed=5)
+  ids = jnp.array([[0, 2], [0, 5], [2, 0], [0, 5], [5, 0], [0, 2]], jnp.int32)
+  cot = jax.random.normal(jax.random.PRNGKey(8), x.shape)
+  grads = {}
+  for name, fn in {"dense": ex.dense_experts, "blocks": lambda x, i, g, w: ex.grouped_experts(
+      x, i, g, w, rows=2, capacity=0)}.items():
+    loss = lambda x, g, w, fn=fn: jnp.sum(fn(x, ids, g, w) * cot)
+    grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, gates, w)
+  for a, b in zip(jax.tree.leaves(grads["blocks"]), jax.tree.leaves(grads["dense"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for dw in grads["blocks"][2]:
+    assert float(jnp.max(jnp.abs(dw[jnp.array([0, 2, 5])]))) > 0
+    np.testing.assert_array_equal(dw[jnp.array([1, 3, 4, 6, 7])], 0.0)
+
+
 @pytest.mark.parametrize("args, expected", [((4096, 16), 64), ((32, 16), 8), ((512, 16), 32)])
 def test_block_rows(args, expected):
   assert ex.block_rows(*args) == expected

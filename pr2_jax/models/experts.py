@@ -186,43 +186,62 @@ def grouped_positions(slot_ids_NK: jax.Array, num_slots: int, rows: int):
           block_end_S[-1].astype(jnp.int32))
 
 
-def _block_swiglu_loop(buf_BRD, block_slot_B, used, w):
-  """Every used block through its slot's SwiGLU, one block per loop iteration.
+def slot_block_ranges(block_slot_B: jax.Array, used: jax.Array, num_slots: int):
+  """[start_S, end_S): the blocks of each slot, for blocks sorted by slot (as
+  `grouped_positions` lays them out) of which those from `used` on are padding.
+  A slot without blocks gets start == end."""
+  slots_S = jnp.arange(num_slots, dtype=block_slot_B.dtype)
+  start_S = jnp.searchsorted(block_slot_B, slots_S, side="left").astype(jnp.int32)
+  end_S = jnp.minimum(jnp.searchsorted(block_slot_B, slots_S, side="right"), used)
+  return jnp.minimum(start_S, end_S), end_S.astype(jnp.int32)
 
-  Indexing the weights inside the loop reads each block's [D, F] slabs in
-  place: a batched einsum would first gather them into [B, D, F] copies
-  (3 B D F floats written and read again), which measured 2.3x slower on
-  XLA:CPU at 4096 assignments. The loop (and the VJP's) stops at `used`, a
-  run-time count: the buffer's static block count must hold the worst case
-  (every assignment in this shard's slots), but the routed groups fill a few
-  blocks fewer on one shard and about half on each of two expert shards (the
-  all-gathered assignments mostly belong to the other), and an empty block
-  costs a full block's matmuls. Returns (y_BRD, g_BRF, u_BRF), zero past `used`.
+
+def _block_swiglu_loop(buf_BRD, block_slot_B, used, w):
+  """Every used block through its slot's SwiGLU: a loop over slots around a loop over the
+  slot's blocks.
+
+  Slicing a slot's [D, F] slabs out of the stacked weights is a copy on XLA:CPU (~20 us
+  each at 256 x 256); taken once per slot and kept through the slot's blocks, the copies
+  no longer scale with the blocks (36 a layer on each device in the peer benchmark's train
+  step, 8 slots), and a batched einsum would copy the slabs for every block (3 B D F
+  floats; 2.3x slower at 4096 assignments). The loops stop at `used`, a run-time count:
+  the buffer's static block count must hold the worst case (every assignment in this
+  shard's slots), but the routed groups fill a few blocks fewer on one shard and about half
+  on each of two expert shards, and an empty block costs a full block's matmuls. Returns
+  (y_BRD, g_BRF, u_BRF), zero past `used`.
   """
   num_blocks, rows, d = buf_BRD.shape
-  f = w.gate_SDF.shape[-1]
+  num_slots, _, f = w.gate_SDF.shape
   dtype = jnp.result_type(buf_BRD, w.gate_SDF)
+  start_S, end_S = slot_block_ranges(block_slot_B, used, num_slots)
 
-  def body(b, carry):
-    y_BRD, g_BRF, u_BRF = carry
-    x_RD, s = buf_BRD[b], block_slot_B[b]
-    g_RF = x_RD @ w.gate_SDF[s]
-    u_RF = x_RD @ w.up_SDF[s]
-    y_RD = (jax.nn.silu(g_RF) * u_RF) @ w.down_SFD[s]
-    return y_BRD.at[b].set(y_RD), g_BRF.at[b].set(g_RF), u_BRF.at[b].set(u_RF)
+  def slot_body(s, carry):
+    gate_DF, up_DF, down_FD = w.gate_SDF[s], w.up_SDF[s], w.down_SFD[s]
+
+    def block_body(b, carry):
+      y_BRD, g_BRF, u_BRF = carry
+      x_RD = buf_BRD[b]
+      g_RF, u_RF = x_RD @ gate_DF, x_RD @ up_DF
+      y_RD = (jax.nn.silu(g_RF) * u_RF) @ down_FD
+      return y_BRD.at[b].set(y_RD), g_BRF.at[b].set(g_RF), u_BRF.at[b].set(u_RF)
+
+    return jax.lax.fori_loop(start_S[s], end_S[s], block_body, carry)
 
   # The weights already vary over every axis the buffer does (_block_experts): so do the
   # products, and the loop carry must start with the type it ends with.
   init = _vary_like((jnp.zeros((num_blocks, rows, d), dtype), jnp.zeros((num_blocks, rows, f), dtype),
                      jnp.zeros((num_blocks, rows, f), dtype)), w.gate_SDF)
-  return jax.lax.fori_loop(0, used, body, init)
+  return jax.lax.fori_loop(0, num_slots, slot_body, init)
 
 
 @jax.custom_vjp
 def block_swiglu(buf_BRD: jax.Array, block_slot_B: jax.Array, used: jax.Array,
                  w: ExpertWeights) -> jax.Array:
   """y_b = down_s(silu(x_b gate_s) * (x_b up_s)) for each block b < used of slot
-  s = block_slot_B[b]; blocks from `used` on must be empty and give zeros."""
+  s = block_slot_B[b]. The blocks must be sorted by slot (`grouped_positions`' layout;
+  checked when concrete), and those from `used` on empty: they give zeros."""
+  if is_concrete(block_slot_B) and np.any(np.diff(np.asarray(block_slot_B)) < 0):
+    raise ValueError(f"block_slot_B must be sorted by slot, got {np.asarray(block_slot_B).tolist()}")
   return _block_swiglu_loop(buf_BRD, block_slot_B, used, w)[0]
 
 
@@ -232,30 +251,39 @@ def _block_swiglu_fwd(buf_BRD, block_slot_B, used, w):
 
 
 def _block_swiglu_bwd(res, dy_BRD):
-  """Hand-written: autodiff of the loop would add whole [S, D, F] weight gradients every
+  """Hand-written: autodiff of the loops would add whole [S, D, F] weight gradients every
   iteration. Here each block's weight gradients are added into its slot's slab of the
-  loop-carried sums, in place (`.at[s].add`: one [D, F] slab read and written); emitting
-  per-block [B, D, F] gradients and summing per slot after the loop wrote and re-read
-  3 B D F floats (15% slower forward + backward at 4096 assignments on XLA:CPU)."""
+  loop-carried sums, in place (`.at[s].add`: one [D, F] slab read and written, fused with
+  the add). Emitting per-block [B, D, F] gradients and summing per slot after the loop
+  wrote and re-read 3 B D F floats (15% slower forward + backward at 4096 assignments on
+  XLA:CPU); summing a slot's blocks in [D, F] carries and writing each slab once measured
+  no faster, the add no longer fused and the write copying the whole [S, D, F] sums."""
   buf_BRD, block_slot_B, used, w, g_BRF, u_BRF = res
+  num_slots = w.gate_SDF.shape[0]
+  start_S, end_S = slot_block_ranges(block_slot_B, used, num_slots)
 
-  def body(b, carry):
-    dw, dx_BRD = carry
-    x_RD, dy_RD, g_RF, u_RF, s = buf_BRD[b], dy_BRD[b], g_BRF[b], u_BRF[b], block_slot_B[b]
-    sig_RF = jax.nn.sigmoid(g_RF)
-    silu_RF = g_RF * sig_RF
-    dh_RF = dy_RD @ w.down_SFD[s].T
-    du_RF = dh_RF * silu_RF
-    dg_RF = dh_RF * u_RF * sig_RF * (1 + g_RF * (1 - sig_RF))
-    dx_RD = dg_RF @ w.gate_SDF[s].T + du_RF @ w.up_SDF[s].T
-    add = lambda d_S, d: d_S.at[s].add(d.astype(d_S.dtype))
-    dw = ExpertWeights(add(dw.gate_SDF, x_RD.T @ dg_RF), add(dw.up_SDF, x_RD.T @ du_RF),
-                       add(dw.down_SFD, (silu_RF * u_RF).T @ dy_RD))
-    return dw, dx_BRD.at[b].set(dx_RD.astype(dx_BRD.dtype))
+  def slot_body(s, carry):
+    gate_DF, up_DF, down_FD = w.gate_SDF[s], w.up_SDF[s], w.down_SFD[s]
+
+    def block_body(b, carry):
+      dw, dx_BRD = carry
+      x_RD, dy_RD, g_RF, u_RF = buf_BRD[b], dy_BRD[b], g_BRF[b], u_BRF[b]
+      sig_RF = jax.nn.sigmoid(g_RF)
+      silu_RF = g_RF * sig_RF
+      dh_RF = dy_RD @ down_FD.T
+      du_RF = dh_RF * silu_RF
+      dg_RF = dh_RF * u_RF * sig_RF * (1 + g_RF * (1 - sig_RF))
+      dx_RD = dg_RF @ gate_DF.T + du_RF @ up_DF.T
+      add = lambda d_S, d: d_S.at[s].add(d.astype(d_S.dtype))
+      dw = ExpertWeights(add(dw.gate_SDF, x_RD.T @ dg_RF), add(dw.up_SDF, x_RD.T @ du_RF),
+                         add(dw.down_SFD, (silu_RF * u_RF).T @ dy_RD))
+      return dw, dx_BRD.at[b].set(dx_RD.astype(dx_BRD.dtype))
+
+    return jax.lax.fori_loop(start_S[s], end_S[s], block_body, carry)
 
   dw0 = ExpertWeights(*(jnp.zeros_like(a) for a in w))
   dx0 = _vary_like(jnp.zeros_like(buf_BRD), g_BRF)
-  dw, dx_BRD = jax.lax.fori_loop(0, used, body, (dw0, dx0))
+  dw, dx_BRD = jax.lax.fori_loop(0, num_slots, slot_body, (dw0, dx0))
   return dx_BRD, None, None, dw
 
 
