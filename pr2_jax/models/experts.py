@@ -337,7 +337,7 @@ def _slot_capacity_experts(x_ND, local_NK, gates_NK, w, capacity):
 
 
 def _block_experts(x_ND, local_NK, gates_NK, w, rows):
-  """Each slot's group padded to whole blocks of `rows`, one block per loop iteration."""
+  """Each slot's group padded to whole blocks of `rows`, each block one loop iteration."""
   num_local, d = w.gate_SDF.shape[0], x_ND.shape[1]
   index_NK, keep_NK, block_slot_B, used = grouped_positions(local_NK, num_local, rows)
   num_blocks = block_slot_B.shape[0]
@@ -354,8 +354,9 @@ def grouped_experts(x_ND: jax.Array, slot_ids_NK: jax.Array, gates_NK: jax.Array
 
   * every group fits `capacity` (default `fast_capacity`; 0 = never): one batched einsum
     over [S, capacity, D] buffers. Decode and balanced batches land here: the weights are
-    read in place, where the block loop copies a slot's [D, F] slabs for every block
-    (at B=64 decode the copies were most of the expert time).
+    read in place, where the block loop copies each slot's [D, F] slabs (once a slot now;
+    at B=64 decode, when it copied them for every block, the copies were most of the
+    expert time), and a capacity near the even share pads less than blocks of `rows`.
   * otherwise blocks of `rows`: the work is Σ_s ceil(size_s / rows) blocks (at most
     N*K + S*(rows-1) rows), where the dropless capacity buffer needs S*N rows (S/K times
     more); unlike `ragged_dot`, which XLA:CPU expands to every group over every row,
