@@ -241,7 +241,8 @@ def block_swiglu(buf_BRD: jax.Array, block_slot_B: jax.Array, used: jax.Array,
   s = block_slot_B[b]. The blocks must be sorted by slot (`grouped_positions`' layout;
   checked when concrete), and those from `used` on empty: they give zeros."""
   if is_concrete(block_slot_B) and np.any(np.diff(np.asarray(block_slot_B)) < 0):
-    raise ValueError(f"block_slot_B must be sorted by slot, got {np.asarray(block_slot_B).tolist()}")
+    raise ValueError("block_slot_B must be sorted by slot, got "
+                     f"{np.asarray(block_slot_B).tolist()}")
   return _block_swiglu_loop(buf_BRD, block_slot_B, used, w)[0]
 
 
