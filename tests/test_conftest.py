@@ -34,6 +34,7 @@ def test_compiled_programs_hold_mappings_until_released():
   grown = memory_map_count()
   assert grown - base >= 40  # measured: ~190 for these 40 programs
   assert not release_programs_if_over(grown + 1000)
-  assert memory_map_count() >= grown - 5  # under budget nothing is dropped
+  # Under budget the programs stay (other mappings come and go: a quarter is slack enough).
+  assert memory_map_count() - base >= (grown - base) * 3 // 4
   assert release_programs_if_over(base)
   assert memory_map_count() - base <= (grown - base) // 2

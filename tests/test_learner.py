@@ -459,8 +459,16 @@ def _mispredicting_wp(state):
 
 
 def test_zero_predictor_pr2_step_equals_r3_step():
-  """With W_p = 0 the PR2 rollout routes are R3's, and the policy update is identical."""
-  model, tx, pred_tx, state, batch = _pr2_setup()
+  """With W_p = 0 the PR2 rollout routes are R3's, and the policy update is the same.
+
+  The two are different programs (PR2's holds the predictor) that XLA may fuse and round
+  differently in the last bits (4.7e-9 apart on ~0.03 weights with its older fusion
+  emitters), and Adam would turn that noise in near-zero gradients into steps up to the
+  learning rate: SGD(lr 1) makes the updates the gradients, compared to float tolerance.
+  """
+  model, _, pred_tx, state, batch = _pr2_setup()
+  tx = optax.sgd(1.0)
+  state = state.replace(opt_state=tx.init(state.params))
   _, _, _, r3_batch = _rollout()
   np.testing.assert_array_equal(batch["rollout_routes"], r3_batch["rollout_routes"])
   r3 = _rl(replay_mode="r3")
@@ -469,8 +477,7 @@ def test_zero_predictor_pr2_step_equals_r3_step():
   lr = _pr2_learner(model, tx, pred_tx)
   micro = _prepare(model, lr.rl, state.params, batch, 1)
   pr2_state, m = learner.update_step(lr, state, micro, jnp.asarray(False))
-  for a, b in zip(jax.tree.leaves(r3_state.params), jax.tree.leaves(pr2_state.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_updates_close(pr2_state.params, r3_state.params, state.params)
   assert float(m["pred_topk_acc"]) == 1.0 and float(m["bias_logit_ratio"]) == 0.0
 
 
