@@ -52,6 +52,12 @@ def _learner(model, config, tx):
   return learner.Learner(model, config, tx)
 
 
+def _with_sgd(state):
+  """SGD(lr 1) and `state` with its optimizer state: an update is then minus the gradient."""
+  tx = optax.sgd(1.0)
+  return tx, state.replace(opt_state=tx.init(state.params))
+
+
 def _assert_updates_close(new, ref, before, tol=1e-5):
   """SGD(lr 1) updates new - before and ref - before (= minus the gradients) agree per leaf,
   to `tol` times the leaf's largest reference entry: an absolute tolerance would wave through
@@ -87,8 +93,7 @@ def test_micro_step_accumulation_equals_full_minibatch(loss_kw):
   would amplify float noise in near-zero gradients into sign flips).
   """
   model, _, state, batch = _rollout()
-  tx = optax.sgd(1.0)
-  state = state.replace(opt_state=tx.init(state.params))
+  tx, state = _with_sgd(state)
   params = {}
   for m in (1, 4):
     config = _rl(micro_steps=m, **loss_kw)
@@ -108,8 +113,7 @@ def test_logits_chunk_gives_the_same_old_logprobs_update_and_metrics():
   SGD update (= the gradient) and the metrics equal the unchunked learner's (T - 1 = 8
   positions in chunks of 3: the last chunk is padded)."""
   model, _, state, batch = _rollout()
-  tx = optax.sgd(1.0)
-  state = state.replace(opt_state=tx.init(state.params))
+  tx, state = _with_sgd(state)
   out = {}
   for chunk in (0, 3):
     config = _rl(micro_steps=2, logits_chunk=chunk)
@@ -373,8 +377,7 @@ def _single_and_sharded(config, mesh_shape):
   """The SGD learner (update = gradient) on one device and jitted on a mesh, on the same
   16-sequence batch: ((state, metrics) of one device, the state before, update_fn, its args)."""
   model1, _, state1, batch = _rollout()
-  tx = optax.sgd(1.0)
-  state1 = state1.replace(opt_state=tx.init(state1.params))
+  tx, state1 = _with_sgd(state1)
   batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
   micro = _prepare(model1, config, state1.params, batch16, 2)
   ref = learner.update_step(_learner(model1, config, tx), state1, micro)
@@ -467,8 +470,7 @@ def test_zero_predictor_pr2_step_equals_r3_step():
   learning rate: SGD(lr 1) makes the updates the gradients, compared to float tolerance.
   """
   model, _, pred_tx, state, batch = _pr2_setup()
-  tx = optax.sgd(1.0)
-  state = state.replace(opt_state=tx.init(state.params))
+  tx, state = _with_sgd(state)
   _, _, _, r3_batch = _rollout()
   np.testing.assert_array_equal(batch["rollout_routes"], r3_batch["rollout_routes"])
   r3 = _rl(replay_mode="r3")
@@ -720,8 +722,7 @@ def test_aux_loss_coef_adds_the_micro_steps_mean_switch_loss():
   gradient (SGD, lr 1: update = -gradient)."""
   model, _, state, batch = _rollout()
   coef, m_steps = 2.0, 2
-  tx = optax.sgd(1.0)
-  state = state.replace(opt_state=tx.init(state.params))
+  tx, state = _with_sgd(state)
   config = _rl(replay_mode="r3", micro_steps=m_steps)
   micro = _prepare(model, config, state.params, batch, m_steps)
   with_aux = MoETransformer(CFG.replace(aux_loss_coef=coef), model.mesh)

@@ -196,6 +196,19 @@ def slot_block_ranges(block_slot_B: jax.Array, used: jax.Array, num_slots: int):
   return jnp.minimum(start_S, end_S), end_S.astype(jnp.int32)
 
 
+def _over_slot_blocks(block_slot_B, used, w: ExpertWeights, block_body, init):
+  """`carry = block_body(b, s, (gate_DF, up_DF, down_FD), carry)` for every used block b,
+  slot s by slot, with slot s's weight slabs sliced out of `w` once for all its blocks."""
+  num_slots = w.gate_SDF.shape[0]
+  start_S, end_S = slot_block_ranges(block_slot_B, used, num_slots)
+
+  def slot_body(s, carry):
+    slabs = tuple(a[s] for a in w)
+    return jax.lax.fori_loop(start_S[s], end_S[s], lambda b, c: block_body(b, s, slabs, c), carry)
+
+  return jax.lax.fori_loop(0, num_slots, slot_body, init)
+
+
 def _block_swiglu_loop(buf_BRD, block_slot_B, used, w):
   """Every used block through its slot's SwiGLU: a loop over slots around a loop over the
   slot's blocks.
@@ -211,27 +224,22 @@ def _block_swiglu_loop(buf_BRD, block_slot_B, used, w):
   (y_BRD, g_BRF, u_BRF), zero past `used`.
   """
   num_blocks, rows, d = buf_BRD.shape
-  num_slots, _, f = w.gate_SDF.shape
+  f = w.gate_SDF.shape[-1]
   dtype = jnp.result_type(buf_BRD, w.gate_SDF)
-  start_S, end_S = slot_block_ranges(block_slot_B, used, num_slots)
 
-  def slot_body(s, carry):
-    gate_DF, up_DF, down_FD = w.gate_SDF[s], w.up_SDF[s], w.down_SFD[s]
-
-    def block_body(b, carry):
-      y_BRD, g_BRF, u_BRF = carry
-      x_RD = buf_BRD[b]
-      g_RF, u_RF = x_RD @ gate_DF, x_RD @ up_DF
-      y_RD = (jax.nn.silu(g_RF) * u_RF) @ down_FD
-      return y_BRD.at[b].set(y_RD), g_BRF.at[b].set(g_RF), u_BRF.at[b].set(u_RF)
-
-    return jax.lax.fori_loop(start_S[s], end_S[s], block_body, carry)
+  def block_body(b, s, slabs, carry):
+    y_BRD, g_BRF, u_BRF = carry
+    gate_DF, up_DF, down_FD = slabs
+    x_RD = buf_BRD[b]
+    g_RF, u_RF = x_RD @ gate_DF, x_RD @ up_DF
+    y_RD = (jax.nn.silu(g_RF) * u_RF) @ down_FD
+    return y_BRD.at[b].set(y_RD), g_BRF.at[b].set(g_RF), u_BRF.at[b].set(u_RF)
 
   # The weights already vary over every axis the buffer does (_block_experts): so do the
   # products, and the loop carry must start with the type it ends with.
   init = _vary_like((jnp.zeros((num_blocks, rows, d), dtype), jnp.zeros((num_blocks, rows, f), dtype),
                      jnp.zeros((num_blocks, rows, f), dtype)), w.gate_SDF)
-  return jax.lax.fori_loop(0, num_slots, slot_body, init)
+  return _over_slot_blocks(block_slot_B, used, w, block_body, init)
 
 
 @jax.custom_vjp
@@ -260,31 +268,25 @@ def _block_swiglu_bwd(res, dy_BRD):
   XLA:CPU); summing a slot's blocks in [D, F] carries and writing each slab once measured
   no faster, the add no longer fused and the write copying the whole [S, D, F] sums."""
   buf_BRD, block_slot_B, used, w, g_BRF, u_BRF = res
-  num_slots = w.gate_SDF.shape[0]
-  start_S, end_S = slot_block_ranges(block_slot_B, used, num_slots)
 
-  def slot_body(s, carry):
-    gate_DF, up_DF, down_FD = w.gate_SDF[s], w.up_SDF[s], w.down_SFD[s]
-
-    def block_body(b, carry):
-      dw, dx_BRD = carry
-      x_RD, dy_RD, g_RF, u_RF = buf_BRD[b], dy_BRD[b], g_BRF[b], u_BRF[b]
-      sig_RF = jax.nn.sigmoid(g_RF)
-      silu_RF = g_RF * sig_RF
-      dh_RF = dy_RD @ down_FD.T
-      du_RF = dh_RF * silu_RF
-      dg_RF = dh_RF * u_RF * sig_RF * (1 + g_RF * (1 - sig_RF))
-      dx_RD = dg_RF @ gate_DF.T + du_RF @ up_DF.T
-      add = lambda d_S, d: d_S.at[s].add(d.astype(d_S.dtype))
-      dw = ExpertWeights(add(dw.gate_SDF, x_RD.T @ dg_RF), add(dw.up_SDF, x_RD.T @ du_RF),
-                         add(dw.down_SFD, (silu_RF * u_RF).T @ dy_RD))
-      return dw, dx_BRD.at[b].set(dx_RD.astype(dx_BRD.dtype))
-
-    return jax.lax.fori_loop(start_S[s], end_S[s], block_body, carry)
+  def block_body(b, s, slabs, carry):
+    dw, dx_BRD = carry
+    gate_DF, up_DF, down_FD = slabs
+    x_RD, dy_RD, g_RF, u_RF = buf_BRD[b], dy_BRD[b], g_BRF[b], u_BRF[b]
+    sig_RF = jax.nn.sigmoid(g_RF)
+    silu_RF = g_RF * sig_RF
+    dh_RF = dy_RD @ down_FD.T
+    du_RF = dh_RF * silu_RF
+    dg_RF = dh_RF * u_RF * sig_RF * (1 + g_RF * (1 - sig_RF))
+    dx_RD = dg_RF @ gate_DF.T + du_RF @ up_DF.T
+    add = lambda d_S, d: d_S.at[s].add(d.astype(d_S.dtype))
+    dw = ExpertWeights(add(dw.gate_SDF, x_RD.T @ dg_RF), add(dw.up_SDF, x_RD.T @ du_RF),
+                       add(dw.down_SFD, (silu_RF * u_RF).T @ dy_RD))
+    return dw, dx_BRD.at[b].set(dx_RD.astype(dx_BRD.dtype))
 
   dw0 = ExpertWeights(*(jnp.zeros_like(a) for a in w))
   dx0 = _vary_like(jnp.zeros_like(buf_BRD), g_BRF)
-  dw, dx_BRD = jax.lax.fori_loop(0, num_slots, slot_body, (dw0, dx0))
+  dw, dx_BRD = _over_slot_blocks(block_slot_B, used, w, block_body, (dw0, dx0))
   return dx_BRD, None, None, dw
 
 
