@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.train.state import (create_train_state, make_optimizer, predictor_initializer,
-                                  state_memory)
+from pr2_jax.train.state import (clip_by_global_norm, create_train_state, make_optimizer,
+                                  predictor_initializer, state_memory)
 
 CFG = ModelConfig(vocab_size=24, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                   expert_d_ff=16, num_experts=8, top_k=2, num_layers=2)
@@ -139,3 +139,50 @@ def test_make_optimizer_clips_the_global_norm_before_adam():
   np.testing.assert_allclose(want[1], [-0.0840, 0.0475], atol=1e-4)
   np.testing.assert_allclose(updates[0], [-lr, lr], rtol=1e-6)
   np.testing.assert_allclose(updates[1], want[1], rtol=1e-5)
+
+
+def _clip_pair(max_norm):
+  return clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])  # global norm 0.5 (kept) and 50 (clipped)
+def test_clip_by_global_norm_matches_optax(scale):
+  """Below max_norm the gradient comes back untouched, bit for bit; above it scaled to norm
+  max_norm, as optax's (which divides, then multiplies: to an ulp); the same empty state."""
+  tree = {"a": jnp.array([3.0, -4.0]) * scale, "b": {"c": jnp.zeros((2, 2))}}  # |tree| = 5 scale
+  ours, theirs = _clip_pair(2.0)
+  assert jax.tree.structure(ours.init(tree)) == jax.tree.structure(theirs.init(tree))
+  got, _ = ours.update(tree, ours.init(tree))
+  want, _ = theirs.update(tree, theirs.init(tree))
+  if scale < 1:
+    assert all(np.array_equal(g, t) for g, t in zip(jax.tree.leaves(got), jax.tree.leaves(tree)))
+  else:  # hand-worked: [30, -40] -> [1.2, -1.6]
+    np.testing.assert_allclose(got["a"], [1.2, -1.6], rtol=1e-6)
+    assert float(optax.tree.norm(got)) == pytest.approx(2.0, rel=1e-6)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-7, atol=0), got, want)
+
+
+def test_clip_by_global_norm_zero_gradient_and_bad_max_norm():
+  got, _ = clip_by_global_norm(1.0).update({"w": jnp.zeros(3)}, optax.EmptyState())
+  np.testing.assert_array_equal(got["w"], np.zeros(3))  # 1 / 0 = inf -> scale 1, no NaN
+  for bad in (0.0, -1.0, float("nan"), float("inf"), "1"):
+    with pytest.raises(ValueError, match=r"grad_clip \(max_norm\)="):
+      clip_by_global_norm(bad)
+
+
+def test_clipped_adamw_does_not_write_out_the_clipped_gradient():
+  """Why our clip exists: optax's select(|g| < c, g, g / |g| * c) makes XLA write g / |g| out
+  and AdamW's two moment passes read g and it; g * min(1, c / |g|) fuses into them. XLA's
+  bytes accessed of the compiled update (params, moments, grads in; params, moments out)."""
+  shapes = {"w": jax.ShapeDtypeStruct((64, 256, 64), jnp.float32),
+            "b": jax.ShapeDtypeStruct((256,), jnp.float32)}
+
+  def bytes_accessed(clip):
+    tx = optax.chain(clip, optax.adamw(1e-3))
+    update = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    cost = update.lower(shapes, jax.eval_shape(tx.init, shapes), shapes).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["bytes accessed"]
+
+  ours, theirs = (bytes_accessed(c) for c in _clip_pair(1.0))
+  one_pass = 4 * 64 * 256 * 64  # bytes of one read or write of the [64, 256, 64] leaf
+  assert theirs - ours >= 2 * one_pass, (ours, theirs, one_pass)

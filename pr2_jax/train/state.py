@@ -34,6 +34,28 @@ class TrainState:
   pred_opt_state: Any = None
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` as one scalar multiply: g * min(1, max_norm / |g|).
+
+  The same updates (to an ulp: optax divides by the norm, then multiplies by `max_norm`;
+  below `max_norm` both return g untouched) and the same empty state, so checkpoints
+  restore either way. Why not optax's: its `select(|g| < max_norm, g, g / |g| * max_norm)`
+  makes XLA:CPU write the divided gradient out (a divide is too dear to recompute in
+  each consumer) and AdamW's moment passes read both copies; a multiply by a scalar
+  fuses into them. `python -m experiments.bench_optimizer`: 27 % fewer bytes accessed by
+  the clipped AdamW update. Not differentiable at |g| = max_norm, like `jnp.minimum`.
+  """
+  if not (isinstance(max_norm, (int, float)) and np.isfinite(max_norm) and max_norm > 0):
+    raise ValueError(f"grad_clip (max_norm)={max_norm!r} must be a finite number > 0")
+
+  def update(updates, state, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, total_steps: int = 0,
                    weight_decay: float = 0.0, grad_clip: float = 1.0, b2: float = 0.999):
   """AdamW with linear warmup, cosine decay to 10% (when total_steps > 0) and global-norm clipping."""
@@ -42,7 +64,7 @@ def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, total_steps: 
                                             max(total_steps, warmup_steps + 1), learning_rate * 0.1)
   else:
     lr = learning_rate
-  return optax.chain(optax.clip_by_global_norm(grad_clip),
+  return optax.chain(clip_by_global_norm(grad_clip),
                      optax.adamw(lr, b2=b2, weight_decay=weight_decay))
 
 

@@ -1,0 +1,34 @@
+"""experiments/bench_optimizer.py --quick: both clips give the same parameters, ours reads less.
+
+No assertions on timings (they describe a shared machine), only that they exist. In a
+subprocess: the benchmark defines flags (--quick, --rounds) that bench_model, imported by
+another test in the same worker, defines too.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+
+def test_bench_optimizer_quick(tmp_path):
+  out = tmp_path / "opt.json"
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench_optimizer", "--quick",
+                         f"--out={out}"], check=True, capture_output=True, text=True, timeout=300)
+  line = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert line == {k: v for k, v in json.loads(out.read_text()).items()
+                  if k not in ("machine", "model")}
+  assert "| bytes accessed, MB |" in proc.stdout
+  # --quick's model: d_model 64, 2 layers of 8 experts (d_ff 64), 4/2 heads of 16, vocab 256
+  attn = 64 * 16 * (4 + 2 + 2 + 4) + 2 * 16  # q, k, v, o and the q/k norms
+  layer = attn + 64 * 8 + 8 * 3 * 64 * 64 + 2 * 64  # + router, experts, the two norms
+  assert line["param_count"] == 2 * layer + 2 * 256 * 64 + 64  # + embed, LM head, final norm
+  assert line["steps"] == 5
+  assert line["grad_global_norm"] > 100  # the clip is active
+  # the clip's scaled gradient is fused into AdamW's passes, not written out and read twice
+  assert line["bytes_ratio"] < 0.8
+  assert line["first_step_max_param_diff"] <= 1e-6  # params ~N(0, 1): an ulp or two
+  assert line["max_param_diff"] <= 5 * 1e-6
+  for side in ("optax", "ours"):
+    for key in ("median_ms", "min_ms"):
+      assert math.isfinite(line[key][side]) and line[key][side] > 0
