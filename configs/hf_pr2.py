@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.capacity_factor = 0.0     # 0 = dropless; e.g. 1.25 drops beyond 1.25x an even share
   m.aux_loss_coef = 0.0       # Switch load-balancing loss weight (off for RL)
   m.fsdp = False              # True: split weights' d_model dim over the 'data' axis too
+  m.attention_blocks = 4      # causal query blocks (>= 64 queries each) without a KV cache; 1 = off
 
   s = c.sft = ml_collections.ConfigDict()
   s.num_steps = 0             # 0 = RL from the checkpoint's weights; > 0 = SFT on solutions first

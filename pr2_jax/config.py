@@ -17,7 +17,8 @@ EXPERT_IMPLS = ("capacity", "ragged", "grouped", "dense")
 DTYPES = ("float32", "bfloat16")
 # ModelConfig fields that are training knobs, not architecture: they may differ from a
 # checkpoint's config.json (a model section of only these takes the rest from a checkpoint).
-RUNTIME_FIELDS = ("dtype", "expert_impl", "capacity_factor", "aux_loss_coef", "fsdp")
+RUNTIME_FIELDS = ("dtype", "expert_impl", "capacity_factor", "aux_loss_coef", "fsdp",
+                  "attention_blocks")
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
@@ -65,6 +66,9 @@ class ModelConfig:
   aux_loss_coef: float = 0.0      # Switch-style load-balancing loss weight (off by default)
   fsdp: bool = False              # also split every parameter's d_model dim (and its AdamW
                                   # moments) over the mesh's 'data' axis (ZeRO-3 style)
+  attention_blocks: int = 4       # attention without a KV cache splits the queries into up to
+                                  # this many causal blocks (>= 64 queries each) that skip the
+                                  # keys after them; 1 = one block (same result either way)
 
   def __post_init__(self):
     # Accept lists (from ConfigDicts/JSON) but store a hashable tuple.
@@ -77,7 +81,7 @@ class ModelConfig:
                        f"in {layers!r}")
     object.__setattr__(self, "dense_layers", tuple(int(i) for i in layers))
     positive = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads",
-                "head_dim", "expert_d_ff", "num_experts", "top_k")
+                "head_dim", "expert_d_ff", "num_experts", "top_k", "attention_blocks")
     for name in positive:
       check_int("ModelConfig", name, getattr(self, name))
     check_int("ModelConfig", "dense_d_ff", self.dense_d_ff, minimum=0)

@@ -38,6 +38,7 @@ def test_replace_revalidates():
 @pytest.mark.parametrize("changes, pattern", [
     (dict(top_k=9, num_experts=8), r"top_k=9 must be <= num_experts=8"),
     (dict(num_heads=6, num_kv_heads=4), r"num_heads=6 must be divisible by num_kv_heads=4"),
+    (dict(attention_blocks=0), r"attention_blocks must be a positive int, got 0"),
     (dict(dtype="float16"), r"dtype='float16' must be one of"),
     (dict(expert_impl="megablocks"), r"expert_impl='megablocks' must be one of"),
     (dict(num_layers=2, dense_layers=(2,), dense_d_ff=32), r"dense_layers=\(2,\) has ids \[2\] outside"),

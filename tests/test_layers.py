@@ -133,10 +133,51 @@ def test_causal_mask_hand_worked_with_padding():
   np.testing.assert_array_equal(layers.causal_mask(pos[:1], None)[0], np.tril(np.ones((4, 4))))
 
 
-def test_causal_mask_uses_positions():
-  """With left-padding positions [0,0,1,2] the order is by position, not by index."""
+def test_causal_mask_uses_positions_and_index_order():
+  """A key is seen when it is after the query neither by position nor in the sequence: with
+  left-padding positions [0,0,1,2] the padding query (position 0) does not see the real
+  token after it at position 0 (transformers' mask is by index too); with positions that fall
+  back (two packed sequences) a query never sees a later one's keys, nor an earlier one's
+  keys at higher positions."""
   mask = layers.causal_mask(jnp.array([[0, 0, 1, 2]]), jnp.array([[0, 1, 1, 1]], bool))[0]
-  np.testing.assert_array_equal(mask, [[1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]])
+  np.testing.assert_array_equal(mask, [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]])
+  mask = layers.causal_mask(jnp.array([[0, 1, 2, 0, 1]]), None)[0]
+  np.testing.assert_array_equal(mask, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+                                       [1, 0, 0, 1, 0], [1, 1, 0, 1, 1]])
+
+
+@pytest.mark.parametrize("length, max_blocks, want", [
+    (256, 4, [(0, 64), (64, 128), (128, 192), (192, 256)]),
+    (200, 4, [(0, 67), (67, 133), (133, 200)]),  # 200 // 64 = 3 blocks, near-equal
+    (127, 4, [(0, 127)]),                          # a second block would be < 64 queries
+    (256, 1, [(0, 256)]),
+])
+def test_query_blocks_hand_worked(length, max_blocks, want):
+  assert layers.query_blocks(length, max_blocks) == want
+
+
+def test_attend_causal_blocks_match_one_block_values_and_gradients():
+  """Causal query blocks skip only keys the mask hides: same outputs and gradients at T=200
+  (3 uneven blocks) with left padding, to float rounding."""
+  rng = np.random.default_rng(7)
+  b, t, h, g, z = 2, 200, 4, 2, 8
+  q, k, v, w = (jnp.asarray(rng.normal(size=s).astype(np.float32))
+                for s in [(b, t, h, z), (b, g, z, t), (b, g, t, z), (b, t, h, z)])
+  valid = jnp.arange(t)[None] >= jnp.array([[0], [37]])
+  mask = layers.causal_mask(jnp.asarray(np.maximum(np.cumsum(valid, 1) - 1, 0)), valid)
+
+  def loss(q, k, v, blocks):
+    return jnp.sum(layers.attend(q, k, v, mask, causal_blocks=blocks) * w)
+
+  one = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 1)
+  three = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 4)
+  np.testing.assert_allclose(three[0], one[0], rtol=1e-5)
+  for got, want in zip(three[1], one[1]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  out = layers.attend(q, k, v, mask, causal_blocks=4)
+  np.testing.assert_allclose(out, np_attend(np.asarray(q), np.asarray(k).transpose(0, 3, 1, 2),
+                                            np.asarray(v).transpose(0, 2, 1, 3), np.asarray(mask)),
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_attend_matches_naive_gqa():
@@ -194,6 +235,23 @@ def test_attention_module_matches_numpy_pipeline():
   k = np_rotary(np_rms_norm(k, params["k_norm"]["scale"], CFG.rms_norm_eps), pos, CFG.rope_theta)
   expected = np.einsum("bthz,hzd->btd", np_attend(q, k, v, np.asarray(mask)), params["o_proj"]["kernel"])
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_module_causal_blocks_only_without_a_cache():
+  """ModelConfig.attention_blocks: at T=128 the module's two blocks give the one-block output."""
+  x = jax.random.normal(jax.random.PRNGKey(6), (2, 128, 32))
+  pos = jnp.broadcast_to(jnp.arange(128), (2, 128))
+  mask = layers.causal_mask(pos, None)
+  one, two = (layers.Attention(CFG.replace(attention_blocks=n)) for n in (1, 2))
+  params = nn.unbox(one.init(jax.random.PRNGKey(0), x, pos, mask))
+  np.testing.assert_allclose(_attn(two, params, x, pos, mask), _attn(one, params, x, pos, mask),
+                             rtol=1e-5, atol=1e-6)
+  # the program scores [B, G, R, 64, 64] then [B, G, R, 64, 128], never all 128 x 128
+  hlo = jax.jit(lambda p: _attn(two, p, x, pos, mask)).lower(params).as_text()
+  assert "tensor<2x2x2x64x64xf32>" in hlo and "tensor<2x2x2x64x128xf32>" in hlo
+  assert "tensor<2x2x2x128x128xf32>" not in hlo
+  assert "tensor<2x2x2x128x128xf32>" in jax.jit(
+      lambda p: _attn(one, p, x, pos, mask)).lower(params).as_text()
 
 
 def test_attention_is_causal_and_ignores_padding_keys():
