@@ -8,6 +8,7 @@ import pytest
 
 from pr2_jax import ModelConfig
 from pr2_jax.models import layers
+from pr2_jax.rl.data import positions_of
 
 
 # ----------------------------------------------------------------------------- numpy oracles
@@ -144,6 +145,19 @@ def test_causal_mask_uses_positions_and_index_order():
   mask = layers.causal_mask(jnp.array([[0, 1, 2, 0, 1]]), None)[0]
   np.testing.assert_array_equal(mask, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
                                        [1, 0, 0, 1, 0], [1, 1, 0, 1, 1]])
+
+
+def test_causal_mask_index_order_changes_only_padding_queries_of_our_layout():
+  """With the data's positions (rl.data.positions_of: padding repeats a neighbour's), adding
+  index order leaves every real query's row as position order alone had it."""
+  valid = np.ones((3, 9), bool)
+  valid[0, :3] = valid[1, 6:] = False
+  valid[2, :2] = valid[2, 7:] = False
+  pos = jnp.asarray(positions_of(valid))
+  by_position = (pos[:, :, None] >= pos[:, None, :]) & valid[:, None, :] | np.eye(9, dtype=bool)
+  mask = np.asarray(layers.causal_mask(pos, jnp.asarray(valid)))
+  np.testing.assert_array_equal(mask[valid], np.asarray(by_position)[valid])
+  assert (mask[~valid] != np.asarray(by_position)[~valid]).any()  # left padding's rows did change
 
 
 @pytest.mark.parametrize("length, max_blocks, want", [
