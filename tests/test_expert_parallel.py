@@ -308,3 +308,41 @@ def test_valid_replica_slot_choice_is_accepted_and_matches_the_default():
                      slot_ids_NK=jnp.asarray(slot_ids))
   y_ref, _ = moe_experts(x, ids, gates, w, impl="dense")
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, num_slots", [("float32", 8), ("bfloat16", 8),
+                                              ("float32", 2 ** 24)])  # the last: 3 gathers
+def test_gather_assignments_equals_three_gathers_with_gate_gradients(dtype, num_slots):
+  """One packed all-gather over 'expert' returns what three would, bit for bit (slot ids exact,
+  -1 included), and the gates' gradient comes back to each shard (psum_scatter's transpose)."""
+  from jax.sharding import PartitionSpec as P
+  from pr2_jax.parallel.expert_parallel import gather_assignments
+  from pr2_jax.parallel.mesh import EXPERT
+  mesh = _mesh(1, 8)
+  x, ids, gates, _ = _problem(3)
+  x = x.astype(dtype)
+  ids = ids.at[0, 1].set(-1).at[5, 0].set(num_slots - 1)
+  cot = jnp.arange(N * K, dtype=jnp.float32).reshape(N, K)
+
+  def run(fn):
+    body = jax.shard_map(fn, mesh=mesh, in_specs=(P(EXPERT), P(EXPERT), P(EXPERT)),
+                         out_specs=(P(), P(), P()), check_vma=False)
+    return jax.jit(body)(x, ids, gates)
+
+  gather = functools.partial(jax.lax.all_gather, axis_name=EXPERT, tiled=True)
+  got = run(lambda a, b, c: gather_assignments(a, b, c, num_slots))
+  want = run(lambda a, b, c: (gather(a), gather(b), gather(c)))
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype and np.array_equal(np.asarray(g), np.asarray(w))
+  np.testing.assert_array_equal(got[1], ids)  # every shard's rows, in shard order
+
+  def gate_grad(fn):
+    body = jax.shard_map(lambda a, b, c: jnp.sum(fn(a, b, c)[2] * cot), mesh=mesh,
+                         in_specs=(P(EXPERT), P(EXPERT), P(EXPERT)), out_specs=P(),
+                         check_vma=False)
+    return np.asarray(jax.jit(jax.grad(lambda c: body(x, ids, c)))(gates))
+
+  got_grad = gate_grad(lambda a, b, c: gather_assignments(a, b, c, num_slots))
+  want_grad = gate_grad(lambda a, b, c: (gather(a), gather(b), gather(c)))
+  np.testing.assert_array_equal(got_grad, want_grad)
+  np.testing.assert_allclose(got_grad / got_grad[0, 1], cot / cot[0, 1], rtol=1e-6)  # ∝ cot
