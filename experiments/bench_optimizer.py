@@ -1,6 +1,6 @@
 """Benchmark: the clipped AdamW update, our global-norm clip against optax's.
 
-    python -m experiments.bench_optimizer            # bench_peer's model (13.9 M params), ~30 s
+    python -m experiments.bench_optimizer            # bench_peer's model (13.9 M params), ~20 s
     python -m experiments.bench_optimizer --quick    # test-sized, a few seconds
 
 Both sides are `make_optimizer`'s chain, global-norm clip 1.0 then AdamW, on the parameter
@@ -84,7 +84,9 @@ def run(rounds: int, warmup: int, lr: float) -> dict:
   import optax
   from pr2_jax.train.state import make_optimizer
   shapes, size = param_shapes()
-  sides = {"optax": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr)),
+  # both AdamW without weight decay (make_optimizer's default; optax.adamw's is 1e-4)
+  sides = {"optax": optax.chain(optax.clip_by_global_norm(1.0),
+                                optax.adamw(lr, weight_decay=0.0)),
            "ours": make_optimizer(lr, grad_clip=1.0)}
   rng = np.random.default_rng(0)
   draw = lambda s: jax.numpy.asarray(rng.normal(size=s.shape).astype(s.dtype))
