@@ -166,7 +166,7 @@ def test_clip_by_global_norm_zero_gradient_and_bad_max_norm():
   got, _ = clip_by_global_norm(1.0).update({"w": jnp.zeros(3)}, optax.EmptyState())
   np.testing.assert_array_equal(got["w"], np.zeros(3))  # 1 / 0 = inf -> scale 1, no NaN
   for bad in (0.0, -1.0, float("nan"), float("inf"), "1", True):
-    with pytest.raises(ValueError, match=r"grad_clip \(max_norm\)="):
+    with pytest.raises(ValueError, match=r"clip_by_global_norm\.max_norm must be"):
       clip_by_global_norm(bad)
 
 

@@ -8,7 +8,6 @@ array directly in place.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import flax
@@ -19,6 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pr2_jax.config import check_real
 from pr2_jax.parallel.mesh import DATA, EXPERT, num_token_shards, tree_shardings
 from pr2_jax.pr2.predictor import init_predictor
 
@@ -47,9 +47,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   the clipped AdamW update. (optax keeps its select for gradients through the update itself,
   which nothing here takes.)
   """
-  if (isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real)
-      or not np.isfinite(max_norm) or max_norm <= 0):
-    raise ValueError(f"grad_clip (max_norm)={max_norm!r} must be a finite number > 0")
+  check_real("clip_by_global_norm", "max_norm", max_norm, 0, inclusive=False)
 
   def update(updates, state, params=None):
     del params
