@@ -458,6 +458,49 @@ def test_kv_cache_boundary_write_equals_full_forward():
   np.testing.assert_allclose(second.logits, ref.logits[:, 5:], rtol=1e-4, atol=1e-4)
 
 
+def _decode_step(cfg, cache_len, storage):
+  """jit of one bfloat16 decode step (one token per row) on a KV cache stored in `storage`."""
+  model = MoETransformer(cfg)
+  params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), _params(CFG))
+  def step(cache, tok, pos):
+    out = model.apply({"params": params}, tok, positions=pos, cache=cache)
+    return out.logits, out.cache
+  cache = transformer.init_cache(cfg, B, cache_len)
+  cache = cache.replace(k=tuple(a.astype(storage) for a in cache.k),
+                        v=tuple(a.astype(storage) for a in cache.v))
+  return jax.jit(step, donate_argnums=0), cache
+
+
+def test_bfloat16_kv_cache_stored_in_float32_on_cpu_gives_the_same_logits_in_place():
+  """On CPU `init_cache` stores a bfloat16 engine's cache in float32 (`layers.storage_dtype`).
+  Oracle: a cache held in bfloat16, as before. Prefill and two decode steps give bit-equal
+  logits and caches; the float32 cache's decode step is written in place, where XLA:CPU
+  converted the whole bfloat16 cache to float32 and back for each write and again for the
+  attention dots (here >= 3x the cache's bytes more per step)."""
+  cfg = CFG.replace(dtype="bfloat16")
+  assert transformer.init_cache(cfg, B, 4).k[0].dtype == jnp.float32
+  # Values of another dtype than the compute dtype: stored as asked (the storage rounds them).
+  assert transformer.init_cache(CFG, B, 4, jnp.bfloat16).v[0].dtype == jnp.bfloat16
+  tokens = _tokens(13)
+  results, costs = {}, {}
+  for storage in (jnp.bfloat16, jnp.float32):
+    step, cache = _decode_step(cfg, T, storage)
+    logits = []
+    for t0, t1 in ((0, 5), (5, 6), (6, 7)):
+      out, cache = step(cache, tokens[:, t0:t1], POS[:, t0:t1])
+      logits.append(np.asarray(out, np.float32))
+    results[storage] = (logits, [np.asarray(a, np.float32) for a in cache.k + cache.v])
+    # One decode step's compiled memory traffic on a longer cache.
+    long_step, long_cache = _decode_step(cfg, 512, storage)
+    compiled = long_step.lower(long_cache, tokens[:, :1], POS[:, :1]).compile()
+    cost = compiled.cost_analysis()
+    costs[storage] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["bytes accessed"]
+  for a, b in zip(*(results[s][0] + results[s][1] for s in (jnp.bfloat16, jnp.float32))):
+    np.testing.assert_array_equal(a, b)
+  bf16_cache_bytes = 2 * CFG.num_layers * B * CFG.num_kv_heads * CFG.head_dim * 512 * 2
+  assert costs[jnp.bfloat16] - costs[jnp.float32] >= 3 * bf16_cache_bytes, costs
+
+
 def test_kv_cache_misuse_raises():
   """No positions, a write past the end (eager: concrete index), and caches built for another
   batch size, number of layers or head_dim each raise naming the values."""
