@@ -13,12 +13,31 @@ import math
 import numbers
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
+
 EXPERT_IMPLS = ("capacity", "ragged", "grouped", "dense")
 DTYPES = ("float32", "bfloat16")
 # ModelConfig fields that are training knobs, not architecture: they may differ from a
 # checkpoint's config.json (a model section of only these takes the rest from a checkpoint).
 RUNTIME_FIELDS = ("dtype", "expert_impl", "capacity_factor", "aux_loss_coef", "fsdp",
                   "attention_blocks")
+
+
+def storage_dtype(dtype) -> jnp.dtype:
+  """The dtype a KV cache (or a loop-carried buffer) of `dtype` values is stored in: `dtype`,
+  except 16-bit floats on CPU, which are stored in float32.
+
+  XLA:CPU has no 16-bit-float dynamic-update-slice or attention dot: it converts the whole
+  cache to float32 and back for every write and once more for the dots that read it, three
+  passes over the cache per layer and decode step where a float32 cache is written in place.
+  The values stay those of `dtype` (only `dtype` values are written, and `attend` rounds its
+  products to the queries' dtype), so the tokens and log-probs are the same. The grouped
+  expert path's block loop keeps its per-block outputs in it for the same reason.
+  """
+  dtype = jnp.dtype(dtype)
+  narrow_float = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
+  return jnp.dtype(jnp.float32) if narrow_float and jax.default_backend() == "cpu" else dtype
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:

@@ -2,9 +2,12 @@
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import pr2_jax as p2
+from pr2_jax import config
 from pr2_jax.config import ModelConfig
 
 
@@ -98,3 +101,10 @@ def test_from_dict_round_trip_and_unknown_key():
     ModelConfig.from_dict({"hidden_size": 32, "n_experts": 4, "top_k": 1})
   with pytest.raises(ValueError, match="top_k"):
     ModelConfig.from_dict({"top_k": 0})
+
+
+@pytest.mark.parametrize("dtype, want", [("bfloat16", "float32"), ("float16", "float32"),
+                                         ("float32", "float32"), ("int32", "int32")])
+def test_storage_dtype_widens_only_16_bit_floats_on_cpu(dtype, want):
+  assert jax.default_backend() == "cpu"  # the suite's fake devices
+  assert config.storage_dtype(dtype) == jnp.dtype(want)

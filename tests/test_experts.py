@@ -1,5 +1,7 @@
 """Shard-local expert paths: capacity dropping by hand, the three paths agree, slot maps, capacity."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,6 +213,58 @@ def test_block_path_gradients_with_empty_slots():
   for dw in grads["blocks"][2]:
     assert float(jnp.max(jnp.abs(dw[jnp.array([0, 2, 5])]))) > 0
     np.testing.assert_array_equal(dw[jnp.array([1, 3, 4, 6, 7])], 0.0)
+
+
+def _whole_carry_converts_in_loops(hlo: str, dims: set) -> int:
+  """`convert`s inside while-loop bodies (and what they call) whose result has one of `dims`."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    if line and not line[0].isspace() and "{" in line:
+      name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+      comps[name] = []
+    elif name:
+      comps[name].append(line)
+  called = lambda c: re.findall(r"(?:body|calls|to_apply|branch_computations)=\{?%?([\w.\-]+)",  # noqa: E731
+                                "\n".join(comps.get(c, [])))
+  todo = [b for c in comps for b in re.findall(r"body=%?([\w.\-]+)", "\n".join(comps[c]))]
+  seen = set()
+  while todo:
+    c = todo.pop()
+    if c not in seen:
+      seen.add(c)
+      todo += called(c)
+  shape = re.compile(r"= (?:f32|bf16)\[([\d,]+)\]\S* convert\(")
+  return sum(1 for c in seen for line in comps.get(c, [])
+             if (m := shape.search(line)) and tuple(map(int, m.group(1).split(","))) in dims)
+
+
+def test_block_loop_keeps_bfloat16_carries_in_float32_on_cpu(monkeypatch):
+  """On CPU the block loop of a bfloat16 problem carries its per-block outputs (and the
+  backward's input gradient) in float32 (`config.storage_dtype`). Oracle: the same loop with
+  bfloat16 carries (`storage_dtype` patched to keep the dtype): bit-equal outputs and input,
+  gate and weight gradients. With bfloat16 carries XLA:CPU converted a whole carry to float32
+  and back inside the loop at every block's write; now no loop converts a whole carry."""
+  x, ids, gates, w = _random_problem(n=64, d=16, f=24, seed=7)
+  x, gates = x.astype(jnp.bfloat16), gates.astype(jnp.bfloat16)
+  w = ex.ExpertWeights(*(a.astype(jnp.bfloat16) for a in w))
+  cot = jax.random.normal(jax.random.PRNGKey(9), x.shape).astype(jnp.bfloat16)
+  blocks = 64 * 2 // 8 + 8  # the static bound: N*K/rows + S
+  carries = {(blocks, 8, 16), (blocks, 8, 24)}
+
+  def run():
+    fn = lambda x, g, w: ex.grouped_experts(x, ids, g, w, rows=8, capacity=0)  # noqa: E731
+    loss = lambda x, g, w: jnp.sum(fn(x, g, w) * cot)  # noqa: E731
+    step = jax.jit(lambda x, g, w: (fn(x, g, w), jax.grad(loss, argnums=(0, 1, 2))(x, g, w)))
+    hlo = step.lower(x, gates, w).compile().as_text()
+    return step(x, gates, w), _whole_carry_converts_in_loops(hlo, carries)
+
+  new, new_converts = run()
+  monkeypatch.setattr(ex, "storage_dtype", jnp.dtype)
+  old, old_converts = run()
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  assert new_converts == 0 and old_converts >= 4, (new_converts, old_converts)
 
 
 @pytest.mark.parametrize("args, expected", [((4096, 16), 64), ((32, 16), 8), ((512, 16), 32)])

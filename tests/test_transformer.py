@@ -472,7 +472,7 @@ def _decode_step(cfg, cache_len, storage):
 
 
 def test_bfloat16_kv_cache_stored_in_float32_on_cpu_gives_the_same_logits_in_place():
-  """On CPU `init_cache` stores a bfloat16 engine's cache in float32 (`layers.storage_dtype`).
+  """On CPU `init_cache` stores a bfloat16 engine's cache in float32 (`config.storage_dtype`).
   Oracle: a cache held in bfloat16, as before. Prefill and two decode steps give bit-equal
   logits and caches; the float32 cache's decode step is written in place, where XLA:CPU
   converted the whole bfloat16 cache to float32 and back for each write and again for the

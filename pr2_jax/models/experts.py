@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.checks import check_ids, is_concrete
+from pr2_jax.config import storage_dtype
 
 
 def validate_slot_expert(slot_expert_X, num_experts: int) -> None:
@@ -226,20 +227,23 @@ def _block_swiglu_loop(buf_BRD, block_slot_B, used, w):
   num_blocks, rows, d = buf_BRD.shape
   f = w.gate_SDF.shape[-1]
   dtype = jnp.result_type(buf_BRD, w.gate_SDF)
+  # bfloat16 carries on CPU are float32 (`storage_dtype`): XLA:CPU converted a whole bf16
+  # carry to f32 and back for every block's write, O(blocks^2) in a long bf16 prefill.
+  store = storage_dtype(dtype)
 
   def block_body(b, s, slabs, carry):
-    y_BRD, g_BRF, u_BRF = carry
     gate_DF, up_DF, down_FD = slabs
     x_RD = buf_BRD[b]
     g_RF, u_RF = x_RD @ gate_DF, x_RD @ up_DF
     y_RD = (jax.nn.silu(g_RF) * u_RF) @ down_FD
-    return y_BRD.at[b].set(y_RD), g_BRF.at[b].set(g_RF), u_BRF.at[b].set(u_RF)
+    return tuple(c.at[b].set(a.astype(store)) for c, a in zip(carry, (y_RD, g_RF, u_RF)))
 
   # The weights already vary over every axis the buffer does (_block_experts): so do the
   # products, and the loop carry must start with the type it ends with.
-  init = _vary_like((jnp.zeros((num_blocks, rows, d), dtype), jnp.zeros((num_blocks, rows, f), dtype),
-                     jnp.zeros((num_blocks, rows, f), dtype)), w.gate_SDF)
-  return _over_slot_blocks(block_slot_B, used, w, block_body, init)
+  init = _vary_like((jnp.zeros((num_blocks, rows, d), store), jnp.zeros((num_blocks, rows, f), store),
+                     jnp.zeros((num_blocks, rows, f), store)), w.gate_SDF)
+  out = _over_slot_blocks(block_slot_B, used, w, block_body, init)
+  return tuple(a.astype(dtype) for a in out)
 
 
 @jax.custom_vjp
@@ -285,9 +289,9 @@ def _block_swiglu_bwd(res, dy_BRD):
     return dw, dx_BRD.at[b].set(dx_RD.astype(dx_BRD.dtype))
 
   dw0 = ExpertWeights(*(jnp.zeros_like(a) for a in w))
-  dx0 = _vary_like(jnp.zeros_like(buf_BRD), g_BRF)
+  dx0 = _vary_like(jnp.zeros(buf_BRD.shape, storage_dtype(buf_BRD.dtype)), g_BRF)  # as forward
   dw, dx_BRD = _over_slot_blocks(block_slot_B, used, w, block_body, (dw0, dx0))
-  return dx_BRD, None, None, dw
+  return dx_BRD.astype(buf_BRD.dtype), None, None, dw
 
 
 block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)

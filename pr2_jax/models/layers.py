@@ -89,7 +89,7 @@ def _attend(q_BTHZ, k_BGZS, v_BGSZ, mask_BTS) -> jax.Array:
   b, t, h, z = q_BTHZ.shape
   g = k_BGZS.shape[1]
   # Both products are rounded to the queries' dtype: with a cache stored wider than that
-  # (`storage_dtype`) the einsums run on the wider type, and the rounding gives what the
+  # (`config.storage_dtype`) the einsums run on the wider type, and the rounding gives what the
   # narrow dots gave. Without a cache, or where storage is the compute dtype: no-ops.
   dtype = q_BTHZ.dtype
   q_BGRTZ = jnp.transpose(q_BTHZ.reshape(b, t, g, h // g, z), (0, 2, 3, 1, 4))
@@ -98,21 +98,6 @@ def _attend(q_BTHZ, k_BGZS, v_BGSZ, mask_BTS) -> jax.Array:
       jnp.where(mask_BTS[:, None, None], scores_BGRTS * z ** -0.5, NEG_INF), axis=-1).astype(dtype)
   out_BGRTZ = jnp.einsum("bgrts,bgsz->bgrtz", probs_BGRTS, v_BGSZ).astype(dtype)
   return jnp.transpose(out_BGRTZ, (0, 3, 1, 2, 4)).reshape(b, t, h, z)
-
-
-def storage_dtype(dtype) -> jnp.dtype:
-  """The dtype a KV cache of `dtype` values is stored in: `dtype`, except 16-bit floats on CPU,
-  which are stored in float32.
-
-  XLA:CPU has no 16-bit-float dynamic-update-slice or attention dot: it converts the whole
-  cache to float32 and back for every write and once more for the dots that read it, three
-  passes over the cache per layer and decode step where a float32 cache is written in place.
-  The values stay those of `dtype` (only `dtype` values are written, and `attend` rounds its
-  products to the queries' dtype), so the tokens and log-probs are the same.
-  """
-  dtype = jnp.dtype(dtype)
-  narrow_float = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
-  return jnp.dtype(jnp.float32) if narrow_float and jax.default_backend() == "cpu" else dtype
 
 
 def causal_mask(positions_BT: jax.Array, valid_BT: jax.Array | None) -> jax.Array:
@@ -173,7 +158,7 @@ class Attention(nn.Module):
       new_kv = (write(cache_k_BGZS, k_BGZT, 3), write(cache_v_BGSZ, v_BGTZ, 2))
       k_BGZT, v_BGTZ = new_kv
     # Without a cache the mask is causal_mask's: causal query blocks skip the masked keys.
-    # The cache as stored (`storage_dtype`): attend rounds its products to q's dtype.
+    # The cache as stored (`config.storage_dtype`): attend rounds its products to q's dtype.
     out_BTHZ = attend(q_BTHZ, k_BGZT, v_BGTZ, mask_BTS,
                       causal_blocks=cfg.attention_blocks if kv is None else 1)
     out_BTD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, name="o_proj",

@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pr2_jax.config import ModelConfig, check_int
+from pr2_jax.config import ModelConfig, check_int, storage_dtype
 from pr2_jax.checks import check_shape, is_concrete
 from pr2_jax.models.experts import validate_slot_expert
-from pr2_jax.models.layers import (INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask,
-                                   storage_dtype)
+from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
 from pr2_jax.models.moe import MoEBlock
 from pr2_jax.models.routing import check_routes_shape, validate_routes
 from pr2_jax.parallel.mesh import EXPERT, axis_size, check_batch_split, constrain, partitioned
@@ -45,7 +44,7 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache for `max_len` tokens (prompt + response) of `dtype` values (default: the
-  compute dtype). A cache of compute-dtype values is stored in `layers.storage_dtype` (float32
+  compute dtype). A cache of compute-dtype values is stored in `config.storage_dtype` (float32
   for 16-bit floats on CPU: the same numbers, written in place); another dtype as it is, since
   the stored type is what rounds the keys and values written."""
   check_int("init_cache", "batch", batch)
