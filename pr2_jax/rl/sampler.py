@@ -7,7 +7,9 @@ Dimension legend:
 It runs in its own dtype (bfloat16 by default: weights cast once, as a
 separate serving engine would hold them), so its log-probs differ from the
 float32 training engine the way a real disaggregated stack's do. The whole
-decode loop is one `lax.scan` inside jit: no Python dispatch per token.
+decode loop is one `lax.scan` inside jit: no Python dispatch per token. On CPU
+the KV cache holds its bfloat16 values in float32 storage (`config.storage_dtype`:
+XLA:CPU has no in-place bfloat16 cache write), with the same tokens and log-probs.
 
 Per token it records the behaviour log-prob µ (under the tempered, unfiltered
 distribution, the convention of verl/OpenRLHF: top-p only shapes what is
