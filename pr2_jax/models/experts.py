@@ -240,8 +240,7 @@ def _block_swiglu_loop(buf_BRD, block_slot_B, used, w):
 
   # The weights already vary over every axis the buffer does (_block_experts): so do the
   # products, and the loop carry must start with the type it ends with.
-  init = _vary_like((jnp.zeros((num_blocks, rows, d), store), jnp.zeros((num_blocks, rows, f), store),
-                     jnp.zeros((num_blocks, rows, f), store)), w.gate_SDF)
+  init = _vary_like(tuple(jnp.zeros((num_blocks, rows, n), store) for n in (d, f, f)), w.gate_SDF)
   out = _over_slot_blocks(block_slot_B, used, w, block_body, init)
   return tuple(a.astype(dtype) for a in out)
 
