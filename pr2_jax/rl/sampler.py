@@ -77,11 +77,26 @@ def tempered_logprobs(logits_BV: jax.Array, temperature: float) -> jax.Array:
   return jax.nn.log_softmax(logits_BV.astype(jnp.float32) * scale, axis=-1)
 
 
+def first_argmax(x_BV: jax.Array) -> jax.Array:
+  """`jnp.argmax(x, axis=-1)` as two plain reductions: per row of the last axis (any leading
+  axes), the first index of the maximum (of the first NaN, if any), int32.
+
+  XLA:CPU runs argmax as a (value, index) pair reduce that it does not vectorise: in the tiny
+  config's rollout ([64, 256] a decode step) it took ~9 ms of a ~70 ms `generate`. A max, then
+  the smallest index that reaches it, give the same index (`bench_rollout`: docs/benchmarks.md).
+  """
+  max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+  index_BV = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, x_BV.ndim - 1)
+  # A NaN makes the max NaN, which equals nothing: the first NaN wins, as in jnp.argmax.
+  hit_BV = (x_BV == max_B1) | jnp.isnan(x_BV)
+  return jnp.min(jnp.where(hit_BV, index_BV, x_BV.shape[-1]), axis=-1)
+
+
 def sample_token(rng: jax.Array, logits_BV: jax.Array, temperature: float, top_p: float):
   """Samples one token per row; returns (token int32 [B], behaviour log-prob [B])."""
   logp_BV = tempered_logprobs(logits_BV, temperature)
   if temperature == 0:
-    token_B = jnp.argmax(logp_BV, axis=-1)
+    token_B = first_argmax(logp_BV)
   else:
     filtered_BV = logp_BV
     if top_p < 1:
@@ -90,7 +105,9 @@ def sample_token(rng: jax.Array, logits_BV: jax.Array, temperature: float, top_p
       # The smallest logit still inside the nucleus: everything below it is cut.
       cutoff_B = jnp.min(jnp.where(mass_before_BV < top_p, sorted_BV, jnp.inf), axis=-1)
       filtered_BV = jnp.where(logp_BV >= cutoff_B[:, None], logp_BV, -jnp.inf)
-    token_B = jax.random.categorical(rng, filtered_BV, axis=-1)
+    # The Gumbel-max draw of `jax.random.categorical` (same key, same noise, same token).
+    token_B = first_argmax(jax.random.gumbel(rng, filtered_BV.shape, filtered_BV.dtype)
+                           + filtered_BV)
   token_B = token_B.astype(jnp.int32)
   return token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
 

@@ -24,6 +24,7 @@ from pr2_jax.config import ModelConfig
 from pr2_jax.data import synthetic
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
+from pr2_jax.rl.sampler import first_argmax
 from pr2_jax.train.state import TrainState, create_train_state, make_optimizer, replicated
 
 
@@ -59,7 +60,7 @@ def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Ar
   targets, mask = tokens_BT[:, 1:], mask_BT[:, 1:].astype(jnp.float32)
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   denom = jnp.maximum(mask.sum(), 1.0)
-  accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * mask) / denom
+  accuracy = jnp.sum((first_argmax(logits) == targets) * mask) / denom
   return jnp.sum(nll_BT * mask) / denom, accuracy
 
 
