@@ -122,6 +122,24 @@ def test_rotary_identity_norm_relative_and_numpy():
   assert abs(dot(5, 2) - dot(5, 4)) > 1e-3  # and it does depend on the offset
 
 
+def test_rotary_evaluates_cos_and_sin_once_for_all_heads_layers_and_the_backward():
+  """Two layers' q and k rotations and their gradients share one cos and one sin table: XLA
+  would otherwise evaluate them inside every consumer, per head, forward and backward."""
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.normal(size=(2, 8, 4, 16)).astype(np.float32))
+  k = jnp.asarray(rng.normal(size=(2, 8, 2, 16)).astype(np.float32))
+  pos = jnp.asarray(rng.integers(0, 50, (2, 8)).astype(np.int32))
+  def two_layers(q, k):
+    total = 0.0
+    for scale in (1.0, 2.0):  # two "layers" with different inputs, the same positions
+      rq, rk = layers.rotary(q * scale, pos, 1e4), layers.rotary(k * scale, pos, 1e4)
+      total += jnp.sum(rq[:, :, :2] * rk) ** 2
+    return total
+  hlo = jax.jit(jax.grad(two_layers, argnums=(0, 1))).lower(q, k).compile().as_text()
+  assert hlo.count(" cosine(") == 1 and hlo.count(" sine(") == 1
+  np.testing.assert_allclose(layers.rotary(q, pos, 1e4), np_rotary(q, pos, 1e4), rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- attention
 
 def test_causal_mask_hand_worked_with_padding():

@@ -49,11 +49,17 @@ def rotary(x_BTHZ: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Arra
   z = x_BTHZ.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, z, 2, dtype=jnp.float32) / z))
   angles_BTz = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-  angles_BTZ = jnp.concatenate([angles_BTz, angles_BTz], axis=-1)[:, :, None, :]
+  # The barrier makes cos and sin one [B, T, Z/2] table each (shared by every layer: XLA merges
+  # the identical calls). Left to itself XLA fuses them into each consumer and evaluates them
+  # per element of q and k, in every layer, forward and backward: 44 cos and 44 sin loops in
+  # bench_peer's train step, ~3-7 % of its time on XLA:CPU (docs/benchmarks.md, fourteenth round).
+  cos_BTz, sin_BTz = jax.lax.optimization_barrier((jnp.cos(angles_BTz), jnp.sin(angles_BTz)))
+  cos_BTZ = jnp.concatenate([cos_BTz, cos_BTz], axis=-1)[:, :, None, :]
+  sin_BTZ = jnp.concatenate([sin_BTz, sin_BTz], axis=-1)[:, :, None, :]
   x32 = x_BTHZ.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x32 * jnp.cos(angles_BTZ) + rotated * jnp.sin(angles_BTZ)).astype(x_BTHZ.dtype)
+  return (x32 * cos_BTZ + rotated * sin_BTZ).astype(x_BTHZ.dtype)
 
 
 def query_blocks(length: int, max_blocks: int) -> list[tuple[int, int]]:
