@@ -53,9 +53,8 @@ def rotary(x_BTHZ: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Arra
   # the identical calls). Left to itself XLA fuses them into each consumer and evaluates them
   # per element of q and k, in every layer, forward and backward: 44 cos and 44 sin loops in
   # bench_peer's train step, ~3-7 % of its time on XLA:CPU (docs/benchmarks.md, fourteenth round).
-  cos_BTz, sin_BTz = jax.lax.optimization_barrier((jnp.cos(angles_BTz), jnp.sin(angles_BTz)))
-  cos_BTZ = jnp.concatenate([cos_BTz, cos_BTz], axis=-1)[:, :, None, :]
-  sin_BTZ = jnp.concatenate([sin_BTz, sin_BTz], axis=-1)[:, :, None, :]
+  cos_BTZ, sin_BTZ = (jnp.concatenate([t_BTz, t_BTz], axis=-1)[:, :, None, :] for t_BTz in
+                      jax.lax.optimization_barrier((jnp.cos(angles_BTz), jnp.sin(angles_BTz))))
   x32 = x_BTHZ.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
