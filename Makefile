@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= runs/tiny
 PYTEST_ARGS ?=
 # glibc's malloc on transparent huge pages: XLA:CPU's large per-call buffers fault in 2 MiB at a
-# time, CPU train steps back to back ~25 % faster (experiments/huge_pages.py; entry points
-# started by hand re-execute themselves with it). A GLIBC_TUNABLES of your own is kept as it is.
+# time, CPU train steps back to back ~25 % faster. Entry points (make run too) re-execute
+# themselves with jemalloc instead where it is installed, else with this (experiments/allocator.py).
+# A GLIBC_TUNABLES of your own is kept as it is.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: install run test test-fast bench clean

@@ -12,7 +12,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import huge_pages
+from experiments import allocator
 
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "If > 0, run on this many fake CPU devices (tries expert parallelism "
@@ -106,8 +106,8 @@ def machine_info(**extra) -> dict:
           "optax": optax.__version__, "backend": jax.default_backend(),
           "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
           "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-          "transparent_hugepage": huge_pages.thp_mode(), **source_revision()}
+          **allocator.describe(os.environ), "transparent_hugepage": allocator.thp_mode(),
+          **source_revision()}
   info.update(extra)
   return info
 
@@ -202,9 +202,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(main):
   """`app.run(main)` for our entry points: flags parsed by `parse_flags`, and a
   `flags.ValidationError` raised in `main` (a bad flag combination) is one error line too.
-  Started as a script, the process first re-executes itself with transparent huge pages for
-  malloc where that changes anything (`huge_pages`: faster CPU train steps)."""
-  huge_pages.reexec_if_useful(os.path.dirname(os.path.abspath(__file__)))
+  Started as a script, the process first re-executes itself with a better C allocator for
+  XLA:CPU's per-call buffers where that changes anything (`allocator`: faster CPU train steps)."""
+  allocator.reexec_if_useful(os.path.dirname(os.path.abspath(__file__)))
 
   def checked(argv):
     try:

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from experiments import common, huge_pages
+from experiments import allocator, common
 
 POSITIVE = ("train_speedup", "decode_speedup", "mfu", "ours_train_tokens_per_s",
             "ours_decode_tokens_per_s", "train_model_flops_per_s",
@@ -32,7 +32,7 @@ POSITIVE = ("train_speedup", "decode_speedup", "mfu", "ours_train_tokens_per_s",
 def test_bench_peer_quick(tmp_path):
   out = tmp_path / "peer.json"
   environ = {k: v for k, v in os.environ.items()  # see it re-exec, whatever the caller set
-             if k not in ("GLIBC_TUNABLES", huge_pages.OPT_OUT)}
+             if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", allocator.OPT_OUT)}
   proc = subprocess.run([sys.executable, "-m", "experiments.bench_peer", "--quick", "--cpu_devices=2",
                          "--breakdown=1",
                          f"--out={out}"],
@@ -56,11 +56,13 @@ def test_bench_peer_quick(tmp_path):
   assert written["machine"]["torch"] and "cpu_model" in written["machine"]
   revision = common.source_revision()
   assert {k: written["machine"][k] for k in revision} == revision
-  # Both sides ran with glibc's huge pages wherever they change anything (huge_pages.py).
-  reexec = huge_pages.environ_with_huge_pages(environ, huge_pages.thp_mode(),
-                                              huge_pages.glibc_version())
-  assert written["machine"]["glibc_tunables"] == (reexec or environ).get("GLIBC_TUNABLES", "")
-  assert written["machine"]["transparent_hugepage"] == huge_pages.thp_mode()
+  # Both sides ran with the allocator the entry point chose for this machine (allocator.py).
+  reexec = allocator.reexec_environ(environ, allocator.thp_mode(), allocator.glibc_version(),
+                                    allocator.find_jemalloc(environ))
+  assert {k: written["machine"][k] for k in ("allocator", "ld_preload", "malloc_conf",
+                                             "glibc_tunables")} == allocator.describe(
+      reexec or environ)
+  assert written["machine"]["transparent_hugepage"] == allocator.thp_mode()
   # --breakdown: where the time goes, by kind, both sides and phases; the kinds add up.
   breakdown = written["breakdown_ms"]
   for side, phase in [(s, p) for s in ("ours", "torch") for p in ("train", "decode")]:

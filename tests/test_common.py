@@ -134,4 +134,6 @@ def test_machine_info_records_the_code_and_the_machine():
   assert info["mesh"] == {"data": 1, "expert": 1} and info["cpus_usable"] == 1  # extra wins
   assert info["started_utc"].endswith("Z")
   assert info["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")  # huge pages or not
+  assert info["ld_preload"] == os.environ.get("LD_PRELOAD", "")  # jemalloc or not
+  assert info["allocator"] in ("jemalloc", "glibc")
   assert info["transparent_hugepage"] in ("always", "madvise", "never", "")
