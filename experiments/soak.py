@@ -23,7 +23,6 @@ with `rss_growth_frac`, `recompiles_after_warmup`, `steps` (and a few more).
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import tempfile
@@ -178,8 +177,7 @@ def main(argv):
       "total_s": end["t"],
       "final_eval_reward": summary["final"].get("eval_reward"),
       "config": cfg.to_dict(),
-      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
-                  "devices": jax.device_count()},
+      "machine": common.machine_info(),  # CPU, versions, allocator, commit
       "per_step": per_step,
   }
   _print_table(result)
