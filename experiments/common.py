@@ -207,7 +207,6 @@ def run(main):
   allocator.reexec_if_useful(os.path.dirname(os.path.abspath(__file__)))
 
   def checked(argv):
-    logging.info("C allocator: %s", allocator.describe(os.environ))  # what the re-exec chose
     try:
       return main(argv)
     except flags.ValidationError as e:

@@ -94,17 +94,6 @@ def test_run_turns_a_validation_error_in_main_into_one_line(capsys, monkeypatch)
   assert capsys.readouterr().err == "error: --mesh_expert=3 does not divide the 8 devices\n"
 
 
-def test_run_logs_the_allocator_it_runs_on(caplog, monkeypatch):
-  monkeypatch.setattr("sys.argv", ["prog"])
-  monkeypatch.setenv("LD_PRELOAD", "/x/libjemalloc.so.2")
-  monkeypatch.setenv("MALLOC_CONF", "dirty_decay_ms:-1")
-  with caplog.at_level("INFO"), pytest.raises(SystemExit) as e:
-    common.run(lambda argv: None)
-  assert e.value.code in (None, 0)
-  assert ("C allocator: {'allocator': 'jemalloc', 'ld_preload': '/x/libjemalloc.so.2', "
-          "'malloc_conf': 'dirty_decay_ms:-1'") in caplog.text
-
-
 def test_source_revision_names_the_checkout_and_its_state(tmp_path):
   import subprocess
   repo = tmp_path / "repo"
