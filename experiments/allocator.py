@@ -126,9 +126,11 @@ def reexec_environ(environ: Mapping[str, str], mode: str, glibc: tuple[int, int]
 
 
 def describe(environ: Mapping[str, str]) -> dict[str, str]:
-  """What a benchmark records of the allocator this process runs with."""
+  """What a benchmark records of the allocator this process runs with: the first well-known
+  malloc library in `LD_PRELOAD`, else glibc's."""
   preload = environ.get("LD_PRELOAD", "")
-  return {"allocator": "jemalloc" if "jemalloc" in preload else "glibc",
+  name = next((n for n in ("jemalloc", "tcmalloc", "mimalloc") if n in preload), "glibc")
+  return {"allocator": name,
           "ld_preload": preload, "malloc_conf": environ.get("MALLOC_CONF", ""),
           "glibc_tunables": environ.get("GLIBC_TUNABLES", "")}
 

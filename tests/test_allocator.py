@@ -126,6 +126,9 @@ def test_reexec_environ_rejects_a_bad_choice_and_a_missing_jemalloc():
 def test_describe_names_the_allocator():
   assert alloc.describe({"LD_PRELOAD": JE, "MALLOC_CONF": "x:1"}) == {
       "allocator": "jemalloc", "ld_preload": JE, "malloc_conf": "x:1", "glibc_tunables": ""}
+  tcmalloc = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"  # a user's own choice
+  assert alloc.describe({"LD_PRELOAD": tcmalloc})["allocator"] == "tcmalloc"
+  assert alloc.describe({"LD_PRELOAD": "/x/libfoo.so"})["allocator"] == "glibc"
   assert alloc.describe({"GLIBC_TUNABLES": alloc.TUNABLE}) == {
       "allocator": "glibc", "ld_preload": "", "malloc_conf": "", "glibc_tunables": alloc.TUNABLE}
 

@@ -135,5 +135,5 @@ def test_machine_info_records_the_code_and_the_machine():
   assert info["started_utc"].endswith("Z")
   assert info["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")  # huge pages or not
   assert info["ld_preload"] == os.environ.get("LD_PRELOAD", "")  # jemalloc or not
-  assert info["allocator"] in ("jemalloc", "glibc")
+  assert info["allocator"] in ("jemalloc", "tcmalloc", "mimalloc", "glibc")
   assert info["transparent_hugepage"] in ("always", "madvise", "never", "")
