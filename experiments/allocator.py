@@ -33,8 +33,9 @@ import sys
 from collections.abc import Mapping, Sequence
 
 TUNABLE = "glibc.malloc.hugetlb=1"
-OPT_OUT = "PR2_JAX_MALLOC"
+CHOICE_VAR = "PR2_JAX_MALLOC"
 PATH_VAR = "PR2_JAX_JEMALLOC"
+OLD_OPT_OUT = "PR2_JAX_HUGE_PAGES"  # "0" still means off, as before the choice existed
 CHOICES = ("auto", "jemalloc", "glibc", "off")
 JEMALLOC = "libjemalloc.so.2"
 # No decay: jemalloc otherwise returns pages unused for 10 s to the kernel, and an RL loop's
@@ -112,13 +113,13 @@ def reexec_environ(environ: Mapping[str, str], mode: str, glibc: tuple[int, int]
   """The environment to re-execute with under `PR2_JAX_MALLOC` (module docstring), or None for
   no re-execution. `mode`: `thp_mode()`, `glibc`: `glibc_version()`, `jemalloc`: its path or
   None. Raises ValueError for an unknown choice, or `jemalloc` asked for and not found."""
-  choice = environ.get(OPT_OUT, "auto")
+  choice = environ.get(CHOICE_VAR, "auto")
   if choice not in CHOICES:
-    raise ValueError(f"{OPT_OUT}={choice!r}: expected one of {', '.join(CHOICES)}")
-  if choice == "off" or environ.get("PR2_JAX_HUGE_PAGES") == "0":  # the earlier opt-out
+    raise ValueError(f"{CHOICE_VAR}={choice!r}: expected one of {', '.join(CHOICES)}")
+  if choice == "off" or environ.get(OLD_OPT_OUT) == "0":
     return None
   if choice == "jemalloc" and jemalloc is None:
-    raise ValueError(f"{OPT_OUT}=jemalloc, but no {JEMALLOC} in {', '.join(LIB_DIRS)} "
+    raise ValueError(f"{CHOICE_VAR}=jemalloc, but no {JEMALLOC} in {', '.join(LIB_DIRS)} "
                      "(Debian/Ubuntu: apt-get install libjemalloc2)")
   if choice != "glibc" and jemalloc is not None:
     return environ_with_jemalloc(environ, jemalloc)

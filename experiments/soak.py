@@ -116,6 +116,7 @@ def main(argv):
   from pr2_jax.rl import loop
   from pr2_jax.rl.config import ExperimentConfig
 
+  machine = common.machine_info()  # before the run: its start time and the load without us
   cfg = common.config_value(_CONFIG)
   steps, warmup = _STEPS.value, _WARMUP.value
   if _QUICK.value:  # its sizes, where a flag was not given explicitly
@@ -177,7 +178,7 @@ def main(argv):
       "total_s": end["t"],
       "final_eval_reward": summary["final"].get("eval_reward"),
       "config": cfg.to_dict(),
-      "machine": common.machine_info(),  # CPU, versions, allocator, commit
+      "machine": machine,
       "per_step": per_step,
   }
   _print_table(result)

@@ -107,20 +107,21 @@ def test_environ_with_jemalloc(environ, preload, conf):
     ("off", None, None),
 ])
 def test_reexec_environ_follows_the_choice(choice, jemalloc, expected):
-  environ = {"PATH": "/bin"} if choice is None else {"PATH": "/bin", alloc.OPT_OUT: choice}
+  environ = {"PATH": "/bin"} if choice is None else {
+      "PATH": "/bin", alloc.CHOICE_VAR: choice}
   new = alloc.reexec_environ(environ, "madvise", GLIBC, jemalloc)
   want = {"jemalloc": alloc.environ_with_jemalloc(environ, JE),
           "glibc": alloc.environ_with_huge_pages(environ, "madvise", GLIBC), None: None}[expected]
   assert new == want
-  assert alloc.reexec_environ(dict(environ, PR2_JAX_HUGE_PAGES="0"), "madvise", GLIBC,
+  assert alloc.reexec_environ(dict(environ, **{alloc.OLD_OPT_OUT: "0"}), "madvise", GLIBC,
                            jemalloc) is None  # the earlier opt-out still turns it all off
 
 
 def test_reexec_environ_rejects_a_bad_choice_and_a_missing_jemalloc():
   with pytest.raises(ValueError, match=r"PR2_JAX_MALLOC='tcmalloc': expected one of auto, "):
-    alloc.reexec_environ({alloc.OPT_OUT: "tcmalloc"}, "madvise", GLIBC, JE)
+    alloc.reexec_environ({alloc.CHOICE_VAR: "tcmalloc"}, "madvise", GLIBC, JE)
   with pytest.raises(ValueError, match=r"no libjemalloc.so.2 in .*apt-get install libjemalloc2"):
-    alloc.reexec_environ({alloc.OPT_OUT: "jemalloc"}, "madvise", GLIBC, None)
+    alloc.reexec_environ({alloc.CHOICE_VAR: "jemalloc"}, "madvise", GLIBC, None)
 
 
 def test_describe_names_the_allocator():
@@ -133,8 +134,8 @@ def test_describe_names_the_allocator():
       "allocator": "glibc", "ld_preload": "", "malloc_conf": "", "glibc_tunables": alloc.TUNABLE}
 
 
-_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", alloc.OPT_OUT, alloc.PATH_VAR,
-             "PR2_JAX_HUGE_PAGES")
+_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", alloc.CHOICE_VAR,
+             alloc.PATH_VAR, alloc.OLD_OPT_OUT)
 
 
 def _script(path, entry_dir):
@@ -142,7 +143,8 @@ def _script(path, entry_dir):
       import os, sys
       sys.path.insert(0, {ROOT!r})
       from experiments import allocator
-      show = lambda: [os.environ.get(k, "") for k in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")]
+      names = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")
+      show = lambda: [os.environ.get(k, "") for k in names]
       print("before", os.getpid(), *show(), sep="|", flush=True)
       allocator.reexec_if_useful({str(entry_dir)!r})
       print("after", os.getpid(), *show(), sys.argv[1:], sep="|", flush=True)
@@ -167,7 +169,7 @@ def test_an_entry_point_reexecutes_itself_once_with_the_same_pid_and_arguments(t
   _script(tmp_path / "entry.py", tmp_path)
   for settings, want in [
       ({alloc.PATH_VAR: str(fake)}, [str(fake), alloc.JEMALLOC_CONF, ""]),
-      ({alloc.OPT_OUT: "glibc"}, ["", "", alloc.TUNABLE]),
+      ({alloc.CHOICE_VAR: "glibc"}, ["", "", alloc.TUNABLE]),
   ]:
     environ = _clean_environ(**settings)
     expected = alloc.reexec_environ(environ, alloc.thp_mode(), alloc.glibc_version(), str(fake))
@@ -175,14 +177,14 @@ def test_an_entry_point_reexecutes_itself_once_with_the_same_pid_and_arguments(t
     pid = lines[0].split("|")[1]
     assert lines[0] == f"before|{pid}|||"
     if expected is None:  # huge pages change nothing on this machine: no exec
-      assert settings == {alloc.OPT_OUT: "glibc"}
+      assert settings == {alloc.CHOICE_VAR: "glibc"}
       assert lines[1:] == [f"after|{pid}||||['--flag=1', 'x y']"]
     else:  # the new image starts from the top, with the settings, once
       assert [expected.get(k, "") for k in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")] == want
       shown = "|".join(want)
       assert lines[1:] == [f"before|{pid}|{shown}", f"after|{pid}|{shown}|['--flag=1', 'x y']"]
   # Opted out: no exec.
-  for opt_out in ({alloc.OPT_OUT: "off"}, {"PR2_JAX_HUGE_PAGES": "0"}):
+  for opt_out in ({alloc.CHOICE_VAR: "off"}, {alloc.OLD_OPT_OUT: "0"}):
     lines = _run(tmp_path / "entry.py", _clean_environ(**opt_out, **{alloc.PATH_VAR: str(fake)}))
     lines = lines.stdout.splitlines()
     pid = lines[0].split("|")[1]
@@ -191,7 +193,8 @@ def test_an_entry_point_reexecutes_itself_once_with_the_same_pid_and_arguments(t
 
 def test_a_bad_setting_ends_the_entry_point_with_one_line(tmp_path):
   _script(tmp_path / "entry.py", tmp_path)
-  done = _run(tmp_path / "entry.py", _clean_environ(**{alloc.OPT_OUT: "tcmalloc"}), check=False)
+  done = _run(tmp_path / "entry.py", _clean_environ(**{alloc.CHOICE_VAR: "tcmalloc"}),
+              check=False)
   assert done.returncode == 1
   assert done.stderr == ("error: PR2_JAX_MALLOC='tcmalloc': expected one of auto, jemalloc, "
                          "glibc, off\n")

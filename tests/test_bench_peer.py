@@ -32,7 +32,7 @@ POSITIVE = ("train_speedup", "decode_speedup", "mfu", "ours_train_tokens_per_s",
 def test_bench_peer_quick(tmp_path):
   out = tmp_path / "peer.json"
   environ = {k: v for k, v in os.environ.items()  # see it re-exec, whatever the caller set
-             if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", allocator.OPT_OUT)}
+             if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", allocator.CHOICE_VAR)}
   proc = subprocess.run([sys.executable, "-m", "experiments.bench_peer", "--quick", "--cpu_devices=2",
                          "--breakdown=1",
                          f"--out={out}"],
