@@ -10,7 +10,7 @@ import sys
 
 from experiments import common
 
-KEYS = ("planner_ms", "planner_ms_lpt", "eplb_ms",
+KEYS = ("planner_ms", "planner_ms_warm", "planner_ms_lpt", "eplb_ms",
         "imbalance_none", "imbalance_eplb_step", "imbalance_foresight",
         "imbalance_foresight_sticky_lpt",
         "cpu_moe_speedup", "sim_speedup")
@@ -26,7 +26,7 @@ def test_bench_balance_quick(tmp_path):
   assert result["summary"] == last and result["quick"]
   revision = common.source_revision()  # which code the numbers measured
   assert {k: result["machine"][k] for k in revision} == revision
-  assert last["planner_ms"] > 0 and last["planner_ms_lpt"] > 0
+  assert last["planner_ms"] > 0 and last["planner_ms_lpt"] > 0 and last["planner_ms_warm"] > 0
   assert last["eplb_ms"] > 0 and last["sim_speedup"] > 0
   assert 1.0 <= last["imbalance_foresight"] <= last["imbalance_none"]
   # (b) on a trace recorded from our own rollouts, at every micro-step size

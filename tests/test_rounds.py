@@ -61,6 +61,16 @@ def test_rank_is_a_stable_argsort():
     np.testing.assert_array_equal(rd._inverse(jnp.asarray(rank)), np.argsort(rank))
 
 
+
+def test_prefix_sum_is_an_exact_cumsum():
+  np.testing.assert_array_equal(rd.prefix_sum(jnp.array([2, 0, 3, 1])), [2, 2, 5, 6])
+  np.testing.assert_array_equal(rd.prefix_sum(jnp.array([True, False, True])), [1, 1, 2])
+  rng = np.random.default_rng(1)
+  # Near float32's exact-integer limit (totals up to 2**24 - 1), batched as under the vmap.
+  counts = rng.integers(0, 2**24 // 300, (5, 256)).astype(np.int32)
+  np.testing.assert_array_equal(jax.vmap(rd.prefix_sum)(jnp.asarray(counts)),
+                                np.cumsum(counts, axis=1))
+
 @pytest.mark.parametrize("e,d,s", [(16, 4, 5), (128, 64, 3), (32, 8, 8), (8, 2, 6)])
 def test_no_twins_and_s_per_device_without_repair(e, d, s):
   """With at most D replicas per expert, rounds alone never puts an expert twice on a device."""

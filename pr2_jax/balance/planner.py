@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.balance.loads import EMPTY, native_layout
-from pr2_jax.balance.rounds import place_in_rounds
+from pr2_jax.balance.rounds import place_in_rounds, prefix_sum
 from pr2_jax.balance.split import water_fill
 from pr2_jax.checks import check_finite, check_ids, is_concrete
 from pr2_jax.config import check_int
@@ -146,7 +146,7 @@ def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.
   above_E = count_at_least(lo + 1)         # quotients > v: all taken
   tied_E = count_at_least(lo) - above_E    # quotients == v: lowest experts first
   left = redundant - jnp.sum(above_E)
-  take_E = jnp.clip(left - (jnp.cumsum(tied_E) - tied_E), 0, tied_E)
+  take_E = jnp.clip(left - (prefix_sum(tied_E) - tied_E), 0, tied_E)
   return (1 + above_E + take_E).astype(jnp.int32)
 
 

@@ -52,6 +52,19 @@ def _rank(key_N, tier_N=None):
   return jnp.sum(before_NN, axis=1).astype(jnp.int32)
 
 
+def prefix_sum(count_N):
+  """int32 [N]: inclusive prefix sums of small non-negative int counts (total < 2**24).
+
+  One [N] x [N, N] triangular matmul: on XLA:CPU `jnp.cumsum` lowers to chains of
+  reduce-windows, several small kernels where this is one (exact in float32 below 2**24;
+  HIGHEST so that GPUs and TPUs do not round the products either).
+  """
+  n = count_N.shape[-1]
+  upper_NN = jnp.triu(jnp.ones((n, n), jnp.float32))
+  sums_N = jnp.matmul(count_N.astype(jnp.float32), upper_NN, precision=jax.lax.Precision.HIGHEST)
+  return jnp.round(sums_N).astype(jnp.int32)
+
+
 def _inverse(rank_N):
   """int32 [N]: the entry at each position (the permutation rank_N inverted)."""
   n = rank_N.shape[0]
@@ -108,7 +121,7 @@ def _sticky_round(load_D, expert_R, home_RH, held_DS, tol):
     taken_P |= new_P
   taken_D, winner_D = taken_P[:n], winner_P[:n]
   # Everyone else in weight order: q-th left-over replica -> q-th free device.
-  rest_q = jnp.cumsum(~won_R) - 1
+  rest_q = prefix_sum(~won_R) - 1
   rest_at_Q = jnp.zeros((n,), jnp.int32).at[jnp.where(won_R, n, rest_q)].set(index_N, mode="drop")
   avoid_D = jnp.any(held_DS == expert_R[rest_at_Q[0]], axis=1) & ~taken_D
   tier_D = jnp.where(taken_D, 2, jnp.where(avoid_D, 1, 0))
@@ -135,9 +148,11 @@ def place_in_rounds(load_E, count_E, num_devices: int, slots: int, prev_DS=None,
   # one expert's replicas adjacent (see the module docstring) and ranks E, not X, entries.
   weight_E = load_E / count_E
   by_weight_E = _inverse(_rank(-weight_E))
-  cum_E = jnp.cumsum(count_E[by_weight_E])
-  expert_X = by_weight_E[jnp.searchsorted(cum_E, jnp.arange(num_slots), side="right",
-                                          method="compare_all")]
+  # Run-length expansion: mark where each expert's run starts (counts >= 1: distinct
+  # starts), then a prefix sum of the marks numbers the runs.
+  start_E = prefix_sum(count_E[by_weight_E]) - count_E[by_weight_E]
+  run_X = prefix_sum(jnp.zeros((num_slots,), jnp.int32).at[start_E[1:]].add(1))
+  expert_X = by_weight_E[run_X]
   expert_SD = expert_X.reshape(slots, num_devices)
   weight_SD = weight_E[expert_X].reshape(slots, num_devices)
   sticky = prev_DS is not None and tol is not None
