@@ -71,6 +71,15 @@ def test_prefix_sum_is_an_exact_cumsum():
   np.testing.assert_array_equal(jax.vmap(rd.prefix_sum)(jnp.asarray(counts)),
                                 np.cumsum(counts, axis=1))
 
+
+def test_expand_runs_is_a_repeat():
+  np.testing.assert_array_equal(rd.expand_runs(jnp.array([2, 1, 3]), 6), [0, 0, 1, 2, 2, 2])
+  rng = np.random.default_rng(2)
+  for _ in range(10):
+    counts = rng.integers(1, 5, 40)
+    np.testing.assert_array_equal(rd.expand_runs(jnp.asarray(counts), int(counts.sum())),
+                                  np.repeat(np.arange(40), counts))
+
 @pytest.mark.parametrize("e,d,s", [(16, 4, 5), (128, 64, 3), (32, 8, 8), (8, 2, 6)])
 def test_no_twins_and_s_per_device_without_repair(e, d, s):
   """With at most D replicas per expert, rounds alone never puts an expert twice on a device."""

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.balance.loads import EMPTY, native_layout
-from pr2_jax.balance.rounds import place_in_rounds, prefix_sum
+from pr2_jax.balance.rounds import expand_runs, place_in_rounds, prefix_sum
 from pr2_jax.balance.split import water_fill
 from pr2_jax.checks import check_finite, check_ids, is_concrete
 from pr2_jax.config import check_int
@@ -155,8 +155,7 @@ def _lpt(load_E, count_E, prev_DS, num_devices, slots, tol, reserve):
   num_experts = load_E.shape[0]
   num_slots = num_devices * slots
   device_D = jnp.arange(num_devices)
-  cum_E = jnp.cumsum(count_E)
-  expert_X = jnp.searchsorted(cum_E, jnp.arange(num_slots), side="right").astype(jnp.int32)
+  expert_X = expand_runs(count_E, num_slots)
   weight_X = load_E[expert_X] / count_E[expert_X]
   # Stable: one expert's replicas (equal weights, adjacent in expert order) stay
   # adjacent, so "holds this expert" only needs the devices of the current run.

@@ -65,6 +65,14 @@ def prefix_sum(count_N):
   return jnp.round(sums_N).astype(jnp.int32)
 
 
+def expand_runs(count_N, total: int):
+  """int32 [total]: n repeated count_N[n] times (counts >= 1 summing to `total`), as
+  `jnp.repeat` with traced counts: mark where each run starts (distinct, as counts >= 1),
+  then a prefix sum of the marks numbers the runs."""
+  start_N = prefix_sum(count_N) - count_N
+  return prefix_sum(jnp.zeros((total,), jnp.int32).at[start_N[1:]].add(1))
+
+
 def _inverse(rank_N):
   """int32 [N]: the entry at each position (the permutation rank_N inverted)."""
   n = rank_N.shape[0]
@@ -148,11 +156,7 @@ def place_in_rounds(load_E, count_E, num_devices: int, slots: int, prev_DS=None,
   # one expert's replicas adjacent (see the module docstring) and ranks E, not X, entries.
   weight_E = load_E / count_E
   by_weight_E = _inverse(_rank(-weight_E))
-  # Run-length expansion: mark where each expert's run starts (counts >= 1: distinct
-  # starts), then a prefix sum of the marks numbers the runs.
-  start_E = prefix_sum(count_E[by_weight_E]) - count_E[by_weight_E]
-  run_X = prefix_sum(jnp.zeros((num_slots,), jnp.int32).at[start_E[1:]].add(1))
-  expert_X = by_weight_E[run_X]
+  expert_X = by_weight_E[expand_runs(count_E[by_weight_E], num_slots)]
   expert_SD = expert_X.reshape(slots, num_devices)
   weight_SD = weight_E[expert_X].reshape(slots, num_devices)
   sticky = prev_DS is not None and tol is not None
