@@ -23,11 +23,20 @@ def _python_blocks(relpath: str) -> list[str]:
   return [textwrap.dedent(code) for _, code in found]
 
 
+def _run(code: str) -> tuple[dict, str]:
+  """The names the example defines and what it prints."""
+  names, printed = {}, io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    exec(code, names)  # noqa: S102 - our own docs
+  return names, printed.getvalue()
+
+
+def test_readme_has_the_examples_tested_here():
+  assert len(_python_blocks("README.md")) == 2, "README.md's examples changed: test each one"
+
+
 def test_readme_example_replays_the_same_logits():
-  blocks = _python_blocks("README.md")
-  assert len(blocks) == 1, "README.md's Python examples changed: test each one here"
-  names = {}
-  exec(blocks[0], names)  # noqa: S102 - our own README
+  names, _ = _run(_python_blocks("README.md")[0])
   out, again, config = names["out"], names["again"], names["config"]
   assert out.logits.shape == (2, 8, config.vocab_size)
   assert out.routes.shape == (2, 8, config.num_layers, config.top_k)
@@ -36,14 +45,22 @@ def test_readme_example_replays_the_same_logits():
   np.testing.assert_array_equal(np.asarray(again.routes), np.asarray(out.routes))
 
 
+def test_readme_pr2_example_prints_what_the_text_says():
+  _, printed = _run(_python_blocks("README.md")[1])
+  # The line after the example: "prints `top-2 agreement with the moved router: R3 ..., PR2 ...`"
+  claimed = re.search(r"```\nprints `(.*?)`", (ROOT / "README.md").read_text()).group(1)
+  number = lambda text, label: float(re.search(label + r" (\d\.\d+)", text).group(1))  # noqa: E731
+  for label in ("R3", "PR2"):  # within a few of the 1,024 choices (another CPU may round apart)
+    assert abs(number(printed, label) - number(claimed, label)) <= 0.005, (printed, claimed)
+  assert number(printed, "PR2") > number(printed, "R3") + 0.1  # the predictor recovers the drift
+
+
 def test_balance_doc_example_prints_the_numbers_in_the_text():
   path = "docs/results/balance.md"
   blocks = _python_blocks(path)
   assert len(blocks) == 1, f"{path}'s Python examples changed: test each one here"
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    exec(blocks[0], {})  # noqa: S102 - our own docs
-  got = [float(line.rsplit(" ", 1)[1]) for line in printed.getvalue().splitlines()]
+  _, printed = _run(blocks[0])
+  got = [float(line.rsplit(" ", 1)[1]) for line in printed.splitlines()]
   # The sentence after the example: "prints 1.267 (stickiness 0), 1.143 (...), ..."
   sentence = re.search(r"```\n\n\s*prints (.*?)\. ", (ROOT / path).read_text(), re.S).group(1)
   claimed = [float(x) for x in re.findall(r"(\d+\.\d+) \(", sentence)]
