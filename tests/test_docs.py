@@ -32,7 +32,7 @@ def _run(code: str) -> tuple[dict, str]:
 
 
 def test_readme_has_the_examples_tested_here():
-  assert len(_python_blocks("README.md")) == 2, "README.md's examples changed: test each one"
+  assert len(_python_blocks("README.md")) == 3, "README.md's examples changed: test each one"
 
 
 def test_readme_example_replays_the_same_logits():
@@ -53,6 +53,13 @@ def test_readme_pr2_example_prints_what_the_text_says():
   for label in ("R3", "PR2"):  # within a few of the 1,024 choices (another CPU may round apart)
     assert abs(number(printed, label) - number(claimed, label)) <= 0.005, (printed, claimed)
   assert number(printed, "PR2") > number(printed, "R3") + 0.1  # the predictor recovers the drift
+
+
+def test_readme_balance_example_prints_what_the_text_says():
+  _, printed = _run(_python_blocks("README.md")[2])
+  claimed = re.search(r"```\nprints `(max / mean device load.*?)`",
+                      (ROOT / "README.md").read_text()).group(1)
+  assert printed.strip() == claimed  # numpy's seeded routes and a deterministic planner
 
 
 def test_balance_doc_example_prints_the_numbers_in_the_text():
