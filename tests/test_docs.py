@@ -1,19 +1,45 @@
-"""The Python examples in README.md and docs/results/balance.md run and do what the text says.
+"""The docs as published: the Python examples in README.md and docs/results/balance.md run and
+do what the text says, and every `python -m experiments.X ...` command in README.md and docs/
+names flags and config keys that exist, with values they accept.
 
-Each example is read from the Markdown file itself, so an edit to the docs is tested as
-written. (docs/checkpoints.md's example runs at tiny size in tests/test_hf_checkpoint.py;
-docs/api.md is generated and checked by tests/test_make_api_docs.py.)
+Examples and commands are read from the Markdown files themselves, so an edit to the docs (or a
+renamed flag or config field) is tested as written. (docs/checkpoints.md's example runs at tiny
+size in tests/test_hf_checkpoint.py; docs/api.md is generated and checked by
+tests/test_make_api_docs.py.)
 """
 
 import contextlib
 import io
 import pathlib
 import re
+import shlex
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))
+
+# Runs an entry point as a script up to its flag parsing: common.run parses and validates the
+# flags (and the --config.* overrides, at definition), then returns instead of running main.
+_PARSE_ONLY = """
+import runpy, sys
+from experiments import common
+module, sys.argv = sys.argv[1], ["prog"] + sys.argv[2:]
+common.run = lambda main: common.parse_flags(sys.argv)
+names = runpy.run_module("experiments." + module, run_name="__main__")
+config = names.get("_CONFIG")
+if config is not None and "rl" in config.value:  # an RL experiment (not a model-only config)
+  from pr2_jax.rl.config import ExperimentConfig
+  try:
+    ExperimentConfig.from_dict(common.config_value(config).to_dict())
+  except ValueError as e:
+    if "is not a directory" not in str(e):  # the docs' checkpoint paths are placeholders
+      raise
+"""
 
 
 def _python_blocks(relpath: str) -> list[str]:
@@ -72,3 +98,30 @@ def test_balance_doc_example_prints_the_numbers_in_the_text():
   sentence = re.search(r"```\n\n\s*prints (.*?)\. ", (ROOT / path).read_text(), re.S).group(1)
   claimed = [float(x) for x in re.findall(r"(\d+\.\d+) \(", sentence)]
   assert len(claimed) == 4 and got == claimed, (got, sentence)
+
+
+def _commands() -> list[tuple[str, str, tuple[str, ...]]]:
+  """(file, entry point, args) of every distinct `python -m experiments.X` command in the docs:
+  continuation lines joined, comments dropped, the multi-host examples' placeholders filled."""
+  found = {}
+  for relpath in DOCS:
+    text = (ROOT / relpath).read_text()
+    for m in re.finditer(r"python -m experiments\.(\w+)((?:[^\n`&;|\\]|\\\n)*)", text):
+      raw = re.sub(r"#.*", "", m.group(2).replace("\\\n", " "))
+      raw = raw.replace("$i", "0").replace("=N ", "=2 ").replace("=RANK", "=0")
+      found.setdefault((m.group(1), tuple(shlex.split(raw))), relpath)
+  return [(relpath, module, args) for (module, args), relpath in found.items()]
+
+
+def test_the_docs_have_commands():
+  files = {relpath for relpath, _, _ in _commands()}
+  assert {"README.md", "docs/benchmarks.md", "docs/scaling.md"} <= files
+
+
+@pytest.mark.parametrize("relpath,module,args", _commands(),
+                         ids=lambda v: v if isinstance(v, str) else " ".join(v)[:60])
+def test_doc_command_parses(relpath, module, args):
+  proc = subprocess.run([sys.executable, "-c", _PARSE_ONLY, module, *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, f"{relpath}: python -m experiments.{module} {' '.join(args)}\n" \
+                               f"{proc.stderr[-2000:]}"
