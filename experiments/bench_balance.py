@@ -142,26 +142,18 @@ def time_planner(s, rng):
   jax.block_until_ready(from_routes(routes[0], valid, prev))
   jax.block_until_ready(lpt(loads[0], prev))
   times = {"planner": [], "planner_lpt": [], "planner_from_routes": [], "eplb": []}
+  timed = common.timed_call
   for i in range(s["repeats"]):  # round-robin, so machine load hits all alike
     j = i % len(routes)
-    t0 = time.perf_counter()
-    jax.block_until_ready(from_loads(loads[j], prev))
-    times["planner"].append(time.perf_counter() - t0)
-    t0 = time.perf_counter()  # the same input, placed by LPT instead of rounds
-    jax.block_until_ready(lpt(loads[j], prev))
-    times["planner_lpt"].append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    jax.block_until_ready(from_routes(routes[j], valid, prev))
-    times["planner_from_routes"].append(time.perf_counter() - t0)
     host_loads = np.asarray(loads[j])
-    t0 = time.perf_counter()
-    balance.eplb_rebalance(host_loads, d * slots, 1, 1, d)
-    times["eplb"].append(time.perf_counter() - t0)
-  times["planner_warm"] = []
-  for i in range(s["repeats"]):
-    t0 = time.perf_counter()
-    jax.block_until_ready(from_loads(loads[i % len(loads)], prev))
-    times["planner_warm"].append(time.perf_counter() - t0)
+    times["planner"].append(timed(lambda: from_loads(loads[j], prev)))
+    # the same input, placed by LPT instead of rounds
+    times["planner_lpt"].append(timed(lambda: lpt(loads[j], prev)))
+    times["planner_from_routes"].append(timed(lambda: from_routes(routes[j], valid, prev)))
+    times["eplb"].append(timed(lambda: balance.eplb_rebalance(host_loads, d * slots, 1, 1, d)))
+  # Back to back: XLA's threads stay busy, as inside a jitted micro-step.
+  times["planner_warm"] = [timed(lambda: from_loads(loads[i % len(loads)], prev))
+                           for i in range(s["repeats"])]
   ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
   ms.update({f"{k}_min": 1e3 * min(v) for k, v in times.items()})
   ms["planner_compile_s"] = compile_s

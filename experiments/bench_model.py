@@ -119,12 +119,6 @@ def make_forward(model: MoETransformer, mesh, param_shardings):
   return jax.jit(forward, in_shardings=(param_shardings, logical_sharding(mesh, ("batch", "length"))))
 
 
-def timed_call(fn) -> float:
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - t0
-
-
 class PathBench:
   """One expert path: its compiled forward and train step, params and threaded state."""
 
@@ -151,7 +145,7 @@ class PathBench:
     return self.state, metrics
 
   def time_round(self, record: bool):
-    fwd, train = timed_call(self.run_forward), timed_call(self.run_train)
+    fwd, train = common.timed_call(self.run_forward), common.timed_call(self.run_train)
     if record:
       self.forward_times.append(fwd)
       self.train_times.append(train)

@@ -92,6 +92,14 @@ def cpu_model() -> str:
   return platform.processor()
 
 
+def timed_call(fn) -> float:
+  """Seconds `fn()` takes until its result is ready (JAX dispatches asynchronously)."""
+  import jax
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
 def machine_info(**extra) -> dict:
   """What a benchmark JSON records of where and from what it ran: CPU, cores, load, versions,
   JAX devices, git commit, time (UTC); `extra` adds or overrides fields."""
