@@ -39,7 +39,7 @@ def test_empty_directory_has_no_step(tmp_path):
     assert ck.latest_step() is None
 
 
-def _corrupt(directory):
+def corrupt(directory):
   """Truncates every data file of a checkpoint step (as a disk fault would)."""
   import os
   for root, _, files in os.walk(directory):
@@ -56,11 +56,33 @@ def test_damaged_newest_falls_back_to_previous(tmp_path):
     ck.save(1, state, {"model": {"d": 1}})
     ck.save(2, {"x": state["x"] + 1}, {"model": {"d": 1}})
     ck.wait()
-  _corrupt(str(tmp_path / "2"))
+  corrupt(str(tmp_path / "2"))
   with Checkpointer(str(tmp_path)) as ck:
     step, restored, _, problems = ck.restore_newest_good(abstract, {"model": {"d": 1}})
+    assert ck.all_steps() == [1, 2], "a reader leaves the damaged step alone"
   assert step == 1 and len(problems) == 1 and "step 2" in problems[0]
   np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(4.0))
+
+
+def test_a_resume_deletes_the_damaged_steps_it_will_write_again(tmp_path):
+  """Orbax refuses to save a step that exists: a run resumed from step 1 past a damaged step 2
+  crashed at its next save until the resume deleted step 2."""
+  state = {"x": jnp.arange(4.0)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with Checkpointer(str(tmp_path), max_to_keep=3) as ck:
+    for step in (1, 2, 3):
+      ck.save(step, {"x": state["x"] + step}, {})
+    ck.wait()
+  corrupt(str(tmp_path / "2"))
+  corrupt(str(tmp_path / "3"))
+  with Checkpointer(str(tmp_path), max_to_keep=3) as ck:
+    step, _, _, problems = ck.restore_newest_good(abstract, delete_unreadable=True)
+    assert step == 1 and ck.all_steps() == [1]
+    assert problems[-1].startswith("deleted the unreadable step(s) [3, 2]")
+    ck.save(2, {"x": state["x"] * 10}, {})
+    ck.wait()
+    restored, _ = ck.restore(2, abstract)
+  np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(4.0) * 10)
 
 
 def test_no_usable_checkpoint_is_an_error(tmp_path):
@@ -69,7 +91,7 @@ def test_no_usable_checkpoint_is_an_error(tmp_path):
   with Checkpointer(str(tmp_path)) as ck:
     ck.save(1, state, {})
     ck.wait()
-  _corrupt(str(tmp_path / "1"))
+  corrupt(str(tmp_path / "1"))
   with Checkpointer(str(tmp_path)) as ck:
     with pytest.raises(ValueError, match="no usable checkpoint: checkpoint step 1 .* unreadable"):
       ck.restore_newest_good(abstract)

@@ -14,6 +14,7 @@ from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import loop, records
 from pr2_jax.rl.config import ExperimentConfig, PR2Config, RLConfig, SFTConfig
 from pr2_jax.train.checkpoint import Checkpointer, abstract_like
+from test_checkpoint import corrupt
 
 REQUIRED_KEYS = {"step", "phase", "reward_mean", "response_len", "entropy", "k3_kl",
                  "extreme_frac", "ratio_mean", "ratio_var", "clip_frac_low", "clip_frac_high",
@@ -301,6 +302,21 @@ def test_an_interrupt_keeps_the_checkpoint_being_written(tmp_path, monkeypatch):
   monkeypatch.setattr(loop.Engine, "rl_step", real_step)
   out, rows = _run(str(tmp_path), 3, mesh)
   assert out["resumed_from"] == 2 and [r["step"] for r in rows] == [3]
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path):
+  """The resumed run recomputes step 2 and saves it again (it crashed at that save)."""
+  mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+  _run(str(tmp_path), 2, mesh)
+  corrupt(str(tmp_path / "checkpoints" / "rl" / "2"))
+  warnings, rows = [], []
+  out = loop.run(_config(3), mesh, str(tmp_path), warn=warnings.append, on_metrics=rows.append)
+  assert out["resumed_from"] == 1 and out["final"]["step"] == 3
+  assert "checkpoint step 2" in warnings[0] and "unreadable" in warnings[0]
+  assert warnings[1].startswith("deleted the unreadable step(s) [2]")
+  assert [r["step"] for r in _rows(str(tmp_path)) if r["phase"] == "rl"] == [1]  # 2 rewritten
+  assert [r["step"] for r in rows if r["phase"] == "rl"] == [2, 3]
+  assert sorted(os.listdir(tmp_path / "checkpoints" / "rl")) == ["2", "3"]
 
 
 def test_progress_rate_leaves_the_first_step_out(tmp_path):

@@ -282,9 +282,9 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
                                  "consecutive_skips": consecutive})
 
     resumed_from, restored, meta, problems = rl_ckpt.restore_newest_good(
-        abstract_like(state, engine.shardings), identity)
+        abstract_like(state, engine.shardings), identity, delete_unreadable=True)
     for problem in problems:
-      warn(problem + "; falling back to an older checkpoint")
+      warn(problem)
     if resumed_from is not None:
       start, state, consecutive = resumed_from, restored, meta.get("consecutive_skips", 0)
       info(f"resuming from the RL checkpoint of step {start} in {rl_ckpt.directory}"

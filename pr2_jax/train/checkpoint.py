@@ -54,22 +54,27 @@ class Checkpointer:
     return dict(self._manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore())).meta)
 
-  def restore_newest_good(self, abstract_state: Any, expect_meta: dict | None = None):
+  def restore_newest_good(self, abstract_state: Any, expect_meta: dict | None = None,
+                          delete_unreadable: bool = False):
     """Restores the newest step that reads back; returns (step, state, meta, problems).
 
     A damaged or incomplete newest checkpoint is reported in `problems` (one
-    message per step tried) and the previous one is used. Raises ValueError
+    message per step tried) and the previous one is used. A run that resumes
+    from it writes the newer step numbers again, which Orbax refuses while
+    they exist: `delete_unreadable` deletes them once an older step restored
+    (a reader, e.g. a probe, leaves them alone). Raises ValueError
     when steps exist but none restores, or when `expect_meta` entries differ
     from what a checkpoint recorded (e.g. another model config): the metadata
     is compared before any array is read, so the error names the fields that
     differ instead of an Orbax shape or tree-structure mismatch.
     """
-    problems = []
+    problems, unreadable = [], []
     for step in sorted(self.all_steps(), reverse=True):
       try:
         meta = self.restore_meta(step)
       except Exception as e:  # Orbax raises many types for damaged files
         problems.append(_unreadable(self.directory, step, e))
+        unreadable.append(step)
         continue
       differences = [d for key, want in (expect_meta or {}).items() if key in meta
                      for d in _differences(key, meta[key], want)]
@@ -82,7 +87,13 @@ class Checkpointer:
         state, meta = self.restore(step, abstract_state)
       except Exception as e:
         problems.append(_unreadable(self.directory, step, e))
+        unreadable.append(step)
         continue
+      if unreadable and delete_unreadable:
+        for bad in unreadable:
+          self._manager.delete(bad)
+        problems.append(f"deleted the unreadable step(s) {unreadable} in {self.directory}: "
+                        f"restored step {step} instead, and a resumed run writes them again")
       return step, state, meta, problems
     if problems:
       raise ValueError("no usable checkpoint: " + "; ".join(problems))
