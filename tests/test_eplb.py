@@ -15,6 +15,7 @@ PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
 def _check_invariants(weight, phy2log, log2phy, logcnt, num_replicas, num_gpus):
   num_layers, num_experts = np.asarray(weight).shape
   assert phy2log.shape == (num_layers, num_replicas)
+  assert log2phy.shape == (num_layers, num_experts, num_replicas - num_experts + 1)
   assert np.all(logcnt >= 1) and np.all(logcnt.sum(-1) == num_replicas)
   for l in range(num_layers):
     np.testing.assert_array_equal(np.bincount(phy2log[l], minlength=num_experts), logcnt[l])
@@ -32,8 +33,9 @@ def test_design_example_exactly():
   np.testing.assert_array_equal(logcnt, [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1],
                                          [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]])
   # Replica rank order: expert 1 of layer 0 has its original copy at 15, the new one at 13.
-  np.testing.assert_array_equal(log2phy[0, 1], [15, 13])
-  assert log2phy.shape == (2, 12, 2) and log2phy[0, 0, 1] == -1
+  np.testing.assert_array_equal(log2phy[0, 1], [15, 13, -1, -1, -1])
+  # The reference's fixed width X - E + 1 = 5, whatever the loads.
+  assert log2phy.shape == (2, 12, 5) and (log2phy[0, 0, 1:] == -1).all()
   _check_invariants(WEIGHT, phy2log, log2phy, logcnt, 16, 8)
 
 
@@ -48,7 +50,7 @@ def test_global_policy_hand_worked():
   phy2log, log2phy, logcnt = eplb_rebalance([[10, 4, 6, 2]], 6, 1, 2, 3)
   np.testing.assert_array_equal(phy2log, [[0, 2, 0, 3, 1, 2]])
   np.testing.assert_array_equal(logcnt, [[2, 1, 2, 1]])
-  np.testing.assert_array_equal(log2phy, [[[0, 2], [4, -1], [5, 1], [3, -1]]])
+  np.testing.assert_array_equal(log2phy, [[[0, 2, -1], [4, -1, -1], [5, 1, -1], [3, -1, -1]]])
   np.testing.assert_allclose(eplb_device_load([[10, 4, 6, 2]], phy2log, logcnt, 3), [[8, 7, 7]])
 
 
@@ -72,9 +74,10 @@ def test_global_policy_ignores_groups_hand_worked():
   np.testing.assert_array_equal(phy2log, [[0, 4, 0, 5, 1, 2, 3, 3], [0, 3, 2, 4, 2, 1, 5, 5]])
   np.testing.assert_array_equal(logcnt, [[2, 1, 1, 2, 1, 1], [1, 1, 2, 1, 1, 2]])
   # The original copy (rank 0) is listed before the replica made from it.
-  np.testing.assert_array_equal(log2phy, [
+  np.testing.assert_array_equal(log2phy[..., :2], [
       [[0, 2], [4, -1], [5, -1], [6, 7], [1, -1], [3, -1]],
       [[0, -1], [5, -1], [2, 4], [1, -1], [3, -1], [6, 7]]])
+  assert log2phy.shape == (2, 6, 3) and (log2phy[..., 2] == -1).all()
   np.testing.assert_allclose(eplb_device_load(weight, phy2log, logcnt, 4),
                              [[21, 18, 21, 20], [21, 18, 15, 21]])
 

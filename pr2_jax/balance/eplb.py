@@ -123,7 +123,8 @@ def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, n
     num_gpus: GPUs; GPU u holds physical experts [u * X/U, (u + 1) * X/U).
   Returns:
     phy2log int64 [L, X]: logical expert of each physical expert;
-    log2phy int64 [L, E, R]: physical ids of each logical expert, padded with -1;
+    log2phy int64 [L, E, X - E + 1]: physical ids of each logical expert, padded with -1
+      (the reference's fixed width: the most replicas one expert can get);
     logcnt int64 [L, E]: replicas per logical expert.
   """
   # A NaN expert took half the replicas; a negative one made NaN device loads. Checked after
@@ -154,7 +155,7 @@ def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, n
                                               num_gpus)
   else:
     phy2log, phy_rank, logcnt = _hierarchical(weight_LE, num_replicas, 1, 1, num_gpus)
-  max_count = int(logcnt.max())
+  max_count = num_replicas - num_log + 1  # static, whatever the loads
   log2phy = np.full((num_layers, num_log * max_count), -1, np.int64)
   np.put_along_axis(log2phy, phy2log * max_count + phy_rank,
                     np.broadcast_to(np.arange(num_replicas), phy2log.shape), axis=1)
