@@ -258,7 +258,8 @@ def write_markdown(path: str, results: dict, meta: dict, plots: list[str], base)
            "rollout. "
            "Routing metrics compare the route recorded at rollout (PR2: the predicted route) with "
            "the live training router's top-k at every mini-step, over all valid tokens and layers; "
-           "for R2 that is the rollout route, not the old-log-prob route R2 replays.", "",
+           "for R2 that is the rollout route, not the old-log-prob route R2 replays (its metrics "
+           "file also has that one's, as `replayed_*`).", "",
            f"**Collapse**: a run counts as collapsed if its final eval reward is below "
            f"{meta['collapse_fraction']:.0%} of its own warm-up eval reward (same eval set and "
            "sampling key), if any update had a non-finite loss or gradient, or if it stopped with "

@@ -203,7 +203,7 @@ def _np_topk(x, k):
   return np.argsort(-np.asarray(x, np.float64), axis=-1, kind="stable")[..., :k]
 
 
-def test_r2_routing_metrics_compare_rollout_routes_with_the_live_router():
+def test_r2_routing_metrics_compare_rollout_and_replayed_routes_with_the_live_router():
   """R2's routing metrics (docs/architecture.md §5): the ROLLOUT's routes against the live
   training router's top-k, over every valid slot (prompt and response), from a numpy oracle on
   the router logits of the update's forward (old-pass routes replayed). A bfloat16 rollout plus
@@ -235,10 +235,19 @@ def test_r2_routing_metrics_compare_rollout_routes_with_the_live_router():
   np.testing.assert_allclose(float(m["topk_agreement"]), agree_L.mean(), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(m["dev_hist"]), hist_4, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(float(m["zero_dev_ratio"]), hist_4[0], rtol=1e-6)
-  # The old pass's replayed routes are the live router's own at θ_old: comparing those instead
-  # would give (almost) full agreement and hide the rollout's drift.
+  # DESIGN §3's I_rep, the route R2 replays (the old pass's), is reported beside them as
+  # `replayed_*`: the live router's own at θ_old, (almost) full agreement at the first
+  # mini-step, which alone would hide the rollout's drift.
   replayed = (m0["replay_routes"][..., :, None] == live_BSLK[..., None, :]).any(-1).sum(-1)
-  assert (replayed / k * w_BS1).sum() / w_BS1.sum() / num_l > agree_L.mean() + 0.02
+  replayed_L = (replayed / k * w_BS1).sum((0, 1)) / w_BS1.sum()
+  np.testing.assert_allclose(np.asarray(m["replayed_topk_agreement_per_layer"]), replayed_L,
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(m["replayed_zero_dev_ratio"]),
+                             ((replayed == k) * w_BS1).sum() / w_BS1.sum() / num_l, rtol=1e-6)
+  assert float(m["replayed_topk_agreement"]) > agree_L.mean() + 0.02
+  _, m_r3 = learner.update_step(_learner(model, _rl(replay_mode="r3"), tx), state,
+                                _prepare(model, _rl(replay_mode="r3"), state.params, batch, 1))
+  assert not [key for key in m_r3 if key.startswith("replayed_")], "r3 replays the rollout's"
 
 
 def _hand_policy_loss(kind, logp, against, adv, mask, clip_low, clip_high, weight=None):

@@ -184,11 +184,15 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
           jnp.sum(ent_BT * mask_BT.astype(jnp.float32)) / denoms["tokens"]),
       "loss_sums": aux["sums"],
       "mismatch": metrics.mismatch_sums(logp_BT, rollout_BT, mask_BT),
+      # The rollout's route against the live router: the drift replay has to absorb.
       "routing": metrics.routing_sums(micro["rollout_routes"], live_BTLK, probs_BTLE,
                                       micro["valid"]),
       "dropped": out.dropped.sum(),
       "aux_loss": aux_share,
   }
+  if rl.replay_mode in ("r2", "pr2_r2"):  # replays another route than the rollout's
+    stats["routing_replayed"] = metrics.routing_sums(micro["replay_routes"], live_BTLK,
+                                                     probs_BTLE, micro["valid"])
   if lr.uses_predictor:
     stats["pred"] = predictor_step(lr, predictor, micro, out.router_logits, denoms["features"])
   return loss, stats
@@ -232,6 +236,9 @@ def minibatch_metrics(stats: dict, grads) -> dict:
          **{f"mismatch_{k}" if k.startswith("ratio") else k: v
             for k, v in metrics.mismatch_from_sums(stats["mismatch"]).items()},
          **metrics.routing_from_sums(stats["routing"])}
+  if "routing_replayed" in stats:
+    out.update({f"replayed_{k}": v
+                for k, v in metrics.routing_from_sums(stats["routing_replayed"]).items()})
   if "pred" in stats:
     p = stats["pred"]
     out.update(pred_loss=jnp.sum(p["loss_per_layer"]), pred_loss_per_layer=p["loss_per_layer"],

@@ -239,8 +239,8 @@ class Engine:
                                     if not int(m["skipped"])), len(per_mini))
     # Per mini-step: k3/extreme at mini-step 1 are the pure train-inference mismatch (π_θ = π_old);
     # later mini-steps add the policy's own movement since the rollout.
-    for key in ("topk_agreement", "zero_dev_ratio", "pred_loss", "pred_topk_acc", "k3_kl",
-                "extreme_frac"):
+    for key in ("topk_agreement", "zero_dev_ratio", "replayed_topk_agreement",
+                "replayed_zero_dev_ratio", "pred_loss", "pred_topk_acc", "k3_kl", "extreme_frac"):
       if key in per_mini[0]:
         out[f"{key}_per_ministep"] = [float(m[key]) for m in per_mini]
     out.update(reward_mean=float(rewards.mean()),
