@@ -1,6 +1,7 @@
 """Executes colab/pr2_demo.ipynb top to bottom in quick mode, so the demo never rots."""
 
 import os
+import re
 
 import nbformat
 import pytest
@@ -28,5 +29,8 @@ def test_demo_notebook_runs_in_quick_mode(tmp_path):
   assert "replay reproduces the logits exactly: True" in text
   assert "router gradient under foreign routes is non-zero: True" in text
   assert "eval reward after warm-up" in text
+  # The predictor nudges the router (|b| a few % of |p|); at α·η = 1 it ran away (ratio ~30).
+  ratio = float(re.search(r"bias-to-logit ratio over training \(last step\): (\S+)", text)[1])
+  assert 0 < ratio < 0.2, ratio
   images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(images) >= 3

@@ -188,7 +188,8 @@ class RLConfig:
 class PR2Config:
   """The route evolution predictor (used when RLConfig.replay_mode is pr2 or pr2_r2)."""
   loss: str = "post"               # post | delta | l2 (DESIGN §3)
-  lr_mult: float = 1e3             # α: predictor learning rate = α × RLConfig.learning_rate
+  lr_mult: float = 1e3             # α: predictor learning rate = α × RLConfig.learning_rate;
+                                   # the paper's α for its η ~ 1e-6: keep α·η ~ 1e-3 (Adam)
   feature_tokens: int = 8          # cached (h_old, p_old) positions per sequence
   feature_rule: str = "random"     # random: uniform over all slots | response: first response slots
   feature_dtype: str = "bfloat16"  # dtype of the feature cache
