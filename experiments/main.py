@@ -25,7 +25,7 @@ def main(argv):
   del argv
   common.setup_devices()
   from pr2_jax.rl import loop
-  from pr2_jax.rl.config import ExperimentConfig
+  from pr2_jax.rl.config import ExperimentConfig, SetupError
   from pr2_jax.train.checkpoint import SetupMismatchError
 
   cfg = common.config_value(_CONFIG)
@@ -44,12 +44,12 @@ def main(argv):
                        on_warmup_progress=common.progress_logger("warm-up"),
                        warn=logging.warning, info=logging.info,
                        allow_fresh_start=_FRESH.value)
-  except SetupMismatchError as e:
+  except (SetupError, SetupMismatchError) as e:  # found before any training step
     common.exit_with_error(str(e))
-  except KeyboardInterrupt:  # loop.run has finished any checkpoint save in flight
+  except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: loop.run has finished any save in flight
     logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "
                     "in %s", _WORKDIR.value)
-    raise SystemExit(130) from None
+    raise SystemExit(143 if isinstance(e, common.Terminated) else 130) from None
   if _FRESH.value and summary["resumed_from"] is not None:
     logging.warning("--fresh had no effect: %s has an RL checkpoint, which was resumed (use "
                     "another --workdir to start over)", _WORKDIR.value)

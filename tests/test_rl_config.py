@@ -74,8 +74,16 @@ def test_experiment_from_dict_rejects_unknown_fields():
     ExperimentConfig.from_dict({**base, "rl": {"kappa": 2}})
   with pytest.raises(ValueError, match=r"SFTConfig.num_steps must be an int >= 0, got -1"):
     SFTConfig(num_steps=-1)
-  with pytest.raises(ValueError, match=r"ExperimentConfig.seed must be an int, got 1.5"):
+  with pytest.raises(ValueError, match=r"ExperimentConfig.seed must be an int >= 0, got 1.5"):
     ExperimentConfig.from_dict({**base, "seed": 1.5})
+  # numpy's generators take seeds >= 0: -1 failed deep in the task's eval set, not naming seed.
+  with pytest.raises(ValueError, match=r"ExperimentConfig.seed must be an int >= 0, got -1"):
+    ExperimentConfig.from_dict({**base, "seed": -1})
+  # The task and its options are checked with the config, before any model is built.
+  with pytest.raises(ValueError, match=r"unknown task 'foo'"):
+    ExperimentConfig.from_dict({**base, "task": "foo"})
+  with pytest.raises(ValueError, match=r"num_numbers=0"):
+    ExperimentConfig.from_dict({**base, "task": "countdown", "task_kwargs": {"num_numbers": 0}})
   with pytest.raises(ValueError, match=r"ExperimentConfig.checkpoint_every must be an int >= 0, "
                      r"got 2.5"):
     ExperimentConfig.from_dict({**base, "checkpoint_every": 2.5})

@@ -7,10 +7,14 @@ allowed values: a bad flag must fail before any compilation.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Mapping
 
 from pr2_jax.config import RUNTIME_FIELDS, check_int, check_real
+
+
+class SetupError(ValueError):
+  """A setup that cannot run (config against mesh, task, tokenizer or workdir): a user error,
+  which the entry points report as one `error:` line, not a traceback."""
 
 REPLAY_MODES = ("none", "r2", "r3", "pr2", "pr2_r2")
 PR2_MODES = ("pr2", "pr2_r2")
@@ -158,18 +162,18 @@ class RLConfig:
     if expert_axis_size is not None:
       self._check_expert_axis(expert_axis_size)
     if self.micro_batch_size % token_shards:
-      raise ValueError(
+      raise SetupError(
           f"RLConfig micro-batch size {self.micro_batch_size} (= batch {self.batch_size} / "
           f"(off_policy_k*micro_steps)) must be divisible by the {token_shards} token shards")
     if self.eval_size % token_shards:
-      raise ValueError(f"RLConfig.eval_size={self.eval_size} must be divisible by the "
+      raise SetupError(f"RLConfig.eval_size={self.eval_size} must be divisible by the "
                        f"{token_shards} token shards")
 
   def _check_expert_axis(self, expert_axis_size: int) -> None:
     """A balance mode moves experts between the devices of the 'expert' axis: with one device
     every layout is the same and the planner would run for nothing."""
     if self.balance_mode != "none" and expert_axis_size == 1:
-      raise ValueError(
+      raise SetupError(
           f"RLConfig.balance_mode={self.balance_mode!r} needs expert parallelism, but the "
           "'expert' mesh axis has size 1: set mesh_expert > 1 (e.g. --cpu_devices=8 "
           "--config.mesh_expert=4) or balance_mode='none' (capacity_mode='bucket' still sizes "
@@ -239,8 +243,9 @@ class ExperimentConfig:
 
   def __post_init__(self):
     check_int("ExperimentConfig", "checkpoint_every", self.checkpoint_every, minimum=0)
-    if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-      raise ValueError(f"ExperimentConfig.seed must be an int, got {self.seed!r}")
+    check_int("ExperimentConfig", "seed", self.seed, minimum=0)  # numpy's seeds are >= 0
+    from pr2_jax.rl.tasks import make_task
+    make_task(self.task, **self.task_kwargs)  # an unknown task or option fails here, by name
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":

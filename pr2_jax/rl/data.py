@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pr2_jax.rl.char_tokenizer import CharTokenizer
+from pr2_jax.rl.config import SetupError
 from pr2_jax.rl.tasks import Problem, Task
 
 
@@ -20,7 +21,7 @@ def layout(task: Task, max_new_tokens: int) -> tuple[int, int]:
   """(P, N) slots for a task; raises if the response budget cannot hold a solution."""
   prompt_slots = 1 + task.max_prompt_len
   if max_new_tokens < task.max_answer_len + 1:
-    raise ValueError(f"RLConfig.max_new_tokens={max_new_tokens} cannot hold the task's answers "
+    raise SetupError(f"RLConfig.max_new_tokens={max_new_tokens} cannot hold the task's answers "
                      f"({task.max_answer_len} characters + EOS)")
   return prompt_slots, max_new_tokens
 

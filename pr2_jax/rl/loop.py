@@ -28,7 +28,7 @@ from pr2_jax.parallel.distributed import gather_rows, local_rows, to_global, to_
 from pr2_jax.parallel.mesh import EXPERT, axis_size, logical_sharding, num_token_shards
 from pr2_jax.rl import balancing, data, losses, programs, records
 from pr2_jax.rl.char_tokenizer import CharTokenizer
-from pr2_jax.rl.config import PR2_MODES, ExperimentConfig
+from pr2_jax.rl.config import PR2_MODES, ExperimentConfig, SetupError
 from pr2_jax.rl.tasks import make_task
 from pr2_jax.train.checkpoint import Checkpointer, abstract_like
 
@@ -48,12 +48,12 @@ class Engine:
                 if config.hf_checkpoint else CharTokenizer())
     self.prompt_slots, self.response_slots = data.layout(self.task, rl.max_new_tokens)
     if config.model.vocab_size < self.tok.vocab_size:
-      raise ValueError(f"ModelConfig.vocab_size={config.model.vocab_size} is below the "
+      raise SetupError(f"ModelConfig.vocab_size={config.model.vocab_size} is below the "
                        f"tokenizer's {self.tok.vocab_size} ids")
     shards = num_token_shards(mesh)
     rl.validate_mesh(shards, axis_size(mesh, EXPERT))
     if config.sft.batch_size % shards:
-      raise ValueError(f"SFTConfig.batch_size={config.sft.batch_size} must be divisible by the "
+      raise SetupError(f"SFTConfig.batch_size={config.sft.batch_size} must be divisible by the "
                        f"{shards} token shards")
     # Shared with earlier Engines of the same programs (other seeds, a resumed run).
     self.programs = programs.programs_for(config, mesh, self.tok.eos_id, self.tok.pad_id)
@@ -69,7 +69,7 @@ class Engine:
     # Distinct feature slots: none cached (and weighted in the predictor loss) twice.
     slots = self.response_slots + (self.prompt_slots if config.pr2.feature_rule == "random" else 0)
     if self.pr2_mode and config.pr2.feature_tokens > slots:  # before any compiling
-      raise ValueError(f"PR2Config.feature_tokens={config.pr2.feature_tokens} exceeds the "
+      raise SetupError(f"PR2Config.feature_tokens={config.pr2.feature_tokens} exceeds the "
                        f"{slots} slots feature_rule={config.pr2.feature_rule!r} draws from "
                        f"(prompt {self.prompt_slots} + max_new_tokens {self.response_slots})")
     if self.pr2_mode:
@@ -264,7 +264,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   """
   if config.init_from and not records.holds_checkpoint(config.init_from):
     # Before any Checkpointer: it would create the mistyped dir and warm up from scratch.
-    raise ValueError(f"init_from={config.init_from!r} holds no checkpoint (expected a warm-up "
+    raise SetupError(f"init_from={config.init_from!r} holds no checkpoint (expected a warm-up "
                      "checkpoint dir such as WORKDIR/checkpoints/sft of an earlier run)")
   emit = on_metrics or (lambda m: None)
   engine = Engine(config, mesh)
@@ -296,7 +296,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     else:
       metrics_path = os.path.join(workdir, "metrics.jsonl")
       if records.has_rl_rows(metrics_path) and not allow_fresh_start:
-        raise ValueError(f"{workdir} holds RL metrics from an earlier run but no RL checkpoint to "
+        raise SetupError(f"{workdir} holds RL metrics from an earlier run but no RL checkpoint to "
                          "resume; refusing to start over it (pass allow_fresh_start=True / "
                          "--fresh, or use another workdir)")
       records.truncate_metrics(metrics_path, -1, phases=("rl", "sft_eval"))
