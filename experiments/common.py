@@ -5,6 +5,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -154,6 +155,8 @@ class MetricsWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl."""
 
   def __init__(self, workdir: str):
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      exit_with_error(f"--workdir={workdir} is a file, not a directory")
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
 
@@ -205,6 +208,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     _unknown_config_key(e, argv)
   except flags.Error as e:
     exit_with_error(f"{e} (--helpfull lists every flag)")
+  except OSError as e:  # a `--config.*` override makes ml_collections load the file right here
+    exit_with_error(f"bad --config: {e}")
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (a scheduler preempting or cancelling the job), raised like Ctrl-C so that what
+  unwinds on Ctrl-C runs too: a checkpoint save in flight finishes instead of being lost."""
+
+
+def _terminated(signum, frame):
+  del signum, frame
+  raise Terminated()
 
 
 def run(main):
@@ -213,6 +228,7 @@ def run(main):
   Started as a script, the process first re-executes itself with a better C allocator for
   XLA:CPU's per-call buffers where that changes anything (`allocator`: faster CPU train steps)."""
   allocator.reexec_if_useful(os.path.dirname(os.path.abspath(__file__)))
+  signal.signal(signal.SIGTERM, _terminated)
 
   def checked(argv):
     try:

@@ -1,8 +1,12 @@
 """Tests for pr2_jax.train.checkpoint: sharded round trip, newest-step bookkeeping."""
 
+import os
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -41,7 +45,6 @@ def test_empty_directory_has_no_step(tmp_path):
 
 def corrupt(directory):
   """Truncates every data file of a checkpoint step (as a disk fault would)."""
-  import os
   for root, _, files in os.walk(directory):
     for name in files:
       path = os.path.join(root, name)
@@ -129,3 +132,21 @@ def test_restore_meta_reads_the_metadata_alone(tmp_path):
     ck.save(5, {"x": jnp.arange(4.0)}, {"rl_step": 5, "model": {"d": [1, 2]}})
     ck.wait()
     assert ck.restore_meta(5) == {"rl_step": 5, "model": {"d": [1, 2]}}
+
+
+def test_an_interrupt_inside_a_save_takes_effect_after_it(tmp_path, monkeypatch):
+  """Ctrl-C inside Orbax's synchronous part of a save abandoned the step's temporary directory:
+  the save defers it, then the KeyboardInterrupt comes and the step is complete."""
+  real_save, seen = ocp.CheckpointManager.save, []
+
+  def interrupted_save(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # runs the main thread's Python handler at once
+    seen.append("still saving")
+    return real_save(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", interrupted_save)
+  with pytest.raises(KeyboardInterrupt):
+    with Checkpointer(str(tmp_path)) as ck:
+      ck.save(1, {"x": jnp.arange(4.0)}, {})
+      seen.append("after the save")  # not reached: the deferred Ctrl-C is raised first
+  assert seen == ["still saving"] and sorted(os.listdir(tmp_path)) == ["1"]

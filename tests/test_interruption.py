@@ -20,6 +20,7 @@ guard against a silent fresh start), a different behaviour from the one tested h
 
 import os
 import re
+import signal
 import time
 
 import jax
@@ -131,3 +132,20 @@ def test_sigkill_at_random_moments_then_rerun_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
   # RL moved the parameters: identical-because-untouched would prove nothing.
   assert any(r["grad_norm"] > 0 for r in rows if r["phase"] == "rl")
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_checkpoint_being_written(tmp_path):
+  """A scheduler's SIGTERM unwinds like Ctrl-C: the RL checkpoint being written when it arrives
+  is committed (SIGTERM used to kill the run on the spot, losing that save), exit code 143."""
+  workdir = str(tmp_path / "run")
+  rl_dir = os.path.join(workdir, "checkpoints", "rl")
+  with sub.processes(str(tmp_path)) as procs:
+    proc = procs.start("run", sub.command(workdir), sub.environment())
+    _wait_until(proc, lambda: [s for s in _partial_steps(rl_dir) if s >= 2], "RL checkpoint 2's write")
+    writing = _partial_steps(rl_dir)[-1]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    err = procs.stderr("run")
+  assert "interrupted; rerun the same command to resume" in err, err[-2000:]
+  assert writing in _complete_steps(rl_dir) and not _partial_steps(rl_dir), _listing(rl_dir)

@@ -8,7 +8,10 @@ one, and `close()` before the process exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -40,8 +43,9 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=True)
+    with interrupts_deferred():
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores `step` into the shapes/shardings of `abstract_state` (see `abstract_like`)."""
@@ -103,13 +107,40 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with interrupts_deferred():  # close() waits for the commit in flight: let it finish
+      self._manager.close()
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
     self.close()
+
+
+@contextlib.contextmanager
+def interrupts_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
+  """Ctrl-C / SIGTERM arriving inside the block take effect when it ends.
+
+  Orbax starts a save on the calling thread (its temporary directory, the
+  arrays' copies) and commits it in the background: an interrupt raised in the
+  first part abandoned the step's temporary directory, so the run lost the
+  checkpoint it was writing. Python handlers only run on the main thread;
+  elsewhere, or for a handler not set from Python, this does nothing.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  caught, previous = [], {}
+  for signum in signals:
+    if callable(signal.getsignal(signum)):
+      previous[signum] = signal.signal(signum, lambda n, _: caught.append(n))
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+    if caught:
+      signal.raise_signal(caught[0])  # now the original handler runs
 
 
 def _unreadable(directory: str, step: int, e: Exception) -> str:
