@@ -301,6 +301,14 @@ def edit_config(path, **changes):
     (lambda p: os.remove(p / "config.json"), "no config.json"),
     (lambda p: (p / "config.json").write_text("[1, 2]"), "holds a JSON list, not an object"),
     (lambda p: (p / "config.json").write_text('{"vocab_size": 64,'), "config.json is not valid JSON"),
+    # A truncated download: safetensors alone said "incomplete metadata", naming no file.
+    (lambda p: os.truncate(p / "model.safetensors", 1000),
+     r"cannot read .*model\.safetensors: SafetensorError"),
+    (lambda p: rewrite_tensors(p, lambda t: t["model.layers.2.mlp.experts.3.down_proj.weight"]
+                               .__setitem__((0, 0), np.nan)),
+     r"model\.layers\.2\.mlp\.experts\.0\.down_proj\.weight.* hold non-finite values"),
+    (lambda p: rewrite_tensors(p, lambda t: t["model.norm.weight"].__setitem__(0, np.inf)),
+     r"model\.norm\.weight hold non-finite values"),
 ])
 def test_bad_checkpoints_raise_value_error_naming_the_problem(breakage, message, tmp_path):
   random_checkpoint(tmp_path)

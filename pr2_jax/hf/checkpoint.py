@@ -16,6 +16,7 @@ Only safetensors and JSON are read or written: nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,11 +46,22 @@ DTYPE_NAMES = {np.dtype(jnp.float32): "float32", np.dtype(jnp.bfloat16): "bfloat
                np.dtype(jnp.float16): "float16"}
 
 
+@contextlib.contextmanager
+def _open(file: str):
+  """`safe_open` whose errors name the file (a truncated one said only "incomplete metadata")."""
+  try:
+    handle = safe_open(file, "numpy")
+  except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+    raise ValueError(f"cannot read {file}: {type(e).__name__}: {e}") from e
+  with handle as f:
+    yield f
+
+
 def tensor_files(path: str) -> dict[str, str]:
   """Checkpoint tensor name -> the safetensors file holding it (single file or index)."""
   single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
   if os.path.isfile(single):
-    with safe_open(single, "numpy") as f:
+    with _open(single) as f:
       return {key: single for key in f.keys()}
   if os.path.isfile(index):
     with open(index) as f:
@@ -74,7 +86,7 @@ def tensor_shapes(files: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
   for file, keys in _by_file(files, list(files)).items():
     if not os.path.isfile(file):
       raise ValueError(f"the index names shard {file!r}, which does not exist")
-    with safe_open(file, "numpy") as f:
+    with _open(file) as f:
       present = set(f.keys())
       for key in keys:
         if key not in present:
@@ -87,7 +99,7 @@ def read_tensors(files: Mapping[str, str], keys: Sequence[str], index=()) -> lis
   """Reads `tensor[index]` for each key, one short-lived handle per file (see module doc)."""
   out = {}
   for file, group in _by_file(files, keys).items():
-    with safe_open(file, "numpy") as f:
+    with _open(file) as f:
       for key in group:
         out[key] = f.get_slice(key)[index] if index else f.get_tensor(key)
   return [out[key] for key in keys]
@@ -151,7 +163,10 @@ def read_block(files: Mapping[str, str], src: layout.Source, shape: tuple[int, .
     block = layout.to_ours(src, tensors, (len(experts),) + shape[1:])[(slice(None),) + index[1:]]
   else:
     block = layout.to_ours(src, read_tensors(files, src.keys), shape)[index]
-  return np.ascontiguousarray(block, dtype=dtype)
+  block = np.ascontiguousarray(block, dtype=dtype)
+  if not np.isfinite(block).all():  # else the run trains on NaN losses, skipping every update
+    raise ValueError(f"checkpoint tensor(s) {_fmt(src.keys)} hold non-finite values")
+  return block
 
 
 def load_hf_checkpoint(path: str, *, mesh: Mesh | None = None, dtype=None,
