@@ -238,14 +238,16 @@ def test_non_finite_updates_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch
   cfg = ExperimentConfig(model=cfg.model, rl=RLConfig(**{**cfg.rl.__dict__,
                                                          "max_consecutive_skips": 3}),
                          sft=cfg.sft, task="countdown", checkpoint_every=0)
-  rows = []
+  rows, warnings = [], []
   # The resume test's mesh (and test_balancing's): its compiled programs come from the shared
   # compilation cache; a 1-device mesh compiled all of them again (60 s cold).
   mesh = make_mesh(2, 2, devices=jax.devices()[:4])
   with pytest.raises(FloatingPointError, match="4 consecutive updates had a non-finite loss"):
-    loop.run(cfg, mesh, str(tmp_path), on_metrics=rows.append)
+    loop.run(cfg, mesh, str(tmp_path), on_metrics=rows.append, warn=warnings.append)
   rl_rows = [r for r in rows if r["phase"] == "rl"]
   assert [r["skipped_updates"] for r in rl_rows] == [2, 2]
+  assert warnings == ["RL step 1: 2 of 2 updates skipped (non-finite loss or gradient), 2 in a "
+                      "row; the run stops at RLConfig.max_consecutive_skips=3"]
   with Checkpointer(str(tmp_path / "checkpoints" / "rl")) as ck:
     assert ck.latest_step() == 2
   # The count survives a resume: 1 step (2 skips), then resumed, the run stops at step 2 too.

@@ -328,6 +328,10 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
       last.update(phase="rl", step=step)
       trailing = last.pop("skipped_trailing")
       consecutive = consecutive + trailing if trailing == rl.off_policy_k else trailing
+      if last["skipped_updates"] and consecutive < rl.max_consecutive_skips:
+        warn(f"RL step {step}: {last['skipped_updates']} of {rl.off_policy_k} updates skipped "
+             f"(non-finite loss or gradient), {consecutive} in a row; the run stops at "
+             f"RLConfig.max_consecutive_skips={rl.max_consecutive_skips}")
       if consecutive >= rl.max_consecutive_skips:
         emit(last)
         save(step, state)  # the skips left the last good state
