@@ -16,6 +16,7 @@ silently wrong answer far from its cause.
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import numpy as np
@@ -41,6 +42,16 @@ def check_rank(name: str, x, rank: int, dims: str) -> None:
   """Static: `x` has `rank` axes, named `dims` in the message (e.g. "[B, T]")."""
   if np.ndim(x) != rank:
     raise ValueError(f"{name} has shape {tuple(np.shape(x))}, expected rank {rank} {dims}")
+
+
+def check_top_k(k, scores, name: str) -> None:
+  """Static: `scores` has an expert axis [..., E] and `k` is an int in [1, E]. lax.top_k fails
+  obscurely for k > E and returns nothing for k = 0; a bool k (True) would silently mean 1."""
+  if np.ndim(scores) == 0:
+    raise ValueError(f"{name} has shape (), expected [..., E] (an expert axis)")
+  e = np.shape(scores)[-1]
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= e:
+    raise ValueError(f"k={k!r} must be an int in [1, num_experts={e}]")
 
 
 def check_ids(ids, name: str, low: int, high: int, bound: str) -> None:

@@ -114,7 +114,7 @@ ROUTE_DIMS = dict(batch=2, length=3, num_layers=2, top_k=2, num_experts=4)
 
 @pytest.mark.parametrize("routes, message", [
     (np.zeros((2, 3, 2, 3), np.int32), r"shape \(2, 3, 2, 3\), expected \[B, T, L, K\] = \(2, 3, 2, 2\)"),
-    (np.zeros((2, 3, 2, 2), np.int64), r"dtype int64, expected int32"),
+    (np.zeros((2, 3, 2, 2), np.float64), r"dtype float64, expected int32 or another integer"),
     (np.full((2, 3, 2, 2), 4, np.int32), r"expert id 4 >= num_experts=4"),
     (np.full((2, 3, 2, 2), -2, np.int32), r"value -2 < -1; -1 \(live router\) is the only negative"),
     (np.tile(np.array([0, -1], np.int32), (2, 3, 2, 1)), r"mixes -1 and expert ids"),

@@ -76,3 +76,15 @@ def test_check_rank_and_value_checks_pass_over_tracers():
     checks.check_finite("values", values)
     return ids
   jax.jit(traced)(jnp.array([9]), jnp.array([jnp.nan]))
+
+
+def test_check_top_k_wants_an_int_in_one_to_num_experts():
+  """lax.top_k failed obscurely for k > E and returned [N, 0] for k = 0; True meant k = 1."""
+  for k in (1, 4, np.int64(2)):
+    checks.check_top_k(k, np.ones((3, 4)), "probs_NE")
+  jax.eval_shape(lambda x: checks.check_top_k(2, x, "probs_NE") or x, jnp.ones((3, 4)))
+  for k in (0, 5, -1, True, 2.0, "2"):
+    with pytest.raises(ValueError, match=rf"k={k!r} must be an int in \[1, num_experts=4\]"):
+      checks.check_top_k(k, np.ones((3, 4)), "probs_NE")
+  with pytest.raises(ValueError, match=r"probs_NE has shape \(\), expected \[\.\.\., E\]"):
+    checks.check_top_k(1, np.float32(1.0), "probs_NE")

@@ -206,15 +206,20 @@ def _good():
 
 
 def test_validate_routes_accepts_valid_numpy_and_jax():
-  """All -1 rows, distinct in-range ids, numpy or jax int32: no error."""
+  """All -1 rows, distinct in-range ids, numpy or jax int32, or numpy's default int64 (what
+  np.argsort returns): no error."""
   routing.validate_routes(_good(), **SHAPE)
   routing.validate_routes(jnp.asarray(_good()), **SHAPE)
+  for dtype in (np.int64, np.int16):
+    routing.validate_routes(_good().astype(dtype), **SHAPE)
+  with pytest.raises(ValueError, match=r"routes has expert id 4 >= num_experts=4"):
+    routing.validate_routes(_set(_good(), (0, 1, 0), [4, 0]).astype(np.int64), **SHAPE)
 
 
 @pytest.mark.parametrize("make, pattern", [
     (lambda r: r[:, :2], r"routes has shape \(2, 2, 2, 2\), expected \[B, T, L, K\] = \(2, 3, 2, 2\)"),
     (lambda r: r[..., None], r"routes has shape .* expected"),
-    (lambda r: r.astype(np.int64), r"routes has dtype int64, expected int32"),
+    (lambda r: r.astype(bool), r"routes has dtype bool, expected int32 or another integer"),
     (lambda r: r.astype(np.float32), r"routes has dtype float32, expected int32"),
     (lambda r: r.tolist(), r"routes has shape \(\)"),
     (lambda r: _set(r, (0, 1, 0), [-2, -2]), r"value -2 < -1"),
@@ -334,3 +339,105 @@ def test_replayed_gates_have_a_finite_gradient_far_below_the_top_logit(gap):
   for grad in (jax.grad(fn)(logits), jax.jit(jax.grad(fn))(logits)):
     assert np.all(np.isfinite(grad)), grad
     np.testing.assert_allclose(grad[0, 1], np.exp(-1.0) / (1 + np.exp(-1.0)) ** 2, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+def test_router_logits_refuse_a_d_mismatch():
+  """A D mismatch failed inside opt_einsum."""
+  with pytest.raises(ValueError, match=r"x_ND has shape \(4, 3\), expected \[\.\.\., D\] with D "
+                                       r"of w_DE = \(4, 5\)"):
+    routing.router_logits(jnp.ones((4, 3)), jnp.ones((5, 6)))
+  with pytest.raises(ValueError, match=r"w_DE has shape \(5, 6, 1\), expected rank 2"):
+    routing.router_logits(jnp.ones((4, 5)), jnp.ones((5, 6, 1)))
+  np.testing.assert_array_equal(routing.router_logits(jnp.ones((4, 5)), jnp.ones((5, 6))),
+                                np.full((4, 6), 5.0))
+
+
+@pytest.mark.parametrize("k", [0, 5, True, 2.0])
+def test_top_k_experts_wants_k_in_one_to_num_experts(k):
+  """k > E was a raw lax error, k = 0 an empty result, True silently k = 1."""
+  with pytest.raises(ValueError, match=rf"k={k!r} must be an int in \[1, num_experts=4\]"):
+    routing.top_k_experts(jnp.asarray(PROBS), k)
+  with pytest.raises(ValueError, match=rf"k={k!r} must be an int in \[1, num_experts=4\]"):
+    routing.route(jnp.asarray(LOGITS), k, True)
+  np.testing.assert_array_equal(routing.top_k_experts(jnp.asarray(PROBS), 2),
+                                jax.lax.top_k(jnp.asarray(PROBS), 2)[1])
+
+
+def test_gates_at_refuses_ids_outside_the_experts_and_shapes_that_disagree():
+  """An eager id >= E gave gate 0 silently; an N mismatch failed in jax's indexing."""
+  probs = jax.nn.softmax(jnp.asarray(LOGITS))
+  with pytest.raises(ValueError, match=r"expert_ids_NK\[1, 0\] = 4 is outside "
+                                       r"\[0, num_experts=4\)"):
+    routing.gates_at(probs, jnp.asarray([[0, 1], [4, 2], [1, 2]]), True)
+  with pytest.raises(ValueError, match=r"expert_ids_NK\[0, 1\] = -1 is outside"):
+    routing.gates_at(probs, jnp.asarray([[0, -1], [3, 2], [1, 2]]), False)
+  with pytest.raises(ValueError, match=r"expert_ids_NK has shape \(2, 2\), expected probs_NE's "
+                                       r"leading axes \+ \(K,\) = \(3, 2\)"):
+    routing.gates_at(probs, jnp.asarray([[0, 1], [3, 2]]), True)
+  with pytest.raises(ValueError, match=r"logits_NE has shape \(3, 5\), expected probs_NE's shape"):
+    routing.gates_at(probs, jnp.asarray([[0, 1]] * 3), True, jnp.zeros((3, 5)))
+  ids = jnp.asarray([[0, 1], [3, 2], [1, 2]])
+  np.testing.assert_allclose(routing.gates_at(probs, ids, False),
+                             np.take_along_axis(np.asarray(probs), np.asarray(ids), -1))
+  jitted = jax.jit(lambda i: routing.gates_at(probs, i, False))  # traced: shapes only
+  assert jitted(jnp.asarray([[0, 9]] * 3)).shape == (3, 2)
+
+
+@pytest.mark.parametrize("bias, match", [
+    (np.zeros((6, 7), np.float32), r"bias_NE has shape \(6, 7\), expected logits_NE's shape = "
+                                   r"\(3, 4\)"),
+    (np.zeros(4, np.float32), r"bias_NE has shape \(4,\), expected logits_NE's shape"),
+    (np.array([[0, np.nan, 0, 0]] * 3, np.float32), r"bias_NE\[0, 1\] = nan is not finite"),
+])
+def test_route_refuses_a_bias_of_another_shape_or_not_finite(bias, match):
+  """(6, 7) was a raw TypeError; a [E] bias broadcast to every token silently."""
+  with pytest.raises(ValueError, match=match):
+    routing.route(jnp.asarray(LOGITS), 2, True, bias_NE=jnp.asarray(bias))
+  r = routing.route(jnp.asarray(LOGITS), 2, True, bias_NE=jnp.zeros((3, 4)))
+  live = routing.route(jnp.asarray(LOGITS), 2, True)
+  np.testing.assert_array_equal(r.expert_ids, live.expert_ids)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda l: l.at[1, 2].set(jnp.nan), r"logits_NE\[1, 2\] = nan is not finite \(router logits\)"),
+    (lambda l: l.at[2, 3].set(jnp.inf), r"logits_NE\[2, 3\] = inf is not finite"),
+    (lambda l: l.at[1].set(-jnp.inf), r"logits_NE\[1, 0\] = -inf is not finite"),
+])
+def test_route_refuses_logits_that_are_not_finite_when_concrete(edit, match):
+  """They returned NaN gates silently. Under jit values cannot be read: shapes only."""
+  logits = edit(jnp.asarray(LOGITS))
+  with pytest.raises(ValueError, match=match):
+    routing.route(logits, 2, True)
+  with pytest.raises(ValueError, match=match):
+    routing.replay_gates(logits, jnp.asarray([[0, 1]] * 3, jnp.int32), True)
+  routing.route(logits, 2, True, check_values=False)  # the caller's choice: not checked
+  assert jax.jit(routing.route, static_argnums=(1, 2))(logits, 2, True).gates.shape == (3, 2)
+
+
+def test_route_refuses_logits_without_an_expert_axis():
+  """A scalar raised IndexError."""
+  with pytest.raises(ValueError, match=r"logits_NE has shape \(\), expected \[\.\.\., E\]"):
+    routing.route(jnp.float32(1.0), 1, True)
+
+
+def test_route_accepts_int64_replayed_routes():
+  """numpy's default int (np.argsort) replays exactly as int32."""
+  routes = np.array([[0, 1], [-1, -1], [3, 2]])
+  assert routes.dtype == np.int64
+  r64 = routing.route(jnp.asarray(LOGITS), 2, True, routes_NK=routes)
+  r32 = routing.route(jnp.asarray(LOGITS), 2, True, routes_NK=routes.astype(np.int32))
+  np.testing.assert_array_equal(r64.expert_ids, r32.expert_ids)
+  np.testing.assert_array_equal(r64.gates, r32.gates)
+  with pytest.raises(ValueError, match=r"routes_NK has dtype float32, expected int32"):
+    routing.route(jnp.asarray(LOGITS), 2, True, routes_NK=routes.astype(np.float32))
+
+
+def test_switch_aux_loss_refuses_ids_of_other_tokens():
+  """probs [6, 8] with ids [3, 2] was a raw TypeError."""
+  with pytest.raises(ValueError, match=r"expert_ids_NK has shape \(3, 2\), expected probs_NE's "
+                                       r"leading axes \+ \(K,\) = \(6, 2\)"):
+    routing.switch_aux_loss(jnp.full((6, 8), 0.125), jnp.zeros((3, 2), jnp.int32))
+  np.testing.assert_allclose(
+      routing.switch_aux_loss(jnp.full((6, 8), 0.125), jnp.zeros((6, 2), jnp.int32)), 1.0)

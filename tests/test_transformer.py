@@ -369,6 +369,7 @@ def _traced(*args, cfg=CFG, mesh=None, **kwargs):
     (lambda r: r.at[1, 3, 0].set(3),
      r"routes row \(b, t, l\)=\(1, 3, 0\) repeats an expert: \[3, 3\]"),
     (lambda r: r.astype(jnp.float32), r"routes has dtype float32, expected int32"),
+    (lambda r: r >= 0, r"routes has dtype bool, expected int32 or another integer dtype"),
 ])
 def test_bad_route_values_raise_on_eager_calls(edit, pattern):
   """Replayed routes are validated on eager calls (jnp.take would give NaN or clamp silently)."""
@@ -386,6 +387,22 @@ def test_valid_routes_with_live_rows_are_accepted_on_eager_calls():
   out = _eager(tokens, jnp.asarray(routes), positions=POS, valid=VALID)
   np.testing.assert_array_equal(out.routes, ref.routes)
   np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_int64_routes_replay_as_int32():
+  """numpy's default int (np.argsort's dtype, as in the README's balance example) was refused;
+  checked, then cast to int32, it replays exactly as int32 routes do."""
+  tokens = _tokens(12)
+  routes = np.full((B, T, L, K), -1, np.int64)
+  routes[:, : T // 2] = np.asarray(_foreign_routes(seed=6))[:, : T // 2]
+  ref = _eager(tokens, jnp.asarray(routes, jnp.int32))
+  out = _eager(tokens, routes)
+  assert out.routes.dtype == jnp.int32
+  np.testing.assert_array_equal(out.routes, ref.routes)
+  np.testing.assert_array_equal(out.logits, ref.logits)
+  routes[0, 0, 0, 0] = E
+  with pytest.raises(ValueError, match=r"routes has expert id 8 >= num_experts=8"):
+    _eager(tokens, routes)
 
 
 def _plan(slot_LDS, replica_count_LE=None):
@@ -571,3 +588,17 @@ def test_init_cache_refuses_sizes_that_are_not_positive_ints():
     init_cache(CFG, -1, 6)
   with pytest.raises(ValueError, match=r"init_cache.max_len must be a positive int, got 2.0"):
     init_cache(CFG, 2, 2.0)
+
+
+def test_lm_head_kernel_names_the_missing_key():
+  """{} raised KeyError 'lm_head'; the message says which key the config needs and what
+  params holds (e.g. the {'params': ...} wrapper, or an untied model's params when tied)."""
+  with pytest.raises(ValueError, match=r"params has no 'lm_head': with config.tie_embeddings="
+                                       r"False the LM head is its own weights \(not tied\); "
+                                       r"params has keys \[\]"):
+    transformer.lm_head_kernel({}, CFG)
+  with pytest.raises(ValueError, match=r"params has no 'embed_tokens': with config.tie_embeddings"
+                                       r"=True the LM head is the tied embeddings; params has "
+                                       r"keys \['params'\]"):
+    transformer.lm_head_kernel({"params": _params()}, CFG.replace(tie_embeddings=True))
+  assert transformer.lm_head_kernel(_params(), CFG).shape == (CFG.d_model, CFG.vocab_size)

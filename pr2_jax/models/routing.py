@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_ids, check_shape, is_concrete
+from pr2_jax.checks import (check_finite, check_ids, check_rank, check_shape, check_top_k,
+                            is_concrete)
 
 LIVE = -1  # route entry meaning "let the live router choose"
 _MIN_GATE_SUM = 1e-18  # its square stays a normal float32: the division's gradient is finite
@@ -35,13 +36,29 @@ class Routing(NamedTuple):
 
 
 def router_logits(x_ND: jax.Array, w_DE: jax.Array) -> jax.Array:
-  """Router logits p = x W_r, always in float32 (routing is precision-sensitive)."""
+  """Router logits p = x W_r, always in float32 (routing is precision-sensitive).
+  Shapes (checked, static): x_ND [..., D], w_DE [D, E]."""
+  check_rank("w_DE", w_DE, 2, "[D, E]")
+  check_shape("x_ND", x_ND, np.shape(x_ND)[:-1] + np.shape(w_DE)[:1], "[..., D] with D of w_DE")
   return jnp.einsum("...d,de->...e", x_ND.astype(jnp.float32), w_DE.astype(jnp.float32))
 
 
 def top_k_experts(probs_NE: jax.Array, k: int) -> jax.Array:
-  """Top-k expert ids, int32 [..., K]; ties go to the lower index (as torch.topk)."""
+  """Top-k expert ids, int32 [..., K]; ties go to the lower index (as torch.topk).
+  Raises ValueError unless k is an int in [1, E] (static)."""
+  check_top_k(k, probs_NE, "probs_NE")
   return jax.lax.top_k(probs_NE, k)[1].astype(jnp.int32)
+
+
+def _check_ids_shape(probs_NE, expert_ids_NK) -> None:
+  """Static: ids [..., K] on probs [..., E]'s leading axes (a jax gather broadcasts or fails
+  obscurely otherwise)."""
+  if np.ndim(probs_NE) == 0 or np.ndim(expert_ids_NK) == 0:
+    raise ValueError(f"probs_NE {np.shape(probs_NE)} and expert_ids_NK "
+                     f"{np.shape(expert_ids_NK)} must have an axis each: [..., E], [..., K]")
+  check_shape("expert_ids_NK", expert_ids_NK,
+              np.shape(probs_NE)[:-1] + np.shape(expert_ids_NK)[-1:],
+              "probs_NE's leading axes + (K,)")
 
 
 def gates_at(probs_NE: jax.Array, expert_ids_NK: jax.Array, norm_topk_prob: bool,
@@ -52,7 +69,19 @@ def gates_at(probs_NE: jax.Array, expert_ids_NK: jax.Array, norm_topk_prob: bool
   one) is softmax over the chosen `logits_NE` (the same value, computed in log space), or 0
   without logits: ρ_j / Σρ there is 0/0 = NaN, or its gradient -ρ_j / (Σρ)² overflows, and
   either poisons the whole step's gradient.
+
+  Raises ValueError on shapes that disagree (static) and on concrete ids outside [0, E) (a
+  gather gives them gate 0 silently).
   """
+  _check_ids_shape(probs_NE, expert_ids_NK)
+  if logits_NE is not None:
+    check_shape("logits_NE", logits_NE, np.shape(probs_NE), "probs_NE's shape")
+  check_ids(expert_ids_NK, "expert_ids_NK", 0, np.shape(probs_NE)[-1], "num_experts")
+  return _gates_at(probs_NE, expert_ids_NK, norm_topk_prob, logits_NE)
+
+
+def _gates_at(probs_NE, expert_ids_NK, norm_topk_prob, logits_NE):
+  # Unchecked: `route` and `replay_gates` pass ids they produced or checked themselves.
   g_NK = jnp.take_along_axis(probs_NE, expert_ids_NK, axis=-1)
   if not norm_topk_prob:
     return g_NK
@@ -98,9 +127,10 @@ def check_route_rows(routes, num_experts: int, *, name: str = "routes", row: str
 
 def _check_route_args(logits_NE, k: int, routes_NK, name: str, allow_live: bool,
                       values: bool = True) -> None:
+  check_top_k(k, logits_NE, "logits_NE")
   num_experts = logits_NE.shape[-1]
-  if not isinstance(k, (int, np.integer)) or not 1 <= k <= num_experts:
-    raise ValueError(f"k={k!r} must be an int in [1, num_experts={num_experts}]")
+  if values:  # a NaN or inf logit (a row of -inf too) gives NaN gates, silently
+    check_finite("logits_NE", logits_NE, "router logits")
   if routes_NK is None:
     return
   expected = tuple(logits_NE.shape[:-1]) + (k,)
@@ -117,27 +147,32 @@ def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
   """Top-k routing with optional replay and PR2 prediction.
 
   Args:
-    logits_NE: float router logits p.
-    k: experts per token.
+    logits_NE: float router logits p [..., E].
+    k: experts per token (an int, not a bool).
     norm_topk_prob: renormalise gates over the chosen set.
-    routes_NK: optional int32 replayed expert ids; rows of -1 use the live top-k.
-    bias_NE: optional PR2 predictor bias b = h W_p: the live choice becomes
+    routes_NK: optional integer replayed expert ids; rows of -1 use the live top-k.
+    bias_NE: optional PR2 predictor bias b = h W_p, logits_NE's shape: the live choice becomes
       TopK(softmax(p + b)) (the predicted route); replayed rows are unaffected.
     predicted_gates: with a bias, gate the predicted rows by the predictive
       distribution q̂ (the paper's rollout choice) rather than the router's ρ.
-    check_values: check concrete routes' values (False: the caller already did, e.g.
-      `MoETransformer` with `validate_routes`; shapes are always checked).
+    check_values: check concrete logits, bias and routes' values (False: the caller already
+      did, e.g. `MoETransformer` with `validate_routes`; shapes are always checked).
 
   Returns:
     Routing(expert_ids, gates, probs) with the experts actually used; `probs`
     is always the router's own ρ = softmax(p).
 
   Raises:
-    ValueError: `k` outside [1, E]; `routes_NK` not of shape logits[:-1] + (k,)
-      (static); on concrete routes, a row neither all -1 nor K distinct ids in
-      [0, E). `k` and `norm_topk_prob` are static under jit.
+    ValueError: `k` outside [1, E]; `routes_NK` not of shape logits[:-1] + (k,) or
+      `bias_NE` not of the logits' shape (static); on concrete values, a NaN or inf logit or
+      bias, or a route row neither all -1 nor K distinct ids in [0, E). `k` and
+      `norm_topk_prob` are static under jit.
   """
   _check_route_args(logits_NE, k, routes_NK, "routes_NK", allow_live=True, values=check_values)
+  if bias_NE is not None:  # exact: a [E] bias would broadcast to every token
+    check_shape("bias_NE", bias_NE, jnp.shape(logits_NE), "logits_NE's shape")
+    if check_values:
+      check_finite("bias_NE", bias_NE, "predictor bias")
   probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
   # gate_NE: the distribution live rows are gated by; gate_logits_NE: the logits it came from.
   live_NK, gate_NE, gate_logits_NE = None, probs_NE, logits_NE
@@ -151,12 +186,12 @@ def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
     if predicted_gates:
       gate_NE, gate_logits_NE = jax.nn.softmax(scores_NE, axis=-1), scores_NE
   if routes_NK is None:
-    return Routing(live_NK, gates_at(gate_NE, live_NK, norm_topk_prob, gate_logits_NE), probs_NE)
+    return Routing(live_NK, _gates_at(gate_NE, live_NK, norm_topk_prob, gate_logits_NE), probs_NE)
   # Replayed rows keep the replay rule whatever the bias: gates are ρ at the recorded ids.
   replay_N1 = routes_NK[..., :1] >= 0
   ids_NK = jnp.where(replay_N1, routes_NK.astype(jnp.int32), live_NK)
-  gates_NK = jnp.where(replay_N1, gates_at(probs_NE, ids_NK, norm_topk_prob, logits_NE),
-                       gates_at(gate_NE, ids_NK, norm_topk_prob, gate_logits_NE))
+  gates_NK = jnp.where(replay_N1, _gates_at(probs_NE, ids_NK, norm_topk_prob, logits_NE),
+                       _gates_at(gate_NE, ids_NK, norm_topk_prob, gate_logits_NE))
   return Routing(ids_NK, gates_NK, probs_NE)
 
 
@@ -164,11 +199,12 @@ def replay_gates(logits_NE: jax.Array, routes_NK: jax.Array, norm_topk_prob: boo
   """Gates of a fully replayed route (no -1 rows) from the live logits, float32 [..., K].
 
   `routes_NK` must have the logits' leading axes and K ids per row (static check); concrete
-  routes must hold K distinct ids in [0, E) per row (ValueError otherwise)."""
+  routes must hold K distinct ids in [0, E) per row and concrete logits be finite (ValueError
+  otherwise)."""
   _check_route_args(logits_NE, jnp.shape(routes_NK)[-1] if jnp.ndim(routes_NK) else 0,
                     routes_NK, "routes_NK", allow_live=False)
   probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
-  return gates_at(probs_NE, routes_NK.astype(jnp.int32), norm_topk_prob, logits_NE)
+  return _gates_at(probs_NE, routes_NK.astype(jnp.int32), norm_topk_prob, logits_NE)
 
 
 def expert_load(expert_ids_NK: jax.Array, num_experts: int,
@@ -187,7 +223,9 @@ def expert_load(expert_ids_NK: jax.Array, num_experts: int,
 def switch_aux_loss(probs_NE: jax.Array, expert_ids_NK: jax.Array,
                     mask_N: jax.Array | None = None) -> jax.Array:
   """Switch-Transformer load-balancing loss E·Σ_e f_e·P_e (1.0 when perfectly even), over the
-  tokens `mask_N` keeps (all if None): padding is not routed work and must not be balanced."""
+  tokens `mask_N` keeps (all if None): padding is not routed work and must not be balanced.
+  expert_ids_NK [..., K] must have probs_NE [..., E]'s leading axes (static check)."""
+  _check_ids_shape(probs_NE, expert_ids_NK)
   num_experts, k = probs_NE.shape[-1], expert_ids_NK.shape[-1]
   if mask_N is None:
     mask_N = jnp.ones(expert_ids_NK.shape[:-1], jnp.float32)
@@ -199,14 +237,15 @@ def switch_aux_loss(probs_NE: jax.Array, expert_ids_NK: jax.Array,
 
 
 def check_routes_shape(routes, *, batch: int, length: int, num_layers: int, top_k: int) -> None:
-  """Static check of a routes array's shape `[B, T, L, K]` and int32 dtype (works on tracers)."""
+  """Static check of a routes array's shape `[B, T, L, K]` and integer dtype (works on tracers):
+  int32 or any other integer dtype, e.g. numpy's default int64 (np.argsort); not float or bool."""
   expected = (batch, length, num_layers, top_k)
   shape = tuple(getattr(routes, "shape", ()))
   if shape != expected:
     raise ValueError(f"routes has shape {shape}, expected [B, T, L, K] = {expected}")
   dtype = getattr(routes, "dtype", None)
-  if dtype is None or np.dtype(dtype) != np.int32:
-    raise ValueError(f"routes has dtype {dtype}, expected int32")
+  if dtype is None or not np.issubdtype(np.dtype(dtype), np.integer):
+    raise ValueError(f"routes has dtype {dtype}, expected int32 or another integer dtype")
 
 
 def validate_routes(routes, *, batch: int, length: int, num_layers: int, top_k: int,
@@ -214,7 +253,8 @@ def validate_routes(routes, *, batch: int, length: int, num_layers: int, top_k: 
   """Host-side check of a routes array `[B, T, L, K]`; raises ValueError naming the problem.
 
   Each (token, layer) row must be all -1 (live router) or K distinct ids in
-  [0, num_experts). Runs on host numpy: call it before jit, not inside.
+  [0, num_experts), of any integer dtype (int32, numpy's int64, ...). Runs on host numpy:
+  call it before jit, not inside.
   """
   check_routes_shape(routes, batch=batch, length=length, num_layers=num_layers, top_k=top_k)
   check_route_rows(routes, num_experts, row="row (b, t, l)")

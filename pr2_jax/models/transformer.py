@@ -185,7 +185,8 @@ class MoETransformer(nn.Module):
 
     Args:
       tokens_BT: int32 token ids.
-      routes: optional int32 [B, T, L, K] replayed expert ids (-1 rows = live).
+      routes: optional [B, T, L, K] replayed expert ids (-1 rows = live), int32 or any other
+        integer dtype (numpy's int64 from np.argsort, say).
       positions: optional int32 [B, T] positions (default 0..T-1; set for left padding).
       valid: optional bool [B, T], False on padding (masked as attention keys).
       return_router_logits / return_router_inputs: also return per-layer router
@@ -234,6 +235,8 @@ class MoETransformer(nn.Module):
     if routes is not None and is_concrete(routes):
       validate_routes(routes, batch=b, length=t, num_layers=n_moe, top_k=cfg.top_k,
                       num_experts=cfg.num_experts)
+    if routes is not None and routes.dtype != jnp.int32:  # ids checked (eager) fit in int32
+      routes = jnp.asarray(routes, jnp.int32)
     slots = getattr(slot_expert, "slot_expert", slot_expert)  # a map [L, X] or a Plan's
     if slots is not None and is_concrete(slots):
       for layer, map_X in enumerate(np.asarray(slots).reshape(n_moe, -1)):
@@ -297,7 +300,15 @@ class MoETransformer(nn.Module):
 def lm_head_kernel(params, config: ModelConfig) -> jax.Array:
   """The LM head's [D, V] weights in `params`: its own, or the embedding's with tied
   embeddings. `logits = hidden @ kernel` in the model's dtype, as `MoETransformer` computes
-  them (for callers that take `logits='none'` and apply the head themselves)."""
+  them (for callers that take `logits='none'` and apply the head themselves).
+
+  Raises ValueError naming the missing key and the keys `params` has (e.g. a tied model's
+  params with an untied config, or the {'params': ...} wrapper instead of its content)."""
+  key = "embed_tokens" if config.tie_embeddings else "lm_head"
+  if key not in params:
+    where = "the tied embeddings" if config.tie_embeddings else "its own weights (not tied)"
+    raise ValueError(f"params has no {key!r}: with config.tie_embeddings={config.tie_embeddings} "
+                     f"the LM head is {where}; params has keys {sorted(params)}")
   if config.tie_embeddings:
     return params["embed_tokens"].T
   return params["lm_head"]["kernel"]
