@@ -1,5 +1,7 @@
 """Tests for pr2_jax.pr2.predictor: losses, gradients, and learning a linear router drift."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,3 +242,81 @@ def test_predictor_losses_refuse_shapes_that_would_broadcast(bad, match):
 def test_init_predictor_refuses_sizes_that_are_not_positive_ints():
   with pytest.raises(ValueError, match=r"init_predictor.num_layers must be a positive int, got -1"):
     pred.init_predictor(-1, 4, 4)
+
+
+def test_topk_overlap_refuses_shapes_that_disagree():
+  """a's K=2 against b's K=3 gave 1.0 one way and 0.667 the other; an L of 1 broadcast."""
+  a = jnp.array([[[0, 1]], [[2, 3]]])
+  with pytest.raises(ValueError, match=r"b_NLK has shape \(2, 1, 3\), expected \[N, L, K\] of "
+                                       r"a_NLK = \(2, 1, 2\)"):
+    pred.topk_overlap(a, jnp.array([[[0, 1, 2]], [[2, 3, 4]]]), jnp.ones(2))
+  with pytest.raises(ValueError, match=r"b_NLK has shape \(2, 2, 2\)"):
+    pred.topk_overlap(a, jnp.concatenate([a, a], 1), jnp.ones(2))
+  with pytest.raises(ValueError, match=r"weight_N has shape \(3,\), expected \[N\] of a_NLK"):
+    pred.topk_overlap(a, a, jnp.ones(3))
+  with pytest.raises(ValueError, match=r"a_NLK has shape \(2, 2\), expected rank 3"):
+    pred.topk_overlap(a[:, 0], a[:, 0], jnp.ones(2))
+  np.testing.assert_allclose(pred.topk_overlap(a, jnp.array([[[1, 2]], [[2, 3]]]), jnp.ones(2)),
+                             [0.75])
+
+
+W_LDE, H_NLD, P_NLE = jnp.zeros((2, 5, 6)), jnp.ones((4, 2, 5)), jnp.ones((4, 2, 6))
+
+
+@pytest.mark.parametrize("args, match", [
+    ((W_LDE, H_NLD, P_NLE[..., :3]), r"p_NLE has shape \(4, 2, 3\), expected \[N, L, E\] .*"
+                                     r"= \(4, 2, 6\)"),
+    ((W_LDE, H_NLD[:, :1], P_NLE), r"h_NLD has shape \(4, 1, 5\), expected \[N, L, D\] .*"
+                                   r"= \(4, 2, 5\)"),
+    ((W_LDE, H_NLD[..., :4], P_NLE), r"h_NLD has shape \(4, 2, 4\)"),
+    ((W_LDE[0], H_NLD, P_NLE), r"w_LDE has shape \(5, 6\), expected rank 3"),
+])
+def test_stacked_predictor_functions_refuse_shapes_that_disagree(args, match):
+  """p with E=3 against w's E=6 gave a ratio silently; an L or D mismatch failed in opt_einsum."""
+  with pytest.raises(ValueError, match=match):
+    pred.bias_logit_ratio(*args, jnp.ones(4))
+  with pytest.raises(ValueError, match=match):
+    pred.predicted_topk(*args, 2)
+
+
+def test_bias_logit_sums_refuse_a_weight_of_another_length():
+  with pytest.raises(ValueError, match=r"weight_N has shape \(3,\), expected \[N\] with N of "
+                                       r"h_NLD = \(4,\)"):
+    pred.bias_logit_sums(W_LDE, H_NLD, P_NLE, jnp.ones(3))
+  assert [float(x) for x in pred.bias_logit_sums(W_LDE, H_NLD, P_NLE, jnp.ones(4))] == [0, 48]
+
+
+@pytest.mark.parametrize("k", [0, 7, True, 2.0])
+def test_predicted_topk_wants_k_in_one_to_num_experts(k):
+  """k > E was a raw lax error, k = 0 an empty [N, L, 0] result, True silently k = 1."""
+  with pytest.raises(ValueError, match=rf"k={k!r} must be an int in \[1, num_experts=6\]"):
+    pred.predicted_topk(W_LDE, H_NLD, P_NLE, k)
+  assert pred.predicted_topk(W_LDE, H_NLD, P_NLE, 6).shape == (4, 2, 6)
+
+
+def test_predictor_bias_refuses_a_d_mismatch():
+  with pytest.raises(ValueError, match=r"h_ND has shape \(4, 3\), expected \[\.\.\., D\] with D "
+                                       r"of w_DE = \(4, 5\)"):
+    pred.predictor_bias(jnp.ones((4, 3)), jnp.ones((5, 6)))
+  with pytest.raises(ValueError, match=r"w_DE has shape \(5,\), expected rank 2"):
+    pred.predictor_bias(jnp.ones((4, 5)), jnp.ones(5))
+  np.testing.assert_array_equal(pred.predictor_bias(jnp.ones((4, 5)), jnp.ones((5, 6))),
+                                np.full((4, 6), 5.0))
+
+
+def test_predictor_loss_refuses_negative_weights_when_concrete():
+  """Weights are 0/1 counts: a -1 subtracted a position's loss (and shrank the divisor)."""
+  h, p_old, p_cur = _features(n=4, d=3, e=5)
+  w = jnp.zeros((3, 5))
+  weight = jnp.array([1.0, -1.0, 1.0, 0.0])
+  with pytest.raises(ValueError, match=r"weight_N\[1\] = -1.0 is not a finite number >= 0"):
+    pred.predictor_loss("post", w, h, p_old, p_cur, weight)
+  with pytest.raises(ValueError, match=r"weight_N\[2\] = nan is not a finite number >= 0"):
+    pred.predictor_loss("l2", w, h, p_old, p_cur, weight.at[1:3].set(jnp.array([1, jnp.nan])))
+  with pytest.raises(ValueError, match=r"weight_N\[1\] = -1.0"):
+    pred.predictor_losses("post", w[None], h[:, None], p_old[:, None], p_cur[:, None], weight)
+  ok = jnp.array([1.0, 1.0, 0.0, 1.0])
+  np.testing.assert_allclose(pred.predictor_loss("post", w, h, p_old, p_cur, ok),
+                             _np_loss("post", w, h, p_old, p_cur, ok), rtol=1e-5)
+  jitted = jax.jit(functools.partial(pred.predictor_loss, "post"))  # traced: no value check
+  assert np.isfinite(jitted(w, h, p_old, p_cur, weight))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pr2_jax.checks import check_rank, check_shape
+from pr2_jax.checks import check_finite, check_rank, check_shape, check_top_k
 from pr2_jax.config import check_int
 
 PREDICTOR_LOSSES = ("post", "delta", "l2")
@@ -34,7 +34,10 @@ def init_predictor(num_layers: int, d_model: int, num_experts: int) -> jax.Array
 
 
 def predictor_bias(h_ND: jax.Array, w_DE: jax.Array) -> jax.Array:
-  """b = h W_p in float32 (added to float32 router logits)."""
+  """b = h W_p in float32 (added to float32 router logits). Shapes (checked, static):
+  h_ND [..., D], w_DE [D, E]."""
+  check_rank("w_DE", w_DE, 2, "[D, E]")
+  check_shape("h_ND", h_ND, jnp.shape(h_ND)[:-1] + jnp.shape(w_DE)[:1], "[..., D] with D of w_DE")
   return jnp.einsum("...d,de->...e", h_ND.astype(jnp.float32), w_DE.astype(jnp.float32))
 
 
@@ -70,9 +73,10 @@ def predictor_loss(kind: str, w_DE: jax.Array, h_old_ND: jax.Array, p_old_NE: ja
 
   Shapes (checked, static): w_DE [D, E], h_old_ND [N, D], p_old_NE and p_cur_NE [N, E],
   weight_N [N]. Weights are counts (0/1 per position): the mean divides by
-  max(Σ weight, 1).
+  max(Σ weight, 1). A negative or non-finite weight raises ValueError (when concrete).
   """
   _check_layer_inputs(w_DE, h_old_ND, p_old_NE, p_cur_NE, weight_N)
+  check_finite("weight_N", weight_N, "0/1 counts per position", low=0)
   p_old = jax.lax.stop_gradient(p_old_NE.astype(jnp.float32))
   p_cur = jax.lax.stop_gradient(p_cur_NE.astype(jnp.float32))
   b_NE = predictor_bias(jax.lax.stop_gradient(h_old_ND), w_DE)
@@ -104,14 +108,34 @@ def predictor_losses(kind: str, w_LDE: jax.Array, h_old_NLD: jax.Array, p_old_NL
   return jax.vmap(layer, in_axes=(0, 1, 1, 1))(w_LDE, h_old_NLD, p_old_NLE, p_cur_NLE)
 
 
+def _check_stacked(w_LDE, h_NLD, p_NLE, weight_N=None) -> None:
+  """Static: w [L, D, E], h [N, L, D], p [N, L, E] and weight [N] agree (the einsum would fail
+  obscurely, or a p of fewer experts broadcast silently)."""
+  check_rank("w_LDE", w_LDE, 3, "[L, D, E]")
+  check_rank("h_NLD", h_NLD, 3, "[N, L, D]")
+  (l, d, e), n = jnp.shape(w_LDE), jnp.shape(h_NLD)[0]
+  check_shape("h_NLD", h_NLD, (n, l, d), "[N, L, D] with L, D of w_LDE")
+  check_shape("p_NLE", p_NLE, (n, l, e), "[N, L, E] with N of h_NLD and L, E of w_LDE")
+  if weight_N is not None:
+    check_shape("weight_N", weight_N, (n,), "[N] with N of h_NLD")
+
+
 def predicted_topk(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array, k: int) -> jax.Array:
-  """TopK(softmax(p + h W_p)) per layer, int32 [N, L, K]."""
+  """TopK(softmax(p + h W_p)) per layer, int32 [N, L, K]. Shapes checked (static): w_LDE
+  [L, D, E], h_NLD [N, L, D], p_NLE [N, L, E]; k an int in [1, E]."""
+  _check_stacked(w_LDE, h_NLD, p_NLE)
+  check_top_k(k, p_NLE, "p_NLE")
   b_NLE = jnp.einsum("nld,lde->nle", h_NLD.astype(jnp.float32), w_LDE)
   return jax.lax.top_k(p_NLE.astype(jnp.float32) + b_NLE, k)[1].astype(jnp.int32)
 
 
 def topk_overlap(a_NLK: jax.Array, b_NLK: jax.Array, weight_N: jax.Array) -> jax.Array:
-  """Weighted mean of |A ∩ B| / K per layer, float32 [L]."""
+  """Weighted mean of |A ∩ B| / K per layer, float32 [L]. Shapes checked (static): a_NLK and
+  b_NLK the same [N, L, K] (the overlap would otherwise depend on the argument order, or
+  broadcast), weight_N [N]."""
+  check_rank("a_NLK", a_NLK, 3, "[N, L, K]")
+  check_shape("b_NLK", b_NLK, jnp.shape(a_NLK), "[N, L, K] of a_NLK")
+  check_shape("weight_N", weight_N, jnp.shape(a_NLK)[:1], "[N] of a_NLK")
   k = a_NLK.shape[-1]
   inter_NL = jnp.sum(jnp.any(a_NLK[..., :, None] == b_NLK[..., None, :], axis=-1), axis=-1)
   weight_N = weight_N.astype(jnp.float32)
@@ -121,7 +145,9 @@ def topk_overlap(a_NLK: jax.Array, b_NLK: jax.Array, weight_N: jax.Array) -> jax
 def bias_logit_sums(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
                     weight_N: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(Σ w|b|, Σ w|p_old|) over positions, layers and experts: additive over micro-steps, so a
-  mini-batch's ratio is the ratio of its sums (not a mean of per-micro-step ratios)."""
+  mini-batch's ratio is the ratio of its sums (not a mean of per-micro-step ratios).
+  Shapes checked (static): w_LDE [L, D, E], h_NLD [N, L, D], p_NLE [N, L, E], weight_N [N]."""
+  _check_stacked(w_LDE, h_NLD, p_NLE, weight_N)
   b_NLE = jnp.einsum("nld,lde->nle", h_NLD.astype(jnp.float32), w_LDE)
   w = weight_N.astype(jnp.float32)[:, None, None]
   return jnp.sum(jnp.abs(b_NLE) * w), jnp.sum(jnp.abs(p_NLE.astype(jnp.float32)) * w)
@@ -129,6 +155,7 @@ def bias_logit_sums(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
 
 def bias_logit_ratio(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
                      weight_N: jax.Array) -> jax.Array:
-  """mean|b| / mean|p_old| over weighted positions (DESIGN §3): how hard the predictor pushes."""
+  """mean|b| / mean|p_old| over weighted positions (DESIGN §3): how hard the predictor pushes.
+  Shapes as `bias_logit_sums` (checked)."""
   bias, logit = bias_logit_sums(w_LDE, h_NLD, p_NLE, weight_N)
   return bias / jnp.maximum(logit, 1e-9)
