@@ -234,6 +234,18 @@ def test_bad_inputs(loads_shape, d, s, prev_shape, match):
     pl.plan_placement(jnp.ones((2, 16)), 4, 5, stickiness=-1.0)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(stickiness=float("nan")), r"stickiness=nan, .* must be >= 0 \(not NaN\)"),
+    (dict(min_gain=float("nan")), r"min_gain=nan must be >= 0 \(not NaN\)"),
+])
+def test_nan_stickiness_or_min_gain_raise(kwargs, match):
+  """NaN passed the `< 0` check (every comparison with NaN is False)."""
+  with pytest.raises(ValueError, match=match):
+    pl.plan_placement(jnp.ones((2, 16)), 4, 5, **kwargs)
+  key = next(iter(kwargs))
+  assert pl.plan_placement(jnp.ones((2, 16)), 4, 5, **{key: 0.0}).slot_expert.shape == (2, 4, 5)
+
+
 @pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])
 def test_negative_or_non_finite_loads_raise(bad):
   loads = np.ones((2, 16), np.float32)

@@ -216,6 +216,21 @@ def test_generate_rejects_right_padded_prompts():
                      sampler.SamplerConfig(max_new_tokens=N))
 
 
+def test_generate_rejects_an_empty_prompt_axis():
+  """P = 0 was an IndexError from jax indexing: sampling continues from the last prompt slot.
+  Under jit too (the shape is static); a one-slot prompt still passes."""
+  params, prompts, valid = _setup()
+  config = sampler.SamplerConfig(max_new_tokens=N)
+  match = rf"prompts_BP has shape \({B}, 0\), expected \[B, P\] with P >= 1"
+  with pytest.raises(ValueError, match=match):
+    sampler.generate(MoETransformer(CFG), params, prompts[:, :0], valid[:, :0],
+                     jax.random.key(0), config)
+  with pytest.raises(ValueError, match=match):
+    jax.jit(sampler.generate, static_argnums=(0, 5))(
+        MoETransformer(CFG), params, prompts[:, :0], valid[:, :0], jax.random.key(0), config)
+  sampler.validate_generate_inputs(CFG.vocab_size, prompts[:, -1:], valid[:, -1:], config)
+
+
 def test_cached_features_equal_the_full_forward_router_inputs_and_logits():
   """feature_h / feature_p at prompt and response slots are the router inputs / logits a full
   float32 forward of the rollout (its routes replayed) computes there."""

@@ -378,9 +378,9 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
     raise ValueError(f"slots_per_device={slots_per_device} is too few: {num_devices} devices "
                      f"need at least {num_experts // num_devices} slots each for {num_experts} "
                      "experts")
-  if stickiness < 0 or split_iters < 0 or (min_gain is not None and min_gain < 0):
+  if not stickiness >= 0 or split_iters < 0 or (min_gain is not None and not min_gain >= 0):
     raise ValueError(f"stickiness={stickiness}, split_iters={split_iters} and "
-                     f"min_gain={min_gain} must be >= 0")
+                     f"min_gain={min_gain} must be >= 0 (not NaN)")
   shape = (num_layers, num_devices, slots_per_device)
   if previous is not None:
     previous = jnp.asarray(getattr(previous, "slot_expert", previous))

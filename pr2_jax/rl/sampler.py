@@ -136,6 +136,9 @@ def validate_generate_inputs(vocab_size: int, prompts_BP, prompt_valid_BP, confi
     raise ValueError(f"SamplerConfig.pad_id={config.pad_id} must be < ModelConfig.vocab_size="
                      f"{vocab_size}")
   check_rank("prompts_BP", prompts_BP, 2, "[B, P]")
+  if jnp.shape(prompts_BP)[1] == 0:  # sampling continues from the last prompt slot's logits
+    raise ValueError(f"prompts_BP has shape {jnp.shape(prompts_BP)}, expected [B, P] with P >= 1 "
+                     "(an all-padding row is fine; an empty prompt axis is not)")
   if jnp.shape(prompt_valid_BP) != jnp.shape(prompts_BP):
     raise ValueError(f"prompt_valid_BP has shape {jnp.shape(prompt_valid_BP)}, expected [B, P] "
                      f"of prompts_BP = {jnp.shape(prompts_BP)}")
