@@ -16,7 +16,7 @@ import pytest
 import pr2_jax as p2
 from pr2_jax.models import experts as ex
 from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.rl import data, loop
+from pr2_jax.rl import data
 from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.rl.config import ExperimentConfig, PR2Config, RLConfig, SFTConfig
 from pr2_jax.rl.tasks import Problem, make_task
@@ -102,11 +102,22 @@ def test_unknown_pr2_loss_or_feature_rule():
 def test_unknown_task_name_fails_before_compiling():
   with pytest.raises(ValueError, match=r"unknown task 'sudoku'; allowed: \['arithmetic', 'countdown'"):
     make_task("sudoku")
-  config = ExperimentConfig(model=p2.ModelConfig(**SMALL),
-                            rl=RLConfig(prompts_per_step=4, group_size=2, eval_size=8),
-                            sft=SFTConfig(), task="sudoku")
-  with pytest.raises(ValueError, match=r"unknown task 'sudoku'"):
-    loop.Engine(config, make_mesh(1, 1, devices=jax.devices()[:1]))
+  with pytest.raises(ValueError, match=r"unknown task 'sudoku'"):  # with the config, no model
+    ExperimentConfig(model=p2.ModelConfig(**SMALL),
+                     rl=RLConfig(prompts_per_step=4, group_size=2, eval_size=8),
+                     sft=SFTConfig(), task="sudoku")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.seed=-1", "bad config: ExperimentConfig.seed must be an int >= 0, got -1"),
+    ("--config.model.vocab_size=16", "ModelConfig.vocab_size=16 is below the tokenizer's 24 ids"),
+    ("--config.init_from=/nonexistent/dir", "init_from='/nonexistent/dir' holds no checkpoint"),
+])
+def test_cli_setup_errors_are_one_line_and_exit_code_2(flag, message, tmp_path):
+  """Found before training (config, task, tokenizer, workdir): an `error:` line, no traceback."""
+  code, err = _cli(f"--workdir={tmp_path}", flag)
+  last = err.strip().splitlines()[-1]  # after the log's mesh line, when the engine found it
+  assert code == 2 and last.startswith(f"error: {message}") and "Traceback" not in err, err
 
 
 ROUTE_DIMS = dict(batch=2, length=3, num_layers=2, top_k=2, num_experts=4)

@@ -119,7 +119,8 @@ def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, n
     num_replicas: physical experts X (multiple of num_gpus, >= E).
     num_groups: expert groups (E % num_groups == 0); the hierarchical policy
       needs num_groups % num_nodes == 0, else the global policy is used.
-    num_nodes: server nodes (num_gpus % num_nodes == 0).
+    num_nodes: server nodes (num_gpus % num_nodes == 0 for the hierarchical policy; the
+      global one ignores nodes, as the reference does).
     num_gpus: GPUs; GPU u holds physical experts [u * X/U, (u + 1) * X/U).
   Returns:
     phy2log int64 [L, X]: logical expert of each physical expert;
