@@ -150,3 +150,21 @@ def test_an_interrupt_inside_a_save_takes_effect_after_it(tmp_path, monkeypatch)
       ck.save(1, {"x": jnp.arange(4.0)}, {})
       seen.append("after the save")  # not reached: the deferred Ctrl-C is raised first
   assert seen == ["still saving"] and sorted(os.listdir(tmp_path)) == ["1"]
+
+
+def test_a_second_interrupt_inside_a_save_acts_at_once(tmp_path, monkeypatch):
+  """A save that hangs stays interruptible: the second Ctrl-C is not deferred."""
+  seen = []
+
+  def hanging_save(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    seen.append("first deferred")
+    os.kill(os.getpid(), signal.SIGINT)
+    seen.append("second deferred")  # not reached
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", hanging_save)
+  with Checkpointer(str(tmp_path)) as ck:
+    with pytest.raises(KeyboardInterrupt):
+      ck.save(1, {"x": jnp.arange(4.0)}, {})
+  assert seen == ["first deferred"]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -124,16 +124,26 @@ def interrupts_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
   Orbax starts a save on the calling thread (its temporary directory, the
   arrays' copies) and commits it in the background: an interrupt raised in the
   first part abandoned the step's temporary directory, so the run lost the
-  checkpoint it was writing. Python handlers only run on the main thread;
-  elsewhere, or for a handler not set from Python, this does nothing.
+  checkpoint it was writing. A second signal acts at once (a save that hangs,
+  e.g. on a stuck file system, stays interruptible). Python handlers only run
+  on the main thread; elsewhere, or for a handler not set from Python, this
+  does nothing.
   """
   if threading.current_thread() is not threading.main_thread():
     yield
     return
   caught, previous = [], {}
+
+  def defer(signum, frame):
+    if caught:
+      caught.clear()  # acts now, not once more at the end
+      previous[signum](signum, frame)
+    else:
+      caught.append(signum)
+
   for signum in signals:
     if callable(signal.getsignal(signum)):
-      previous[signum] = signal.signal(signum, lambda n, _: caught.append(n))
+      previous[signum] = signal.signal(signum, defer)
   try:
     yield
   finally:
