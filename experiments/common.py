@@ -266,6 +266,17 @@ def ineffective_overrides(argv: list[str], replay_mode: str) -> list[str]:
   return [a for a in argv[1:] if a.startswith("--config.pr2.")]
 
 
+def predictor_lr_warning(config) -> str | None:
+  """A warning when PR2's predictor learns at a rate Adam takes in large steps: the default
+  α = 1e3 is the paper's, for its η ~ 1e-6; at α·η = 1 the bias swamped the router."""
+  from pr2_jax.rl.config import PR2_MODES
+  lr = config.pr2.lr_mult * config.rl.learning_rate
+  if config.rl.replay_mode not in PR2_MODES or lr <= 1e-2:
+    return None
+  return (f"PR2's predictor learning rate pr2.lr_mult * rl.learning_rate = {lr:g} is large for "
+          "Adam (~1e-3 suits, as configs/tiny.py); watch bias_logit_ratio in the metrics")
+
+
 def exit_with_error(message: str):
   """A user error (bad config, a workdir of another setup): one line on stderr (line breaks
   folded), exit code 2, no traceback (those are for bugs)."""

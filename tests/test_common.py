@@ -137,3 +137,16 @@ def test_machine_info_records_the_code_and_the_machine():
   assert info["ld_preload"] == os.environ.get("LD_PRELOAD", "")  # jemalloc or not
   assert info["allocator"] in ("jemalloc", "tcmalloc", "mimalloc", "glibc")
   assert info["transparent_hugepage"] in ("always", "madvise", "never", "")
+
+
+def test_a_large_predictor_learning_rate_is_named():
+  from pr2_jax.rl.config import ExperimentConfig
+  base = {"model": {}, "sft": {}, "rl": {"learning_rate": 1e-3, "replay_mode": "pr2"}}
+  large = ExperimentConfig.from_dict({**base, "pr2": {"lr_mult": 1e3}})
+  assert common.predictor_lr_warning(large) == (
+      "PR2's predictor learning rate pr2.lr_mult * rl.learning_rate = 1 is large for Adam "
+      "(~1e-3 suits, as configs/tiny.py); watch bias_logit_ratio in the metrics")
+  assert common.predictor_lr_warning(ExperimentConfig.from_dict(
+      {**base, "pr2": {"lr_mult": 1.0}})) is None
+  r3 = ExperimentConfig.from_dict({**base, "rl": {**base["rl"], "replay_mode": "r3"}})
+  assert common.predictor_lr_warning(r3) is None  # no predictor
