@@ -12,7 +12,9 @@ M micro-steps of gradient accumulation. `micro_step` is the unit the
 load-balancing planner works on: one forward/backward over b sequences with
 their replayed routes. Batches are dicts of arrays shaped [M, b, ...]; the
 loss denominators are the *mini-batch's*, so M accumulated micro-steps give
-exactly the mini-batch gradient.
+exactly the mini-batch's policy-loss gradient. The Switch aux loss (off by
+default) is the micro-steps' mean, as per-micro-batch aux losses usually are:
+E·Σ f_e·P_e multiplies two batch means, so it is not additive over micro-steps.
 
 Replay modes (DESIGN §2): 'none' routes live everywhere; 'r2' replays the
 routes the old-log-prob pass recorded; 'r3' replays the rollout's routes;
