@@ -20,16 +20,13 @@ from __future__ import annotations
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from experiments import common
-from pr2_jax import balance
-from pr2_jax.models.experts import ExpertWeights
-from pr2_jax.parallel.expert_parallel import moe_experts
-from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.parallel.replica_fetch import fetch_slabs
+
+# JAX and the model code are imported where used: bench_balance imports this module for
+# `define_flags` and `settings_error`, to check its --moe_args before any work.
 
 
 def _capacity(slot_ids_NK, num_slots, shards):
@@ -42,6 +39,7 @@ def _capacity(slot_ids_NK, num_slots, shards):
 
 def _time(fns, args, repeats):
   """Median seconds per call of each function, timed round-robin (so load hits all alike)."""
+  import jax
   for fn in fns.values():
     jax.block_until_ready(fn(*args))
   times = {name: [] for name in fns}
@@ -55,6 +53,14 @@ def _time(fns, args, repeats):
 
 def measure_moe(expert_ids_NK, *, num_experts, d_model, d_ff, repeats, seed=0):
   """Returns a dict of capacities, wall times and speedups (static / foresight)."""
+  import jax
+  import jax.numpy as jnp
+
+  from pr2_jax import balance
+  from pr2_jax.models.experts import ExpertWeights
+  from pr2_jax.parallel.expert_parallel import moe_experts
+  from pr2_jax.parallel.mesh import make_mesh
+  from pr2_jax.parallel.replica_fetch import fetch_slabs
   num_devices = jax.device_count()
   n, k = expert_ids_NK.shape
   per = num_experts // num_devices
@@ -98,38 +104,82 @@ def measure_moe(expert_ids_NK, *, num_experts, d_model, d_ff, repeats, seed=0):
           "train_speedup": bwd["static"] / bwd["foresight"]}
 
 
+def define_flags(flag_values=flags.FLAGS):
+  """This command's flags, defined in `flag_values` (bench_balance parses its --moe_args with
+  them in a FlagValues of its own), with their bounds."""
+  fv = flag_values
+  flags.DEFINE_integer("experts", 32, "Experts (a multiple of the device count).", flag_values=fv)
+  flags.DEFINE_integer("top_k", 4, "Experts per token (fewer than --experts).", flag_values=fv)
+  flags.DEFINE_integer("seqs", 2, "Sequences in the micro-step.", flag_values=fv)
+  flags.DEFINE_integer("seq_len", 1024, "Tokens per sequence (seqs x seq_len: a multiple of the "
+                       "device count).", flag_values=fv)
+  flags.DEFINE_integer("cluster", 4, "Experts each sequence prefers (at most --experts).",
+                       flag_values=fv)
+  flags.DEFINE_float("boost", 2.0, "Logit boost of preferred experts.", flag_values=fv)
+  flags.DEFINE_float("skew", 0.5, "Std of the popularity logits.", flag_values=fv)
+  flags.DEFINE_integer("d_model", 128, "Model width.", flag_values=fv)
+  flags.DEFINE_integer("d_ff", 256, "Expert hidden width.", flag_values=fv)
+  flags.DEFINE_integer("repeats", 5, "Timed calls per variant.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed.", flag_values=fv)
+  flags.DEFINE_string("out", "/tmp/balance_moe.json", "JSON output.", flag_values=fv)
+  for minimum, names in ((1, ("experts", "top_k", "seqs", "seq_len", "cluster", "d_model",
+                              "d_ff", "repeats")), (0, ("boost", "skew"))):
+    for name in names:
+      flags.register_validator(name, lambda v, m=minimum: v >= m, flag_values=fv,
+                               message=f"--{name} must be >= {minimum}")
+
+
+def settings_error(fv, num_devices: int) -> str | None:
+  """What in the parsed flags `fv` cannot run on `num_devices` devices (None: nothing). These
+  failed as numpy or layout errors after JAX had started."""
+  tokens = fv.seqs * fv.seq_len
+  if fv.experts % num_devices:
+    return f"--experts={fv.experts} must be a multiple of the {num_devices} devices"
+  if fv.top_k >= fv.experts:  # a token draws top_k distinct experts, by Gumbel top-k
+    return f"--top_k={fv.top_k} must be below --experts={fv.experts}"
+  if fv.cluster > fv.experts:
+    return f"--cluster={fv.cluster} must be at most --experts={fv.experts}"
+  if tokens % num_devices:
+    return (f"--seqs x --seq_len = {fv.seqs} x {fv.seq_len} = {tokens} tokens must split evenly "
+            f"over the {num_devices} devices")
+  return None
+
+
+def args_error(args: list[str], num_devices: int) -> str | None:
+  """What is wrong with these command-line flags (`--cpu_devices` among them, else
+  `num_devices`), parsed with this command's own definitions; None: nothing."""
+  values = flags.FlagValues()
+  define_flags(values)
+  flags.DEFINE_integer("cpu_devices", num_devices, "Fake CPU devices.", flag_values=values)
+  try:
+    values(["balance_moe", *args])
+  except flags.Error as e:
+    return str(e)
+  return settings_error(values, values.cpu_devices)
+
+
 def main(argv):
   """`python -m experiments.balance_moe --cpu_devices=8 --out=...` (run by bench_balance)."""
   del argv
-  import json
-  from absl import flags
+  import jax
+
   from experiments import balance_traces as bt
   f = flags.FLAGS
+  out = common.output_file(f["out"])
   common.setup_devices()
+  if problem := settings_error(f, jax.device_count()):
+    common.exit_with_error(problem)
   rng = np.random.default_rng(f.seed)
   base_LE = rng.normal(0.0, f.skew, (1, f.experts)).astype(np.float32)
   routes = bt.synthetic_routes(rng, base_LE, f.seqs, f.seq_len, f.top_k, f.cluster, f.boost)
   result = measure_moe(routes[:, :, 0, :].reshape(-1, f.top_k), num_experts=f.experts,
                        d_model=f.d_model, d_ff=f.d_ff, repeats=f.repeats, seed=f.seed)
-  with open(f.out, "w") as fh:
-    json.dump(result, fh, indent=1)
+  common.write_json(out, result)
+  print(f"wrote {out}: {result['devices']} devices, {result['tokens']} tokens, train speedup "
+        f"{result['train_speedup']:.3f}x, forward {result['forward_speedup']:.3f}x "
+        "(static / foresight capacity)", flush=True)
 
 
 if __name__ == "__main__":
-  from absl import flags
-  flags.DEFINE_integer("experts", 32, "Experts (a multiple of the device count).")
-  flags.DEFINE_integer("top_k", 4, "Experts per token.")
-  flags.DEFINE_integer("seqs", 2, "Sequences in the micro-step.")
-  flags.DEFINE_integer("seq_len", 1024, "Tokens per sequence.")
-  flags.DEFINE_integer("cluster", 4, "Experts each sequence prefers.")
-  flags.DEFINE_float("boost", 2.0, "Logit boost of preferred experts.")
-  flags.DEFINE_float("skew", 0.5, "Std of the popularity logits.")
-  flags.DEFINE_integer("d_model", 128, "Model width.")
-  flags.DEFINE_integer("d_ff", 256, "Expert hidden width.")
-  flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
-  flags.DEFINE_integer("seed", 0, "Seed.")
-  flags.DEFINE_string("out", "/tmp/balance_moe.json", "JSON output.")
-  common.at_least(1, "experts", "top_k", "seqs", "seq_len", "cluster", "d_model", "d_ff",
-                  "repeats")
-  common.at_least(0, "boost", "skew")
+  define_flags()
   common.run(main)

@@ -114,6 +114,21 @@ def _plan_fn(num_devices, slots, stickiness, split_iters, min_gain=None, method=
       min_gain=min_gain, method=method))
 
 
+def layout_error(experts, top_k, devices, slots, flag="") -> str | None:
+  """Why `experts` (top-`top_k`) on `devices` with `slots` each cannot be laid out, naming them
+  as flags (`--experts`), or as the parts of list flag `flag`; None if they can be
+  (`native_layout` refused them after the work before it had run)."""
+  prefix, name = (f"--{flag}: ", str) if flag else ("", lambda n: f"--{n}")
+  if experts % devices:
+    return f"{prefix}{name('experts')}={experts} must be a multiple of {name('devices')}={devices}"
+  if slots < experts // devices:
+    return (f"{prefix}{name('slots')}={slots} must be at least experts / devices = "
+            f"{experts // devices} (each device's native experts)")
+  if top_k > experts:
+    return f"{prefix}{name('top_k')}={top_k} must be at most {name('experts')}={experts}"
+  return None
+
+
 def evaluate_modes(trace, num_devices, slots, micro_seqs, *, ema=0.5, stickiness=0.25,
                    split_iters=8, min_gain=None, seed=0, variants=None):
   """Device loads of every mode on every micro-step of the trace.
@@ -239,3 +254,10 @@ def simulate_step(result, micro_tokens, num_devices, cost: CostModel, planner_s=
     if with_grads:
       total += grads_M[-1] * 1.0
   return total
+
+
+if __name__ == "__main__":  # run as a command, it did nothing at all, even for --help
+  import sys
+  sys.stderr.write("error: experiments.balance_traces is a library module, not a command; it is "
+                   "used by python -m experiments.bench_balance (and experiments.balance_moe)\n")
+  sys.exit(2)

@@ -85,7 +85,32 @@ common.at_least(1, "layers", "experts", "top_k", "devices", "slots", "seq_len", 
                 "repeats", "trace_steps", "trace_seqs", "cluster", "split_iters",
                 "sim_micro_seqs")
 common.at_least(0, "skew", "boost", "drift", "ema", "stickiness")
+common.at_least(1e-9, "gpu_tflops", "a2a_gbps", "xfer_gbps")
+common.non_empty("micro_seqs", "rollout_micro_seqs")
 
+
+def _numbers(kind, minimum, name, count=None):
+  """Registers `--name` (a list flag) as `count` (any if None) numbers of `kind` >= minimum:
+  a bad value failed as int() or a range() of step 0 after JAX had started, a short
+  --rollout_model as an unpacking error after the synthetic trace had run."""
+  def ok(values):
+    try:
+      return (count is None or len(values) == count) and all(kind(v) >= minimum for v in values)
+    except ValueError:
+      return False
+  what = f"{count} " if count else ""
+  flags.register_validator(name, ok, message=f"--{name} must list {what}{kind.__name__}s "
+                           f">= {minimum}")
+
+
+_numbers(int, 1, "micro_seqs")
+_numbers(int, 1, "rollout_micro_seqs")
+_numbers(int, 0, "rollout_model", 5)  # the warm-up may be 0 steps; the rest is checked below
+_numbers(int, 1, "rollout_batch", 3)
+_numbers(float, 0, "sweep_stickiness")
+_numbers(float, 1e-9, "sweep_xfer_gbps")
+
+MOE_DEVICES = 8  # (c)'s fake CPU devices
 QUICK_MOE = ["--experts=16", "--top_k=2", "--seqs=2", "--seq_len=64", "--d_model=16",
              "--d_ff=16", "--repeats=2"]
 QUICK = dict(sweep_stickiness=[], sweep_xfer_gbps=["450"], layers=4, experts=16, top_k=2,
@@ -96,6 +121,7 @@ QUICK = dict(sweep_stickiness=[], sweep_xfer_gbps=["450"], layers=4, experts=16,
 
 
 def _settings():
+  from experiments import balance_traces as bt
   s = {f.name: f.value for f in (_LAYERS, _EXPERTS, _TOP_K, _DEVICES, _SLOTS, _SEQ_LEN,
                                  _PLAN_SEQS, _REPEATS, _STEPS, _SEQS, _MICRO, _SKEW, _CLUSTER,
                                  _BOOST, _DRIFT, _EMA, _STICKINESS, _SPLIT_ITERS, _SIM_MICRO,
@@ -112,6 +138,16 @@ def _settings():
   s["sweep_xfer_gbps"] = [float(x) for x in s["sweep_xfer_gbps"]]
   if s["sim_micro_seqs"] not in s["micro_seqs"]:
     raise app.UsageError(f"--sim_micro_seqs={s['sim_micro_seqs']} must be one of --micro_seqs")
+  if s["top_k"] >= s["experts"]:  # the synthetic trace draws top_k distinct experts (Gumbel)
+    raise app.UsageError(f"--top_k={s['top_k']} must be below --experts={s['experts']}")
+  if problem := bt.layout_error(s["experts"], s["top_k"], s["devices"], s["slots"]):
+    raise app.UsageError(problem)
+  if s["cluster"] > s["experts"]:
+    raise app.UsageError(f"--cluster={s['cluster']} must be at most --experts={s['experts']}")
+  if _ROLLOUT.value:
+    experts, top_k, devices, slots, _ = s["rollout_model"]
+    if problem := bt.layout_error(experts, top_k, devices, slots, "rollout_model"):
+      raise app.UsageError(problem)
   return s
 
 
@@ -160,38 +196,61 @@ def time_planner(s, rng):
   return ms
 
 
-def start_moe(quick):
-  """(c) in a subprocess with 8 fake CPU devices; returns (process, JSON path)."""
-  out = os.path.join(tempfile.mkdtemp(), "moe.json")
-  args = QUICK_MOE if quick else _MOE_ARGS.value
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.balance_moe", "--cpu_devices=8",
-                           f"--out={out}", *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  return proc, out
+def start_moe(args, tmp):
+  """(c) in a subprocess with its own fake CPU devices, writing into `tmp`."""
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.balance_moe",
+                           f"--cpu_devices={MOE_DEVICES}", f"--out={os.path.join(tmp, 'moe.json')}",
+                           *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return proc, tmp
 
 
-def finish_moe(proc_out):
-  proc, out = proc_out
+def finish_moe(proc_tmp):
+  """(c)'s result; the subprocess's own `error:` line (a bad --moe_args) is this run's error."""
+  proc, tmp = proc_tmp
   log, _ = proc.communicate()
+  errors = [line for line in log.splitlines() if line.startswith("error: ")]
+  if proc.returncode == 2 and errors:
+    common.exit_with_error(f"--moe_args: experiments.balance_moe: {errors[-1][7:]}")
   if proc.returncode:
     raise RuntimeError(f"experiments.balance_moe failed:\n{log}")
-  with open(out) as f:
+  with open(os.path.join(tmp, "moe.json")) as f:
     return json.load(f)
 
 
 def main(argv):
   del argv
+  s = _settings()  # every flag, and the output path, before any work
+  moe_args = None
+  if _MOE.value:  # checked with balance_moe's own flags: a bad one failed after the rest had run
+    from experiments import balance_moe
+    moe_args = QUICK_MOE if _QUICK.value and not flags.FLAGS["moe_args"].present else (
+        _MOE_ARGS.value)
+    if problem := balance_moe.args_error(moe_args, MOE_DEVICES):
+      raise app.UsageError(f"--moe_args: {problem}")
+  out = common.output_file(_OUT, quick=_QUICK.value)
   common.setup_devices()
   machine = common.machine_info()  # at the start: the load before our own work
+  # (c) first and alone, so it does not disturb the timings of (a); --quick overlaps it. Its
+  # JSON goes to a directory removed at the end (a mkdtemp was left behind by every run).
+  with tempfile.TemporaryDirectory(prefix="bench_balance_") as tmp:
+    moe_run = start_moe(moe_args, tmp) if moe_args is not None else (None, None)
+    try:
+      result = _run(s, machine, moe_run)
+    finally:
+      if moe_run[0] and moe_run[0].poll() is None:  # _run failed before it waited for (c)
+        moe_run[0].kill()
+        moe_run[0].communicate()
+  common.write_json(out, result, default=str)
+  print(json.dumps(result["summary"]), flush=True)
+
+
+def _run(s, machine, moe_run) -> dict:
+  """(a) to (d), printing their tables; returns the JSON's contents."""
   import numpy as np
   from experiments import balance_traces as bt
-  s = _settings()
   rng = np.random.default_rng(s["seed"])
   t_start = time.perf_counter()
-
-  # (c) first and alone, so it does not disturb the timings of (a); --quick overlaps it.
-  moe_run = start_moe(_QUICK.value) if _MOE.value else None
-  moe = finish_moe(moe_run) if moe_run and not _QUICK.value else None
+  moe = finish_moe(moe_run) if moe_run[0] and not _QUICK.value else None
   timing = time_planner(s, rng)
   print(f"(a) planner, {s['layers']} layers x {s['experts']} experts, top-{s['top_k']}, "
         f"D={s['devices']}, S={s['slots']}, micro-step {s['plan_seqs']} x {s['seq_len']} tokens")
@@ -205,11 +264,11 @@ def main(argv):
                              layers=s["layers"], experts=s["experts"], top_k=s["top_k"],
                              skew=s["skew"], cluster=s["cluster"], boost=s["boost"],
                              drift=s["drift"])
+  tiny = dict(d_model=64, expert_ff=32, attn_params=64 * 64 * 4, heads_x_dim=64)
+  # The rate flags hold in --quick too (its tiny shape ignored them, though it printed them).
   cost = bt.CostModel(seq_len=s["seq_len"], gpu_flops=s["gpu_tflops"] * 1e12,
-                      a2a_bytes_per_s=s["a2a_gbps"] * 1e9, xfer_bytes_per_s=s["xfer_gbps"] * 1e9)
-  if _QUICK.value:
-    cost = bt.CostModel(d_model=64, expert_ff=32, attn_params=64 * 64 * 4, heads_x_dim=64,
-                        seq_len=s["seq_len"])
+                      a2a_bytes_per_s=s["a2a_gbps"] * 1e9, xfer_bytes_per_s=s["xfer_gbps"] * 1e9,
+                      **(tiny if _QUICK.value else {}))
   imb, sim, sweep = {}, {}, {}
   kw = dict(ema=s["ema"], split_iters=s["split_iters"], seed=s["seed"])
   # foresight_lpt: balance first, plain LPT without home rules; foresight_sticky_lpt: the
@@ -270,7 +329,7 @@ def main(argv):
                      for k, r in res.items()}
       print(f"    {mr:<11}" + "".join(
           f"{rollout[mr][k]['mean']:>14.3f} [{rollout[mr][k]['max']:5.2f}]" for k in modes))
-  if moe_run and moe is None:
+  if moe_run[0] and moe is None:
     moe = finish_moe(moe_run)
   if moe:
     print(f"\n(c) one MoE layer on {moe['devices']} fake CPU devices, {moe['tokens']} tokens, "
@@ -326,17 +385,12 @@ def main(argv):
     big = max(rollout)
     summary.update({f"rollout_imbalance_{k}": round(rollout[big][k]["mean"], 4) for k in modes},
                    rollout_micro_seqs=big)
-  result = {"settings": s, "quick": _QUICK.value, "timing_ms": timing, "imbalance": imb,
-            "imbalance_rollout": rollout,
-            "moe": moe,
-            "simulation_bandwidth": sim, "stickiness_sweep": sweep,
-            "cost_model": dataclasses.asdict(cost), "summary": summary,
-            "machine": dict(machine, load_avg_at_end=os.getloadavg()),
-            "wall_s": time.perf_counter() - t_start}
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1, default=str)
-  print(json.dumps(summary), flush=True)
+  return {"command": common.command_line(), "settings": s, "quick": _QUICK.value,
+          "timing_ms": timing, "imbalance": imb, "imbalance_rollout": rollout, "moe": moe,
+          "simulation_bandwidth": sim, "stickiness_sweep": sweep,
+          "cost_model": dataclasses.asdict(cost), "summary": summary,
+          "machine": dict(machine, load_avg_at_end=os.getloadavg()),
+          "wall_s": time.perf_counter() - t_start}
 
 
 if __name__ == "__main__":

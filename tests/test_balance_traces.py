@@ -2,10 +2,15 @@
 `sim_speedup` of docs/results/balance.md) and the device loads and transfers of the balancing
 modes (`evaluate_modes`), on hand-worked traces. End to end: tests/test_bench_balance.py."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from experiments.balance_traces import CostModel, _transfers_LD, evaluate_modes, simulate_step
+from experiments.balance_traces import (CostModel, _transfers_LD, evaluate_modes, layout_error,
+                                        simulate_step)
 
 # Round rates: expert_flops = 2·3·1·1 = 6, dense_flops = 2·1 + 2·1·1 = 4, expert_bytes = 3.
 # At gpu_flops 2: 3 s per (token, k) assignment, 2 s per token and layer of dense compute.
@@ -142,3 +147,24 @@ def test_transfers_count_new_experts_not_empty_slots():
   prev_LDS = np.array([[[0, 1, 3], [1, -1, -1]]])
   # Device 0 fetches expert 2 (its emptied slot costs nothing); device 1 fetches 3 twice.
   np.testing.assert_array_equal(_transfers_LD(new_LDS, prev_LDS), [[1, 2]])
+
+
+def test_run_as_a_command_it_says_it_is_a_library():
+  """It did nothing at all when run, even with --help: one `error:` line naming its user."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "experiments.balance_traces", "--help"],
+                        capture_output=True, text=True, timeout=120, cwd=repo)
+  assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+  assert proc.stderr.startswith("error: experiments.balance_traces is a library module")
+  assert "python -m experiments.bench_balance" in proc.stderr
+
+
+def test_layout_error_names_the_flags():
+  """What native_layout refuses (after the work before it), as bench_balance's flags or the
+  parts of its --rollout_model."""
+  assert layout_error(16, 2, 4, 4) is None and layout_error(8, 8, 4, 3) is None
+  assert layout_error(15, 2, 4, 6) == "--experts=15 must be a multiple of --devices=4"
+  assert layout_error(16, 2, 4, 1) == ("--slots=1 must be at least experts / devices = 4 (each "
+                                       "device's native experts)")
+  assert layout_error(8, 9, 4, 3, "rollout_model") == ("--rollout_model: top_k=9 must be at most "
+                                                       "experts=8")

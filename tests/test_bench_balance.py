@@ -5,8 +5,11 @@ planner's guard makes foresight never worse than the static layout).
 """
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from experiments import common
 
@@ -17,13 +20,25 @@ KEYS = ("planner_ms", "planner_ms_warm", "planner_ms_lpt", "eplb_ms",
 
 
 def test_bench_balance_quick(tmp_path):
-  out = tmp_path / "b.json"
+  """Also: rate flags given explicitly hold in --quick's cost model (its tiny CostModel replaced
+  the one built from them, while the tables printed them), and the balance_moe subprocess's
+  temporary directory is removed (one was left behind by every run)."""
+  out, tmp = tmp_path / "new_dir" / "b.json", tmp_path / "tmp"
+  tmp.mkdir()
   proc = subprocess.run([sys.executable, "-m", "experiments.bench_balance", "--quick",
-                         f"--out={out}"], check=True, capture_output=True, text=True, timeout=300)
+                         "--gpu_tflops=100", "--xfer_gbps=5", f"--out={out}"], check=True,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, TMPDIR=str(tmp)))
   last = json.loads(proc.stdout.strip().splitlines()[-1])
   assert set(KEYS) <= set(last)
   result = json.loads(out.read_text())
   assert result["summary"] == last and result["quick"]
+  assert result["cost_model"]["gpu_flops"] == 100e12
+  assert result["cost_model"]["xfer_bytes_per_s"] == 5e9
+  assert result["cost_model"]["a2a_bytes_per_s"] == 50e9 and result["cost_model"]["d_model"] == 64
+  assert "100 TFLOP/s" in proc.stdout and "(transfers 5 GB/s)" in proc.stdout
+  assert result["command"].startswith("python -m experiments.bench_balance --quick")
+  assert os.listdir(tmp) == []
   revision = common.source_revision()  # which code the numbers measured
   assert {k: result["machine"][k] for k in revision} == revision
   assert last["planner_ms"] > 0 and last["planner_ms_lpt"] > 0 and last["planner_ms_warm"] > 0
@@ -37,3 +52,29 @@ def test_bench_balance_quick(tmp_path):
                         "foresight_sticky_lpt"}
     assert row["foresight"]["mean"] <= row["none"]["mean"] + 1e-6
     assert row["foresight_sticky_lpt"]["mean"] <= row["none"]["mean"] + 1e-6
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--micro_seqs=abc"], "--micro_seqs"), (["--micro_seqs=0,2"], "--micro_seqs"),
+    (["--micro_seqs="], "--micro_seqs"), (["--rollout_model=8,2"], "--rollout_model"),
+    (["--rollout_model=8,2,3,3,2"], "--rollout_model"), (["--experts=15"], "--experts"),
+    (["--slots=1"], "--slots"), (["--cluster=100"], "--cluster"), (["--top_k=16"], "--top_k"),
+    (["--gpu_tflops=0"], "--gpu_tflops"),
+    # balance_moe's flags, checked with its own definitions before any work
+    (["--moe_args=--experts=0"], "--moe_args: flag --experts=0"),
+    (["--moe_args=--experts=12"], "--moe_args: --experts=12"),
+    (["--moe_args=--bogus"], "--moe_args: Unknown command line flag 'bogus'"),
+    (["--out=FILE/b.json"], "--out")])
+def test_bad_flag_is_one_error_line_before_any_work(tmp_path, flags, named):
+  """Each failed with a traceback (int(), range() of step 0, native_layout, numpy's choice, an
+  unpacking error, a RuntimeError around balance_moe's own error line), some after the work."""
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  out = tmp_path / "b.json"
+  args = [f.replace("FILE", str(a_file)) for f in flags]
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench_balance", "--quick",
+                         f"--out={out}", *args], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+  (line,) = proc.stderr.splitlines()
+  assert line.startswith("error: ") and named in line, line
+  assert sorted(os.listdir(tmp_path)) == ["a_file"]
