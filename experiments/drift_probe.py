@@ -26,6 +26,7 @@ mini-steps (a private hook: a diagnostic, not an API).
 """
 
 import json
+import time
 
 import numpy as np
 from absl import flags, logging
@@ -38,11 +39,15 @@ if __name__ == "__main__":
   _CONFIG = common.define_config("configs/tiny.py", "Base experiment config.")
   _INIT = flags.DEFINE_string("init_from", "", "Warm-up checkpoint dir (empty: train the "
                               "warm-up here).")
-  _OFF = flags.DEFINE_integer("off", 4, "κ: mini-batches per rollout batch.")
+  _OFF = flags.DEFINE_integer("off", 4, "κ: mini-batches per rollout batch (>= 2: mini-steps "
+                              "2..κ are scored).")
   _LR = flags.DEFINE_float("learning_rate", 2e-3, "RL learning rate.")
-  _STEPS = flags.DEFINE_integer("steps", 30, "RL steps (rollout batches).")
+  _STEPS = flags.DEFINE_integer("steps", 30, "RL steps (rollout batches; >= 2: each is predicted "
+                                "from the one before).")
   _PROBE = flags.DEFINE_integer("probe_size", 128, "Probe sequences.")
-  common.at_least(1, "off", "steps", "probe_size")
+  # κ = 1 printed empty rows, 1 step all-zero rows and a NaN cosine, read as results.
+  common.at_least(2, "off", "steps")
+  common.at_least(1, "probe_size")
   _OUT = flags.DEFINE_string("out", "", "Optional JSON output.")
 
 PREDICTORS = ("stale", "prev_drift", "momentum", "linear_fit", "router_weights")
@@ -127,6 +132,7 @@ def main(argv):
     check_init_from(_INIT.value)
   except ValueError as e:
     common.exit_with_error(str(e))
+  out_path = common.output_file(_OUT) if _OUT.value else None  # before the minutes of work
   common.setup_devices()
   import dataclasses
 
@@ -148,7 +154,8 @@ def main(argv):
                                                           engine.shardings.params), identity,
                               logging.warning)
   else:
-    params = engine.warmup()
+    logging.info("warm-up: %d supervised steps (the first compiles)", config.sft.num_steps)
+    params = engine.warmup(on_progress=common.progress_logger("warm-up"))
   state = engine.state.replace(params=params)
 
   probe = data.sft_batch(engine.tok, engine.task.sample(np.random.default_rng(123), _PROBE.value),
@@ -164,7 +171,10 @@ def main(argv):
     w_LDE = np.stack([np.asarray(p[f"layers_{l}"]["mlp"]["gate"]) for l in range(layers)])
     return np.asarray(out.router_logits), np.asarray(out.router_inputs), w_LDE
 
+  # Step 1 runs before the recording starts (not scored); progress counts it all the same.
+  total, progress, t_first = _STEPS.value + 1, common.progress_logger("rl"), None
   state, _ = engine.rl_step(state, 1)
+  progress(1, total, None)  # includes compiling
   snaps = []
   learner_fns = engine._learner_fns
 
@@ -182,6 +192,9 @@ def main(argv):
     snaps.clear()
     state, _ = engine.rl_step(state, step)
     batches.append(snaps + [snapshot(state.params)])
+    now = time.perf_counter()
+    progress(step, total, None if t_first is None else (now - t_first) / (step - 2))
+    t_first = t_first or now
 
   kappa = _OFF.value
   scored = score_batches(batches, mask_BS, config.model.top_k)
@@ -196,9 +209,8 @@ def main(argv):
     print(f"  {name:15s} " + " ".join(f"{v:.4f}" for v in s))
   print(f"router-weight share of the logit drift {result['router_weight_share_of_drift']:.3f}; "
         f"cosine of consecutive batches' drifts {result['consecutive_drift_cosine']:.3f}")
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=1)
+  if out_path:
+    common.write_json(out_path, {"command": common.command_line(), **result})
 
 
 if __name__ == "__main__":

@@ -18,14 +18,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_drift_probe_writes_scores(tmp_path):
-  out = tmp_path / "d.json"
+  """Also: the JSON goes into a directory it makes (its parent was never created), and the log
+  shows the warm-up's and the RL steps' progress (minutes passed without a line)."""
+  out = tmp_path / "new" / "d.json"
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.drift_probe", "--off=2", "--steps=3", "--probe_size=16",
        "--config.sft.num_steps=5", f"--out={out}"],
       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"),
       cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "warm-up step 5/5" in proc.stderr and "rl step 4/4" in proc.stderr, proc.stderr[-3000:]
   result = json.loads(out.read_text())
+  assert result["command"].startswith("python -m experiments.drift_probe --off=2")
   assert result["mini_steps"] == [2]
   for name, scores in result["zero_dev_by_ministep"].items():
     assert len(scores) == 1 and 0.0 <= scores[0] <= 1.0, name
@@ -120,7 +124,7 @@ def test_init_from_without_a_checkpoint_is_refused(tmp_path):
 def test_command_line_refuses_a_missing_init_from_before_creating_it(tmp_path):
   nope = tmp_path / "nope"
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.drift_probe", f"--init_from={nope}", "--steps=1"],
+      [sys.executable, "-m", "experiments.drift_probe", f"--init_from={nope}", "--steps=2"],
       capture_output=True, text=True, timeout=120, cwd=REPO,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -149,3 +153,21 @@ def test_restore_params_reads_the_newest_step_and_refuses_none(tmp_path):
   with pytest.raises(ValueError, match=f"init_from='{tmp_path / 'empty'}': no checkpoint step "
                      "restored"):
     restore_params(NothingFinished(), abstract, identity)
+
+
+@pytest.mark.parametrize("flag, want", [
+    # 1 step scored nothing (all-zero rows and a NaN cosine), κ = 1 printed empty rows.
+    ("--steps=1", "error: flag --steps=1: --steps must be >= 2"),
+    ("--off=1", "error: flag --off=1: --off must be >= 2"),
+    ("--out=FILE/d.json", "/a_file is a file")])
+def test_bad_flag_is_one_error_line_before_any_work(tmp_path, flag, want):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.drift_probe", flag.replace("FILE", str(a_file))],
+      capture_output=True, text=True, timeout=120, cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+  (line,) = proc.stderr.splitlines()
+  assert line.startswith("error: ") and want in line, line
+  assert sorted(os.listdir(tmp_path)) == ["a_file"]
