@@ -20,7 +20,6 @@ of 32, as Qwen3's 151,669 ids sit below its 151,936-row embedding.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import flags
@@ -64,11 +63,11 @@ def char_tokenizer(chars: str = CHARS, specials=SPECIALS):
 
 
 def write_tokenizer(out: str, tok) -> None:
+  from experiments import common
   tok.save(os.path.join(out, "tokenizer.json"))
   config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": IM_END,
             "pad_token": ENDOFTEXT, "bos_token": None, "model_max_length": 128}
-  with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  common.write_json(os.path.join(out, "tokenizer_config.json"), config, indent=2)
 
 
 def write_checkpoint(out: str, *, seed: int = 0, initializer_range: float = 0.02,
@@ -95,10 +94,13 @@ def write_checkpoint(out: str, *, seed: int = 0, initializer_range: float = 0.02
 
 def main(argv):
   del argv
+  from experiments import common
+  f = flags.FLAGS
+  # Before torch loads: an --out that is a file failed inside save_pretrained.
+  out = common.output_dir("out", f.out)
   import torch
   torch.set_num_threads(1)  # the machine's 2 cores are shared: no spinning thread pool
-  f = flags.FLAGS
-  out = write_checkpoint(f.out, seed=f.seed, initializer_range=f.initializer_range)
+  out = write_checkpoint(out, seed=f.seed, initializer_range=f.initializer_range)
   for name in sorted(os.listdir(out)):
     print(f"{os.path.getsize(os.path.join(out, name)):>9,d}  {os.path.join(out, name)}")
 

@@ -5,13 +5,16 @@
 
 Every WORKDIR must hold a metrics.jsonl with at least one RL row; they are all
 read and checked before the output directory is made. A torn last line (a run
-killed mid-write) is skipped, as the training loop does.
+killed mid-write) is skipped, as the training loop does. Each run's line is
+labelled by the shortest end of its path that no other WORKDIR's path ends with
+(`r3/seed0` and `pr2/seed0` for compare_replay's off2/r3/seed0 and off2/pr2/seed0).
 """
 
 import os
 
 from absl import app, flags
 
+from experiments import common
 from pr2_jax import viz
 
 
@@ -24,17 +27,34 @@ def read_rows(workdir: str, phases=("sft_eval", "rl")) -> list[dict]:
   return [r for r in records.read_metrics_rows(path) if r.get("phase") in phases]
 
 
+def run_labels(workdirs: list[str]) -> list[str]:
+  """A distinct label per workdir: the fewest trailing path components that no other workdir's
+  path ends with (its whole path if it is the end of another's; a repeated path gets ' (2)').
+  Basenames were not enough: compare_replay's off{κ}/{mode}/seed{s} runs share them, and all
+  but one of them were dropped from the plots."""
+  paths = [tuple(os.path.normpath(w).split(os.sep)) for w in workdirs]
+  labels = []
+  for i, path in enumerate(paths):
+    others = [p for j, p in enumerate(paths) if j != i and p != path]
+    n = next((n for n in range(1, len(path) + 1)
+              if not any(p[-n:] == path[-n:] for p in others)), len(path))
+    label = os.path.join(*path[-n:])
+    repeat = paths[:i].count(path)
+    labels.append(f"{label} ({repeat + 1})" if repeat else label)
+  return labels
+
+
 def load_runs(workdirs: list[str]) -> dict[str, list[dict]]:
-  """{run name (the workdir's basename): rows}; a ValueError naming a workdir without RL rows."""
+  """{run label (`run_labels`): rows}; a ValueError naming a workdir without RL rows."""
   if not workdirs:
     raise ValueError("no workdir given (expected one or more run directories)")
   runs = {}
-  for workdir in workdirs:
+  for workdir, label in zip(workdirs, run_labels(workdirs)):
     rows = read_rows(workdir)
     if not any(r.get("phase") == "rl" for r in rows):
       raise ValueError(f"metrics.jsonl in {workdir!r} has no RL rows (phase 'rl'), nothing to "
                        "plot: has the run finished an RL step yet?")
-    runs[os.path.basename(os.path.normpath(workdir))] = rows
+    runs[label] = rows
   return runs
 
 
@@ -59,14 +79,17 @@ def plot(workdirs: list[str], out_dir: str) -> list[str]:
 
 
 def main(argv, out_dir: str | None = None):
-  """The command line: argv[1:] are the workdirs (absl has taken the flags out)."""
+  """The command line: argv[1:] are the workdirs (absl has taken the flags out). A bad workdir
+  or output directory is one `error:` line, exit code 2, before anything is drawn."""
   workdirs = argv[1:]
   if not workdirs:
     raise app.UsageError("give one or more WORKDIRs (run directories holding metrics.jsonl)")
+  # An --out that is a file failed only after every figure was drawn.
+  out_dir = common.output_dir("out", out_dir or os.path.join(workdirs[0], "plots"))
   try:
-    paths = plot(workdirs, out_dir or os.path.join(workdirs[0], "plots"))
+    paths = plot(workdirs, out_dir)
   except ValueError as e:
-    raise SystemExit(f"experiments.plot: {e}") from None
+    common.exit_with_error(f"experiments.plot: {e}")
   for path in paths:
     print(path)
 
@@ -75,5 +98,4 @@ if __name__ == "__main__":
   # Flags only when run as a script: other entry points define --out too, and absl refuses a
   # second definition in a process that imports both (the test suite).
   _OUT = flags.DEFINE_string("out", None, "Output directory (default: the first WORKDIR/plots).")
-  from experiments import common
   common.run(lambda argv: main(argv, _OUT.value))

@@ -113,11 +113,14 @@ def test_bad_workdirs_leave_no_directory(tmp_path):
   assert not out.exists() and sorted(os.listdir(warm)) == ["metrics.jsonl"]
 
 
-def test_main_errors(tmp_path):
+def test_main_errors(tmp_path, capsys):
   with pytest.raises(app.UsageError, match="give one or more WORKDIRs"):
     plot.main(["plot"])
-  with pytest.raises(SystemExit, match=f"experiments.plot: no metrics.jsonl in '{tmp_path}'"):
+  with pytest.raises(SystemExit) as exit_:  # one `error:` line, exit 2, like every entry point
     plot.main(["plot", str(tmp_path)], str(tmp_path / "out"))
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err == (f"error: experiments.plot: no metrics.jsonl in "
+                                     f"'{tmp_path}' (expected a run's workdir, e.g. runs/tiny)\n")
   assert os.listdir(tmp_path) == []
   workdir = _write_run(tmp_path / "run")
   plot.main(["plot", workdir])
@@ -146,6 +149,51 @@ def test_command_line(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == [str(tmp_path / "out" / f"{name}.png")
                                  for name, _ in viz.PANELS] + [str(tmp_path / "out/horizon.png")]
+
+
+def test_bad_command_lines_are_one_error_line(tmp_path, capsys):
+  """No WORKDIR printed the whole help (exit 1); a missing workdir was a bare SystemExit text; an
+  --out that is a file failed after every figure was drawn. Each is one `error:` line, exit 2,
+  and nothing is written."""
+  workdir = _write_run(tmp_path / "run")
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  for argv, out, want in ((["plot", workdir], str(a_file), f"error: --out={a_file} is a file"),
+                          (["plot", str(tmp_path / "nope")], None,
+                           "error: experiments.plot: no metrics.jsonl in")):
+    with pytest.raises(SystemExit) as exit_:
+      plot.main(argv, out)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and line.startswith(want), line
+  proc = _cli([], tmp_path)  # app.UsageError, as common.run reports it
+  assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+  assert proc.stderr == "error: give one or more WORKDIRs (run directories holding metrics.jsonl)\n"
+  assert sorted(os.listdir(tmp_path)) == ["a_file", "run"] and os.listdir(workdir) == [
+      "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("workdirs, labels", [
+    (["runs/r3", "runs/none"], ["r3", "none"]),
+    # compare_replay's layout: equal basenames, each run keeps its own line
+    (["A/off2/r3/seed0", "A/off2/pr2/seed0", "A/off4/r3/seed0"],
+     ["off2/r3/seed0", "pr2/seed0", "off4/r3/seed0"]),
+    (["runs/x", "other/runs/x", "runs/x/"], ["runs/x", "other/runs/x", "runs/x (2)"]),
+    (["/abs/runs/x", "x"], ["runs/x", "x"])])
+def test_run_labels_are_the_shortest_distinct_path_ends(workdirs, labels):
+  assert plot.run_labels(workdirs) == labels
+
+
+def test_runs_with_equal_basenames_each_get_a_line(tmp_path):
+  """`plot A/off2/r3/seed0 A/off2/pr2/seed0` drew one line: runs were keyed by basename."""
+  workdirs = []
+  for mode in ("r3", "pr2"):
+    (tmp_path / "off2" / mode).mkdir(parents=True)
+    workdirs.append(_write_run(tmp_path / "off2" / mode / "seed0"))
+  runs = plot.load_runs(workdirs)
+  assert list(runs) == ["r3/seed0", "pr2/seed0"]
+  fig = viz.metric_panel(runs, ["reward_mean"])
+  assert [line.get_label() for line in fig.axes[0].get_lines()] == ["r3/seed0", "pr2/seed0"]
+  plt.close(fig)
 
 
 def test_legend_goes_on_the_first_panel_with_data():
