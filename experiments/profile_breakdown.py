@@ -237,3 +237,10 @@ def format_table(ours: dict[str, dict], torch: dict[str, dict]) -> str:
       cells.append(f"{torch[p][kind]:.1f}" if kind in torch[p] else "")
     rows.append(f"| {labels.get(kind, kind)} | " + " | ".join(cells) + " |")
   return "\n".join(rows)
+
+
+if __name__ == "__main__":  # run as a command, it did nothing at all, even for --help
+  import sys
+  sys.stderr.write("error: experiments.profile_breakdown is a library module, not a command; it is "
+                   "used by python -m experiments.bench_peer --breakdown=N\n")
+  sys.exit(2)

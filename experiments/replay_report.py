@@ -382,15 +382,15 @@ def write_plots(out_dir: str, results: dict, top_k: int) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-  """`python -m experiments.replay_report`: this module has no command of its own; it says so
-  and names the one that writes the report (exit status 2 if given arguments other than help)."""
-  usage = (__doc__.strip() + "\n\nA library module, not a command: the report, JSON and plots are "
-           "written by\n\n    python -m experiments.compare_replay    (options: --help)\n")
+  """`python -m experiments.replay_report`: no command of its own. With a help flag it says so
+  and names the one that writes the report; with other arguments, one `error:` line, exit 2."""
   if any(arg not in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
-    print(f"experiments.replay_report takes no arguments (got {argv[1:]})\n\n{usage}",
+    print(f"error: experiments.replay_report is a library module and takes no arguments (got "
+          f"{' '.join(argv[1:])}); the report is written by python -m experiments.compare_replay",
           file=sys.stderr)
     return 2
-  print(usage)
+  print(__doc__.strip() + "\n\nA library module, not a command: the report, JSON and plots are "
+        "written by\n\n    python -m experiments.compare_replay    (options: --help)\n")
   return 0
 
 

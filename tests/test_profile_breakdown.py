@@ -1,6 +1,10 @@
 """Tests for experiments/profile_breakdown.py: the HLO metadata map, the op classification, the
 trace arithmetic (hand-worked), and a real profile of a small jitted function."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -165,3 +169,13 @@ def test_jax_breakdown_of_a_real_profile():
   assert out["wall"] > 0
   # One device: at most one op at a time, and idle time only inside the profiled span.
   assert 0 <= out["no op running"] and 0 < out["one op running"] <= out["wall"]
+
+
+def test_run_as_a_command_it_says_it_is_a_library():
+  """It did nothing at all when run, even with --help: one `error:` line naming its user."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "experiments.profile_breakdown", "--help"],
+                        capture_output=True, text=True, timeout=120, cwd=repo)
+  assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+  assert proc.stderr.startswith("error: experiments.profile_breakdown is a library module")
+  assert "python -m experiments.bench_peer" in proc.stderr

@@ -93,9 +93,11 @@ def test_main_says_it_is_a_library_and_names_the_command(capsys):
   assert out.startswith("Summaries, report and plots of the routing-replay comparison")
   assert "A library module, not a command" in out
   assert "python -m experiments.compare_replay" in out
+  # Any other argument: one `error:` line (it printed the whole usage, without `error:`).
   assert replay_report.main(["replay_report", "--out=x"]) == 2
-  err = capsys.readouterr().err
-  assert err.startswith("experiments.replay_report takes no arguments (got ['--out=x'])")
+  assert capsys.readouterr().err == (
+      "error: experiments.replay_report is a library module and takes no arguments (got --out=x);"
+      " the report is written by python -m experiments.compare_replay\n")
 
 
 def test_module_run_as_a_command_is_not_silent():
@@ -103,4 +105,8 @@ def test_module_run_as_a_command_is_not_silent():
   proc = subprocess.run([sys.executable, "-m", "experiments.replay_report", "--help"],
                         capture_output=True, text=True, timeout=60, cwd=repo)
   assert proc.returncode == 0 and "A library module, not a command" in proc.stdout
+  proc = subprocess.run([sys.executable, "-m", "experiments.replay_report", "--bogus"],
+                        capture_output=True, text=True, timeout=60, cwd=repo)
+  assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+  assert proc.stderr.startswith("error: experiments.replay_report is a library module")
 
