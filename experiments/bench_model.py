@@ -17,7 +17,6 @@ No assertions on timings anywhere: the figures describe this machine only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -53,6 +52,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Parameter and token seed.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_model.json", "JSON result path.")
 common.at_least(1, "seq_len", "batch", "steps", "mesh_expert")
 common.at_least(0, "warmup", "capacity_factor")
+common.non_empty("impls")
 
 BASELINE = "capacity"
 
@@ -67,23 +67,30 @@ def parse_impl(entry: str) -> tuple[str, float]:
                                 ) from None
 
 
+def shape_config(**fields) -> ModelConfig:
+  """ModelConfig of the model-shape flags and --dtype (and `fields`)."""
+  return ModelConfig(
+      vocab_size=mf.VOCAB_SIZE.value, num_layers=mf.NUM_LAYERS.value, d_model=mf.D_MODEL.value,
+      num_heads=mf.NUM_HEADS.value, num_kv_heads=mf.NUM_KV_HEADS.value,
+      head_dim=mf.HEAD_DIM.value, expert_d_ff=mf.EXPERT_D_FF.value,
+      num_experts=mf.NUM_EXPERTS.value, top_k=mf.TOP_K.value, dtype=_DTYPE.value, **fields)
+
+
 def model_config(entry: str) -> ModelConfig:
   impl, capacity_factor = parse_impl(entry)
   try:
-    return ModelConfig(
-        vocab_size=mf.VOCAB_SIZE.value, num_layers=mf.NUM_LAYERS.value,
-        d_model=mf.D_MODEL.value, num_heads=mf.NUM_HEADS.value,
-        num_kv_heads=mf.NUM_KV_HEADS.value, head_dim=mf.HEAD_DIM.value,
-        expert_d_ff=mf.EXPERT_D_FF.value, num_experts=mf.NUM_EXPERTS.value, top_k=mf.TOP_K.value,
-        dtype=_DTYPE.value, expert_impl=impl, capacity_factor=capacity_factor)
+    return shape_config(expert_impl=impl, capacity_factor=capacity_factor)
   except ValueError as e:  # a usage error: one line (common.run), not a traceback
     raise flags.ValidationError(f"--impls entry {entry!r}: {e}") from None
 
 
 def build_mesh():
+  """The (data, expert) mesh over every device; a UsageError naming the flag that does not fit
+  (the device count is --cpu_devices', or the backend's)."""
   n, expert = jax.device_count(), _MESH_EXPERT.value
-  if expert < 1 or n % expert:
-    raise app.UsageError(f"--mesh_expert={expert} must divide the {n} devices")
+  if n % expert or mf.NUM_EXPERTS.value % expert:
+    raise app.UsageError(f"--mesh_expert={expert} must divide the {n} devices and "
+                         f"--num_experts={mf.NUM_EXPERTS.value}")
   if _BATCH.value % n:
     raise app.UsageError(f"--batch={_BATCH.value} must be divisible by the {n} devices")
   return make_mesh(n // expert, expert)
@@ -220,19 +227,13 @@ def flag_values() -> dict:
   return {f.name: f.value for f in fl}
 
 
-def write_json(path: str, payload: dict) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-
-
 def main(argv):
   del argv
-  if _STEPS.value < 1 or _WARMUP.value < 0 or not _IMPLS.value:
-    raise app.UsageError("--steps must be >= 1, --warmup >= 0, --impls non-empty")
+  out = common.output_file(_OUT)  # a bad path fails now, not after the compiles
   if len(set(_IMPLS.value)) != len(_IMPLS.value):
     raise app.UsageError(f"--impls={','.join(_IMPLS.value)} repeats an entry")
+  with common.bad_config_exits():  # the shape flags first: not blamed on an --impls entry
+    shape_config()
   for entry in _IMPLS.value:
     model_config(entry)  # bad names or sizes fail here, before any compile
   common.setup_devices()
@@ -242,12 +243,13 @@ def main(argv):
   results = bench_paths(mesh)
   base = add_ratios(results)
   print(format_table(results, base), flush=True)
-  write_json(_OUT.value, {"command": " ".join(sys.argv), "flags": flag_values(),
+  common.write_json(out, {"command": common.command_line(), "flags": flag_values(),
                           "config": config, "machine": machine,
                           "baseline": base, "results": results,
                           "load_avg_1m_at_end": os.getloadavg()[0],
-                          "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-  logging.info("wrote %s", _OUT.value)
+                          "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                    indent=2, sort_keys=True)  # the recorded results' format
+  logging.info("wrote %s", out)
 
 
 if __name__ == "__main__":

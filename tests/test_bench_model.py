@@ -4,12 +4,20 @@ No assertions on timings: only that every figure exists and is positive.
 """
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 from absl import app, flags
 from absl.testing import flagsaver
 
 from experiments import bench_model, common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Failing runs: no allocator re-exec (allocator.py), which would start the interpreter twice.
+NO_REEXEC = {"PR2_JAX_MALLOC": "off"}
 
 TINY = dict(d_model=16, num_layers=1, num_experts=4, top_k=2, expert_d_ff=16, num_heads=2,
             num_kv_heads=1, head_dim=8, vocab_size=32, seq_len=4, batch=8, steps=2, warmup=0)
@@ -61,3 +69,28 @@ def test_main_writes_expected_json(tmp_path):
 def test_bad_impls_fail_before_compiling(tmp_path, impls, match):
   with pytest.raises((app.UsageError, flags.ValidationError), match=match):
     _run(tmp_path, impls=impls)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--impls=capacity,capacity"], "--impls=capacity,capacity"),
+    (["--top_k=99"], "top_k=99"),
+    (["--mesh_expert=3"], "--mesh_expert=3"),
+    (["--cpu_devices=3", "--mesh_expert=3", "--batch=3", "--num_experts=4"],
+     "--mesh_expert=3 must divide the 3 devices and --num_experts=4"),  # was a traceback
+    (["--out={file}/bench.json"], "--out="),
+])
+def test_bad_flags_are_one_error_line_before_any_compile(tmp_path, args, named):
+  """Exit code 2 and one `error:` line naming the flag, not a traceback or the whole help; a
+  --out under a file fails at once (it used to fail after the ~2 min benchmark)."""
+  (tmp_path / "file").write_text("")
+  out = tmp_path / "out.json"
+  argv = [a.format(file=tmp_path / "file") for a in args]
+  argv += [] if any(a.startswith("--out=") for a in argv) else [f"--out={out}"]
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench_model", *argv], cwd=REPO,
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, **NO_REEXEC))
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+  assert named in errors[0] and "Traceback" not in proc.stderr
+  assert time.monotonic() - start < 60 and not out.exists()  # nothing compiled or written
