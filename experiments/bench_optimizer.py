@@ -20,15 +20,13 @@ Prints a table; the last line is one JSON object (also written to --out).
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import sys
 import time
 
 from absl import flags
 
 from experiments import common
-from experiments import model_flags  # noqa: F401  (defines the model-shape flags read below)
+from experiments import model_flags  # defines the model-shape flags read below
 
 _QUICK = flags.DEFINE_bool("quick", False, "Test-sized model and few rounds.")
 _ROUNDS = flags.DEFINE_integer("rounds", 40, "Timed rounds (each times both sides once).")
@@ -42,20 +40,23 @@ QUICK = dict(d_model=64, num_layers=2, num_experts=8, expert_d_ff=64, head_dim=1
              vocab_size=256, rounds=4, warmup=1)
 
 
-def param_shapes():
-  """ShapeDtypeStructs of the model's parameters at the model-shape flags (--quick: small)."""
+def model_size() -> dict:
+  """The model-shape flags' values (--quick: its small sizes where a flag was not given)."""
+  size = {n: flags.FLAGS[n].value for n in model_flags.NAMES}
+  if _QUICK.value:
+    size.update({n: v for n, v in QUICK.items() if n in size and not flags.FLAGS[n].present})
+  return size
+
+
+def param_shapes(size: dict):
+  """ShapeDtypeStructs of the model's parameters at `size` (model_size)."""
   import jax
   from flax import linen as nn
   from pr2_jax.config import ModelConfig
   from pr2_jax.models.transformer import MoETransformer
-  size = {n: flags.FLAGS[n].value for n in ("d_model", "num_layers", "num_experts", "top_k",
-                                            "expert_d_ff", "num_heads", "num_kv_heads",
-                                            "head_dim", "vocab_size")}
-  if _QUICK.value:
-    size.update({n: v for n, v in QUICK.items() if n in size and not flags.FLAGS[n].present})
   model = MoETransformer(ModelConfig(**size))
   tokens = jax.ShapeDtypeStruct((1, 1), "int32")
-  return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]), size
+  return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
 
 
 def compiled_update(tx, shapes):
@@ -78,12 +79,12 @@ def max_diff(a, b) -> float:
   return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(abs(x - y).max()), a, b)))
 
 
-def run(rounds: int, warmup: int, lr: float) -> dict:
+def run(size: dict, rounds: int, warmup: int, lr: float) -> dict:
   import jax
   import numpy as np
   import optax
   from pr2_jax.train.state import make_optimizer
-  shapes, size = param_shapes()
+  shapes = param_shapes(size)
   # both AdamW without weight decay (make_optimizer's default; optax.adamw's is 1e-4)
   sides = {"optax": optax.chain(optax.clip_by_global_norm(1.0),
                                 optax.adamw(lr, weight_decay=0.0)),
@@ -130,18 +131,21 @@ def format_table(r: dict) -> str:
 
 def main(argv):
   del argv
+  out = common.output_file(_OUT, quick=_QUICK.value)  # a bad path fails now, not after the run
+  size = model_size()
+  with model_flags.bad_sizes_exit(QUICK if _QUICK.value else None):  # before any compile
+    from pr2_jax.config import ModelConfig
+    ModelConfig(**size)
   rounds, warmup = _ROUNDS.value, _WARMUP.value
   if _QUICK.value:
     rounds = rounds if flags.FLAGS["rounds"].present else QUICK["rounds"]
     warmup = warmup if flags.FLAGS["warmup"].present else QUICK["warmup"]
   common.setup_devices()
   machine = common.machine_info()
-  result = run(rounds, warmup, _LR.value)
-  result.update(machine=machine, command=" ".join(sys.argv))
+  result = run(size, rounds, warmup, _LR.value)
+  result.update(machine=machine, command=common.command_line())
   print(format_table(result), flush=True)
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1, sort_keys=True)
+  common.write_json(out, result, sort_keys=True)
   print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "model")},
                    sort_keys=True), flush=True)
 

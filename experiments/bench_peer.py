@@ -38,7 +38,6 @@ import functools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -48,10 +47,12 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
-from experiments import model_flags  # noqa: F401  (defines the model-shape flags read below)
+from experiments import model_flags  # defines the model-shape flags read below
+from pr2_jax.config import EXPERT_IMPLS
 
 _QUICK = flags.DEFINE_bool("quick", False, "Test-sized model and batch, 2 rounds.")
-_EXPERT_IMPL = flags.DEFINE_string("expert_impl", "capacity", "Our expert path (ModelConfig).")
+_EXPERT_IMPL = flags.DEFINE_enum("expert_impl", "capacity", EXPERT_IMPLS,
+                                 "Our expert path (ModelConfig).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Train sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Train tokens per sequence.")
 _DEC_BATCH = flags.DEFINE_integer("decode_batch", 64, "Sequences decoded together (an RL rollout batch).")
@@ -90,6 +91,28 @@ def settings() -> dict:
   if _QUICK.value:
     s.update({n: v for n, v in QUICK.items() if not flags.FLAGS[n].present})
   return s
+
+
+def mesh_shape(devices: int, s: dict) -> tuple[int, int]:
+  """Our (data, expert) mesh over `devices`; where it does not split, a UsageError naming the
+  flags the user gave, or the derived values (common.split_mesh_shape names flags only)."""
+  given = lambda name: model_flags.given(name, s[name], QUICK if _QUICK.value else None)
+  expert = _MESH_EXPERT.value or devices
+  cpu = flags.FLAGS["cpu_devices"]
+  where = f"the {devices} devices " + (f"of --cpu_devices={devices}" if cpu.present and cpu.value
+                                       else "(the backend's)" if cpu.present
+                                       else "(one per usable core by default)")
+  if _MESH_EXPERT.value and devices % expert:
+    raise app.UsageError(f"--mesh_expert={expert} must divide {where}")
+  if s["num_experts"] % expert:
+    raise app.UsageError(
+        f"--mesh_expert={expert} must divide {given('num_experts')}" if _MESH_EXPERT.value else
+        f"{where} must divide {given('num_experts')}: --mesh_expert=0 puts the experts over "
+        "every device (--mesh_expert=1: data parallel)")
+  for name in ("batch", "decode_batch"):
+    if s[name] % devices:
+      raise app.UsageError(f"{given(name)} must be divisible by {where}")
+  return devices // expert, expert
 
 
 def model_config(s):
@@ -340,16 +363,15 @@ def format_table(r: dict) -> str:
 def main(argv):
   del argv
   s = settings()
+  out = common.output_file(_OUT, quick=_QUICK.value)  # a bad path fails now, not after the run
+  with model_flags.bad_sizes_exit(QUICK if _QUICK.value else None):  # before any compile
+    model_config(s)
   threads = len(os.sched_getaffinity(0))
   if not flags.FLAGS["cpu_devices"].present:  # one JAX device per core torch has a thread on
     flags.FLAGS.cpu_devices = common.devices_dividing(
         threads, s["batch"], s["decode_batch"], s["num_experts"])
   common.setup_devices()
-  try:
-    shape = common.split_mesh_shape(jax.device_count(), _MESH_EXPERT.value, s["num_experts"],
-                                    {n: s[n] for n in ("batch", "decode_batch")})
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  shape = mesh_shape(jax.device_count(), s)
   import torch
   torch.set_num_threads(threads)
   load_start = os.getloadavg()
@@ -360,16 +382,15 @@ def main(argv):
                 targets=TARGETS, settings=s, torch_threads=threads,
                 load_avg_start=load_start, load_avg_end=os.getloadavg(),
                 machine=machine,
-                command=" ".join(sys.argv))
+                command=common.command_line())
   print(format_table(result), flush=True)
   if "breakdown_ms" in result:
     from experiments import profile_breakdown as pb
     print("\nwhere the time goes: op time by kind, ms per call (ours: per device); wall time")
     print(pb.format_table(result["breakdown_ms"]["ours"], result["breakdown_ms"]["torch"]),
           flush=True)
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1, sort_keys=True)
+  common.write_json(out, result, sort_keys=True)
+  logging.info("wrote %s", out)
   summary = {k: v for k, v in result.items()
              if k not in ("times_s", "settings", "machine", "breakdown_ms")}
   print(json.dumps(summary, sort_keys=True), flush=True)

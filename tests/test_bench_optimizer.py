@@ -7,8 +7,15 @@ another test in the same worker, defines too.
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
+
+import pytest
+
+# Failing runs: no allocator re-exec (allocator.py), which would start the interpreter twice.
+NO_REEXEC = {"PR2_JAX_MALLOC": "off"}
 
 
 def test_bench_optimizer_quick(tmp_path):
@@ -18,6 +25,7 @@ def test_bench_optimizer_quick(tmp_path):
   line = json.loads(proc.stdout.strip().splitlines()[-1])
   assert line == {k: v for k, v in json.loads(out.read_text()).items()
                   if k not in ("machine", "model")}
+  assert line["command"] == f"python -m experiments.bench_optimizer --quick --out={out}"
   assert "| bytes accessed, MB |" in proc.stdout
   # --quick's model: d_model 64, 2 layers of 8 experts (d_ff 64), 4/2 heads of 16, vocab 256
   attn = 64 * 16 * (4 + 2 + 2 + 4) + 2 * 16  # q, k, v, o and the q/k norms
@@ -32,3 +40,24 @@ def test_bench_optimizer_quick(tmp_path):
   for side in ("optax", "ours"):
     for key in ("median_ms", "min_ms"):
       assert math.isfinite(line[key][side]) and line[key][side] > 0
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--top_k=9"], "top_k=9"), (["--num_heads=3"], "num_heads=3"),
+    (["--out={file}/opt.json"], "--out="),
+])
+def test_bad_flags_are_one_error_line_before_any_work(tmp_path, args, named):
+  """Exit code 2 and one `error:` line naming the value, not a traceback; a --out under a file
+  fails before the benchmark, not after it."""
+  (tmp_path / "file").write_text("")
+  out = tmp_path / "out.json"
+  argv = [a.format(file=tmp_path / "file") for a in args]
+  argv += [] if any(a.startswith("--out=") for a in argv) else [f"--out={out}"]
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench_optimizer", "--quick", *argv],
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, **NO_REEXEC))
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+  assert named in errors[0] and "Traceback" not in proc.stderr
+  assert time.monotonic() - start < 60 and not out.exists()  # nothing compiled or written

@@ -14,10 +14,14 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from experiments import allocator, common
+
+# Failing runs: no allocator re-exec (allocator.py), which would start the interpreter twice.
+NO_REEXEC = {"PR2_JAX_MALLOC": "off"}
 
 POSITIVE = ("train_speedup", "decode_speedup", "mfu", "ours_train_tokens_per_s",
             "ours_decode_tokens_per_s", "train_model_flops_per_s",
@@ -52,6 +56,7 @@ def test_bench_peer_quick(tmp_path):
     assert line["train_loss_trace_max_abs_diff" + suffix] < 1e-4
     assert line["decode_first_token_agreement" + suffix] == 1.0
   written = json.loads(out.read_text())
+  assert written["command"].startswith("python -m experiments.bench_peer --quick")
   assert written["mfu"] == line["mfu"]
   assert written["machine"]["torch"] and "cpu_model" in written["machine"]
   revision = common.source_revision()
@@ -93,3 +98,29 @@ def test_default_devices_and_mesh_shape():
     split_mesh_shape(6, 3, 16, batches)
   with pytest.raises(ValueError, match="--batch=8 must be divisible by the 16 devices"):
     split_mesh_shape(16, 16, 16, batches)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--expert_impl=bogus"], "--expert_impl=bogus"),
+    (["--top_k=9"], "top_k=9"),
+    (["--mesh_expert=3"], "--mesh_expert=3"),
+    # --mesh_expert=0 (the default) splits the experts over the devices the user asked for: the
+    # error names --cpu_devices, not a --mesh_expert=3 the user never gave
+    (["--cpu_devices=3"], "the 3 devices of --cpu_devices=3 must divide num_experts 8 (--quick)"),
+    (["--out={file}/peer.json"], "--out="),
+])
+def test_bad_flags_are_one_error_line_before_any_work(tmp_path, args, named):
+  """Exit code 2 and one `error:` line naming the flag the user gave, before anything compiles
+  (a --out under a file used to fail after the whole benchmark)."""
+  (tmp_path / "file").write_text("")
+  out = tmp_path / "out.json"
+  argv = [a.format(file=tmp_path / "file") for a in args]
+  argv += [] if any(a.startswith("--out=") for a in argv) else [f"--out={out}"]
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench_peer", "--quick", *argv],
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, **NO_REEXEC))
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+  assert named in errors[0] and "Traceback" not in proc.stderr
+  assert time.monotonic() - start < 60 and not out.exists()  # nothing compiled or written
