@@ -12,7 +12,6 @@ Prints a table and writes JSON to `--out`. No timing assertions anywhere.
 
 import functools
 import json
-import os
 import statistics
 import time
 
@@ -20,6 +19,7 @@ import jax
 from absl import flags
 
 from experiments import common
+from pr2_jax.config import DTYPES, ModelConfig
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Sequences decoded together.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 16, "Prompt tokens (no padding).")
@@ -30,23 +30,30 @@ _OUT = flags.DEFINE_string("out", "experiments/results/bench_rollout.json", "JSO
 _D_MODEL = flags.DEFINE_integer("d_model", 64, "Residual width (tiny config by default).")
 _EXPERTS = flags.DEFINE_integer("num_experts", 8, "Routed experts.")
 _LAYERS = flags.DEFINE_integer("num_layers", 2, "Decoder layers.")
-common.at_least(1, "batch", "prompt_len", "new_tokens", "repeats", "d_model", "num_experts",
-                "num_layers")
+common.at_least(1, "batch", "prompt_len", "new_tokens", "repeats", "num_layers")
+common.at_least(4, "d_model")  # 4 heads of d_model / 4
+common.at_least(2, "num_experts")  # top-2 routing
+common.non_empty("dtypes")
+flags.register_validator("dtypes", lambda v: set(v) <= set(DTYPES),
+                         message=f"--dtypes: each must be one of {', '.join(DTYPES)}")
+flags.register_validator("dtypes", lambda v: len(set(v)) == len(v),  # each would compile again
+                         message="--dtypes must not repeat a dtype")
 
 
 def main(argv):
   del argv
+  out = common.output_file(_OUT)  # a bad path fails now, not after the run
+  with common.bad_config_exits():  # before any compile
+    cfg = ModelConfig(vocab_size=256, d_model=_D_MODEL.value, num_layers=_LAYERS.value,
+                      num_heads=4, num_kv_heads=2, head_dim=_D_MODEL.value // 4,
+                      expert_d_ff=_D_MODEL.value, num_experts=_EXPERTS.value, top_k=2)
   common.setup_devices()
   machine = common.machine_info()  # at the start: the load before our own work
   import flax.linen as nn
   import numpy as np
-  from pr2_jax.config import ModelConfig
   from pr2_jax.models.transformer import MoETransformer
   from pr2_jax.rl.sampler import SamplerConfig, generate
 
-  cfg = ModelConfig(vocab_size=256, d_model=_D_MODEL.value, num_layers=_LAYERS.value,
-                    num_heads=4, num_kv_heads=2, head_dim=_D_MODEL.value // 4,
-                    expert_d_ff=_D_MODEL.value, num_experts=_EXPERTS.value, top_k=2)
   b, p, n = _BATCH.value, _PROMPT.value, _NEW.value
   prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (b, p)).astype(np.int32)
   valid = np.ones((b, p), bool)
@@ -78,9 +85,7 @@ def main(argv):
   result = {"config": {"batch": b, "prompt_len": p, "new_tokens": n, "model": cfg.__dict__},
             "machine": machine,
             "results": rows}
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1, default=str)
+  common.write_json(out, result, default=str)
   print(json.dumps({d: round(r["decode_tokens_per_s"]) for d, r in rows.items()}))
 
 
