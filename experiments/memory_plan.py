@@ -19,6 +19,9 @@ from experiments import common
 _CONFIG = common.define_config("configs/qwen3_30b_a3b.py", "Experiment config.")
 _EXPERT = flags.DEFINE_list("mesh_expert", ["8"], "Expert-axis sizes to tabulate; the data axis "
                             "takes the remaining devices.")
+common.non_empty("mesh_expert")
+flags.register_validator("mesh_expert", lambda v: all(e.isdigit() and int(e) >= 1 for e in v),
+                         message="--mesh_expert must list positive integers")
 
 GIB = 2**30
 
@@ -32,15 +35,22 @@ def main(argv):
   from pr2_jax.parallel.mesh import make_mesh
   from pr2_jax.train.state import make_optimizer, state_memory
 
-  config = ModelConfig.from_dict(common.config_value(_CONFIG).model.to_dict())
+  with common.bad_config_exits():
+    config = ModelConfig.from_dict(common.config_value(_CONFIG).model.to_dict())
   n = jax.device_count()
+  experts = [int(e) for e in _EXPERT.value]
+  for expert in experts:  # every entry, before the table's first row
+    if n % expert:
+      raise flags.ValidationError(f"--mesh_expert={expert} does not divide the {n} devices "
+                                  "(--cpu_devices=N fakes N)")
+    try:
+      config.validate_mesh(expert)
+    except ValueError as e:
+      raise flags.ValidationError(f"--mesh_expert={expert}: {e}") from None
   rows = []
   print(f"{'mesh (data x expert)':>22} {'params GiB':>11} {'AdamW GiB':>10} {'grads GiB':>10} "
         f"{'total GiB':>10} {'fsdp total':>11}")
-  for expert in map(int, _EXPERT.value):
-    if expert < 1 or n % expert:
-      raise flags.ValidationError(f"--mesh_expert={expert} does not divide the {n} devices")
-    config.validate_mesh(expert)
+  for expert in experts:
     mesh = make_mesh(n // expert, expert)
     mem = state_memory(MoETransformer(config, mesh), make_optimizer(1e-6), mesh)
     fsdp = MoETransformer(config.replace(fsdp=True), mesh)
