@@ -1,8 +1,12 @@
 """Soak test: a long RL run of the tiny config, watching memory, recompilations and metrics.jsonl.
 
-    python -m experiments.soak                                   # 300 RL steps, ~4 min (docs/results/soak.md)
+    python -m experiments.soak                    # 300 RL steps, ~1 min on 2 cores (4 at load 7-10)
     python -m experiments.soak --config.rl.replay_mode=pr2 --out=experiments/results/soak_pr2.json
-    python -m experiments.soak --quick --out=/tmp/soak.json      # 6 small steps (tests/test_soak.py)
+    python -m experiments.soak --quick --out=/tmp/soak.json      # 6 small steps, ~20 s (a test's)
+
+Full-run times as recorded in docs/results/soak.md (58-65 s at load 1.2-1.7 on 2 vCPUs); --quick
+timed at load 2.5. --quick without --out writes under the temp directory, not over
+experiments/results/soak.json.
 
 Runs warm-up then `--steps` RL steps in-process through `pr2_jax.rl.loop.run`
 (the code path of `experiments.main`), and measures after the first
@@ -111,28 +115,31 @@ def check_metrics(path: str, steps: int, eval_every: int) -> dict:
 
 def main(argv):
   del argv
-  common.setup_devices()
-  import jax
-  from pr2_jax.rl import loop
-  from pr2_jax.rl.config import ExperimentConfig
-
-  machine = common.machine_info()  # before the run: its start time and the load without us
-  cfg = common.config_value(_CONFIG)
+  out = common.output_file(_OUT, quick=_QUICK.value)  # a bad path fails now, not after the run
+  workdir = _WORKDIR.value and common.output_dir("workdir", _WORKDIR.value)
+  if workdir and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    raise flags.ValidationError(f"--workdir={workdir} already holds a run; use a fresh one")
   steps, warmup = _STEPS.value, _WARMUP.value
   if _QUICK.value:  # its sizes, where a flag was not given explicitly
     steps = steps if flags.FLAGS["steps"].present else 6
     warmup = warmup if flags.FLAGS["warmup_steps"].present else 3
-  if _QUICK.value:
-    cfg.update_from_flattened_dict(QUICK)
   if not 0 < warmup < steps:
     raise flags.ValidationError(f"--warmup_steps={warmup} must be in (0, --steps={steps})")
+  cfg = common.config_value(_CONFIG)
+  if _QUICK.value:
+    cfg.update_from_flattened_dict(QUICK)
   cfg.rl.num_steps = steps
-  config = ExperimentConfig.from_dict(cfg.to_dict())
-  mesh = common.build_mesh(cfg)
-  config.model.validate_mesh(mesh.shape["expert"])
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="soak_")
-  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    raise flags.ValidationError(f"--workdir={workdir} already holds a run; use a fresh one")
+  common.setup_devices()
+  import jax
+  from pr2_jax.rl import loop
+  from pr2_jax.rl.config import ExperimentConfig, SetupError
+
+  with common.bad_config_exits():  # as experiments.main: one error line, before any compile
+    config = ExperimentConfig.from_dict(cfg.to_dict())
+    mesh = common.build_mesh(cfg)
+    config.model.validate_mesh(mesh.shape["expert"], mesh.shape["data"])
+  machine = common.machine_info()  # before the run: its start time and the load without us
+  workdir = workdir or tempfile.mkdtemp(prefix="soak_")
 
   compiles = CompileCounter()
   writer = common.MetricsWriter(workdir)
@@ -148,8 +155,11 @@ def main(argv):
     if m["step"] == warmup:
       marks["warmup"] = per_step[-1]
 
-  summary = loop.run(config, mesh, workdir, on_metrics=on_metrics,
-                     on_progress=common.progress_logger("rl"), warn=print)
+  try:
+    summary = loop.run(config, mesh, workdir, on_metrics=on_metrics,
+                       on_progress=common.progress_logger("rl"), warn=print)
+  except SetupError as e:  # found before any training step (e.g. a bad init_from)
+    common.exit_with_error(str(e))
   jax.block_until_ready(summary["state"])
   end = {"rss_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(), "compiles": len(compiles),
          "t": time.perf_counter() - t_start}
@@ -182,9 +192,7 @@ def main(argv):
       "per_step": per_step,
   }
   _print_table(result)
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1, default=str)
+  common.write_json(out, result, default=str)
   keys = ("rss_growth_frac", "recompiles_after_warmup", "steps", "metrics_ok", "skipped_updates",
           "rss_current_growth_frac", "seconds_per_step_after_warmup")
   print(json.dumps({k: result[k] for k in keys}), flush=True)
