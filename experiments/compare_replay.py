@@ -32,9 +32,7 @@ reading of the numbers).
 import json
 import math
 import os
-import shlex
 import shutil
-import sys
 import time
 
 from absl import flags, logging
@@ -64,6 +62,9 @@ _COLLAPSE = flags.DEFINE_float("collapse_fraction", 0.5, "A run collapsed if its
                                "non-finite loss/gradient).")
 common.at_least(1, "rl_steps", "eval_size", "num_experts", "top_k")
 common.at_least(0, "eval_every", "sft_steps", "collapse_fraction")
+# Empty lists trained the warm-up, then crashed drawing the plots; a non-integer seed or κ
+# failed as int() after the flags were parsed, an unknown mode only after JAX started.
+common.non_empty("seeds", "offs", "modes")
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs/results", "Where the JSON, report and PNGs go "
                                "(--quick default: WORKDIR/results).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare_replay", "Run directories, the shared "
@@ -71,6 +72,29 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/compare_replay", "Run directorie
                                "runs/compare_replay_quick).")
 _CACHE = flags.DEFINE_bool("compile_cache", True, "Share compiled functions between runs through "
                            "JAX's persistent compilation cache in WORKDIR/jax_cache.")
+
+
+
+def _integers_at_least(minimum: int, *names: str):
+  """Registers `--name` (a list flag) as integers >= minimum."""
+  def ok(values):
+    try:
+      return all(int(v) >= minimum for v in values)
+    except ValueError:
+      return False
+  for name in names:
+    flags.register_validator(name, ok, message=f"--{name} must list integers >= {minimum}")
+
+
+def _known_modes(modes) -> bool:
+  from pr2_jax.rl.config import REPLAY_MODES
+  return all(mode in REPLAY_MODES + ("gspo",) for mode in modes)
+
+
+_integers_at_least(0, "seeds")
+_integers_at_least(1, "offs")
+flags.register_validator("modes", _known_modes, message="--modes must each be one of none, r2, "
+                         "r3, pr2, pr2_r2, gspo")
 
 _QUICK_DEFAULTS = {"seeds": ["0", "1"], "offs": ["2", "4"], "modes": ["r3", "pr2"],
                    "rl_steps": 6, "eval_every": 3, "eval_size": 64, "sft_steps": 40,
@@ -141,8 +165,7 @@ def _seconds(directory: str, seconds: float | None = None) -> float:
   """Reads (or, given `seconds`, records) the compute time of a run in its directory."""
   path = os.path.join(directory, "timing.json")
   if seconds is not None:
-    with open(path, "w") as f:
-      json.dump({"seconds": seconds}, f)
+    common.write_json(path, {"seconds": seconds})
   elif os.path.exists(path):
     with open(path) as f:
       seconds = json.load(f)["seconds"]
@@ -169,19 +192,25 @@ def _read_rows(path: str) -> list[dict]:
 
 
 class Progress:
-  """Sweep-level progress: RL steps done over all runs, ETA from the measured rate."""
+  """Sweep-level progress: RL steps run over those this sweep still has to run (a reused run's
+  are skipped, a resumed run's earlier ones too), ETA from the measured rate."""
 
-  def __init__(self, total_steps: int):
-    self.total, self.done, self.t0 = total_steps, 0, time.perf_counter()
+  def __init__(self, total_steps: int, log=logging.info):
+    self.total, self.done, self.t0, self.log = total_steps, 0, time.perf_counter(), log
 
   def callback(self, label: str):
+    first = [True]
+
     def on_progress(step, total, _seconds_per_step):
+      if first[0]:  # the first step this call runs: a resumed run ran the ones before earlier
+        first[0] = False
+        self.skip(step - 1)
       self.done += 1
       if step % 10 == 0 or step == total:
         rate = (time.perf_counter() - self.t0) / max(self.done, 1)
         eta = rate * (self.total - self.done)
-        logging.info("[%s] step %d/%d | sweep %d/%d steps, ETA %dm%02ds", label, step, total,
-                     self.done, self.total, eta // 60, eta % 60)
+        self.log("[%s] step %d/%d | sweep %d/%d steps, ETA %dm%02ds", label, step, total,
+                 self.done, self.total, eta // 60, eta % 60)
     return on_progress
 
   def skip(self, steps: int):
@@ -190,25 +219,25 @@ class Progress:
 
 def main(argv):
   del argv
+  # Paths before any work: a bad --out_dir failed after the whole sweep, a --workdir that is a
+  # file at the first run directory.
+  workdir = common.output_dir("workdir", _value(_WORKDIR, "workdir"))
+  out_dir = _OUT_DIR.value
+  if _QUICK.value and not flags.FLAGS["out_dir"].present:
+    out_dir = os.path.join(workdir, "results")
+  common.output_dir("out_dir", out_dir)
   common.setup_devices()
   import jax
-  workdir = _value(_WORKDIR, "workdir")
   if _CACHE.value:
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   from pr2_jax.rl import loop, programs, records
-  from pr2_jax.rl.config import ExperimentConfig, REPLAY_MODES
+  from pr2_jax.rl.config import ExperimentConfig
 
-  seeds = [int(s) for s in _value(_SEEDS, "seeds")]
+  seeds = [int(s) for s in _value(_SEEDS, "seeds")]  # validated as integers when parsed
   offs = [int(k) for k in _value(_OFFS, "offs")]
   modes = list(_value(_MODES, "modes"))
-  for mode in modes:
-    if mode not in REPLAY_MODES + ("gspo",):
-      raise flags.ValidationError(f"--modes: unknown mode {mode!r}")
-  out_dir = _OUT_DIR.value
-  if _QUICK.value and not flags.FLAGS["out_dir"].present:
-    out_dir = os.path.join(workdir, "results")
   base = base_config()
   grid = [(off, mode, seed) for off in offs for mode in modes for seed in seeds]
   with common.bad_config_exits():  # every run's settings, before any work
@@ -277,9 +306,7 @@ def main(argv):
         shutil.rmtree(run_dir)
       elif action == "resume":
         logging.info("[%s] resuming %s (%s)", label, run_dir, why)
-      os.makedirs(run_dir, exist_ok=True)
-      with open(cfg_path, "w") as f:
-        json.dump(wanted, f, indent=1, sort_keys=True)
+      common.write_json(cfg_path, wanted, sort_keys=True)
       writer = common.MetricsWriter(run_dir)
       t0, seconds_before = time.perf_counter(), _seconds(run_dir)
       try:
@@ -290,8 +317,8 @@ def main(argv):
       except FloatingPointError as e:  # the loop's non-finite stop: a collapsed run, not a crash
         error = str(e)
         logging.warning("[%s] stopped: %s", label, e)
-        with open(stopped_path, "w") as f:  # a rerun reuses it: resuming would go past the stop
-          json.dump({"error": error}, f)
+        # A rerun reuses it: resuming would go past the stop.
+        common.write_json(stopped_path, {"error": error})
       run_seconds[key] = _seconds(run_dir, seconds_before + time.perf_counter() - t0)
     rows = _read_rows(metrics_path)  # the whole run's rows, those before a resume too
     if i < len(grid) and grid[i][:2] != (off, mode):
@@ -304,16 +331,15 @@ def main(argv):
   results = {off: {mode: replay_report.aggregate(runs) for mode, runs in modes_.items()}
              for off, modes_ in per_run.items()}
   wall = time.perf_counter() - t_start
-  meta = {"command": "python -m experiments.compare_replay " + shlex.join(sys.argv[1:]),
+  meta = {"command": common.command_line(),
           "wall_minutes": wall / 60, "sweep_minutes": sum(run_seconds.values()) / 60,
           "runs": len(grid), "reused_runs": reused, "seeds": seeds,
           "devices": f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
                      f"{os.cpu_count()} cores",
           "collapse_fraction": _COLLAPSE.value, "run_seconds": run_seconds,
           "setting": json.loads(json.dumps(base.to_dict()))}
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "replay_comparison.json"), "w") as f:
-    json.dump(_json_safe({**results, "meta": meta}), f, indent=1, sort_keys=False)
+  common.write_json(os.path.join(out_dir, "replay_comparison.json"),
+                    _json_safe({**results, "meta": meta}))
   plots = replay_report.write_plots(out_dir, results, base.model.top_k)
   replay_report.write_markdown(os.path.join(out_dir, "replay_comparison.md"), results, meta, plots,
                               base)

@@ -197,3 +197,49 @@ def test_bad_setting_fails_in_one_line_before_any_work(tmp_path):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr == "error: bad config: RLConfig.learning_rate must be > 0, got -1.0\n"
   assert not (tmp_path / "work").exists()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("flag, named", [
+    ("--seeds=abc", "--seeds"), ("--seeds=", "--seeds"), ("--offs=", "--offs"),
+    ("--offs=0", "--offs"), ("--modes=", "--modes"), ("--modes=r3,bogus", "--modes"),
+    ("--workdir=FILE", "--workdir"), ("--out_dir=FILE", "--out_dir")])
+def test_bad_flag_is_one_error_line_before_any_work(tmp_path, flag, named):
+  """A bad list (a non-integer, empty, or unknown value) failed as int() or IndexError, or after
+  the warm-up in matplotlib; a --workdir or --out_dir that is a file at the first run or after
+  the whole sweep."""
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.compare_replay", "--quick",
+       f"--workdir={tmp_path / 'work'}", flag.replace("FILE", str(a_file))],
+      capture_output=True, text=True, timeout=120, cwd=REPO, env=dict(os.environ,
+                                                                        JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+  (line,) = proc.stderr.splitlines()
+  assert line.startswith("error: ") and named in line
+  assert not (tmp_path / "work").exists()
+
+
+def test_sweep_progress_counts_only_the_steps_still_to_run():
+  """Raising --rl_steps 3 -> 4 resumes a finished run at step 4: one step to run, not four (the
+  log read 'step 4/4 | sweep 1/4 steps'). compare_replay defines flags: imported in a child."""
+  code = """
+from experiments import compare_replay
+lines = []
+progress = compare_replay.Progress(2 * 4, log=lambda fmt, *args: lines.append(fmt % args))
+resumed = progress.callback("resumed")
+resumed(4, 4, None)  # resumed from the checkpoint of step 3
+fresh = progress.callback("fresh")
+for step in range(1, 5):
+  fresh(step, 4, None if step == 1 else 0.1)
+print(lines[0].split(' ETA')[0])
+print(lines[-1].split(' ETA')[0])
+"""
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                        cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.splitlines() == ["[resumed] step 4/4 | sweep 1/5 steps,",
+                                      "[fresh] step 4/4 | sweep 5/5 steps,"]
