@@ -4,10 +4,6 @@ No assertions on timings: only that every figure exists and is positive.
 """
 
 import json
-import os
-import subprocess
-import sys
-import time
 
 import pytest
 from absl import app, flags
@@ -15,9 +11,8 @@ from absl.testing import flagsaver
 
 from experiments import bench_model, common
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Failing runs: no allocator re-exec (allocator.py), which would start the interpreter twice.
-NO_REEXEC = {"PR2_JAX_MALLOC": "off"}
+import _cli
+
 
 TINY = dict(d_model=16, num_layers=1, num_experts=4, top_k=2, expert_d_ff=16, num_heads=2,
             num_kv_heads=1, head_dim=8, vocab_size=32, seq_len=4, batch=8, steps=2, warmup=0)
@@ -82,15 +77,4 @@ def test_bad_impls_fail_before_compiling(tmp_path, impls, match):
 def test_bad_flags_are_one_error_line_before_any_compile(tmp_path, args, named):
   """Exit code 2 and one `error:` line naming the flag, not a traceback or the whole help; a
   --out under a file fails at once (it used to fail after the ~2 min benchmark)."""
-  (tmp_path / "file").write_text("")
-  out = tmp_path / "out.json"
-  argv = [a.format(file=tmp_path / "file") for a in args]
-  argv += [] if any(a.startswith("--out=") for a in argv) else [f"--out={out}"]
-  start = time.monotonic()
-  proc = subprocess.run([sys.executable, "-m", "experiments.bench_model", *argv], cwd=REPO,
-                        capture_output=True, text=True, timeout=120,
-                        env=dict(os.environ, **NO_REEXEC))
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-  assert named in errors[0] and "Traceback" not in proc.stderr
-  assert time.monotonic() - start < 60 and not out.exists()  # nothing compiled or written
+  _cli.fails_before_work("experiments.bench_model", args, tmp_path, named)

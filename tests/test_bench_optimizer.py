@@ -7,15 +7,12 @@ another test in the same worker, defines too.
 
 import json
 import math
-import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-# Failing runs: no allocator re-exec (allocator.py), which would start the interpreter twice.
-NO_REEXEC = {"PR2_JAX_MALLOC": "off"}
+import _cli
 
 
 def test_bench_optimizer_quick(tmp_path):
@@ -49,15 +46,4 @@ def test_bench_optimizer_quick(tmp_path):
 def test_bad_flags_are_one_error_line_before_any_work(tmp_path, args, named):
   """Exit code 2 and one `error:` line naming the value, not a traceback; a --out under a file
   fails before the benchmark, not after it."""
-  (tmp_path / "file").write_text("")
-  out = tmp_path / "out.json"
-  argv = [a.format(file=tmp_path / "file") for a in args]
-  argv += [] if any(a.startswith("--out=") for a in argv) else [f"--out={out}"]
-  start = time.monotonic()
-  proc = subprocess.run([sys.executable, "-m", "experiments.bench_optimizer", "--quick", *argv],
-                        capture_output=True, text=True, timeout=120,
-                        env=dict(os.environ, **NO_REEXEC))
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-  assert named in errors[0] and "Traceback" not in proc.stderr
-  assert time.monotonic() - start < 60 and not out.exists()  # nothing compiled or written
+  _cli.fails_before_work("experiments.bench_optimizer", args, tmp_path, named, "--quick")

@@ -14,14 +14,13 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from experiments import allocator, common
 
-# Failing runs: no allocator re-exec (allocator.py), which would start the interpreter twice.
-NO_REEXEC = {"PR2_JAX_MALLOC": "off"}
+import _cli
+
 
 POSITIVE = ("train_speedup", "decode_speedup", "mfu", "ours_train_tokens_per_s",
             "ours_decode_tokens_per_s", "train_model_flops_per_s",
@@ -112,15 +111,4 @@ def test_default_devices_and_mesh_shape():
 def test_bad_flags_are_one_error_line_before_any_work(tmp_path, args, named):
   """Exit code 2 and one `error:` line naming the flag the user gave, before anything compiles
   (a --out under a file used to fail after the whole benchmark)."""
-  (tmp_path / "file").write_text("")
-  out = tmp_path / "out.json"
-  argv = [a.format(file=tmp_path / "file") for a in args]
-  argv += [] if any(a.startswith("--out=") for a in argv) else [f"--out={out}"]
-  start = time.monotonic()
-  proc = subprocess.run([sys.executable, "-m", "experiments.bench_peer", "--quick", *argv],
-                        capture_output=True, text=True, timeout=120,
-                        env=dict(os.environ, **NO_REEXEC))
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-  assert named in errors[0] and "Traceback" not in proc.stderr
-  assert time.monotonic() - start < 60 and not out.exists()  # nothing compiled or written
+  _cli.fails_before_work("experiments.bench_peer", args, tmp_path, named, "--quick")

@@ -5,15 +5,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from experiments.soak import REQUIRED_KEYS, check_metrics
 
+import _cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Failing runs: no allocator re-exec (allocator.py), which would start the interpreter twice.
-NO_REEXEC = {"PR2_JAX_MALLOC": "off"}
 KEYS = {"rss_growth_frac", "recompiles_after_warmup", "steps", "metrics_ok", "skipped_updates",
         "rss_current_growth_frac", "seconds_per_step_after_warmup"}
 
@@ -52,18 +51,8 @@ def test_soak_quick_reports_json(tmp_path):
 def test_bad_flags_are_one_error_line_before_any_work(tmp_path, args, named):
   """Exit code 2 and one `error:` line naming the flag or config value, before anything
   compiles (a bad --out used to fail only after the run)."""
-  (tmp_path / "file").write_text("")
-  out = tmp_path / "out.json"
-  argv = [a.format(file=tmp_path / "file") for a in args]
-  argv += [] if any(a.startswith("--out=") for a in argv) else [f"--out={out}"]
-  start = time.monotonic()
-  proc = subprocess.run([sys.executable, "-m", "experiments.soak", "--quick", *argv], cwd=REPO,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu", **NO_REEXEC),
-                        capture_output=True, text=True, timeout=120)
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-  assert named in errors[0] and "Traceback" not in proc.stderr
-  assert time.monotonic() - start < 60 and not out.exists()  # nothing compiled or written
+  _cli.fails_before_work("experiments.soak", args, tmp_path, named, "--quick",
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 def _rows(steps, eval_every):
