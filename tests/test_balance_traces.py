@@ -2,15 +2,13 @@
 `sim_speedup` of docs/results/balance.md) and the device loads and transfers of the balancing
 modes (`evaluate_modes`), on hand-worked traces. End to end: tests/test_bench_balance.py."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from experiments.balance_traces import (CostModel, _transfers_LD, evaluate_modes, layout_error,
                                         simulate_step)
+
+import _cli
 
 # Round rates: expert_flops = 2·3·1·1 = 6, dense_flops = 2·1 + 2·1·1 = 4, expert_bytes = 3.
 # At gpu_flops 2: 3 s per (token, k) assignment, 2 s per token and layer of dense compute.
@@ -151,12 +149,11 @@ def test_transfers_count_new_experts_not_empty_slots():
 
 def test_run_as_a_command_it_says_it_is_a_library():
   """It did nothing at all when run, even with --help: one `error:` line naming its user."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-m", "experiments.balance_traces", "--help"],
-                        capture_output=True, text=True, timeout=120, cwd=repo)
-  assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
-  assert proc.stderr.startswith("error: experiments.balance_traces is a library module")
-  assert "python -m experiments.bench_balance" in proc.stderr
+  proc = _cli.run("experiments.balance_traces", "--help")
+  line = _cli.one_error_line(proc)
+  assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+  assert line.startswith("error: experiments.balance_traces is a library module")
+  assert "python -m experiments.bench_balance" in line
 
 
 def test_layout_error_names_the_flags():

@@ -1,15 +1,13 @@
 """Tests for experiments/profile_breakdown.py: the HLO metadata map, the op classification, the
 trace arithmetic (hand-worked), and a real profile of a small jitted function."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
 
 from experiments import profile_breakdown as pb
+
+import _cli
 
 HLO = """
 %fused_dot (param_0.3: f32[4,4]) -> f32[4] {
@@ -173,9 +171,8 @@ def test_jax_breakdown_of_a_real_profile():
 
 def test_run_as_a_command_it_says_it_is_a_library():
   """It did nothing at all when run, even with --help: one `error:` line naming its user."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-m", "experiments.profile_breakdown", "--help"],
-                        capture_output=True, text=True, timeout=120, cwd=repo)
-  assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
-  assert proc.stderr.startswith("error: experiments.profile_breakdown is a library module")
-  assert "python -m experiments.bench_peer" in proc.stderr
+  proc = _cli.run("experiments.profile_breakdown", "--help")
+  line = _cli.one_error_line(proc)
+  assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+  assert line.startswith("error: experiments.profile_breakdown is a library module")
+  assert "python -m experiments.bench_peer" in line
