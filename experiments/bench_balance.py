@@ -89,26 +89,12 @@ common.at_least(1e-9, "gpu_tflops", "a2a_gbps", "xfer_gbps")
 common.non_empty("micro_seqs", "rollout_micro_seqs")
 
 
-def _numbers(kind, minimum, name, count=None):
-  """Registers `--name` (a list flag) as `count` (any if None) numbers of `kind` >= minimum:
-  a bad value failed as int() or a range() of step 0 after JAX had started, a short
-  --rollout_model as an unpacking error after the synthetic trace had run."""
-  def ok(values):
-    try:
-      return (count is None or len(values) == count) and all(kind(v) >= minimum for v in values)
-    except ValueError:
-      return False
-  what = f"{count} " if count else ""
-  flags.register_validator(name, ok, message=f"--{name} must list {what}{kind.__name__}s "
-                           f">= {minimum}")
-
-
-_numbers(int, 1, "micro_seqs")
-_numbers(int, 1, "rollout_micro_seqs")
-_numbers(int, 0, "rollout_model", 5)  # the warm-up may be 0 steps; the rest is checked below
-_numbers(int, 1, "rollout_batch", 3)
-_numbers(float, 0, "sweep_stickiness")
-_numbers(float, 1e-9, "sweep_xfer_gbps")
+# A bad entry failed after JAX had started, a short --rollout_model after the synthetic trace.
+common.numbers_at_least(int, 1, "micro_seqs", "rollout_micro_seqs")
+common.numbers_at_least(int, 0, "rollout_model", count=5)  # warm-up may be 0; the rest below
+common.numbers_at_least(int, 1, "rollout_batch", count=3)
+common.numbers_at_least(float, 0, "sweep_stickiness")
+common.numbers_at_least(float, 1e-9, "sweep_xfer_gbps")
 
 MOE_DEVICES = 8  # (c)'s fake CPU devices
 QUICK_MOE = ["--experts=16", "--top_k=2", "--seqs=2", "--seq_len=64", "--d_model=16",

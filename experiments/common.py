@@ -256,6 +256,21 @@ def non_empty(*names: str):
                              message=f"--{name} must list at least one value")
 
 
+def numbers_at_least(kind, minimum: float, *names: str, count: int | None = None):
+  """Registers each `--name` (a list flag) as `count` (any if None) numbers of `kind` (int or
+  float) >= minimum: a bad entry failed as int() or a range() of step 0 after the work began,
+  a short list as an unpacking error."""
+  def ok(values):
+    try:
+      return (count is None or len(values) == count) and all(kind(v) >= minimum for v in values)
+    except ValueError:
+      return False
+  what = f"{count} " if count else ""
+  for name in names:
+    flags.register_validator(name, ok, message=f"--{name} must list {what}{kind.__name__}s "
+                             f">= {minimum}")
+
+
 def config_value(config_flag):
   """The ConfigDict of a `DEFINE_config_file` flag; a config file that does not load (missing,
   or raising) is a usage error naming the file, not a traceback."""

@@ -74,25 +74,13 @@ _CACHE = flags.DEFINE_bool("compile_cache", True, "Share compiled functions betw
                            "JAX's persistent compilation cache in WORKDIR/jax_cache.")
 
 
-
-def _integers_at_least(minimum: int, *names: str):
-  """Registers `--name` (a list flag) as integers >= minimum."""
-  def ok(values):
-    try:
-      return all(int(v) >= minimum for v in values)
-    except ValueError:
-      return False
-  for name in names:
-    flags.register_validator(name, ok, message=f"--{name} must list integers >= {minimum}")
-
-
 def _known_modes(modes) -> bool:
   from pr2_jax.rl.config import REPLAY_MODES
   return all(mode in REPLAY_MODES + ("gspo",) for mode in modes)
 
 
-_integers_at_least(0, "seeds")
-_integers_at_least(1, "offs")
+common.numbers_at_least(int, 0, "seeds")
+common.numbers_at_least(int, 1, "offs")
 flags.register_validator("modes", _known_modes, message="--modes must each be one of none, r2, "
                          "r3, pr2, pr2_r2, gspo")
 
