@@ -23,7 +23,7 @@ import time
 import numpy as np
 from absl import flags
 
-from experiments import common
+from experiments import common, outputs
 
 # JAX and the model code are imported where used: bench_balance imports this module for
 # `define_flags` and `settings_error`, to check its --moe_args before any work.
@@ -165,7 +165,7 @@ def main(argv):
 
   from experiments import balance_traces as bt
   f = flags.FLAGS
-  out = common.output_file(f["out"])
+  out = outputs.output_file(f["out"])
   common.setup_devices()
   if problem := settings_error(f, jax.device_count()):
     common.exit_with_error(problem)
@@ -174,7 +174,7 @@ def main(argv):
   routes = bt.synthetic_routes(rng, base_LE, f.seqs, f.seq_len, f.top_k, f.cluster, f.boost)
   result = measure_moe(routes[:, :, 0, :].reshape(-1, f.top_k), num_experts=f.experts,
                        d_model=f.d_model, d_ff=f.d_ff, repeats=f.repeats, seed=f.seed)
-  common.write_json(out, result)
+  outputs.write_json(out, result)
   print(f"wrote {out}: {result['devices']} devices, {result['tokens']} tokens, train speedup "
         f"{result['train_speedup']:.3f}x, forward {result['forward_speedup']:.3f}x "
         "(static / foresight capacity)", flush=True)

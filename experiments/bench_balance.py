@@ -37,7 +37,7 @@ import time
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, outputs
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke test of every part (flags given "
                            "explicitly still win).")
@@ -213,7 +213,7 @@ def main(argv):
         _MOE_ARGS.value)
     if problem := balance_moe.args_error(moe_args, MOE_DEVICES):
       raise app.UsageError(f"--moe_args: {problem}")
-  out = common.output_file(_OUT, quick=_QUICK.value)
+  out = outputs.output_file(_OUT, quick=_QUICK.value)
   common.setup_devices()
   machine = common.machine_info()  # at the start: the load before our own work
   # (c) first and alone, so it does not disturb the timings of (a); --quick overlaps it. Its
@@ -226,7 +226,7 @@ def main(argv):
       if moe_run[0] and moe_run[0].poll() is None:  # _run failed before it waited for (c)
         moe_run[0].kill()
         moe_run[0].communicate()
-  common.write_json(out, result, default=str)
+  outputs.write_json(out, result, default=str)
   print(json.dumps(result["summary"]), flush=True)
 
 
@@ -371,7 +371,7 @@ def _run(s, machine, moe_run) -> dict:
     big = max(rollout)
     summary.update({f"rollout_imbalance_{k}": round(rollout[big][k]["mean"], 4) for k in modes},
                    rollout_micro_seqs=big)
-  return {"command": common.command_line(), "settings": s, "quick": _QUICK.value,
+  return {"command": outputs.command_line(), "settings": s, "quick": _QUICK.value,
           "timing_ms": timing, "imbalance": imb, "imbalance_rollout": rollout, "moe": moe,
           "simulation_bandwidth": sim, "stickiness_sweep": sweep,
           "cost_model": dataclasses.asdict(cost), "summary": summary,

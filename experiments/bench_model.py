@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from experiments import common
+from experiments import common, outputs
 from experiments import model_flags as mf
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
@@ -229,7 +229,7 @@ def flag_values() -> dict:
 
 def main(argv):
   del argv
-  out = common.output_file(_OUT)  # a bad path fails now, not after the compiles
+  out = outputs.output_file(_OUT)  # a bad path fails now, not after the compiles
   if len(set(_IMPLS.value)) != len(_IMPLS.value):
     raise app.UsageError(f"--impls={','.join(_IMPLS.value)} repeats an entry")
   with common.bad_config_exits():  # the shape flags first: not blamed on an --impls entry
@@ -243,7 +243,7 @@ def main(argv):
   results = bench_paths(mesh)
   base = add_ratios(results)
   print(format_table(results, base), flush=True)
-  common.write_json(out, {"command": common.command_line(), "flags": flag_values(),
+  outputs.write_json(out, {"command": outputs.command_line(), "flags": flag_values(),
                           "config": config, "machine": machine,
                           "baseline": base, "results": results,
                           "load_avg_1m_at_end": os.getloadavg()[0],

@@ -25,7 +25,7 @@ import time
 
 from absl import flags
 
-from experiments import common
+from experiments import common, outputs
 from experiments import model_flags  # defines the model-shape flags read below
 
 _QUICK = flags.DEFINE_bool("quick", False, "Test-sized model and few rounds.")
@@ -131,7 +131,7 @@ def format_table(r: dict) -> str:
 
 def main(argv):
   del argv
-  out = common.output_file(_OUT, quick=_QUICK.value)  # a bad path fails now, not after the run
+  out = outputs.output_file(_OUT, quick=_QUICK.value)  # a bad path fails now, not after the run
   size = model_size()
   with model_flags.bad_sizes_exit(QUICK if _QUICK.value else None):  # before any compile
     from pr2_jax.config import ModelConfig
@@ -143,9 +143,9 @@ def main(argv):
   common.setup_devices()
   machine = common.machine_info()
   result = run(size, rounds, warmup, _LR.value)
-  result.update(machine=machine, command=common.command_line())
+  result.update(machine=machine, command=outputs.command_line())
   print(format_table(result), flush=True)
-  common.write_json(out, result, sort_keys=True)
+  outputs.write_json(out, result, sort_keys=True)
   print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "model")},
                    sort_keys=True), flush=True)
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import common
+from experiments import common, outputs
 from experiments import model_flags  # defines the model-shape flags read below
 from pr2_jax.config import EXPERT_IMPLS
 
@@ -363,7 +363,7 @@ def format_table(r: dict) -> str:
 def main(argv):
   del argv
   s = settings()
-  out = common.output_file(_OUT, quick=_QUICK.value)  # a bad path fails now, not after the run
+  out = outputs.output_file(_OUT, quick=_QUICK.value)  # a bad path fails now, not after the run
   with model_flags.bad_sizes_exit(QUICK if _QUICK.value else None):  # before any compile
     model_config(s)
   threads = len(os.sched_getaffinity(0))
@@ -382,14 +382,14 @@ def main(argv):
                 targets=TARGETS, settings=s, torch_threads=threads,
                 load_avg_start=load_start, load_avg_end=os.getloadavg(),
                 machine=machine,
-                command=common.command_line())
+                command=outputs.command_line())
   print(format_table(result), flush=True)
   if "breakdown_ms" in result:
     from experiments import profile_breakdown as pb
     print("\nwhere the time goes: op time by kind, ms per call (ours: per device); wall time")
     print(pb.format_table(result["breakdown_ms"]["ours"], result["breakdown_ms"]["torch"]),
           flush=True)
-  common.write_json(out, result, sort_keys=True)
+  outputs.write_json(out, result, sort_keys=True)
   logging.info("wrote %s", out)
   summary = {k: v for k, v in result.items()
              if k not in ("times_s", "settings", "machine", "breakdown_ms")}

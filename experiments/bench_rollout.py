@@ -18,7 +18,7 @@ import time
 import jax
 from absl import flags
 
-from experiments import common
+from experiments import common, outputs
 from pr2_jax.config import DTYPES, ModelConfig
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Sequences decoded together.")
@@ -42,7 +42,7 @@ flags.register_validator("dtypes", lambda v: len(set(v)) == len(v),  # each woul
 
 def main(argv):
   del argv
-  out = common.output_file(_OUT)  # a bad path fails now, not after the run
+  out = outputs.output_file(_OUT)  # a bad path fails now, not after the run
   with common.bad_config_exits():  # before any compile
     cfg = ModelConfig(vocab_size=256, d_model=_D_MODEL.value, num_layers=_LAYERS.value,
                       num_heads=4, num_kv_heads=2, head_dim=_D_MODEL.value // 4,
@@ -85,7 +85,7 @@ def main(argv):
   result = {"config": {"batch": b, "prompt_len": p, "new_tokens": n, "model": cfg.__dict__},
             "machine": machine,
             "results": rows}
-  common.write_json(out, result, default=str)
+  outputs.write_json(out, result, default=str)
   print(json.dumps({d: round(r["decode_tokens_per_s"]) for d, r in rows.items()}))
 
 

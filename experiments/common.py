@@ -8,7 +8,6 @@ import platform
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app, flags, logging
@@ -289,61 +288,6 @@ def ineffective_overrides(argv: list[str], replay_mode: str) -> list[str]:
   if replay_mode in PR2_MODES:
     return []
   return [a for a in argv[1:] if a.startswith("--config.pr2.")]
-
-
-def _check_writable(name: str, path: str, want_dir: bool) -> None:
-  """Exits with an error line unless `path` is, or can be created as, a file (or directory):
-  checked before any work, since a bad --out used to fail only when the results were written.
-  Creates nothing (bad input must not leave directories behind)."""
-  kind = "a directory" if want_dir else "a file path"
-  if os.path.exists(path):
-    if os.path.isdir(path) != want_dir:
-      exit_with_error(f"--{name}={path} is {'a file' if want_dir else 'a directory'}; give {kind}")
-    return
-  ancestor = os.path.dirname(os.path.abspath(path))
-  while not os.path.exists(ancestor):
-    ancestor = os.path.dirname(ancestor)
-  if not os.path.isdir(ancestor):
-    exit_with_error(f"--{name}={path} cannot be created: {ancestor} is a file")
-  if not os.access(ancestor, os.W_OK | os.X_OK):
-    exit_with_error(f"--{name}={path} cannot be created: {ancestor} is not writable")
-
-
-def output_file(flag, quick: bool = False) -> str:
-  """The file a `--out`-style flag names, checked before any work (`_check_writable`). A
-  `--quick` smoke run not given the flag writes under the temp directory instead of over the
-  recorded results in experiments/results/."""
-  path = flag.value
-  if quick and not flags.FLAGS[flag.name].present:
-    path = os.path.join(tempfile.gettempdir(), "pr2_jax_quick", os.path.basename(path))
-  _check_writable(flag.name, path, want_dir=False)
-  return path
-
-
-def output_dir(name: str, path: str) -> str:
-  """A directory flag's value (`--out_dir`, `--workdir`), checked before any work."""
-  _check_writable(name, path, want_dir=True)
-  return path
-
-
-def command_line() -> str:
-  """How this run was started, as a user would retype it: `python -m experiments.X ARGS`
-  (sys.argv[0] is the script's absolute path under `-m`)."""
-  main = sys.modules.get("__main__")
-  module = getattr(getattr(main, "__spec__", None), "name", None)
-  start = ["python", "-m", module] if module else ["python", sys.argv[0]]
-  return " ".join(start + sys.argv[1:])
-
-
-def write_json(path: str, payload: dict, **dump_kwargs) -> None:
-  """Writes JSON atomically (a temporary file renamed over `path`): an interrupted write
-  never leaves a torn results file."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, **{"indent": 1, **dump_kwargs})
-    f.write("\n")
-  os.replace(tmp, path)
 
 
 def predictor_lr_warning(config) -> str | None:

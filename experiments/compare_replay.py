@@ -37,7 +37,7 @@ import time
 
 from absl import flags, logging
 
-from experiments import common, replay_report
+from experiments import common, outputs, replay_report
 
 _CONFIG = common.define_config("configs/tiny.py", "Base experiment config; the flags below "
                                "override parts of it.")
@@ -153,7 +153,7 @@ def _seconds(directory: str, seconds: float | None = None) -> float:
   """Reads (or, given `seconds`, records) the compute time of a run in its directory."""
   path = os.path.join(directory, "timing.json")
   if seconds is not None:
-    common.write_json(path, {"seconds": seconds})
+    outputs.write_json(path, {"seconds": seconds})
   elif os.path.exists(path):
     with open(path) as f:
       seconds = json.load(f)["seconds"]
@@ -209,11 +209,11 @@ def main(argv):
   del argv
   # Paths before any work: a bad --out_dir failed after the whole sweep, a --workdir that is a
   # file at the first run directory.
-  workdir = common.output_dir("workdir", _value(_WORKDIR, "workdir"))
+  workdir = outputs.output_dir("workdir", _value(_WORKDIR, "workdir"))
   out_dir = _OUT_DIR.value
   if _QUICK.value and not flags.FLAGS["out_dir"].present:
     out_dir = os.path.join(workdir, "results")
-  common.output_dir("out_dir", out_dir)
+  outputs.output_dir("out_dir", out_dir)
   common.setup_devices()
   import jax
   if _CACHE.value:
@@ -294,7 +294,7 @@ def main(argv):
         shutil.rmtree(run_dir)
       elif action == "resume":
         logging.info("[%s] resuming %s (%s)", label, run_dir, why)
-      common.write_json(cfg_path, wanted, sort_keys=True)
+      outputs.write_json(cfg_path, wanted, sort_keys=True)
       writer = common.MetricsWriter(run_dir)
       t0, seconds_before = time.perf_counter(), _seconds(run_dir)
       try:
@@ -306,7 +306,7 @@ def main(argv):
         error = str(e)
         logging.warning("[%s] stopped: %s", label, e)
         # A rerun reuses it: resuming would go past the stop.
-        common.write_json(stopped_path, {"error": error})
+        outputs.write_json(stopped_path, {"error": error})
       run_seconds[key] = _seconds(run_dir, seconds_before + time.perf_counter() - t0)
     rows = _read_rows(metrics_path)  # the whole run's rows, those before a resume too
     if i < len(grid) and grid[i][:2] != (off, mode):
@@ -319,14 +319,14 @@ def main(argv):
   results = {off: {mode: replay_report.aggregate(runs) for mode, runs in modes_.items()}
              for off, modes_ in per_run.items()}
   wall = time.perf_counter() - t_start
-  meta = {"command": common.command_line(),
+  meta = {"command": outputs.command_line(),
           "wall_minutes": wall / 60, "sweep_minutes": sum(run_seconds.values()) / 60,
           "runs": len(grid), "reused_runs": reused, "seeds": seeds,
           "devices": f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
                      f"{os.cpu_count()} cores",
           "collapse_fraction": _COLLAPSE.value, "run_seconds": run_seconds,
           "setting": json.loads(json.dumps(base.to_dict()))}
-  common.write_json(os.path.join(out_dir, "replay_comparison.json"),
+  outputs.write_json(os.path.join(out_dir, "replay_comparison.json"),
                     _json_safe({**results, "meta": meta}))
   plots = replay_report.write_plots(out_dir, results, base.model.top_k)
   replay_report.write_markdown(os.path.join(out_dir, "replay_comparison.md"), results, meta, plots,

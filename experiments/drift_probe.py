@@ -31,7 +31,7 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from experiments import common
+from experiments import common, outputs
 
 # Flags only when run as a script: tests import the scoring functions below, and absl refuses
 # a second module defining the same flag names (config, steps, out).
@@ -132,7 +132,7 @@ def main(argv):
     check_init_from(_INIT.value)
   except ValueError as e:
     common.exit_with_error(str(e))
-  out_path = common.output_file(_OUT) if _OUT.value else None  # before the minutes of work
+  out_path = outputs.output_file(_OUT) if _OUT.value else None  # before the minutes of work
   common.setup_devices()
   import dataclasses
 
@@ -210,7 +210,7 @@ def main(argv):
   print(f"router-weight share of the logit drift {result['router_weight_share_of_drift']:.3f}; "
         f"cosine of consecutive batches' drifts {result['consecutive_drift_cosine']:.3f}")
   if out_path:
-    common.write_json(out_path, {"command": common.command_line(), **result})
+    outputs.write_json(out_path, {"command": outputs.command_line(), **result})
 
 
 if __name__ == "__main__":

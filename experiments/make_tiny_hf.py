@@ -63,11 +63,11 @@ def char_tokenizer(chars: str = CHARS, specials=SPECIALS):
 
 
 def write_tokenizer(out: str, tok) -> None:
-  from experiments import common
+  from experiments import outputs
   tok.save(os.path.join(out, "tokenizer.json"))
   config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": IM_END,
             "pad_token": ENDOFTEXT, "bos_token": None, "model_max_length": 128}
-  common.write_json(os.path.join(out, "tokenizer_config.json"), config, indent=2)
+  outputs.write_json(os.path.join(out, "tokenizer_config.json"), config, indent=2)
 
 
 def write_checkpoint(out: str, *, seed: int = 0, initializer_range: float = 0.02,
@@ -94,10 +94,10 @@ def write_checkpoint(out: str, *, seed: int = 0, initializer_range: float = 0.02
 
 def main(argv):
   del argv
-  from experiments import common
+  from experiments import outputs
   f = flags.FLAGS
   # Before torch loads: an --out that is a file failed inside save_pretrained.
-  out = common.output_dir("out", f.out)
+  out = outputs.output_dir("out", f.out)
   import torch
   torch.set_num_threads(1)  # the machine's 2 cores are shared: no spinning thread pool
   out = write_checkpoint(out, seed=f.seed, initializer_range=f.initializer_range)

@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, outputs
 from pr2_jax import viz
 
 
@@ -85,7 +85,7 @@ def main(argv, out_dir: str | None = None):
   if not workdirs:
     raise app.UsageError("give one or more WORKDIRs (run directories holding metrics.jsonl)")
   # An --out that is a file failed only after every figure was drawn.
-  out_dir = common.output_dir("out", out_dir or os.path.join(workdirs[0], "plots"))
+  out_dir = outputs.output_dir("out", out_dir or os.path.join(workdirs[0], "plots"))
   try:
     paths = plot(workdirs, out_dir)
   except ValueError as e:

@@ -36,7 +36,7 @@ import time
 import numpy as np
 from absl import flags
 
-from experiments import common
+from experiments import common, outputs
 
 # Flags only when run as a script: tests import check_metrics, and absl refuses a second
 # module defining the same flag names (config, steps, out).
@@ -115,8 +115,8 @@ def check_metrics(path: str, steps: int, eval_every: int) -> dict:
 
 def main(argv):
   del argv
-  out = common.output_file(_OUT, quick=_QUICK.value)  # a bad path fails now, not after the run
-  workdir = _WORKDIR.value and common.output_dir("workdir", _WORKDIR.value)
+  out = outputs.output_file(_OUT, quick=_QUICK.value)  # a bad path fails now, not after the run
+  workdir = _WORKDIR.value and outputs.output_dir("workdir", _WORKDIR.value)
   if workdir and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     raise flags.ValidationError(f"--workdir={workdir} already holds a run; use a fresh one")
   steps, warmup = _STEPS.value, _WARMUP.value
@@ -192,7 +192,7 @@ def main(argv):
       "per_step": per_step,
   }
   _print_table(result)
-  common.write_json(out, result, default=str)
+  outputs.write_json(out, result, default=str)
   keys = ("rss_growth_frac", "recompiles_after_warmup", "steps", "metrics_ok", "skipped_updates",
           "rss_current_growth_frac", "seconds_per_step_after_warmup")
   print(json.dumps({k: result[k] for k in keys}), flush=True)
