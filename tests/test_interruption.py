@@ -142,7 +142,8 @@ def test_sigterm_finishes_the_checkpoint_being_written(tmp_path):
   rl_dir = os.path.join(workdir, "checkpoints", "rl")
   with sub.processes(str(tmp_path)) as procs:
     proc = procs.start("run", sub.command(workdir), sub.environment())
-    _wait_until(proc, lambda: [s for s in _partial_steps(rl_dir) if s >= 2], "RL checkpoint 2's write")
+    _wait_until(proc, lambda: [s for s in _partial_steps(rl_dir) if s >= 2],
+                "RL checkpoint 2's write")
     writing = _partial_steps(rl_dir)[-1]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143

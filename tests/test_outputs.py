@@ -13,7 +13,8 @@ from experiments import outputs
 def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
   (tmp_path / "afile").write_text("x")
   for path, want_dir, message in [
-      (tmp_path / "afile" / "out.json", False, f"cannot be created: {tmp_path / 'afile'} is a file"),
+      (tmp_path / "afile" / "out.json", False,
+       f"cannot be created: {tmp_path / 'afile'} is a file"),
       (tmp_path, False, "is a directory; give a file path"),
       (tmp_path / "afile", True, "is a file; give a directory")]:
     with pytest.raises(SystemExit) as e:
