@@ -153,12 +153,26 @@ def test_ratio_is_one_at_first_ministep_same_dtype_r3(loss):
 
 
 def test_bf16_rollout_shows_mismatch():
-  """A bfloat16 inference engine gives a non-zero train-inference KL."""
+  """A bfloat16 inference engine gives a non-zero train-inference KL, and it is the KL of the
+  log-prob gaps themselves: a float64 numpy oracle of the float32 training forward (routes
+  replayed, as R3 does) against the bf16 engine's µ gives k3 = mean(r - 1 - Δ), r = e^Δ, over
+  the response tokens. The gaps are bf16 rounding (|Δ| ~ 1e-3, k3 ~ Δ²/2 ~ 1e-7), far from
+  ln 2, so no token is extreme; a float32 rollout's k3 is < 1e-9 (the test above)."""
   model, tx, state, batch = _rollout("bfloat16")
   config = _rl(replay_mode="r3")
   _, m = learner.update_step(_learner(model, config, tx), state,
                              _prepare(model, config, state.params, batch, 1))
-  assert float(m["k3_kl"]) > 0
+  mask_BT = np.asarray(batch["response_mask"][:, 1:]) > 0
+  delta = (_hand_logp(model, state.params, batch)[1]
+           - np.float64(batch["rollout_logp"][:, 1:]))[mask_BT]
+  ratio = np.exp(delta)
+  want_k3 = np.mean(ratio - 1 - delta)
+  assert want_k3 > 1e-8 and np.abs(delta).max() < 0.1  # a real, bf16-sized gap
+  # rtol 1e-3: r - 1 - Δ ~ 1e-7 loses digits to cancellation in float32.
+  np.testing.assert_allclose(float(m["k3_kl"]), want_k3, rtol=1e-3)
+  assert float(m["extreme_frac"]) == 0.0
+  np.testing.assert_allclose(float(m["mismatch_ratio_mean"]), ratio.mean(), rtol=1e-6)
+  np.testing.assert_allclose(float(m["mismatch_ratio_var"]), ratio.var(), rtol=1e-3)
 
 
 def _hand_logp(model, params, micro0, temperature=1.0):

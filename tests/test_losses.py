@@ -183,17 +183,27 @@ def test_loss_denominator_counts_tokens_or_sequences():
 
 
 def test_gradient_step_moves_logprobs_with_the_advantage_sign():
-  """One SGD step on logits raises log π of A > 0 tokens and lowers it for A < 0; grads finite."""
+  """One SGD step on logits raises log π of A > 0 tokens and lowers it for A < 0.
+
+  The gradient by hand, at π = π_old (ratio 1, inside any clip range): DAPO's loss is
+  -Σ_t r_t A_b / 6 tokens, dr/dlog π = r = 1; GSPO's is -Σ_b s_b A_b / 2 sequences with
+  s_b = exp(mean of 3 log-ratios), ds/dlog π_t = s / 3 = 1/3. Both give dL/dlog π_bt = -A_b / 6,
+  and dlog π / dlogits = onehot(target) - softmax(logits), so the numpy oracle is
+  g_btv = -A_b / 6 (onehot_btv - p_btv)."""
   k1, k2 = jax.random.split(jax.random.PRNGKey(1))
   logits = jax.random.normal(k1, (2, 3, 5))
   targets = jax.random.randint(k2, (2, 3), 0, 5)
   old = losses.token_logprobs(logits, targets)
   mask = jnp.ones((2, 3))
   adv = jnp.array([1.0, -1.0])
+  z = np.asarray(logits, np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = -np.array([1.0, -1.0])[:, None, None] / 6 * (np.eye(5)[np.asarray(targets)] - p)
   for kind in ("dapo", "gspo"):
     g = jax.jit(jax.grad(lambda lg: losses.policy_loss(
         kind, losses.token_logprobs(lg, targets), old, adv, mask)[0]))(logits)
-    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7, err_msg=kind)
     delta = losses.token_logprobs(logits - 0.1 * g, targets) - old
     assert np.all(delta[0] > 0) and np.all(delta[1] < 0), kind
 
@@ -264,7 +274,10 @@ def test_losses_jit():
   loss, aux = jax.jit(losses.dapo_loss)(logp, old, jnp.asarray(HAND_A), mask)
   np.testing.assert_allclose(loss, -0.116, rtol=1e-5)
   loss, _ = jax.jit(losses.policy_loss, static_argnums=0)("gspo", *_gspo_batch())
-  assert np.isfinite(loss)
+  # Default clip (3e-4, 4e-4), as in test_gspo_default_clip_is_tight: seq0 s = √2, A = 1 ->
+  # -min(√2, 1.0004) = -1.0004; seq1 s = ¼, A = -1 -> -min(-¼, -0.9997) = 0.9997; seq2 is all
+  # padding. Mean over the 2 non-empty sequences: (-1.0004 + 0.9997) / 2 = -0.00035.
+  np.testing.assert_allclose(loss, -0.00035, atol=1e-7)  # float32 cancellation, as there
 
 
 def test_token_logprobs_by_hand_in_float32():

@@ -285,7 +285,10 @@ def test_replay_gates_refuses_live_rows_and_bad_ids():
 def test_bad_routes_are_only_shape_checked_under_jit():
   """Under jit the values cannot be read without a host sync: callers validate first."""
   fn = jax.jit(lambda r: routing.replay_gates(jnp.asarray(LOGITS), r, True))
-  assert fn(jnp.asarray([[3, 2]] * 3, jnp.int32)).shape == (3, 2)
+  # Valid routes still give the normalised gates under jit: experts (3, 2) of each PROBS row,
+  # p_3 / (p_3 + p_2): 0.4 / 0.7, 0.25 / 0.4, 0.25 / 0.5.
+  np.testing.assert_allclose(fn(jnp.asarray([[3, 2]] * 3, jnp.int32)),
+                             [[4 / 7, 3 / 7], [0.625, 0.375], [0.5, 0.5]], rtol=1e-6)
   with pytest.raises(ValueError, match=r"has shape \(3, 1\)"):
     jax.jit(lambda r: routing.route(jnp.asarray(LOGITS), 2, True, routes_NK=r))(
         jnp.zeros((3, 1), jnp.int32))
@@ -303,7 +306,12 @@ def test_normalised_gates_of_underflowed_experts_are_their_softmax_not_nan():
   rho = jax.nn.softmax(logits[1])
   assert np.array_equal(gates[1], np.asarray(rho[jnp.asarray([1, 3])] / (rho[1] + rho[3])))
   grad = jax.grad(lambda p: routing.route(p, 2, True, routes_NK=routes).gates[:, 0].sum())(logits)
-  assert np.all(np.isfinite(grad)) and grad[0, 1] > 0
+  # The first gate is a sigmoid of the two chosen logits' gap, g = σ(l_a - l_b), so its
+  # gradient is ±g (1 - g) on those two and 0 elsewhere (the top logit 120 cancels out).
+  # Row 0: g = σ(0 - (-1)) = 0.7311, g (1 - g) = 0.19661; row 1: g = σ(2 - 2) = 0.5 -> 0.25.
+  s = 1 / (1 + np.exp(-1.0))
+  a = s * (1 - s)
+  np.testing.assert_allclose(grad, [[0, a, -a, 0], [0, 0.25, 0, -0.25]], rtol=1e-5, atol=1e-7)
   assert np.all(routing.gates_at(jax.nn.softmax(logits), routes, True)[0] == 0)  # no logits
 
 
