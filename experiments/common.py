@@ -151,6 +151,17 @@ def build_mesh(cfg):
   return make_mesh(data, expert)
 
 
+def experiment_setup(cfg):
+  """(ExperimentConfig, mesh) of an RL run's ConfigDict, the model checked against the mesh; a
+  bad value is one error line (`bad_config_exits`), before any compile."""
+  from pr2_jax.rl.config import ExperimentConfig
+  with bad_config_exits():
+    config = ExperimentConfig.from_dict(cfg.to_dict())
+    mesh = build_mesh(cfg)
+    config.model.validate_mesh(mesh.shape["expert"], mesh.shape["data"])
+  return config, mesh
+
+
 class MetricsWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl."""
 

@@ -25,14 +25,10 @@ def main(argv):
   del argv
   common.setup_devices()
   from pr2_jax.rl import loop
-  from pr2_jax.rl.config import ExperimentConfig, SetupError
+  from pr2_jax.rl.config import SetupError
   from pr2_jax.train.checkpoint import SetupMismatchError
 
-  cfg = common.config_value(_CONFIG)
-  with common.bad_config_exits():
-    config = ExperimentConfig.from_dict(cfg.to_dict())
-    mesh = common.build_mesh(cfg)
-    config.model.validate_mesh(mesh.shape["expert"], mesh.shape["data"])
+  config, mesh = common.experiment_setup(common.config_value(_CONFIG))
   for flag in common.ineffective_overrides(sys.argv, config.rl.replay_mode):
     logging.warning("%s has no effect: rl.replay_mode=%r runs no predictor (pr2 and pr2_r2 do)",
                     flag, config.rl.replay_mode)

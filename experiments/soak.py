@@ -132,12 +132,9 @@ def main(argv):
   common.setup_devices()
   import jax
   from pr2_jax.rl import loop
-  from pr2_jax.rl.config import ExperimentConfig, SetupError
+  from pr2_jax.rl.config import SetupError
 
-  with common.bad_config_exits():  # as experiments.main: one error line, before any compile
-    config = ExperimentConfig.from_dict(cfg.to_dict())
-    mesh = common.build_mesh(cfg)
-    config.model.validate_mesh(mesh.shape["expert"], mesh.shape["data"])
+  config, mesh = common.experiment_setup(cfg)  # as experiments.main: before any compile
   machine = common.machine_info()  # before the run: its start time and the load without us
   workdir = workdir or tempfile.mkdtemp(prefix="soak_")
 
