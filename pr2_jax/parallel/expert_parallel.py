@@ -33,6 +33,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from pr2_jax.checks import check_ids, is_concrete
 from pr2_jax.models import experts as ex
+from pr2_jax.models.grouped import fast_capacity, grouped_experts
 from pr2_jax.parallel import replica_fetch
 from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size, num_token_shards
 
@@ -91,8 +92,8 @@ def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, nu
       x_nD, slot_ids_nK, gates_nK = gather_assignments(x_nD, slot_ids_nK, gates_nK, P_ * S)
     # The grouped path's one-einsum capacity: an even share of the global slots (the
     # all-gathered assignments mostly belong to other shards' slots).
-    grouped = functools.partial(ex.grouped_experts,
-                                capacity=ex.fast_capacity(x_nD.shape[0], slot_ids_nK.shape[1], P_ * S))
+    grouped = functools.partial(grouped_experts,
+                                capacity=fast_capacity(x_nD.shape[0], slot_ids_nK.shape[1], P_ * S))
     fn = {"dense": ex.dense_experts, "ragged": ex.ragged_experts, "grouped": grouped}[impl]
     y_nD = fn(x_nD, slot_ids_nK, gates_nK, weights, slot_offset=p * S)
     if distributed and P_ > 1:
