@@ -14,27 +14,20 @@ recompiles. Per layer:
    expert with the largest load per replica n_e / r_e (lowest id on ties),
    capped at D replicas when S <= E (a device gains nothing from two replicas
    of one expert). See `replica_counts`.
-2. Placement, longest processing time first: replicas by decreasing n_e / r_e
-   (ties: expert id), each onto the lightest device with a free slot (exactly
-   S per device) that holds no replica of that expert yet (if every open
-   device does, the lightest open one). With stickiness > 0, two rules keep
-   weights in place (stickiness 0 is plain LPT: no home preference, most moves):
-   * reservation: each device keeps one slot per native expert (e // (E/D))
-     free until that expert's first replica is placed, so heavy replicas of
-     other experts cannot crowd a light native out of its own device;
-   * home rule: a device that already holds the expert (native, or in
-     `previous`) is taken when its load is at most `stickiness` x (mean device
-     load) above the lightest candidate's: a small loss of balance for no
-     weight transfer (one argmin over load - bonus, the bonus being the
-     tolerance on home devices).
-   A device holding the expert is used only when no other device is open,
-   and one with only reserved slots free only before that. If the greedy
-   still had to put two replicas of an expert on one device, a few swap
-   rounds move one of them to a device without it, in exchange for a
-   replica of about the same load.
-   `method="rounds"` (the default) replaces this greedy by S rounds of D
-   (`rounds.py`) with the same home rule and no reservations: several times
-   faster on CPU, as even or more, about as many moves; the rest is shared.
+2. Placement: replicas by decreasing n_e / r_e (ties: expert id), exactly S
+   per device, on devices that hold no replica of the expert yet where
+   possible. Two methods, each in its own module (every other step is shared
+   and lives here): `method="rounds"` (the default) places them in S rounds of
+   D (`rounds.py`), `method="lpt"` one at a time, longest processing time
+   first, with reservations for native experts (`lpt.py`); rounds is several
+   times faster on CPU, as even or more, about as many moves.
+   With stickiness > 0 a home rule keeps weights in place (stickiness 0: no
+   home preference, most moves): a device that already holds the expert
+   (native, or in `previous`) is taken when its load is at most `stickiness` x
+   (mean device load) above the lightest candidate's. If a device still got
+   two replicas of an expert, a few swap rounds move one of them to a device
+   without it, in exchange for a replica of about the same load
+   (`lpt.repair_duplicates`).
 3. Token split: start from 1/r_e per replica (what step 2 balanced), then
    water-filling rounds among each expert's replicas (`split.water_fill`)
    that only ever lower the busiest device.
@@ -62,7 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.balance.loads import EMPTY, native_layout
-from pr2_jax.balance.rounds import expand_runs, place_in_rounds, prefix_sum
+from pr2_jax.balance.lpt import place_lpt, repair_duplicates
+from pr2_jax.balance.rounds import place_in_rounds, prefix_sum
 from pr2_jax.balance.split import water_fill
 from pr2_jax.checks import check_finite, check_ids, is_concrete
 from pr2_jax.config import check_int
@@ -71,9 +65,7 @@ _TINY = float(np.finfo(np.float32).tiny)
 # The greedy's float-bit search and the water-filling assume counts; a NaN spreads everywhere.
 _LOADS_WHY = "loads are (token, k) counts"
 _PROBES_J = np.arange(1, 8, dtype=np.int32)  # replica_counts' search probes, in eighths
-_AVOID = 1e30  # placement score penalty of a device already holding the expert
 _REPAIR_ROUNDS = 4  # duplicate-replica swaps per layer (a forced twin is rare)
-_AVOID_RESERVED = 1e20  # ... and of a device with nothing but reserved slots free
 METHODS = ("lpt", "rounds")  # step 2: sequential LPT greedy, or S rounds of D
 DEFAULT_METHOD = "rounds"  # as even as LPT or more, no more moves, and 2-3x faster on CPU
 
@@ -150,78 +142,6 @@ def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.
   return (1 + above_E + take_E).astype(jnp.int32)
 
 
-def _lpt(load_E, count_E, prev_DS, num_devices, slots, tol, reserve):
-  """Step 2 of one layer; returns (expert_X, slot_X) of the replicas in placement order."""
-  num_experts = load_E.shape[0]
-  num_slots = num_devices * slots
-  device_D = jnp.arange(num_devices)
-  expert_X = expand_runs(count_E, num_slots)
-  weight_X = load_E[expert_X] / count_E[expert_X]
-  # Stable: one expert's replicas (equal weights, adjacent in expert order) stay
-  # adjacent, so "holds this expert" only needs the devices of the current run.
-  order_X = jnp.argsort(-weight_X, stable=True)
-  expert_X, weight_X = expert_X[order_X], weight_X[order_X]
-  per = num_experts // num_devices
-  home_XD = ((device_D[None, :] == (expert_X // per)[:, None])
-             | jnp.any(prev_DS[None, :, :] == expert_X[:, None, None], axis=-1))
-  bonus_XD = jnp.where(home_XD, tol, 0.0)
-  same_X = jnp.concatenate([jnp.zeros((1,), bool), expert_X[1:] == expert_X[:-1]])
-  # The first replica of each expert owns a reserved slot on its native device
-  # until it is placed (there or, if the home rule says so, elsewhere).
-  own_XD = ~same_X[:, None] & (device_D[None, :] == (expert_X // per)[:, None])
-
-  def place(i, state):
-    load_D, used_D, reserved_D, holds_D, slot_X = state
-    holds_D &= same_X[i]
-    reserved_D = jnp.maximum(reserved_D - own_XD[i], 0)
-    # One argmin does it all: full devices are out; devices holding the expert
-    # come last, then devices whose only free slots are reserved (a distinct
-    # device beats a reservation); home devices win within `tol` of the
-    # lightest (lower id on ties).
-    steal_D = used_D + reserved_D >= slots
-    score_D = (load_D - bonus_XD[i] + jnp.where(holds_D, _AVOID, 0.0)
-               + jnp.where(steal_D, _AVOID_RESERVED, 0.0))
-    d = jnp.argmin(jnp.where(used_D < slots, score_D, jnp.inf))
-    on_D = device_D == d
-    return (load_D + jnp.where(on_D, weight_X[i], 0.0), used_D + on_D,
-            reserved_D - (on_D & steal_D), holds_D | on_D,
-            slot_X.at[i].set(d * slots + used_D[d]))
-
-  init = (jnp.zeros((num_devices,), jnp.float32), jnp.zeros((num_devices,), jnp.int32),
-          jnp.full((num_devices,), per if reserve else 0, jnp.int32),
-          jnp.zeros((num_devices,), bool),
-          jnp.zeros((num_slots,), jnp.int32))
-  return expert_X, jax.lax.fori_loop(0, num_slots, place, init)[4]
-
-
-def _repair_duplicates(expert_X, slot_X, weight_X, num_devices, slots, num_experts, rounds):
-  """Swaps away replicas the greedy had to put beside a twin (its last open slots were
-  on a device holding the expert): each round moves one such replica to a device
-  without that expert, in exchange for a replica of about the same load whose
-  expert the first device lacks. Returns the new slot_X. Stops early once no twin
-  is left or no swap helps (usually at once: twins are rare)."""
-  def twins_X(slot_X):
-    # On the [D, S] layout: S x S compares per device, far cheaper than a [D, E] count.
-    layout_DS = jnp.zeros_like(expert_X).at[slot_X].set(expert_X).reshape(num_devices, slots)
-    same_DSS = layout_DS[:, :, None] == layout_DS[:, None, :]
-    return (jnp.sum(same_DSS, axis=2) > 1).reshape(-1)[slot_X]
-
-  def swap(state):
-    i_round, slot_X, dup_X = state
-    device_X = slot_X // slots
-    holds_DE = jnp.zeros((num_devices, num_experts), jnp.int32).at[device_X, expert_X].add(1)
-    i = jnp.argmax(dup_X)
-    ok_X = ((holds_DE[device_X, expert_X[i]] == 0)
-            & (holds_DE[device_X[i], expert_X] == 0))
-    j = jnp.argmin(jnp.where(ok_X, jnp.abs(weight_X - weight_X[i]), jnp.inf))
-    slot_X = jnp.where(ok_X[j], slot_X.at[i].set(slot_X[j]).at[j].set(slot_X[i]), slot_X)
-    # No partner for the first twin: stop (it would be picked again every round).
-    return jnp.where(ok_X[j], i_round + 1, rounds), slot_X, twins_X(slot_X)
-
-  state = (jnp.int32(0), slot_X, twins_X(slot_X))
-  return jax.lax.while_loop(lambda st: (st[0] < rounds) & jnp.any(st[2]), swap, state)[1]
-
-
 def _keep_old_slots(new_DS, prev_DS):
   """int [D, S] permutation p with new_DS[d, p[d, s]] == prev_DS[d, s] where possible."""
   num_devices, slots = new_DS.shape
@@ -276,12 +196,12 @@ def _plan_layer(load_E, prev_DS, *, num_devices, slots, stickiness, split_iters,
     expert_X, slot_X = place_in_rounds(load_E, count_E, num_devices, slots,
                                        prev_DS if stickiness > 0 else None, tol)
   else:
-    expert_X, slot_X = _lpt(load_E, count_E, prev_DS, num_devices, slots, tol,
-                            reserve=stickiness > 0)
+    expert_X, slot_X = place_lpt(load_E, count_E, prev_DS, num_devices, slots, tol,
+                                 reserve=stickiness > 0)
   n_X = load_E[expert_X]
   if max_replicas > 1:
-    slot_X = _repair_duplicates(expert_X, slot_X, n_X / count_E[expert_X], num_devices, slots,
-                                num_experts, _REPAIR_ROUNDS)
+    slot_X = repair_duplicates(expert_X, slot_X, n_X / count_E[expert_X], num_devices, slots,
+                               num_experts, _REPAIR_ROUNDS)
   x_X = water_fill(n_X, expert_X, slot_X, n_X / count_E[expert_X], num_devices, slots,
                    split_iters)
   new_DS = jnp.zeros((num_slots,), jnp.int32).at[slot_X].set(expert_X).reshape(num_devices, slots)

@@ -1,0 +1,102 @@
+"""LPT placement (pr2_jax/balance/lpt.py): hand-worked layers for the plain greedy, the
+reservation and the home rule, the duplicate repair's swap, and slots and twins on random
+loads. The planner's method="lpt" end to end is tested in test_planner.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr2_jax.balance import loads as ld
+from pr2_jax.balance import lpt
+from pr2_jax.balance import planner as pl
+
+# E=4, D=2, S=3: native layout d0 [e0, e1], d1 [e2, e3], one spare slot each.
+NATIVE = jnp.asarray(ld.native_layout(4, 2, 3))
+_place = jax.jit(lpt.place_lpt, static_argnums=(3, 4, 6))
+
+
+def test_hand_worked_plain_lpt():
+  """Loads [3, 3, 4, 2], counts [2, 1, 2, 1]; replicas by load: e1 3, e2 2, e2 2, e3 2, e0 1.5,
+  e0 1.5. e1 -> d0, e2 -> d1, e2 -> d0 (d1 holds e2), e3 -> d1, e0 -> d1 (4 < 5), e0 -> d0:
+  global slot d * S + (d's replicas so far)."""
+  load_E = jnp.array([3., 3., 4., 2.])
+  count_E = jnp.array([2, 1, 2, 1], jnp.int32)
+  expert_X, slot_X = _place(load_E, count_E, NATIVE, 2, 3, 0.0, False)
+  np.testing.assert_array_equal(expert_X, [1, 2, 2, 3, 0, 0])
+  np.testing.assert_array_equal(slot_X, [0, 3, 1, 4, 5, 2])
+
+
+def test_reservation_keeps_a_light_native_home():
+  """Loads [0, 1, 1, 3], counts [1, 2, 1, 2]; order e3 1.5, e3 1.5, e2 1, e1 .5, e1 .5, e0 0.
+
+  Plain: e3 -> d0, e3 -> d1, e2 -> d0 (tie at 1.5), e1 -> d1, e1 -> d0, e0 -> d1 (d0 full):
+  d0 [e3, e2, e1], d1 [e3, e1, e0]: e2 and the idle e0 both off their native device.
+  Reserved (one slot per native expert, until its first replica is placed): e3 -> d0, e3
+  -> d1; e2 -> d1, as d0's free slots are d0's natives'; e1 -> d0 (1.5 < 2.5); the second
+  e1 -> d1, as d0 holds e1; e0 -> d0: d0 [e3, e1, e0], d1 [e3, e2, e1], every native at home.
+  """
+  load_E = jnp.array([0., 1., 1., 3.])
+  count_E = pl.replica_counts(load_E, 6, 2)
+  np.testing.assert_array_equal(count_E, [1, 2, 1, 2])
+  expert_X, plain_X = _place(load_E, count_E, NATIVE, 2, 3, 0.0, False)
+  np.testing.assert_array_equal(expert_X, [3, 3, 2, 1, 1, 0])
+  np.testing.assert_array_equal(plain_X, [0, 3, 1, 4, 2, 5])
+  expert_X, reserved_X = _place(load_E, count_E, NATIVE, 2, 3, 0.0, True)
+  np.testing.assert_array_equal(expert_X, [3, 3, 2, 1, 1, 0])
+  np.testing.assert_array_equal(reserved_X, [0, 3, 4, 1, 5, 2])
+
+
+def test_home_rule_hand_worked():
+  """Loads [5, 1, 1, 1], counts [2, 2, 1, 1]; order e0 2.5, e0 2.5, e2 1, e3 1, e1 .5, e1 .5.
+
+  tol 0.2: e0 -> d0 (home), e0 -> d1; e2 -> d1 (home, the 2.5 tie broken by the bonus);
+  e3 -> d0 (home d1 at 3.5 is more than tol above d0's 2.5); e1 -> d0 (home), e1 -> d1.
+  tol 0: e2 takes d0 (lower id on the tie) and e3 then d1.
+  """
+  load_E = jnp.array([5., 1., 1., 1.])
+  count_E = jnp.array([2, 2, 1, 1], jnp.int32)
+  expert_X, sticky_X = _place(load_E, count_E, NATIVE, 2, 3, 0.2, False)
+  np.testing.assert_array_equal(expert_X, [0, 0, 2, 3, 1, 1])
+  np.testing.assert_array_equal(sticky_X, [0, 3, 4, 1, 2, 5])
+  _, plain_X = _place(load_E, count_E, NATIVE, 2, 3, 0.0, False)
+  np.testing.assert_array_equal(plain_X, [0, 3, 1, 4, 2, 5])
+
+
+def test_repair_swaps_a_twin_away():
+  """D=2, S=2: d0 [e0, e0], d1 [e1, e1]. The first twin (replica 0 of e0) swaps with the
+  nearest-weight replica whose expert d0 lacks (replica 2, e1): d0 [e1, e0], d1 [e0, e1].
+  With no partner (one expert everywhere) or no rounds, nothing moves."""
+  expert_X = jnp.array([0, 0, 1, 1], jnp.int32)
+  slot_X = jnp.arange(4, dtype=jnp.int32)
+  np.testing.assert_array_equal(
+      lpt.repair_duplicates(expert_X, slot_X, jnp.ones(4), 2, 2, 2, 4), [2, 1, 0, 3])
+  np.testing.assert_array_equal(
+      lpt.repair_duplicates(jnp.zeros(4, jnp.int32), slot_X, jnp.ones(4), 2, 2, 1, 4), slot_X)
+  np.testing.assert_array_equal(
+      lpt.repair_duplicates(expert_X, slot_X, jnp.ones(4), 2, 2, 2, 0), slot_X)
+
+
+@pytest.mark.parametrize("e,d,s", [(16, 4, 5), (32, 8, 8), (8, 2, 6)])
+def test_every_slot_once_and_no_twins_after_repair(e, d, s):
+  """Each slot gets one replica, and with at most D replicas per expert the repair leaves
+  no device holding an expert twice."""
+  rng = np.random.default_rng(e + d + s)
+
+  @jax.jit
+  def fn(load_E):
+    count_E = pl.replica_counts(load_E, d * s, d)
+    expert_X, slot_X = lpt.place_lpt(load_E, count_E, jnp.asarray(ld.native_layout(e, d, s)),
+                                     d, s, 0.1 * jnp.sum(load_E) / d, True)
+    weight_X = load_E[expert_X] / count_E[expert_X]
+    return expert_X, lpt.repair_duplicates(expert_X, slot_X, weight_X, d, s, e, 4)
+
+  for t in range(9):
+    load = [rng.lognormal(0, 2, e) * 100, rng.integers(0, 4, e).astype(float),
+            np.zeros(e)][t % 3].astype(np.float32)
+    expert_X, slot_X = (np.asarray(a) for a in fn(jnp.asarray(load)))
+    assert sorted(slot_X) == list(range(d * s))
+    layout = np.zeros(d * s, np.int64)
+    layout[slot_X] = expert_X
+    for dev in layout.reshape(d, s):
+      assert len(set(dev)) == s, (load, dev)
