@@ -63,6 +63,18 @@ def test_home_rule_hand_worked():
   np.testing.assert_array_equal(plain_X, [0, 3, 1, 4, 2, 5])
 
 
+def test_within_a_tier_the_lightest_device_wins():
+  """E=2, D=2, S=3, counts [5, 1], loads [50, 20]; order e1 20, then e0 10 five times.
+  e1 -> d0, e0 -> d1, e0 -> d0 (d1 holds e0); the third e0 finds both devices holding e0
+  and takes the lighter d1 (10 < 30), as does the fourth (20 < 30); the fifth fills d0.
+  Additive penalties (load + 1e30 in float32) lost the loads and took d0 at the third."""
+  native = jnp.asarray(ld.native_layout(2, 2, 3))
+  expert_X, slot_X = _place(jnp.array([50., 20.]), jnp.array([5, 1], jnp.int32), native,
+                            2, 3, 0.0, False)
+  np.testing.assert_array_equal(expert_X, [1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(slot_X, [0, 3, 1, 4, 5, 2])
+
+
 def test_repair_swaps_a_twin_away():
   """D=2, S=2: d0 [e0, e0], d1 [e1, e1]. The first twin (replica 0 of e0) swaps with the
   nearest-weight replica whose expert d0 lacks (replica 2, e1): d0 [e1, e0], d1 [e0, e1].

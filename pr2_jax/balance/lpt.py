@@ -34,9 +34,6 @@ import jax.numpy as jnp
 
 from pr2_jax.balance.rounds import expand_runs
 
-_AVOID = 1e30  # placement score penalty of a device already holding the expert
-_AVOID_RESERVED = 1e20  # ... and of a device with nothing but reserved slots free
-
 
 def place_lpt(load_E, count_E, prev_DS, num_devices, slots, tol, reserve):
   """Step 2 of one layer; returns (expert_X, slot_X) of the replicas in placement order."""
@@ -62,14 +59,15 @@ def place_lpt(load_E, count_E, prev_DS, num_devices, slots, tol, reserve):
     load_D, used_D, reserved_D, holds_D, slot_X = state
     holds_D &= same_X[i]
     reserved_D = jnp.maximum(reserved_D - own_XD[i], 0)
-    # One argmin does it all: full devices are out; devices holding the expert
-    # come last, then devices whose only free slots are reserved (a distinct
-    # device beats a reservation); home devices win within `tol` of the
+    # Full devices are out; devices holding the expert come last, then devices
+    # whose only free slots are reserved (a distinct device beats a
+    # reservation); within the best tier, home devices win within `tol` of the
     # lightest (lower id on ties).
     steal_D = used_D + reserved_D >= slots
-    score_D = (load_D - bonus_XD[i] + jnp.where(holds_D, _AVOID, 0.0)
-               + jnp.where(steal_D, _AVOID_RESERVED, 0.0))
-    d = jnp.argmin(jnp.where(used_D < slots, score_D, jnp.inf))
+    # Tiers, not additive penalties: a float32 load + 1e30 loses the load, and
+    # then the lowest id, not the lightest device, won within a tier.
+    tier_D = jnp.where(used_D < slots, 2 * holds_D + steal_D, 3)
+    d = jnp.argmin(jnp.where(tier_D == jnp.min(tier_D), load_D - bonus_XD[i], jnp.inf))
     on_D = device_D == d
     return (load_D + jnp.where(on_D, weight_X[i], 0.0), used_D + on_D,
             reserved_D - (on_D & steal_D), holds_D | on_D,

@@ -84,7 +84,7 @@ class Plan(flax.struct.PyTreeNode):
 
   def layer(self, l) -> "Plan":
     """The plan of one layer (arrays lose their leading L axis)."""
-    return jax.tree_util.tree_map(lambda a: a[l], self)
+    return jax.tree.map(lambda a: a[l], self)
 
 
 def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.Array:

@@ -3,7 +3,7 @@
 Dimension legend:
   E experts, D expert-parallel devices, S slots per device, X = D*S replicas.
 
-The LPT placement (`planner._lpt`) places the X replicas one at a time: X
+The LPT placement (`lpt.place_lpt`) places the X replicas one at a time: X
 dependent steps, each a handful of tiny XLA ops, so loop overhead dominates
 on CPU. Here the replicas, heaviest first, are cut into S rounds of D; in
 each round the round's heaviest replica goes to the lightest device, the
@@ -28,7 +28,8 @@ replicas and devices are then matched as above. There are no reservations
 (LPT's other rule): each device takes one replica per round anyway. On the
 bench traces this moved about as many experts as sticky LPT and balanced
 better (docs/results/balance.md). A claim can rarely leave a twin for a
-later replica of the round; the planner's repair step swaps it away.
+later replica of the round; the planner's repair step (`lpt.repair_duplicates`) swaps
+it away.
 """
 
 from __future__ import annotations
