@@ -24,11 +24,11 @@ from pr2_jax.parallel.replica_fetch import fetch_slabs
 from pr2_jax.parallel.shuffle import shuffle_into_chunks
 from pr2_jax.pr2.predictor import (bias_logit_ratio, init_predictor, predicted_topk, predictor_bias,
                                    predictor_loss, predictor_losses, topk_overlap)
+from pr2_jax.rl.advantages import grpo_advantages, sequence_tis_weights, tis_weights
 from pr2_jax.rl.chunked_logprobs import chunked_token_stats
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
-from pr2_jax.rl.losses import (dapo_loss, grpo_advantages, gspo_loss, loss_stats_from_sums,
-                               policy_loss, sequence_tis_weights, tis_weights, token_entropies,
-                               token_entropy, token_logprobs)
+from pr2_jax.rl.losses import (dapo_loss, gspo_loss, loss_stats_from_sums, policy_loss,
+                               token_entropies, token_entropy, token_logprobs)
 from pr2_jax.rl.metrics import (mismatch_from_sums, mismatch_metrics, mismatch_sums,
                                 routing_from_sums, routing_metrics, routing_sums)
 from pr2_jax.rl.sampler import Rollout, SamplerConfig, generate, validate_generate_inputs

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.rl import data, learner, losses
+from pr2_jax.rl import advantages, data, learner
 from pr2_jax.rl.config import RLConfig
 from pr2_jax.rl.sampler import SamplerConfig, generate
 from pr2_jax.train.state import create_train_state, make_optimizer, predictor_initializer
@@ -44,7 +44,7 @@ def _rollout(rollout_dtype="float32"):
   rewards = jnp.asarray(np.arange(B) % 3, jnp.float32)
   batch = {"tokens": roll.tokens, "valid": roll.valid, "positions": roll.positions,
            "response_mask": roll.response_mask, "rollout_logp": roll.logp,
-           "rollout_routes": roll.routes, "adv": np.asarray(losses.grpo_advantages(rewards, 2))}
+           "rollout_routes": roll.routes, "adv": np.asarray(advantages.grpo_advantages(rewards, 2))}
   return model, tx, state, batch
 
 
@@ -464,7 +464,7 @@ def _pr2_setup():
   rewards = jnp.asarray(np.arange(B) % 3, jnp.float32)
   batch = {"tokens": roll.tokens, "valid": roll.valid, "positions": roll.positions,
            "response_mask": roll.response_mask, "rollout_logp": roll.logp,
-           "rollout_routes": roll.routes, "adv": np.asarray(losses.grpo_advantages(rewards, 2)),
+           "rollout_routes": roll.routes, "adv": np.asarray(advantages.grpo_advantages(rewards, 2)),
            "feature_slots": slots, "feature_h": roll.feature_h, "feature_p": roll.feature_p}
   return model, tx, pred_tx, state, batch
 

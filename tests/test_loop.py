@@ -232,7 +232,7 @@ def test_random_feature_slots_are_distinct_sorted_and_uniform():
 def test_non_finite_updates_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
   """NaN advantages make every update non-finite: skipped, counted, then a clear stop. (NaN
   rewards are rejected earlier, by grpo_advantages: here the blow-up is downstream of them.)"""
-  monkeypatch.setattr(loop.losses, "grpo_advantages",
+  monkeypatch.setattr(loop.advantages, "grpo_advantages",
                       lambda rewards, group_size: jnp.full(rewards.shape, jnp.nan, jnp.float32))
   cfg = _config(5)
   cfg = ExperimentConfig(model=cfg.model, rl=RLConfig(**{**cfg.rl.__dict__,

@@ -1,4 +1,6 @@
-"""RL losses against hand-worked values: GRPO advantages, DAPO, GSPO, TIS, accumulation, dispatch."""
+"""RL policy losses against hand-worked values: DAPO, GSPO, TIS weighting, accumulation, dispatch.
+
+GRPO advantages and the TIS weights themselves are tested in tests/test_advantages.py."""
 
 import math
 
@@ -7,72 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pr2_jax.rl import losses
+from pr2_jax.rl import advantages, losses
 
 LN = math.log
 
 
 # ----------------------------------------------------------------------------
-# GRPO advantages
+# TIS weights in the loss
 # ----------------------------------------------------------------------------
-
-def test_grpo_advantages_two_groups_by_hand():
-  """Group [3,1,2,2]: mean 2, population std √0.5 → A = ±√2, 0, 0; a flat group gives exactly 0."""
-  rewards = jnp.array([3.0, 1.0, 2.0, 2.0, 0.1, 0.1, 0.1, 0.1])
-  adv = losses.grpo_advantages(rewards, group_size=4)
-  assert adv.dtype == jnp.float32
-  s = math.sqrt(0.5)
-  np.testing.assert_allclose(adv[:4], [1 / (s + 1e-6), -1 / (s + 1e-6), 0, 0], rtol=1e-6)
-  # Population std (ddof=0): the sample std would give 1/√(2/3) ≈ 1.2247 instead of √2.
-  assert abs(float(adv[0]) - math.sqrt(2)) < 1e-5
-  np.testing.assert_array_equal(adv[4:], 0.0)  # exactly zero, not rounding/eps noise
-  assert np.all(np.isfinite(adv))
-
-
-def test_grpo_flat_groups_of_three_are_exactly_zero():
-  """mean(0.1, 0.1, 0.1) is not exactly 0.1 in float32; the advantage still is exactly 0."""
-  adv = losses.grpo_advantages(jnp.array([0.1, 0.1, 0.1, 0.7, 0.7, 0.7]), group_size=3)
-  np.testing.assert_array_equal(adv, 0.0)
-
-
-def test_grpo_without_std_scaling_only_centres():
-  """Dr.GRPO: A = r − mean_g."""
-  adv = losses.grpo_advantages(jnp.array([3.0, 1.0, 2.0, 2.0, 1.0, 0.0]), group_size=2,
-                               scale_by_std=False)
-  np.testing.assert_allclose(adv, [1, -1, 0, 0, 0.5, -0.5], atol=1e-7)
-
-
-def test_grpo_rejects_ragged_groups():
-  with pytest.raises(ValueError, match="multiple of group_size=4"):
-    losses.grpo_advantages(jnp.zeros(7), group_size=4)
-
-
-def test_grpo_jits():
-  f = jax.jit(losses.grpo_advantages, static_argnums=1)
-  np.testing.assert_allclose(f(jnp.array([1.0, 0.0]), 2), [1 / 1.000002, -1 / 1.000002], rtol=1e-6)
-
-
-# ----------------------------------------------------------------------------
-# TIS
-# ----------------------------------------------------------------------------
-
-def test_tis_weights_are_capped_and_stop_gradient():
-  """exp(old − µ) = 0.5, 3, 1 with cap 2 → 0.5, 2, 1; no gradient to either argument."""
-  old = jnp.array([[LN(0.5), LN(3.0), 0.0]])
-  mu = jnp.zeros((1, 3))
-  np.testing.assert_allclose(losses.tis_weights(old, mu, cap=2.0), [[0.5, 2.0, 1.0]], rtol=1e-6)
-  g_old, g_mu = jax.grad(lambda o, m: jnp.sum(losses.tis_weights(o, m, 2.0)), argnums=(0, 1))(old, mu)
-  np.testing.assert_array_equal(g_old, 0.0)
-  np.testing.assert_array_equal(g_mu, 0.0)
-
-
-def test_sequence_tis_weight_is_capped_geometric_mean():
-  """Token log-ratios (ln 4, 0) → (4·1)^{1/2} = 2; (ln 16) → 16 capped at 3; empty mask → 1."""
-  old = jnp.array([[LN(4.0), 0.0], [LN(16.0), 9.0], [5.0, 5.0]])
-  mask = jnp.array([[1, 1], [1, 0], [0, 0]])
-  w = losses.sequence_tis_weights(old, jnp.zeros_like(old), mask, cap=3.0)
-  np.testing.assert_allclose(w, [2.0, 3.0, 1.0], rtol=1e-6)
-
 
 def test_dapo_with_tis_weight_scales_tokens():
   """Ratio 1, A = 1, weights (0.5, 2) → loss = −(0.5 + 2)/2."""
@@ -352,27 +296,6 @@ def test_denominator_is_checked_only_when_concrete():
   np.testing.assert_allclose(f(jnp.float32(10.0)), -0.116 / 2, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rewards, group_size, eps, message", [
-    (jnp.ones((2, 2)), 2, 1e-6, r"rewards_B has shape \(2, 2\), expected rank 1 \[B\]"),
-    (jnp.ones(4), 2.0, 1e-6, r"group_size must be a positive int, got 2.0"),
-    (jnp.ones(4), True, 1e-6, r"group_size must be a positive int, got True"),
-    (jnp.ones(4), 0, 1e-6, r"group_size must be a positive int, got 0"),
-    (jnp.array([1.0, 0.0, jnp.nan, 1.0]), 2, 1e-6,
-     r"rewards_B\[2\] = nan is not finite \(a NaN/inf reward"),
-    (np.array([1.0, -np.inf]), 2, 1e-6, r"rewards_B\[1\] = -inf is not finite"),
-    (jnp.array([1.0, 0.0]), 2, -0.5, r"eps must be a finite number >= 0, got -0.5"),
-    (jnp.array([1.0, 0.0]), 2, float("nan"), r"eps must be a finite number >= 0, got nan"),
-])
-def test_grpo_rejects_bad_inputs(rewards, group_size, eps, message):
-  with pytest.raises(ValueError, match=message):
-    losses.grpo_advantages(rewards, group_size, eps=eps)
-
-
-def test_grpo_eps_zero_is_valid():
-  np.testing.assert_allclose(losses.grpo_advantages(jnp.array([1.0, 0.0]), 2, eps=0.0),
-                             [1.0, -1.0], rtol=1e-6)
-
-
 @pytest.mark.parametrize("targets, message", [
     (jnp.array([[0, -1]]), r"targets_BT\[0, 1\] = -1 is outside \[0, V=3\)"),
     (jnp.array([[3, 0]]), r"targets_BT\[0, 0\] = 3 is outside"),
@@ -392,11 +315,7 @@ def test_token_logprobs_rejects_float_targets_under_jit_and_bad_logits_rank():
     losses.token_logprobs(jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32))
 
 
-def test_tis_and_entropy_reject_misshaped_inputs():
-  with pytest.raises(ValueError, match=r"behaviour_logp_BT has shape \(2,\), expected"):
-    losses.tis_weights(jnp.zeros((2, 2)), jnp.zeros(2), cap=2.0)
-  with pytest.raises(ValueError, match=r"mask_BT has shape \(2, 1\), expected \[B, T\]"):
-    losses.sequence_tis_weights(jnp.zeros((2, 2)), jnp.zeros((2, 2)), jnp.ones((2, 1)), cap=2.0)
+def test_entropy_and_denominator_reject_misshaped_inputs():
   with pytest.raises(ValueError, match=r"mask_BT has shape \(1, 1\), expected \[B, T\] of logits"):
     losses.token_entropy(jnp.zeros((1, 2, 3)), jnp.ones((1, 1)))
   with pytest.raises(ValueError, match=r"denom=0.0 must be a finite count > 0"):
@@ -413,7 +332,7 @@ def test_tis_weights_at_padding_with_inf_logprobs_do_not_make_the_loss_nan():
   old = jnp.asarray([[-1.0, -2.0, -jnp.inf]])
   behaviour = jnp.asarray([[-0.9, -2.2, -jnp.inf]])
   mask = jnp.asarray([[1.0, 1.0, 0.0]])
-  w = losses.tis_weights(old, behaviour, cap=2.0)
+  w = advantages.tis_weights(old, behaviour, cap=2.0)
   assert np.isnan(w[0, 2])  # documented; the losses take care of it
   loss, _ = losses.dapo_loss(logp, old, jnp.asarray([1.5]), mask, is_weight_BT=w)
   expected = -1.5 * (math.exp(-0.1) + math.exp(0.2)) / 2  # ratio 1, w = exp(old - µ)
@@ -421,16 +340,12 @@ def test_tis_weights_at_padding_with_inf_logprobs_do_not_make_the_loss_nan():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: losses.tis_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), cap=0.0), r"cap=0.0 must be > 0 \(no TIS: pass no weights\)"),
-    (lambda: losses.sequence_tis_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones((1, 2)),
-                                         cap=-1), r"cap=-1 must be"),
     (lambda: losses.dapo_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
                               clip_low=1.2), r"clip_low=1.2 must be in \[0, 1\]"),
     (lambda: losses.gspo_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
                               clip_high=-0.1), r"clip_high=-0.1 must be in \[0, inf\]"),
 ])
 def test_bad_loss_hyper_parameters_are_refused(call, match):
-  """cap 0 zeroed every gradient, cap -1 flipped the loss's sign, clip_low > 1 made the lower
-  ratio bound negative: all silently."""
+  """clip_low > 1 made the lower ratio bound negative, silently."""
   with pytest.raises(ValueError, match=match):
     call()

@@ -40,7 +40,7 @@ from pr2_jax.models.transformer import MoETransformer, lm_head_kernel
 from pr2_jax.balance.loads import loads_from_routes
 from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size, on_token_shards
 from pr2_jax.pr2 import predictor as pred
-from pr2_jax.rl import losses, metrics
+from pr2_jax.rl import advantages, losses, metrics
 from pr2_jax.rl.chunked_logprobs import chunked_token_stats
 from pr2_jax.rl.balancing import foresight_plan
 from pr2_jax.rl.config import PR2_MODES, PR2Config, RLConfig
@@ -166,9 +166,10 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
   against_BT = rollout_BT if rl.ratio_denominator == "rollout" else micro["old_logp"]
   is_weight = None
   if rl.tis_cap > 0 and rl.ratio_denominator == "old":
-    is_weight = (losses.tis_weights(micro["old_logp"], rollout_BT, rl.tis_cap)
+    is_weight = (advantages.tis_weights(micro["old_logp"], rollout_BT, rl.tis_cap)
                  if rl.loss == "dapo" else
-                 losses.sequence_tis_weights(micro["old_logp"], rollout_BT, mask_BT, rl.tis_cap))
+                 advantages.sequence_tis_weights(micro["old_logp"], rollout_BT, mask_BT,
+                                                 rl.tis_cap))
   loss, aux = losses.policy_loss(rl.loss, logp_BT, against_BT, micro["adv"], mask_BT,
                                  clip_low=rl.clip_low, clip_high=rl.clip_high,
                                  is_weight=is_weight, denom=denoms["loss"])

@@ -26,7 +26,7 @@ from pr2_jax.models.transformer import validate_tokens
 from pr2_jax.parallel import shuffle
 from pr2_jax.parallel.distributed import gather_rows, local_rows, to_global, to_host
 from pr2_jax.parallel.mesh import EXPERT, axis_size, logical_sharding, num_token_shards
-from pr2_jax.rl import balancing, data, losses, programs, records
+from pr2_jax.rl import advantages, balancing, data, programs, records
 from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.rl.config import PR2_MODES, ExperimentConfig, SetupError
 from pr2_jax.rl.tasks import make_task
@@ -178,7 +178,7 @@ class Engine:
     batch = {"tokens": roll.tokens, "valid": roll.valid, "positions": roll.positions,
              "response_mask": roll.response_mask, "rollout_logp": roll.logp,
              "rollout_routes": roll.routes,
-             "adv": np.asarray(losses.grpo_advantages(jnp.asarray(rewards), rl.group_size))}
+             "adv": np.asarray(advantages.grpo_advantages(jnp.asarray(rewards), rl.group_size))}
     if self.pr2_mode:
       batch["feature_slots"] = slots
     if in_rollout:

@@ -1,0 +1,135 @@
+"""GRPO group advantages and TIS importance weights: the per-sample factors of the RL losses.
+
+The policy losses in `losses.py` take these as inputs (`adv_B`, `is_weight_BT` / `is_weight_B`);
+they are computed here, apart from the losses, so that each module stays well under 400 lines.
+This is the lower module of the two: it also defines the helpers both use (`_f32`,
+`_check_BT_inputs`, `_check_bound`, the log-ratio clamp `_MAX_LOG_RATIO`), which `losses`
+imports, so nothing here imports `losses`.
+
+Everything is jit-compatible with static shapes: ragged responses are
+padded and described by a mask, never sliced.
+
+Dimension legend:
+  B sequences, T response positions.
+
+Conventions:
+  * `mask_BT` (bool or float) is 1 on response tokens that count in the loss.
+  * `old_logp_BT` is the float32 π_old log-prob of the sampled tokens and
+    `behaviour_logp_BT` the behaviour policy µ's (the inference engine's).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from pr2_jax.checks import check_finite, check_rank, check_shape, is_concrete
+
+# Log-ratios are clamped before exp so a wild token cannot overflow to inf/NaN
+# (verl does the same); |Δ| = 20 is a ratio of 5e8, far beyond any clip range.
+_MAX_LOG_RATIO = 20.0
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  return jnp.asarray(x, jnp.float32)
+
+
+# -- Input checks: shapes and dtypes are static (free under jit); values only when concrete --------
+
+def _check_BT_inputs(logp_BT, old_logp_BT, mask_BT) -> tuple[int, int]:
+  """Checks the [B, T] inputs of a policy loss against `logp_BT`; returns (B, T)."""
+  check_rank("logp_BT", logp_BT, 2, "[B, T]")
+  b, t = jnp.shape(logp_BT)
+  check_shape("old_logp_BT", old_logp_BT, (b, t), "[B, T] of logp_BT")
+  check_shape("mask_BT", mask_BT, (b, t), "[B, T] of logp_BT")
+  return b, t
+
+
+def _check_bound(name: str, value, low: float, high: float = math.inf, what: str = "") -> None:
+  """A concrete hyper-parameter (a Python or numpy number; traced values pass) in [low, high]."""
+  if isinstance(value, numbers.Real) and not (low <= float(value) <= high):
+    raise ValueError(f"{name}={value!r} must be " + (what or f"in [{low:g}, {high:g}]"))
+
+
+# -- Advantages and importance weights -------------------------------------------------------------
+
+def grpo_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6,
+                    scale_by_std: bool = True) -> jax.Array:
+  """GRPO group-relative advantages, float32 [B].
+
+  Groups are consecutive blocks of `group_size` samples of the same prompt
+  (rows `[g*G, (g+1)*G)`). Each reward is centred on its group mean and, when
+  `scale_by_std`, divided by the group's *population* standard deviation
+  (ddof=0) plus `eps`: `A = (r − mean_g) / (std_g + eps)`. (verl's `torch.std`
+  is the sample one, ddof=1: its advantages are ours × sqrt((G−1)/G).)
+  `scale_by_std=False` is Dr.GRPO's unbiased variant `A = r − mean_g`.
+
+  A group whose rewards are all equal carries no learning signal and gets an
+  advantage of exactly 0 (not the `float-rounding / eps` noise the formula
+  alone would give, nor NaN).
+
+  Args:
+    rewards_B: rewards, B a multiple of `group_size`; finite (checked when concrete).
+    group_size: G samples per prompt (static int).
+    eps: added to the standard deviation, >= 0.
+    scale_by_std: divide by the group standard deviation.
+
+  Returns:
+    adv_B float32.
+
+  Raises:
+    ValueError: rewards not rank 1, group_size not a positive int dividing B,
+      a negative or non-finite eps, or (concrete rewards) a NaN/inf reward.
+  """
+  check_rank("rewards_B", rewards_B, 1, "[B]")
+  if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+    raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+  if is_concrete(eps) and not (math.isfinite(eps) and eps >= 0):
+    raise ValueError(f"eps must be a finite number >= 0, got {eps!r} (a negative eps can "
+                     "cancel the std: inf advantages)")
+  check_finite("rewards_B", rewards_B, "a NaN/inf reward makes its whole group's advantages NaN")
+  (b,) = jnp.shape(rewards_B)
+  if b % group_size:
+    raise ValueError(f"batch of {b} rewards is not a multiple of group_size={group_size}")
+  r_GN = _f32(rewards_B).reshape(b // group_size, group_size)  # G groups × N samples
+  mean_G1 = jnp.mean(r_GN, axis=1, keepdims=True)
+  adv_GN = r_GN - mean_G1
+  if scale_by_std:
+    std_G1 = jnp.sqrt(jnp.mean(jnp.square(adv_GN), axis=1, keepdims=True))
+    adv_GN = adv_GN / (std_G1 + eps)
+  flat_G1 = jnp.max(r_GN, axis=1, keepdims=True) == jnp.min(r_GN, axis=1, keepdims=True)
+  return jnp.where(flat_G1, 0.0, adv_GN).reshape(b)
+
+
+def tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array, cap: float) -> jax.Array:
+  """Truncated importance weights `min(π_old/µ, cap) = min(exp(old − behaviour), cap)`.
+
+  Corrects for the gap between the inference engine's behaviour policy µ and
+  the training engine's π_old (TIS). Stop-gradient: a weight, not a path.
+  Returns float32 [B, T]; positions where both log-probs are -inf (padding) are NaN,
+  which the losses mask out. `cap` must be > 0 (no TIS: pass no weights).
+  """
+  _check_bound("cap", cap, math.ulp(0.0), what="> 0 (no TIS: pass no weights)")
+  check_shape("behaviour_logp_BT", behaviour_logp_BT, jnp.shape(old_logp_BT),
+               "the shape of old_logp_BT")
+  log_w_BT = jnp.clip(_f32(old_logp_BT) - _f32(behaviour_logp_BT), -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+  return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w_BT), cap))
+
+
+def sequence_tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array,
+                         mask_BT: jax.Array, cap: float) -> jax.Array:
+  """Sequence-level TIS weight for GSPO, `min((π_old(y)/µ(y))^{1/|y|}, cap)`, float32 [B].
+
+  The geometric-mean ratio matches GSPO's length-normalised sequence ratio.
+  Stop-gradient; sequences with an empty mask get weight 1. `cap` must be > 0.
+  """
+  _check_bound("cap", cap, math.ulp(0.0), what="> 0 (no TIS: pass no weights)")
+  _check_BT_inputs(old_logp_BT, behaviour_logp_BT, mask_BT)
+  mask_BT = _f32(mask_BT)
+  delta_BT = jnp.where(mask_BT > 0, _f32(old_logp_BT) - _f32(behaviour_logp_BT), 0.0)
+  log_w_B = jnp.sum(delta_BT * mask_BT, axis=1) / jnp.maximum(jnp.sum(mask_BT, axis=1), 1.0)
+  log_w_B = jnp.clip(log_w_B, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+  return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w_B), cap))

@@ -1,0 +1,120 @@
+"""GRPO advantages and TIS weights against hand-worked values, and their input checks."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr2_jax.rl import advantages
+
+LN = math.log
+
+# ----------------------------------------------------------------------------
+# GRPO advantages
+# ----------------------------------------------------------------------------
+
+def test_grpo_advantages_two_groups_by_hand():
+  """Group [3,1,2,2]: mean 2, population std √0.5 → A = ±√2, 0, 0; a flat group gives exactly 0."""
+  rewards = jnp.array([3.0, 1.0, 2.0, 2.0, 0.1, 0.1, 0.1, 0.1])
+  adv = advantages.grpo_advantages(rewards, group_size=4)
+  assert adv.dtype == jnp.float32
+  s = math.sqrt(0.5)
+  np.testing.assert_allclose(adv[:4], [1 / (s + 1e-6), -1 / (s + 1e-6), 0, 0], rtol=1e-6)
+  # Population std (ddof=0): the sample std would give 1/√(2/3) ≈ 1.2247 instead of √2.
+  assert abs(float(adv[0]) - math.sqrt(2)) < 1e-5
+  np.testing.assert_array_equal(adv[4:], 0.0)  # exactly zero, not rounding/eps noise
+  assert np.all(np.isfinite(adv))
+
+
+def test_grpo_flat_groups_of_three_are_exactly_zero():
+  """mean(0.1, 0.1, 0.1) is not exactly 0.1 in float32; the advantage still is exactly 0."""
+  adv = advantages.grpo_advantages(jnp.array([0.1, 0.1, 0.1, 0.7, 0.7, 0.7]), group_size=3)
+  np.testing.assert_array_equal(adv, 0.0)
+
+
+def test_grpo_without_std_scaling_only_centres():
+  """Dr.GRPO: A = r − mean_g."""
+  adv = advantages.grpo_advantages(jnp.array([3.0, 1.0, 2.0, 2.0, 1.0, 0.0]), group_size=2,
+                                   scale_by_std=False)
+  np.testing.assert_allclose(adv, [1, -1, 0, 0, 0.5, -0.5], atol=1e-7)
+
+
+def test_grpo_rejects_ragged_groups():
+  with pytest.raises(ValueError, match="multiple of group_size=4"):
+    advantages.grpo_advantages(jnp.zeros(7), group_size=4)
+
+
+def test_grpo_jits():
+  f = jax.jit(advantages.grpo_advantages, static_argnums=1)
+  np.testing.assert_allclose(f(jnp.array([1.0, 0.0]), 2), [1 / 1.000002, -1 / 1.000002], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# TIS
+# ----------------------------------------------------------------------------
+
+def test_tis_weights_are_capped_and_stop_gradient():
+  """exp(old − µ) = 0.5, 3, 1 with cap 2 → 0.5, 2, 1; no gradient to either argument."""
+  old = jnp.array([[LN(0.5), LN(3.0), 0.0]])
+  mu = jnp.zeros((1, 3))
+  np.testing.assert_allclose(advantages.tis_weights(old, mu, cap=2.0), [[0.5, 2.0, 1.0]],
+                             rtol=1e-6)
+  g_old, g_mu = jax.grad(lambda o, m: jnp.sum(advantages.tis_weights(o, m, 2.0)),
+                         argnums=(0, 1))(old, mu)
+  np.testing.assert_array_equal(g_old, 0.0)
+  np.testing.assert_array_equal(g_mu, 0.0)
+
+
+def test_sequence_tis_weight_is_capped_geometric_mean():
+  """Token log-ratios (ln 4, 0) → (4·1)^{1/2} = 2; (ln 16) → 16 capped at 3; empty mask → 1."""
+  old = jnp.array([[LN(4.0), 0.0], [LN(16.0), 9.0], [5.0, 5.0]])
+  mask = jnp.array([[1, 1], [1, 0], [0, 0]])
+  w = advantages.sequence_tis_weights(old, jnp.zeros_like(old), mask, cap=3.0)
+  np.testing.assert_allclose(w, [2.0, 3.0, 1.0], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rewards, group_size, eps, message", [
+    (jnp.ones((2, 2)), 2, 1e-6, r"rewards_B has shape \(2, 2\), expected rank 1 \[B\]"),
+    (jnp.ones(4), 2.0, 1e-6, r"group_size must be a positive int, got 2.0"),
+    (jnp.ones(4), True, 1e-6, r"group_size must be a positive int, got True"),
+    (jnp.ones(4), 0, 1e-6, r"group_size must be a positive int, got 0"),
+    (jnp.array([1.0, 0.0, jnp.nan, 1.0]), 2, 1e-6,
+     r"rewards_B\[2\] = nan is not finite \(a NaN/inf reward"),
+    (np.array([1.0, -np.inf]), 2, 1e-6, r"rewards_B\[1\] = -inf is not finite"),
+    (jnp.array([1.0, 0.0]), 2, -0.5, r"eps must be a finite number >= 0, got -0.5"),
+    (jnp.array([1.0, 0.0]), 2, float("nan"), r"eps must be a finite number >= 0, got nan"),
+])
+def test_grpo_rejects_bad_inputs(rewards, group_size, eps, message):
+  with pytest.raises(ValueError, match=message):
+    advantages.grpo_advantages(rewards, group_size, eps=eps)
+
+
+def test_grpo_eps_zero_is_valid():
+  np.testing.assert_allclose(advantages.grpo_advantages(jnp.array([1.0, 0.0]), 2, eps=0.0),
+                             [1.0, -1.0], rtol=1e-6)
+
+
+def test_tis_rejects_misshaped_inputs():
+  with pytest.raises(ValueError, match=r"behaviour_logp_BT has shape \(2,\), expected"):
+    advantages.tis_weights(jnp.zeros((2, 2)), jnp.zeros(2), cap=2.0)
+  with pytest.raises(ValueError, match=r"mask_BT has shape \(2, 1\), expected \[B, T\]"):
+    advantages.sequence_tis_weights(jnp.zeros((2, 2)), jnp.zeros((2, 2)), jnp.ones((2, 1)),
+                                    cap=2.0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: advantages.tis_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), cap=0.0),
+     r"cap=0.0 must be > 0 \(no TIS: pass no weights\)"),
+    (lambda: advantages.sequence_tis_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)),
+                                             jnp.ones((1, 2)), cap=-1), r"cap=-1 must be"),
+])
+def test_bad_tis_caps_are_refused(call, match):
+  """cap 0 zeroed every gradient, cap -1 flipped the loss's sign: both silently."""
+  with pytest.raises(ValueError, match=match):
+    call()
