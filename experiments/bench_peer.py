@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import common, outputs
+from experiments import common, outputs, peer_torch
 from experiments import model_flags  # defines the model-shape flags read below
 from pr2_jax.config import EXPERT_IMPLS
 
@@ -197,46 +197,6 @@ class Peak:
     jax.block_until_ready(self.matmul(self.a, self.b))
 
 
-class Torch:
-  """transformers' Qwen3MoeForCausalLM from our checkpoint, eager PyTorch, its default kernels."""
-
-  def __init__(self, path, s, tokens_BT, prompts_BP):
-    import torch
-    import transformers
-    self.torch = torch
-    load = lambda: transformers.Qwen3MoeForCausalLM.from_pretrained(path, dtype=torch.float32)
-    self.model, self.decoder = load().train(), load().eval()  # decode from the initial weights
-    self.opt = torch.optim.AdamW(self.model.parameters(), lr=s["lr"], betas=(0.9, 0.999),
-                                 eps=1e-8, weight_decay=0.0)
-    self.tokens, self.prompts = (torch.tensor(a, dtype=torch.long) for a in (tokens_BT, prompts_BP))
-    self.new_tokens = s["new_tokens"]
-    self.impl = {"experts": self.model.config._experts_implementation,
-                 "attention": self.model.config._attn_implementation}
-    self.losses = []
-
-  def train(self):
-    self.opt.zero_grad(set_to_none=True)
-    loss = self.model(self.tokens, labels=self.tokens).loss  # shifted mean CE, as ours
-    loss.backward()
-    self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-    self.opt.step()
-    self.losses.append(float(loss.detach()))
-
-  def decode(self):
-    with self.torch.no_grad():
-      out = self.decoder.generate(
-          self.prompts, attention_mask=self.torch.ones_like(self.prompts), do_sample=False,
-          use_cache=True, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
-          eos_token_id=None, pad_token_id=0)
-    assert out.shape[1] == self.prompts.shape[1] + self.new_tokens, out.shape
-    self.decoded = out.numpy()  # not self.tokens: the train batch
-
-  def forward(self):
-    with self.torch.no_grad():
-      out = self.decoder(self.tokens, labels=self.tokens)
-    return float(out.loss), out.logits.numpy()
-
-
 def interleaved(pairs: dict, rounds: int, warmup: int) -> dict:
   """Times every callable once per round, alternating the order; {name: [seconds after warm-up]}."""
   times = {name: [] for name in pairs}
@@ -268,7 +228,7 @@ def run(s, shape: tuple[int, int], one_device_too: bool = True,
   from pr2_jax.hf.checkpoint import save_hf_checkpoint
   with tempfile.TemporaryDirectory() as path:
     save_hf_checkpoint(cfg, ours.params0, path)
-    peer = Torch(path, s, tokens_BT, prompts_BP)
+    peer = peer_torch.Torch(path, s, tokens_BT, prompts_BP)
 
   # Apples to apples: the same weights give the same loss and logits before any step.
   our_loss, our_logits = jax.device_get(ours.loss(ours.params0, ours.batch["tokens"]))
