@@ -37,7 +37,7 @@ import time
 
 from absl import flags, logging
 
-from experiments import common, outputs, replay_report
+from experiments import common, outputs, replay_plots, replay_report
 
 _CONFIG = common.define_config("configs/tiny.py", "Base experiment config; the flags below "
                                "override parts of it.")
@@ -328,7 +328,7 @@ def main(argv):
           "setting": json.loads(json.dumps(base.to_dict()))}
   outputs.write_json(os.path.join(out_dir, "replay_comparison.json"),
                     _json_safe({**results, "meta": meta}))
-  plots = replay_report.write_plots(out_dir, results, base.model.top_k)
+  plots = replay_plots.write_plots(out_dir, results, base.model.top_k)
   replay_report.write_markdown(os.path.join(out_dir, "replay_comparison.md"), results, meta, plots,
                               base)
   logging.info("wrote %s (%.1f min)", out_dir, wall / 60)

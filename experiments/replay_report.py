@@ -1,8 +1,8 @@
-"""Summaries, report and plots of the routing-replay comparison (`experiments/compare_replay.py`).
+"""Summaries and report of the routing-replay comparison (`experiments/compare_replay.py`).
 
-Pure functions from metrics.jsonl rows to numbers, Markdown and PNGs, and the
-sweep's choice to reuse, resume or restart a run directory (`plan_run`); no
-flags, so tests and notebooks can import them.
+Pure functions from metrics.jsonl rows to numbers and Markdown, and the sweep's
+choice to reuse, resume or restart a run directory (`plan_run`); no flags, so
+tests and notebooks can import them. Its plots: experiments/replay_plots.py.
 
     from experiments import replay_report
     summary = replay_report.summarise_run(rows, collapse_fraction=0.5)
@@ -286,99 +286,6 @@ def write_markdown(path: str, results: dict, meta: dict, plots: list[str], base)
   lines.append(keep or "<!-- BEGIN analysis -->\n(not written yet)\n<!-- END analysis -->")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
-
-
-def _smooth(ys, window=5):
-  out = []
-  for i in range(len(ys)):
-    part = [y for y in ys[max(0, i - window + 1):i + 1] if y is not None]
-    out.append(sum(part) / len(part) if part else None)
-  return out
-
-
-def write_plots(out_dir: str, results: dict, top_k: int) -> list[str]:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  offs = list(results)
-  modes = sorted({m for r in results.values() for m in r}, key=list(MODE_LABELS).index)
-  color = {m: f"C{i}" for i, m in enumerate(MODE_LABELS)}
-  paths = []
-
-  # Reward, k3 KL and agreement against step (seed means; train curves smoothed over 5 steps).
-  panels = (("reward", "eval reward (markers) / train reward (line)"), ("k3_kl", "k3 KL"),
-            ("zero_dev_ratio_ministep_ge2", "zero-dev ratio, mini-steps ≥ 2"),
-            ("topk_agreement", "top-k agreement, all mini-steps"))
-  fig, axes = plt.subplots(len(offs), len(panels), figsize=(4.2 * len(panels), 3 * len(offs)),
-                           squeeze=False)
-  for row, off in enumerate(offs):
-    for col, (key, title) in enumerate(panels):
-      ax = axes[row][col]
-      for mode, agg in results[off].items():
-        c = agg["curves"]
-        if key == "reward":
-          ax.plot(c["step"], _smooth(c["reward_mean"]), color=color[mode], alpha=0.5, lw=1)
-          ax.plot(c["eval_step"], c["eval_reward"], "o-", color=color[mode], ms=3,
-                  label=MODE_LABELS[mode])
-        elif any(v is not None for v in c[key]):
-          ax.plot(c["step"], _smooth(c[key]), color=color[mode], label=MODE_LABELS[mode])
-      if key == "k3_kl":
-        ax.set_yscale("log")
-      ax.set_title(f"{off}: {title}", fontsize=9)
-      ax.set_xlabel("RL step")
-      ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  paths.append(os.path.join(out_dir, "replay_comparison_curves.png"))
-  fig.savefig(paths[-1], dpi=90)
-  plt.close(fig)
-
-  # The horizon curve: agreement with the live router (and k3) at mini-step i = 1..κ.
-  fig, axes = plt.subplots(3, len(offs), figsize=(4.2 * len(offs), 9), squeeze=False)
-  for col, off in enumerate(offs):
-    for row, (key, title) in enumerate((("zero_dev_ratio_per_ministep", "zero-dev ratio"),
-                                        ("topk_agreement_per_ministep", "top-k agreement"),
-                                        ("k3_kl_per_ministep", "k3 KL"))):
-      ax = axes[row][col]
-      for mode, agg in results[off].items():
-        f = agg[key]
-        if f["mean"]:
-          xs = list(range(1, len(f["mean"]) + 1))
-          ax.errorbar(xs, f["mean"], yerr=f["std"], color=color[mode], marker="o", ms=3,
-                      capsize=2, label=MODE_LABELS[mode])
-      ax.set_title(f"{off}: {title} vs mini-step", fontsize=9)
-      ax.set_xticks(range(1, int(off[3:]) + 1))
-      if key.startswith("k3"):
-        ax.set_yscale("log")
-      ax.set_xlabel("mini-step i")
-      ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  paths.append(os.path.join(out_dir, "replay_comparison_horizon.png"))
-  fig.savefig(paths[-1], dpi=90)
-  plt.close(fig)
-
-  # Deviation histogram K − |I_rep ∩ I_cur| (shares over all mini-steps; log scale).
-  bins = min(top_k, 3) + 1
-  fig, axes = plt.subplots(1, len(offs), figsize=(4.2 * len(offs), 3.2), squeeze=False)
-  width = 0.8 / max(len(modes), 1)
-  for col, off in enumerate(offs):
-    ax = axes[0][col]
-    for i, mode in enumerate(m for m in modes if m in results[off]):
-      hist = results[off][mode]["dev_hist"]["mean"][:bins]
-      ax.bar([b + (i - len(modes) / 2 + 0.5) * width for b in range(bins)], hist, width,
-             color=color[mode], label=MODE_LABELS[mode])
-    ax.set_xticks(range(bins), [str(b) if b < 3 else "≥3" for b in range(bins)])
-    ax.set_yscale("log")
-    ax.set_xlabel("experts changed (K − overlap)")
-    ax.set_title(f"{off}: deviation histogram", fontsize=9)
-    ax.grid(alpha=0.3, axis="y")
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  paths.append(os.path.join(out_dir, "replay_comparison_dev_hist.png"))
-  fig.savefig(paths[-1], dpi=90)
-  plt.close(fig)
-  return paths
 
 
 def main(argv: list[str]) -> int:

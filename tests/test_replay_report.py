@@ -90,7 +90,7 @@ def test_expectation_checks_skips_absent_modes():
 def test_main_says_it_is_a_library_and_names_the_command(capsys):
   assert replay_report.main(["replay_report", "--help"]) == 0
   out = capsys.readouterr().out
-  assert out.startswith("Summaries, report and plots of the routing-replay comparison")
+  assert out.startswith("Summaries and report of the routing-replay comparison")
   assert "A library module, not a command" in out
   assert "python -m experiments.compare_replay" in out
   # Any other argument: one `error:` line (it printed the whole usage, without `error:`).
