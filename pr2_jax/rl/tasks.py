@@ -21,8 +21,8 @@ CPU in minutes):
   expression over + - * and brackets that uses each given number at most once (not
   necessarily all) and equals the target; `format_reward` (0.1) for such an expression with
   the wrong value, so early RL gets a signal for legal syntax; 0 if it is malformed or uses
-  a number that was not given (or more often than given). Parsed by recursive descent,
-  never `eval`.
+  a number that was not given (or more often than given). Parsed by recursive descent
+  (`expressions.evaluate_expression`), never `eval`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import re
 from typing import Sequence
 
 import numpy as np
+
+from pr2_jax.rl.expressions import _apply, evaluate_expression
 
 _SPLIT_KEY = b"pr2_jax/eval-split/v1"
 _SPLIT_BUCKETS = 10_000
@@ -116,10 +118,6 @@ class Task:
 _INT_RE = re.compile(r"-?[0-9]{1,30}")
 
 
-def _apply(a: int, op: str, b: int) -> int:
-  return {"+": a + b, "-": a - b, "*": a * b}[op] if op != "/" else a // b
-
-
 class Arithmetic(Task):
   """`a op b =` with operands in [0, 10**num_digits); '/' is exact integer division."""
 
@@ -159,83 +157,7 @@ class Arithmetic(Task):
 
 # ---------------------------------------------------------------------------- countdown
 
-_MAX_DEPTH = 32  # bracket nesting; deeper input is rejected rather than recursing without bound
 _PREC = {"+": 1, "-": 1, "*": 2}
-
-
-def _tokenize(text: str) -> list:
-  tokens, i = [], 0
-  while i < len(text):
-    ch = text[i]
-    if ch == " ":
-      i += 1
-    elif "0" <= ch <= "9":
-      j = i
-      while j < len(text) and "0" <= text[j] <= "9":
-        j += 1
-      if j - i > 18:
-        raise ValueError(f"number {text[i:j]!r} is too long")
-      tokens.append(int(text[i:j]))
-      i = j
-    elif ch in "+-*()":
-      tokens.append(ch)
-      i += 1
-    else:
-      raise ValueError(f"unexpected character {ch!r} at position {i}")
-  return tokens
-
-
-def evaluate_expression(text: str) -> tuple[int, list[int]]:
-  """(value, numbers used in order) of an expression over ints, + - * and ().
-
-  Standard precedence, left-associative, no unary minus. Malformed input
-  raises ValueError.
-  """
-  tokens, pos, used = _tokenize(text), 0, []
-
-  def peek():
-    return tokens[pos] if pos < len(tokens) else None
-
-  def expr(depth):  # expr := term (('+'|'-') term)*
-    nonlocal pos
-    value = term(depth)
-    while peek() in ("+", "-"):
-      op = tokens[pos]
-      pos += 1
-      value = _apply(value, op, term(depth))
-    return value
-
-  def term(depth):  # term := factor ('*' factor)*
-    nonlocal pos
-    value = factor(depth)
-    while peek() == "*":
-      pos += 1
-      value *= factor(depth)
-    return value
-
-  def factor(depth):  # factor := INT | '(' expr ')'
-    nonlocal pos
-    tok = peek()
-    if isinstance(tok, int):
-      pos += 1
-      used.append(tok)
-      return tok
-    if tok == "(":
-      if depth >= _MAX_DEPTH:
-        raise ValueError(f"brackets nested deeper than {_MAX_DEPTH}")
-      pos += 1
-      value = expr(depth + 1)
-      if peek() != ")":
-        raise ValueError(f"missing ')' in {text!r}")
-      pos += 1
-      return value
-    raise ValueError(f"expected a number or '(' but got {'the end' if tok is None else repr(tok)} "
-                     f"in {text!r}")
-
-  value = expr(0)
-  if pos != len(tokens):
-    raise ValueError(f"unexpected {tokens[pos]!r} in {text!r}")
-  return value, used
 
 
 def score_countdown(completion: str, numbers: Sequence[int], target: int,
