@@ -100,3 +100,9 @@ def check_count(name: str, x) -> None:
     raise ValueError(f"{name} has shape {np.shape(x)}, expected a scalar count")
   if is_concrete(x) and not (math.isfinite(float(x)) and float(x) > 0):
     raise ValueError(f"{name}={float(x)} must be a finite count > 0")
+
+
+def check_bound(name: str, value, low: float, high: float = math.inf, what: str = "") -> None:
+  """A concrete hyper-parameter (a Python or numpy number; traced values pass) in [low, high]."""
+  if isinstance(value, numbers.Real) and not (low <= float(value) <= high):
+    raise ValueError(f"{name}={value!r} must be " + (what or f"in [{low:g}, {high:g}]"))

@@ -88,3 +88,15 @@ def test_check_top_k_wants_an_int_in_one_to_num_experts():
       checks.check_top_k(k, np.ones((3, 4)), "probs_NE")
   with pytest.raises(ValueError, match=r"probs_NE has shape \(\), expected \[\.\.\., E\]"):
     checks.check_top_k(1, np.float32(1.0), "probs_NE")
+
+
+def test_check_bound_closed_range_numbers_only():
+  """[low, high] is closed; numpy scalars count as numbers; a traced value passes (its bound
+  is checked where it is concrete); `what` replaces the range in the message."""
+  checks.check_bound("clip", 0.0, 0.0, 1.0)
+  checks.check_bound("clip", np.float32(1.0), 0.0, 1.0)
+  with pytest.raises(ValueError, match=r"clip=1.5 must be in \[0, 1\]"):
+    checks.check_bound("clip", 1.5, 0.0, 1.0)
+  with pytest.raises(ValueError, match=r"cap=-1 must be > 0"):
+    checks.check_bound("cap", -1, 1e-30, what="> 0")
+  jax.jit(lambda v: checks.check_bound("clip", v, 0.0, 1.0) or v)(5.0)

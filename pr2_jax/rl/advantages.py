@@ -2,15 +2,14 @@
 
 The policy losses in `losses.py` take these as inputs (`adv_B`, `is_weight_BT` / `is_weight_B`);
 they are computed here, apart from the losses, so that each module stays well under 400 lines.
-This is the lower module of the two: it also defines the helpers both use (`_f32`,
-`_check_BT_inputs`, `_check_bound`, the log-ratio clamp `_MAX_LOG_RATIO`), which `losses`
-imports, so nothing here imports `losses`.
+This is the lower module of the two: it also defines what both use, the [B, T] input check
+`check_BT_inputs` and the log-ratio clamp `MAX_LOG_RATIO`, so nothing here imports `losses`.
 
 Everything is jit-compatible with static shapes: ragged responses are
 padded and described by a mask, never sliced.
 
 Dimension legend:
-  B sequences, T response positions.
+  B sequences, T response positions, P prompts (B = P·G), G samples per prompt.
 
 Conventions:
   * `mask_BT` (bool or float) is 1 on response tokens that count in the loss.
@@ -26,11 +25,11 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from pr2_jax.checks import check_finite, check_rank, check_shape, is_concrete
+from pr2_jax.checks import check_bound, check_finite, check_rank, check_shape, is_concrete
 
 # Log-ratios are clamped before exp so a wild token cannot overflow to inf/NaN
 # (verl does the same); |Δ| = 20 is a ratio of 5e8, far beyond any clip range.
-_MAX_LOG_RATIO = 20.0
+MAX_LOG_RATIO = 20.0
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -39,19 +38,13 @@ def _f32(x: jax.Array) -> jax.Array:
 
 # -- Input checks: shapes and dtypes are static (free under jit); values only when concrete --------
 
-def _check_BT_inputs(logp_BT, old_logp_BT, mask_BT) -> tuple[int, int]:
+def check_BT_inputs(logp_BT, old_logp_BT, mask_BT) -> tuple[int, int]:
   """Checks the [B, T] inputs of a policy loss against `logp_BT`; returns (B, T)."""
   check_rank("logp_BT", logp_BT, 2, "[B, T]")
   b, t = jnp.shape(logp_BT)
   check_shape("old_logp_BT", old_logp_BT, (b, t), "[B, T] of logp_BT")
   check_shape("mask_BT", mask_BT, (b, t), "[B, T] of logp_BT")
   return b, t
-
-
-def _check_bound(name: str, value, low: float, high: float = math.inf, what: str = "") -> None:
-  """A concrete hyper-parameter (a Python or numpy number; traced values pass) in [low, high]."""
-  if isinstance(value, numbers.Real) and not (low <= float(value) <= high):
-    raise ValueError(f"{name}={value!r} must be " + (what or f"in [{low:g}, {high:g}]"))
 
 
 # -- Advantages and importance weights -------------------------------------------------------------
@@ -94,14 +87,14 @@ def grpo_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6,
   (b,) = jnp.shape(rewards_B)
   if b % group_size:
     raise ValueError(f"batch of {b} rewards is not a multiple of group_size={group_size}")
-  r_GN = _f32(rewards_B).reshape(b // group_size, group_size)  # G groups × N samples
-  mean_G1 = jnp.mean(r_GN, axis=1, keepdims=True)
-  adv_GN = r_GN - mean_G1
+  r_PG = _f32(rewards_B).reshape(b // group_size, group_size)  # P prompts × G samples
+  mean_P1 = jnp.mean(r_PG, axis=1, keepdims=True)
+  adv_PG = r_PG - mean_P1
   if scale_by_std:
-    std_G1 = jnp.sqrt(jnp.mean(jnp.square(adv_GN), axis=1, keepdims=True))
-    adv_GN = adv_GN / (std_G1 + eps)
-  flat_G1 = jnp.max(r_GN, axis=1, keepdims=True) == jnp.min(r_GN, axis=1, keepdims=True)
-  return jnp.where(flat_G1, 0.0, adv_GN).reshape(b)
+    std_P1 = jnp.sqrt(jnp.mean(jnp.square(adv_PG), axis=1, keepdims=True))
+    adv_PG = adv_PG / (std_P1 + eps)
+  flat_P1 = jnp.max(r_PG, axis=1, keepdims=True) == jnp.min(r_PG, axis=1, keepdims=True)
+  return jnp.where(flat_P1, 0.0, adv_PG).reshape(b)
 
 
 def tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array, cap: float) -> jax.Array:
@@ -112,10 +105,10 @@ def tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array, cap: float
   Returns float32 [B, T]; positions where both log-probs are -inf (padding) are NaN,
   which the losses mask out. `cap` must be > 0 (no TIS: pass no weights).
   """
-  _check_bound("cap", cap, math.ulp(0.0), what="> 0 (no TIS: pass no weights)")
+  check_bound("cap", cap, math.ulp(0.0), what="> 0 (no TIS: pass no weights)")
   check_shape("behaviour_logp_BT", behaviour_logp_BT, jnp.shape(old_logp_BT),
                "the shape of old_logp_BT")
-  log_w_BT = jnp.clip(_f32(old_logp_BT) - _f32(behaviour_logp_BT), -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+  log_w_BT = jnp.clip(_f32(old_logp_BT) - _f32(behaviour_logp_BT), -MAX_LOG_RATIO, MAX_LOG_RATIO)
   return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w_BT), cap))
 
 
@@ -126,10 +119,10 @@ def sequence_tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array,
   The geometric-mean ratio matches GSPO's length-normalised sequence ratio.
   Stop-gradient; sequences with an empty mask get weight 1. `cap` must be > 0.
   """
-  _check_bound("cap", cap, math.ulp(0.0), what="> 0 (no TIS: pass no weights)")
-  _check_BT_inputs(old_logp_BT, behaviour_logp_BT, mask_BT)
+  check_bound("cap", cap, math.ulp(0.0), what="> 0 (no TIS: pass no weights)")
+  check_BT_inputs(old_logp_BT, behaviour_logp_BT, mask_BT)
   mask_BT = _f32(mask_BT)
   delta_BT = jnp.where(mask_BT > 0, _f32(old_logp_BT) - _f32(behaviour_logp_BT), 0.0)
   log_w_B = jnp.sum(delta_BT * mask_BT, axis=1) / jnp.maximum(jnp.sum(mask_BT, axis=1), 1.0)
-  log_w_B = jnp.clip(log_w_B, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+  log_w_B = jnp.clip(log_w_B, -MAX_LOG_RATIO, MAX_LOG_RATIO)
   return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w_B), cap))

@@ -29,10 +29,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pr2_jax.checks import check_count, check_ids, check_rank, check_shape, is_concrete
-from pr2_jax.rl.advantages import _MAX_LOG_RATIO, _check_BT_inputs, _check_bound, _f32
+from pr2_jax.checks import (check_bound, check_count, check_ids, check_rank, check_shape,
+                            is_concrete)
+from pr2_jax.rl.advantages import MAX_LOG_RATIO, check_BT_inputs
 
 POLICY_LOSS_KINDS = ("dapo", "gspo")
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  return jnp.asarray(x, jnp.float32)
 
 
 def _adv_BT(adv: jax.Array) -> jax.Array:
@@ -44,8 +49,8 @@ def _adv_BT(adv: jax.Array) -> jax.Array:
 # -- Input checks: shapes and dtypes are static (free under jit); values only when concrete --------
 
 def _check_clip(clip_low, clip_high) -> None:
-  _check_bound("clip_low", clip_low, 0.0, 1.0)  # 1 - clip_low is the lower ratio bound
-  _check_bound("clip_high", clip_high, 0.0)
+  check_bound("clip_low", clip_low, 0.0, 1.0)  # 1 - clip_low is the lower ratio bound
+  check_bound("clip_high", clip_high, 0.0)
 
 
 # -- Diagnostics shared by the losses --------------------------------------------------------------
@@ -126,7 +131,7 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
     ValueError: an input whose shape is not exactly the documented one (no
       broadcasting), or a concrete `denom` that is not a finite count > 0.
   """
-  b, t = _check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
+  b, t = check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
   if jnp.shape(adv_B) not in ((b,), (b, t)):
     raise ValueError(f"adv_B has shape {jnp.shape(adv_B)}, expected [B] = {(b,)} or "
                      f"[B, T] = {(b, t)}")
@@ -138,7 +143,7 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   adv_BT = jnp.broadcast_to(_adv_BT(adv_B), mask_BT.shape)
   # where() before exp: padding positions may hold -inf/NaN log-probs.
   log_ratio_BT = jnp.where(mask_BT > 0, _f32(logp_BT) - jax.lax.stop_gradient(_f32(old_logp_BT)), 0.0)
-  ratio_BT = jnp.exp(jnp.clip(log_ratio_BT, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+  ratio_BT = jnp.exp(jnp.clip(log_ratio_BT, -MAX_LOG_RATIO, MAX_LOG_RATIO))
   loss_BT = _clipped_objective(ratio_BT, adv_BT, clip_low, clip_high)
   if is_weight_BT is not None:  # masked first: a padding weight may be NaN (-inf - -inf)
     loss_BT = loss_BT * jnp.where(mask_BT > 0, jax.lax.stop_gradient(_f32(is_weight_BT)), 0.0)
@@ -177,7 +182,7 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   Raises:
     ValueError: as `dapo_loss`; `adv_B` and `is_weight_B` must be exactly [B].
   """
-  b, _ = _check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
+  b, _ = check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
   check_shape("adv_B", adv_B, (b,), "[B]", ": GSPO's advantage is per sequence")
   if is_weight_B is not None:
     check_shape("is_weight_B", is_weight_B, (b,), "[B]", ": GSPO's TIS weight is per sequence")
@@ -188,7 +193,7 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   valid_B = _f32(len_B > 0)
   log_ratio_BT = jnp.where(mask_BT > 0, _f32(logp_BT) - jax.lax.stop_gradient(_f32(old_logp_BT)), 0.0)
   log_s_B = jnp.sum(log_ratio_BT * mask_BT, axis=1) / jnp.maximum(len_B, 1.0)
-  s_B = jnp.exp(jnp.clip(log_s_B, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+  s_B = jnp.exp(jnp.clip(log_s_B, -MAX_LOG_RATIO, MAX_LOG_RATIO))
   adv_B = _f32(adv_B)
   loss_B = _clipped_objective(s_B, adv_B, clip_low, clip_high)
   if is_weight_B is not None:
