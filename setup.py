@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 setup(
     name="pr2_jax",
     version="0.1.0",
-    description="RL on Mixture-of-Experts LMs in JAX/Flax: routing replay, PR2, micro-step load balancing",
+    description=("RL on Mixture-of-Experts LMs in JAX/Flax: routing replay, PR2, "
+                 "micro-step load balancing"),
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pr2_jax", "pr2_jax.*"]),

@@ -74,7 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   r.balance_mode = "none"     # none: static layout | eplb_step: one EPLB plan per RL step |
                               # foresight: per-micro-step replica plan (both need mesh_expert > 1)
   r.redundant_slots = 1       # extra expert slots per device for eplb_step/foresight replicas
-  r.planner_method = "rounds"  # foresight placement: rounds (S rounds of D, fast) | lpt (one replica at a time)
+  r.planner_method = "rounds"  # foresight placement: rounds (S rounds of D, fast) |
+                               # lpt (one replica at a time)
   r.eplb_ema = 0.0            # eplb_step: weight of past steps' loads in its EMA (0 = this step's)
   r.capacity_mode = "auto"    # auto | model | bucket | forecast: the learner's per-slot capacity
   r.capacity_buckets = 2      # capacity buckets per doubling (1 = powers of two)

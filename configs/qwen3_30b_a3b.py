@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.expert_impl = "ragged"     # dropless grouped experts (ragged_dot on GPU/TPU)
   m.capacity_factor = 0.0      # 0 = dropless; only read by expert_impl='capacity'
   m.aux_loss_coef = 0.0        # Switch load-balancing loss weight (off for RL)
-  m.fsdp = False               # True: weights and AdamW moments also split over 'data' (memory_plan)
-  m.attention_blocks = 4       # causal query blocks (>= 64 queries each) without a KV cache; 1 = off
+  m.fsdp = False               # True: weights and AdamW moments also split over 'data'
+                               # (memory_plan)
+  m.attention_blocks = 4       # causal query blocks (>= 64 queries each) without a KV cache;
+                               # 1 = off
   return c

@@ -77,12 +77,15 @@ def get_config() -> ml_collections.ConfigDict:
   r.rollout_dtype = "bfloat16"  # inference-engine dtype (the train/inference mismatch)
   r.eval_every = 25           # RL steps between held-out evaluations
   r.eval_size = 256           # held-out problems per evaluation
-  r.eval_temperature = 1.0    # evaluation sampling temperature (0 = greedy): the policy's expected reward
-  r.max_consecutive_skips = 10  # non-finite updates in a row before the run stops (state checkpointed)
+  r.eval_temperature = 1.0    # evaluation sampling temperature (0 = greedy): the policy's
+                              # expected reward
+  r.max_consecutive_skips = 10  # non-finite updates in a row before the run stops
+                                # (state checkpointed)
   r.balance_mode = "none"     # none: static layout | eplb_step: one EPLB plan per RL step |
                               # foresight: per-micro-step replica plan (both need mesh_expert > 1)
   r.redundant_slots = 1       # extra expert slots per device for eplb_step/foresight replicas
-  r.planner_method = "rounds"  # foresight placement: rounds (S rounds of D, fast) | lpt (one replica at a time)
+  r.planner_method = "rounds"  # foresight placement: rounds (S rounds of D, fast) |
+                               # lpt (one replica at a time)
   r.eplb_ema = 0.0            # eplb_step: weight of past steps' loads in its EMA (0 = this step's)
   r.capacity_mode = "auto"    # auto | model | bucket | forecast: the learner's per-slot capacity
   r.capacity_buckets = 2      # capacity buckets per doubling (1 = powers of two)
@@ -90,8 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   p = c.pr2 = ml_collections.ConfigDict()  # used when rl.replay_mode is pr2 | pr2_r2
   p.loss = "post"             # predictor objective: post | delta | l2
-  p.lr_mult = 1.0             # α: predictor lr = α × rl.learning_rate (α·η ≈ 1e-3 suits Adam here;
-                              # the paper's α ~ 1e2-1e4 goes with its much smaller η)
+  p.lr_mult = 1.0             # α: predictor lr = α × rl.learning_rate (α·η ≈ 1e-3 suits
+                              # Adam here; the paper's α ~ 1e2-1e4 goes with its much smaller η)
   p.feature_tokens = 8        # cached (h_old, p_old) positions per sequence
   p.feature_rule = "random"   # random slots | response: the first response slots
   p.feature_dtype = "bfloat16"  # feature cache dtype

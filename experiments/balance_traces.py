@@ -82,7 +82,8 @@ def rollout_trace(*, steps, prompts, group_size, experts, top_k, sft_steps, seed
     rng = np.random.default_rng([seed, 2, step])
     problems = [p for p in engine.task.sample(rng, prompts) for _ in range(group_size)]
     tokens, valid = data.encode_prompts(engine.tok, problems, engine.prompt_slots)
-    roll = jax.device_get(engine.sample(params, tokens, valid, jax.random.fold_in(engine.key, step)))
+    key = jax.random.fold_in(engine.key, step)
+    roll = jax.device_get(engine.sample(params, tokens, valid, key))
     recorded.append((np.asarray(roll.routes), np.asarray(roll.valid)))
   return trace_from_routes(recorded, experts), engine.prompt_slots + engine.response_slots
 

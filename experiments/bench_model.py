@@ -123,7 +123,8 @@ def make_forward(model: MoETransformer, mesh, param_shardings):
   def forward(params, tokens_BT):
     out = model.apply({"params": params}, tokens_BT)
     return out.logits, out.dropped
-  return jax.jit(forward, in_shardings=(param_shardings, logical_sharding(mesh, ("batch", "length"))))
+  tokens_sharding = logical_sharding(mesh, ("batch", "length"))
+  return jax.jit(forward, in_shardings=(param_shardings, tokens_sharding))
 
 
 class PathBench:

@@ -55,7 +55,8 @@ _EXPERT_IMPL = flags.DEFINE_enum("expert_impl", "capacity", EXPERT_IMPLS,
                                  "Our expert path (ModelConfig).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Train sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Train tokens per sequence.")
-_DEC_BATCH = flags.DEFINE_integer("decode_batch", 64, "Sequences decoded together (an RL rollout batch).")
+_DEC_BATCH = flags.DEFINE_integer("decode_batch", 64,
+                                  "Sequences decoded together (an RL rollout batch).")
 _PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens (no padding).")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (each times both sides once).")
@@ -218,7 +219,8 @@ def run(s, shape: tuple[int, int], one_device_too: bool = True,
   cfg = model_config(s)
   rng = np.random.default_rng(s["seed"])
   tokens_BT = rng.integers(0, cfg.vocab_size, (s["batch"], s["seq_len"])).astype(np.int32)
-  prompts_BP = rng.integers(0, cfg.vocab_size, (s["decode_batch"], s["prompt_len"])).astype(np.int32)
+  prompts_BP = rng.integers(0, cfg.vocab_size,
+                            (s["decode_batch"], s["prompt_len"])).astype(np.int32)
   logging.info("compiling our train step and sampler on %d device(s) ...", jax.device_count())
   sides = {"ours": Ours(cfg, s, tokens_BT, prompts_BP, jax.devices(), shape)}
   if one_device_too and jax.device_count() > 1:
@@ -298,7 +300,8 @@ def format_table(r: dict) -> str:
   def row(label, key, fmt, ratio, target):
     cells = [fmt(r[f"ours{key}"])] + ([fmt(r[f"ours_1dev{key}"])] if one else [])
     ratios = f"{r[ratio]:.2f}x" + (f" ({r[ratio + '_1dev']:.2f}x)" if one else "")
-    return f"| {label} | " + " | ".join(cells) + f" | {fmt(r[f'torch{key}'])} | {ratios} | {target} |"
+    return (f"| {label} | " + " | ".join(cells)
+            + f" | {fmt(r[f'torch{key}'])} | {ratios} | {target} |")
 
   count = lambda v: f"{v:,.0f}"
   rows += [row("train step tokens/s", "_train_tokens_per_s", count, "train_speedup", ">= 2x"),
@@ -316,7 +319,8 @@ def format_table(r: dict) -> str:
   rows.append(f"| train / decode s, min-max | {spread('ours')} |"
               + (f" {spread('ours_1dev')} |" if one else "") + f" {spread('torch')} | | |")
   rows.append(f"| initial loss | {r['initial_loss_ours']:.6f} |" + (" |" if one else "")
-              + f" {r['initial_loss_torch']:.6f} | diff {r['initial_loss_abs_diff']:.1e} | same weights |")
+              + f" {r['initial_loss_torch']:.6f} | diff {r['initial_loss_abs_diff']:.1e}"
+              + " | same weights |")
   return "\n".join(rows)
 
 

@@ -1,4 +1,4 @@
-r"""Per-device memory of the train state for a config over several mesh shapes (nothing is allocated).
+r"""Per-device memory of the train state for a config over several mesh shapes (no allocation).
 
     python -m experiments.memory_plan --config=configs/qwen3_30b_a3b.py --cpu_devices=64 \
         --mesh_expert=8,16,32,64

@@ -23,9 +23,9 @@ STEP_MEANS = ("k3_kl", "extreme_frac", "ratio_mean", "ratio_var", "clip_frac_low
 # Per-step vectors averaged over steps: the horizon curve (length κ) and the deviation histogram.
 STEP_VECTORS = ("topk_agreement_per_ministep", "zero_dev_ratio_per_ministep", "dev_hist",
                 "pred_topk_acc_per_ministep", "k3_kl_per_ministep", "extreme_frac_per_ministep")
-# From each `X_per_ministep`: `X_ministep1` (mini-step 1, where π_θ = π_old and the live router is
-# the rollout's, up to the engines' numerics) and `X_ministep_ge2` (mean over mini-steps 2..κ,
-# after at least one optimizer step since the rollout).
+# From each `X_per_ministep`: `X_ministep1` (mini-step 1, where π_θ = π_old and the live
+# router is the rollout's, up to the engines' numerics) and `X_ministep_ge2` (mean over
+# mini-steps 2..κ, after at least one optimizer step since the rollout).
 SPLIT = ("zero_dev_ratio", "topk_agreement", "k3_kl", "extreme_frac")
 CURVES = ("reward_mean", "k3_kl", "topk_agreement", "zero_dev_ratio_ministep_ge2")
 TABLE = (("eval_reward", "final eval reward", "{:.3f}"),

@@ -205,9 +205,11 @@ def _print_table(r: dict):
   print(f"{'step':>6} {'rss MB':>8} {'peak MB':>8} {'compiles':>9} {'time s':>8}")
   for step in shown:
     s = by_step[step]
-    print(f"{step:>6} {s['rss_mb']:>8.1f} {s['peak_rss_mb']:>8.1f} {s['compiles']:>9} {s['t']:>8.1f}")
+    print(f"{step:>6} {s['rss_mb']:>8.1f} {s['peak_rss_mb']:>8.1f} {s['compiles']:>9} "
+          f"{s['t']:>8.1f}")
   print(f"peak RSS growth after warm-up {100 * r['rss_growth_frac']:+.2f}% (target < 10%), current "
-        f"RSS {100 * r['rss_current_growth_frac']:+.2f}%, slope {r['rss_slope_mb_per_step']:+.4f} MB/step")
+        f"RSS {100 * r['rss_current_growth_frac']:+.2f}%, "
+        f"slope {r['rss_slope_mb_per_step']:+.4f} MB/step")
   print(f"recompilations after warm-up: {r['recompiles_after_warmup']} (target 0) "
         f"{r['recompiled_functions'][:10]}")
   print(f"metrics.jsonl: {r['metrics']['rl_rows']} RL rows, ok={r['metrics_ok']} "

@@ -80,7 +80,8 @@ class ModelConfig:
   dense_layers: tuple[int, ...] = ()  # layer ids with a dense SwiGLU MLP (HF mlp_only_layers)
   dense_d_ff: int = 0             # hidden width of the dense MLP (HF intermediate_size)
   expert_impl: str = "capacity"   # 'capacity' (all_to_all), 'ragged' (ragged_dot), 'grouped'
-                                  # (blocked dropless matmuls, the fast CPU path), 'dense' (reference)
+                                  # (blocked dropless matmuls, the fast CPU path),
+                                  # 'dense' (reference)
   capacity_factor: float = 0.0    # slots' token capacity / even share; 0 = dropless
   aux_loss_coef: float = 0.0      # Switch-style load-balancing loss weight (off by default)
   fsdp: bool = False              # also split every parameter's d_model dim (and its AdamW
@@ -120,9 +121,11 @@ class ModelConfig:
     if self.dtype not in DTYPES:
       raise ValueError(f"ModelConfig.dtype={self.dtype!r} must be one of {DTYPES}")
     if self.expert_impl not in EXPERT_IMPLS:
-      raise ValueError(f"ModelConfig.expert_impl={self.expert_impl!r} must be one of {EXPERT_IMPLS}")
+      raise ValueError(f"ModelConfig.expert_impl={self.expert_impl!r} must be one of "
+                       f"{EXPERT_IMPLS}")
     if self.capacity_factor < 0:
-      raise ValueError(f"ModelConfig.capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
+      raise ValueError(f"ModelConfig.capacity_factor={self.capacity_factor} must be >= 0 "
+                       "(0 = dropless)")
     for name in ("rope_theta", "rms_norm_eps"):
       check_real("ModelConfig", name, getattr(self, name), 0, inclusive=False)
     bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]

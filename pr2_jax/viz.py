@@ -1,4 +1,4 @@
-"""Plots for notebooks and scripts (matplotlib; imported lazily so the library doesn't need a display).
+"""Plots for notebooks and scripts (matplotlib, imported lazily: the library needs no display).
 
 Functions take plain data (metric rows, arrays) and return matplotlib figures;
 saving and showing is the caller's business.

@@ -24,7 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_LEVEL_STEPS = 1  # active-set steps per water level (1 matched 2, and 2 matched 4, on the bench traces)
+# Active-set steps per water level (1 matched 2, and 2 matched 4, on the bench traces).
+_LEVEL_STEPS = 1
 
 
 def water_fill(n_X: jax.Array, expert_X: jax.Array, slot_X: jax.Array, x_X: jax.Array,

@@ -159,7 +159,8 @@ def read_block(files: Mapping[str, str], src: layout.Source, shape: tuple[int, .
       tensors = read_tensors(files, src.keys[index[0]])
     else:
       rows = slice(*src.rows) if src.rows else slice(None)
-      tensors = read_tensors(files, src.keys, (slice(experts.start, experts.stop, experts.step), rows))
+      expert_slice = slice(experts.start, experts.stop, experts.step)
+      tensors = read_tensors(files, src.keys, (expert_slice, rows))
     block = layout.to_ours(src, tensors, (len(experts),) + shape[1:])[(slice(None),) + index[1:]]
   else:
     block = layout.to_ours(src, read_tensors(files, src.keys), shape)[index]
@@ -210,7 +211,8 @@ def load_hf_checkpoint(path: str, *, mesh: Mesh | None = None, dtype=None,
   boxed = abstract_params(config)
   abstract = traverse_util.flatten_dict(nn.unbox(boxed))
   if set(abstract) != set(sources):  # the model and layout.py drifted apart: our bug
-    raise RuntimeError(f"layout.hf_sources disagrees with the model on {set(abstract) ^ set(sources)}")
+    raise RuntimeError("layout.hf_sources disagrees with the model on "
+                       f"{set(abstract) ^ set(sources)}")
   shardings = param_shardings(boxed, mesh, config.fsdp)
 
   def place(p: layout.Path) -> jax.Array:
@@ -229,8 +231,9 @@ def check_params(config: ModelConfig, flat: Mapping[layout.Path, Any]) -> None:
   want = traverse_util.flatten_dict(nn.unbox(abstract_params(config)))
   missing, extra = set(want) - set(flat), set(flat) - set(want)
   if missing or extra:
-    raise ValueError(f"params do not match the config: missing [{_fmt(['/'.join(p) for p in missing])}]"
-                     f", unexpected [{_fmt(['/'.join(p) for p in extra])}]")
+    missing_s, extra_s = (_fmt(["/".join(p) for p in paths]) for paths in (missing, extra))
+    raise ValueError(f"params do not match the config: missing [{missing_s}], "
+                     f"unexpected [{extra_s}]")
   for p, leaf in want.items():
     if tuple(flat[p].shape) != tuple(leaf.shape):
       raise ValueError(f"param {'/'.join(p)} has shape {list(flat[p].shape)}, expected "
@@ -293,7 +296,8 @@ def save_hf_checkpoint(config: ModelConfig, params, path: str, *, dtype=None,
   shard_of = {key: i for i, keys in enumerate(shards) for key in keys}
   current, tensors, total = 0, {}, 0
   for p, src in sources.items():
-    host = np.asarray(jax.device_get(flat[p])).astype(dtype, copy=False).reshape(layout.ours_shape(src))
+    host = np.asarray(jax.device_get(flat[p])).astype(dtype, copy=False)
+    host = host.reshape(layout.ours_shape(src))
     for key, tensor in layout.to_hf(src, host):
       if shard_of[key] != current:
         save_file(tensors, os.path.join(path, names[current]), metadata={"format": "pt"})
@@ -302,7 +306,8 @@ def save_hf_checkpoint(config: ModelConfig, params, path: str, *, dtype=None,
       total += tensor.nbytes
   save_file(tensors, os.path.join(path, names[current]), metadata={"format": "pt"})
   if len(shards) > 1:
-    index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in shard_of.items()}}
+    index = {"metadata": {"total_size": total},
+             "weight_map": {k: names[i] for k, i in shard_of.items()}}
     with open(os.path.join(path, INDEX_FILE), "w") as f:
       json.dump(index, f, indent=2)
   with open(os.path.join(path, "config.json"), "w") as f:

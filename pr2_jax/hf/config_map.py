@@ -64,10 +64,12 @@ def _get(hf: Mapping[str, Any], key: str) -> Any:
 
 
 def _rope_theta(hf: Mapping[str, Any]) -> float:
-  """Plain RoPE base from either the v4 (`rope_theta`, `rope_scaling`) or v5 (`rope_parameters`) form."""
+  """Plain RoPE base from either the v4 (`rope_theta`, `rope_scaling`) or v5
+  (`rope_parameters`) form."""
   scaling = hf.get("rope_scaling")
   if scaling:
-    raise ValueError(f"config.json field rope_scaling={scaling!r} is not supported (plain RoPE only)")
+    raise ValueError(f"config.json field rope_scaling={scaling!r} is not supported "
+                     "(plain RoPE only)")
   params = hf.get("rope_parameters") or {}
   rope_type = params.get("rope_type", params.get("type", "default"))
   extra = sorted(set(params) - {"rope_type", "type", "rope_theta"})
@@ -86,7 +88,8 @@ def _check_supported(hf: Mapping[str, Any]) -> None:
   if missing:
     raise ValueError(f"config.json is missing required fields {missing}")
   if _get(hf, "hidden_act") != "silu":
-    raise ValueError(f"config.json field hidden_act={hf['hidden_act']!r} is not supported (silu only)")
+    raise ValueError(f"config.json field hidden_act={hf['hidden_act']!r} is not supported "
+                     "(silu only)")
   if _get(hf, "attention_bias"):
     raise ValueError("config.json field attention_bias=true is not supported (no attention biases)")
   # transformers only applies sliding_window when use_sliding_window is set.

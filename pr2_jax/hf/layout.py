@@ -10,8 +10,10 @@ kernels split per head:
   model.layers.{i}.self_attn.q_proj.weight [HZ, D] -> layers_{i}/self_attn/q_proj/kernel [D, H, Z]
   model.layers.{i}.self_attn.o_proj.weight [D, HZ] -> layers_{i}/self_attn/o_proj/kernel [H, Z, D]
   model.layers.{i}.mlp.gate.weight [E, D]          -> layers_{i}/mlp/gate [D, E]
-  model.layers.{i}.mlp.experts.{j}.gate_proj.weight [F, D] -> layers_{i}/mlp/gate_proj [E, D, F] at j
-  model.layers.{i}.mlp.experts.{j}.down_proj.weight [D, F] -> layers_{i}/mlp/down_proj [E, F, D] at j
+  model.layers.{i}.mlp.experts.{j}.gate_proj.weight [F, D]
+                                                   -> layers_{i}/mlp/gate_proj [E, D, F] at j
+  model.layers.{i}.mlp.experts.{j}.down_proj.weight [D, F]
+                                                   -> layers_{i}/mlp/down_proj [E, F, D] at j
   lm_head.weight [V, D]                            -> lm_head/kernel [D, V] (absent when tied)
 Norm weights are copied. transformers' in-memory fused expert layout
 (`mlp.experts.gate_up_proj [E, 2F, D]`, `mlp.experts.down_proj [E, D, F]`) is

@@ -71,7 +71,8 @@ class HFTokenizer:
     self.tokenizer = tokenizer
     self.eos_ids = _unique(int(i) for i in eos_ids)
     self.pad_id, self.bos_id, self.chat_template = pad_id, bos_id, chat_template
-    for name, ids in (("eos_ids", self.eos_ids), ("pad_id", _ids(pad_id)), ("bos_id", _ids(bos_id))):
+    named_ids = (("eos_ids", self.eos_ids), ("pad_id", _ids(pad_id)), ("bos_id", _ids(bos_id)))
+    for name, ids in named_ids:
       bad = [i for i in ids if not 0 <= i < self.vocab_size]
       if bad:
         raise ValueError(f"{name} {bad} outside the vocabulary [0, {self.vocab_size})")
@@ -117,7 +118,8 @@ class HFTokenizer:
     """Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. BOS)."""
     return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-  def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]:
+  def encode_batch(self, texts: Sequence[str], *,
+                   add_special_tokens: bool = True) -> list[list[int]]:
     return [e.ids for e in self.tokenizer.encode_batch(list(texts),
                                                        add_special_tokens=add_special_tokens)]
 

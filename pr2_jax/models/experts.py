@@ -60,7 +60,8 @@ def swiglu(x_SCD: jax.Array, w: ExpertWeights) -> jax.Array:
   return jnp.einsum("...scf,sfd->...scd", jax.nn.silu(g_SCF) * u_SCF, w.down_SFD)
 
 
-def expert_to_slot(expert_ids_NK: jax.Array, slot_expert_X: jax.Array, num_experts: int) -> jax.Array:
+def expert_to_slot(expert_ids_NK: jax.Array, slot_expert_X: jax.Array,
+                   num_experts: int) -> jax.Array:
   """Slot of each chosen expert: the first slot holding it (a planner can do better).
 
   Every expert must have a slot and ids be in [0, E); checked when the inputs are concrete.
@@ -104,7 +105,8 @@ def dispatch(x_ND: jax.Array, index_NK: jax.Array, buffer_size: int) -> jax.Arra
   return x_pad[src_X]
 
 
-def combine(y_XD: jax.Array, index_NK: jax.Array, keep_NK: jax.Array, gates_NK: jax.Array) -> jax.Array:
+def combine(y_XD: jax.Array, index_NK: jax.Array, keep_NK: jax.Array,
+            gates_NK: jax.Array) -> jax.Array:
   """Σ_k gate_k · y[buffer place of (token, k)]; dropped assignments contribute 0."""
   y_NKD = jnp.take(y_XD, jnp.minimum(index_NK, y_XD.shape[0] - 1), axis=0)
   w_NK = jnp.where(keep_NK, gates_NK, 0.0).astype(jnp.float32)

@@ -49,12 +49,14 @@ def grouped_positions(slot_ids_NK: jax.Array, num_slots: int, rows: int):
   n, k = slot_ids_NK.shape
   num_blocks = -(-(n * k) // rows) + num_slots
   keep_NK = (slot_ids_NK >= 0) & (slot_ids_NK < num_slots)
-  onehot_NKS = jax.nn.one_hot(jnp.where(keep_NK, slot_ids_NK, num_slots), num_slots, dtype=jnp.int32)
+  onehot_NKS = jax.nn.one_hot(jnp.where(keep_NK, slot_ids_NK, num_slots), num_slots,
+                              dtype=jnp.int32)
   onehot_MS = onehot_NKS.reshape(n * k, num_slots)
   pos_M = jnp.sum(jnp.cumsum(onehot_MS, axis=0) * onehot_MS, axis=1) - 1
   blocks_S = (jnp.sum(onehot_MS, axis=0) + rows - 1) // rows
   block_end_S = jnp.cumsum(blocks_S)
-  row_M = (block_end_S - blocks_S)[jnp.clip(slot_ids_NK.reshape(-1), 0, num_slots - 1)] * rows + pos_M
+  first_block_M = (block_end_S - blocks_S)[jnp.clip(slot_ids_NK.reshape(-1), 0, num_slots - 1)]
+  row_M = first_block_M * rows + pos_M
   index_NK = jnp.where(keep_NK, row_M.reshape(n, k), num_blocks * rows)
   block_slot_B = jnp.searchsorted(block_end_S, jnp.arange(num_blocks), side="right")
   return (index_NK.astype(jnp.int32), keep_NK, jnp.minimum(block_slot_B, num_slots - 1),

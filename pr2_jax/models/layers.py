@@ -166,8 +166,10 @@ class Attention(nn.Module):
     # The cache as stored (`config.storage_dtype`): attend rounds its products to q's dtype.
     out_BTHZ = attend(q_BTHZ, k_BGZT, v_BGTZ, mask_BTS,
                       causal_blocks=cfg.attention_blocks if kv is None else 1)
-    out_BTD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, name="o_proj",
-                              kernel_init=partitioned(INIT, ("heads", "head_dim", "embed")))(out_BTHZ)
+    o_proj = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype,
+                             name="o_proj",
+                             kernel_init=partitioned(INIT, ("heads", "head_dim", "embed")))
+    out_BTD = o_proj(out_BTHZ)
     return out_BTD, new_kv
 
 

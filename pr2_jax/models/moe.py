@@ -52,11 +52,15 @@ class MoEBlock(nn.Module):
       check_shape("routes_BTK", routes_BTK, (b, t, cfg.top_k), "[B, T, K]")
     if predictor_DE is not None:
       check_shape("predictor_DE", predictor_DE, (d, e), "[D, E]")
-    w_router = self.param("gate", partitioned(INIT, ("embed", "experts_logits")), (d, e), jnp.float32)
+    w_router = self.param("gate", partitioned(INIT, ("embed", "experts_logits")), (d, e),
+                          jnp.float32)
     weights = ex.ExpertWeights(
-        self.param("gate_proj", partitioned(INIT, ("expert", "embed", "mlp")), (e, d, f), jnp.float32),
-        self.param("up_proj", partitioned(INIT, ("expert", "embed", "mlp")), (e, d, f), jnp.float32),
-        self.param("down_proj", partitioned(INIT, ("expert", "mlp", "embed")), (e, f, d), jnp.float32))
+        self.param("gate_proj", partitioned(INIT, ("expert", "embed", "mlp")), (e, d, f),
+                   jnp.float32),
+        self.param("up_proj", partitioned(INIT, ("expert", "embed", "mlp")), (e, d, f),
+                   jnp.float32),
+        self.param("down_proj", partitioned(INIT, ("expert", "mlp", "embed")), (e, f, d),
+                   jnp.float32))
     x_ND = constrain(x_BTD.reshape(b * t, d), self.mesh, ("batch", "embed"))
     logits_NE = routing.router_logits(x_ND, w_router)
     routes_NK = None if routes_BTK is None else routes_BTK.reshape(b * t, cfg.top_k)

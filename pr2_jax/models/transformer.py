@@ -59,7 +59,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
 
 
 def validate_tokens(tokens, vocab_size: int) -> None:
-  """Host-side check that token ids are ints in [0, vocab_size); raises ValueError naming the bad id.
+  """Host-side check that token ids are ints in [0, vocab_size); raises ValueError naming
+  the bad id.
 
   The embedding lookup would not fail on a bad id: `jnp.take` returns NaN for
   ids >= vocab_size and wraps negative ones, silently. Call it before jit.
@@ -292,7 +293,8 @@ class MoETransformer(nn.Module):
         routes=jnp.stack([a.routes_BTK for a in auxes], axis=2),
         dropped=jnp.stack([a.dropped for a in auxes]),
         aux_loss=jnp.mean(jnp.stack([a.aux_loss for a in auxes])),
-        router_logits=jnp.stack([a.logits_BTE for a in auxes], axis=2) if return_router_logits else None,
+        router_logits=(jnp.stack([a.logits_BTE for a in auxes], axis=2)
+                       if return_router_logits else None),
         router_inputs=jnp.stack(inputs, axis=2) if return_router_inputs else None,
         cache=cache)
 

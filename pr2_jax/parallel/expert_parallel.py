@@ -176,8 +176,9 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
   _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, weights, impl)
   n_shards, P_ = num_token_shards(mesh), axis_size(mesh, EXPERT)
   if x_ND.shape[0] % n_shards:
+    mesh_shape = dict(mesh.shape) if mesh is not None else {}
     raise ValueError(f"{x_ND.shape[0]} tokens cannot be split over {n_shards} token shards "
-                     f"(mesh {dict(mesh.shape) if mesh is not None else {}}); make the batch divisible")
+                     f"(mesh {mesh_shape}); make the batch divisible")
   if num_experts % P_:
     raise ValueError(f"num_experts={num_experts} must be divisible by the 'expert' axis size {P_}")
   if slot_expert_X is not None and slot_expert_X.shape[0] % P_:

@@ -116,7 +116,8 @@ class StepState(NamedTuple):
   def from_json(cls, saved: dict | None) -> "StepState":
     """The state `to_json` wrote; None or {} (a checkpoint from before this field) = fresh."""
     saved = saved or {}
-    as_array = lambda k, dtype: None if saved.get(k) is None else np.asarray(saved[k], dtype)  # noqa: E731
+    def as_array(k, dtype):
+      return None if saved.get(k) is None else np.asarray(saved[k], dtype)
     return cls(ema_LE=as_array("ema_LE", np.float64), layout_LDS=as_array("layout_LDS", np.int32))
 
 

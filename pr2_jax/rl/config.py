@@ -56,7 +56,8 @@ class RLConfig:
   eval_every: int = 10             # RL steps between held-out evaluations (0 = never)
   eval_size: int = 128             # held-out problems per evaluation
   eval_temperature: float = 1.0    # evaluation sampling temperature (0 = greedy)
-  max_consecutive_skips: int = 10  # updates skipped for non-finite loss/grads in a row before stopping
+  # Updates skipped for non-finite loss/grads in a row before stopping.
+  max_consecutive_skips: int = 10
   balance_mode: str = "none"       # none: static layout | eplb_step: one EPLB plan per RL step |
                                    # foresight: a plan per micro-step from its replayed routes
   redundant_slots: int = 1         # extra expert slots per device for foresight replicas

@@ -151,7 +151,8 @@ class Engine:
     return both[:, 0], both[:, 1]
 
   def evaluate(self, params) -> float:
-    """Mean held-out reward at `eval_temperature` (a fixed sampling key: comparable across steps)."""
+    """Mean held-out reward at `eval_temperature` (a fixed sampling key: comparable across
+    steps)."""
     prompts, valid = data.encode_prompts(self.tok, self.eval_problems, self.prompt_slots)
     validate_tokens(prompts, self.config.model.vocab_size)
     # The rollout's keyword arguments too: the same call signature hits its jit cache entry.
@@ -237,8 +238,8 @@ class Engine:
     out["skipped_updates"] = int(sum(int(m["skipped"]) for m in per_mini))
     out["skipped_trailing"] = next((i for i, m in enumerate(reversed(per_mini))
                                     if not int(m["skipped"])), len(per_mini))
-    # Per mini-step: k3/extreme at mini-step 1 are the pure train-inference mismatch (π_θ = π_old);
-    # later mini-steps add the policy's own movement since the rollout.
+    # Per mini-step: k3/extreme at mini-step 1 are the pure train-inference mismatch
+    # (π_θ = π_old); later mini-steps add the policy's own movement since the rollout.
     for key in ("topk_agreement", "zero_dev_ratio", "replayed_topk_agreement",
                 "replayed_zero_dev_ratio", "pred_loss", "pred_topk_acc", "k3_kl", "extreme_frac"):
       if key in per_mini[0]:

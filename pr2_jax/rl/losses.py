@@ -142,7 +142,8 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   mask_BT = _f32(mask_BT)
   adv_BT = jnp.broadcast_to(_adv_BT(adv_B), mask_BT.shape)
   # where() before exp: padding positions may hold -inf/NaN log-probs.
-  log_ratio_BT = jnp.where(mask_BT > 0, _f32(logp_BT) - jax.lax.stop_gradient(_f32(old_logp_BT)), 0.0)
+  log_ratio_BT = jnp.where(mask_BT > 0,
+                           _f32(logp_BT) - jax.lax.stop_gradient(_f32(old_logp_BT)), 0.0)
   ratio_BT = jnp.exp(jnp.clip(log_ratio_BT, -MAX_LOG_RATIO, MAX_LOG_RATIO))
   loss_BT = _clipped_objective(ratio_BT, adv_BT, clip_low, clip_high)
   if is_weight_BT is not None:  # masked first: a padding weight may be NaN (-inf - -inf)
@@ -191,7 +192,8 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   mask_BT = _f32(mask_BT)
   len_B = jnp.sum(mask_BT, axis=1)
   valid_B = _f32(len_B > 0)
-  log_ratio_BT = jnp.where(mask_BT > 0, _f32(logp_BT) - jax.lax.stop_gradient(_f32(old_logp_BT)), 0.0)
+  log_ratio_BT = jnp.where(mask_BT > 0,
+                           _f32(logp_BT) - jax.lax.stop_gradient(_f32(old_logp_BT)), 0.0)
   log_s_B = jnp.sum(log_ratio_BT * mask_BT, axis=1) / jnp.maximum(len_B, 1.0)
   s_B = jnp.exp(jnp.clip(log_s_B, -MAX_LOG_RATIO, MAX_LOG_RATIO))
   adv_B = _f32(adv_B)

@@ -121,7 +121,8 @@ def _gather_slots(x_BPL_: jax.Array, slots_BF: jax.Array) -> jax.Array:
   """Rows of x at prompt slots (zeros for slots beyond the prompt)."""
   p = x_BPL_.shape[1]
   idx_BF = jnp.clip(slots_BF, 0, p - 1)
-  rows = jnp.take_along_axis(x_BPL_, idx_BF.reshape(idx_BF.shape + (1,) * (x_BPL_.ndim - 2)), axis=1)
+  idx_BF_ = idx_BF.reshape(idx_BF.shape + (1,) * (x_BPL_.ndim - 2))
+  rows = jnp.take_along_axis(x_BPL_, idx_BF_, axis=1)
   return jnp.where((slots_BF < p).reshape(slots_BF.shape + (1,) * (x_BPL_.ndim - 2)), rows, 0)
 
 

@@ -87,7 +87,8 @@ class Task:
     out, budget = [], 1000 + 100 * n  # the budget only stops a degenerate split from hanging
     while len(out) < n:
       if budget == 0:
-        raise ValueError(f"{self.name}: train split looks empty (eval_fraction={self.eval_fraction})")
+        raise ValueError(f"{self.name}: train split looks empty "
+                         f"(eval_fraction={self.eval_fraction})")
       budget -= 1
       problem = self._generate(rng)
       if not self.is_eval(problem):

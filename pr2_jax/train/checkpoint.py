@@ -24,7 +24,8 @@ class SetupMismatchError(ValueError):
 
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs carrying shardings: restore places each array straight in its shards."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
 
 
 class Checkpointer:

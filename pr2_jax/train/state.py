@@ -59,7 +59,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, total_steps: int = 0,
                    weight_decay: float = 0.0, grad_clip: float = 1.0, b2: float = 0.999):
-  """AdamW with linear warmup, cosine decay to 10% (when total_steps > 0) and global-norm clipping."""
+  """AdamW with linear warmup, cosine decay to 10% (when total_steps > 0) and global-norm
+  clipping."""
   if total_steps > 0:
     lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
                                             max(total_steps, warmup_steps + 1), learning_rate * 0.1)
