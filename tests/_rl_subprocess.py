@@ -1,4 +1,5 @@
-"""Helpers for tests that run `python -m experiments.main` in subprocesses (interruption, determinism).
+"""Helpers for tests that run `python -m experiments.main` in subprocesses (interruption,
+determinism).
 
 A tiny run: a 2-layer, 4-expert, d=32 model warmed up for 50 steps (enough
 that some rewards are non-zero, so RL updates really move the parameters), then 6 RL steps
@@ -36,7 +37,8 @@ def environment(compile_cache: str | None = None, **extra) -> dict:
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's shared cache: each run compiles
   if compile_cache:
     # Reruns then skip most of their ~30 s of compiling; the programs are the same.
-    env.update(JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    env.update(JAX_COMPILATION_CACHE_DIR=compile_cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   return env
 
@@ -102,7 +104,8 @@ def count_rl_rows(workdir: str) -> int:
 def experiment_config(overrides: dict = OVERRIDES):
   import importlib.util
   from pr2_jax.rl.config import ExperimentConfig
-  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(REPO, "configs", "tiny.py"))
+  spec = importlib.util.spec_from_file_location("tiny_config",
+                                                os.path.join(REPO, "configs", "tiny.py"))
   tiny = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tiny)
   cfg = tiny.get_config()

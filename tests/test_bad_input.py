@@ -1,4 +1,5 @@
-"""Bad input fails early with a ValueError (or an absl usage error) naming the field and what is allowed.
+"""Bad input fails early with a ValueError (or an absl usage error) naming the field and what is
+allowed.
 
 One test per row of issue 9 (Reliability, item 4). Each checks the message, not
 only the exception type: "ValueError somewhere in XLA" is what these guard against.
@@ -46,7 +47,8 @@ def test_experts_not_divisible_by_the_expert_axis():
     p2.ModelConfig(num_experts=6).validate_mesh(4)
   # The pure function says the same to callers that bypass ModelConfig.
   ids, gates = jnp.zeros((8, 2), jnp.int32), jnp.ones((8, 2))
-  with pytest.raises(ValueError, match=r"num_experts=6 must be divisible by the 'expert' axis size 4"):
+  with pytest.raises(ValueError, match=r"num_experts=6 must be divisible by the "
+                                       r"'expert' axis size 4"):
     p2.moe_experts(jnp.zeros((8, 8)), ids, gates, _weights(6), mesh=make_mesh(2, 4))
 
 
@@ -63,7 +65,8 @@ def test_batch_not_divisible_by_kappa_times_micro_steps():
 
 def test_micro_batch_not_divisible_by_token_shards():
   rl = RLConfig(prompts_per_step=4, group_size=2, off_policy_k=2, micro_steps=2)  # micro-batch 2
-  with pytest.raises(ValueError, match=r"micro-batch size 2 .* must be divisible by the 8 token shards"):
+  with pytest.raises(ValueError, match=r"micro-batch size 2 .* must be divisible by "
+                                       r"the 8 token shards"):
     rl.validate_mesh(8)
 
 
@@ -76,7 +79,8 @@ def test_capacity_below_one():
   ids, gates = jnp.zeros((8, 2), jnp.int32), jnp.ones((8, 2))
   with pytest.raises(ValueError, match=r"capacity=0 must be >= 1"):
     p2.moe_experts(jnp.zeros((8, 8)), ids, gates, _weights(4), capacity=0)
-  with pytest.raises(ValueError, match=r"ModelConfig.capacity_factor=-1.0 must be >= 0 \(0 = dropless\)"):
+  with pytest.raises(ValueError, match=r"ModelConfig.capacity_factor=-1.0 must be >= 0 "
+                                       r"\(0 = dropless\)"):
     p2.ModelConfig(capacity_factor=-1.0)
 
 
@@ -92,7 +96,8 @@ def test_unknown_loss():
 
 
 def test_unknown_pr2_loss_or_feature_rule():
-  with pytest.raises(ValueError, match=r"PR2Config.loss='kl' must be one of \('post', 'delta', 'l2'\)"):
+  with pytest.raises(ValueError, match=r"PR2Config.loss='kl' must be one of "
+                                       r"\('post', 'delta', 'l2'\)"):
     PR2Config(loss="kl")
   with pytest.raises(ValueError, match=r"PR2Config.feature_rule='all' must be one of "
                                        r"\('random', 'response'\)"):
@@ -100,7 +105,8 @@ def test_unknown_pr2_loss_or_feature_rule():
 
 
 def test_unknown_task_name_fails_before_compiling():
-  with pytest.raises(ValueError, match=r"unknown task 'sudoku'; allowed: \['arithmetic', 'countdown'"):
+  with pytest.raises(ValueError, match=r"unknown task 'sudoku'; allowed: "
+                                       r"\['arithmetic', 'countdown'"):
     make_task("sudoku")
   with pytest.raises(ValueError, match=r"unknown task 'sudoku'"):  # with the config, no model
     ExperimentConfig(model=p2.ModelConfig(**SMALL),
@@ -124,10 +130,12 @@ ROUTE_DIMS = dict(batch=2, length=3, num_layers=2, top_k=2, num_experts=4)
 
 
 @pytest.mark.parametrize("routes, message", [
-    (np.zeros((2, 3, 2, 3), np.int32), r"shape \(2, 3, 2, 3\), expected \[B, T, L, K\] = \(2, 3, 2, 2\)"),
+    (np.zeros((2, 3, 2, 3), np.int32),
+     r"shape \(2, 3, 2, 3\), expected \[B, T, L, K\] = \(2, 3, 2, 2\)"),
     (np.zeros((2, 3, 2, 2), np.float64), r"dtype float64, expected int32 or another integer"),
     (np.full((2, 3, 2, 2), 4, np.int32), r"expert id 4 >= num_experts=4"),
-    (np.full((2, 3, 2, 2), -2, np.int32), r"value -2 < -1; -1 \(live router\) is the only negative"),
+    (np.full((2, 3, 2, 2), -2, np.int32),
+     r"value -2 < -1; -1 \(live router\) is the only negative"),
     (np.tile(np.array([0, -1], np.int32), (2, 3, 2, 1)), r"mixes -1 and expert ids"),
     (np.ones((2, 3, 2, 2), np.int32), r"repeats an expert: \[1, 1\]"),
 ])

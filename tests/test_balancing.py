@@ -203,7 +203,8 @@ def test_loop_reports_balance_metrics(tmp_path, mode, replay_mode, capacity_mode
     assert BALANCE_KEYS <= set(r), BALANCE_KEYS - set(r)
     assert r["planner_ms"] > 0
     assert r["imbalance_foresight_mean"] <= r["imbalance_none_mean"]
-    assert r["imbalance_used_mean"] == r[f"imbalance_{mode if replay_mode != 'none' else 'none'}_mean"]
+    assert r["imbalance_used_mean"] == (
+        r[f"imbalance_{mode if replay_mode != 'none' else 'none'}_mean"])
     assert 1 <= r["capacity_needed"] <= r["capacity_used"]
     if replay_mode != "none":  # replayed routes: the planned bucket is dropless
       assert r["dropped"] == 0

@@ -1,4 +1,5 @@
-"""experiments/bench_peer.py --quick: the JSON line is complete and both sides compute the same model.
+"""experiments/bench_peer.py --quick: the JSON line is complete and both sides compute the same
+model.
 
 No assertions on timings (they describe a shared machine): only that every
 figure exists, is positive and finite, and that the comparison is apples to
@@ -36,7 +37,8 @@ def test_bench_peer_quick(tmp_path):
   out = tmp_path / "peer.json"
   environ = {k: v for k, v in os.environ.items()  # see it re-exec, whatever the caller set
              if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", allocator.CHOICE_VAR)}
-  proc = subprocess.run([sys.executable, "-m", "experiments.bench_peer", "--quick", "--cpu_devices=2",
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench_peer", "--quick",
+                         "--cpu_devices=2",
                          "--breakdown=1",
                          f"--out={out}"],
                         check=True, capture_output=True, text=True, timeout=300, env=environ)

@@ -124,7 +124,8 @@ def test_another_setup_is_named_before_any_array_is_read(tmp_path):
       ck.restore_newest_good(abstract, {"model": {"num_experts": 8, "top_k": 2}, "mode": "pr2"})
   message = str(err.value)
   assert "unreadable" not in message and "top_k" not in message
-  assert "model.num_experts: checkpoint 6, this run 8; mode: checkpoint 'r3', this run 'pr2'" in message
+  assert ("model.num_experts: checkpoint 6, this run 8; mode: checkpoint 'r3', this run 'pr2'"
+          in message)
 
 
 def test_restore_meta_reads_the_metadata_alone(tmp_path):

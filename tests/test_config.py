@@ -44,7 +44,8 @@ def test_replace_revalidates():
     (dict(attention_blocks=0), r"attention_blocks must be a positive int, got 0"),
     (dict(dtype="float16"), r"dtype='float16' must be one of"),
     (dict(expert_impl="megablocks"), r"expert_impl='megablocks' must be one of"),
-    (dict(num_layers=2, dense_layers=(2,), dense_d_ff=32), r"dense_layers=\(2,\) has ids \[2\] outside"),
+    (dict(num_layers=2, dense_layers=(2,), dense_d_ff=32),
+     r"dense_layers=\(2,\) has ids \[2\] outside"),
     (dict(num_layers=2, dense_layers=(-1,), dense_d_ff=32), r"dense_layers=\(-1,\) has ids \[-1\]"),
     (dict(num_layers=3, dense_layers=(1, 1), dense_d_ff=32), r"dense_layers=.* repeated"),
     (dict(num_layers=2, dense_layers=(0,)), r"dense_d_ff must be a positive int"),
@@ -87,7 +88,8 @@ def test_validate_mesh_expert_axis():
   cfg = ModelConfig(num_experts=8)
   for size in (1, 2, 4, 8):
     cfg.validate_mesh(size)  # must not raise
-  with pytest.raises(ValueError, match=r"num_experts=8 must be divisible by the mesh's 'expert' axis size 3"):
+  with pytest.raises(ValueError, match=r"num_experts=8 must be divisible by the "
+                                       r"mesh's 'expert' axis size 3"):
     cfg.validate_mesh(3)
   with pytest.raises(ValueError, match=r"num_experts=6 .* 'expert' axis size 4"):
     ModelConfig(num_experts=6).validate_mesh(4)
@@ -97,7 +99,8 @@ def test_from_dict_round_trip_and_unknown_key():
   """from_dict rebuilds a config from its fields and rejects unknown keys by name."""
   cfg = ModelConfig(num_experts=4, top_k=1, dense_layers=(0,), dense_d_ff=16, num_layers=3)
   assert ModelConfig.from_dict(dataclasses.asdict(cfg)) == cfg
-  with pytest.raises(ValueError, match=r"Unknown ModelConfig fields \['hidden_size', 'n_experts'\]"):
+  with pytest.raises(ValueError, match=r"Unknown ModelConfig fields "
+                                       r"\['hidden_size', 'n_experts'\]"):
     ModelConfig.from_dict({"hidden_size": 32, "n_experts": 4, "top_k": 1})
   with pytest.raises(ValueError, match="top_k"):
     ModelConfig.from_dict({"top_k": 0})

@@ -1,4 +1,5 @@
-"""Multi-host glue: config validation, host <-> global moves, and a real 2-process run vs 1 process."""
+"""Multi-host glue: config validation, host <-> global moves, and a real 2-process run vs 1
+process."""
 
 import base64
 import contextlib
@@ -68,11 +69,13 @@ def _free_port() -> int:
 # 30 SFT steps first: from the random init every reward is 0, so every advantage, policy loss
 # and policy gradient would be 0 and equal whatever the processes did. A float32 rollout engine:
 # in bfloat16, running the collectives across processes (gloo) changes the rollout's rounding
-# enough that the RL loss differs (0.00169 in one process against 0.00138 in two; 1.6e-4 relative in float32).
+# enough that the RL loss differs (0.00169 in one process against 0.00138 in two; 1.6e-4
+# relative in float32).
 _RUN = ["-m", "experiments.main", "--config=configs/tiny.py", "--config.sft.num_steps=30",
         "--config.rl.num_steps=2", "--config.rl.prompts_per_step=8",
         "--config.rl.group_size=4", "--config.rl.eval_every=2", "--config.rl.eval_size=16",
-        "--config.mesh_expert=4", "--config.rl.replay_mode=pr2", "--config.rl.rollout_dtype=float32"]
+        "--config.mesh_expert=4", "--config.rl.replay_mode=pr2",
+        "--config.rl.rollout_dtype=float32"]
 
 
 def _rows(workdir):
@@ -216,7 +219,8 @@ def test_local_rows_refuse_rows_split_across_processes(monkeypatch):
   """A process holding half of every row (axis 1 split across processes) would score partial
   rows; one process cannot lay that out, so the block is faked."""
   placed = distributed.to_global(np.zeros((4, 6)), NamedSharding(make_mesh(2, 4), P()))
-  monkeypatch.setattr(distributed, "local_block", lambda sharding, shape: (slice(0, 4), slice(0, 3)))
+  monkeypatch.setattr(distributed, "local_block",
+                      lambda sharding, shape: (slice(0, 4), slice(0, 3)))
   with pytest.raises(ValueError, match=r"needs whole rows, but axis 1 of a \(4, 6\) array"):
     distributed.local_rows(placed)
 

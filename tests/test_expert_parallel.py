@@ -1,4 +1,5 @@
-"""moe_experts under shard_map equals the single-device result; replicas change nothing; drops counted."""
+"""moe_experts under shard_map equals the single-device result; replicas change nothing; drops
+counted."""
 
 import functools
 
@@ -45,7 +46,8 @@ def _value_and_grads(x, ids, gates, w, **kw):
     def loss(x, gates, w):
       y, dropped = moe_experts(x, ids, gates, w, **kw)
       return jnp.sum(y * cot), (y, dropped)
-    (_, (y, dropped)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, gates, w)
+    (_, (y, dropped)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        x, gates, w)
     return y, dropped, grads
 
   return run(x, gates, w)
@@ -100,7 +102,8 @@ def test_dropless_capacity_runs_grouped(shape):
   _assert_close(g, g_ref, "grads", rtol=1e-4)
 
   def hlo(**kw):
-    fn = jax.jit(lambda x, g, w: moe_experts(x, ids, g, w, impl="capacity", mesh=_mesh(*shape), **kw))
+    fn = jax.jit(lambda x, g, w: moe_experts(x, ids, g, w, impl="capacity",
+                                             mesh=_mesh(*shape), **kw))
     return fn.lower(x, gates, w).compile().as_text()
   dropless = hlo()
   assert "all-to-all" not in dropless
@@ -154,7 +157,8 @@ def test_replica_slots_change_nothing(impl, shape):
   mesh = _mesh(*shape)
   y_ref, _, g_ref = _value_and_grads(x, ids, gates, w, impl=impl, mesh=mesh)
   y, dropped, g = _value_and_grads(x, ids, gates, w, impl=impl, mesh=mesh,
-                                   slot_expert_X=jnp.asarray(slot_expert), slot_ids_NK=jnp.asarray(slot_ids))
+                                   slot_expert_X=jnp.asarray(slot_expert),
+                                   slot_ids_NK=jnp.asarray(slot_ids))
   assert int(dropped) == 0
   assert g[2].gate_SDF.shape == (E, D, F)
   _assert_close(y, y_ref, f"{impl} {shape} replicas forward")
@@ -167,7 +171,8 @@ def test_replica_map_default_slot_choice_and_no_mesh():
   slot_expert = jnp.asarray(_replica_map((2, 4)))
   y_ref, _, g_ref = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=None)
   for mesh in (None, _mesh(2, 4)):
-    y, _, g = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=mesh, slot_expert_X=slot_expert)
+    y, _, g = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=mesh,
+                               slot_expert_X=slot_expert)
     _assert_close(y, y_ref, f"default slots, mesh={mesh}")
     _assert_close(g, g_ref, f"default slots, mesh={mesh}")
 
@@ -198,7 +203,8 @@ def test_dropped_count_and_output_with_small_capacity(shape):
 def test_capacity_factor_sets_capacity():
   """capacity_factor=1 on one shard: even share 32*2/8 = 8 per slot; the hot expert drops 24."""
   x, ids, gates, w = _problem(seed=3, skew=True)  # expert 0 gets all 32 first choices
-  _, dropped, _ = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=None, capacity_factor=1.0)
+  _, dropped, _ = _value_and_grads(x, ids, gates, w, impl="capacity", mesh=None,
+                                   capacity_factor=1.0)
   counts = np.bincount(np.asarray(ids).reshape(-1), minlength=E)
   assert int(dropped) == int(np.maximum(counts - 8, 0).sum())
   assert int(dropped) >= 24
@@ -208,7 +214,8 @@ def test_bfloat16_compute_is_close_to_float32():
   """dtype=bfloat16 runs sharded and stays near the float32 result; output is float32."""
   x, ids, gates, w = _problem()
   y32, _, _ = _reference("capacity")
-  y16, _ = jax.jit(functools.partial(moe_experts, impl="capacity", mesh=_mesh(2, 4), dtype=jnp.bfloat16))(
+  y16, _ = jax.jit(functools.partial(moe_experts, impl="capacity", mesh=_mesh(2, 4),
+                                     dtype=jnp.bfloat16))(
       x, ids, gates, w)
   assert y16.dtype == jnp.float32
   np.testing.assert_allclose(y16, y32, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(y32))))
@@ -220,10 +227,13 @@ def test_errors():
   with pytest.raises(ValueError, match=r"30 tokens cannot be split over 8 token shards"):
     moe_experts(x[:30], ids[:30], gates[:30], w, mesh=_mesh(2, 4))
   w6 = ex.ExpertWeights(*(a[:6] for a in w))
-  with pytest.raises(ValueError, match=r"num_experts=6 must be divisible by the 'expert' axis size 4"):
+  with pytest.raises(ValueError, match=r"num_experts=6 must be divisible by the "
+                                       r"'expert' axis size 4"):
     moe_experts(x, ids % 6, gates, w6, mesh=_mesh(2, 4))
-  with pytest.raises(ValueError, match=r"slot_expert has 10 slots, not a multiple of the 'expert' axis size 8"):
-    moe_experts(x, ids, gates, w, mesh=_mesh(1, 8), slot_expert_X=jnp.arange(10, dtype=jnp.int32) % E)
+  with pytest.raises(ValueError, match=r"slot_expert has 10 slots, not a multiple of the "
+                                       r"'expert' axis size 8"):
+    moe_experts(x, ids, gates, w, mesh=_mesh(1, 8),
+                slot_expert_X=jnp.arange(10, dtype=jnp.int32) % E)
   with pytest.raises(ValueError, match=r"capacity=0 must be >= 1"):
     moe_experts(x, ids, gates, w, mesh=None, capacity=0)
 

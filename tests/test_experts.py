@@ -1,4 +1,5 @@
-"""Shard-local expert paths: capacity dropping by hand, the three paths agree, slot maps, capacity."""
+"""Shard-local expert paths: capacity dropping by hand, the three paths agree, slot maps,
+capacity."""
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,8 @@ def _capacity_path(x, slot_ids, gates, w, capacity):
 
 
 # Hand-worked example: 4 tokens, 2 slots, k=2, capacity 2.
-# k-major order: 1st choices t0->0, t1->0, t2->1, t3->0, then 2nd choices t0->1, t1->1, t2->0, t3->1.
+# k-major order: 1st choices t0->0, t1->0, t2->1, t3->0,
+# then 2nd choices t0->1, t1->1, t2->0, t3->1.
 # slot 0 fills with (t0,k0) pos 0, (t1,k0) pos 1; (t3,k0) and (t2,k1) are dropped.
 # slot 1 fills with (t2,k0) pos 0, (t0,k1) pos 1; (t1,k1) and (t3,k1) are dropped.
 HAND_SLOTS = np.array([[0, 1], [0, 1], [1, 0], [0, 1]], np.int32)

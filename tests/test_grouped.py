@@ -72,7 +72,8 @@ def _whole_carry_converts_in_loops(hlo: str, dims: set) -> int:
       comps[name] = []
     elif name:
       comps[name].append(line)
-  called = lambda c: re.findall(r"(?:body|calls|to_apply|branch_computations)=\{?%?([\w.\-]+)",  # noqa: E731
+  called = lambda c: re.findall(r"(?:body|calls|to_apply|branch_computations)"  # noqa: E731
+                                r"=\{?%?([\w.\-]+)",
                                 "\n".join(comps.get(c, [])))
   todo = [b for c in comps for b in re.findall(r"body=%?([\w.\-]+)", "\n".join(comps[c]))]
   seen = set()

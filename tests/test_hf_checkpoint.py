@@ -44,8 +44,10 @@ CASES = {
                                   num_attention_heads=4, num_key_value_heads=4,
                                   tie_word_embeddings=True),
     "e6_k3_norm_mqa_dense0": dict(num_experts=6, num_experts_per_tok=3, norm_topk_prob=True,
-                                  num_attention_heads=8, num_key_value_heads=1, mlp_only_layers=[0]),
-    "e16_k4_nonorm_gqa3_step2_tied": dict(num_experts=16, num_experts_per_tok=4, norm_topk_prob=False,
+                                  num_attention_heads=8, num_key_value_heads=1,
+                                  mlp_only_layers=[0]),
+    "e16_k4_nonorm_gqa3_step2_tied": dict(num_experts=16, num_experts_per_tok=4,
+                                          norm_topk_prob=False,
                                           num_attention_heads=6, num_key_value_heads=2,
                                           decoder_sparse_step=2, num_hidden_layers=4,
                                           tie_word_embeddings=True),
@@ -79,7 +81,8 @@ def our_forward(cfg, params, tokens, valid=None, positions=None):
 
 def hf_topk_sets(router_logits, k, shape):
   """Sorted top-k expert ids per token and MoE layer, [B, T, L, K], as transformers routes."""
-  ids = [torch.topk(torch.softmax(torch.tensor(r), -1), k, -1).indices.numpy() for r in router_logits]
+  ids = [torch.topk(torch.softmax(torch.tensor(r), -1), k, -1).indices.numpy()
+         for r in router_logits]
   return np.sort(np.stack(ids, axis=1).reshape(shape + (len(ids), k)), axis=-1)
 
 
@@ -206,7 +209,8 @@ def test_sharded_index_round_trip_and_transformers_loads_it(tmp_path):
   cfg, params = random_checkpoint(tmp_path, max_shard_bytes=300_000)
   names = sorted(os.listdir(tmp_path))
   shards = [n for n in names if n.startswith("model-")]
-  assert len(shards) > 2 and "model.safetensors.index.json" in names and "model.safetensors" not in names
+  assert (len(shards) > 2 and "model.safetensors.index.json" in names
+          and "model.safetensors" not in names)
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
   assert set(index["weight_map"].values()) == set(shards)
   loaded_cfg, loaded = load_hf_checkpoint(str(tmp_path))
@@ -300,7 +304,8 @@ def edit_config(path, **changes):
     (lambda p: os.remove(p / "model.safetensors"), "only safetensors"),
     (lambda p: os.remove(p / "config.json"), "no config.json"),
     (lambda p: (p / "config.json").write_text("[1, 2]"), "holds a JSON list, not an object"),
-    (lambda p: (p / "config.json").write_text('{"vocab_size": 64,'), "config.json is not valid JSON"),
+    (lambda p: (p / "config.json").write_text('{"vocab_size": 64,'),
+     "config.json is not valid JSON"),
     # A truncated download: safetensors alone said "incomplete metadata", naming no file.
     (lambda p: os.truncate(p / "model.safetensors", 1000),
      r"cannot read .*model\.safetensors: SafetensorError"),
@@ -348,7 +353,8 @@ def test_save_rejects_params_that_do_not_fit_the_config(tmp_path):
   with pytest.raises(ValueError, match="missing \\[norm/scale\\]"):
     save_hf_checkpoint(cfg, missing, str(tmp_path / "bad"))
   wrong = dict(params, embed_tokens=np.zeros((65, 64), np.float32))
-  with pytest.raises(ValueError, match=r"param embed_tokens has shape \[65, 64\], expected \[64, 64\]"):
+  with pytest.raises(ValueError, match=r"param embed_tokens has shape \[65, 64\], "
+                                       r"expected \[64, 64\]"):
     save_hf_checkpoint(cfg, wrong, str(tmp_path / "bad"))
 
 

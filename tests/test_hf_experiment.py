@@ -1,4 +1,5 @@
-"""The RL experiment from a Hugging Face checkpoint (pr2_jax.hf.experiment, ExperimentConfig.hf_checkpoint).
+"""The RL experiment from a Hugging Face checkpoint (pr2_jax.hf.experiment,
+ExperimentConfig.hf_checkpoint).
 
 The checkpoint is `experiments/make_tiny_hf.py`'s: a random transformers
 Qwen3-MoE saved with `save_pretrained` and a character tokenizer written by
@@ -177,7 +178,8 @@ def test_bad_checkpoints_fail_early_with_clear_errors(ckpt, tmp_path):
     ExperimentConfig.from_dict(_dict("/no/such/dir"))
   d = _dict(ckpt)
   d["model"]["num_experts"] = 4
-  with pytest.raises(ValueError, match=r"conflict with .*config.json: num_experts=4 \(checkpoint: 8\)"):
+  with pytest.raises(ValueError, match=r"conflict with .*config.json: "
+                                       r"num_experts=4 \(checkpoint: 8\)"):
     ExperimentConfig.from_dict(d)
 
   no_tok = _copy(ckpt, tmp_path / "no_tok", without=("tokenizer.json",))

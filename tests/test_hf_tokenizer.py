@@ -45,7 +45,8 @@ def checkpoint_dir(tmp_path_factory):
 
 
 def test_special_tokens_from_all_three_files(checkpoint_dir):
-  """eos: tokenizer_config's first, then generation_config's extra stop id; pad by name; bos by id."""
+  """eos: tokenizer_config's first, then generation_config's extra stop id; pad by name;
+  bos by id."""
   tok = HFTokenizer.from_dir(str(checkpoint_dir))
   end, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
   im_start = tok.token_to_id("<|im_start|>")
@@ -64,7 +65,8 @@ def test_encode_decode_round_trip_and_matches_transformers(checkpoint_dir, text)
   tok = HFTokenizer.from_dir(str(checkpoint_dir))
   ids = tok.encode(text)
   assert tok.decode(ids) == text
-  oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(checkpoint_dir / "tokenizer.json"))
+  oracle = transformers.PreTrainedTokenizerFast(
+      tokenizer_file=str(checkpoint_dir / "tokenizer.json"))
   assert ids == oracle(text)["input_ids"]
   assert tok.encode_batch([text, TEXTS[1]]) == [ids, tok.encode(TEXTS[1])]
   assert tok.decode_batch([ids]) == [text]

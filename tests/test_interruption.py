@@ -118,7 +118,8 @@ def test_sigkill_at_random_moments_then_rerun_is_bit_identical(tmp_path):
     assert run.wait(timeout=900) == 0, procs.stderr("final")[-3000:]
     logged = _rl_steps_logged(procs.stderr("final"))
     assert logged == list(range(resume_from + 1, NUM_STEPS + 1)), logged
-    assert "unreadable" not in procs.stderr("final"), "no fallback: every committed checkpoint reads"
+    assert "unreadable" not in procs.stderr("final"), (
+        "no fallback: every committed checkpoint reads")
 
   rows, ref_rows = sub.metrics_rows(workdir), sub.metrics_rows(reference)
   assert [r["step"] for r in rows if r["phase"] == "rl"] == list(range(1, NUM_STEPS + 1))

@@ -73,7 +73,8 @@ def test_rms_norm_bfloat16_keeps_dtype():
   x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 8)), jnp.bfloat16)
   out = layers.rms_norm(x, jnp.ones(8), 1e-6)
   assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(out.astype(jnp.float32), np_rms_norm(x.astype(jnp.float32), np.ones(8), 1e-6),
+  np.testing.assert_allclose(out.astype(jnp.float32),
+                             np_rms_norm(x.astype(jnp.float32), np.ones(8), 1e-6),
                              rtol=2e-2, atol=2e-2)
 
 
@@ -83,24 +84,28 @@ def test_rms_norm_module_scale_starts_at_one():
   mod = layers.RMSNorm(1e-6)
   params = nn.unbox(mod.init(jax.random.PRNGKey(1), x))
   np.testing.assert_array_equal(params["params"]["scale"], np.ones(8))
-  np.testing.assert_allclose(mod.apply(params, x), np_rms_norm(x, np.ones(8), 1e-6), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(mod.apply(params, x), np_rms_norm(x, np.ones(8), 1e-6),
+                             rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- rotary
 
 def test_rotary_two_dim_hand_worked():
-  """Z=2: a single pair rotated by the position in radians: [a, b] -> [a cos p - b sin p, b cos p + a sin p]."""
+  """Z=2: a single pair rotated by the position in radians:
+  [a, b] -> [a cos p - b sin p, b cos p + a sin p]."""
   x = jnp.array([1.0, 2.0]).reshape(1, 1, 1, 2)
   for p in (0, 1, 3):
     out = layers.rotary(x, jnp.array([[p]]), 10_000.0)[0, 0, 0]
-    np.testing.assert_allclose(out, [np.cos(p) - 2 * np.sin(p), 2 * np.cos(p) + np.sin(p)], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, [np.cos(p) - 2 * np.sin(p), 2 * np.cos(p) + np.sin(p)],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_rotary_four_dim_frequencies():
   """Z=4, theta=100: pair (0, 2) turns at 1 rad/position, pair (1, 3) at 0.1."""
   x = jnp.array([1.0, 1.0, 0.0, 0.0]).reshape(1, 1, 1, 4)
   out = layers.rotary(x, jnp.array([[2]]), 100.0)[0, 0, 0]
-  np.testing.assert_allclose(out, [np.cos(2.0), np.cos(0.2), np.sin(2.0), np.sin(0.2)], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out, [np.cos(2.0), np.cos(0.2), np.sin(2.0), np.sin(0.2)],
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_rotary_identity_norm_relative_and_numpy():
@@ -137,7 +142,8 @@ def test_rotary_evaluates_cos_and_sin_once_for_all_heads_layers_and_the_backward
     return total
   hlo = jax.jit(jax.grad(two_layers, argnums=(0, 1))).lower(q, k).compile().as_text()
   assert hlo.count(" cosine(") == 1 and hlo.count(" sine(") == 1
-  np.testing.assert_allclose(layers.rotary(q, pos, 1e4), np_rotary(q, pos, 1e4), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(layers.rotary(q, pos, 1e4), np_rotary(q, pos, 1e4),
+                             rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -279,7 +285,8 @@ def test_attention_module_matches_numpy_pipeline():
   v = np.einsum("btd,dgz->btgz", xn, params["v_proj"]["kernel"])
   q = np_rotary(np_rms_norm(q, params["q_norm"]["scale"], CFG.rms_norm_eps), pos, CFG.rope_theta)
   k = np_rotary(np_rms_norm(k, params["k_norm"]["scale"], CFG.rms_norm_eps), pos, CFG.rope_theta)
-  expected = np.einsum("bthz,hzd->btd", np_attend(q, k, v, np.asarray(mask)), params["o_proj"]["kernel"])
+  expected = np.einsum("bthz,hzd->btd", np_attend(q, k, v, np.asarray(mask)),
+                       params["o_proj"]["kernel"])
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -310,9 +317,11 @@ def test_attention_is_causal_and_ignores_padding_keys():
   params = nn.unbox(mod.init(jax.random.PRNGKey(0), x, pos, mask))
   out = _attn(mod, params, x, pos, mask)
   x_future = x.at[:, 4:].add(3.0)
-  np.testing.assert_allclose(_attn(mod, params, x_future, pos, mask)[:, :4], out[:, :4], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_attn(mod, params, x_future, pos, mask)[:, :4], out[:, :4],
+                             rtol=1e-5, atol=1e-6)
   x_pad = x.at[:, :2].set(-7.0)
-  np.testing.assert_allclose(_attn(mod, params, x_pad, pos, mask)[:, 2:], out[:, 2:], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_attn(mod, params, x_pad, pos, mask)[:, 2:], out[:, 2:],
+                             rtol=1e-5, atol=1e-6)
   assert float(jnp.max(jnp.abs(_attn(mod, params, x_future, pos, mask)[:, 4:] - out[:, 4:]))) > 1e-3
 
 
@@ -331,4 +340,5 @@ def test_mlp_matches_numpy(dtype):
   u = xn @ np.asarray(params["up_proj"]["kernel"], np.float64)
   expected = (g / (1 + np.exp(-g)) * u) @ np.asarray(params["down_proj"]["kernel"], np.float64)
   tol = 1e-5 if dtype == "float32" else 5e-2
-  np.testing.assert_allclose(out.astype(jnp.float32), expected, rtol=tol, atol=tol * np.abs(expected).max())
+  np.testing.assert_allclose(out.astype(jnp.float32), expected,
+                             rtol=tol, atol=tol * np.abs(expected).max())

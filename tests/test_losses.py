@@ -64,7 +64,8 @@ def test_dapo_hand_worked_clipping_values_and_gradients():
   f = lambda lp: losses.dapo_loss(lp, old, jnp.asarray(HAND_A), mask)
   (loss, aux), grad = jax.value_and_grad(f, has_aux=True)(logp)
   np.testing.assert_allclose(loss, (-1.28 + 0.8 - 1.1 - 0.5 + 1.5) / 5, rtol=1e-5)
-  np.testing.assert_allclose(grad[:, 0], np.array([0, 0, -1.1, -0.5, 1.5]) / 5, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(grad[:, 0], np.array([0, 0, -1.1, -0.5, 1.5]) / 5,
+                             rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(grad[:, 1], 0.0)  # padding: finite, zero
   np.testing.assert_allclose(aux["clip_frac_low"], 0.2)
   np.testing.assert_allclose(aux["clip_frac_high"], 0.2)
@@ -92,8 +93,10 @@ def _tiny_policy(seed=0, b=4, t=5, v=7, d=3):
   targets_BT = jax.random.randint(k3, (b, t), 0, v)
   old_BT = losses.token_logprobs(jnp.einsum("btd,dv->btv", x_BTD, w_DV), targets_BT)
   w_DV = w_DV + 0.3 * jax.random.normal(k4, (d, v))  # current policy moved away from old
-  mask_BT = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], jnp.float32)
-  logp = lambda w, sl: losses.token_logprobs(jnp.einsum("btd,dv->btv", x_BTD[sl], w), targets_BT[sl])
+  mask_BT = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]],
+                      jnp.float32)
+  logp = lambda w, sl: losses.token_logprobs(jnp.einsum("btd,dv->btv", x_BTD[sl], w),
+                                             targets_BT[sl])
   return w_DV, old_BT, mask_BT, logp
 
 
@@ -117,7 +120,8 @@ def test_micro_step_losses_and_grads_sum_to_the_full_batch(kind):
   sums = jax.tree.map(jnp.add, halves[0][0][1]["sums"], halves[1][0][1]["sums"])
   for key, val in losses.loss_stats_from_sums(sums).items():
     np.testing.assert_allclose(val, aux[key], rtol=1e-5, atol=1e-7, err_msg=key)
-  assert float(aux["clip_frac_low"]) + float(aux["clip_frac_high"]) > 0  # the test exercises clipping
+  # the test exercises clipping
+  assert float(aux["clip_frac_low"]) + float(aux["clip_frac_high"]) > 0
 
 
 def test_loss_denominator_counts_tokens_or_sequences():
@@ -165,7 +169,8 @@ def _gspo_batch():
 
 
 def test_gspo_sequence_ratio_hand_worked():
-  """ε = (0.2, 0.5): seq0 unclipped −√2; seq1 −min(−¼, −0.8) = 0.8 (lower clip); mean over 2 seqs."""
+  """ε = (0.2, 0.5): seq0 unclipped −√2; seq1 −min(−¼, −0.8) = 0.8 (lower clip);
+  mean over 2 seqs."""
   logp, old, adv, mask = _gspo_batch()
   f = lambda lp: losses.gspo_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.5)
   (loss, aux), grad = jax.value_and_grad(f, has_aux=True)(logp)

@@ -20,7 +20,8 @@ def test_memory_plan_table_and_json():
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   rows = result["rows"]
-  assert result["devices"] == 8 and [(r["data"], r["expert"]) for r in rows] == [(8, 1), (2, 4), (1, 8)]
+  assert (result["devices"] == 8
+          and [(r["data"], r["expert"]) for r in rows] == [(8, 1), (2, 4), (1, 8)])
   # More expert parallelism, less per device; AdamW keeps two moments per parameter.
   assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
   for r in rows:

@@ -38,7 +38,8 @@ def test_mismatch_hand_worked():
   m = jax.jit(metrics.mismatch_metrics)(train, rollout, mask)
   np.testing.assert_allclose(m["k3_kl"], np.mean(HAND_K3), rtol=1e-5)
   np.testing.assert_allclose(m["k3_kl"], 0.2030194, rtol=1e-5)
-  np.testing.assert_allclose(m["extreme_frac"], 0.5)  # ln2 − 0.01 is not extreme, the masked 10 is out
+  # ln2 − 0.01 is not extreme, the masked 10 is out
+  np.testing.assert_allclose(m["extreme_frac"], 0.5)
   np.testing.assert_allclose(m["ratio_mean"], np.mean(HAND_RATIO), rtol=1e-6)
   np.testing.assert_allclose(m["ratio_var"], np.var(HAND_RATIO), rtol=1e-5)
 
@@ -138,7 +139,8 @@ def test_routing_ids_outside_the_experts_raise(which, bad):
 
 
 def test_routing_mask_excludes_tokens():
-  """Unmasking token 3 (two deviations per layer, ρ(I_rep) = 0) changes the numbers as computed by hand."""
+  """Unmasking token 3 (two deviations per layer, ρ(I_rep) = 0) changes the numbers as computed
+  by hand."""
   rep, cur, probs, _ = _hand_routes()
   m = metrics.routing_metrics(rep, cur, probs, jnp.ones((1, 4)))
   np.testing.assert_allclose(m["topk_agreement_per_layer"], [1.5 / 4, 1.5 / 3], rtol=1e-6)
@@ -176,7 +178,8 @@ def test_flatten_for_json():
   m = {"step": 7, "k3_kl": jnp.float32(0.25), "per_layer": jnp.array([0.5, 0.75]),
        "hist": jnp.ones((2, 2)), "loss": {"sums": {"count": jnp.int32(3)}}, "phase": "rl"}
   out = metrics.flatten_for_json(m)
-  assert out == {"step": 7, "k3_kl": 0.25, "per_layer": [0.5, 0.75], "hist": [[1.0, 1.0], [1.0, 1.0]],
+  assert out == {"step": 7, "k3_kl": 0.25, "per_layer": [0.5, 0.75],
+                 "hist": [[1.0, 1.0], [1.0, 1.0]],
                  "loss/sums/count": 3, "phase": "rl"}
   assert type(out["k3_kl"]) is float and type(out["per_layer"][0]) is float
   assert type(out["loss/sums/count"]) is int

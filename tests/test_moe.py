@@ -1,4 +1,5 @@
-"""MoEBlock: float32 router, record/replay, the expert paths, dropping and the aux loss, against numpy."""
+"""MoEBlock: float32 router, record/replay, the expert paths, dropping and the aux loss, against
+numpy."""
 
 import flax.linen as nn
 import jax
@@ -27,7 +28,8 @@ def _silu(x):
 
 
 def np_moe(x_BTD, params, cfg, routes_BTK=None):
-  """numpy oracle: softmax router, top-k (or replayed ids), gates from the full softmax, SwiGLU sum."""
+  """numpy oracle: softmax router, top-k (or replayed ids), gates from the full softmax,
+  SwiGLU sum."""
   x = np.asarray(x_BTD, np.float64).reshape(-1, cfg.d_model)
   logits = x @ np.asarray(params["gate"], np.float64)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -48,9 +50,11 @@ def np_moe(x_BTD, params, cfg, routes_BTK=None):
 
 
 def test_params_shapes_dtypes_and_logical_names():
-  """Router 'gate' [D,E], experts stacked [E,D,F]/[E,F,D], all float32, experts on the 'expert' axis."""
+  """Router 'gate' [D,E], experts stacked [E,D,F]/[E,F,D], all float32, experts on the
+  'expert' axis."""
   x = jnp.zeros((B, T, 32), jnp.bfloat16)
-  boxed = jax.eval_shape(MoEBlock(CFG.replace(dtype="bfloat16")).init, jax.random.PRNGKey(0), x)["params"]
+  boxed = jax.eval_shape(MoEBlock(CFG.replace(dtype="bfloat16")).init,
+                         jax.random.PRNGKey(0), x)["params"]
   shapes = {k: (v.value.shape, v.value.dtype, v.names) for k, v in boxed.items()}
   assert shapes == {
       "gate": ((32, 8), jnp.float32, ("embed", "experts_logits")),
@@ -80,7 +84,8 @@ def test_replay_with_live_rows_matches_numpy():
   """Replayed rows use their ids with gates from the full softmax; -1 rows pick the live top-k."""
   x, params = _init()
   rng = np.random.default_rng(0)
-  routes = np.stack([rng.permutation(8)[:2] for _ in range(B * T)]).reshape(B, T, 2).astype(np.int32)
+  routes = (np.stack([rng.permutation(8)[:2] for _ in range(B * T)])
+            .reshape(B, T, 2).astype(np.int32))
   routes[1, ::2] = -1
   y, aux = MoEBlock(CFG).apply({"params": params}, x, jnp.asarray(routes))
   y_ref, ids_ref, _ = np_moe(x, params, CFG, routes)
@@ -102,10 +107,12 @@ def test_replaying_recorded_routes_is_bitwise_identical():
 
 
 def test_foreign_routes_router_gets_gradient_unused_experts_get_none():
-  """Replaying routes that avoid experts 6, 7: router grad non-zero, those experts' grads exactly 0."""
+  """Replaying routes that avoid experts 6, 7: router grad non-zero, those experts'
+  grads exactly 0."""
   x, params = _init(seed=2)
   rng = np.random.default_rng(1)
-  routes = jnp.asarray(np.stack([rng.permutation(6)[:2] for _ in range(B * T)]).reshape(B, T, 2), jnp.int32)
+  routes = jnp.asarray(np.stack([rng.permutation(6)[:2] for _ in range(B * T)]).reshape(B, T, 2),
+                       jnp.int32)
   cot = jax.random.normal(jax.random.PRNGKey(3), (B, T, 32))
   loss = lambda p: jnp.sum(MoEBlock(CFG).apply({"params": p}, x, routes)[0] * cot)
   g = jax.jit(jax.grad(loss))(params)
@@ -116,7 +123,8 @@ def test_foreign_routes_router_gets_gradient_unused_experts_get_none():
 
 
 def test_small_capacity_drops_and_counts():
-  """capacity=1 on one shard: dropped = Σ_e max(0, load_e - 1), the first arrival per expert kept."""
+  """capacity=1 on one shard: dropped = Σ_e max(0, load_e - 1), the first arrival per
+  expert kept."""
   x, params = _init(seed=3)
   y, aux = MoEBlock(CFG).apply({"params": params}, x, capacity=1)
   load = np.bincount(np.asarray(aux.routes_BTK).reshape(-1), minlength=8)
@@ -144,7 +152,8 @@ def test_bfloat16_router_stays_float32():
   assert y16.dtype == jnp.bfloat16 and aux16.logits_BTE.dtype == jnp.float32
   logit_scale = float(jnp.max(jnp.abs(aux32.logits_BTE)))
   np.testing.assert_allclose(aux16.logits_BTE, aux32.logits_BTE, rtol=0.05, atol=0.05 * logit_scale)
-  np.testing.assert_allclose(y16.astype(jnp.float32), y32, rtol=0.1, atol=0.05 * float(jnp.max(jnp.abs(y32))))
+  np.testing.assert_allclose(y16.astype(jnp.float32), y32, rtol=0.1,
+                             atol=0.05 * float(jnp.max(jnp.abs(y32))))
 
 
 def test_planned_replicas_match_no_replication_and_never_recompile():

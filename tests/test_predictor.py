@@ -227,8 +227,10 @@ def test_unknown_loss():
 
 @pytest.mark.parametrize("bad, match", [
     ({"weight_N": jnp.ones((3, 1))}, r"weight_N has shape \(3, 1\), expected \[N\]"),
-    ({"p_cur_NLE": jnp.zeros((1, 2, 4))}, r"p_cur_NLE has shape \(1, 2, 4\), expected .*\(3, 2, 4\)"),
-    ({"h_old_NLD": jnp.zeros((3, 2, 5))}, r"h_old_NLD has shape \(3, 2, 5\), expected .*\(3, 2, 6\)"),
+    ({"p_cur_NLE": jnp.zeros((1, 2, 4))},
+     r"p_cur_NLE has shape \(1, 2, 4\), expected .*\(3, 2, 4\)"),
+    ({"h_old_NLD": jnp.zeros((3, 2, 5))},
+     r"h_old_NLD has shape \(3, 2, 5\), expected .*\(3, 2, 6\)"),
 ])
 def test_predictor_losses_refuse_shapes_that_would_broadcast(bad, match):
   """A [N, 1] weight broadcast to [N, N] and gave 2.0 / 4.5 for losses of 0.43 / 0.91."""

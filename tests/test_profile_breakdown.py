@@ -9,19 +9,26 @@ from experiments import profile_breakdown as pb
 
 import _cli
 
+# A backslash at the end of a line continues it: one instruction per line, as XLA prints them.
 HLO = """
 %fused_dot (param_0.3: f32[4,4]) -> f32[4] {
   %param_0.3 = f32[4,4]{1,0} parameter(0)
-  %dot_general.0 = f32[4,4]{1,0} dot(%param_0.3, %param_0.3), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(step)/lm_head/dot_general"}
-  ROOT %reduce_sum.0 = f32[4]{0} reduce(%dot_general.0, %c), dimensions={0}, to_apply=%add, metadata={op_name="jit(step)/reduce_sum"}
+  %dot_general.0 = f32[4,4]{1,0} dot(%param_0.3, %param_0.3), lhs_contracting_dims={1}, \
+rhs_contracting_dims={0}, metadata={op_name="jit(step)/lm_head/dot_general"}
+  ROOT %reduce_sum.0 = f32[4]{0} reduce(%dot_general.0, %c), dimensions={0}, to_apply=%add, \
+metadata={op_name="jit(step)/reduce_sum"}
 }
 
 ENTRY %main.2 (p0: f32[4,4]) -> f32[4,8] {
-  %ynn_fusion.3 = f32[4,8]{1,0} fusion(%p0, %p1), kind=kCustom, metadata={op_name="jit(step)/jvp(MoETransformer)/layers_0/self_attn/q_proj/dot_general" stack_frame_id=3}
+  %ynn_fusion.3 = f32[4,8]{1,0} fusion(%p0, %p1), kind=kCustom, \
+metadata={op_name="jit(step)/jvp(MoETransformer)/layers_0/self_attn/q_proj/dot_general" \
+stack_frame_id=3}
   ROOT %copy.1 = f32[4,8]{1,0} copy(%ynn_fusion.3)
   %copy.2 = f32[8,4]{0,1} copy(%p1), metadata={op_name="jit(step)/lm_head/dot_general"}
-  %ynn_fusion.7 = f32[8]{0} fusion(%p0), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(step)/reduce_sum"}
-  %reduce_scatter.9 = f32[2]{0} reduce-scatter(%x), metadata={op_name="jit(step)/layers_1/mlp/shard_map/reduce_scatter"}
+  %ynn_fusion.7 = f32[8]{0} fusion(%p0), kind=kCustom, calls=%fused_dot, \
+metadata={op_name="jit(step)/reduce_sum"}
+  %reduce_scatter.9 = f32[2]{0} reduce-scatter(%x), \
+metadata={op_name="jit(step)/layers_1/mlp/shard_map/reduce_scatter"}
 }
 """
 

@@ -40,7 +40,8 @@ def test_program_key_ignores_only_what_no_program_reads():
           _rl(base, max_consecutive_skips=2)]
   for cfg in same:
     assert programs.program_key(cfg, MESH) == key, cfg
-  other = [_rl(base, temperature=0.5), _rl(base, eval_temperature=0.0), _rl(base, learning_rate=1.0),
+  other = [_rl(base, temperature=0.5), _rl(base, eval_temperature=0.0),
+           _rl(base, learning_rate=1.0),
            _rl(base, replay_mode="r2"), _rl(base, micro_steps=1),
            dataclasses.replace(base, model=base.model.replace(d_model=64)),
            dataclasses.replace(base, sft=SFTConfig(num_steps=5, batch_size=8)),

@@ -1,6 +1,7 @@
 """experiments/replay_report.py: the 'higher / lower / within noise' verdicts of
 docs/results/replay_comparison.md (summaries, aggregation and `plan_run`:
-tests/test_compare_replay.py), and what `python -m experiments.replay_report` says (it is a library, not a command)."""
+tests/test_compare_replay.py), and what `python -m experiments.replay_report` says (it is a
+library, not a command)."""
 
 import os
 import subprocess

@@ -8,7 +8,8 @@ from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompts_per_step=3, group_size=2, off_policy_k=2, micro_steps=2),
      r"batch prompts_per_step\*group_size=6 must be divisible by off_policy_k\*micro_steps=2\*2"),
-    (dict(replay_mode="r4"), r"replay_mode='r4' must be one of \('none', 'r2', 'r3', 'pr2', 'pr2_r2'\)"),
+    (dict(replay_mode="r4"),
+     r"replay_mode='r4' must be one of \('none', 'r2', 'r3', 'pr2', 'pr2_r2'\)"),
     (dict(loss="ppo"), "loss='ppo' must be one of"),
     (dict(ratio_denominator="x"), "ratio_denominator='x'"),
     (dict(rollout_dtype="float16"), "rollout_dtype='float16'"),
@@ -128,7 +129,8 @@ def test_capacity_mode_auto_buckets_only_with_a_balance_mode():
   assert RLConfig().effective_capacity_mode == "model"
   assert RLConfig(balance_mode="foresight").effective_capacity_mode == "bucket"
   assert RLConfig(balance_mode="eplb_step").effective_capacity_mode == "bucket"
-  assert RLConfig(balance_mode="foresight", capacity_mode="model").effective_capacity_mode == "model"
+  assert RLConfig(balance_mode="foresight", capacity_mode="model").effective_capacity_mode == (
+      "model")
   assert RLConfig(capacity_mode="forecast").effective_capacity_mode == "forecast"
 
 

@@ -14,8 +14,10 @@ def test_sft_batch_layout():
               Problem(prompt="12+3=", answer="15", solution="15", meta=())]
   b = data.sft_batch(tok, problems, 6, 3)
   pad, bos, eos = tok.pad_id, tok.bos_id, tok.eos_id
-  np.testing.assert_array_equal(b["tokens"][0], [pad, bos] + tok.encode("1+2=") + tok.encode("3") + [eos, pad])
-  np.testing.assert_array_equal(b["tokens"][1], [bos] + tok.encode("12+3=") + tok.encode("15") + [eos])
+  np.testing.assert_array_equal(b["tokens"][0],
+                                [pad, bos] + tok.encode("1+2=") + tok.encode("3") + [eos, pad])
+  np.testing.assert_array_equal(b["tokens"][1],
+                                [bos] + tok.encode("12+3=") + tok.encode("15") + [eos])
   np.testing.assert_array_equal(b["loss_mask"][0], [0, 0, 0, 0, 0, 0, 1, 1, 0])
   np.testing.assert_array_equal(b["positions"][0], [0, 0, 1, 2, 3, 4, 5, 6, 6])
   np.testing.assert_array_equal(b["valid"][0], [0, 1, 1, 1, 1, 1, 1, 1, 0])

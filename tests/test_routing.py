@@ -1,4 +1,5 @@
-"""Routing as pure functions: softmax/top-k/gates by hand, replay, -1 rows, load, aux loss, validation."""
+"""Routing as pure functions: softmax/top-k/gates by hand, replay, -1 rows, load, aux loss,
+validation."""
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,8 @@ def test_replay_gathers_gates_from_full_softmax(norm, expected):
   r = routing.route(jnp.asarray(LOGITS), 2, norm, routes)
   np.testing.assert_array_equal(r.expert_ids, routes)
   np.testing.assert_allclose(r.gates, expected, rtol=1e-6)
-  np.testing.assert_allclose(routing.replay_gates(jnp.asarray(LOGITS), routes, norm), expected, rtol=1e-6)
+  np.testing.assert_allclose(routing.replay_gates(jnp.asarray(LOGITS), routes, norm), expected,
+                             rtol=1e-6)
 
 
 def test_replay_gives_router_gradient_through_replayed_experts():
@@ -96,7 +98,8 @@ def test_minus_one_rows_are_the_live_router():
   np.testing.assert_array_equal(mixed.expert_ids[1], live.expert_ids[1])
   np.testing.assert_array_equal(mixed.gates[1], live.gates[1])
   np.testing.assert_allclose(mixed.gates[0, :3],
-                             routing.replay_gates(logits[0, :3], jnp.asarray(replayed), True), rtol=1e-6)
+                             routing.replay_gates(logits[0, :3], jnp.asarray(replayed), True),
+                             rtol=1e-6)
 
 
 def test_route_jits_with_and_without_replay():
@@ -178,19 +181,24 @@ def test_expert_load_counts_pairs_and_respects_mask():
   np.testing.assert_array_equal(routing.expert_load(ids, 5), [2, 2, 1, 1, 0])
   np.testing.assert_array_equal(routing.expert_load(ids, 5, jnp.array([1, 0, 1])), [2, 1, 0, 1, 0])
   np.testing.assert_array_equal(
-      routing.expert_load(ids.reshape(1, 3, 2), 5, jnp.array([[True, True, False]])), [1, 2, 1, 0, 0])
+      routing.expert_load(ids.reshape(1, 3, 2), 5, jnp.array([[True, True, False]])),
+      [1, 2, 1, 0, 0])
 
 
 def test_switch_aux_loss_uniform_is_one_and_collapsed_is_num_experts():
   """E·Σ f_e P_e = 1 for perfectly even routing; E when everything goes to one expert."""
   uniform = jnp.full((4, 4), 0.25)
-  np.testing.assert_allclose(routing.switch_aux_loss(uniform, jnp.array([[0, 1], [2, 3], [1, 0], [3, 2]])), 1.0,
+  np.testing.assert_allclose(routing.switch_aux_loss(uniform,
+                                                     jnp.array([[0, 1], [2, 3], [1, 0], [3, 2]])),
+                             1.0,
                              rtol=1e-6)
   onehot = jnp.tile(jnp.array([[1.0, 0, 0, 0]]), (4, 1))
-  np.testing.assert_allclose(routing.switch_aux_loss(onehot, jnp.zeros((4, 1), jnp.int32)), 4.0, rtol=1e-6)
+  np.testing.assert_allclose(routing.switch_aux_loss(onehot, jnp.zeros((4, 1), jnp.int32)), 4.0,
+                             rtol=1e-6)
   # Hand example: f = [3/4, 1/4, 0, 0], P = [0.5, 0.3, 0.1, 0.1] -> 4 * (0.375 + 0.075) = 1.8
   probs = jnp.tile(jnp.array([[0.5, 0.3, 0.1, 0.1]]), (4, 1))
-  np.testing.assert_allclose(routing.switch_aux_loss(probs, jnp.array([[0], [0], [0], [1]])), 1.8, rtol=1e-6)
+  np.testing.assert_allclose(routing.switch_aux_loss(probs, jnp.array([[0], [0], [0], [1]])), 1.8,
+                             rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- validate_routes
@@ -217,18 +225,22 @@ def test_validate_routes_accepts_valid_numpy_and_jax():
 
 
 @pytest.mark.parametrize("make, pattern", [
-    (lambda r: r[:, :2], r"routes has shape \(2, 2, 2, 2\), expected \[B, T, L, K\] = \(2, 3, 2, 2\)"),
+    (lambda r: r[:, :2],
+     r"routes has shape \(2, 2, 2, 2\), expected \[B, T, L, K\] = \(2, 3, 2, 2\)"),
     (lambda r: r[..., None], r"routes has shape .* expected"),
     (lambda r: r.astype(bool), r"routes has dtype bool, expected int32 or another integer"),
     (lambda r: r.astype(np.float32), r"routes has dtype float32, expected int32"),
     (lambda r: r.tolist(), r"routes has shape \(\)"),
     (lambda r: _set(r, (0, 1, 0), [-2, -2]), r"value -2 < -1"),
     (lambda r: _set(r, (0, 1, 0), [4, 0]), r"expert id 4 >= num_experts=4"),
-    (lambda r: _set(r, (1, 0, 1), [-1, 2]), r"row \(b, t, l\)=\(1, 0, 1\) mixes -1 and expert ids: \[-1, 2\]"),
-    (lambda r: _set(r, (0, 2, 1), [3, 3]), r"row \(b, t, l\)=\(0, 2, 1\) repeats an expert: \[3, 3\]"),
+    (lambda r: _set(r, (1, 0, 1), [-1, 2]),
+     r"row \(b, t, l\)=\(1, 0, 1\) mixes -1 and expert ids: \[-1, 2\]"),
+    (lambda r: _set(r, (0, 2, 1), [3, 3]),
+     r"row \(b, t, l\)=\(0, 2, 1\) repeats an expert: \[3, 3\]"),
 ])
 def test_validate_routes_rejects(make, pattern):
-  """Wrong shape, dtype, range, mixed rows and repeats each raise a ValueError naming the problem."""
+  """Wrong shape, dtype, range, mixed rows and repeats each raise a ValueError naming the
+  problem."""
   with pytest.raises(ValueError, match=pattern):
     routing.validate_routes(make(_good()), **SHAPE)
 
@@ -252,7 +264,8 @@ def _set(r, idx, row):
 
 
 def test_expert_load_rejects_ids_outside_the_experts():
-  with pytest.raises(ValueError, match=r"expert_ids_NK\[0, 1\] = 9 is outside \[0, num_experts=8\)"):
+  with pytest.raises(ValueError, match=r"expert_ids_NK\[0, 1\] = 9 is outside "
+                                       r"\[0, num_experts=8\)"):
     routing.expert_load(jnp.asarray([[0, 9]], jnp.int32), 8)
   np.testing.assert_array_equal(jax.jit(routing.expert_load, static_argnums=1)(
       jnp.asarray([[0, 3], [3, 1]], jnp.int32), 4), [1, 1, 0, 2])

@@ -93,12 +93,14 @@ def test_layout_and_eos_handling():
 
 
 def test_greedy_is_argmax_and_deterministic():
-  a, b = _generate("float32", temperature=0.0, seed=1), _generate("float32", temperature=0.0, seed=9)
+  a, b = (_generate("float32", temperature=0.0, seed=1),
+          _generate("float32", temperature=0.0, seed=9))
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   logp, _ = _full_forward(a)
   mask = np.asarray(a.response_mask[:, 1:]) > 0
   params, _, _ = _setup()
-  out = MoETransformer(CFG).apply({"params": params}, a.tokens, positions=a.positions, valid=a.valid)
+  out = MoETransformer(CFG).apply({"params": params}, a.tokens, positions=a.positions,
+                                  valid=a.valid)
   argmax = np.asarray(jnp.argmax(out.logits[:, :-1], -1))
   np.testing.assert_array_equal(argmax[mask], np.asarray(a.tokens)[:, 1:][mask])
 

@@ -130,12 +130,14 @@ def test_train_eval_disjoint(task):
 
 def test_split_is_stable_and_shared_across_settings():
   # The split is a property of the prompt alone; these values are golden.
-  held = [f"{a}+{b}=" for a in range(10) for b in range(10) if tasks.is_eval_prompt(f"{a}+{b}=", 0.1)]
+  held = [f"{a}+{b}=" for a in range(10) for b in range(10)
+          if tasks.is_eval_prompt(f"{a}+{b}=", 0.1)]
   assert held == ["3+3=", "3+7=", "3+8=", "5+3=", "5+6=", "6+2=", "6+7=", "7+1=", "7+5=", "7+9=",
                   "8+3=", "8+5=", "8+8=", "9+5="]
   assert not tasks.is_eval_prompt("12+34=", 0.1) and tasks.is_eval_prompt("12+34=", 0.9)
   small = {p.prompt for p in tasks.Arithmetic(num_digits=1).eval_set(8)}
-  big_train = {p.prompt for p in tasks.Arithmetic(num_digits=2).sample(np.random.default_rng(0), 5000)}
+  big_train = {p.prompt
+               for p in tasks.Arithmetic(num_digits=2).sample(np.random.default_rng(0), 5000)}
   assert not small & big_train
   fractions = np.mean([tasks.is_eval_prompt(str(i), 0.1) for i in range(20000)])
   assert 0.09 < fractions < 0.11
@@ -156,7 +158,8 @@ def test_mixture():
   names = [p.task for p in mix.sample(np.random.default_rng(0), 4000)]
   assert 0.72 < names.count("arithmetic") / len(names) < 0.78
   ev = mix.eval_set(10)
-  assert [p.task for p in ev] == ["arithmetic"] * 8 + ["countdown"] * 2  # 7.5/2.5 -> 8/2 (ties: first)
+  # 7.5/2.5 -> 8/2 (ties: first)
+  assert [p.task for p in ev] == ["arithmetic"] * 8 + ["countdown"] * 2
   cd = next(p for p in ev if p.task == "countdown")
   assert mix.reward(cd, cd.solution) == 1.0 and mix.reward(ev[0], ev[0].answer) == 1.0
   with pytest.raises(ValueError, match="not in mixture"):
@@ -170,7 +173,8 @@ def test_mixture():
 def test_make_task_and_validation():
   assert isinstance(tasks.make_task("arithmetic", num_digits=3), tasks.Arithmetic)
   assert tasks.make_task("countdown", num_numbers=4).num_numbers == 4
-  with pytest.raises(ValueError, match=r"unknown task 'sudoku'; allowed: \['arithmetic', 'countdown'\]"):
+  with pytest.raises(ValueError, match=r"unknown task 'sudoku'; allowed: "
+                                       r"\['arithmetic', 'countdown'\]"):
     tasks.make_task("sudoku")
   with pytest.raises(ValueError, match="num_digits=0"):
     tasks.Arithmetic(num_digits=0)

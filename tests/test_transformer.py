@@ -1,4 +1,5 @@
-"""MoETransformer: record/replay, -1 rows, router gradients under foreign routes, sharding, dtypes."""
+"""MoETransformer: record/replay, -1 rows, router gradients under foreign routes, sharding,
+dtypes."""
 
 import functools
 
@@ -27,7 +28,8 @@ def _tokens(seed=0):
 @functools.lru_cache(maxsize=None)
 def _params(cfg=CFG, seed=0):
   """Unboxed float32 params; router weights scaled up so routing is far from ties."""
-  params = nn.unbox(jax.jit(MoETransformer(cfg).init)(jax.random.PRNGKey(seed), _tokens()))["params"]
+  params = nn.unbox(
+      jax.jit(MoETransformer(cfg).init)(jax.random.PRNGKey(seed), _tokens()))["params"]
   for layer in cfg.moe_layers:
     mlp = params[f"layers_{layer}"]["mlp"]
     mlp["gate"] = mlp["gate"] * 50.0
@@ -60,14 +62,16 @@ def _value_and_grad(cfg=CFG, mesh=None):
 
 
 def _foreign_routes(num_used=6, seed=0):
-  """Random distinct ids drawn from experts [0, num_used) only: experts >= num_used are never used."""
+  """Random distinct ids drawn from experts [0, num_used) only: experts >= num_used are
+  never used."""
   rng = np.random.default_rng(seed)
   r = np.stack([rng.permutation(num_used)[:K] for _ in range(B * T * L)])
   return jnp.asarray(r.reshape(B, T, L, K), jnp.int32)
 
 
 def test_output_shapes_dtypes_and_router_outputs():
-  """.logits [B,T,V] f32, .routes [B,T,L,K] int32, router logits/inputs [B,T,L,E/D]; top-k(logits) = routes."""
+  """.logits [B,T,V] f32, .routes [B,T,L,K] int32, router logits/inputs [B,T,L,E/D];
+  top-k(logits) = routes."""
   params = _params()
   out = _apply(params, _tokens())
   assert out.logits.shape == (B, T, 64) and out.logits.dtype == jnp.float32
@@ -76,17 +80,20 @@ def test_output_shapes_dtypes_and_router_outputs():
   assert out.router_inputs.shape == (B, T, L, 32)
   assert out.dropped.shape == (L,) and int(jnp.sum(out.dropped)) == 0
   assert out.aux_loss.shape == ()
-  np.testing.assert_array_equal(routing.top_k_experts(jax.nn.softmax(out.router_logits), K), out.routes)
+  np.testing.assert_array_equal(routing.top_k_experts(jax.nn.softmax(out.router_logits), K),
+                                out.routes)
   # The router logits are the router inputs times each layer's router weights.
   for l, layer in enumerate(CFG.moe_layers):
     w = params[f"layers_{layer}"]["mlp"]["gate"]
-    np.testing.assert_allclose(out.router_logits[:, :, l], out.router_inputs[:, :, l] @ w, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out.router_logits[:, :, l], out.router_inputs[:, :, l] @ w,
+                               rtol=1e-5, atol=1e-4)
   # aux_loss is the mean over layers of the Switch loss of each layer's routing.
   per_layer = [routing.switch_aux_loss(jax.nn.softmax(out.router_logits[:, :, l]).reshape(-1, E),
                                        out.routes[:, :, l].reshape(-1, K)) for l in range(L)]
   np.testing.assert_allclose(out.aux_loss, np.mean(per_layer), rtol=1e-5)
   # Router outputs are only returned on request (checked abstractly, no compile).
-  plain = jax.eval_shape(lambda p, t: MoETransformer(CFG).apply({"params": p}, t), params, _tokens())
+  plain = jax.eval_shape(lambda p, t: MoETransformer(CFG).apply({"params": p}, t), params,
+                         _tokens())
   assert plain.router_logits is None and plain.router_inputs is None
   assert plain.routes.shape == (B, T, L, K) and plain.routes.dtype == jnp.int32
 
@@ -179,9 +186,11 @@ def _sharded(cfg, mesh):
   return jax.device_put(_params(cfg), tree_shardings(mesh, boxed))
 
 
-@pytest.mark.parametrize("shape, impl", [((2, 4), "capacity"), ((1, 8), "capacity"), ((2, 4), "ragged")])
+@pytest.mark.parametrize("shape, impl",
+                         [((2, 4), "capacity"), ((1, 8), "capacity"), ((2, 4), "ragged")])
 def test_sharded_model_equals_single_device(shape, impl):
-  """On 8 fake devices the jitted sharded model equals the single-device one: routes, logits, grads."""
+  """On 8 fake devices the jitted sharded model equals the single-device one: routes,
+  logits, grads."""
   cfg = CFG.replace(expert_impl=impl)
   mesh = make_mesh(*shape)
   params, tokens = _params(cfg), _tokens(6)
@@ -199,7 +208,8 @@ def test_sharded_model_equals_single_device(shape, impl):
     b = functools.reduce(lambda t, k: t[k.key], path, g_ref)
     scale = float(jnp.max(jnp.abs(b)))
     assert scale > 0, jax.tree_util.keystr(path)
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def test_sharded_model_with_replica_slots():
@@ -214,7 +224,8 @@ def test_sharded_model_with_replica_slots():
   out = jax.jit(lambda p, t, s: model.apply({"params": p}, t, slot_expert=s))(
       _sharded(CFG, mesh), tokens, slot_map)
   np.testing.assert_array_equal(out.routes, ref.routes)
-  np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref.logits))))
+  np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(ref.logits))))
 
 
 def test_bfloat16_runs_and_is_close_to_float32():
@@ -228,7 +239,8 @@ def test_bfloat16_runs_and_is_close_to_float32():
   out16 = _apply(params, tokens, ref.routes, cfg=cfg16)
   scale = float(jnp.max(jnp.abs(ref.logits)))
   np.testing.assert_allclose(out16.logits, ref.logits, rtol=0.05, atol=0.05 * scale)
-  assert not np.array_equal(np.asarray(out16.logits), np.asarray(ref.logits))  # really lower precision
+  # really lower precision
+  assert not np.array_equal(np.asarray(out16.logits), np.asarray(ref.logits))
 
 
 def test_dense_layers_shrink_the_routes_layer_axis():
@@ -299,7 +311,8 @@ def test_last_and_no_logits_agree_with_the_full_logits(tied):
 
 
 def test_left_padding_matches_unpadded():
-  """Left-padded prompts (positions + valid) give the unpadded logits and routes on the real tokens."""
+  """Left-padded prompts (positions + valid) give the unpadded logits and routes on the real
+  tokens."""
   params, tokens = _params(), _tokens(9)
   ref = _apply(params, tokens)  # causal: logits at t < 6 depend on tokens[:, :6] only
   padded = jnp.concatenate([jnp.full((B, 2), 7, jnp.int32), tokens[:, :6]], axis=1)
