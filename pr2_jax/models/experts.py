@@ -131,7 +131,9 @@ def dense_experts(x_ND: jax.Array, slot_ids_NK: jax.Array, gates_NK: jax.Array,
 
 def ragged_experts(x_ND: jax.Array, slot_ids_NK: jax.Array, gates_NK: jax.Array,
                    w: ExpertWeights, slot_offset=0) -> jax.Array:
-  """Grouped path: sort assignments by slot and run `lax.ragged_dot` (dropless).
+  """Ragged path: sort assignments by slot and run `lax.ragged_dot` (dropless; a grouped
+  matmul on GPU/TPU, a masked dense one on XLA:CPU, where `grouped.grouped_experts` is the
+  fast dropless path).
 
   Assignments to slots outside [slot_offset, slot_offset+S) sort to the end,
   beyond Σ group_sizes, where ragged_dot yields zeros. Returns float32 [N, D].
