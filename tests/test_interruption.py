@@ -127,7 +127,7 @@ def test_sigkill_at_random_moments_then_rerun_is_bit_identical(tmp_path):
   got, meta = sub.restore_rl_state(workdir, NUM_STEPS)
   want, ref_meta = sub.restore_rl_state(reference, NUM_STEPS)
   assert meta == ref_meta
-  leaves = jax.tree_util.tree_leaves_with_path(got)
+  leaves = jax.tree.leaves_with_path(got)
   assert len(leaves) == len(jax.tree.leaves(want)) > 0
   for (path, a), b in zip(leaves, jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))

@@ -64,7 +64,7 @@ def _assert_updates_close(new, ref, before, tol=1e-5):
   any error in leaves whose gradients are small (router leaves: ~1e-4 at most). Plus one unit in
   the last place of the parameters: each side's update is rounded to the float32 grid of the
   values it lands on, 1.2e-7 for a norm scale near 1, whose updates are ~1e-3."""
-  flat = jax.tree_util.tree_flatten_with_path(before)[0]
+  flat = jax.tree.flatten_with_path(before)[0]
   for (path, b), n, r in zip(flat, jax.tree.leaves(new), jax.tree.leaves(ref)):
     b, r = np.asarray(b), np.asarray(r)
     want, got = r - b, np.asarray(n) - b
@@ -763,7 +763,7 @@ def test_aux_loss_coef_adds_the_micro_steps_mean_switch_loss():
     np.testing.assert_allclose(float(m["aux_loss"]), float(aux), rtol=1e-5)
   np.testing.assert_allclose(float(m_c["loss"]), float(m0["loss"]) + coef * float(aux),
                              rtol=1e-5)
-  flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  flat = jax.tree.flatten_with_path(state.params)[0]
   for (path, p), a, b, g in zip(flat, jax.tree.leaves(new0.params), jax.tree.leaves(new_c.params),
                                 jax.tree.leaves(g_aux)):
     # Gradients are read as parameter differences: float32 rounding of |p| adds to the error.

@@ -284,7 +284,7 @@ def test_methods_differ_and_rounds_is_the_default():
   rng = np.random.default_rng(3)
   loads = rng.lognormal(0, 1.0, (4, 32)) * 50
   default, rounds = pl.plan_placement(loads, 8, 5), pl.plan_placement(loads, 8, 5, method="rounds")
-  jax.tree_util.tree_map(np.testing.assert_array_equal, default, rounds)
+  jax.tree.map(np.testing.assert_array_equal, default, rounds)
   lpt = pl.plan_placement(loads, 8, 5, method="lpt")
   assert not np.array_equal(rounds.slot_expert, lpt.slot_expert)
 

@@ -120,7 +120,7 @@ def test_aux_loss_enters_the_objective():
       parts(p), (jax.grad(lambda q: parts(q)[0])(p), jax.grad(lambda q: parts(q)[1])(p))))(before)
   np.testing.assert_allclose(float(m["loss"]), float(nll), rtol=1e-5)
   np.testing.assert_allclose(float(m["aux_loss"]), float(aux), rtol=1e-5)
-  flat = jax.tree_util.tree_flatten_with_path(before)[0]
+  flat = jax.tree.flatten_with_path(before)[0]
   for (path, p), n, gn, ga in zip(flat, jax.tree.leaves(new.params), jax.tree.leaves(g_nll),
                                   jax.tree.leaves(g_aux)):
     want = np.asarray(gn) + coef * np.asarray(ga)

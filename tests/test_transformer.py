@@ -204,7 +204,7 @@ def test_sharded_model_equals_single_device(shape, impl):
   scale = float(jnp.max(jnp.abs(logits_ref)))
   np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-5 * scale)
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-  for path, a in jax.tree_util.tree_leaves_with_path(g):
+  for path, a in jax.tree.leaves_with_path(g):
     b = functools.reduce(lambda t, k: t[k.key], path, g_ref)
     scale = float(jnp.max(jnp.abs(b)))
     assert scale > 0, jax.tree_util.keystr(path)
