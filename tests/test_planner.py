@@ -50,13 +50,18 @@ def test_replica_counts_refuse_slot_counts_they_cannot_reach(slots, cap):
 
 
 def test_hand_worked_plan_with_water_filling():
-  """E=4, D=2, S=3, loads [3, 3, 4, 2], no home bonus.
+  """E=4, D=2, S=3, loads [3, 3, 4, 2], stickiness 0 (no home rule), method "rounds" (the default).
 
-  Counts [2, 1, 2, 1]; replicas by load: e1 3, e2 2, e2 2, e3 2, e0 1.5, e0 1.5.
-  LPT: e1->d0, e2->d1, e2->d0 (d1 holds e2), e3->d1, e0->d1 (4 < 5), e0->d0:
-  d0 = 3+2+1.5 = 6.5, d1 = 2+2+1.5 = 5.5 (worse than the static [6, 6]).
+  Counts [2, 1, 2, 1]; replicas by load: e1 3, e2 2, e2 2, e3 2, e0 1.5, e0 1.5, cut into
+  S=3 rounds of D=2. In each round the heavier replica goes to the lighter device (ties:
+  lower id), and a device holding the round's first expert ranks last:
+  round 0: e1->d0, e2->d1; round 1: e2->d0 (d1 holds e2), e3->d1;
+  round 2: e0->d1 (4 < 5), e0->d0.
+  d0 = 3+2+1.5 = 6.5, d1 = 2+2+1.5 = 5.5 (worse than the static [6, 6]); LPT places
+  them the same way here.
   Water-filling (damping 1/2) moves 0.25 of e2 and 0.25 of e0 to d1: [6, 6].
-  Native experts keep their slots: d0 [0, 1, 2], d1 [2, 3, 0].
+  Round s filled local slot s (d0 [1, 2, 0], d1 [2, 3, 0]); native experts keep their
+  slots: d0 [0, 1, 2], d1 [2, 3, 0].
   """
   plan = pl.plan_placement(jnp.array([[3., 3., 4., 2.]]), 2, 3, stickiness=0.0).layer(0)
   np.testing.assert_array_equal(plan.slot_expert, [[0, 1, 2], [2, 3, 0]])
