@@ -106,7 +106,7 @@ def test_unknown_pr2_loss_or_feature_rule():
 
 def test_unknown_task_name_fails_before_compiling():
   with pytest.raises(ValueError, match=r"unknown task 'sudoku'; allowed: "
-                                       r"\['arithmetic', 'countdown'"):
+                                       r"\['arithmetic', 'countdown'\]"):
     make_task("sudoku")
   with pytest.raises(ValueError, match=r"unknown task 'sudoku'"):  # with the config, no model
     ExperimentConfig(model=p2.ModelConfig(**SMALL),
