@@ -19,7 +19,7 @@ def _problem(prompt):
   """The arithmetic Problem for a hand-written prompt like '12+34='."""
   op = next(c for c in "+-*/" if c in prompt[1:])
   a, b = prompt[:-1].split(op)
-  value = expressions._apply(int(a), op, int(b))
+  value = expressions.apply_op(int(a), op, int(b))
   return tasks.Problem(prompt, str(value), str(value), (int(a), op, int(b), value), "arithmetic")
 
 

@@ -3,7 +3,7 @@
 Countdown (`tasks.py`) scores a completion such as "(8+3)*5-2" by parsing it, never with `eval`:
 `evaluate_expression` returns its value and the numbers it used, and raises ValueError on
 anything malformed (including nesting deeper than `_MAX_DEPTH`). The parser is self-contained, so
-it lives here, apart from the task classes, with its own tests. `_apply` (one binary operation
+it lives here, apart from the task classes, with its own tests. `apply_op` (one binary operation
 on ints; '/' is the exact integer division of `Arithmetic`) is defined here too, so that `tasks`
 imports from this module and never the other way round.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 _MAX_DEPTH = 32  # bracket nesting; deeper input is rejected rather than recursing without bound
 
 
-def _apply(a: int, op: str, b: int) -> int:
+def apply_op(a: int, op: str, b: int) -> int:
   return {"+": a + b, "-": a - b, "*": a * b}[op] if op != "/" else a // b
 
 
@@ -56,7 +56,7 @@ def evaluate_expression(text: str) -> tuple[int, list[int]]:
     while peek() in ("+", "-"):
       op = tokens[pos]
       pos += 1
-      value = _apply(value, op, term(depth))
+      value = apply_op(value, op, term(depth))
     return value
 
   def term(depth):  # term := factor ('*' factor)*

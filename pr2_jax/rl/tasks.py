@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pr2_jax.rl.expressions import _apply, evaluate_expression
+from pr2_jax.rl.expressions import apply_op, evaluate_expression
 
 _SPLIT_KEY = b"pr2_jax/eval-split/v1"
 _SPLIT_BUCKETS = 10_000
@@ -147,7 +147,7 @@ class Arithmetic(Task):
     if op == "/":  # draw divisor and quotient so the division is exact and a stays in range
       b = int(rng.integers(1, self.hi + 1))
       a = b * int(rng.integers(0, self.hi // b + 1))
-    value = _apply(a, op, b)
+    value = apply_op(a, op, b)
     return Problem(prompt=f"{a}{op}{b}=", answer=str(value), solution=str(value),
                    meta=(a, op, b, value), task=self.name)
 
