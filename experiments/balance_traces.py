@@ -108,7 +108,7 @@ def _transfers_LD(new_LDS, prev_LDS):
 
 
 @functools.lru_cache(maxsize=None)
-def _plan_fn(num_devices, slots, stickiness, split_iters, min_gain=None, method=DEFAULT_METHOD):
+def plan_fn(num_devices, slots, stickiness, split_iters, min_gain=None, method=DEFAULT_METHOD):
   """One jitted planner per setting, so repeated evaluations compile once."""
   return jax.jit(lambda loads, prev: plan_placement(
       loads, num_devices, slots, prev, stickiness=stickiness, split_iters=split_iters,
@@ -153,8 +153,8 @@ def evaluate_modes(trace, num_devices, slots, micro_seqs, *, ema=0.5, stickiness
                                 min_gain=min_gain, method=DEFAULT_METHOD)}
   for name, over in (variants or {}).items():
     planners[name] = {**planners["foresight"], **over}
-  plan_fns = {name: _plan_fn(num_devices, slots, kw["stickiness"], kw["split_iters"],
-                             kw["min_gain"], kw["method"]) for name, kw in planners.items()}
+  plan_fns = {name: plan_fn(num_devices, slots, kw["stickiness"], kw["split_iters"],
+                            kw["min_gain"], kw["method"]) for name, kw in planners.items()}
   modes = MODES[:-1] + tuple(planners)
   out = {m: {"device_load": [], "imbalance": [], "transfers": []} for m in modes}
   prev_fs, prev_eplb = {m: native for m in planners}, {"eplb_step": native, "eplb_ema": native}
@@ -183,8 +183,8 @@ def evaluate_modes(trace, num_devices, slots, micro_seqs, *, ema=0.5, stickiness
         else:
           loads[mode] = loads["none"]
         moved[mode] = step_transfers.pop(mode, np.zeros((num_layers, num_devices), np.int64))
-      for name, plan_fn in plan_fns.items():
-        plan = plan_fn(jnp.asarray(micro_LE), jnp.asarray(prev_fs[name]))
+      for name, fn in plan_fns.items():
+        plan = fn(jnp.asarray(micro_LE), jnp.asarray(prev_fs[name]))
         new = np.asarray(plan.slot_expert)
         moved[name] = _transfers_LD(new, prev_fs[name])
         prev_fs[name] = new

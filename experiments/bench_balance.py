@@ -152,8 +152,8 @@ def time_planner(s, rng):
   prev = jnp.asarray(np.broadcast_to(balance.native_layout(e, d, slots),
                                      (s["layers"], d, slots)))
   kw = dict(stickiness=s["stickiness"], split_iters=s["split_iters"])
-  from_loads = bt._plan_fn(d, slots, s["stickiness"], s["split_iters"])  # shared with (b)
-  lpt = bt._plan_fn(d, slots, s["stickiness"], s["split_iters"], method="lpt")
+  from_loads = bt.plan_fn(d, slots, s["stickiness"], s["split_iters"])  # shared with (b)
+  lpt = bt.plan_fn(d, slots, s["stickiness"], s["split_iters"], method="lpt")
   from_routes = jax.jit(lambda r, v, p: balance.plan_placement(
       balance.loads_from_routes(r, v, e), d, slots, p, **kw))
   routes = [jnp.asarray(r) for r in micro]
