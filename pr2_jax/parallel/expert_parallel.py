@@ -87,6 +87,8 @@ def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, nu
       y_PSCD = jax.lax.all_to_all(y_PSCD, EXPERT, 0, 0, tiled=True)
     y_nD = ex.combine(y_PSCD.reshape(P_ * S * capacity, -1), index_nK, keep_nK, gates_nK)
     dropped = jnp.sum(~keep_nK).astype(jnp.int32)
+    if distributed:
+      dropped = jax.lax.psum(dropped, TOKEN_AXES)
   else:
     if distributed and P_ > 1:
       x_nD, slot_ids_nK, gates_nK = gather_assignments(x_nD, slot_ids_nK, gates_nK, P_ * S)
@@ -98,9 +100,10 @@ def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, nu
     y_nD = fn(x_nD, slot_ids_nK, gates_nK, weights, slot_offset=p * S)
     if distributed and P_ > 1:
       y_nD = jax.lax.psum_scatter(y_nD, EXPERT, scatter_dimension=0, tiled=True)
+    # No psum of this constant: XLA hoists such a loop-invariant collective, and XLA:CPU may
+    # run it in a different order on different devices than an equally independent one (the
+    # replica fetch's switch): each device then waits in another rendezvous, a deadlock.
     dropped = jnp.zeros((), jnp.int32)
-  if distributed:
-    dropped = jax.lax.psum(dropped, TOKEN_AXES)
   return y_nD, dropped
 
 

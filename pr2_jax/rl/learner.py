@@ -251,13 +251,11 @@ def minibatch_metrics(stats: dict, grads) -> dict:
   return out
 
 
-def _denominators(rl: RLConfig, minibatch: dict) -> dict:
+def denominators(rl: RLConfig, minibatch: dict) -> dict:
   """The mini-batch's ([M, b, ...]) normalisers every micro-step shares; `micro` = 1/M."""
   resp = minibatch["response_mask"]
-  # XLA gathers this small [M, b, T] mask to flatten it. Swapping M and b first keeps the rows
-  # split, but the all-reduce left in its place runs independently of the forward's
-  # collectives, and on fake CPU devices sharing two cores that ordering hung the eplb_step
-  # learner test in 3 runs of 4 (tests/test_learner.py).
+  # XLA gathers this small [M, b, T] mask to flatten it: a collective that depends on no other,
+  # hence a program of its own in `make_learner_fns`.
   mask_NT = resp[..., 1:].reshape(-1, resp.shape[-1] - 1)
   denoms = {"loss": losses.loss_denominator(rl.loss, mask_NT),
             "tokens": jnp.maximum(mask_NT.sum(), 1.0),
@@ -269,14 +267,16 @@ def _denominators(rl: RLConfig, minibatch: dict) -> dict:
 
 
 def update_step(lr: Learner, state: TrainState, minibatch: dict, train_predictor=False,
-                step_plan=None, capacity=None):
+                step_plan=None, capacity=None, denoms=None):
   """One optimizer step from M accumulated micro-steps ([M, b, ...] arrays).
 
   `train_predictor` (a traced bool) gates PR2's predictor update: it is skipped
   at the first mini-step of each rollout batch, where the router has not moved.
-  `step_plan` is eplb_step's plan (data); `capacity` the static per-slot capacity.
+  `step_plan` is eplb_step's plan (data); `capacity` the static per-slot capacity;
+  `denoms` the mini-batch's `denominators` (computed here when None).
   """
-  denoms = _denominators(lr.rl, minibatch)
+  if denoms is None:
+    denoms = denominators(lr.rl, minibatch)
   grad_fn = jax.grad(functools.partial(micro_step, lr, step_plan=step_plan, capacity=capacity),
                      has_aux=True)
 
@@ -329,11 +329,18 @@ def make_learner_fns(lr: Learner, mesh: Mesh, state_shardings,
   old_fn = jax.jit(functools.partial(old_logprob_pass, lr), static_argnames=("capacity",))
   rep = replicated(mesh)
   update = jax.jit(functools.partial(update_step, lr), static_argnums=(4,),
-                   in_shardings=(state_shardings, shard, rep, rep),
+                   in_shardings=(state_shardings, shard, rep, rep, rep),
                    out_shardings=(state_shardings, rep), donate_argnums=0)
+  # The denominators are a program of their own: their mask gather has no data dependence on
+  # the update's first collectives (eplb_step's replica fetch, which XLA hoists out of the
+  # micro-step loop), and XLA:CPU may run two such collectives of different device groups in
+  # different orders on different devices: each then waits in the other's rendezvous, forever.
+  # An input of the update is computed before it starts.
+  denoms_fn = jax.jit(functools.partial(denominators, lr.rl), in_shardings=(shard,),
+                      out_shardings=rep)
 
   def update_fn(state, minibatch, train_predictor, step_plan=None, capacity=None):
-    return update(state, minibatch, train_predictor, step_plan, capacity)
+    return update(state, minibatch, train_predictor, step_plan, capacity, denoms_fn(minibatch))
 
   update_fn.jitted = update  # for cache inspection (tests)
   return old_fn, update_fn
