@@ -133,3 +133,21 @@ def test_predicted_gates_reaches_the_rollout():
       assert np.abs(mu - replay).max() > 1e-3
     else:
       np.testing.assert_allclose(mu, replay, rtol=0, atol=1e-5)
+
+
+def test_the_training_engine_computes_in_model_dtype():
+  """model.dtype is the learner's and warm-up's compute dtype (docs/scaling.md: bf16 at real
+  scale), rl.rollout_dtype the sampler's; parameters stay float32. It used to be forced to
+  float32, so a bf16 run silently trained in float32."""
+  progs = programs.Programs(dataclasses.replace(
+      _config(rollout_dtype="float32"), model=_config().model.replace(dtype="bfloat16")),
+                            MESH, **IDS)
+  assert progs.model.config.dtype == "bfloat16"
+  params = progs.init_state(jax.random.key(0))[0].params
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  tokens = jnp.ones((2, 6), jnp.int32)
+  logits = progs.model.apply({"params": params}, tokens).logits
+  f32 = progs.model.clone(config=progs.model.config.replace(dtype="float32"))
+  ref = f32.apply({"params": params}, tokens).logits
+  # bf16 compute: close to float32, but not equal to it.
+  assert 0 < float(jnp.max(jnp.abs(logits.astype(jnp.float32) - ref))) < 0.1

@@ -13,7 +13,7 @@ Dimension legend:
 
 Conventions:
   * `mask_BT` (bool or float) is 1 on response tokens that count in the loss.
-  * `old_logp_BT` is the float32 π_old log-prob of the sampled tokens and
+  * `old_logp_BT` is the π_old log-prob (training engine, float32 output) of the sampled tokens and
     `behaviour_logp_BT` the behaviour policy µ's (the inference engine's).
 """
 

@@ -12,7 +12,7 @@ Dimension legend:
 Conventions:
   * `mask_BT` (bool or float) is 1 on response tokens that count in the loss.
   * `old_logp_BT` is the log-prob the ratio is taken against: π_old from the
-    float32 old-log-prob pass, or the behaviour µ when that pass is skipped.
+    training engine's old-log-prob pass, or the behaviour µ when that pass is skipped.
     It is treated as a constant (stop-gradient).
   * Aggregation uses an explicit denominator so that gradient accumulation is
     exact: with `denom` = the *mini-batch's* token count (DAPO) or sequence

@@ -52,7 +52,7 @@ class Programs:
   def __init__(self, config: ExperimentConfig, mesh: Mesh, eos_id: int, pad_id: int):
     rl, pr2 = config.rl, config.pr2
     self.sft, self.mesh = config.sft, mesh  # not the config: its seed etc. are not ours
-    self.model = MoETransformer(config.model.replace(dtype="float32"), mesh)
+    self.model = MoETransformer(config.model, mesh)  # the training engine: model.dtype
     rollout_model = MoETransformer(config.model.replace(dtype=rl.rollout_dtype), mesh)
     sampling = SamplerConfig(rl.max_new_tokens, rl.temperature, rl.top_p, eos_id, pad_id,
                              pr2.predicted_gates, pr2.feature_dtype)

@@ -6,8 +6,8 @@ Dimension legend:
 
 It runs in its own dtype (bfloat16 by default: weights cast once, as a
 separate serving engine would hold them), so its log-probs differ from the
-float32 training engine the way a real disaggregated stack's do. The whole
-decode loop is one `lax.scan` inside jit: no Python dispatch per token. On CPU
+training engine (`model.dtype`, float32 by default) the way a real disaggregated stack's
+do. The whole decode loop is one `lax.scan` inside jit: no Python dispatch per token. On CPU
 the KV cache holds its bfloat16 values in float32 storage (`config.storage_dtype`:
 XLA:CPU has no in-place bfloat16 cache write), with the same tokens and log-probs.
 
@@ -176,7 +176,7 @@ def generate(model: MoETransformer, params, prompts_BP: jax.Array, prompt_valid_
              feature_slots_BF: jax.Array | None = None) -> Rollout:
   """Samples N tokens after each left-padded prompt. Jit it with `model`/`config` static.
 
-  `params` are the float32 training parameters; they are cast to the model's
+  `params` are the (float32) training parameters; they are cast to the model's
   compute dtype here, the weight sync into the inference engine. With a PR2
   `predictor [L, D, E]` every token is routed by the predicted distribution.
   With `feature_slots_BF`, the router inputs and logits at those slots are
