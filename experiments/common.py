@@ -312,6 +312,17 @@ def predictor_lr_warning(config) -> str | None:
           "Adam (~1e-3 suits, as configs/tiny.py); watch bias_logit_ratio in the metrics")
 
 
+def balance_mode_warning(config) -> str | None:
+  """foresight plans from replayed routes; with replay_mode 'none' every learner phase routes
+  live, so its plans are never used (the imbalance_* metrics are logged in every mode)."""
+  rl = config.rl
+  if rl.balance_mode != "foresight" or rl.replay_mode != "none":
+    return None
+  return ("rl.balance_mode='foresight' places nothing with rl.replay_mode='none' (live routing "
+          "leaves no routes to plan from): the static layout is used; imbalance_foresight_* "
+          "still reports what it would give")
+
+
 def exit_with_error(message: str):
   """A user error (bad config, a workdir of another setup): one line on stderr (line breaks
   folded), exit code 2, no traceback (those are for bugs)."""

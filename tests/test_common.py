@@ -150,3 +150,12 @@ def test_a_large_predictor_learning_rate_is_named():
       {**base, "pr2": {"lr_mult": 1.0}})) is None
   r3 = ExperimentConfig.from_dict({**base, "rl": {**base["rl"], "replay_mode": "r3"}})
   assert common.predictor_lr_warning(r3) is None  # no predictor
+
+
+def test_foresight_without_replay_is_named():
+  from pr2_jax.rl.config import ExperimentConfig
+  config = lambda **rl: ExperimentConfig.from_dict({"model": {}, "sft": {}, "pr2": {}, "rl": rl})
+  assert "places nothing with rl.replay_mode='none'" in common.balance_mode_warning(
+      config(balance_mode="foresight", replay_mode="none"))
+  assert common.balance_mode_warning(config(balance_mode="foresight", replay_mode="r3")) is None
+  assert common.balance_mode_warning(config(balance_mode="eplb_step", replay_mode="none")) is None
