@@ -42,3 +42,13 @@ def fails_before_work(module: str, args, tmp_path, named: str, *fixed: str, env=
   line = one_error_line(run(module, *fixed, *argv, env=env))
   assert named in line, line
   assert time.monotonic() - start < seconds and not out.exists()  # nothing compiled or written
+
+
+def says_it_is_a_library(module: str, user: str) -> None:
+  """A library module of experiments/ run as a command, even with --help: nothing on stdout
+  and one `error:` line that names the command using it (it used to do nothing at all)."""
+  proc = run(module, "--help")
+  line = one_error_line(proc)
+  assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+  assert line.startswith(f"error: {module} is a library module"), line
+  assert f"python -m {user}" in line, line

@@ -148,12 +148,7 @@ def test_transfers_count_new_experts_not_empty_slots():
 
 
 def test_run_as_a_command_it_says_it_is_a_library():
-  """It did nothing at all when run, even with --help: one `error:` line naming its user."""
-  proc = _cli.run("experiments.balance_traces", "--help")
-  line = _cli.one_error_line(proc)
-  assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1
-  assert line.startswith("error: experiments.balance_traces is a library module")
-  assert "python -m experiments.bench_balance" in line
+  _cli.says_it_is_a_library("experiments.balance_traces", "experiments.bench_balance")
 
 
 def test_layout_error_names_the_flags():

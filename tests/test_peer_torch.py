@@ -74,9 +74,4 @@ def test_decode_is_greedy_and_exactly_n_new_tokens(peer):
 
 
 def test_run_as_a_command_it_says_it_is_a_library():
-  """One `error:` line naming its user, rather than doing nothing at all, even for --help."""
-  proc = _cli.run("experiments.peer_torch", "--help")
-  line = _cli.one_error_line(proc)
-  assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1
-  assert line.startswith("error: experiments.peer_torch is a library module")
-  assert "python -m experiments.bench_peer" in line
+  _cli.says_it_is_a_library("experiments.peer_torch", "experiments.bench_peer")

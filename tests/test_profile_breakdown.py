@@ -177,9 +177,4 @@ def test_jax_breakdown_of_a_real_profile():
 
 
 def test_run_as_a_command_it_says_it_is_a_library():
-  """It did nothing at all when run, even with --help: one `error:` line naming its user."""
-  proc = _cli.run("experiments.profile_breakdown", "--help")
-  line = _cli.one_error_line(proc)
-  assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1
-  assert line.startswith("error: experiments.profile_breakdown is a library module")
-  assert "python -m experiments.bench_peer" in line
+  _cli.says_it_is_a_library("experiments.profile_breakdown", "experiments.bench_peer")

@@ -78,9 +78,4 @@ def test_write_plots_draws_each_mode_and_writes_three_pngs(tmp_path, monkeypatch
 
 
 def test_run_as_a_command_it_says_it_is_a_library():
-  """One `error:` line naming its user, rather than doing nothing at all, even for --help."""
-  proc = _cli.run("experiments.replay_plots", "--help")
-  line = _cli.one_error_line(proc)
-  assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1
-  assert line.startswith("error: experiments.replay_plots is a library module")
-  assert "python -m experiments.compare_replay" in line
+  _cli.says_it_is_a_library("experiments.replay_plots", "experiments.compare_replay")

@@ -80,6 +80,16 @@ def test_expand_runs_is_a_repeat():
     np.testing.assert_array_equal(rd.expand_runs(jnp.asarray(counts), int(counts.sum())),
                                   np.repeat(np.arange(40), counts))
 
+def assert_slots_once_no_twins(expert_X, slot_X, d, s):
+  """Every one of the D*S slots holds one replica, and no device holds an expert twice."""
+  expert_X, slot_X = np.asarray(expert_X), np.asarray(slot_X)
+  assert sorted(slot_X) == list(range(d * s))
+  layout = np.zeros(d * s, np.int64)
+  layout[slot_X] = expert_X
+  for dev in layout.reshape(d, s):
+    assert len(set(dev)) == s, dev
+
+
 @pytest.mark.parametrize("e,d,s", [(16, 4, 5), (128, 64, 3), (32, 8, 8), (8, 2, 6)])
 def test_no_twins_and_s_per_device_without_repair(e, d, s):
   """With at most D replicas per expert, rounds alone never puts an expert twice on a device."""
@@ -88,12 +98,7 @@ def test_no_twins_and_s_per_device_without_repair(e, d, s):
   for t in range(12):
     load = [rng.lognormal(0, 2, e) * 100, rng.integers(0, 4, e).astype(float),
             np.zeros(e)][t % 3].astype(np.float32)
-    expert_X, slot_X = (np.asarray(a) for a in fn(jnp.asarray(load)))
-    assert sorted(slot_X) == list(range(d * s))
-    layout = np.zeros(d * s, np.int64)
-    layout[slot_X] = expert_X
-    for dev in layout.reshape(d, s):
-      assert len(set(dev)) == s, (load, dev)
+    assert_slots_once_no_twins(*fn(jnp.asarray(load)), d, s)
 
 
 # The same layer with the home rule (stickiness 0.25: tol = 0.25 * 27 / 3 = 2.25), previous =
