@@ -80,6 +80,7 @@ def test_expand_runs_is_a_repeat():
     np.testing.assert_array_equal(rd.expand_runs(jnp.asarray(counts), int(counts.sum())),
                                   np.repeat(np.arange(40), counts))
 
+
 def assert_slots_once_no_twins(expert_X, slot_X, d, s):
   """Every one of the D*S slots holds one replica, and no device holds an expert twice."""
   expert_X, slot_X = np.asarray(expert_X), np.asarray(slot_X)
