@@ -28,6 +28,15 @@ def _smooth(ys, window=5):
   return out
 
 
+def _save(plt, fig, axes, path: str) -> str:
+  """The legend on the first panel, then write the figure to `path` and close it."""
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
 def write_plots(out_dir: str, results: dict, top_k: int) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
@@ -59,11 +68,7 @@ def write_plots(out_dir: str, results: dict, top_k: int) -> list[str]:
       ax.set_title(f"{off}: {title}", fontsize=9)
       ax.set_xlabel("RL step")
       ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  paths.append(os.path.join(out_dir, "replay_comparison_curves.png"))
-  fig.savefig(paths[-1], dpi=90)
-  plt.close(fig)
+  paths.append(_save(plt, fig, axes, os.path.join(out_dir, "replay_comparison_curves.png")))
 
   # The horizon curve: agreement with the live router (and k3) at mini-step i = 1..κ.
   fig, axes = plt.subplots(3, len(offs), figsize=(4.2 * len(offs), 9), squeeze=False)
@@ -84,11 +89,7 @@ def write_plots(out_dir: str, results: dict, top_k: int) -> list[str]:
         ax.set_yscale("log")
       ax.set_xlabel("mini-step i")
       ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  paths.append(os.path.join(out_dir, "replay_comparison_horizon.png"))
-  fig.savefig(paths[-1], dpi=90)
-  plt.close(fig)
+  paths.append(_save(plt, fig, axes, os.path.join(out_dir, "replay_comparison_horizon.png")))
 
   # Deviation histogram K − |I_rep ∩ I_cur| (shares over all mini-steps; log scale).
   bins = min(top_k, 3) + 1
@@ -105,11 +106,7 @@ def write_plots(out_dir: str, results: dict, top_k: int) -> list[str]:
     ax.set_xlabel("experts changed (K − overlap)")
     ax.set_title(f"{off}: deviation histogram", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  paths.append(os.path.join(out_dir, "replay_comparison_dev_hist.png"))
-  fig.savefig(paths[-1], dpi=90)
-  plt.close(fig)
+  paths.append(_save(plt, fig, axes, os.path.join(out_dir, "replay_comparison_dev_hist.png")))
   return paths
 
 
