@@ -6,12 +6,10 @@ import json
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
 from pr2_jax.balance import assign_replicas, eplb_rebalance, loads_from_routes
 from pr2_jax.config import ModelConfig
-from pr2_jax.parallel.collective_order import unordered_collectives
-from pr2_jax.parallel.mesh import TOKEN_AXES, make_mesh
+from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import balancing, loop
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
 
@@ -127,31 +125,6 @@ def test_one_device_skips_the_planner_unless_the_phase_runs_its_plan():
   for mode in balancing.MODES:
     assert native.imbalance_ML[mode].tolist() == [[1.0, 1.0]] * 2
     assert planned.imbalance_ML[mode].tolist() == [[1.0, 1.0]] * 2
-
-
-@pytest.mark.parametrize("kind", ["foresight", "step", "native"])
-def test_analysis_of_split_routes_gathers_them_first_same_values(kind):
-  """Routes split over 8 devices: the analysis gathers its inputs once, so its micro-step
-  loops run no collective that XLA:CPU could start out of order (collective_order); without
-  that it had two such loops. The results equal those of the same routes on the host."""
-  shape = balancing.BalanceShape(num_experts=8, num_devices=4, slots=3, token_shards=8)
-  routes = _routes(np.random.default_rng(2), (2, 8, 4, 2, 2), 8)
-  valid = np.random.default_rng(3).random((2, 8, 4)) < 0.8
-  split = NamedSharding(make_mesh(2, 4), PartitionSpec(None, TOKEN_AXES))
-  routes_d, valid_d = jax.device_put((routes, valid), split)
-  step, _, _ = balancing.step_plan(shape, routes, valid, 0.0, balancing.StepState())
-  loads, plans = balancing._foresight_plans(routes_d, valid_d, shape=shape)
-  def text(replicated):
-    return balancing._analyse.lower(routes_d, valid_d, loads, plans, step, shape=shape,
-                                    kind=kind, replicated=replicated).compile().as_text()
-  assert unordered_collectives(text(balancing._replicated_like(routes_d))) == []
-  if kind != "native":  # the native analysis loops over the static layout only
-    assert unordered_collectives(text(None))
-  on_host = balancing.plan_phase(shape, routes, valid, step, kind, True, 1, 32)
-  on_devices = balancing.plan_phase(shape, routes_d, valid_d, step, kind, True, 1, 32)
-  assert (on_host.needed, on_host.needed_static) == (on_devices.needed, on_devices.needed_static)
-  for mode in balancing.MODES:
-    np.testing.assert_array_equal(on_host.imbalance_ML[mode], on_devices.imbalance_ML[mode])
 
 
 def test_planner_method_reaches_host_and_step_planning():

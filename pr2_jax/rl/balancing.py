@@ -34,14 +34,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from pr2_jax.balance.dispatch import assign_replicas, slot_counts
 from pr2_jax.balance.eplb import eplb_rebalance
 from pr2_jax.balance.loads import imbalance, loads_from_routes, native_layout, static_device_load
 from pr2_jax.balance.planner import DEFAULT_METHOD, Plan, plan_placement
 from pr2_jax.parallel.distributed import to_host
-from pr2_jax.train.state import replicated
 from pr2_jax.parallel.replica_fetch import fetch_slabs
 
 MODES = ("none", "eplb_step", "foresight")
@@ -175,25 +173,9 @@ def _max_counts(ids_NLK, valid_N, plan, shape):
   return jax.vmap(layer, in_axes=(1, 0))(ids_NLK, plan)
 
 
-def _replicated_like(x) -> NamedSharding | None:
-  """The replicated sharding on `x`'s mesh (None for host and single-device arrays)."""
-  sharding = getattr(x, "sharding", None)
-  return replicated(sharding.mesh) if isinstance(sharding, NamedSharding) else None
-
-
-@functools.partial(jax.jit, static_argnames=("shape", "kind", "replicated"))
-def _analyse(routes_MbTLK, valid_MbT, loads_MLE, plans, step: Plan, *, shape, kind,
-             replicated=None):
-  """Per micro-step: buffer needs (layout `kind` and native) and device loads of every mode.
-
-  `replicated` (the inputs' mesh, replicated) gathers the inputs once, up front: on split
-  routes the micro-step loops below would run collectives inside `while` loops, which XLA:CPU
-  may start in different orders on different devices, a deadlock
-  (`pr2_jax.parallel.collective_order`). The inputs are small (routes, not activations).
-  """
-  if replicated is not None:
-    routes_MbTLK, valid_MbT, loads_MLE, plans, step = jax.lax.with_sharding_constraint(
-        (routes_MbTLK, valid_MbT, loads_MLE, plans, step), replicated)
+@functools.partial(jax.jit, static_argnames=("shape", "kind"))
+def _analyse(routes_MbTLK, valid_MbT, loads_MLE, plans, step: Plan, *, shape, kind):
+  """Per micro-step: buffer needs (layout `kind` and native) and device loads of every mode."""
   m, b, t, num_layers, k = routes_MbTLK.shape
   ids_MNLK = routes_MbTLK.reshape(m, b * t, num_layers, k)
   valid_MN = valid_MbT.reshape(m, b * t)
@@ -251,8 +233,7 @@ def plan_phase(shape: BalanceShape, routes, valid, step: Plan, kind: str, bucket
       _foresight_plans(routes, valid, shape=shape, plan=plan))
   ms = (time.perf_counter() - t0) * 1e3 / routes.shape[0]
   need_M, static_M, imb = to_host(
-      _analyse(routes, valid, loads_MLE, plans, step, shape=shape, kind=kind,
-               replicated=_replicated_like(routes)))
+      _analyse(routes, valid, loads_MLE, plans, step, shape=shape, kind=kind))
   needed = int(np.max(need_M))
   m, num_layers = routes.shape[0], routes.shape[3]
   if kind == "foresight":
