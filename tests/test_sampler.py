@@ -233,6 +233,49 @@ def test_generate_rejects_an_empty_prompt_axis():
   sampler.validate_generate_inputs(CFG.vocab_size, prompts[:, -1:], valid[:, -1:], config)
 
 
+def test_generate_rejects_an_empty_batch():
+  """B = 0 was init_cache's "batch must be a positive int, got 0": the message now names
+  prompts_BP's batch size, eagerly and under jit (the shape is static)."""
+  params, prompts, valid = _setup()
+  config = sampler.SamplerConfig(max_new_tokens=N)
+  match = rf"prompts_BP has shape \(0, {P}\): batch size B = 0, expected \[B, P\] with B >= 1"
+  with pytest.raises(ValueError, match=match):
+    sampler.generate(MoETransformer(CFG), params, prompts[:0], valid[:0], jax.random.key(0),
+                     config)
+  with pytest.raises(ValueError, match=match):
+    jax.jit(sampler.generate, static_argnums=(0, 5))(
+        MoETransformer(CFG), params, prompts[:0], valid[:0], jax.random.key(0), config)
+
+
+@pytest.mark.parametrize("row, col, token", [(0, 2, CFG.vocab_size), (3, 4, -1)])
+def test_validate_generate_inputs_rejects_token_ids_outside_the_vocabulary(row, col, token):
+  """A jitted generate cannot read its prompts: an id >= V embedded as NaN (NaN log-probs, pad
+  tokens sampled) and a negative one wrapped. The host-side check names the id and its index."""
+  _, prompts, valid = _setup()
+  config = sampler.SamplerConfig(max_new_tokens=N)
+  bad = np.asarray(prompts).copy()
+  bad[row, col] = token
+  with pytest.raises(ValueError, match=rf"token id {token} at index \({row}, {col}\) is outside "
+                                       rf"the vocabulary \[0, ModelConfig.vocab_size=24\)"):
+    sampler.validate_generate_inputs(CFG.vocab_size, bad, valid, config)
+  bad[row, col] = CFG.vocab_size - 1  # the largest id is fine
+  sampler.validate_generate_inputs(CFG.vocab_size, bad, valid, config)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.bool_])
+def test_generate_rejects_non_integer_prompts_eagerly_and_under_jit(dtype):
+  """Float ids were truncated silently under jit (5.5 -> token 5): the dtype is static."""
+  params, prompts, valid = _setup()
+  config = sampler.SamplerConfig(max_new_tokens=N)
+  bad = np.asarray(prompts).astype(dtype)
+  match = rf"prompts_BP has dtype {np.dtype(dtype).name}, expected an integer dtype \(token ids"
+  with pytest.raises(ValueError, match=match):
+    sampler.validate_generate_inputs(CFG.vocab_size, bad, valid, config)
+  with pytest.raises(ValueError, match=match):
+    jax.jit(sampler.generate, static_argnums=(0, 5))(
+        MoETransformer(CFG), params, bad, valid, jax.random.key(0), config)
+
+
 def test_cached_features_equal_the_full_forward_router_inputs_and_logits():
   """feature_h / feature_p at prompt and response slots are the router inputs / logits a full
   float32 forward of the rollout (its routes replayed) computes there."""

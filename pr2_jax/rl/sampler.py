@@ -27,7 +27,7 @@ import numpy as np
 
 from pr2_jax.checks import check_rank, is_concrete
 from pr2_jax.config import DTYPES, check_int, check_real
-from pr2_jax.models.transformer import MoETransformer, init_cache
+from pr2_jax.models.transformer import MoETransformer, init_cache, validate_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,8 @@ def _gather_slots(x_BPL_: jax.Array, slots_BF: jax.Array) -> jax.Array:
 def validate_generate_inputs(vocab_size: int, prompts_BP, prompt_valid_BP, config: SamplerConfig,
                              feature_slots_BF=None) -> None:
   """Checks `generate`'s inputs against the model's vocabulary; raises ValueError naming the bad
-  value. Shapes, dtypes and ids are static; slot values are checked only when concrete."""
+  value. Shapes, dtypes and the config's eos/pad ids are static (checked under jit too); prompt
+  token ids, the padding layout and slot values only when concrete."""
   if config.eos_id >= vocab_size:  # the sampler never draws it: no row would ever stop
     raise ValueError(f"SamplerConfig.eos_id={config.eos_id} must be < ModelConfig.vocab_size="
                      f"{vocab_size} (or -1: no EOS)")
@@ -137,9 +138,17 @@ def validate_generate_inputs(vocab_size: int, prompts_BP, prompt_valid_BP, confi
     raise ValueError(f"SamplerConfig.pad_id={config.pad_id} must be < ModelConfig.vocab_size="
                      f"{vocab_size}")
   check_rank("prompts_BP", prompts_BP, 2, "[B, P]")
+  if jnp.shape(prompts_BP)[0] == 0:  # else init_cache's "batch must be a positive int"
+    raise ValueError(f"prompts_BP has shape {jnp.shape(prompts_BP)}: batch size B = 0, expected "
+                     "[B, P] with B >= 1 (no prompts, nothing to sample)")
   if jnp.shape(prompts_BP)[1] == 0:  # sampling continues from the last prompt slot's logits
     raise ValueError(f"prompts_BP has shape {jnp.shape(prompts_BP)}, expected [B, P] with P >= 1 "
                      "(an all-padding row is fine; an empty prompt axis is not)")
+  if not jnp.issubdtype(jnp.result_type(prompts_BP), jnp.integer):  # the cast would truncate
+    raise ValueError(f"prompts_BP has dtype {jnp.result_type(prompts_BP)}, expected an integer "
+                     "dtype (token ids; a float would be truncated)")
+  if is_concrete(prompts_BP):  # under jit an id >= V embeds as NaN: jitted callers check first
+    validate_tokens(prompts_BP, vocab_size)
   if jnp.shape(prompt_valid_BP) != jnp.shape(prompts_BP):
     raise ValueError(f"prompt_valid_BP has shape {jnp.shape(prompt_valid_BP)}, expected [B, P] "
                      f"of prompts_BP = {jnp.shape(prompts_BP)}")
