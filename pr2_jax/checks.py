@@ -1,7 +1,7 @@
 """Input checks shared by the library's pure functions.
 
 Two kinds, so that no check ever costs a jitted caller anything:
-  * static checks of shapes and dtypes (`check_shape`): they read only what
+  * static checks of shapes and dtypes (`check_shape`, `check_int_dtype`): they read only what
     tracing knows, so they also run, for free, when the caller is jitted;
   * value checks (`check_ids`, `check_finite`) on host numpy: they pass over
     any array `is_concrete` says cannot be read (a tracer inside jit, where
@@ -60,12 +60,21 @@ def check_ids(ids, name: str, low: int, high: int, bound: str) -> None:
   if not is_concrete(ids):
     return
   a = np.asarray(ids)
-  if not np.issubdtype(a.dtype, np.integer):
-    raise TypeError(f"{name} has dtype {a.dtype}, expected an integer dtype (int32)")
+  check_int_dtype(name, a)
   bad = (a < low) | (a >= high)
   if np.any(bad):
     idx = tuple(int(i) for i in np.argwhere(bad)[0])
     raise ValueError(f"{name}{list(idx)} = {int(a[idx])} is outside [{low}, {bound}={high})")
+
+
+def check_int_dtype(name: str, x, expected: str = "an integer dtype (int32)",
+                    error: type[Exception] = TypeError) -> None:
+  """Static (works under jit): x has an integer dtype, not float or bool. Ids are cast to int32
+  before a gather, one-hot or scatter, which would truncate a float id silently; `check_ids`
+  reads values, so it skips tracers. `expected` and `error` keep a caller's existing message."""
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+  if not jax.numpy.issubdtype(dtype, np.integer):
+    raise error(f"{name} has dtype {dtype}, expected {expected}")
 
 
 def check_real(name: str, x) -> None:

@@ -34,6 +34,16 @@ def test_check_ids_names_the_first_bad_entry():
     checks.check_ids(np.array([0.0, 1.0], np.float32), "ids", 0, 4, "E")
 
 
+def test_check_int_dtype_is_static():
+  """Reads only the dtype, so it runs on tracers too (check_ids skips them)."""
+  checks.check_int_dtype("ids", np.array([1], np.int64))
+  checks.check_int_dtype("ids", [1, 2])
+  with pytest.raises(TypeError, match=r"ids has dtype float32, expected an integer dtype"):
+    jax.jit(lambda x: checks.check_int_dtype("ids", x) or x)(jnp.array([1.0]))
+  with pytest.raises(ValueError, match=r"routes has dtype bool, expected int32 expert ids"):
+    checks.check_int_dtype("routes", np.array([True]), "int32 expert ids", ValueError)
+
+
 def test_check_finite_and_lower_bound():
   checks.check_finite("r", np.array([0.0, -1.0]))
   with pytest.raises(ValueError, match=r"r\[1\] = inf is not finite \(why\)"):

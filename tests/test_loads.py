@@ -96,3 +96,14 @@ def test_plan_stats_hand_worked():
 def test_loads_from_routes_takes_nested_lists():
   routes = [[[[0, 1]], [[1, 2]]]]  # [B=1, T=2, L=1, K=2]
   np.testing.assert_array_equal(ld.loads_from_routes(routes, [[True, False]], 3), [[1, 1, 0]])
+
+
+def test_loads_from_routes_refuses_float_routes_under_jit_too():
+  """The dtype is static: under jit float ids were truncated (2.9 counted as expert 2)."""
+  routes = jnp.asarray([[[[2.9, 0.2]], [[0.0, 1.0]]]])  # [1, 2, 1, 2]
+  fn = jax.jit(ld.loads_from_routes, static_argnums=2)
+  for call in (ld.loads_from_routes, fn):
+    with pytest.raises(TypeError, match=r"routes_BTLK has dtype float32, expected an integer "
+                                        r"dtype"):
+      call(routes, None, 4)
+  np.testing.assert_array_equal(fn(routes.astype(jnp.int32), None, 4), [[2, 1, 1, 0]])

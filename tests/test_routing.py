@@ -462,3 +462,34 @@ def test_switch_aux_loss_refuses_ids_of_other_tokens():
     routing.switch_aux_loss(jnp.full((6, 8), 0.125), jnp.zeros((3, 2), jnp.int32))
   np.testing.assert_allclose(
       routing.switch_aux_loss(jnp.full((6, 8), 0.125), jnp.zeros((6, 2), jnp.int32)), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.bool_])
+def test_float_or_bool_ids_are_refused_under_jit_too(dtype):
+  """The dtype is static: under jit float ids were truncated (route gave [[2, 0], [0, 1]] for
+  [[2.9, 0.2], [0., 1.]]), since check_route_rows and check_ids read values only when concrete."""
+  ids = np.array([[2.9, 0.2], [0.0, 1.0], [3.0, 1.0]]).astype(dtype)
+  name = np.dtype(dtype).name
+  cases = [
+      (lambda r: routing.route(LOGITS, 2, True, routes_NK=r).expert_ids, ValueError,
+       rf"routes_NK has dtype {name}, expected int32 expert ids"),
+      (lambda r: routing.replay_gates(LOGITS, r, True), ValueError,
+       rf"routes_NK has dtype {name}, expected int32 expert ids"),
+      (lambda r: routing.expert_load(r, 4), TypeError,
+       rf"expert_ids_NK has dtype {name}, expected an integer dtype"),
+      (lambda r: routing.gates_at(jnp.asarray(PROBS), r, True), TypeError,
+       rf"expert_ids_NK has dtype {name}, expected an integer dtype"),
+  ]
+  for fn, error, match in cases:
+    with pytest.raises(error, match=match):
+      fn(jnp.asarray(ids))
+    with pytest.raises(error, match=match):
+      jax.jit(fn)(jnp.asarray(ids))
+
+
+def test_integer_ids_still_jit():
+  """The static dtype check passes int32 (and numpy's int64) under jit: same values as eager."""
+  ids = np.array([[2, 0], [0, 1], [3, 1]], np.int32)
+  np.testing.assert_array_equal(jax.jit(lambda r: routing.expert_load(r, 4))(ids), [2, 2, 1, 1])
+  got = jax.jit(lambda r: routing.replay_gates(LOGITS, r, False))(ids.astype(np.int64))
+  np.testing.assert_allclose(got, [[0.3, 0.1], [0.5, 0.1], [0.25, 0.25]], rtol=1e-6)

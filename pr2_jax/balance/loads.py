@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_ids
+from pr2_jax.checks import check_ids, check_int_dtype
 
 EMPTY = -1  # slot_expert value of a slot that holds no expert
 
@@ -26,8 +26,9 @@ def loads_from_routes(routes_BTLK: jax.Array, valid_BT: jax.Array | None,
   """float32 [L, E]: (token, k) pairs routed to each expert, padding and -1 excluded.
 
   Args:
-    routes_BTLK: int [B, T, L, K] expert ids in [-1, E) (checked when concrete); -1
-      (live router) is not counted, since its expert is unknown before the forward pass.
+    routes_BTLK: integer [B, T, L, K] expert ids (dtype checked, also under jit) in [-1, E)
+      (checked when concrete); -1 (live router) is not counted, since its expert is unknown
+      before the forward pass.
     valid_BT: bool [B, T] real-token mask, or None (all valid).
     num_experts: E.
   """
@@ -39,7 +40,9 @@ def loads_from_routes(routes_BTLK: jax.Array, valid_BT: jax.Array | None,
   b, t, num_layers, _ = routes_BTLK.shape
   if valid_BT is not None and tuple(valid_BT.shape) != (b, t):
     raise ValueError(f"valid has shape {valid_BT.shape}, routes need {(b, t)}")
-  # ids outside [-1, E) would silently go uncounted
+  # A float id would be truncated by the int32 cast (static: also under jit); ids outside
+  # [-1, E) would silently go uncounted (values: only when concrete).
+  check_int_dtype("routes_BTLK", routes_BTLK)
   check_ids(routes_BTLK, "routes_BTLK", -1, num_experts, "num_experts")
   routes_BTLK = jnp.asarray(routes_BTLK, jnp.int32)
   keep_BTLK = (routes_BTLK >= 0) & (routes_BTLK < num_experts)

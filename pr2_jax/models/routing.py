@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import (check_finite, check_ids, check_rank, check_shape, check_top_k,
-                            is_concrete)
+from pr2_jax.checks import (check_finite, check_ids, check_int_dtype, check_rank, check_shape,
+                            check_top_k, is_concrete)
 
 LIVE = -1  # route entry meaning "let the live router choose"
 _MIN_GATE_SUM = 1e-18  # its square stays a normal float32: the division's gradient is finite
@@ -76,6 +76,7 @@ def gates_at(probs_NE: jax.Array, expert_ids_NK: jax.Array, norm_topk_prob: bool
   _check_ids_shape(probs_NE, expert_ids_NK)
   if logits_NE is not None:
     check_shape("logits_NE", logits_NE, np.shape(probs_NE), "probs_NE's shape")
+  check_int_dtype("expert_ids_NK", expert_ids_NK)
   check_ids(expert_ids_NK, "expert_ids_NK", 0, np.shape(probs_NE)[-1], "num_experts")
   return _gates_at(probs_NE, expert_ids_NK, norm_topk_prob, logits_NE)
 
@@ -137,6 +138,8 @@ def _check_route_args(logits_NE, k: int, routes_NK, name: str, allow_live: bool,
   if tuple(jnp.shape(routes_NK)) != expected:  # static: no broadcasting a [K] row to all
     raise ValueError(f"{name} has shape {tuple(jnp.shape(routes_NK))}, expected the logits' "
                      f"leading axes + (k,) = {expected}")
+  # Static, unlike check_route_rows' same message: under jit a float id was truncated silently.
+  check_int_dtype(name, routes_NK, "int32 expert ids", ValueError)
   if values:
     check_route_rows(routes_NK, num_experts, name=name, allow_live=allow_live)
 
@@ -163,10 +166,10 @@ def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
     is always the router's own ρ = softmax(p).
 
   Raises:
-    ValueError: `k` outside [1, E]; `routes_NK` not of shape logits[:-1] + (k,) or
-      `bias_NE` not of the logits' shape (static); on concrete values, a NaN or inf logit or
-      bias, or a route row neither all -1 nor K distinct ids in [0, E). `k` and
-      `norm_topk_prob` are static under jit.
+    ValueError: `k` outside [1, E]; `routes_NK` not of shape logits[:-1] + (k,) or not of an
+      integer dtype, or `bias_NE` not of the logits' shape (static); on concrete values, a NaN
+      or inf logit or bias, or a route row neither all -1 nor K distinct ids in [0, E). `k`
+      and `norm_topk_prob` are static under jit.
   """
   _check_route_args(logits_NE, k, routes_NK, "routes_NK", allow_live=True, values=check_values)
   if bias_NE is not None:  # exact: a [E] bias would broadcast to every token
@@ -198,9 +201,9 @@ def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
 def replay_gates(logits_NE: jax.Array, routes_NK: jax.Array, norm_topk_prob: bool) -> jax.Array:
   """Gates of a fully replayed route (no -1 rows) from the live logits, float32 [..., K].
 
-  `routes_NK` must have the logits' leading axes and K ids per row (static check); concrete
-  routes must hold K distinct ids in [0, E) per row and concrete logits be finite (ValueError
-  otherwise)."""
+  `routes_NK` must have the logits' leading axes, K ids per row and an integer dtype (static
+  checks); concrete routes must hold K distinct ids in [0, E) per row and concrete logits be
+  finite (ValueError otherwise)."""
   _check_route_args(logits_NE, jnp.shape(routes_NK)[-1] if jnp.ndim(routes_NK) else 0,
                     routes_NK, "routes_NK", allow_live=False)
   probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
@@ -211,7 +214,9 @@ def expert_load(expert_ids_NK: jax.Array, num_experts: int,
                 mask_N: jax.Array | None = None) -> jax.Array:
   """Number of (token, k) pairs sent to each expert, float32 [E]; masked tokens excluded.
 
-  Concrete ids outside [0, E) raise (one_hot would count them nowhere, silently)."""
+  Ids must have an integer dtype (static: a float is truncated, also under jit); concrete ids
+  outside [0, E) raise (one_hot would count them nowhere, silently)."""
+  check_int_dtype("expert_ids_NK", expert_ids_NK)
   check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
   onehot_NKE = jax.nn.one_hot(expert_ids_NK, num_experts, dtype=jnp.float32)
   if mask_N is not None:  # exact shape: a [N, 1] mask broadcast over K counted pairs N times
