@@ -118,3 +118,12 @@ def test_bad_tis_caps_are_refused(call, match):
   """cap 0 zeroed every gradient, cap -1 flipped the loss's sign: both silently."""
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_sequence_tis_weights_reject_negative_masks_and_complex_logprobs():
+  """check_BT_inputs, shared with the losses: concrete masks finite and >= 0; real log-probs."""
+  z = jnp.zeros((1, 2))
+  with pytest.raises(ValueError, match=r"mask_BT\[0, 0\] = -1.0 is not a finite number >= 0"):
+    advantages.sequence_tis_weights(z, z, jnp.array([[-1.0, 1.0]]), cap=2.0)
+  with pytest.raises(TypeError, match=r"behaviour_logp_BT has dtype complex64, expected real"):
+    jax.jit(lambda b: advantages.sequence_tis_weights(z, b, jnp.ones((1, 2)), cap=2.0))(z + 1j)

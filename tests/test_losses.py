@@ -354,3 +354,46 @@ def test_bad_loss_hyper_parameters_are_refused(call, match):
   """clip_low > 1 made the lower ratio bound negative, silently."""
   with pytest.raises(ValueError, match=match):
     call()
+
+
+@pytest.mark.parametrize("kind", ["dapo", "gspo"])
+@pytest.mark.parametrize("bad, shown", [(-1.0, "-1.0"), (float("nan"), "nan"),
+                                        (float("inf"), "inf")])
+def test_policy_losses_reject_negative_or_non_finite_masks(kind, bad, shown):
+  """A -1 mask flipped the token's gradient and took it out of the count (DAPO's loss went from
+  0.18 to 0.94), a NaN one made the loss NaN: concrete masks are checked, naming the entry."""
+  z, mask = jnp.zeros((2, 3)), jnp.ones((2, 3)).at[1, 2].set(bad)
+  match = rf"mask_BT\[1, 2\] = {shown} is not a finite number >= 0 \(a token weight"
+  with pytest.raises(ValueError, match=match):
+    losses.policy_loss(kind, z, z, jnp.ones(2), mask)
+  with pytest.raises(ValueError, match=match):
+    losses.loss_denominator(kind, mask)
+  with pytest.raises(ValueError, match=match):
+    losses.token_entropy(jnp.zeros((2, 3, 4)), mask)
+
+
+def test_mask_values_are_read_only_when_concrete():
+  """Inside jit the mask is a tracer: no host sync, no check. Bool, int and weight masks pass:
+  ratio 1, A = 1, weights (2, 1) on row 0 → −(2 + 1)/3 = −1 (the count is Σ mask)."""
+  z = jnp.zeros((1, 2))
+  f = jax.jit(lambda m: losses.dapo_loss(z, z, jnp.ones(1), m)[0])
+  np.testing.assert_allclose(f(jnp.array([[2.0, 1.0]])), -1.0, rtol=1e-6)
+  f(jnp.array([[-1.0, 1.0]]))  # unchecked by design: jitted callers build their own masks
+  for mask in (jnp.array([[True, True]]), jnp.array([[1, 1]], jnp.int32)):
+    np.testing.assert_allclose(losses.dapo_loss(z, z, jnp.ones(1), mask)[0], -1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dapo", "gspo"])
+@pytest.mark.parametrize("arg", ["logp_BT", "old_logp_BT", "adv_B"])
+def test_policy_losses_refuse_complex_inputs_eagerly_and_under_jit(kind, arg):
+  """A complex log-prob was cast to float with only numpy's ComplexWarning (the imaginary part
+  dropped): the dtype is static, so the error also comes under jit."""
+  args = {"logp_BT": jnp.zeros((2, 3)), "old_logp_BT": jnp.zeros((2, 3)), "adv_B": jnp.ones(2)}
+  args[arg] = args[arg] + 1j
+  call = lambda a: losses.policy_loss(kind, a["logp_BT"], a["old_logp_BT"], a["adv_B"],
+                                      jnp.ones((2, 3)))[0]
+  match = rf"{arg} has dtype complex64, expected real numbers"
+  with pytest.raises(TypeError, match=match):
+    call(args)
+  with pytest.raises(TypeError, match=match):
+    jax.jit(call)(args)

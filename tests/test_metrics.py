@@ -196,3 +196,26 @@ def test_mismatch_metrics_refuse_shapes_that_would_broadcast(shapes, match):
   """A [T] mask broadcast over [B, T] gave an extreme fraction of 1.33."""
   with pytest.raises(ValueError, match=match):
     metrics.mismatch_metrics(*(jnp.zeros(s) for s in shapes))
+
+
+@pytest.mark.parametrize("bad, shown", [(-1.0, "-1.0"), (float("nan"), "nan")])
+def test_metrics_reject_negative_or_nan_masks(bad, shown):
+  """A -1 mask subtracted its token from the means, a NaN one made them NaN. Concrete masks
+  are checked, naming the entry."""
+  z, mask = jnp.zeros((2, 3)), jnp.ones((2, 3)).at[0, 1].set(bad)
+  match = rf"mask_BT\[0, 1\] = {shown} is not a finite number >= 0 \(a token weight"
+  with pytest.raises(ValueError, match=match):
+    metrics.mismatch_metrics(z, z, mask)
+  routes = jnp.zeros((2, 3, 1, 1), jnp.int32)
+  with pytest.raises(ValueError, match=match):
+    metrics.routing_metrics(routes, routes, jnp.ones((2, 3, 1, 2)) / 2, mask)
+
+
+def test_mismatch_metrics_refuse_complex_logprobs_eagerly_and_under_jit():
+  z = jnp.zeros((1, 2))
+  for call in (metrics.mismatch_metrics, jax.jit(metrics.mismatch_metrics)):
+    with pytest.raises(TypeError, match=r"rollout_logp_BT has dtype complex64, expected real"):
+      call(z, z + 1j, jnp.ones((1, 2)))
+  # A weight mask stays valid: Δ = ln 2 on both tokens, weights (3, 1) → ratio_mean 2.
+  got = metrics.mismatch_metrics(jnp.full((1, 2), LN2), z, jnp.array([[3.0, 1.0]]))
+  np.testing.assert_allclose(got["ratio_mean"], 2.0, rtol=1e-6)

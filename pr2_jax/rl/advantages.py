@@ -25,7 +25,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from pr2_jax.checks import check_bound, check_finite, check_rank, check_shape, is_concrete
+from pr2_jax.checks import (check_bound, check_finite, check_rank, check_real, check_shape,
+                            is_concrete)
 
 # Log-ratios are clamped before exp so a wild token cannot overflow to inf/NaN
 # (verl does the same); |Δ| = 20 is a ratio of 5e8, far beyond any clip range.
@@ -38,12 +39,26 @@ def _f32(x: jax.Array) -> jax.Array:
 
 # -- Input checks: shapes and dtypes are static (free under jit); values only when concrete --------
 
-def check_BT_inputs(logp_BT, old_logp_BT, mask_BT) -> tuple[int, int]:
-  """Checks the [B, T] inputs of a policy loss against `logp_BT`; returns (B, T)."""
-  check_rank("logp_BT", logp_BT, 2, "[B, T]")
+# Why a mask value must be finite and >= 0: it multiplies each token's loss and counts it.
+MASK_WHY = "a token weight: 1 counts, 0 does not; a negative one flips the token's gradient"
+
+
+def check_BT_inputs(logp_BT, old_logp_BT, mask_BT,
+                    names: tuple[str, str] = ("logp_BT", "old_logp_BT")) -> tuple[int, int]:
+  """Checks the [B, T] inputs of a policy loss against `logp_BT`; returns (B, T). `names` are
+  the two log-prob arguments' names in the caller, for the messages.
+
+  Static: the shapes, and real dtypes (a complex log-prob was cast with only numpy's
+  ComplexWarning). Concrete masks: finite and >= 0 (a NaN made the loss NaN, a -1 flipped
+  that token's gradient and took it out of the count)."""
+  first, second = names
+  check_rank(first, logp_BT, 2, "[B, T]")
   b, t = jnp.shape(logp_BT)
-  check_shape("old_logp_BT", old_logp_BT, (b, t), "[B, T] of logp_BT")
-  check_shape("mask_BT", mask_BT, (b, t), "[B, T] of logp_BT")
+  check_shape(second, old_logp_BT, (b, t), f"[B, T] of {first}")
+  check_shape("mask_BT", mask_BT, (b, t), f"[B, T] of {first}")
+  check_real(first, logp_BT)
+  check_real(second, old_logp_BT)
+  check_finite("mask_BT", mask_BT, MASK_WHY, low=0)
   return b, t
 
 
@@ -120,7 +135,7 @@ def sequence_tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array,
   Stop-gradient; sequences with an empty mask get weight 1. `cap` must be > 0.
   """
   check_bound("cap", cap, math.ulp(0.0), what="> 0 (no TIS: pass no weights)")
-  check_BT_inputs(old_logp_BT, behaviour_logp_BT, mask_BT)
+  check_BT_inputs(old_logp_BT, behaviour_logp_BT, mask_BT, ("old_logp_BT", "behaviour_logp_BT"))
   mask_BT = _f32(mask_BT)
   delta_BT = jnp.where(mask_BT > 0, _f32(old_logp_BT) - _f32(behaviour_logp_BT), 0.0)
   log_w_B = jnp.sum(delta_BT * mask_BT, axis=1) / jnp.maximum(jnp.sum(mask_BT, axis=1), 1.0)

@@ -29,9 +29,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pr2_jax.checks import (check_bound, check_count, check_ids, check_rank, check_shape,
-                            is_concrete)
-from pr2_jax.rl.advantages import MAX_LOG_RATIO, check_BT_inputs
+from pr2_jax.checks import (check_bound, check_count, check_finite, check_ids, check_rank,
+                            check_real, check_shape, is_concrete)
+from pr2_jax.rl.advantages import MASK_WHY, MAX_LOG_RATIO, check_BT_inputs
 
 POLICY_LOSS_KINDS = ("dapo", "gspo")
 
@@ -129,12 +129,15 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
 
   Raises:
     ValueError: an input whose shape is not exactly the documented one (no
-      broadcasting), or a concrete `denom` that is not a finite count > 0.
+      broadcasting), a concrete mask value that is NaN, inf or negative, or a concrete
+      `denom` that is not a finite count > 0.
+    TypeError: log-probs or advantages that are not real numbers (e.g. complex).
   """
   b, t = check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
   if jnp.shape(adv_B) not in ((b,), (b, t)):
     raise ValueError(f"adv_B has shape {jnp.shape(adv_B)}, expected [B] = {(b,)} or "
                      f"[B, T] = {(b, t)}")
+  check_real("adv_B", adv_B)
   if is_weight_BT is not None:
     check_shape("is_weight_BT", is_weight_BT, (b, t), "[B, T]")
   check_count("denom", denom)
@@ -185,6 +188,7 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   """
   b, _ = check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
   check_shape("adv_B", adv_B, (b,), "[B]", ": GSPO's advantage is per sequence")
+  check_real("adv_B", adv_B)
   if is_weight_B is not None:
     check_shape("is_weight_B", is_weight_B, (b,), "[B]", ": GSPO's TIS weight is per sequence")
   check_count("denom_seqs", denom_seqs)
@@ -216,6 +220,7 @@ def loss_denominator(kind: str, mask_BT: jax.Array) -> jax.Array:
   """
   _check_kind(kind)
   check_rank("mask_BT", mask_BT, 2, "[B, T]")
+  check_finite("mask_BT", mask_BT, MASK_WHY, low=0)
   mask_BT = _f32(mask_BT)
   if kind == "dapo":
     return jnp.maximum(jnp.sum(mask_BT), 1.0)
@@ -286,6 +291,7 @@ def token_entropy(logits_BTV: jax.Array, mask_BT: jax.Array,
   """
   check_rank("logits_BTV", logits_BTV, 3, "[B, T, V]")
   check_shape("mask_BT", mask_BT, jnp.shape(logits_BTV)[:2], "[B, T] of logits_BTV")
+  check_finite("mask_BT", mask_BT, MASK_WHY, low=0)
   check_count("denom", denom)
   mask_BT = _f32(mask_BT)
   if denom is None:

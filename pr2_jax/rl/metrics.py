@@ -23,10 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_ids, check_rank, check_shape
+from pr2_jax.checks import check_finite, check_ids, check_rank, check_real, check_shape
 
 LN2 = math.log(2.0)
 NUM_DEV_BINS = 4  # deviation histogram bins: 0, 1, 2, ≥3 experts changed
+# Masks are token weights: a negative one subtracted its token from a mean, a NaN one
+# poisoned every mean (checked when concrete).
+_MASK_WHY = "a token weight: 1 counts, 0 does not"
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -48,6 +51,9 @@ def mismatch_sums(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
   shape = tuple(jnp.shape(train_logp_BT))  # exact: broadcasting gave fractions above 1
   check_shape("rollout_logp_BT", rollout_logp_BT, shape, "[B, T] of train_logp_BT")
   check_shape("mask_BT", mask_BT, shape, "[B, T] of train_logp_BT")
+  check_real("train_logp_BT", train_logp_BT)
+  check_real("rollout_logp_BT", rollout_logp_BT)
+  check_finite("mask_BT", mask_BT, _MASK_WHY, low=0)
   mask_BT = _f32(mask_BT)
   # where() first: padding may hold -inf log-probs, and these are metrics only.
   delta_BT = jax.lax.stop_gradient(
@@ -87,7 +93,8 @@ def mismatch_metrics(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
     extreme_frac: `mean(|Δ| > ln 2)`, tokens whose probability differs by
       more than a factor 2 between the engines.
     ratio_mean, ratio_var: mean and population variance of the IS ratio e^Δ.
-  Raises ValueError unless all three inputs have the same [B, T] shape.
+  Raises ValueError unless all three inputs have the same [B, T] shape, or on a concrete mask
+  value that is NaN, inf or negative; TypeError on log-probs that are not real (complex).
   """
   return mismatch_from_sums(mismatch_sums(train_logp_BT, rollout_logp_BT, mask_BT))
 
@@ -109,6 +116,7 @@ def _check_routing_inputs(replayed_BTLK, current_BTLK, probs_BTLE, mask_BT) -> N
     raise ValueError(f"probs have shape {jnp.shape(probs_BTLE)}, expected {shape[:3]} + (E,)")
   if tuple(jnp.shape(mask_BT)) != shape[:2]:
     raise ValueError(f"mask has shape {jnp.shape(mask_BT)}, expected {shape[:2]} [B, T]")
+  check_finite("mask_BT", mask_BT, _MASK_WHY, low=0)
   num_experts = jnp.shape(probs_BTLE)[-1]
   for name, ids in (("replayed_BTLK", replayed_BTLK), ("current_BTLK", current_BTLK)):
     check_ids(ids, name, -1, num_experts, "num_experts")
@@ -187,7 +195,8 @@ def routing_metrics(replayed_BTLK: jax.Array, current_BTLK: jax.Array, probs_BTL
     current_BTLK: int live top-k ids of the current router on the same tokens.
     probs_BTLE: float live router softmax ρ of the current router.
     mask_BT: 1 on tokens that count.
-  Raises ValueError on mismatched shapes, or (when concrete) ids outside [-1, E).
+  Raises ValueError on mismatched shapes, or (when concrete) ids outside [-1, E) or a mask
+  value that is NaN, inf or negative.
   """
   return routing_from_sums(routing_sums(replayed_BTLK, current_BTLK, probs_BTLE, mask_BT))
 
