@@ -127,3 +127,19 @@ def test_sequence_tis_weights_reject_negative_masks_and_complex_logprobs():
     advantages.sequence_tis_weights(z, z, jnp.array([[-1.0, 1.0]]), cap=2.0)
   with pytest.raises(TypeError, match=r"behaviour_logp_BT has dtype complex64, expected real"):
     jax.jit(lambda b: advantages.sequence_tis_weights(z, b, jnp.ones((1, 2)), cap=2.0))(z + 1j)
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_grpo_near_equal_rewards_are_centred_exactly(scale_by_std):
+  """Rewards 1 and 1 + 1 ulp (2^-23): the float32 group mean rounded to one of them, giving
+  [0, 0.11]. Centred on the group's min first, the differences are exact: A = ∓2^-24 / (2^-24
+  + eps) = ∓0.0562518 (float64 formula), and ∓2^-24 without the std; each group sums to 0."""
+  ulp = 2.0 ** -23
+  rewards = jnp.array([1.0, 1.0 + ulp, 1e8, 1e8 + 8.0], jnp.float32)
+  adv = np.asarray(advantages.grpo_advantages(rewards, 2, scale_by_std=scale_by_std))
+  half = ulp / 2
+  # [1e8, 1e8 + 8]: mean 1e8 + 4 is not a float32 (spacing 8 there), the shifted one is.
+  expected = ([-half / (half + 1e-6), half / (half + 1e-6), -4 / (4 + 1e-6), 4 / (4 + 1e-6)]
+              if scale_by_std else [-half, half, -4.0, 4.0])
+  np.testing.assert_allclose(adv, expected, rtol=1e-6)
+  np.testing.assert_array_equal(adv.reshape(2, 2).sum(1), [0.0, 0.0])

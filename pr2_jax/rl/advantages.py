@@ -103,12 +103,16 @@ def grpo_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6,
   if b % group_size:
     raise ValueError(f"batch of {b} rewards is not a multiple of group_size={group_size}")
   r_PG = _f32(rewards_B).reshape(b // group_size, group_size)  # P prompts × G samples
-  mean_P1 = jnp.mean(r_PG, axis=1, keepdims=True)
-  adv_PG = r_PG - mean_P1
+  min_P1 = jnp.min(r_PG, axis=1, keepdims=True)
+  # Shifted by the group's min first (it cancels in r − mean): near-equal rewards become small
+  # exact differences, whose mean float32 can hold. Unshifted, the mean of 1 and 1 + 1 ulp
+  # rounded to one of them: advantages [0, 0.11], not ±0.056, and the group's sum was not 0.
+  shifted_PG = r_PG - min_P1
+  adv_PG = shifted_PG - jnp.mean(shifted_PG, axis=1, keepdims=True)
   if scale_by_std:
     std_P1 = jnp.sqrt(jnp.mean(jnp.square(adv_PG), axis=1, keepdims=True))
     adv_PG = adv_PG / (std_P1 + eps)
-  flat_P1 = jnp.max(r_PG, axis=1, keepdims=True) == jnp.min(r_PG, axis=1, keepdims=True)
+  flat_P1 = jnp.max(r_PG, axis=1, keepdims=True) == min_P1
   return jnp.where(flat_P1, 0.0, adv_PG).reshape(b)
 
 
