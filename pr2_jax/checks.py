@@ -30,6 +30,13 @@ def is_concrete(x) -> bool:
   return not isinstance(x, jax.Array) or x.is_fully_addressable
 
 
+def as_array(x):
+  """x itself if it is already an array (numpy, jax, a tracer), else `jnp.asarray(x)`: a nested
+  list or a number is then checked and used like the array it spells, not an AttributeError
+  on `.shape` or `.astype` (an integer beyond int32 raises OverflowError there)."""
+  return x if hasattr(x, "shape") and hasattr(x, "dtype") else jax.numpy.asarray(x)
+
+
 def check_shape(name: str, x, expected: tuple, dims: str, why: str = "") -> None:
   """Exactly `expected` (static, works under jit): broadcasting would otherwise misalign
   e.g. a [B, T] array with B == T where [B] is meant. `dims` names the axes in the message."""

@@ -44,6 +44,15 @@ def test_check_int_dtype_is_static():
     checks.check_int_dtype("routes", np.array([True]), "int32 expert ids", ValueError)
 
 
+def test_as_array_converts_only_what_is_not_an_array():
+  x = np.array([1, 2], np.int64)
+  assert checks.as_array(x) is x  # numpy int64 keeps its values for the checks
+  y = jnp.ones(2)
+  assert checks.as_array(y) is y
+  got = checks.as_array([[1.0, 2.0]])
+  assert isinstance(got, jax.Array) and got.shape == (1, 2) and got.dtype == jnp.float32
+
+
 def test_check_finite_and_lower_bound():
   checks.check_finite("r", np.array([0.0, -1.0]))
   with pytest.raises(ValueError, match=r"r\[1\] = inf is not finite \(why\)"):

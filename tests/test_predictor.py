@@ -1,6 +1,7 @@
 """Tests for pr2_jax.pr2.predictor: losses, gradients, and learning a linear router drift."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -322,3 +323,17 @@ def test_predictor_loss_refuses_negative_weights_when_concrete():
                              _np_loss("post", w, h, p_old, p_cur, ok), rtol=1e-5)
   jitted = jax.jit(functools.partial(pred.predictor_loss, "post"))  # traced: no value check
   assert np.isfinite(jitted(w, h, p_old, p_cur, weight))
+
+
+def test_array_likes_work_like_the_arrays_they_spell():
+  """Nested lists were an AttributeError ('list' object has no attribute 'astype')."""
+  a, b = [[[0, 1]], [[2, 3]]], [[[1, 2]], [[2, 3]]]  # overlaps 1/2 and 1 (hand-worked above)
+  np.testing.assert_allclose(pred.topk_overlap(a, b, [1.0, 1.0]), [0.75])
+  np.testing.assert_allclose(pred.topk_overlap(jnp.array(a), jnp.array(b), [1.0, 0.0]), [0.5])
+  # post loss, hand-worked as in test_post_loss_hand_worked: W_p = 0, ρ_cur = [2/3, 1/3].
+  expected = 2 / 3 * np.log(4 / 3) + 1 / 3 * np.log(2 / 3)
+  got = pred.predictor_loss("post", [[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0]], [[0.0, 0.0]],
+                            [[math.log(2.0), 0.0]], [1.0])
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  np.testing.assert_array_equal(pred.predictor_bias([[1.0, 1.0]], [[1.0, 0.0], [0.0, 2.0]]),
+                                [[1.0, 2.0]])

@@ -493,3 +493,17 @@ def test_integer_ids_still_jit():
   np.testing.assert_array_equal(jax.jit(lambda r: routing.expert_load(r, 4))(ids), [2, 2, 1, 1])
   got = jax.jit(lambda r: routing.replay_gates(LOGITS, r, False))(ids.astype(np.int64))
   np.testing.assert_allclose(got, [[0.3, 0.1], [0.5, 0.1], [0.25, 0.25]], rtol=1e-6)
+
+
+def test_array_likes_work_like_the_arrays_they_spell():
+  """Nested lists were an AttributeError ('list' object has no attribute 'shape'); they route
+  like the arrays they spell (the PROBS rows: top-2 ids [3, 2], [0, 3], [0, 1])."""
+  logits = LOGITS.tolist()
+  r = routing.route(logits, 2, False, routes_NK=[[-1, -1], [1, 2], [-1, -1]])
+  np.testing.assert_array_equal(r.expert_ids, [[3, 2], [1, 2], [0, 1]])
+  np.testing.assert_allclose(r.gates, [[0.4, 0.3], [0.1, 0.15], [0.25, 0.25]], rtol=1e-6)
+  np.testing.assert_allclose(routing.replay_gates(logits, [[0, 1], [1, 2], [3, 0]], True),
+                             [[1 / 3, 2 / 3], [0.4, 0.6], [0.5, 0.5]], rtol=1e-6)
+  np.testing.assert_array_equal(routing.expert_load([[0, 1], [1, 2]], 4, [1.0, 0.0]),
+                                [1, 1, 0, 0])
+  np.testing.assert_array_equal(routing.top_k_experts(PROBS.tolist(), 1), [[3], [0], [0]])

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import (check_finite, check_ids, check_int_dtype, check_rank, check_shape,
-                            check_top_k, is_concrete)
+from pr2_jax.checks import (as_array, check_finite, check_ids, check_int_dtype, check_rank,
+                            check_shape, check_top_k, is_concrete)
 
 LIVE = -1  # route entry meaning "let the live router choose"
 _MIN_GATE_SUM = 1e-18  # its square stays a normal float32: the division's gradient is finite
@@ -38,6 +38,7 @@ class Routing(NamedTuple):
 def router_logits(x_ND: jax.Array, w_DE: jax.Array) -> jax.Array:
   """Router logits p = x W_r, always in float32 (routing is precision-sensitive).
   Shapes (checked, static): x_ND [..., D], w_DE [D, E]."""
+  x_ND, w_DE = as_array(x_ND), as_array(w_DE)
   check_rank("w_DE", w_DE, 2, "[D, E]")
   check_shape("x_ND", x_ND, np.shape(x_ND)[:-1] + np.shape(w_DE)[:1], "[..., D] with D of w_DE")
   return jnp.einsum("...d,de->...e", x_ND.astype(jnp.float32), w_DE.astype(jnp.float32))
@@ -46,6 +47,7 @@ def router_logits(x_ND: jax.Array, w_DE: jax.Array) -> jax.Array:
 def top_k_experts(probs_NE: jax.Array, k: int) -> jax.Array:
   """Top-k expert ids, int32 [..., K]; ties go to the lower index (as torch.topk).
   Raises ValueError unless k is an int in [1, E] (static)."""
+  probs_NE = as_array(probs_NE)
   check_top_k(k, probs_NE, "probs_NE")
   return jax.lax.top_k(probs_NE, k)[1].astype(jnp.int32)
 
@@ -73,6 +75,8 @@ def gates_at(probs_NE: jax.Array, expert_ids_NK: jax.Array, norm_topk_prob: bool
   Raises ValueError on shapes that disagree (static) and on concrete ids outside [0, E) (a
   gather gives them gate 0 silently).
   """
+  probs_NE, expert_ids_NK = as_array(probs_NE), as_array(expert_ids_NK)
+  logits_NE = None if logits_NE is None else as_array(logits_NE)
   _check_ids_shape(probs_NE, expert_ids_NK)
   if logits_NE is not None:
     check_shape("logits_NE", logits_NE, np.shape(probs_NE), "probs_NE's shape")
@@ -171,6 +175,10 @@ def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
       or inf logit or bias, or a route row neither all -1 nor K distinct ids in [0, E). `k`
       and `norm_topk_prob` are static under jit.
   """
+  # Array-likes (nested lists) work too, as in loads_from_routes.
+  logits_NE = as_array(logits_NE)
+  routes_NK = None if routes_NK is None else as_array(routes_NK)
+  bias_NE = None if bias_NE is None else as_array(bias_NE)
   _check_route_args(logits_NE, k, routes_NK, "routes_NK", allow_live=True, values=check_values)
   if bias_NE is not None:  # exact: a [E] bias would broadcast to every token
     check_shape("bias_NE", bias_NE, jnp.shape(logits_NE), "logits_NE's shape")
@@ -204,6 +212,7 @@ def replay_gates(logits_NE: jax.Array, routes_NK: jax.Array, norm_topk_prob: boo
   `routes_NK` must have the logits' leading axes, K ids per row and an integer dtype (static
   checks); concrete routes must hold K distinct ids in [0, E) per row and concrete logits be
   finite (ValueError otherwise)."""
+  logits_NE, routes_NK = as_array(logits_NE), as_array(routes_NK)
   _check_route_args(logits_NE, jnp.shape(routes_NK)[-1] if jnp.ndim(routes_NK) else 0,
                     routes_NK, "routes_NK", allow_live=False)
   probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
@@ -216,6 +225,8 @@ def expert_load(expert_ids_NK: jax.Array, num_experts: int,
 
   Ids must have an integer dtype (static: a float is truncated, also under jit); concrete ids
   outside [0, E) raise (one_hot would count them nowhere, silently)."""
+  expert_ids_NK = as_array(expert_ids_NK)
+  mask_N = None if mask_N is None else as_array(mask_N)
   check_int_dtype("expert_ids_NK", expert_ids_NK)
   check_ids(expert_ids_NK, "expert_ids_NK", 0, num_experts, "num_experts")
   onehot_NKE = jax.nn.one_hot(expert_ids_NK, num_experts, dtype=jnp.float32)
@@ -230,6 +241,7 @@ def switch_aux_loss(probs_NE: jax.Array, expert_ids_NK: jax.Array,
   """Switch-Transformer load-balancing loss E·Σ_e f_e·P_e (1.0 when perfectly even), over the
   tokens `mask_N` keeps (all if None): padding is not routed work and must not be balanced.
   expert_ids_NK [..., K] must have probs_NE [..., E]'s leading axes (static check)."""
+  probs_NE, expert_ids_NK = as_array(probs_NE), as_array(expert_ids_NK)
   _check_ids_shape(probs_NE, expert_ids_NK)
   num_experts, k = probs_NE.shape[-1], expert_ids_NK.shape[-1]
   if mask_N is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pr2_jax.checks import check_finite, check_rank, check_shape, check_top_k
+from pr2_jax.checks import as_array, check_finite, check_rank, check_shape, check_top_k
 from pr2_jax.config import check_int
 
 PREDICTOR_LOSSES = ("post", "delta", "l2")
@@ -36,6 +36,7 @@ def init_predictor(num_layers: int, d_model: int, num_experts: int) -> jax.Array
 def predictor_bias(h_ND: jax.Array, w_DE: jax.Array) -> jax.Array:
   """b = h W_p in float32 (added to float32 router logits). Shapes (checked, static):
   h_ND [..., D], w_DE [D, E]."""
+  h_ND, w_DE = as_array(h_ND), as_array(w_DE)
   check_rank("w_DE", w_DE, 2, "[D, E]")
   check_shape("h_ND", h_ND, jnp.shape(h_ND)[:-1] + jnp.shape(w_DE)[:1], "[..., D] with D of w_DE")
   return jnp.einsum("...d,de->...e", h_ND.astype(jnp.float32), w_DE.astype(jnp.float32))
@@ -75,6 +76,8 @@ def predictor_loss(kind: str, w_DE: jax.Array, h_old_ND: jax.Array, p_old_NE: ja
   weight_N [N]. Weights are counts (0/1 per position): the mean divides by
   max(Σ weight, 1). A negative or non-finite weight raises ValueError (when concrete).
   """
+  w_DE, h_old_ND, p_old_NE, p_cur_NE, weight_N = map(
+      as_array, (w_DE, h_old_ND, p_old_NE, p_cur_NE, weight_N))
   _check_layer_inputs(w_DE, h_old_ND, p_old_NE, p_cur_NE, weight_N)
   check_finite("weight_N", weight_N, "0/1 counts per position", low=0)
   p_old = jax.lax.stop_gradient(p_old_NE.astype(jnp.float32))
@@ -97,6 +100,8 @@ def predictor_losses(kind: str, w_LDE: jax.Array, h_old_NLD: jax.Array, p_old_NL
 
   Shapes (checked): w_LDE [L, D, E], h_old_NLD [N, L, D], p_old_NLE and p_cur_NLE
   [N, L, E], weight_N [N] (0/1 counts, as in `predictor_loss`)."""
+  w_LDE, h_old_NLD, p_old_NLE, p_cur_NLE, weight_N = map(
+      as_array, (w_LDE, h_old_NLD, p_old_NLE, p_cur_NLE, weight_N))
   check_rank("w_LDE", w_LDE, 3, "[L, D, E]")
   l, d, e = jnp.shape(w_LDE)
   n = jnp.shape(weight_N)[0] if jnp.ndim(weight_N) else -1
@@ -123,6 +128,7 @@ def _check_stacked(w_LDE, h_NLD, p_NLE, weight_N=None) -> None:
 def predicted_topk(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array, k: int) -> jax.Array:
   """TopK(softmax(p + h W_p)) per layer, int32 [N, L, K]. Shapes checked (static): w_LDE
   [L, D, E], h_NLD [N, L, D], p_NLE [N, L, E]; k an int in [1, E]."""
+  w_LDE, h_NLD, p_NLE = as_array(w_LDE), as_array(h_NLD), as_array(p_NLE)
   _check_stacked(w_LDE, h_NLD, p_NLE)
   check_top_k(k, p_NLE, "p_NLE")
   b_NLE = jnp.einsum("nld,lde->nle", h_NLD.astype(jnp.float32), w_LDE)
@@ -132,7 +138,8 @@ def predicted_topk(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array, k: int)
 def topk_overlap(a_NLK: jax.Array, b_NLK: jax.Array, weight_N: jax.Array) -> jax.Array:
   """Weighted mean of |A ∩ B| / K per layer, float32 [L]. Shapes checked (static): a_NLK and
   b_NLK the same [N, L, K] (the overlap would otherwise depend on the argument order, or
-  broadcast), weight_N [N]."""
+  broadcast), weight_N [N]. Array-likes (nested lists) work too."""
+  a_NLK, b_NLK, weight_N = as_array(a_NLK), as_array(b_NLK), as_array(weight_N)
   check_rank("a_NLK", a_NLK, 3, "[N, L, K]")
   check_shape("b_NLK", b_NLK, jnp.shape(a_NLK), "[N, L, K] of a_NLK")
   check_shape("weight_N", weight_N, jnp.shape(a_NLK)[:1], "[N] of a_NLK")
@@ -147,6 +154,7 @@ def bias_logit_sums(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
   """(Σ w|b|, Σ w|p_old|) over positions, layers and experts: additive over micro-steps, so a
   mini-batch's ratio is the ratio of its sums (not a mean of per-micro-step ratios).
   Shapes checked (static): w_LDE [L, D, E], h_NLD [N, L, D], p_NLE [N, L, E], weight_N [N]."""
+  w_LDE, h_NLD, p_NLE, weight_N = map(as_array, (w_LDE, h_NLD, p_NLE, weight_N))
   _check_stacked(w_LDE, h_NLD, p_NLE, weight_N)
   b_NLE = jnp.einsum("nld,lde->nle", h_NLD.astype(jnp.float32), w_LDE)
   w = weight_N.astype(jnp.float32)[:, None, None]
