@@ -43,8 +43,7 @@ def setup_devices():
   import jax
   from pr2_jax.parallel import distributed
   if _CPU_DEVICES.value > 0:
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    distributed.use_cpu_devices(_CPU_DEVICES.value)
   try:
     cfg = distributed.DistributedConfig(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value, _AUTO_DETECT.value)

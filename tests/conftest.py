@@ -36,7 +36,9 @@ for flag, value in (("--xla_backend_optimization_level", "0"),
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+from pr2_jax.parallel.distributed import use_cpu_devices  # noqa: E402
+
+use_cpu_devices(8)  # with a thread pool that lets collectives on 8 devices all run
 
 
 def memory_map_count() -> int | None:

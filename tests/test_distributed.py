@@ -228,3 +228,46 @@ def test_local_rows_refuse_rows_split_across_processes(monkeypatch):
 def test_local_rows_names_a_host_array_passed_by_mistake():
   with pytest.raises(TypeError, match="local_rows takes a jax.Array .* got ndarray"):
     distributed.local_rows(np.zeros(3))
+
+
+# A loop's psum beside an all-gather over 8 fake devices, called 1,000 times without waiting:
+# each device may run its share of the loop and the gather at once, and queued calls wait for
+# threads too. With XLA:CPU's default pool (8 threads here, one per device) it aborted 3 runs
+# of 3 after 40 s in a stuck rendezvous; with use_cpu_devices' pool, 2 of 2 passed in ~1 s.
+_QUEUED_CHILD = """
+import os, sys
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from pr2_jax.parallel import distributed
+distributed.use_cpu_devices(8)
+mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+def body(x, y):
+  def step(c):
+    k, acc = c
+    return k + 1, acc + jax.lax.psum(y * k, ("a", "b"))
+  loop = jax.lax.while_loop(lambda c: c[0] < 3, step, (0, jnp.zeros_like(y)))[1]
+  return jax.lax.all_gather(x, ("a", "b"), tiled=True).sum() + loop.sum()
+fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("a", "b"),) * 2, out_specs=P(),
+                           check_vma=False))
+x = jax.device_put(jnp.ones((16, 16)), NamedSharding(mesh, P("a", "b")))
+outs = [fn(x, x) for _ in range(1000)]
+print(os.environ.get("PJRT_NPROC"), float(outs[-1]))
+"""
+
+
+def test_fake_devices_have_threads_for_queued_collective_calls():
+  env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC")}
+  proc = subprocess.run([sys.executable, "-c", _QUEUED_CHILD], env=env, capture_output=True,
+                        text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-1500:]
+  threads, total = proc.stdout.split()
+  # 8 devices on this machine's cores: 4 threads a device, unless the cores outnumber them.
+  assert threads == ("32" if (os.cpu_count() or 1) < 8 else "None")
+  # the gathered 16 x 16 ones (256) + 32 local elements of psum(k) over 8 devices, k = 0, 1, 2
+  assert float(total) == 256 + 32 * 8 * (0 + 1 + 2)
+
+
+@pytest.mark.parametrize("count", [0, -2, 1.5, True, "8"])
+def test_use_cpu_devices_rejects_a_count_that_is_not_a_positive_int(count):
+  with pytest.raises(ValueError, match=f"count={count!r}"):
+    distributed.use_cpu_devices(count)

@@ -881,12 +881,13 @@ import _rl_subprocess as sub  # noqa: E402
 @pytest.mark.slow
 def test_eplb_step_runs_again_from_the_compile_cache(tmp_path):
   """r2 + eplb_step on 8 devices (experts split 4 ways): XLA hoists the step plan's replica
-  fetch (a switch over expert-group collectives) out of the micro-step loop, and XLA:CPU ran
-  it and the loss denominators' 8-device mask gather in different orders on different
-  devices, a deadlock that XLA aborts after 40 s (exit 134). It showed on the second run,
-  whose executables come from the persistent compile cache, in every try before the
-  denominators became a program of their own. Default XLA flags: the suite's (no LLVM
-  optimisation) compile other programs."""
+  fetch (a switch over expert-group collectives) out of the micro-step loop, beside the loss
+  denominators' 8-device mask gather. With XLA:CPU's default pool of one thread per device,
+  a device running both at once left another without a thread to reach the rendezvous, and
+  XLA aborted after 40 s (exit 134): on the second run, whose executables come from the
+  persistent compile cache, in every try before the denominators became a program of their
+  own. (That tree with use_cpu_devices' pool, PJRT_NPROC=32: 3 runs of 3 passed.) Default XLA
+  flags: the suite's (no LLVM optimisation) compile other programs."""
   cache = str(tmp_path / "cache")
   env = sub.environment(compile_cache=cache, XLA_FLAGS="")
   overrides = {"sft.num_steps": 0, "rl.num_steps": 1, "rl.prompts_per_step": 4,

@@ -100,9 +100,8 @@ def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, nu
     y_nD = fn(x_nD, slot_ids_nK, gates_nK, weights, slot_offset=p * S)
     if distributed and P_ > 1:
       y_nD = jax.lax.psum_scatter(y_nD, EXPERT, scatter_dimension=0, tiled=True)
-    # No psum of this constant: XLA hoists such a loop-invariant collective, and XLA:CPU may
-    # run it in a different order on different devices than an equally independent one (the
-    # replica fetch's switch): each device then waits in another rendezvous, a deadlock.
+    # No psum of this constant: a collective that moves nothing still holds a thread of each
+    # device on CPU (parallel/distributed.py, CPU_THREADS_PER_DEVICE).
     dropped = jnp.zeros((), jnp.int32)
   return y_nD, dropped
 

@@ -333,9 +333,8 @@ def make_learner_fns(lr: Learner, mesh: Mesh, state_shardings,
                    out_shardings=(state_shardings, rep), donate_argnums=0)
   # The denominators are a program of their own: their mask gather has no data dependence on
   # the update's first collectives (eplb_step's replica fetch, which XLA hoists out of the
-  # micro-step loop), and XLA:CPU may run two such collectives of different device groups in
-  # different orders on different devices: each then waits in the other's rendezvous, forever.
-  # An input of the update is computed before it starts.
+  # micro-step loop), so on CPU a device ran both at once, each holding a thread while it
+  # waits for the others (parallel/distributed.py, CPU_THREADS_PER_DEVICE).
   denoms_fn = jax.jit(functools.partial(denominators, lr.rl), in_shardings=(shard,),
                       out_shardings=rep)
 
