@@ -337,3 +337,21 @@ def test_array_likes_work_like_the_arrays_they_spell():
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   np.testing.assert_array_equal(pred.predictor_bias([[1.0, 1.0]], [[1.0, 0.0], [0.0, 2.0]]),
                                 [[1.0, 2.0]])
+
+
+@pytest.mark.parametrize("arg", ["h_old", "p_old", "p_cur"])
+@pytest.mark.parametrize("bad, shown", [(-np.inf, "-inf"), (np.nan, "nan")])
+def test_predictor_loss_refuses_non_finite_features_when_concrete(arg, bad, shown):
+  """p_old = -inf gave an inf loss, a NaN one NaN: concrete features are checked as route checks
+  its logits, by predictor_loss and (on the stacked arrays, before its vmap) predictor_losses."""
+  h, p_old, p_cur = _features(n=4, d=3, e=5)
+  args = {"h_old": h, "p_old": p_old, "p_cur": p_cur}
+  args[arg] = args[arg].at[1, 2].set(bad)
+  w, weight = jnp.zeros((3, 5)), jnp.ones(4)
+  with pytest.raises(ValueError, match=rf"{arg}_N[DE]\[1, 2\] = {shown} is not finite \("):
+    pred.predictor_loss("post", w, args["h_old"], args["p_old"], args["p_cur"], weight)
+  with pytest.raises(ValueError, match=rf"{arg}_NL[DE]\[1, 0, 2\] = {shown} is not finite"):
+    pred.predictor_losses("post", w[None], args["h_old"][:, None], args["p_old"][:, None],
+                          args["p_cur"][:, None], weight)
+  jitted = jax.jit(functools.partial(pred.predictor_loss, "post"))  # traced: no value check
+  jitted(w, args["h_old"], args["p_old"], args["p_cur"], weight)

@@ -50,6 +50,14 @@ def _kl(target_logits, model_logits, weight_N):
   return jnp.sum(kl_N * weight_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
 
 
+def _check_finite_features(h, p_old, p_cur, names: tuple[str, str, str]) -> None:
+  """Concrete features and logits are finite (no-op on tracers), as `route` checks its logits:
+  a -inf p_old made the loss inf, a NaN one NaN, far from the cached feature that caused it."""
+  for name, x, what in zip(names, (h, p_old, p_cur),
+                           ("router inputs", "rollout router logits", "current router logits")):
+    check_finite(name, x, what)
+
+
 def _check_layer_inputs(w_DE, h_ND, p_old_NE, p_cur_NE, weight_N) -> None:
   check_rank("w_DE", w_DE, 2, "[D, E]")
   check_rank("h_old_ND", h_ND, 2, "[N, D]")
@@ -74,12 +82,14 @@ def predictor_loss(kind: str, w_DE: jax.Array, h_old_ND: jax.Array, p_old_NE: ja
 
   Shapes (checked, static): w_DE [D, E], h_old_ND [N, D], p_old_NE and p_cur_NE [N, E],
   weight_N [N]. Weights are counts (0/1 per position): the mean divides by
-  max(Σ weight, 1). A negative or non-finite weight raises ValueError (when concrete).
+  max(Σ weight, 1). A negative or non-finite weight, or a NaN or inf in h_old, p_old or p_cur,
+  raises ValueError (when concrete).
   """
   w_DE, h_old_ND, p_old_NE, p_cur_NE, weight_N = map(
       as_array, (w_DE, h_old_ND, p_old_NE, p_cur_NE, weight_N))
   _check_layer_inputs(w_DE, h_old_ND, p_old_NE, p_cur_NE, weight_N)
   check_finite("weight_N", weight_N, "0/1 counts per position", low=0)
+  _check_finite_features(h_old_ND, p_old_NE, p_cur_NE, ("h_old_ND", "p_old_NE", "p_cur_NE"))
   p_old = jax.lax.stop_gradient(p_old_NE.astype(jnp.float32))
   p_cur = jax.lax.stop_gradient(p_cur_NE.astype(jnp.float32))
   b_NE = predictor_bias(jax.lax.stop_gradient(h_old_ND), w_DE)
@@ -99,7 +109,7 @@ def predictor_losses(kind: str, w_LDE: jax.Array, h_old_NLD: jax.Array, p_old_NL
   """Per-layer losses [L]; the objective is their sum (DESIGN §3: Σ_l).
 
   Shapes (checked): w_LDE [L, D, E], h_old_NLD [N, L, D], p_old_NLE and p_cur_NLE
-  [N, L, E], weight_N [N] (0/1 counts, as in `predictor_loss`)."""
+  [N, L, E], weight_N [N] (0/1 counts, as in `predictor_loss`); values checked as there."""
   w_LDE, h_old_NLD, p_old_NLE, p_cur_NLE, weight_N = map(
       as_array, (w_LDE, h_old_NLD, p_old_NLE, p_cur_NLE, weight_N))
   check_rank("w_LDE", w_LDE, 3, "[L, D, E]")
@@ -109,6 +119,8 @@ def predictor_losses(kind: str, w_LDE: jax.Array, h_old_NLD: jax.Array, p_old_NL
   check_shape("h_old_NLD", h_old_NLD, (n, l, d), "[N, L, D] of weight_N and w_LDE")
   check_shape("p_old_NLE", p_old_NLE, (n, l, e), "[N, L, E] of weight_N and w_LDE")
   check_shape("p_cur_NLE", p_cur_NLE, (n, l, e), "[N, L, E] of weight_N and w_LDE")
+  # Here, on the stacked arrays: inside the vmap below they are tracers, and unchecked.
+  _check_finite_features(h_old_NLD, p_old_NLE, p_cur_NLE, ("h_old_NLD", "p_old_NLE", "p_cur_NLE"))
   layer = lambda w, h, p_old, p_cur: predictor_loss(kind, w, h, p_old, p_cur, weight_N)
   return jax.vmap(layer, in_axes=(0, 1, 1, 1))(w_LDE, h_old_NLD, p_old_NLE, p_cur_NLE)
 
