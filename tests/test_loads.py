@@ -57,6 +57,11 @@ def test_native_layout_and_static_load():
     ld.static_device_load(loads, 4)
   with pytest.raises(ValueError, match=r"loads must be \[L, E\], got shape \(6,\)"):
     ld.static_device_load(loads[0], 3)
+  for bad in (0, -2, 2.0, True):  # 0 was a ZeroDivisionError (integer modulo by zero)
+    with pytest.raises(ValueError, match=rf"static_device_load.num_devices must be a positive "
+                                         rf"int, got {bad!r}"):
+      ld.static_device_load(loads, bad)
+  np.testing.assert_array_equal(ld.static_device_load(loads.tolist(), 2), [[6, 15]])
   with pytest.raises(ValueError, match=r"num_devices=4 must be >= 1 and divide num_experts=6"):
     ld.native_layout(6, 4, 2)
   with pytest.raises(ValueError, match=r"slots_per_device=1 is fewer than the 2 native experts"):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.checks import check_ids, check_int_dtype
+from pr2_jax.config import check_int
 
 EMPTY = -1  # slot_expert value of a slot that holds no expert
 
@@ -69,7 +70,10 @@ def native_layout(num_experts: int, num_devices: int, slots_per_device: int) -> 
 
 
 def static_device_load(loads_LE: jax.Array, num_devices: int) -> jax.Array:
-  """float32 [L, D]: device loads of the native layout without replicas."""
+  """float32 [L, D]: device loads of the native layout without replicas. Raises ValueError
+  unless loads_LE is [L, E] and num_devices a positive int dividing E."""
+  check_int("static_device_load", "num_devices", num_devices)  # 0 was a ZeroDivisionError
+  loads_LE = jnp.asarray(loads_LE)  # a nested list or numpy array works too
   if jnp.ndim(loads_LE) != 2:
     raise ValueError(f"loads must be [L, E], got shape {jnp.shape(loads_LE)}")
   num_layers, num_experts = loads_LE.shape
