@@ -1,5 +1,7 @@
 """EPLB baseline: the DESIGN §4 oracle, a hand-worked global-policy case, invariants, errors."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -148,3 +150,14 @@ def test_loads_beyond_float32_are_refused():
   weight[0, 2] = 1e39
   with pytest.raises(ValueError, match=r"weight\[0, 2\] = inf is not a finite number >= 0"):
     eplb_rebalance(weight, 16, 4, 2, 8)
+
+
+def test_eplb_is_host_only_and_says_so_under_jit():
+  """Under jit a traced weight raised TracerArrayConversionError from inside np.asarray; now a
+  TypeError names the function. Eagerly a jax array works like numpy (the design example)."""
+  with pytest.raises(TypeError, match=r"eplb_rebalance is host-only \(numpy; do not jit\)"):
+    jax.jit(lambda w: eplb_rebalance(w, 16, 4, 2, 8)[0])(jnp.asarray(WEIGHT, jnp.float32))
+  phy2log, _, logcnt = eplb_rebalance(jnp.asarray(WEIGHT, jnp.float32), 16, 4, 2, 8)
+  np.testing.assert_array_equal(phy2log, PHY2LOG)
+  with pytest.raises(TypeError, match=r"eplb_device_load is host-only \(numpy; do not jit\)"):
+    jax.jit(lambda w: eplb_device_load(w, phy2log, logcnt, 8))(jnp.asarray(WEIGHT, jnp.float32))

@@ -1,5 +1,7 @@
 """EPLB-compatible expert placement: DeepSeek's expert-parallel load balancer, in numpy.
 
+Host-only: numpy loops over concrete loads; do not jit (a traced input raises TypeError).
+
 A host-side baseline for step-level balancing (`eplb_step` mode); the
 per-micro-step planner is `pr2_jax.balance.planner`.
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pr2_jax.checks import check_finite, check_real
+from pr2_jax.checks import check_finite, check_real, is_concrete
 
 
 def _balanced_packing(weight_LI: np.ndarray, num_packs: int):
@@ -111,8 +113,19 @@ def _hierarchical(weight_LE, num_physical, num_groups, num_nodes, num_gpus):
   return phy2log, phy_rank, log_count
 
 
+def _check_host(fn: str, weight) -> None:
+  """These functions loop in numpy over concrete loads: a tracer raised jax's
+  TracerArrayConversionError deep inside np.asarray, naming neither the function nor a fix."""
+  if not is_concrete(weight):
+    raise TypeError(f"{fn} is host-only (numpy; do not jit): weight is a traced or not fully "
+                    "addressable array; call it outside jit on concrete loads (jax.device_get)")
+
+
 def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int):
   """DeepSeek EPLB: replicate and place experts from a load estimate.
+
+  Host-only, numpy; do not jit: `weight` must be concrete (a traced one raises TypeError), and
+  the result is numpy arrays.
 
   Args:
     weight: [L, E] load per logical expert (any real dtype).
@@ -128,6 +141,7 @@ def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, n
       (the reference's fixed width: the most replicas one expert can get);
     logcnt int64 [L, E]: replicas per logical expert.
   """
+  _check_host("eplb_rebalance", weight)
   # A NaN expert took half the replicas; a negative one made NaN device loads. Checked after
   # the float32 cast the reference computes in (1e39 is finite in float64, inf in float32).
   check_real("weight", weight)
@@ -164,7 +178,9 @@ def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, n
 
 
 def eplb_device_load(weight, phy2log, logcnt, num_gpus: int) -> np.ndarray:
-  """Per-GPU load [L, U] when every replica gets an even 1/count of its expert's load."""
+  """Per-GPU load [L, U] when every replica gets an even 1/count of its expert's load.
+  Host-only, numpy; do not jit (a traced `weight` raises TypeError)."""
+  _check_host("eplb_device_load", weight)
   weight_LE = np.asarray(weight, np.float64)
   per_replica_LX = np.take_along_axis(weight_LE / logcnt, phy2log, -1)
   return per_replica_LX.reshape(weight_LE.shape[0], num_gpus, -1).sum(-1)
