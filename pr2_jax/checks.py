@@ -119,6 +119,9 @@ def check_count(name: str, x) -> None:
 
 
 def check_bound(name: str, value, low: float, high: float = math.inf, what: str = "") -> None:
-  """A concrete hyper-parameter (a Python or numpy number; traced values pass) in [low, high]."""
+  """A concrete hyper-parameter (a Python or numpy number, or a concrete 0-d numpy or jax array
+  such as jnp.float32(1.5); traced values pass) in [low, high]. NaN is out of every range."""
+  if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0 and is_concrete(value):
+    value = value.item()  # jnp.float32(1.5) is a 0-d jax.Array, not a numbers.Real
   if isinstance(value, numbers.Real) and not (low <= float(value) <= high):
     raise ValueError(f"{name}={value!r} must be " + (what or f"in [{low:g}, {high:g}]"))

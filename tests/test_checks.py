@@ -119,3 +119,14 @@ def test_check_bound_closed_range_numbers_only():
   with pytest.raises(ValueError, match=r"cap=-1 must be > 0"):
     checks.check_bound("cap", -1, 1e-30, what="> 0")
   jax.jit(lambda v: checks.check_bound("clip", v, 0.0, 1.0) or v)(5.0)
+
+
+def test_check_bound_reads_concrete_jax_and_numpy_scalars():
+  """jnp.float32(1.5) is a 0-d jax.Array, not a numbers.Real: it passed unchecked (dapo_loss
+  accepted clip_low=jnp.float32(1.5), a negative lower ratio bound). Traced ones still pass."""
+  checks.check_bound("clip", jnp.float32(0.5), 0.0, 1.0)
+  for bad, shown in ((jnp.float32(1.5), "1.5"), (np.array(-0.25), "-0.25"),
+                     (jnp.float32(jnp.nan), "nan")):
+    with pytest.raises(ValueError, match=rf"clip={shown} must be in \[0, 1\]"):
+      checks.check_bound("clip", bad, 0.0, 1.0)
+  jax.jit(lambda v: checks.check_bound("clip", v, 0.0, 1.0) or v)(jnp.float32(5.0))

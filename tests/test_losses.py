@@ -349,6 +349,10 @@ def test_tis_weights_at_padding_with_inf_logprobs_do_not_make_the_loss_nan():
                               clip_low=1.2), r"clip_low=1.2 must be in \[0, 1\]"),
     (lambda: losses.gspo_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
                               clip_high=-0.1), r"clip_high=-0.1 must be in \[0, inf\]"),
+    (lambda: losses.dapo_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
+                              clip_low=jnp.float32(1.5)), r"clip_low=1.5 must be in \[0, 1\]"),
+    (lambda: advantages.tis_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), cap=jnp.float32(0)),
+     r"cap=0.0 must be > 0"),
 ])
 def test_bad_loss_hyper_parameters_are_refused(call, match):
   """clip_low > 1 made the lower ratio bound negative, silently."""
