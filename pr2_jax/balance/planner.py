@@ -280,8 +280,9 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
       on CPU). On the bench traces rounds balanced better than LPT at equal stickiness and
       moved about as many experts (docs/results/balance.md).
   Returns:
-    A `Plan`. Jit-compatible; D, S, stickiness, split_iters and method are static and
-    shapes depend only on (L, E, D, S), so new loads never recompile.
+    A `Plan`. Jit-compatible; D, S, stickiness, split_iters, min_gain and method are static
+    (a new value compiles anew) and shapes depend only on (L, E, D, S), so new loads never
+    recompile.
   """
   if method not in METHODS:
     raise ValueError(f"method={method!r} is not one of {METHODS}")

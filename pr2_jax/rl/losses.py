@@ -114,13 +114,13 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
     old_logp_BT: log-probs the ratio is taken against (stop-gradient).
     adv_B: per-sequence advantages [B] (a per-token [B, T] array also works).
     mask_BT: 1 on response tokens that count, 0 elsewhere (a float mask weights tokens,
-      but the default denominator is max(Σ mask, 1), a token count: pass `denom` for
+      but the default denominator is max(Σ mask_BT, 1), a token count: pass `denom` for
       weights that sum below 1).
     clip_low, clip_high: ε_low in [0, 1], ε_high >= 0 of the asymmetric clip range.
     is_weight_BT: optional TIS weights (see `tis_weights`), stop-gradient.
-    denom: token-mean denominator; default `mask_BT.sum()` of this call. Pass
-      the mini-batch's token count so micro-step losses add up to the
-      mini-batch loss.
+    denom: token-mean denominator; default max(Σ mask_BT, 1) of this call (an all-masked
+      call gives 0, not NaN). Pass the mini-batch's token count (`loss_denominator`) so
+      micro-step losses add up to the mini-batch loss.
 
   Returns:
     (loss, aux): aux has `ratio_mean`, `ratio_var`, `clip_frac_low`,
@@ -173,7 +173,10 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   Args:
     logp_BT, old_logp_BT, mask_BT: as in `dapo_loss`.
     adv_B: per-sequence advantages [B].
-    clip_low, clip_high: ε_low, ε_high on the sequence ratio.
+    clip_low, clip_high: ε_low, ε_high on the sequence ratio. The default 3e-4 is below
+      bfloat16's resolution for log-probs (its spacing near a log-prob of -1 is 2^-7 ≈ 8e-3,
+      and a sequence ratio is a mean of their differences): pass float32 log-probs, or the
+      clip range only sees rounding.
     is_weight_B: optional per-sequence TIS weights (see `sequence_tis_weights`).
     denom_seqs: sequence-mean denominator; default the number of sequences
       with a non-empty mask in this call. Pass the mini-batch's count for
