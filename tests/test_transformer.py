@@ -12,6 +12,7 @@ import pytest
 from pr2_jax import ModelConfig, MoETransformer
 from pr2_jax.models import routing, transformer
 from pr2_jax.parallel.mesh import make_mesh, tree_shardings
+from test_grouped import count_lowerings
 
 CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                   expert_d_ff=32, num_experts=8, top_k=2)
@@ -96,6 +97,19 @@ def test_output_shapes_dtypes_and_router_outputs():
                          _tokens())
   assert plain.router_logits is None and plain.router_inputs is None
   assert plain.routes.shape == (B, T, L, K) and plain.routes.dtype == jnp.int32
+
+
+def test_eager_apply_with_the_same_shapes_compiles_once():
+  """`model.apply` outside jit (the README's first example): a second call with other tokens
+  builds no XLA program. The grouped expert path's lax.cond had closures made per call as
+  branches and compiled them again every call (2 compilations, ~3.5 s a call)."""
+  model, params = MoETransformer(CFG), _params()
+  model.apply({"params": params}, _tokens())
+  tokens = _tokens(1)  # other values, outside the count
+  with count_lowerings() as built:
+    logits = model.apply({"params": params}, tokens).logits
+  assert built == []
+  np.testing.assert_allclose(logits, _apply(params, tokens).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_replaying_recorded_routes_reproduces_logits_exactly():

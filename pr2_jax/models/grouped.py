@@ -13,6 +13,7 @@ Dimension legend:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -249,6 +250,19 @@ def grouped_experts(x_ND: jax.Array, slot_ids_NK: jax.Array, gates_NK: jax.Array
   num_local = w.gate_SDF.shape[0]
   rows = rows or block_rows(n * k, num_local)
   capacity = fast_capacity(n, k, num_local) if capacity is None else min(capacity, n)
+  return _grouped_experts(x_ND, slot_ids_NK, gates_NK, w, slot_offset, rows=rows,
+                          capacity=capacity)
+
+
+# Jitted at module level for eager callers (`model.apply` outside jit): jax caches the traced
+# branches of a lax.cond and bodies of a fori_loop by function identity, and the closures made
+# here are new on every call, so each eager call traced and compiled them again (2 compilations,
+# ~3.5 s a call of the default model). A jit traces once per shapes and static arguments; under
+# an outer jit it is inlined, the same program as before.
+@functools.partial(jax.jit, static_argnames=("rows", "capacity"))
+def _grouped_experts(x_ND, slot_ids_NK, gates_NK, w, slot_offset, *, rows: int, capacity: int):
+  n = slot_ids_NK.shape[0]
+  num_local = w.gate_SDF.shape[0]
   local_NK = slot_ids_NK - slot_offset
   blocks = lambda: _block_experts(x_ND, local_NK, gates_NK, w, rows)
   if capacity <= 0:
