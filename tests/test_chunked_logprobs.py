@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from pr2_jax.parallel.mesh import TOKEN_AXES, make_mesh
 from pr2_jax.rl import losses
 from pr2_jax.rl.chunked_logprobs import chunked_token_stats
+from test_grouped import count_lowerings
 
 B, T, D, V = 2, 8, 16, 40
 
@@ -93,6 +94,23 @@ def test_bad_inputs_are_named():
     chunked_token_stats(hidden, kernel[:8], targets, chunk=4)
   with pytest.raises(ValueError, match=r"targets_BT has shape \(2, 7\)"):
     chunked_token_stats(hidden, kernel, targets[:, :7], chunk=4)
+  with pytest.raises(ValueError, match="scale must be a finite real number"):
+    chunked_token_stats(hidden, kernel, targets, chunk=4, scale=float("nan"))
+
+
+def test_eager_calls_with_the_same_shapes_compile_once():
+  """Outside jit, a second call with other values builds no program (the lax.map's body was a
+  closure made per call: traced and compiled again every call)."""
+  hidden, kernel, targets = _inputs()
+  call = lambda h: chunked_token_stats(h, kernel, targets, chunk=3, scale=2.0)  # noqa: E731
+  jax.block_until_ready(call(hidden))
+  hidden2 = hidden * 0.5  # other values, outside the count
+  with count_lowerings() as built:
+    logp, ent = jax.block_until_ready(call(hidden2))
+  assert built == []
+  want_logp, want_ent = _full(hidden2, kernel, targets, 2.0)
+  np.testing.assert_allclose(logp, want_logp, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ent, want_ent, rtol=1e-5, atol=1e-5)
 
 
 def _loop_bodies(hlo: str) -> list[str]:

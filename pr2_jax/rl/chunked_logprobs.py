@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from pr2_jax.checks import check_ids, check_rank, check_shape, is_concrete
-from pr2_jax.config import check_int
+from pr2_jax.config import check_int, check_real
 from pr2_jax.parallel.mesh import TOKEN_AXES, on_token_shards
 from pr2_jax.rl.losses import token_entropies, token_logprobs
 
@@ -49,12 +49,25 @@ def chunked_token_stats(hidden_BTD: jax.Array, kernel_DV: jax.Array, targets_BT:
   check_shape("kernel_DV", kernel_DV, (d, kernel_DV.shape[1]), "[D, V] with D of hidden_BTD")
   check_shape("targets_BT", targets_BT, (b, t), "[B, T] of hidden_BTD")
   check_int("chunked_token_stats", "chunk", chunk)
+  # A Python number, static for the jit below: XLA then drops a scale of 1, as it did when the
+  # loop closed over it (a traced scale would be multiplied in at run time).
+  check_real("chunked_token_stats", "scale", scale)
   if is_concrete(targets_BT):  # inside the loop they are traced, and unchecked
     check_ids(targets_BT, "targets_BT", 0, kernel_DV.shape[1], "V")
-  local = functools.partial(_local_stats, chunk=min(chunk, t), scale=scale,
-                            dtype=hidden_BTD.dtype if dtype is None else jnp.dtype(dtype))
-  targets_BT = jnp.asarray(targets_BT, jnp.int32)
-  if mesh is None or mesh.size == 1:
+  return _stats(hidden_BTD, kernel_DV, jnp.asarray(targets_BT, jnp.int32), chunk=min(chunk, t),
+                scale=float(scale), dtype=hidden_BTD.dtype if dtype is None else jnp.dtype(dtype),
+                mesh=None if mesh is None or mesh.size == 1 else mesh)
+
+
+# Jitted at module level for eager callers: jax caches the traced body of a lax.map (and of
+# on_token_shards' shard_map) by function identity, and the closures made per call are new each
+# time, so every eager call traced and compiled the loop again. A jit traces once per shapes and
+# static arguments; under an outer jit (the learner's) it is inlined, the same program as before.
+@functools.partial(jax.jit, static_argnames=("chunk", "scale", "dtype", "mesh"))
+def _stats(hidden_BTD, kernel_DV, targets_BT, *, chunk: int, scale: float, dtype,
+           mesh: Mesh | None):
+  local = functools.partial(_local_stats, chunk=chunk, scale=scale, dtype=dtype)
+  if mesh is None:
     return local(hidden_BTD, kernel_DV, targets_BT)
   # The kernel turns device-varying before the loop, not at its use inside: the transpose of
   # that cast is the one psum of the head's gradient, after the loop.
