@@ -94,8 +94,21 @@ def test_bad_inputs_are_named():
     chunked_token_stats(hidden, kernel[:8], targets, chunk=4)
   with pytest.raises(ValueError, match=r"targets_BT has shape \(2, 7\)"):
     chunked_token_stats(hidden, kernel, targets[:, :7], chunk=4)
+  # Static, so under jit too: the int32 cast would truncate float ids silently.
+  with pytest.raises(ValueError, match="targets_BT has dtype float32; token ids must be integers"):
+    jax.jit(lambda h, t: chunked_token_stats(h, kernel, t, chunk=4))(hidden, targets * 1.0)
   with pytest.raises(ValueError, match="scale must be a finite real number"):
     chunked_token_stats(hidden, kernel, targets, chunk=4, scale=float("nan"))
+
+
+def test_no_positions_give_empty_stats():
+  """T = 0 as `token_logprobs` has it: [B, 0] results (the chunk of min(chunk, T) positions
+  was 0, a ZeroDivisionError)."""
+  hidden, kernel, targets = _inputs(t=0)
+  chunked, whole = chunked_token_stats(hidden, kernel, targets, chunk=4), _full(hidden, kernel,
+                                                                                targets, 1.0)
+  for stats in (chunked, whole):
+    assert [(s.shape, s.dtype) for s in stats] == [((B, 0), jnp.float32)] * 2
 
 
 def test_eager_calls_with_the_same_shapes_compile_once():

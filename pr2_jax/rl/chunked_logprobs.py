@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from pr2_jax.checks import check_ids, check_rank, check_shape, is_concrete
@@ -52,8 +53,16 @@ def chunked_token_stats(hidden_BTD: jax.Array, kernel_DV: jax.Array, targets_BT:
   # A Python number, static for the jit below: XLA then drops a scale of 1, as it did when the
   # loop closed over it (a traced scale would be multiplied in at run time).
   check_real("chunked_token_stats", "scale", scale)
+  # Static, before the int32 cast below, which would truncate float ids silently under jit.
+  ids_dtype = targets_BT.dtype if hasattr(targets_BT, "dtype") else np.asarray(targets_BT).dtype
+  if not jnp.issubdtype(ids_dtype, jnp.integer):
+    raise ValueError(f"chunked_token_stats: targets_BT has dtype {ids_dtype}; token ids must "
+                     "be integers")
   if is_concrete(targets_BT):  # inside the loop they are traced, and unchecked
     check_ids(targets_BT, "targets_BT", 0, kernel_DV.shape[1], "V")
+  if t == 0:  # as token_logprobs: empty stats (chunks of min(chunk, T) = 0 positions divide by 0)
+    empty_B0 = jnp.zeros((b, 0), jnp.float32)
+    return empty_B0, empty_B0
   return _stats(hidden_BTD, kernel_DV, jnp.asarray(targets_BT, jnp.int32), chunk=min(chunk, t),
                 scale=float(scale), dtype=hidden_BTD.dtype if dtype is None else jnp.dtype(dtype),
                 mesh=None if mesh is None or mesh.size == 1 else mesh)
