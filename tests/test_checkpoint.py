@@ -1,5 +1,6 @@
 """Tests for pr2_jax.train.checkpoint: sharded round trip, newest-step bookkeeping."""
 
+import json
 import os
 import signal
 
@@ -11,6 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pr2_jax.parallel.mesh import make_mesh
+from pr2_jax.train import checkpoint
 from pr2_jax.train.checkpoint import Checkpointer, abstract_like
 
 
@@ -98,6 +100,91 @@ def test_no_usable_checkpoint_is_an_error(tmp_path):
   with Checkpointer(str(tmp_path)) as ck:
     with pytest.raises(ValueError, match="no usable checkpoint: checkpoint step 1 .* unreadable"):
       ck.restore_newest_good(abstract)
+
+
+def flip_bytes(step_dir, count=64):
+  """XORs `count` bytes a third into the largest data file of a step (a silent disk error: the
+  size stays, and Orbax restored such a step with wrong values and no error)."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "state"))
+           for name in names]
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  for i in range(len(data) // 3, len(data) // 3 + count):
+    data[i] ^= 0xFF
+  with open(path, "wb") as f:
+    f.write(data)
+  return os.path.relpath(path, step_dir)
+
+
+def _random_states():
+  keys = jax.random.split(jax.random.key(0), 2)
+  return [{"w": jax.random.normal(k, (64, 256)), "n": jnp.int32(i)} for i, k in enumerate(keys)]
+
+
+def test_flipped_bytes_are_found_and_the_step_before_restored_exactly(tmp_path):
+  states = _random_states()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states[0])
+  with Checkpointer(str(tmp_path)) as ck:
+    for step, state in enumerate(states, 1):
+      ck.save(step, state, {"model": {"d": 1}})
+    ck.wait()
+    intact, _ = ck.restore(2, abstract)  # an intact step restores bit-identically
+  np.testing.assert_array_equal(np.asarray(intact["w"]), np.asarray(states[1]["w"]))
+  damaged = flip_bytes(str(tmp_path / "2"))
+  with Checkpointer(str(tmp_path)) as ck:
+    step, restored, _, problems = ck.restore_newest_good(abstract, {"model": {"d": 1}})
+  assert step == 1 and len(problems) == 1
+  assert problems[0].startswith(f"checkpoint step 2 in {tmp_path} is unreadable (CheckpointError: "
+                                f"{damaged} changed since it was saved (CRC-32 "), problems
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(states[0]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_every_step_records_the_checksums_of_its_files(tmp_path):
+  """Written before Orbax renames the step's temporary directory: a step is never listed
+  without them, and they cover every file of its two items."""
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(1, _random_states()[0], {"a": 1})
+    ck.wait()
+  step_dir = str(tmp_path / "1")
+  with open(os.path.join(step_dir, checkpoint.CHECKSUMS)) as f:
+    recorded = json.load(f)["files"]
+  on_disk = sorted(os.path.relpath(os.path.join(root, name), step_dir)
+                   for item in ("state", "meta")
+                   for root, _, names in os.walk(os.path.join(step_dir, item)) for name in names)
+  assert sorted(recorded) == on_disk and "state/manifest.ocdbt" in recorded
+  assert recorded == checkpoint.file_checksums(step_dir)
+
+
+def test_a_missing_file_is_named_before_orbax_reads_the_step(tmp_path, capfd):
+  """Orbax's failed read of a step without its manifest printed 82 tracebacks ('Event loop is
+  closed', from TensorStore callbacks) before the warning; the checksums name the file first."""
+  states = _random_states()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states[0])
+  with Checkpointer(str(tmp_path)) as ck:
+    for step, state in enumerate(states, 1):
+      ck.save(step, state, {})
+    ck.wait()
+  os.remove(tmp_path / "2" / "state" / "manifest.ocdbt")
+  with Checkpointer(str(tmp_path)) as ck:
+    step, _, _, problems = ck.restore_newest_good(abstract)
+  assert step == 1 and problems == [f"checkpoint step 2 in {tmp_path} is unreadable "
+                                    "(CheckpointError: state/manifest.ocdbt is missing)"]
+  assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_step_saved_without_checksums_still_restores(tmp_path):
+  """Steps written before checksums existed are read unverified, as before."""
+  state = _random_states()[0]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(1, state, {"a": 1})
+    ck.wait()
+  os.remove(tmp_path / "1" / checkpoint.CHECKSUMS)
+  with Checkpointer(str(tmp_path)) as ck:
+    restored, meta = ck.restore(1, abstract)
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
+  assert meta == {"a": 1}
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

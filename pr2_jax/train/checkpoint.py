@@ -4,22 +4,36 @@ Orbax writes each step into a temporary directory and renames it when
 complete, so a run killed mid-write leaves no half checkpoint behind (it is
 never listed as a step). Saves are asynchronous: `wait()` before relying on
 one, and `close()` before the process exits.
+
+Orbax checks no data bytes when reading (a flipped byte in a data file restored
+wrong values silently), so every step also records the size and CRC-32 of each file
+it wrote (`checksums.json`), and a restore verifies them first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
+import zlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 
+CHECKSUMS = "checksums.json"  # in each step directory, beside Orbax's items
+_ITEMS = ("state", "meta")
+
+
 class SetupMismatchError(ValueError):
   """A checkpoint was written by another setup than the one asking to resume from it."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint's files differ from what its save recorded (missing, truncated, changed)."""
 
 
 def abstract_like(tree, shardings):
@@ -33,9 +47,13 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "meta"))
+    self._saving = None  # the step whose save is in flight (its checksums are still to write)
+    # The callback runs on process 0 once every process's files are written and merged, just
+    # before Orbax renames the temporary directory: the checksums commit with the step.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums))
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -45,19 +63,32 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     with interrupts_deferred():
+      self._manager.wait_until_finished()  # the previous save's callback has read _saving
+      self._saving = step
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(meta)), force=True)
 
+  def _write_checksums(self) -> None:
+    final = os.path.join(self.directory, str(self._saving))
+    tmp = final + ".orbax-checkpoint-tmp"  # Orbax's name for a step being written
+    write_checksums(tmp if os.path.isdir(tmp) else final)
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores `step` into the shapes/shardings of `abstract_state` (see `abstract_like`)."""
+    """Restores `step` into the shapes/shardings of `abstract_state` (see `abstract_like`).
+    Raises CheckpointError if a file differs from what the save recorded."""
+    verify_checksums(self._step_dir(step), _ITEMS)
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta)
 
   def restore_meta(self, step: int) -> dict:
     """The JSON metadata of `step` alone (cheap: no array is read)."""
+    verify_checksums(self._step_dir(step), ("meta",))
     return dict(self._manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore())).meta)
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def restore_newest_good(self, abstract_state: Any, expect_meta: dict | None = None,
                           delete_unreadable: bool = False):
@@ -152,6 +183,62 @@ def interrupts_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
       signal.signal(signum, handler)
     if caught:
       signal.raise_signal(caught[0])  # now the original handler runs
+
+
+def _crc32(path: str, block: int = 1 << 24) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(block):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def file_checksums(step_dir: str, items=_ITEMS) -> dict[str, dict]:
+  """{path relative to `step_dir`: {'bytes', 'crc32'}} of every file of the `items` dirs."""
+  out = {}
+  for item in items:
+    for root, dirs, files in os.walk(os.path.join(step_dir, item)):
+      dirs.sort()
+      for name in sorted(files):
+        path = os.path.join(root, name)
+        out[os.path.relpath(path, step_dir)] = {"bytes": os.path.getsize(path),
+                                                "crc32": _crc32(path)}
+  return out
+
+
+def write_checksums(step_dir: str) -> None:
+  """Records `file_checksums` in `step_dir`/checksums.json (once Orbax wrote the items)."""
+  tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"files": file_checksums(step_dir)}, f, indent=1, sort_keys=True)
+  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def verify_checksums(step_dir: str, items=_ITEMS) -> None:
+  """Raises CheckpointError naming the first file of `items` that is missing or differs from
+  checksums.json. A step without that file (saved before checksums existed) is not checked;
+  every process checks every file, so all reach the same verdict without a collective."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      recorded = json.load(f)["files"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+  for rel, want in sorted(recorded.items()):
+    if rel.split(os.sep)[0] not in items:
+      continue
+    full = os.path.join(step_dir, rel)
+    if not os.path.isfile(full):
+      raise CheckpointError(f"{rel} is missing")
+    size = os.path.getsize(full)
+    if size != want["bytes"]:
+      raise CheckpointError(f"{rel} has {size} bytes, {want['bytes']} when saved")
+    crc = _crc32(full)
+    if crc != want["crc32"]:
+      raise CheckpointError(f"{rel} changed since it was saved (CRC-32 {crc:08x}, saved "
+                            f"{want['crc32']:08x})")
 
 
 def _unreadable(directory: str, step: int, e: Exception) -> str:
