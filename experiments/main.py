@@ -18,7 +18,8 @@ _CONFIG = common.define_config("configs/tiny.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints and metrics.jsonl go here; "
                                "rerunning with the same workdir resumes.")
 _FRESH = flags.DEFINE_bool("fresh", False, "Allow starting from scratch in a workdir that has RL "
-                           "metrics but no usable checkpoint (otherwise that is an error).")
+                           "metrics but no RL checkpoint, or only unreadable checkpoints (they "
+                           "are deleted); otherwise that is an error.")
 
 
 def main(argv):
@@ -26,7 +27,7 @@ def main(argv):
   common.setup_devices()
   from pr2_jax.rl import loop
   from pr2_jax.rl.config import SetupError
-  from pr2_jax.train.checkpoint import SetupMismatchError
+  from pr2_jax.train.checkpoint import CheckpointError, SetupMismatchError
 
   config, mesh = common.experiment_setup(common.config_value(_CONFIG))
   for flag in common.ineffective_overrides(sys.argv, config.rl.replay_mode):
@@ -43,7 +44,7 @@ def main(argv):
                        on_warmup_progress=common.progress_logger("warm-up"),
                        warn=logging.warning, info=logging.info,
                        allow_fresh_start=_FRESH.value)
-  except (SetupError, SetupMismatchError) as e:  # found before any training step
+  except (SetupError, SetupMismatchError, CheckpointError) as e:  # found before any training step
     common.exit_with_error(str(e))
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: loop.run has finished any save in flight
     logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.train import checkpoint
-from pr2_jax.train.checkpoint import Checkpointer, abstract_like
+from pr2_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
 
 
 def test_round_trip_keeps_values_and_shardings(tmp_path):
@@ -185,6 +185,26 @@ def test_a_step_saved_without_checksums_still_restores(tmp_path):
     restored, meta = ck.restore(1, abstract)
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
   assert meta == {"a": 1}
+
+
+def test_start_over_deletes_the_steps_when_none_restores(tmp_path):
+  abstract = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  with Checkpointer(str(tmp_path)) as ck:
+    for step in (1, 2):
+      ck.save(step, {"x": jnp.arange(4.0) + step}, {})
+    ck.wait()
+  for step in (1, 2):
+    flip_bytes(str(tmp_path / str(step)))
+  with Checkpointer(str(tmp_path)) as ck:
+    with pytest.raises(CheckpointError, match="no usable checkpoint: checkpoint step 2 .*; "
+                                              "checkpoint step 1 .* unreadable"):
+      ck.restore_newest_good(abstract)
+    assert ck.all_steps() == [1, 2], "without start_over nothing is deleted"
+    step, state, meta, problems = ck.restore_newest_good(abstract, start_over=True)
+    assert (step, state, meta) == (None, None, None) and ck.all_steps() == []
+  assert len(problems) == 3 and problems[-1] == (
+      f"deleted the unreadable step(s) [2, 1] in {tmp_path}: no step restores, so the run starts "
+      "over")
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

@@ -3,18 +3,20 @@
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _cli
 from pr2_jax.config import ModelConfig
 from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import loop, records
 from pr2_jax.rl.config import ExperimentConfig, PR2Config, RLConfig, SFTConfig
-from pr2_jax.train.checkpoint import Checkpointer, abstract_like
-from test_checkpoint import corrupt
+from pr2_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
+from test_checkpoint import corrupt, flip_bytes
 
 REQUIRED_KEYS = {"step", "phase", "reward_mean", "response_len", "entropy", "k3_kl",
                  "extreme_frac", "ratio_mean", "ratio_var", "clip_frac_low", "clip_frac_high",
@@ -319,6 +321,63 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path):
   assert [r["step"] for r in _rows(str(tmp_path)) if r["phase"] == "rl"] == [1]  # 2 rewritten
   assert [r["step"] for r in rows if r["phase"] == "rl"] == [2, 3]
   assert sorted(os.listdir(tmp_path / "checkpoints" / "rl")) == ["2", "3"]
+
+
+def _flip_all(directory):
+  for step in os.listdir(directory):
+    flip_bytes(os.path.join(directory, step))
+
+
+def test_unreadable_checkpoints_are_an_error_unless_a_fresh_start_is_allowed(tmp_path):
+  """Every RL checkpoint unreadable: an error that says what to do (it was a raw ValueError, and
+  allow_fresh_start / --fresh did not get past it). Allowed, the run deletes them and starts
+  over from the warm-up checkpoint, or warms up again if that is unreadable too: either way
+  its RL rows are the first run's."""
+  mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+  _, first = _run(str(tmp_path), 1, mesh)
+  rl_dir, sft_dir = tmp_path / "checkpoints" / "rl", tmp_path / "checkpoints" / "sft"
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows
+                        if r["phase"] == "rl"]
+  for unreadable in (rl_dir, sft_dir):
+    _flip_all(rl_dir)
+    if unreadable == sft_dir:
+      _flip_all(sft_dir)
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint: checkpoint step 1 in "
+                       rf"{re.escape(str(rl_dir))} is unreadable .*; checkpoint step 0 .*; rerun "
+                       r"with --fresh \(allow_fresh_start=True\) to delete the unreadable "
+                       "checkpoints and start over, or use another workdir$"):
+      loop.run(_config(1), mesh, str(tmp_path))
+    warnings, messages, rows = [], [], []
+    out = loop.run(_config(1), mesh, str(tmp_path), warn=warnings.append, info=messages.append,
+                   on_metrics=rows.append, allow_fresh_start=True)
+    assert out["resumed_from"] is None and strip(rows) == strip(first)
+    assert f"deleted the unreadable step(s) [1, 0] in {rl_dir}: no step restores" in warnings[2]
+    warmed_up = any(m.startswith("warm-up:") for m in messages)
+    assert warmed_up == (unreadable == sft_dir), messages
+  # Another run's warm-up (init_from) unreadable: named, and never deleted, even when allowed.
+  _flip_all(sft_dir)
+  named = re.escape(str(sft_dir))
+  with pytest.raises(CheckpointError, match=rf"checkpoint step 4 in {named} is unreadable .*; "
+                                            rf"init_from='{named}' is unusable$"):
+    loop.run(dataclasses.replace(_config(1), init_from=str(sft_dir)), mesh,
+             str(tmp_path / "other"), allow_fresh_start=True)
+  assert os.listdir(sft_dir) == ["4"]
+
+
+def test_cli_reports_unreadable_checkpoints_in_one_line(tmp_path):
+  """experiments.main caught only setup errors: a workdir whose checkpoints were all unreadable
+  ended in a traceback. Now: one `error:` line that says what to do, exit code 2."""
+  rl_dir = tmp_path / "checkpoints" / "rl"
+  with Checkpointer(str(rl_dir)) as ck:
+    ck.save(1, {"x": jnp.arange(4.0)}, {})
+    ck.wait()
+  damaged = flip_bytes(str(rl_dir / "1"))
+  line = _cli.one_error_line(_cli.run("experiments.main", "--config=configs/tiny.py",
+                                      f"--workdir={tmp_path}"))
+  assert line.startswith(f"error: no usable checkpoint: checkpoint step 1 in {rl_dir} is "
+                         f"unreadable (CheckpointError: {damaged} changed since it was "), line
+  assert line.endswith("; rerun with --fresh (allow_fresh_start=True) to delete the unreadable "
+                       "checkpoints and start over, or use another workdir"), line
 
 
 def test_progress_rate_leaves_the_first_step_out(tmp_path):

@@ -30,7 +30,7 @@ from pr2_jax.rl import advantages, balancing, data, programs, records
 from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.rl.config import PR2_MODES, ExperimentConfig, SetupError
 from pr2_jax.rl.tasks import make_task
-from pr2_jax.train.checkpoint import Checkpointer, abstract_like
+from pr2_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
 
 Callback = Callable[[dict], None]
 Progress = Callable[[int, int, "float | None"], None]  # (step, total, seconds per step)
@@ -258,7 +258,9 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   Resumes from the newest readable RL checkpoint (a damaged newest one is
   reported through `warn` and an older one used; the resume point through
   `info`) if it was written by the same setup (`run_identity`). Refuses to start
-  from scratch over a workdir that already has metrics unless `allow_fresh_start`.
+  from scratch over a workdir that already has metrics, or whose checkpoints are all
+  unreadable (CheckpointError), unless `allow_fresh_start`: that deletes the
+  unreadable ones and starts over.
   `on_progress(step, total, seconds_per_step)` gets None as the rate for the first
   step after a start or resume (it includes compiling); `on_warmup_progress` the same for
   the warm-up (see `Engine.warmup`).
@@ -282,8 +284,9 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
                                  "balance_state": engine.balance_state.to_json(),
                                  "consecutive_skips": consecutive})
 
-    resumed_from, restored, meta, problems = rl_ckpt.restore_newest_good(
-        abstract_like(state, engine.shardings), identity, delete_unreadable=True)
+    resumed_from, restored, meta, problems = _restore(
+        rl_ckpt, abstract_like(state, engine.shardings), identity, delete_unreadable=True,
+        start_over=allow_fresh_start)
     for problem in problems:
       warn(problem)
     if resumed_from is not None:
@@ -305,7 +308,11 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
       # is the user's choice (e.g. compare_replay's shared warm-up), checked for the model only.
       warm_identity = records.warmup_identity(config)
       sft_expect = {"model": identity["model"]} if config.init_from else warm_identity
-      _, params, _, problems = sft_ckpt.restore_newest_good(params_abstract, sft_expect)
+      # Another run's warm-up (init_from) is never deleted.
+      own = not config.init_from
+      _, params, _, problems = _restore(
+          sft_ckpt, params_abstract, sft_expect, start_over=allow_fresh_start and own,
+          hint=_START_OVER if own else f"init_from={config.init_from!r} is unusable")
       for problem in problems:
         warn(problem)
       if params is None:
@@ -358,3 +365,15 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     # and an interpreter exiting mid-commit leaves only a tmp directory. close() waits.
     rl_ckpt.close()
     sft_ckpt.close()
+
+
+_START_OVER = ("rerun with --fresh (allow_fresh_start=True) to delete the unreadable checkpoints "
+               "and start over, or use another workdir")
+
+
+def _restore(ckpt: Checkpointer, abstract, expect: dict, hint: str = _START_OVER, **kwargs):
+  """`restore_newest_good`, with `hint` (what to do) added to its error when none restores."""
+  try:
+    return ckpt.restore_newest_good(abstract, expect, **kwargs)
+  except CheckpointError as e:
+    raise CheckpointError(f"{e}; {hint}") from None

@@ -33,7 +33,7 @@ class SetupMismatchError(ValueError):
 
 
 class CheckpointError(ValueError):
-  """A checkpoint's files differ from what its save recorded (missing, truncated, changed)."""
+  """A checkpoint cannot be used: damaged files, or no step of a directory restores."""
 
 
 def abstract_like(tree, shardings):
@@ -91,18 +91,20 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def restore_newest_good(self, abstract_state: Any, expect_meta: dict | None = None,
-                          delete_unreadable: bool = False):
+                          delete_unreadable: bool = False, start_over: bool = False):
     """Restores the newest step that reads back; returns (step, state, meta, problems).
 
     A damaged or incomplete newest checkpoint is reported in `problems` (one
     message per step tried) and the previous one is used. A run that resumes
     from it writes the newer step numbers again, which Orbax refuses while
     they exist: `delete_unreadable` deletes them once an older step restored
-    (a reader, e.g. a probe, leaves them alone). Raises ValueError
-    when steps exist but none restores, or when `expect_meta` entries differ
-    from what a checkpoint recorded (e.g. another model config): the metadata
-    is compared before any array is read, so the error names the fields that
-    differ instead of an Orbax shape or tree-structure mismatch.
+    (a reader, e.g. a probe, leaves them alone). When steps exist but none
+    restores, `start_over` deletes them all and returns no step (the caller
+    starts from scratch); otherwise that raises CheckpointError. Raises
+    SetupMismatchError when `expect_meta` entries differ from what a checkpoint
+    recorded (e.g. another model config): the metadata is compared before any
+    array is read, so the error names the fields that differ instead of an
+    Orbax shape or tree-structure mismatch.
     """
     problems, unreadable = [], []
     for step in sorted(self.all_steps(), reverse=True):
@@ -126,14 +128,21 @@ class Checkpointer:
         unreadable.append(step)
         continue
       if unreadable and delete_unreadable:
-        for bad in unreadable:
-          self._manager.delete(bad)
+        self._delete(unreadable)
         problems.append(f"deleted the unreadable step(s) {unreadable} in {self.directory}: "
                         f"restored step {step} instead, and a resumed run writes them again")
       return step, state, meta, problems
+    if problems and not start_over:
+      raise CheckpointError("no usable checkpoint: " + "; ".join(problems))
     if problems:
-      raise ValueError("no usable checkpoint: " + "; ".join(problems))
+      self._delete(unreadable)
+      problems.append(f"deleted the unreadable step(s) {unreadable} in {self.directory}: no "
+                      "step restores, so the run starts over")
     return None, None, None, problems
+
+  def _delete(self, steps) -> None:
+    for step in steps:
+      self._manager.delete(step)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
