@@ -166,6 +166,17 @@ def test_churn_hand_values():
   assert changed.tolist() == [0, 1, 2] and moved.tolist() == [0.0, 10.0, 0.0]
 
 
+def test_churn_against_another_expert_mesh_is_unknown():
+  """A run resumed on another 'expert' axis has a last layout of another shape: it reported 0
+  slots changed (the layout against itself); the first micro-step is NaN now, the rest counted."""
+  prev = np.array([[[0, 1], [2, 3]]])                         # [L=1, D=2, S=2]
+  layouts = np.array([[[[0], [1], [2], [3]]],                  # [M=2, L=1, D=4, S=1]
+                      [[[1], [0], [2], [3]]]])                  # devices 0 and 1 swap experts
+  changed, moved = balancing.churn(layouts, prev, bytes_per_expert=10.0)
+  assert np.isnan(changed[0]) and np.isnan(moved[0])
+  assert changed[1:].tolist() == [2.0] and moved[1:].tolist() == [20.0]
+
+
 def _config(balance_mode, replay_mode="r3", **rl):
   model = ModelConfig(vocab_size=24, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
                       expert_d_ff=32, num_experts=4, top_k=2)
@@ -247,3 +258,21 @@ def test_balance_state_survives_resume(tmp_path):
   keys = sorted(BALANCE_KEYS - {"planner_ms"})  # a wall time
   assert {k: resumed[0][k] for k in keys} == pytest.approx({k: full[2][k] for k in keys}, rel=1e-6)
   assert full[2]["slots_changed"] > 0  # the step-3 plan moved experts: churn was measured
+
+
+@pytest.mark.slow
+def test_a_resume_on_another_expert_mesh_says_so_and_reports_unknown_churn(tmp_path):
+  """eplb_step from 2 to 4 expert devices: the checkpoint reshards (the feature), the log says
+  the mesh changed, and the first step's churn is NaN (its saved layout has another shape)."""
+  base = _config("eplb_step", "r2")
+  devices = jax.devices()[:4]
+  loop.run(dataclasses.replace(base, rl=dataclasses.replace(base.rl, num_steps=1)),
+           make_mesh(2, 2, devices=devices), str(tmp_path))
+  messages, rows = [], []
+  out = loop.run(base, make_mesh(1, 4, devices=devices), str(tmp_path), info=messages.append,
+                 on_metrics=rows.append)
+  assert out["resumed_from"] == 1 and [r["step"] for r in rows] == [2]
+  assert messages[1] == ("the checkpoint was written on the mesh {'data': 2, 'expert': 2}, this "
+                         "run's is {'data': 1, 'expert': 4}: its arrays were resharded to it")
+  assert np.isnan(rows[0]["slots_changed"]) and np.isnan(rows[0]["bytes_moved"])
+  assert np.isfinite(rows[0]["loss"]) and rows[0]["imbalance_used_mean"] >= 1

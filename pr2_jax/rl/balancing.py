@@ -256,15 +256,19 @@ def churn(layouts_MLDS: np.ndarray, previous_LDS: np.ndarray | None, bytes_per_e
 
   A slot is changed when it holds another expert; bytes count only experts its
   device did not hold anywhere before (a move within a device needs no transfer).
+  A `previous_LDS` of another shape (a run resumed on another expert mesh) has no
+  slot-to-slot comparison: the first micro-step's churn is NaN (unknown), not 0.
   """
   layouts = np.asarray(layouts_MLDS)
-  prev = layouts[:1] if previous_LDS is None or previous_LDS.shape != layouts.shape[1:] else (
-      np.asarray(previous_LDS)[None])
+  other_mesh = previous_LDS is not None and np.shape(previous_LDS) != layouts.shape[1:]
+  prev = layouts[:1] if previous_LDS is None or other_mesh else np.asarray(previous_LDS)[None]
   before = np.concatenate([prev, layouts[:-1]], axis=0)
-  changed_M = np.sum(layouts != before, axis=(1, 2, 3))
+  changed_M = np.sum(layouts != before, axis=(1, 2, 3)).astype(np.float64)
   held = np.any(layouts[..., :, None] == before[..., None, :], axis=-1)
-  fetched_M = np.sum((layouts >= 0) & ~held, axis=(1, 2, 3))
-  return changed_M.astype(np.float64), fetched_M * float(bytes_per_expert)
+  bytes_M = np.sum((layouts >= 0) & ~held, axis=(1, 2, 3)) * float(bytes_per_expert)
+  if other_mesh:
+    changed_M[0] = bytes_M[0] = np.nan
+  return changed_M, bytes_M
 
 
 

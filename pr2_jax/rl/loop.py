@@ -257,10 +257,10 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
 
   Resumes from the newest readable RL checkpoint (a damaged newest one is
   reported through `warn` and an older one used; the resume point through
-  `info`) if it was written by the same setup (`run_identity`). Refuses to start
-  from scratch over a workdir that already has metrics, or whose checkpoints are all
-  unreadable (CheckpointError), unless `allow_fresh_start`: that deletes the
-  unreadable ones and starts over.
+  `info`, as is a mesh other than the checkpoint's) if it was written by the same
+  setup (`run_identity`). Refuses to start from scratch over a workdir that already
+  has metrics, or whose checkpoints are all unreadable (CheckpointError), unless
+  `allow_fresh_start`: that deletes the unreadable ones and starts over.
   `on_progress(step, total, seconds_per_step)` gets None as the rate for the first
   step after a start or resume (it includes compiling); `on_warmup_progress` the same for
   the warm-up (see `Engine.warmup`).
@@ -280,7 +280,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     identity = records.run_identity(config)
 
     def save(step, state):
-      rl_ckpt.save(step, state, {"rl_step": step, **identity,
+      rl_ckpt.save(step, state, {"rl_step": step, **identity, "mesh": dict(mesh.shape),
                                  "balance_state": engine.balance_state.to_json(),
                                  "consecutive_skips": consecutive})
 
@@ -294,6 +294,9 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
       info(f"resuming from the RL checkpoint of step {start} in {rl_ckpt.directory}"
            + (" (already complete)" if start >= config.rl.num_steps else
               f"; metrics rows after step {start} are rewritten"))
+      if meta.get("mesh", dict(mesh.shape)) != dict(mesh.shape):  # absent: an older checkpoint
+        info(f"the checkpoint was written on the mesh {meta['mesh']}, this run's is "
+             f"{dict(mesh.shape)}: its arrays were resharded to it")
       engine.balance_state = balancing.StepState.from_json(meta.get("balance_state"))
       records.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
       warm_reward = None
