@@ -18,7 +18,7 @@ from pr2_jax.models.transformer import (KVCache, ModelOutput, MoETransformer, in
                                         lm_head_kernel, validate_tokens)
 from pr2_jax.parallel.expert_parallel import moe_experts
 from pr2_jax.parallel.distributed import (DistributedConfig, gather_rows, local_rows, to_global,
-                                          to_host)
+                                          to_host, use_cpu_devices)
 from pr2_jax.parallel.mesh import LOGICAL_RULES, make_mesh
 from pr2_jax.parallel.replica_fetch import fetch_slabs
 from pr2_jax.parallel.shuffle import shuffle_into_chunks
