@@ -356,3 +356,21 @@ def test_gather_assignments_equals_three_gathers_with_gate_gradients(dtype, num_
   want_grad = gate_grad(lambda a, b, c: (gather(a), gather(b), gather(c)))
   np.testing.assert_array_equal(got_grad, want_grad)
   np.testing.assert_allclose(got_grad / got_grad[0, 1], cot / cot[0, 1], rtol=1e-6)  # ∝ cot
+
+
+@pytest.mark.parametrize("impl", ["capacity", "grouped"])
+def test_eager_calls_on_a_mesh_with_the_same_shapes_compile_once(impl):
+  """Outside jit, shard_map ran the body op by op and compiled every op again on each call; the
+  jitted shard_map traces once per shapes and static arguments. Capacity 2 of a shard's 4
+  tokens: the capacity path's all_to_all, not its dropless (grouped) shortcut."""
+  from test_grouped import count_lowerings
+  x, ids, gates, w = _problem(5)
+  call = functools.partial(moe_experts, impl=impl, mesh=_mesh(2, 4), capacity=2)
+  call(x, ids, gates, w)
+  x2, gates2 = x * 2, gates * 0.5  # other values, outside the count
+  with count_lowerings() as built:
+    y, dropped = call(x2, ids, gates2, w)
+  assert built == []
+  y_jit, dropped_jit = jax.jit(call)(x2, ids, gates2, w)
+  np.testing.assert_array_equal(y, y_jit)
+  assert int(dropped) == int(dropped_jit) and (int(dropped) > 0) == (impl == "capacity")

@@ -191,3 +191,24 @@ def test_on_token_shards_names_rows_that_do_not_split():
   mesh = pm.make_mesh(4, 2)
   with pytest.raises(ValueError, match=r"batch size 12 must be divisible by the 8 token shards"):
     pm.on_token_shards(lambda x: x, mesh)(jnp.zeros((12, 3)))
+
+
+def test_on_token_shards_eager_closures_share_a_program_only_over_equal_values():
+  """Outside jit a new closure per call (as MoEBlock makes) of the same code over equal values
+  builds no second program; other captured values, or ones unhashable (an array), are never
+  served another closure's program."""
+  from test_grouped import count_lowerings
+  mesh = pm.make_mesh(2, 4)
+  x = jnp.arange(16.0).reshape(8, 2)
+
+  def call(scale, offset=None):
+    add = 0.0 if offset is None else offset
+    return pm.on_token_shards(lambda x_n: x_n * scale + add, mesh)(x)
+
+  np.testing.assert_array_equal(call(2.0), x * 2)
+  with count_lowerings() as built:
+    np.testing.assert_array_equal(call(2.0), x * 2)
+  assert built == []
+  np.testing.assert_array_equal(call(3.0), x * 3)
+  for offset in (jnp.ones(2), jnp.full(2, 5.0)):
+    np.testing.assert_array_equal(call(2.0, offset), x * 2 + offset)

@@ -112,6 +112,28 @@ def test_eager_apply_with_the_same_shapes_compiles_once():
   np.testing.assert_allclose(logits, _apply(params, tokens).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("replicas", [False, True])
+def test_eager_apply_on_a_mesh_with_the_same_shapes_compiles_once(replicas):
+  """The same on a (2, 4) mesh, also with a slot map of replicas: outside jit, shard_map runs
+  its body op by op and compiled every op again on each call (the routing's and the experts':
+  104 compilations, ~5 s a call; 190 and ~8 s with the slot map)."""
+  mesh = make_mesh(2, 4)
+  model, params = MoETransformer(CFG, mesh), _params()
+  kw = {}
+  if replicas:  # 3 slots per device: its 2 experts plus a copy of a hot one
+    kw["slot_expert"] = jnp.asarray([[0, 1, 5, 2, 3, 0, 4, 5, 1, 6, 7, 0],
+                                     [0, 1, 7, 2, 3, 7, 4, 5, 2, 6, 7, 3]], jnp.int32)
+  model.apply({"params": params}, _tokens(), **kw)
+  tokens = _tokens(1)  # other values, outside the count
+  with count_lowerings() as built:
+    out = model.apply({"params": params}, tokens, **kw)
+  assert built == []
+  ref = _apply(params, tokens)
+  np.testing.assert_array_equal(out.routes, ref.routes)
+  np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(ref.logits))))
+
+
 def test_replaying_recorded_routes_reproduces_logits_exactly():
   """routes=out.routes gives bitwise the same logits and routes as the recording forward."""
   params, tokens = _params(), _tokens(1)
