@@ -1,5 +1,6 @@
 """The ('data', 'expert') mesh, the logical-axis rules table and sharding helpers."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -193,22 +194,28 @@ def test_on_token_shards_names_rows_that_do_not_split():
     pm.on_token_shards(lambda x: x, mesh)(jnp.zeros((12, 3)))
 
 
-def test_on_token_shards_eager_closures_share_a_program_only_over_equal_values():
-  """Outside jit a new closure per call (as MoEBlock makes) of the same code over equal values
-  builds no second program; other captured values, or ones unhashable (an array), are never
-  served another closure's program."""
+@dataclasses.dataclass(frozen=True)
+class _Scale:
+  factor: float
+
+  def __call__(self, x_n):
+    return x_n * self.factor
+
+
+def test_on_token_shards_eager_calls_reuse_the_program_of_an_equal_function():
+  """Outside jit, a function compared by value (a new but equal instance per call, as MoEBlock
+  makes) builds no second program; another value builds its own; a new lambda per call gets a
+  program of its own every call, never another lambda's."""
   from test_grouped import count_lowerings
   mesh = pm.make_mesh(2, 4)
   x = jnp.arange(16.0).reshape(8, 2)
-
-  def call(scale, offset=None):
-    add = 0.0 if offset is None else offset
-    return pm.on_token_shards(lambda x_n: x_n * scale + add, mesh)(x)
-
-  np.testing.assert_array_equal(call(2.0), x * 2)
+  np.testing.assert_array_equal(pm.on_token_shards(_Scale(2.0), mesh)(x), x * 2)
   with count_lowerings() as built:
-    np.testing.assert_array_equal(call(2.0), x * 2)
+    np.testing.assert_array_equal(pm.on_token_shards(_Scale(2.0), mesh)(x), x * 2)
   assert built == []
-  np.testing.assert_array_equal(call(3.0), x * 3)
+  np.testing.assert_array_equal(pm.on_token_shards(_Scale(3.0), mesh)(x), x * 3)
   for offset in (jnp.ones(2), jnp.full(2, 5.0)):
-    np.testing.assert_array_equal(call(2.0, offset), x * 2 + offset)
+    with count_lowerings() as built:
+      out = pm.on_token_shards(lambda x_n: x_n * 2.0 + offset, mesh)(x)
+    np.testing.assert_array_equal(out, x * 2 + offset)
+    assert len(built) == 1  # one program for the whole shard_map, not one per op

@@ -10,6 +10,7 @@ expert weights stacked on a leading 'expert' axis that the mesh shards.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -33,6 +34,20 @@ class MoEAux(NamedTuple):
   logits_BTE: jax.Array   # float32 router logits
   dropped: jax.Array      # int32, (token, k) pairs over capacity
   aux_loss: jax.Array     # float32 Switch load-balancing loss
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardRouting:
+  """`routing.route` on one token shard's rows. Compared by value, so an eager MoEBlock call
+  reuses the program that `on_token_shards` compiled for the same settings and shapes."""
+  top_k: int
+  norm_topk_prob: bool
+  predicted_gates: bool
+
+  def __call__(self, logits_nE, routes_nK, bias_nE):
+    # MoETransformer checked the whole routes array eagerly (validate_routes): no host sync here.
+    return routing.route(logits_nE, self.top_k, self.norm_topk_prob, routes_nK, bias_nE,
+                         self.predicted_gates, check_values=False)
 
 
 class MoEBlock(nn.Module):
@@ -65,11 +80,9 @@ class MoEBlock(nn.Module):
     logits_NE = routing.router_logits(x_ND, w_router)
     routes_NK = None if routes_BTK is None else routes_BTK.reshape(b * t, cfg.top_k)
     bias_NE = None if predictor_DE is None else predictor_bias(x_ND, predictor_DE)
-    # MoETransformer checked the whole routes array eagerly (validate_routes): another host
-    # sync per layer would repeat it. Per token shard: see on_token_shards (top-k).
-    r = on_token_shards(lambda logits_nE, routes_nK, bias_nE: routing.route(
-        logits_nE, cfg.top_k, cfg.norm_topk_prob, routes_nK, bias_nE, predicted_gates,
-        check_values=False), self.mesh)(logits_NE, routes_NK, bias_NE)
+    # Per token shard: see on_token_shards (top-k).
+    r = on_token_shards(_ShardRouting(cfg.top_k, cfg.norm_topk_prob, predicted_gates),
+                        self.mesh)(logits_NE, routes_NK, bias_NE)
     slot_ids_NK = None
     valid_N = None if valid_BT is None else valid_BT.reshape(b * t)
     if hasattr(slot_expert_X, "replica_share"):  # a Plan layer: planned replica split

@@ -12,7 +12,6 @@ where it is used and sums its gradient back into the split layout.
 from __future__ import annotations
 
 import functools
-import types
 from typing import Sequence
 
 import flax.linen as nn
@@ -82,8 +81,9 @@ def on_token_shards(fn, mesh: Mesh | None):
   (128 experts) a [global tokens, 128] float32 gather per layer. Raises ValueError when an
   argument's rows do not split evenly over the token shards.
 
-  Eager calls (no traced argument) run jitted: a closure of the same code over equal captured
-  values reuses the compiled program (see `_SameCode`)."""
+  Eager calls (no traced argument) run jitted. Pass a function that compares by value (a
+  frozen dataclass with `__call__`, as MoEBlock's routing) and calls with the same shapes
+  reuse one program; any other function (a new lambda per call) compiles once per call."""
   if mesh is None or num_token_shards(mesh) == 1:
     return fn
 
@@ -95,10 +95,9 @@ def on_token_shards(fn, mesh: Mesh | None):
       # Under a trace the caller's program is compiled whole: the same ops as ever, and no jit
       # cache entry pinning a closure over this trace's tracers.
       return _shard_rows(fn, mesh, *args)
-    key = _SameCode(fn)
-    if key.code is None:  # a new program per call, freed with this jit (not cached forever)
+    if type(fn).__eq__ is object.__eq__:  # known by identity: a program of its own, not kept
       return jax.jit(functools.partial(_shard_rows, fn, mesh))(*args)
-    return _shard_rows_jit(key, mesh, *args)
+    return _shard_rows_jit(fn, mesh, *args)
   return on_shards
 
 
@@ -110,40 +109,8 @@ def _shard_rows(fn, mesh: Mesh, *args):
 
 # Outside jit, shard_map runs `fn` op by op and compiled every op again on each call (28 XLA
 # compilations per MoE layer's routing, ~1 s, on a 2x4 mesh). A jit traces once per shapes and
-# function; jax knows a function by identity, hence `_SameCode`.
-_shard_rows_jit = jax.jit(lambda key, mesh, *args: _shard_rows(key.fn, mesh, *args),
-                          static_argnums=(0, 1))
-
-
-class _SameCode:
-  """`fn` as a static jit argument equal to any closure of the same code, globals and defaults
-  over equal captured values (compared with their types, as jit compares static arguments).
-  Callers such as MoEBlock make a new lambda per call over the same config; by identity every
-  eager call would compile anew. `code` is None (compare by identity) for anything else:
-  not a plain function, or a captured value that is unhashable (an array) or unset."""
-
-  def __init__(self, fn):
-    self.fn, self.code = fn, None
-    if not isinstance(fn, types.FunctionType):
-      return
-    try:
-      captured = tuple((type(c.cell_contents), c.cell_contents) for c in fn.__closure__ or ())
-      kwdefaults = tuple(sorted((fn.__kwdefaults__ or {}).items()))
-      code = (fn.__code__, id(fn.__globals__), fn.__defaults__, kwdefaults, captured)
-      hash(code)
-    except (TypeError, ValueError):  # unhashable; ValueError: a cell not yet assigned
-      return
-    self.code = code
-
-  def __hash__(self):
-    return id(self.fn) if self.code is None else hash(self.code)
-
-  def __eq__(self, other):
-    if not isinstance(other, _SameCode):
-      return NotImplemented
-    if self.code is None or other.code is None:
-      return self.fn is other.fn
-    return self.code == other.code
+# static `fn`, which jax compares by equality: a value-compared `fn` hits its cache.
+_shard_rows_jit = jax.jit(_shard_rows, static_argnums=(0, 1))
 
 
 def logical_spec(axes: Sequence[str | None]) -> PartitionSpec:
