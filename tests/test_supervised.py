@@ -1,5 +1,7 @@
 """Tests for pr2_jax.train.supervised: loss, the jitted sharded step, the loop."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +82,25 @@ def test_fsdp_step_matches_single_device_and_keeps_weights_split():
   mu = state.opt_state[1][0].mu["layers_0"]["mlp"]["gate_proj"]  # [E, D, F]
   assert tuple(mu.sharding.spec)[:2] == ("expert", "data")
   assert mu.addressable_shards[0].data.shape[:2] == (8 // 2, 64 // 4)
+
+
+def test_fsdp_step_gathers_the_embedding_table_not_the_batch():
+  """Under FSDP the embedding table's D is split over 'data'. The lookup's gradient, split by
+  batch, was replicated to every device to be scattered into the split table: the step
+  all-gathered [8, 11, 16] of the [B, T, D] cotangent and the token ids (XLA warned
+  "Involuntary full rematerialization"), a whole global batch per device at scale. Now the
+  [V, D] table is gathered for the lookup, as every weight is at its use."""
+  mesh = _mesh(4, 2)
+  model = MoETransformer(ModelConfig(vocab_size=32, fsdp=True), mesh)
+  tx = make_optimizer(1e-2)
+  state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
+  batch = synthetic.reverse_copy_batch(np.random.default_rng(0), 8, 4)
+  step = supervised.make_train_step(model, tx, mesh, shardings)
+  text = step.lower(state, batch).compile().as_text()
+  gathered = set(re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", text))
+  t = batch["tokens"].shape[1]
+  assert "f32[32,64]" in gathered  # the table, V x D
+  assert not [shape for shape in gathered if re.match(rf"\w+\[\d+,{t}[,\]]", shape)], gathered
 
 
 def test_state_is_created_sharded():

@@ -248,7 +248,12 @@ class MoETransformer(nn.Module):
     check_batch_split(b, self.mesh)
     embed = self.param("embed_tokens", partitioned(INIT, ("vocab", "embed")),
                        (cfg.vocab_size, cfg.d_model), jnp.float32)
-    x_BTD = jnp.take(embed, tokens_BT, axis=0).astype(cfg.dtype)
+    # Under FSDP the table's D is split over 'data': gather it for the lookup, as FSDP does
+    # every weight at use. Otherwise the lookup's gradient, split by batch, was replicated to
+    # every device to be scattered into the D-split table (XLA's "Involuntary full
+    # rematerialization" of the [B, T, D] cotangent). Without FSDP this is a no-op.
+    table_VD = constrain(embed, self.mesh, ("vocab", "embed"))
+    x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(cfg.dtype)
     x_BTD = constrain(x_BTD, self.mesh, ("batch", "length", "embed"))
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
