@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_rank, is_concrete
+from pr2_jax.checks import check_int_dtype, check_rank, is_concrete
 from pr2_jax.config import DTYPES, check_int, check_real
 from pr2_jax.models.transformer import MoETransformer, init_cache, validate_tokens
 
@@ -144,9 +144,8 @@ def validate_generate_inputs(vocab_size: int, prompts_BP, prompt_valid_BP, confi
   if jnp.shape(prompts_BP)[1] == 0:  # sampling continues from the last prompt slot's logits
     raise ValueError(f"prompts_BP has shape {jnp.shape(prompts_BP)}, expected [B, P] with P >= 1 "
                      "(an all-padding row is fine; an empty prompt axis is not)")
-  if not jnp.issubdtype(jnp.result_type(prompts_BP), jnp.integer):  # the cast would truncate
-    raise ValueError(f"prompts_BP has dtype {jnp.result_type(prompts_BP)}, expected an integer "
-                     "dtype (token ids; a float would be truncated)")
+  check_int_dtype("prompts_BP", prompts_BP, "an integer dtype (token ids; a float would be "
+                  "truncated)", ValueError)
   if is_concrete(prompts_BP):  # under jit an id >= V embeds as NaN: jitted callers check first
     validate_tokens(prompts_BP, vocab_size)
   if jnp.shape(prompt_valid_BP) != jnp.shape(prompts_BP):
