@@ -219,3 +219,26 @@ def test_on_token_shards_eager_calls_reuse_the_program_of_an_equal_function():
       out = pm.on_token_shards(lambda x_n: x_n * 2.0 + offset, mesh)(x)
     np.testing.assert_array_equal(out, x * 2 + offset)
     assert len(built) == 1  # one program for the whole shard_map, not one per op
+
+
+def _scaled_by_table(x_n, table_2):
+  return x_n * table_2
+
+
+def test_on_token_shards_passes_whole_arguments_unsplit_and_reuses_the_program():
+  """`num_whole` trailing arguments reach every shard whole (a [2] table against [1, 2] rows
+  per shard), under jit and eagerly; a module-level function with new whole values builds no
+  second program (a closure over them compiled one per call: a balance plan per MoE layer)."""
+  from test_grouped import count_lowerings
+  mesh = pm.make_mesh(2, 4)
+  x = jnp.arange(16.0).reshape(8, 2)
+  shards = pm.on_token_shards(_scaled_by_table, mesh, num_whole=1)
+  np.testing.assert_array_equal(shards(x, jnp.asarray([1.0, 10.0])), x * jnp.asarray([1, 10]))
+  with count_lowerings() as built:
+    out = shards(x, jnp.asarray([2.0, 3.0]))
+  assert built == []
+  np.testing.assert_array_equal(out, x * jnp.asarray([2, 3]))
+  jitted = jax.jit(shards)(x, jnp.asarray([-1.0, 4.0]))
+  np.testing.assert_array_equal(jitted, x * jnp.asarray([-1, 4]))
+  with pytest.raises(ValueError, match=r"batch size 12 must be divisible"):  # rows still checked
+    shards(jnp.zeros((12, 2)), jnp.ones(2))

@@ -112,17 +112,21 @@ def test_eager_apply_with_the_same_shapes_compiles_once():
   np.testing.assert_allclose(logits, _apply(params, tokens).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("replicas", [False, True])
+@pytest.mark.parametrize("replicas", [None, "slot_map", "plan"])
 def test_eager_apply_on_a_mesh_with_the_same_shapes_compiles_once(replicas):
-  """The same on a (2, 4) mesh, also with a slot map of replicas: outside jit, shard_map runs
-  its body op by op and compiled every op again on each call (the routing's and the experts':
-  104 compilations, ~5 s a call; 190 and ~8 s with the slot map)."""
+  """The same on a (2, 4) mesh, also with a slot map of replicas or a balance plan: outside
+  jit, shard_map runs its body op by op and compiled every op again on each call (the
+  routing's and the experts': 104 compilations, ~5 s a call; 190 and ~8 s with the slot map);
+  a plan closed over by the replica split compiled one program per layer and call."""
+  from pr2_jax.balance.planner import plan_placement
   mesh = make_mesh(2, 4)
   model, params = MoETransformer(CFG, mesh), _params()
   kw = {}
-  if replicas:  # 3 slots per device: its 2 experts plus a copy of a hot one
+  if replicas == "slot_map":  # 3 slots per device: its 2 experts plus a copy of a hot one
     kw["slot_expert"] = jnp.asarray([[0, 1, 5, 2, 3, 0, 4, 5, 1, 6, 7, 0],
                                      [0, 1, 7, 2, 3, 7, 4, 5, 2, 6, 7, 3]], jnp.int32)
+  elif replicas == "plan":  # expert 3 hot: split over replicas by the plan's shares
+    kw["slot_expert"] = plan_placement(jnp.ones((L, E)).at[:, 3].set(5.0), 4, 3)
   model.apply({"params": params}, _tokens(), **kw)
   tokens = _tokens(1)  # other values, outside the count
   with count_lowerings() as built:

@@ -90,8 +90,9 @@ class MoEBlock(nn.Module):
       slot_expert_X = plan.slot_expert.reshape(-1)
       # Per token shard, like the routing: a shard's replica split depends on its own rows only,
       # and over split rows XLA partitions the global sort by all-gathering every shard's ids.
-      slot_ids_NK = on_token_shards(lambda ids_nK, valid_n: assign_replicas(ids_nK, valid_n, plan),
-                                    self.mesh)(r.expert_ids, valid_N)
+      # The plan goes in whole as an argument: closed over, an eager call compiled anew.
+      slot_ids_NK = on_token_shards(assign_replicas, self.mesh, num_whole=1)(
+          r.expert_ids, valid_N, plan)
     y_ND, dropped = moe_experts(
         x_ND, r.expert_ids, r.gates, weights, impl=cfg.expert_impl, mesh=self.mesh,
         capacity_factor=cfg.capacity_factor, capacity=capacity, slot_expert_X=slot_expert_X,

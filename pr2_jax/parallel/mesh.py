@@ -12,6 +12,7 @@ where it is used and sums its gradient back into the split layout.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Sequence
 
 import flax.linen as nn
@@ -70,47 +71,59 @@ def check_batch_split(batch: int, mesh: Mesh | None) -> None:
                      f"mesh {dict(mesh.shape)} (the batch is split over data x expert)")
 
 
-def on_token_shards(fn, mesh: Mesh | None):
+def on_token_shards(fn, mesh: Mesh | None, num_whole: int = 0):
   """`fn` run on each token shard: every argument and output is split on its first dimension
   over 'data' x 'expert' (the batch's split); None arguments pass through. Only for functions
   whose rows on one shard depend on that shard's rows alone (row-wise ones, or ones defined
-  per token shard like `assign_replicas`); anything else `fn` needs is closed over whole.
+  per token shard like `assign_replicas`). The last `num_whole` arguments (pytrees) reach every
+  shard whole, unsplit; anything else `fn` needs is closed over.
 
   Why: XLA's SPMD partitioner has no rule for `lax.top_k` on a split batch. Under plain jit it
   all-gathers the operand, and every device top-k's the global batch: at Qwen3-30B's router
   (128 experts) a [global tokens, 128] float32 gather per layer. Raises ValueError when an
   argument's rows do not split evenly over the token shards.
 
-  Eager calls (no traced argument) run jitted. Pass a function that compares by value (a
-  frozen dataclass with `__call__`, as MoEBlock's routing) and calls with the same shapes
-  reuse one program; any other function (a new lambda per call) compiles once per call."""
+  Eager calls (no traced argument) run jitted. Pass a module-level function or one that
+  compares by value (a frozen dataclass with `__call__`, as MoEBlock's routing) and calls with
+  the same shapes reuse one program; a function made per call (a lambda, a closure) compiles
+  once per call. So pass arrays that change between calls (a balance plan) as whole arguments,
+  not in a closure."""
   if mesh is None or num_token_shards(mesh) == 1:
     return fn
 
   def on_shards(*args):
-    for a in args:
+    for a in args[:len(args) - num_whole]:
       if a is not None:
         check_batch_split(a.shape[0], mesh)
-    if any(isinstance(a, jax.core.Tracer) for a in args):
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
       # Under a trace the caller's program is compiled whole: the same ops as ever, and no jit
       # cache entry pinning a closure over this trace's tracers.
-      return _shard_rows(fn, mesh, *args)
-    if type(fn).__eq__ is object.__eq__:  # known by identity: a program of its own, not kept
-      return jax.jit(functools.partial(_shard_rows, fn, mesh))(*args)
-    return _shard_rows_jit(fn, mesh, *args)
+      return _shard_rows(fn, mesh, num_whole, *args)
+    if not _reusable(fn):  # made per call: a program of its own, not kept
+      return jax.jit(functools.partial(_shard_rows, fn, mesh, num_whole))(*args)
+    return _shard_rows_jit(fn, mesh, num_whole, *args)
   return on_shards
 
 
-def _shard_rows(fn, mesh: Mesh, *args):
+def _reusable(fn) -> bool:
+  """Whether `fn` is the same key on every call: compared by value, or a module-level function
+  (one defined in a function body is a new object per call, and a cache entry would pin it)."""
+  if type(fn).__eq__ is not object.__eq__:
+    return True
+  return inspect.isfunction(fn) and "<" not in fn.__qualname__  # not '<locals>', '<lambda>'
+
+
+def _shard_rows(fn, mesh: Mesh, num_whole: int, *args):
   rows = PartitionSpec(TOKEN_AXES)
-  specs = tuple(None if a is None else rows for a in args)
+  split = len(args) - num_whole
+  specs = tuple(None if a is None else rows for a in args[:split]) + (PartitionSpec(),) * num_whole
   return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=rows)(*args)
 
 
 # Outside jit, shard_map runs `fn` op by op and compiled every op again on each call (28 XLA
 # compilations per MoE layer's routing, ~1 s, on a 2x4 mesh). A jit traces once per shapes and
 # static `fn`, which jax compares by equality: a value-compared `fn` hits its cache.
-_shard_rows_jit = jax.jit(_shard_rows, static_argnums=(0, 1))
+_shard_rows_jit = jax.jit(_shard_rows, static_argnums=(0, 1, 2))
 
 
 def logical_spec(axes: Sequence[str | None]) -> PartitionSpec:
