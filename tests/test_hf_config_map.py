@@ -62,6 +62,14 @@ def test_sliding_window_value_is_ignored_when_not_used():
     ({"rope_theta": "abc"}, "rope_theta='abc' must be a number"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": [1e4]}}, "rope_theta"),
     ({"rms_norm_eps": True}, "rms_norm_eps=True must be a number"),
+    # Were a ZeroDivisionError or TypeError in the arithmetic, or a silent truncation to 48.
+    ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads=0 must be a positive"),
+    ({"num_hidden_layers": 4.0}, "num_hidden_layers=4.0 must be a positive int"),
+    ({"hidden_size": "32"}, "hidden_size='32' must be a positive int"),
+    ({"intermediate_size": 48.7, "mlp_only_layers": [0]}, "intermediate_size=48.7"),
+    ({"head_dim": 8.0}, "head_dim=8.0"),
+    ({"mlp_only_layers": 3}, "mlp_only_layers=3"),
+    ({"mlp_only_layers": ["0"]}, "mlp_only_layers"),
 ])
 def test_unsupported_or_bad_fields_name_the_field(change, field):
   with pytest.raises(ValueError, match=field):

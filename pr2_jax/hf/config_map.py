@@ -10,8 +10,9 @@ Only fields that change what the network computes are mapped. Anything that
 would make our forward differ from `transformers` (rope scaling, attention
 biases, sliding windows, another activation) is rejected with a ValueError
 naming the field, because silently ignoring it would give wrong logits.
-Training knobs (`expert_impl`, `capacity_factor`, `aux_loss_coef`, `dtype`)
-are ours, not the checkpoint's: they keep `ModelConfig` defaults.
+Training knobs (`config.RUNTIME_FIELDS`: `dtype`, `expert_impl`, `fsdp`, ...)
+are ours, not the checkpoint's: they keep `ModelConfig` defaults. Shape fields
+must be positive ints (ValueError naming the field otherwise).
 """
 
 from __future__ import annotations
@@ -57,6 +58,15 @@ def _real(key: str, value: Any) -> float:
     return float(value)
   except ValueError:
     raise ValueError(f"config.json field {key}={value!r} must be a number") from None
+
+
+def _int(key: str, value: Any) -> int:
+  """An int config field, or a ValueError naming it: a float would be truncated silently
+  (`intermediate_size=48.7` read as 48), a string or 0 crash in arithmetic before
+  `ModelConfig` could name the field."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"config.json field {key}={value!r} must be a positive int")
+  return value
 
 
 def _get(hf: Mapping[str, Any], key: str) -> Any:
@@ -122,18 +132,25 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
   if not isinstance(num_experts, int) or num_experts < 1:
     raise ValueError(f"config.json field num_experts={num_experts!r} must be a positive int "
                      "(fully dense Qwen3 models are not supported)")
-  num_layers = hf["num_hidden_layers"]
-  dense = dense_layer_ids(num_layers, hf.get("mlp_only_layers"), _get(hf, "decoder_sparse_step"))
-  head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+  ints = {k: _int(k, hf[k]) for k in REQUIRED}
+  num_layers, heads = ints["num_hidden_layers"], ints["num_attention_heads"]
+  mlp_only = hf.get("mlp_only_layers") or ()
+  if (isinstance(mlp_only, (str, bytes)) or not hasattr(mlp_only, "__iter__")
+      or any(isinstance(i, bool) or not isinstance(i, int) for i in mlp_only)):
+    # A string id ("0") would match no layer: the dense layer would silently become MoE.
+    raise ValueError(f"config.json field mlp_only_layers={mlp_only!r} must be a list of int "
+                     "layer ids")
+  dense = dense_layer_ids(num_layers, mlp_only, _get(hf, "decoder_sparse_step"))
+  optional = lambda key, default: _int(key, hf[key]) if hf.get(key) else default
   fields = dict(
-      vocab_size=hf["vocab_size"], num_layers=num_layers, d_model=hf["hidden_size"],
-      num_heads=hf["num_attention_heads"],
-      num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-      head_dim=head_dim, expert_d_ff=hf["moe_intermediate_size"], num_experts=num_experts,
-      top_k=hf["num_experts_per_tok"], norm_topk_prob=bool(_get(hf, "norm_topk_prob")),
+      vocab_size=ints["vocab_size"], num_layers=num_layers, d_model=ints["hidden_size"],
+      num_heads=heads, num_kv_heads=optional("num_key_value_heads", heads),
+      head_dim=optional("head_dim", ints["hidden_size"] // heads),
+      expert_d_ff=ints["moe_intermediate_size"], num_experts=num_experts,
+      top_k=ints["num_experts_per_tok"], norm_topk_prob=bool(_get(hf, "norm_topk_prob")),
       rope_theta=_rope_theta(hf), rms_norm_eps=_real("rms_norm_eps", _get(hf, "rms_norm_eps")),
       tie_embeddings=bool(_get(hf, "tie_word_embeddings")), dense_layers=dense,
-      dense_d_ff=int(hf.get("intermediate_size") or 0) if dense else 0)
+      dense_d_ff=optional("intermediate_size", 0) if dense else 0)
   try:
     return ModelConfig(**fields)
   except ValueError as e:
