@@ -36,7 +36,6 @@ from pr2_jax.hf.tokenizer import TOKENIZER_FILE, HFTokenizer
 from pr2_jax.rl.char_tokenizer import CHARS
 from pr2_jax.train.state import TrainState, state_initializer
 
-# ModelConfig fields that are our run-time choices, not the checkpoint's (docs/checkpoints.md).
 # Problems whose text must survive encode -> decode (a fixed sample: checks are reproducible).
 CHECK_PROBLEMS = 64
 

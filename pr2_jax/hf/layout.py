@@ -47,6 +47,11 @@ class Source:
   hf_shape: tuple[int, ...]             # shape of each tensor in `keys`
   rows: tuple[int, int] | None = None   # fused gate_up: the half of axis 1 that is ours
 
+  def __post_init__(self):
+    # to_ours would read an unknown kind as 'fused' (its last branch), silently.
+    if self.kind not in KINDS:
+      raise ValueError(f"Source.kind={self.kind!r} must be one of {KINDS}")
+
 
 def fused_gate_up_key(layer: int) -> str:
   return f"model.layers.{layer}.mlp.experts.gate_up_proj"

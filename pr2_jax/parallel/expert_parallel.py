@@ -32,12 +32,13 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pr2_jax.checks import check_ids, is_concrete
+from pr2_jax.config import EXPERT_IMPLS
 from pr2_jax.models import experts as ex
 from pr2_jax.models.grouped import fast_capacity, grouped_experts
 from pr2_jax.parallel import replica_fetch
 from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size, num_token_shards
 
-IMPLS = ("capacity", "ragged", "grouped", "dense")
+IMPLS = EXPERT_IMPLS  # ModelConfig.expert_impl's choices, one list
 
 
 def gather_assignments(x_nD, slot_ids_nK, gates_nK, num_slots: int):
