@@ -165,7 +165,11 @@ def test_train_loop_loss_falls():
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(batch_size=0), "batch_size"), (dict(num_steps=0), "num_steps"),
-    (dict(learning_rate=0.0), "learning_rate")])
+    (dict(learning_rate=0.0), "learning_rate"),
+    # Passed before: NaN trained on NaN, the rest failed later or were used silently.
+    (dict(learning_rate=float("nan")), "learning_rate"), (dict(batch_size=16.0), "batch_size"),
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(grad_clip=0.0), "grad_clip"),
+    (dict(warmup_steps=-1), "warmup_steps"), (dict(seed=1.5), "seed")])
 def test_config_validation(kwargs, field):
   with pytest.raises(ValueError, match=field):
     supervised.SupervisedConfig(**kwargs)

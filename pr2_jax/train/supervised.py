@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from pr2_jax.config import ModelConfig
+from pr2_jax.config import ModelConfig, check_int, check_real
 from pr2_jax.data import synthetic
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
@@ -42,10 +42,13 @@ class SupervisedConfig:
 
   def __post_init__(self):
     for name in ("batch_size", "num_digits", "num_steps", "log_every"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"SupervisedConfig.{name} must be >= 1, got {getattr(self, name)}")
-    if self.learning_rate <= 0:
-      raise ValueError(f"SupervisedConfig.learning_rate must be > 0, got {self.learning_rate}")
+      check_int("SupervisedConfig", name, getattr(self, name))
+    for name in ("warmup_steps", "seed"):
+      check_int("SupervisedConfig", name, getattr(self, name), minimum=0)
+    # NaN passes every `<=` test: a NaN learning rate trained on NaN silently.
+    for name in ("learning_rate", "grad_clip"):
+      check_real("SupervisedConfig", name, getattr(self, name), 0, inclusive=False)
+    check_real("SupervisedConfig", "weight_decay", self.weight_decay, 0)
 
   def validate_mesh(self, mesh: Mesh | None) -> None:
     shards = num_token_shards(mesh)
