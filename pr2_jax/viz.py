@@ -2,6 +2,8 @@
 
 Functions take plain data (metric rows, arrays) and return matplotlib figures;
 saving and showing is the caller's business.
+
+Dimension legend: E experts, D devices (expert shards), S slots per device.
 """
 
 from __future__ import annotations
@@ -81,11 +83,18 @@ def plan_figure(loads_E, slot_expert_DS, slot_load_DS, title: str = ""):
   `loads_E` are one layer's (token, k) counts; `slot_expert_DS`/`slot_load_DS`
   one layer of a `pr2_jax.balance.Plan`. Titles carry the imbalance max/mean.
   """
-  plt = _plt()
   loads_E = np.asarray(loads_E, float)
   expert_DS, slot_DS = np.asarray(slot_expert_DS), np.asarray(slot_load_DS, float)
+  # Else numpy's reshape error, or bars drawn from misaligned rows.
+  if loads_E.ndim != 1 or expert_DS.ndim != 2 or slot_DS.shape != expert_DS.shape:
+    raise ValueError(f"plan_figure takes loads_E [E] and slot_expert_DS, slot_load_DS [D, S] of "
+                     f"one shape; got {loads_E.shape}, {expert_DS.shape}, {slot_DS.shape}")
   d, e = expert_DS.shape[0], loads_E.shape[0]
+  if e % d:
+    raise ValueError(f"plan_figure: {e} experts do not split evenly over {d} devices (the "
+                     "static layout gives each device E/D experts)")
   per = e // d
+  plt = _plt()
   native_DS = np.arange(e).reshape(d, per)
   colors = plt.get_cmap("tab20")(np.arange(e) % 20)
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
