@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pr2_jax.config import check_real
+from pr2_jax.config import ModelConfig, check_real
 from pr2_jax.parallel.mesh import DATA, EXPERT, num_token_shards, tree_shardings
 from pr2_jax.pr2.predictor import init_predictor
 
@@ -59,8 +59,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, total_steps: int = 0,
                    weight_decay: float = 0.0, grad_clip: float = 1.0, b2: float = 0.999):
-  """AdamW with linear warmup, cosine decay to 10% (when total_steps > 0) and global-norm
-  clipping."""
+  """AdamW with global-norm clipping. With total_steps > 0 the learning rate warms up linearly
+  over `warmup_steps` and then decays (cosine) to 10% at `total_steps`; with total_steps = 0
+  it is constant and `warmup_steps` is unused."""
   if total_steps > 0:
     lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
                                             max(total_steps, warmup_steps + 1), learning_rate * 0.1)
@@ -108,10 +109,10 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
   return init(rng), shardings
 
 
-def predictor_initializer(config, tx: optax.GradientTransformation, mesh: Mesh):
+def predictor_initializer(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh):
   """(init, (w_sharding, opt_shardings)) for PR2's W_p = 0 and its optimizer state.
 
-  `config` is the ModelConfig. Replicated by default; under `config.fsdp` W_p and its
+  Replicated by default; under `config.fsdp` W_p and its
   moments are split over 'data' on D like every other parameter (for the 30B config
   that is 50 MB of W_p and 100 MB of moments per device otherwise). `init()` is jitted
   and its arrays are born in those shardings. Raises ValueError if `mesh` cannot hold
