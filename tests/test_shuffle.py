@@ -85,6 +85,9 @@ def test_rows_that_do_not_split_evenly_are_refused():
                                  NamedSharding(mesh, P(TOKEN_AXES)))
   with pytest.raises(ValueError, match="24 rows do not split into num_chunks=2 chunks"):
     shuffle_into_chunks(placed, np.arange(24), num_chunks=2, mesh=mesh)
+  for bad in (0, -2, 2.0):  # were a ZeroDivisionError, a negative shape, a float shape
+    with pytest.raises(ValueError, match=f"num_chunks must be a positive int, got {bad}"):
+      shuffle_into_chunks(placed, np.arange(24), num_chunks=bad, mesh=mesh)
 
 
 def test_order_of_another_length_or_dtype_is_refused():

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from pr2_jax.config import check_int
 from pr2_jax.parallel.mesh import TOKEN_AXES, num_token_shards
 
 
@@ -60,6 +61,7 @@ def shuffle_into_chunks(tree, order_B: jax.Array, *, num_chunks: int, mesh: Mesh
   chunks and every chunk over the token shards. Besides its own input and output shards,
   a device holds one other shard's rows at a time (a ring of `ppermute`s).
   """
+  check_int("shuffle_into_chunks", "num_chunks", num_chunks)  # 0 divided by zero below
   n = num_token_shards(mesh)
   leaves, treedef = jax.tree.flatten(tree)
   total = leaves[0].shape[0] if leaves else 0
