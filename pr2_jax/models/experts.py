@@ -75,6 +75,12 @@ def expert_to_slot(expert_ids_NK: jax.Array, slot_expert_X: jax.Array,
   return first_slot_E[expert_ids_NK]
 
 
+def rank_in_slot(onehot_MX: jax.Array) -> jax.Array:
+  """Each assignment's place in its slot's queue, int [M]: how many earlier rows of the one-hot
+  [M, X] chose the same slot (-1 for an all-zero row, an assignment to no slot here)."""
+  return jnp.sum(jnp.cumsum(onehot_MX, axis=0) * onehot_MX, axis=1) - 1
+
+
 def capacity_positions(slot_ids_NK: jax.Array, num_slots: int, capacity: int):
   """Position of every (token, k) in its slot's buffer, first choices first.
 
@@ -85,8 +91,7 @@ def capacity_positions(slot_ids_NK: jax.Array, num_slots: int, capacity: int):
   n, k = slot_ids_NK.shape
   ids_M = slot_ids_NK.T.reshape(-1)
   onehot_MX = jax.nn.one_hot(ids_M, num_slots, dtype=jnp.int32)
-  pos_M = jnp.sum(jnp.cumsum(onehot_MX, axis=0) * onehot_MX, axis=1) - 1
-  pos_NK = pos_M.reshape(k, n).T
+  pos_NK = rank_in_slot(onehot_MX).reshape(k, n).T
   keep_NK = pos_NK < capacity
   index_NK = jnp.where(keep_NK, slot_ids_NK * capacity + pos_NK, num_slots * capacity)
   return index_NK, keep_NK

@@ -22,7 +22,7 @@ import numpy as np
 
 from pr2_jax.checks import is_concrete
 from pr2_jax.config import storage_dtype
-from pr2_jax.models.experts import ExpertWeights, combine, dispatch, swiglu
+from pr2_jax.models.experts import ExpertWeights, combine, dispatch, rank_in_slot, swiglu
 
 
 def block_rows(num_assignments: int, num_slots: int) -> int:
@@ -53,7 +53,7 @@ def grouped_positions(slot_ids_NK: jax.Array, num_slots: int, rows: int):
   onehot_NKS = jax.nn.one_hot(jnp.where(keep_NK, slot_ids_NK, num_slots), num_slots,
                               dtype=jnp.int32)
   onehot_MS = onehot_NKS.reshape(n * k, num_slots)
-  pos_M = jnp.sum(jnp.cumsum(onehot_MS, axis=0) * onehot_MS, axis=1) - 1
+  pos_M = rank_in_slot(onehot_MS)
   blocks_S = (jnp.sum(onehot_MS, axis=0) + rows - 1) // rows
   block_end_S = jnp.cumsum(blocks_S)
   first_block_M = (block_end_S - blocks_S)[jnp.clip(slot_ids_NK.reshape(-1), 0, num_slots - 1)]
@@ -212,7 +212,7 @@ def _slot_capacity_experts(x_ND, local_NK, gates_NK, w, capacity):
   keep_NK = (local_NK >= 0) & (local_NK < num_local)
   onehot_NKS = jax.nn.one_hot(jnp.where(keep_NK, local_NK, num_local), num_local, dtype=jnp.int32)
   onehot_MS = onehot_NKS.reshape(-1, num_local)
-  pos_NK = (jnp.sum(jnp.cumsum(onehot_MS, axis=0) * onehot_MS, axis=1) - 1).reshape(local_NK.shape)
+  pos_NK = rank_in_slot(onehot_MS).reshape(local_NK.shape)
   index_NK = jnp.where(keep_NK, local_NK * capacity + pos_NK, num_local * capacity)
   buf_SCD = dispatch(x_ND, index_NK, num_local * capacity).reshape(num_local, capacity, -1)
   y_SCD = swiglu(buf_SCD, w)
