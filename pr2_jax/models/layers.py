@@ -2,7 +2,8 @@
 
 Dimension legend:
   B batch, T query length, S key length, D d_model, H query heads,
-  G kv heads, R = H/G query heads per kv head, Z head_dim, F MLP hidden.
+  G kv heads, R = H/G query heads per kv head, Z head_dim, z = Z/2 (rotary
+  frequencies), F MLP hidden.
 
 Numerics follow Hugging Face's Qwen3-MoE so real checkpoints compute the
 same thing: norms in float32 then cast back, rotate-half RoPE, q/k RMSNorm
@@ -28,6 +29,7 @@ MIN_BLOCK_QUERIES = 64
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) * weight over the last axis; statistics in float32, the result in x's dtype."""
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return weight.astype(x.dtype) * x32.astype(x.dtype)
@@ -114,7 +116,7 @@ def causal_mask(positions_BT: jax.Array, valid_BT: jax.Array | None) -> jax.Arra
   if valid_BT is not None:
     mask_BTS &= valid_BT[:, None, :].astype(bool)
   # A padding query that sees nothing would softmax over -inf: let it see itself.
-  return mask_BTS | jnp.eye(positions_BT.shape[1], dtype=bool)[None]
+  return mask_BTS | jnp.eye(t, dtype=bool)[None]
 
 
 def cache_mask(index: jax.Array, length: int, key_valid_BS: jax.Array) -> jax.Array:
@@ -126,9 +128,9 @@ def cache_mask(index: jax.Array, length: int, key_valid_BS: jax.Array) -> jax.Ar
 
 
 class Attention(nn.Module):
-  """GQA attention; with `kv` = (k_BGZS, v_BGSZ, index) (this layer's cache) it writes the
-  new keys and values at slot `index`, attends over the whole cache (decode) and returns
-  (out, updated (k_BGZS, v_BGSZ))."""
+  """GQA attention; returns (out_BTD, new_kv). With `kv` = (k_BGZS, v_BGSZ, index) (this
+  layer's cache) it writes the new keys and values at slot `index`, attends over the whole
+  cache (decode) and new_kv is the updated (k_BGZS, v_BGSZ); without a cache, None."""
   config: ModelConfig
   mesh: Mesh | None = None
 
@@ -152,7 +154,8 @@ class Attention(nn.Module):
     # reductions took ~3 ms a layer, as batched matmuls ~0.8 ms (see attend).
     k_BGZT = jnp.transpose(k_BTGZ, (0, 2, 3, 1))
     v_BGTZ = jnp.transpose(v_BTGZ, (0, 2, 1, 3))
-    new_kv = None
+    # The keys attended to: these tokens' (S = T), or with a cache the whole cache.
+    k_BGZS, v_BGSZ, new_kv = k_BGZT, v_BGTZ, None
     if kv is not None:
       # This layer's cache only (one array per layer): the in-place write comes first and
       # the attention reads its result. Writing after the read, or slicing the layer out of
@@ -161,10 +164,10 @@ class Attention(nn.Module):
       write = lambda c, a, axis: jax.lax.dynamic_update_slice_in_dim(
           c, a.astype(c.dtype), index, axis)
       new_kv = (write(cache_k_BGZS, k_BGZT, 3), write(cache_v_BGSZ, v_BGTZ, 2))
-      k_BGZT, v_BGTZ = new_kv
+      k_BGZS, v_BGSZ = new_kv
     # Without a cache the mask is causal_mask's: causal query blocks skip the masked keys.
     # The cache as stored (`config.storage_dtype`): attend rounds its products to q's dtype.
-    out_BTHZ = attend(q_BTHZ, k_BGZT, v_BGTZ, mask_BTS,
+    out_BTHZ = attend(q_BTHZ, k_BGZS, v_BGSZ, mask_BTS,
                       causal_blocks=cfg.attention_blocks if kv is None else 1)
     o_proj = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype,
                              name="o_proj",

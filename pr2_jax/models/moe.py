@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from pr2_jax.balance.dispatch import assign_replicas
 from pr2_jax.checks import check_shape
 from pr2_jax.config import ModelConfig
 from pr2_jax.models import experts as ex
 from pr2_jax.models import routing
 from pr2_jax.models.layers import INIT
 from pr2_jax.parallel.expert_parallel import moe_experts
-from pr2_jax.balance.dispatch import assign_replicas
 from pr2_jax.parallel.mesh import constrain, on_token_shards, partitioned
 from pr2_jax.pr2.predictor import predictor_bias
 
@@ -57,8 +57,10 @@ class MoEBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, routes_BTK=None, slot_expert_X=None, capacity=None, predictor_DE=None,
                predicted_gates=True, valid_BT=None):
-    """`slot_expert_X` is a slot map [X] (each expert's first slot takes its tokens) or one
-    layer of a `pr2_jax.balance.Plan` (tokens split among replicas by the plan's shares)."""
+    """Returns (y_BTD in the compute dtype, MoEAux). `slot_expert_X` is a slot map [X] (each
+    expert's first slot takes its tokens) or one layer of a `pr2_jax.balance.Plan` (tokens
+    split among replicas by the plan's shares); the other arguments are
+    `MoETransformer.__call__`'s for one layer (routes_BTK, predictor_DE: its slices)."""
     cfg = self.config
     b, t, d = x_BTD.shape
     e, f = cfg.num_experts, cfg.expert_d_ff

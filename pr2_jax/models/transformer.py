@@ -1,7 +1,8 @@
 """`MoETransformer`: a Qwen3-MoE-style decoder with route record and replay.
 
 Dimension legend:
-  B batch, T length, D d_model, V vocab, L MoE layers, K top-k, E experts.
+  B batch, T length, D d_model, V vocab, L MoE layers, K top-k, E experts,
+  X expert slots per layer, G kv heads, Z head_dim, S KV cache length (max_len).
 
 `model.apply({'params': p}, tokens, routes=None)` returns a `ModelOutput`
 whose `.routes [B, T, L, K]` are the routes actually used; feeding them back
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pr2_jax.config import ModelConfig, check_int, storage_dtype
 from pr2_jax.checks import check_shape, is_concrete
+from pr2_jax.config import ModelConfig, check_int, storage_dtype
 from pr2_jax.models.experts import validate_slot_expert
 from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
 from pr2_jax.models.moe import MoEBlock
@@ -152,6 +153,8 @@ class ModelOutput:
 
 
 class DecoderLayer(nn.Module):
+  """Pre-norm attention then MLP or MoE block. Returns (x_BTD, MoEAux or None, the MoE
+  block's input h_BTD (PR2's router features) or None, this layer's updated cache or None)."""
   config: ModelConfig
   is_moe: bool
   mesh: Mesh | None = None
