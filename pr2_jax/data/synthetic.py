@@ -5,7 +5,7 @@ first half is noise to the model, the second half is fully determined by it,
 so the loss on the answer falls from ln(10) toward 0 as the model learns to
 attend backwards; that makes it a quick check that the whole stack trains.
 
-Dimension legend: B batch, T sequence length (2n + 3 tokens).
+Dimension legend: B batch, N digits (n), T sequence length (2n + 3 tokens).
 """
 
 from __future__ import annotations

@@ -183,10 +183,10 @@ def load_hf_checkpoint(path: str, *, mesh: Mesh | None = None, dtype=None,
     mesh: optional ('data', 'expert') mesh; each parameter is created directly
       in the sharding its logical axes give (experts split over 'expert'),
       shard by shard, so no device ever holds the whole model.
-    fsdp: read into `ModelConfig.fsdp`'s shardings (d_model also split over
-      'data'); the returned config has `fsdp` set to match.
     dtype: dtype of the returned parameters; default float32, as `model.init`
       makes them. `jnp.bfloat16` halves memory (the model casts per op).
+    fsdp: read into `ModelConfig.fsdp`'s shardings (d_model also split over
+      'data'); the returned config has `fsdp` set to match.
 
   Returns:
     (config, params): the `ModelConfig` and the plain-array parameter tree of
@@ -194,8 +194,8 @@ def load_hf_checkpoint(path: str, *, mesh: Mesh | None = None, dtype=None,
 
   Raises:
     ValueError: naming the field or tensor, for an unsupported config, a
-      missing, unexpected or misshapen tensor, or experts not divisible by the
-      mesh's 'expert' axis.
+      missing, unexpected, misshapen or non-finite tensor, an unsupported
+      `dtype`, or experts not divisible by the mesh's 'expert' axis.
   """
   dtype = np.dtype(jnp.float32 if dtype is None else dtype)
   if dtype not in DTYPE_NAMES:  # a cast to an integer type would silently zero the weights

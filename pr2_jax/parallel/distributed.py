@@ -85,7 +85,8 @@ def initialize(cfg: DistributedConfig) -> None:
   """
   if not cfg.enabled:
     return
-  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+  platforms = jax.config.jax_platforms  # None or "" = let JAX choose, which may be the CPU
+  if not platforms or "cpu" in platforms:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if cfg.coordinator_address:
