@@ -25,7 +25,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: number of
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's rank (-1 = auto).")
 _AUTO_DETECT = flags.DEFINE_bool(
     "distributed_auto", False, "Multi-host: let JAX detect the cluster (TPU pods, SLURM, Open "
-    "MPI) instead of the three flags above.")
+    "MPI) instead of --coordinator_address, --num_processes and --process_id.")
 
 
 class _QuietLibraries:

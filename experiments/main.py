@@ -14,7 +14,12 @@ from absl import flags, logging
 
 from experiments import common
 
-_CONFIG = common.define_config("configs/tiny.py", "Experiment config file.")
+_CONFIG = common.define_config(
+    "configs/tiny.py", "Experiment config file (configs/*.py); any field can be overridden with "
+    "--config.FIELD=VALUE, e.g. --config.rl.num_steps=10 --config.rl.replay_mode=pr2.")
+# --help lists only this module's key flags: without this it left out --config, --cpu_devices
+# and the multi-host flags (defined in common), which a user could find only with --helpfull.
+flags.adopt_module_key_flags(common)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints and metrics.jsonl go here; "
                                "rerunning with the same workdir resumes.")
 _FRESH = flags.DEFINE_bool("fresh", False, "Allow starting from scratch in a workdir that has RL "

@@ -159,3 +159,16 @@ def test_foresight_without_replay_is_named():
       config(balance_mode="foresight", replay_mode="none"))
   assert common.balance_mode_warning(config(balance_mode="foresight", replay_mode="r3")) is None
   assert common.balance_mode_warning(config(balance_mode="eplb_step", replay_mode="none")) is None
+
+
+def test_main_help_lists_the_config_and_device_flags():
+  # They are defined in common.py; --help used to list only --fresh and --workdir, so a user
+  # had to know to ask for --helpfull to learn of --config or --cpu_devices.
+  import _cli
+  proc = _cli.run("experiments.main", "--help")
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]  # (absl's --help exits with 1)
+  listed = {line.split(":")[0].strip() for line in proc.stdout.splitlines()
+            if line.startswith("  --")}
+  assert {"--config", "--cpu_devices", "--coordinator_address", "--num_processes",
+          "--process_id", "--[no]distributed_auto", "--workdir", "--[no]fresh"} <= listed
+  assert "--config.FIELD=VALUE" in proc.stdout
