@@ -40,6 +40,10 @@ def setup_devices():
   """Fake CPU devices and the distributed runtime; call before any other JAX work."""
   import logging as py_logging
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
+  # JAX logs through its own loggers, which a filter on "absl" never sees: on the handler, it
+  # also drops JAX's start-up INFO ("Unable to initialize backend 'tpu': ... libtpu.so"), which
+  # read as an error at the top of every CPU run.
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
   from pr2_jax.parallel import distributed
   if _CPU_DEVICES.value > 0:

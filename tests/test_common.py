@@ -172,3 +172,15 @@ def test_main_help_lists_the_config_and_device_flags():
   assert {"--config", "--cpu_devices", "--coordinator_address", "--num_processes",
           "--process_id", "--[no]distributed_auto", "--workdir", "--[no]fresh"} <= listed
   assert "--config.FIELD=VALUE" in proc.stdout
+
+
+def test_jax_start_up_info_is_not_logged():
+  # Without JAX_PLATFORMS, JAX's backend search logs at INFO through its own logger "Unable to
+  # initialize backend 'tpu': ... libtpu.so: cannot open shared object file", which topped
+  # every CPU run's log like an error. A mesh that cannot be built fails right after JAX starts.
+  import _cli
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = _cli.run("experiments.main", "--config.mesh_expert=65537", env=env)
+  line = _cli.one_error_line(proc)
+  assert line.startswith("error: bad config: --config.mesh_expert=65537 must divide the "), line
+  assert proc.stderr.splitlines() == [line]  # nothing else: no INFO chatter of JAX's
