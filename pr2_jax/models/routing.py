@@ -108,8 +108,7 @@ def check_route_rows(routes, num_experts: int, *, name: str = "routes", row: str
   if not is_concrete(routes):
     return
   r = np.asarray(routes)
-  if not np.issubdtype(r.dtype, np.integer):
-    raise ValueError(f"{name} has dtype {r.dtype}, expected int32 expert ids")
+  check_int_dtype(name, r, "int32 expert ids", ValueError)
   low = LIVE if allow_live else 0
   if np.any(r < low):
     raise ValueError(f"{name} has value {int(r.min())} < {low}" + (
@@ -260,9 +259,7 @@ def check_routes_shape(routes, *, batch: int, length: int, num_layers: int, top_
   shape = tuple(getattr(routes, "shape", ()))
   if shape != expected:
     raise ValueError(f"routes has shape {shape}, expected [B, T, L, K] = {expected}")
-  dtype = getattr(routes, "dtype", None)
-  if dtype is None or not np.issubdtype(np.dtype(dtype), np.integer):
-    raise ValueError(f"routes has dtype {dtype}, expected int32 or another integer dtype")
+  check_int_dtype("routes", routes, "int32 or another integer dtype", ValueError)
 
 
 def validate_routes(routes, *, batch: int, length: int, num_layers: int, top_k: int,

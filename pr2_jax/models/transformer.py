@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pr2_jax.checks import check_shape, is_concrete
+from pr2_jax.checks import check_int_dtype, check_shape, is_concrete
 from pr2_jax.config import ModelConfig, check_int, storage_dtype
 from pr2_jax.models.experts import validate_slot_expert
 from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
@@ -96,8 +96,7 @@ def _check_slot_expert(slot_expert, config: ModelConfig, mesh: Mesh | None) -> N
   if not ok:
     raise ValueError(f"{name} has shape {shape}, expected {dims} with L = {n_layers} "
                      f"(ModelConfig.num_moe_layers)")
-  if not jnp.issubdtype(slots.dtype, jnp.integer):
-    raise ValueError(f"{name} has dtype {slots.dtype}, expected an integer dtype (int32)")
+  check_int_dtype(name, slots, error=ValueError)
   if hasattr(slot_expert, "replica_share"):
     check_shape("plan.replica_share", slot_expert.replica_share, shape, "slot_expert's [L, D, S]")
     check_shape("plan.replica_count", slot_expert.replica_count, (n_layers, n_experts), "[L, E]")

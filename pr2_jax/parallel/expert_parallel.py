@@ -12,9 +12,10 @@ Tokens are split over ('data', 'expert'); expert weights over 'expert'.
     same sums without a buffer of every slot over every token (S/K times the
     expert work, and an `all_to_all` S times the size of the all-gather).
   * dense / ragged / grouped: tokens are all-gathered over 'expert', each shard runs its
-    own slots, and `psum_scatter` returns every token's sum to its shard.
-    (Ragged all-to-all is unimplemented on XLA:CPU, so this is the dropless
-    grouped path that runs everywhere; on GPU/TPU it uses `ragged_dot`.)
+    own slots (every slot on every token; `lax.ragged_dot`; blocked matmuls), and
+    `psum_scatter` returns every token's sum to its shard. Dropless, and they run on
+    every backend: `ragged_all_to_all`, which would send a token only to its experts'
+    shards, is unimplemented on XLA:CPU. `impl` picks the path; nothing switches by backend.
 Slots: with `slot_expert=None` shard p's slots are its own E/P experts and no
 weight moves. With a `slot_expert [X]` map, each shard receives the slot weights
 it does not own from their owners inside the step (`replica_fetch`: one
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from pr2_jax.checks import check_ids, is_concrete
+from pr2_jax.checks import check_ids, check_int_dtype, is_concrete
 from pr2_jax.config import EXPERT_IMPLS
 from pr2_jax.models import experts as ex
 from pr2_jax.models.grouped import fast_capacity, grouped_experts
@@ -117,8 +118,7 @@ def _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, wei
   if expert_ids_NK.shape[0] != x_ND.shape[0]:
     raise ValueError(f"expert_ids has {expert_ids_NK.shape[0]} tokens but x has {x_ND.shape[0]}; "
                      "expected one row of ids per token")
-  if not jnp.issubdtype(expert_ids_NK.dtype, jnp.integer):
-    raise TypeError(f"expert_ids has dtype {expert_ids_NK.dtype}, expected an integer dtype")
+  check_int_dtype("expert_ids", expert_ids_NK, "an integer dtype")
   for name, a in (("gates", gates_NK), ("slot_ids", slot_ids_NK)):
     if a is not None and tuple(a.shape) != tuple(expert_ids_NK.shape):
       raise ValueError(f"{name} has shape {a.shape}, expected expert_ids' {expert_ids_NK.shape} "
