@@ -169,9 +169,12 @@ class MetricsWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl."""
 
   def __init__(self, workdir: str):
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-      exit_with_error(f"--workdir={workdir} is a file, not a directory")
-    os.makedirs(workdir, exist_ok=True)
+    from experiments import outputs  # (it imports this module)
+    # A file, a path under a file or an unwritable place is one error line, not a traceback.
+    try:
+      os.makedirs(outputs.output_dir("workdir", workdir), exist_ok=True)
+    except OSError as e:  # what the check cannot foresee (root in /proc, a full disk)
+      exit_with_error(f"--workdir={workdir} cannot be created: {e}")
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, metrics: dict):

@@ -12,7 +12,7 @@ import sys
 
 from absl import flags, logging
 
-from experiments import common
+from experiments import common, outputs
 
 _CONFIG = common.define_config(
     "configs/tiny.py", "Experiment config file (configs/*.py); any field can be overridden with "
@@ -29,6 +29,7 @@ _FRESH = flags.DEFINE_bool("fresh", False, "Allow starting from scratch in a wor
 
 def main(argv):
   del argv
+  outputs.output_dir("workdir", _WORKDIR.value)  # before JAX starts: a bad path fails at once
   common.setup_devices()
   from pr2_jax.rl import loop
   from pr2_jax.rl.config import SetupError

@@ -4,6 +4,7 @@ warning. (Config-file errors are tested through the command line in test_bad_inp
 
 import logging
 import os
+import time
 
 import pytest
 from absl import flags
@@ -184,3 +185,27 @@ def test_jax_start_up_info_is_not_logged():
   line = _cli.one_error_line(proc)
   assert line.startswith("error: bad config: --config.mesh_expert=65537 must divide the "), line
   assert proc.stderr.splitlines() == [line]  # nothing else: no INFO chatter of JAX's
+
+
+@pytest.mark.parametrize("workdir, message", [
+    ("{file}", "error: --workdir={file} is a file; give a directory"),
+    # Was a NotADirectoryError traceback from os.makedirs.
+    ("{file}/run", "error: --workdir={file}/run cannot be created: {file} is a file"),
+])
+def test_a_workdir_that_cannot_be_a_directory_is_one_error_line(tmp_path, workdir, message):
+  import _cli
+  (tmp_path / "file").write_text("")
+  fill = lambda text: text.format(file=tmp_path / "file")  # noqa: E731
+  start = time.monotonic()
+  proc = _cli.run("experiments.main", f"--workdir={fill(workdir)}")
+  assert _cli.one_error_line(proc) == fill(message)
+  assert time.monotonic() - start < 30  # checked before JAX starts, not after the set-up
+
+
+def test_metrics_writer_names_a_workdir_it_cannot_create(tmp_path, capsys):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(SystemExit) as e:
+    common.MetricsWriter(str(tmp_path / "file" / "run"))
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (f"error: --workdir={tmp_path}/file/run cannot be created: "
+                                     f"{tmp_path}/file is a file\n")
