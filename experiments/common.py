@@ -5,6 +5,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +37,19 @@ class _QuietLibraries:
     return record.levelno >= 30 or not noisy
 
 
+# DistributedConfig's fields and the flags that set them: its errors name the field.
+_DISTRIBUTED_FLAGS = {"coordinator_address": "coordinator_address",
+                      "num_processes": "num_processes", "process_id": "process_id",
+                      "auto_detect": "distributed_auto"}
+
+
+def as_flag_names(message: str) -> str:
+  """A DistributedConfig error as the command line says it: `auto_detect` is
+  `--distributed_auto` (a user told to set auto_detect found no such flag)."""
+  fields = "|".join(_DISTRIBUTED_FLAGS)
+  return re.sub(rf"(?<![\w-])({fields})\b", lambda m: f"--{_DISTRIBUTED_FLAGS[m[1]]}", message)
+
+
 def setup_devices():
   """Fake CPU devices and the distributed runtime; call before any other JAX work."""
   import logging as py_logging
@@ -52,7 +66,7 @@ def setup_devices():
     cfg = distributed.DistributedConfig(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value, _AUTO_DETECT.value)
   except ValueError as e:
-    raise flags.ValidationError(str(e)) from None
+    raise flags.ValidationError(as_flag_names(str(e))) from None
   distributed.initialize(cfg)
   if not distributed.is_main_process():
     logging.set_verbosity(logging.WARNING)  # one log: process 0's

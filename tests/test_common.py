@@ -209,3 +209,17 @@ def test_metrics_writer_names_a_workdir_it_cannot_create(tmp_path, capsys):
   assert e.value.code == 2
   assert capsys.readouterr().err == (f"error: --workdir={tmp_path}/file/run cannot be created: "
                                      f"{tmp_path}/file is a file\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    # "or auto_detect" named DistributedConfig's field: the flag is --distributed_auto.
+    (["--num_processes=2"], "error: --num_processes=2 needs a --coordinator_address (host:port "
+     "of process 0) or --distributed_auto"),
+    (["--num_processes=2", "--process_id=5", "--coordinator_address=localhost:1"],
+     "error: --process_id=5 must be below --num_processes=2"),
+])
+def test_multi_host_flag_errors_name_the_flags(tmp_path, argv, message):
+  import _cli
+  proc = _cli.run("experiments.main", f"--workdir={tmp_path}/run", *argv)
+  assert _cli.one_error_line(proc) == message
+  assert not (tmp_path / "run").exists()
