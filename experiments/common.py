@@ -384,14 +384,16 @@ def print_summary(summary: dict, workdir: str):
   from pr2_jax.parallel.distributed import is_main_process
   if not is_main_process():
     return
+  from pr2_jax.rl.records import read_metrics_rows
   final = summary["final"]
   warm = summary["warmup_eval_reward"]
   lines = ["", "== summary =="]
+  if warm is None or not final:  # resumed: what came before the resume is in metrics.jsonl
+    rows = read_metrics_rows(os.path.join(workdir, "metrics.jsonl"))
+    # A resumed run's summary left out the reward before RL, the number to compare with.
+    warm = next((r["eval_reward"] for r in rows if r.get("phase") == "sft_eval"), warm)
   if not final:  # resumed a finished run: nothing ran, report its last row
-    from pr2_jax.rl.records import read_metrics_rows
-    rows = [r for r in read_metrics_rows(os.path.join(workdir, "metrics.jsonl"))
-            if r.get("phase") == "rl"]
-    final = rows[-1] if rows else {}
+    final = next((r for r in reversed(rows) if r.get("phase") == "rl"), {})
     lines.append(f"already complete at RL step {summary.get('resumed_from')}: nothing to run "
                  "(raise --config.rl.num_steps to continue, or use another --workdir)")
   if warm is not None:

@@ -2,6 +2,7 @@
 one-line usage errors (bad flags, bounds, validation errors in main) and the ineffective-flag
 warning. (Config-file errors are tested through the command line in test_bad_input.)"""
 
+import json
 import logging
 import os
 import time
@@ -223,3 +224,23 @@ def test_multi_host_flag_errors_name_the_flags(tmp_path, argv, message):
   proc = _cli.run("experiments.main", f"--workdir={tmp_path}/run", *argv)
   assert _cli.one_error_line(proc) == message
   assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_runs_summary_still_shows_the_reward_before_rl(tmp_path, capsys):
+  rows = [{"phase": "sft", "step": 100, "loss": 0.3}, {"phase": "sft_eval", "step": 0,
+          "eval_reward": 0.2477}, {"phase": "rl", "step": 1, "reward_mean": 0.3}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  # A run resumed mid-way (loop.run has no warm-up reward then): the warm-up's row is read back.
+  final = {"phase": "rl", "step": 2, "reward_mean": 0.25, "eval_reward": 0.388}
+  common.print_summary({"final": final, "warmup_eval_reward": None, "resumed_from": 1},
+                       str(tmp_path))
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[1:5] == ["== summary ==", "eval reward before RL:     0.248",
+                        "eval reward after RL:      0.388", "train reward (last step):  0.250"]
+  # Resumed when already complete: the last RL row too.
+  common.print_summary({"final": {}, "warmup_eval_reward": None, "resumed_from": 1},
+                       str(tmp_path))
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[2:5] == ["already complete at RL step 1: nothing to run (raise "
+                        "--config.rl.num_steps to continue, or use another --workdir)",
+                        "eval reward before RL:     0.248", "train reward (last step):  0.300"]
