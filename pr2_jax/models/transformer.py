@@ -248,13 +248,13 @@ class MoETransformer(nn.Module):
         except ValueError as e:
           raise ValueError(f"MoE layer {layer}'s slot map: {e}") from None
     check_batch_split(b, self.mesh)
-    embed = self.param("embed_tokens", partitioned(INIT, ("vocab", "embed")),
+    embed_VD = self.param("embed_tokens", partitioned(INIT, ("vocab", "embed")),
                        (cfg.vocab_size, cfg.d_model), jnp.float32)
     # Under FSDP the table's D is split over 'data': gather it for the lookup, as FSDP does
     # every weight at use. Otherwise the lookup's gradient, split by batch, was replicated to
     # every device to be scattered into the D-split table (XLA's "Involuntary full
     # rematerialization" of the [B, T, D] cotangent). Without FSDP this is a no-op.
-    table_VD = constrain(embed, self.mesh, ("vocab", "embed"))
+    table_VD = constrain(embed_VD, self.mesh, ("vocab", "embed"))
     x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(cfg.dtype)
     x_BTD = constrain(x_BTD, self.mesh, ("batch", "length", "embed"))
     if positions is None:
@@ -262,9 +262,10 @@ class MoETransformer(nn.Module):
     if cache is None:
       mask_BTS = causal_mask(positions, valid)
     else:
-      step_valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
-      key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid, cache.index, 1)
-      mask_BTS = cache_mask(cache.index, t, key_valid)
+      step_valid_BT = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+      key_valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid_BT,
+                                                         cache.index, 1)
+      mask_BTS = cache_mask(cache.index, t, key_valid_BS)
     auxes, inputs, new_k, new_v = [], [], [], []  # the last two: each layer's updated cache
     for i in range(cfg.num_layers):
       moe_idx = len(auxes)
@@ -286,11 +287,11 @@ class MoETransformer(nn.Module):
       x_BTD = constrain(x_BTD, self.mesh, ("batch", "length", "embed"))
     x_BTD = RMSNorm(cfg.rms_norm_eps, name="norm")(x_BTD)
     if cache is not None:
-      cache = KVCache(tuple(new_k), tuple(new_v), key_valid, cache.index + t)
+      cache = KVCache(tuple(new_k), tuple(new_v), key_valid_BS, cache.index + t)
     logits_BTV = None
     head_in_BTD = x_BTD[:, -1:] if logits == "last" else x_BTD
     if logits != "none" and cfg.tie_embeddings:
-      logits_BTV = jnp.einsum("btd,vd->btv", head_in_BTD, embed.astype(cfg.dtype))
+      logits_BTV = jnp.einsum("btd,vd->btv", head_in_BTD, embed_VD.astype(cfg.dtype))
     elif logits != "none":
       logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
                             kernel_init=partitioned(INIT, ("embed", "vocab")))(head_in_BTD)
