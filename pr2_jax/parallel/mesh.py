@@ -56,10 +56,12 @@ def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = Non
 
 
 def axis_size(mesh: Mesh | None, name: str) -> int:
+  """Size of mesh axis `name`; 1 without a mesh (one device)."""
   return 1 if mesh is None else mesh.shape[name]
 
 
 def num_token_shards(mesh: Mesh | None) -> int:
+  """How many pieces a batch is split into: the product of the `TOKEN_AXES` sizes."""
   return int(np.prod([axis_size(mesh, a) for a in TOKEN_AXES]))
 
 
@@ -127,6 +129,7 @@ _shard_rows_jit = jax.jit(_shard_rows, static_argnums=(0, 1, 2))
 
 
 def logical_spec(axes: Sequence[str | None]) -> PartitionSpec:
+  """The PartitionSpec `LOGICAL_RULES` give an array with these logical axis names."""
   return nn.logical_to_mesh_axes(tuple(axes), LOGICAL_RULES)
 
 

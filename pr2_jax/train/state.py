@@ -153,4 +153,5 @@ def state_memory(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A whole copy on every device of `mesh` (scalars, metrics)."""
   return NamedSharding(mesh, PartitionSpec())
