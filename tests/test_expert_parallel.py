@@ -236,6 +236,12 @@ def test_errors():
                 slot_expert_X=jnp.arange(10, dtype=jnp.int32) % E)
   with pytest.raises(ValueError, match=r"capacity=0 must be >= 1"):
     moe_experts(x, ids, gates, w, mesh=None, capacity=0)
+  # Were cut to 2 silently, taken as 1, and a TracerBoolConversionError.
+  for bad in (2.5, True):
+    with pytest.raises(ValueError, match=rf"capacity={bad} must be >= 1, a static int"):
+      moe_experts(x, ids, gates, w, mesh=None, capacity=bad)
+  with pytest.raises(ValueError, match=r"capacity=.*Tracer.* must be >= 1, a static int"):
+    jax.jit(lambda c: moe_experts(x, ids, gates, w, mesh=None, capacity=c)[0])(4)
 
 
 def _small():

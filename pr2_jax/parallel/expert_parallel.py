@@ -26,6 +26,7 @@ autodiff sends replica gradients back into the owner's weights.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -165,7 +166,7 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
     weights: per-expert weights [E, ...], sharded over 'expert'.
     impl: 'capacity' | 'ragged' | 'grouped' | 'dense'.
     capacity_factor: capacity per slot relative to an even share; 0 = dropless.
-    capacity: explicit static capacity (overrides capacity_factor), e.g. a
+    capacity: explicit static int capacity (overrides capacity_factor), e.g. a
       foresight bucket chosen on the host from the planned loads.
     slot_expert_X: int32 [P*S] slot -> expert map; None = identity, S = E/P. Each
       shard receives only the slot weights it does not own (`fetch_slabs` says how many).
@@ -198,8 +199,9 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
   n_local = x_ND.shape[0] // n_shards
   if capacity is None:
     capacity = ex.capacity_for(n_local, expert_ids_NK.shape[1], P_ * S, capacity_factor)
-  if capacity < 1:
-    raise ValueError(f"capacity={capacity} must be >= 1")
+  # Static, it sizes the buffers: 2.5 was cut to 2 silently, a traced value failed obscurely.
+  if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
+    raise ValueError(f"capacity={capacity!r} must be >= 1, a static int")
   static = dict(impl=impl, num_shards=P_, slots_per_shard=S, capacity=int(capacity),
                 dtype=jnp.dtype(dtype))
   if mesh is None:
