@@ -8,6 +8,7 @@ Multi-host (run the same command on every process; see docs/scaling.md):
         --coordinator_address=HOST0:1234 --num_processes=2 --process_id=RANK
 """
 
+import os
 import sys
 
 from absl import flags, logging
@@ -52,6 +53,15 @@ def main(argv):
                        allow_fresh_start=_FRESH.value)
   except (SetupError, SetupMismatchError, CheckpointError) as e:  # found before any training step
     common.exit_with_error(str(e))
+  except FloatingPointError as e:  # diverged: loop.run checkpointed the last good state
+    # One line, not a traceback (nothing is broken), and what to do: a rerun with the same
+    # command resumes into the same divergence, and a changed setup needs its own workdir.
+    warmup = config.init_from or (os.path.join(_WORKDIR.value, "checkpoints", "sft")
+                                  if config.sft.num_steps or not config.hf_checkpoint else "")
+    reuse = f" (--config.init_from={warmup} reuses this run's warm-up)" if warmup else ""
+    sys.stderr.write(f"error: {e}. Rerunning resumes into the same failure: change the setup "
+                     f"(e.g. a lower --config.rl.learning_rate) and use a new --workdir{reuse}\n")
+    raise SystemExit(1) from None
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: loop.run has finished any save in flight
     logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "
                     "in %s", _WORKDIR.value)

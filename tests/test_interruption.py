@@ -151,3 +151,27 @@ def test_sigterm_finishes_the_checkpoint_being_written(tmp_path):
     err = procs.stderr("run")
   assert "interrupted; rerun the same command to resume" in err, err[-2000:]
   assert writing in _complete_steps(rl_dir) and not _partial_steps(rl_dir), _listing(rl_dir)
+
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_with_one_error_line_saying_what_to_do(tmp_path):
+  """Non-finite updates beyond rl.max_consecutive_skips stop the run (its last good state
+  checkpointed): one `error:` line that says a rerun would resume into the same failure, not a
+  FloatingPointError traceback."""
+  workdir = str(tmp_path / "run")
+  overrides = {**sub.OVERRIDES, "rl.num_steps": 3,
+               "rl.learning_rate": 1e30, "rl.max_consecutive_skips": 2}
+  with sub.processes(str(tmp_path)) as procs:
+    proc = procs.start("run", sub.command(workdir, overrides), sub.environment())
+    assert proc.wait(timeout=600) == 1
+    err = procs.stderr("run")
+  assert "Traceback" not in err, err[-3000:]
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, err[-3000:]
+  assert re.fullmatch(
+      r"error: \d+ consecutive updates had a non-finite loss or gradient \(limit "
+      r"RLConfig.max_consecutive_skips=2\); stopped at RL step \d with the last good state "
+      rf"checkpointed in {re.escape(workdir)}/checkpoints/rl\. Rerunning resumes into the same "
+      r"failure: change the setup \(e\.g\. a lower --config\.rl\.learning_rate\) and use a new "
+      rf"--workdir \(--config\.init_from={re.escape(workdir)}/checkpoints/sft reuses this run's "
+      r"warm-up\)", errors[0]), errors[0]
