@@ -119,3 +119,10 @@ def test_bad_directories_raise_value_error(checkpoint_dir, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 10_000}))
   with pytest.raises(ValueError, match=r"eos_ids \[10000\] outside the vocabulary"):
     HFTokenizer.from_dir(str(tmp_path))
+  # Were a JSONDecodeError naming no file and an AttributeError.
+  (tmp_path / "config.json").write_text("{")
+  with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+    HFTokenizer.from_dir(str(tmp_path))
+  (tmp_path / "config.json").write_text("[]")
+  with pytest.raises(ValueError, match=r"config.json holds a JSON list, not an object"):
+    HFTokenizer.from_dir(str(tmp_path))

@@ -27,10 +27,17 @@ SPECIAL_FILES = ("tokenizer_config.json", "generation_config.json", "config.json
 
 
 def _read_json(path: str) -> dict[str, Any]:
+  """A JSON object file's fields; {} when the file is absent (each of SPECIAL_FILES may be)."""
   if not os.path.isfile(path):
     return {}
   with open(path) as f:
-    return json.load(f)
+    try:
+      fields = json.load(f)
+    except json.JSONDecodeError as e:  # its message names a line, not the file
+      raise ValueError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(fields, dict):  # else an AttributeError on .get
+    raise ValueError(f"{path} holds a JSON {type(fields).__name__}, not an object of fields")
+  return fields
 
 
 def _ids(value) -> list[int]:
