@@ -345,6 +345,13 @@ def test_index_naming_a_missing_shard_is_an_error(tmp_path):
       len([n for n in os.listdir(tmp_path) if n.startswith("model-")])))
   with pytest.raises(ValueError, match="does not exist"):
     load_hf_checkpoint(str(tmp_path))
+  # Were a JSONDecodeError naming no file and an AttributeError on .get.
+  index = tmp_path / "model.safetensors.index.json"
+  for text, message in (('{"weight_map": {', r"index\.json is not valid JSON"),
+                        ("[]", r"index\.json has no 'weight_map' object")):
+    index.write_text(text)
+    with pytest.raises(ValueError, match=message):
+      load_hf_checkpoint(str(tmp_path))
 
 
 def test_save_rejects_params_that_do_not_fit_the_config(tmp_path):

@@ -65,7 +65,11 @@ def tensor_files(path: str) -> dict[str, str]:
       return {key: single for key in f.keys()}
   if os.path.isfile(index):
     with open(index) as f:
-      weight_map = json.load(f).get("weight_map")
+      try:
+        contents = json.load(f)
+      except json.JSONDecodeError as e:  # its message names a line, not the file
+        raise ValueError(f"{index} is not valid JSON: {e}") from None
+    weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
     if not isinstance(weight_map, dict):
       raise ValueError(f"{index} has no 'weight_map' object")
     return {key: os.path.join(path, name) for key, name in weight_map.items()}
