@@ -58,7 +58,8 @@ class SupervisedConfig:
 
 
 def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Array):
-  """Masked token-mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1]."""
+  """(loss, accuracy): the masked token-mean cross-entropy of predicting tokens[:, 1:] from
+  logits[:, :-1], and the fraction of those masked targets the argmax gets right."""
   logits = logits_BTV[:, :-1]
   targets, mask = tokens_BT[:, 1:], mask_BT[:, 1:].astype(jnp.float32)
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
