@@ -149,3 +149,56 @@ def test_sticky_rounds_move_fewer_experts_and_keep_the_invariants():
       np.testing.assert_allclose(np.asarray(plan.device_load).sum(1), loads.sum(1), rtol=1e-5)
       prev[st] = layout
   assert moved[0.25] < 0.75 * moved[0.0], moved
+
+
+def _rounds_oracle(load, count, d, s):
+  """The plain rounds rule in numpy, loop by loop: replicas by decreasing load / count (ties:
+  expert id) cut into S rounds of D; in round r the q-th heaviest replica goes to the q-th
+  device in the order (last expert placed == the round's first expert, load, id)."""
+  weight = np.asarray(load, np.float32) / np.asarray(count, np.float32)
+  experts = np.repeat(np.arange(len(load)), count)
+  experts = experts[np.argsort(-weight[experts], kind="stable")]
+  dev_load, last = np.zeros(d, np.float32), np.full(d, -1)
+  slot = np.zeros(d * s, np.int64)
+  for r in range(s):
+    round_e = experts[r * d:(r + 1) * d]
+    order = sorted(range(d), key=lambda dev: (last[dev] == round_e[0], dev_load[dev], dev))
+    for q, dev in enumerate(order):
+      slot[r * d + q] = dev * s + r
+      dev_load[dev] += weight[round_e[q]]
+      last[dev] = round_e[q]
+  return experts, slot
+
+
+@pytest.mark.parametrize("e,d,s", [(8, 4, 3), (16, 4, 5), (12, 6, 4)])
+def test_plain_rounds_match_a_numpy_oracle(e, d, s):
+  """Heaviest replica to lightest device, on loads where it matters: the hand-worked layer above
+  is decided by the 'holds the round's first expert' rule alone, so matching the heaviest replica
+  to the *heaviest* device passed every test."""
+  rng = np.random.default_rng(e * d + s)
+  fn = jax.jit(rd.place_in_rounds, static_argnums=(2, 3))
+  for _ in range(8):
+    load = (rng.lognormal(0, 1.5, e) * 40).astype(np.float32)
+    count = np.asarray(pl.replica_counts(jnp.asarray(load), d * s, d))
+    want_e, want_slot = _rounds_oracle(load, count, d, s)
+    got_e, got_slot = fn(jnp.asarray(load), jnp.asarray(count), d, s)
+    np.testing.assert_array_equal(got_e, want_e)
+    np.testing.assert_array_equal(got_slot, want_slot)
+
+
+def test_home_rule_tolerance_is_stickiness_times_the_mean_device_load():
+  """E=4, D=2, S=3, loads [6, 9, 0, 4], stickiness 0.1: tol = 0.1 x 19 / 2 = 0.95.
+
+  Counts [2, 2, 1, 1]; replicas by weight e1 4.5, e1 4.5, e3 4, e0 3, e0 3, e2 0; homes native
+  (e0, e1 -> d0; e2, e3 -> d1).
+    round 0 [e1, e1]: both claim d0, the first wins, the other takes d1 -> [4.5, 4.5]
+    round 1 [e3, e0]: e3 claims d1, e0 claims d0 (both at the lightest) -> [7.5, 8.5]
+    round 2 [e0, e2], lightest 7.5: e0's home d0 holds e0; e2's home d1 (8.5) is 1.0 above,
+            more than tol: no claims. e0 goes to d1 (d0 holds it), e2 to d0 -> [7.5, 11.5]
+  Slots kept against native: d0 [0, 1, 2], d1 [1, 3, 0]. A tolerance of stickiness x the
+  *total* load (1.9) let e2 claim d1, e0 land as a twin on d0 and the repair swap: [11.5, 7.5].
+  """
+  plan = pl.plan_placement(jnp.array([[6., 9., 0., 4.]]), 2, 3, stickiness=0.1,
+                           split_iters=0).layer(0)
+  np.testing.assert_array_equal(plan.slot_expert, [[0, 1, 2], [1, 3, 0]])
+  np.testing.assert_allclose(plan.device_load, [7.5, 11.5])
