@@ -134,3 +134,14 @@ def test_runs():
   first, last = dispatch.runs(jnp.array([4, 4, 1, 7, 7, 7, 2]))
   np.testing.assert_array_equal(first, [0, 0, 2, 3, 3, 3, 6])
   np.testing.assert_array_equal(last, [1, 1, 2, 5, 5, 5, 6])
+
+
+def test_ranks_split_at_their_midpoints():
+  """Expert 0 in slots 0 (share 0.1) and 2 (share 0.9), 3 tokens: ranks sit at 1/6, 1/2, 5/6,
+  all above 0.1, so slot 2 takes all three (0.3 of a token is nearer 0 than 1). Placing rank r
+  at r / c instead (0, 1/3, 2/3) gave the 10% replica a third of the tokens: [0, 2, 2].
+  Expert 1 (slots 1 and 3, shares 0.3 and 0.7) with one token: midpoint 1/2 -> slot 3, the
+  larger share (r / c = 0 put every lone token on the first replica)."""
+  plan = _layer([[0, 1], [0, 1]], [[0.1, 0.3], [0.9, 0.7]], 2)
+  ids = jnp.array([[0], [0], [0], [1]], jnp.int32)
+  np.testing.assert_array_equal(dispatch.assign_replicas(ids, None, plan)[:, 0], [2, 2, 2, 3])
