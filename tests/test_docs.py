@@ -125,3 +125,15 @@ def test_doc_command_parses(relpath, module, args):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, f"{relpath}: python -m experiments.{module} {' '.join(args)}\n" \
                                f"{proc.stderr[-2000:]}"
+
+
+def test_real_checkpoint_doc_says_what_a_moved_checkpoint_does():
+  # The page said the checkpoint directory's path was not part of a run's identity, "so a moved
+  # checkpoint still resumes"; the resume compares it and refuses (pr2_jax/rl/records.py).
+  from pr2_jax.rl import records
+  from pr2_jax.rl.config import ExperimentConfig
+  config = ExperimentConfig.from_dict({"model": {}, "sft": {}, "rl": {}, "pr2": {}})
+  text = " ".join((ROOT / "docs/real_checkpoint.md").read_text().split())
+  assert "hf_checkpoint" in records.run_identity(config)
+  assert "The directory's path is part of that identity too" in text
+  assert "a moved checkpoint still resumes" not in text
