@@ -39,11 +39,19 @@ def test_make_mesh_on_a_device_subset():
     (4, 4, r"data=4 x expert=4 = 16 devices, but 8 are available"),
     (0, 8, r"mesh axis 'data' size must be a positive int, got 0"),
     (8, 1.0, r"mesh axis 'expert' size must be a positive int, got 1.0"),
+    (True, 8, r"mesh axis 'data' size must be a positive int, got True"),
 ])
 def test_make_mesh_errors(data, expert, pattern):
   """Sizes that do not multiply to the device count (or are not positive ints) raise."""
   with pytest.raises(ValueError, match=pattern):
     pm.make_mesh(data, expert)
+
+
+def test_make_mesh_takes_numpy_int_sizes():
+  """Sizes computed from array shapes are numpy ints: the same mesh as from Python ints."""
+  mesh = pm.make_mesh(np.int64(2), np.int32(4))
+  assert dict(mesh.shape) == {"data": 2, "expert": 4}
+  assert mesh.devices.shape == (2, 4)
 
 
 def test_no_mesh_is_one_shard():

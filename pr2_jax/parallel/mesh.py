@@ -45,9 +45,13 @@ FSDP_PARAM_RULES = (("embed", DATA),) + LOGICAL_RULES
 def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'expert') mesh of Auto axes; data*expert must equal the device count."""
   devices = list(jax.devices() if devices is None else devices)
+  sizes = []
   for name, size in ((DATA, data), (EXPERT, expert)):
-    if not isinstance(size, int) or size < 1:
+    # numpy ints (a size computed from array shapes) are ints; bools and floats are not.
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
       raise ValueError(f"mesh axis '{name}' size must be a positive int, got {size!r}")
+    sizes.append(int(size))
+  data, expert = sizes
   if data * expert != len(devices):
     raise ValueError(f"mesh data={data} x expert={expert} = {data * expert} devices, "
                      f"but {len(devices)} are available")
