@@ -12,6 +12,7 @@ import sys
 import time
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 from experiments import allocator
@@ -211,14 +212,57 @@ def log_and_write(writer: MetricsWriter):
   return callback
 
 
-def _unknown_config_key(e: AttributeError, argv: list[str]):
+def _unknown_config_key(e: Exception, argv: list[str]):
   """ml_collections refuses an unknown `--config.*` key with an AttributeError wrapping a KeyError
-  whose traceback buries its "Did you mean" hint: one line instead."""
+  whose traceback buries its "Did you mean" hint, and a key under a plain value (`seed.x`) with
+  a bare KeyError: one line instead."""
   message = e
   while isinstance(message, BaseException) and message.args:
     message = message.args[0]
+  if "has no attribute 'get_config'" in str(message):  # the file loaded; it is not a config
+    exit_with_error(_config_file_error(_config_path(argv), message))
+  under = re.search(r"<class '(\w+)'>\.(\w+) does not exist.*lookup: (\S+)", str(message))
+  if under:  # was a KeyError traceback
+    kind, field, key = under.groups()
+    parts = key.split(".")
+    parent = ".".join(parts[:parts.index(field)]) if field in parts else ""
+    if not parent:
+      exit_with_error(f"bad --config: {_config_path(argv)}: get_config() returned a value of "
+                      f"type {kind}, not an ml_collections.ConfigDict")
+    message = f"{key!r}: {parent} is of type {kind}, not a section with fields"
   given = [a for a in argv[1:] if a.startswith("--config.")]
   exit_with_error(f"unknown config key {message} (in {' '.join(given)})")
+
+
+def _config_path(argv: list[str]) -> str:
+  """The config file the command line names (its last --config), else the flag's default."""
+  path = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  if path is None and "config" in flags.FLAGS:
+    path = flags.FLAGS["config"].config_filename
+  return path or "?"
+
+
+def _config_file_error(path: str, e: BaseException) -> str:
+  """Why a --config file does not give a config, in words (ml_collections says 'Failed loading
+  config file config_config', the module name it gave the file, and prints its attempts)."""
+  text = " ".join(str(e).split())
+  if isinstance(e, SyntaxError):
+    reason = f"{e.msg} at line {e.lineno}"
+  elif "has no attribute 'get_config'" in text:
+    reason = ("defines no get_config() (a config file returns its ml_collections.ConfigDict "
+              "from get_config(), as configs/tiny.py does)")
+  elif "No such file or directory" in text:
+    reason = f"no such file (relative to the current directory {os.getcwd()})"
+  elif "Is a directory" in text:
+    reason = "is a directory; give a config file such as configs/tiny.py"
+  else:
+    reason = text
+  return f"bad --config: {path}: {reason}"
 
 
 def define_config(default: str, help_text: str):
@@ -226,21 +270,22 @@ def define_config(default: str, help_text: str):
   ml_collections applies the `--config.*` overrides here, at definition, not in parse_flags."""
   try:
     return config_flags.DEFINE_config_file("config", default, help_text)
-  except AttributeError as e:
+  except (AttributeError, KeyError) as e:
     _unknown_config_key(e, sys.argv)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """`app.run`'s flag parser: absl's, but a bad flag (unknown, mistyped, out of bounds, or an
-  unknown `--config.*` key) is one `error:` line naming it, exit code 2, not a traceback."""
+  unknown `--config.*` key) or a --config file that does not load is one `error:` line naming
+  it, exit code 2, not a traceback."""
   try:
     return flags.FLAGS(argv)
-  except AttributeError as e:
+  except (AttributeError, KeyError) as e:
     _unknown_config_key(e, argv)
   except flags.Error as e:
     exit_with_error(f"{e} (--helpfull lists every flag)")
-  except OSError as e:  # a `--config.*` override makes ml_collections load the file right here
-    exit_with_error(f"bad --config: {e}")
+  except (OSError, SyntaxError) as e:  # --config (or an override) loads the file right here
+    exit_with_error(_config_file_error(_config_path(argv), e))
 
 
 class Terminated(KeyboardInterrupt):
@@ -305,10 +350,16 @@ def config_value(config_flag):
   """The ConfigDict of a `DEFINE_config_file` flag; a config file that does not load (missing,
   or raising) is a usage error naming the file, not a traceback."""
   cfg = config_flag.value
+  path = flags.FLAGS[config_flag.name].config_filename
   try:
     cfg.to_dict()  # ml_collections defers a load error to the first use of the value
   except OSError as e:
-    exit_with_error(f"bad --config: {e}")
+    exit_with_error(_config_file_error(path, e))
+  except AttributeError:  # was a traceback: 'int' object has no attribute 'to_dict'
+    if isinstance(cfg, ml_collections.ConfigDict):
+      raise
+    exit_with_error(f"bad --config: {path}: get_config() returned a value of type "
+                    f"{type(cfg).__name__}, not an ml_collections.ConfigDict")
   return cfg
 
 

@@ -244,3 +244,36 @@ def test_a_resumed_runs_summary_still_shows_the_reward_before_rl(tmp_path, capsy
   assert lines[2:5] == ["already complete at RL step 1: nothing to run (raise "
                         "--config.rl.num_steps to continue, or use another --workdir)",
                         "eval reward before RL:     0.248", "train reward (last step):  0.300"]
+
+
+_CONFIG_FILES = {"syntax.py": "def get_config(:\n", "noget.py": "x = 1\n",
+                 "five.py": "def get_config():\n  return 5\n"}
+
+
+@pytest.mark.parametrize("args, message", [
+    # Each was a traceback (SyntaxError, KeyError, AttributeError) or a misleading line
+    # ("unknown config key module 'config_config' has no attribute 'get_config' (in )").
+    (["--config={tmp}/syntax.py"], "bad --config: {tmp}/syntax.py: invalid syntax at line 1"),
+    (["--config={tmp}/noget.py"], "bad --config: {tmp}/noget.py: defines no get_config() (a "
+     "config file returns its ml_collections.ConfigDict from get_config(), as configs/tiny.py "
+     "does)"),
+    (["--config={tmp}/five.py"], "bad --config: {tmp}/five.py: get_config() returned a value of "
+     "type int, not an ml_collections.ConfigDict"),
+    (["--config={tmp}/five.py", "--config.rl.num_steps=3"], "bad --config: {tmp}/five.py: "
+     "get_config() returned a value of type int, not an ml_collections.ConfigDict"),
+    # Was "Failed loading config file config_config / Attempted [Relative path]: ...".
+    (["--config={tmp}/nope.py"], "bad --config: {tmp}/nope.py: no such file (relative to the "
+     "current directory {repo})"),
+    (["--config={tmp}"], "bad --config: {tmp}: is a directory; give a config file such as "
+     "configs/tiny.py"),
+    (["--config.seed.x=1"], "unknown config key 'seed.x': seed is of type int, not a section "
+     "with fields (in --config.seed.x=1)"),
+])
+def test_a_config_file_or_key_that_gives_no_config_is_one_error_line(tmp_path, args, message):
+  import _cli
+  for name, text in _CONFIG_FILES.items():
+    (tmp_path / name).write_text(text)
+  fill = lambda s: s.format(tmp=tmp_path, repo=_cli.REPO)  # noqa: E731
+  proc = _cli.run("experiments.main", f"--workdir={tmp_path}/run", *map(fill, args))
+  assert _cli.one_error_line(proc) == "error: " + fill(message)
+  assert not (tmp_path / "run").exists()
