@@ -340,9 +340,10 @@ def test_expert_load_refuses_a_mask_of_another_shape():
 def test_switch_aux_loss_leaves_masked_tokens_out():
   """Padding is not routed work: with the last two tokens masked, f = [1/2, 1/2, 0, 0] over
   the two real tokens (top-1) and P = mean of their probs [0.5, 0.3, 0.1, 0.1]:
-  4 * (0.5 * 0.5 + 0.5 * 0.3) = 1.6; the padding's collapsed routes do not count."""
+  4 * (0.5 * 0.5 + 0.5 * 0.3) = 1.6; the padding's collapsed routes do not count, nor its
+  probs: they give the used experts 0 and 1 mass, so counting them in P gives 2.0."""
   probs = jnp.asarray([[0.6, 0.2, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1],
-                       [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+                       [0.1, 0.1, 0.1, 0.7], [0.1, 0.1, 0.1, 0.7]])
   ids = jnp.asarray([[0], [1], [3], [3]], jnp.int32)
   mask = jnp.asarray([True, True, False, False])
   np.testing.assert_allclose(routing.switch_aux_loss(probs, ids, mask), 1.6, rtol=1e-6)
