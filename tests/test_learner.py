@@ -898,3 +898,34 @@ def test_eplb_step_runs_again_from_the_compile_cache(tmp_path):
     proc = subprocess.run(cmd, cwd=sub.REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, (run, proc.returncode, proc.stderr[-2000:])
+
+
+def test_pred_loss_is_the_minibatch_mean_over_valid_feature_slots():
+  """Two micro-steps, one feature slot of row 0 marked padding: pred_loss is the mean over the
+  mini-batch's *valid* feature positions (numpy oracle). A share of 1 per micro-step summed the
+  two means (2x), and weighting padding slots counted the masked one; Adam's scale invariance
+  hid both from the update tests."""
+  model, tx, pred_tx, state, batch = _pr2_setup()
+  lr = learner.Learner(model, _rl(replay_mode="pr2", micro_steps=2), tx,
+                       PR2Config(feature_dtype="float32"), pred_tx)
+  micro = _prepare(model, lr.rl, state.params, batch, 2)
+  slot = int(micro["feature_slots"][0, 0, 1])
+  micro["valid"] = np.asarray(micro["valid"]).copy()
+  micro["valid"][0, 0, slot] = False
+  w = _mispredicting_wp(state)
+  _, m = learner.update_step(lr, state.replace(predictor=w, pred_opt_state=pred_tx.init(w)),
+                             micro, jnp.asarray(False))
+  num_l = CFG.num_moe_layers
+  p_cur, valid = [], []
+  for i in range(2):
+    mi = jax.tree.map(lambda x: np.asarray(x[i]), micro)
+    out = model.apply({"params": state.params}, mi["tokens"], routes=mi["replay_routes"],
+                      positions=mi["positions"], valid=mi["valid"], return_router_logits=True)
+    p_cur.append(_at_slots(out.router_logits, mi["feature_slots"]))
+    valid.append(_at_slots(mi["valid"], mi["feature_slots"]))
+  valid = np.concatenate(valid).astype(np.float64)
+  assert valid.sum() == valid.size - 1
+  want = _np_post_loss_L(w, np.asarray(micro["feature_h"]).reshape(-1, num_l, CFG.d_model),
+                         np.asarray(micro["feature_p"]).reshape(-1, num_l, CFG.num_experts),
+                         np.concatenate(p_cur), valid)
+  np.testing.assert_allclose(np.asarray(m["pred_loss_per_layer"]), want, rtol=1e-4, atol=1e-8)
