@@ -407,6 +407,31 @@ def test_nonzero_predictor_routes_are_topk_of_the_predicted_distribution(predict
     np.testing.assert_allclose(out.logits, replayed.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_plan_layers_follow_moe_layers_not_model_layers():
+  """dense_layers=(0,): plan layer l splits MoE layer l's tokens. Hand-worked drops at
+  capacity 22 of 64 tokens (k=2): MoE layer 0 sends every token's first pick to expert 3,
+  which its plan splits over 3 replicas (21-22 tokens each) and second picks over 7 experts
+  (<= 10 each): 0 dropped. MoE layer 1 sends all to experts 0 and 1, 2 replicas each at
+  half shares: 32 a replica, 4 x 10 = 40 dropped. Slicing the plan by model layer gave MoE
+  layer 0 layer 1's plan (42 dropped): values stay right (replicas are copies), so only the
+  drops tell, and every other test's config has no dense layer."""
+  from pr2_jax.balance.planner import Plan
+  cfg = CFG.replace(num_layers=3, dense_layers=(0,), dense_d_ff=48)
+  slots = jnp.asarray([[list(range(8)) + [3, 3]], [list(range(8)) + [0, 1]]], jnp.int32)
+  count = jnp.ones((2, E), jnp.int32).at[0, 3].set(3).at[1, :2].set(2)
+  share = 1.0 / count[jnp.arange(2)[:, None, None], slots]
+  plan = Plan(slot_expert=slots, replica_count=count, replica_share=share, slot_load=share,
+              device_load=share.sum(-1))
+  second = np.asarray([0, 1, 2, 4, 5, 6, 7])[np.arange(B * T) % 7].reshape(B, T)
+  routes = np.zeros((B, T, 2, K), np.int32)
+  routes[:, :, 0] = np.stack([np.full((B, T), 3), second], -1)
+  routes[:, :, 1] = [0, 1]
+  out = jax.jit(lambda p, tok, r, s: MoETransformer(cfg).apply(
+      {"params": p}, tok, r, slot_expert=s, capacity=22))(
+          _params(cfg), _tokens(), jnp.asarray(routes), plan)
+  np.testing.assert_array_equal(out.dropped, [0, 40])
+
+
 # --------------------------------------------------------------------------- bad input
 
 
