@@ -562,6 +562,26 @@ def test_kv_cache_boundary_write_equals_full_forward():
   np.testing.assert_allclose(second.logits, ref.logits[:, 5:], rtol=1e-4, atol=1e-4)
 
 
+def test_kv_cache_remembers_left_padding_of_the_prefill():
+  """A left-padded prefill (2 padding slots, then 3 real tokens) and 3 more tokens through
+  the cache give the unpadded forward's logits: the cache must keep the prefill's padding
+  masked for later queries. Recording every written slot as valid passed every test (the
+  cache tests had no padding), though then decoding attends to the padding."""
+  from pr2_jax.models.transformer import init_cache
+  tokens = _tokens(13)
+  ref = _apply(_params(), tokens)
+  padded = jnp.concatenate([jnp.full((B, 2), 7, jnp.int32), tokens[:, :6]], axis=1)
+  valid = jnp.arange(T)[None, :] >= jnp.full((B, 1), 2)
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+  first = _eager(padded[:, :5], positions=positions[:, :5], valid=valid[:, :5],
+                 cache=init_cache(CFG, B, T))
+  second = _eager(padded[:, 5:], positions=positions[:, 5:], valid=valid[:, 5:],
+                  cache=first.cache)
+  np.testing.assert_array_equal(second.cache.valid, np.broadcast_to(valid, (B, T)))
+  np.testing.assert_allclose(first.logits[:, 2:], ref.logits[:, :3], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(second.logits, ref.logits[:, 3:6], rtol=1e-4, atol=1e-4)
+
+
 def _decode_step(cfg, cache_len, storage):
   """jit of one bfloat16 decode step (one token per row) on a KV cache stored in `storage`."""
   model = MoETransformer(cfg)
