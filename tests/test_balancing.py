@@ -68,8 +68,10 @@ def test_step_plan_is_eplb_rebalance_on_the_step_loads_and_its_ema():
   phy2log, _, logcnt = eplb_rebalance(loads[0], 12, 1, 1, 4)
   np.testing.assert_array_equal(plan.slot_expert, phy2log.reshape(3, 4, 3))
   np.testing.assert_array_equal(plan.replica_count, logcnt)
-  plan, state, _ = balancing.step_plan(shape, routes[1], valid, 0.5, state)
-  phy2log, _, _ = eplb_rebalance(0.5 * loads[0] + 0.5 * loads[1], 12, 1, 1, 4)
+  # ema = 0.75 weighs the past (not 0.5, where swapping ema and 1 - ema passed).
+  plan, state, _ = balancing.step_plan(shape, routes[1], valid, 0.75, state)
+  np.testing.assert_allclose(state.ema_LE, 0.75 * loads[0] + 0.25 * loads[1])
+  phy2log, _, _ = eplb_rebalance(0.75 * loads[0] + 0.25 * loads[1], 12, 1, 1, 4)
   np.testing.assert_array_equal(plan.slot_expert, phy2log.reshape(3, 4, 3))
 
 
