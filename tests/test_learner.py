@@ -740,6 +740,18 @@ def test_non_finite_loss_skips_the_update():
   assert int(ok["skipped"]) == 0
 
 
+@pytest.mark.parametrize("loss, bad_leaf, want", [
+    (1.0, None, True), (np.nan, None, False), (np.inf, None, False),
+    (1.0, np.nan, False), (1.0, -np.inf, False), (np.nan, np.nan, False)])
+def test_all_finite_needs_the_loss_and_every_gradient_finite(loss, bad_leaf, want):
+  """A finite loss with one NaN gradient entry deep in the tree still skips the update (the
+  skip test above makes both non-finite at once, so 'or' in place of 'and' passed it)."""
+  grads = {"a": jnp.ones((2, 3)), "b": {"c": jnp.zeros(4), "d": jnp.arange(3.0)}}
+  if bad_leaf is not None:
+    grads["b"]["d"] = grads["b"]["d"].at[1].set(bad_leaf)
+  assert bool(learner.all_finite(jnp.float32(loss), grads)) is want
+
+
 def test_aux_loss_coef_adds_the_micro_steps_mean_switch_loss():
   """ModelConfig.aux_loss_coef: the objective is the policy loss plus coef x the mean over the M
   micro-steps of each one's Switch loss (replayed routes), in the value, the metrics and the

@@ -300,12 +300,17 @@ def update_step(lr: Learner, state: TrainState, minibatch: dict, train_predictor
     new = new.replace(predictor=predictor, pred_opt_state=pred_opt_state)
   # A non-finite loss or gradient skips the whole update: parameters and
   # optimizer state stay exactly as they were (the step counter still moves).
-  finite = jnp.isfinite(stats["loss"]) & jnp.all(jnp.array(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  finite = all_finite(stats["loss"], grads)
   new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
   metrics = minibatch_metrics(stats, grads)
   metrics["skipped"] = (~finite).astype(jnp.int32)
   return new.replace(step=state.step + 1), metrics
+
+
+def all_finite(loss: jax.Array, grads) -> jax.Array:
+  """bool scalar: the loss and every gradient entry are finite (else `update_step` skips)."""
+  return jnp.isfinite(loss) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
 
 
 def batch_shardings(mesh: Mesh, batch: dict) -> dict:
