@@ -75,7 +75,7 @@ def test_step_plan_is_eplb_rebalance_on_the_step_loads_and_its_ema():
   np.testing.assert_array_equal(plan.slot_expert, phy2log.reshape(3, 4, 3))
 
 
-def test_capacity_needs_and_imbalance_hand_values():
+def _hand_phase():
   """E = 4 on D = 2 devices, 2 token shards of one 3-token sequence each, one layer, top-2."""
   shape = balancing.BalanceShape(num_experts=4, num_devices=2, slots=3, token_shards=2)
   routes = np.array([[[0, 1], [0, 2], [0, 1]],      # shard 0: e0 x3, e1 x2, e2 x1
@@ -83,6 +83,11 @@ def test_capacity_needs_and_imbalance_hand_values():
                     np.int32)[None, :, :, None, :]  # [M=1, b=2, T=3, L=1, K=2]
   valid = np.ones((1, 2, 3), bool)
   valid[0, 0, 2] = False  # padding: no load, but it still takes a buffer place
+  return shape, routes, valid
+
+
+def test_capacity_needs_and_imbalance_hand_values():
+  shape, routes, valid = _hand_phase()
   step, _, _ = balancing.step_plan(shape, routes, valid, 0.0, balancing.StepState())
   native = balancing.plan_phase(shape, routes, valid, step, "native", True, 1, 3)
   assert native.needed == native.needed_static == 3 and native.capacity == 3
@@ -110,6 +115,22 @@ def test_capacity_needs_and_imbalance_hand_values():
   np.testing.assert_array_equal(counts, [[1, 2, 0, 1, 0, 2], [0, 1, 1, 1, 2, 1]])
   assert foresight.needed == 2 and foresight.capacity == 2  # vs 3 for the native layout
   assert foresight.needed_static == 3
+
+
+def test_eplb_step_imbalance_splits_each_expert_over_its_replicas_hand_values():
+  """The eplb_step counterfactual: the step plan's devices carry each held expert's load over
+  its replica count. Loads (padding excluded) e0 3, e1 2, e2 3, e3 2; a hand plan with e0 and
+  e1 twice: device 0 {e0, e1, e0} = 1.5 + 1 + 1.5 = 4, device 1 {e2, e3, e1} = 3 + 2 + 1 = 6,
+  so max / mean = 6 / 5 (whole loads per slot, replicas ignored, would give 8 / 7.5)."""
+  from pr2_jax.balance.planner import Plan
+  shape, routes, valid = _hand_phase()
+  slot_LDS = np.array([[[0, 1, 0], [2, 3, 1]]], np.int32)
+  share_LDS = np.array([[[0.5, 0.5, 0.5], [1.0, 1.0, 0.5]]], np.float32)
+  step = Plan(slot_expert=slot_LDS, replica_count=np.array([[2, 2, 1, 1]], np.int32),
+              replica_share=share_LDS, slot_load=share_LDS, device_load=np.zeros((1, 2)))
+  phase = balancing.plan_phase(shape, routes, valid, step, "native", True, 1, 3)
+  np.testing.assert_allclose(phase.imbalance_ML["eplb_step"], [[1.2]], rtol=1e-6)
+  np.testing.assert_allclose(phase.imbalance_ML["none"], [[1.0]])  # static {0, 1} | {2, 3}
 
 
 def test_one_device_skips_the_planner_unless_the_phase_runs_its_plan():
