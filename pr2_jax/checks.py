@@ -84,7 +84,7 @@ def check_int_dtype(name: str, x, expected: str = "an integer dtype (int32)",
     raise error(f"{name} has dtype {dtype}, expected {expected}")
 
 
-def check_real(name: str, x) -> None:
+def check_real_dtype(name: str, x) -> None:
   """Static: x holds real numbers (integer, float or bool). A complex array would otherwise be
   cast to float with only numpy's ComplexWarning, silently dropping its imaginary part."""
   dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
@@ -96,7 +96,7 @@ def check_real(name: str, x) -> None:
 def check_finite(name: str, x, why: str = "", low: float | None = None) -> None:
   """Real dtype (static, always) and, on concrete values, raises naming the first NaN, inf or
   value below `low` (no-op on arrays that are not concrete)."""
-  check_real(name, x)
+  check_real_dtype(name, x)
   if not is_concrete(x):
     return
   a = np.asarray(x, np.float64)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pr2_jax.checks import check_finite, check_real, is_concrete
+from pr2_jax.checks import check_finite, check_real_dtype, is_concrete
 
 
 def _balanced_packing(weight_LI: np.ndarray, num_packs: int):
@@ -144,7 +144,7 @@ def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, n
   _check_host("eplb_rebalance", weight)
   # A NaN expert took half the replicas; a negative one made NaN device loads. Checked after
   # the float32 cast the reference computes in (1e39 is finite in float64, inf in float32).
-  check_real("weight", weight)
+  check_real_dtype("weight", weight)
   with np.errstate(over="ignore"):  # an overflow becomes inf, refused by name below
     weight_LE = np.asarray(weight, np.float32)
   check_finite("weight", weight_LE, "a load estimate", low=0)

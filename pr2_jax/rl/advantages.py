@@ -25,7 +25,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from pr2_jax.checks import (check_bound, check_finite, check_rank, check_real, check_shape,
+from pr2_jax.checks import (check_bound, check_finite, check_rank, check_real_dtype, check_shape,
                             is_concrete)
 
 # Log-ratios are clamped before exp so a wild token cannot overflow to inf/NaN
@@ -56,8 +56,8 @@ def check_BT_inputs(logp_BT, old_logp_BT, mask_BT,
   b, t = jnp.shape(logp_BT)
   check_shape(second, old_logp_BT, (b, t), f"[B, T] of {first}")
   check_shape("mask_BT", mask_BT, (b, t), f"[B, T] of {first}")
-  check_real(first, logp_BT)
-  check_real(second, old_logp_BT)
+  check_real_dtype(first, logp_BT)
+  check_real_dtype(second, old_logp_BT)
   check_finite("mask_BT", mask_BT, MASK_WHY, low=0)
   return b, t
 

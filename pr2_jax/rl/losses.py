@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from pr2_jax.checks import (check_bound, check_count, check_finite, check_ids, check_rank,
-                            check_real, check_shape, is_concrete)
+                            check_real_dtype, check_shape, is_concrete)
 from pr2_jax.rl.advantages import MASK_WHY, MAX_LOG_RATIO, check_BT_inputs
 
 POLICY_LOSS_KINDS = ("dapo", "gspo")
@@ -137,7 +137,7 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   if jnp.shape(adv_B) not in ((b,), (b, t)):
     raise ValueError(f"adv_B has shape {jnp.shape(adv_B)}, expected [B] = {(b,)} or "
                      f"[B, T] = {(b, t)}")
-  check_real("adv_B", adv_B)
+  check_real_dtype("adv_B", adv_B)
   if is_weight_BT is not None:
     check_shape("is_weight_BT", is_weight_BT, (b, t), "[B, T]")
   check_count("denom", denom)
@@ -191,7 +191,7 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   """
   b, _ = check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
   check_shape("adv_B", adv_B, (b,), "[B]", ": GSPO's advantage is per sequence")
-  check_real("adv_B", adv_B)
+  check_real_dtype("adv_B", adv_B)
   if is_weight_B is not None:
     check_shape("is_weight_B", is_weight_B, (b,), "[B]", ": GSPO's TIS weight is per sequence")
   check_count("denom_seqs", denom_seqs)

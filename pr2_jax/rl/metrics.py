@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_finite, check_ids, check_rank, check_real, check_shape
+from pr2_jax.checks import check_finite, check_ids, check_rank, check_real_dtype, check_shape
 
 LN2 = math.log(2.0)
 NUM_DEV_BINS = 4  # deviation histogram bins: 0, 1, 2, ≥3 experts changed
@@ -51,8 +51,8 @@ def mismatch_sums(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
   shape = tuple(jnp.shape(train_logp_BT))  # exact: broadcasting gave fractions above 1
   check_shape("rollout_logp_BT", rollout_logp_BT, shape, "[B, T] of train_logp_BT")
   check_shape("mask_BT", mask_BT, shape, "[B, T] of train_logp_BT")
-  check_real("train_logp_BT", train_logp_BT)
-  check_real("rollout_logp_BT", rollout_logp_BT)
+  check_real_dtype("train_logp_BT", train_logp_BT)
+  check_real_dtype("rollout_logp_BT", rollout_logp_BT)
   check_finite("mask_BT", mask_BT, _MASK_WHY, low=0)
   mask_BT = _f32(mask_BT)
   # where() first: padding may hold -inf log-probs, and these are metrics only.
