@@ -148,16 +148,20 @@ def _clip_pair(max_norm):
 @pytest.mark.parametrize("scale", [0.1, 10.0])  # global norm 0.5 (kept) and 50 (clipped)
 def test_clip_by_global_norm_matches_optax(scale):
   """Below max_norm the gradient comes back untouched, bit for bit; above it scaled to norm
-  max_norm, as optax's (which divides, then multiplies: to an ulp); the same empty state."""
-  tree = {"a": jnp.array([3.0, -4.0]) * scale, "b": {"c": jnp.zeros((2, 2))}}  # |tree| = 5 scale
+  max_norm, as optax's (which divides, then multiplies: to an ulp); the same empty state.
+  The norm is the whole tree's: the 3 and the -4 sit in different leaves, so clipping each
+  leaf by its own norm (to [2, 0] and -2) fails here."""
+  tree = {"a": jnp.array([3.0, 0.0]) * scale,  # |tree| = 5 scale
+          "b": {"c": jnp.array([[0.0, -4.0], [0.0, 0.0]]) * scale}}
   ours, theirs = _clip_pair(2.0)
   assert jax.tree.structure(ours.init(tree)) == jax.tree.structure(theirs.init(tree))
   got, _ = ours.update(tree, ours.init(tree))
   want, _ = theirs.update(tree, theirs.init(tree))
   if scale < 1:
     assert all(np.array_equal(g, t) for g, t in zip(jax.tree.leaves(got), jax.tree.leaves(tree)))
-  else:  # hand-worked: [30, -40] -> [1.2, -1.6]
-    np.testing.assert_allclose(got["a"], [1.2, -1.6], rtol=1e-6)
+  else:  # hand-worked: [30, 0], [[0, -40], [0, 0]] -> [1.2, 0], [[0, -1.6], [0, 0]]
+    np.testing.assert_allclose(got["a"], [1.2, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(got["b"]["c"], [[0.0, -1.6], [0.0, 0.0]], rtol=1e-6)
     assert float(optax.tree.norm(got)) == pytest.approx(2.0, rel=1e-6)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-7, atol=0), got, want)
 
