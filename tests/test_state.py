@@ -117,6 +117,22 @@ def test_make_optimizer_schedule_and_decoupled_weight_decay(total_steps, lr_at_s
                                atol=1e-9, err_msg=f"step {step}")
 
 
+def test_make_optimizer_decays_every_leaf_of_a_tree():
+  """Weight decay reaches matrices, vectors and stacked expert weights alike (no mask): the
+  first update of each leaf is -lr * (sign(g) + wd * p). The test above has one vector leaf,
+  so decaying only vectors (norm scales), or only matrices, would pass it."""
+  rng = np.random.default_rng(0)
+  p = {"kernel": rng.normal(size=(3, 2)), "scale": rng.normal(size=(4,)),
+       "experts": rng.normal(size=(2, 2, 3))}
+  p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+  g = jax.tree.map(lambda a: 0.01 * jnp.sign(a) + 0.001, p)  # |g| < grad_clip: no clipping
+  tx = make_optimizer(0.01, weight_decay=0.1)
+  update, _ = tx.update(g, tx.init(p), p)
+  for name in p:
+    np.testing.assert_allclose(update[name], -0.01 * (np.sign(g[name]) + 0.1 * p[name]),
+                               rtol=1e-5, atol=1e-9, err_msg=name)
+
+
 def test_make_optimizer_clips_the_global_norm_before_adam():
   """Two steps, grad_clip=2: g1 (norm 5) is scaled to norm 2, g2 (norm 0.5) is not. Adam's
   first step is sign(g) either way; the second shows the clipped g1 in both moments."""
