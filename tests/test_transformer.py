@@ -407,6 +407,18 @@ def test_nonzero_predictor_routes_are_topk_of_the_predicted_distribution(predict
     np.testing.assert_allclose(out.logits, replayed.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_predictor_slices_follow_moe_layers_not_model_layers():
+  """dense_layers=(0,): predictor[l] biases MoE layer l = model layer l + 1. Indexing it by the
+  model layer (W_p[1] at layer 1, W_p[2] clamped to W_p[1] at layer 2) passed every other test,
+  whose configs have no dense layer."""
+  cfg = CFG.replace(num_layers=3, dense_layers=(0,), dense_d_ff=48)
+  w = jax.random.normal(jax.random.PRNGKey(6), (2, 32, E)) * 3.0
+  out = jax.jit(lambda p, tok, w: MoETransformer(cfg).apply(
+      {"params": p}, tok, predictor=w, return_router_logits=True, return_router_inputs=True))(
+          _params(cfg), _tokens(11), w)
+  np.testing.assert_array_equal(out.routes, _predicted_routes_oracle(out, w))
+
+
 def test_plan_layers_follow_moe_layers_not_model_layers():
   """dense_layers=(0,): plan layer l splits MoE layer l's tokens. Hand-worked drops at
   capacity 22 of 64 tokens (k=2): MoE layer 0 sends every token's first pick to expert 3,
