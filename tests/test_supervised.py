@@ -120,11 +120,13 @@ def test_state_is_created_sharded():
 
 
 def test_aux_loss_enters_the_objective():
-  """The step descends nll + aux_loss_coef * Switch loss: with SGD (lr 1) the update is
-  ∇nll + coef ∇aux computed apart; the metrics report the nll as `loss` and aux apart."""
+  """The step descends nll + aux_loss_coef * Switch loss: with SGD (lr 0.5) the update is
+  0.5 (∇nll + coef ∇aux) computed apart; the metrics report the nll as `loss`, aux apart and
+  the gradient's norm as `grad_norm` (with lr 1 the update's norm, a wrong grad_norm, was the
+  same)."""
   mesh, coef = _mesh(1, 1), 2.0
   model = MoETransformer(ModelConfig(vocab_size=32, aux_loss_coef=coef), mesh)
-  tx = optax.sgd(1.0)
+  tx = optax.sgd(0.5)
   state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
   before = jax.device_get(state.params)  # the step donates the state
   batch = synthetic.reverse_copy_batch(np.random.default_rng(0), 8, 4)
@@ -141,10 +143,12 @@ def test_aux_loss_enters_the_objective():
       parts(p), (jax.grad(lambda q: parts(q)[0])(p), jax.grad(lambda q: parts(q)[1])(p))))(before)
   np.testing.assert_allclose(float(m["loss"]), float(nll), rtol=1e-5)
   np.testing.assert_allclose(float(m["aux_loss"]), float(aux), rtol=1e-5)
+  grad = jax.tree.map(lambda n, a: n + coef * a, g_nll, g_aux)
+  np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(grad)), rtol=1e-4)
   flat = jax.tree.flatten_with_path(before)[0]
   for (path, p), n, gn, ga in zip(flat, jax.tree.leaves(new.params), jax.tree.leaves(g_nll),
                                   jax.tree.leaves(g_aux)):
-    want = np.asarray(gn) + coef * np.asarray(ga)
+    want = 0.5 * (np.asarray(gn) + coef * np.asarray(ga))
     # Read as parameter differences: float32 rounding of |p| adds to the error.
     atol = 1e-5 * np.abs(want).max() + 4 * np.finfo(np.float32).eps * np.abs(np.asarray(p)).max()
     np.testing.assert_allclose(np.asarray(p) - np.asarray(n), want, rtol=1e-4, atol=atol,
