@@ -53,9 +53,14 @@ def main(argv):
                        allow_fresh_start=_FRESH.value)
   except (SetupError, SetupMismatchError, CheckpointError) as e:  # found before any training step
     common.exit_with_error(str(e))
-  except FloatingPointError as e:  # diverged: loop.run checkpointed the last good state
-    # One line, not a traceback (nothing is broken), and what to do: a rerun with the same
-    # command resumes into the same divergence, and a changed setup needs its own workdir.
+  except loop.Diverged as e:
+    # One line, not a traceback (nothing is broken), and what to do.
+    if e.phase == "sft":  # nothing was saved: the same command diverges again
+      sys.stderr.write(f"error: {e}. Change the warm-up (e.g. a lower "
+                       "--config.sft.learning_rate) and rerun\n")
+      raise SystemExit(1) from None
+    # RL checkpointed its last good state: the same command resumes into the same divergence,
+    # and a changed setup needs its own workdir.
     warmup = config.init_from or (os.path.join(_WORKDIR.value, "checkpoints", "sft")
                                   if config.sft.num_steps or not config.hf_checkpoint else "")
     reuse = f" (--config.init_from={warmup} reuses this run's warm-up)" if warmup else ""

@@ -154,6 +154,23 @@ def test_sigterm_finishes_the_checkpoint_being_written(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_diverged_warm_up_stops_with_one_error_line_saying_what_to_do(tmp_path):
+  """A warm-up whose loss turns NaN stops before RL (no checkpoint was written, so the advice
+  is to change the warm-up and rerun, not to resume or reuse it)."""
+  workdir = str(tmp_path / "run")
+  overrides = {**sub.OVERRIDES, "sft.num_steps": 25, "sft.learning_rate": 1e30}
+  with sub.processes(str(tmp_path)) as procs:
+    proc = procs.start("run", sub.command(workdir, overrides), sub.environment())
+    assert proc.wait(timeout=600) == 1
+    err = procs.stderr("run")
+  assert "Traceback" not in err, err[-3000:]
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert errors == ["error: the warm-up diverged: supervised loss nan at step 25 "
+                    "(SFTConfig.learning_rate=1e+30); none of it was checkpointed. Change the "
+                    "warm-up (e.g. a lower --config.sft.learning_rate) and rerun"], err[-3000:]
+
+
+@pytest.mark.slow
 def test_a_diverged_run_stops_with_one_error_line_saying_what_to_do(tmp_path):
   """Non-finite updates beyond rl.max_consecutive_skips stop the run (its last good state
   checkpointed): one `error:` line that says a rerun would resume into the same failure, not a

@@ -14,7 +14,7 @@ import _cli
 from pr2_jax.config import ModelConfig
 from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import loop, records
-from pr2_jax.rl.config import ExperimentConfig, PR2Config, RLConfig, SFTConfig
+from pr2_jax.rl.config import ExperimentConfig, PR2Config, RLConfig, SetupError, SFTConfig
 from pr2_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
 from test_checkpoint import corrupt, flip_bytes
 
@@ -260,6 +260,32 @@ def test_non_finite_updates_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch
     loop.run(cfg, mesh, resumed)
 
 
+def test_a_diverged_warm_up_stops_before_rl_and_saves_nothing(tmp_path):
+  """A NaN warm-up loss is an error at its next report (it used to carry on, and RL then
+  skipped every update and ended with reward 0 and exit 0); nothing of it is checkpointed."""
+  cfg = _config(2)
+  cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, learning_rate=1e30))
+  rows, messages = [], []
+  mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+  with pytest.raises(loop.Diverged, match=r"^the warm-up diverged: supervised loss nan at step 4 "
+                     r"\(SFTConfig.learning_rate=1e\+30\); none of it was checkpointed$") as e:
+    loop.run(cfg, mesh, str(tmp_path), on_metrics=rows.append, info=messages.append)
+  assert e.value.phase == "sft" and isinstance(e.value, FloatingPointError)
+  assert rows == [] and messages == ["warm-up: 4 supervised steps (the first compiles)"]
+  assert os.listdir(tmp_path / "checkpoints" / "sft") == []
+
+
+def test_an_eval_size_beyond_the_task_is_a_setup_error_naming_it():
+  """A one-digit arithmetic task has 21 distinct problems: eval_size=16 fits, 32 does not (a
+  bare ValueError from the task, raised after compiling, named no config field)."""
+  cfg = dataclasses.replace(_config(1), task="arithmetic", task_kwargs={"num_digits": 1})
+  cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, eval_size=32))
+  mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+  with pytest.raises(SetupError, match=r"^RLConfig.eval_size=32 is too large: arithmetic: found "
+                                       r"only 21 distinct eval problems, asked for 32"):
+    loop.Engine(cfg, mesh)
+
+
 def test_refuses_fresh_start_over_existing_rl_metrics(tmp_path):
   (tmp_path / "metrics.jsonl").write_text(json.dumps({"phase": "rl", "step": 3}) + "\n")
   mesh = make_mesh(1, 1, devices=jax.devices()[:1])
@@ -283,7 +309,8 @@ def test_resume_with_another_setup_is_refused_naming_the_fields(tmp_path):
   out = loop.run(more, mesh, str(tmp_path), info=messages.append)
   assert out["resumed_from"] == 1 and out["final"]["step"] == 2
   assert messages == [f"resuming from the RL checkpoint of step 1 in "
-                      f"{tmp_path / 'checkpoints' / 'rl'}; metrics rows after step 1 are rewritten"]
+                      f"{tmp_path / 'checkpoints' / 'rl'}; metrics rows after step 1 are rewritten",
+                      "RL: steps 2..2 (the first compiles)"]
   assert records.run_identity(more) == records.run_identity(cfg)  # the fields a resume may change
 
 

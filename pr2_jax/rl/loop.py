@@ -33,6 +33,15 @@ from pr2_jax.rl.tasks import make_task
 from pr2_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
 
 Callback = Callable[[dict], None]
+
+
+class Diverged(FloatingPointError):
+  """Training stopped on non-finite values; `phase` is 'sft' (the warm-up, not checkpointed)
+  or 'rl' (the last good state is checkpointed)."""
+
+  def __init__(self, message: str, phase: str):
+    super().__init__(message)
+    self.phase = phase
 Progress = Callable[[int, int, "float | None"], None]  # (step, total, seconds per step)
 
 
@@ -43,6 +52,10 @@ class Engine:
     rl = config.rl
     self.config, self.mesh = config, mesh
     self.task = make_task(config.task, **config.task_kwargs)
+    try:  # before any compiling: a small task may not have eval_size distinct problems
+      self.eval_problems = self.task.eval_set(rl.eval_size, seed=config.seed)
+    except ValueError as e:
+      raise SetupError(f"RLConfig.eval_size={rl.eval_size} is too large: {e}") from None
     self.tok = (hf_experiment.task_tokenizer(config.hf_checkpoint, self.task,
                                              config.model.vocab_size)
                 if config.hf_checkpoint else CharTokenizer())
@@ -79,7 +92,6 @@ class Engine:
     self.balancer = balancing.StepBalancer.create(rl, config.model, mesh,
                                                   self.prompt_slots + self.response_slots)
     self.balance_state = balancing.StepState()
-    self.eval_problems = self.task.eval_set(rl.eval_size, seed=config.seed)
     self.seq_sharding = logical_sharding(mesh, ("batch", "length"))
     self.row_sharding = logical_sharding(mesh, ("batch",))  # [B, ...], trailing axes whole
     self.replicated = logical_sharding(mesh, ())
@@ -121,6 +133,10 @@ class Engine:
       state, m = step_fn(state, to_global(batch, self.seq_sharding))
       if step % 25 == 0 or step == sft.num_steps:
         row = {"phase": "sft", "step": step, **{k: float(v) for k, v in m.items()}}  # waits
+        if not np.isfinite(row["loss"]):  # a NaN warm-up would only show as RL's zero reward
+          raise Diverged(f"the warm-up diverged: supervised loss {row['loss']} at step {step} "
+                         f"(SFTConfig.learning_rate={sft.learning_rate}); none of it was "
+                         "checkpointed", "sft")
         now = time.perf_counter()
         if on_metrics:
           on_metrics(row)
@@ -333,6 +349,8 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
       # Step 0 = the warm-up policy: a run killed before its first RL checkpoint resumes here.
       save(0, state)
     rl, t0, last = config.rl, time.perf_counter(), {}
+    if start < rl.num_steps:  # else the loop below is silent while the first step compiles
+      info(f"RL: steps {start + 1}..{rl.num_steps} (the first compiles)")
     t_first = None  # the end of the first step: later rates leave its compiling out
     for step in range(start + 1, rl.num_steps + 1):
       state, last = engine.rl_step(state, step)
@@ -346,10 +364,10 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
       if consecutive >= rl.max_consecutive_skips:
         emit(last)
         save(step, state)  # the skips left the last good state
-        raise FloatingPointError(
+        raise Diverged(
             f"{consecutive} consecutive updates had a non-finite loss or gradient (limit "
             f"RLConfig.max_consecutive_skips={rl.max_consecutive_skips}); stopped at RL step "
-            f"{step} with the last good state checkpointed in {rl_ckpt.directory}")
+            f"{step} with the last good state checkpointed in {rl_ckpt.directory}", "rl")
       if rl.eval_every and (step % rl.eval_every == 0 or step == rl.num_steps):
         last["eval_reward"] = engine.evaluate(state.params)
       last["elapsed_s"] = time.perf_counter() - t0
