@@ -123,17 +123,23 @@ def test_aux_loss_enters_the_objective():
   """The step descends nll + aux_loss_coef * Switch loss: with SGD (lr 0.5) the update is
   0.5 (∇nll + coef ∇aux) computed apart; the metrics report the nll as `loss`, aux apart and
   the gradient's norm as `grad_norm` (with lr 1 the update's norm, a wrong grad_norm, was the
-  same)."""
+  same). Some rows are left-padded: a step that dropped `valid` passed every test before."""
   mesh, coef = _mesh(1, 1), 2.0
   model = MoETransformer(ModelConfig(vocab_size=32, aux_loss_coef=coef), mesh)
   tx = optax.sgd(0.5)
   state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
   before = jax.device_get(state.params)  # the step donates the state
   batch = synthetic.reverse_copy_batch(np.random.default_rng(0), 8, 4)
-  new, m = supervised.make_train_step(model, tx, mesh, shardings)(state, batch)
+  # Left padding of one slot on even rows: the step must pass positions and valid on.
+  valid = np.ones(batch["tokens"].shape, bool)
+  valid[::2, 0] = False
+  batch.update(valid=valid, positions=np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32))
+  keys = ("tokens", "loss_mask", "positions", "valid")
+  new, m = supervised.make_train_step(model, tx, mesh, shardings, keys)(state, batch)
 
   def parts(params):
-    out = model.apply({"params": params}, batch["tokens"])
+    out = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                      valid=batch["valid"])
     log_p = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
     picked = jnp.take_along_axis(log_p, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
     mask = jnp.asarray(batch["loss_mask"][:, 1:], jnp.float32)
