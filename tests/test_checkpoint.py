@@ -235,6 +235,14 @@ def test_another_setup_is_named_before_any_array_is_read(tmp_path):
           in message)
 
 
+def test_a_field_only_one_side_has_is_a_difference():
+  """Inside a compared section a field the checkpoint has and this run lacks differs too (as
+  does the reverse): comparing only this run's fields passed every test, and a checkpoint
+  with a model field this run no longer sets would then resume silently."""
+  assert checkpoint._differences("model", {"a": 1, "b": 2}, {"a": 1, "c": 3}) == [
+      "model.b: checkpoint 2, this run '<missing>'", "model.c: checkpoint '<missing>', this run 3"]
+
+
 def test_restore_meta_reads_the_metadata_alone(tmp_path):
   with Checkpointer(str(tmp_path)) as ck:
     ck.save(5, {"x": jnp.arange(4.0)}, {"rl_step": 5, "model": {"d": [1, 2]}})
