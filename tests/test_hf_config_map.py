@@ -42,6 +42,13 @@ def test_v5_spellings_and_head_dim_fallback():
   assert cfg.norm_topk_prob and cfg.tie_embeddings
 
 
+def test_missing_kv_heads_means_multi_head_attention():
+  """transformers reads an absent num_key_value_heads as num_attention_heads (plain MHA):
+  defaulting it to 1 (MQA) passed every test, TINY always naming it."""
+  hf = {k: v for k, v in TINY.items() if k != "num_key_value_heads"}
+  assert config_from_hf(hf).num_kv_heads == 4
+
+
 def test_sliding_window_value_is_ignored_when_not_used():
   """Released Qwen3 configs carry sliding_window=4096 with use_sliding_window=false."""
   assert config_from_hf(dict(TINY, sliding_window=4096, use_sliding_window=False))
