@@ -42,11 +42,12 @@ def test_v5_spellings_and_head_dim_fallback():
   assert cfg.norm_topk_prob and cfg.tie_embeddings
 
 
-def test_missing_kv_heads_means_multi_head_attention():
-  """transformers reads an absent num_key_value_heads as num_attention_heads (plain MHA):
-  defaulting it to 1 (MQA) passed every test, TINY always naming it."""
+def test_missing_kv_heads_take_transformers_default_of_four():
+  """transformers' Qwen3MoeConfig reads an absent num_key_value_heads as 4, whatever
+  num_attention_heads is (no fallback to it, unlike Llama's config): we read 8 heads as MHA,
+  so a checkpoint transformers loads was refused for its k_proj shape."""
   hf = {k: v for k, v in TINY.items() if k != "num_key_value_heads"}
-  assert config_from_hf(hf).num_kv_heads == 4
+  assert config_from_hf(dict(hf, num_attention_heads=8)).num_kv_heads == 4
 
 
 def test_sliding_window_value_is_ignored_when_not_used():

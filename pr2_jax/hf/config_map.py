@@ -29,10 +29,11 @@ ARCHITECTURE = "Qwen3MoeForCausalLM"
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "moe_intermediate_size", "num_experts_per_tok")
 # transformers' Qwen3MoeConfig defaults for fields a config.json may omit.
-# norm_topk_prob defaults to False there (ours is True), so absence matters.
-HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10_000.0, "norm_topk_prob": False,
-               "tie_word_embeddings": False, "decoder_sparse_step": 1, "hidden_act": "silu",
-               "attention_bias": False, "use_sliding_window": False}
+# norm_topk_prob defaults to False there (ours is True), and num_key_value_heads to 4 whatever
+# num_attention_heads is (Llama's config falls back to the latter), so absence matters.
+HF_DEFAULTS = {"num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 10_000.0,
+               "norm_topk_prob": False, "tie_word_embeddings": False, "decoder_sparse_step": 1,
+               "hidden_act": "silu", "attention_bias": False, "use_sliding_window": False}
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
@@ -144,7 +145,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
   optional = lambda key, default: _int(key, hf[key]) if hf.get(key) else default
   fields = dict(
       vocab_size=ints["vocab_size"], num_layers=num_layers, d_model=ints["hidden_size"],
-      num_heads=heads, num_kv_heads=optional("num_key_value_heads", heads),
+      num_heads=heads,
+      num_kv_heads=_int("num_key_value_heads", _get(hf, "num_key_value_heads")),
       head_dim=optional("head_dim", ints["hidden_size"] // heads),
       expert_d_ff=ints["moe_intermediate_size"], num_experts=num_experts,
       top_k=ints["num_experts_per_tok"], norm_topk_prob=bool(_get(hf, "norm_topk_prob")),
