@@ -107,6 +107,21 @@ def test_initial_policy_is_the_checkpoint(ckpt):
   assert not np.asarray(engine.state.predictor).any()  # W_p = 0: PR2 starts as R3
 
 
+def test_bos_is_the_id_the_post_processor_prepends():
+  """A tokenizer whose post-processor puts <|im_start|> first has that BOS (the checkpoint's
+  own has none, so taking the last id of the encoded '0', itself, passed every test)."""
+  from tokenizers import processors
+  from pr2_jax.hf.tokenizer import HFTokenizer
+  raw = make_tiny_hf.char_tokenizer()
+  bos, eos = raw.token_to_id("<|im_start|>"), raw.token_to_id("<|im_end|>")
+  raw.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                     special_tokens=[("<|im_start|>", bos)])
+  tok = hf_experiment.TaskTokenizer(HFTokenizer(raw, eos_ids=[eos]))
+  three, plus = tok.encode("3+")
+  assert tok.bos_id == bos and tok.encode("3+", bos=True, eos=True) == [bos, three, plus, eos]
+  assert tok.decode([bos, three, plus, eos, three]) == "3+"
+
+
 @pytest.fixture
 def compile_cache(tmp_path):
   """A persistent compilation cache: the resumed run reuses the first run's executables.
