@@ -39,7 +39,8 @@ def checkpoint_dir(tmp_path_factory):
   (path / "tokenizer_config.json").write_text(json.dumps({
       "eos_token": "<|im_end|>", "bos_token": None, "chat_template": "{{ messages }}",
       "pad_token": {"content": "<|endoftext|>", "special": True, "lstrip": False}}))
-  (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, end]}))
+  # Qwen3 lists [im_end, end] here; reversed, tokenizer_config's eos must still come first.
+  (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, im_end]}))
   (path / "config.json").write_text(json.dumps({"eos_token_id": im_end, "bos_token_id": im_start}))
   return path
 
