@@ -41,7 +41,9 @@ def checkpoint_dir(tmp_path_factory):
       "pad_token": {"content": "<|endoftext|>", "special": True, "lstrip": False}}))
   # Qwen3 lists [im_end, end] here; reversed, tokenizer_config's eos must still come first.
   (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, im_end]}))
-  (path / "config.json").write_text(json.dumps({"eos_token_id": im_end, "bos_token_id": im_start}))
+  # A pad id here too: the name in tokenizer_config wins over it.
+  (path / "config.json").write_text(json.dumps({"eos_token_id": im_end, "bos_token_id": im_start,
+                                                "pad_token_id": im_end}))
   return path
 
 
