@@ -70,7 +70,7 @@ def main(argv):
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: loop.run has finished any save in flight
     logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "
                     "in %s", _WORKDIR.value)
-    raise SystemExit(143 if isinstance(e, common.Terminated) else 130) from None
+    common.exit_interrupted(143 if isinstance(e, common.Terminated) else 130)
   if _FRESH.value and summary["resumed_from"] is not None:
     logging.warning("--fresh had no effect: %s has an RL checkpoint, which was resumed (use "
                     "another --workdir to start over)", _WORKDIR.value)

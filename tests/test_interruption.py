@@ -154,6 +154,30 @@ def test_sigterm_finishes_the_checkpoint_being_written(tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_while_the_first_step_compiles_exits_130(tmp_path):
+  """Ctrl-C during the warm-up's first compile: the run says how to resume and exits 130. The
+  interpreter's teardown after it segfaulted in jaxlib (SIGSEGV, 'Fatal Python error') every
+  time under these conditions; the entry point now skips the teardown (common.exit_interrupted)."""
+  workdir = str(tmp_path / "run")
+  # The conditions it crashed in: glibc's plain malloc, JAX probing its other backends, and
+  # XLA's default flags (not the suite's faster -O0 compiles, which it did not crash with).
+  env = sub.environment(PR2_JAX_MALLOC="off")
+  for name in ("JAX_PLATFORMS", "XLA_FLAGS"):
+    env.pop(name, None)
+  with sub.processes(str(tmp_path)) as procs:
+    proc = procs.start("run", sub.command(workdir), env)
+    _wait_until(proc, lambda: "supervised steps (the first compiles)" in procs.stderr("run"),
+                "the warm-up's first compile")
+    time.sleep(1.5)
+    assert not _has_phase(workdir, "sft"), "the first warm-up step had already compiled"
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=120)
+    err = procs.stderr("run")
+  assert code == 130 and "Fatal Python error" not in err, (code, err[-2000:])
+  assert "interrupted; rerun the same command to resume" in err, err[-2000:]
+
+
+@pytest.mark.slow
 def test_a_diverged_warm_up_stops_with_one_error_line_saying_what_to_do(tmp_path):
   """A warm-up whose loss turns NaN stops before RL (no checkpoint was written, so the advice
   is to change the warm-up and rerun, not to resume or reuse it)."""
