@@ -60,8 +60,15 @@ def _maps(num_shards):
   per = E // num_shards
   hot = np.concatenate([np.r_[np.arange(p * per, (p + 1) * per), 0] for p in range(num_shards)])
   expected = {2: (2, 4, 8), 4: (4, 8, 8), 8: (8, 8, 8)}[num_shards]  # bounds (1, 2), (1,), ()
-  return {"hot copies": (hot, expected[0]), "two swapped": (_swapped(num_shards, min(2, per)),
+  maps = {"hot copies": (hot, expected[0]), "two swapped": (_swapped(num_shards, min(2, per)),
           expected[1]), "rolled": (_swapped(num_shards, per), expected[2])}
+  # On 4 shards, shard 0 takes expert 3 (owner 1's local 1) and 4 (owner 2's local 0), both
+  # at rank 0; shard 1 keeps the expert 1 shard 0 gave up. Every map above takes from one
+  # owner a shard, so an owner sending the slabs shard r needs from *any* owner passed every
+  # test (with one expert an owner, on 8 shards, every local index is 0 and it cannot show).
+  if num_shards == 4:
+    maps["two owners"] = (np.array([3, 4, 0, 2, 3, 1, 4, 5, 4, 6, 7, 6]), 4)
+  return maps
 
 
 @functools.lru_cache(maxsize=None)
