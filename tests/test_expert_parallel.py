@@ -380,3 +380,15 @@ def test_eager_calls_on_a_mesh_with_the_same_shapes_compile_once(impl):
   y_jit, dropped_jit = jax.jit(call)(x2, ids, gates2, w)
   np.testing.assert_array_equal(y, y_jit)
   assert int(dropped) == int(dropped_jit) and (int(dropped) > 0) == (impl == "capacity")
+
+
+def test_capacity_factor_is_an_even_share_of_the_slots():
+  """capacity_factor 1 over 12 slots (E = 8 plus 4 replicas) and 32 tokens x 2: a slot takes
+  ceil(64 / 12) = 6. Every token's first pick is expert 0 (its first slot takes them all):
+  32 - 6 = 26 dropped, the second picks (4 or 5 to each of experts 1-7) none. Sharing over the
+  experts instead (capacity 8, 24 dropped) passed every test, none with replicas and a factor."""
+  x, _, gates, w = _problem()
+  ids = jnp.stack([jnp.zeros(N, jnp.int32), 1 + jnp.arange(N, dtype=jnp.int32) % 7], axis=1)
+  slot_map = jnp.asarray(list(range(E)) + [0, 1, 2, 3], jnp.int32)
+  _, dropped = moe_experts(x, ids, gates, w, capacity_factor=1.0, slot_expert_X=slot_map)
+  assert int(dropped) == 26
