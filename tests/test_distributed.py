@@ -212,7 +212,12 @@ def test_two_processes_match_one_and_resume(tmp_path):
   resumed = _rows(tmp_path / "two")
   assert resumed[:len(two)] == two  # nothing before the checkpoint was rewritten
   assert [r.get("step") for r in resumed if r["phase"] == "rl"] == [1, 2, 3]
-  assert "eval reward before RL" not in (tmp_path / "resume0.txt").read_text()
+  # Rank 0 resumed (no second warm-up) and its summary reads the warm-up's reward back.
+  resumed_log = (tmp_path / "resume0.txt").read_text()
+  assert "resuming from the RL checkpoint of step 2" in resumed_log
+  assert "warm-up:" not in resumed_log
+  warm = next(r["eval_reward"] for r in two if r["phase"] == "sft_eval")
+  assert f"eval reward before RL:     {warm:.3f}" in resumed_log
 
 
 def test_local_rows_refuse_rows_split_across_processes(monkeypatch):
