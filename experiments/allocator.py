@@ -17,7 +17,7 @@ pages, and on a VM whose host has taken the memory back, a slow step now and the
   a step after other work can still be slow on such a VM.
 
 Both are read once, when the process starts, so the only way in is the environment of a new
-process: `run` in `experiments/common.py` calls `reexec_if_useful()` first, which `execve`s
+process: `run` in `experiments/cli.py` calls `reexec_if_useful()` first, which `execve`s
 the same command line with the settings added when they change anything. `PR2_JAX_MALLOC`
 chooses: `auto` (the default: jemalloc if found, else huge pages), `jemalloc` (an error if it
 is not installed), `glibc` (huge pages only) or `off`; `PR2_JAX_JEMALLOC` names a jemalloc

@@ -23,7 +23,7 @@ import time
 import numpy as np
 from absl import flags
 
-from experiments import common, outputs
+from experiments import cli, common, outputs
 
 # JAX and the model code are imported where used: bench_balance imports this module for
 # `define_flags` and `settings_error`, to check its --moe_args before any work.
@@ -168,7 +168,7 @@ def main(argv):
   out = outputs.output_file(f["out"])
   common.setup_devices()
   if problem := settings_error(f, jax.device_count()):
-    common.exit_with_error(problem)
+    cli.exit_with_error(problem)
   rng = np.random.default_rng(f.seed)
   base_LE = rng.normal(0.0, f.skew, (1, f.experts)).astype(np.float32)
   routes = bt.synthetic_routes(rng, base_LE, f.seqs, f.seq_len, f.top_k, f.cluster, f.boost)
@@ -182,4 +182,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  common.run(main)
+  cli.run(main)

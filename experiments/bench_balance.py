@@ -37,7 +37,7 @@ import time
 
 from absl import app, flags
 
-from experiments import common, outputs
+from experiments import cli, common, outputs
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke test of every part (flags given "
                            "explicitly still win).")
@@ -81,20 +81,20 @@ _ROLLOUT_MICRO = flags.DEFINE_list("rollout_micro_seqs", ["4", "16", "64"],
                                    "(b) rollouts: sequences per micro-step.")
 _SEED = flags.DEFINE_integer("seed", 0, "Trace and shuffling seed.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_balance.json", "JSON output.")
-common.at_least(1, "layers", "experts", "top_k", "devices", "slots", "seq_len", "plan_seqs",
+cli.at_least(1, "layers", "experts", "top_k", "devices", "slots", "seq_len", "plan_seqs",
                 "repeats", "trace_steps", "trace_seqs", "cluster", "split_iters",
                 "sim_micro_seqs")
-common.at_least(0, "skew", "boost", "drift", "ema", "stickiness")
-common.at_least(1e-9, "gpu_tflops", "a2a_gbps", "xfer_gbps")
-common.non_empty("micro_seqs", "rollout_micro_seqs")
+cli.at_least(0, "skew", "boost", "drift", "ema", "stickiness")
+cli.at_least(1e-9, "gpu_tflops", "a2a_gbps", "xfer_gbps")
+cli.non_empty("micro_seqs", "rollout_micro_seqs")
 
 
 # A bad entry failed after JAX had started, a short --rollout_model after the synthetic trace.
-common.numbers_at_least(int, 1, "micro_seqs", "rollout_micro_seqs")
-common.numbers_at_least(int, 0, "rollout_model", count=5)  # warm-up may be 0; the rest below
-common.numbers_at_least(int, 1, "rollout_batch", count=3)
-common.numbers_at_least(float, 0, "sweep_stickiness")
-common.numbers_at_least(float, 1e-9, "sweep_xfer_gbps")
+cli.numbers_at_least(int, 1, "micro_seqs", "rollout_micro_seqs")
+cli.numbers_at_least(int, 0, "rollout_model", count=5)  # warm-up may be 0; the rest below
+cli.numbers_at_least(int, 1, "rollout_batch", count=3)
+cli.numbers_at_least(float, 0, "sweep_stickiness")
+cli.numbers_at_least(float, 1e-9, "sweep_xfer_gbps")
 
 MOE_DEVICES = 8  # (c)'s fake CPU devices
 QUICK_MOE = ["--experts=16", "--top_k=2", "--seqs=2", "--seq_len=64", "--d_model=16",
@@ -196,7 +196,7 @@ def finish_moe(proc_tmp):
   log, _ = proc.communicate()
   errors = [line for line in log.splitlines() if line.startswith("error: ")]
   if proc.returncode == 2 and errors:
-    common.exit_with_error(f"--moe_args: experiments.balance_moe: {errors[-1][7:]}")
+    cli.exit_with_error(f"--moe_args: experiments.balance_moe: {errors[-1][7:]}")
   if proc.returncode:
     raise RuntimeError(f"experiments.balance_moe failed:\n{log}")
   with open(os.path.join(tmp, "moe.json")) as f:
@@ -380,4 +380,4 @@ def _run(s, machine, moe_run) -> dict:
 
 
 if __name__ == "__main__":
-  common.run(main)
+  cli.run(main)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from experiments import common, outputs
+from experiments import cli, common, outputs
 from experiments import model_flags as mf
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
@@ -50,9 +50,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs after compiling.")
 _MESH_EXPERT = flags.DEFINE_integer("mesh_expert", 1, "'expert' mesh axis size; data = rest.")
 _SEED = flags.DEFINE_integer("seed", 0, "Parameter and token seed.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_model.json", "JSON result path.")
-common.at_least(1, "seq_len", "batch", "steps", "mesh_expert")
-common.at_least(0, "warmup", "capacity_factor")
-common.non_empty("impls")
+cli.at_least(1, "seq_len", "batch", "steps", "mesh_expert")
+cli.at_least(0, "warmup", "capacity_factor")
+cli.non_empty("impls")
 
 BASELINE = "capacity"
 
@@ -80,7 +80,7 @@ def model_config(entry: str) -> ModelConfig:
   impl, capacity_factor = parse_impl(entry)
   try:
     return shape_config(expert_impl=impl, capacity_factor=capacity_factor)
-  except ValueError as e:  # a usage error: one line (common.run), not a traceback
+  except ValueError as e:  # a usage error: one line (cli.run), not a traceback
     raise flags.ValidationError(f"--impls entry {entry!r}: {e}") from None
 
 
@@ -233,7 +233,7 @@ def main(argv):
   out = outputs.output_file(_OUT)  # a bad path fails now, not after the compiles
   if len(set(_IMPLS.value)) != len(_IMPLS.value):
     raise app.UsageError(f"--impls={','.join(_IMPLS.value)} repeats an entry")
-  with common.bad_config_exits():  # the shape flags first: not blamed on an --impls entry
+  with cli.bad_config_exits():  # the shape flags first: not blamed on an --impls entry
     shape_config()
   for entry in _IMPLS.value:
     model_config(entry)  # bad names or sizes fail here, before any compile
@@ -254,4 +254,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main)
+  cli.run(main)

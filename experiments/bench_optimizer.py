@@ -25,7 +25,7 @@ import time
 
 from absl import flags
 
-from experiments import common, outputs
+from experiments import cli, common, outputs
 from experiments import model_flags  # defines the model-shape flags read below
 
 _QUICK = flags.DEFINE_bool("quick", False, "Test-sized model and few rounds.")
@@ -33,8 +33,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 40, "Timed rounds (each times both side
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed rounds first.")
 _LR = flags.DEFINE_float("lr", 1e-4, "AdamW learning rate.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_optimizer.json", "JSON result path.")
-common.at_least(1, "rounds")
-common.at_least(0, "warmup")
+cli.at_least(1, "rounds")
+cli.at_least(0, "warmup")
 
 QUICK = dict(d_model=64, num_layers=2, num_experts=8, expert_d_ff=64, head_dim=16,
              vocab_size=256, rounds=4, warmup=1)
@@ -151,4 +151,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main)
+  cli.run(main)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import common, outputs, peer_torch
+from experiments import cli, common, outputs, peer_torch
 from experiments import model_flags  # defines the model-shape flags read below
 from pr2_jax.config import EXPERT_IMPLS
 
@@ -75,9 +75,9 @@ _ONE_DEVICE = flags.DEFINE_bool("one_device_too", True,
 _BREAKDOWN = flags.DEFINE_integer(
     "breakdown", 0, "If > 0, after the timing profile this many train steps and decodes of ours "
     "and of transformers and print where the time goes by kind (experiments/profile_breakdown).")
-common.at_least(1, "batch", "seq_len", "decode_batch", "prompt_len", "new_tokens", "rounds",
+cli.at_least(1, "batch", "seq_len", "decode_batch", "prompt_len", "new_tokens", "rounds",
                 "peak_n")
-common.at_least(0, "warmup", "mesh_expert", "breakdown")
+cli.at_least(0, "warmup", "mesh_expert", "breakdown")
 
 TARGETS = {"train_speedup": 2.0, "decode_speedup": 3.0, "mfu": 0.25}
 QUICK = dict(d_model=64, num_layers=2, num_experts=8, top_k=2, expert_d_ff=64, num_heads=4,
@@ -361,4 +361,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main)
+  cli.run(main)

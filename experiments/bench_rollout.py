@@ -18,7 +18,7 @@ import time
 import jax
 from absl import flags
 
-from experiments import common, outputs
+from experiments import cli, common, outputs
 from pr2_jax.config import DTYPES, ModelConfig
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Sequences decoded together.")
@@ -30,10 +30,10 @@ _OUT = flags.DEFINE_string("out", "experiments/results/bench_rollout.json", "JSO
 _D_MODEL = flags.DEFINE_integer("d_model", 64, "Residual width (tiny config by default).")
 _EXPERTS = flags.DEFINE_integer("num_experts", 8, "Routed experts.")
 _LAYERS = flags.DEFINE_integer("num_layers", 2, "Decoder layers.")
-common.at_least(1, "batch", "prompt_len", "new_tokens", "repeats", "num_layers")
-common.at_least(4, "d_model")  # 4 heads of d_model / 4
-common.at_least(2, "num_experts")  # top-2 routing
-common.non_empty("dtypes")
+cli.at_least(1, "batch", "prompt_len", "new_tokens", "repeats", "num_layers")
+cli.at_least(4, "d_model")  # 4 heads of d_model / 4
+cli.at_least(2, "num_experts")  # top-2 routing
+cli.non_empty("dtypes")
 flags.register_validator("dtypes", lambda v: set(v) <= set(DTYPES),
                          message=f"--dtypes: each must be one of {', '.join(DTYPES)}")
 flags.register_validator("dtypes", lambda v: len(set(v)) == len(v),  # each would compile again
@@ -43,7 +43,7 @@ flags.register_validator("dtypes", lambda v: len(set(v)) == len(v),  # each woul
 def main(argv):
   del argv
   out = outputs.output_file(_OUT)  # a bad path fails now, not after the run
-  with common.bad_config_exits():  # before any compile
+  with cli.bad_config_exits():  # before any compile
     cfg = ModelConfig(vocab_size=256, d_model=_D_MODEL.value, num_layers=_LAYERS.value,
                       num_heads=4, num_kv_heads=2, head_dim=_D_MODEL.value // 4,
                       expert_d_ff=_D_MODEL.value, num_experts=_EXPERTS.value, top_k=2)
@@ -90,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main)
+  cli.run(main)

@@ -1,21 +1,18 @@
-"""Shell helpers shared by entry points: devices, mesh, configs, metrics file."""
+"""Shell helpers shared by entry points: devices, mesh, configs, metrics file, progress and
+summary (command-line plumbing and exits: `experiments.cli`)."""
 
-import contextlib
 import json
 import math
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
-import ml_collections
-from ml_collections import config_flags
+from absl import flags, logging
 
-from experiments import allocator
+from experiments import allocator, cli, outputs
 
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "If > 0, run on this many fake CPU devices (tries expert parallelism "
@@ -171,9 +168,9 @@ def build_mesh(cfg):
 
 def experiment_setup(cfg):
   """(ExperimentConfig, mesh) of an RL run's ConfigDict, the model checked against the mesh; a
-  bad value is one error line (`bad_config_exits`), before any compile."""
+  bad value is one error line (`cli.bad_config_exits`), before any compile."""
   from pr2_jax.rl.config import ExperimentConfig
-  with bad_config_exits():
+  with cli.bad_config_exits():
     config = ExperimentConfig.from_dict(cfg.to_dict())
     mesh = build_mesh(cfg)
     config.model.validate_mesh(mesh.shape["expert"], mesh.shape["data"])
@@ -184,12 +181,11 @@ class MetricsWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl."""
 
   def __init__(self, workdir: str):
-    from experiments import outputs  # (it imports this module)
     # A file, a path under a file or an unwritable place is one error line, not a traceback.
     try:
       os.makedirs(outputs.output_dir("workdir", workdir), exist_ok=True)
     except OSError as e:  # what the check cannot foresee (root in /proc, a full disk)
-      exit_with_error(f"--workdir={workdir} cannot be created: {e}")
+      cli.exit_with_error(f"--workdir={workdir} cannot be created: {e}")
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, metrics: dict):
@@ -210,157 +206,6 @@ def log_and_write(writer: MetricsWriter):
     shown = "  ".join(f"{k} {m[k]:.4g}" for k in _SHOWN if isinstance(m.get(k), float))
     logging.info("[%s %d] %s", m.get("phase"), m.get("step", 0), shown)
   return callback
-
-
-def _unknown_config_key(e: Exception, argv: list[str]):
-  """ml_collections refuses an unknown `--config.*` key with an AttributeError wrapping a KeyError
-  whose traceback buries its "Did you mean" hint, and a key under a plain value (`seed.x`) with
-  a bare KeyError: one line instead."""
-  message = e
-  while isinstance(message, BaseException) and message.args:
-    message = message.args[0]
-  if "has no attribute 'get_config'" in str(message):  # the file loaded; it is not a config
-    exit_with_error(_config_file_error(_config_path(argv), message))
-  under = re.search(r"<class '(\w+)'>\.(\w+) does not exist.*lookup: (\S+)", str(message))
-  if under:  # was a KeyError traceback
-    kind, field, key = under.groups()
-    parts = key.split(".")
-    parent = ".".join(parts[:parts.index(field)]) if field in parts else ""
-    if not parent:
-      exit_with_error(f"bad --config: {_config_path(argv)}: get_config() returned a value of "
-                      f"type {kind}, not an ml_collections.ConfigDict")
-    message = f"{key!r}: {parent} is of type {kind}, not a section with fields"
-  given = [a for a in argv[1:] if a.startswith("--config.")]
-  exit_with_error(f"unknown config key {message} (in {' '.join(given)})")
-
-
-def _config_path(argv: list[str]) -> str:
-  """The config file the command line names (its last --config), else the flag's default."""
-  path = None
-  for i, arg in enumerate(argv[1:], 1):
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1]
-    elif arg == "--config" and i + 1 < len(argv):
-      path = argv[i + 1]
-  if path is None and "config" in flags.FLAGS:
-    path = flags.FLAGS["config"].config_filename
-  return path or "?"
-
-
-def _config_file_error(path: str, e: BaseException) -> str:
-  """Why a --config file does not give a config, in words (ml_collections says 'Failed loading
-  config file config_config', the module name it gave the file, and prints its attempts)."""
-  text = " ".join(str(e).split())
-  if isinstance(e, SyntaxError):
-    reason = f"{e.msg} at line {e.lineno}"
-  elif "has no attribute 'get_config'" in text:
-    reason = ("defines no get_config() (a config file returns its ml_collections.ConfigDict "
-              "from get_config(), as configs/tiny.py does)")
-  elif "No such file or directory" in text:
-    reason = f"no such file (relative to the current directory {os.getcwd()})"
-  elif "Is a directory" in text:
-    reason = "is a directory; give a config file such as configs/tiny.py"
-  else:
-    reason = text
-  return f"bad --config: {path}: {reason}"
-
-
-def define_config(default: str, help_text: str):
-  """`config_flags.DEFINE_config_file("config", ...)`. Without `--config` on the command line,
-  ml_collections applies the `--config.*` overrides here, at definition, not in parse_flags."""
-  try:
-    return config_flags.DEFINE_config_file("config", default, help_text)
-  except (AttributeError, KeyError) as e:
-    _unknown_config_key(e, sys.argv)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """`app.run`'s flag parser: absl's, but a bad flag (unknown, mistyped, out of bounds, or an
-  unknown `--config.*` key) or a --config file that does not load is one `error:` line naming
-  it, exit code 2, not a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    _unknown_config_key(e, argv)
-  except flags.Error as e:
-    exit_with_error(f"{e} (--helpfull lists every flag)")
-  except (OSError, SyntaxError) as e:  # --config (or an override) loads the file right here
-    exit_with_error(_config_file_error(_config_path(argv), e))
-
-
-class Terminated(KeyboardInterrupt):
-  """SIGTERM (a scheduler preempting or cancelling the job), raised like Ctrl-C so that what
-  unwinds on Ctrl-C runs too: a checkpoint save in flight finishes instead of being lost."""
-
-
-def _terminated(signum, frame):
-  del signum, frame
-  raise Terminated()
-
-
-def run(main):
-  """`app.run(main)` for our entry points: flags parsed by `parse_flags`, and a
-  `flags.ValidationError` or `app.UsageError` raised in `main` (a bad flag combination) is one
-  error line too (absl printed the whole help for a UsageError, exit 1).
-  Started as a script, the process first re-executes itself with a better C allocator for
-  XLA:CPU's per-call buffers where that changes anything (`allocator`: faster CPU train steps)."""
-  allocator.reexec_if_useful(os.path.dirname(os.path.abspath(__file__)))
-  signal.signal(signal.SIGTERM, _terminated)
-
-  def checked(argv):
-    try:
-      return main(argv)
-    except (flags.ValidationError, app.UsageError) as e:  # bad flags: one line, not the help
-      exit_with_error(str(e))
-  app.run(checked, flags_parser=parse_flags)
-
-
-def at_least(minimum: float, *names: str):
-  """Registers `--name >= minimum` for each flag: a negative count or size fails as it is parsed
-  instead of as a numpy or XLA error later (None, an unset optional flag, passes)."""
-  for name in names:
-    flags.register_validator(name, lambda v, m=minimum: v is None or v >= m,
-                             message=f"--{name} must be >= {minimum}")
-
-
-def non_empty(*names: str):
-  """Registers `--name` (a list flag) as non-empty: an empty list ran the work, then failed or
-  wrote an empty table."""
-  for name in names:
-    flags.register_validator(name, lambda v: v is None or len(v) > 0,
-                             message=f"--{name} must list at least one value")
-
-
-def numbers_at_least(kind, minimum: float, *names: str, count: int | None = None):
-  """Registers each `--name` (a list flag) as `count` (any if None) numbers of `kind` (int or
-  float) >= minimum: a bad entry failed as int() or a range() of step 0 after the work began,
-  a short list as an unpacking error."""
-  def ok(values):
-    try:
-      return (count is None or len(values) == count) and all(kind(v) >= minimum for v in values)
-    except ValueError:
-      return False
-  what = f"{count} " if count else ""
-  for name in names:
-    flags.register_validator(name, ok, message=f"--{name} must list {what}{kind.__name__}s "
-                             f">= {minimum}")
-
-
-def config_value(config_flag):
-  """The ConfigDict of a `DEFINE_config_file` flag; a config file that does not load (missing,
-  or raising) is a usage error naming the file, not a traceback."""
-  cfg = config_flag.value
-  path = flags.FLAGS[config_flag.name].config_filename
-  try:
-    cfg.to_dict()  # ml_collections defers a load error to the first use of the value
-  except OSError as e:
-    exit_with_error(_config_file_error(path, e))
-  except AttributeError:  # was a traceback: 'int' object has no attribute 'to_dict'
-    if isinstance(cfg, ml_collections.ConfigDict):
-      raise
-    exit_with_error(f"bad --config: {path}: get_config() returned a value of type "
-                    f"{type(cfg).__name__}, not an ml_collections.ConfigDict")
-  return cfg
 
 
 def ineffective_overrides(argv: list[str], replay_mode: str) -> list[str]:
@@ -392,34 +237,6 @@ def balance_mode_warning(config) -> str | None:
   return ("rl.balance_mode='foresight' places nothing with rl.replay_mode='none' (live routing "
           "leaves no routes to plan from): the static layout is used; imbalance_foresight_* "
           "still reports what it would give")
-
-
-def exit_interrupted(code: int):
-  """Ends the process now, after loop.run has unwound (its checkpoints closed), skipping the
-  interpreter's teardown: after a Ctrl-C that landed while the warm-up compiled, the teardown
-  segfaulted in jaxlib (SIGSEGV, 'Fatal Python error', not exit 130) in every one of 18 runs
-  on glibc's plain malloc with JAX probing its other backends (none in 18 with this)."""
-  logging.flush()
-  for stream in (sys.stdout, sys.stderr):
-    stream.flush()
-  os._exit(code)
-
-
-def exit_with_error(message: str):
-  """A user error (bad config, a workdir of another setup): one line on stderr (line breaks
-  folded), exit code 2, no traceback (those are for bugs)."""
-  sys.stderr.write(f"error: {' '.join(message.split())}\n")
-  raise SystemExit(2)
-
-
-@contextlib.contextmanager
-def bad_config_exits():
-  """A setting the config dataclasses, the mesh or a flag check refuses (ValueError, KeyError,
-  flags.ValidationError) raised inside is a usage error: `error: bad config: ...`, exit 2."""
-  try:
-    yield
-  except (ValueError, KeyError, flags.ValidationError) as e:
-    exit_with_error(f"bad config: {e}")
 
 
 def progress_logger(phase: str, every_s: float = 10.0, clock=time.monotonic):
@@ -468,5 +285,5 @@ def print_summary(summary: dict, workdir: str):
   print("\n".join(lines), flush=True)
 
 
-at_least(0, "cpu_devices", "num_processes")
-at_least(-1, "process_id")
+cli.at_least(0, "cpu_devices", "num_processes")
+cli.at_least(-1, "process_id")

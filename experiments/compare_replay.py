@@ -37,9 +37,9 @@ import time
 
 from absl import flags, logging
 
-from experiments import common, outputs, replay_plots, replay_report
+from experiments import cli, common, outputs, replay_plots, replay_report
 
-_CONFIG = common.define_config("configs/tiny.py", "Base experiment config; the flags below "
+_CONFIG = cli.define_config("configs/tiny.py", "Base experiment config; the flags below "
                                "override parts of it.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 2 κ, R3 and PR2, 2 seeds, a few steps, "
                            "a short warm-up. Flags given explicitly still win.")
@@ -60,11 +60,11 @@ _SFT_STEPS = flags.DEFINE_integer("sft_steps", None, "Warm-up steps (default: th
 _COLLAPSE = flags.DEFINE_float("collapse_fraction", 0.5, "A run collapsed if its final eval reward "
                                "is below this fraction of its warm-up eval reward (or it hit a "
                                "non-finite loss/gradient).")
-common.at_least(1, "rl_steps", "eval_size", "num_experts", "top_k")
-common.at_least(0, "eval_every", "sft_steps", "collapse_fraction")
+cli.at_least(1, "rl_steps", "eval_size", "num_experts", "top_k")
+cli.at_least(0, "eval_every", "sft_steps", "collapse_fraction")
 # Empty lists trained the warm-up, then crashed drawing the plots; a non-integer seed or κ
 # failed as int() after the flags were parsed, an unknown mode only after JAX started.
-common.non_empty("seeds", "offs", "modes")
+cli.non_empty("seeds", "offs", "modes")
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs/results", "Where the JSON, report and PNGs go "
                                "(--quick default: WORKDIR/results).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare_replay", "Run directories, the shared "
@@ -79,8 +79,8 @@ def _known_modes(modes) -> bool:
   return all(mode in REPLAY_MODES + ("gspo",) for mode in modes)
 
 
-common.numbers_at_least(int, 0, "seeds")
-common.numbers_at_least(int, 1, "offs")
+cli.numbers_at_least(int, 0, "seeds")
+cli.numbers_at_least(int, 1, "offs")
 flags.register_validator("modes", _known_modes, message="--modes must each be one of none, r2, "
                          "r3, pr2, pr2_r2, gspo")
 
@@ -103,7 +103,7 @@ def _value(flag, name):
 
 def base_config():
   """The shared setting: the config file plus this script's overrides (a ConfigDict)."""
-  cfg = common.config_value(_CONFIG).copy_and_resolve_references()
+  cfg = cli.config_value(_CONFIG).copy_and_resolve_references()
   cfg.model.num_experts = _EXPERTS.value
   cfg.model.top_k = _TOP_K.value
   cfg.rl.learning_rate = _LR.value
@@ -228,7 +228,7 @@ def main(argv):
   modes = list(_value(_MODES, "modes"))
   base = base_config()
   grid = [(off, mode, seed) for off in offs for mode in modes for seed in seeds]
-  with common.bad_config_exits():  # every run's settings, before any work
+  with cli.bad_config_exits():  # every run's settings, before any work
     for off, mode, seed in grid:
       ExperimentConfig.from_dict(run_config(base, mode, off, seed, "").to_dict())
     mesh = common.build_mesh(base)
@@ -336,4 +336,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main)
+  cli.run(main)

@@ -31,12 +31,12 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, outputs
+from experiments import cli, common, outputs
 
 # Flags only when run as a script: tests import the scoring functions below, and absl refuses
 # a second module defining the same flag names (config, steps, out).
 if __name__ == "__main__":
-  _CONFIG = common.define_config("configs/tiny.py", "Base experiment config.")
+  _CONFIG = cli.define_config("configs/tiny.py", "Base experiment config.")
   _INIT = flags.DEFINE_string("init_from", "", "Warm-up checkpoint dir (empty: train the "
                               "warm-up here).")
   _OFF = flags.DEFINE_integer("off", 4, "κ: mini-batches per rollout batch (>= 2: mini-steps "
@@ -46,8 +46,8 @@ if __name__ == "__main__":
                                 "from the one before).")
   _PROBE = flags.DEFINE_integer("probe_size", 128, "Probe sequences.")
   # κ = 1 printed empty rows, 1 step all-zero rows and a NaN cosine, read as results.
-  common.at_least(2, "off", "steps")
-  common.at_least(1, "probe_size")
+  cli.at_least(2, "off", "steps")
+  cli.at_least(1, "probe_size")
   _OUT = flags.DEFINE_string("out", "", "Optional JSON output.")
 
 PREDICTORS = ("stale", "prev_drift", "momentum", "linear_fit", "router_weights")
@@ -131,7 +131,7 @@ def main(argv):
   try:
     check_init_from(_INIT.value)
   except ValueError as e:
-    common.exit_with_error(str(e))
+    cli.exit_with_error(str(e))
   out_path = outputs.output_file(_OUT) if _OUT.value else None  # before the minutes of work
   common.setup_devices()
   import dataclasses
@@ -142,9 +142,9 @@ def main(argv):
   from pr2_jax.rl.config import ExperimentConfig
   from pr2_jax.train.checkpoint import Checkpointer, abstract_like
 
-  cfg = common.config_value(_CONFIG)
+  cfg = cli.config_value(_CONFIG)
   cfg.rl.update(replay_mode="r3", off_policy_k=_OFF.value, learning_rate=_LR.value)
-  with common.bad_config_exits():
+  with cli.bad_config_exits():
     config = ExperimentConfig.from_dict(cfg.to_dict())
   engine = loop.Engine(config, common.build_mesh(cfg))
   if _INIT.value:
@@ -214,4 +214,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main)
+  cli.run(main)

@@ -13,13 +13,14 @@ import sys
 
 from absl import flags, logging
 
-from experiments import common, outputs
+from experiments import cli, common, outputs
 
-_CONFIG = common.define_config(
+_CONFIG = cli.define_config(
     "configs/tiny.py", "Experiment config file (configs/*.py); any field can be overridden with "
     "--config.FIELD=VALUE, e.g. --config.rl.num_steps=10 --config.rl.replay_mode=pr2.")
 # --help lists only this module's key flags: without this it left out --config, --cpu_devices
-# and the multi-host flags (defined in common), which a user could find only with --helpfull.
+# and the multi-host flags (defined in cli and common), which --helpfull alone showed.
+flags.adopt_module_key_flags(cli)
 flags.adopt_module_key_flags(common)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints and metrics.jsonl go here; "
                                "rerunning with the same workdir resumes.")
@@ -36,7 +37,7 @@ def main(argv):
   from pr2_jax.rl.config import SetupError
   from pr2_jax.train.checkpoint import CheckpointError, SetupMismatchError
 
-  config, mesh = common.experiment_setup(common.config_value(_CONFIG))
+  config, mesh = common.experiment_setup(cli.config_value(_CONFIG))
   for flag in common.ineffective_overrides(sys.argv, config.rl.replay_mode):
     logging.warning("%s has no effect: rl.replay_mode=%r runs no predictor (pr2 and pr2_r2 do)",
                     flag, config.rl.replay_mode)
@@ -52,7 +53,7 @@ def main(argv):
                        warn=logging.warning, info=logging.info,
                        allow_fresh_start=_FRESH.value)
   except (SetupError, SetupMismatchError, CheckpointError) as e:  # found before any training step
-    common.exit_with_error(str(e))
+    cli.exit_with_error(str(e))
   except loop.Diverged as e:
     # One line, not a traceback (nothing is broken), and what to do.
     if e.phase == "sft":  # nothing was saved: the same command diverges again
@@ -70,7 +71,7 @@ def main(argv):
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: loop.run has finished any save in flight
     logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "
                     "in %s", _WORKDIR.value)
-    common.exit_interrupted(143 if isinstance(e, common.Terminated) else 130)
+    cli.exit_interrupted(143 if isinstance(e, cli.Terminated) else 130)
   if _FRESH.value and summary["resumed_from"] is not None:
     logging.warning("--fresh had no effect: %s has an RL checkpoint, which was resumed (use "
                     "another --workdir to start over)", _WORKDIR.value)
@@ -78,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main)
+  cli.run(main)

@@ -106,7 +106,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from experiments import common
+  from experiments import cli
   _define_flags()
-  common.at_least(0, "initializer_range")
-  common.run(main)
+  cli.at_least(0, "initializer_range")
+  cli.run(main)

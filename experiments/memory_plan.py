@@ -14,12 +14,12 @@ import json
 
 from absl import flags
 
-from experiments import common
+from experiments import cli, common
 
-_CONFIG = common.define_config("configs/qwen3_30b_a3b.py", "Experiment config.")
+_CONFIG = cli.define_config("configs/qwen3_30b_a3b.py", "Experiment config.")
 _EXPERT = flags.DEFINE_list("mesh_expert", ["8"], "Expert-axis sizes to tabulate; the data axis "
                             "takes the remaining devices.")
-common.non_empty("mesh_expert")
+cli.non_empty("mesh_expert")
 flags.register_validator("mesh_expert", lambda v: all(e.isdigit() and int(e) >= 1 for e in v),
                          message="--mesh_expert must list positive integers")
 
@@ -35,8 +35,8 @@ def main(argv):
   from pr2_jax.parallel.mesh import make_mesh
   from pr2_jax.train.state import make_optimizer, state_memory
 
-  with common.bad_config_exits():
-    config = ModelConfig.from_dict(common.config_value(_CONFIG).model.to_dict())
+  with cli.bad_config_exits():
+    config = ModelConfig.from_dict(cli.config_value(_CONFIG).model.to_dict())
   n = jax.device_count()
   experts = [int(e) for e in _EXPERT.value]
   for expert in experts:  # every entry, before the table's first row
@@ -68,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main)
+  cli.run(main)

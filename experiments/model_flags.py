@@ -10,7 +10,7 @@ import contextlib
 
 from absl import flags
 
-from experiments import common
+from experiments import cli
 
 D_MODEL = flags.DEFINE_integer("d_model", 256, "Residual width.")
 NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Decoder layers (all MoE).")
@@ -23,7 +23,7 @@ HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Per-head width.")
 VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 1024, "Vocabulary size.")
 NAMES = ("d_model", "num_layers", "num_experts", "top_k", "expert_d_ff", "num_heads",
          "num_kv_heads", "head_dim", "vocab_size")
-common.at_least(1, *NAMES)
+cli.at_least(1, *NAMES)
 
 
 def given(name: str, value, quick: dict | None = None) -> str:
@@ -37,7 +37,7 @@ def given(name: str, value, quick: dict | None = None) -> str:
 
 @contextlib.contextmanager
 def bad_sizes_exit(quick: dict | None = None):
-  """`common.bad_config_exits` for a ModelConfig built from these flags: a size it refuses is
+  """`cli.bad_config_exits` for a ModelConfig built from these flags: a size it refuses is
   one error line, before any work, which also lists the sizes --quick chose (`quick`) that the
   user did not type (`top_k=9 must be <= num_experts=8` names a value they may not know of)."""
   chosen = [f"{n}={v}" for n, v in (quick or {}).items()
@@ -46,4 +46,4 @@ def bad_sizes_exit(quick: dict | None = None):
     yield
   except ValueError as e:
     note = f" (--quick's sizes: {', '.join(chosen)})" if chosen else ""
-    common.exit_with_error(f"bad config: {e}{note}")
+    cli.exit_with_error(f"bad config: {e}{note}")

@@ -11,7 +11,7 @@ import tempfile
 
 from absl import flags
 
-from experiments.common import exit_with_error
+from experiments.cli import exit_with_error
 
 
 def _check_writable(name: str, path: str, want_dir: bool) -> None:

@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from experiments import common, outputs
+from experiments import cli, outputs
 from pr2_jax import viz
 
 
@@ -89,7 +89,7 @@ def main(argv, out_dir: str | None = None):
   try:
     paths = plot(workdirs, out_dir)
   except ValueError as e:
-    common.exit_with_error(f"experiments.plot: {e}")
+    cli.exit_with_error(f"experiments.plot: {e}")
   for path in paths:
     print(path)
 
@@ -98,4 +98,4 @@ if __name__ == "__main__":
   # Flags only when run as a script: other entry points define --out too, and absl refuses a
   # second definition in a process that imports both (the test suite).
   _OUT = flags.DEFINE_string("out", None, "Output directory (default: the first WORKDIR/plots).")
-  common.run(lambda argv: main(argv, _OUT.value))
+  cli.run(lambda argv: main(argv, _OUT.value))

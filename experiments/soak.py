@@ -36,12 +36,12 @@ import time
 import numpy as np
 from absl import flags
 
-from experiments import common, outputs
+from experiments import cli, common, outputs
 
 # Flags only when run as a script: tests import check_metrics, and absl refuses a second
 # module defining the same flag names (config, steps, out).
 if __name__ == "__main__":
-  _CONFIG = common.define_config("configs/tiny.py", "Experiment config file.")
+  _CONFIG = cli.define_config("configs/tiny.py", "Experiment config file.")
   _STEPS = flags.DEFINE_integer("steps", 300, "RL steps (overrides config.rl.num_steps).")
   _WARMUP = flags.DEFINE_integer("warmup_steps", 25, "RL steps counted as warm-up: compilation, "
                                  "the first evaluation and the first checkpoint happen in them.")
@@ -50,7 +50,7 @@ if __name__ == "__main__":
   _OUT = flags.DEFINE_string("out", "experiments/results/soak.json", "JSON output.")
   _QUICK = flags.DEFINE_bool("quick", False, "6 steps of a small batch (3 of warm-up): a smoke "
                              "test of this script, not a soak.")
-  common.at_least(1, "steps", "warmup_steps")
+  cli.at_least(1, "steps", "warmup_steps")
 
 # Every RL row must carry these (eval_reward only on evaluation steps).
 REQUIRED_KEYS = ("step", "phase", "loss", "reward_mean", "response_len", "entropy", "k3_kl",
@@ -125,7 +125,7 @@ def main(argv):
     warmup = warmup if flags.FLAGS["warmup_steps"].present else 3
   if not 0 < warmup < steps:
     raise flags.ValidationError(f"--warmup_steps={warmup} must be in (0, --steps={steps})")
-  cfg = common.config_value(_CONFIG)
+  cfg = cli.config_value(_CONFIG)
   if _QUICK.value:
     cfg.update_from_flattened_dict(QUICK)
   cfg.rl.num_steps = steps
@@ -156,7 +156,7 @@ def main(argv):
     summary = loop.run(config, mesh, workdir, on_metrics=on_metrics,
                        on_progress=common.progress_logger("rl"), warn=print)
   except SetupError as e:  # found before any training step (e.g. a bad init_from)
-    common.exit_with_error(str(e))
+    cli.exit_with_error(str(e))
   jax.block_until_ready(summary["state"])
   end = {"rss_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(), "compiles": len(compiles),
          "t": time.perf_counter() - t_start}
@@ -217,4 +217,4 @@ def _print_table(r: dict):
 
 
 if __name__ == "__main__":
-  common.run(main)
+  cli.run(main)

@@ -1,6 +1,7 @@
 """Tests for experiments/common.py's shell helpers: the progress log's throttle and ETA, the
-one-line usage errors (bad flags, bounds, validation errors in main) and the ineffective-flag
-warning. (Config-file errors are tested through the command line in test_bad_input.)"""
+ineffective-flag and learning-rate warnings, source and machine records, the metrics writer,
+the run summary, and entry-point errors about devices and workdirs. (Flag and config-file
+plumbing: test_cli.)"""
 
 import json
 import logging
@@ -8,7 +9,6 @@ import os
 import time
 
 import pytest
-from absl import flags
 
 from experiments import common
 
@@ -44,12 +44,6 @@ def test_progress_logger_shows_minutes_and_every_report_with_every_s_0(caplog):
                              "warm-up step 50/300  1.50s/step  ETA 6m15s"]
 
 
-def test_exit_with_error_is_one_line_and_code_2(capsys):
-  with pytest.raises(SystemExit) as e:
-    common.exit_with_error("bad config: x")
-  assert e.value.code == 2 and capsys.readouterr().err == "error: bad config: x\n"
-
-
 def test_pr2_overrides_without_a_predictor_are_named():
   argv = ["main", "--config=configs/tiny.py", "--config.pr2.lr_mult=5", "--config.rl.seed=1",
           "--config.pr2.loss=l2"]
@@ -58,42 +52,6 @@ def test_pr2_overrides_without_a_predictor_are_named():
   assert common.ineffective_overrides(argv, "none") == common.ineffective_overrides(argv, "r2")
   assert common.ineffective_overrides(argv, "pr2") == []
   assert common.ineffective_overrides(argv, "pr2_r2") == []
-
-
-_COUNT = flags.DEFINE_integer("test_common_count", 3, "A count only these tests use.")
-common.at_least(1, "test_common_count")
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["prog", "--test_common_count=0"],
-     "error: flag --test_common_count=0: --test_common_count must be >= 1 (--helpfull lists "
-     "every flag)\n"),
-    (["prog", "--test_common_count=abc"],
-     "error: flag --test_common_count=abc: invalid literal for int() with base 10: 'abc' "
-     "(--helpfull lists every flag)\n"),
-    (["prog", "--test_common_nope=1"],
-     "error: Unknown command line flag 'test_common_nope'. Did you mean: test_common_count ? "
-     "(--helpfull lists every flag)\n"),
-])
-def test_a_bad_flag_is_one_error_line_and_exit_code_2(argv, message, capsys):
-  with pytest.raises(SystemExit) as e:
-    common.parse_flags(argv)
-  assert e.value.code == 2 and capsys.readouterr().err == message
-
-
-def test_bounded_flag_accepts_its_minimum():
-  common.parse_flags(["prog", "--test_common_count=1"])
-  assert _COUNT.value == 1
-
-
-def test_run_turns_a_validation_error_in_main_into_one_line(capsys, monkeypatch):
-  def main(argv):
-    raise flags.ValidationError("--mesh_expert=3 does not divide the 8 devices")
-  monkeypatch.setattr("sys.argv", ["prog"])
-  with pytest.raises(SystemExit) as e:
-    common.run(main)
-  assert e.value.code == 2
-  assert capsys.readouterr().err == "error: --mesh_expert=3 does not divide the 8 devices\n"
 
 
 def test_source_revision_names_the_checkout_and_its_state(tmp_path):
@@ -164,7 +122,7 @@ def test_foresight_without_replay_is_named():
 
 
 def test_main_help_lists_the_config_and_device_flags():
-  # They are defined in common.py; --help used to list only --fresh and --workdir, so a user
+  # They are defined in cli.py and common.py; --help used to list only --fresh and --workdir, so a user
   # had to know to ask for --helpfull to learn of --config or --cpu_devices.
   import _cli
   proc = _cli.run("experiments.main", "--help")
@@ -244,36 +202,3 @@ def test_a_resumed_runs_summary_still_shows_the_reward_before_rl(tmp_path, capsy
   assert lines[2:5] == ["already complete at RL step 1: nothing to run (raise "
                         "--config.rl.num_steps to continue, or use another --workdir)",
                         "eval reward before RL:     0.248", "train reward (last step):  0.300"]
-
-
-_CONFIG_FILES = {"syntax.py": "def get_config(:\n", "noget.py": "x = 1\n",
-                 "five.py": "def get_config():\n  return 5\n"}
-
-
-@pytest.mark.parametrize("args, message", [
-    # Each was a traceback (SyntaxError, KeyError, AttributeError) or a misleading line
-    # ("unknown config key module 'config_config' has no attribute 'get_config' (in )").
-    (["--config={tmp}/syntax.py"], "bad --config: {tmp}/syntax.py: invalid syntax at line 1"),
-    (["--config={tmp}/noget.py"], "bad --config: {tmp}/noget.py: defines no get_config() (a "
-     "config file returns its ml_collections.ConfigDict from get_config(), as configs/tiny.py "
-     "does)"),
-    (["--config={tmp}/five.py"], "bad --config: {tmp}/five.py: get_config() returned a value of "
-     "type int, not an ml_collections.ConfigDict"),
-    (["--config={tmp}/five.py", "--config.rl.num_steps=3"], "bad --config: {tmp}/five.py: "
-     "get_config() returned a value of type int, not an ml_collections.ConfigDict"),
-    # Was "Failed loading config file config_config / Attempted [Relative path]: ...".
-    (["--config={tmp}/nope.py"], "bad --config: {tmp}/nope.py: no such file (relative to the "
-     "current directory {repo})"),
-    (["--config={tmp}"], "bad --config: {tmp}: is a directory; give a config file such as "
-     "configs/tiny.py"),
-    (["--config.seed.x=1"], "unknown config key 'seed.x': seed is of type int, not a section "
-     "with fields (in --config.seed.x=1)"),
-])
-def test_a_config_file_or_key_that_gives_no_config_is_one_error_line(tmp_path, args, message):
-  import _cli
-  for name, text in _CONFIG_FILES.items():
-    (tmp_path / name).write_text(text)
-  fill = lambda s: s.format(tmp=tmp_path, repo=_cli.REPO)  # noqa: E731
-  proc = _cli.run("experiments.main", f"--workdir={tmp_path}/run", *map(fill, args))
-  assert _cli.one_error_line(proc) == "error: " + fill(message)
-  assert not (tmp_path / "run").exists()

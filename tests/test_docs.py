@@ -23,19 +23,19 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))
 
-# Runs an entry point as a script up to its flag parsing: common.run parses and validates the
+# Runs an entry point as a script up to its flag parsing: cli.run parses and validates the
 # flags (and the --config.* overrides, at definition), then returns instead of running main.
 _PARSE_ONLY = """
 import runpy, sys
-from experiments import common
+from experiments import cli
 module, sys.argv = sys.argv[1], ["prog"] + sys.argv[2:]
-common.run = lambda main: common.parse_flags(sys.argv)
+cli.run = lambda main: cli.parse_flags(sys.argv)
 names = runpy.run_module("experiments." + module, run_name="__main__")
 config = names.get("_CONFIG")
 if config is not None and "rl" in config.value:  # an RL experiment (not a model-only config)
   from pr2_jax.rl.config import ExperimentConfig
   try:
-    ExperimentConfig.from_dict(common.config_value(config).to_dict())
+    ExperimentConfig.from_dict(cli.config_value(config).to_dict())
   except ValueError as e:
     if "is not a directory" not in str(e):  # the docs' checkpoint paths are placeholders
       raise

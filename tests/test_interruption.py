@@ -157,7 +157,7 @@ def test_sigterm_finishes_the_checkpoint_being_written(tmp_path):
 def test_ctrl_c_while_the_first_step_compiles_exits_130(tmp_path):
   """Ctrl-C during the warm-up's first compile: the run says how to resume and exits 130. The
   interpreter's teardown after it segfaulted in jaxlib (SIGSEGV, 'Fatal Python error') every
-  time under these conditions; the entry point now skips the teardown (common.exit_interrupted)."""
+  time under these conditions; the entry point now skips the teardown (cli.exit_interrupted)."""
   workdir = str(tmp_path / "run")
   # The conditions it crashed in: glibc's plain malloc, JAX probing its other backends, and
   # XLA's default flags (not the suite's faster -O0 compiles, which it did not crash with).

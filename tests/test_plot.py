@@ -165,7 +165,7 @@ def test_bad_command_lines_are_one_error_line(tmp_path, capsys):
       plot.main(argv, out)
     (line,) = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and line.startswith(want), line
-  proc = _cli([], tmp_path)  # app.UsageError, as common.run reports it
+  proc = _cli([], tmp_path)  # app.UsageError, as cli.run reports it
   assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
   assert proc.stderr == "error: give one or more WORKDIRs (run directories holding metrics.jsonl)\n"
   assert sorted(os.listdir(tmp_path)) == ["a_file", "run"] and os.listdir(workdir) == [

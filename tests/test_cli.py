@@ -1,0 +1,82 @@
+"""Tests for experiments/cli.py: one-line usage errors for bad flags, bounds, validation errors
+in main and --config files or keys that give no config, and exit codes."""
+
+import pytest
+from absl import flags
+
+from experiments import cli
+
+
+def test_exit_with_error_is_one_line_and_code_2(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.exit_with_error("bad config: x")
+  assert e.value.code == 2 and capsys.readouterr().err == "error: bad config: x\n"
+
+
+_COUNT = flags.DEFINE_integer("test_cli_count", 3, "A count only these tests use.")
+cli.at_least(1, "test_cli_count")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prog", "--test_cli_count=0"],
+     "error: flag --test_cli_count=0: --test_cli_count must be >= 1 (--helpfull lists "
+     "every flag)\n"),
+    (["prog", "--test_cli_count=abc"],
+     "error: flag --test_cli_count=abc: invalid literal for int() with base 10: 'abc' "
+     "(--helpfull lists every flag)\n"),
+    (["prog", "--test_cli_nope=1"],
+     "error: Unknown command line flag 'test_cli_nope'. Did you mean: test_cli_count ? "
+     "(--helpfull lists every flag)\n"),
+])
+def test_a_bad_flag_is_one_error_line_and_exit_code_2(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags(argv)
+  assert e.value.code == 2 and capsys.readouterr().err == message
+
+
+def test_bounded_flag_accepts_its_minimum():
+  cli.parse_flags(["prog", "--test_cli_count=1"])
+  assert _COUNT.value == 1
+
+
+def test_run_turns_a_validation_error_in_main_into_one_line(capsys, monkeypatch):
+  def main(argv):
+    raise flags.ValidationError("--mesh_expert=3 does not divide the 8 devices")
+  monkeypatch.setattr("sys.argv", ["prog"])
+  with pytest.raises(SystemExit) as e:
+    cli.run(main)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == "error: --mesh_expert=3 does not divide the 8 devices\n"
+
+
+_CONFIG_FILES = {"syntax.py": "def get_config(:\n", "noget.py": "x = 1\n",
+                 "five.py": "def get_config():\n  return 5\n"}
+
+
+@pytest.mark.parametrize("args, message", [
+    # Each was a traceback (SyntaxError, KeyError, AttributeError) or a misleading line
+    # ("unknown config key module 'config_config' has no attribute 'get_config' (in )").
+    (["--config={tmp}/syntax.py"], "bad --config: {tmp}/syntax.py: invalid syntax at line 1"),
+    (["--config={tmp}/noget.py"], "bad --config: {tmp}/noget.py: defines no get_config() (a "
+     "config file returns its ml_collections.ConfigDict from get_config(), as configs/tiny.py "
+     "does)"),
+    (["--config={tmp}/five.py"], "bad --config: {tmp}/five.py: get_config() returned a value of "
+     "type int, not an ml_collections.ConfigDict"),
+    (["--config={tmp}/five.py", "--config.rl.num_steps=3"], "bad --config: {tmp}/five.py: "
+     "get_config() returned a value of type int, not an ml_collections.ConfigDict"),
+    # Was "Failed loading config file config_config / Attempted [Relative path]: ...".
+    (["--config={tmp}/nope.py"], "bad --config: {tmp}/nope.py: no such file (relative to the "
+     "current directory {repo})"),
+    (["--config={tmp}"], "bad --config: {tmp}: is a directory; give a config file such as "
+     "configs/tiny.py"),
+    (["--config.seed.x=1"], "unknown config key 'seed.x': seed is of type int, not a section "
+     "with fields (in --config.seed.x=1)"),
+])
+def test_a_config_file_or_key_that_gives_no_config_is_one_error_line(tmp_path, args, message):
+  import _cli
+  for name, text in _CONFIG_FILES.items():
+    (tmp_path / name).write_text(text)
+  fill = lambda s: s.format(tmp=tmp_path, repo=_cli.REPO)  # noqa: E731
+  proc = _cli.run("experiments.main", f"--workdir={tmp_path}/run", *map(fill, args))
+  assert _cli.one_error_line(proc) == "error: " + fill(message)
+  assert not (tmp_path / "run").exists()
