@@ -122,8 +122,8 @@ def test_foresight_without_replay_is_named():
 
 
 def test_main_help_lists_the_config_and_device_flags():
-  # They are defined in cli.py and common.py; --help used to list only --fresh and --workdir, so a user
-  # had to know to ask for --helpfull to learn of --config or --cpu_devices.
+  # They are defined in cli.py and common.py; --help used to list only --fresh and --workdir,
+  # so a user had to know to ask for --helpfull to learn of --config or --cpu_devices.
   import _cli
   proc = _cli.run("experiments.main", "--help")
   assert "Traceback" not in proc.stderr, proc.stderr[-2000:]  # (absl's --help exits with 1)

@@ -177,18 +177,23 @@ def test_ctrl_c_while_the_first_step_compiles_exits_130(tmp_path):
   assert "interrupted; rerun the same command to resume" in err, err[-2000:]
 
 
+def _failed_run_errors(tmp_path, overrides: dict) -> tuple[list[str], str]:
+  """(`error:` lines, stderr) of a run in tmp_path/run with `overrides` that must exit 1
+  without a traceback."""
+  with sub.processes(str(tmp_path)) as procs:
+    cmd = sub.command(str(tmp_path / "run"), {**sub.OVERRIDES, **overrides})
+    proc = procs.start("run", cmd, sub.environment())
+    assert proc.wait(timeout=600) == 1
+    err = procs.stderr("run")
+  assert "Traceback" not in err, err[-3000:]
+  return [line for line in err.splitlines() if line.startswith("error:")], err
+
+
 @pytest.mark.slow
 def test_a_diverged_warm_up_stops_with_one_error_line_saying_what_to_do(tmp_path):
   """A warm-up whose loss turns NaN stops before RL (no checkpoint was written, so the advice
   is to change the warm-up and rerun, not to resume or reuse it)."""
-  workdir = str(tmp_path / "run")
-  overrides = {**sub.OVERRIDES, "sft.num_steps": 25, "sft.learning_rate": 1e30}
-  with sub.processes(str(tmp_path)) as procs:
-    proc = procs.start("run", sub.command(workdir, overrides), sub.environment())
-    assert proc.wait(timeout=600) == 1
-    err = procs.stderr("run")
-  assert "Traceback" not in err, err[-3000:]
-  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  errors, err = _failed_run_errors(tmp_path, {"sft.num_steps": 25, "sft.learning_rate": 1e30})
   assert errors == ["error: the warm-up diverged: supervised loss nan at step 25 "
                     "(SFTConfig.learning_rate=1e+30); none of it was checkpointed. Change the "
                     "warm-up (e.g. a lower --config.sft.learning_rate) and rerun"], err[-3000:]
@@ -200,14 +205,8 @@ def test_a_diverged_run_stops_with_one_error_line_saying_what_to_do(tmp_path):
   checkpointed): one `error:` line that says a rerun would resume into the same failure, not a
   FloatingPointError traceback."""
   workdir = str(tmp_path / "run")
-  overrides = {**sub.OVERRIDES, "rl.num_steps": 3,
-               "rl.learning_rate": 1e30, "rl.max_consecutive_skips": 2}
-  with sub.processes(str(tmp_path)) as procs:
-    proc = procs.start("run", sub.command(workdir, overrides), sub.environment())
-    assert proc.wait(timeout=600) == 1
-    err = procs.stderr("run")
-  assert "Traceback" not in err, err[-3000:]
-  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  errors, err = _failed_run_errors(tmp_path, {"rl.num_steps": 3, "rl.learning_rate": 1e30,
+                                              "rl.max_consecutive_skips": 2})
   assert len(errors) == 1, err[-3000:]
   assert re.fullmatch(
       r"error: \d+ consecutive updates had a non-finite loss or gradient \(limit "
