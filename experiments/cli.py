@@ -28,7 +28,7 @@ def exit_interrupted(code: int):
   """Ends the process now, after loop.run has unwound (its checkpoints closed), skipping the
   interpreter's teardown: after a Ctrl-C that landed while the warm-up compiled, the teardown
   segfaulted in jaxlib (SIGSEGV, 'Fatal Python error', not exit 130) in every one of 18 runs
-  on glibc's plain malloc with JAX probing its other backends (none in 18 with this)."""
+  on glibc's plain malloc with JAX probing its other backends (none in 16 with this)."""
   logging.flush()
   for stream in (sys.stdout, sys.stderr):
     stream.flush()
