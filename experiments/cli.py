@@ -17,11 +17,12 @@ from ml_collections import config_flags
 from experiments import allocator
 
 
-def exit_with_error(message: str):
+def exit_with_error(message: str, code: int = 2):
   """A user error (bad config, a workdir of another setup): one line on stderr (line breaks
-  folded), exit code 2, no traceback (those are for bugs)."""
+  folded), exit code 2, no traceback (those are for bugs). A run that failed on its own (it
+  diverged) exits the same way with code 1."""
   sys.stderr.write(f"error: {' '.join(message.split())}\n")
-  raise SystemExit(2)
+  raise SystemExit(code)
 
 
 def exit_interrupted(code: int):

@@ -57,17 +57,16 @@ def main(argv):
   except loop.Diverged as e:
     # One line, not a traceback (nothing is broken), and what to do.
     if e.phase == "sft":  # nothing was saved: the same command diverges again
-      sys.stderr.write(f"error: {e}. Change the warm-up (e.g. a lower "
-                       "--config.sft.learning_rate) and rerun\n")
-      raise SystemExit(1) from None
+      cli.exit_with_error(f"{e}. Change the warm-up (e.g. a lower --config.sft.learning_rate) "
+                          "and rerun", code=1)
     # RL checkpointed its last good state: the same command resumes into the same divergence,
     # and a changed setup needs its own workdir.
     warmup = config.init_from or (os.path.join(_WORKDIR.value, "checkpoints", "sft")
                                   if config.sft.num_steps or not config.hf_checkpoint else "")
     reuse = f" (--config.init_from={warmup} reuses this run's warm-up)" if warmup else ""
-    sys.stderr.write(f"error: {e}. Rerunning resumes into the same failure: change the setup "
-                     f"(e.g. a lower --config.rl.learning_rate) and use a new --workdir{reuse}\n")
-    raise SystemExit(1) from None
+    cli.exit_with_error(f"{e}. Rerunning resumes into the same failure: change the setup (e.g. "
+                        f"a lower --config.rl.learning_rate) and use a new --workdir{reuse}",
+                        code=1)
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: loop.run has finished any save in flight
     logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "
                     "in %s", _WORKDIR.value)

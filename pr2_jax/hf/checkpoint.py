@@ -34,7 +34,8 @@ from safetensors.numpy import save_file
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.hf import layout
-from pr2_jax.hf.config_map import config_from_hf, config_to_hf, read_hf_config
+from pr2_jax.hf.config_map import (config_from_hf, config_to_hf, read_hf_config,
+                                   read_json)
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import DATA, EXPERT, tree_shardings
 
@@ -64,11 +65,7 @@ def tensor_files(path: str) -> dict[str, str]:
     with _open(single) as f:
       return {key: single for key in f.keys()}
   if os.path.isfile(index):
-    with open(index) as f:
-      try:
-        contents = json.load(f)
-      except json.JSONDecodeError as e:  # its message names a line, not the file
-        raise ValueError(f"{index} is not valid JSON: {e}") from None
+    contents = read_json(index)
     weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
     if not isinstance(weight_map, dict):
       raise ValueError(f"{index} has no 'weight_map' object")

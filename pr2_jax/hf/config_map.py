@@ -36,19 +36,26 @@ HF_DEFAULTS = {"num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 10_
                "hidden_act": "silu", "attention_bias": False, "use_sliding_window": False}
 
 
+def read_json(file: str, fields: str | None = None) -> Any:
+  """The JSON in `file`; a ValueError naming the file if it does not parse (json's own message
+  names a line, not the file), or, with `fields` (what they are, for the message), if it is
+  not an object of fields. Every checkpoint and tokenizer JSON file is read through this."""
+  with open(file) as f:
+    try:
+      contents = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{file} is not valid JSON: {e}") from None
+  if fields is not None and not isinstance(contents, dict):  # else an AttributeError on .get
+    raise ValueError(f"{file} holds a JSON {type(contents).__name__}, not an object of {fields}")
+  return contents
+
+
 def read_hf_config(path: str) -> dict[str, Any]:
   """Reads `config.json` from a checkpoint directory as a plain dict."""
   file = os.path.join(path, "config.json")
   if not os.path.isfile(file):
     raise ValueError(f"no config.json in checkpoint directory {path!r}")
-  with open(file) as f:
-    try:
-      hf = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{file} is not valid JSON: {e}") from e
-  if not isinstance(hf, dict):
-    raise ValueError(f"{file} holds a JSON {type(hf).__name__}, not an object of config fields")
-  return hf
+  return read_json(file, "config fields")
 
 
 def _real(key: str, value: Any) -> float:

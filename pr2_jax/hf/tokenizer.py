@@ -14,12 +14,13 @@ and `config.json` give ids (Qwen3 stops on both <|im_end|> and <|endoftext|>).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import tokenizers
+
+from pr2_jax.hf.config_map import read_json
 
 TOKENIZER_FILE = "tokenizer.json"
 # Files consulted for special tokens, most specific first.
@@ -28,16 +29,7 @@ SPECIAL_FILES = ("tokenizer_config.json", "generation_config.json", "config.json
 
 def _read_json(path: str) -> dict[str, Any]:
   """A JSON object file's fields; {} when the file is absent (each of SPECIAL_FILES may be)."""
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    try:
-      fields = json.load(f)
-    except json.JSONDecodeError as e:  # its message names a line, not the file
-      raise ValueError(f"{path} is not valid JSON: {e}") from None
-  if not isinstance(fields, dict):  # else an AttributeError on .get
-    raise ValueError(f"{path} holds a JSON {type(fields).__name__}, not an object of fields")
-  return fields
+  return read_json(path, "fields") if os.path.isfile(path) else {}
 
 
 def _ids(value) -> list[int]:

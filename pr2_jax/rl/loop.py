@@ -33,6 +33,7 @@ from pr2_jax.rl.tasks import make_task
 from pr2_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
 
 Callback = Callable[[dict], None]
+Progress = Callable[[int, int, "float | None"], None]  # (step, total, seconds per step)
 
 
 class Diverged(FloatingPointError):
@@ -42,7 +43,6 @@ class Diverged(FloatingPointError):
   def __init__(self, message: str, phase: str):
     super().__init__(message)
     self.phase = phase
-Progress = Callable[[int, int, "float | None"], None]  # (step, total, seconds per step)
 
 
 class Engine:
