@@ -342,3 +342,23 @@ def test_mlp_matches_numpy(dtype):
   tol = 1e-5 if dtype == "float32" else 5e-2
   np.testing.assert_allclose(out.astype(jnp.float32), expected,
                              rtol=tol, atol=tol * np.abs(expected).max())
+
+
+def test_first_argmax_is_jnp_argmax_on_ties_infinities_nans_and_bfloat16():
+  nan, inf = float("nan"), float("inf")
+  rows = jnp.array([[1.0, 3.0, 3.0, 0.0],      # tie: the first maximum
+                    [-inf, -inf, -inf, -inf],  # nothing allowed: index 0, as argmax
+                    [2.0, nan, 5.0, nan],      # a NaN wins over any number
+                    [-0.0, 0.0, -1.0, -2.0],   # -0 == +0: the first
+                    [-1e9, -1e9, 7.0, inf]])
+  np.testing.assert_array_equal(np.asarray(layers.first_argmax(rows)), [1, 0, 1, 0, 3])
+  np.testing.assert_array_equal(np.asarray(jnp.argmax(rows, axis=-1)), [1, 0, 1, 0, 3])
+  x = jax.random.normal(jax.random.key(0), (6, 50, 300))
+  for arr in (x, x.astype(jnp.bfloat16), jnp.round(x)):  # bf16 and rounding make many ties
+    got = layers.first_argmax(arr)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(arr, axis=-1)))
+  # Two one-operand reduces, not argmax's (value, index) pair reduce that XLA:CPU runs slowly.
+  hlo = jax.jit(layers.first_argmax).lower(rows).as_text()
+  reduces = [line for line in hlo.splitlines() if "stablehlo.reduce(" in line]
+  assert len(reduces) == 2 and not any("), (" in line for line in reduces)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from pr2_jax.balance.dispatch import assign_replicas
+from pr2_jax.balance.planner import Plan
 from pr2_jax.checks import check_shape
 from pr2_jax.config import ModelConfig
 from pr2_jax.models import experts as ex
@@ -87,7 +88,7 @@ class MoEBlock(nn.Module):
                         self.mesh)(logits_NE, routes_NK, bias_NE)
     slot_ids_NK = None
     valid_N = None if valid_BT is None else valid_BT.reshape(b * t)
-    if hasattr(slot_expert_X, "replica_share"):  # a Plan layer: planned replica split
+    if isinstance(slot_expert_X, Plan):  # one layer's plan: the planned replica split
       plan = slot_expert_X
       slot_expert_X = plan.slot_expert.reshape(-1)
       # Per token shard, like the routing: a shard's replica split depends on its own rows only,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from pr2_jax.balance.planner import Plan
 from pr2_jax.checks import check_int_dtype, check_shape, is_concrete
 from pr2_jax.config import ModelConfig, check_int, storage_dtype
 from pr2_jax.models.experts import validate_slot_expert
@@ -83,7 +84,7 @@ def _check_slot_expert(slot_expert, config: ModelConfig, mesh: Mesh | None) -> N
   reuse its last layer, and one with fewer than E slots leaves experts without a slot.
   """
   n_layers, n_experts = config.num_moe_layers, config.num_experts
-  if hasattr(slot_expert, "replica_share"):  # a balance.Plan
+  if isinstance(slot_expert, Plan):
     name, slots, dims = "plan.slot_expert", slot_expert.slot_expert, "[L, D, S]"
     shape = tuple(np.shape(slots))
     ok = len(shape) == 3 and shape[0] == n_layers
@@ -97,7 +98,7 @@ def _check_slot_expert(slot_expert, config: ModelConfig, mesh: Mesh | None) -> N
     raise ValueError(f"{name} has shape {shape}, expected {dims} with L = {n_layers} "
                      f"(ModelConfig.num_moe_layers)")
   check_int_dtype(name, slots, error=ValueError)
-  if hasattr(slot_expert, "replica_share"):
+  if isinstance(slot_expert, Plan):
     check_shape("plan.replica_share", slot_expert.replica_share, shape, "slot_expert's [L, D, S]")
     check_shape("plan.replica_count", slot_expert.replica_count, (n_layers, n_experts), "[L, E]")
   shards = axis_size(mesh, EXPERT)
@@ -240,7 +241,7 @@ class MoETransformer(nn.Module):
                       num_experts=cfg.num_experts)
     if routes is not None and routes.dtype != jnp.int32:  # ids checked (eager) fit in int32
       routes = jnp.asarray(routes, jnp.int32)
-    slots = getattr(slot_expert, "slot_expert", slot_expert)  # a map [L, X] or a Plan's
+    slots = slot_expert.slot_expert if isinstance(slot_expert, Plan) else slot_expert
     if slots is not None and is_concrete(slots):
       for layer, map_X in enumerate(np.asarray(slots).reshape(n_moe, -1)):
         try:

@@ -27,6 +27,7 @@ import numpy as np
 
 from pr2_jax.checks import check_int_dtype, check_rank, is_concrete
 from pr2_jax.config import DTYPES, check_int, check_real
+from pr2_jax.models.layers import first_argmax
 from pr2_jax.models.transformer import MoETransformer, init_cache, validate_tokens
 
 
@@ -75,21 +76,6 @@ def tempered_logprobs(logits_BV: jax.Array, temperature: float) -> jax.Array:
   """log-softmax of logits / T (T = 0: the untempered distribution, for greedy)."""
   scale = 1.0 if temperature == 0 else 1.0 / temperature
   return jax.nn.log_softmax(logits_BV.astype(jnp.float32) * scale, axis=-1)
-
-
-def first_argmax(x_BV: jax.Array) -> jax.Array:
-  """`jnp.argmax(x, axis=-1)` as two plain reductions: per row of the last axis (any leading
-  axes), the first index of the maximum (of the first NaN, if any), int32.
-
-  XLA:CPU runs argmax as a (value, index) pair reduce that it does not vectorise: in the tiny
-  config's rollout ([64, 256] a decode step) it took ~9 ms of a ~70 ms `generate`. A max, then
-  the smallest index that reaches it, give the same index (`bench_rollout`: docs/benchmarks.md).
-  """
-  max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
-  index_BV = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, x_BV.ndim - 1)
-  # A NaN makes the max NaN, which equals nothing: the first NaN wins, as in jnp.argmax.
-  hit_BV = (x_BV == max_B1) | jnp.isnan(x_BV)
-  return jnp.min(jnp.where(hit_BV, index_BV, x_BV.shape[-1]), axis=-1)
 
 
 def sample_token(rng: jax.Array, logits_BV: jax.Array, temperature: float, top_p: float):

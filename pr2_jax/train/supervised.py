@@ -22,9 +22,9 @@ from jax.sharding import Mesh
 
 from pr2_jax.config import ModelConfig, check_int, check_real
 from pr2_jax.data import synthetic
-from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import logical_sharding, num_token_shards
-from pr2_jax.rl.sampler import first_argmax
+from pr2_jax.models.layers import first_argmax
+from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.train.state import TrainState, create_train_state, make_optimizer, replicated
 
 
