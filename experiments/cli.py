@@ -51,9 +51,36 @@ class Terminated(KeyboardInterrupt):
   unwinds on Ctrl-C runs too: a checkpoint save in flight finishes instead of being lost."""
 
 
-def _terminated(signum, frame):
-  del signum, frame
-  raise Terminated()
+_signalled: list[type[KeyboardInterrupt]] = []  # what the handlers below raised, in order
+
+
+def _interrupted(signum, frame):
+  del frame
+  _signalled.append(Terminated if signum == signal.SIGTERM else KeyboardInterrupt)
+  raise _signalled[-1]()
+
+
+def handle_signals():
+  """Ctrl-C raises KeyboardInterrupt and SIGTERM `Terminated`, each remembered for
+  `raises_signalled`."""
+  _signalled.clear()
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, _interrupted)
+
+
+def raises_signalled(callback):
+  """`callback`, but first raising again a Ctrl-C or SIGTERM whose exception Python dropped.
+
+  An exception raised while a garbage-collector callback runs (JAX registers one) is printed
+  as 'Exception ignored in: <function _xla_gc_callback ...>' and lost: the run went on and
+  only a second Ctrl-C stopped it; a lost SIGTERM left the job to be killed unsaved. Called
+  after every step, the wrapped callback stops the run there. A signal raised normally ends
+  the run, so no callback sees it twice."""
+  def checked(*args, **kwargs):
+    if _signalled:
+      raise _signalled[-1]()
+    return callback(*args, **kwargs)
+  return checked
 
 
 def run(main):
@@ -63,7 +90,7 @@ def run(main):
   Started as a script, the process first re-executes itself with a better C allocator for
   XLA:CPU's per-call buffers where that changes anything (`allocator`: faster CPU train steps)."""
   allocator.reexec_if_useful(os.path.dirname(os.path.abspath(__file__)))
-  signal.signal(signal.SIGTERM, _terminated)
+  handle_signals()
 
   def checked(argv):
     try:

@@ -47,9 +47,11 @@ def main(argv):
   writer = common.MetricsWriter(_WORKDIR.value)
   logging.info("mesh %s; workdir %s", dict(mesh.shape), _WORKDIR.value)
   try:
-    summary = loop.run(config, mesh, _WORKDIR.value, on_metrics=common.log_and_write(writer),
-                       on_progress=common.progress_logger("rl"),
-                       on_warmup_progress=common.progress_logger("warm-up"),
+    # Called every step: a Ctrl-C that Python dropped stops the run at the next one.
+    summary = loop.run(config, mesh, _WORKDIR.value,
+                       on_metrics=cli.raises_signalled(common.log_and_write(writer)),
+                       on_progress=cli.raises_signalled(common.progress_logger("rl")),
+                       on_warmup_progress=cli.raises_signalled(common.progress_logger("warm-up")),
                        warn=logging.warning, info=logging.info,
                        allow_fresh_start=_FRESH.value)
   except (SetupError, SetupMismatchError, CheckpointError) as e:  # found before any training step

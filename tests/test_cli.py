@@ -1,6 +1,10 @@
 """Tests for experiments/cli.py: one-line usage errors for bad flags, bounds, validation errors
 in main and --config files or keys that give no config, and exit codes."""
 
+import gc
+import os
+import signal
+
 import pytest
 from absl import flags
 
@@ -80,3 +84,44 @@ def test_a_config_file_or_key_that_gives_no_config_is_one_error_line(tmp_path, a
   proc = _cli.run("experiments.main", f"--workdir={tmp_path}/run", *map(fill, args))
   assert _cli.one_error_line(proc) == "error: " + fill(message)
   assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def cli_signal_handlers():
+  previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  cli.handle_signals()
+  yield
+  cli.handle_signals()  # forgets the signals the test sent
+  for signum, handler in previous.items():
+    signal.signal(signum, handler)
+
+
+# Python reports the dropped exception through sys.unraisablehook; pytest would warn about it.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("signum, exception", [(signal.SIGINT, KeyboardInterrupt),
+                                                (signal.SIGTERM, cli.Terminated)])
+def test_a_signal_dropped_inside_a_gc_callback_is_raised_by_the_next_step_callback(
+    cli_signal_handlers, signum, exception):
+  def gc_callback(phase, info):  # as JAX's _xla_gc_callback: the signal lands while it runs
+    del info
+    if phase == "start":
+      os.kill(os.getpid(), signum)
+
+  rows = []
+  on_metrics = cli.raises_signalled(rows.append)
+  on_metrics({"step": 1})
+  gc.callbacks.append(gc_callback)
+  try:
+    gc.collect()  # the handler raises in gc_callback, and Python drops it ...
+  finally:
+    gc.callbacks.remove(gc_callback)
+  with pytest.raises(exception) as e:  # ... so the next step's callback raises it again
+    on_metrics({"step": 2})
+  assert type(e.value) is exception and rows == [{"step": 1}]
+
+
+def test_a_signal_raised_normally_propagates_as_before(cli_signal_handlers):
+  with pytest.raises(cli.Terminated):
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(10**6):  # the handler runs at the next bytecode boundary
+      pass
