@@ -103,9 +103,12 @@ def run(main):
 def parse_flags(argv: list[str]) -> list[str]:
   """`app.run`'s flag parser: absl's, but a bad flag (unknown, mistyped, out of bounds, or an
   unknown `--config.*` key) or a --config file that does not load is one `error:` line naming
-  it, exit code 2, not a traceback."""
+  it, exit code 2, not a traceback. `--help` (and `--helpfull`, ...) exits 0, not absl's 1:
+  asking for help is not a failure (`... --help && ...` goes on)."""
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl's help flags print the help and exit 1; nothing else exits
+    raise SystemExit(0 if e.code == 1 else e.code) from None
   except (AttributeError, KeyError) as e:
     _unknown_config_key(e, argv)
   except flags.Error as e:

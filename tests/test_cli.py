@@ -6,7 +6,7 @@ import os
 import signal
 
 import pytest
-from absl import flags
+from absl import app, flags
 
 from experiments import cli
 
@@ -36,6 +36,15 @@ def test_a_bad_flag_is_one_error_line_and_exit_code_2(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
     cli.parse_flags(argv)
   assert e.value.code == 2 and capsys.readouterr().err == message
+
+
+@pytest.mark.parametrize("help_flag, shows", [("--help", "Try --helpfull"), ("-?", "Try --helpfull"),
+                                              ("--helpfull", "--test_cli_count")])
+def test_help_prints_the_flags_and_exits_0(help_flag, shows, capsys):
+  app.define_help_flags()  # app.run defines them; in-process they are not yet
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags(["prog", help_flag])
+  assert e.value.code == 0 and shows in capsys.readouterr().out
 
 
 def test_bounded_flag_accepts_its_minimum():
