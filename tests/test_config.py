@@ -111,3 +111,22 @@ def test_from_dict_round_trip_and_unknown_key():
 def test_storage_dtype_widens_only_16_bit_floats_on_cpu(dtype, want):
   assert jax.default_backend() == "cpu"  # the suite's fake devices
   assert config.storage_dtype(dtype) == jnp.dtype(want)
+
+
+def test_top_k_may_equal_num_experts():
+  """The bound is top_k <= num_experts: every expert per token is a legal (dense-like) MoE, and
+  a `>=` check would refuse it with a message that says `<=`."""
+  cfg = ModelConfig(num_experts=4, top_k=4)
+  assert (cfg.top_k, cfg.num_experts) == (4, 4)
+
+
+def test_validate_mesh_fsdp_needs_d_model_divisible_by_the_data_axis():
+  """fsdp splits every parameter's d_model dim over 'data': a size that does not divide it must
+  be refused here, not as a sharding error inside jit; without fsdp the data axis is free."""
+  cfg = ModelConfig(d_model=64, fsdp=True)
+  for size in (1, 2, 4, 8):
+    cfg.validate_mesh(1, size)  # must not raise
+  with pytest.raises(ValueError, match=r"fsdp=True splits d_model=64 over the mesh's 'data' "
+                                       r"axis, but its size 3 does not divide it"):
+    cfg.validate_mesh(1, 3)
+  ModelConfig(d_model=64).validate_mesh(1, 3)  # no fsdp: d_model is not split
