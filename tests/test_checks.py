@@ -130,3 +130,18 @@ def test_check_bound_reads_concrete_jax_and_numpy_scalars():
     with pytest.raises(ValueError, match=rf"clip={shown} must be in \[0, 1\]"):
       checks.check_bound("clip", bad, 0.0, 1.0)
   jax.jit(lambda v: checks.check_bound("clip", v, 0.0, 1.0) or v)(jnp.float32(5.0))
+
+
+def test_check_count_refuses_an_infinite_count():
+  """x / inf is a silent 0, not an error: a denominator must be finite as well as > 0."""
+  for bad in (float("inf"), np.float32(np.inf)):
+    with pytest.raises(ValueError, match=r"denom=inf must be a finite count > 0"):
+      checks.check_count("denom", bad)
+
+
+def test_check_finite_with_a_lower_bound_still_refuses_nan_and_inf():
+  """NaN compares False with any bound, so `a < low` alone lets it through: the finiteness test
+  must hold with `low` too."""
+  for bad, shown in ((np.nan, "nan"), (np.inf, "inf")):
+    with pytest.raises(ValueError, match=rf"loads\[1\] = {shown} is not a finite number >= 0"):
+      checks.check_finite("loads", np.array([1.0, bad]), low=0)
