@@ -24,6 +24,23 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
   assert not (tmp_path / "new").exists(), "a check creates nothing"
 
 
+def test_the_nearest_existing_ancestor_decides(tmp_path, capsys, monkeypatch):
+  """Missing directories are walked up one at a time: a file two levels up must still stop the
+  path (skipping past it would find tmp_path, a directory, and pass). An ancestor that is not
+  writable stops it too (os.access is faked: the suite may run as root, who may write anywhere)."""
+  (tmp_path / "afile").write_text("x")
+  with pytest.raises(SystemExit) as e:
+    outputs._check_writable("out", str(tmp_path / "afile" / "sub" / "out.json"), False)
+  assert e.value.code == 2
+  assert f"cannot be created: {tmp_path / 'afile'} is a file" in capsys.readouterr().err
+  monkeypatch.setattr(outputs.os, "access", lambda path, mode: path != str(tmp_path))
+  with pytest.raises(SystemExit) as e:
+    outputs._check_writable("out_dir", str(tmp_path / "new" / "deeper"), True)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (f"error: --out_dir={tmp_path / 'new' / 'deeper'} cannot be "
+                                     f"created: {tmp_path} is not writable\n")
+
+
 
 def test_quick_runs_write_under_the_temp_dir_unless_given_out(tmp_path, monkeypatch):
   from absl import flags as absl_flags
@@ -43,6 +60,9 @@ def test_write_json_replaces_the_file_atomically(tmp_path):
   outputs.write_json(str(path), {"b": 1, "a": [1, 2]}, sort_keys=True)
   assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
   assert os.listdir(tmp_path / "sub") == ["r.json"]
+  # The caller's json.dump options win over the default indent (make_tiny_hf passes indent=2).
+  outputs.write_json(str(path), {"a": [1]}, indent=None)
+  assert path.read_text() == '{"a": [1]}\n'
 
 
 
@@ -53,3 +73,12 @@ def test_command_line_is_the_module_form(monkeypatch):
   monkeypatch.setitem(sys.modules, "__main__", main)
   monkeypatch.setattr(sys, "argv", ["/work/main/experiments/bench_peer.py", "--quick"])
   assert outputs.command_line() == "python -m experiments.bench_peer --quick"
+
+
+def test_command_line_of_a_script_run_by_path(monkeypatch):
+  """Without a module spec (`python experiments/x.py ...`) it is the script path, then the
+  arguments as given."""
+  import types
+  monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+  monkeypatch.setattr(sys, "argv", ["experiments/bench_peer.py", "--quick", "--out=x.json"])
+  assert outputs.command_line() == "python experiments/bench_peer.py --quick --out=x.json"
