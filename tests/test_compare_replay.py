@@ -62,6 +62,48 @@ def test_aggregate_mean_std_over_seeds():
   assert agg["zero_dev_ratio_per_ministep"]["mean"] == pytest.approx([1.0, 0.9])
 
 
+def test_summarise_run_final_eval_and_curves_hand_worked():
+  """The run's eval_reward is its last evaluation (not its first); curves hold one value per RL
+  step, the zero-dev curve averaging mini-steps 2..κ of each step; collapse needs a final eval
+  strictly below collapse_fraction x warm-up (0.25 is not below 0.5 x 0.5)."""
+  rows = [{"phase": "sft_eval", "step": 0, "eval_reward": 0.5},
+          _rl_row(1, [1.0, 0.9, 0.7], eval_reward=0.35), _rl_row(2, [1.0, 0.6, 0.4]),
+          _rl_row(3, [1.0, 0.5, 0.5], eval_reward=0.25)]
+  s = cr.summarise_run(rows, collapse_fraction=0.5)
+  assert s["eval_reward"] == 0.25 and s["steps"] == 3 and not s["collapsed"]
+  c = s["curves"]
+  assert c["step"] == [1, 2, 3] and c["eval_step"] == [1, 3] and c["eval_reward"] == [0.35, 0.25]
+  assert c["zero_dev_ratio_ministep_ge2"] == pytest.approx([0.8, 0.5, 0.5])
+  assert c["k3_kl"] == pytest.approx([0.01, 0.02, 0.03])
+  assert c["topk_agreement"] == [None] * 3  # the rows have only its per-mini-step vector
+  assert cr.summarise_run(rows, collapse_fraction=0.51)["collapsed"]  # 0.25 < 0.255
+
+
+def test_aggregate_skips_a_seed_without_rl_rows_and_averages_curves():
+  """A seed that stopped before its first RL step has no vectors: the vector means are over the
+  seeds that have them (not divided by every seed), its eval_reward is None in per_seed, and the
+  mean curves average the seeds step by step."""
+  warm = {"phase": "sft_eval", "step": 0, "eval_reward": 0.4}
+  runs = {0: cr.summarise_run([warm, _rl_row(1, [1.0, 0.8]), _rl_row(2, [1.0, 0.6],
+                                                                     eval_reward=0.3)], 0.5),
+          1: cr.summarise_run([warm, _rl_row(1, [1.0, 0.4]), _rl_row(2, [1.0, 0.2],
+                                                                     eval_reward=0.5)], 0.5),
+          2: cr.summarise_run([warm], 0.5, error="stopped")}
+  agg = cr.aggregate(runs)
+  assert agg["collapsed_runs"] == 1 and agg["errors"] == {"2": "stopped"}
+  zd = agg["zero_dev_ratio_per_ministep"]
+  assert zd["mean"] == pytest.approx([1.0, 0.5]) and zd["per_seed"][2] is None
+  assert zd["std"] == pytest.approx([0.0, math.sqrt(0.08)])  # seeds 0, 1: 0.7 and 0.3
+  assert agg["eval_reward"]["per_seed"] == [0.3, 0.5, None]
+  assert agg["eval_reward"]["mean"] == pytest.approx(0.4)
+  assert agg["eval_reward"]["std"] == pytest.approx(math.sqrt(0.02))
+  # Curves of seeds 0 and 1 (seed 2 has none): zero-dev at mini-step 2 per step, eval at step 2.
+  two = cr.aggregate({s: runs[s] for s in (0, 1)})
+  assert two["curves"]["step"] == [1, 2] and two["curves"]["eval_step"] == [2]
+  assert two["curves"]["zero_dev_ratio_ministep_ge2"] == pytest.approx([0.6, 0.4])
+  assert two["curves"]["eval_reward"] == pytest.approx([0.4])
+
+
 def _run_cfg(num_steps=6, lr=2e-3, seed=0, **extra):
   """A run_config.json as compare_replay writes it (nested, JSON round-tripped)."""
   return {"seed": seed, "init_from": "/w/warmup/checkpoints/sft", "checkpoint_every": 20,
@@ -243,3 +285,39 @@ print(lines[-1].split(' ETA')[0])
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.splitlines() == ["[resumed] step 4/4 | sweep 1/5 steps,",
                                       "[fresh] step 4/4 | sweep 5/5 steps,"]
+
+
+def test_run_configs_of_the_sweep():
+  """Each (κ, mode, seed) run's config: the GSPO baseline is DESIGN §3's (sequence ratio against
+  π_old, clip 3e-4/4e-4, no replay), the replay modes are DAPO with that replay mode, κ, seed and
+  warm-up are the run's own and the shared base is left alone; NaN/inf anywhere in the results
+  become JSON nulls. compare_replay defines flags: imported in a child."""
+  code = """
+import json
+from absl import flags
+from experiments import compare_replay as c
+from pr2_jax.rl.config import ExperimentConfig
+flags.FLAGS(["compare_replay", "--num_experts=4", "--top_k=1", "--learning_rate=0.005",
+             "--pr2_lr_mult=7"])
+base = c.base_config()
+before = base.to_dict()
+out = {}
+for mode in ("gspo", "pr2"):
+  cfg = ExperimentConfig.from_dict(c.run_config(base, mode, 4, 3, "/w/sft").to_dict())
+  out[mode] = [cfg.rl.loss, cfg.rl.replay_mode, cfg.rl.clip_low, cfg.rl.clip_high,
+               cfg.rl.ratio_denominator, cfg.rl.off_policy_k, cfg.seed, cfg.init_from,
+               cfg.model.num_experts, cfg.model.top_k, cfg.rl.learning_rate, cfg.pr2.lr_mult]
+out["base_kept"] = base.to_dict() == before
+nan = float("nan")
+out["safe"] = c._json_safe({"a": [1.0, nan, {"b": float("inf")}], "c": nan, "d": "x"})
+print(json.dumps(out))
+"""
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = json.loads(proc.stdout)
+  shared = [4, 3, "/w/sft", 4, 1, 0.005, 7.0]
+  assert got["gspo"] == ["gspo", "none", 3e-4, 4e-4, "old"] + shared
+  assert got["pr2"] == ["dapo", "pr2", 0.2, 0.28, "rollout"] + shared
+  assert got["base_kept"], "run_config changed the shared base config"
+  assert got["safe"] == {"a": [1.0, None, {"b": None}], "c": None, "d": "x"}
