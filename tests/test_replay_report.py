@@ -111,3 +111,67 @@ def test_module_run_as_a_command_is_not_silent():
   assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
   assert proc.stderr.startswith("error: experiments.replay_report is a library module")
 
+
+
+def _tiny_config():
+  """configs/tiny.py's ConfigDict (the report's setting lines read it)."""
+  import importlib.util
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("tiny_config",
+                                                os.path.join(repo, "configs", "tiny.py"))
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  return tiny.get_config()
+
+
+def _report_mode(zd_ge2):
+  """Every TABLE field with its own value, so a cell that reads another field shows."""
+  two = [0, 0, 0]  # three seeds, one of them collapsed
+  return {"seeds": [0, 1, 2], "collapsed_runs": 1,
+          "eval_reward": _field(0.5, 0.1, two),
+          "zero_dev_ratio_ministep_ge2": _field(zd_ge2, 0.01, two),
+          "zero_dev_ratio_ministep1": _field(0.99, 0.001, two),
+          "k3_kl_ministep1": _field(1e-3, 2e-4, two), "k3_kl": _field(3e-3, None, two),
+          "extreme_frac_ministep1": _field(None, None, [None, None]),
+          "extreme_frac": _field(2e-2, 1e-2, two), "clip_frac_low": _field(0.05, 0.01, two),
+          "clip_frac_high": _field(0.07, 0.02, two), "pred_loss": _field(4e-5, 1e-5, two),
+          "pred_topk_acc": _field(0.875, 0.0125, two), "bias_logit_ratio": _field(0.25, 0.5, two),
+          "feature_cache_bytes": _field(51200.0, 0.0, two)}
+
+
+def test_write_markdown_tables_and_kept_analysis(tmp_path):
+  """Each table column shows its own field (mean ± std, its format; a missing mean is '–', a
+  None std 0), the collapsed column counts seeds, PR2 gets its predictor line, and the
+  hand-written analysis between the markers survives a rewrite while the numbers change."""
+  meta = {"command": "python -m experiments.compare_replay --quick", "sweep_minutes": 12.0,
+          "wall_minutes": 3.0, "devices": "8 cpu device(s), 2 cores", "runs": 6, "reused_runs": 1,
+          "seeds": [0, 1, 2], "collapse_fraction": 0.5}
+  path = str(tmp_path / "replay_comparison.md")
+  results = {"off4": {"r3": _report_mode(0.8), "pr2": _report_mode(0.91)}}
+  replay_report.write_markdown(path, results, meta, [str(tmp_path / "p_curves.png")],
+                               _tiny_config())
+  lines = open(path).read().splitlines()
+  assert lines[3] == meta["command"]
+  assert lines[lines.index("## off4") + 2] == (
+      "| mode | final eval reward | zero-dev (mini-step ≥ 2) | zero-dev (mini-step 1) | "
+      "k3 KL (mini-step 1) | k3 KL (all) | extreme (mini-step 1) | extreme (all) | clip low | "
+      "clip high | collapsed |")
+  assert ("| PR2 | 0.500 ± 0.100 | 0.9100 ± 0.0100 | 0.9900 ± 0.0010 | 1.00e-03 ± 2.00e-04 | "
+          "3.00e-03 ± 0.00e+00 | – | 2.0e-02 ± 1.0e-02 | 0.0500 ± 0.0100 | 0.0700 ± 0.0200 | "
+          "1/3 |") in lines
+  assert "| R3 | 0.500 ± 0.100 | 0.8000 ± 0.0100 |" in "\n".join(lines)
+  assert ("PR2 predictor: pred_loss 4.00e-05 ± 1.00e-05, pred_topk_acc 0.8750 ± 0.0125, "
+          "bias_logit_ratio 0.250 ± 0.500, feature cache 50 KiB per step.") in lines
+  assert "![p_curves.png](p_curves.png)" in lines
+  assert ("- off4: zero-dev (mini-step ≥ 2) PR2 − R3: +0.11 (2·se 0.016): higher "
+          "(expected: higher)") in lines
+  assert lines[-3:] == ["<!-- BEGIN analysis -->", "(not written yet)", "<!-- END analysis -->"]
+  # Someone writes the analysis; the sweep reruns with new numbers.
+  text = open(path).read().replace("(not written yet)", "PR2 wins at κ = 4.\n\nSee the plots.")
+  open(path, "w").write(text)
+  results["off4"]["pr2"]["zero_dev_ratio_ministep_ge2"] = _field(0.95, 0.01, [0, 0, 0])
+  replay_report.write_markdown(path, results, meta, [], _tiny_config())
+  text = open(path).read()
+  assert text.endswith("<!-- BEGIN analysis -->\nPR2 wins at κ = 4.\n\nSee the plots.\n"
+                       "<!-- END analysis -->\n")
+  assert "| PR2 | 0.500 ± 0.100 | 0.9500 ± 0.0100 |" in text and "0.9100" not in text
