@@ -79,3 +79,44 @@ def test_write_plots_draws_each_mode_and_writes_three_pngs(tmp_path, monkeypatch
 
 def test_run_as_a_command_it_says_it_is_a_library():
   _cli.says_it_is_a_library("experiments.replay_plots", "experiments.compare_replay")
+
+
+def test_each_panel_plots_its_own_series(tmp_path, monkeypatch):
+  """The top-k agreement, zero-dev and k3 series differ here, so a panel drawing another's
+  series shows: the curves' top-k panel (step means of `topk_agreement`, trailing mean), the
+  horizon's three rows with seed std as error bars, and the histogram's bars centred on their
+  bins, one mode left and one right."""
+  def run(seed):
+    rows = [{"phase": "sft_eval", "step": 0, "eval_reward": 0.4}]
+    for step, topk in ((1, 0.75 + 0.1 * seed), (2, 0.65)):
+      rows.append({**_row(step, 0.3, [1.0, 0.6 - 0.2 * seed]), "topk_agreement": topk,
+                   "topk_agreement_per_ministep": [0.9, 0.5 + 0.1 * step],
+                   "k3_kl_per_ministep": [1e-3 * (1 + seed), 0.02]})
+    return replay_report.summarise_run(rows, 0.5)
+  agg = replay_report.aggregate({0: run(0), 1: run(1)})
+  results = {"off2": {"r3": agg, "pr2": agg}}
+  figs = []
+  monkeypatch.setattr(plt, "close", figs.append)
+  try:
+    replay_plots.write_plots(str(tmp_path), results, top_k=2)
+    curves, horizon, dev_hist = figs
+    # Step means over seeds 0.8, 0.65; the trailing mean of those: 0.8, 0.725.
+    np.testing.assert_allclose(_y(curves.axes[3].get_lines()[0]), [0.8, 0.725])
+    zd_ax, topk_ax, k3_ax = horizon.axes
+    # Per mini-step, mean over steps then over seeds: zero-dev [1, 0.5] (seeds 0.6, 0.4),
+    # top-k [0.9, 0.65], k3 [1.5e-3 (seeds 1e-3, 2e-3), 0.02].
+    np.testing.assert_allclose(_y(zd_ax.get_lines()[0]), [1.0, 0.5])
+    np.testing.assert_allclose(_y(topk_ax.get_lines()[0]), [0.9, 0.65])
+    np.testing.assert_allclose(_y(k3_ax.get_lines()[0]), [1.5e-3, 0.02])
+    # Error bars: ± the sample std over the two seeds (0 where they agree).
+    spans = lambda ax: [seg[1][1] - seg[0][1] for seg in ax.collections[0].get_segments()]
+    np.testing.assert_allclose(spans(zd_ax), [0.0, 2 * np.std([0.6, 0.4], ddof=1)], atol=1e-12)
+    np.testing.assert_allclose(spans(k3_ax), [2 * np.std([1e-3, 2e-3], ddof=1), 0.0],
+                               atol=1e-12)
+    centres = [b.get_x() + b.get_width() / 2 for b in dev_hist.axes[0].patches]
+    np.testing.assert_allclose(centres, [-0.2, 0.8, 1.8, 0.2, 1.2, 2.2], atol=1e-12)
+    assert [t.get_text() for t in dev_hist.axes[0].get_xticklabels()] == ["0", "1", "2"]
+  finally:
+    monkeypatch.undo()
+    for fig in figs:
+      plt.close(fig)
