@@ -171,3 +171,71 @@ def test_bad_flag_is_one_error_line_before_any_work(tmp_path, flag, want):
   (line,) = proc.stderr.splitlines()
   assert line.startswith("error: ") and want in line, line
   assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def _changing_drift_batches(rng, *, h_drift=0.0, batches=3, b=2, s=6, layers=2, d=3, e=5):
+  """κ = 3 updates per batch that grow (1, 2, 3 times batch t's own random step Δ_t), so no
+  predictor is exact and each one's formula shows: batch t-1's drift is not batch t's, the last
+  update is not the first. h moves by `h_drift` x noise per update. Returns the snapshots, the
+  mask and the generating (h [T, κ+1, ...], w [T, κ+1, ...], Δ [T, ...])."""
+  mask = np.ones((b, s), bool)
+  mask[0, -2:] = mask[1, -1] = False
+  growth = np.array([0, 1, 3, 6])  # cumulative: after j updates, w = w_t,0 + growth[j] Δ_t
+  w, h, steps, out = rng.normal(size=(layers, d, e)), [], [], []
+  for _ in range(batches):
+    step, h0 = rng.normal(size=(layers, d, e)), rng.normal(size=(b, s, layers, d))
+    hs = [h0 + h_drift * j * rng.normal(size=h0.shape) for j in range(4)]
+    ws = [w + g * step for g in growth]
+    snaps = []
+    for hj, wj in zip(hs, ws):
+      p = np.einsum("bsld,lde->bsle", hj, wj)
+      p[~mask] = 10 * rng.normal(size=p[~mask].shape)  # padding: must be ignored
+      snaps.append((p, hj, wj))
+    out.append(snaps)
+    h.append(hs)
+    steps.append(step)
+    w = ws[-1]
+  return out, mask, (h, steps, growth)
+
+
+def test_score_batches_each_predictor_uses_the_previous_batch_as_documented():
+  """Oracles from the generating weights, not from the snapshots. With h fixed in a batch the
+  truth after j updates is p_t,0 + h_t (g_j Δ_t); from batch t-1 the predictors are
+    prev_drift      p_t,0 + h_t-1 (g_j Δ_t-1)    (batch t-1's per-token drift)
+    momentum        p_t,0 + j · h_t-1 (3 Δ_t-1)  (its last update's drift, per token)
+    linear_fit      p_t,0 + h_t (g_j Δ_t-1)      (lstsq recovers g_j Δ_t-1 exactly)
+    router_weights  p_t,0 + h_t (g_j Δ_t-1),
+  each scored by its same-set share over valid tokens. A predictor reading batch t itself (the
+  future) would score 1.0 here, one using the first update for momentum another share."""
+  batches, mask, (h, steps, g) = _changing_drift_batches(np.random.default_rng(2))
+  got = score_batches(batches, mask, top_k=2)["zero_dev"]
+  lin = lambda x, w: np.einsum("bsld,lde->bsle", x, w)
+  for j in (1, 2):
+    want = {name: [] for name in PREDICTORS}
+    for t in (1, 2):
+      p0, truth = lin(h[t][0], batches[t][0][2]), batches[t][j][0]
+      preds = {"stale": p0, "prev_drift": p0 + lin(h[t - 1][0], g[j] * steps[t - 1]),
+               "momentum": p0 + j * lin(h[t - 1][0], 3 * steps[t - 1]),
+               "linear_fit": p0 + lin(h[t][0], g[j] * steps[t - 1]),
+               "router_weights": p0 + lin(h[t][0], g[j] * steps[t - 1])}
+      for name, pred in preds.items():
+        want[name].append(_same_set_share(pred, truth, mask, 2))
+    for name in PREDICTORS:
+      assert got[name][j - 1] == pytest.approx(np.mean(want[name]), abs=1e-12), (name, j)
+  assert max(got[name].max() for name in PREDICTORS) < 1.0
+
+
+def test_router_share_is_per_batch_from_the_batch_start_hidden_states():
+  """With h moving within a batch, the share |h_t,0 (W_t,κ − W_t,0)| / |p_t,κ − p_t,0| differs
+  per batch: the result is its mean over every batch (the first too), from valid tokens."""
+  batches, mask, (h, steps, g) = _changing_drift_batches(np.random.default_rng(3), h_drift=0.3)
+  lin = lambda x, w: np.einsum("bsld,lde->bsle", x, w)
+  shares = []
+  for t in range(3):
+    w0 = batches[t][0][2]
+    router = lin(h[t][0], g[3] * steps[t])[mask]
+    total = (lin(h[t][3], w0 + g[3] * steps[t]) - lin(h[t][0], w0))[mask]
+    shares.append(np.linalg.norm(router) / np.linalg.norm(total))
+  assert np.ptp(shares) > 0.01  # the batches' shares differ
+  got = score_batches(batches, mask, top_k=2)["router_share"]
+  assert got == pytest.approx(np.mean(shares), rel=1e-12)
