@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments.balance_traces import (CostModel, _transfers_LD, evaluate_modes, layout_error,
-                                        simulate_step)
+                                        plan_fn, simulate_step, trace_from_routes)
 
 import _cli
 
@@ -160,3 +160,46 @@ def test_layout_error_names_the_flags():
                                        "device's native experts)")
   assert layout_error(8, 9, 4, 3, "rollout_model") == ("--rollout_model: top_k=9 must be at most "
                                                        "experts=8")
+
+
+def test_trace_from_routes_counts_valid_tokens_per_sequence():
+  """[B=2, T=3, L=2, K=2] routes per step: per sequence, the (token, k) pairs of each expert in
+  each layer, padding (valid False) and -1 (live router) not counted; one array per step."""
+  routes = np.array([[[[0, 1], [2, 3]], [[0, 2], [2, -1]], [[3, 3], [0, 0]]],     # seq 0
+                     [[[1, 2], [1, 2]], [[1, 3], [3, 0]], [[0, 0], [1, 1]]]],    # seq 1
+                    np.int32)
+  valid = np.array([[True, True, False], [True, True, True]])
+  want = np.array([[[2, 1, 1, 0], [0, 0, 2, 1]],   # seq 0: its 3rd token is padding
+                   [[2, 2, 1, 1], [1, 3, 1, 1]]], np.float32)
+  (step1, step2) = trace_from_routes([(routes, valid), (routes[::-1], valid)], 4)
+  np.testing.assert_array_equal(step1, want)
+  np.testing.assert_array_equal(step2[1], [[2, 1, 1, 2], [2, 0, 2, 1]])  # seq 0, all valid
+
+
+def test_foresight_plans_are_chained_through_the_previous_micro_step():
+  """One micro-step per RL step (micro_seqs = B): step 2's plan starts from step 1's layout
+  (`previous`), its transfers count the experts it fetches since then, and a variant's keyword
+  overrides take effect. Replayed here with the same planner, called by hand."""
+  import jax.numpy as jnp
+  from pr2_jax.balance import native_layout
+  from pr2_jax.balance.planner import DEFAULT_METHOD
+  trace = [SEQ_LOADS, SEQ_LOADS[..., ::-1], SEQ_LOADS[..., ::-1]]
+  out = evaluate_modes(trace, num_devices=2, slots=3, micro_seqs=2,
+                       variants={"kept": {"min_gain": 10.0}})
+  for name, min_gain in (("foresight", None), ("kept", 10.0)):
+    fn = plan_fn(2, 3, 0.25, 8, min_gain, DEFAULT_METHOD)
+    prev = np.broadcast_to(native_layout(4, 2, 3), (1, 2, 3))
+    for m, seq_loads in enumerate(trace):
+      plan = fn(jnp.asarray(seq_loads.sum(0)), jnp.asarray(prev))
+      new = np.asarray(plan.slot_expert)
+      np.testing.assert_allclose(out[name]["device_load"][m], plan.device_load, rtol=1e-6)
+      np.testing.assert_array_equal(out[name]["transfers"][m], _transfers_LD(new, prev))
+      prev = new
+  # Step 2 reverses the loads: experts move; step 3 repeats step 2: nothing left to fetch.
+  fs, kept = out["foresight"], out["kept"]
+  assert fs["transfers"][1].sum() > 0 and not fs["transfers"][2].any()
+  # min_gain = 10 (move only for a 1000 % lower peak): from step 2 on the variant keeps step 1's
+  # (full) layout, re-split, and fetches nothing.
+  np.testing.assert_array_equal(kept["transfers"][0], fs["transfers"][0])
+  assert not kept["transfers"][1:].any()
+  assert kept["imbalance"][1, 0] > fs["imbalance"][1, 0]
