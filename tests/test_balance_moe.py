@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import balance_moe
@@ -58,6 +59,26 @@ def test_writes_json_into_a_new_directory_and_says_so(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(out.read_text())
   assert result["devices"] == 2 and result["tokens"] == 8 and result["max_abs_diff"] < 1e-5
+  # The derived numbers are those of the measured ones: static / foresight, buffer slots x
+  # capacity (E/D native slots static, one more foresight).
+  assert (result["slots_static"], result["slots_foresight"]) == (2, 3)
+  assert result["buffer_ratio"] == pytest.approx(
+      2 * result["capacity_static"] / (3 * result["capacity_foresight"]))
+  for key, times in (("forward_speedup", "forward_s"), ("train_speedup", "train_s")):
+    assert result[key] == pytest.approx(result[times]["static"] / result[times]["foresight"])
+  assert result["train_s"] != result["forward_s"]
   assert proc.stdout.splitlines() == [
       f"wrote {out}: 2 devices, 8 tokens, train speedup {result['train_speedup']:.3f}x, forward "
       f"{result['forward_speedup']:.3f}x (static / foresight capacity)"]
+
+
+def test_capacity_is_the_largest_count_of_one_source_shard_in_one_slot():
+  """Tokens are split over source shards in contiguous blocks (shard 0 holds the first N/D):
+  [N=6, K=2] on 2 shards of 3 tokens. Shard 0 sends slot 1 three assignments (shard 1: at most
+  2 to a slot): 3. Interleaved shards (token i on shard i % 2) would give 2, slot 1's total
+  over both shards 4."""
+  slot_ids_NK = np.array([[1, 0], [1, 2], [1, 3],    # shard 0: slot 1 x3
+                          [0, 2], [0, 3], [3, 1]])   # shard 1: slots 0 x2, 3 x2, 2, 1
+  assert balance_moe._capacity(slot_ids_NK, 4, 2) == 3
+  assert balance_moe._capacity(slot_ids_NK[3:], 4, 1) == 2  # one shard: plain bincount max
+  assert balance_moe._capacity(slot_ids_NK, 4, 6) == 1  # a token per shard, distinct slots
