@@ -355,3 +355,58 @@ def test_predictor_loss_refuses_non_finite_features_when_concrete(arg, bad, show
                           args["p_cur"][:, None], weight)
   jitted = jax.jit(functools.partial(pred.predictor_loss, "post"))  # traced: no value check
   jitted(w, args["h_old"], args["p_old"], args["p_cur"], weight)
+
+
+@pytest.mark.parametrize("kind", pred.PREDICTOR_LOSSES)
+@pytest.mark.parametrize("arg", ["h_old", "p_old", "p_cur"])
+def test_a_non_finite_padding_position_is_left_out_eager_and_jitted(kind, arg):
+  """Weight 0 = padding, whatever it holds: a -inf or NaN there made the jitted loss and W_p's
+  gradient NaN (0 * NaN), while the eager call refused it as if it counted."""
+  h, p_old, p_cur = _features(n=4, d=3, e=5)
+  w = 0.3 * jax.random.normal(jax.random.key(7), (3, 5))
+  weight = jnp.array([1.0, 1.0, 0.0, 1.0])
+  args = {"h_old": h, "p_old": p_old, "p_cur": p_cur}
+  clean = pred.predictor_loss(kind, w, h, p_old, p_cur, weight)
+  rows = jnp.array([0, 1, 3])
+  np.testing.assert_allclose(clean, pred.predictor_loss(kind, w, h[rows], p_old[rows],
+                                                        p_cur[rows], weight[rows]), rtol=1e-6)
+  for bad in (np.nan, -np.inf):
+    dirty = dict(args, **{arg: args[arg].at[2, 1].set(bad)})
+    loss = lambda w_DE: pred.predictor_loss(kind, w_DE, dirty["h_old"], dirty["p_old"],
+                                            dirty["p_cur"], weight)
+    np.testing.assert_allclose(loss(w), clean, rtol=1e-6)  # eager: no error either
+    np.testing.assert_allclose(jax.jit(loss)(w), clean, rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(loss))(w),
+        jax.grad(lambda w_DE: pred.predictor_loss(kind, w_DE, h, p_old, p_cur, weight))(w),
+        rtol=1e-5, atol=1e-7)
+    stacked = [dirty[a][:, None] for a in ("h_old", "p_old", "p_cur")]
+    np.testing.assert_allclose(pred.predictor_losses(kind, w[None], *stacked, weight), [clean],
+                               rtol=1e-6)
+  with pytest.raises(ValueError, match=rf"{arg}_N[DE]\[1, 1\] = nan is not finite"):
+    pred.predictor_loss(kind, w, *(dict(args, **{arg: args[arg].at[1, 1].set(np.nan)})[a]
+                                   for a in ("h_old", "p_old", "p_cur")), weight)  # weighted
+
+
+def test_bias_logit_sums_leave_out_padding_positions():
+  h, p_old, _ = _features(n=4, d=3, e=5)
+  w = 0.3 * jax.random.normal(jax.random.key(7), (1, 3, 5))
+  weight = jnp.array([1.0, 0.0, 1.0, 1.0])
+  clean = pred.bias_logit_sums(w, h[:, None], p_old[:, None], weight)
+  got = pred.bias_logit_sums(w, h.at[1, 0].set(np.nan)[:, None], p_old.at[1].set(-np.inf)[:, None],
+                             weight)
+  np.testing.assert_allclose(got, clean, rtol=1e-6)
+  keep = np.asarray(weight) > 0  # against numpy over the weighted rows alone
+  b = np.asarray(h)[keep] @ np.asarray(w[0])
+  np.testing.assert_allclose(got, (np.abs(b).sum(), np.abs(np.asarray(p_old)[keep]).sum()),
+                             rtol=1e-5)
+
+
+def test_topk_overlap_refuses_live_rows_and_float_ids():
+  live = jnp.array([[[-1, -1]]])
+  with pytest.raises(ValueError, match=r"a_NLK\[0, 0, 0\] = -1: topk_overlap compares"):
+    pred.topk_overlap(live, live, jnp.ones(1))  # two live rows "agreed" fully
+  with pytest.raises(ValueError, match=r"b_NLK\[0, 0, 1\] = -1"):
+    pred.topk_overlap(jnp.array([[[0, 1]]]), jnp.array([[[0, -1]]]), jnp.ones(1))
+  with pytest.raises(ValueError, match="b_NLK has dtype float32, expected integer expert ids"):
+    pred.topk_overlap(jnp.array([[[0, 1]]]), jnp.array([[[0.0, 1.0]]]), jnp.ones(1))

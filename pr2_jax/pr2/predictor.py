@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from pr2_jax.checks import as_array, check_finite, check_rank, check_shape, check_top_k
+from pr2_jax.checks import (as_array, check_finite, check_int_dtype, check_rank, check_shape,
+                            check_top_k, is_concrete)
 from pr2_jax.config import check_int
 
 PREDICTOR_LOSSES = ("post", "delta", "l2")
@@ -48,6 +50,13 @@ def _kl(target_logits, model_logits, weight_N):
   log_q = jax.nn.log_softmax(model_logits, axis=-1)
   kl_N = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
   return jnp.sum(kl_N * weight_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
+
+
+def _zero_padding(x, weight_N):
+  """x [N, ...] with the rows of weight 0 set to 0: a padding position's feature may hold
+  anything, and a NaN there made the loss and W_p's gradient NaN under jit."""
+  keep = jnp.reshape(weight_N > 0, jnp.shape(weight_N) + (1,) * (jnp.ndim(x) - 1))
+  return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
 
 def _check_finite_features(h, p_old, p_cur, names: tuple[str, str, str]) -> None:
@@ -82,13 +91,16 @@ def predictor_loss(kind: str, w_DE: jax.Array, h_old_ND: jax.Array, p_old_NE: ja
 
   Shapes (checked, static): w_DE [D, E], h_old_ND [N, D], p_old_NE and p_cur_NE [N, E],
   weight_N [N]. Weights are counts (0/1 per position): the mean divides by
-  max(Σ weight, 1). A negative or non-finite weight, or a NaN or inf in h_old, p_old or p_cur,
-  raises ValueError (when concrete).
+  max(Σ weight, 1), and positions of weight 0 are left out whatever they hold. A negative or
+  non-finite weight, or a NaN or inf in h_old, p_old or p_cur at a weighted position, raises
+  ValueError (when concrete).
   """
   w_DE, h_old_ND, p_old_NE, p_cur_NE, weight_N = map(
       as_array, (w_DE, h_old_ND, p_old_NE, p_cur_NE, weight_N))
   _check_layer_inputs(w_DE, h_old_ND, p_old_NE, p_cur_NE, weight_N)
   check_finite("weight_N", weight_N, "0/1 counts per position", low=0)
+  h_old_ND, p_old_NE, p_cur_NE = (_zero_padding(x, weight_N) for x in (h_old_ND, p_old_NE,
+                                                                       p_cur_NE))
   _check_finite_features(h_old_ND, p_old_NE, p_cur_NE, ("h_old_ND", "p_old_NE", "p_cur_NE"))
   p_old = jax.lax.stop_gradient(p_old_NE.astype(jnp.float32))
   p_cur = jax.lax.stop_gradient(p_cur_NE.astype(jnp.float32))
@@ -120,7 +132,9 @@ def predictor_losses(kind: str, w_LDE: jax.Array, h_old_NLD: jax.Array, p_old_NL
   check_shape("p_old_NLE", p_old_NLE, (n, l, e), "[N, L, E] of weight_N and w_LDE")
   check_shape("p_cur_NLE", p_cur_NLE, (n, l, e), "[N, L, E] of weight_N and w_LDE")
   # Here, on the stacked arrays: inside the vmap below they are tracers, and unchecked.
-  _check_finite_features(h_old_NLD, p_old_NLE, p_cur_NLE, ("h_old_NLD", "p_old_NLE", "p_cur_NLE"))
+  check_finite("weight_N", weight_N, "0/1 counts per position", low=0)
+  _check_finite_features(*(_zero_padding(x, weight_N) for x in (h_old_NLD, p_old_NLE, p_cur_NLE)),
+                         ("h_old_NLD", "p_old_NLE", "p_cur_NLE"))
   layer = lambda w, h, p_old, p_cur: predictor_loss(kind, w, h, p_old, p_cur, weight_N)
   return jax.vmap(layer, in_axes=(0, 1, 1, 1))(w_LDE, h_old_NLD, p_old_NLE, p_cur_NLE)
 
@@ -150,11 +164,19 @@ def predicted_topk(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array, k: int)
 def topk_overlap(a_NLK: jax.Array, b_NLK: jax.Array, weight_N: jax.Array) -> jax.Array:
   """Weighted mean of |A ∩ B| / K per layer, float32 [L]. Shapes checked (static): a_NLK and
   b_NLK the same [N, L, K] (the overlap would otherwise depend on the argument order, or
-  broadcast), weight_N [N]. Array-likes (nested lists) work too."""
+  broadcast), weight_N [N]. Ids must be integers (static) and, when concrete, >= 0: a -1 row
+  (the live router: no route) would match another -1 row. Ids are not checked against E.
+  Array-likes (nested lists) work too."""
   a_NLK, b_NLK, weight_N = as_array(a_NLK), as_array(b_NLK), as_array(weight_N)
   check_rank("a_NLK", a_NLK, 3, "[N, L, K]")
   check_shape("b_NLK", b_NLK, jnp.shape(a_NLK), "[N, L, K] of a_NLK")
   check_shape("weight_N", weight_N, jnp.shape(a_NLK)[:1], "[N] of a_NLK")
+  for name, ids in (("a_NLK", a_NLK), ("b_NLK", b_NLK)):
+    check_int_dtype(name, ids, "integer expert ids", ValueError)
+    if is_concrete(ids) and np.any(np.asarray(ids) < 0):
+      idx = tuple(int(i) for i in np.argwhere(np.asarray(ids) < 0)[0])
+      raise ValueError(f"{name}{list(idx)} = {int(np.asarray(ids)[idx])}: topk_overlap compares "
+                       "expert ids >= 0 (a -1 row, the live router, holds no route)")
   k = a_NLK.shape[-1]
   inter_NL = jnp.sum(jnp.any(a_NLK[..., :, None] == b_NLK[..., None, :], axis=-1), axis=-1)
   weight_N = weight_N.astype(jnp.float32)
@@ -165,9 +187,11 @@ def bias_logit_sums(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
                     weight_N: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(Σ w|b|, Σ w|p_old|) over positions, layers and experts: additive over micro-steps, so a
   mini-batch's ratio is the ratio of its sums (not a mean of per-micro-step ratios).
-  Shapes checked (static): w_LDE [L, D, E], h_NLD [N, L, D], p_NLE [N, L, E], weight_N [N]."""
+  Shapes checked (static): w_LDE [L, D, E], h_NLD [N, L, D], p_NLE [N, L, E], weight_N [N];
+  positions of weight 0 are left out whatever they hold."""
   w_LDE, h_NLD, p_NLE, weight_N = map(as_array, (w_LDE, h_NLD, p_NLE, weight_N))
   _check_stacked(w_LDE, h_NLD, p_NLE, weight_N)
+  h_NLD, p_NLE = _zero_padding(h_NLD, weight_N), _zero_padding(p_NLE, weight_N)
   b_NLE = jnp.einsum("nld,lde->nle", h_NLD.astype(jnp.float32), w_LDE)
   w = weight_N.astype(jnp.float32)[:, None, None]
   return jnp.sum(jnp.abs(b_NLE) * w), jnp.sum(jnp.abs(p_NLE.astype(jnp.float32)) * w)
@@ -176,6 +200,7 @@ def bias_logit_sums(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
 def bias_logit_ratio(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
                      weight_N: jax.Array) -> jax.Array:
   """mean|b| / mean|p_old| over weighted positions (DESIGN §3): how hard the predictor pushes.
-  Shapes as `bias_logit_sums` (checked)."""
+  One float32 scalar pooled over all layers (Σ|b| / Σ|p_old|, not a mean of per-layer
+  ratios). Shapes as `bias_logit_sums` (checked)."""
   bias, logit = bias_logit_sums(w_LDE, h_NLD, p_NLE, weight_N)
   return bias / jnp.maximum(logit, 1e-9)
