@@ -30,6 +30,16 @@ def is_concrete(x) -> bool:
   return not isinstance(x, jax.Array) or x.is_fully_addressable
 
 
+def require_concrete(name: str, x, fn: str) -> None:
+  """`fn` reads `name`'s values on the host: a tracer (inside jit, vmap or grad) or an array
+  held partly by other processes is a TypeError saying so, not a silent pass or numpy's
+  TracerArrayConversionError."""
+  if not is_concrete(x):
+    raise TypeError(f"{fn} checks the values of {name} on the host, but got "
+                    f"{type(x).__name__} (a traced value inside jax.jit/vmap/grad, or an array "
+                    "not held whole by this process): call it before jit, on concrete arrays")
+
+
 def as_array(x):
   """x itself if it is already an array (numpy, jax, a tracer), else `jnp.asarray(x)`: a nested
   list or a number is then checked and used like the array it spells, not an AttributeError

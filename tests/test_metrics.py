@@ -96,6 +96,18 @@ def test_routing_single_token_k2():
   np.testing.assert_allclose(m["coverage_gap"], 0.7, rtol=1e-6)
 
 
+def test_routing_metrics_refuse_router_logits_for_probabilities():
+  """Logits where ρ belongs gave a coverage gap of -1.75, silently."""
+  rep, cur, probs, mask = _hand_routes()
+  logits = jnp.log(probs + 1e-3) + 2.0
+  with pytest.raises(ValueError, match=r"probs_BTLE\[0, 0, 0\] sums to 8.*expected 1: the live "
+                                       r"router's softmax"):
+    metrics.routing_metrics(rep, cur, probs.at[0, 0, 0].set(2.0), mask)
+  with pytest.raises(ValueError, match=r"probs_BTLE\[0, 0, 0, 0\] = -.* not a finite number"):
+    metrics.routing_metrics(rep, cur, logits, mask)
+  metrics.routing_metrics(rep, cur, probs.at[0, 0, 0, 0].add(0.005), mask)  # rounding is fine
+
+
 def test_routing_hand_worked_overall_and_per_layer():
   m = jax.jit(metrics.routing_metrics)(*_hand_routes())
   np.testing.assert_allclose(m["topk_agreement"], 3 / 5, rtol=1e-6)  # (.5 + 1 + 0 + 1 + .5) / 5

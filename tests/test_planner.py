@@ -268,6 +268,9 @@ def test_complex_loads_raise_eagerly_and_under_jit():
     pl.plan_placement(loads, 4, 5)
   with pytest.raises(TypeError, match="complex64"):
     jax.jit(lambda x: pl.plan_placement(x, 4, 5))(loads)
+  # Strings failed in jnp.asarray, as "Error interpreting argument to stage as a JAX value".
+  with pytest.raises(TypeError, match="loads has dtype <U1, expected real numbers"):
+    pl.plan_placement(np.full((2, 16), "a"), 4, 5)
 
 
 @pytest.mark.parametrize("bad", [16, -2])

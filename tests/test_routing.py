@@ -226,7 +226,8 @@ def test_validate_routes_accepts_valid_numpy_and_jax():
 
 @pytest.mark.parametrize("make, pattern", [
     (lambda r: r[:, :2],
-     r"routes has shape \(2, 2, 2, 2\), expected \[B, T, L, K\] = \(2, 3, 2, 2\)"),
+     r"routes has shape \(2, 2, 2, 2\), expected \[B, T, L, K\] = \(2, 3, 2, 2\) \(L: the MoE "
+     r"layers, ModelConfig.num_moe_layers\)"),
     (lambda r: r[..., None], r"routes has shape .* expected"),
     (lambda r: r.astype(bool), r"routes has dtype bool, expected int32 or another integer"),
     (lambda r: r.astype(np.float32), r"routes has dtype float32, expected int32"),

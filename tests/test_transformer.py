@@ -555,6 +555,29 @@ def test_slot_map_not_a_multiple_of_the_expert_axis_raises():
     _traced(_tokens(), slot_expert=jnp.zeros((L, 10), jnp.int32), mesh=make_mesh(2, 4))
 
 
+def test_a_plan_for_another_number_of_devices_than_the_expert_axis_raises():
+  """An [L, 8, 2] plan has 16 slots, a multiple of a 4-way 'expert' axis: it ran, regrouped as
+  4 devices x 4 slots, so its planned loads and token split described something else."""
+  slots = jnp.tile(jnp.arange(E, dtype=jnp.int32).reshape(8, 1), (L, 1, 2))
+  with pytest.raises(ValueError, match=r"plan.slot_expert has shape \(2, 8, 2\): a plan for "
+                                       r"D = 8 devices, but the mesh's 'expert' axis has 4"):
+    _traced(_tokens(), slot_expert=_plan(slots), mesh=make_mesh(2, 4))
+
+
+@pytest.mark.parametrize("check, args", [
+    (transformer.validate_tokens, (8,)),
+    (functools.partial(routing.validate_routes, batch=B, length=T, num_layers=L, top_k=K,
+                       num_experts=E), ()),
+])
+def test_host_side_validators_refuse_tracers(check, args):
+  """validate_routes passed silently inside jit (a bad route went through); validate_tokens
+  failed with numpy's TracerArrayConversionError. Both say what to do."""
+  x = jnp.zeros((B, T), jnp.int32) if check is transformer.validate_tokens else LIVE
+  with pytest.raises(TypeError, match=r"checks the values of (tokens|routes) on the host, but "
+                                      r"got .*Tracer.*: call it before jit"):
+    jax.jit(lambda a: check(a, *args))(x)
+
+
 def test_tokens_of_wrong_rank_raise():
   with pytest.raises(ValueError, match=r"tokens have shape \(5,\), expected rank 2 \[B, T\]"):
     _eager(jnp.ones((5,), jnp.int32))

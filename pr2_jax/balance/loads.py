@@ -83,7 +83,8 @@ def static_device_load(loads_LE: jax.Array, num_devices: int) -> jax.Array:
 
 
 def imbalance(device_load_LD: jax.Array) -> jax.Array:
-  """float32 [L]: max / mean device load per layer (1 = perfect; an empty layer counts 1)."""
+  """max / mean device load over the last axis, float32: [L, D] gives [L] per layer, [M, L, D]
+  [M, L] (1 = perfect; an empty layer counts 1)."""
   load = jnp.asarray(device_load_LD, jnp.float32)
   mean = jnp.mean(load, axis=-1)
   return jnp.where(mean > 0, jnp.max(load, axis=-1) / jnp.where(mean > 0, mean, 1.0), 1.0)

@@ -58,7 +58,7 @@ from pr2_jax.balance.loads import EMPTY, native_layout
 from pr2_jax.balance.lpt import place_lpt, repair_duplicates
 from pr2_jax.balance.rounds import place_in_rounds, prefix_sum
 from pr2_jax.balance.split import water_fill
-from pr2_jax.checks import check_finite, check_ids, is_concrete
+from pr2_jax.checks import as_array, check_finite, check_ids, is_concrete
 from pr2_jax.config import check_int
 
 _TINY = float(np.finfo(np.float32).tiny)
@@ -286,7 +286,7 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
   """
   if method not in METHODS:
     raise ValueError(f"method={method!r} is not one of {METHODS}")
-  loads_LE = jnp.asarray(loads_LE)
+  loads_LE = as_array(loads_LE)  # not jnp.asarray: strings must reach check_finite's message
   if loads_LE.ndim != 2:
     raise ValueError(f"loads must be [layers, experts], got shape {loads_LE.shape}")
   check_finite("loads", loads_LE, _LOADS_WHY, low=0)

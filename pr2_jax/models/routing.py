@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.checks import (as_array, check_finite, check_ids, check_int_dtype, check_rank,
-                            check_shape, check_top_k, is_concrete)
+                            check_shape, check_top_k, is_concrete, require_concrete)
 
 LIVE = -1  # route entry meaning "let the live router choose"
 _MIN_GATE_SUM = 1e-18  # its square stays a normal float32: the division's gradient is finite
@@ -258,7 +258,8 @@ def check_routes_shape(routes, *, batch: int, length: int, num_layers: int, top_
   expected = (batch, length, num_layers, top_k)
   shape = tuple(getattr(routes, "shape", ()))
   if shape != expected:
-    raise ValueError(f"routes has shape {shape}, expected [B, T, L, K] = {expected}")
+    raise ValueError(f"routes has shape {shape}, expected [B, T, L, K] = {expected} (L: the "
+                     "MoE layers, ModelConfig.num_moe_layers)")
   check_int_dtype("routes", routes, "int32 or another integer dtype", ValueError)
 
 
@@ -267,8 +268,10 @@ def validate_routes(routes, *, batch: int, length: int, num_layers: int, top_k: 
   """Host-side check of a routes array `[B, T, L, K]`; raises ValueError naming the problem.
 
   Each (token, layer) row must be all -1 (live router) or K distinct ids in
-  [0, num_experts), of any integer dtype (int32, numpy's int64, ...). Runs on host numpy:
-  call it before jit, not inside.
+  [0, num_experts), of any integer dtype (int32, numpy's int64, ...). L counts the MoE
+  layers only (`ModelConfig.num_moe_layers`: `dense_layers` have no router). Runs on host
+  numpy: call it before jit, not inside (a traced `routes` is a TypeError).
   """
   check_routes_shape(routes, batch=batch, length=length, num_layers=num_layers, top_k=top_k)
+  require_concrete("routes", routes, "validate_routes")
   check_route_rows(routes, num_experts, row="row (b, t, l)")

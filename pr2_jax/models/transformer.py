@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pr2_jax.balance.planner import Plan
-from pr2_jax.checks import check_int_dtype, check_shape, is_concrete
+from pr2_jax.checks import check_int_dtype, check_shape, is_concrete, require_concrete
 from pr2_jax.config import ModelConfig, check_int, storage_dtype
 from pr2_jax.models.experts import validate_slot_expert
 from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
@@ -65,8 +65,10 @@ def validate_tokens(tokens, vocab_size: int) -> None:
   the bad id.
 
   The embedding lookup would not fail on a bad id: `jnp.take` returns NaN for
-  ids >= vocab_size and wraps negative ones, silently. Call it before jit.
+  ids >= vocab_size and wraps negative ones, silently. Call it before jit: a traced
+  `tokens` is a TypeError.
   """
+  require_concrete("tokens", tokens, "validate_tokens")
   t = np.asarray(tokens)
   if not np.issubdtype(t.dtype, np.integer):
     raise ValueError(f"token ids have dtype {t.dtype}, expected an integer dtype (int32)")
@@ -102,6 +104,10 @@ def _check_slot_expert(slot_expert, config: ModelConfig, mesh: Mesh | None) -> N
     check_shape("plan.replica_share", slot_expert.replica_share, shape, "slot_expert's [L, D, S]")
     check_shape("plan.replica_count", slot_expert.replica_count, (n_layers, n_experts), "[L, E]")
   shards = axis_size(mesh, EXPERT)
+  if isinstance(slot_expert, Plan) and mesh is not None and shape[1] != shards:
+    # D·S slots would still split evenly, regrouped: the plan's loads would not be what runs.
+    raise ValueError(f"plan.slot_expert has shape {shape}: a plan for D = {shape[1]} devices, "
+                     f"but the mesh's 'expert' axis has {shards} (plan_placement's num_devices)")
   if num_slots < n_experts or num_slots % shards:
     raise ValueError(f"{name} has shape {shape}: {num_slots} slots per layer, expected at least "
                      f"num_experts={n_experts} (one per expert) and a multiple of the mesh's "
