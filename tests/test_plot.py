@@ -178,7 +178,9 @@ def test_bad_command_lines_are_one_error_line(tmp_path, capsys):
     (["A/off2/r3/seed0", "A/off2/pr2/seed0", "A/off4/r3/seed0"],
      ["off2/r3/seed0", "pr2/seed0", "off4/r3/seed0"]),
     (["runs/x", "other/runs/x", "runs/x/"], ["runs/x", "other/runs/x", "runs/x (2)"]),
-    (["/abs/runs/x", "x"], ["runs/x", "x"])])
+    (["/abs/runs/x", "x"], ["runs/x", "x"]),
+    # the same run twice: its copy is no other run, so the label stays short
+    (["a/b/x", "a/b/x"], ["x", "x (2)"])])
 def test_run_labels_are_the_shortest_distinct_path_ends(workdirs, labels):
   assert plot.run_labels(workdirs) == labels
 
@@ -234,3 +236,23 @@ def test_plan_figure_bars_and_imbalance():
   # The dashed line is the perfect balance: total load / devices.
   assert _xy(static_ax.get_lines()[0])[1].tolist() == [6.0, 6.0]
   plt.close(fig)
+
+
+def test_horizon_curve_is_the_mean_over_steps():
+  """Three steps of [0, 0, 3] at mini-step 2: the mean 1.0 (a median would read 0.0)."""
+  runs = {"a": [{"step": s, "k3_kl_per_ministep": [1.0, v]} for s, v in ((1, 0.0), (2, 0.0),
+                                                                          (3, 3.0))]}
+  fig = viz.horizon_curve(runs, key="k3_kl_per_ministep")
+  assert _xy(fig.axes[0].get_lines()[0])[1].tolist() == [1.0, 1.0]
+  plt.close(fig)
+
+
+def test_panel_keys_are_metrics_the_rl_loop_writes():
+  """A misspelt key draws an empty panel without an error: every panel metric is one of the
+  keys test_loop pins in a real run's RL rows (eval_reward: on evaluation steps), and the
+  horizon's default is the per-mini-step vector of one of them."""
+  from test_loop import REQUIRED_KEYS
+  keys = {key for _, panel in viz.PANELS for key in panel}
+  assert keys - {"eval_reward"} <= REQUIRED_KEYS, keys - REQUIRED_KEYS
+  default = viz.horizon_curve.__defaults__[0]
+  assert default.endswith("_per_ministep") and default[:-len("_per_ministep")] in REQUIRED_KEYS
