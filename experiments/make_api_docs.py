@@ -69,15 +69,39 @@ def field_table(cls) -> str:
   return "\n| field | meaning |\n|---|---|\n" + rows if rows else ""
 
 
+def signature(obj, drop_self: bool = False) -> str:
+  try:
+    sig = inspect.signature(obj)
+  except (TypeError, ValueError):
+    return "(...)"
+  if drop_self:
+    sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+  # Default values that print an object id would make the page differ run to run.
+  text = re.sub(r" at 0x[0-9a-f]+", "", str(sig))
+  return re.sub(r"ForwardRef\(('[^']*')\)", r"\1", text)
+
+
+def method_entries(cls) -> str:
+  """The documented methods a class's own body defines (public ones and `__call__`, where a
+  Flax module's forward arguments are), each under the class; "" for other objects."""
+  if not inspect.isclass(cls):
+    return ""
+  out = []
+  for name, fn in vars(cls).items():
+    fn = fn.__func__ if isinstance(fn, (staticmethod, classmethod)) else fn
+    if not (inspect.isfunction(fn) and (name == "__call__" or not name.startswith("_"))
+            and fn.__qualname__ == f"{cls.__qualname__}.{name}" and inspect.getdoc(fn)):
+      continue  # private, generated (a dataclass's replace) or undocumented
+    drop_self = not isinstance(vars(cls)[name], staticmethod)
+    out.append(f"\n#### `{cls.__name__}.{name}`\n\n```python\ndef {name}"
+               f"{signature(fn, drop_self)}\n```\n\n{inspect.getdoc(fn)}\n")
+  return "".join(out)
+
+
 def entry(name: str) -> str:
   obj = getattr(pr2_jax, name)
   if callable(obj):
-    try:
-      # Default values that print an object id would make the page differ run to run.
-      sig = re.sub(r" at 0x[0-9a-f]+", "", str(inspect.signature(obj)))
-      sig = re.sub(r"ForwardRef\(('[^']*')\)", r"\1", sig)
-    except (TypeError, ValueError):
-      sig = "(...)"
+    sig = signature(obj)
     kind = "class" if inspect.isclass(obj) else "def"
     head = f"### `{name}`\n\n```python\n{kind} {name}{sig}\n```\n"
     module = getattr(obj, "__module__", "")
@@ -88,7 +112,7 @@ def entry(name: str) -> str:
   if doc and doc.startswith(f"{name}("):  # the signature dataclasses write as a docstring
     doc = ""
   where = f"\n*Defined in `{module}`.*\n" if module.startswith("pr2_jax") else ""
-  return head + (f"\n{doc}\n" if doc else "") + field_table(obj) + where
+  return head + (f"\n{doc}\n" if doc else "") + field_table(obj) + method_entries(obj) + where
 
 
 def render() -> str:

@@ -69,6 +69,15 @@ def test_readme_example_replays_the_same_logits():
   # "replay: same logits": replaying the recorded routes reproduces the forward pass
   np.testing.assert_array_equal(np.asarray(again.logits), np.asarray(out.logits))
   np.testing.assert_array_equal(np.asarray(again.routes), np.asarray(out.routes))
+  # The decode lines: the prefill's last logits are the forward's, and the cached step's are
+  # those of a forward over the 9 tokens (no cache) at the last position.
+  pre, step, model, params = names["pre"], names["step"], names["model"], names["params"]
+  np.testing.assert_allclose(pre.logits[:, 0], out.logits[:, -1], rtol=1e-5, atol=1e-5)
+  nine = np.concatenate([np.asarray(names["tokens"]), np.asarray(names["next_token"])], 1)
+  full = model.apply({"params": params}, nine)
+  assert step.logits.shape == (2, 1, config.vocab_size)
+  np.testing.assert_allclose(step.logits[:, 0], full.logits[:, -1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(step.routes[:, 0]), np.asarray(full.routes[:, -1]))
 
 
 def test_readme_pr2_example_prints_what_the_text_says():

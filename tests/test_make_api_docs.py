@@ -52,3 +52,43 @@ def test_field_table_reads_the_comments_on_every_field():
       "| `sep` | the separator |"]
   assert make_api_docs.field_table(make_api_docs.render) == ""
   assert "`parent`" not in make_api_docs.field_table(pr2_jax.MoETransformer)  # flax's own
+
+
+class _WithMethods:
+  """A class with methods of every kind."""
+
+  def __call__(self, x, *, scale: float = 1.0):
+    """Applies the thing."""
+
+  def shown(self, y):
+    """A public method."""
+
+  @staticmethod
+  def build(z: int):
+    """A static constructor."""
+
+  def undocumented(self):
+    pass
+
+  def _private(self):
+    """Not part of the API."""
+
+
+_WithMethods.attached = lambda self: None  # defined elsewhere (a dataclass's replace, say)
+_WithMethods.attached.__doc__ = "Not in the class body."
+
+
+def test_method_entries_list_the_documented_methods_of_the_class_body():
+  """A Flax module's forward arguments are in `__call__`'s docstring only: api.md left them
+  out (a library user learned that `cache=` needs `positions=` from the error)."""
+  text = make_api_docs.method_entries(_WithMethods)
+  assert [line for line in text.splitlines() if line.startswith(("####", "def "))] == [
+      "#### `_WithMethods.__call__`", "def __call__(x, *, scale: float = 1.0)",
+      "#### `_WithMethods.shown`", "def shown(y)",
+      "#### `_WithMethods.build`", "def build(z: int)"]
+  assert "Applies the thing." in text and "Not part" not in text and "Not in the" not in text
+  assert make_api_docs.method_entries(make_api_docs.render) == ""
+  page = make_api_docs.render()
+  for name in ("MoETransformer.__call__", "Plan.layer"):
+    assert f"#### `{name}`" in page
+  assert "`positions`\n    must then be given" in page.split("#### `MoETransformer.__call__`")[1]

@@ -151,7 +151,9 @@ class ModelOutput:
   logits: Optional[jax.Array]              # [B, T, V] float32 ([B, 1, V] with logits='last')
   routes: jax.Array                        # [B, T, L, K] int32, routes actually used
   dropped: jax.Array                       # [L] int32, (token, k) pairs over capacity per layer
-  aux_loss: jax.Array                      # scalar, mean Switch loss over MoE layers
+  aux_loss: jax.Array                      # scalar, mean Switch loss over MoE layers (1.0
+                                           # when even), unweighted: the trainers add
+                                           # ModelConfig.aux_loss_coef times it to their loss
   router_logits: Optional[jax.Array] = None  # [B, T, L, E] float32, on request
   router_inputs: Optional[jax.Array] = None  # [B, T, L, D], on request (PR2 features)
   cache: Optional[KVCache] = None            # updated cache when decoding
@@ -182,8 +184,8 @@ class DecoderLayer(nn.Module):
 
 class MoETransformer(nn.Module):
   """Qwen3-MoE decoder. `mesh=None` runs on one device; a ('data','expert') mesh shards it."""
-  config: ModelConfig
-  mesh: Mesh | None = None
+  config: ModelConfig     # shapes and numerics (validated when built)
+  mesh: Mesh | None = None  # None: one device; else `make_mesh(data, expert)`'s mesh
 
   @nn.compact
   def __call__(self, tokens_BT, routes=None, *, positions=None, valid=None,
@@ -196,7 +198,8 @@ class MoETransformer(nn.Module):
     Args:
       tokens_BT: int32 token ids.
       routes: optional [B, T, L, K] replayed expert ids (-1 rows = live), int32 or any other
-        integer dtype (numpy's int64 from np.argsort, say).
+        integer dtype (numpy's int64 from np.argsort, say). L counts the MoE layers only
+        (`config.num_moe_layers`), here and in every per-layer input and output.
       positions: optional int32 [B, T] positions (default 0..T-1; set for left padding).
       valid: optional bool [B, T], False on padding (masked as attention keys).
       return_router_logits / return_router_inputs: also return per-layer router

@@ -1,5 +1,10 @@
 """RL policy losses as pure `jax.numpy` functions: DAPO, GSPO, and token log-probs/entropy.
 
+GRPO is not a separate loss here: its clipped objective is `dapo_loss` with
+`clip_high = clip_low` (0.2: the symmetric PPO clip) on `grpo_advantages`; GRPO's mean over
+each sequence's tokens, then over sequences, is `mask_BT = mask / len_B[:, None]` (float
+weights) with `denom = B`. DAPO's token mean (the default) weights long responses more.
+
 Their inputs, GRPO group advantages and TIS weights, are computed in `advantages.py`, which
 also holds the input checks both modules share (this module imports them from there).
 
@@ -244,7 +249,8 @@ def policy_loss(kind: str, logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: ja
   `clip_low`/`clip_high` default to the chosen loss's defaults (0.2/0.28 for
   DAPO, 3e-4/4e-4 for GSPO). `is_weight` is [B, T] for DAPO and [B] for GSPO;
   `denom` counts tokens for DAPO and sequences for GSPO (see `loss_denominator`).
-  Raises ValueError for an unknown `kind`.
+  GRPO's objective is "dapo" with `clip_high = clip_low` (this module's docstring).
+  Raises ValueError for an unknown `kind` (allowed: "dapo", "gspo").
   """
   _check_kind(kind)
   clips = {}
