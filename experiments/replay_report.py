@@ -160,10 +160,23 @@ def aggregate(runs: dict) -> dict:
       out[key] = {"mean": sum(ok) / len(ok) if ok else None, "std": _std(ok) if ok else None,
                   "per_seed": [v if _finite(v) else None for v in vals]}
   curves = [runs[s]["curves"] for s in seeds]
-  mean_curve = lambda key: [_mean(list(c)) for c in zip(*[cv[key] for cv in curves])]
-  out["curves"] = {"step": curves[0]["step"], "eval_step": curves[0]["eval_step"],
-                   **{k: mean_curve(k) for k in CURVES + ("eval_reward",)}}
+  steps, eval_steps = (sorted({x for cv in curves for x in cv[axis]})
+                       for axis in ("step", "eval_step"))
+  out["curves"] = {"step": steps, "eval_step": eval_steps,
+                   **{k: _mean_curve(curves, "step", k, steps) for k in CURVES},
+                   "eval_reward": _mean_curve(curves, "eval_step", "eval_reward", eval_steps)}
   return out
+
+
+def _mean_curve(curves: list[dict], axis: str, key: str, xs: list) -> list:
+  """The mean over seeds of `key` at each x of `axis`, over the seeds that reached it: a seed
+  the non-finite guard stopped early leaves the mean after its last step (zipping the seeds
+  cut every curve to the shortest, under the first seed's longer x-axis)."""
+  at = {x: [] for x in xs}
+  for cv in curves:
+    for x, v in zip(cv[axis], cv[key]):
+      at[x].append(v)
+  return [_mean(at[x]) for x in xs]
 
 
 # -- Report ----------------------------------------------------------------------------------------

@@ -175,3 +175,29 @@ def test_write_markdown_tables_and_kept_analysis(tmp_path):
   assert text.endswith("<!-- BEGIN analysis -->\nPR2 wins at κ = 4.\n\nSee the plots.\n"
                        "<!-- END analysis -->\n")
   assert "| PR2 | 0.500 ± 0.100 | 0.9500 ± 0.0100 |" in text and "0.9100" not in text
+
+
+def _rl_row(step, reward, **extra):
+  return {"phase": "rl", "step": step, "loss": 0.1, "reward_mean": reward, "k3_kl": 0.01,
+          "topk_agreement": 0.9, "zero_dev_ratio_per_ministep": [1.0, 0.8],
+          "topk_agreement_per_ministep": [1.0, 0.8], "k3_kl_per_ministep": [1e-3, 1e-2],
+          "dev_hist": [0.9, 0.1, 0.0, 0.0], **extra}
+
+
+def test_mean_curves_keep_every_step_when_a_seed_stopped_early(tmp_path):
+  """A seed the non-finite guard stopped after step 1: the curves were zipped to its length
+  but kept the first seed's x-axis, so the plots raised 'x and y must have same first
+  dimension' after the whole sweep (or, with the short seed first, were cut silently)."""
+  from experiments import replay_plots
+  warm = {"phase": "sft_eval", "step": 0, "eval_reward": 0.4}
+  full = replay_report.summarise_run(
+      [warm, _rl_row(1, 0.2), _rl_row(2, 0.4, eval_reward=0.5), _rl_row(3, 0.6, eval_reward=0.7)],
+      0.5)
+  stopped = replay_report.summarise_run([warm, _rl_row(1, 0.0)], 0.5, error="non-finite")
+  for runs in ({0: full, 1: stopped}, {0: stopped, 1: full}):
+    curves = replay_report.aggregate(runs)["curves"]
+    assert curves["step"] == [1, 2, 3] and curves["eval_step"] == [2, 3]
+    assert curves["reward_mean"] == [0.1, 0.4, 0.6]  # step 1 over both seeds, then one
+    assert curves["eval_reward"] == [0.5, 0.7]
+    replay_plots.write_plots(str(tmp_path), {"off2": {"r3": replay_report.aggregate(runs)}},
+                             top_k=2)
