@@ -37,6 +37,9 @@ def test_bench_optimizer_quick(tmp_path):
   for side in ("optax", "ours"):
     for key in ("median_ms", "min_ms"):
       assert math.isfinite(line[key][side]) and line[key][side] > 0
+    assert line["min_ms"][side] <= line["median_ms"][side]
+  # ours / optax, as the table says (by hand: test_run_times_by_hand)
+  assert line["time_ratio"] == pytest.approx(line["median_ms"]["ours"] / line["median_ms"]["optax"])
 
 
 @pytest.mark.parametrize("args, named", [
@@ -47,3 +50,39 @@ def test_bad_flags_are_one_error_line_before_any_work(tmp_path, args, named):
   """Exit code 2 and one `error:` line naming the value, not a traceback; a --out under a file
   fails before the benchmark, not after it."""
   _cli.fails_before_work("experiments.bench_optimizer", args, tmp_path, named, "--quick")
+
+
+# In a child (bench_optimizer's flags): `run` at --quick's sizes on a scripted clock. Each
+# jax.block_until_ready after an update advances it by the next duration, in call order; the
+# sides alternate, ours first in round 0 (its warm-up, 100 ms each, which would move every
+# median it leaked into). Durations in ms.
+_SCRIPTED = """
+import json, types
+import jax
+from experiments import bench_optimizer as b
+# rounds 0-3 call ours, optax; optax, ours; ours, optax; optax, ours
+durations = [100, 100,  4, 2,  3, 5,  10, 9]
+now = [0.0]
+def advance(x):
+  now[0] += durations.pop(0) / 1e3
+  return x
+jax.block_until_ready = advance
+b.time = types.SimpleNamespace(perf_counter=lambda: now[0])
+size = {k: v for k, v in b.QUICK.items() if k not in ("rounds", "warmup")}
+size.update(num_heads=4, num_kv_heads=2, top_k=2)
+r = b.run(size, rounds=3, warmup=1, lr=1e-4)
+print(json.dumps({k: r[k] for k in ("median_ms", "min_ms", "time_ratio", "steps")}))
+"""
+
+
+def test_run_times_by_hand():
+  """Medians and minimums of the timed rounds only, attributed to the side that ran (the order
+  flips every round), and time_ratio = ours / optax (below 1: ours faster): optax's timed calls
+  take 4, 5, 10 ms, ours 2, 3, 9."""
+  proc = subprocess.run([sys.executable, "-c", _SCRIPTED], capture_output=True, text=True,
+                        timeout=300, cwd=_cli.REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert got["median_ms"] == pytest.approx({"optax": 5.0, "ours": 3.0})  # means: 6.3, 4.7
+  assert got["min_ms"] == pytest.approx({"optax": 4.0, "ours": 2.0})
+  assert got["time_ratio"] == pytest.approx(3 / 5) and got["steps"] == 4
