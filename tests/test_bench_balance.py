@@ -52,6 +52,46 @@ def test_bench_balance_quick(tmp_path):
                         "foresight_sticky_lpt"}
     assert row["foresight"]["mean"] <= row["none"]["mean"] + 1e-6
     assert row["foresight_sticky_lpt"]["mean"] <= row["none"]["mean"] + 1e-6
+  _check_figures(result)
+
+
+def _check_figures(result):
+  """The derived figures are what their parts give: (d)'s speedups are none's modelled step time
+  over the mode's (above 1: the mode is faster), the planner's serial time counts against
+  foresight only, and the summary (the last line) quotes the headline micro-step size
+  (--sim_micro_seqs, 2 in --quick; not the first of --micro_seqs), the largest rollout
+  micro-step, means not maxima, medians not minimums, each under its own name."""
+  for row in list(result["imbalance"].values()) + list(result["simulation_bandwidth"].values()):
+    for mode, r in row.items():
+      assert r["sim_speedup"] == pytest.approx(row["none"]["sim_step_s"] / r["sim_step_s"]), mode
+      if mode != "foresight":
+        assert r["sim_speedup_planner_serial"] == r["sim_speedup"], mode
+    assert row["foresight"]["sim_speedup_planner_serial"] < row["foresight"]["sim_speedup"]
+    assert row["none"]["sim_speedup"] == 1.0
+  timing, summary = result["timing_ms"], result["summary"]
+  for k in ("planner", "planner_warm", "planner_lpt", "planner_from_routes", "eplb"):
+    # a median of 3 timings equals their minimum only if two are equal to the nanosecond
+    assert timing[k + "_min"] < timing[k], k
+  assert {k: summary[k] for k in ("planner_ms", "planner_ms_warm", "planner_ms_lpt",
+                                  "planner_from_routes_ms", "eplb_ms")} == {
+      "planner_ms": round(timing["planner"], 3),
+      "planner_ms_warm": round(timing["planner_warm"], 3),
+      "planner_ms_lpt": round(timing["planner_lpt"], 3),
+      "planner_from_routes_ms": round(timing["planner_from_routes"], 3),
+      "eplb_ms": round(timing["eplb"], 3)}
+  assert summary["imbalance_micro_seqs"] == 2 and summary["rollout_micro_seqs"] == 8
+  head, big = result["imbalance"]["2"], result["imbalance_rollout"]["8"]
+  for mode in head:
+    assert summary[f"imbalance_{mode}"] == round(head[mode]["mean"], 4), mode
+    assert summary[f"rollout_imbalance_{mode}"] == round(big[mode]["mean"], 4), mode
+  assert summary["sim_speedup"] == round(head["foresight"]["sim_speedup"], 4)
+  assert summary["sim_speedup_eplb_step"] == round(head["eplb_step"]["sim_speedup"], 4)
+  assert summary["sim_speedup_foresight_sticky_lpt"] == round(
+      head["foresight_sticky_lpt"]["sim_speedup"], 4)
+  assert summary["fetches_per_layer_device_foresight"] == round(
+      head["foresight"]["fetches_per_layer_device"], 4)
+  assert summary["cpu_moe_speedup"] == round(result["moe"]["train_speedup"], 4)
+  assert summary["cpu_moe_forward_speedup"] == round(result["moe"]["forward_speedup"], 4)
 
 
 @pytest.mark.parametrize("flags, named", [
