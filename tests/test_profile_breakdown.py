@@ -1,6 +1,8 @@
 """Tests for experiments/profile_breakdown.py: the HLO metadata map, the op classification, the
 trace arithmetic (hand-worked), and a real profile of a small jitted function."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -137,9 +139,41 @@ def test_concurrency_by_hand():
 @pytest.mark.parametrize("op, kind", [
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention core"),
     ("aten::_grouped_mm", "matmuls outside attention"), ("aten::mm", "matmuls outside attention"),
+    # the projections with a bias and the batched ones are matmuls too
+    ("aten::addmm", "matmuls outside attention"), ("aten::bmm", "matmuls outside attention"),
+    ("aten::baddbmm", "matmuls outside attention"),
     ("aten::mul", "other"), ("Optimizer.step#AdamW.step", "other")])
 def test_classify_torch(op, kind):
   assert pb.classify_torch(op) == kind
+
+
+def test_torch_breakdown_by_hand(monkeypatch):
+  """The profiler's self CPU µs of each op, summed by kind and divided by the calls (2), and
+  the wall time per call, from a fake profiler and clock: each call takes 5 ms."""
+  import torch.profiler
+  averages = [("aten::mm", 3000), ("aten::addmm", 1000), ("aten::mul", 500),
+              ("aten::_scaled_dot_product_flash_attention_for_cpu", 2000),
+              ("Optimizer.step#AdamW.step", 1500)]
+
+  class Profile:
+    def __init__(self, activities):
+      pass
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+    def key_averages(self):
+      return [types.SimpleNamespace(key=k, self_cpu_time_total=us) for k, us in averages]
+
+  now = [0.0]
+  monkeypatch.setattr(torch.profiler, "profile", Profile)
+  monkeypatch.setattr(pb, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+  out = pb.torch_breakdown(lambda: now.__setitem__(0, now[0] + 5e-3), calls=2)
+  assert out == pytest.approx({"matmuls outside attention": 2.0, "attention core": 1.0,
+                               "other": 1.0, "total": 4.0, "wall": 5.0})
 
 
 def test_format_table_rows_and_blank_torch_details():
