@@ -75,3 +75,49 @@ def test_decode_is_greedy_and_exactly_n_new_tokens(peer):
 
 def test_run_as_a_command_it_says_it_is_a_library():
   _cli.says_it_is_a_library("experiments.peer_torch", "experiments.bench_peer")
+
+
+def test_train_steps_are_clipped_adamw_by_hand(peer, tmp_path):
+  """Two steps of the train model against AdamW written out here on a fresh copy of the
+  checkpoint: global-norm clip 1.0 (the gradients' norm is above it), betas (0.9, 0.999),
+  eps 1e-8, no weight decay, lr 1e-2: the settings of our make_optimizer, which bench_peer
+  compares against. The second step is where the betas show (the first is ~lr * sign(g))."""
+  ref = transformers.Qwen3MoeForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+  ref.train()
+  params = list(ref.parameters())
+  moments = [(torch.zeros_like(p), torch.zeros_like(p), [0]) for p in params]
+  b1, b2, eps, lr = 0.9, 0.999, 1e-8, 1e-2
+  norms = []
+  for _ in range(2):
+    ref.zero_grad(set_to_none=True)
+    ref(peer.tokens, labels=peer.tokens).loss.backward()
+    live = [(p, mv) for p, mv in zip(params, moments) if p.grad is not None]
+    norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p, _ in live)))
+    norms.append(norm)
+    scale = min(1.0, 1.0 / (norm + 1e-6))
+    with torch.no_grad():
+      for p, (m, v, step) in live:
+        g = p.grad * scale
+        step[0] += 1
+        m.mul_(b1).add_((1 - b1) * g)
+        v.mul_(b2).add_((1 - b2) * g * g)
+        m_hat, v_hat = m / (1 - b1 ** step[0]), v / (1 - b2 ** step[0])
+        p -= lr * m_hat / (v_hat.sqrt() + eps)
+    peer.train()
+  assert min(norms) > 1.0  # the clip is active: a wrong threshold would show
+  for (name, got), want in zip(peer.model.named_parameters(), params):
+    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-4,
+                               atol=1e-6, err_msg=name)
+
+
+def test_decode_after_train_steps_is_greedy_on_the_initial_weights(peer, tmp_path):
+  """bench_peer decodes after its timed train steps: every new token is the argmax of a fresh
+  load of the checkpoint given the tokens before it (one forward over the decoded rows), not of
+  the weights the steps moved."""
+  for _ in range(3):
+    peer.train()
+  peer.decode()
+  fresh = transformers.Qwen3MoeForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+  with torch.no_grad():
+    logits_BSV = fresh.eval()(torch.tensor(peer.decoded)).logits.numpy()
+  np.testing.assert_array_equal(peer.decoded[:, P:], logits_BSV[:, P - 1:-1].argmax(-1))
