@@ -37,6 +37,13 @@ def test_soak_quick_reports_json(tmp_path):
   assert saved["peak_rss_mb_end"] >= saved["peak_rss_mb_after_warmup"] > 0
   assert saved["compiles_in_warmup"] > 0, "the compile counter must see the warm-up compiles"
   assert saved["metrics"]["rl_rows"] == 6 and not saved["metrics"]["problems"]
+  # The headline figures from their parts: peak RSS at the end over peak RSS after the 3 warm-up
+  # steps, and seconds per step over the 3 steps after warm-up (from the end of step 3).
+  assert saved["rss_growth_frac"] == pytest.approx(
+      saved["peak_rss_mb_end"] / saved["peak_rss_mb_after_warmup"] - 1)
+  assert saved["peak_rss_mb_after_warmup"] == saved["per_step"][2]["peak_rss_mb"]
+  assert saved["seconds_per_step_after_warmup"] == pytest.approx(
+      (saved["total_s"] - saved["per_step"][2]["t"]) / 3)
   # Where it ran: the allocator changes the RSS figures (jemalloc keeps freed memory).
   machine = saved["machine"]
   assert machine["allocator"] in ("jemalloc", "tcmalloc", "mimalloc", "glibc")
@@ -77,6 +84,15 @@ def test_check_metrics_accepts_a_good_file(tmp_path):
   got = check_metrics(_write(tmp_path, _rows(5, 2)), steps=5, eval_every=2)
   # Steps 1, 3, 5 each skipped one update.
   assert got == {"rows": 6, "rl_rows": 5, "ok": True, "problems": [], "skipped_updates": 3}
+
+
+def test_check_metrics_adds_up_the_skipped_updates(tmp_path):
+  """A row counts the updates its step skipped (several with micro-batches): 2 + 0 + 3, not
+  the 2 rows that skipped any."""
+  rows = _rows(3, 2)
+  for row, skipped in zip(rows[1:], (2, 0, 3)):
+    row["skipped_updates"] = skipped
+  assert check_metrics(_write(tmp_path, rows), steps=3, eval_every=2)["skipped_updates"] == 5
 
 
 def test_check_metrics_reports_a_missing_step(tmp_path):
