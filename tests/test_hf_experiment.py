@@ -71,6 +71,7 @@ def test_task_tokenizer_has_the_char_tokenizer_interface(ckpt):
   assert tok.encode("3+", bos=True, eos=True) == [three, plus, im_end]  # no BOS to add
   # Decoding stops at either stop id (Qwen3 generation stops on both), as a response would.
   assert tok.decode_batch([[three, plus, end, three], [three, im_end, plus, plus]]) == ["3+", "3"]
+  assert sorted(tok.stop_ids) == sorted([end, im_end])  # and so does generation
   ids_BT, valid_BT = tok.encode_batch(["3+", "3"], 4)
   np.testing.assert_array_equal(ids_BT, [[end, end, three, plus], [end, end, end, three]])
   np.testing.assert_array_equal(valid_BT, [[0, 0, 1, 1], [0, 0, 0, 1]])
@@ -83,6 +84,10 @@ def test_task_tokenizer_has_the_char_tokenizer_interface(ckpt):
 def test_initial_policy_is_the_checkpoint(ckpt):
   """Our model at step 0 computes transformers' logits on a task prompt (float32)."""
   engine = loop.Engine(ExperimentConfig.from_dict(_dict(ckpt)), _mesh(2, 2))  # experts sharded
+  # The rollout stops on either of Qwen3's stop ids: it stopped on one only, and the loss
+  # trained on the tokens after the other, which the reward's decode had cut.
+  stops = [engine.tok.hf.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>")]
+  assert sorted(engine.programs.sampling.stop_ids) == sorted(stops)
   problems = engine.eval_problems[:4]
   ids = [engine.tok.encode(p.prompt) for p in problems]
   prompts_BP, valid_BP = engine.tok.encode_batch([p.prompt for p in problems], engine.prompt_slots)

@@ -92,6 +92,23 @@ def test_layout_and_eos_handling():
   np.testing.assert_array_equal(np.asarray(roll.positions)[0, P:P + 2], [3, 4])
 
 
+def test_a_tuple_of_eos_ids_stops_a_row_at_the_first_of_any():
+  """Qwen3 stops on two ids; with one, the loss trained on tokens after the second that the
+  reward never saw. Greedy rows are the same up to each row's first stop either way."""
+  free = np.asarray(_generate("float32", temperature=0.0, eos_id=-1).tokens)[:, P:]
+  a, b = int(free[0, 1]), int(free[1, 2])  # rows 0 and 1 meet these at steps 1 and 2 (or before)
+  roll = _generate("float32", temperature=0.0, eos_id=(a, b))
+  toks, mask = np.asarray(roll.tokens)[:, P:], np.asarray(roll.response_mask)[:, P:]
+  for row, free_row, m in zip(toks, free, mask):
+    hits = np.flatnonzero((free_row == a) | (free_row == b))
+    end = hits[0] + 1 if hits.size else N
+    np.testing.assert_array_equal(row[:end], free_row[:end])
+    assert (m[:end] == 1).all() and (m[end:] == 0).all() and (row[end:] == 0).all()
+  assert mask[0, 2:].sum() == 0 and mask[1, 3:].sum() == 0  # both ids stopped a row
+  assert sampler.SamplerConfig(eos_id=(a, b)).stop_ids == (a, b)
+  assert sampler.SamplerConfig(eos_id=-1).stop_ids == ()
+
+
 def test_greedy_is_argmax_and_deterministic():
   a, b = (_generate("float32", temperature=0.0, seed=1),
           _generate("float32", temperature=0.0, seed=9))
@@ -145,6 +162,8 @@ def test_temperature_scales_logprobs():
     (dict(top_p=float("nan")), r"SamplerConfig.top_p must be a finite real number, got nan"),
     (dict(eos_id=-2), r"SamplerConfig.eos_id must be an int >= -1, got -2"),
     (dict(eos_id=2.0), r"SamplerConfig.eos_id must be an int >= -1, got 2.0"),
+    (dict(eos_id=(3, -1)), r"SamplerConfig.eos_id must be an int >= 0, got -1"),
+    (dict(eos_id=()), r"SamplerConfig.eos_id=\(\) names no EOS id; use -1 for none"),
     (dict(pad_id=-1), r"SamplerConfig.pad_id must be an int >= 0, got -1"),
     (dict(feature_dtype="fp8"),
      r"SamplerConfig.feature_dtype='fp8' must be one of \('float32', 'bfloat16'\)"),
@@ -159,6 +178,7 @@ def test_config_validation(kwargs, message):
     (dict(eos_id=24), None, r"SamplerConfig.eos_id=24 must be < ModelConfig.vocab_size=24 "
      r"\(or -1: no EOS\)"),
     (dict(pad_id=99), None, r"SamplerConfig.pad_id=99 must be < ModelConfig.vocab_size=24"),
+    (dict(eos_id=(3, 30)), None, r"SamplerConfig.eos_id=\(3, 30\) must be < ModelConfig"),
     ({}, np.full((B, 2), P + N, np.int32),
      rf"feature_slots_BF has slot {P + N} at index \(0, 0\) outside the \[0, P \+ "
      rf"max_new_tokens = {P + N}\) slots"),

@@ -100,6 +100,7 @@ class TaskTokenizer:
     self.eos_id, self.bos_id = hf.eos_id, prepended_id(hf)
     self.pad_id = hf.pad_id if hf.pad_id is not None else hf.eos_id
     self._stop = frozenset(hf.eos_ids)
+    self.stop_ids = tuple(hf.eos_ids)  # generation stops on any of them (decode cuts there)
     self._skip = frozenset(i for i in (self.pad_id, self.bos_id) if i is not None)
 
   def __repr__(self):

@@ -30,6 +30,7 @@ class CharTokenizer:
   def __init__(self):
     self.chars = CHARS
     self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
+    self.stop_ids = (EOS_ID,)  # what generation stops on
     self.vocab_size = NUM_SPECIAL + len(CHARS)
     self._char_to_id = {c: NUM_SPECIAL + i for i, c in enumerate(CHARS)}
 

@@ -69,7 +69,7 @@ class Engine:
       raise SetupError(f"SFTConfig.batch_size={config.sft.batch_size} must be divisible by the "
                        f"{shards} token shards")
     # Shared with earlier Engines of the same programs (other seeds, a resumed run).
-    self.programs = programs.programs_for(config, mesh, self.tok.eos_id, self.tok.pad_id)
+    self.programs = programs.programs_for(config, mesh, self.tok.stop_ids, self.tok.pad_id)
     self.model = self.programs.model
     self.sample, self.eval_sample = self.programs.sample, self.programs.eval_sample
     self.key = jax.random.key(config.seed)

@@ -49,13 +49,15 @@ class Programs:
   """One experiment's models, optimizers and jitted functions; the learner's and warm-up's
   are built on first use (a run may have no warm-up, an evaluation-only run no learner)."""
 
-  def __init__(self, config: ExperimentConfig, mesh: Mesh, eos_id: int, pad_id: int):
+  def __init__(self, config: ExperimentConfig, mesh: Mesh, eos_id: int | tuple[int, ...],
+               pad_id: int):
     rl, pr2 = config.rl, config.pr2
     self.sft, self.mesh = config.sft, mesh  # not the config: its seed etc. are not ours
     self.model = MoETransformer(config.model, mesh)  # the training engine: model.dtype
     rollout_model = MoETransformer(config.model.replace(dtype=rl.rollout_dtype), mesh)
     sampling = SamplerConfig(rl.max_new_tokens, rl.temperature, rl.top_p, eos_id, pad_id,
                              pr2.predicted_gates, pr2.feature_dtype)
+    self.sampling = sampling  # the rollout's SamplerConfig
     evaluation = dataclasses.replace(sampling, temperature=rl.eval_temperature)
     self.sample = jax.jit(functools.partial(generate, rollout_model, config=sampling))
     # Evaluating at the rollout's temperature reuses its sampler, so an eval batch of the
@@ -99,7 +101,8 @@ class Programs:
     return self._learner_fns
 
 
-def programs_for(config: ExperimentConfig, mesh: Mesh, eos_id: int, pad_id: int) -> Programs:
+def programs_for(config: ExperimentConfig, mesh: Mesh, eos_id: int | tuple[int, ...],
+                 pad_id: int) -> Programs:
   """The Programs of `program_key(config, mesh)`: a kept one, or a new one (dropping the
   least recently used beyond KEEP). The tokenizer's ids follow from the key's task and
   checkpoint."""

@@ -36,8 +36,9 @@ class SamplerConfig:
   max_new_tokens: int = 8     # N, response budget (EOS included)
   temperature: float = 1.0    # 0 = greedy
   top_p: float = 1.0          # nucleus mass kept when sampling
-  eos_id: int = 2             # stops a sequence (and is part of its response); -1 = no EOS,
-                              # every row decodes max_new_tokens (benchmarks)
+  # stops a sequence (and is part of its response); a tuple: any of them (Qwen3 has two);
+  # -1 = no EOS, every row decodes max_new_tokens (benchmarks)
+  eos_id: int | tuple[int, ...] = 2
   pad_id: int = 0             # written after EOS
   predicted_gates: bool = True  # PR2: gate by the predictive q̂ (paper) or by the router's ρ
   feature_dtype: str = "bfloat16"  # dtype of the cached PR2 router features
@@ -45,7 +46,13 @@ class SamplerConfig:
   def __post_init__(self):
     # The vocabulary bound of eos_id / pad_id is the model's: `generate` checks it.
     check_int("SamplerConfig", "max_new_tokens", self.max_new_tokens)
-    check_int("SamplerConfig", "eos_id", self.eos_id, minimum=-1)
+    if isinstance(self.eos_id, tuple):
+      if not self.eos_id:
+        raise ValueError("SamplerConfig.eos_id=() names no EOS id; use -1 for none")
+      for i in self.eos_id:
+        check_int("SamplerConfig", "eos_id", i, minimum=0)
+    else:
+      check_int("SamplerConfig", "eos_id", self.eos_id, minimum=-1)
     check_int("SamplerConfig", "pad_id", self.pad_id, minimum=0)
     check_real("SamplerConfig", "temperature", self.temperature, 0)
     check_real("SamplerConfig", "top_p", self.top_p)
@@ -57,6 +64,12 @@ class SamplerConfig:
     if self.feature_dtype not in DTYPES:
       raise ValueError(
           f"SamplerConfig.feature_dtype={self.feature_dtype!r} must be one of {DTYPES}")
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """The ids that end a sequence (none for eos_id=-1)."""
+    ids = self.eos_id if isinstance(self.eos_id, tuple) else (self.eos_id,)
+    return tuple(i for i in ids if i >= 0)
 
 
 @flax.struct.dataclass
@@ -117,7 +130,7 @@ def validate_generate_inputs(vocab_size: int, prompts_BP, prompt_valid_BP, confi
   """Checks `generate`'s inputs against the model's vocabulary; raises ValueError naming the bad
   value. Shapes, dtypes and the config's eos/pad ids are static (checked under jit too); prompt
   token ids, the padding layout and slot values only when concrete."""
-  if config.eos_id >= vocab_size:  # the sampler never draws it: no row would ever stop
+  if any(i >= vocab_size for i in config.stop_ids):  # never drawn: no row would ever stop
     raise ValueError(f"SamplerConfig.eos_id={config.eos_id} must be < ModelConfig.vocab_size="
                      f"{vocab_size} (or -1: no EOS)")
   if config.pad_id >= vocab_size:
@@ -210,7 +223,8 @@ def generate(model: MoETransformer, params, prompts_BP: jax.Array, prompt_valid_
       feats = (jnp.where(hit_BF11, out.router_inputs[:, :1].astype(fdtype), feats[0]),
                jnp.where(hit_BF11, out.router_logits[:, :1].astype(fdtype), feats[1]))
     step = (token_B, jnp.where(live_B, logp_B, 0.0), live_B, pos_B, out.routes[:, 0])
-    done_B = done_B | (token_B == config.eos_id)
+    for stop in config.stop_ids:
+      done_B = done_B | (token_B == stop)
     return (out.cache, out.logits[:, 0], pos_B + live_B, done_B, feats), step
 
   carry = (first.cache, first.logits[:, -1], pos_BP[:, -1] + 1, jnp.zeros((b,), bool), feats)
