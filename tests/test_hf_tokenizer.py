@@ -111,6 +111,30 @@ def test_pad_right_and_left(checkpoint_dir):
     tok.pad(batch, 2)
 
 
+def test_ids_outside_the_vocabulary_raise(checkpoint_dir):
+  """tokenizers decoded an unknown id to '' and pad() wrote it into model inputs, silently."""
+  tok = HFTokenizer.from_dir(str(checkpoint_dir))
+  v = tok.vocab_size
+  for call in (lambda: tok.decode([5, v]), lambda: tok.decode_batch([[5], [6, -1]]),
+               lambda: tok.pad([[5], [v + 100]])):
+    with pytest.raises(ValueError, match=r"sequence [01] has token id (-1|\d+) outside the "
+                                         rf"vocabulary \[0, {v}\)"):
+      call()
+  assert tok.decode_batch([[5], [6]]) == [tok.decode([5]), tok.decode([6])]
+
+
+def test_chat_template_from_transformers_5s_jinja_file(checkpoint_dir, tmp_path):
+  """transformers 5 saves the template as chat_template.jinja, not in tokenizer_config.json:
+  it was read as None."""
+  import transformers
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_file=str(checkpoint_dir / "tokenizer.json"), eos_token="<|im_end|>")
+  fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+  fast.save_pretrained(str(tmp_path))
+  assert (tmp_path / "chat_template.jinja").is_file()  # the layout this test is about
+  assert HFTokenizer.from_dir(str(tmp_path)).chat_template == fast.chat_template
+
+
 def test_bad_directories_raise_value_error(checkpoint_dir, tmp_path):
   with pytest.raises(ValueError, match="no tokenizer.json"):
     HFTokenizer.from_dir(str(tmp_path))

@@ -23,6 +23,7 @@ import tokenizers
 from pr2_jax.hf.config_map import read_json
 
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # Files consulted for special tokens, most specific first.
 SPECIAL_FILES = ("tokenizer_config.json", "generation_config.json", "config.json")
 
@@ -94,6 +95,10 @@ class HFTokenizer:
       return candidates[0] if candidates else None
 
     template = tok_cfg.get("chat_template")
+    jinja = os.path.join(path, CHAT_TEMPLATE_FILE)  # where transformers 5 saves it
+    if not isinstance(template, str) and os.path.isfile(jinja):
+      with open(jinja, encoding="utf-8") as f:
+        template = f.read()
     return cls(tok, eos_ids=eos_ids, pad_id=first("pad"), bos_id=first("bos"),
                chat_template=template if isinstance(template, str) else None)
 
@@ -123,12 +128,21 @@ class HFTokenizer:
                                                        add_special_tokens=add_special_tokens)]
 
   def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    """Text of `ids`; an id outside the vocabulary is a ValueError (tokenizers drops it)."""
+    return self.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
 
   def decode_batch(self, batch: Sequence[Sequence[int]], *,
                    skip_special_tokens: bool = True) -> list[str]:
-    return self.tokenizer.decode_batch([[int(i) for i in ids] for ids in batch],
-                                       skip_special_tokens=skip_special_tokens)
+    batch = [[int(i) for i in ids] for ids in batch]
+    self._check_ids(batch)
+    return self.tokenizer.decode_batch(batch, skip_special_tokens=skip_special_tokens)
+
+  def _check_ids(self, batch: list[list[int]]) -> None:
+    for b, ids in enumerate(batch):
+      bad = [i for i in ids if not 0 <= i < self.vocab_size]
+      if bad:
+        raise ValueError(f"sequence {b} has token id {bad[0]} outside the vocabulary "
+                         f"[0, {self.vocab_size})")
 
   def pad(self, batch: Sequence[Sequence[int]], length: int | None = None, *,
           left: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -147,6 +161,7 @@ class HFTokenizer:
     too_long = [i for i, ids in enumerate(batch) if len(ids) > length]
     if too_long:
       raise ValueError(f"sequences {too_long[:5]} are longer than length={length}")
+    self._check_ids([[int(i) for i in ids] for ids in batch])
     fill = next((i for i in (self.pad_id, self.eos_id) if i is not None), 0)
     tokens_BT = np.full((len(batch), length), fill, np.int32)
     valid_BT = np.zeros((len(batch), length), bool)
