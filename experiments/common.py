@@ -218,8 +218,8 @@ def ineffective_overrides(argv: list[str], replay_mode: str) -> list[str]:
 
 
 def predictor_lr_warning(config) -> str | None:
-  """A warning when PR2's predictor learns at a rate Adam takes in large steps: the default
-  α = 1e3 is the paper's, for its η ~ 1e-6; at α·η = 1 the bias swamped the router."""
+  """A warning when PR2's predictor learns at a rate Adam takes in large steps: the paper's
+  α = 1e3 is for its η ~ 1e-6; at α·η = 1 the bias swamped the router."""
   from pr2_jax.rl.config import PR2_MODES
   lr = config.pr2.lr_mult * config.rl.learning_rate
   if config.rl.replay_mode not in PR2_MODES or lr <= 1e-2:

@@ -28,7 +28,7 @@ from pr2_jax.pr2.predictor import (bias_logit_ratio, bias_logit_sums, init_predi
                                    predictor_losses, topk_overlap)
 from pr2_jax.rl.advantages import grpo_advantages, sequence_tis_weights, tis_weights
 from pr2_jax.rl.chunked_logprobs import chunked_token_stats
-from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
+from pr2_jax.rl.config import ExperimentConfig, PR2Config, RLConfig, SFTConfig
 from pr2_jax.rl.losses import (dapo_loss, gspo_loss, loss_denominator, loss_stats_from_sums,
                                policy_loss, token_entropies, token_entropy, token_logprobs)
 from pr2_jax.rl.metrics import (mismatch_from_sums, mismatch_metrics, mismatch_sums,

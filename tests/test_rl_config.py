@@ -250,3 +250,22 @@ def test_config_files_leave_the_clip_range_to_the_loss(name):
   assert (rl.clip_low, rl.clip_high, rl.ratio_denominator) == (3e-4, 4e-4, "old")
   cfg.rl.clip_low = 0.1  # a typed placeholder: a flag can set it
   assert RLConfig.from_dict(cfg.rl.to_dict()).clip_low == 0.1
+
+
+def test_sections_of_another_type_are_a_type_error_naming_the_field():
+  """A dict for `model` was accepted and failed in loop.run as an AttributeError."""
+  from pr2_jax.config import ModelConfig
+  ok = dict(model=ModelConfig(), rl=RLConfig(), sft=SFTConfig())
+  ExperimentConfig(**ok)
+  for name, bad in (("model", {"vocab_size": 32}), ("rl", {}), ("sft", None), ("pr2", {})):
+    with pytest.raises(TypeError, match=rf"ExperimentConfig.{name} is a \w+, expected a "
+                                        rf"(ModelConfig|RLConfig|SFTConfig|PR2Config)"):
+      ExperimentConfig(**{**ok, name: bad})
+
+
+def test_default_predictor_rate_is_the_one_adam_suits():
+  """α·η ~ 1e-3 (PR2Config's comment): the default α = 1e3 gave 0.1 at the default η, and the
+  predictor's bias swamped the router (bias/logit 3.05, predicted top-k accuracy 0.63 after 2
+  RL steps in a library user's run, against 0.025 and 1.00 at α = 10)."""
+  from pr2_jax.rl.config import PR2Config
+  assert PR2Config().lr_mult * RLConfig().learning_rate == pytest.approx(1e-3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from pr2_jax.config import RUNTIME_FIELDS, check_int, check_real
+from pr2_jax.config import RUNTIME_FIELDS, ModelConfig, check_int, check_real
 
 
 class SetupError(ValueError):
@@ -50,10 +50,15 @@ class RLConfig:
   weight_decay: float = 0.0        # AdamW weight decay
   grad_clip: float = 1.0           # global-norm clip
   temperature: float = 1.0         # rollout sampling temperature (and of π_θ in the loss)
-  top_p: float = 1.0               # rollout nucleus mass
+  # rollout nucleus mass; the behaviour log-prob µ recorded is the tempered distribution's
+  # before this filter (as vLLM reports it), so for top_p < 1 the ratio is not against the
+  # filtered distribution a token was drawn from
+  top_p: float = 1.0
   max_new_tokens: int = 8          # response budget including EOS
   rollout_dtype: str = "bfloat16"  # the inference engine's dtype
-  eval_every: int = 10             # RL steps between held-out evaluations (0 = never)
+  # RL steps between held-out evaluations (0 = none during RL; the warm-up policy's reward,
+  # the baseline, is always measured, so eval_size must fit the task either way)
+  eval_every: int = 10
   eval_size: int = 128             # held-out problems per evaluation
   eval_temperature: float = 1.0    # evaluation sampling temperature (0 = greedy)
   # Updates skipped for non-finite loss/grads in a row before stopping.
@@ -193,8 +198,9 @@ class RLConfig:
 class PR2Config:
   """The route evolution predictor (used when RLConfig.replay_mode is pr2 or pr2_r2)."""
   loss: str = "post"               # post | delta | l2 (DESIGN §3)
-  lr_mult: float = 1e3             # α: predictor learning rate = α × RLConfig.learning_rate;
-                                   # the paper's α for its η ~ 1e-6: keep α·η ~ 1e-3 (Adam)
+  lr_mult: float = 10.0            # α: predictor learning rate = α × RLConfig.learning_rate;
+                                   # α·η ~ 1e-3 suits Adam (the paper's α = 1e3 is for its
+                                   # η ~ 1e-6; at the default η = 1e-4 it swamped the router)
   feature_tokens: int = 8          # cached (h_old, p_old) positions per sequence
   feature_rule: str = "random"     # random: uniform over all slots | response: first response slots
   feature_dtype: str = "bfloat16"  # dtype of the feature cache
@@ -229,11 +235,12 @@ class SFTConfig:
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   """Everything one run needs; built from a `configs/*.py` ConfigDict by `from_dict`."""
-  model: Any                       # pr2_jax.ModelConfig
-  rl: RLConfig
-  sft: SFTConfig
-  pr2: PR2Config = PR2Config()
+  model: ModelConfig               # the policy's architecture and numerics
+  rl: RLConfig                     # the RL phase: rollouts, replay mode, learner, evaluation
+  sft: SFTConfig                   # the supervised warm-up before RL
+  pr2: PR2Config = PR2Config()     # PR2's predictor (replay_mode pr2 / pr2_r2)
   task: str = "arithmetic"         # pr2_jax.rl.tasks registry name
+  # the task's options (e.g. {"num_digits": 2}; pr2_jax.rl.tasks names each task's)
   task_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   seed: int = 0                    # init, data and sampling seed
   checkpoint_every: int = 10       # RL steps between checkpoints (0 = only at the end)
@@ -243,6 +250,12 @@ class ExperimentConfig:
   hf_checkpoint: str = ""
 
   def __post_init__(self):
+    for name, cls in (("model", ModelConfig), ("rl", RLConfig), ("sft", SFTConfig),
+                      ("pr2", PR2Config)):  # a dict here failed later, as an AttributeError
+      if not isinstance(getattr(self, name), cls):
+        raise TypeError(f"ExperimentConfig.{name} is a {type(getattr(self, name)).__name__}, "
+                        f"expected a {cls.__name__} (or build the whole config from a mapping "
+                        "with ExperimentConfig.from_dict)")
     check_int("ExperimentConfig", "checkpoint_every", self.checkpoint_every, minimum=0)
     check_int("ExperimentConfig", "seed", self.seed, minimum=0)  # numpy's seeds are >= 0
     from pr2_jax.rl.tasks import make_task
@@ -250,7 +263,6 @@ class ExperimentConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":
-    from pr2_jax.config import ModelConfig
     d = dict(d)
     known = {f.name for f in dataclasses.fields(cls)} | {"mesh_data", "mesh_expert"}
     unknown = sorted(set(d) - known)
