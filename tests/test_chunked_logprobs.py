@@ -90,7 +90,8 @@ def test_bad_inputs_are_named():
     chunked_token_stats(hidden, kernel, targets, chunk=0)
   with pytest.raises(ValueError, match=r"targets_BT\[0, 1\] = 40 is outside \[0, V=40\)"):
     chunked_token_stats(hidden, kernel, targets.at[0, 1].set(V), chunk=4)
-  with pytest.raises(ValueError, match=r"kernel_DV has shape \(8, 40\), expected \[D, V\]"):
+  with pytest.raises(ValueError, match=r"kernel_DV has shape \(8, 40\), expected \[D, V\] with "
+                                       rf"D = {kernel.shape[0]}, hidden_BTD's last axis$"):
     chunked_token_stats(hidden, kernel[:8], targets, chunk=4)
   with pytest.raises(ValueError, match=r"targets_BT has shape \(2, 7\)"):
     chunked_token_stats(hidden, kernel, targets[:, :7], chunk=4)

@@ -365,6 +365,26 @@ def test_save_rejects_params_that_do_not_fit_the_config(tmp_path):
     save_hf_checkpoint(cfg, wrong, str(tmp_path / "bad"))
 
 
+def test_a_missing_directory_or_a_file_is_named_as_such(tmp_path):
+  """Both read as a checkpoint without config.json."""
+  with pytest.raises(ValueError, match=r"checkpoint directory '.*nope' does not exist"):
+    load_hf_checkpoint(str(tmp_path / "nope"))
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match=r"checkpoint path '.*file' is a file, expected a dir"):
+    load_hf_checkpoint(str(tmp_path / "file"))
+
+
+def test_save_refuses_non_finite_params_and_keeps_the_old_checkpoint(tmp_path):
+  """It wrote them, and load_hf_checkpoint then refused the checkpoint it had written."""
+  cfg, params = random_checkpoint(tmp_path / "ok")
+  before = {f: (tmp_path / "ok" / f).read_bytes() for f in os.listdir(tmp_path / "ok")}
+  bad = dict(params, norm={"scale": np.asarray(params["norm"]["scale"]).copy()})
+  bad["norm"]["scale"][3] = np.nan
+  with pytest.raises(ValueError, match=r"params norm.scale hold non-finite values: not written"):
+    save_hf_checkpoint(cfg, bad, str(tmp_path / "ok"))
+  assert {f: (tmp_path / "ok" / f).read_bytes() for f in os.listdir(tmp_path / "ok")} == before
+
+
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax

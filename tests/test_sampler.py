@@ -200,6 +200,22 @@ def test_generate_rejects_inputs_that_do_not_fit_the_model(kwargs, slots, messag
           MoETransformer(CFG), params, prompts, valid, jax.random.key(0), config)
 
 
+def test_eager_generate_refuses_a_non_finite_predictor_and_takes_lists():
+  """A NaN predictor routed every token by NaN scores with no error (route's own check cannot
+  see it under generate's trace); nested lists were accepted by the checks, then crashed."""
+  params, prompts, valid = _setup()
+  config = sampler.SamplerConfig(max_new_tokens=2, temperature=0.0)
+  bad = jnp.zeros((CFG.num_moe_layers, CFG.d_model, CFG.num_experts)).at[1, 2, 3].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"predictor\[1, 2, 3\] = nan is not finite \(PR2"):
+    sampler.generate(MoETransformer(CFG), params, prompts, valid, jax.random.key(0), config,
+                     predictor=bad)
+  as_lists = sampler.generate(MoETransformer(CFG), params, prompts.tolist(), valid.tolist(),
+                              jax.random.key(0), config)
+  as_arrays = sampler.generate(MoETransformer(CFG), params, prompts, valid, jax.random.key(0),
+                               config)
+  np.testing.assert_array_equal(as_lists.tokens, as_arrays.tokens)
+
+
 def test_generate_rejects_mismatched_prompt_mask():
   params, prompts, valid = _setup()
   with pytest.raises(ValueError, match=rf"prompt_valid_BP has shape \({B}, {P - 1}\), expected"):

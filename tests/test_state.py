@@ -36,6 +36,15 @@ def test_state_memory_matches_the_arrays_a_device_holds(data, expert):
   assert mem["param_count"] == sum(x.size for x in jax.tree.leaves(state.params))
 
 
+def test_state_memory_without_a_mesh_is_one_devices():
+  """mesh=None, MoETransformer's one-device mode, was an AttributeError on None.shape."""
+  one = state_memory(MoETransformer(CFG), optax.adamw(1e-3))
+  state, _ = create_train_state(MoETransformer(CFG), optax.adamw(1e-3), jax.random.key(0),
+                                make_mesh(1, 1, jax.devices()[:1]))
+  assert one["params"] == _device0_bytes(state.params) == 4 * one["param_count"]
+  assert one["opt_state"] == _device0_bytes(state.opt_state)
+
+
 def test_expert_weights_split_over_the_expert_axis():
   # Hand count: 3 matrices (gate, up, down) of D x F per expert, E experts, L layers, float32.
   expert_bytes = 2 * 8 * 3 * 32 * 16 * 4

@@ -282,9 +282,17 @@ def save_hf_checkpoint(config: ModelConfig, params, path: str, *, dtype=None,
     max_shard_bytes: largest safetensors file before splitting.
     extra_config: extra `config.json` fields, e.g. `read_hf_config(source_dir)`
       to keep bos/eos ids and max_position_embeddings.
+
+  Raises ValueError, before anything is written, on parameters that do not fit `config` or
+  hold a NaN or inf (`load_hf_checkpoint` would refuse the checkpoint).
   """
   flat = traverse_util.flatten_dict(nn.unbox(params))
   check_params(config, flat)
+  # On the devices, one leaf at a time; before the old checkpoint in `path` is removed.
+  bad = [".".join(k) for k, x in flat.items() if not bool(jnp.all(jnp.isfinite(x)))]
+  if bad:
+    raise ValueError(f"params {_fmt(bad)} hold non-finite values: not written (a diverged "
+                     "run's state? load_hf_checkpoint refuses such a checkpoint)")
   sources = layout.hf_sources(config)
   dtype = np.dtype(flat[("embed_tokens",)].dtype if dtype is None else dtype)
   if dtype not in DTYPE_NAMES:

@@ -53,6 +53,9 @@ def read_json(file: str, fields: str | None = None) -> Any:
 def read_hf_config(path: str) -> dict[str, Any]:
   """Reads `config.json` from a checkpoint directory as a plain dict."""
   file = os.path.join(path, "config.json")
+  if not os.path.isdir(path):  # a mistyped path read as a checkpoint missing one file
+    raise ValueError(f"checkpoint directory {path!r} does not exist" if not os.path.exists(path)
+                     else f"checkpoint path {path!r} is a file, expected a directory")
   if not os.path.isfile(file):
     raise ValueError(f"no config.json in checkpoint directory {path!r}")
   return read_json(file, "config fields")

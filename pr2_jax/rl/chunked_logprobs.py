@@ -47,7 +47,9 @@ def chunked_token_stats(hidden_BTD: jax.Array, kernel_DV: jax.Array, targets_BT:
   check_rank("hidden_BTD", hidden_BTD, 3, "[B, T, D]")
   b, t, d = hidden_BTD.shape
   check_rank("kernel_DV", kernel_DV, 2, "[D, V]")
-  check_shape("kernel_DV", kernel_DV, (d, kernel_DV.shape[1]), "[D, V] with D of hidden_BTD")
+  if kernel_DV.shape[0] != d:  # check_shape's "expected (d, V)" read as hidden_BTD's shape
+    raise ValueError(f"kernel_DV has shape {tuple(kernel_DV.shape)}, expected [D, V] with D = {d}, "
+                     "hidden_BTD's last axis")
   check_shape("targets_BT", targets_BT, (b, t), "[B, T] of hidden_BTD")
   check_int("chunked_token_stats", "chunk", chunk)
   # A Python number, static for the jit below: XLA then drops a scale of 1, as it did when the

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_int_dtype, check_rank, is_concrete
+from pr2_jax.checks import as_array, check_finite, check_int_dtype, check_rank, is_concrete
 from pr2_jax.config import DTYPES, check_int, check_real
 from pr2_jax.models.layers import first_argmax
 from pr2_jax.models.transformer import MoETransformer, init_cache, validate_tokens
@@ -188,10 +188,14 @@ def generate(model: MoETransformer, params, prompts_BP: jax.Array, prompt_valid_
   `predictor [L, D, E]` every token is routed by the predicted distribution.
   With `feature_slots_BF`, the router inputs and logits at those slots are
   cached (PR2's predictor is trained on them). Bad inputs raise ValueError
-  (see `validate_generate_inputs`).
+  (see `validate_generate_inputs`), as does a concrete predictor holding a NaN or inf.
   """
+  prompts_BP, prompt_valid_BP = as_array(prompts_BP), as_array(prompt_valid_BP)
+  feature_slots_BF = None if feature_slots_BF is None else as_array(feature_slots_BF)
   validate_generate_inputs(model.config.vocab_size, prompts_BP, prompt_valid_BP, config,
                            feature_slots_BF)
+  if predictor is not None:  # under jit the routes would follow NaN scores, silently
+    check_finite("predictor", predictor, "PR2 predictor weights W_p [L, D, E]")
   b, p = prompts_BP.shape
   n = config.max_new_tokens
   dtype = jnp.dtype(model.config.dtype)

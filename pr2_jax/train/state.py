@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pr2_jax.config import ModelConfig, check_real
-from pr2_jax.parallel.mesh import DATA, EXPERT, num_token_shards, tree_shardings
+from pr2_jax.parallel.mesh import DATA, EXPERT, make_mesh, num_token_shards, tree_shardings
 from pr2_jax.pr2.predictor import init_predictor
 
 # PR2's W_p [L, D, E]: its D is a parameter's d_model, so model.fsdp splits it too.
@@ -136,12 +136,15 @@ def bytes_per_device(abstract_tree, shardings) -> int:
   return sum(jax.tree.leaves(jax.tree.map(one, abstract_tree, shardings)))
 
 
-def state_memory(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh) -> dict:
-  """Per-device bytes of the train state on `mesh`, from shapes alone (nothing is allocated).
+def state_memory(model: nn.Module, tx: optax.GradientTransformation,
+                 mesh: Mesh | None = None) -> dict:
+  """Per-device bytes of the train state on `mesh` (None: one device), from shapes alone
+  (nothing is allocated).
 
   Gradients are laid out like the parameters, so they cost `params` again
   during the update; activations are not counted (they depend on the batch).
   """
+  mesh = make_mesh(1, 1, jax.devices()[:1]) if mesh is None else mesh
   boxed = jax.eval_shape(_init_fn(model, tx, mesh), jax.random.key(0))
   shardings = state_shardings(model, mesh, boxed)
   state = nn.unbox(boxed)
