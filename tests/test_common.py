@@ -202,3 +202,15 @@ def test_a_resumed_runs_summary_still_shows_the_reward_before_rl(tmp_path, capsy
   assert lines[2:5] == ["already complete at RL step 1: nothing to run (raise "
                         "--config.rl.num_steps to continue, or use another --workdir)",
                         "eval reward before RL:     0.248", "train reward (last step):  0.300"]
+
+
+def test_build_mesh_takes_mesh_data_and_fills_the_rest():
+  """mesh_data = 0 takes the devices the expert axis leaves; a given mesh_data is used (a
+  mesh_data that does not fill the 8 devices is refused, not replaced by the fill)."""
+  import ml_collections
+  mesh = lambda data, expert: common.build_mesh(ml_collections.ConfigDict(
+      {"mesh_data": data, "mesh_expert": expert}))
+  assert dict(mesh(0, 2).shape) == {"data": 4, "expert": 2}
+  assert dict(mesh(1, 8).shape) == {"data": 1, "expert": 8}
+  with pytest.raises(ValueError, match=r"mesh data=2 x expert=2 = 4 devices, but 8"):
+    mesh(2, 2)
