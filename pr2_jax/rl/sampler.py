@@ -39,7 +39,8 @@ class SamplerConfig:
   # stops a sequence (and is part of its response); a tuple: any of them (Qwen3 has two);
   # -1 = no EOS, every row decodes max_new_tokens (benchmarks)
   eos_id: int | tuple[int, ...] = 2
-  pad_id: int = 0             # written after EOS
+  pad_id: int = 0             # written after EOS (a vocabulary id the model may also sample:
+                              # Rollout.valid, not the id, tells padding apart)
   predicted_gates: bool = True  # PR2: gate by the predictive q̂ (paper) or by the router's ρ
   feature_dtype: str = "bfloat16"  # dtype of the cached PR2 router features
 
