@@ -4,6 +4,8 @@ in main and --config files or keys that give no config, and exit codes."""
 import gc
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 from absl import app, flags
@@ -17,8 +19,38 @@ def test_exit_with_error_is_one_line_and_code_2(capsys):
   assert e.value.code == 2 and capsys.readouterr().err == "error: bad config: x\n"
 
 
+def test_exit_with_error_folds_line_breaks_into_one_line(capsys):
+  # A ValueError of the config dataclasses may span lines; one `error:` line is the contract
+  # (tests/_cli.one_error_line counts them), so the breaks and runs of spaces are folded.
+  with pytest.raises(SystemExit) as e:
+    cli.exit_with_error("bad config: a\n  b\tc\n", code=1)
+  assert e.value.code == 1 and capsys.readouterr().err == "error: bad config: a b c\n"
+
+
+@pytest.mark.parametrize("error", [ValueError("top_k=99"), KeyError("top_k=99"),
+                                   flags.ValidationError("top_k=99")])
+def test_bad_config_exits_on_each_refusal_with_code_2(error, capsys):
+  with pytest.raises(SystemExit) as e:
+    with cli.bad_config_exits():
+      raise error
+  # str(KeyError) quotes its message: the line shows what the dataclass said, as it said it.
+  assert e.value.code == 2 and capsys.readouterr().err == f"error: bad config: {error}\n"
+
+
+def test_bad_config_exits_lets_a_bug_through():
+  with pytest.raises(TypeError):  # not a user's setting: a traceback, not a usage error
+    with cli.bad_config_exits():
+      raise TypeError("a bug")
+
+
 _COUNT = flags.DEFINE_integer("test_cli_count", 3, "A count only these tests use.")
 cli.at_least(1, "test_cli_count")
+_OPTIONAL = flags.DEFINE_integer("unset_bound_flag", None, "Unset unless given.")
+cli.at_least(0, "unset_bound_flag")
+_LIST = flags.DEFINE_list("nonempty_list_flag", ["1"], "A list only these tests use.")
+cli.non_empty("nonempty_list_flag")
+_PAIR = flags.DEFINE_list("number_pair_flag", ["0.5", "1"], "Two numbers only these tests use.")
+cli.numbers_at_least(float, 0.5, "number_pair_flag", count=2)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -52,6 +84,33 @@ def test_bounded_flag_accepts_its_minimum():
   assert _COUNT.value == 1
 
 
+def test_an_unset_optional_flag_passes_its_bound():
+  # None >= 0 is a TypeError: without the `v is None` case every run without the flag failed.
+  cli.parse_flags(["prog"])
+  assert _OPTIONAL.value is None
+  cli.parse_flags(["prog", "--unset_bound_flag=0"])
+  assert _OPTIONAL.value == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nonempty_list_flag="], "--nonempty_list_flag must list at least one value"),
+    (["--number_pair_flag=0.5"], "--number_pair_flag must list 2 floats >= 0.5"),  # one short
+    (["--number_pair_flag=1,2,3"], "--number_pair_flag must list 2 floats >= 0.5"),  # one too many
+    (["--number_pair_flag=0.49,1"], "--number_pair_flag must list 2 floats >= 0.5"),
+    (["--number_pair_flag=1,x"], "--number_pair_flag must list 2 floats >= 0.5"),  # not a number
+])
+def test_list_validators_refuse_with_one_line(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags(["prog", *argv])
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_list_validators_accept_their_edges():
+  # One entry is not empty; the minimum itself is allowed, as at_least's is.
+  cli.parse_flags(["prog", "--nonempty_list_flag=7", "--number_pair_flag=0.5,0.5"])
+  assert _LIST.value == ["7"] and _PAIR.value == ["0.5", "0.5"]
+
+
 def test_run_turns_a_validation_error_in_main_into_one_line(capsys, monkeypatch):
   def main(argv):
     raise flags.ValidationError("--mesh_expert=3 does not divide the 8 devices")
@@ -60,6 +119,17 @@ def test_run_turns_a_validation_error_in_main_into_one_line(capsys, monkeypatch)
     cli.run(main)
   assert e.value.code == 2
   assert capsys.readouterr().err == "error: --mesh_expert=3 does not divide the 8 devices\n"
+
+
+def test_run_turns_a_usage_error_in_main_into_one_line(capsys, monkeypatch):
+  # absl's app.run prints the whole help for an app.UsageError and exits 1.
+  def main(argv):
+    raise app.UsageError("--ref_workdir needs --workdir")
+  monkeypatch.setattr("sys.argv", ["prog"])
+  with pytest.raises(SystemExit) as e:
+    cli.run(main)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == "error: --ref_workdir needs --workdir\n"
 
 
 _CONFIG_FILES = {"syntax.py": "def get_config(:\n", "noget.py": "x = 1\n",
@@ -134,3 +204,29 @@ def test_a_signal_raised_normally_propagates_as_before(cli_signal_handlers):
     os.kill(os.getpid(), signal.SIGTERM)
     for _ in range(10**6):  # the handler runs at the next bytecode boundary
       pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_the_latest_signal_is_the_one_raised_again(cli_signal_handlers):
+  """Ctrl-C, then the scheduler's SIGTERM: the run ends as terminated (exit 143), the last
+  word, not as the first signal."""
+  for signum, exception in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)):
+    with pytest.raises(exception):
+      os.kill(os.getpid(), signum)
+      for _ in range(10**6):
+        pass
+  with pytest.raises(KeyboardInterrupt) as e:  # not cli.Terminated: a Ctrl-C would escape it
+    cli.raises_signalled(lambda: None)()
+  assert type(e.value) is cli.Terminated
+
+
+def test_exit_interrupted_exits_with_the_code_and_keeps_what_was_printed():
+  # os._exit skips the interpreter's flush of buffered stdout and stderr (pipes: fully
+  # buffered), so "how to resume" printed just before would be lost without exit_interrupted's.
+  code = ("import sys; from experiments import cli; print('resume with --workdir'); "
+          "sys.stderr.write('interrupted'); cli.exit_interrupted(143)")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a job's
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert (proc.returncode, proc.stdout, proc.stderr) == (143, "resume with --workdir\n",
+                                                         "interrupted")
