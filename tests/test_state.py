@@ -5,13 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.train.state import (clip_by_global_norm, create_train_state, make_optimizer,
-                                  predictor_initializer, state_memory)
+from pr2_jax.train.state import (bytes_per_device, clip_by_global_norm, create_train_state,
+                                  make_optimizer, predictor_initializer, state_memory)
 
 CFG = ModelConfig(vocab_size=24, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                   expert_d_ff=16, num_experts=8, top_k=2, num_layers=2)
@@ -43,6 +43,32 @@ def test_state_memory_without_a_mesh_is_one_devices():
                                 make_mesh(1, 1, jax.devices()[:1]))
   assert one["params"] == _device0_bytes(state.params) == 4 * one["param_count"]
   assert one["opt_state"] == _device0_bytes(state.opt_state)
+
+
+def test_state_memory_counts_one_gradient_per_parameter():
+  """`grads` is what the update's gradients hold, laid out like the parameters: `params` again,
+  not the optimizer's two moments (memory_plan prints it as a column of its own). Hand count
+  on one device: 4 bytes per float32 parameter."""
+  one = state_memory(MoETransformer(CFG), optax.adamw(1e-3))
+  assert one["grads"] == one["params"] == 4 * one["param_count"]
+  mesh = make_mesh(2, 4)
+  split = state_memory(MoETransformer(CFG, mesh), optax.adamw(1e-3), mesh)
+  assert split["grads"] == split["params"] < one["params"]
+
+
+def test_bytes_per_device_takes_each_leafs_dtype_and_shard():
+  """The model's parameters are all float32, so a count of 4 bytes an element, or of whole
+  arrays on the fake 8-way data axis, would only show here. Hand count: a [16, 6] bfloat16
+  split 8 ways is 2 x 6 x 2 = 24 bytes, a replicated [5] int8 5, a replicated [4, 4] float32
+  64."""
+  mesh = make_mesh(8, 1)
+  tree = {"a": jax.ShapeDtypeStruct((16, 6), jnp.bfloat16),
+          "b": jax.ShapeDtypeStruct((5,), jnp.int8),
+          "c": jax.ShapeDtypeStruct((4, 4), jnp.float32)}
+  shardings = {"a": NamedSharding(mesh, PartitionSpec("data", None)),
+               "b": NamedSharding(mesh, PartitionSpec()),
+               "c": NamedSharding(mesh, PartitionSpec(None, None))}
+  assert bytes_per_device(tree, shardings) == 24 + 5 + 64
 
 
 def test_expert_weights_split_over_the_expert_axis():
