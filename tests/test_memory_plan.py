@@ -35,10 +35,37 @@ def test_memory_plan_table_and_json():
   assert rows[2]["fsdp_total"] == rows[2]["total"]
 
 
+def test_memory_plan_table_shows_the_json_in_gib():
+  """A 2^21-token vocabulary makes the tiny model's embedding and LM head 2 x 2^21 x 64 float32
+  = 1 GiB (the rest is ~0.4 MiB; shapes only, nothing is allocated). Hand-worked, every row
+  reads params 1.00, AdamW 2.00 (two moments), grads 1.00 (one per parameter), total 4.00; fsdp
+  at 2 x 4 splits both over 'data' (2.00). The test above sees only the JSON, so a column
+  showing another field, or GiB taken as 10^9 bytes, passed it."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  args = ["--config=configs/tiny.py", "--cpu_devices=8", "--mesh_expert=4,8",
+          "--config.model.vocab_size=2097152"]
+  out = subprocess.run([sys.executable, "-m", "experiments.memory_plan", *args], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  rows = json.loads(lines[-1])["rows"]
+  start = next(i for i, line in enumerate(lines) if "mesh (data x expert)" in line) + 1
+  table = [line.split() for line in lines[start:-2]]
+  assert table == [["2", "x", "4", "1.00", "2.00", "1.00", "4.00", "2.00"],
+                   ["1", "x", "8", "1.00", "2.00", "1.00", "4.00", "4.00"]]
+  assert lines[-2] == "parameters: 0.27B"  # 2 x 2^21 x 64 = 268.4 M, and 0.2 M more
+  for row, cells in zip(rows, table):
+    assert row["grads"] == row["params"]
+    want = [row[k] / 2**30 for k in ("params", "opt_state", "grads", "total", "fsdp_total")]
+    assert [float(c) for c in cells[3:]] == pytest.approx(want, abs=0.005)
+
+
 @pytest.mark.parametrize("args, named", [
     (["--cpu_devices=8", "--mesh_expert=3"], "--mesh_expert=3"),  # does not divide the devices
     (["--cpu_devices=3", "--mesh_expert=3"], "--mesh_expert=3"),  # nor the 8 experts
     (["--mesh_expert=abc"], "--mesh_expert"), (["--mesh_expert="], "--mesh_expert"),
+    (["--mesh_expert=0"], "--mesh_expert"),  # was n % 0 if the validator let it through
+    (["--cpu_devices=8", "--mesh_expert=8,3"], "--mesh_expert=3"),  # the 2nd entry too, first
     (["--config.model.top_k=99"], "top_k=99"),
 ])
 def test_bad_flags_are_one_error_line(args, named):
