@@ -1,6 +1,7 @@
 """experiments/allocator.py: when and how an entry point re-executes itself with jemalloc or
 glibc's hugetlb tunable."""
 
+import json
 import os
 import platform
 import subprocess
@@ -76,6 +77,8 @@ def test_find_jemalloc_takes_the_first_directory_that_has_it(tmp_path):
   assert alloc.find_jemalloc({alloc.PATH_VAR: str(own)}, [str(dirs[1])]) == str(own)
   with pytest.raises(ValueError, match=r"PR2_JAX_JEMALLOC='.*/nope.so' is not a file"):
     alloc.find_jemalloc({alloc.PATH_VAR: str(tmp_path / "nope.so")}, [str(dirs[1])])
+  with pytest.raises(ValueError, match=r"PR2_JAX_JEMALLOC='.*/my' is not a file"):
+    alloc.find_jemalloc({alloc.PATH_VAR: str(own.parent)}, [str(dirs[1])])  # a directory
 
 
 JE = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
@@ -115,6 +118,10 @@ def test_reexec_environ_follows_the_choice(choice, jemalloc, expected):
   assert new == want
   assert alloc.reexec_environ(dict(environ, **{alloc.OLD_OPT_OUT: "0"}), "madvise", GLIBC,
                            jemalloc) is None  # the earlier opt-out still turns it all off
+  # Only its "0" meant off: "1" (on, as it was by default) changes nothing.
+  on = {alloc.OLD_OPT_OUT: "1"}
+  assert alloc.reexec_environ(dict(environ, **on), "madvise", GLIBC, jemalloc) == (
+      None if want is None else dict(want, **on))
 
 
 def test_reexec_environ_rejects_a_bad_choice_and_a_missing_jemalloc():
@@ -145,7 +152,8 @@ def _script(path, entry_dir):
       from experiments import allocator
       names = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")
       show = lambda: [os.environ.get(k, "") for k in names]
-      print("before", os.getpid(), *show(), sep="|", flush=True)
+      # Not flushed: stdout is a pipe, so only reexec_if_useful's flush keeps this line.
+      print("before", os.getpid(), *show(), sep="|")
       allocator.reexec_if_useful({str(entry_dir)!r})
       print("after", os.getpid(), *show(), sys.argv[1:], sep="|", flush=True)
       """))
@@ -157,7 +165,9 @@ def _run(path, environ, check=True):
 
 
 def _clean_environ(**settings):
-  environ = {k: v for k, v in os.environ.items() if k not in _SETTINGS}
+  # Buffered stdout, as an entry point's in a pipe: what it printed before the exec is kept
+  # only if reexec_if_useful flushes it.
+  environ = {k: v for k, v in os.environ.items() if k not in _SETTINGS + ("PYTHONUNBUFFERED",)}
   return dict(environ, **settings)
 
 
@@ -206,3 +216,40 @@ def test_a_script_outside_the_entry_directory_is_never_reexecuted(tmp_path):
   lines = _run(tmp_path / "entry.py", _clean_environ()).stdout.splitlines()
   pid = lines[0].split("|")[1]
   assert lines == [f"before|{pid}|||", f"after|{pid}||||['--flag=1', 'x y']"]
+
+
+def test_a_module_run_with_dash_m_is_reexecuted_as_a_module(tmp_path):
+  """Entry points run as `python -m experiments.X`: the new image must be started the same way
+  (sys.orig_argv). Re-executed as the file (sys.argv[0]), its directory, not the current one,
+  heads sys.path: `experiments` then came from wherever else it was installed (another
+  checkout) or not at all. The script above is a file either way, so it cannot tell."""
+  fake = tmp_path / "libjemalloc.so.2"
+  fake.write_bytes(b"")
+  pkg = tmp_path / "pkg"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  _script(pkg / "entry.py", pkg)
+  with open(pkg / "entry.py", "a") as f:
+    f.write("print('spec', __spec__ and __spec__.name, sys.orig_argv[1:3], sep='|')\n")
+  environ = _clean_environ(**{alloc.PATH_VAR: str(fake)})
+  lines = subprocess.run([sys.executable, "-m", "pkg.entry", "--flag=1"], env=environ, check=True,
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path).stdout
+  lines = lines.splitlines()
+  assert [line.split("|")[0] for line in lines] == ["before", "before", "after", "spec"]
+  assert lines[1].split("|")[2] == str(fake)  # the re-executed image, with the preload
+  assert lines[3] == "spec|pkg.entry|['-m', 'pkg.entry']"
+
+
+@pytest.mark.skipif(alloc.find_jemalloc({}) is None, reason="no libjemalloc.so.2 installed")
+def test_jemalloc_takes_our_settings():
+  """The real jemalloc reads JEMALLOC_CONF as meant: no decay of dirty or muzzy pages (a typo
+  in a key is only a warning on stderr, and the process runs on with jemalloc's 10 s decay).
+  Its own report of the options in force, as JSON, at exit; the user's settings come after
+  ours."""
+  user = {"MALLOC_CONF": "stats_print:true,stats_print_opts:J"}
+  environ = dict(_clean_environ(), **alloc.environ_with_jemalloc(user, alloc.find_jemalloc({})))
+  done = subprocess.run([sys.executable, "-c", "pass"], env=environ, check=True,
+                        capture_output=True, text=True, timeout=60)
+  assert "Invalid conf" not in done.stderr, done.stderr[:500]
+  opt = json.loads(done.stderr)["jemalloc"]["opt"]
+  assert (opt["dirty_decay_ms"], opt["muzzy_decay_ms"]) == (-1, -1)
