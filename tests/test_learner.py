@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.rl import advantages, data, learner
+from pr2_jax.rl import advantages, data, learner, losses
 from pr2_jax.rl.config import RLConfig
 from pr2_jax.rl.sampler import SamplerConfig, generate
 from pr2_jax.train.state import create_train_state, make_optimizer, predictor_initializer
@@ -128,7 +128,7 @@ def test_logits_chunk_gives_the_same_old_logprobs_update_and_metrics():
                                err_msg=key)
 
 
-@pytest.mark.parametrize("loss", ["dapo", "gspo"])
+@pytest.mark.parametrize("loss", losses.POLICY_LOSS_KINDS)
 def test_ratio_is_one_at_first_ministep_same_dtype_r3(loss):
   """float32 rollout + R3: π_θ/π_old and π_θ/µ are 1 and nothing clips.
 
@@ -314,7 +314,7 @@ def test_ratio_denominator_divides_by_pi_old_or_by_mu():
   assert results["old"] > 1.05 and results["rollout"] < 0.95  # the two cases can tell apart
 
 
-@pytest.mark.parametrize("loss", ["dapo", "gspo"])
+@pytest.mark.parametrize("loss", losses.POLICY_LOSS_KINDS)
 def test_tis_weights_cap_the_loss(loss):
   """ratio 'old' with tis_cap: each token's (DAPO) or sequence's (GSPO) loss is weighted by
   min(π_old/µ, cap); the perturbation pushes some weights onto the cap and leaves some below."""

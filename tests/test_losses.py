@@ -100,7 +100,7 @@ def _tiny_policy(seed=0, b=4, t=5, v=7, d=3):
   return w_DV, old_BT, mask_BT, logp
 
 
-@pytest.mark.parametrize("kind", ["dapo", "gspo"])
+@pytest.mark.parametrize("kind", losses.POLICY_LOSS_KINDS)
 def test_micro_step_losses_and_grads_sum_to_the_full_batch(kind):
   """With the mini-batch denominator, two half-batch losses (and grads, and sums) add up exactly."""
   w, old, mask, logp = _tiny_policy()
@@ -148,7 +148,7 @@ def test_gradient_step_moves_logprobs_with_the_advantage_sign():
   p = np.exp(z - z.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   want = -np.array([1.0, -1.0])[:, None, None] / 6 * (np.eye(5)[np.asarray(targets)] - p)
-  for kind in ("dapo", "gspo"):
+  for kind in losses.POLICY_LOSS_KINDS:
     g = jax.jit(jax.grad(lambda lg: losses.policy_loss(
         kind, losses.token_logprobs(lg, targets), old, adv, mask)[0]))(logits)
     np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7, err_msg=kind)
@@ -265,7 +265,7 @@ def test_gspo_per_token_advantage_with_b_equal_t_is_rejected_not_misaligned():
     losses.policy_loss("gspo", z, z, jnp.ones(3), mask, is_weight=jnp.ones((3, 3)))
 
 
-@pytest.mark.parametrize("kind", ["dapo", "gspo"])
+@pytest.mark.parametrize("kind", losses.POLICY_LOSS_KINDS)
 @pytest.mark.parametrize("arg, bad, message", [
     ("adv", jnp.ones(1), r"adv_B has shape \(1,\), expected \[B\] = \(4,\)"),
     ("mask", jnp.ones((4, 1)),
@@ -360,7 +360,7 @@ def test_bad_loss_hyper_parameters_are_refused(call, match):
     call()
 
 
-@pytest.mark.parametrize("kind", ["dapo", "gspo"])
+@pytest.mark.parametrize("kind", losses.POLICY_LOSS_KINDS)
 @pytest.mark.parametrize("bad, shown", [(-1.0, "-1.0"), (float("nan"), "nan"),
                                         (float("inf"), "inf")])
 def test_policy_losses_reject_negative_or_non_finite_masks(kind, bad, shown):
@@ -387,7 +387,7 @@ def test_mask_values_are_read_only_when_concrete():
     np.testing.assert_allclose(losses.dapo_loss(z, z, jnp.ones(1), mask)[0], -1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["dapo", "gspo"])
+@pytest.mark.parametrize("kind", losses.POLICY_LOSS_KINDS)
 @pytest.mark.parametrize("arg", ["logp_BT", "old_logp_BT", "adv_B"])
 def test_policy_losses_refuse_complex_inputs_eagerly_and_under_jit(kind, arg):
   """A complex log-prob was cast to float with only numpy's ComplexWarning (the imaginary part
@@ -401,3 +401,16 @@ def test_policy_losses_refuse_complex_inputs_eagerly_and_under_jit(kind, arg):
     call(args)
   with pytest.raises(TypeError, match=match):
     jax.jit(call)(args)
+
+
+def test_a_kind_without_a_branch_raises_instead_of_running_as_gspo(monkeypatch):
+  """policy_loss and loss_denominator read 'dapo, else GSPO': a kind added to the list but not
+  to a branch ran with GSPO's denominator and weights, silently."""
+  monkeypatch.setattr(losses, "LOSS_LEVELS", {**losses.LOSS_LEVELS, "new": "token"})
+  monkeypatch.setattr(losses, "POLICY_LOSS_KINDS", (*losses.POLICY_LOSS_KINDS, "new"))
+  mask = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+  assert float(losses.loss_denominator("new", mask)) == 2.0  # tokens, by its level
+  assert float(losses.loss_denominator("gspo", mask)) == 1.0  # sequences with a response
+  z = jnp.zeros((2, 3))
+  with pytest.raises(NotImplementedError, match="policy_loss has no branch for 'new'"):
+    losses.policy_loss("new", z, z, jnp.zeros(2), mask)

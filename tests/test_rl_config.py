@@ -154,6 +154,16 @@ def test_planner_methods_match_the_planner():
   assert RLConfig().planner_method == "rounds"
 
 
+def test_loss_names_match_the_losses():
+  """Likewise the policy and predictor losses: a kind only the config knew passed validation
+  and failed after the warm-up, at the first RL trace."""
+  from pr2_jax.pr2 import predictor
+  from pr2_jax.rl import config, losses
+  assert config.LOSSES == losses.POLICY_LOSS_KINDS
+  assert set(config.LOSS_DEFAULTS) == set(losses.LOSS_LEVELS)
+  assert config.PREDICTOR_LOSSES == predictor.PREDICTOR_LOSSES
+
+
 def test_configs_that_cannot_describe_a_run_fail_naming_what_is_missing():
   """A model-only config used to fail with KeyError 'sft'; hf_pr2.py without a checkpoint
   silently trained ModelConfig's default (random) model."""

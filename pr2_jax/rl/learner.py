@@ -167,7 +167,7 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
   is_weight = None
   if rl.tis_cap > 0 and rl.ratio_denominator == "old":
     is_weight = (advantages.tis_weights(micro["old_logp"], rollout_BT, rl.tis_cap)
-                 if rl.loss == "dapo" else
+                 if losses.LOSS_LEVELS[rl.loss] == "token" else
                  advantages.sequence_tis_weights(micro["old_logp"], rollout_BT, mask_BT,
                                                  rl.tis_cap))
   loss, aux = losses.policy_loss(rl.loss, logp_BT, against_BT, micro["adv"], mask_BT,

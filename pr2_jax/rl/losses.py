@@ -38,7 +38,11 @@ from pr2_jax.checks import (check_bound, check_count, check_finite, check_ids, c
                             check_real_dtype, check_shape, is_concrete)
 from pr2_jax.rl.advantages import MASK_WHY, MAX_LOG_RATIO, check_BT_inputs
 
-POLICY_LOSS_KINDS = ("dapo", "gspo")
+# Each kind's ratio level: "token" ones weigh and count tokens (TIS weights [B, T], denominator
+# the masked tokens), "sequence" ones sequences ([B], the sequences with a response). A new kind
+# goes here, in policy_loss's dispatch and in rl.config.LOSSES (a test ties the two lists).
+LOSS_LEVELS = {"dapo": "token", "gspo": "sequence"}
+POLICY_LOSS_KINDS = tuple(LOSS_LEVELS)
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -230,7 +234,7 @@ def loss_denominator(kind: str, mask_BT: jax.Array) -> jax.Array:
   check_rank("mask_BT", mask_BT, 2, "[B, T]")
   check_finite("mask_BT", mask_BT, MASK_WHY, low=0)
   mask_BT = _f32(mask_BT)
-  if kind == "dapo":
+  if LOSS_LEVELS[kind] == "token":
     return jnp.maximum(jnp.sum(mask_BT), 1.0)
   return jnp.maximum(jnp.sum(_f32(jnp.sum(mask_BT, axis=1) > 0)), 1.0)
 
@@ -250,7 +254,7 @@ def policy_loss(kind: str, logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: ja
   DAPO, 3e-4/4e-4 for GSPO). `is_weight` is [B, T] for DAPO and [B] for GSPO;
   `denom` counts tokens for DAPO and sequences for GSPO (see `loss_denominator`).
   GRPO's objective is "dapo" with `clip_high = clip_low` (this module's docstring).
-  Raises ValueError for an unknown `kind` (allowed: "dapo", "gspo").
+  Raises ValueError for an unknown `kind` (allowed: `POLICY_LOSS_KINDS`).
   """
   _check_kind(kind)
   clips = {}
@@ -261,8 +265,10 @@ def policy_loss(kind: str, logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: ja
   if kind == "dapo":
     return dapo_loss(logp_BT, old_logp_BT, adv_B, mask_BT, is_weight_BT=is_weight,
                      denom=denom, **clips)
-  return gspo_loss(logp_BT, old_logp_BT, adv_B, mask_BT, is_weight_B=is_weight,
-                   denom_seqs=denom, **clips)
+  if kind == "gspo":
+    return gspo_loss(logp_BT, old_logp_BT, adv_B, mask_BT, is_weight_B=is_weight,
+                     denom_seqs=denom, **clips)
+  raise NotImplementedError(f"policy_loss has no branch for {kind!r} (in LOSS_LEVELS)")
 
 
 # -- Log-probs and entropy from logits -------------------------------------------------------------
