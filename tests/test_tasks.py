@@ -213,3 +213,26 @@ def test_make_task_rejects_options_of_another_task():
   assert (task.num_numbers, task.max_number, task.ops, task.eval_fraction, task.name) == (
       3, 9, "+", 0.2, "cd")
   assert tasks.make_task("arithmetic").num_digits == 2  # {} = the defaults
+
+
+class _Unnamed(tasks.Task):
+  """A new task whose _generate forgets `task=self.name`, as Problem's default allows."""
+  name, max_prompt_len, max_answer_len = "unnamed", 3, 1
+
+  def _generate(self, rng):
+    a = int(rng.integers(0, 100))
+    return tasks.Problem(f"{a:02d}:", str(a % 7), str(a % 7), (a,))
+
+  def reward(self, problem, completion):
+    return float(completion == problem.answer)
+
+
+def test_problems_are_named_after_their_task_even_if_generate_forgets():
+  """Mixture dispatches rewards on Problem.task: an unnamed one raised 'problem of task '''
+  is not in mixture(...)' mid-run."""
+  task = _Unnamed(eval_fraction=0.5)
+  rng = np.random.default_rng(0)
+  assert {p.task for p in task.sample(rng, 8) + task.eval_set(4)} == {"unnamed"}
+  mix = tasks.Mixture([task, tasks.make_task("arithmetic")])
+  for problem in mix.sample(rng, 16) + mix.eval_set(8):
+    assert mix.reward(problem, problem.answer) == 1.0

@@ -60,7 +60,13 @@ def is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
 class Task:
   """Base class: subclasses set `name`, `max_prompt_len`, `max_answer_len` and
   implement `_generate(rng) -> Problem` (one draw from the full problem
-  space) and `reward(problem, completion) -> float in [0, 1]`."""
+  space) and `reward(problem, completion) -> float in [0, 1]`; register the class in
+  `TASKS` and add an instance to tests/test_tasks.py's ALL_TASKS (generic checks).
+
+  Prompts and solutions use the character tokenizer's alphabet (`char_tokenizer.CHARS`).
+  The held-out split is `eval_fraction` of the distinct prompts, so a run's
+  `RLConfig.eval_size` needs a problem space of at least eval_size / eval_fraction prompts
+  (configs/tiny.py: 256 / 0.1 = 2,560)."""
 
   name = "task"
   max_prompt_len: int
@@ -79,6 +85,11 @@ class Task:
   def reward(self, problem: Problem, completion: str) -> float:
     raise NotImplementedError
 
+  def _draw(self, rng: np.random.Generator) -> Problem:
+    """`_generate`'s problem, named after this task unless it names its own (a Mixture's)."""
+    problem = self._generate(rng)
+    return problem if problem.task else dataclasses.replace(problem, task=self.name)
+
   def is_eval(self, problem: Problem) -> bool:
     return is_eval_prompt(problem.prompt, self.eval_fraction)
 
@@ -90,7 +101,7 @@ class Task:
         raise ValueError(f"{self.name}: train split looks empty "
                          f"(eval_fraction={self.eval_fraction})")
       budget -= 1
-      problem = self._generate(rng)
+      problem = self._draw(rng)
       if not self.is_eval(problem):
         out.append(problem)
     return out
@@ -101,7 +112,7 @@ class Task:
     for _ in range(1000 + 100 * n):
       if len(out) == n:
         break
-      problem = self._generate(rng)
+      problem = self._draw(rng)
       if self.is_eval(problem) and problem.prompt not in seen:
         seen.add(problem.prompt)
         out.append(problem)
