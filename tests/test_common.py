@@ -214,3 +214,84 @@ def test_build_mesh_takes_mesh_data_and_fills_the_rest():
   assert dict(mesh(1, 8).shape) == {"data": 1, "expert": 8}
   with pytest.raises(ValueError, match=r"mesh data=2 x expert=2 = 4 devices, but 8"):
     mesh(2, 2)
+
+
+def test_metrics_writer_appends_one_sorted_json_line_per_call(tmp_path):
+  writer = common.MetricsWriter(str(tmp_path / "run"))  # the workdir is created
+  writer.write({"step": 1, "phase": "rl", "loss": 0.5})
+  writer.write({"step": 2, "phase": "rl"})
+  text = (tmp_path / "run" / "metrics.jsonl").read_text()
+  # Appended, not rewritten: a resumed run's rows follow the earlier ones.
+  assert text == ('{"loss": 0.5, "phase": "rl", "step": 1}\n'
+                  '{"phase": "rl", "step": 2}\n')
+  common.MetricsWriter(str(tmp_path / "run")).write({"step": 3})
+  assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[2] == '{"step": 3}'
+
+
+def test_only_process_0_writes_metrics_and_the_summary(tmp_path, monkeypatch, capsys):
+  # Every process of a multi-host run computes the same metrics; N writers interleave lines.
+  from pr2_jax.parallel import distributed
+  monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+  common.MetricsWriter(str(tmp_path)).write({"step": 1})
+  common.print_summary({"final": {"reward_mean": 0.5}, "warmup_eval_reward": 0.1}, str(tmp_path))
+  assert not (tmp_path / "metrics.jsonl").exists() and capsys.readouterr().out == ""
+
+
+def test_log_and_write_writes_the_row_and_logs_its_float_metrics(tmp_path, caplog):
+  writer = common.MetricsWriter(str(tmp_path))
+  callback = common.log_and_write(writer)
+  row = {"phase": "rl", "step": 3, "reward_mean": 0.123456, "loss": 2.0, "k3_kl": 1e-5,
+         "accuracy": 1, "grad_norm": "n/a", "other": 7.0}
+  with caplog.at_level(logging.INFO, logger="absl"):
+    callback(row)
+  assert json.loads((tmp_path / "metrics.jsonl").read_text()) == row  # every field, not shown
+  # In _SHOWN's order, 4 significant digits; an int, a string or a field not shown is left out.
+  assert [r.getMessage() for r in caplog.records] == [
+      "[rl 3] loss 2  reward_mean 0.1235  k3_kl 1e-05"]
+
+
+def test_summary_of_a_finished_run_resumed_shows_its_last_rl_row(tmp_path, capsys):
+  rows = [{"phase": "sft_eval", "step": 0, "eval_reward": 0.25},
+          {"phase": "rl", "step": 1, "reward_mean": 0.1},
+          {"phase": "rl", "step": 2, "reward_mean": 0.2, "eval_reward": 0.5},
+          {"phase": "rl_eval", "step": 2, "eval_reward": 0.9}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  # The last "rl" row, not the first (nor the eval row after it); the warm-up reward given is
+  # replaced by the one the file holds, and no NameError for rows never read.
+  common.print_summary({"final": {}, "warmup_eval_reward": 0.75, "resumed_from": 2},
+                       str(tmp_path))
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[3:6] == ["eval reward before RL:     0.250", "eval reward after RL:      0.500",
+                        "train reward (last step):  0.200"]
+
+
+def test_predictor_lr_warning_starts_above_1e_2():
+  from pr2_jax.rl.config import ExperimentConfig
+  config = lambda mult: ExperimentConfig.from_dict(  # noqa: E731
+      {"model": {}, "sft": {}, "rl": {"learning_rate": 1e-3, "replay_mode": "pr2_r2"},
+       "pr2": {"lr_mult": mult}})
+  assert common.predictor_lr_warning(config(10.0)) is None  # 1e-2 itself: no warning
+  assert "= 0.02 is large" in common.predictor_lr_warning(config(20.0))
+
+
+def test_experiment_setup_checks_the_model_against_the_mesh(capsys):
+  """The experts split over 'expert', d_model (fsdp) over 'data'; either refused is one
+  `bad config` line before any compile."""
+  from configs import tiny
+  cfg = tiny.get_config()
+  cfg.mesh_expert = 4
+  config, mesh = common.experiment_setup(cfg)
+  assert dict(mesh.shape) == {"data": 2, "expert": 4} and config.model.num_experts == 8
+  cfg.model.num_experts = 4
+  cfg.mesh_expert = 8  # 1 x 8: 4 experts do not split 8 ways
+  with pytest.raises(SystemExit) as e:
+    common.experiment_setup(cfg)
+  assert e.value.code == 2 and capsys.readouterr().err == (
+      "error: bad config: ModelConfig.num_experts=4 must be divisible by the mesh's 'expert' "
+      "axis size 8\n")
+  cfg.model.num_experts, cfg.mesh_expert, cfg.model.fsdp = 8, 1, True
+  cfg.model.d_model = 68  # 8 x 1: 'data' of 8 does not divide 68
+  with pytest.raises(SystemExit) as e:
+    common.experiment_setup(cfg)
+  assert e.value.code == 2 and "d_model=68 over the mesh's 'data' axis, but its size 8" in (
+      capsys.readouterr().err)
