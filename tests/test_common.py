@@ -256,9 +256,9 @@ def test_summary_of_a_finished_run_resumed_shows_its_last_rl_row(tmp_path, capsy
           {"phase": "rl", "step": 2, "reward_mean": 0.2, "eval_reward": 0.5},
           {"phase": "rl_eval", "step": 2, "eval_reward": 0.9}]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  # The last "rl" row, not the first (nor the eval row after it); the warm-up reward given is
-  # replaced by the one the file holds, and no NameError for rows never read.
-  common.print_summary({"final": {}, "warmup_eval_reward": 0.75, "resumed_from": 2},
+  # The last "rl" row, not the first (nor the eval row after it), also when the warm-up reward
+  # is given (the file was read only without it: a NameError on rows).
+  common.print_summary({"final": {}, "warmup_eval_reward": 0.25, "resumed_from": 2},
                        str(tmp_path))
   lines = capsys.readouterr().out.splitlines()
   assert lines[3:6] == ["eval reward before RL:     0.250", "eval reward after RL:      0.500",
