@@ -70,7 +70,10 @@ def glibc_version() -> tuple[int, int] | None:
 
 def find_jemalloc(environ: Mapping[str, str], dirs: Sequence[str] = LIB_DIRS) -> str | None:
   """`PR2_JAX_JEMALLOC` (a jemalloc of the user's) if set, else the first `libjemalloc.so.2`
-  in `dirs`, else None. Raises ValueError if `PR2_JAX_JEMALLOC` names no file."""
+  in `dirs`, else None; None without looking when `PR2_JAX_MALLOC` does not use jemalloc
+  (off, glibc). Raises ValueError if `PR2_JAX_JEMALLOC` names no file."""
+  if environ.get(CHOICE_VAR, "auto") in ("off", "glibc") or environ.get(OLD_OPT_OUT) == "0":
+    return None  # a stale PR2_JAX_JEMALLOC stopped every entry point, the opt-outs too
   path = environ.get(PATH_VAR)
   if path is not None:
     if not os.path.isfile(path):

@@ -61,6 +61,17 @@ def test_environ_with_huge_pages(environ, mode, glibc, tunables):
     assert new == dict(environ, GLIBC_TUNABLES=tunables)
 
 
+def test_a_missing_own_jemalloc_stops_only_the_choices_that_use_it(tmp_path):
+  """PR2_JAX_MALLOC=off (the documented opt-out) or glibc with a PR2_JAX_JEMALLOC naming no
+  file ended every entry point with 'is not a file' (the audit's reproducer)."""
+  stale = {alloc.PATH_VAR: str(tmp_path / "nope.so")}
+  for opt_out in ({alloc.CHOICE_VAR: "off"}, {alloc.CHOICE_VAR: "glibc"}, {alloc.OLD_OPT_OUT: "0"}):
+    assert alloc.find_jemalloc({**stale, **opt_out}) is None
+  for uses_it in ({}, {alloc.CHOICE_VAR: "auto"}, {alloc.CHOICE_VAR: "jemalloc"}):
+    with pytest.raises(ValueError, match="nope.so' is not a file"):
+      alloc.find_jemalloc({**stale, **uses_it})
+
+
 def test_find_jemalloc_takes_the_first_directory_that_has_it(tmp_path):
   dirs = [tmp_path / d for d in ("a", "b", "c")]
   for d in dirs:
