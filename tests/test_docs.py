@@ -146,3 +146,82 @@ def test_real_checkpoint_doc_says_what_a_moved_checkpoint_does():
   assert "hf_checkpoint" in records.run_identity(config)
   assert "The directory's path is part of that identity too" in text
   assert "a moved checkpoint still resumes" not in text
+
+
+def _code_row_keys(replay_mode: str, balance_mode: str, eval_step: bool) -> set[str]:
+  """The keys of an rl row as the code builds them, from small fake inputs (no model, no run):
+  `learner.minibatch_metrics` of κ = 2 mini-steps -> `Engine._summarise` -> the balancer's
+  `summary`, plus what `loop.Engine.rl_step` and `loop.run` add themselves."""
+  import jax.numpy as jnp
+  from pr2_jax.rl import balancing, learner, losses, metrics
+  from pr2_jax.rl.config import PR2_MODES
+  from pr2_jax.rl.loop import Engine
+  b, t, num_layers, k, e = 2, 3, 2, 2, 4
+  logp, mask = jnp.full((b, t), -1.0), jnp.ones((b, t))
+  routes = jnp.tile(jnp.arange(k), (b, t, num_layers, 1))
+  probs = jnp.full((b, t, num_layers, e), 1.0 / e)
+  stats = {"loss": jnp.float32(0.0), "entropy": jnp.float32(1.0), "dropped": jnp.int32(0),
+           "aux_loss": jnp.float32(1.0),
+           "loss_sums": losses.dapo_loss(logp, logp, jnp.ones(b), mask)[1]["sums"],
+           "mismatch": metrics.mismatch_sums(logp, logp, mask),
+           "routing": metrics.routing_sums(routes, routes, probs, mask)}
+  if replay_mode in ("r2", "pr2_r2"):  # learner.micro_step's condition
+    stats["routing_replayed"] = stats["routing"]
+  if replay_mode in PR2_MODES:  # learner.predictor_step's keys
+    stats["pred"] = {"loss_per_layer": jnp.zeros(num_layers),
+                     "topk_acc_per_layer": jnp.ones(num_layers),
+                     "bias_abs_sum": jnp.float32(0.0), "logit_abs_sum": jnp.float32(1.0)}
+  per_mini = [{**learner.minibatch_metrics(stats, {"w": jnp.ones(3)}), "skipped": jnp.int32(0)}
+              for _ in range(2)]
+  row = Engine._summarise(per_mini, np.zeros(4, np.float32), np.ones(4, np.float32))
+  row.pop("skipped_trailing")  # loop.run pops it
+  shape = balancing.BalanceShape(num_experts=e, num_devices=1, slots=e + 1, token_shards=1)
+  balancer = balancing.StepBalancer(shape, balance_mode, replay_mode, "bucket", 2, 0.0, 8, (8, 8))
+  layouts = np.tile(np.array([0, 1, 2, 3, 0]), (2, num_layers, 1, 1))  # [M, L, D, S]
+  phase = balancing.PhasePlan(needed=3, needed_static=4, capacity=4,
+                              imbalance_ML={m: np.ones((2, num_layers)) for m in balancing.MODES},
+                              layouts_MLDS=layouts, planner_ms=1.0)
+  row.update(balancer.summary(phase, phase, 1.0, 0.0, balancing.StepState())[0])
+  if replay_mode in PR2_MODES:  # Engine.rl_step
+    row["feature_cache_bytes"] = 0
+  row.update(phase="rl", step=1, elapsed_s=0.0)  # loop.run
+  if eval_step:
+    row["eval_reward"] = 0.0
+  return set(row)
+
+
+def test_metrics_doc_lists_exactly_the_keys_the_code_writes():
+  """docs/metrics.md's tables against the rows the code builds, in every replay and balance mode:
+  each key of a row is documented, and each key the doc says a row carries is there (so every
+  documented key is written by some setting). tests/test_loop.py checks a real run's rows."""
+  from _metrics_doc import documented, expected_keys
+  from pr2_jax.rl.config import BALANCE_MODES, REPLAY_MODES
+  seen = set()
+  for replay_mode in REPLAY_MODES:
+    for balance_mode in BALANCE_MODES:
+      for eval_step in (False, True):
+        got = _code_row_keys(replay_mode, balance_mode, eval_step)
+        doc = expected_keys("rl", replay_mode, balance_mode, eval_step)
+        assert got == doc, (replay_mode, balance_mode, eval_step, "undocumented:", got - doc,
+                            "documented, not written:", doc - got)
+        seen |= got
+  # The warm-up's row: supervised.make_train_step's metrics (traced, not compiled) and loop.run's.
+  from pr2_jax.config import ModelConfig
+  from pr2_jax.models.transformer import MoETransformer
+  from pr2_jax.parallel.mesh import make_mesh
+  from pr2_jax.train import supervised
+  from pr2_jax.train.state import create_train_state, make_optimizer
+  import jax
+  mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+  model = MoETransformer(ModelConfig(vocab_size=24, num_layers=1, d_model=16, num_heads=1,
+                                     num_kv_heads=1, head_dim=16, expert_d_ff=16, num_experts=4,
+                                     top_k=2), mesh)
+  tx = make_optimizer(1e-3, warmup_steps=1, total_steps=2)
+  state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
+  batch = {"tokens": np.zeros((2, 8), np.int32), "loss_mask": np.ones((2, 8), np.float32)}
+  _, sft_metrics = jax.eval_shape(supervised.make_train_step(model, tx, mesh, shardings), state,
+                                  batch)
+  sft = set(sft_metrics) | {"phase", "step"}  # Engine.warmup's row
+  assert sft == expected_keys("sft"), sft ^ expected_keys("sft")
+  assert expected_keys("sft_eval") == {"phase", "step", "eval_reward"}  # loop.run's literal row
+  assert seen | sft | {"eval_reward"} == set(documented())

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import _cli
+from _metrics_doc import row_expected_keys
 from pr2_jax.config import ModelConfig
 from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import loop, records
@@ -102,6 +103,9 @@ def test_pr2_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
   assert strip(_rows(str(tmp_path / "full"))) == strip(_rows(str(tmp_path / "split")))
+  for row in _rows(str(tmp_path / "full")):  # sft, sft_eval and rl rows: docs/metrics.md's keys
+    assert set(row) == row_expected_keys(row, "pr2", "none"), (
+        row["phase"], row["step"], set(row) ^ row_expected_keys(row, "pr2", "none"))
 
 
 def test_rl_step_feeds_the_learner_the_rollouts_group_advantages(monkeypatch):
