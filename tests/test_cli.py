@@ -70,8 +70,8 @@ def test_a_bad_flag_is_one_error_line_and_exit_code_2(argv, message, capsys):
   assert e.value.code == 2 and capsys.readouterr().err == message
 
 
-@pytest.mark.parametrize("help_flag, shows", [("--help", "Try --helpfull"), ("-?", "Try --helpfull"),
-                                              ("--helpfull", "--test_cli_count")])
+@pytest.mark.parametrize("help_flag, shows", [
+    ("--help", "Try --helpfull"), ("-?", "Try --helpfull"), ("--helpfull", "--test_cli_count")])
 def test_help_prints_the_flags_and_exits_0(help_flag, shows, capsys):
   app.define_help_flags()  # app.run defines them; in-process they are not yet
   with pytest.raises(SystemExit) as e:
