@@ -52,3 +52,15 @@ def says_it_is_a_library(module: str, user: str) -> None:
   assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1
   assert line.startswith(f"error: {module} is a library module"), line
   assert f"python -m {user}" in line, line
+
+
+def scripted_clock(module: str, durations_ms: list[float]) -> str:
+  """Source for a child process (`python -c`): `experiments.<module>` imported as `b`, its
+  clock scripted: each `jax.block_until_ready` advances `b.time.perf_counter` by the next of
+  `durations_ms`, in call order, so a benchmark's medians and ratios can be worked by hand.
+  The caller appends what to run (a child: the benchmarks' flags clash within one process)."""
+  return (f"import json, sys, types\nimport jax\nfrom experiments import {module} as b\n"
+          f"durations = {list(durations_ms)!r}\nnow = [0.0]\n"
+          "def advance(x):\n  now[0] += durations.pop(0) / 1e3\n  return x\n"
+          "jax.block_until_ready = advance\n"
+          "b.time = types.SimpleNamespace(perf_counter=lambda: now[0])\n")

@@ -56,18 +56,8 @@ def test_bad_flags_are_one_error_line_before_any_work(tmp_path, args, named):
 # jax.block_until_ready after an update advances it by the next duration, in call order; the
 # sides alternate, ours first in round 0 (its warm-up, 100 ms each, which would move every
 # median it leaked into). Durations in ms.
-_SCRIPTED = """
-import json, types
-import jax
-from experiments import bench_optimizer as b
-# rounds 0-3 call ours, optax; optax, ours; ours, optax; optax, ours
-durations = [100, 100,  4, 2,  3, 5,  10, 9]
-now = [0.0]
-def advance(x):
-  now[0] += durations.pop(0) / 1e3
-  return x
-jax.block_until_ready = advance
-b.time = types.SimpleNamespace(perf_counter=lambda: now[0])
+# Rounds 0-3 call ours, optax; optax, ours; ours, optax; optax, ours.
+_SCRIPTED = _cli.scripted_clock("bench_optimizer", [100, 100, 4, 2, 3, 5, 10, 9]) + """
 size = {k: v for k, v in b.QUICK.items() if k not in ("rounds", "warmup")}
 size.update(num_heads=4, num_kv_heads=2, top_k=2)
 r = b.run(size, rounds=3, warmup=1, lr=1e-4)

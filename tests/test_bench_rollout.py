@@ -39,18 +39,8 @@ def test_bad_flags_are_one_error_line_before_any_work(tmp_path, args, named):
 # main on a scripted clock (in a child, as a run is): each jax.block_until_ready of a timed
 # generation advances it by the next duration. Round 0 warms caches (100 ms: it would move the
 # median it leaked into); the timed rounds take 2, 6 and 3 ms.
-_SCRIPTED = """
-import sys, types
-import jax
+_SCRIPTED = _cli.scripted_clock("bench_rollout", [100, 2, 6, 3]) + """
 from absl import flags
-from experiments import bench_rollout as b
-durations = [100, 2, 6, 3]
-now = [0.0]
-def advance(x):
-  now[0] += durations.pop(0) / 1e3
-  return x
-jax.block_until_ready = advance
-b.time = types.SimpleNamespace(perf_counter=lambda: now[0])
 flags.FLAGS(["bench_rollout", *sys.argv[1:]])
 b.main([])
 """

@@ -111,25 +111,18 @@ def test_list_validators_accept_their_edges():
   assert _LIST.value == ["7"] and _PAIR.value == ["0.5", "0.5"]
 
 
-def test_run_turns_a_validation_error_in_main_into_one_line(capsys, monkeypatch):
+# absl's app.run prints the whole help for an app.UsageError and exits 1.
+@pytest.mark.parametrize("error", [
+    flags.ValidationError("--mesh_expert=3 does not divide the 8 devices"),
+    app.UsageError("--ref_workdir needs --workdir")])
+def test_run_turns_a_validation_or_usage_error_in_main_into_one_line(error, capsys, monkeypatch):
   def main(argv):
-    raise flags.ValidationError("--mesh_expert=3 does not divide the 8 devices")
+    raise error
   monkeypatch.setattr("sys.argv", ["prog"])
   with pytest.raises(SystemExit) as e:
     cli.run(main)
   assert e.value.code == 2
-  assert capsys.readouterr().err == "error: --mesh_expert=3 does not divide the 8 devices\n"
-
-
-def test_run_turns_a_usage_error_in_main_into_one_line(capsys, monkeypatch):
-  # absl's app.run prints the whole help for an app.UsageError and exits 1.
-  def main(argv):
-    raise app.UsageError("--ref_workdir needs --workdir")
-  monkeypatch.setattr("sys.argv", ["prog"])
-  with pytest.raises(SystemExit) as e:
-    cli.run(main)
-  assert e.value.code == 2
-  assert capsys.readouterr().err == "error: --ref_workdir needs --workdir\n"
+  assert capsys.readouterr().err == f"error: {error}\n"
 
 
 _CONFIG_FILES = {"syntax.py": "def get_config(:\n", "noget.py": "x = 1\n",
