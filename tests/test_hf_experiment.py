@@ -9,6 +9,7 @@ the `tokenizers` library. The oracle for the initial policy is transformers.
 import json
 import math
 import os
+import re
 import shutil
 import time
 
@@ -187,6 +188,22 @@ def test_pr2_run_from_checkpoint_writes_metrics_and_resumes(ckpt, tmp_path, comp
 def _copy(src, dst, *, without=()):
   shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if n in without])
   return str(dst)
+
+
+def test_a_bad_checkpoint_on_the_command_line_is_one_error_line(ckpt, tmp_path):
+  """A checkpoint without tokenizer.json, or with a damaged weights file, stopped
+  experiments.main with a ValueError traceback; it is a setup error, like the config's."""
+  import _cli
+  no_tok = _copy(ckpt, tmp_path / "no_tok", without=("tokenizer.json",))
+  cut = _copy(ckpt, tmp_path / "cut")
+  with open(os.path.join(cut, "model.safetensors"), "r+b") as f:
+    f.truncate(1000)
+  for path, message in ((no_tok, "no tokenizer.json in"),
+                        (cut, "cannot read .*model.safetensors: SafetensorError")):
+    proc = _cli.run("experiments.main", "--config=configs/hf_pr2.py",
+                    f"--workdir={tmp_path / 'runs' / os.path.basename(path)}",
+                    f"--config.hf_checkpoint={path}")
+    assert re.match(f"error: {message}", _cli.one_error_line(proc)), proc.stderr[-2000:]
 
 
 def _engine(path):

@@ -34,6 +34,7 @@ from pr2_jax.hf.checkpoint import load_hf_checkpoint
 from pr2_jax.hf.config_map import config_from_hf, read_hf_config
 from pr2_jax.hf.tokenizer import TOKENIZER_FILE, HFTokenizer
 from pr2_jax.rl.char_tokenizer import CHARS
+from pr2_jax.rl.config import SetupError
 from pr2_jax.train.state import TrainState, state_initializer
 
 # Problems whose text must survive encode -> decode (a fixed sample: checks are reproducible).
@@ -179,10 +180,16 @@ def check_task_tokenizer(tok: TaskTokenizer, task, vocab_size: int, path: str = 
 
 
 def task_tokenizer(path: str, task, vocab_size: int) -> TaskTokenizer:
-  """DIR's tokenizer, checked against the task and the model's vocabulary."""
-  check_dir(path)
-  tok = TaskTokenizer(HFTokenizer.from_dir(path))
-  check_task_tokenizer(tok, task, vocab_size, path)
+  """DIR's tokenizer, checked against the task and the model's vocabulary. A problem is a
+  SetupError naming it (the entry points' one `error:` line; it was a traceback)."""
+  try:
+    check_dir(path)
+    tok = TaskTokenizer(HFTokenizer.from_dir(path))
+    check_task_tokenizer(tok, task, vocab_size, path)
+  except SetupError:
+    raise
+  except ValueError as e:
+    raise SetupError(str(e)) from None
   return tok
 
 
@@ -192,13 +199,17 @@ def create_state(path: str, model: nn.Module, tx: optax.GradientTransformation,
 
   Never initialises random weights: the shardings come from `eval_shape`, the
   params are read shard by shard into them, the optimizer state is born sharded.
-  Raises ValueError if DIR's architecture is not `model.config`'s.
+  Raises SetupError (a ValueError) if DIR's weights do not load (missing, misshapen or
+  non-finite tensors, ...) or its architecture is not `model.config`'s.
   """
-  config, params = load_hf_checkpoint(path, mesh=mesh, fsdp=model.config.fsdp)
+  try:
+    config, params = load_hf_checkpoint(path, mesh=mesh, fsdp=model.config.fsdp)
+  except ValueError as e:  # a damaged or foreign checkpoint: the user's to fix, one line
+    raise SetupError(str(e)) from None
   want, got = architecture(model.config), architecture(config)
   if want != got:
     diff = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
-    raise ValueError(f"{path} holds another model than ExperimentConfig.model: "
+    raise SetupError(f"{path} holds another model than ExperimentConfig.model: "
                      f"{{field: (config, checkpoint)}} = {diff}")
   # Only the shardings: the jitted random init is never called.
   _, shardings = state_initializer(model, tx, mesh, jax.random.key(0))
