@@ -37,3 +37,28 @@ def test_layout_needs_room_for_answers():
   assert data.layout(task, 4) == (1 + task.max_prompt_len, 4)
   with pytest.raises(ValueError, match="max_new_tokens=3 cannot hold"):
     data.layout(task, 3)
+
+
+def test_char_tokenizer_is_checked_against_the_model_and_the_task():
+  """A task writing a character outside CHARS failed at the warm-up with a traceback; the
+  check names it (and the task) before any compiling, as the vocabulary check does."""
+  from pr2_jax.rl import tasks
+  from pr2_jax.rl.config import SetupError
+
+  class Arrows(tasks.Task):
+    name, max_prompt_len, max_answer_len = "arrows", 4, 1
+
+    def _generate(self, rng):
+      a = int(rng.integers(0, 10))
+      return Problem(f"{a}>3:", "1", "1", (a,))
+
+    def reward(self, problem, completion):
+      return 0.0
+
+  tok = data.char_tokenizer(make_task("arithmetic"), 32)
+  assert isinstance(tok, CharTokenizer) and tok.vocab_size == 24
+  with pytest.raises(SetupError, match=r"task 'arrows': character '>' at position 1 of '\d>3:' "
+                                       r"is not in the vocabulary"):
+    data.char_tokenizer(Arrows(), 32)
+  with pytest.raises(SetupError, match="ModelConfig.vocab_size=16 is below the tokenizer's 24"):
+    data.char_tokenizer(make_task("arithmetic"), 16)

@@ -17,6 +17,23 @@ from pr2_jax.rl.config import SetupError
 from pr2_jax.rl.tasks import Problem, Task
 
 
+def char_tokenizer(task: Task, vocab_size: int, check_problems: int = 64) -> CharTokenizer:
+  """The character tokenizer, checked before any compiling against the model's vocabulary and
+  a fixed sample of the task's prompts and solutions; raises SetupError naming the problem (a
+  new task's character outside `char_tokenizer.CHARS` was a traceback at the warm-up)."""
+  tok = CharTokenizer()
+  if vocab_size < tok.vocab_size:
+    raise SetupError(f"ModelConfig.vocab_size={vocab_size} is below the tokenizer's "
+                     f"{tok.vocab_size} ids")
+  for p in task.sample(np.random.default_rng(0), check_problems):
+    for text in (p.prompt, p.solution):
+      try:
+        tok.encode(text)
+      except ValueError as e:
+        raise SetupError(f"task {task.name!r}: {e}") from None
+  return tok
+
+
 def layout(task: Task, max_new_tokens: int) -> tuple[int, int]:
   """(P, N) slots for a task; raises if the response budget cannot hold a solution."""
   prompt_slots = 1 + task.max_prompt_len

@@ -27,7 +27,6 @@ from pr2_jax.parallel import shuffle
 from pr2_jax.parallel.distributed import gather_rows, local_rows, to_global, to_host
 from pr2_jax.parallel.mesh import EXPERT, axis_size, logical_sharding, num_token_shards
 from pr2_jax.rl import advantages, balancing, data, programs, records
-from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.rl.config import PR2_MODES, ExperimentConfig, SetupError
 from pr2_jax.rl.tasks import make_task
 from pr2_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
@@ -56,13 +55,11 @@ class Engine:
       self.eval_problems = self.task.eval_set(rl.eval_size, seed=config.seed)
     except ValueError as e:
       raise SetupError(f"RLConfig.eval_size={rl.eval_size} is too large: {e}") from None
+    # Either one checked against the task and the model's vocabulary, before any compiling.
     self.tok = (hf_experiment.task_tokenizer(config.hf_checkpoint, self.task,
-                                             config.model.vocab_size)
-                if config.hf_checkpoint else CharTokenizer())
+                                             config.model.vocab_size) if config.hf_checkpoint
+                else data.char_tokenizer(self.task, config.model.vocab_size))
     self.prompt_slots, self.response_slots = data.layout(self.task, rl.max_new_tokens)
-    if config.model.vocab_size < self.tok.vocab_size:
-      raise SetupError(f"ModelConfig.vocab_size={config.model.vocab_size} is below the "
-                       f"tokenizer's {self.tok.vocab_size} ids")
     shards = num_token_shards(mesh)
     rl.validate_mesh(shards, axis_size(mesh, EXPERT))
     if config.sft.batch_size % shards:
