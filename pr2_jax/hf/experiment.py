@@ -33,13 +33,9 @@ from pr2_jax.config import RUNTIME_FIELDS, ModelConfig
 from pr2_jax.hf.checkpoint import load_hf_checkpoint
 from pr2_jax.hf.config_map import config_from_hf, read_hf_config
 from pr2_jax.hf.tokenizer import TOKENIZER_FILE, HFTokenizer
-from pr2_jax.rl.char_tokenizer import CHARS
 from pr2_jax.rl.config import SetupError
+from pr2_jax.rl.data import check_task_tokenizer
 from pr2_jax.train.state import TrainState, state_initializer
-
-# Problems whose text must survive encode -> decode (a fixed sample: checks are reproducible).
-CHECK_PROBLEMS = 64
-
 
 def check_dir(path: str) -> None:
   if not os.path.isdir(path):
@@ -148,46 +144,13 @@ class TaskTokenizer:
     return self.hf.pad(ids, length, left=left_pad)
 
 
-def check_task_tokenizer(tok: TaskTokenizer, task, vocab_size: int, path: str = "") -> None:
-  """Raises ValueError unless `tok` fits the model and round-trips the task's text.
-
-  Checks: at most `vocab_size` ids; every character of the task alphabet
-  (`CHARS`, which also holds the '?' the loop substitutes for ids the
-  tokenizer lacks) and a fixed sample of prompts and solutions decode back to
-  themselves; prompts and solutions fit the task's slots (one per character).
-  """
-  where = f"{path}/{TOKENIZER_FILE}" if path else "the tokenizer"
-  if tok.vocab_size > vocab_size:
-    raise ValueError(f"{where} has {tok.vocab_size} ids, more than the model's "
-                     f"vocab_size={vocab_size}: ids beyond the embedding cannot be fed")
-  for ch in CHARS:
-    try:
-      ids = tok.encode(ch)
-    except ValueError as e:
-      raise ValueError(f"{where} cannot encode the task character {ch!r}: {e}") from e
-    if not ids or tok.decode(ids) != ch:
-      raise ValueError(f"{where} cannot encode the task character {ch!r}: ids {ids} decode to "
-                       f"{tok.decode(ids)!r}")
-  for p in task.sample(np.random.default_rng(0), CHECK_PROBLEMS):
-    for text, limit in ((p.prompt, task.max_prompt_len), (p.solution, task.max_answer_len)):
-      ids = tok.encode(text)
-      if tok.decode(ids) != text:
-        raise ValueError(f"{where} does not round-trip the task text {text!r} (decodes to "
-                         f"{tok.decode(ids)!r})")
-      if len(ids) > limit:
-        raise ValueError(f"{where} encodes {text!r} in {len(ids)} tokens, more than the task's "
-                         f"{limit} slots (one per character)")
-
-
 def task_tokenizer(path: str, task, vocab_size: int) -> TaskTokenizer:
   """DIR's tokenizer, checked against the task and the model's vocabulary. A problem is a
   SetupError naming it (the entry points' one `error:` line; it was a traceback)."""
   try:
     check_dir(path)
     tok = TaskTokenizer(HFTokenizer.from_dir(path))
-    check_task_tokenizer(tok, task, vocab_size, path)
-  except SetupError:
-    raise
+    check_task_tokenizer(tok, task, vocab_size, f"{path}/{TOKENIZER_FILE}")
   except ValueError as e:
     raise SetupError(str(e)) from None
   return tok

@@ -86,7 +86,8 @@ def _check_slot_expert(slot_expert, config: ModelConfig, mesh: Mesh | None) -> N
   reuse its last layer, and one with fewer than E slots leaves experts without a slot.
   """
   n_layers, n_experts = config.num_moe_layers, config.num_experts
-  if isinstance(slot_expert, Plan):
+  is_plan = isinstance(slot_expert, Plan)
+  if is_plan:
     name, slots, dims = "plan.slot_expert", slot_expert.slot_expert, "[L, D, S]"
     shape = tuple(np.shape(slots))
     ok = len(shape) == 3 and shape[0] == n_layers
@@ -100,11 +101,11 @@ def _check_slot_expert(slot_expert, config: ModelConfig, mesh: Mesh | None) -> N
     raise ValueError(f"{name} has shape {shape}, expected {dims} with L = {n_layers} "
                      f"(ModelConfig.num_moe_layers)")
   check_int_dtype(name, slots, error=ValueError)
-  if isinstance(slot_expert, Plan):
+  if is_plan:
     check_shape("plan.replica_share", slot_expert.replica_share, shape, "slot_expert's [L, D, S]")
     check_shape("plan.replica_count", slot_expert.replica_count, (n_layers, n_experts), "[L, E]")
   shards = axis_size(mesh, EXPERT)
-  if isinstance(slot_expert, Plan) and mesh is not None and shape[1] != shards:
+  if is_plan and mesh is not None and shape[1] != shards:
     # D·S slots would still split evenly, regrouped: the plan's loads would not be what runs.
     raise ValueError(f"plan.slot_expert has shape {shape}: a plan for D = {shape[1]} devices, "
                      f"but the mesh's 'expert' axis has {shards} (plan_placement's num_devices)")

@@ -133,8 +133,9 @@ def predictor_losses(kind: str, w_LDE: jax.Array, h_old_NLD: jax.Array, p_old_NL
   check_shape("p_cur_NLE", p_cur_NLE, (n, l, e), "[N, L, E] of weight_N and w_LDE")
   # Here, on the stacked arrays: inside the vmap below they are tracers, and unchecked.
   check_finite("weight_N", weight_N, "0/1 counts per position", low=0)
-  _check_finite_features(*(_zero_padding(x, weight_N) for x in (h_old_NLD, p_old_NLE, p_cur_NLE)),
-                         ("h_old_NLD", "p_old_NLE", "p_cur_NLE"))
+  h_old_NLD, p_old_NLE, p_cur_NLE = (_zero_padding(x, weight_N)
+                                     for x in (h_old_NLD, p_old_NLE, p_cur_NLE))
+  _check_finite_features(h_old_NLD, p_old_NLE, p_cur_NLE, ("h_old_NLD", "p_old_NLE", "p_cur_NLE"))
   layer = lambda w, h, p_old, p_cur: predictor_loss(kind, w, h, p_old, p_cur, weight_N)
   return jax.vmap(layer, in_axes=(0, 1, 1, 1))(w_LDE, h_old_NLD, p_old_NLE, p_cur_NLE)
 

@@ -12,25 +12,57 @@ from __future__ import annotations
 
 import numpy as np
 
-from pr2_jax.rl.char_tokenizer import CharTokenizer
+from pr2_jax.rl.char_tokenizer import CHARS, CharTokenizer
 from pr2_jax.rl.config import SetupError
 from pr2_jax.rl.tasks import Problem, Task
 
 
-def char_tokenizer(task: Task, vocab_size: int, check_problems: int = 64) -> CharTokenizer:
+# Problems whose text must survive encode -> decode (a fixed sample: checks are reproducible).
+CHECK_PROBLEMS = 64
+
+
+def check_task_tokenizer(tok, task: Task, vocab_size: int, where: str = "the tokenizer") -> None:
+  """Raises ValueError unless `tok` fits the model and round-trips the task's text.
+
+  Checks: at most `vocab_size` ids; every character of the task alphabet
+  (`CHARS`, which also holds the '?' the loop substitutes for ids the
+  tokenizer lacks) and a fixed sample of prompts and solutions decode back to
+  themselves; prompts and solutions fit the task's slots (one per character).
+  """
+  if tok.vocab_size > vocab_size:
+    raise ValueError(f"{where} has {tok.vocab_size} ids, more than the model's "
+                     f"vocab_size={vocab_size}: ids beyond the embedding cannot be fed")
+  for ch in CHARS:
+    try:
+      ids = tok.encode(ch)
+    except ValueError as e:
+      raise ValueError(f"{where} cannot encode the task character {ch!r}: {e}") from e
+    if not ids or tok.decode(ids) != ch:
+      raise ValueError(f"{where} cannot encode the task character {ch!r}: ids {ids} decode to "
+                       f"{tok.decode(ids)!r}")
+  for p in task.sample(np.random.default_rng(0), CHECK_PROBLEMS):
+    for text, limit in ((p.prompt, task.max_prompt_len), (p.solution, task.max_answer_len)):
+      ids = tok.encode(text)
+      if tok.decode(ids) != text:
+        raise ValueError(f"{where} does not round-trip the task text {text!r} (decodes to "
+                         f"{tok.decode(ids)!r})")
+      if len(ids) > limit:
+        raise ValueError(f"{where} encodes {text!r} in {len(ids)} tokens, more than the task's "
+                         f"{limit} slots (one per character)")
+
+
+def char_tokenizer(task: Task, vocab_size: int) -> CharTokenizer:
   """The character tokenizer, checked before any compiling against the model's vocabulary and
-  a fixed sample of the task's prompts and solutions; raises SetupError naming the problem (a
-  new task's character outside `char_tokenizer.CHARS` was a traceback at the warm-up)."""
+  the task's text (`check_task_tokenizer`); raises SetupError naming the problem (a new task's
+  character outside `char_tokenizer.CHARS` was a traceback at the warm-up)."""
   tok = CharTokenizer()
   if vocab_size < tok.vocab_size:
     raise SetupError(f"ModelConfig.vocab_size={vocab_size} is below the tokenizer's "
                      f"{tok.vocab_size} ids")
-  for p in task.sample(np.random.default_rng(0), check_problems):
-    for text in (p.prompt, p.solution):
-      try:
-        tok.encode(text)
-      except ValueError as e:
-        raise SetupError(f"task {task.name!r}: {e}") from None
+  try:
+    check_task_tokenizer(tok, task, vocab_size, "the character tokenizer")
+  except ValueError as e:
+    raise SetupError(f"task {task.name!r}: {e}") from None
   return tok
 
 
