@@ -69,6 +69,30 @@ def test_damaged_newest_falls_back_to_previous(tmp_path):
   np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(4.0))
 
 
+def test_a_restore_error_without_a_message_still_falls_back(tmp_path, monkeypatch):
+  """An exception whose str() is empty (a bare AssertionError from Orbax) made the report an
+  IndexError inside the fallback; the report names the exception's type instead."""
+  state = {"x": jnp.arange(4.0)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(1, state, {})
+    ck.save(2, {"x": state["x"] + 1}, {})
+    ck.wait()
+  restore = Checkpointer.restore
+
+  def fails_at_2(self, step, abstract_state):
+    if step == 2:
+      raise AssertionError()
+    return restore(self, step, abstract_state)
+
+  monkeypatch.setattr(Checkpointer, "restore", fails_at_2)
+  with Checkpointer(str(tmp_path)) as ck:
+    step, restored, _, problems = ck.restore_newest_good(abstract)
+  assert step == 1
+  assert problems == [f"checkpoint step 2 in {tmp_path} is unreadable (AssertionError)"]
+  np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(4.0))
+
+
 def test_a_resume_deletes_the_damaged_steps_it_will_write_again(tmp_path):
   """Orbax refuses to save a step that exists: a run resumed from step 1 past a damaged step 2
   crashed at its next save until the resume deleted step 2."""

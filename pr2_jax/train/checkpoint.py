@@ -251,8 +251,10 @@ def verify_checksums(step_dir: str, items=_ITEMS) -> None:
 
 
 def _unreadable(directory: str, step: int, e: Exception) -> str:
+  # A bare `AssertionError()` (Orbax raises some) has no message: its type name is the report.
+  first = (str(e).splitlines() or [""])[0][:200]
   return (f"checkpoint step {step} in {directory} is unreadable "
-          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+          f"({type(e).__name__}{': ' + first if first else ''})")
 
 
 def _differences(key: str, had, want) -> list[str]:
