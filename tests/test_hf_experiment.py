@@ -191,15 +191,19 @@ def _copy(src, dst, *, without=()):
 
 
 def test_a_bad_checkpoint_on_the_command_line_is_one_error_line(ckpt, tmp_path):
-  """A checkpoint without tokenizer.json, or with a damaged weights file, stopped
-  experiments.main with a ValueError traceback; it is a setup error, like the config's."""
+  """A checkpoint without tokenizer.json, or with a damaged weights file or tokenizer.json,
+  stopped experiments.main with a traceback; it is a setup error, like the config's."""
   import _cli
   no_tok = _copy(ckpt, tmp_path / "no_tok", without=("tokenizer.json",))
   cut = _copy(ckpt, tmp_path / "cut")
   with open(os.path.join(cut, "model.safetensors"), "r+b") as f:
     f.truncate(1000)
+  cut_tok = _copy(ckpt, tmp_path / "cut_tok")
+  with open(os.path.join(cut_tok, "tokenizer.json"), "r+b") as f:
+    f.truncate(100)
   for path, message in ((no_tok, "no tokenizer.json in"),
-                        (cut, "cannot read .*model.safetensors: SafetensorError")):
+                        (cut, "cannot read .*model.safetensors: SafetensorError"),
+                        (cut_tok, "cannot read .*tokenizer.json: ")):
     proc = _cli.run("experiments.main", "--config=configs/hf_pr2.py",
                     f"--workdir={tmp_path / 'runs' / os.path.basename(path)}",
                     f"--config.hf_checkpoint={path}")

@@ -61,6 +61,22 @@ def test_special_tokens_from_all_three_files(checkpoint_dir):
   assert 256 + len(SPECIALS) < tok.vocab_size <= 400  # bytes + specials + learned merges
 
 
+def test_pad_and_bos_follow_the_same_file_order_as_eos(checkpoint_dir, tmp_path):
+  """When generation_config.json and config.json disagree, pad and bos take
+  generation_config's id, as EOS does and as transformers' generate() does (pad and bos read
+  config.json first)."""
+  (tmp_path / "tokenizer.json").write_text((checkpoint_dir / "tokenizer.json").read_text())
+  (tmp_path / "generation_config.json").write_text(json.dumps(
+      {"eos_token_id": 3, "pad_token_id": 4, "bos_token_id": 5}))
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"eos_token_id": 6, "pad_token_id": 7, "bos_token_id": 8}))
+  tok = HFTokenizer.from_dir(str(tmp_path))
+  assert (tok.eos_ids, tok.pad_id, tok.bos_id) == ((3, 6), 4, 5)
+  # A name in tokenizer_config.json still comes first.
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|im_start|>"}))
+  assert HFTokenizer.from_dir(str(tmp_path)).pad_id == tok.token_to_id("<|im_start|>")
+
+
 @pytest.mark.parametrize("text", [TEXTS[0], "unseen wordz, naïve café 🙂\n\ttabs", ""])
 def test_encode_decode_round_trip_and_matches_transformers(checkpoint_dir, text):
   """Byte-level BPE round-trips any text; ids equal transformers' fast tokenizer's."""
@@ -152,4 +168,9 @@ def test_bad_directories_raise_value_error(checkpoint_dir, tmp_path):
     HFTokenizer.from_dir(str(tmp_path))
   (tmp_path / "config.json").write_text("[]")
   with pytest.raises(ValueError, match=r"config.json holds a JSON list, not an object"):
+    HFTokenizer.from_dir(str(tmp_path))
+  # tokenizers raised a bare Exception naming no file: a traceback past SetupError.
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "tokenizer.json").write_text((checkpoint_dir / "tokenizer.json").read_text()[:500])
+  with pytest.raises(ValueError, match=r"cannot read .*tokenizer.json: "):
     HFTokenizer.from_dir(str(tmp_path))

@@ -39,7 +39,9 @@ HF_DEFAULTS = {"num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 10_
 def read_json(file: str, fields: str | None = None) -> Any:
   """The JSON in `file`; a ValueError naming the file if it does not parse (json's own message
   names a line, not the file), or, with `fields` (what they are, for the message), if it is
-  not an object of fields. Every checkpoint and tokenizer JSON file is read through this."""
+  not an object of fields. Every JSON file we parse ourselves (config.json, the safetensors
+  index, the special-token files) is read through this; tokenizer.json is parsed by
+  `tokenizers`, and `HFTokenizer.from_dir` turns its errors into the same ValueError."""
   with open(file) as f:
     try:
       contents = json.load(f)

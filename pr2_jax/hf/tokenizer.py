@@ -83,23 +83,29 @@ class HFTokenizer:
     file = os.path.join(path, TOKENIZER_FILE)
     if not os.path.isfile(file):
       raise ValueError(f"no {TOKENIZER_FILE} in {path!r} (only fast tokenizers are supported)")
-    tok = tokenizers.Tokenizer.from_file(file)
-    tok_cfg, gen_cfg, model_cfg = (_read_json(os.path.join(path, f)) for f in SPECIAL_FILES)
-    eos = _token_id(tok, tok_cfg.get("eos_token"), "eos_token")
-    eos_ids = _ids(eos) + _ids(gen_cfg.get("eos_token_id")) + _ids(model_cfg.get("eos_token_id"))
+    try:
+      tok = tokenizers.Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises a bare Exception on a truncated or foreign file
+      raise ValueError(f"cannot read {file}: {e}") from e
+    tok_cfg, *id_cfgs = (_read_json(os.path.join(path, f)) for f in SPECIAL_FILES)
+
+    def candidates(field: str) -> list[int]:
+      """`field`'s ids in SPECIAL_FILES order: tokenizer_config's name, then the id files'."""
+      named = _token_id(tok, tok_cfg.get(f"{field}_token"), f"{field}_token")
+      return _ids(named) + [i for cfg in id_cfgs for i in _ids(cfg.get(f"{field}_token_id"))]
 
     def first(field: str) -> int | None:
-      named = _token_id(tok, tok_cfg.get(f"{field}_token"), f"{field}_token")
-      candidates = _ids(named) + _ids(model_cfg.get(f"{field}_token_id")) + _ids(
-          gen_cfg.get(f"{field}_token_id"))
-      return candidates[0] if candidates else None
+      # Same precedence as EOS, and as transformers: its tokenizer reads tokenizer_config, its
+      # generate() reads generation_config.json, config.json only when that file is absent.
+      ids = candidates(field)
+      return ids[0] if ids else None
 
     template = tok_cfg.get("chat_template")
     jinja = os.path.join(path, CHAT_TEMPLATE_FILE)  # where transformers 5 saves it
     if not isinstance(template, str) and os.path.isfile(jinja):
       with open(jinja, encoding="utf-8") as f:
         template = f.read()
-    return cls(tok, eos_ids=eos_ids, pad_id=first("pad"), bos_id=first("bos"),
+    return cls(tok, eos_ids=candidates("eos"), pad_id=first("pad"), bos_id=first("bos"),
                chat_template=template if isinstance(template, str) else None)
 
   @property
