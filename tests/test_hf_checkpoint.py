@@ -385,6 +385,24 @@ def test_save_refuses_non_finite_params_and_keeps_the_old_checkpoint(tmp_path):
   assert {f: (tmp_path / "ok" / f).read_bytes() for f in os.listdir(tmp_path / "ok")} == before
 
 
+class _OtherProcesses(np.ndarray):
+  """A host array that says what a jax.Array spanning other processes' devices says."""
+  is_fully_addressable = False
+
+
+def test_save_refuses_params_spanning_other_processes(tmp_path):
+  """device_get fails on such an array deep inside jax, after the old checkpoint was removed,
+  and every process would write the same files: refused first, naming the parameter."""
+  cfg, params = random_checkpoint(tmp_path / "ok")
+  before = {f: (tmp_path / "ok" / f).read_bytes() for f in os.listdir(tmp_path / "ok")}
+  remote = dict(params, norm={"scale": np.asarray(params["norm"]["scale"]).view(_OtherProcesses)})
+  with pytest.raises(ValueError, match=r"params norm.scale span devices of other processes: "
+                                       r"save_hf_checkpoint is single process"):
+    save_hf_checkpoint(cfg, remote, str(tmp_path / "ok"))
+  assert {f: (tmp_path / "ok" / f).read_bytes() for f in os.listdir(tmp_path / "ok")} == before
+  assert jax.device_put(params["norm"]["scale"]).is_fully_addressable  # what the check reads
+
+
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax

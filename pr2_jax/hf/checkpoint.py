@@ -4,10 +4,15 @@ Dimension legend:
   E experts, D d_model, F expert hidden width; `layout.py` has the full
   tensor-name map between the hub layout and our parameter tree.
 
-Memory: every parameter is created by `jax.make_array_from_callback`, whose
-callback reads only the tensors of the device shard it fills (for experts,
-only that shard's experts), so no device and no host buffer ever holds more
-than one parameter block beyond the result. Each read opens its own
+Memory: parameters are loaded one at a time, each straight into its sharding,
+so no device holds more than its own shards. A sharded parameter is built by
+`jax.make_array_from_callback`, which reads one block per local device and
+keeps them until it copies them over: expert tensors are read per expert
+shard (only that shard's experts leave the disk); other tensors are read
+whole, then cut (with fsdp, once per local device). A fully replicated
+parameter is read whole once and `jax.device_put`. So the host holds one
+parameter's local blocks plus at most one whole tensor, not the model (the
+test of peak host memory checks this). Each read opens its own
 safetensors handle and closes it at once: an open handle keeps the pages it
 has touched resident (they are memory-mapped), so one handle kept over the
 whole load would count the checkpoint twice in host memory.
@@ -274,20 +279,32 @@ def save_hf_checkpoint(config: ModelConfig, params, path: str, *, dtype=None,
   gathered to host one at a time, so host memory holds one parameter plus
   one shard file's tensors.
 
+  Single process only: every parameter must be fully addressable from this
+  process (multi-host: gather the params to one process first); every process
+  would otherwise write the same files.
+
   Args:
     config: the model's config.
-    params: its parameter tree (plain or boxed arrays, sharded or not).
+    params: its parameter tree (plain or boxed arrays, sharded or not, on this
+      process's devices).
     path: output directory (created; an old checkpoint in it is replaced).
     dtype: stored dtype; default the embedding's dtype.
     max_shard_bytes: largest safetensors file before splitting.
     extra_config: extra `config.json` fields, e.g. `read_hf_config(source_dir)`
       to keep bos/eos ids and max_position_embeddings.
 
-  Raises ValueError, before anything is written, on parameters that do not fit `config` or
-  hold a NaN or inf (`load_hf_checkpoint` would refuse the checkpoint).
+  Raises ValueError, before anything is written, on parameters that do not fit `config`,
+  hold a NaN or inf (`load_hf_checkpoint` would refuse the checkpoint) or span other
+  processes' devices.
   """
   flat = traverse_util.flatten_dict(nn.unbox(params))
   check_params(config, flat)
+  # device_get cannot fetch other processes' shards (it raises deep inside jax).
+  remote = [".".join(k) for k, x in flat.items() if not getattr(x, "is_fully_addressable", True)]
+  if remote:
+    raise ValueError(f"params {_fmt(remote)} span devices of other processes: "
+                     "save_hf_checkpoint is single process (gather the params to one "
+                     "process first)")
   # On the devices, one leaf at a time; before the old checkpoint in `path` is removed.
   bad = [".".join(k) for k, x in flat.items() if not bool(jnp.all(jnp.isfinite(x)))]
   if bad:
