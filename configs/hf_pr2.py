@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh_data = 0             # 'data' axis size; 0 = all devices not used by the expert axis
   c.mesh_expert = 1           # 'expert' axis size (expert parallelism); divides num_experts
   c.checkpoint_every = 10     # RL steps between checkpoints (resume from the newest)
-  c.init_from = ""            # an SFT checkpoint dir of this model to start from ('' = none)
+  c.init_from = ""            # warm-up checkpoint dir to start from ('' = WORKDIR/checkpoints/sft,
+                              # written only when sft.num_steps > 0: else the checkpoint's weights)
   c.task = "countdown"        # pr2_jax.rl.tasks registry: arithmetic | countdown
   # Options of `task`; these are countdown's. Another task takes its own (an unknown key stops
   # the run, naming the task's options): --config.task=arithmetic --config.task_kwargs={} (its
@@ -35,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   m = c.model = ml_collections.ConfigDict()  # run-time knobs only (architecture: config.json)
   m.dtype = "float32"         # training-engine compute dtype; bfloat16 at real scale
-  m.expert_impl = "capacity"  # capacity (all_to_all; CPU) | ragged (GPU/TPU) | grouped | dense
+  m.expert_impl = "capacity"  # capacity | ragged (GPU/TPU) | grouped | dense; 'capacity' runs
+                              # all_to_all only when capacity_factor > 0, dropless runs grouped
   m.capacity_factor = 0.0     # 0 = dropless; e.g. 1.25 drops beyond 1.25x an even share
   m.aux_loss_coef = 0.0       # Switch load-balancing loss weight (off for RL)
   m.fsdp = False              # True: split weights' d_model dim over the 'data' axis too

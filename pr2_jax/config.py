@@ -79,9 +79,11 @@ class ModelConfig:
   dtype: str = "float32"          # computation dtype; params and router stay float32
   dense_layers: tuple[int, ...] = ()  # layer ids with a dense SwiGLU MLP (HF mlp_only_layers)
   dense_d_ff: int = 0             # hidden width of the dense MLP (HF intermediate_size)
-  expert_impl: str = "capacity"   # 'capacity' (all_to_all), 'ragged' (ragged_dot), 'grouped'
-                                  # (blocked dropless matmuls, the fast CPU path),
-                                  # 'dense' (reference)
+  expert_impl: str = "capacity"   # 'capacity' (all_to_all of capacity buffers when
+                                  # capacity_factor > 0 or a bucket caps them below the
+                                  # shard's tokens; dropless runs the grouped path),
+                                  # 'ragged' (ragged_dot), 'grouped' (blocked dropless
+                                  # matmuls, the fast CPU path), 'dense' (reference)
   capacity_factor: float = 0.0    # slots' token capacity / even share; 0 = dropless
   aux_loss_coef: float = 0.0      # Switch-style load-balancing loss weight (off by default)
   fsdp: bool = False              # also split every parameter's d_model dim (and its AdamW

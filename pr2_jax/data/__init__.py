@@ -1,1 +1,4 @@
-"""Procedurally generated tasks (no data set can be downloaded on our machines)."""
+"""The supervised reverse-copy task (`synthetic`), a quick check that the stack trains.
+
+The RL tasks and their data are in `pr2_jax.rl` (`rl.tasks`, `rl.data`).
+"""

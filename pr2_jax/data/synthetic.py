@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PAD, BOS, SEP, EOS = 0, 1, 2, 3
+BOS, SEP, EOS = 1, 2, 3  # token 0 is unused: every batch has one length, nothing is padded
 DIGIT0 = 4  # digits 0..9 are tokens 4..13
 MIN_VOCAB = DIGIT0 + 10
 
