@@ -76,6 +76,24 @@ def test_within_a_tier_the_lightest_device_wins():
   np.testing.assert_array_equal(slot_X, [0, 3, 1, 4, 5, 2])
 
 
+def test_a_full_device_never_ties_with_an_open_one():
+  """S=2. d0 is full and lighter; d1 has one free slot, reserved for a native, and holds the
+  expert. The old tiers put both in tier 3 (full = holds + reserved-only), and argmin took the
+  lighter, full d0: its slot d0 * S + 2 is d1's slot 0. Full devices now rank last."""
+  pick = jax.jit(lpt.pick_device, static_argnums=5)
+  d = pick(jnp.array([1., 5.]), jnp.array([2, 1], jnp.int32), jnp.array([True, True]),
+           jnp.array([True, True]), jnp.zeros(2), 2)
+  assert int(d) == 1
+  # The tiers in order, each beating the next, whatever the loads: load 9 wins over load 0.
+  load_D, used_D = jnp.array([9., 0.]), jnp.array([0, 0], jnp.int32)
+  for steal_D, holds_D in ((jnp.array([False, True]), jnp.array([False, False])),   # 0 < 1
+                           (jnp.array([True, False]), jnp.array([False, True])),    # 1 < 2
+                           (jnp.array([False, True]), jnp.array([True, True]))):    # 2 < 3
+    assert int(pick(load_D, used_D, steal_D, holds_D, jnp.zeros(2), 2)) == 0
+  assert int(pick(load_D, jnp.array([1, 2], jnp.int32), jnp.array([True, False]),
+                  jnp.array([True, False]), jnp.zeros(2), 2)) == 0  # 3 < full
+
+
 def test_repair_swaps_a_twin_away():
   """D=2, S=2: d0 [e0, e0], d1 [e1, e1]. The first twin (replica 0 of e0) swaps with the
   nearest-weight replica whose expert d0 lacks (replica 2, e1): d0 [e1, e0], d1 [e0, e1].

@@ -3,6 +3,7 @@
 Dimension legend:
   N tokens, K top-k, M = N*K assignments, E experts, D devices, S slots per
   device, X = D*S global slots, P source shards (token blocks).
+  D here is moe_experts' P (the 'expert' axis size), not d_model; P here is token shards.
 
 `assign_replicas` turns expert ids into global slot ids (indices into the
 flat [D*S] slot array, slot x = d * S + s) so that every replica receives its
@@ -109,8 +110,9 @@ def slot_counts(slot_ids_NK: jax.Array, num_slots: int, num_source_shards: int =
   """int32 [P, X]: assignments each source shard sends to each slot.
 
   Its max is the smallest dropless per-(source shard, slot) capacity of
-  `moe_experts`' capacity path. Padding tokens take buffer places there too,
-  so pass `valid_N` only if padding is kept out of the buffers. Slot ids must be in
+  `moe_experts`' capacity path. Pass the `valid_N` given to `moe_experts` (which
+  keeps padding out of the buffers); without it, as `moe_experts` without one,
+  every token counts. Slot ids must be in
   [0, num_slots) (checked when concrete: one outside would count in another shard's row).
   """
   _check_tokens(slot_ids_NK, valid_N, num_source_shards)

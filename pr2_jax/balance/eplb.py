@@ -7,7 +7,10 @@ per-micro-step planner is `pr2_jax.balance.planner`.
 
 Dimension legend:
   L layers, E logical experts, X physical experts (replicas, = num_replicas),
-  G expert groups, N nodes, U GPUs, R max replicas of one expert.
+  G expert groups, N nodes, U GPUs, I items being packed (any count). Inside
+  the hierarchical policy's per-node steps: Q = L*N rows (layer, node), M = E/N
+  logical and V = X/N physical experts of one node.
+  N here is nodes and G groups, not the models' tokens and kv heads; GPUs are U.
 
 Semantics (DeepSeek's `rebalance_experts` with a stable sort, which DESIGN prescribes; the
 reference's `torch.sort` is not stable on larger arrays, so there the two may place tied
@@ -90,27 +93,31 @@ def _hierarchical(weight_LE, num_physical, num_groups, num_nodes, num_gpus):
 
   # 1. Groups -> nodes. "mlog" numbers experts node-major: node n owns mlog ids
   #    [n * log_per_node, (n + 1) * log_per_node).
-  group_weight = weight_LE.reshape(num_layers, num_groups, group_size).sum(-1)
-  group_pack, group_rank = _balanced_packing(group_weight, num_nodes)
-  first_mlog = (group_pack * groups_per_node + group_rank) * group_size
-  log2mlog = (first_mlog[..., None] + np.arange(group_size)).reshape(num_layers, num_log)
-  mlog2log = _inverse(log2mlog)
+  group_weight_LG = weight_LE.reshape(num_layers, num_groups, group_size).sum(-1)
+  group_pack_LG, group_rank_LG = _balanced_packing(group_weight_LG, num_nodes)
+  first_mlog_LG = (group_pack_LG * groups_per_node + group_rank_LG) * group_size
+  log2mlog_LE = (first_mlog_LG[..., None] + np.arange(group_size)).reshape(num_layers, num_log)
+  mlog2log_LE = _inverse(log2mlog_LE)
 
-  # 2. Replicate inside each node (rows = (layer, node)).
-  mlog_weight = np.take_along_axis(weight_LE, mlog2log, -1).reshape(-1, log_per_node)
-  phy2mlog, phy_rank, mlog_count = _replicate(mlog_weight, phy_per_node)
+  # 2. Replicate inside each node. From here rows are Q = (layer, node) pairs, each node's
+  #    M experts with node-local ids (mlog - n * M), until step 3 folds them back into L.
+  mlog_weight_QM = np.take_along_axis(weight_LE, mlog2log_LE, -1).reshape(-1, log_per_node)
+  phy2mlog_QV, phy_rank_QV, mlog_count_QM = _replicate(mlog_weight_QM, phy_per_node)
 
-  # 3. Physical experts of a node -> its GPUs, by load per replica.
-  phy_weight = np.take_along_axis(mlog_weight / mlog_count.astype(np.float32), phy2mlog, -1)
-  pack, rank = _balanced_packing(phy_weight, num_gpus // num_nodes)
-  pphy2phy = _inverse(pack * phy_per_gpu + rank)
-  pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, -1)
-  pphy2mlog = (pphy2mlog.reshape(num_layers, num_nodes, -1)
-               + (np.arange(num_nodes) * log_per_node)[None, :, None]).reshape(num_layers, -1)
-  phy2log = np.take_along_axis(mlog2log, pphy2mlog, -1)
-  phy_rank = np.take_along_axis(phy_rank, pphy2phy, -1).reshape(num_layers, -1)
-  log_count = np.take_along_axis(mlog_count.reshape(num_layers, -1), log2mlog, -1)
-  return phy2log, phy_rank, log_count
+  # 3. Physical experts of a node -> its GPUs, by load per replica. "pphy" numbers a node's
+  #    physical experts GPU-major (their final order).
+  phy_weight_QV = np.take_along_axis(mlog_weight_QM / mlog_count_QM.astype(np.float32),
+                                     phy2mlog_QV, -1)
+  pack_QV, rank_QV = _balanced_packing(phy_weight_QV, num_gpus // num_nodes)
+  pphy2phy_QV = _inverse(pack_QV * phy_per_gpu + rank_QV)
+  pphy2mlog_QV = np.take_along_axis(phy2mlog_QV, pphy2phy_QV, -1)  # node-local mlog ids
+  # Back to L rows: node n's V physical experts follow node n - 1's, ids made global.
+  pphy2mlog_LX = (pphy2mlog_QV.reshape(num_layers, num_nodes, -1)
+                  + (np.arange(num_nodes) * log_per_node)[None, :, None]).reshape(num_layers, -1)
+  phy2log_LX = np.take_along_axis(mlog2log_LE, pphy2mlog_LX, -1)
+  phy_rank_LX = np.take_along_axis(phy_rank_QV, pphy2phy_QV, -1).reshape(num_layers, -1)
+  log_count_LE = np.take_along_axis(mlog_count_QM.reshape(num_layers, -1), log2mlog_LE, -1)
+  return phy2log_LX, phy_rank_LX, log_count_LE
 
 
 def _check_host(fn: str, weight) -> None:

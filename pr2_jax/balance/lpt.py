@@ -2,6 +2,7 @@
 
 Dimension legend:
   E experts, D expert-parallel devices, S slots per device, X = D*S replicas.
+  D here is moe_experts' P (the 'expert' axis size), not the models' d_model.
 
 The planner's step 2 has two methods; this module holds the sequential greedy
 as `rounds.py` holds the default, so that `planner.py` keeps the steps both
@@ -35,8 +36,55 @@ import jax.numpy as jnp
 from pr2_jax.balance.rounds import expand_runs
 
 
+# pick_device's tiers, best first. Full devices get their own, last tier: the replica count
+# (X = D*S) keeps a device open at every pick, and argmin must never reach a full one
+# (`d * S + used_D[d]` would write into the next device's slot 0, with no error).
+TIER_FREE, TIER_RESERVED, TIER_HOLDS, TIER_HOLDS_RESERVED, TIER_FULL = range(5)
+
+
+def pick_device(load_D, used_D, steal_D, holds_D, bonus_D, slots: int):
+  """The device the next replica goes to: int32 scalar.
+
+  The best non-empty tier of devices, in order:
+    TIER_FREE            free slots, does not hold the expert;
+    TIER_RESERVED        only reserved slots free (a distinct device beats a reservation);
+    TIER_HOLDS           holds the expert, has free slots;
+    TIER_HOLDS_RESERVED  holds the expert, only reserved slots free;
+    TIER_FULL            no slot left: never picked while another device is open.
+  Within it the lightest after the home bonus (home devices win within `tol`), lower id on
+  ties.
+
+  Args:
+    load_D: float32 [D] device loads so far.
+    used_D: int32 [D] slots taken.
+    steal_D: bool [D] devices whose free slots are all reserved for unplaced native experts.
+    holds_D: bool [D] devices holding the replica's expert already.
+    bonus_D: float32 [D] the home rule's tolerance on the expert's home devices, else 0.
+    slots: S.
+  """
+  open_D = used_D < slots
+  # Tiers, not additive penalties: a float32 load + 1e30 loses the load, and then the lowest
+  # id, not the lightest device, won within a tier.
+  tier_D = jnp.where(open_D, jnp.where(holds_D, TIER_HOLDS, TIER_FREE) + steal_D, TIER_FULL)
+  return jnp.argmin(jnp.where(tier_D == jnp.min(tier_D), load_D - bonus_D, jnp.inf))
+
+
 def place_lpt(load_E, count_E, prev_DS, num_devices, slots, tol, reserve):
-  """Step 2 of one layer; returns (expert_X, slot_X) of the replicas in placement order."""
+  """Step 2 of one layer by LPT: each replica, heaviest first, onto `pick_device`'s device.
+
+  Args:
+    load_E: float32 [E] (token, k) pairs per expert.
+    count_E: int32 [E] replicas per expert (>= 1, sums to D*S).
+    prev_DS: int32 [D, S] previous layout (EMPTY = -1 allowed); its devices, with each
+      expert's native one, are the expert's homes.
+    num_devices, slots: D and S (static).
+    tol: the home rule's tolerance in load units (0: no home preference).
+    reserve: keep one slot per native expert on its device until its first replica is
+      placed (static bool).
+  Returns:
+    expert_X int32 [X]: replicas by decreasing n_e / r_e (ties: expert id);
+    slot_X int32 [X]: global slot d * S + s of each.
+  """
   num_experts = load_E.shape[0]
   num_slots = num_devices * slots
   device_D = jnp.arange(num_devices)
@@ -59,15 +107,8 @@ def place_lpt(load_E, count_E, prev_DS, num_devices, slots, tol, reserve):
     load_D, used_D, reserved_D, holds_D, slot_X = state
     holds_D &= same_X[i]
     reserved_D = jnp.maximum(reserved_D - own_XD[i], 0)
-    # Full devices are out; devices holding the expert come last, then devices
-    # whose only free slots are reserved (a distinct device beats a
-    # reservation); within the best tier, home devices win within `tol` of the
-    # lightest (lower id on ties).
-    steal_D = used_D + reserved_D >= slots
-    # Tiers, not additive penalties: a float32 load + 1e30 loses the load, and
-    # then the lowest id, not the lightest device, won within a tier.
-    tier_D = jnp.where(used_D < slots, 2 * holds_D + steal_D, 3)
-    d = jnp.argmin(jnp.where(tier_D == jnp.min(tier_D), load_D - bonus_XD[i], jnp.inf))
+    steal_D = used_D + reserved_D >= slots  # only reserved slots free
+    d = pick_device(load_D, used_D, steal_D, holds_D, bonus_XD[i], slots)
     on_D = device_D == d
     return (load_D + jnp.where(on_D, weight_X[i], 0.0), used_D + on_D,
             reserved_D - (on_D & steal_D), holds_D | on_D,

@@ -3,6 +3,7 @@
 Dimension legend:
   L MoE layers, E experts, D expert-parallel devices, S slots per device,
   X = D*S global slots (= replicas), R = X - E redundant replicas.
+  D here is moe_experts' P (the 'expert' axis size), not the models' d_model.
 
 Given one micro-step's loads (from its replayed routes) the planner decides,
 per layer, which expert every slot holds and what share of the expert's
@@ -19,8 +20,10 @@ recompiles. Per layer:
    possible. Two methods, each in its own module (every other step is shared
    and lives here): `method="rounds"` (the default) places them in S rounds of
    D (`rounds.py`), `method="lpt"` one at a time, longest processing time
-   first, with reservations for native experts (`lpt.py`); rounds is several
-   times faster on CPU, as even or more, about as many moves.
+   first, with reservations for native experts (`lpt.py`). On the bench traces
+   rounds balanced better at equal stickiness, ran 2-2.5x faster on CPU and moved
+   about as many experts at the 30B shape, up to 1.7x as many where a device
+   holds many experts (docs/results/balance.md, "Placement methods").
    With stickiness > 0 a home rule keeps weights in place (stickiness 0: no
    home preference, most moves): a device that already holds the expert
    (native, or in `previous`) is taken when its load is at most `stickiness` x
@@ -38,8 +41,9 @@ recompiles. Per layer:
    layer's peak device load by more than a fraction `min_gain`.
 6. Guard: a layer whose plan would make its busiest device busier than the
    static layout's falls back to the native layout; its redundant slots hold
-   copies of other devices' experts with a zero share. So device load is
-   never above the static layout's.
+   copies of other devices' experts with a zero share. So the layer's peak
+   device load is never above the static layout's peak (up to float32
+   rounding: the guard's 1e-6); single devices may well be, that is balancing.
 
 S == E/D (no redundant slots) returns the native layout: without spare slots
 the only way to rebalance is to move experts, which this planner does not do.
@@ -67,7 +71,9 @@ _LOADS_WHY = "loads are (token, k) counts"
 _PROBES_J = np.arange(1, 8, dtype=np.int32)  # replica_counts' search probes, in eighths
 _REPAIR_ROUNDS = 4  # duplicate-replica swaps per layer (a forced twin is rare)
 METHODS = ("lpt", "rounds")  # step 2: sequential LPT greedy, or S rounds of D
-DEFAULT_METHOD = "rounds"  # as even as LPT or more, no more moves, and 2-3x faster on CPU
+# Step 2's default: see the module docstring (better balance, 2-2.5x faster, about as many
+# moves at the 30B shape).
+DEFAULT_METHOD = "rounds"
 
 
 class Plan(flax.struct.PyTreeNode):
@@ -221,7 +227,10 @@ def _plan_layer(load_E, prev_DS, *, num_devices, slots, stickiness, split_iters,
     slot_DS = jnp.where(keep, prev_DS, slot_DS)
     load_DS = jnp.where(keep, prev_load_DS, load_DS)
 
-  # Step 6: never above the static layout.
+  # Step 6: the peak never above the static layout's. The 1e-6 (~8 float32 ulps) absorbs
+  # rounding: the plan's device loads sum split shares in another order than the static
+  # sums, so a plan exactly as good (e.g. the native layout re-planned) can read a few ulps
+  # higher and would fall back for nothing.
   worse = peak(load_DS) > jnp.max(jnp.sum(load_E.reshape(num_devices, per), axis=1)) * (1 + 1e-6)
   native_DS = jnp.broadcast_to(jnp.arange(slots) < per, (num_devices, slots)).astype(jnp.float32)
   slot_DS = jnp.where(worse, jnp.asarray(_fallback_layout(num_experts, num_devices, slots)),
@@ -276,9 +285,10 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
     min_gain: None = off; else keep the previous layout unless the new plan
       lowers the peak device load by more than this fraction (step 5).
     method: step 2's placement: "rounds" (default; S rounds of D with the home rule,
-      `rounds.py`) or "lpt" (one replica at a time, with reservations; several times slower
+      `rounds.py`) or "lpt" (one replica at a time, with reservations; 2-2.5x slower
       on CPU). On the bench traces rounds balanced better than LPT at equal stickiness and
-      moved about as many experts (docs/results/balance.md).
+      moved about as many experts at the 30B shape, up to 1.7x as many where a device holds
+      many experts (docs/results/balance.md).
   Returns:
     A `Plan`. Jit-compatible; D, S, stickiness, split_iters, min_gain and method are static
     (a new value compiles anew) and shapes depend only on (L, E, D, S), so new loads never

@@ -1,7 +1,12 @@
 """Replica placement in S rounds of D (the planner's default `method="rounds"`, step 2).
 
 Dimension legend:
-  E experts, D expert-parallel devices, S slots per device, X = D*S replicas.
+  E experts, D expert-parallel devices, S slots per device, X = D*S replicas,
+  Y = the D*S slots of a [D, S] layout in slot order (d * S + s), R = the D
+  replicas of one round (not planner.py's redundant replicas), H = 3 home
+  devices per replica, P = D + 1 device rows (row D = "no such device"),
+  Q = a round's left-over replicas in weight order, N = any length (helpers).
+  D here is moe_experts' P (the 'expert' axis size), not the models' d_model.
 
 The LPT placement (`lpt.place_lpt`) places the X replicas one at a time: X
 dependent steps, each a handful of tiny XLA ops, so loop overhead dominates
@@ -26,8 +31,9 @@ most `tol` heavier than the round's lightest; a device claimed twice takes
 the heavier replica and the loser tries its next home. The unclaimed
 replicas and devices are then matched as above. There are no reservations
 (LPT's other rule): each device takes one replica per round anyway. On the
-bench traces this moved about as many experts as sticky LPT and balanced
-better (docs/results/balance.md). A claim can rarely leave a twin for a
+bench traces this balanced better than sticky LPT and moved about as many
+experts at the 30B shape, up to 1.7x as many where a device holds many
+experts (docs/results/balance.md). A claim can rarely leave a twin for a
 later replica of the round; the planner's repair step (`lpt.repair_duplicates`) swaps
 it away.
 """
@@ -109,9 +115,9 @@ def _sticky_round(load_D, expert_R, home_RH, held_DS, tol):
   n = load_D.shape[0]
   index_N = jnp.arange(n, dtype=jnp.int32)
   home_RH = jnp.minimum(home_RH, n)  # n = no such home
-  padded_D = jnp.concatenate([load_D, jnp.full((1,), jnp.inf, load_D.dtype)])
+  load_P = jnp.concatenate([load_D, jnp.full((1,), jnp.inf, load_D.dtype)])
   held_PS = jnp.concatenate([held_DS, jnp.full((1, held_DS.shape[1]), -1, held_DS.dtype)])
-  home_load_RH = padded_D[home_RH]
+  home_load_RH = load_P[home_RH]
   ok_RH = ((home_RH < n) & (home_load_RH <= jnp.min(load_D) + tol)
            & ~jnp.any(held_PS[home_RH] == expert_R[:, None, None], axis=-1))
   taken_P = jnp.zeros((n + 1,), bool)

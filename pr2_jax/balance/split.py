@@ -1,7 +1,10 @@
 """Token split among an expert's replicas: water-filling over the devices holding it.
 
 Dimension legend:
-  E experts, D devices, S slots per device, X = D*S replicas (one per slot).
+  E experts, D devices, S slots per device, X = D*S replicas (one per slot, in
+  placement order), Y = the same X replicas in slot order (d * S + s), R = rows
+  of per-expert sums taken at once (1 or 2).
+  D here is moe_experts' P (the 'expert' axis size), not the models' d_model.
 
 With a placement fixed, the split decides how many of expert e's n_e
 assignments each of its replicas takes. The ideal for one expert, holding
@@ -50,10 +53,11 @@ def water_fill(n_X: jax.Array, expert_X: jax.Array, slot_X: jax.Array, x_X: jax.
   to_slots = lambda a_X: jnp.zeros_like(a_X).at[slot_X].set(a_X)  # noqa: E731
   n_Y, expert_Y = to_slots(n_X.astype(jnp.float32)), to_slots(expert_X)
 
-  def per_expert(v_KY):
-    """Σ of each row of v over each slot's expert, for every slot: [K, Y] -> [K, Y]."""
-    sums_KE = jnp.zeros(v_KY.shape, v_KY.dtype).at[:, expert_Y].add(v_KY)
-    return sums_KE[:, expert_Y]
+  def per_expert(v_RY):
+    """Σ of each row of v over each slot's expert, for every slot: [R, Y] -> [R, Y]."""
+    # Indexed by expert id (< X), so Y long too: entry e holds expert e's sum.
+    sums_RY = jnp.zeros(v_RY.shape, v_RY.dtype).at[:, expert_Y].add(v_RY)
+    return sums_RY[:, expert_Y]
 
   def device_load(v_Y):
     v_DS = v_Y.reshape(num_devices, slots)
