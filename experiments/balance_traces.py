@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.balance import (eplb_device_load, eplb_rebalance, imbalance, loads_from_routes,
-                             native_layout, plan_placement, static_device_load)
+from pr2_jax.balance import (eplb_device_load, eplb_rebalance, fetched_experts, imbalance,
+                             loads_from_routes, native_layout, plan_placement, static_device_load)
 from pr2_jax.balance.planner import DEFAULT_METHOD
 
 MODES = ("none", "eplb_step", "eplb_ema", "foresight")
@@ -101,12 +101,6 @@ def synthetic_trace(rng, *, steps, seqs, seq_len, layers, experts, top_k, skew, 
   return trace
 
 
-def _transfers_LD(new_LDS, prev_LDS):
-  """Experts each device must fetch: slots whose expert it did not hold before."""
-  held = np.any(new_LDS[..., :, None] == prev_LDS[..., None, :], axis=-1)
-  return np.sum((new_LDS >= 0) & ~held, axis=-1)
-
-
 @functools.lru_cache(maxsize=None)
 def plan_fn(num_devices, slots, stickiness, split_iters, min_gain=None, method=DEFAULT_METHOD):
   """One jitted planner per setting, so repeated evaluations compile once."""
@@ -169,7 +163,7 @@ def evaluate_modes(trace, num_devices, slots, micro_seqs, *, ema=0.5, stickiness
     for mode in ("eplb_step", "eplb_ema"):
       if mode in layouts:  # moved once per step, before its first micro-step
         layout = layouts[mode][0].reshape(num_layers, num_devices, slots)
-        step_transfers[mode] = _transfers_LD(layout, prev_eplb[mode])
+        step_transfers[mode] = fetched_experts(layout, prev_eplb[mode])
         prev_eplb[mode] = layout
     order = rng.permutation(len(seq_loads))
     for first in range(0, len(order) - micro_seqs + 1, micro_seqs):
@@ -186,7 +180,7 @@ def evaluate_modes(trace, num_devices, slots, micro_seqs, *, ema=0.5, stickiness
       for name, fn in plan_fns.items():
         plan = fn(jnp.asarray(micro_LE), jnp.asarray(prev_fs[name]))
         new = np.asarray(plan.slot_expert)
-        moved[name] = _transfers_LD(new, prev_fs[name])
+        moved[name] = fetched_experts(new, prev_fs[name])
         prev_fs[name] = new
         loads[name] = np.asarray(plan.device_load)
       for mode in modes:

@@ -3,7 +3,7 @@
 Functions take plain data (metric rows, arrays) and return matplotlib figures;
 saving and showing is the caller's business.
 
-Dimension legend: E experts, D devices (expert shards), S slots per device.
+Dimension legend: E experts, D devices (expert shards; not d_model), S slots per device.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from pr2_jax.balance import imbalance
 
 PANELS = (
     ("reward", ("reward_mean", "eval_reward")),
@@ -112,7 +114,7 @@ def plan_figure(loads_E, slot_expert_DS, slot_load_DS, title: str = ""):
                   va="center", fontsize=7)
       bottom += load_DS[:, s]
     ax.axhline(loads_E.sum() / d, color="k", ls="--", lw=0.8)
-    ax.set_title(f"{name}: imbalance {bottom.max() / max(bottom.mean(), 1e-9):.2f}")
+    ax.set_title(f"{name}: imbalance {float(imbalance(bottom)):.2f}")
     ax.set_xlabel("device")
   axes[0].set_ylabel("(token, k) pairs; labels = expert ids")
   if title:

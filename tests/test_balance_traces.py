@@ -5,8 +5,9 @@ modes (`evaluate_modes`), on hand-worked traces. End to end: tests/test_bench_ba
 import numpy as np
 import pytest
 
-from experiments.balance_traces import (CostModel, _transfers_LD, evaluate_modes, layout_error,
-                                        plan_fn, simulate_step, trace_from_routes)
+from experiments.balance_traces import (CostModel, evaluate_modes, layout_error, plan_fn,
+                                        simulate_step, trace_from_routes)
+from pr2_jax.balance import fetched_experts
 
 import _cli
 
@@ -140,13 +141,6 @@ def test_evaluate_modes_eplb_ema_plans_from_past_steps():
   np.testing.assert_array_equal(step["transfers"][:4, 0], [[1, 2], [0, 0], [0, 1], [0, 0]])
 
 
-def test_transfers_count_new_experts_not_empty_slots():
-  new_LDS = np.array([[[0, -1, 2], [3, 3, 1]]])
-  prev_LDS = np.array([[[0, 1, 3], [1, -1, -1]]])
-  # Device 0 fetches expert 2 (its emptied slot costs nothing); device 1 fetches 3 twice.
-  np.testing.assert_array_equal(_transfers_LD(new_LDS, prev_LDS), [[1, 2]])
-
-
 def test_run_as_a_command_it_says_it_is_a_library():
   _cli.says_it_is_a_library("experiments.balance_traces", "experiments.bench_balance")
 
@@ -193,7 +187,7 @@ def test_foresight_plans_are_chained_through_the_previous_micro_step():
       plan = fn(jnp.asarray(seq_loads.sum(0)), jnp.asarray(prev))
       new = np.asarray(plan.slot_expert)
       np.testing.assert_allclose(out[name]["device_load"][m], plan.device_load, rtol=1e-6)
-      np.testing.assert_array_equal(out[name]["transfers"][m], _transfers_LD(new, prev))
+      np.testing.assert_array_equal(out[name]["transfers"][m], fetched_experts(new, prev))
       prev = new
   # Step 2 reverses the loads: experts move; step 3 repeats step 2: nothing left to fetch.
   fs, kept = out["foresight"], out["kept"]

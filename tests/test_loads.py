@@ -98,6 +98,19 @@ def test_plan_stats_hand_worked():
     ld.plan_stats(plan, np.zeros((1, 3, 2), np.int32))
 
 
+def test_fetched_experts_counts_new_experts_not_empty_slots():
+  new_LDS = np.array([[[0, -1, 2], [3, 3, 1]]])
+  prev_LDS = np.array([[[0, 1, 3], [1, -1, -1]]])
+  # Device 0 fetches expert 2 (its emptied slot costs nothing); device 1 fetches 3 twice
+  # (1 it had in another slot: no transfer).
+  got = ld.fetched_experts(new_LDS, prev_LDS)
+  assert isinstance(got, np.ndarray)
+  np.testing.assert_array_equal(got, [[1, 2]])
+  # jax in (also under jit), and leading micro-step axes broadcast against one previous.
+  got = jax.jit(ld.fetched_experts)(jnp.stack([new_LDS, prev_LDS]), jnp.asarray(prev_LDS))
+  np.testing.assert_array_equal(got, [[[1, 2]], [[0, 0]]])
+
+
 def test_loads_from_routes_takes_nested_lists():
   routes = [[[[0, 1]], [[1, 2]]]]  # [B=1, T=2, L=1, K=2]
   np.testing.assert_array_equal(ld.loads_from_routes(routes, [[True, False]], 3), [[1, 1, 0]])

@@ -9,10 +9,10 @@
 
 from pr2_jax.balance.dispatch import assign_replicas, slot_counts
 from pr2_jax.balance.eplb import eplb_device_load, eplb_rebalance
-from pr2_jax.balance.loads import (EMPTY, imbalance, loads_from_routes, native_layout,
-                                   plan_stats, static_device_load)
+from pr2_jax.balance.loads import (EMPTY, fetched_experts, imbalance, loads_from_routes,
+                                   native_layout, plan_stats, static_device_load)
 from pr2_jax.balance.planner import Plan, plan_placement, replica_counts
 
-__all__ = ["EMPTY", "Plan", "assign_replicas", "eplb_device_load", "eplb_rebalance", "imbalance",
-           "loads_from_routes", "native_layout", "plan_placement", "plan_stats", "replica_counts",
-           "slot_counts", "static_device_load"]
+__all__ = ["EMPTY", "Plan", "assign_replicas", "eplb_device_load", "eplb_rebalance",
+           "fetched_experts", "imbalance", "loads_from_routes", "native_layout", "plan_placement",
+           "plan_stats", "replica_counts", "slot_counts", "static_device_load"]

@@ -3,6 +3,7 @@
 Dimension legend:
   B batch, T sequence length, L MoE layers, K top-k, E experts,
   D expert-parallel devices, S slots per device, X = D*S global slots.
+  D here is moe_experts' P (the 'expert' axis size), not the models' d_model.
 
 A *load* is a count of (token, k) assignments: `loads_LE[l, e]` is how many
 valid tokens chose expert e at layer l. The static (native) layout puts
@@ -90,6 +91,21 @@ def imbalance(device_load_LD: jax.Array) -> jax.Array:
   return jnp.where(mean > 0, jnp.max(load, axis=-1) / jnp.where(mean > 0, mean, 1.0), 1.0)
 
 
+def fetched_experts(new_LDS, prev_LDS):
+  """int [..., L, D]: experts each device fetches going from layout prev_LDS to new_LDS.
+
+  A slot costs a transfer when its device held its expert in no slot before: a move between
+  a device's own slots needs none, an EMPTY slot fetches nothing. Leading axes broadcast
+  (micro-steps [M, L, D, S]). numpy in, numpy out; jax arrays (or tracers, under jit) give
+  jax. The one definition of a transfer: `plan_stats`, the RL loop's churn and the balance
+  benchmark count with it.
+  """
+  xp = jnp if isinstance(new_LDS, jax.Array) or isinstance(prev_LDS, jax.Array) else np
+  new_LDS, prev_LDS = xp.asarray(new_LDS), xp.asarray(prev_LDS)
+  held_LDS = xp.any(new_LDS[..., :, None] == prev_LDS[..., None, :], axis=-1)
+  return xp.sum((new_LDS >= 0) & ~held_LDS, axis=-1)  # >= 0: EMPTY (-1) holds nothing
+
+
 def plan_stats(plan, previous=None, bytes_per_expert: float = 0.0) -> dict:
   """Churn of a plan against the previous one.
 
@@ -114,7 +130,6 @@ def plan_stats(plan, previous=None, bytes_per_expert: float = 0.0) -> dict:
   if prev_LDS.shape != new_LDS.shape:
     raise ValueError(f"previous layout has shape {prev_LDS.shape}, the plan {new_LDS.shape}")
   changed_L = jnp.sum(new_LDS != prev_LDS, axis=(1, 2))
-  held_LDS = jnp.any(new_LDS[..., :, None] == prev_LDS[..., None, :], axis=-1)
-  transfers_L = jnp.sum((new_LDS != EMPTY) & ~held_LDS, axis=(1, 2))
+  transfers_L = jnp.sum(fetched_experts(new_LDS, prev_LDS), axis=-1)
   return {"slots_changed": changed_L.astype(jnp.int32), "transfers": transfers_L.astype(jnp.int32),
           "bytes_moved": transfers_L.astype(jnp.float32) * bytes_per_expert}
