@@ -95,10 +95,10 @@ def settings() -> dict:
 
 
 def mesh_shape(devices: int, s: dict) -> tuple[int, int]:
-  """Our (data, expert) mesh over `devices`; where it does not split, a UsageError naming the
-  flags the user gave, or the derived values (common.split_mesh_shape names flags only)."""
+  """Our (data, expert) mesh over `devices` (--mesh_expert=0: all of them, `common.auto_axis`);
+  where it does not split, a UsageError naming the flags the user gave, or the derived values."""
   given = lambda name: model_flags.given(name, s[name], QUICK if _QUICK.value else None)
-  expert = _MESH_EXPERT.value or devices
+  expert = common.auto_axis(_MESH_EXPERT.value, devices)
   cpu = flags.FLAGS["cpu_devices"]
   where = f"the {devices} devices " + (f"of --cpu_devices={devices}" if cpu.present and cpu.value
                                        else "(the backend's)" if cpu.present

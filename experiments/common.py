@@ -2,6 +2,7 @@
 summary (command-line plumbing and exits: `experiments.cli`)."""
 
 import json
+import logging as py_logging
 import math
 import os
 import platform
@@ -32,7 +33,7 @@ class _QuietLibraries:
 
   def filter(self, record):
     noisy = any(part in record.pathname for part in ("orbax", "jax/_src", "xla_bridge"))
-    return record.levelno >= 30 or not noisy
+    return record.levelno >= py_logging.WARNING or not noisy  # not absl's WARNING (-1)
 
 
 # DistributedConfig's fields and the flags that set them: its errors name the field.
@@ -50,7 +51,6 @@ def as_flag_names(message: str) -> str:
 
 def setup_devices():
   """Fake CPU devices and the distributed runtime; call before any other JAX work."""
-  import logging as py_logging
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
   # JAX logs through its own loggers, which a filter on "absl" never sees: on the handler, it
   # also drops JAX's start-up INFO ("Unable to initialize backend 'tpu': ... libtpu.so"), which
@@ -141,29 +141,24 @@ def devices_dividing(cores: int, *sizes: int) -> int:
   return max(d for d in range(1, cores + 1) if all(n % d == 0 for n in sizes))
 
 
-def split_mesh_shape(num_devices: int, mesh_expert: int, num_experts: int,
-                     batches: dict[str, int]) -> tuple[int, int]:
-  """(data, expert) over `num_devices` (mesh_expert 0 = all of them on 'expert'); a ValueError
-  naming the flag where the devices cannot split the experts or a batch (`{flag: size}`)."""
-  expert = mesh_expert or num_devices
-  if num_devices % expert or num_experts % expert:
-    raise ValueError(f"--mesh_expert={expert} must divide the {num_devices} devices and "
-                     f"--num_experts={num_experts}")
-  for name, size in batches.items():
-    if size % num_devices:
-      raise ValueError(f"--{name}={size} must be divisible by the {num_devices} devices")
-  return num_devices // expert, expert
+def auto_axis(size: int, num_devices: int, other: int = 1) -> int:
+  """A mesh axis size as configs and flags give it: 0 = automatic, the devices the other axis
+  (of size `other`) leaves. So a config's `mesh_data=0` is the rest after `mesh_expert`, and
+  bench_peer's `--mesh_expert=0` (its data axis is always the rest) is every device. A
+  config's `mesh_expert` has no automatic value: `build_mesh` refuses 0."""
+  return int(size) or num_devices // other
 
 
 def build_mesh(cfg):
+  """The ('data', 'expert') mesh of a run's ConfigDict over every device (`auto_axis`: a
+  `mesh_data` of 0 takes the devices `mesh_expert` leaves)."""
   import jax
   from pr2_jax.parallel.mesh import make_mesh
   n = jax.device_count()
   expert = int(cfg.mesh_expert)
   if expert < 1 or n % expert:
     raise flags.ValidationError(f"--config.mesh_expert={expert} must divide the {n} devices")
-  data = int(cfg.mesh_data) or n // expert
-  return make_mesh(data, expert)
+  return make_mesh(auto_axis(cfg.mesh_data, n, expert), expert)
 
 
 def experiment_setup(cfg):

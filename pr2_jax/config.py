@@ -110,8 +110,14 @@ class ModelConfig:
     for name in ("norm_topk_prob", "tie_embeddings", "fsdp"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
-    for name in ("rope_theta", "rms_norm_eps", "capacity_factor", "aux_loss_coef"):
-      check_real("ModelConfig", name, getattr(self, name))
+    # The real fields, each checked once: finite, and rope_theta and rms_norm_eps > 0;
+    # capacity_factor and aux_loss_coef >= 0, in messages that give the value and its meaning.
+    for name, low in (("rope_theta", 0), ("rms_norm_eps", 0), ("capacity_factor", None),
+                      ("aux_loss_coef", None)):
+      check_real("ModelConfig", name, getattr(self, name), low, inclusive=False)
+    for name, meaning in (("capacity_factor", " (0 = dropless)"), ("aux_loss_coef", "")):
+      if getattr(self, name) < 0:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 0{meaning}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"ModelConfig.num_heads={self.num_heads} must be divisible by "
@@ -125,11 +131,6 @@ class ModelConfig:
     if self.expert_impl not in EXPERT_IMPLS:
       raise ValueError(f"ModelConfig.expert_impl={self.expert_impl!r} must be one of "
                        f"{EXPERT_IMPLS}")
-    if self.capacity_factor < 0:
-      raise ValueError(f"ModelConfig.capacity_factor={self.capacity_factor} must be >= 0 "
-                       "(0 = dropless)")
-    for name in ("rope_theta", "rms_norm_eps"):
-      check_real("ModelConfig", name, getattr(self, name), 0, inclusive=False)
     bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
     if bad:
       raise ValueError(f"ModelConfig.dense_layers={self.dense_layers} has ids {bad} outside "
@@ -139,8 +140,6 @@ class ModelConfig:
     if self.dense_layers and self.dense_d_ff < 1:
       raise ValueError("ModelConfig.dense_d_ff must be a positive int when dense_layers="
                        f"{self.dense_layers} is set, got {self.dense_d_ff}")
-    if self.aux_loss_coef < 0:
-      raise ValueError(f"ModelConfig.aux_loss_coef={self.aux_loss_coef} must be >= 0")
     if not self.moe_layers:
       raise ValueError("ModelConfig has no MoE layer: dense_layers covers every layer")
 

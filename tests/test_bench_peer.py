@@ -88,19 +88,40 @@ def test_bench_peer_quick(tmp_path):
   assert f"| train / decode s, min-max | {spread} |" in proc.stdout
 
 
+# bench_peer.mesh_shape reads bench_peer's flags, which clash with bench_model's (see below):
+# called in a child, one (devices, --mesh_expert) case per line.
+_MESH_SHAPE = """
+from absl import flags
+from experiments import bench_peer
+S = dict(num_experts=16, batch=8, decode_batch=64)
+for devices, expert in ((2, 0), (4, 2), (2, 1), (6, 3), (16, 16)):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["bench_peer", f"--mesh_expert={expert}", "--batch=8"])
+  try:
+    print(bench_peer.mesh_shape(devices, S))
+  except Exception as e:
+    print(f"{type(e).__name__}: {e}")
+"""
+
+
 def test_default_devices_and_mesh_shape():
-  """One device per core where the batches and experts split evenly; bad meshes name the flag."""
-  from experiments.common import devices_dividing, split_mesh_shape
-  assert [devices_dividing(cores, 8, 64, 16) for cores in (1, 2, 3, 4, 6)] == [1, 2, 2, 4, 4]
-  assert devices_dividing(4, 2, 64, 16) == 2
-  batches = {"batch": 8, "decode_batch": 64}
-  assert split_mesh_shape(2, 0, 16, batches) == (1, 2)   # 0: the experts over every device
-  assert split_mesh_shape(4, 2, 16, batches) == (2, 2)
-  assert split_mesh_shape(2, 1, 16, batches) == (2, 1)   # data parallel
-  with pytest.raises(ValueError, match="--mesh_expert=3"):
-    split_mesh_shape(6, 3, 16, batches)
-  with pytest.raises(ValueError, match="--batch=8 must be divisible by the 16 devices"):
-    split_mesh_shape(16, 16, 16, batches)
+  """One device per core where the batches and experts split evenly; bad meshes name the flag.
+  (This tested common.split_mesh_shape, a copy of mesh_shape that no benchmark ran.)"""
+  assert [common.devices_dividing(cores, 8, 64, 16) for cores in (1, 2, 3, 4, 6)] == [
+      1, 2, 2, 4, 4]
+  assert common.devices_dividing(4, 2, 64, 16) == 2
+  assert [common.auto_axis(0, 8, 2), common.auto_axis(0, 8), common.auto_axis(3, 8, 2)] == [
+      4, 8, 3]
+  proc = subprocess.run([sys.executable, "-c", _MESH_SHAPE], capture_output=True, text=True,
+                        timeout=120, cwd=_cli.REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.splitlines() == [
+      "(1, 2)",   # --mesh_expert=0: the experts over every device
+      "(2, 2)",
+      "(2, 1)",   # data parallel
+      "UsageError: --mesh_expert=3 must divide num_experts 16 (default)",
+      "UsageError: --batch=8 must be divisible by the 16 devices (one per usable core by "
+      "default)"]
 
 
 @pytest.mark.parametrize("args, named", [

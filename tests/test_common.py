@@ -295,3 +295,14 @@ def test_experiment_setup_checks_the_model_against_the_mesh(capsys):
     common.experiment_setup(cfg)
   assert e.value.code == 2 and "d_model=68 over the mesh's 'data' axis, but its size 8" in (
       capsys.readouterr().err)
+
+
+def test_quiet_libraries_drops_only_their_info():
+  """The filter compares Python log levels: a warning of JAX's internals passes, its INFO and
+  our own INFO are told apart by the path (absl's logging.WARNING is -1, not 30)."""
+  record = lambda level, path: logging.LogRecord("x", level, path, 1, "m", None, None)
+  quiet = common._QuietLibraries()
+  assert quiet.filter(record(logging.WARNING, "/site-packages/jax/_src/xla_bridge.py"))
+  assert not quiet.filter(record(logging.INFO, "/site-packages/jax/_src/xla_bridge.py"))
+  assert not quiet.filter(record(logging.INFO, "/site-packages/orbax/checkpoint/x.py"))
+  assert quiet.filter(record(logging.INFO, "/work/main/experiments/main.py"))

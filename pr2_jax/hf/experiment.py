@@ -37,7 +37,10 @@ from pr2_jax.rl.config import SetupError
 from pr2_jax.rl.data import check_task_tokenizer
 from pr2_jax.train.state import TrainState, state_initializer
 
+
 def check_dir(path: str) -> None:
+  """Raises ValueError unless `path` (ExperimentConfig.hf_checkpoint) is a directory: the
+  message names the config field and what the directory holds, before any file is read."""
   if not os.path.isdir(path):
     raise ValueError(f"hf_checkpoint={path!r} is not a directory (a local Hugging Face "
                      "checkpoint: config.json, *.safetensors, tokenizer.json)")
