@@ -134,15 +134,19 @@ def _at_schedule_step(state, step):
   return optax.tree_utils.tree_set(state, is_schedule, count=jnp.asarray(step, jnp.int32))
 
 
-@pytest.mark.parametrize("total_steps, lr_at_step", [
+@pytest.mark.parametrize("warmup_steps, total_steps, lr_at_step", [
     # lr 0.01, warmup 4, cosine over steps 4..20 to 0.1 * lr, then held there
-    (20, {0: 0.0, 2: 0.005, 4: 0.01, 12: 0.0055, 20: 0.001, 30: 0.001}),
-    (0, {0: 0.01}),  # no total_steps: a constant lr, no warmup (the state keeps no counter)
+    (4, 20, {0: 0.0, 2: 0.005, 4: 0.01, 12: 0.0055, 20: 0.001, 30: 0.001}),
+    # no warmup: the first update at the peak (it was at 0), cosine over steps 0..20
+    (0, 20, {0: 0.01, 10: 0.0055, 20: 0.001}),
+    (4, 0, {0: 0.01}),  # no total_steps: a constant lr, no warmup (the state keeps no counter)
 ])
-def test_make_optimizer_schedule_and_decoupled_weight_decay(total_steps, lr_at_step):
+def test_make_optimizer_schedule_and_decoupled_weight_decay(warmup_steps, total_steps,
+                                                           lr_at_step):
   """Adam's first update is -lr_t * (g / (|g| + eps) + wd * p) = -lr_t * (sign(g) + wd * p):
   decoupled weight decay, scaled by the scheduled lr (|g| < grad_clip, so no clipping)."""
-  tx = make_optimizer(0.01, warmup_steps=4, total_steps=total_steps, weight_decay=0.1)
+  tx = make_optimizer(0.01, warmup_steps=warmup_steps, total_steps=total_steps,
+                      weight_decay=0.1)
   p = np.array([0.5, -2.0, 1.5], np.float32)
   g = np.array([0.3, -0.2, 0.05], np.float32)
   for step, lr in lr_at_step.items():

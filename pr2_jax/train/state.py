@@ -60,10 +60,13 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, total_steps: int = 0,
                    weight_decay: float = 0.0, grad_clip: float = 1.0, b2: float = 0.999):
   """AdamW with global-norm clipping. With total_steps > 0 the learning rate warms up linearly
-  over `warmup_steps` and then decays (cosine) to 10% at `total_steps`; with total_steps = 0
-  it is constant and `warmup_steps` is unused."""
-  if total_steps > 0:
-    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
+  from 0 over `warmup_steps` and then decays (cosine) to 10% at `total_steps`; with
+  warmup_steps = 0 the first update is at the full rate. With total_steps = 0 it is constant
+  and `warmup_steps` is unused."""
+  if total_steps > 0 and warmup_steps == 0:  # optax's warm-up would spend update 1 at rate 0
+    lr = optax.cosine_decay_schedule(learning_rate, total_steps, alpha=0.1)
+  elif total_steps > 0:
+    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps,
                                             max(total_steps, warmup_steps + 1), learning_rate * 0.1)
   else:
     lr = learning_rate
