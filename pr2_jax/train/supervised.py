@@ -1,6 +1,6 @@
 """Supervised next-token training: one jitted, sharded, donated step.
 
-Dimension legend: B batch, T sequence length, V vocab.
+Dimension legend: B batch, T sequence length, t = T - 1 predicted positions, V vocab.
 
 `make_train_step` builds the step once per (model, optimizer, mesh); the
 loop in `train` is a thin host shell that feeds procedurally generated
@@ -60,12 +60,12 @@ class SupervisedConfig:
 def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Array):
   """(loss, accuracy): the masked token-mean cross-entropy of predicting tokens[:, 1:] from
   logits[:, :-1], and the fraction of those masked targets the argmax gets right."""
-  logits = logits_BTV[:, :-1]
-  targets, mask = tokens_BT[:, 1:], mask_BT[:, 1:].astype(jnp.float32)
-  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  denom = jnp.maximum(mask.sum(), 1.0)
-  accuracy = jnp.sum((first_argmax(logits) == targets) * mask) / denom
-  return jnp.sum(nll_BT * mask) / denom, accuracy
+  logits_BtV = logits_BTV[:, :-1]
+  targets_Bt, mask_Bt = tokens_BT[:, 1:], mask_BT[:, 1:].astype(jnp.float32)
+  nll_Bt = optax.softmax_cross_entropy_with_integer_labels(logits_BtV, targets_Bt)
+  denom = jnp.maximum(mask_Bt.sum(), 1.0)
+  accuracy = jnp.sum((first_argmax(logits_BtV) == targets_Bt) * mask_Bt) / denom
+  return jnp.sum(nll_Bt * mask_Bt) / denom, accuracy
 
 
 def make_train_step(model: MoETransformer, tx: optax.GradientTransformation, mesh: Mesh,
