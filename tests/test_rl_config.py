@@ -164,6 +164,19 @@ def test_loss_names_match_the_losses():
   assert config.PREDICTOR_LOSSES == predictor.PREDICTOR_LOSSES
 
 
+def test_the_losses_default_clip_ranges_are_the_configs():
+  """DESIGN §3's ranges, held once (config.LOSS_DEFAULTS): the loss functions' keyword
+  defaults and a default RLConfig of each loss agree on every value."""
+  import inspect
+  from pr2_jax.rl import losses
+  want = {"dapo": (0.2, 0.28, "rollout"), "gspo": (3e-4, 4e-4, "old")}
+  for name, fn in (("dapo", losses.dapo_loss), ("gspo", losses.gspo_loss)):
+    params = inspect.signature(fn).parameters
+    assert (params["clip_low"].default, params["clip_high"].default) == want[name][:2], name
+    rl = RLConfig(loss=name)
+    assert (rl.clip_low, rl.clip_high, rl.ratio_denominator) == want[name], name
+
+
 def test_configs_that_cannot_describe_a_run_fail_naming_what_is_missing():
   """A model-only config used to fail with KeyError 'sft'; hf_pr2.py without a checkpoint
   silently trained ModelConfig's default (random) model."""

@@ -37,12 +37,16 @@ import jax.numpy as jnp
 from pr2_jax.checks import (check_bound, check_count, check_finite, check_ids, check_rank,
                             check_real_dtype, check_shape, is_concrete)
 from pr2_jax.rl.advantages import MASK_WHY, MAX_LOG_RATIO, check_BT_inputs
+from pr2_jax.rl.config import LOSS_DEFAULTS
 
 # Each kind's ratio level: "token" ones weigh and count tokens (TIS weights [B, T], denominator
 # the masked tokens), "sequence" ones sequences ([B], the sequences with a response). A new kind
 # goes here, in policy_loss's dispatch and in rl.config.LOSSES (a test ties the two lists).
 LOSS_LEVELS = {"dapo": "token", "gspo": "sequence"}
 POLICY_LOSS_KINDS = tuple(LOSS_LEVELS)
+# The losses' default clip ranges are RLConfig's (one table: rl.config.LOSS_DEFAULTS).
+_DAPO_CLIP_LOW, _DAPO_CLIP_HIGH, _ = LOSS_DEFAULTS["dapo"]
+_GSPO_CLIP_LOW, _GSPO_CLIP_HIGH, _ = LOSS_DEFAULTS["gspo"]
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -109,7 +113,8 @@ def _clipped_objective(ratio: jax.Array, adv: jax.Array, clip_low: float,
 # -- Losses ----------------------------------------------------------------------------------------
 
 def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
-              mask_BT: jax.Array, *, clip_low: float = 0.2, clip_high: float = 0.28,
+              mask_BT: jax.Array, *, clip_low: float = _DAPO_CLIP_LOW,
+              clip_high: float = _DAPO_CLIP_HIGH,
               is_weight_BT: jax.Array | None = None,
               denom: jax.Array | float | None = None) -> tuple[jax.Array, dict]:
   """DAPO token-level clipped policy loss (clip-higher, token-mean, no KL).
@@ -168,7 +173,8 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
 
 
 def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
-              mask_BT: jax.Array, *, clip_low: float = 3e-4, clip_high: float = 4e-4,
+              mask_BT: jax.Array, *, clip_low: float = _GSPO_CLIP_LOW,
+              clip_high: float = _GSPO_CLIP_HIGH,
               is_weight_B: jax.Array | None = None,
               denom_seqs: jax.Array | float | None = None) -> tuple[jax.Array, dict]:
   """GSPO sequence-level clipped policy loss.
