@@ -106,13 +106,3 @@ def split_micro(batch: dict, num_chunks: int, order: np.ndarray | None = None) -
     x = np.asarray(x) if order is None else np.asarray(x)[order]
     return x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:])
   return {k: one(v) for k, v in batch.items()}
-
-
-def merge_micro(x: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
-  """Inverse of `split_micro` for one array."""
-  x = np.asarray(x).reshape((-1,) + x.shape[2:])
-  if order is None:
-    return x
-  out = np.empty_like(x)
-  out[order] = x
-  return out
