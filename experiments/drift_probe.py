@@ -176,7 +176,7 @@ def main(argv):
   state, _ = engine.rl_step(state, 1)
   progress(1, total, None)  # includes compiling
   snaps = []
-  learner_fns = engine._learner_fns
+  learner_fns = engine.learner_fns
 
   def recording_fns(micro):  # this engine's update also snapshots the router before it runs
     old_fn, update_fn = learner_fns(micro)
@@ -186,7 +186,7 @@ def main(argv):
       return update_fn(st, *args)
     return old_fn, recording_update
 
-  engine._learner_fns = recording_fns
+  engine.learner_fns = recording_fns
   batches = []  # per rollout batch: κ+1 snapshots (θ_t,0 .. θ_t,κ)
   for step in range(2, _STEPS.value + 2):
     snaps.clear()

@@ -8,7 +8,6 @@ Multi-host (run the same command on every process; see docs/scaling.md):
         --coordinator_address=HOST0:1234 --num_processes=2 --process_id=RANK
 """
 
-import os
 import sys
 
 from absl import flags, logging
@@ -33,7 +32,7 @@ def main(argv):
   del argv
   outputs.output_dir("workdir", _WORKDIR.value)  # before JAX starts: a bad path fails at once
   common.setup_devices()
-  from pr2_jax.rl import loop
+  from pr2_jax.rl import loop, start
   from pr2_jax.rl.config import SetupError
   from pr2_jax.train.checkpoint import CheckpointError, SetupMismatchError
 
@@ -63,8 +62,7 @@ def main(argv):
                           "and rerun", code=1)
     # RL checkpointed its last good state: the same command resumes into the same divergence,
     # and a changed setup needs its own workdir.
-    warmup = config.init_from or (os.path.join(_WORKDIR.value, "checkpoints", "sft")
-                                  if config.sft.num_steps or not config.hf_checkpoint else "")
+    warmup = start.warmup_dir(config, _WORKDIR.value)
     reuse = f" (--config.init_from={warmup} reuses this run's warm-up)" if warmup else ""
     cli.exit_with_error(f"{e}. Rerunning resumes into the same failure: change the setup (e.g. "
                         f"a lower --config.rl.learning_rate) and use a new --workdir{reuse}",

@@ -129,7 +129,7 @@ def test_rl_step_feeds_the_learner_the_rollouts_group_advantages(monkeypatch):
   monkeypatch.setattr(loop.shuffle, "shuffle_into_chunks", split)
   cfg = _config(1)
   engine = loop.Engine(cfg, make_mesh(2, 2, devices=jax.devices()[:4]))
-  real_fns = engine._learner_fns
+  real_fns = engine.learner_fns
 
   def spy(micro):
     old_fn, update_fn = real_fns(micro)
@@ -138,7 +138,7 @@ def test_rl_step_feeds_the_learner_the_rollouts_group_advantages(monkeypatch):
                       np.asarray(jax.device_get(mini["tokens"])), bool(train_predictor)))
       return update_fn(state, mini, train_predictor, *args)
     return old_fn, update
-  engine._learner_fns = spy
+  engine.learner_fns = spy
   _, summary = engine.rl_step(engine.state, 1)
 
   rl, r_PG = cfg.rl, seen["rewards"].reshape(-1, cfg.rl.group_size).astype(np.float64)
@@ -210,10 +210,24 @@ def test_response_feature_slots_are_the_first_response_slots_of_every_row():
     np.testing.assert_array_equal(slots_BF, np.broadcast_to(np.arange(11, 16), (5, 5)))
   np.testing.assert_array_equal(_pr2_engine("response", 6).feature_slots(None, 1),
                                 [np.arange(11, 17)])
-  with pytest.raises(ValueError, match=r"PR2Config.feature_tokens=7 exceeds the 6 slots "
-                                       r"feature_rule='response' draws from \(prompt 11 \+ "
-                                       r"max_new_tokens 6\)"):
+
+
+def test_too_many_feature_tokens_fail_before_the_state_is_built(monkeypatch):
+  """'response' draws from the N = 6 response slots alone, 'random' from all P + N = 11 + 6:
+  one more is refused, naming only the slots the rule counts, before the state init (it ran
+  after it, and after a whole checkpoint read with hf_checkpoint)."""
+  def no_init(*args):
+    raise AssertionError("the state init ran before the check")
+
+  monkeypatch.setattr(loop.programs.Programs, "init_state", no_init)
+  with pytest.raises(SetupError, match=r"^PR2Config.feature_tokens=7 exceeds the 6 slots "
+                                       r"feature_rule='response' draws from "
+                                       r"\(max_new_tokens 6\)$"):
     _pr2_engine("response", 7)
+  with pytest.raises(SetupError, match=r"^PR2Config.feature_tokens=18 exceeds the 17 slots "
+                                       r"feature_rule='random' draws from \(prompt 11 \+ "
+                                       r"max_new_tokens 6\)$"):
+    _pr2_engine("random", 18)
 
 
 def test_random_feature_slots_are_distinct_sorted_and_uniform():
@@ -262,6 +276,66 @@ def test_non_finite_updates_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch
   with pytest.raises(FloatingPointError, match="4 consecutive updates had a non-finite loss.*"
                                                "stopped at RL step 2 "):
     loop.run(cfg, mesh, resumed)
+
+
+def test_skip_run_counts_runs_inside_a_step_and_across_steps():
+  """Finding: only a step's trailing skips were counted, so [skip, skip, skip, ok] was 0 in a
+  row, and [ok, skip] then [skip, ok] 0 as well."""
+  s, o = True, False
+  assert loop.skip_run([s, s, s, o], 0) == (3, 0)
+  assert loop.skip_run([o, s], 0) == (1, 1)
+  assert loop.skip_run([s, o], 1) == (2, 0)  # the previous step's trailing skip joins
+  assert loop.skip_run([o, o], 2) == (0, 0)  # no skip of its own: nothing new to count
+  assert loop.skip_run([s, s], 2) == (4, 4)
+  assert loop.skip_run([s, o, s, s, o, s], 0) == (2, 1)
+
+
+def _scripted_skips(monkeypatch, patterns):
+  """RL steps whose updates skip as `patterns[step - 1]` says (True = skipped), with no
+  warm-up, evaluation or learner compiled: only the loop's bookkeeping runs."""
+  monkeypatch.setattr(loop.Engine, "warmup", lambda self, *a: self.state.params)
+  monkeypatch.setattr(loop.Engine, "evaluate", lambda self, params: 0.0)
+
+  def rl_step(self, state, step):
+    flags = list(patterns[step - 1])
+    return state, {"skipped_flags": flags, "skipped_updates": sum(flags)}
+
+  monkeypatch.setattr(loop.Engine, "rl_step", rl_step)
+
+
+def _skip_config(num_steps, off_policy_k):
+  cfg = _config(num_steps)
+  return dataclasses.replace(cfg, rl=dataclasses.replace(
+      cfg.rl, off_policy_k=off_policy_k, micro_steps=1, max_consecutive_skips=3))
+
+
+def test_three_skips_in_a_row_inside_one_step_stop_the_run(tmp_path, monkeypatch):
+  s, o = True, False
+  _scripted_skips(monkeypatch, [[s, s, s, o], [o, o, o, o]])
+  warnings = []
+  with pytest.raises(loop.Diverged, match=r"^3 consecutive updates had a non-finite loss .*"
+                                          r"stopped at RL step 1 "):
+    loop.run(_skip_config(2, 4), make_mesh(1, 1, devices=jax.devices()[:1]), str(tmp_path),
+             warn=warnings.append)
+  assert warnings == []
+  with Checkpointer(str(tmp_path / "checkpoints" / "rl")) as ck:
+    assert ck.latest_step() == 1 and ck.restore_meta(1)["consecutive_skips"] == 0
+
+
+def test_skips_in_a_row_across_a_step_boundary_count_together(tmp_path, monkeypatch):
+  s, o = True, False
+  _scripted_skips(monkeypatch, [[o, s], [s, o], [o, s], [s, s], [o, o]])
+  warnings = []
+  with pytest.raises(loop.Diverged, match=r"^3 consecutive updates .* stopped at RL step 4 "):
+    loop.run(_skip_config(5, 2), make_mesh(1, 1, devices=jax.devices()[:1]), str(tmp_path),
+             warn=warnings.append)
+  tail = ("(non-finite loss or gradient), {} in a row; the run stops at "
+          "RLConfig.max_consecutive_skips=3")
+  assert warnings == [f"RL step 1: 1 of 2 updates skipped {tail.format(1)}",
+                      f"RL step 2: 1 of 2 updates skipped {tail.format(2)}",
+                      f"RL step 3: 1 of 2 updates skipped {tail.format(1)}"]
+  with Checkpointer(str(tmp_path / "checkpoints" / "rl")) as ck:
+    assert ck.restore_meta(4)["consecutive_skips"] == 3
 
 
 def test_a_diverged_warm_up_stops_before_rl_and_saves_nothing(tmp_path):

@@ -37,19 +37,46 @@ def test_program_key_ignores_only_what_no_program_reads():
   same = [dataclasses.replace(base, seed=3), dataclasses.replace(base, checkpoint_every=5),
           dataclasses.replace(base, init_from="/somewhere"),
           _rl(base, num_steps=9), _rl(base, eval_every=4), _rl(base, eval_size=64),
-          _rl(base, max_consecutive_skips=2)]
+          _rl(base, max_consecutive_skips=2),
+          # The warm-up's settings key its own step (Programs.warmup), not the RL programs.
+          dataclasses.replace(base, sft=SFTConfig(num_steps=5, batch_size=8, learning_rate=1.0)),
+          # r3 runs no predictor: its settings reach no program.
+          dataclasses.replace(base, pr2=PR2Config(lr_mult=2.0, predicted_gates=False))]
   for cfg in same:
     assert programs.program_key(cfg, MESH) == key, cfg
   other = [_rl(base, temperature=0.5), _rl(base, eval_temperature=0.0),
            _rl(base, learning_rate=1.0),
            _rl(base, replay_mode="r2"), _rl(base, micro_steps=1),
            dataclasses.replace(base, model=base.model.replace(d_model=64)),
-           dataclasses.replace(base, sft=SFTConfig(num_steps=5, batch_size=8)),
-           dataclasses.replace(base, pr2=PR2Config(lr_mult=2.0)),
            dataclasses.replace(base, task_kwargs={"num_numbers": 2})]
   for cfg in other:
     assert programs.program_key(cfg, MESH) != key, cfg
   assert programs.program_key(base, make_mesh(1, 2, devices=jax.devices()[:2])) != key
+  pr2 = _rl(base, replay_mode="pr2")
+  assert programs.program_key(dataclasses.replace(pr2, pr2=PR2Config(lr_mult=2.0)),
+                              MESH) != programs.program_key(pr2, MESH)
+
+
+def test_runs_differing_in_warm_up_or_unused_pr2_settings_share_programs():
+  """Another SFT step count (or learning rate), or PR2 settings in a mode without the
+  predictor, reuse the RL programs; only the warm-up step is built again for another
+  SFTConfig, and kept for the last one."""
+  programs.clear()
+  base = _config()
+  first = programs.programs_for(base, MESH, **IDS)
+  longer = dataclasses.replace(base, sft=SFTConfig(num_steps=9, batch_size=8))
+  assert programs.programs_for(longer, MESH, **IDS) is first
+  unused = dataclasses.replace(base, pr2=PR2Config(lr_mult=2.0))
+  assert programs.programs_for(unused, MESH, **IDS) is first
+  key = jax.random.key(0)
+  warmup = first.warmup(key, base.sft)
+  assert first.warmup(key, base.sft) is warmup
+  other = first.warmup(key, longer.sft)
+  assert other is not warmup and first.warmup(key, longer.sft) is other
+  pr2 = _rl(base, replay_mode="pr2")
+  assert programs.programs_for(pr2, MESH, **IDS) is not programs.programs_for(
+      dataclasses.replace(pr2, pr2=PR2Config(lr_mult=2.0)), MESH, **IDS)
+  programs.clear()
 
 
 def test_programs_for_keeps_the_last_two():

@@ -3,8 +3,10 @@
 A thin host shell around the jitted phases. Everything random is derived from
 (seed, step), so a run resumed from a checkpoint draws exactly the prompts and
 samples the uninterrupted run would have: the checkpoint only needs the state
-and the step. Metrics and progress go to callbacks; files and logs belong to
-the caller (`experiments/main.py`).
+and the step. Metrics rows and progress go to callbacks, which the caller
+(`experiments/main.py`) logs and appends to WORKDIR/metrics.jsonl; `run` keeps the
+checkpoints in WORKDIR and drops the rows of that file that a resume rewrites
+(`pr2_jax.rl.start`).
 
 Dimension legend: B rollout sequences, P prompt slots, N response slots,
 M micro-steps, κ mini-batches.
@@ -26,13 +28,25 @@ from pr2_jax.models.transformer import validate_tokens
 from pr2_jax.parallel import shuffle
 from pr2_jax.parallel.distributed import gather_rows, local_rows, to_global, to_host
 from pr2_jax.parallel.mesh import EXPERT, axis_size, logical_sharding, num_token_shards
-from pr2_jax.rl import advantages, balancing, data, programs, records
+from pr2_jax.rl import advantages, balancing, data, metrics, programs, records, start
 from pr2_jax.rl.config import PR2_MODES, ExperimentConfig, SetupError
 from pr2_jax.rl.tasks import make_task
-from pr2_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
+from pr2_jax.train.checkpoint import Checkpointer
 
 Callback = Callable[[dict], None]
 Progress = Callable[[int, int, "float | None"], None]  # (step, total, seconds per step)
+
+# Host RNG streams, np.random.default_rng([seed, stream, step]): one per use, so drawing more
+# or fewer numbers in one (a batch size, a feature rule) never shifts what another draws.
+SFT_STREAM = 1  # the warm-up's problems
+RL_STREAM = 2  # the RL step's problems and mini-batch split
+# PR2's feature slots: with W_p = 0, PR2 then draws exactly R3's prompts, samples and split.
+FEATURE_STREAM = 3
+# Sampling keys are fold_in(key, step); evaluation folds in a step no run reaches, so it
+# never shares a rollout's key.
+EVAL_KEY = 2**31 - 1
+# Warm-up steps between metrics rows: each row waits for the device (a float of the loss).
+_WARMUP_REPORT_EVERY = 25
 
 
 class Diverged(FloatingPointError):
@@ -60,6 +74,9 @@ class Engine:
                                              config.model.vocab_size) if config.hf_checkpoint
                 else data.char_tokenizer(self.task, config.model.vocab_size))
     self.prompt_slots, self.response_slots = data.layout(self.task, rl.max_new_tokens)
+    self.pr2_mode = rl.replay_mode in PR2_MODES
+    if self.pr2_mode:
+      self._check_feature_tokens()
     shards = num_token_shards(mesh)
     rl.validate_mesh(shards, axis_size(mesh, EXPERT))
     if config.sft.batch_size % shards:
@@ -75,13 +92,6 @@ class Engine:
                                                               self.programs.tx, mesh)
     else:
       self.state, self.shardings = self.programs.init_state(self.key)
-    self.pr2_mode = rl.replay_mode in PR2_MODES
-    # Distinct feature slots: none cached (and weighted in the predictor loss) twice.
-    slots = self.response_slots + (self.prompt_slots if config.pr2.feature_rule == "random" else 0)
-    if self.pr2_mode and config.pr2.feature_tokens > slots:  # before any compiling
-      raise SetupError(f"PR2Config.feature_tokens={config.pr2.feature_tokens} exceeds the "
-                       f"{slots} slots feature_rule={config.pr2.feature_rule!r} draws from "
-                       f"(prompt {self.prompt_slots} + max_new_tokens {self.response_slots})")
     if self.pr2_mode:
       self._add_predictor()
     # Host-side balance planning (capacity buckets, eplb_step's plan, balance metrics); its
@@ -92,6 +102,18 @@ class Engine:
     self.seq_sharding = logical_sharding(mesh, ("batch", "length"))
     self.row_sharding = logical_sharding(mesh, ("batch",))  # [B, ...], trailing axes whole
     self.replicated = logical_sharding(mesh, ())
+
+  def _check_feature_tokens(self):
+    """Distinct feature slots: none cached (and weighted in the predictor loss) twice."""
+    pr2 = self.config.pr2
+    if pr2.feature_rule == "random":
+      slots, of = (self.prompt_slots + self.response_slots,
+                   f"prompt {self.prompt_slots} + max_new_tokens {self.response_slots}")
+    else:
+      slots, of = self.response_slots, f"max_new_tokens {self.response_slots}"
+    if pr2.feature_tokens > slots:
+      raise SetupError(f"PR2Config.feature_tokens={pr2.feature_tokens} exceeds the {slots} "
+                       f"slots feature_rule={pr2.feature_rule!r} draws from ({of})")
 
   def _add_predictor(self):
     """W_p [L, D, E] = 0 and its optimizer state (split like the parameters under fsdp)."""
@@ -111,24 +133,24 @@ class Engine:
 
   # -- warm-up --------------------------------------------------------------
   def warmup(self, on_metrics: Callback | None = None, on_progress: Progress | None = None):
-    """Supervised training on task solutions; returns the warmed-up params. Every 25 steps
-    `on_metrics` gets a row and `on_progress(step, total, seconds_per_step)` the rate (None
-    at the first report, whose steps include compiling)."""
+    """Supervised training on task solutions; returns the warmed-up params. Every
+    `_WARMUP_REPORT_EVERY` (25) steps `on_metrics` gets a row and `on_progress(step, total,
+    seconds_per_step)` the rate (None at the first report, whose steps include compiling)."""
     sft = self.config.sft
     if self.config.hf_checkpoint and not sft.num_steps:
       return self.state.params  # RL starts from the checkpoint's weights
-    init, shardings, step_fn = self.programs.warmup(self.key)
+    init, shardings, step_fn = self.programs.warmup(self.key, sft)
     state = init(self.key)
     if self.config.hf_checkpoint:  # SFT from the checkpoint's weights (a copy: the step donates)
       state = state.replace(params=jax.jit(lambda p: jax.tree.map(jnp.copy, p),
                                            out_shardings=shardings.params)(self.state.params))
     t_first = first = None
     for step in range(1, sft.num_steps + 1):
-      rng = np.random.default_rng([self.config.seed, 1, step])
+      rng = np.random.default_rng([self.config.seed, SFT_STREAM, step])
       batch = data.sft_batch(self.tok, self.task.sample(rng, sft.batch_size), self.prompt_slots,
                              self.response_slots)
       state, m = step_fn(state, to_global(batch, self.seq_sharding))
-      if step % 25 == 0 or step == sft.num_steps:
+      if step % _WARMUP_REPORT_EVERY == 0 or step == sft.num_steps:
         row = {"phase": "sft", "step": step, **{k: float(v) for k, v in m.items()}}  # waits
         if not np.isfinite(row["loss"]):  # a NaN warm-up would only show as RL's zero reward
           raise Diverged(f"the warm-up diverged: supervised loss {row['loss']} at step {step} "
@@ -170,19 +192,19 @@ class Engine:
     validate_tokens(prompts, self.config.model.vocab_size)
     # The rollout's keyword arguments too: the same call signature hits its jit cache entry.
     roll = self.eval_sample(params, *to_global((prompts, valid), self.seq_sharding),
-                            jax.random.fold_in(self.key, 2**31 - 1), predictor=None,
+                            jax.random.fold_in(self.key, EVAL_KEY), predictor=None,
                             feature_slots_BF=None)
     return float(self.score(self.eval_problems, roll)[0].mean())
 
   # -- one RL step ----------------------------------------------------------
   def rl_step(self, state, step: int):
     rl = self.config.rl
-    rng = np.random.default_rng([self.config.seed, 2, step])
+    rng = np.random.default_rng([self.config.seed, RL_STREAM, step])
     problems = [p for p in self.task.sample(rng, rl.prompts_per_step) for _ in range(rl.group_size)]
     prompts, valid = data.encode_prompts(self.tok, problems, self.prompt_slots)
     validate_tokens(prompts, self.config.model.vocab_size)  # the jitted sampler cannot check
-    # Its own stream: PR2 with W_p = 0 then draws exactly R3's prompts, samples and split.
-    slots = self.feature_slots(np.random.default_rng([self.config.seed, 3, step]), rl.batch_size)
+    slots = self.feature_slots(np.random.default_rng([self.config.seed, FEATURE_STREAM, step]),
+                               rl.batch_size)
     in_rollout = rl.replay_mode == "pr2"  # PR2-R3: predict (and cache features) at rollout
     roll = self.sample(state.params, *to_global((prompts, valid), self.seq_sharding),
                        jax.random.fold_in(self.key, step),
@@ -203,7 +225,7 @@ class Engine:
     micro = shuffle.shuffle_into_chunks(batch, order, num_chunks=rl.off_policy_k * rl.micro_steps,
                                         mesh=self.mesh)
     del roll, batch  # the [B, ...] rollout: only its shuffled copy is needed from here on
-    old_fn, update_fn = self._learner_fns(micro)
+    old_fn, update_fn = self.learner_fns(micro)
     bal = self.balancer
     plan, old_phase, self.balance_state, eplb_ms = bal.plan_old_pass(micro, self.balance_state)
     micro["old_logp"], routes_used, feats, old_dropped = old_fn(
@@ -227,30 +249,38 @@ class Engine:
       summary["feature_cache_bytes"] = int(micro["feature_h"].nbytes + micro["feature_p"].nbytes)
     return state, summary
 
-  def _learner_fns(self, micro):
+  def learner_fns(self, micro):
+    """(old_fn, update_fn) of `learner.make_learner_fns`, as `rl_step` calls them on the
+    step's shuffled micro-batches `micro` [κ·M, b, ...]; built (and jitted) on the first call.
+
+    The hook for code that watches the updates: an instance attribute of the same name
+    wrapping the original (e.g. experiments/drift_probe.py snapshots the router before each
+    update) is what `rl_step` calls."""
     return self.programs.learner_fns(self.shardings, lambda: self._example_batch(micro))
 
   def _example_batch(self, micro) -> dict:
-    """A mini-batch with the keys the update step sees (only its shapes and shardings matter)."""
+    """A mini-batch [M, b, ...] with the keys and shapes the update step sees (the learner
+    takes its shardings from it)."""
     example = jax.tree.map(lambda x: x[: self.config.rl.micro_steps], micro)
     example["old_logp"] = jnp.zeros(example["tokens"].shape[:2] + (example["tokens"].shape[2] - 1,))
     example["replay_routes"] = example["rollout_routes"]
-    if self.pr2_mode and "feature_h" not in example:
-      b, f = example["feature_slots"].shape[1:]
+    if self.pr2_mode and "feature_h" not in example:  # pr2_r2: the old pass adds them
+      lead_MbF = example["feature_slots"].shape
       m = self.config.model
       dtype = jnp.dtype(self.config.pr2.feature_dtype)
-      example["feature_h"] = jnp.zeros((1, b, f, m.num_moe_layers, m.d_model), dtype)
-      example["feature_p"] = jnp.zeros((1, b, f, m.num_moe_layers, m.num_experts), dtype)
+      example["feature_h"] = jnp.zeros(lead_MbF + (m.num_moe_layers, m.d_model), dtype)
+      example["feature_p"] = jnp.zeros(lead_MbF + (m.num_moe_layers, m.num_experts), dtype)
     return example
 
   @staticmethod
   def _summarise(per_mini, rewards, response_len) -> dict:
+    """The step's metrics row (plain Python), plus `skipped_flags` (which mini-steps skipped
+    their update, in order), which `run` pops."""
     per_mini = [to_host(m) for m in per_mini]
-    out = {k: np.mean([m[k] for m in per_mini], axis=0) for k in per_mini[0] if k != "skipped"}
-    out = {k: (v.tolist() if np.ndim(v) else float(v)) for k, v in out.items()}
-    out["skipped_updates"] = int(sum(int(m["skipped"]) for m in per_mini))
-    out["skipped_trailing"] = next((i for i, m in enumerate(reversed(per_mini))
-                                    if not int(m["skipped"])), len(per_mini))
+    out = metrics.flatten_for_json({k: np.mean([m[k] for m in per_mini], axis=0)
+                                    for k in per_mini[0] if k != "skipped"})
+    out["skipped_flags"] = [bool(m["skipped"]) for m in per_mini]
+    out["skipped_updates"] = sum(out["skipped_flags"])
     # Per mini-step: k3/extreme at mini-step 1 are the pure train-inference mismatch
     # (π_θ = π_old); later mini-steps add the policy's own movement since the rollout.
     for key in ("topk_agreement", "zero_dev_ratio", "replayed_topk_agreement",
@@ -260,6 +290,19 @@ class Engine:
     out.update(reward_mean=float(rewards.mean()),
                response_len=float(response_len.mean()))
     return out
+
+
+def skip_run(skipped: list[bool], before: int) -> tuple[int, int]:
+  """(longest run of skipped updates in a row that takes in one of this RL step's, the run
+  still going at the step's end), from the step's updates in order (True = skipped) and the
+  `before` skips that ended the steps before it: a run across a step boundary counts whole.
+  E.g. [True, False] after 2 -> (3, 0); [False, True, True, False] after 5 -> (2, 0)."""
+  longest, run = 0, before
+  for s in skipped:
+    run = run + 1 if s else 0
+    if s:
+      longest = max(longest, run)
+  return longest, run
 
 
 def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callback | None = None,
@@ -276,7 +319,8 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   `allow_fresh_start`: that deletes the unreadable ones and starts over.
   `on_progress(step, total, seconds_per_step)` gets None as the rate for the first
   step after a start or resume (it includes compiling); `on_warmup_progress` the same for
-  the warm-up (see `Engine.warmup`).
+  the warm-up (see `Engine.warmup`). After `RLConfig.max_consecutive_skips` skipped
+  updates in a row (across RL steps too) it checkpoints the last state and raises Diverged.
   """
   if config.init_from and not records.holds_checkpoint(config.init_from):
     # Before any Checkpointer: it would create the mistyped dir and warm up from scratch.
@@ -285,113 +329,51 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   emit = on_metrics or (lambda m: None)
   engine = Engine(config, mesh)
   rl_ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))
-  sft_dir = config.init_from or os.path.join(workdir, "checkpoints", "sft")
-  sft_ckpt = Checkpointer(sft_dir, max_to_keep=1)
   try:
-    state, start, consecutive = engine.state, 0, 0  # consecutive: skipped updates in a row
-    params_abstract = abstract_like(state.params, engine.shardings.params)
-    identity = records.run_identity(config)
-
-    def save(step, state):
-      rl_ckpt.save(step, state, {"rl_step": step, **identity, "mesh": dict(mesh.shape),
-                                 "balance_state": engine.balance_state.to_json(),
-                                 "consecutive_skips": consecutive})
-
-    resumed_from, restored, meta, problems = _restore(
-        rl_ckpt, abstract_like(state, engine.shardings), identity, delete_unreadable=True,
-        start_over=allow_fresh_start)
-    for problem in problems:
-      warn(problem)
-    if resumed_from is not None:
-      start, state, consecutive = resumed_from, restored, meta.get("consecutive_skips", 0)
-      info(f"resuming from the RL checkpoint of step {start} in {rl_ckpt.directory}"
-           + (" (already complete)" if start >= config.rl.num_steps else
-              f"; metrics rows after step {start} are rewritten"))
-      if meta.get("mesh", dict(mesh.shape)) != dict(mesh.shape):  # absent: an older checkpoint
-        info(f"the checkpoint was written on the mesh {meta['mesh']}, this run's is "
-             f"{dict(mesh.shape)}: its arrays were resharded to it")
-      engine.balance_state = balancing.StepState.from_json(meta.get("balance_state"))
-      records.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
-      warm_reward = None
-    else:
-      metrics_path = os.path.join(workdir, "metrics.jsonl")
-      if records.has_rl_rows(metrics_path) and not allow_fresh_start:
-        raise SetupError(f"{workdir} holds RL metrics from an earlier run but no RL checkpoint to "
-                         "resume; refusing to start over it (pass allow_fresh_start=True / "
-                         "--fresh, or use another workdir)")
-      records.truncate_metrics(metrics_path, -1, phases=("rl", "sft_eval"))
-      # A warm-up of this workdir must match the run's warm-up settings; one named by init_from
-      # is the user's choice (e.g. compare_replay's shared warm-up), checked for the model only.
-      warm_identity = records.warmup_identity(config)
-      sft_expect = {"model": identity["model"]} if config.init_from else warm_identity
-      # Another run's warm-up (init_from) is never deleted.
-      own = not config.init_from
-      _, params, _, problems = _restore(
-          sft_ckpt, params_abstract, sft_expect, start_over=allow_fresh_start and own,
-          hint=_START_OVER if own else f"init_from={config.init_from!r} is unusable")
-      for problem in problems:
-        warn(problem)
-      if params is None:
-        # An interrupted warm-up reruns whole.
-        records.truncate_metrics(metrics_path, 0, phases=("sft",))
-        if config.sft.num_steps:
-          info(f"warm-up: {config.sft.num_steps} supervised steps (the first compiles)")
-        params = engine.warmup(emit, on_warmup_progress)
-        if config.sft.num_steps or not config.hf_checkpoint:  # else: the checkpoint dir has them
-          sft_ckpt.save(config.sft.num_steps, params, warm_identity)
-          sft_ckpt.wait()
-      state = state.replace(params=params)
-      warm_reward = engine.evaluate(state.params)
-      emit({"phase": "sft_eval", "step": 0, "eval_reward": warm_reward})
-      # Step 0 = the warm-up policy: a run killed before its first RL checkpoint resumes here.
-      save(0, state)
-    rl, t0, last = config.rl, time.perf_counter(), {}
-    if start < rl.num_steps:  # else the loop below is silent while the first step compiles
-      info(f"RL: steps {start + 1}..{rl.num_steps} (the first compiles)")
-    t_first = None  # the end of the first step: later rates leave its compiling out
-    for step in range(start + 1, rl.num_steps + 1):
-      state, last = engine.rl_step(state, step)
-      last.update(phase="rl", step=step)
-      trailing = last.pop("skipped_trailing")
-      consecutive = consecutive + trailing if trailing == rl.off_policy_k else trailing
-      if last["skipped_updates"] and consecutive < rl.max_consecutive_skips:
-        warn(f"RL step {step}: {last['skipped_updates']} of {rl.off_policy_k} updates skipped "
-             f"(non-finite loss or gradient), {consecutive} in a row; the run stops at "
-             f"RLConfig.max_consecutive_skips={rl.max_consecutive_skips}")
-      if consecutive >= rl.max_consecutive_skips:
-        emit(last)
-        save(step, state)  # the skips left the last good state
-        raise Diverged(
-            f"{consecutive} consecutive updates had a non-finite loss or gradient (limit "
-            f"RLConfig.max_consecutive_skips={rl.max_consecutive_skips}); stopped at RL step "
-            f"{step} with the last good state checkpointed in {rl_ckpt.directory}", "rl")
-      if rl.eval_every and (step % rl.eval_every == 0 or step == rl.num_steps):
-        last["eval_reward"] = engine.evaluate(state.params)
-      last["elapsed_s"] = time.perf_counter() - t0
-      emit(last)
-      if on_progress:
-        now = time.perf_counter()
-        on_progress(step, rl.num_steps,
-                    None if t_first is None else (now - t_first) / (step - start - 1))
-        t_first = t_first or now
-      if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == rl.num_steps:
-        save(step, state)
-    return {"state": state, "warmup_eval_reward": warm_reward, "final": last,
-            "resumed_from": resumed_from}
+    begun = start.start_or_resume(engine, rl_ckpt, workdir, emit=emit, warn=warn, info=info,
+                                  on_warmup_progress=on_warmup_progress,
+                                  allow_fresh_start=allow_fresh_start)
+    state, last = _rl_steps(engine, rl_ckpt, begun, emit, warn, info, on_progress)
+    return {"state": state, "warmup_eval_reward": begun.warmup_eval_reward, "final": last,
+            "resumed_from": begun.resumed_from}
   finally:
     # Ctrl-C or an error must not lose a checkpoint: Orbax commits saves in the background,
     # and an interpreter exiting mid-commit leaves only a tmp directory. close() waits.
     rl_ckpt.close()
-    sft_ckpt.close()
 
 
-_START_OVER = ("rerun with --fresh (allow_fresh_start=True) to delete the unreadable checkpoints "
-               "and start over, or use another workdir")
-
-
-def _restore(ckpt: Checkpointer, abstract, expect: dict, hint: str = _START_OVER, **kwargs):
-  """`restore_newest_good`, with `hint` (what to do) added to its error when none restores."""
-  try:
-    return ckpt.restore_newest_good(abstract, expect, **kwargs)
-  except CheckpointError as e:
-    raise CheckpointError(f"{e}; {hint}") from None
+def _rl_steps(engine: Engine, rl_ckpt: Checkpointer, begun: start.Start, emit: Callback,
+              warn, info, on_progress: Progress | None):
+  """The RL steps after `begun.step`: (final state, last metrics row)."""
+  config, rl = engine.config, engine.config.rl
+  state, consecutive, last = begun.state, begun.consecutive_skips, {}
+  if begun.step < rl.num_steps:  # else the loop below is silent while the first step compiles
+    info(f"RL: steps {begun.step + 1}..{rl.num_steps} (the first compiles)")
+  t0, t_first = time.perf_counter(), None  # t_first: the end of the first step (its compiling)
+  for step in range(begun.step + 1, rl.num_steps + 1):
+    state, last = engine.rl_step(state, step)
+    last.update(phase="rl", step=step)
+    in_a_row, consecutive = skip_run(last.pop("skipped_flags"), consecutive)
+    if in_a_row >= rl.max_consecutive_skips:
+      emit(last)
+      start.save_rl_checkpoint(rl_ckpt, engine, step, state, consecutive)  # skips left it good
+      raise Diverged(
+          f"{in_a_row} consecutive updates had a non-finite loss or gradient (limit "
+          f"RLConfig.max_consecutive_skips={rl.max_consecutive_skips}); stopped at RL step "
+          f"{step} with the last good state checkpointed in {rl_ckpt.directory}", "rl")
+    if last["skipped_updates"]:
+      warn(f"RL step {step}: {last['skipped_updates']} of {rl.off_policy_k} updates skipped "
+           f"(non-finite loss or gradient), {in_a_row} in a row; the run stops at "
+           f"RLConfig.max_consecutive_skips={rl.max_consecutive_skips}")
+    if rl.eval_every and (step % rl.eval_every == 0 or step == rl.num_steps):
+      last["eval_reward"] = engine.evaluate(state.params)
+    last["elapsed_s"] = time.perf_counter() - t0
+    emit(last)
+    if on_progress:
+      now = time.perf_counter()
+      on_progress(step, rl.num_steps,
+                  None if t_first is None else (now - t_first) / (step - begun.step - 1))
+      t_first = t_first or now
+    if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == rl.num_steps:
+      start.save_rl_checkpoint(rl_ckpt, engine, step, state, consecutive)
+  return state, last

@@ -9,7 +9,8 @@ jitted step. Each family has two forms:
     added with `jax.tree.map(jnp.add, a, b)`; the total gives exact means over
     the whole mini-batch, whatever the token count of each micro-step.
   * `*_metrics(...)` = `*_from_sums(*_sums(...))`: the means themselves.
-`flatten_for_json` turns a metrics dict into plain Python for metrics.jsonl.
+`flatten_for_json` turns a metrics dict into plain Python (`loop.Engine._summarise` builds
+each metrics.jsonl row with it).
 
 Means over an empty selection are 0 (never NaN).
 """

@@ -5,9 +5,12 @@ warm-up step and the state init. Tracing and lowering them takes about 10 s a
 run on the tiny config even when XLA's persistent cache holds the executables,
 and a sweep in one process (seeds, a warm-up and the runs that start from it, a
 run resumed in place) builds many Engines whose programs are identical. Engines
-whose configs differ only in what no program reads (`program_key`: the seed,
-step counts, evaluation cadence and size, checkpointing, init_from) get the same
-`Programs`, so only the first of them traces.
+whose configs differ only in what no program reads (`program_key`: the seed, the
+RL step count, evaluation cadence and size, checkpointing, init_from, and the PR2
+settings of a mode without the predictor) get the same `Programs`, so only the
+first of them traces. The warm-up's settings (`SFTConfig`, its step count among
+them: the learning-rate schedule spans it) are left out too: a Programs rebuilds
+only its warm-up step when they change.
 
 The last `KEEP` Programs stay alive (with their executables); `clear()` drops them.
 """
@@ -25,7 +28,7 @@ from jax.sharding import Mesh
 
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.rl import learner
-from pr2_jax.rl.config import PR2_MODES, ExperimentConfig
+from pr2_jax.rl.config import PR2_MODES, ExperimentConfig, PR2Config, SFTConfig
 from pr2_jax.rl.sampler import SamplerConfig, generate
 from pr2_jax.train import supervised
 from pr2_jax.train.state import make_optimizer, predictor_initializer, state_initializer
@@ -37,12 +40,18 @@ _CACHE: collections.OrderedDict = collections.OrderedDict()
 
 
 def program_key(config: ExperimentConfig, mesh: Mesh) -> tuple:
-  """What the programs depend on: everything but the seed, step counts, eval cadence and
-  size, checkpointing and init_from (data, not programs)."""
+  """What the RL programs depend on: everything but the seed, `HOST_ONLY_RL_FIELDS`, the
+  warm-up's settings (`Programs.warmup` is keyed on them), checkpointing, init_from (data,
+  not programs), and `config.pr2` when the replay mode runs no predictor."""
   rl = tuple((f.name, getattr(config.rl, f.name)) for f in dataclasses.fields(config.rl)
              if f.name not in HOST_ONLY_RL_FIELDS)
-  return (config.model, rl, config.sft, config.pr2, config.task,
+  return (config.model, rl, _pr2_settings(config), config.task,
           json.dumps(dict(config.task_kwargs), sort_keys=True), config.hf_checkpoint, mesh)
+
+
+def _pr2_settings(config: ExperimentConfig) -> PR2Config:
+  """`config.pr2`, or the defaults in a mode that never reads it (so no program can differ)."""
+  return config.pr2 if config.rl.replay_mode in PR2_MODES else PR2Config()
 
 
 class Programs:
@@ -51,8 +60,8 @@ class Programs:
 
   def __init__(self, config: ExperimentConfig, mesh: Mesh, eos_id: int | tuple[int, ...],
                pad_id: int):
-    rl, pr2 = config.rl, config.pr2
-    self.sft, self.mesh = config.sft, mesh  # not the config: its seed etc. are not ours
+    rl, pr2 = config.rl, _pr2_settings(config)
+    self.mesh = mesh  # not the config: its seed etc. are not ours
     self.model = MoETransformer(config.model, mesh)  # the training engine: model.dtype
     rollout_model = MoETransformer(config.model.replace(dtype=rl.rollout_dtype), mesh)
     sampling = SamplerConfig(rl.max_new_tokens, rl.temperature, rl.top_p, eos_id, pad_id,
@@ -80,17 +89,17 @@ class Programs:
     init, shardings = self._state_init
     return init(key), shardings
 
-  def warmup(self, key: jax.Array):
-    """(init, shardings, step) of the supervised warm-up: its own optimizer and schedule."""
-    if self._warmup is None:
-      sft = self.sft
+  def warmup(self, key: jax.Array, sft: SFTConfig):
+    """(init, shardings, step) of the supervised warm-up of `sft`: its own optimizer and
+    schedule. Kept for the last `sft` asked for (another one builds them again)."""
+    if self._warmup is None or self._warmup[0] != sft:
       tx = make_optimizer(sft.learning_rate, warmup_steps=sft.warmup_steps,
                           total_steps=sft.num_steps)
       init, shardings = state_initializer(self.model, tx, self.mesh, key)
       step = supervised.make_train_step(self.model, tx, self.mesh, shardings,
                                         batch_keys=("tokens", "valid", "positions", "loss_mask"))
-      self._warmup = init, shardings, step
-    return self._warmup
+      self._warmup = sft, (init, shardings, step)
+    return self._warmup[1]
 
   def learner_fns(self, state_shardings, example_batch: Callable[[], dict]):
     """`learner.make_learner_fns` for this experiment's batches, built on the first call

@@ -1,0 +1,73 @@
+"""Tests for pr2_jax.rl.start: where the warm-up checkpoint is, and a fresh start then a resume
+(the loop's end-to-end resume tests are in tests/test_loop.py)."""
+
+import dataclasses
+import os
+
+import jax
+import pytest
+
+from pr2_jax.config import ModelConfig
+from pr2_jax.parallel.mesh import make_mesh
+from pr2_jax.rl import loop, start
+from pr2_jax.rl.config import ExperimentConfig, RLConfig, SetupError, SFTConfig
+from pr2_jax.train.checkpoint import Checkpointer
+
+
+def _config(**kw):
+  model = ModelConfig(vocab_size=24, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                      expert_d_ff=32, num_experts=4, top_k=2)
+  rl = RLConfig(num_steps=2, prompts_per_step=8, group_size=2, off_policy_k=2, micro_steps=2,
+                max_new_tokens=6, eval_every=0, eval_size=16)
+  return ExperimentConfig(model=model, rl=rl, sft=SFTConfig(num_steps=4, batch_size=8),
+                          task="countdown", **kw)
+
+
+def test_warmup_dir_is_init_from_or_the_workdirs_unless_none_is_kept():
+  sft = os.path.join("/w", "checkpoints", "sft")
+  assert start.warmup_dir(_config(), "/w") == sft
+  assert start.warmup_dir(_config(init_from="/other/sft"), "/w") == "/other/sft"
+  hf = _config(hf_checkpoint="/ckpt")
+  assert start.warmup_dir(hf, "/w") == sft  # SFT from the checkpoint's weights: saved
+  no_sft = dataclasses.replace(hf, sft=SFTConfig(num_steps=0, batch_size=8))
+  assert start.warmup_dir(no_sft, "/w") is None  # RL starts from the checkpoint's own weights
+  assert start.warmup_dir(dataclasses.replace(no_sft, init_from="/other/sft"), "/w") == (
+      "/other/sft")
+  # Without a checkpoint, a warm-up of 0 steps (the random init) is saved all the same.
+  assert start.warmup_dir(dataclasses.replace(_config(), sft=no_sft.sft), "/w") == sft
+
+
+def test_a_fresh_start_saves_step_0_and_a_second_call_resumes_it(tmp_path):
+  engine = loop.Engine(_config(), make_mesh(1, 1, devices=jax.devices()[:1]))
+  engine.warmup = lambda *args: engine.state.params  # the warm-up's own tests run it
+  engine.evaluate = lambda params: 0.25
+  rows, messages = [], []
+  with Checkpointer(str(tmp_path / "checkpoints" / "rl")) as ck:
+    fresh = start.start_or_resume(engine, ck, str(tmp_path), emit=rows.append,
+                                  warn=messages.append, info=messages.append)
+    ck.wait()
+    meta = ck.restore_meta(0)
+  assert (fresh.step, fresh.consecutive_skips, fresh.resumed_from,
+          fresh.warmup_eval_reward) == (0, 0, None, 0.25)
+  assert rows == [{"phase": "sft_eval", "step": 0, "eval_reward": 0.25}]
+  assert messages == ["warm-up: 4 supervised steps (the first compiles)"]
+  assert (meta["rl_step"], meta["consecutive_skips"], meta["mesh"]) == (0, 0, {"data": 1,
+                                                                                "expert": 1})
+  assert os.listdir(tmp_path / "checkpoints" / "sft") == ["4"]  # saved at its last step
+  rows.clear(), messages.clear()
+  with Checkpointer(str(tmp_path / "checkpoints" / "rl")) as ck:
+    resumed = start.start_or_resume(engine, ck, str(tmp_path), emit=rows.append,
+                                    warn=messages.append, info=messages.append)
+  assert (resumed.step, resumed.resumed_from, resumed.warmup_eval_reward) == (0, 0, None)
+  assert rows == [] and messages == [f"resuming from the RL checkpoint of step 0 in "
+                                     f"{tmp_path / 'checkpoints' / 'rl'}; metrics rows after "
+                                     "step 0 are rewritten"]
+
+
+def test_a_fresh_start_over_rl_metrics_is_refused(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"phase": "rl", "step": 3}\n')
+  engine = loop.Engine(_config(), make_mesh(1, 1, devices=jax.devices()[:1]))
+  with Checkpointer(str(tmp_path / "checkpoints" / "rl")) as ck:
+    with pytest.raises(SetupError, match=f"^{tmp_path} holds RL metrics from an earlier run but "
+                                         "no RL checkpoint to resume"):
+      start.start_or_resume(engine, ck, str(tmp_path), emit=print, warn=print, info=print)
