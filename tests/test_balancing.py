@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -28,6 +29,19 @@ def test_buckets_are_few_and_tight():
   buckets = {balancing.capacity_bucket(n, 2, 10**6) for n in range(1, 1025)}
   assert len(buckets) == 20  # 1, 2, 3, 4, 6, 8, 12, ..., 768, 1024
   assert all(balancing.capacity_bucket(n, 2, 10**6) <= 1.5 * n for n in range(1, 1025))
+
+
+def test_buckets_per_doubling_hold_for_every_q():
+  """q = 3 in (16, 32]: ceil(16 (1 + i/3)) = 22, 27, 32; a need of 31 was rounded to a
+  multiple of 32 // 6 = 5, 35, past the power of two. For q = 1..8 every (h, 2h] with h >= q
+  holds exactly q buckets, the last 2h, each at most ceil((1 + 1/q) need)."""
+  assert [balancing.capacity_bucket(n, 3, 100) for n in (17, 22, 23, 27, 28, 31, 32)] == [
+      22, 22, 27, 27, 32, 32, 32]
+  for q in range(1, 9):
+    for h in (1 << j for j in range(11)):
+      bucket = {n: balancing.capacity_bucket(n, q, 10**6) for n in range(h + 1, 2 * h + 1)}
+      assert len(set(bucket.values())) == min(q, h) and max(bucket.values()) == 2 * h, (q, h)
+      assert all(n <= b <= -(-n * (q + 1) // q) for n, b in bucket.items()), (q, h)
 
 
 # DESIGN §4's EPLB example (hierarchical policy): 8 GPUs x 2 slots.
@@ -82,7 +96,7 @@ def _hand_phase():
                      [[3, 2], [3, 2], [1, 0]]],     # shard 1: e3 x2, e2 x2, e1, e0
                     np.int32)[None, :, :, None, :]  # [M=1, b=2, T=3, L=1, K=2]
   valid = np.ones((1, 2, 3), bool)
-  valid[0, 0, 2] = False  # padding: no load, but it still takes a buffer place
+  valid[0, 0, 2] = False  # padding: no load and no buffer place
   return shape, routes, valid
 
 
@@ -90,7 +104,8 @@ def test_capacity_needs_and_imbalance_hand_values():
   shape, routes, valid = _hand_phase()
   step, _, _ = balancing.step_plan(shape, routes, valid, 0.0, balancing.StepState())
   native = balancing.plan_phase(shape, routes, valid, step, "native", True, 1, 3)
-  assert native.needed == native.needed_static == 3 and native.capacity == 3
+  # valid tokens only: shard 0 e0 x2 (the pad's e0 made it 3), shard 1 e3 x2, e2 x2
+  assert native.needed == native.needed_static == 2 and native.capacity == 2
   # loads without the padding token: e0 3, e1 2, e2 3, e3 2; static devices {0,1}: 5, {2,3}: 5
   assert native.imbalance_ML["none"].tolist() == [[1.0]]
   assert native.layouts_MLDS.shape == (1, 1, 2, 2)
@@ -111,10 +126,56 @@ def test_capacity_needs_and_imbalance_hand_values():
   plan = balancing.foresight_plan(loads_from_routes(routes[0], valid[0], 4), 2, 3)
   np.testing.assert_array_equal(
       assign_replicas(routes[0, :, :, 0].reshape(6, 2), valid[0].ravel(), plan.layer(0), 2), slots)
-  counts = [np.bincount(slots[3 * p:3 * p + 3].ravel(), minlength=6) for p in (0, 1)]
-  np.testing.assert_array_equal(counts, [[1, 2, 0, 1, 0, 2], [0, 1, 1, 1, 2, 1]])
-  assert foresight.needed == 2 and foresight.capacity == 2  # vs 3 for the native layout
-  assert foresight.needed_static == 3
+  real = valid[0].ravel()
+  counts = [np.bincount(slots[3 * p:3 * p + 3][real[3 * p:3 * p + 3]].ravel(), minlength=6)
+            for p in (0, 1)]
+  np.testing.assert_array_equal(counts, [[1, 1, 0, 1, 0, 1], [0, 1, 1, 1, 2, 1]])
+  assert foresight.needed == 2 and foresight.capacity == 2
+  assert foresight.needed_static == 2
+
+
+# A micro-step of 2 sequences x 8 slots on 2 token shards (one sequence each), E = 4, top-2,
+# routes replayed in every layer. Sequence 0: 5 left pads, then 3 real tokens; sequence 1:
+# 6 real tokens, then 2 right pads (after EOS). Every pad routes (0, 1).
+PAD_ROUTES = np.array([[[0, 1]] * 5 + [[2, 3], [2, 0], [3, 1]],
+                       [[0, 1], [2, 3], [0, 2], [1, 3], [0, 3], [1, 2]] + [[0, 1]] * 2], np.int32)
+PAD_VALID = np.array([[False] * 5 + [True] * 3, [True] * 6 + [False] * 2])
+
+
+def test_padding_bucket_is_the_valid_need_and_the_learner_forward_drops_nothing():
+  """Host: valid tokens need 2 places per expert on shard 0 (e2, e3) and 3 on shard 1 (every
+  expert): need 3, bucket 3 (q = 2). Counted, the pads made it 6 (shard 0's e0: 5 pads + 1),
+  bucket 6. Device: the learner's forward (`forward_logprobs`, the same one for the
+  old-log-prob pass and the update, masked by the same micro-batch `valid` the host counted
+  with) on a 2-expert-shard mesh at capacity 3 drops nothing and gives the dropless log-probs
+  at real positions. With the pads taking places, shard 0's e0 got 5 pad first choices before
+  (t6, k1) and dropped it, and (t7, k1) at e1."""
+  import flax.linen as nn
+
+  from pr2_jax.models.transformer import MoETransformer
+  from pr2_jax.rl import learner
+  cfg = ModelConfig(vocab_size=24, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                    expert_d_ff=32, num_experts=4, top_k=2)
+  routes = np.broadcast_to(PAD_ROUTES[:, :, None], (2, 8, cfg.num_moe_layers, 2))
+  shape = balancing.BalanceShape(num_experts=4, num_devices=2, slots=2, token_shards=2)
+  step, _, _ = balancing.step_plan(shape, routes[None], PAD_VALID[None], 0.0,
+                                   balancing.StepState())
+  phase = balancing.plan_phase(shape, routes[None], PAD_VALID[None], step, "native", True, 2, 8)
+  assert (phase.needed, phase.needed_static, phase.capacity) == (3, 3, 3)
+
+  tokens = np.where(PAD_VALID, np.arange(16).reshape(2, 8) % 20 + 3, 0).astype(np.int32)
+  positions = np.maximum(np.cumsum(PAD_VALID, axis=1) - 1, 0).astype(np.int32)
+  seq = {"tokens": jnp.asarray(tokens), "positions": jnp.asarray(positions),
+         "valid": jnp.asarray(PAD_VALID)}
+  params = nn.unbox(MoETransformer(cfg).init(jax.random.key(0), seq["tokens"])["params"])
+  model = MoETransformer(cfg, make_mesh(1, 2, devices=jax.devices()[:2]))
+  forward = jax.jit(lambda p, capacity: learner.forward_logprobs(
+      model, p, seq, jnp.asarray(routes), 1.0, capacity=capacity)[::2], static_argnums=1)
+  logp, out = forward(params, phase.capacity)
+  ref_logp, ref_out = forward(params, None)  # the model's dropless capacity
+  assert int(np.sum(out.dropped)) == 0 == int(np.sum(ref_out.dropped))
+  real = PAD_VALID[:, 1:]  # log-probs of tokens[:, 1:]
+  np.testing.assert_allclose(np.asarray(logp)[real], np.asarray(ref_logp)[real], atol=1e-5)
 
 
 def test_eplb_step_imbalance_splits_each_expert_over_its_replicas_hand_values():

@@ -282,6 +282,10 @@ def test_mismatched_shapes_and_unknown_impl_raise_even_under_jit(impl):
     run(x, ids[:, 0], gates, w)
   with pytest.raises(ValueError, match=r"x has d_model 4, the expert weights 16"):
     run(x[:, :4], ids, gates, w)
+  for bad, shape, dtype in (((2, 8), r"\(2, 8\)", "bool"), (16, r"\(16,\)", "int32")):
+    with pytest.raises(ValueError, match=rf"valid_N has shape {shape} and dtype {dtype}; "
+                                         r"expected bool \[N\] = \(16,\)"):
+      run(x, ids, gates, w, valid_N=jnp.ones(bad, jnp.dtype(dtype)))
   with pytest.raises(TypeError, match=r"expert_ids has dtype float32"):
     run(x, ids.astype(jnp.float32), gates, w)
   with pytest.raises(ValueError, match=r"impl='fast' is not one of \('capacity', 'ragged', "):
@@ -330,14 +334,15 @@ def test_valid_replica_slot_choice_is_accepted_and_matches_the_default():
                                               ("float32", 2 ** 24)])  # the last: 3 gathers
 def test_gather_assignments_equals_three_gathers_with_gate_gradients(dtype, num_slots):
   """One packed all-gather over 'expert' returns what three would, bit for bit (slot ids exact,
-  -1 included), and the gates' gradient comes back to each shard (psum_scatter's transpose)."""
+  -1 and padding's "no slot" id num_slots included), and the gates' gradient comes back to each
+  shard (psum_scatter's transpose)."""
   from jax.sharding import PartitionSpec as P
   from pr2_jax.parallel.expert_parallel import gather_assignments
   from pr2_jax.parallel.mesh import EXPERT
   mesh = _mesh(1, 8)
   x, ids, gates, _ = _problem(3)
   x = x.astype(dtype)
-  ids = ids.at[0, 1].set(-1).at[5, 0].set(num_slots - 1)
+  ids = ids.at[0, 1].set(-1).at[5, 0].set(num_slots - 1).at[6, 1].set(num_slots)
   cot = jnp.arange(N * K, dtype=jnp.float32).reshape(N, K)
 
   def run(fn):
@@ -392,3 +397,61 @@ def test_capacity_factor_is_an_even_share_of_the_slots():
   slot_map = jnp.asarray(list(range(E)) + [0, 1, 2, 3], jnp.int32)
   _, dropped = moe_experts(x, ids, gates, w, capacity_factor=1.0, slot_expert_X=slot_map)
   assert int(dropped) == 26
+
+
+# Padding (valid_N False) by hand: E = 4 experts, top-2, 8 tokens. Tokens 0-2 are identical left
+# pads and 7 a right pad, all routed (0, 1) as a pad-hot expert pair; 3-6 are real.
+PAD_IDS = np.array([[0, 1], [0, 1], [0, 1], [1, 0], [2, 0], [2, 3], [3, 2], [0, 1]], np.int32)
+PAD_VALID = np.array([False, False, False, True, True, True, True, False])
+# A map copying e2 onto expert shard 0 (slot 2) and e0 onto shard 1 (slot 5), and a planner's
+# slot choice sending (t4, k1) to e0's copy and (t6, k1) to e2's: nothing overflows.
+PAD_SLOT_MAP = np.array([0, 1, 2, 2, 3, 0], np.int32)
+PAD_SLOTS = np.array([[0, 1], [0, 1], [0, 1], [1, 0], [3, 5], [3, 4], [4, 2], [0, 1]], np.int32)
+
+
+def _pad_problem():
+  ks = jax.random.split(jax.random.PRNGKey(7), 5)
+  w = ex.ExpertWeights(jax.random.normal(ks[0], (4, D, F)) * 0.3,
+                       jax.random.normal(ks[1], (4, D, F)) * 0.3,
+                       jax.random.normal(ks[2], (4, F, D)) * 0.3)
+  x = jax.random.normal(ks[3], (8, D))
+  x = x.at[:3].set(x[0])  # the left pads share one hidden state
+  return x, jnp.asarray(PAD_IDS), jax.random.uniform(ks[4], (8, 2), minval=0.1), w
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (1, 2)])
+@pytest.mark.parametrize("impl, replicas", [("capacity", False), ("capacity", True),
+                                            ("grouped", False), ("grouped", True),
+                                            ("dense", False), ("ragged", False)])
+def test_padding_takes_no_capacity_and_gets_zero(impl, replicas, mesh_shape):
+  """Capacity 2 per (token shard, slot). Without the pads (valid_N) every real assignment keeps
+  its place except (t6, k1): in k-major order e2 gets t4, t5 (1st choices) then t6 (2nd), on
+  one shard as on the second of two (tokens 4-7). Counted, the pads took e0's places first:
+  (t3, k1) was dropped too, on one shard (e0 1st choices t0-t2, t7) and on two (t0-t2), so t3's
+  output changed. With the map and slot choice of PAD_SLOTS no buffer holds more than 2 real
+  assignments: nothing is dropped. Real rows equal the dense reference over the kept real
+  assignments, pad rows are 0 (no gradient reaches them), `dropped` counts real ones only; the
+  dropless paths agree."""
+  x, ids, gates, w = _pad_problem()
+  mesh = None if mesh_shape is None else make_mesh(*mesh_shape, devices=jax.devices()[:2])
+  kw = dict(impl=impl, mesh=mesh, capacity=2, valid_N=jnp.asarray(PAD_VALID))
+  if replicas:
+    kw.update(slot_expert_X=jnp.asarray(PAD_SLOT_MAP), slot_ids_NK=jnp.asarray(PAD_SLOTS))
+  keep = np.broadcast_to(PAD_VALID[:, None], (8, 2)).copy()
+  if impl == "capacity" and not replicas:
+    keep[6, 1] = False
+  cot = jax.random.normal(jax.random.PRNGKey(9), (8, D))
+
+  @jax.jit
+  def run(x, gates, w):
+    (y, dropped), vjp = jax.vjp(lambda x: moe_experts(x, ids, gates, w, **kw), x)
+    return y, dropped, vjp((cot, np.zeros((), jax.dtypes.float0)))[0]
+
+  y, dropped, dx = run(x, gates, w)
+  assert int(dropped) == int((PAD_VALID[:, None] & ~keep).sum())
+  want = ex.dense_experts(x, ids, jnp.where(keep, gates, 0.0), w)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(y[~PAD_VALID], 0.0)
+  assert np.all(np.max(np.abs(np.asarray(y)[PAD_VALID]), axis=1) > 0)
+  np.testing.assert_array_equal(dx[~PAD_VALID], 0.0)
+  assert float(jnp.max(jnp.abs(dx[PAD_VALID]))) > 0

@@ -64,6 +64,47 @@ def test_capacity_positions_dropless_when_capacity_is_tokens():
   np.testing.assert_array_equal(np.asarray(index) // 10, ids)
 
 
+# "No slot" (moe_experts' id for padding): id 2 = num_slots. Capacity 2, k-major arrival:
+# 1st choices t1 -> slot 0 pos 0, t3 -> slot 1 pos 0; 2nd choices t1 -> slot 1 pos 1,
+# t3 -> slot 0 pos 1. Tokens 0 and 2 take no place: their rank is -1, which was kept at
+# index 2 * 2 - 1 = 3, t1's 2nd-choice place.
+NO_SLOT_IDS = np.array([[2, 2], [0, 1], [2, 2], [1, 0]], np.int32)
+
+
+def test_capacity_positions_give_no_slot_ids_no_place():
+  index, keep = ex.capacity_positions(jnp.asarray(NO_SLOT_IDS), 2, 2)
+  np.testing.assert_array_equal(keep, [[False, False], [True, True], [False, False], [True, True]])
+  np.testing.assert_array_equal(index, [[4, 4], [0, 3], [4, 4], [2, 1]])
+  x = jnp.arange(1.0, 5.0)[:, None] * jnp.ones((1, 3))  # row t = t+1
+  np.testing.assert_array_equal(ex.dispatch(x, index, 4)[:, 0], [2.0, 4.0, 4.0, 2.0])
+  key = jax.random.PRNGKey(5)
+  w = _weights(key, 2, 3, 4)
+  gates = jnp.array([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1], [0.5, 0.5]])
+  y, _ = _capacity_path(jax.random.normal(key, (4, 3)), jnp.asarray(NO_SLOT_IDS), gates, w, 2)
+  xn = np.asarray(jax.random.normal(key, (4, 3)), np.float64)
+  expected = np.stack([np.zeros(3),
+                       0.6 * _np_expert(xn[1], w, 0) + 0.4 * _np_expert(xn[1], w, 1),
+                       np.zeros(3),
+                       0.5 * _np_expert(xn[3], w, 1) + 0.5 * _np_expert(xn[3], w, 0)])
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_every_path_skips_the_no_slot_id():
+  """Id 8 of 8 slots (no slot) contributes nothing on every path: the output is the numpy
+  sum over the other assignments only."""
+  x, ids, gates, w = _random_problem(seed=3)
+  ids = np.asarray(ids).copy()
+  ids[:5] = 8
+  ids[6, 1] = 8
+  xn, gn = np.asarray(x, np.float64), np.asarray(gates, np.float64)
+  expected = np.stack([sum(gn[t, j] * _np_expert(xn[t], w, ids[t, j]) for j in range(2)
+                           if ids[t, j] < 8) + np.zeros(8) for t in range(16)])
+  for name, fn in _paths(16).items():
+    y = jax.jit(fn)(x, jnp.asarray(ids), gates, w)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(y[:5], 0.0, err_msg=name)
+
+
 def test_dispatch_fills_buffers_hand_worked():
   """Slot 0's buffer holds x0, x1; slot 1's holds x2, x0 (order of arrival)."""
   x = jnp.arange(4, dtype=jnp.float32)[:, None] * jnp.ones((1, 3)) + 1.0  # row t = t+1

@@ -133,6 +133,30 @@ def test_small_capacity_drops_and_counts():
   assert float(jnp.max(jnp.abs(y - y_full))) > 1e-3
 
 
+def test_padding_takes_no_capacity_from_real_tokens():
+  """Row 0: 6 identical left pads then 2 real tokens; row 1: 8 real tokens, the first two with
+  the pads' hidden state (so they pick the pads' experts). The capacity is the largest real
+  load per expert, so nothing real overflows: real rows equal the dropless numpy oracle,
+  dropped is 0 and pad rows are 0. Counted, the 6 pads arrived first (token order) at their
+  two experts, which then held more than the capacity: real assignments were dropped."""
+  x, params = _init(seed=6)
+  x = x.at[0, :6].set(x[0, 0]).at[1, :2].set(x[0, 0])
+  valid = np.ones((B, T), bool)
+  valid[0, :6] = False
+  y_ref, ids_ref, _ = np_moe(x, params, CFG)
+  load_E = np.bincount(ids_ref[valid].ravel(), minlength=8)
+  capacity = int(load_E.max())
+  pad_experts = ids_ref[0, 0]
+  assert set(ids_ref[1, 0].tolist()) == set(pad_experts.tolist())
+  assert load_E[pad_experts].max() + 6 > capacity  # the pads would overflow one
+  y, aux = jax.jit(MoEBlock(CFG).apply, static_argnames="capacity")(
+      {"params": params}, x, capacity=capacity, valid_BT=jnp.asarray(valid))
+  assert int(aux.dropped) == 0
+  np.testing.assert_array_equal(y[0, :6], 0.0)
+  np.testing.assert_allclose(y[valid], y_ref[valid], rtol=1e-4,
+                             atol=1e-4 * np.abs(y_ref).max())
+
+
 def test_aux_loss_is_switch_loss_of_the_routing():
   """aux_loss = switch_aux_loss(softmax(router logits), routes used)."""
   x, params = _init(seed=4)

@@ -86,13 +86,16 @@ def capacity_positions(slot_ids_NK: jax.Array, num_slots: int, capacity: int):
 
   Assignments are ordered k-major (all tokens' 1st choice, then 2nd, ...) as in
   GShard/Switch, so a token loses its lower-ranked experts before anyone loses
-  a first choice. Returns (buffer_index_NK into a [X*C] buffer, keep_NK bool).
+  a first choice. An id outside [0, num_slots) (`moe_experts`' "no slot" for padding)
+  takes no place and is not kept. Returns (buffer_index_NK into a [X*C] buffer, keep_NK bool).
   """
   n, k = slot_ids_NK.shape
   ids_M = slot_ids_NK.T.reshape(-1)
   onehot_MX = jax.nn.one_hot(ids_M, num_slots, dtype=jnp.int32)
   pos_NK = rank_in_slot(onehot_MX).reshape(k, n).T
-  keep_NK = pos_NK < capacity
+  # pos -1: no slot (an all-zero one-hot row), which `pos < capacity` alone kept, at place -1
+  # of the index below, the last slot's last place.
+  keep_NK = (pos_NK >= 0) & (pos_NK < capacity)
   index_NK = jnp.where(keep_NK, slot_ids_NK * capacity + pos_NK, num_slots * capacity)
   return index_NK, keep_NK
 

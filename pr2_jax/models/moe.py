@@ -61,7 +61,8 @@ class MoEBlock(nn.Module):
     """Returns (y_BTD in the compute dtype, MoEAux). `slot_expert_X` is a slot map [X] (each
     expert's first slot takes its tokens) or one layer of a `pr2_jax.balance.Plan` (tokens
     split among replicas by the plan's shares); the other arguments are
-    `MoETransformer.__call__`'s for one layer (routes_BTK, predictor_DE: its slices)."""
+    `MoETransformer.__call__`'s for one layer (routes_BTK, predictor_DE: its slices). Padding
+    (valid_BT False) takes no expert capacity and gets a zero expert output."""
     cfg = self.config
     b, t, d = x_BTD.shape
     e, f = cfg.num_experts, cfg.expert_d_ff
@@ -70,7 +71,7 @@ class MoEBlock(nn.Module):
       check_shape("routes_BTK", routes_BTK, (b, t, cfg.top_k), "[B, T, K]")
     if predictor_DE is not None:
       check_shape("predictor_DE", predictor_DE, (d, e), "[D, E]")
-    w_router = self.param("gate", partitioned(INIT, ("embed", "experts_logits")), (d, e),
+    w_router_DE = self.param("gate", partitioned(INIT, ("embed", "experts_logits")), (d, e),
                           jnp.float32)
     weights = ex.ExpertWeights(
         self.param("gate_proj", partitioned(INIT, ("expert", "embed", "mlp")), (e, d, f),
@@ -80,14 +81,14 @@ class MoEBlock(nn.Module):
         self.param("down_proj", partitioned(INIT, ("expert", "mlp", "embed")), (e, f, d),
                    jnp.float32))
     x_ND = constrain(x_BTD.reshape(b * t, d), self.mesh, ("batch", "embed"))
-    logits_NE = routing.router_logits(x_ND, w_router)
+    logits_NE = routing.router_logits(x_ND, w_router_DE)
     routes_NK = None if routes_BTK is None else routes_BTK.reshape(b * t, cfg.top_k)
     bias_NE = None if predictor_DE is None else predictor_bias(x_ND, predictor_DE)
     # Per token shard: see on_token_shards (top-k).
     r = on_token_shards(_ShardRouting(cfg.top_k, cfg.norm_topk_prob, predicted_gates),
                         self.mesh)(logits_NE, routes_NK, bias_NE)
     slot_ids_NK = None
-    valid_N = None if valid_BT is None else valid_BT.reshape(b * t)
+    valid_N = None if valid_BT is None else valid_BT.reshape(b * t).astype(bool)
     if isinstance(slot_expert_X, Plan):  # one layer's plan: the planned replica split
       plan = slot_expert_X
       slot_expert_X = plan.slot_expert.reshape(-1)
@@ -99,7 +100,7 @@ class MoEBlock(nn.Module):
     y_ND, dropped = moe_experts(
         x_ND, r.expert_ids, r.gates, weights, impl=cfg.expert_impl, mesh=self.mesh,
         capacity_factor=cfg.capacity_factor, capacity=capacity, slot_expert_X=slot_expert_X,
-        slot_ids_NK=slot_ids_NK, dtype=jnp.dtype(cfg.dtype))
+        slot_ids_NK=slot_ids_NK, dtype=jnp.dtype(cfg.dtype), valid_N=valid_N)
     aux = MoEAux(r.expert_ids.reshape(b, t, cfg.top_k), logits_NE.reshape(b, t, e), dropped,
                  routing.switch_aux_loss(r.probs, r.expert_ids, valid_N))
     return y_ND.reshape(b, t, d).astype(cfg.dtype), aux

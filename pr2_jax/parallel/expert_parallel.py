@@ -1,8 +1,9 @@
 """Expert parallelism: the three expert paths under `jax.shard_map` over 'expert'.
 
 Dimension legend:
-  N tokens (global), n tokens on one shard, D d_model, K top-k, E experts,
-  P 'expert' axis size, S slots per shard, X = P*S global slots, C capacity.
+  N tokens (global), n tokens on one shard, g tokens gathered over 'expert' (the
+  expert group's n * P), D d_model, K top-k, E experts, P 'expert' axis size,
+  S slots per shard, X = P*S global slots, C capacity.
 
 Tokens are split over ('data', 'expert'); expert weights over 'expert'.
   * capacity: each shard packs its tokens into a [P, S, C, D] buffer, one
@@ -21,6 +22,8 @@ weight moves. With a `slot_expert [X]` map, each shard receives the slot weights
 it does not own from their owners inside the step (`replica_fetch`: one
 all_to_all of only those, or an all_gather when the plan exceeds its bound);
 autodiff sends replica gradients back into the owner's weights.
+Padding: with `valid_N`, a padding token's assignments get the slot id X, "no slot",
+which every path skips: no buffer place, no work, y = 0, not counted as dropped.
 """
 
 from __future__ import annotations
@@ -40,33 +43,40 @@ from pr2_jax.models.grouped import fast_capacity, grouped_experts
 from pr2_jax.parallel import replica_fetch
 from pr2_jax.parallel.mesh import EXPERT, TOKEN_AXES, axis_size, num_token_shards
 
-IMPLS = EXPERT_IMPLS  # ModelConfig.expert_impl's choices, one list
-
 
 def gather_assignments(x_nD, slot_ids_nK, gates_nK, num_slots: int):
-  """All-gather a shard's tokens, slot ids and gates over 'expert' as ONE collective: the ids
-  (exact as float32 below 2^24) and the gates ride along as columns of the tokens when those
-  are float32, else of the gates. Each collective is a rendezvous of the devices, three per
-  MoE layer and decode step before: on 2 CPU devices the waiting was ~10 % of a decode.
-  Inside `shard_map`; returns the gathered (x [N, D], slot_ids [N, K], gates [N, K])."""
+  """All-gather a shard's tokens, slot ids and gates over 'expert' in as few collectives as
+  the dtypes allow: the ids (exact as float32 up to 2^24, the "no slot" id num_slots
+  included) and the gates ride along as float32 columns, of the tokens when those are
+  float32 (one all-gather), else beside them (two: bf16 tokens, the rollout's default);
+  with num_slots >= 2^24 the three are gathered apart. Each collective is a rendezvous of
+  the devices, three per MoE layer and decode step before: on 2 CPU devices the waiting
+  was ~10 % of a decode. Inside `shard_map`; returns the gathered
+  (x [g, D], slot_ids [g, K], gates [g, K])."""
   gather = functools.partial(jax.lax.all_gather, axis_name=EXPERT, tiled=True)
   if num_slots >= 2 ** 24:  # ids would not be exact as float32
     return gather(x_nD), gather(slot_ids_nK), gather(gates_nK)
   d, k = x_nD.shape[1], slot_ids_nK.shape[1]
   extra_nK2 = jnp.concatenate([gates_nK.astype(jnp.float32), slot_ids_nK.astype(jnp.float32)], 1)
   if x_nD.dtype == jnp.float32:
-    all_ND = gather(jnp.concatenate([x_nD, extra_nK2], axis=1))
-    x_ND, extra_NK2 = all_ND[:, :d], all_ND[:, d:]
+    all_gD = gather(jnp.concatenate([x_nD, extra_nK2], axis=1))
+    x_gD, extra_gK2 = all_gD[:, :d], all_gD[:, d:]
   else:
-    x_ND, extra_NK2 = gather(x_nD), gather(extra_nK2)
-  return (x_ND, extra_NK2[:, k:].astype(slot_ids_nK.dtype),
-          extra_NK2[:, :k].astype(gates_nK.dtype))
+    x_gD, extra_gK2 = gather(x_nD), gather(extra_nK2)
+  return (x_gD, extra_gK2[:, k:].astype(slot_ids_nK.dtype),
+          extra_gK2[:, :k].astype(gates_nK.dtype))
 
 
-def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, num_shards,
-                slots_per_shard, capacity, dtype, distributed):
+def _shard_body(x_nD, slot_ids_nK, gates_nK, valid_n, weights, slot_expert_X, *, impl,
+                num_shards, slots_per_shard, capacity, dtype, distributed):
   P_, S = num_shards, slots_per_shard
   p = jax.lax.axis_index(EXPERT) if distributed and P_ > 1 else 0
+  # Padding goes to slot X, no slot: outside every shard's [p*S, (p+1)*S), so each path
+  # below gives it no place and no work (capacity_positions, grouped_positions and the
+  # grouped one-einsum branch keep only ids in range; ragged_dot sorts it past its groups;
+  # dense_experts' one-hot is all zeros).
+  if valid_n is not None:
+    slot_ids_nK = jnp.where(valid_n[:, None], slot_ids_nK, P_ * S)
   if slot_expert_X is not None:
     if distributed and P_ > 1:
       weights = replica_fetch.slot_weights(weights, slot_expert_X, P_, S)
@@ -89,30 +99,33 @@ def _shard_body(x_nD, slot_ids_nK, gates_nK, weights, slot_expert_X, *, impl, nu
     if distributed and P_ > 1:
       y_PSCD = jax.lax.all_to_all(y_PSCD, EXPERT, 0, 0, tiled=True)
     y_nD = ex.combine(y_PSCD.reshape(P_ * S * capacity, -1), index_nK, keep_nK, gates_nK)
-    dropped = jnp.sum(~keep_nK).astype(jnp.int32)
+    dropped = jnp.sum(~keep_nK & (slot_ids_nK < P_ * S)).astype(jnp.int32)  # real ones only
     if distributed:
       dropped = jax.lax.psum(dropped, TOKEN_AXES)
   else:
+    x_gD, slot_ids_gK, gates_gK = x_nD, slot_ids_nK, gates_nK  # g = n on one expert shard
     if distributed and P_ > 1:
-      x_nD, slot_ids_nK, gates_nK = gather_assignments(x_nD, slot_ids_nK, gates_nK, P_ * S)
+      x_gD, slot_ids_gK, gates_gK = gather_assignments(x_nD, slot_ids_nK, gates_nK, P_ * S)
     # The grouped path's one-einsum capacity: an even share of the global slots (the
     # all-gathered assignments mostly belong to other shards' slots).
     grouped = functools.partial(grouped_experts,
-                                capacity=fast_capacity(x_nD.shape[0], slot_ids_nK.shape[1], P_ * S))
+                                capacity=fast_capacity(x_gD.shape[0], slot_ids_gK.shape[1], P_ * S))
     fn = {"dense": ex.dense_experts, "ragged": ex.ragged_experts, "grouped": grouped}[impl]
-    y_nD = fn(x_nD, slot_ids_nK, gates_nK, weights, slot_offset=p * S)
+    y_gD = fn(x_gD, slot_ids_gK, gates_gK, weights, slot_offset=p * S)
+    y_nD = y_gD
     if distributed and P_ > 1:
-      y_nD = jax.lax.psum_scatter(y_nD, EXPERT, scatter_dimension=0, tiled=True)
+      y_nD = jax.lax.psum_scatter(y_gD, EXPERT, scatter_dimension=0, tiled=True)
     # No psum of this constant: a collective that moves nothing still holds a thread of each
     # device on CPU (parallel/distributed.py, CPU_THREADS_PER_DEVICE).
     dropped = jnp.zeros((), jnp.int32)
   return y_nD, dropped
 
 
-def _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, weights, impl):
+def _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, valid_N, weights,
+                  impl):
   """Static checks (they hold under jit): a bad shape would be broadcast or cut silently."""
-  if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+  if impl not in EXPERT_IMPLS:
+    raise ValueError(f"impl={impl!r} is not one of {EXPERT_IMPLS}")
   if x_ND.ndim != 2 or expert_ids_NK.ndim != 2:
     raise ValueError(f"x must be [N, D] and expert_ids [N, K]; got shapes {x_ND.shape} and "
                      f"{expert_ids_NK.shape}")
@@ -126,6 +139,11 @@ def _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, wei
                        "[N, K]")
   if slot_expert_X is not None and slot_expert_X.ndim != 1:
     raise ValueError(f"slot_expert_X must be one layer's map [X], got shape {slot_expert_X.shape}")
+  if valid_N is not None and (tuple(jnp.shape(valid_N)) != (x_ND.shape[0],)
+                              or jnp.result_type(valid_N) != jnp.bool_):
+    # An int mask would not say which is padding as clearly, and [B, T] would not broadcast.
+    raise ValueError(f"valid_N has shape {tuple(jnp.shape(valid_N))} and dtype "
+                     f"{jnp.result_type(valid_N)}; expected bool [N] = ({x_ND.shape[0]},)")
   if x_ND.shape[1] != weights.gate_SDF.shape[1]:
     raise ValueError(f"x has d_model {x_ND.shape[1]}, the expert weights "
                      f"{weights.gate_SDF.shape[1]}")
@@ -157,7 +175,7 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
                 weights: ex.ExpertWeights, *, impl: str = "capacity", mesh: Mesh | None = None,
                 capacity_factor: float = 0.0, capacity: int | None = None,
                 slot_expert_X: jax.Array | None = None, slot_ids_NK: jax.Array | None = None,
-                dtype=jnp.float32):
+                dtype=jnp.float32, valid_N: jax.Array | None = None):
   """Runs the routed experts; returns (y float32 [N, D], dropped int32 scalar).
 
   Args:
@@ -173,11 +191,15 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
     slot_ids_NK: the slot of each assignment (a planner's replica choice);
       default: the first slot holding the expert.
     dtype: computation dtype of the experts.
+    valid_N: bool [N], False on padding: its assignments go to no slot on every path (no
+      buffer place, no expert work, y = 0) and are not counted in `dropped`, which counts
+      only real assignments over capacity. None: every token is real.
   Raises ValueError on bad shapes, and on ids or slot maps outside their range when
   they are concrete (not traced).
   """
   num_experts = weights.gate_SDF.shape[0]
-  _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, weights, impl)
+  _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, valid_N, weights,
+                impl)
   n_shards, P_ = num_token_shards(mesh), axis_size(mesh, EXPERT)
   if x_ND.shape[0] % n_shards:
     mesh_shape = dict(mesh.shape) if mesh is not None else {}
@@ -205,9 +227,10 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
   static = dict(impl=impl, num_shards=P_, slots_per_shard=S, capacity=int(capacity),
                 dtype=jnp.dtype(dtype))
   if mesh is None:
-    return _shard_body(x_ND, slot_ids_NK, gates_NK, weights, slot_expert_X, distributed=False,
-                       **static)
-  return _sharded(x_ND, slot_ids_NK, gates_NK, weights, slot_expert_X, mesh=mesh, **static)
+    return _shard_body(x_ND, slot_ids_NK, gates_NK, valid_N, weights, slot_expert_X,
+                       distributed=False, **static)
+  return _sharded(x_ND, slot_ids_NK, gates_NK, valid_N, weights, slot_expert_X, mesh=mesh,
+                  **static)
 
 
 # Jitted at module level for eager callers: outside jit, shard_map runs its body op by op and
@@ -216,10 +239,10 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
 # outer jit it is inlined (the same program, bit-identical outputs and gradients).
 @functools.partial(jax.jit, static_argnames=("mesh", "impl", "num_shards", "slots_per_shard",
                                              "capacity", "dtype"))
-def _sharded(x_ND, slot_ids_NK, gates_NK, weights, slot_expert_X, *, mesh, **static):
+def _sharded(x_ND, slot_ids_NK, gates_NK, valid_N, weights, slot_expert_X, *, mesh, **static):
   body = functools.partial(_shard_body, distributed=True, **static)
   tok, w_spec = P(TOKEN_AXES, None), P(EXPERT, None, None)
-  in_specs = (tok, tok, tok, ex.ExpertWeights(w_spec, w_spec, w_spec),
-              None if slot_expert_X is None else P())
+  in_specs = (tok, tok, tok, None if valid_N is None else P(TOKEN_AXES),
+              ex.ExpertWeights(w_spec, w_spec, w_spec), None if slot_expert_X is None else P())
   fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))
-  return fn(x_ND, slot_ids_NK, gates_NK, weights, slot_expert_X)
+  return fn(x_ND, slot_ids_NK, gates_NK, valid_N, weights, slot_expert_X)

@@ -13,15 +13,21 @@ and can:
   * count what every (token shard, slot) buffer will receive under the
     layout each micro-step uses, i.e. the smallest dropless capacity, and
     round its maximum up to a bucket: the phase's static capacity (a new
-    bucket compiles the phase once, a repeated bucket never does);
+    bucket compiles the phase once, a repeated bucket never does). Only
+    valid tokens count: the experts give padding no buffer place
+    (`moe_experts`' valid_N), and the learner's forwards mask with the same
+    micro-batch `valid` [b, T] the host counts with;
   * measure what each of the three modes gives on these routes.
 The foresight plan is recomputed inside the jitted micro-step by the same
 `foresight_plan`, so a plan is data and never part of a jit key.
 
-Bucket rule (`capacity_bucket`): with q buckets per doubling, a need n >= 1
-is rounded up to a multiple of g = max(1, 2^ceil(log2 n) / (2q)), and capped
-at the dropless bound (tokens per shard). q = 1: powers of two; q = 2:
-1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ... A bucket is at most (1 + 1/q) x the need.
+Bucket rule (`capacity_bucket`): with q buckets per doubling, the buckets in
+each (h, 2h], h a power of two, are ceil(h (1 + i/q)) for i = 1..q (q distinct
+ones once h >= q; below, every integer), plus 1; a need n >= 1 is rounded up to
+the smallest bucket >= n and capped at the dropless bound (tokens per shard).
+For q a power of two these are the multiples of max(1, h/q) in (h, 2h]: q = 1
+gives powers of two, q = 2 gives 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ... A bucket
+is at most ceil((1 + 1/q) n) and never above the power of two >= n.
 """
 
 from __future__ import annotations
@@ -39,10 +45,13 @@ from pr2_jax.balance.dispatch import assign_replicas, slot_counts
 from pr2_jax.balance.eplb import eplb_rebalance
 from pr2_jax.balance.loads import imbalance, loads_from_routes, native_layout, static_device_load
 from pr2_jax.balance.planner import DEFAULT_METHOD, Plan, plan_placement
+from pr2_jax.models.experts import capacity_for
 from pr2_jax.parallel.distributed import to_host
+from pr2_jax.parallel.mesh import EXPERT, axis_size, num_token_shards
 from pr2_jax.parallel.replica_fetch import fetch_slabs
+from pr2_jax.rl.config import BALANCE_MODES
 
-MODES = ("none", "eplb_step", "foresight")
+MODES = BALANCE_MODES  # the modes measured every step: RLConfig.balance_mode's choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +76,19 @@ class BalanceShape:
 
 
 def capacity_bucket(needed: int, per_doubling: int, limit: int) -> int:
-  """The static capacity for a need of `needed` assignments per (shard, slot) buffer."""
+  """The static capacity for a need of `needed` assignments per (shard, slot) buffer: the
+  smallest bucket >= needed (module docstring's rule, q = per_doubling), capped at `limit`."""
   if per_doubling < 1 or limit < 1:
     raise ValueError(f"per_doubling={per_doubling} and limit={limit} must be >= 1")
-  needed = max(int(needed), 1)
-  power = 1 << (needed - 1).bit_length()  # smallest power of two >= needed
-  grain = max(1, power // (2 * per_doubling))
-  return min(-(-needed // grain) * grain, limit)
+  needed, q = max(int(needed), 1), per_doubling
+  half = (1 << (needed - 1).bit_length()) // 2  # needed in (half, 2 half]
+  if half == 0:
+    return 1
+  # The first i whose bucket ceil(half (q + i) / q) reaches needed, i.e. half (q + i) / q >
+  # needed - 1. Integer maths: rounding up to multiples of half // (2q) instead gave q = 3,
+  # needed 31 a bucket of 35, past the doubling's end (32).
+  i = q * (needed - 1 - half) // half + 1
+  return min(-(-(half * (q + i)) // q), limit)
 
 
 def foresight_plan(loads_LE: jax.Array, num_devices: int, slots: int,
@@ -164,12 +179,14 @@ def _foresight_plans(routes_MbTLK, valid_MbT, *, shape, plan=True):
 
 
 def _max_counts(ids_NLK, valid_N, plan, shape):
-  """int32 [L]: the largest (shard, slot) buffer need per layer; plan None = native layout."""
+  """int32 [L]: the largest (shard, slot) buffer need per layer; plan None = native layout.
+  Valid tokens only: `moe_experts` gives padding (the same valid_N) no buffer place."""
   def layer(ids_NK, plan_l):
     if plan_l is None:
-      return jnp.max(slot_counts(ids_NK, shape.num_experts, shape.token_shards))
+      return jnp.max(slot_counts(ids_NK, shape.num_experts, shape.token_shards, valid_N))
     slot_ids_NK = assign_replicas(ids_NK, valid_N, plan_l, shape.token_shards)
-    return jnp.max(slot_counts(slot_ids_NK, shape.num_devices * shape.slots, shape.token_shards))
+    return jnp.max(slot_counts(slot_ids_NK, shape.num_devices * shape.slots, shape.token_shards,
+                               valid_N))
   return jax.vmap(layer, in_axes=(1, 0))(ids_NLK, plan)
 
 
@@ -214,7 +231,9 @@ def plan_phase(shape: BalanceShape, routes, valid, step: Plan, kind: str, bucket
 
   Args:
     routes: int [M, b, T, L, K] the phase's routes (replayed, or a forecast).
-    valid: bool [M, b, T].
+    valid: bool [M, b, T], the very mask the phase's forwards pass as `valid` (the
+      micro-batches' "valid"): only its True tokens are counted, and a token the device
+      counts but this mask does not could be dropped under the bucket.
     step: this step's EPLB plan (also the eplb_step counterfactual).
     kind: `layout_kind` of the phase.
     bucket: round the need up to a capacity bucket (else capacity None).
@@ -294,13 +313,14 @@ class StepBalancer:
 
   @classmethod
   def create(cls, rl, model_cfg, mesh, seq_len: int) -> "StepBalancer":
-    from pr2_jax.models.experts import capacity_for
-    from pr2_jax.parallel.mesh import EXPERT, axis_size, num_token_shards
     devices, shards = axis_size(mesh, EXPERT), num_token_shards(mesh)
     e = model_cfg.num_experts
+    # One expert's weights: SwiGLU's three [D, F] matrices (gate, up, down), stored float32
+    # whatever the compute dtype (MoEBlock's params).
+    expert_bytes = 3.0 * model_cfg.d_model * model_cfg.expert_d_ff * jnp.dtype(
+        jnp.float32).itemsize
     shape = BalanceShape(e, devices, e // devices + rl.redundant_slots, shards,
-                         bytes_per_expert=3.0 * model_cfg.d_model * model_cfg.expert_d_ff * 4,
-                         planner_method=rl.planner_method)
+                         bytes_per_expert=expert_bytes, planner_method=rl.planner_method)
     tokens = rl.micro_batch_size * seq_len // shards
     model_capacity = (0, 0)
     if model_cfg.expert_impl == "capacity":
