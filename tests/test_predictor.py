@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from pr2_jax.models import routing
 from pr2_jax.pr2 import predictor as pred
 
 
@@ -187,6 +188,18 @@ def test_zero_predictor_predicts_the_live_route():
   assert float(pred.bias_logit_ratio(w, h[:, None], p_old[:, None], jnp.ones(16))) == 0.0
 
 
+def test_zero_predictor_predicts_the_live_route_where_softmax_underflows():
+  """Logits ~180 apart underflow ρ to [1, 0, 0, 0, 0, 0]: the live route and the prediction
+  both take the top-k of the scores, so W_p = 0 still predicts the live route, [0, 3] (the
+  live route was top-k of ρ, whose tie gave [0, 1]; PR2 then did not start as R3)."""
+  p_NLE = jnp.array([[[150.0, -29.0, 3.0, 34.0, -5.0, 0.0]]])
+  w = pred.init_predictor(1, 3, 6)
+  predicted = pred.predicted_topk(w, jnp.ones((1, 1, 3)), p_NLE, 2)
+  live = routing.route(p_NLE[:, 0], 2, True).expert_ids
+  np.testing.assert_array_equal(predicted[:, 0], [[0, 3]])
+  np.testing.assert_array_equal(live, [[0, 3]])
+
+
 def test_bias_logit_ratio_hand_worked():
   """mean|b| / mean|p_old| over weighted positions, b = h W_p. Two positions, one layer,
   d = 1, E = 2: W_p = [[1, -2]] gives b = h·[1, -2]."""
@@ -199,6 +212,10 @@ def test_bias_logit_ratio_hand_worked():
   # A padding position (weight 0) counts in neither sum.
   np.testing.assert_allclose(pred.bias_logit_ratio(w_LDE, h_NLD, p_NLE, jnp.array([1.0, 0.0])),
                              3.0 / 8.0)
+  # From sums added over micro-steps (the learner's metric): the ratio of the sums, and 0 (not
+  # NaN) for W_p = 0 on all-zero logits.
+  np.testing.assert_allclose(pred.bias_logit_ratio_from_sums(bias + 3.0, logit + 5.0), 1.0)
+  assert float(pred.bias_logit_ratio_from_sums(jnp.float32(0), jnp.float32(0))) == 0.0
 
 
 def test_topk_overlap_hand_worked():

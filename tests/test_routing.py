@@ -166,13 +166,21 @@ def test_route_with_bias_keeps_replayed_ids(predicted_gates, live_gates):
   np.testing.assert_allclose(r.gates, [[0.2, 0.4], live_gates, [0.25, 0.25]], rtol=1e-5)
 
 
-def test_predicted_ids_survive_scores_far_apart():
-  """Scores ~180 apart underflow q̂ to exact zeros below the top expert; the predicted ids
-  must still be the top-k of the scores p + b (as `predicted_topk`), not a tie among zeros."""
+@pytest.mark.parametrize("with_bias", [False, True], ids=["live", "zero_bias"])
+def test_route_ids_survive_scores_far_apart(with_bias):
+  """Scores ~180 apart underflow ρ (and q̂) to exact zeros below the top expert; the ids must
+  still be the top-k of the scores (p, or p + b as `predicted_topk`), not a tie among zeros.
+
+  The live branch took top-k of ρ = [1, 0, 0, 0, 0, 0] and its tie gave [[0, 1]], while a zero
+  bias gave [[0, 3]]: W_p = 0 did not predict the live route. Both are now [[0, 3]], the
+  second-largest logit 34 (torch.topk of HF's float32 softmax would still say [0, 1] here:
+  parity holds wherever ρ does not underflow)."""
   logits = jnp.asarray([[150.0, -29.0, 3.0, 34.0, -5.0, 0.0]])
-  r = routing.route(logits, 2, True, bias_NE=jnp.zeros_like(logits))
-  np.testing.assert_array_equal(r.expert_ids, [[0, 3]])
-  np.testing.assert_allclose(r.gates, [[1.0, 0.0]], atol=1e-6)
+  bias = jnp.zeros_like(logits) if with_bias else None
+  for norm in (True, False):
+    r = routing.route(logits, 2, norm, bias_NE=bias)
+    np.testing.assert_array_equal(r.expert_ids, [[0, 3]])
+    np.testing.assert_allclose(r.gates, [[1.0, 0.0]], atol=1e-6)
 
 
 def test_expert_load_counts_pairs_and_respects_mask():

@@ -150,6 +150,10 @@ def test_temperature_scales_logprobs():
   logits = jnp.array([[1.0, 0.0]])
   np.testing.assert_allclose(np.asarray(sampler.tempered_logprobs(logits, 0.5)),
                              np.asarray(jax.nn.log_softmax(logits * 2)), rtol=1e-6)
+  # The one tempering rule (the learner's π_θ uses it too): 1/T, and 1 for greedy T = 0.
+  assert [sampler.temperature_scale(t) for t in (0.5, 1.0, 0.0)] == [2.0, 1.0, 1.0]
+  np.testing.assert_allclose(np.asarray(sampler.tempered_logprobs(logits, 0.0)),
+                             np.asarray(jax.nn.log_softmax(logits)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, message", [

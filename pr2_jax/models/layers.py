@@ -64,18 +64,19 @@ class RMSNorm(nn.Module):
 def rotary(x_BTHZ: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
   """Rotate-half rotary embedding (HF `apply_rotary_pos_emb`), computed in float32."""
   z = x_BTHZ.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, z, 2, dtype=jnp.float32) / z))
-  angles_BTz = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  inv_freq_z = 1.0 / (theta ** (jnp.arange(0, z, 2, dtype=jnp.float32) / z))
+  angles_BTz = positions_BT.astype(jnp.float32)[..., None] * inv_freq_z
   # The barrier makes cos and sin one [B, T, Z/2] table each (shared by every layer: XLA merges
   # the identical calls). Left to itself XLA fuses them into each consumer and evaluates them
   # per element of q and k, in every layer, forward and backward: 44 cos and 44 sin loops in
   # bench_peer's train step, ~3-7 % of its time on XLA:CPU (docs/benchmarks.md, fourteenth round).
-  cos_BTZ, sin_BTZ = (jnp.concatenate([t_BTz, t_BTz], axis=-1)[:, :, None, :] for t_BTz in
-                      jax.lax.optimization_barrier((jnp.cos(angles_BTz), jnp.sin(angles_BTz))))
-  x32 = x_BTHZ.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x32 * cos_BTZ + rotated * sin_BTZ).astype(x_BTHZ.dtype)
+  # [B, T, 1, Z]: one table for every head H.
+  cos_BT1Z, sin_BT1Z = (jnp.concatenate([t_BTz, t_BTz], axis=-1)[:, :, None, :] for t_BTz in
+                        jax.lax.optimization_barrier((jnp.cos(angles_BTz), jnp.sin(angles_BTz))))
+  x32_BTHZ = x_BTHZ.astype(jnp.float32)
+  x1_BTHz, x2_BTHz = jnp.split(x32_BTHZ, 2, axis=-1)
+  rotated_BTHZ = jnp.concatenate([-x2_BTHz, x1_BTHz], axis=-1)
+  return (x32_BTHZ * cos_BT1Z + rotated_BTHZ * sin_BT1Z).astype(x_BTHZ.dtype)
 
 
 def query_blocks(length: int, max_blocks: int) -> list[tuple[int, int]]:
@@ -111,8 +112,9 @@ def _attend(q_BTHZ, k_BGZS, v_BGSZ, mask_BTS) -> jax.Array:
   b, t, h, z = q_BTHZ.shape
   g = k_BGZS.shape[1]
   # Both products are rounded to the queries' dtype: with a cache stored wider than that
-  # (`config.storage_dtype`) the einsums run on the wider type, and the rounding gives what the
-  # narrow dots gave. Without a cache, or where storage is the compute dtype: no-ops.
+  # (`pr2_jax.config.storage_dtype(dtype)`) the einsums run on the wider type, and the rounding
+  # gives what the narrow dots gave. Without a cache, or where storage is the compute dtype:
+  # no-ops.
   dtype = q_BTHZ.dtype
   q_BGRTZ = jnp.transpose(q_BTHZ.reshape(b, t, g, h // g, z), (0, 2, 3, 1, 4))
   scores_BGRTS = jnp.einsum("bgrtz,bgzs->bgrts", q_BGRTZ, k_BGZS).astype(dtype).astype(jnp.float32)
@@ -181,7 +183,8 @@ class Attention(nn.Module):
       new_kv = (write(cache_k_BGZS, k_BGZT, 3), write(cache_v_BGSZ, v_BGTZ, 2))
       k_BGZS, v_BGSZ = new_kv
     # Without a cache the mask is causal_mask's: causal query blocks skip the masked keys.
-    # The cache as stored (`config.storage_dtype`): attend rounds its products to q's dtype.
+    # The cache as stored (`pr2_jax.config.storage_dtype(dtype)`): attend rounds its products
+    # to q's dtype.
     out_BTHZ = attend(q_BTHZ, k_BGZS, v_BGSZ, mask_BTS,
                       causal_blocks=cfg.attention_blocks if kv is None else 1)
     o_proj = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype,

@@ -6,8 +6,10 @@ Dimension legend:
 
 `model.apply({'params': p}, tokens, routes=None)` returns a `ModelOutput`
 whose `.routes [B, T, L, K]` are the routes actually used; feeding them back
-as `routes=` reproduces the forward exactly (replay). A -1 row uses the live
-router for that (token, layer).
+as `routes=` reproduces the forward exactly (replay), except after a `predictor=`
+forward with `predicted_gates=True`: its live rows were gated by the predictive q̂,
+replayed rows are always gated by the router's ρ (DESIGN §3: training gates come from ρ).
+A -1 row uses the live router for that (token, layer).
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache for `max_len` tokens (prompt + response) of `dtype` values (default: the
-  compute dtype). A cache of compute-dtype values is stored in `config.storage_dtype` (float32
-  for 16-bit floats on CPU: the same numbers, written in place); another dtype as it is, since
-  the stored type is what rounds the keys and values written."""
+  compute dtype). A cache of compute-dtype values is stored in
+  `pr2_jax.config.storage_dtype(dtype)` (float32 for 16-bit floats on CPU: the same numbers,
+  written in place); another dtype as it is, since the stored type is what rounds the keys and
+  values written."""
   check_int("init_cache", "batch", batch)
   check_int("init_cache", "max_len", max_len)
   dtype = jnp.dtype(dtype or config.dtype)
@@ -146,6 +149,55 @@ def _check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int, p
       raise ValueError(f"cache index {index} + {length} tokens > max_len {max_len}: the write "
                        "would be clamped; allowed: 0 <= index <= max_len - tokens")
 
+def _check_inputs(cfg: ModelConfig, mesh: Mesh | None, tokens_BT, routes, *, positions, valid,
+                  slot_expert, cache, predictor, logits: str) -> None:
+  """`MoETransformer.__call__`'s input checks: shapes, ranks and layer counts statically (also
+  under jit: JAX clamps out-of-range indexes and broadcasts, so a wrong layer count or shape
+  would otherwise run silently or fail deep inside a layer); token ids, routes and slot maps
+  only when concrete (jitted callers check on the host). Raises ValueError."""
+  if np.ndim(tokens_BT) != 2:
+    raise ValueError(f"tokens have shape {tuple(np.shape(tokens_BT))}, expected rank 2 [B, T]")
+  b, t = tokens_BT.shape
+  n_moe = cfg.num_moe_layers
+  if logits not in ("all", "last", "none"):
+    raise ValueError(f"logits={logits!r} must be 'all', 'last' or 'none'")
+  if positions is not None:
+    check_shape("positions", positions, (b, t), "[B, T]")
+  if valid is not None:
+    check_shape("valid", valid, (b, t), "[B, T]")
+  if routes is not None:
+    check_routes_shape(routes, batch=b, length=t, num_layers=n_moe, top_k=cfg.top_k)
+  if predictor is not None:
+    check_shape("predictor", predictor, (n_moe, cfg.d_model, cfg.num_experts), "[L, D, E]")
+  if slot_expert is not None:
+    _check_slot_expert(slot_expert, cfg, mesh)
+  if cache is not None:
+    _check_cache(cache, cfg, b, t, positions)
+  if is_concrete(tokens_BT):
+    validate_tokens(tokens_BT, cfg.vocab_size)
+  if routes is not None and is_concrete(routes):
+    validate_routes(routes, batch=b, length=t, num_layers=n_moe, top_k=cfg.top_k,
+                    num_experts=cfg.num_experts)
+  slots = slot_expert.slot_expert if isinstance(slot_expert, Plan) else slot_expert
+  if slots is not None and is_concrete(slots):
+    for layer, map_X in enumerate(np.asarray(slots).reshape(n_moe, -1)):
+      try:
+        validate_slot_expert(map_X, cfg.num_experts)
+      except ValueError as e:
+        raise ValueError(f"MoE layer {layer}'s slot map: {e}") from None
+  check_batch_split(b, mesh)
+
+
+def _attention_mask(positions_BT, valid_BT, cache: KVCache | None):
+  """(mask_BTS, key_valid_BS): causal over the tokens themselves (key_valid_BS None), or with a
+  cache over its slots, these tokens' validity written at `cache.index` (S = max_len)."""
+  if cache is None:
+    return causal_mask(positions_BT, valid_BT), None
+  b, t = positions_BT.shape
+  step_valid_BT = jnp.ones((b, t), bool) if valid_BT is None else valid_BT.astype(bool)
+  key_valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid_BT, cache.index, 1)
+  return cache_mask(cache.index, t, key_valid_BS), key_valid_BS
+
 
 @flax.struct.dataclass
 class ModelOutput:
@@ -178,8 +230,9 @@ class DecoderLayer(nn.Module):
     h_BTD = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x_BTD)
     if not self.is_moe:
       return x_BTD + MLP(cfg, name="mlp")(h_BTD), None, None, kv
-    y_BTD, aux = MoEBlock(cfg, self.mesh, name="mlp")(h_BTD, routes_BTK, slot_expert_X, capacity,
-                                                      predictor_DE, predicted_gates, valid_BT)
+    y_BTD, aux = MoEBlock(config=cfg, mesh=self.mesh, name="mlp")(
+        h_BTD, routes_BTK=routes_BTK, slot_expert_X=slot_expert_X, capacity=capacity,
+        predictor_DE=predictor_DE, predicted_gates=predicted_gates, valid_BT=valid_BT)
     return x_BTD + y_BTD, aux, h_BTD, kv
 
 
@@ -223,42 +276,11 @@ class MoETransformer(nn.Module):
     eager calls only, on bad values: token ids, routes (`validate_routes`), cache index.
     """
     cfg = self.config
-    if np.ndim(tokens_BT) != 2:
-      raise ValueError(f"tokens have shape {tuple(np.shape(tokens_BT))}, expected rank 2 [B, T]")
+    _check_inputs(cfg, self.mesh, tokens_BT, routes, positions=positions, valid=valid,
+                  slot_expert=slot_expert, cache=cache, predictor=predictor, logits=logits)
     b, t = tokens_BT.shape
-    # Static checks (also under jit): JAX clamps out-of-range indexes and broadcasts, so a
-    # wrong layer count or shape would otherwise run silently or fail deep inside a layer.
-    n_moe = cfg.num_moe_layers
-    if logits not in ("all", "last", "none"):
-      raise ValueError(f"logits={logits!r} must be 'all', 'last' or 'none'")
-    if positions is not None:
-      check_shape("positions", positions, (b, t), "[B, T]")
-    if valid is not None:
-      check_shape("valid", valid, (b, t), "[B, T]")
-    if routes is not None:
-      check_routes_shape(routes, batch=b, length=t, num_layers=n_moe, top_k=cfg.top_k)
-    if predictor is not None:
-      check_shape("predictor", predictor, (n_moe, cfg.d_model, cfg.num_experts), "[L, D, E]")
-    if slot_expert is not None:
-      _check_slot_expert(slot_expert, cfg, self.mesh)
-    if cache is not None:
-      _check_cache(cache, cfg, b, t, positions)
-    # Value checks only on concrete arrays: jitted callers check on the host.
-    if is_concrete(tokens_BT):
-      validate_tokens(tokens_BT, cfg.vocab_size)
-    if routes is not None and is_concrete(routes):
-      validate_routes(routes, batch=b, length=t, num_layers=n_moe, top_k=cfg.top_k,
-                      num_experts=cfg.num_experts)
     if routes is not None and routes.dtype != jnp.int32:  # ids checked (eager) fit in int32
       routes = jnp.asarray(routes, jnp.int32)
-    slots = slot_expert.slot_expert if isinstance(slot_expert, Plan) else slot_expert
-    if slots is not None and is_concrete(slots):
-      for layer, map_X in enumerate(np.asarray(slots).reshape(n_moe, -1)):
-        try:
-          validate_slot_expert(map_X, cfg.num_experts)
-        except ValueError as e:
-          raise ValueError(f"MoE layer {layer}'s slot map: {e}") from None
-    check_batch_split(b, self.mesh)
     embed_VD = self.param("embed_tokens", partitioned(INIT, ("vocab", "embed")),
                        (cfg.vocab_size, cfg.d_model), jnp.float32)
     # Under FSDP the table's D is split over 'data': gather it for the lookup, as FSDP does
@@ -270,13 +292,7 @@ class MoETransformer(nn.Module):
     x_BTD = constrain(x_BTD, self.mesh, ("batch", "length", "embed"))
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if cache is None:
-      mask_BTS = causal_mask(positions, valid)
-    else:
-      step_valid_BT = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
-      key_valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid_BT,
-                                                         cache.index, 1)
-      mask_BTS = cache_mask(cache.index, t, key_valid_BS)
+    mask_BTS, key_valid_BS = _attention_mask(positions, valid, cache)
     auxes, inputs, new_k, new_v = [], [], [], []  # the last two: each layer's updated cache
     for i in range(cfg.num_layers):
       moe_idx = len(auxes)
@@ -286,9 +302,11 @@ class MoETransformer(nn.Module):
                      if (slot_expert is not None and is_moe) else None)
       layer_pred = predictor[moe_idx] if (predictor is not None and is_moe) else None
       kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-      x_BTD, aux, h_BTD, kv = DecoderLayer(cfg, is_moe, self.mesh, name=f"layers_{i}")(
-          x_BTD, positions, mask_BTS, layer_routes, layer_slots, capacity, kv, layer_pred,
-          predicted_gates, valid)
+      x_BTD, aux, h_BTD, kv = DecoderLayer(config=cfg, is_moe=is_moe, mesh=self.mesh,
+                                           name=f"layers_{i}")(
+          x_BTD, positions_BT=positions, mask_BTS=mask_BTS, routes_BTK=layer_routes,
+          slot_expert_X=layer_slots, capacity=capacity, kv=kv, predictor_DE=layer_pred,
+          predicted_gates=predicted_gates, valid_BT=valid)
       if cache is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -299,6 +317,15 @@ class MoETransformer(nn.Module):
     x_BTD = RMSNorm(cfg.rms_norm_eps, name="norm")(x_BTD)
     if cache is not None:
       cache = KVCache(tuple(new_k), tuple(new_v), key_valid_BS, cache.index + t)
+    return self._head_and_output(x_BTD, embed_VD, auxes, inputs, cache, logits=logits,
+                                 router_logits=return_router_logits,
+                                 router_inputs=return_router_inputs)
+
+  def _head_and_output(self, x_BTD, embed_VD, auxes, inputs, cache, *, logits: str,
+                       router_logits: bool, router_inputs: bool) -> ModelOutput:
+    """The LM head on the final normed hidden states (per `logits`) and the `ModelOutput`
+    stacking the MoE layers' `auxes` and router `inputs` (h_BTD each) along axis 2 (L)."""
+    cfg = self.config
     logits_BTV = None
     head_in_BTD = x_BTD[:, -1:] if logits == "last" else x_BTD
     if logits != "none" and cfg.tie_embeddings:
@@ -313,8 +340,8 @@ class MoETransformer(nn.Module):
         dropped=jnp.stack([a.dropped for a in auxes]),
         aux_loss=jnp.mean(jnp.stack([a.aux_loss for a in auxes])),
         router_logits=(jnp.stack([a.logits_BTE for a in auxes], axis=2)
-                       if return_router_logits else None),
-        router_inputs=jnp.stack(inputs, axis=2) if return_router_inputs else None,
+                       if router_logits else None),
+        router_inputs=jnp.stack(inputs, axis=2) if router_inputs else None,
         cache=cache)
 
 

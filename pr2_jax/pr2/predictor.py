@@ -6,8 +6,9 @@ Dimension legend:
 
 Per MoE layer a weight `W_p [D, E]` (no bias, zero-initialised) forecasts
 where the router is heading: bias `b = h W_p`, predictive distribution
-`q̂ = softmax(p + b)`, predicted route `TopK(q̂, K)`. With `W_p = 0` the
-prediction is the live route, so PR2 starts exactly as R3.
+`q̂ = softmax(p + b)`, predicted route `TopK(q̂, K)`, taken as the top-k of the
+scores p + b (`routing.route` picks live routes from the logits p by the same rule). With
+`W_p = 0` the prediction is the live route, so PR2 starts exactly as R3.
 
 Training fits `W_p` on cached rollout features `(h_old, p_old)` against the
 current training router `ρ_θ` on the same tokens. Every loss here takes the
@@ -25,6 +26,7 @@ from pr2_jax.checks import (as_array, check_finite, check_int_dtype, check_rank,
 from pr2_jax.config import check_int
 
 PREDICTOR_LOSSES = ("post", "delta", "l2")
+_MIN_LOGIT_SUM = 1e-9  # bias_logit_ratio's denominator floor: all-zero logits give 0, not NaN
 
 
 def init_predictor(num_layers: int, d_model: int, num_experts: int) -> jax.Array:
@@ -41,14 +43,21 @@ def predictor_bias(h_ND: jax.Array, w_DE: jax.Array) -> jax.Array:
   h_ND, w_DE = as_array(h_ND), as_array(w_DE)
   check_rank("w_DE", w_DE, 2, "[D, E]")
   check_shape("h_ND", h_ND, jnp.shape(h_ND)[:-1] + jnp.shape(w_DE)[:1], "[..., D] with D of w_DE")
-  return jnp.einsum("...d,de->...e", h_ND.astype(jnp.float32), w_DE.astype(jnp.float32))
+  return _bias(h_ND, w_DE)
 
 
-def _kl(target_logits, model_logits, weight_N):
+def _bias(h, w):
+  """Unchecked b = h W_p in float32: h_ND [..., D] with one layer's w_DE [D, E], or
+  h_NLD [N, L, D] with the stacked w_LDE [L, D, E] (b_NLE)."""
+  spec = "...d,de->...e" if jnp.ndim(w) == 2 else "nld,lde->nle"
+  return jnp.einsum(spec, h.astype(jnp.float32), w.astype(jnp.float32))
+
+
+def _kl(target_logits_NE, model_logits_NE, weight_N):
   """Σ_n w_n KL(softmax(target) ‖ softmax(model)) / Σ_n w_n."""
-  log_p = jax.nn.log_softmax(target_logits, axis=-1)
-  log_q = jax.nn.log_softmax(model_logits, axis=-1)
-  kl_N = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  log_p_NE = jax.nn.log_softmax(target_logits_NE, axis=-1)
+  log_q_NE = jax.nn.log_softmax(model_logits_NE, axis=-1)
+  kl_N = jnp.sum(jnp.exp(log_p_NE) * (log_p_NE - log_q_NE), axis=-1)
   return jnp.sum(kl_N * weight_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
 
 
@@ -102,16 +111,16 @@ def predictor_loss(kind: str, w_DE: jax.Array, h_old_ND: jax.Array, p_old_NE: ja
   h_old_ND, p_old_NE, p_cur_NE = (_zero_padding(x, weight_N) for x in (h_old_ND, p_old_NE,
                                                                        p_cur_NE))
   _check_finite_features(h_old_ND, p_old_NE, p_cur_NE, ("h_old_ND", "p_old_NE", "p_cur_NE"))
-  p_old = jax.lax.stop_gradient(p_old_NE.astype(jnp.float32))
-  p_cur = jax.lax.stop_gradient(p_cur_NE.astype(jnp.float32))
+  p_old_NE = jax.lax.stop_gradient(p_old_NE.astype(jnp.float32))
+  p_cur_NE = jax.lax.stop_gradient(p_cur_NE.astype(jnp.float32))
   b_NE = predictor_bias(jax.lax.stop_gradient(h_old_ND), w_DE)
   weight_N = weight_N.astype(jnp.float32)
   if kind == "post":
-    return _kl(p_cur, p_old + b_NE, weight_N)
+    return _kl(p_cur_NE, p_old_NE + b_NE, weight_N)
   if kind == "delta":
-    return _kl(p_cur - p_old, b_NE, weight_N)
+    return _kl(p_cur_NE - p_old_NE, b_NE, weight_N)
   if kind == "l2":
-    err_N = jnp.mean(jnp.square(b_NE - (p_cur - p_old)), axis=-1)
+    err_N = jnp.mean(jnp.square(b_NE - (p_cur_NE - p_old_NE)), axis=-1)
     return jnp.sum(err_N * weight_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
   raise ValueError(f"unknown predictor loss {kind!r}; allowed: {PREDICTOR_LOSSES}")
 
@@ -158,8 +167,8 @@ def predicted_topk(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array, k: int)
   w_LDE, h_NLD, p_NLE = as_array(w_LDE), as_array(h_NLD), as_array(p_NLE)
   _check_stacked(w_LDE, h_NLD, p_NLE)
   check_top_k(k, p_NLE, "p_NLE")
-  b_NLE = jnp.einsum("nld,lde->nle", h_NLD.astype(jnp.float32), w_LDE)
-  return jax.lax.top_k(p_NLE.astype(jnp.float32) + b_NLE, k)[1].astype(jnp.int32)
+  # Top-k of the scores, not of q̂: q̂ underflows to tied zeros ~100 below the top score.
+  return jax.lax.top_k(p_NLE.astype(jnp.float32) + _bias(h_NLD, w_LDE), k)[1].astype(jnp.int32)
 
 
 def topk_overlap(a_NLK: jax.Array, b_NLK: jax.Array, weight_N: jax.Array) -> jax.Array:
@@ -193,7 +202,7 @@ def bias_logit_sums(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
   w_LDE, h_NLD, p_NLE, weight_N = map(as_array, (w_LDE, h_NLD, p_NLE, weight_N))
   _check_stacked(w_LDE, h_NLD, p_NLE, weight_N)
   h_NLD, p_NLE = _zero_padding(h_NLD, weight_N), _zero_padding(p_NLE, weight_N)
-  b_NLE = jnp.einsum("nld,lde->nle", h_NLD.astype(jnp.float32), w_LDE)
+  b_NLE = _bias(h_NLD, w_LDE)
   w = weight_N.astype(jnp.float32)[:, None, None]
   return jnp.sum(jnp.abs(b_NLE) * w), jnp.sum(jnp.abs(p_NLE.astype(jnp.float32)) * w)
 
@@ -203,5 +212,11 @@ def bias_logit_ratio(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
   """mean|b| / mean|p_old| over weighted positions (DESIGN §3): how hard the predictor pushes.
   One float32 scalar pooled over all layers (Σ|b| / Σ|p_old|, not a mean of per-layer
   ratios). Shapes as `bias_logit_sums` (checked)."""
-  bias, logit = bias_logit_sums(w_LDE, h_NLD, p_NLE, weight_N)
-  return bias / jnp.maximum(logit, 1e-9)
+  return bias_logit_ratio_from_sums(*bias_logit_sums(w_LDE, h_NLD, p_NLE, weight_N))
+
+
+def bias_logit_ratio_from_sums(bias_abs_sum: jax.Array, logit_abs_sum: jax.Array) -> jax.Array:
+  """Σ|b| / Σ|p_old| from `bias_logit_sums`' two sums (e.g. added over a mini-batch's
+  micro-steps), float32 scalar. The denominator is floored at 1e-9 so that W_p = 0 on all-zero
+  logits (or no weighted position) reads 0, not 0/0 = NaN."""
+  return bias_abs_sum / jnp.maximum(logit_abs_sum, _MIN_LOGIT_SUM)

@@ -44,6 +44,7 @@ from pr2_jax.rl import advantages, losses, metrics
 from pr2_jax.rl.chunked_logprobs import chunked_token_stats
 from pr2_jax.rl.balancing import foresight_plan
 from pr2_jax.rl.config import PR2_MODES, PR2Config, RLConfig
+from pr2_jax.rl.sampler import temperature_scale
 from pr2_jax.train.state import TrainState, replicated
 
 
@@ -102,7 +103,7 @@ def forward_logprobs(model: MoETransformer, params, seq: dict, routes, temperatu
                     valid=seq["valid"], return_router_logits=True,
                     return_router_inputs=features, predictor=predictor, predicted_gates=False,
                     slot_expert=plan, capacity=capacity, logits="none" if logits_chunk else "all")
-  scale = 1.0 if temperature == 0 else 1.0 / temperature
+  scale = temperature_scale(temperature)  # the sampler's µ is tempered by the same rule
   targets_BT = seq["tokens"][:, 1:]
   if logits_chunk:
     logp_BT, ent_BT = chunked_token_stats(
@@ -176,10 +177,12 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
   aux_share = jax.lax.stop_gradient(out.aux_loss) * denoms["micro"]
   if aux_coef:  # a Python float: at 0 the objective stays exactly the policy loss
     loss = loss + aux_coef * denoms["micro"] * out.aux_loss
-  probs_BTLE = jax.nn.softmax(out.router_logits, axis=-1)
+  # Over all S slots (mask with micro["valid"], not the [b, T] mask_BT). The live route is the
+  # top-k of the float32 logits, as `routing.route` picks it (not of ρ, which underflows).
+  probs_bSLE = jax.nn.softmax(out.router_logits, axis=-1)
   k = micro["rollout_routes"].shape[-1]
-  live_BTLK = on_token_shards(lambda probs_bTLE: top_k_experts(probs_bTLE, k),
-                              lr.model.mesh)(probs_BTLE)
+  live_bSLK = on_token_shards(lambda logits_nSLE: top_k_experts(logits_nSLE, k),
+                              lr.model.mesh)(out.router_logits.astype(jnp.float32))
   stats = {
       "count": jnp.float32(1.0),
       "loss": loss,
@@ -188,14 +191,14 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
       "loss_sums": aux["sums"],
       "mismatch": metrics.mismatch_sums(logp_BT, rollout_BT, mask_BT),
       # The rollout's route against the live router: the drift replay has to absorb.
-      "routing": metrics.routing_sums(micro["rollout_routes"], live_BTLK, probs_BTLE,
+      "routing": metrics.routing_sums(micro["rollout_routes"], live_bSLK, probs_bSLE,
                                       micro["valid"]),
       "dropped": out.dropped.sum(),
       "aux_loss": aux_share,
   }
   if rl.replay_mode in ("r2", "pr2_r2"):  # replays another route than the rollout's
-    stats["routing_replayed"] = metrics.routing_sums(micro["replay_routes"], live_BTLK,
-                                                     probs_BTLE, micro["valid"])
+    stats["routing_replayed"] = metrics.routing_sums(micro["replay_routes"], live_bSLK,
+                                                     probs_bSLE, micro["valid"])
   if lr.uses_predictor:
     stats["pred"] = predictor_step(lr, predictor, micro, out.router_logits, denoms["features"])
   return loss, stats
@@ -217,8 +220,9 @@ def predictor_step(lr: Learner, predictor, micro: dict, router_logits_bSLE, feat
   grad, per_layer = jax.grad(objective, has_aux=True)(predictor)
   k = micro["rollout_routes"].shape[-1]
   live_NLK, predicted_NLK = on_token_shards(lambda h_nLD, p_old_nLE, p_cur_nLE: (
-      jax.lax.top_k(p_cur_nLE, k)[1], pred.predicted_topk(predictor, h_nLD, p_old_nLE, k)),
-      lr.model.mesh)(h_NLD, p_old_NLE, p_cur_NLE)
+      top_k_experts(p_cur_nLE.astype(jnp.float32), k),
+      pred.predicted_topk(predictor, h_nLD, p_old_nLE, k)), lr.model.mesh)(h_NLD, p_old_NLE,
+                                                                           p_cur_NLE)
   acc_L = pred.topk_overlap(predicted_NLK, live_NLK, weight_N)
   bias_sum, logit_sum = pred.bias_logit_sums(predictor, h_NLD, p_old_NLE, weight_N)
   return {"grad": grad, "loss_per_layer": per_layer, "topk_acc_per_layer": acc_L * share,
@@ -247,7 +251,8 @@ def minibatch_metrics(stats: dict, grads) -> dict:
     out.update(pred_loss=jnp.sum(p["loss_per_layer"]), pred_loss_per_layer=p["loss_per_layer"],
                pred_topk_acc=jnp.mean(p["topk_acc_per_layer"]),
                pred_topk_acc_per_layer=p["topk_acc_per_layer"],
-               bias_logit_ratio=p["bias_abs_sum"] / jnp.maximum(p["logit_abs_sum"], 1e-9))
+               bias_logit_ratio=pred.bias_logit_ratio_from_sums(p["bias_abs_sum"],
+                                                                p["logit_abs_sum"]))
   return out
 
 
@@ -272,6 +277,8 @@ def update_step(lr: Learner, state: TrainState, minibatch: dict, train_predictor
 
   `train_predictor` (a traced bool) gates PR2's predictor update: it is skipped
   at the first mini-step of each rollout batch, where the router has not moved.
+  A non-finite policy loss or gradient, or (with `train_predictor`) predictor loss or
+  gradient, skips the whole update (`skipped` = 1).
   `step_plan` is eplb_step's plan (data); `capacity` the static per-slot capacity;
   `denoms` the mini-batch's `denominators` (computed here when None).
   """
@@ -290,17 +297,21 @@ def update_step(lr: Learner, state: TrainState, minibatch: dict, train_predictor
   (grads, stats), _ = jax.lax.scan(accumulate, zeros, minibatch)
   updates, opt_state = lr.tx.update(grads, state.opt_state, state.params)
   new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+  # A non-finite loss or gradient skips the whole update: parameters and
+  # optimizer state stay exactly as they were (the step counter still moves).
+  finite = all_finite(stats["loss"], grads)
   if lr.uses_predictor:
-    p_updates, p_opt = lr.pred_tx.update(stats["pred"]["grad"], state.pred_opt_state,
-                                         state.predictor)
+    p = stats["pred"]
+    p_updates, p_opt = lr.pred_tx.update(p["grad"], state.pred_opt_state, state.predictor)
     stepped = (optax.apply_updates(state.predictor, p_updates), p_opt)
     keep = (state.predictor, state.pred_opt_state)
     choose = lambda a, b: jnp.where(train_predictor, a, b)
     predictor, pred_opt_state = jax.tree.map(choose, stepped, keep)
     new = new.replace(predictor=predictor, pred_opt_state=pred_opt_state)
-  # A non-finite loss or gradient skips the whole update: parameters and
-  # optimizer state stay exactly as they were (the step counter still moves).
-  finite = all_finite(stats["loss"], grads)
+    # The predictor's loss and gradient too, where its update would be applied: a NaN W_p
+    # would route every later rollout by NaN scores, unchecked under jit.
+    pred_finite = all_finite(jnp.sum(p["loss_per_layer"]), p["grad"])
+    finite = finite & (pred_finite | ~jnp.asarray(train_predictor, bool))
   new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
   metrics = minibatch_metrics(stats, grads)
   metrics["skipped"] = (~finite).astype(jnp.int32)

@@ -2,14 +2,15 @@
 
 Dimension legend:
   B sequences, P prompt length (left-padded), N new tokens, S = P + N slots,
-  V vocab, L MoE layers, K top-k.
+  V vocab, L MoE layers, K top-k, F cached feature slots, D d_model, E experts.
 
 It runs in its own dtype (bfloat16 by default: weights cast once, as a
 separate serving engine would hold them), so its log-probs differ from the
 training engine (`model.dtype`, float32 by default) the way a real disaggregated stack's
 do. The whole decode loop is one `lax.scan` inside jit: no Python dispatch per token. On CPU
-the KV cache holds its bfloat16 values in float32 storage (`config.storage_dtype`:
-XLA:CPU has no in-place bfloat16 cache write), with the same tokens and log-probs.
+the KV cache holds its bfloat16 values in float32 storage
+(`pr2_jax.config.storage_dtype(dtype)`: XLA:CPU has no in-place bfloat16 cache write), with
+the same tokens and log-probs.
 
 Per token it records the behaviour log-prob µ (under the tempered, unfiltered
 distribution, the convention of verl/OpenRLHF: top-p only shapes what is
@@ -81,15 +82,22 @@ class Rollout:
   response_mask: jax.Array  # float32 [B, S], 1 on response tokens incl. EOS
   logp: jax.Array           # float32 [B, S], behaviour log-prob µ of each response token
   routes: jax.Array         # int32 [B, S, L, K], routes the engine used per token
-  feature_slots: jax.Array | None = None  # int32 [B, F], slots whose router features are cached
+  # At `generate`'s feature_slots_BF (the caller's own array: not returned again):
   feature_h: jax.Array | None = None      # [B, F, L, D] router inputs h_old there
   feature_p: jax.Array | None = None      # [B, F, L, E] router logits p_old there
 
 
+def temperature_scale(temperature: float) -> float:
+  """The factor both engines multiply logits by before the softmax: 1 / T (T = 0, greedy: 1,
+  the untempered distribution). The sampler's behaviour log-prob µ and the learner's π_θ must
+  be tempered alike, or the importance ratio π_θ / µ is off by the difference."""
+  return 1.0 if temperature == 0 else 1.0 / temperature
+
+
 def tempered_logprobs(logits_BV: jax.Array, temperature: float) -> jax.Array:
   """log-softmax of logits / T (T = 0: the untempered distribution, for greedy)."""
-  scale = 1.0 if temperature == 0 else 1.0 / temperature
-  return jax.nn.log_softmax(logits_BV.astype(jnp.float32) * scale, axis=-1)
+  return jax.nn.log_softmax(logits_BV.astype(jnp.float32) * temperature_scale(temperature),
+                            axis=-1)
 
 
 def sample_token(rng: jax.Array, logits_BV: jax.Array, temperature: float, top_p: float):
@@ -244,6 +252,5 @@ def generate(model: MoETransformer, params, prompts_BP: jax.Array, prompt_valid_
       response_mask=jnp.concatenate([jnp.zeros((b, p)), live_BN], axis=1).astype(jnp.float32),
       logp=jnp.concatenate([jnp.zeros((b, p)), logp_NB.T], axis=1).astype(jnp.float32),
       routes=jnp.concatenate([first.routes, jnp.swapaxes(routes_NBLK, 0, 1)], axis=1),
-      feature_slots=feature_slots_BF,
       feature_h=None if feats is None else feats[0],
       feature_p=None if feats is None else feats[1])
