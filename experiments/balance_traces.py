@@ -79,7 +79,7 @@ def rollout_trace(*, steps, prompts, group_size, experts, top_k, sft_steps, seed
   params = engine.warmup()
   recorded = []
   for step in range(1, steps + 1):
-    rng = np.random.default_rng([seed, 2, step])
+    rng = np.random.default_rng([seed, loop.RL_STREAM, step])
     problems = [p for p in engine.task.sample(rng, prompts) for _ in range(group_size)]
     tokens, valid = data.encode_prompts(engine.tok, problems, engine.prompt_slots)
     key = jax.random.fold_in(engine.key, step)

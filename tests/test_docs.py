@@ -174,7 +174,7 @@ def _code_row_keys(replay_mode: str, balance_mode: str, eval_step: bool) -> set[
   per_mini = [{**learner.minibatch_metrics(stats, {"w": jnp.ones(3)}), "skipped": jnp.int32(0)}
               for _ in range(2)]
   row = Engine._summarise(per_mini, np.zeros(4, np.float32), np.ones(4, np.float32))
-  row.pop("skipped_trailing")  # loop.run pops it
+  row.pop("skipped_flags")  # loop.run pops it
   shape = balancing.BalanceShape(num_experts=e, num_devices=1, slots=e + 1, token_shards=1)
   balancer = balancing.StepBalancer(shape, balance_mode, replay_mode, "bucket", 2, 0.0, 8, (8, 8))
   layouts = np.tile(np.array([0, 1, 2, 3, 0]), (2, num_layers, 1, 1))  # [M, L, D, S]

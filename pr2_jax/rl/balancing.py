@@ -43,7 +43,8 @@ import numpy as np
 
 from pr2_jax.balance.dispatch import assign_replicas, slot_counts
 from pr2_jax.balance.eplb import eplb_rebalance
-from pr2_jax.balance.loads import imbalance, loads_from_routes, native_layout, static_device_load
+from pr2_jax.balance.loads import (fetched_experts, imbalance, loads_from_routes, native_layout,
+                                   static_device_load)
 from pr2_jax.balance.planner import DEFAULT_METHOD, Plan, plan_placement
 from pr2_jax.models.experts import capacity_for
 from pr2_jax.parallel.distributed import to_host
@@ -283,12 +284,10 @@ def churn(layouts_MLDS: np.ndarray, previous_LDS: np.ndarray | None, bytes_per_e
   prev = layouts[:1] if previous_LDS is None or other_mesh else np.asarray(previous_LDS)[None]
   before = np.concatenate([prev, layouts[:-1]], axis=0)
   changed_M = np.sum(layouts != before, axis=(1, 2, 3)).astype(np.float64)
-  held = np.any(layouts[..., :, None] == before[..., None, :], axis=-1)
-  bytes_M = np.sum((layouts >= 0) & ~held, axis=(1, 2, 3)) * float(bytes_per_expert)
+  bytes_M = fetched_experts(layouts, before).sum(axis=(1, 2)) * float(bytes_per_expert)
   if other_mesh:
     changed_M[0] = bytes_M[0] = np.nan
   return changed_M, bytes_M
-
 
 
 @dataclasses.dataclass(frozen=True)
