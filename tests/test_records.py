@@ -58,7 +58,12 @@ def test_resumable_fields_leave_the_identity_and_the_rest_enter_it():
   assert records.warmup_identity(_config(learning_rate=0.5)) == records.warmup_identity(base)
   longer_sft = dataclasses.replace(base, sft=SFTConfig(num_steps=4, batch_size=8))
   assert records.warmup_identity(longer_sft) != records.warmup_identity(base)
-  assert sorted(records.warmup_identity(base)) == ["model", "seed", "sft", "task", "task_kwargs"]
+  assert sorted(records.warmup_identity(base)) == ["hf_checkpoint", "model", "seed", "sft", "task",
+                                                   "task_kwargs"]
+  # A warm-up from a checkpoint's weights is not one from random weights of the same model.
+  from_hf = dataclasses.replace(base, hf_checkpoint="/ckpt/qwen3")
+  assert records.warmup_identity(from_hf)["hf_checkpoint"] == "/ckpt/qwen3"
+  assert records.warmup_identity(from_hf) != records.warmup_identity(base)
 
 
 def test_holds_checkpoint_needs_a_numbered_step_directory(tmp_path):

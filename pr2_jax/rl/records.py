@@ -65,9 +65,11 @@ def run_identity(config: ExperimentConfig) -> dict:
 
 
 def warmup_identity(config: ExperimentConfig) -> dict:
-  """The part of `run_identity` that determines the warm-up: its checkpoint records this."""
+  """The part of `run_identity` that determines the warm-up: its checkpoint records this. The
+  Hugging Face checkpoint is part of it: a warm-up starts from its weights, another run of the
+  same model config from random ones."""
   identity = run_identity(config)
-  return {k: identity[k] for k in ("model", "task", "task_kwargs", "seed", "sft")}
+  return {k: identity[k] for k in ("model", "task", "task_kwargs", "seed", "sft", "hf_checkpoint")}
 
 
 def holds_checkpoint(directory: str) -> bool:
