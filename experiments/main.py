@@ -60,13 +60,13 @@ def main(argv):
     if e.phase == "sft":  # nothing was saved: the same command diverges again
       cli.exit_with_error(f"{e}. Change the warm-up (e.g. a lower --config.sft.learning_rate) "
                           "and rerun", code=1)
-    # RL checkpointed its last good state: the same command resumes into the same divergence,
-    # and a changed setup needs its own workdir.
+    # RL checkpointed its last good state: the same command resumes from it and most likely
+    # diverges again, and a changed setup needs its own workdir.
     warmup = start.warmup_dir(config, _WORKDIR.value)
     reuse = f" (--config.init_from={warmup} reuses this run's warm-up)" if warmup else ""
-    cli.exit_with_error(f"{e}. Rerunning resumes into the same failure: change the setup (e.g. "
-                        f"a lower --config.rl.learning_rate) and use a new --workdir{reuse}",
-                        code=1)
+    cli.exit_with_error(f"{e}. Rerunning resumes from there, likely into the same failure: "
+                        "change the setup (e.g. a lower --config.rl.learning_rate) and use a new "
+                        f"--workdir{reuse}", code=1)
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: loop.run has finished any save in flight
     logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "
                     "in %s", _WORKDIR.value)

@@ -211,7 +211,8 @@ def test_a_diverged_run_stops_with_one_error_line_saying_what_to_do(tmp_path):
   assert re.fullmatch(
       r"error: \d+ consecutive updates had a non-finite loss or gradient \(limit "
       r"RLConfig.max_consecutive_skips=2\); stopped at RL step \d with the last good state "
-      rf"checkpointed in {re.escape(workdir)}/checkpoints/rl\. Rerunning resumes into the same "
-      r"failure: change the setup \(e\.g\. a lower --config\.rl\.learning_rate\) and use a new "
+      rf"checkpointed in {re.escape(workdir)}/checkpoints/rl\. Rerunning resumes from there, "
+      r"likely into the same failure: change the setup \(e\.g\. a lower "
+      r"--config\.rl\.learning_rate\) and use a new "
       rf"--workdir \(--config\.init_from={re.escape(workdir)}/checkpoints/sft reuses this run's "
       r"warm-up\)", errors[0]), errors[0]

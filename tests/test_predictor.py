@@ -188,16 +188,16 @@ def test_zero_predictor_predicts_the_live_route():
   assert float(pred.bias_logit_ratio(w, h[:, None], p_old[:, None], jnp.ones(16))) == 0.0
 
 
-def test_zero_predictor_predicts_the_live_route_where_softmax_underflows():
-  """Logits ~180 apart underflow ρ to [1, 0, 0, 0, 0, 0]: the live route and the prediction
-  both take the top-k of the scores, so W_p = 0 still predicts the live route, [0, 3] (the
-  live route was top-k of ρ, whose tie gave [0, 1]; PR2 then did not start as R3)."""
-  p_NLE = jnp.array([[[150.0, -29.0, 3.0, 34.0, -5.0, 0.0]]])
+def test_zero_predictor_and_live_route_differ_only_at_ties_of_rho():
+  """Logits ~180 apart underflow ρ to [1, 0, 0, 0, 0, 0]: the live router breaks the tie of
+  zeros by the lower id as transformers does ([0, 1]), the prediction takes the top-k of the
+  scores ([0, 3]); where ρ does not tie, W_p = 0 predicts the live route."""
+  p_NLE = jnp.array([[[150.0, -29.0, 3.0, 34.0, -5.0, 0.0]], [[1.0, -2.0, 0.5, 3.0, -1.0, 0.0]]])
   w = pred.init_predictor(1, 3, 6)
-  predicted = pred.predicted_topk(w, jnp.ones((1, 1, 3)), p_NLE, 2)
+  predicted = pred.predicted_topk(w, jnp.ones((2, 1, 3)), p_NLE, 2)
   live = routing.route(p_NLE[:, 0], 2, True).expert_ids
-  np.testing.assert_array_equal(predicted[:, 0], [[0, 3]])
-  np.testing.assert_array_equal(live, [[0, 3]])
+  np.testing.assert_array_equal(predicted[:, 0], [[0, 3], [3, 0]])
+  np.testing.assert_array_equal(live, [[0, 1], [3, 0]])
 
 
 def test_bias_logit_ratio_hand_worked():

@@ -46,8 +46,8 @@ def router_logits(x_ND: jax.Array, w_DE: jax.Array) -> jax.Array:
 
 def top_k_experts(probs_NE: jax.Array, k: int) -> jax.Array:
   """Top-k expert ids, int32 [..., K]; ties go to the lower index (as torch.topk).
-  Takes probabilities or any scores of the same order: `route` passes float32 logits, whose
-  top-k is softmax's wherever softmax does not underflow to tied zeros.
+  Takes probabilities or any scores: `route` passes ρ for the live router and the scores
+  p + b for PR2's predicted route.
   Raises ValueError unless k is an int in [1, E] (static)."""
   probs_NE = as_array(probs_NE)
   check_top_k(k, probs_NE, "probs_NE")
@@ -186,17 +186,21 @@ def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
     if check_values:
       check_finite("bias_NE", bias_NE, "predictor bias")
   probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
-  # Live rows pick the top-k of the float32 scores (p, or p + b with a bias), never of their
-  # softmax: the same order, but scores ~100 apart underflow ρ or q̂ to exact zeros, whose
-  # ties went to the lowest ids, not to the next-best experts. One rule with and without a
-  # bias (and in `predicted_topk`), so W_p = 0 predicts exactly the live route.
+  # Live rows without a bias take the top-k of ρ, as transformers' Qwen3-MoE and the inference
+  # engines do (torch.topk of the float32 softmax, ties to the lower id): the logits' order
+  # except where ρ underflows to tied zeros ~100 below the top, and there the same experts as
+  # theirs. A bias (PR2's predicted route) takes the top-k of the scores p + b instead, as
+  # `predicted_topk`: a strong bias can spread them that far, and the next-best experts are
+  # the prediction, not the lowest ids.
   # gate_NE: the distribution live rows are gated by; gate_logits_NE: the logits it came from.
-  scores_NE, gate_NE, gate_logits_NE = logits_NE.astype(jnp.float32), probs_NE, logits_NE
-  if bias_NE is not None:
-    scores_NE = scores_NE + bias_NE
+  live_NK, gate_NE, gate_logits_NE = None, probs_NE, logits_NE
+  if bias_NE is None:
+    live_NK = top_k_experts(probs_NE, k)
+  else:
+    scores_NE = logits_NE.astype(jnp.float32) + bias_NE
+    live_NK = top_k_experts(scores_NE, k)
     if predicted_gates:
       gate_NE, gate_logits_NE = jax.nn.softmax(scores_NE, axis=-1), scores_NE
-  live_NK = top_k_experts(scores_NE, k)
   if routes_NK is None:
     return Routing(live_NK, _gates_at(gate_NE, live_NK, norm_topk_prob, gate_logits_NE), probs_NE)
   # Replayed rows keep the replay rule whatever the bias: gates are ρ at the recorded ids.

@@ -7,8 +7,10 @@ Dimension legend:
 Per MoE layer a weight `W_p [D, E]` (no bias, zero-initialised) forecasts
 where the router is heading: bias `b = h W_p`, predictive distribution
 `q̂ = softmax(p + b)`, predicted route `TopK(q̂, K)`, taken as the top-k of the
-scores p + b (`routing.route` picks live routes from the logits p by the same rule). With
-`W_p = 0` the prediction is the live route, so PR2 starts exactly as R3.
+scores p + b (q̂ underflows to tied zeros ~100 below the top score). With `W_p = 0` the
+prediction is the live route, so PR2 starts as R3; the live router takes the top-k of
+ρ = softmax(p) as transformers does, so the two differ only where ρ underflows to tied zeros
+(logits ~100 below the top), a tie ρ breaks by the lower id.
 
 Training fits `W_p` on cached rollout features `(h_old, p_old)` against the
 current training router `ρ_θ` on the same tokens. Every loss here takes the

@@ -178,11 +178,11 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
   if aux_coef:  # a Python float: at 0 the objective stays exactly the policy loss
     loss = loss + aux_coef * denoms["micro"] * out.aux_loss
   # Over all S slots (mask with micro["valid"], not the [b, T] mask_BT). The live route is the
-  # top-k of the float32 logits, as `routing.route` picks it (not of ρ, which underflows).
+  # top-k of ρ, as `routing.route` picks it without a bias.
   probs_bSLE = jax.nn.softmax(out.router_logits, axis=-1)
   k = micro["rollout_routes"].shape[-1]
-  live_bSLK = on_token_shards(lambda logits_nSLE: top_k_experts(logits_nSLE, k),
-                              lr.model.mesh)(out.router_logits.astype(jnp.float32))
+  live_bSLK = on_token_shards(lambda probs_nSLE: top_k_experts(probs_nSLE, k),
+                              lr.model.mesh)(probs_bSLE)
   stats = {
       "count": jnp.float32(1.0),
       "loss": loss,
@@ -220,7 +220,7 @@ def predictor_step(lr: Learner, predictor, micro: dict, router_logits_bSLE, feat
   grad, per_layer = jax.grad(objective, has_aux=True)(predictor)
   k = micro["rollout_routes"].shape[-1]
   live_NLK, predicted_NLK = on_token_shards(lambda h_nLD, p_old_nLE, p_cur_nLE: (
-      top_k_experts(p_cur_nLE.astype(jnp.float32), k),
+      top_k_experts(jax.nn.softmax(p_cur_nLE.astype(jnp.float32), axis=-1), k),
       pred.predicted_topk(predictor, h_nLD, p_old_nLE, k)), lr.model.mesh)(h_NLD, p_old_NLE,
                                                                            p_cur_NLE)
   acc_L = pred.topk_overlap(predicted_NLK, live_NLK, weight_N)
