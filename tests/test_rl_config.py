@@ -2,7 +2,7 @@
 
 import pytest
 
-from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
+from pr2_jax.rl.config import ExperimentConfig, ReplayPhases, RLConfig, SFTConfig, replay_phases
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -292,3 +292,24 @@ def test_default_predictor_rate_is_the_one_adam_suits():
   RL steps in a library user's run, against 0.025 and 1.00 at α = 10)."""
   from pr2_jax.rl.config import PR2Config
   assert PR2Config().lr_mult * RLConfig().learning_rate == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("mode,expected", [
+    # uses_predictor, predicts_at_rollout, predicts_at_old_pass, old_pass_replays_rollout,
+    # update_replays, update_replays_old_pass (DESIGN §2's table of modes)
+    ("none", (False, False, False, False, False, False)),
+    ("r2", (False, False, False, False, True, True)),
+    ("r3", (False, False, False, True, True, False)),
+    ("pr2", (True, True, False, True, True, False)),
+    ("pr2_r2", (True, False, True, False, True, True)),
+])
+def test_replay_phases_by_hand(mode, expected):
+  phases = replay_phases(mode)
+  assert tuple(phases) == expected
+  rl = RLConfig(replay_mode=mode)
+  assert tuple(getattr(rl, name) for name in ReplayPhases._fields) == expected
+
+
+def test_replay_phases_refuses_an_unknown_mode():
+  with pytest.raises(ValueError, match=r"replay_mode='r4' is not one of \('none', 'r2'"):
+    replay_phases("r4")

@@ -50,7 +50,7 @@ from pr2_jax.models.experts import capacity_for
 from pr2_jax.parallel.distributed import to_host
 from pr2_jax.parallel.mesh import EXPERT, axis_size, num_token_shards
 from pr2_jax.parallel.replica_fetch import fetch_slabs
-from pr2_jax.rl.config import BALANCE_MODES
+from pr2_jax.rl.config import BALANCE_MODES, ReplayPhases, replay_phases
 
 MODES = BALANCE_MODES  # the modes measured every step: RLConfig.balance_mode's choices
 
@@ -328,6 +328,11 @@ class StepBalancer:
     return cls(shape, rl.balance_mode, rl.replay_mode, rl.effective_capacity_mode,
                rl.capacity_buckets, rl.eplb_ema, tokens, model_capacity)
 
+  @property
+  def phases(self) -> ReplayPhases:
+    """What the learner's phases replay (the jitted step asks the same `replay_phases`)."""
+    return replay_phases(self.replay_mode)
+
   def _phase(self, routes, valid, step: Plan, replayed: bool) -> PhasePlan:
     kind = layout_kind(self.balance_mode, replayed)
     bucket = self.model_capacity[0] > 0 and (
@@ -340,13 +345,13 @@ class StepBalancer:
     step, state, eplb_ms = step_plan(self.shape, micro["rollout_routes"], micro["valid"],
                                      self.eplb_ema, state)
     old = self._phase(micro["rollout_routes"], micro["valid"], step,
-                      self.replay_mode in ("r3", "pr2"))
+                      self.phases.old_pass_replays_rollout)
     return step, old, state, eplb_ms
 
   def plan_update(self, micro: dict, step: Plan, old: PhasePlan) -> PhasePlan:
-    replayed = self.replay_mode != "none"
+    replayed = self.phases.update_replays
     same = (micro["replay_routes"] is micro["rollout_routes"]
-            and replayed == (self.replay_mode in ("r3", "pr2")))
+            and replayed == self.phases.old_pass_replays_rollout)
     return old if same else self._phase(micro["replay_routes"], micro["valid"], step, replayed)
 
   def step_plan_arg(self, step: Plan):
@@ -368,7 +373,7 @@ class StepBalancer:
       out[f"imbalance_{mode}_mean"] = float(imb.mean())
       out[f"imbalance_{mode}_max"] = float(imb.max())
     used = {"eplb_step": "eplb_step", "none": "none"}.get(
-        self.balance_mode, "foresight" if self.replay_mode != "none" else "none")
+        self.balance_mode, "foresight" if self.phases.update_replays else "none")
     out["imbalance_used_mean"] = out[f"imbalance_{used}_mean"]
     out["imbalance_used_max"] = out[f"imbalance_{used}_max"]
     changed_M, bytes_M = churn(update.layouts_MLDS, state.layout_LDS, self.shape.bytes_per_expert)
@@ -376,16 +381,16 @@ class StepBalancer:
     # Expert-weight slabs each device's fetch receives per layer and micro-step, as a fraction
     # of all E (1 = gathering every expert; parallel.replica_fetch). A native layout fetches none.
     fetched = 0.0
-    if layout_kind(self.balance_mode, self.replay_mode != "none") != "native":
+    if layout_kind(self.balance_mode, self.phases.update_replays) != "native":
       layouts_MLX = update.layouts_MLDS.reshape(update.layouts_MLDS.shape[:2] + (-1,))
       slabs_ML = fetch_slabs(jnp.asarray(layouts_MLX), self.shape.num_experts,
                              self.shape.num_devices)
       fetched = float(np.mean(np.asarray(slabs_ML))) / self.shape.num_experts
     out.update(
         capacity_needed=update.needed, capacity_needed_static=update.needed_static,
-        capacity_used=self.used_capacity(update, self.replay_mode != "none"),
+        capacity_used=self.used_capacity(update, self.phases.update_replays),
         old_capacity_needed=old.needed,
-        old_capacity_used=self.used_capacity(old, self.replay_mode in ("r3", "pr2")),
+        old_capacity_used=self.used_capacity(old, self.phases.old_pass_replays_rollout),
         old_dropped=float(old_dropped), slots_changed=float(changed_M.mean()),
         bytes_moved=float(bytes_M.mean()), fetched_experts=fetched)
     if self.balance_mode != "none":  # wall times: kept out of the deterministic default rows

@@ -7,7 +7,7 @@ allowed values: a bad flag must fail before any compilation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from pr2_jax.config import RUNTIME_FIELDS, ModelConfig, check_int, check_real
 
@@ -18,6 +18,30 @@ class SetupError(ValueError):
 
 REPLAY_MODES = ("none", "r2", "r3", "pr2", "pr2_r2")
 PR2_MODES = ("pr2", "pr2_r2")
+
+
+class ReplayPhases(NamedTuple):
+  """What a replay mode does in each phase of an RL step (DESIGN §2)."""
+  uses_predictor: bool  # PR2's predictor W_p exists and is trained (pr2, pr2_r2)
+  predicts_at_rollout: bool  # the rollout routes by the predicted distribution (pr2)
+  predicts_at_old_pass: bool  # the old-log-prob pass does, and caches the features (pr2_r2)
+  old_pass_replays_rollout: bool  # the old-log-prob pass replays the rollout's routes, else live
+  update_replays: bool  # the update replays the micro-batch's replay_routes (all but none)
+  update_replays_old_pass: bool  # ... and those are the old pass's routes (r2, pr2_r2)
+
+
+def replay_phases(replay_mode: str) -> ReplayPhases:
+  """The phases of `replay_mode`: one rule for the jitted learner and the host's balance
+  planning (were they to disagree, the host would size capacity buckets for a layout the
+  device does not run, and tokens would be dropped)."""
+  if replay_mode not in REPLAY_MODES:
+    raise ValueError(f"replay_mode={replay_mode!r} is not one of {REPLAY_MODES}")
+  return ReplayPhases(
+      uses_predictor=replay_mode in PR2_MODES, predicts_at_rollout=replay_mode == "pr2",
+      predicts_at_old_pass=replay_mode == "pr2_r2",
+      old_pass_replays_rollout=replay_mode in ("r3", "pr2"),
+      update_replays=replay_mode != "none",
+      update_replays_old_pass=replay_mode in ("r2", "pr2_r2"))
 PREDICTOR_LOSSES = ("post", "delta", "l2")
 FEATURE_RULES = ("random", "response")
 BALANCE_MODES = ("none", "eplb_step", "foresight")
@@ -161,6 +185,31 @@ class RLConfig:
   @property
   def micro_batch_size(self) -> int:
     return self.batch_size // (self.off_policy_k * self.micro_steps)
+
+  # What each phase replays: `replay_phases`, one rule for the jitted learner and the host.
+  @property
+  def uses_predictor(self) -> bool:
+    return replay_phases(self.replay_mode).uses_predictor
+
+  @property
+  def predicts_at_rollout(self) -> bool:
+    return replay_phases(self.replay_mode).predicts_at_rollout
+
+  @property
+  def predicts_at_old_pass(self) -> bool:
+    return replay_phases(self.replay_mode).predicts_at_old_pass
+
+  @property
+  def old_pass_replays_rollout(self) -> bool:
+    return replay_phases(self.replay_mode).old_pass_replays_rollout
+
+  @property
+  def update_replays(self) -> bool:
+    return replay_phases(self.replay_mode).update_replays
+
+  @property
+  def update_replays_old_pass(self) -> bool:
+    return replay_phases(self.replay_mode).update_replays_old_pass
 
   def validate_mesh(self, token_shards: int, expert_axis_size: int | None = None) -> None:
     """Checks against the mesh: `token_shards` ('data' x 'expert' devices a batch splits

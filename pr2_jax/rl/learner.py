@@ -43,7 +43,7 @@ from pr2_jax.pr2 import predictor as pred
 from pr2_jax.rl import advantages, losses, metrics
 from pr2_jax.rl.chunked_logprobs import chunked_token_stats
 from pr2_jax.rl.balancing import foresight_plan
-from pr2_jax.rl.config import PR2_MODES, PR2Config, RLConfig
+from pr2_jax.rl.config import PR2Config, RLConfig
 from pr2_jax.rl.sampler import temperature_scale
 from pr2_jax.train.state import TrainState, replicated
 
@@ -59,7 +59,7 @@ class Learner:
 
   @property
   def uses_predictor(self) -> bool:
-    return self.rl.replay_mode in PR2_MODES
+    return self.rl.uses_predictor
 
 
 def gather_slots(x_bS_: jax.Array, slots_bF: jax.Array) -> jax.Array:
@@ -126,11 +126,10 @@ def old_logprob_pass(lr: Learner, params, predictor, batch: dict, step_plan=None
   the live routes here are the predicted ones and the PR2 features
   (h_old, p_old) are taken here; otherwise `feats` is None.
   """
-  mode = lr.rl.replay_mode
-  pr2_r2 = mode == "pr2_r2"
+  pr2_r2 = lr.rl.predicts_at_old_pass
 
   def one(_, micro):
-    routes = micro["rollout_routes"] if mode in ("r3", "pr2") else None
+    routes = micro["rollout_routes"] if lr.rl.old_pass_replays_rollout else None
     logp, _, out = forward_logprobs(lr.model, params, micro, routes, lr.rl.temperature,
                                     predictor if pr2_r2 else None, features=pr2_r2,
                                     plan=micro_layout(lr, routes, micro["valid"], step_plan),
@@ -157,7 +156,7 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
   """
   rl = lr.rl
   aux_coef = lr.model.config.aux_loss_coef
-  routes = None if rl.replay_mode == "none" else micro["replay_routes"]
+  routes = micro["replay_routes"] if rl.update_replays else None
   logp_BT, ent_BT, out = forward_logprobs(
       lr.model, params, micro, routes, rl.temperature,
       plan=micro_layout(lr, routes, micro["valid"], step_plan), capacity=capacity,
@@ -196,7 +195,7 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
       "dropped": out.dropped.sum(),
       "aux_loss": aux_share,
   }
-  if rl.replay_mode in ("r2", "pr2_r2"):  # replays another route than the rollout's
+  if rl.update_replays_old_pass:  # replays another route than the rollout's
     stats["routing_replayed"] = metrics.routing_sums(micro["replay_routes"], live_bSLK,
                                                      probs_bSLE, micro["valid"])
   if lr.uses_predictor:

@@ -29,7 +29,7 @@ from pr2_jax.parallel import shuffle
 from pr2_jax.parallel.distributed import gather_rows, local_rows, to_global, to_host
 from pr2_jax.parallel.mesh import EXPERT, axis_size, logical_sharding, num_token_shards
 from pr2_jax.rl import advantages, balancing, data, metrics, programs, records, start
-from pr2_jax.rl.config import PR2_MODES, ExperimentConfig, SetupError
+from pr2_jax.rl.config import ExperimentConfig, SetupError
 from pr2_jax.rl.tasks import make_task
 from pr2_jax.train.checkpoint import Checkpointer
 
@@ -74,7 +74,7 @@ class Engine:
                                              config.model.vocab_size) if config.hf_checkpoint
                 else data.char_tokenizer(self.task, config.model.vocab_size))
     self.prompt_slots, self.response_slots = data.layout(self.task, rl.max_new_tokens)
-    self.pr2_mode = rl.replay_mode in PR2_MODES
+    self.pr2_mode = rl.uses_predictor
     if self.pr2_mode:
       self._check_feature_tokens()
     shards = num_token_shards(mesh)
@@ -205,7 +205,7 @@ class Engine:
     validate_tokens(prompts, self.config.model.vocab_size)  # the jitted sampler cannot check
     slots = self.feature_slots(np.random.default_rng([self.config.seed, FEATURE_STREAM, step]),
                                rl.batch_size)
-    in_rollout = rl.replay_mode == "pr2"  # PR2-R3: predict (and cache features) at rollout
+    in_rollout = rl.predicts_at_rollout  # PR2-R3: predict (and cache features) at rollout
     roll = self.sample(state.params, *to_global((prompts, valid), self.seq_sharding),
                        jax.random.fold_in(self.key, step),
                        predictor=state.predictor if in_rollout else None,
@@ -230,9 +230,9 @@ class Engine:
     plan, old_phase, self.balance_state, eplb_ms = bal.plan_old_pass(micro, self.balance_state)
     micro["old_logp"], routes_used, feats, old_dropped = old_fn(
         state.params, state.predictor, micro, bal.step_plan_arg(plan), capacity=old_phase.capacity)
-    micro["replay_routes"] = (routes_used if rl.replay_mode in ("r2", "pr2_r2")
+    micro["replay_routes"] = (routes_used if rl.update_replays_old_pass
                               else micro["rollout_routes"])
-    if rl.replay_mode == "pr2_r2":
+    if rl.predicts_at_old_pass:  # PR2-R2: the features come from the old pass
       micro["feature_h"], micro["feature_p"] = feats
     phase = bal.plan_update(micro, plan, old_phase)
     per_mini = []
