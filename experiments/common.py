@@ -216,7 +216,7 @@ def predictor_lr_warning(config) -> str | None:
   """A warning when PR2's predictor learns at a rate Adam takes in large steps: the paper's
   α = 1e3 is for its η ~ 1e-6; at α·η = 1 the bias swamped the router."""
   lr = config.pr2.lr_mult * config.rl.learning_rate
-  if not config.rl.uses_predictor or lr <= 1e-2:
+  if not config.rl.phases.uses_predictor or lr <= 1e-2:
     return None
   return (f"PR2's predictor learning rate pr2.lr_mult * rl.learning_rate = {lr:g} is large for "
           "Adam (~1e-3 suits, as configs/tiny.py); watch bias_logit_ratio in the metrics")
@@ -226,7 +226,7 @@ def balance_mode_warning(config) -> str | None:
   """foresight plans from replayed routes; with replay_mode 'none' every learner phase routes
   live, so its plans are never used (the imbalance_* metrics are logged in every mode)."""
   rl = config.rl
-  if rl.balance_mode != "foresight" or rl.update_replays:
+  if rl.balance_mode != "foresight" or rl.phases.update_replays:
     return None
   return ("rl.balance_mode='foresight' places nothing with rl.replay_mode='none' (live routing "
           "leaves no routes to plan from): the static layout is used; imbalance_foresight_* "

@@ -186,30 +186,11 @@ class RLConfig:
   def micro_batch_size(self) -> int:
     return self.batch_size // (self.off_policy_k * self.micro_steps)
 
-  # What each phase replays: `replay_phases`, one rule for the jitted learner and the host.
   @property
-  def uses_predictor(self) -> bool:
-    return replay_phases(self.replay_mode).uses_predictor
-
-  @property
-  def predicts_at_rollout(self) -> bool:
-    return replay_phases(self.replay_mode).predicts_at_rollout
-
-  @property
-  def predicts_at_old_pass(self) -> bool:
-    return replay_phases(self.replay_mode).predicts_at_old_pass
-
-  @property
-  def old_pass_replays_rollout(self) -> bool:
-    return replay_phases(self.replay_mode).old_pass_replays_rollout
-
-  @property
-  def update_replays(self) -> bool:
-    return replay_phases(self.replay_mode).update_replays
-
-  @property
-  def update_replays_old_pass(self) -> bool:
-    return replay_phases(self.replay_mode).update_replays_old_pass
+  def phases(self) -> ReplayPhases:
+    """What each phase of an RL step replays in this replay_mode (`replay_phases`: one rule
+    for the jitted learner and the host)."""
+    return replay_phases(self.replay_mode)
 
   def validate_mesh(self, token_shards: int, expert_axis_size: int | None = None) -> None:
     """Checks against the mesh: `token_shards` ('data' x 'expert' devices a batch splits

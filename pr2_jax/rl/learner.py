@@ -59,7 +59,7 @@ class Learner:
 
   @property
   def uses_predictor(self) -> bool:
-    return self.rl.uses_predictor
+    return self.rl.phases.uses_predictor
 
 
 def gather_slots(x_bS_: jax.Array, slots_bF: jax.Array) -> jax.Array:
@@ -126,10 +126,10 @@ def old_logprob_pass(lr: Learner, params, predictor, batch: dict, step_plan=None
   the live routes here are the predicted ones and the PR2 features
   (h_old, p_old) are taken here; otherwise `feats` is None.
   """
-  pr2_r2 = lr.rl.predicts_at_old_pass
+  pr2_r2 = lr.rl.phases.predicts_at_old_pass
 
   def one(_, micro):
-    routes = micro["rollout_routes"] if lr.rl.old_pass_replays_rollout else None
+    routes = micro["rollout_routes"] if lr.rl.phases.old_pass_replays_rollout else None
     logp, _, out = forward_logprobs(lr.model, params, micro, routes, lr.rl.temperature,
                                     predictor if pr2_r2 else None, features=pr2_r2,
                                     plan=micro_layout(lr, routes, micro["valid"], step_plan),
@@ -156,7 +156,7 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
   """
   rl = lr.rl
   aux_coef = lr.model.config.aux_loss_coef
-  routes = micro["replay_routes"] if rl.update_replays else None
+  routes = micro["replay_routes"] if rl.phases.update_replays else None
   logp_BT, ent_BT, out = forward_logprobs(
       lr.model, params, micro, routes, rl.temperature,
       plan=micro_layout(lr, routes, micro["valid"], step_plan), capacity=capacity,
@@ -195,7 +195,7 @@ def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_p
       "dropped": out.dropped.sum(),
       "aux_loss": aux_share,
   }
-  if rl.update_replays_old_pass:  # replays another route than the rollout's
+  if rl.phases.update_replays_old_pass:  # replays another route than the rollout's
     stats["routing_replayed"] = metrics.routing_sums(micro["replay_routes"], live_bSLK,
                                                      probs_bSLE, micro["valid"])
   if lr.uses_predictor:

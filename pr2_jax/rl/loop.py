@@ -74,7 +74,7 @@ class Engine:
                                              config.model.vocab_size) if config.hf_checkpoint
                 else data.char_tokenizer(self.task, config.model.vocab_size))
     self.prompt_slots, self.response_slots = data.layout(self.task, rl.max_new_tokens)
-    self.pr2_mode = rl.uses_predictor
+    self.pr2_mode = rl.phases.uses_predictor
     if self.pr2_mode:
       self._check_feature_tokens()
     shards = num_token_shards(mesh)
@@ -205,7 +205,7 @@ class Engine:
     validate_tokens(prompts, self.config.model.vocab_size)  # the jitted sampler cannot check
     slots = self.feature_slots(np.random.default_rng([self.config.seed, FEATURE_STREAM, step]),
                                rl.batch_size)
-    in_rollout = rl.predicts_at_rollout  # PR2-R3: predict (and cache features) at rollout
+    in_rollout = rl.phases.predicts_at_rollout  # PR2-R3: predicts (caches features) at rollout
     roll = self.sample(state.params, *to_global((prompts, valid), self.seq_sharding),
                        jax.random.fold_in(self.key, step),
                        predictor=state.predictor if in_rollout else None,
@@ -230,9 +230,9 @@ class Engine:
     plan, old_phase, self.balance_state, eplb_ms = bal.plan_old_pass(micro, self.balance_state)
     micro["old_logp"], routes_used, feats, old_dropped = old_fn(
         state.params, state.predictor, micro, bal.step_plan_arg(plan), capacity=old_phase.capacity)
-    micro["replay_routes"] = (routes_used if rl.update_replays_old_pass
+    micro["replay_routes"] = (routes_used if rl.phases.update_replays_old_pass
                               else micro["rollout_routes"])
-    if rl.predicts_at_old_pass:  # PR2-R2: the features come from the old pass
+    if rl.phases.predicts_at_old_pass:  # PR2-R2: the features come from the old pass
       micro["feature_h"], micro["feature_p"] = feats
     phase = bal.plan_update(micro, plan, old_phase)
     per_mini = []

@@ -51,7 +51,7 @@ def program_key(config: ExperimentConfig, mesh: Mesh) -> tuple:
 
 def _pr2_settings(config: ExperimentConfig) -> PR2Config:
   """`config.pr2`, or the defaults in a mode that never reads it (so no program can differ)."""
-  return config.pr2 if config.rl.uses_predictor else PR2Config()
+  return config.pr2 if config.rl.phases.uses_predictor else PR2Config()
 
 
 class Programs:
@@ -76,7 +76,7 @@ class Programs:
     self.tx = make_optimizer(rl.learning_rate, weight_decay=rl.weight_decay,
                              grad_clip=rl.grad_clip)
     self.pred_tx = (make_optimizer(rl.learning_rate * pr2.lr_mult, grad_clip=rl.grad_clip)
-                    if rl.uses_predictor else None)
+                    if rl.phases.uses_predictor else None)
     self.learner = learner.Learner(self.model, rl, self.tx, pr2, self.pred_tx)
     self.pred_init = (predictor_initializer(config.model, self.pred_tx, mesh)
                       if self.pred_tx else None)
