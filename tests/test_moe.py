@@ -238,3 +238,37 @@ def test_wrong_routes_or_predictor_shape_raises_under_jit(kwargs, pattern):
   x, params = _init()
   with pytest.raises(ValueError, match=pattern):
     jax.eval_shape(lambda p, k: MoEBlock(CFG).apply({"params": p}, x, **k), params, kwargs)
+
+
+def test_planned_replica_split_leaves_padding_out():
+  """A hand Plan on one device: 9 slots, experts 0-7 then a second replica of e0 in slot 8,
+  shares 1/2 and 1/2. Replayed routes: row 0 is 4 left pads (0, 1) then 4 real tokens with e0
+  first; row 1 is 5 real tokens, then 3 right pads. The 4 real e0 assignments split 2 | 2 over
+  slots 0 and 8 (the pads split among themselves), so every slot holds at most 2 real ones:
+  capacity 2 drops nothing and real rows equal the dropless forward. Had the block split e0's
+  8 assignments (pads included) by rank, the pads took slot 0's half and slot 8 got all 4 real
+  ones: 2 of them dropped."""
+  from pr2_jax.balance import assign_replicas, slot_counts
+  from pr2_jax.balance.planner import Plan
+  x, params = _init(seed=4)
+  routes = np.array([[[0, 1]] * 4 + [[0, 1], [0, 2], [0, 3], [0, 4]],
+                     [[5, 6], [5, 6], [7, 1], [7, 2], [3, 4]] + [[6, 7]] * 3], np.int32)
+  valid = np.ones((B, T), bool)
+  valid[0, :4] = False
+  valid[1, 5:] = False
+  share = np.array([[0.5] + [1.0] * 7 + [0.5]], np.float32)
+  plan = Plan(slot_expert=np.array([list(range(8)) + [0]], np.int32),
+              replica_count=np.array([2] + [1] * 7, np.int32), replica_share=share,
+              slot_load=share, device_load=np.ones((1,), np.float32))
+  ids, real = routes.reshape(B * T, 2), valid.reshape(-1)
+  slots = np.asarray(assign_replicas(jnp.asarray(ids), jnp.asarray(real), plan))
+  np.testing.assert_array_equal(slots[4:8, 0], [0, 0, 8, 8])  # real e0: 2 | 2
+  assert int(np.max(slot_counts(jnp.asarray(slots), 9, 1, jnp.asarray(real)))) == 2
+  apply = jax.jit(MoEBlock(CFG).apply, static_argnames="capacity")
+  y, aux = apply({"params": params}, x, routes_BTK=jnp.asarray(routes), slot_expert_X=plan,
+                 capacity=2, valid_BT=jnp.asarray(valid))
+  y_ref, _ = apply({"params": params}, x, routes_BTK=jnp.asarray(routes))
+  assert int(aux.dropped) == 0
+  np.testing.assert_array_equal(np.asarray(y)[~valid], 0.0)
+  np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(y_ref)[valid], rtol=1e-5,
+                             atol=1e-5 * float(np.abs(y_ref).max()))
