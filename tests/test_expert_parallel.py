@@ -282,7 +282,9 @@ def test_mismatched_shapes_and_unknown_impl_raise_even_under_jit(impl):
     run(x, ids[:, 0], gates, w)
   with pytest.raises(ValueError, match=r"x has d_model 4, the expert weights 16"):
     run(x[:, :4], ids, gates, w)
-  for bad, shape, dtype in (((2, 8), r"\(2, 8\)", "bool"), (16, r"\(16,\)", "int32")):
+  # (1,) and (8,) are [N]-like but not N: (1,) broadcast over every token without a mesh.
+  for bad, shape, dtype in (((2, 8), r"\(2, 8\)", "bool"), (16, r"\(16,\)", "int32"),
+                            (1, r"\(1,\)", "bool"), (8, r"\(8,\)", "bool")):
     with pytest.raises(ValueError, match=rf"valid_N has shape {shape} and dtype {dtype}; "
                                          r"expected bool \[N\] = \(16,\)"):
       run(x, ids, gates, w, valid_N=jnp.ones(bad, jnp.dtype(dtype)))
@@ -331,11 +333,13 @@ def test_valid_replica_slot_choice_is_accepted_and_matches_the_default():
 
 
 @pytest.mark.parametrize("dtype, num_slots", [("float32", 8), ("bfloat16", 8),
-                                              ("float32", 2 ** 24)])  # the last: 3 gathers
+                                              ("float32", 2 ** 24),  # the last two: 3 gathers
+                                              ("float32", 2 ** 24 + 1)])
 def test_gather_assignments_equals_three_gathers_with_gate_gradients(dtype, num_slots):
   """One packed all-gather over 'expert' returns what three would, bit for bit (slot ids exact,
   -1 and padding's "no slot" id num_slots included), and the gates' gradient comes back to each
-  shard (psum_scatter's transpose)."""
+  shard (psum_scatter's transpose). At num_slots = 2^24 + 1 the "no slot" id is not a float32
+  (it rounds to 2^24, slot num_slots - 1): packing it would send padding to the last slot."""
   from jax.sharding import PartitionSpec as P
   from pr2_jax.parallel.expert_parallel import gather_assignments
   from pr2_jax.parallel.mesh import EXPERT
