@@ -156,6 +156,43 @@ def test_rl_step_feeds_the_learner_the_rollouts_group_advantages(monkeypatch):
   assert summary["reward_mean"] == pytest.approx(float(seen["rewards"].mean()), rel=1e-6)
 
 
+@pytest.mark.parametrize("mode, replays_old_pass", [("r2", True), ("r3", False)])
+def test_the_update_replays_the_old_pass_routes_in_r2_and_the_rollouts_in_r3(monkeypatch, mode,
+                                                                             replays_old_pass):
+  """rl_step's replay_routes: r2 replays the routes the old-log-prob pass used, r3 the
+  rollout's. The old pass is made to report its routes shifted by one expert (e -> e + 1 mod E,
+  still k distinct ids), so the two candidates differ at most entries whatever the model routes
+  (r3's old pass replays the rollout's: all of them); each mini-step must see its own κ chunk of
+  the chosen one."""
+  engine = loop.Engine(_config(1, mode), make_mesh(2, 2, devices=jax.devices()[:4]))
+  real_fns, seen = engine.learner_fns, {"replay": []}
+  num_experts = engine.config.model.num_experts
+
+  def spy(micro):
+    old_fn, update_fn = real_fns(micro)
+    seen["rollout"] = np.asarray(jax.device_get(micro["rollout_routes"]))
+
+    def old(*args, **kwargs):
+      logp, routes, feats, dropped = old_fn(*args, **kwargs)
+      shifted = (routes + 1) % num_experts
+      seen["old_pass"] = np.asarray(jax.device_get(shifted))
+      return logp, shifted, feats, dropped
+
+    def update(state, mini, *args):
+      seen["replay"].append(np.asarray(jax.device_get(mini["replay_routes"])))
+      return update_fn(state, mini, *args)
+    return old, update
+
+  engine.learner_fns = spy
+  engine.rl_step(engine.state, 1)
+  want = seen["old_pass"] if replays_old_pass else seen["rollout"]
+  assert np.mean(seen["old_pass"] != seen["rollout"]) > 0.5
+  m = engine.config.rl.micro_steps
+  assert len(seen["replay"]) == engine.config.rl.off_policy_k
+  for i, replay in enumerate(seen["replay"]):
+    np.testing.assert_array_equal(replay, want[i * m:(i + 1) * m])
+
+
 def test_a_missing_init_from_is_an_error_not_a_fresh_warm_up(tmp_path):
   typo = tmp_path / "typo_dir"
   cfg = dataclasses.replace(_config(1), init_from=str(typo))
