@@ -139,6 +139,8 @@ def _at_schedule_step(state, step):
     (4, 20, {0: 0.0, 2: 0.005, 4: 0.01, 12: 0.0055, 20: 0.001, 30: 0.001}),
     # no warmup: the first update at the peak (it was at 0), cosine over steps 0..20
     (0, 20, {0: 0.01, 10: 0.0055, 20: 0.001}),
+    # warmup 1: update 1 at 0, the peak from update 2; cosine over 1..10 (4: cos(pi/3) = 0.5)
+    (1, 10, {0: 0.0, 1: 0.01, 4: 0.00775, 10: 0.001}),
     (4, 0, {0: 0.01}),  # no total_steps: a constant lr, no warmup (the state keeps no counter)
 ])
 def test_make_optimizer_schedule_and_decoupled_weight_decay(warmup_steps, total_steps,
