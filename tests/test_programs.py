@@ -47,6 +47,9 @@ def test_program_key_ignores_only_what_no_program_reads():
   other = [_rl(base, temperature=0.5), _rl(base, eval_temperature=0.0),
            _rl(base, learning_rate=1.0),
            _rl(base, replay_mode="r2"), _rl(base, micro_steps=1),
+           # The learner's and sampler's settings a resume may change or a host reads nearby.
+           _rl(base, logits_chunk=4), _rl(base, top_p=0.9), _rl(base, rollout_dtype="float32"),
+           _rl(base, max_new_tokens=5), _rl(base, off_policy_k=1),
            dataclasses.replace(base, model=base.model.replace(d_model=64)),
            dataclasses.replace(base, task_kwargs={"num_numbers": 2})]
   for cfg in other:
