@@ -687,6 +687,23 @@ def test_pr2_update_with_fsdp_matches_single_device():
   _assert_updates_close(new.params, ref.params, state1.params)
 
 
+def test_pr2_old_pass_replays_the_rollout_and_caches_nothing():
+  """pr2 (PR2-R3): the old pass replays the rollout's routes whatever W_p is, and takes no
+  features (the rollout cached them): its routes are rollout_routes, its feats None, and its
+  π_old is r3's, bit for bit. Only pr2_r2 predicts (and gathers features) here."""
+  model, tx, pred_tx, state, batch = _pr2_setup()
+  micro = data.split_micro({k: v for k, v in batch.items()
+                            if k not in ("feature_h", "feature_p")}, 1)
+  w = jax.random.normal(jax.random.key(5), state.predictor.shape)
+  logp, routes, feats, _ = learner.old_logprob_pass(_pr2_learner(model, tx, pred_tx, "pr2"),
+                                                     state.params, w, micro)
+  assert feats is None
+  np.testing.assert_array_equal(np.asarray(routes), np.asarray(micro["rollout_routes"]))
+  r3_logp, _, _, _ = learner.old_logprob_pass(_learner(model, _rl(replay_mode="r3"), tx),
+                                              state.params, None, micro)
+  np.testing.assert_array_equal(np.asarray(logp), np.asarray(r3_logp))
+
+
 def test_pr2_r2_predicts_in_the_old_logprob_pass():
   """pr2_r2: the old pass routes by softmax(p + h W_p) and caches its own features."""
   model, tx, pred_tx, state, batch = _pr2_setup()
