@@ -178,6 +178,43 @@ def test_padding_bucket_is_the_valid_need_and_the_learner_forward_drops_nothing(
   np.testing.assert_allclose(np.asarray(logp)[real], np.asarray(ref_logp)[real], atol=1e-5)
 
 
+
+def test_planned_buffer_need_leaves_padding_out_of_the_replica_split():
+  """A hand step plan: e0 in global slots 0 and 4, e1 in 1 and 5, shares 1/2. One token shard of
+  8 tokens, all routed (0, 1): 4 left pads, then 4 real. The real e0 (e1) assignments split 2 | 2
+  over their replicas, the pads among themselves and into no buffer: need 2, bucket 2 (q = 1);
+  the native layout needs 4 (all real e0 on one slot). Split with the pads, ranks 0-3 (the pads)
+  took slot 0 and the 4 real ones slot 4: need 4; counted with the pads, slot 0 held 2 + 2."""
+  from pr2_jax.balance.planner import Plan
+  shape = balancing.BalanceShape(num_experts=4, num_devices=2, slots=3, token_shards=1)
+  share = np.array([[[0.5, 0.5, 1.0], [1.0, 0.5, 0.5]]], np.float32)
+  step = Plan(slot_expert=np.array([[[0, 1, 2], [3, 0, 1]]], np.int32),
+              replica_count=np.array([[2, 2, 1, 1]], np.int32), replica_share=share,
+              slot_load=share, device_load=np.zeros((1, 2), np.float32))
+  routes = np.broadcast_to(np.array([0, 1], np.int32), (1, 1, 8, 1, 2))
+  valid = np.array([[[False] * 4 + [True] * 4]])
+  phase = balancing.plan_phase(shape, routes, valid, step, "step", True, 1, 8)
+  assert (phase.needed, phase.needed_static, phase.capacity) == (2, 4, 2)
+  np.testing.assert_array_equal(phase.layouts_MLDS, step.slot_expert[None])
+
+
+def test_live_old_pass_of_r2_keeps_the_native_layout_and_the_model_capacity():
+  """r2's old-log-prob pass routes live (only its update replays): under foresight and
+  capacity_mode 'bucket' its phase runs the native layout with the model's capacity (a bucket
+  or plan from the rollout's routes would size buffers for routes it does not see), while the
+  update plans foresight on the replayed routes (_hand_phase: layout [[0, 1, 2], [2, 3, 0]],
+  need 2, bucket 2)."""
+  shape, routes, valid = _hand_phase()
+  bal = balancing.StepBalancer(shape, "foresight", "r2", "bucket", capacity_buckets=1,
+                               eplb_ema=0.0, tokens_per_shard=3, model_capacity=(3, 3))
+  micro = {"rollout_routes": routes, "valid": valid}
+  step, old, _, _ = bal.plan_old_pass(micro, balancing.StepState())
+  assert old.capacity is None and bal.used_capacity(old, False) == 3
+  assert old.layouts_MLDS.shape == (1, 1, 2, 2)  # native: E/D = 2 slots per device
+  update = bal.plan_update(dict(micro, replay_routes=routes.copy()), step, old)
+  np.testing.assert_array_equal(update.layouts_MLDS, [[[[0, 1, 2], [2, 3, 0]]]])
+  assert update.capacity == 2 and bal.used_capacity(update, True) == 2
+
 def test_eplb_step_imbalance_splits_each_expert_over_its_replicas_hand_values():
   """The eplb_step counterfactual: the step plan's devices carry each held expert's load over
   its replica count. Loads (padding excluded) e0 3, e1 2, e2 3, e3 2; a hand plan with e0 and
@@ -248,6 +285,16 @@ def test_churn_hand_values():
                       [[[2, 0], [2, 3]]]])  # two slots swapped inside device 0: no fetch
   changed, moved = balancing.churn(layouts, prev, bytes_per_expert=10.0)
   assert changed.tolist() == [0, 1, 2] and moved.tolist() == [0.0, 10.0, 0.0]
+
+
+def test_churn_counts_fetches_not_evictions():
+  """Bytes count experts a device receives, not ones it lets go: device 0 trading expert 1 for a
+  second replica of its expert 0 fetches nothing, and getting expert 1 back fetches it (the
+  other way round gave 10, 0)."""
+  prev = np.array([[[0, 1], [2, 3]]])
+  layouts = np.array([[[[0, 0], [2, 3]]], [[[0, 1], [2, 3]]]])
+  changed, moved = balancing.churn(layouts, prev, bytes_per_expert=10.0)
+  assert changed.tolist() == [1, 1] and moved.tolist() == [0.0, 10.0]
 
 
 def test_churn_against_another_expert_mesh_is_unknown():
