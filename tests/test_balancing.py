@@ -407,3 +407,22 @@ def test_a_resume_on_another_expert_mesh_says_so_and_reports_unknown_churn(tmp_p
                          "run's is {'data': 1, 'expert': 4}: its arrays were resharded to it")
   assert np.isnan(rows[0]["slots_changed"]) and np.isnan(rows[0]["bytes_moved"])
   assert np.isfinite(rows[0]["loss"]) and rows[0]["imbalance_used_mean"] >= 1
+
+
+def test_r2_summary_reports_the_update_layout_and_each_phase_capacity():
+  """r2 under foresight, capacity_mode 'model' (no buckets), model capacities 2 on the native
+  layout and 3 on the 6-slot one: the live old pass ran the native layout (old_capacity_used 2),
+  the replayed update the foresight plan (capacity_used 3), and imbalance_used is foresight's.
+  The update's routes all pick (0, 1), both on device 0: native imbalance 10 / 5 = 2, which
+  imbalance_used reported when it asked whether the old pass replays."""
+  shape, routes, valid = _hand_phase()
+  bal = balancing.StepBalancer(shape, "foresight", "r2", "model", capacity_buckets=1,
+                               eplb_ema=0.0, tokens_per_shard=3, model_capacity=(2, 3))
+  micro = {"rollout_routes": routes, "valid": valid,
+           "replay_routes": np.broadcast_to(np.array([0, 1], np.int32), routes.shape)}
+  step, old, state, _ = bal.plan_old_pass(micro, balancing.StepState())
+  update = bal.plan_update(micro, step, old)
+  out, _ = bal.summary(old, update, 0.0, 0.0, state)
+  assert (out["old_capacity_used"], out["capacity_used"]) == (2, 3)
+  assert out["imbalance_none_mean"] == 2.0 and out["imbalance_foresight_mean"] < 2.0
+  assert out["imbalance_used_mean"] == out["imbalance_foresight_mean"]
