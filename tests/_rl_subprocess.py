@@ -31,10 +31,16 @@ def command(workdir: str, overrides: dict = OVERRIDES, extra: tuple = ()) -> lis
           f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items()), *extra]
 
 
+def suite_cache() -> str | None:
+  """The suite's persistent compilation cache (tests/conftest.py), None if turned off."""
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
+
+
 def environment(compile_cache: str | None = None, **extra) -> dict:
-  """The child's environment; `compile_cache` turns on JAX's persistent compilation cache."""
+  """The child's environment; `compile_cache` turns on JAX's persistent compilation cache
+  (`suite_cache()` to share the suite's: runs of OVERRIDES in several tests compile once)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's shared cache: each run compiles
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # only the cache asked for
   if compile_cache:
     # Reruns then skip most of their ~30 s of compiling; the programs are the same.
     env.update(JAX_COMPILATION_CACHE_DIR=compile_cache,

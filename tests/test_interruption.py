@@ -74,7 +74,7 @@ def _has_phase(workdir, phase):
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_rerun_is_bit_identical(tmp_path):
   rng = np.random.default_rng(SEED)
-  env = sub.environment(compile_cache=str(tmp_path / "jax_cache"))
+  env = sub.environment(compile_cache=sub.suite_cache() or str(tmp_path / "jax_cache"))
   reference, workdir = str(tmp_path / "reference"), str(tmp_path / "interrupted")
   rl_dir = os.path.join(workdir, "checkpoints", "rl")
   with sub.processes(str(tmp_path)) as procs:
@@ -142,7 +142,7 @@ def test_sigterm_finishes_the_checkpoint_being_written(tmp_path):
   workdir = str(tmp_path / "run")
   rl_dir = os.path.join(workdir, "checkpoints", "rl")
   with sub.processes(str(tmp_path)) as procs:
-    proc = procs.start("run", sub.command(workdir), sub.environment())
+    proc = procs.start("run", sub.command(workdir), sub.environment(sub.suite_cache()))
     _wait_until(proc, lambda: [s for s in _partial_steps(rl_dir) if s >= 2],
                 "RL checkpoint 2's write")
     writing = _partial_steps(rl_dir)[-1]
@@ -182,7 +182,7 @@ def _failed_run_errors(tmp_path, overrides: dict) -> tuple[list[str], str]:
   without a traceback."""
   with sub.processes(str(tmp_path)) as procs:
     cmd = sub.command(str(tmp_path / "run"), {**sub.OVERRIDES, **overrides})
-    proc = procs.start("run", cmd, sub.environment())
+    proc = procs.start("run", cmd, sub.environment(sub.suite_cache()))
     assert proc.wait(timeout=600) == 1
     err = procs.stderr("run")
   assert "Traceback" not in err, err[-3000:]
