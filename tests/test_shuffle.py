@@ -13,6 +13,9 @@ from pr2_jax.parallel.mesh import TOKEN_AXES, make_mesh
 from pr2_jax.parallel.shuffle import shuffle_into_chunks
 from pr2_jax.rl import data
 
+# Ahead-of-time lowering: the public function checks concrete row ids on the host, then jits.
+_jitted = jax.jit(shuffle_into_chunks, static_argnames=("num_chunks", "mesh"))
+
 
 def _batch(rng, rows=32):
   return {"routes": rng.integers(0, 9, (rows, 6, 2, 2)).astype(np.int32),
@@ -53,8 +56,7 @@ def test_compiles_to_a_ring_of_permutes_not_a_whole_batch_collective():
   mesh = make_mesh(2, 4)
   rng = np.random.default_rng(2)
   placed = distributed.to_global(_batch(rng), NamedSharding(mesh, P(TOKEN_AXES)))
-  text = shuffle_into_chunks.lower(placed, rng.permutation(32), num_chunks=4,
-                                   mesh=mesh).compile().as_text()
+  text = _jitted.lower(placed, rng.permutation(32), num_chunks=4, mesh=mesh).compile().as_text()
   ops = collections.Counter(op for line in text.splitlines()
                             for op in ("all-gather(", "all-reduce(", "all-to-all(",
                                        "collective-permute(") if op in line)
@@ -73,7 +75,7 @@ def test_a_device_holds_two_shards_of_rows_not_the_batch():
     return jax.tree.map(lambda v: jax.lax.with_sharding_constraint(
         v[order].reshape(4, 16, 1024), NamedSharding(mesh, P(None, TOKEN_AXES))), tree)
 
-  ring = shuffle_into_chunks.lower(x, order, num_chunks=4, mesh=mesh).compile()
+  ring = _jitted.lower(x, order, num_chunks=4, mesh=mesh).compile()
   assert ring.memory_analysis().temp_size_in_bytes <= 2 * shard + 4096  # + row-id buffers
   whole = jax.jit(plain).lower(x, order).compile()
   assert whole.memory_analysis().temp_size_in_bytes >= 8 * shard  # why the ring exists
@@ -98,3 +100,24 @@ def test_order_of_another_length_or_dtype_is_refused():
     shuffle_into_chunks(placed, np.arange(8), num_chunks=2, mesh=mesh)
   with pytest.raises(ValueError, match="order_B has dtype float32, expected integer row ids"):
     shuffle_into_chunks(placed, np.arange(16, dtype=np.float32), num_chunks=2, mesh=mesh)
+
+
+def test_row_ids_outside_the_batch_are_refused_outside_jit():
+  """An out-of-range id gave a silent row of zeros (numpy raises, jnp clamps). Refused where
+  the ids are concrete; under jit (ids traced) the documented zeros stay."""
+  mesh = make_mesh(2, 4)
+  placed = distributed.to_global({"x": np.arange(16, dtype=np.float32)},
+                                 NamedSharding(mesh, P(TOKEN_AXES)))
+  for bad, where in ((16, 3), (-1, 3)):
+    order = np.arange(16)
+    order[where] = bad
+    with pytest.raises(ValueError, match=rf"order_B\[3\] = {bad} is not a row id in \[0, 16\) "
+                                         r"\(1 such ids\)"):
+      shuffle_into_chunks(placed, order, num_chunks=2, mesh=mesh)
+  order = np.arange(16)
+  order[3] = 16
+  traced = jax.jit(lambda x, o: shuffle_into_chunks(x, o, num_chunks=2, mesh=mesh))(placed, order)
+  got = np.asarray(traced["x"]).reshape(-1)
+  want = np.arange(16, dtype=np.float32)
+  want[3] = 0.0
+  np.testing.assert_array_equal(got, want)

@@ -21,8 +21,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from pr2_jax.checks import is_concrete
 from pr2_jax.config import check_int
 from pr2_jax.parallel.mesh import TOKEN_AXES, num_token_shards
 
@@ -51,16 +53,31 @@ def _ring_take(xs_R, want_N, *, axes, n: int):
   return lax.fori_loop(1, n, hop, (xs_R, outs))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("num_chunks", "mesh"))
 def shuffle_into_chunks(tree, order_B: jax.Array, *, num_chunks: int, mesh: Mesh):
   """Every [B, ...] leaf x of `tree` -> `x[order_B]` cut into C = `num_chunks` chunks,
   [C, B / C, ...], the B / C axis split over `mesh`'s token shards ('data', 'expert').
 
   Equal to `x[order_B].reshape(C, B // C, ...)` for any permutation (or other row ids in
-  [0, B); an id outside gives a row of zeros) `order_B`, int [B]; B must divide into C
-  chunks and every chunk over the token shards. Besides its own input and output shards,
-  a device holds one other shard's rows at a time (a ring of `ppermute`s).
+  [0, B)) `order_B`, int [B]; B must divide into C chunks and every chunk over the token
+  shards. An id outside [0, B) is refused where `order_B`'s values can be read (outside jit);
+  under jit it gives a row of zeros, where numpy would raise or wrap. Besides its own input
+  and output shards, a device holds one other shard's rows at a time (a ring of `ppermute`s).
   """
+  leaves = jax.tree.leaves(tree)
+  total = leaves[0].shape[0] if leaves else 0
+  if (is_concrete(order_B) and jnp.shape(order_B) == (total,)  # else refused in the jit
+      and jnp.issubdtype(jnp.result_type(order_B), jnp.integer)):
+    # The jitted body cannot raise on values: check them here while they are on the host.
+    ids = np.asarray(order_B)
+    bad = np.flatnonzero((ids < 0) | (ids >= total))
+    if bad.size:
+      raise ValueError(f"order_B[{bad[0]}] = {ids[bad[0]]} is not a row id in [0, {total}) "
+                       f"({bad.size} such ids)")
+  return _shuffle_into_chunks(tree, order_B, num_chunks=num_chunks, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("num_chunks", "mesh"))
+def _shuffle_into_chunks(tree, order_B, *, num_chunks: int, mesh: Mesh):
   check_int("shuffle_into_chunks", "num_chunks", num_chunks)  # 0 divided by zero below
   n = num_token_shards(mesh)
   leaves, treedef = jax.tree.flatten(tree)
