@@ -20,8 +20,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pr2_jax.checks import is_concrete
