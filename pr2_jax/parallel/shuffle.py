@@ -63,11 +63,19 @@ def shuffle_into_chunks(tree, order_B: jax.Array, *, num_chunks: int, mesh: Mesh
   under jit it gives a row of zeros, where numpy would raise or wrap. Besides its own input
   and output shards, a device holds one other shard's rows at a time (a ring of `ppermute`s).
   """
+  check_int("shuffle_into_chunks", "num_chunks", num_chunks)  # 0 divided by zero below
+  n = num_token_shards(mesh)
   leaves = jax.tree.leaves(tree)
   total = leaves[0].shape[0] if leaves else 0
-  if (is_concrete(order_B) and jnp.shape(order_B) == (total,)  # else refused in the jit
-      and jnp.issubdtype(jnp.result_type(order_B), jnp.integer)):
-    # The jitted body cannot raise on values: check them here while they are on the host.
+  if any(x.shape[:1] != (total,) for x in leaves) or jnp.shape(order_B) != (total,):
+    raise ValueError(f"every leaf and order_B must have the same number of rows; leaves "
+                     f"{[x.shape[:1] for x in leaves]}, order_B {jnp.shape(order_B)}")
+  if not jnp.issubdtype(jnp.result_type(order_B), jnp.integer):
+    raise ValueError(f"order_B has dtype {jnp.result_type(order_B)}, expected integer row ids")
+  if total % (num_chunks * n):
+    raise ValueError(f"{total} rows do not split into num_chunks={num_chunks} chunks of "
+                     f"whole rows on each of {n} token shards")
+  if is_concrete(order_B):  # the jitted ring cannot raise on values: check them on the host
     ids = np.asarray(order_B)
     bad = np.flatnonzero((ids < 0) | (ids >= total))
     if bad.size:
@@ -78,19 +86,10 @@ def shuffle_into_chunks(tree, order_B: jax.Array, *, num_chunks: int, mesh: Mesh
 
 @functools.partial(jax.jit, static_argnames=("num_chunks", "mesh"))
 def _shuffle_into_chunks(tree, order_B, *, num_chunks: int, mesh: Mesh):
-  check_int("shuffle_into_chunks", "num_chunks", num_chunks)  # 0 divided by zero below
+  """The ring itself; `shuffle_into_chunks` has checked the arguments."""
   n = num_token_shards(mesh)
   leaves, treedef = jax.tree.flatten(tree)
-  total = leaves[0].shape[0] if leaves else 0
-  if any(x.shape[:1] != (total,) for x in leaves) or jnp.shape(order_B) != (total,):
-    raise ValueError(f"every leaf and order_B must have the same number of rows; leaves "
-                     f"{[x.shape[:1] for x in leaves]}, order_B {jnp.shape(order_B)}")
-  if not jnp.issubdtype(jnp.result_type(order_B), jnp.integer):
-    raise ValueError(f"order_B has dtype {jnp.result_type(order_B)}, expected integer row ids")
-  if total % (num_chunks * n):
-    raise ValueError(f"{total} rows do not split into num_chunks={num_chunks} chunks of "
-                     f"whole rows on each of {n} token shards")
-  per_shard = total // num_chunks // n
+  per_shard = order_B.shape[0] // num_chunks // n
 
   def body(xs_R, order_B):
     me = lax.axis_index(TOKEN_AXES)
