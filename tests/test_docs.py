@@ -1,6 +1,7 @@
 """The docs as published: the Python examples in README.md and docs/results/balance.md run and
 do what the text says, and every `python -m experiments.X ...` command in README.md and docs/
-names flags and config keys that exist, with values they accept.
+names flags and config keys that exist, with values they accept; every relative link between them
+resolves to a file and heading.
 
 Examples and commands are read from the Markdown files themselves, so an edit to the docs (or a
 renamed flag or config field) is tested as written. (docs/checkpoints.md's example runs at tiny
@@ -152,6 +153,47 @@ def _commands() -> list[tuple[str, str, tuple[str, ...]]]:
       raw = raw.replace("$i", "0").replace("=N ", "=2 ").replace("=RANK", "=0")
       found.setdefault((m.group(1), tuple(shlex.split(raw))), relpath)
   return [(relpath, module, args) for (module, args), relpath in found.items()]
+
+
+def _heading_slug(heading: str) -> str:
+  """The anchor GitHub gives a Markdown heading: lower case, links and punctuation dropped,
+  spaces as hyphens."""
+  text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
+  return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _without_code_blocks(text: str) -> str:
+  return re.sub(r"```.*?```", "", text, flags=re.S)
+
+
+def test_heading_slug_matches_githubs():
+  assert _heading_slug("Fifteenth round: jemalloc keeps XLA's buffers (2026-12-06, 08:35 UTC)") \
+      == "fifteenth-round-jemalloc-keeps-xlas-buffers-2026-12-06-0835-utc"
+  assert _heading_slug("Rollout decode: float32 against bfloat16 (`bench_rollout.py`)") \
+      == "rollout-decode-float32-against-bfloat16-bench_rolloutpy"
+
+
+def test_every_relative_link_in_the_docs_resolves():
+  """README.md and docs/ link each other by path and heading: a moved section or renamed
+  heading must not leave a dead link (web links are not checked: no network here)."""
+  dead, checked = [], 0
+  for relpath in DOCS:
+    path = ROOT / relpath
+    for m in re.finditer(r"\]\(([^)\s]+)\)", _without_code_blocks(path.read_text())):
+      target = m.group(1)
+      if re.match(r"[a-z]+:", target):
+        continue
+      checked += 1
+      file, _, anchor = target.partition("#")
+      dest = (path.parent / file).resolve() if file else path
+      if not dest.exists():
+        dead.append(f"{relpath}: ({target}): no such file")
+      elif anchor and dest.suffix == ".md" and anchor not in {
+          _heading_slug(h) for h in re.findall(r"^#+ (.*)$",
+                                               _without_code_blocks(dest.read_text()), re.M)}:
+        dead.append(f"{relpath}: ({target}): no such heading in {file or relpath}")
+  assert checked > 50, checked  # the pattern still finds the docs' links
+  assert not dead, "\n".join(dead)
 
 
 def test_the_docs_have_commands():
