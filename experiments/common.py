@@ -222,6 +222,19 @@ def predictor_lr_warning(config) -> str | None:
           "Adam (~1e-3 suits, as configs/tiny.py); watch bias_logit_ratio in the metrics")
 
 
+def predictor_idle_warning(config) -> str | None:
+  """PR2's predictor trains from the second mini-step of a rollout batch on (DESIGN §2; at the
+  first the policy has not moved, so there is no drift to fit); with one mini-step W_p stays
+  zero and the run routes and replays exactly as R3 (pr2) or R2 (pr2_r2)."""
+  rl = config.rl
+  if not rl.phases.uses_predictor or rl.off_policy_k > 1:
+    return None
+  same = "r3" if rl.replay_mode == "pr2" else "r2"
+  return (f"rl.replay_mode={rl.replay_mode!r} with rl.off_policy_k=1 never trains the predictor "
+          f"(it learns from the second mini-step on): W_p stays zero and the run is {same.upper()} "
+          f"with extra work; use off_policy_k >= 2 (or replay_mode={same!r})")
+
+
 def balance_mode_warning(config) -> str | None:
   """foresight plans from replayed routes; with replay_mode 'none' every learner phase routes
   live, so its plans are never used (the imbalance_* metrics are logged in every mode)."""

@@ -40,7 +40,8 @@ def main(argv):
   for flag in common.ineffective_overrides(sys.argv, config.rl.replay_mode):
     logging.warning("%s has no effect: rl.replay_mode=%r runs no predictor (pr2 and pr2_r2 do)",
                     flag, config.rl.replay_mode)
-  for warning in (common.predictor_lr_warning(config), common.balance_mode_warning(config)):
+  for warning in (common.predictor_lr_warning(config), common.predictor_idle_warning(config),
+                  common.balance_mode_warning(config)):
     if warning:
       logging.warning(warning)
   writer = common.MetricsWriter(_WORKDIR.value)

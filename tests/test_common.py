@@ -1,7 +1,7 @@
 """Tests for experiments/common.py's shell helpers: the progress log's throttle and ETA, the
-ineffective-flag and learning-rate warnings, source and machine records, the metrics writer,
-the run summary, and entry-point errors about devices and workdirs. (Flag and config-file
-plumbing: test_cli.)"""
+ineffective-flag, learning-rate and idle-predictor warnings, source and machine records, the
+metrics writer, the run summary, and entry-point errors about devices and workdirs. (Flag and
+config-file plumbing: test_cli.)"""
 
 import json
 import logging
@@ -110,6 +110,18 @@ def test_a_large_predictor_learning_rate_is_named():
       {**base, "pr2": {"lr_mult": 1.0}})) is None
   r3 = ExperimentConfig.from_dict({**base, "rl": {**base["rl"], "replay_mode": "r3"}})
   assert common.predictor_lr_warning(r3) is None  # no predictor
+
+
+def test_a_predictor_that_never_trains_is_named():
+  from pr2_jax.rl.config import ExperimentConfig
+  config = lambda **rl: ExperimentConfig.from_dict({"model": {}, "sft": {}, "pr2": {}, "rl": rl})
+  for mode, same in (("pr2", "r3"), ("pr2_r2", "r2")):
+    assert common.predictor_idle_warning(config(replay_mode=mode, off_policy_k=1)) == (
+        f"rl.replay_mode='{mode}' with rl.off_policy_k=1 never trains the predictor (it learns "
+        f"from the second mini-step on): W_p stays zero and the run is {same.upper()} with extra "
+        f"work; use off_policy_k >= 2 (or replay_mode='{same}')")
+    assert common.predictor_idle_warning(config(replay_mode=mode, off_policy_k=2)) is None
+  assert common.predictor_idle_warning(config(replay_mode="r3", off_policy_k=1)) is None
 
 
 def test_foresight_without_replay_is_named():

@@ -204,6 +204,23 @@ def test_min_gain_keeps_the_previous_layout(method):
 
 
 @pytest.mark.parametrize("method", pl.METHODS)
+def test_min_gain_threshold_is_the_peak_ratio(method):
+  """Step 5's rule, at its edge: the previous layout [[0, 1, 0], [2, 3, 3]] puts 3 + 55 = 58 on
+  device 0 and 66 + 22 = 88 on device 1; the new plan replicates experts 1 and 2 on both
+  devices and splits them to 146 / 2 = 73 each. 88 / 73 = 1.205: min_gain 0.2 moves, 0.21
+  keeps (a 17 % lower peak: "lower by more than a fraction" would have kept at 0.2)."""
+  loads, prev = np.array([[3, 55, 66, 22]], np.float32), np.array([[[0, 1, 0], [2, 3, 3]]])
+  new = pl.plan_placement(loads, 2, 3, stickiness=0.0, method=method)
+  np.testing.assert_allclose(np.asarray(new.device_load), [[73, 73]])
+  for min_gain, want_layout, want_load in ((0.2, new.slot_expert, [[73, 73]]),
+                                           (0.21, prev, [[58, 88]])):
+    got = pl.plan_placement(loads, 2, 3, previous=prev, min_gain=min_gain, stickiness=0.0,
+                            method=method)
+    np.testing.assert_array_equal(got.slot_expert, want_layout)
+    np.testing.assert_allclose(np.asarray(got.device_load), want_load, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", pl.METHODS)
 def test_no_recompilation_across_loads(method):
   """20 micro-steps, each planned from the last plan: one compiled entry (a jit's cache is
   shared by every jit of the same function, hence the local function)."""

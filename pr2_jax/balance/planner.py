@@ -37,8 +37,8 @@ recompiles. Per layer:
 4. Slots: experts a device held before keep their old slot index, so
    unchanged slots are not rewritten.
 5. Hysteresis (optional, `min_gain`): the previous layout, re-split for the
-   new loads, is kept (no transfers at all) unless the new plan lowers the
-   layer's peak device load by more than a fraction `min_gain`.
+   new loads, is kept (no transfers at all) unless its peak device load is
+   above (1 + `min_gain`) x the new plan's.
 6. Guard: a layer whose plan would make its busiest device busier than the
    static layout's falls back to the native layout; its redundant slots hold
    copies of other devices' experts with a zero share. So the layer's peak
@@ -218,8 +218,8 @@ def _plan_layer(load_E, prev_DS, *, num_devices, slots, stickiness, split_iters,
   peak = lambda l_DS: jnp.max(jnp.sum(l_DS, axis=1))  # noqa: E731
 
   if min_gain is not None:
-    # Step 5: keep the previous layout (re-split: no transfers) unless the new one
-    # lowers the peak by more than min_gain; needs every expert placed there.
+    # Step 5: keep the previous layout (re-split: no transfers) unless its peak is above
+    # (1 + min_gain) x the new one's; needs every expert placed there.
     prev_ok = jnp.all(prev_DS >= 0) & jnp.all(
         jnp.bincount(jnp.maximum(prev_DS.reshape(-1), 0), length=num_experts) > 0)
     prev_load_DS = _resplit(load_E, prev_DS, split_iters)
@@ -282,8 +282,9 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
       balance (heavy replicas stack; docs/results/balance.md, "Heavy skew"); larger = fewer.
     split_iters: water-filling rounds of the token split (0 = proportional); more get
       closer to a layout's best split, at a cost in planner time.
-    min_gain: None = off; else keep the previous layout unless the new plan
-      lowers the peak device load by more than this fraction (step 5).
+    min_gain: None = off; else keep the previous layout unless its peak device load,
+      re-split for these loads, is above (1 + min_gain) x the new plan's (step 5): with 0.2
+      experts move only for a peak more than 1 - 1/1.2 = 17 % lower.
     method: step 2's placement: "rounds" (default; S rounds of D with the home rule,
       `rounds.py`) or "lpt" (one replica at a time, with reservations; 2-2.5x slower
       on CPU). On the bench traces rounds balanced better than LPT at equal stickiness and
