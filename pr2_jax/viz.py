@@ -16,7 +16,7 @@ from pr2_jax.balance import imbalance
 
 PANELS = (
     ("reward", ("reward_mean", "eval_reward")),
-    ("mismatch", ("k3_kl", "extreme_frac")),
+    ("mismatch", ("k3_kl", "extreme_frac", "old_k3_kl")),
     ("ratio", ("ratio_mean", "ratio_var", "clip_frac_low", "clip_frac_high")),
     ("routing", ("topk_agreement", "zero_dev_ratio", "coverage_gap")),
     ("optimisation", ("grad_norm", "entropy", "response_len")),

@@ -261,6 +261,7 @@ def _code_row_keys(replay_mode: str, balance_mode: str, eval_step: bool) -> set[
                               imbalance_ML={m: np.ones((2, num_layers)) for m in balancing.MODES},
                               layouts_MLDS=layouts, planner_ms=1.0)
   row.update(balancer.summary(phase, phase, 1.0, 0.0, balancing.StepState())[0])
+  row.update(learner.mismatch_row(stats["mismatch"], "old_"))  # Engine.rl_step: the old pass's
   if replay_mode in PR2_MODES:  # Engine.rl_step
     row["feature_cache_bytes"] = 0
   row.update(phase="rl", step=1, elapsed_s=0.0)  # loop.run

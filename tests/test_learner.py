@@ -77,10 +77,9 @@ def _assert_updates_close(new, ref, before, tol=1e-5):
 
 def _prepare(model, config, params, batch, chunks):
   micro = data.split_micro(batch, chunks)
-  old_logp, routes, _, _ = learner.old_logprob_pass(_learner(model, config, None), params, None,
-                                                    micro)
-  micro["old_logp"] = old_logp
-  micro["replay_routes"] = routes if config.replay_mode == "r2" else micro["rollout_routes"]
+  old = learner.old_logprob_pass(_learner(model, config, None), params, None, micro)
+  micro["old_logp"] = old.logp
+  micro["replay_routes"] = old.routes if config.replay_mode == "r2" else micro["rollout_routes"]
   return micro
 
 
@@ -158,11 +157,20 @@ def test_bf16_rollout_shows_mismatch():
   log-prob gaps themselves: a float64 numpy oracle of the float32 training forward (routes
   replayed, as R3 does) against the bf16 engine's µ gives k3 = mean(r - 1 - Δ), r = e^Δ, over
   the response tokens. The gaps are bf16 rounding (|Δ| ~ 1e-3, k3 ~ Δ²/2 ~ 1e-7), far from
-  ln 2, so no token is extreme; a float32 rollout's k3 is < 1e-9 (the test above)."""
+  ln 2, so no token is extreme; a float32 rollout's k3 is < 1e-9 (the test above).
+  The old-log-prob pass reports the same four over the whole batch as old_*: its π_old is the
+  first mini-step's π_θ on the same tokens."""
   model, tx, state, batch = _rollout("bfloat16")
   config = _rl(replay_mode="r3")
-  _, m = learner.update_step(_learner(model, config, tx), state,
-                             _prepare(model, config, state.params, batch, 1))
+  micro = data.split_micro(batch, 1)
+  old = learner.old_logprob_pass(_learner(model, config, None), state.params, None, micro)
+  micro.update(old_logp=old.logp, replay_routes=micro["rollout_routes"])
+  _, m = learner.update_step(_learner(model, config, tx), state, micro)
+  assert set(old.mismatch) == {"old_k3_kl", "old_extreme_frac", "old_mismatch_ratio_mean",
+                               "old_mismatch_ratio_var"}
+  for key, value in old.mismatch.items():
+    np.testing.assert_allclose(float(value), float(m[key.removeprefix("old_")]), rtol=1e-5,
+                               err_msg=key)
   mask_BT = np.asarray(batch["response_mask"][:, 1:]) > 0
   delta = (_hand_logp(model, state.params, batch)[1]
            - np.float64(batch["rollout_logp"][:, 1:]))[mask_BT]
@@ -355,7 +363,7 @@ def test_temperature_divides_the_learner_logits():
   mask = m0["response_mask"][:, 1:] > 0
   assert np.abs(want - at_one)[mask].max() > 1e-2  # 0.7 is far from 1 for this model
   old_logp = learner.old_logprob_pass(_learner(model, config, None), state.params, None,
-                                      micro)[0]
+                                      micro).logp
   np.testing.assert_allclose(np.asarray(old_logp[0])[mask], want[mask], rtol=1e-5, atol=1e-5)
   # µ := the hand log-probs, so the update's ratio π_θ/µ is 1 only if π_θ uses 0.7 too.
   micro["old_logp"], micro["replay_routes"] = old_logp, micro["rollout_routes"]
@@ -373,7 +381,7 @@ def test_replay_modes_choose_routes():
   batch = {**batch, "rollout_routes": foreign}
   micro = data.split_micro(batch, 1)
   old = lambda mode: learner.old_logprob_pass(_learner(model, _rl(replay_mode=mode), None),
-                                             state.params, None, micro)[1]
+                                             state.params, None, micro).routes
   routes_r3 = old("r3")
   np.testing.assert_array_equal(np.asarray(routes_r3), micro["rollout_routes"])
   routes_r2, routes_none = old("r2"), old("none")
@@ -695,12 +703,12 @@ def test_pr2_old_pass_replays_the_rollout_and_caches_nothing():
   micro = data.split_micro({k: v for k, v in batch.items()
                             if k not in ("feature_h", "feature_p")}, 1)
   w = jax.random.normal(jax.random.key(5), state.predictor.shape)
-  logp, routes, feats, _ = learner.old_logprob_pass(_pr2_learner(model, tx, pred_tx, "pr2"),
-                                                     state.params, w, micro)
+  logp, routes, feats, _, _ = learner.old_logprob_pass(_pr2_learner(model, tx, pred_tx, "pr2"),
+                                                        state.params, w, micro)
   assert feats is None
   np.testing.assert_array_equal(np.asarray(routes), np.asarray(micro["rollout_routes"]))
-  r3_logp, _, _, _ = learner.old_logprob_pass(_learner(model, _rl(replay_mode="r3"), tx),
-                                              state.params, None, micro)
+  r3_logp = learner.old_logprob_pass(_learner(model, _rl(replay_mode="r3"), tx),
+                                     state.params, None, micro).logp
   np.testing.assert_array_equal(np.asarray(logp), np.asarray(r3_logp))
 
 
@@ -711,8 +719,8 @@ def test_pr2_r2_predicts_in_the_old_logprob_pass():
   micro = data.split_micro({k: v for k, v in batch.items()
                             if k not in ("feature_h", "feature_p")}, 1)
   w = jax.random.normal(jax.random.key(5), state.predictor.shape)
-  old_logp, routes, (h, p), _ = learner.old_logprob_pass(lr, state.params, w, micro)
-  _, routes_live, _, _ = learner.old_logprob_pass(lr, state.params, jnp.zeros_like(w), micro)
+  old_logp, routes, (h, p), _, _ = learner.old_logprob_pass(lr, state.params, w, micro)
+  routes_live = learner.old_logprob_pass(lr, state.params, jnp.zeros_like(w), micro).routes
   assert not np.array_equal(np.asarray(routes), np.asarray(routes_live))
   m0 = jax.tree.map(lambda x: x[0], micro)
   # π_old is the training forward's: R̂ replayed, gated by ρ (the predictor only picks R̂), so
@@ -860,7 +868,8 @@ def _balanced_run(mode, micro, capacity_mode="bucket", fsdp=False):
                                balancing.layout_kind(mode, True), capacity_mode == "bucket", 2,
                                TOKENS_PER_SHARD)
   plan = step_plan if mode == "eplb_step" else None
-  old_logp, _, _, old_dropped = old_fn(state.params, None, micro, plan, capacity=phase.capacity)
+  old_logp, _, _, old_dropped, _ = old_fn(state.params, None, micro, plan,
+                                          capacity=phase.capacity)
   micro = {**micro, "old_logp": old_logp, "replay_routes": micro["rollout_routes"]}
   before = jax.device_get(state.params)  # the update donates the state
   new, metrics = update_fn(state, micro, jnp.asarray(False), plan, phase.capacity)

@@ -19,7 +19,7 @@ from pr2_jax.rl.config import ExperimentConfig, PR2Config, RLConfig, SetupError,
 from pr2_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
 from test_checkpoint import corrupt, flip_bytes
 
-REQUIRED_KEYS = {"step", "phase", "reward_mean", "response_len", "entropy", "k3_kl",
+REQUIRED_KEYS = {"step", "phase", "reward_mean", "response_len", "entropy", "k3_kl", "old_k3_kl",
                  "extreme_frac", "ratio_mean", "ratio_var", "clip_frac_low", "clip_frac_high",
                  "grad_norm", "topk_agreement", "zero_dev_ratio", "coverage_gap",
                  "topk_agreement_per_layer", "zero_dev_ratio_per_layer", "coverage_gap_per_layer"}
@@ -173,10 +173,10 @@ def test_the_update_replays_the_old_pass_routes_in_r2_and_the_rollouts_in_r3(mon
     seen["rollout"] = np.asarray(jax.device_get(micro["rollout_routes"]))
 
     def old(*args, **kwargs):
-      logp, routes, feats, dropped = old_fn(*args, **kwargs)
-      shifted = (routes + 1) % num_experts
+      old = old_fn(*args, **kwargs)
+      shifted = (old.routes + 1) % num_experts
       seen["old_pass"] = np.asarray(jax.device_get(shifted))
-      return logp, shifted, feats, dropped
+      return old._replace(routes=shifted)
 
     def update(state, mini, *args):
       seen["replay"].append(np.asarray(jax.device_get(mini["replay_routes"])))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,12 +114,31 @@ def forward_logprobs(model: MoETransformer, params, seq: dict, routes, temperatu
   return losses.token_logprobs(logits_BTV, targets_BT), losses.token_entropies(logits_BTV), out
 
 
-def old_logprob_pass(lr: Learner, params, predictor, batch: dict, step_plan=None,
-                     capacity=None):
-  """π_old over every micro-batch [N, b, ...].
+class OldPass(NamedTuple):
+  """What `old_logprob_pass` gives, per micro-batch [N, ...] unless said."""
+  logp: jax.Array  # π_old's log-probs of the sampled tokens [N, b, T]
+  routes: jax.Array  # the routes the pass used [N, b, S, L, K]
+  feats: tuple | None  # PR2-R2's features (h_old, p_old), else None
+  dropped: jax.Array  # (token, k) pairs over `capacity` [N]
+  # π_old against µ over the whole batch: the training engine at the rollout's weights, so the
+  # pure train–inference mismatch (the update's `k3_kl` adds the policy's movement after
+  # mini-step 1). Keys as `mismatch_row(..., "old_")` names them.
+  mismatch: dict
 
-  Returns (old_logp [N, b, T], routes used, feats, dropped [N] (token, k) pairs
-  over `capacity`). `step_plan` is eplb_step's plan; `capacity` is static.
+
+def mismatch_row(sums: dict, prefix: str = "") -> dict:
+  """`metrics.mismatch_from_sums` under the metrics row's names: k3_kl, extreme_frac,
+  mismatch_ratio_mean, mismatch_ratio_var (each after `prefix`)."""
+  return {prefix + (f"mismatch_{k}" if k.startswith("ratio") else k): v
+          for k, v in metrics.mismatch_from_sums(sums).items()}
+
+
+def old_logprob_pass(lr: Learner, params, predictor, batch: dict, step_plan=None,
+                     capacity=None) -> OldPass:
+  """π_old over every micro-batch [N, b, ...], as an `OldPass`.
+
+  `step_plan` is eplb_step's plan; `capacity` is static (`dropped` counts what
+  went over it).
 
   Runs micro-batch by micro-batch with the same forward as the update, so with
   equal routes and dtype π_old and the first mini-step's π_θ agree. In 'pr2_r2'
@@ -139,9 +158,13 @@ def old_logprob_pass(lr: Learner, params, predictor, batch: dict, step_plan=None
       dtype = jnp.dtype(lr.pr2.feature_dtype)
       feats = (gather_slots(out.router_inputs, micro["feature_slots"]).astype(dtype),
                gather_slots(out.router_logits, micro["feature_slots"]).astype(dtype))
-    return None, (logp, out.routes, feats, out.dropped.sum())
+    mismatch = metrics.mismatch_sums(logp, micro["rollout_logp"][:, 1:],
+                                     micro["response_mask"][:, 1:])
+    return None, (logp, out.routes, feats, out.dropped.sum(), mismatch)
 
-  return jax.lax.scan(one, None, batch)[1]
+  logp, routes, feats, dropped, sums = jax.lax.scan(one, None, batch)[1]
+  return OldPass(logp, routes, feats, dropped,
+                 mismatch_row(jax.tree.map(lambda x: jnp.sum(x, 0), sums), "old_"))
 
 
 def micro_step(lr: Learner, params, predictor, micro: dict, denoms: dict, step_plan=None,
@@ -239,8 +262,7 @@ def minibatch_metrics(stats: dict, grads) -> dict:
          "aux_loss": stats["aux_loss"],
          "grad_norm": optax.tree.norm(grads),
          **losses.loss_stats_from_sums(stats["loss_sums"]),
-         **{f"mismatch_{k}" if k.startswith("ratio") else k: v
-            for k, v in metrics.mismatch_from_sums(stats["mismatch"]).items()},
+         **mismatch_row(stats["mismatch"]),
          **metrics.routing_from_sums(stats["routing"])}
   if "routing_replayed" in stats:
     out.update({f"replayed_{k}": v

@@ -228,12 +228,13 @@ class Engine:
     old_fn, update_fn = self.learner_fns(micro)
     bal = self.balancer
     plan, old_phase, self.balance_state, eplb_ms = bal.plan_old_pass(micro, self.balance_state)
-    micro["old_logp"], routes_used, feats, old_dropped = old_fn(
-        state.params, state.predictor, micro, bal.step_plan_arg(plan), capacity=old_phase.capacity)
-    micro["replay_routes"] = (routes_used if rl.phases.update_replays_old_pass
+    old = old_fn(state.params, state.predictor, micro, bal.step_plan_arg(plan),
+                 capacity=old_phase.capacity)
+    micro["old_logp"] = old.logp
+    micro["replay_routes"] = (old.routes if rl.phases.update_replays_old_pass
                               else micro["rollout_routes"])
     if rl.phases.predicts_at_old_pass:  # PR2-R2: the features come from the old pass
-      micro["feature_h"], micro["feature_p"] = feats
+      micro["feature_h"], micro["feature_p"] = old.feats
     phase = bal.plan_update(micro, plan, old_phase)
     per_mini = []
     for i in range(rl.off_policy_k):
@@ -243,8 +244,9 @@ class Engine:
       per_mini.append(m)
     summary = self._summarise(per_mini, rewards, response_len)
     balance, self.balance_state = bal.summary(old_phase, phase, eplb_ms,
-                                              float(to_host(old_dropped).sum()), self.balance_state)
+                                              float(to_host(old.dropped).sum()), self.balance_state)
     summary.update(balance)
+    summary.update(metrics.flatten_for_json(to_host(old.mismatch)))
     if self.pr2_mode:
       summary["feature_cache_bytes"] = int(micro["feature_h"].nbytes + micro["feature_p"].nbytes)
     return state, summary
