@@ -105,6 +105,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   unknown `--config.*` key) or a --config file that does not load is one `error:` line naming
   it, exit code 2, not a traceback. `--help` (and `--helpfull`, ...) exits 0, not absl's 1:
   asking for help is not a failure (`... --help && ...` goes on)."""
+  _one_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except SystemExit as e:  # absl's help flags print the help and exit 1; nothing else exits
@@ -120,6 +121,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def define_config(default: str, help_text: str):
   """`config_flags.DEFINE_config_file("config", ...)`. Without `--config` on the command line,
   ml_collections applies the `--config.*` overrides here, at definition, not in parse_flags."""
+  _one_config_file(sys.argv)
   try:
     return config_flags.DEFINE_config_file("config", default, help_text)
   except (AttributeError, KeyError) as e:
@@ -165,14 +167,26 @@ def _unknown_config_key(e: Exception, argv: list[str]):
   exit_with_error(f"unknown config key {message} (in {' '.join(given)})")
 
 
+def _config_files(argv: list[str]) -> list[str]:
+  """Every file a `--config` on the command line names, in order."""
+  return [arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1]
+          for i, arg in enumerate(argv[1:], 1)
+          if arg.startswith("--config=") or (arg == "--config" and i + 1 < len(argv))]
+
+
+def _one_config_file(argv: list[str]):
+  """Two `--config`s run the last file but check the `--config.*` overrides against the first
+  (an unknown key, or absl's "defined twice"): say what is wrong instead."""
+  files = _config_files(argv)
+  if len(files) > 1:
+    exit_with_error(f"--config given {len(files)} times ({', '.join(files)}): give one config "
+                    "file and change its fields with --config.KEY=VALUE")
+
+
 def _config_path(argv: list[str]) -> str:
   """The config file the command line names (its last --config), else the flag's default."""
-  path = None
-  for i, arg in enumerate(argv[1:], 1):
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1]
-    elif arg == "--config" and i + 1 < len(argv):
-      path = argv[i + 1]
+  files = _config_files(argv)
+  path = files[-1] if files else None
   if path is None and "config" in flags.FLAGS:
     path = flags.FLAGS["config"].config_filename
   return path or "?"

@@ -147,6 +147,11 @@ _CONFIG_FILES = {"syntax.py": "def get_config(:\n", "noget.py": "x = 1\n",
      "configs/tiny.py"),
     (["--config.seed.x=1"], "unknown config key 'seed.x': seed is of type int, not a section "
      "with fields (in --config.seed.x=1)"),
+    # Was "unknown config key 'hf_checkpoint'" (checked against the first file, which does not
+    # have it) or absl's "The flag 'config.rl.num_steps' is defined twice".
+    (["--config=configs/tiny.py", "--config", "configs/hf_pr2.py", "--config.rl.num_steps=1"],
+     "--config given 2 times (configs/tiny.py, configs/hf_pr2.py): give one config file and "
+     "change its fields with --config.KEY=VALUE"),
 ])
 def test_a_config_file_or_key_that_gives_no_config_is_one_error_line(tmp_path, args, message):
   import _cli

@@ -25,6 +25,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"num_processes": 2}, "coordinator_address"),
     ({"num_processes": 2, "coordinator_address": "127.0.0.1:1", "process_id": 2}, "process_id=2"),
     ({"num_processes": 2, "coordinator_address": "localhost"}, "host:port"),
+    # Half a multi-process command: this host would train alone.
+    ({"coordinator_address": "127.0.0.1:1", "process_id": 1},
+     r"coordinator_address='127.0.0.1:1', process_id=1 set for a single process \(num_processes=0\)"),
+    ({"coordinator_address": "127.0.0.1:1"}, "set for a single process"),
+    ({"process_id": 0, "num_processes": 1}, r"process_id=0 set for a single process"),
 ])
 def test_config_rejects_bad_settings(kwargs, match):
   with pytest.raises(ValueError, match=match):

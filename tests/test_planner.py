@@ -218,6 +218,11 @@ def test_min_gain_threshold_is_the_peak_ratio(method):
                             method=method)
     np.testing.assert_array_equal(got.slot_expert, want_layout)
     np.testing.assert_allclose(np.asarray(got.device_load), want_load, rtol=1e-6)
+  # A layout with EMPTY slots (the native one, or None) is never kept: the plan is the fresh one.
+  for previous in (None, np.array([[[0, 1, -1], [2, 3, -1]]])):
+    got = pl.plan_placement(loads, 2, 3, previous=previous, min_gain=100.0, stickiness=0.0,
+                            method=method)
+    np.testing.assert_array_equal(got.slot_expert, new.slot_expert)
 
 
 @pytest.mark.parametrize("method", pl.METHODS)

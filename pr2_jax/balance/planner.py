@@ -38,7 +38,8 @@ recompiles. Per layer:
    unchanged slots are not rewritten.
 5. Hysteresis (optional, `min_gain`): the previous layout, re-split for the
    new loads, is kept (no transfers at all) unless its peak device load is
-   above (1 + `min_gain`) x the new plan's.
+   above (1 + `min_gain`) x the new plan's; only a layout with every slot
+   filled and every expert placed (a plan's) qualifies.
 6. Guard: a layer whose plan would make its busiest device busier than the
    static layout's falls back to the native layout; its redundant slots hold
    copies of other devices' experts with a zero share. So the layer's peak
@@ -284,7 +285,9 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
       closer to a layout's best split, at a cost in planner time.
     min_gain: None = off; else keep the previous layout unless its peak device load,
       re-split for these loads, is above (1 + min_gain) x the new plan's (step 5): with 0.2
-      experts move only for a peak more than 1 - 1/1.2 = 17 % lower.
+      experts move only for a peak more than 1 - 1/1.2 = 17 % lower. Only a previous layout
+      with every slot filled (a `Plan`'s) can be kept: with None (native) or EMPTY slots the
+      new plan is always taken.
     method: step 2's placement: "rounds" (default; S rounds of D with the home rule,
       `rounds.py`) or "lpt" (one replica at a time, with reservations; 2-2.5x slower
       on CPU). On the bench traces rounds balanced better than LPT at equal stickiness and

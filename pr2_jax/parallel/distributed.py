@@ -41,6 +41,15 @@ class DistributedConfig:
     if self.process_id >= max(self.num_processes, 1) and self.num_processes:
       raise ValueError(f"process_id={self.process_id} must be below num_processes="
                        f"{self.num_processes}")
+    # A host whose command lost --num_processes would otherwise train alone, writing into the
+    # workdir the other processes share while process 0 waits for it.
+    given = [f"{name}={value!r}" for name, value, unset in (
+        ("coordinator_address", self.coordinator_address, ""),
+        ("process_id", self.process_id, -1)) if value != unset]
+    if given and self.num_processes <= 1 and not self.auto_detect:
+      raise ValueError(f"{', '.join(given)} set for a single process (num_processes="
+                       f"{self.num_processes}): give num_processes (the total) for a "
+                       "multi-process run, or auto_detect, or drop them")
     if self.coordinator_address and ":" not in self.coordinator_address:
       raise ValueError(f"coordinator_address={self.coordinator_address!r} must be host:port")
 
