@@ -212,7 +212,10 @@ def test_cli_unknown_config_key_without_config_flag(tmp_path):
 
 
 def test_cli_config_file_that_does_not_load(tmp_path):
-  code, err = _cli(f"--workdir={tmp_path}", "--config=configs/nope.py")
+  proc = subprocess.run([sys.executable, "-m", "experiments.main", f"--workdir={tmp_path}",
+                         "--config=configs/nope.py"], cwd=REPO, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  code, err = proc.returncode, proc.stderr
   assert code == 2 and "Traceback" not in err, err
   assert err.startswith("error: bad --config: ") and "configs/nope.py" in err
   assert len(err.strip().splitlines()) == 1
