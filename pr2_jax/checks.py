@@ -3,7 +3,7 @@
 Two kinds, so that no check ever costs a jitted caller anything:
   * static checks of shapes and dtypes (`check_shape`, `check_int_dtype`): they read only what
     tracing knows, so they also run, for free, when the caller is jitted;
-  * value checks (`check_ids`, `check_finite`) on host numpy: they pass over
+  * value checks (`check_ids`, `check_finite`, ...) on host numpy: they pass over
     any array `is_concrete` says cannot be read (a tracer inside jit, where
     reading would be a device-to-host sync, or an array this process holds
     only part of). Jitted callers check their inputs on the host before the call.
@@ -115,6 +115,22 @@ def check_finite(name: str, x, why: str = "", low: float | None = None) -> None:
     idx = tuple(int(i) for i in bad[0])
     what = "not finite" if low is None else f"not a finite number >= {low:g}"
     raise ValueError(f"{name}{list(idx)} = {a[idx]} is {what}" + (f" ({why})" if why else ""))
+
+
+def check_distribution(name: str, probs, what: str) -> None:
+  """Concrete rows [..., E] (no-op otherwise) are probability distributions: finite, >= 0 and
+  summing to 1 within 0.01 (float32 or bfloat16 rounding passes). Logits passed where
+  probabilities belong would otherwise be gathered or summed as probabilities, silently.
+  `what` names the rows in the message, e.g. "the router's softmax ρ over the experts"."""
+  check_finite(name, probs, what, low=0)
+  if not is_concrete(probs):
+    return
+  sums = np.asarray(probs, np.float64).sum(-1)
+  bad = np.argwhere(np.abs(sums - 1.0) > 1e-2)
+  if bad.size:
+    idx = tuple(int(i) for i in bad[0])
+    raise ValueError(f"{name}{list(idx)} sums to {sums[idx]:.4g}, expected 1: {what} "
+                     "(not its logits)")
 
 
 def check_count(name: str, x) -> None:

@@ -145,3 +145,15 @@ def test_check_finite_with_a_lower_bound_still_refuses_nan_and_inf():
   for bad, shown in ((np.nan, "nan"), (np.inf, "inf")):
     with pytest.raises(ValueError, match=rf"loads\[1\] = {shown} is not a finite number >= 0"):
       checks.check_finite("loads", np.array([1.0, bad]), low=0)
+
+
+def test_check_distribution_wants_rows_that_sum_to_one_and_passes_over_tracers():
+  """Rows summing to 1 within 0.01 pass (rounding); logits (or a negative entry) are refused
+  naming the row; inside jit nothing is read."""
+  probs = np.array([[0.25, 0.75], [0.5, 0.505]])
+  checks.check_distribution("p", probs, "what")
+  with pytest.raises(ValueError, match=r"p\[1\] sums to 3, expected 1: what \(not its logits\)"):
+    checks.check_distribution("p", np.array([[0.25, 0.75], [1.0, 2.0]]), "what")
+  with pytest.raises(ValueError, match=r"p\[0, 0\] = -1.0 is not a finite number >= 0 \(what\)"):
+    checks.check_distribution("p", np.array([[-1.0, 2.0]]), "what")
+  jax.jit(lambda p: checks.check_distribution("p", p, "what") or p)(jnp.full((1, 2), 3.0))

@@ -102,6 +102,21 @@ def test_bad_inputs_are_named():
     chunked_token_stats(hidden, kernel, targets, chunk=4, scale=float("nan"))
 
 
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, -0.0])
+def test_a_scale_that_is_not_positive_is_refused(bad):
+  """scale is 1 / temperature: -1 (the least likely tokens most likely) and 0 (every token
+  equally likely) ran silently. A positive scale gives the whole logits' values, under jit too."""
+  hidden, kernel, targets = _inputs()
+  with pytest.raises(ValueError, match=rf"chunked_token_stats.scale must be > 0, got {bad}"):
+    chunked_token_stats(hidden, kernel, targets, chunk=4, scale=bad)
+  want = _full(hidden, kernel, targets, 2.0)
+  for got in (chunked_token_stats(hidden, kernel, targets, chunk=4, scale=2.0),
+              jax.jit(lambda h: chunked_token_stats(h, kernel, targets, chunk=4, scale=2.0))(
+                  hidden)):
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+
 def test_no_positions_give_empty_stats():
   """T = 0 as `token_logprobs` has it: [B, 0] results (the chunk of min(chunk, T) positions
   was 0, a ZeroDivisionError)."""

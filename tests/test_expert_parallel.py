@@ -210,6 +210,22 @@ def test_capacity_factor_sets_capacity():
   assert int(dropped) >= 24
 
 
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_capacity_factor_outside_model_configs_range_is_refused(bad):
+  """-1 ran as dropless (capacity_for reads any factor <= 0 so) and NaN or inf failed in int();
+  ModelConfig refuses them. 0 and 1 give their capacities, under jit too."""
+  x, ids, gates, w = _problem(seed=3, skew=True)
+  with pytest.raises(ValueError, match=rf"capacity_factor={bad} must be a finite number >= 0 "
+                                       r"\(0 = dropless\)"):
+    moe_experts(x, ids, gates, w, capacity_factor=bad)
+  counts = np.bincount(np.asarray(ids).reshape(-1), minlength=E)
+  for factor, dropped in ((0.0, 0), (1.0, int(np.maximum(counts - 8, 0).sum()))):
+    y, eager = moe_experts(x, ids, gates, w, capacity_factor=factor)
+    jitted = jax.jit(lambda x: moe_experts(x, ids, gates, w, capacity_factor=factor))(x)
+    assert int(eager) == int(jitted[1]) == dropped
+    np.testing.assert_allclose(jitted[0], y, rtol=1e-6, atol=1e-6)
+
 def test_bfloat16_compute_is_close_to_float32():
   """dtype=bfloat16 runs sharded and stays near the float32 result; output is float32."""
   x, ids, gates, w = _problem()

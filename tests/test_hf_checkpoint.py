@@ -374,6 +374,24 @@ def test_a_missing_directory_or_a_file_is_named_as_such(tmp_path):
     load_hf_checkpoint(str(tmp_path / "file"))
 
 
+
+def test_save_to_a_file_is_named_as_such_and_writes_nothing(tmp_path):
+  """os.makedirs raised a bare FileExistsError (NotADirectoryError under a file). A directory
+  that exists, or does not yet, is written as before: the same files, loading the same params."""
+  cfg, params = random_checkpoint(tmp_path / "ok")
+  (tmp_path / "file").write_text("not a checkpoint")
+  with pytest.raises(ValueError, match=r"output path '.*file' is a file, expected a directory"):
+    save_hf_checkpoint(cfg, params, str(tmp_path / "file"))
+  with pytest.raises(ValueError, match=r"output path '.*file/a/b' is under '.*file', which is a "
+                                       r"file, expected a directory"):
+    save_hf_checkpoint(cfg, params, str(tmp_path / "file" / "a" / "b"))
+  assert (tmp_path / "file").read_text() == "not a checkpoint"
+  save_hf_checkpoint(cfg, params, str(tmp_path / "new" / "dir"))
+  new = tmp_path / "new" / "dir"
+  assert sorted(os.listdir(new)) == sorted(os.listdir(tmp_path / "ok"))
+  for name in os.listdir(new):
+    assert (new / name).read_bytes() == (tmp_path / "ok" / name).read_bytes()
+
 def test_save_refuses_non_finite_params_and_keeps_the_old_checkpoint(tmp_path):
   """It wrote them, and load_hf_checkpoint then refused the checkpoint it had written."""
   cfg, params = random_checkpoint(tmp_path / "ok")

@@ -414,3 +414,39 @@ def test_a_kind_without_a_branch_raises_instead_of_running_as_gspo(monkeypatch):
   z = jnp.zeros((2, 3))
   with pytest.raises(NotImplementedError, match="policy_loss has no branch for 'new'"):
     losses.policy_loss("new", z, z, jnp.zeros(2), mask)
+
+
+@pytest.mark.parametrize("kind, shape, at", [("dapo", (2, 3), "1, 2"), ("gspo", (2,), "1")])
+@pytest.mark.parametrize("bad, shown", [(-1.0, "-1.0"), (float("nan"), "nan"),
+                                        (float("inf"), "inf")])
+def test_policy_losses_refuse_negative_or_non_finite_tis_weights(kind, shape, at, bad, shown):
+  """A -1 TIS weight flipped the sign of its token's (sequence's) loss, a NaN one made the loss
+  NaN, with no error. Weights the mask does not count may be anything (NaN at padding); the
+  loss is unchanged, and under jit the values are not read."""
+  z, adv, mask = jnp.zeros((2, 3)), jnp.array([1.0, 2.0]), jnp.ones((2, 3))
+  w = jnp.ones(shape).at[(1, 2)[:len(shape)]].set(bad)
+  with pytest.raises(ValueError, match=rf"is_weight_B\w*\[{at}\] = {shown} is not a finite "
+                                       r"number >= 0 \(a TIS weight"):
+    losses.policy_loss(kind, z, z, adv, mask, is_weight=w)
+  good, _ = losses.policy_loss(kind, z, z, adv, mask, is_weight=jnp.ones(shape))
+  np.testing.assert_allclose(good, -1.5, rtol=1e-6)  # ratio 1: −mean advantage
+  masked = mask.at[1].set(0.0)  # row 1 not counted: its weight is masked out
+  ref, _ = losses.policy_loss(kind, z, z, adv, masked, is_weight=jnp.ones(shape))
+  loss, _ = losses.policy_loss(kind, z, z, adv, masked, is_weight=w)
+  np.testing.assert_array_equal(loss, ref)
+  f = jax.jit(lambda w: losses.policy_loss(kind, z, z, adv, mask, is_weight=w)[0])
+  np.testing.assert_allclose(f(jnp.ones(shape)), good, rtol=1e-6)
+  f(w)  # unchecked by design, as masks are
+
+
+@pytest.mark.parametrize("kind", losses.POLICY_LOSS_KINDS)
+@pytest.mark.parametrize("bad, shown", [(float("nan"), "nan"), (-float("inf"), "-inf")])
+def test_policy_losses_refuse_non_finite_advantages(kind, bad, shown):
+  """A NaN advantage made the loss NaN with no error; a finite one still gives −mean A."""
+  z, mask = jnp.zeros((2, 3)), jnp.ones((2, 3))
+  with pytest.raises(ValueError, match=rf"adv_B\[1\] = {shown} is not finite \(a NaN or inf"):
+    losses.policy_loss(kind, z, z, jnp.array([1.0, bad]), mask)
+  loss, _ = losses.policy_loss(kind, z, z, jnp.array([1.0, -2.0]), mask)
+  np.testing.assert_allclose(loss, 0.5, rtol=1e-6)
+  f = jax.jit(lambda a: losses.policy_loss(kind, z, z, a, mask)[0])
+  np.testing.assert_allclose(f(jnp.array([1.0, -2.0])), 0.5, rtol=1e-6)

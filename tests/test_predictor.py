@@ -427,3 +427,18 @@ def test_topk_overlap_refuses_live_rows_and_float_ids():
     pred.topk_overlap(jnp.array([[[0, 1]]]), jnp.array([[[0, -1]]]), jnp.ones(1))
   with pytest.raises(ValueError, match="b_NLK has dtype float32, expected integer expert ids"):
     pred.topk_overlap(jnp.array([[[0, 1]]]), jnp.array([[[0.0, 1.0]]]), jnp.ones(1))
+
+
+@pytest.mark.parametrize("bad, shown", [(-1.0, "-1.0"), (float("nan"), "nan"),
+                                        (float("inf"), "inf")])
+def test_topk_overlap_refuses_negative_or_non_finite_weights(bad, shown):
+  """Weights [1, -1] gave an overlap of 1.0 for tokens agreeing on 2/2 and 0/2 routes, silently;
+  predictor_loss already refused them. Weights >= 0 give the hand-worked values, under jit too
+  (where the weights are not read)."""
+  a = jnp.array([[[0, 1]], [[2, 3]]])
+  b = jnp.array([[[0, 1]], [[4, 5]]])
+  with pytest.raises(ValueError, match=rf"weight_N\[1\] = {shown} is not a finite number >= 0 "
+                                       r"\(a position's weight"):
+    pred.topk_overlap(a, b, jnp.array([1.0, bad]))
+  np.testing.assert_allclose(pred.topk_overlap(a, b, jnp.array([1.0, 1.0])), [0.5])
+  np.testing.assert_allclose(jax.jit(pred.topk_overlap)(a, b, jnp.array([1.0, 3.0])), [0.25])

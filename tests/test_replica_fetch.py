@@ -43,6 +43,20 @@ def test_fetch_plan_hand_worked():
     rf.fetch_slabs(fits_map, 4, 3)
 
 
+@pytest.mark.parametrize("bad", [4, 9, -1])
+def test_fetch_slabs_refuses_expert_ids_outside_the_experts(bad):
+  """[0, 1, 0, 2, 3, 9] on E=4 counted 2 slabs, silently (expert 9's owner, shard 4, does not
+  exist); a runnable map has no EMPTY slot either. A valid map still counts 2, under jit too."""
+  with pytest.raises(ValueError, match=rf"slot_expert_X\[5\] = {bad} is outside "
+                                       r"\[0, num_experts=4\)"):
+    rf.fetch_slabs(jnp.array([0, 1, 0, 2, 3, bad]), 4, 2)
+  with pytest.raises(ValueError, match=rf"slot_expert_X\[1, 5\] = {bad} is outside"):
+    rf.fetch_slabs(jnp.array([[0, 1, 3, 2, 3, 0], [0, 1, 0, 2, 3, bad]]), 4, 2)
+  good = jnp.array([0, 1, 0, 2, 3, 1])
+  assert int(rf.fetch_slabs(good, 4, 2)) == 2
+  assert int(jax.jit(rf.fetch_slabs, static_argnums=(1, 2))(good, 4, 2)) == 2
+
+
 def _swapped(num_shards, count):
   """Each shard's first `count` own experts swapped for its right neighbour's first `count`,
   plus a copy of its own first expert: every shard needs `count` slabs from one owner."""

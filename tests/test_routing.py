@@ -414,6 +414,26 @@ def test_gates_at_refuses_ids_outside_the_experts_and_shapes_that_disagree():
   assert jitted(jnp.asarray([[0, 9]] * 3)).shape == (3, 2)
 
 
+
+def test_gates_at_refuses_a_probs_row_that_is_not_a_distribution():
+  """Logits passed as probs_NE were gathered as gates (-2.3, -1.6), silently; routing_metrics
+  already refused them. A softmax gives the same gates as before; under jit probs are not read."""
+  ids = jnp.asarray([[0, 1], [3, 2], [1, 2]])
+  with pytest.raises(ValueError, match=r"probs_NE\[0, 0\] = -2.3\d* is not a finite number >= 0 "
+                                       r"\(the router's softmax"):
+    routing.gates_at(jnp.asarray(LOGITS), ids, False)
+  with pytest.raises(ValueError, match=r"probs_NE\[2\] sums to 1.25, expected 1: the router's "
+                                       r"softmax ρ over the experts \(not its logits\)"):
+    routing.gates_at(jnp.asarray(PROBS).at[2, 0].set(0.5), ids, True)
+  with pytest.raises(ValueError, match=r"probs_NE\[1, 3\] = nan is not a finite number"):
+    routing.gates_at(jnp.asarray(PROBS).at[1, 3].set(jnp.nan), ids, True)
+  want = np.take_along_axis(PROBS, np.asarray(ids), -1)
+  np.testing.assert_allclose(routing.gates_at(jnp.asarray(PROBS), ids, True),
+                             want / want.sum(-1, keepdims=True), rtol=1e-6)
+  traced = jax.jit(lambda p: routing.gates_at(p, ids, False))
+  np.testing.assert_allclose(traced(jnp.asarray(PROBS)), want, rtol=1e-6)
+  traced(jnp.asarray(LOGITS))  # unchecked by design: jitted callers pass their own softmax
+
 @pytest.mark.parametrize("bias, match", [
     (np.zeros((6, 7), np.float32), r"bias_NE has shape \(6, 7\), expected logits_NE's shape = "
                                    r"\(3, 4\)"),

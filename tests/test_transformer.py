@@ -504,6 +504,21 @@ def test_int64_routes_replay_as_int32():
     _eager(tokens, routes)
 
 
+@pytest.mark.parametrize("value, shown", [(np.nan, "nan"), (np.inf, "inf")])
+def test_eager_apply_refuses_a_non_finite_predictor(value, shown):
+  """A NaN or inf W_p gave NaN logits with no error (generate refused it, apply did not). Finite
+  weights give the jitted forward's logits; under jit the weights are not read."""
+  tokens = _tokens(10)
+  w = jax.random.normal(jax.random.PRNGKey(5), (L, 32, E)) * 3.0
+  with pytest.raises(ValueError, match=rf"predictor\[1, 2, 3\] = {shown} is not finite \(PR2"):
+    _eager(tokens, predictor=w.at[1, 2, 3].set(value))
+  ref = _jit_predict(True)(_params(), tokens, w)
+  out = _eager(tokens, predictor=w, return_router_logits=True, return_router_inputs=True)
+  np.testing.assert_array_equal(out.routes, ref.routes)
+  np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+  assert _traced(tokens, predictor=w.at[1, 2, 3].set(value)).logits.shape == (B, T, CFG.vocab_size)
+
+
 def _plan(slot_LDS, replica_count_LE=None):
   from pr2_jax.balance.planner import Plan
   slot_LDS = jnp.asarray(slot_LDS, jnp.int32)

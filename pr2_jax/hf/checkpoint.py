@@ -261,6 +261,18 @@ def plan_shards(sources: Mapping[layout.Path, layout.Source], itemsize: int,
   return shards
 
 
+def _check_output_dir(path: str) -> None:
+  """`path` is a directory or can be made one: os.makedirs raised a bare FileExistsError on a
+  file (NotADirectoryError under one), after the params had been checked and gathered."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):  # the nearest ancestor that exists (at worst, the root)
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = "" if existing == os.path.abspath(path) else f" is under {existing!r}, which"
+    raise ValueError(f"save_hf_checkpoint: output path {os.fspath(path)!r}{where} is a file, "
+                     "expected a directory")
+
+
 def _remove_old_checkpoint(path: str) -> None:
   # A stale single file or shard would shadow or mix with the new checkpoint.
   for name in os.listdir(path):
@@ -295,8 +307,9 @@ def save_hf_checkpoint(config: ModelConfig, params, path: str, *, dtype=None,
 
   Raises ValueError, before anything is written, on parameters that do not fit `config`,
   hold a NaN or inf (`load_hf_checkpoint` would refuse the checkpoint) or span other
-  processes' devices.
+  processes' devices, and on a `path` that is (or is under) a file.
   """
+  _check_output_dir(path)
   flat = traverse_util.flatten_dict(nn.unbox(params))
   check_params(config, flat)
   # device_get cannot fetch other processes' shards (it raises deep inside jax).

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import (as_array, check_finite, check_ids, check_int_dtype, check_rank,
-                            check_shape, check_top_k, is_concrete, require_concrete)
+from pr2_jax.checks import (as_array, check_distribution, check_finite, check_ids,
+                            check_int_dtype, check_rank, check_shape, check_top_k, is_concrete,
+                            require_concrete)
 
 LIVE = -1  # route entry meaning "let the live router choose"
 _MIN_GATE_SUM = 1e-18  # its square stays a normal float32: the division's gradient is finite
@@ -74,8 +75,10 @@ def gates_at(probs_NE: jax.Array, expert_ids_NK: jax.Array, norm_topk_prob: bool
   without logits: ρ_j / Σρ there is 0/0 = NaN, or its gradient -ρ_j / (Σρ)² overflows, and
   either poisons the whole step's gradient.
 
-  Raises ValueError on shapes that disagree (static) and on concrete ids outside [0, E) (a
-  gather gives them gate 0 silently).
+  Raises ValueError on shapes that disagree (static), on concrete ids outside [0, E) (a
+  gather gives them gate 0 silently) and on a concrete `probs_NE` row that is not a
+  distribution (NaN, inf or negative, or not summing to 1 within 0.01: logits passed by
+  mistake would be gathered as gates).
   """
   probs_NE, expert_ids_NK = as_array(probs_NE), as_array(expert_ids_NK)
   logits_NE = None if logits_NE is None else as_array(logits_NE)
@@ -84,6 +87,7 @@ def gates_at(probs_NE: jax.Array, expert_ids_NK: jax.Array, norm_topk_prob: bool
     check_shape("logits_NE", logits_NE, np.shape(probs_NE), "probs_NE's shape")
   check_int_dtype("expert_ids_NK", expert_ids_NK)
   check_ids(expert_ids_NK, "expert_ids_NK", 0, np.shape(probs_NE)[-1], "num_experts")
+  check_distribution("probs_NE", probs_NE, "the router's softmax ρ over the experts")
   return _gates_at(probs_NE, expert_ids_NK, norm_topk_prob, logits_NE)
 
 

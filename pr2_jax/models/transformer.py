@@ -24,7 +24,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pr2_jax.balance.planner import Plan
-from pr2_jax.checks import check_int_dtype, check_shape, is_concrete, require_concrete
+from pr2_jax.checks import (check_finite, check_int_dtype, check_shape, is_concrete,
+                            require_concrete)
 from pr2_jax.config import ModelConfig, check_int, storage_dtype
 from pr2_jax.models.experts import validate_slot_expert
 from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
@@ -153,8 +154,9 @@ def _check_inputs(cfg: ModelConfig, mesh: Mesh | None, tokens_BT, routes, *, pos
                   slot_expert, cache, predictor, logits: str) -> None:
   """`MoETransformer.__call__`'s input checks: shapes, ranks and layer counts statically (also
   under jit: JAX clamps out-of-range indexes and broadcasts, so a wrong layer count or shape
-  would otherwise run silently or fail deep inside a layer); token ids, routes and slot maps
-  only when concrete (jitted callers check on the host). Raises ValueError."""
+  would otherwise run silently or fail deep inside a layer); token ids, routes, slot maps and
+  the predictor's weights only when concrete (jitted callers check on the host). Raises
+  ValueError."""
   if np.ndim(tokens_BT) != 2:
     raise ValueError(f"tokens have shape {tuple(np.shape(tokens_BT))}, expected rank 2 [B, T]")
   b, t = tokens_BT.shape
@@ -169,6 +171,8 @@ def _check_inputs(cfg: ModelConfig, mesh: Mesh | None, tokens_BT, routes, *, pos
     check_routes_shape(routes, batch=b, length=t, num_layers=n_moe, top_k=cfg.top_k)
   if predictor is not None:
     check_shape("predictor", predictor, (n_moe, cfg.d_model, cfg.num_experts), "[L, D, E]")
+    # A NaN or inf weight routes every token by NaN scores and the logits come out NaN, silently
+    check_finite("predictor", predictor, "PR2 predictor weights W_p [L, D, E]")
   if slot_expert is not None:
     _check_slot_expert(slot_expert, cfg, mesh)
   if cache is not None:
@@ -273,7 +277,8 @@ class MoETransformer(nn.Module):
         buffer of a forward pass (151,936 columns: 0.6 MB per token).
 
     Raises ValueError on a wrong shape, rank or layer count (also under jit) and, on
-    eager calls only, on bad values: token ids, routes (`validate_routes`), cache index.
+    eager calls only, on bad values: token ids, routes (`validate_routes`), cache index, a
+    predictor holding a NaN or inf.
     """
     cfg = self.config
     _check_inputs(cfg, self.mesh, tokens_BT, routes, positions=positions, valid=valid,

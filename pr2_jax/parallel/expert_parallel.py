@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from pr2_jax.checks import check_ids, check_int_dtype, is_concrete
+from pr2_jax.checks import check_bound, check_ids, check_int_dtype, is_concrete
 from pr2_jax.config import EXPERT_IMPLS
 from pr2_jax.models import experts as ex
 from pr2_jax.models.grouped import fast_capacity, grouped_experts
@@ -183,7 +183,8 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
     expert_ids_NK, gates_NK: the routing (experts used and their gates).
     weights: per-expert weights [E, ...], sharded over 'expert'.
     impl: 'capacity' | 'ragged' | 'grouped' | 'dense'.
-    capacity_factor: capacity per slot relative to an even share; 0 = dropless.
+    capacity_factor: capacity per slot relative to an even share, a finite number >= 0
+      (as ModelConfig's); 0 = dropless.
     capacity: explicit static int capacity (overrides capacity_factor), e.g. a
       foresight bucket chosen on the host from the planned loads.
     slot_expert_X: int32 [P*S] slot -> expert map; None = identity, S = E/P. Each
@@ -194,10 +195,13 @@ def moe_experts(x_ND: jax.Array, expert_ids_NK: jax.Array, gates_NK: jax.Array,
     valid_N: bool [N], False on padding: its assignments go to no slot on every path (no
       buffer place, no expert work, y = 0) and are not counted in `dropped`, which counts
       only real assignments over capacity. None: every token is real.
-  Raises ValueError on bad shapes, and on ids or slot maps outside their range when
-  they are concrete (not traced).
+  Raises ValueError on bad shapes, a negative or non-finite capacity_factor, and on ids or
+  slot maps outside their range when they are concrete (not traced).
   """
   num_experts = weights.gate_SDF.shape[0]
+  # capacity_for reads a negative factor as dropless, and NaN or inf fail obscurely in its ceil
+  check_bound("capacity_factor", capacity_factor, 0.0, np.finfo(np.float64).max,
+              "a finite number >= 0 (0 = dropless)")
   _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, valid_N, weights,
                 impl)
   n_shards, P_ = num_token_shards(mesh), axis_size(mesh, EXPERT)

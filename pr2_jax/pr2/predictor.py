@@ -178,11 +178,13 @@ def topk_overlap(a_NLK: jax.Array, b_NLK: jax.Array, weight_N: jax.Array) -> jax
   b_NLK the same [N, L, K] (the overlap would otherwise depend on the argument order, or
   broadcast), weight_N [N]. Ids must be integers (static) and, when concrete, >= 0: a -1 row
   (the live router: no route) would match another -1 row. Ids are not checked against E.
-  Array-likes (nested lists) work too."""
+  Concrete weights must be finite and >= 0 (ValueError), as `predictor_loss`'s: a negative one
+  subtracts its position from the mean. Array-likes (nested lists) work too."""
   a_NLK, b_NLK, weight_N = as_array(a_NLK), as_array(b_NLK), as_array(weight_N)
   check_rank("a_NLK", a_NLK, 3, "[N, L, K]")
   check_shape("b_NLK", b_NLK, jnp.shape(a_NLK), "[N, L, K] of a_NLK")
   check_shape("weight_N", weight_N, jnp.shape(a_NLK)[:1], "[N] of a_NLK")
+  check_finite("weight_N", weight_N, "a position's weight in the mean; 0 leaves it out", low=0)
   for name, ids in (("a_NLK", a_NLK), ("b_NLK", b_NLK)):
     check_int_dtype(name, ids, "integer expert ids", ValueError)
     if is_concrete(ids) and np.any(np.asarray(ids) < 0):

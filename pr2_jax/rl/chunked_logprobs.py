@@ -37,7 +37,9 @@ def chunked_token_stats(hidden_BTD: jax.Array, kernel_DV: jax.Array, targets_BT:
     kernel_DV: the LM head (`transformer.lm_head_kernel`).
     targets_BT: int token ids in [0, V).
     chunk: positions per LM-head call, C >= 1 (T need not be a multiple; C > T means T).
-    scale: 1 / temperature, applied to the float32 logits as the learner does.
+    scale: 1 / temperature, a finite number > 0 (ValueError otherwise: a negative one makes
+      the least likely tokens the most likely, 0 all equally likely), applied to the float32
+      logits as the learner does.
     dtype: the matmul's dtype, the model's compute dtype (default: hidden's), as the model's
       own LM head computes it. The head's gradient is summed over chunks in float32.
     mesh: the rows' mesh, B split over its token axes ('data' x 'expert'). Each device then
@@ -54,7 +56,7 @@ def chunked_token_stats(hidden_BTD: jax.Array, kernel_DV: jax.Array, targets_BT:
   check_int("chunked_token_stats", "chunk", chunk)
   # A Python number, static for the jit below: XLA then drops a scale of 1, as it did when the
   # loop closed over it (a traced scale would be multiplied in at run time).
-  check_real("chunked_token_stats", "scale", scale)
+  check_real("chunked_token_stats", "scale", scale, 0, inclusive=False)
   # Static, before the int32 cast below, which would truncate float ids silently under jit.
   ids_dtype = targets_BT.dtype if hasattr(targets_BT, "dtype") else np.asarray(targets_BT).dtype
   if not jnp.issubdtype(ids_dtype, jnp.integer):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pr2_jax.checks import (check_bound, check_count, check_finite, check_ids, check_rank,
                             check_real_dtype, check_shape, is_concrete)
@@ -61,9 +62,25 @@ def _adv_BT(adv: jax.Array) -> jax.Array:
 
 # -- Input checks: shapes and dtypes are static (free under jit); values only when concrete --------
 
+_ADV_WHY = "a NaN or inf advantage makes the loss NaN"
+_WEIGHT_WHY = "a TIS weight: a negative one flips the gradient, a NaN one makes the loss NaN"
+
+
 def _check_clip(clip_low, clip_high) -> None:
   check_bound("clip_low", clip_low, 0.0, 1.0)  # 1 - clip_low is the lower ratio bound
   check_bound("clip_high", clip_high, 0.0)
+
+
+def _check_weight(name: str, weight_X, mask_BT, per_sequence: bool) -> None:
+  """TIS weights: real (static) and, when they and the mask are concrete, finite and >= 0 on
+  the tokens (or sequences) the mask counts. Elsewhere the loss masks them out: `tis_weights`
+  is NaN at padding, which must pass."""
+  check_real_dtype(name, weight_X)
+  if is_concrete(weight_X) and is_concrete(mask_BT):
+    counted = np.asarray(mask_BT, np.float64) > 0
+    counted = counted.any(axis=1) if per_sequence else counted
+    check_finite(name, np.where(counted, np.asarray(weight_X, np.float64), 1.0), _WEIGHT_WHY,
+                 low=0)
 
 
 # -- Diagnostics shared by the losses --------------------------------------------------------------
@@ -131,7 +148,8 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
       but the default denominator is max(Σ mask_BT, 1), a token count: pass `denom` for
       weights that sum below 1).
     clip_low, clip_high: ε_low in [0, 1], ε_high >= 0 of the asymmetric clip range.
-    is_weight_BT: optional TIS weights (see `tis_weights`), stop-gradient.
+    is_weight_BT: optional TIS weights (see `tis_weights`), stop-gradient; >= 0 where
+      mask_BT counts (elsewhere, e.g. NaN at padding, they are masked out).
     denom: token-mean denominator; default max(Σ mask_BT, 1) of this call (an all-masked
       call gives 0, not NaN). Pass the mini-batch's token count (`loss_denominator`) so
       micro-step losses add up to the mini-batch loss.
@@ -143,17 +161,19 @@ def dapo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
 
   Raises:
     ValueError: an input whose shape is not exactly the documented one (no
-      broadcasting), a concrete mask value that is NaN, inf or negative, or a concrete
-      `denom` that is not a finite count > 0.
+      broadcasting), a concrete mask value or counted `is_weight_BT` that is NaN, inf or
+      negative, a concrete advantage that is NaN or inf, or a concrete `denom` that is not
+      a finite count > 0.
     TypeError: log-probs or advantages that are not real numbers (e.g. complex).
   """
   b, t = check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
   if jnp.shape(adv_B) not in ((b,), (b, t)):
     raise ValueError(f"adv_B has shape {jnp.shape(adv_B)}, expected [B] = {(b,)} or "
                      f"[B, T] = {(b, t)}")
-  check_real_dtype("adv_B", adv_B)
+  check_finite("adv_B", adv_B, _ADV_WHY)
   if is_weight_BT is not None:
     check_shape("is_weight_BT", is_weight_BT, (b, t), "[B, T]")
+    _check_weight("is_weight_BT", is_weight_BT, mask_BT, per_sequence=False)
   check_count("denom", denom)
   _check_clip(clip_low, clip_high)
   mask_BT = _f32(mask_BT)
@@ -192,7 +212,8 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
       bfloat16's resolution for log-probs (its spacing near a log-prob of -1 is 2^-7 ≈ 8e-3,
       and a sequence ratio is a mean of their differences): pass float32 log-probs, or the
       clip range only sees rounding.
-    is_weight_B: optional per-sequence TIS weights (see `sequence_tis_weights`).
+    is_weight_B: optional per-sequence TIS weights (see `sequence_tis_weights`), >= 0 for
+      sequences with a non-empty mask.
     denom_seqs: sequence-mean denominator; default the number of sequences
       with a non-empty mask in this call. Pass the mini-batch's count for
       exact micro-step accumulation.
@@ -206,9 +227,10 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   """
   b, _ = check_BT_inputs(logp_BT, old_logp_BT, mask_BT)
   check_shape("adv_B", adv_B, (b,), "[B]", ": GSPO's advantage is per sequence")
-  check_real_dtype("adv_B", adv_B)
+  check_finite("adv_B", adv_B, _ADV_WHY)
   if is_weight_B is not None:
     check_shape("is_weight_B", is_weight_B, (b,), "[B]", ": GSPO's TIS weight is per sequence")
+    _check_weight("is_weight_B", is_weight_B, mask_BT, per_sequence=True)
   check_count("denom_seqs", denom_seqs)
   _check_clip(clip_low, clip_high)
   mask_BT = _f32(mask_BT)

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import (check_finite, check_ids, check_rank, check_real_dtype, check_shape,
-                            is_concrete)
+from pr2_jax.checks import (check_distribution, check_finite, check_ids, check_rank,
+                            check_real_dtype, check_shape)
 
 LN2 = math.log(2.0)
 NUM_DEV_BINS = 4  # deviation histogram bins: 0, 1, 2, ≥3 experts changed
@@ -119,14 +119,8 @@ def _check_routing_inputs(replayed_BTLK, current_BTLK, probs_BTLE, mask_BT) -> N
   if tuple(jnp.shape(mask_BT)) != shape[:2]:
     raise ValueError(f"mask has shape {jnp.shape(mask_BT)}, expected {shape[:2]} [B, T]")
   check_finite("mask_BT", mask_BT, _MASK_WHY, low=0)
-  check_finite("probs_BTLE", probs_BTLE, "the live router's softmax", low=0)
-  if is_concrete(probs_BTLE):  # router logits here gave a negative coverage gap, silently
-    sums_BTL = np.asarray(probs_BTLE, np.float64).sum(-1)
-    bad = np.argwhere(np.abs(sums_BTL - 1.0) > 1e-2)
-    if bad.size:
-      idx = tuple(int(i) for i in bad[0])
-      raise ValueError(f"probs_BTLE{list(idx)} sums to {sums_BTL[idx]:.4g}, expected 1: the "
-                       "live router's softmax ρ over the experts (not its logits)")
+  # Router logits here gave a negative coverage gap, silently
+  check_distribution("probs_BTLE", probs_BTLE, "the live router's softmax ρ over the experts")
   num_experts = jnp.shape(probs_BTLE)[-1]
   for name, ids in (("replayed_BTLK", replayed_BTLK), ("current_BTLK", current_BTLK)):
     check_ids(ids, name, -1, num_experts, "num_experts")
