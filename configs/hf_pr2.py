@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   p = c.pr2 = ml_collections.ConfigDict()  # predictor W_p [L, D, E]; L, D, E from config.json
   p.loss = "post"             # predictor objective: post | delta | l2
   p.lr_mult = 100.0           # α: predictor lr = α × rl.learning_rate (α·η = 1e-3 suits Adam)
+  p.adam_eps = 1e-3           # predictor's Adam ε: smaller gradients (rounding noise of an
+                              # undrifted router) take proportionally smaller steps
   p.feature_tokens = 8        # cached (h_old, p_old) positions per sequence
   p.feature_rule = "random"   # random slots | response: the first response slots
   p.feature_dtype = "bfloat16"  # feature cache dtype

@@ -181,3 +181,16 @@ def test_the_training_engine_computes_in_model_dtype():
   ref = f32.apply({"params": params}, tokens).logits
   # bf16 compute: close to float32, but not equal to it.
   assert 0 < float(jnp.max(jnp.abs(logits.astype(jnp.float32) - ref))) < 0.1
+
+
+def test_the_predictor_optimizer_takes_pr2_adam_eps():
+  """A gradient far below pr2.adam_eps (an undrifted router's rounding noise) moves W_p by a
+  thousandth of the predictor's learning rate α·η, not by ~all of it as Adam's default ε did."""
+  pr2 = _rl(_config(), replay_mode="pr2")
+  w, g = jnp.zeros(3), jnp.full(3, 1e-6)
+  rate = pr2.rl.learning_rate * pr2.pr2.lr_mult
+  for eps, want in ((1e-3, rate / 1001), (1e-8, rate / 1.01)):  # rate·g / (g + ε)
+    tx = programs.Programs(dataclasses.replace(pr2, pr2=PR2Config(adam_eps=eps)), MESH, 2,
+                           0).pred_tx
+    update, _ = tx.update(g, tx.init(w), w)
+    np.testing.assert_allclose(update, -want, rtol=1e-3)

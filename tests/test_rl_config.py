@@ -105,6 +105,7 @@ def test_bad_sft_config(kwargs, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lr_mult=float("nan")), r"PR2Config.lr_mult must be a finite real number, got nan"),
     (dict(lr_mult=0.0), r"PR2Config.lr_mult must be > 0, got 0.0"),
+    (dict(adam_eps=0.0), r"PR2Config.adam_eps must be > 0, got 0.0"),
     (dict(feature_tokens=True), r"PR2Config.feature_tokens must be a positive int, got True"),
     (dict(feature_tokens=2.0), r"PR2Config.feature_tokens must be a positive int, got 2.0"),
 ])

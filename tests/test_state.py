@@ -174,6 +174,16 @@ def test_make_optimizer_decays_every_leaf_of_a_tree():
                                rtol=1e-5, atol=1e-9, err_msg=name)
 
 
+def test_make_optimizer_eps_shrinks_steps_of_gradients_below_it():
+  """Adam's first step is -lr g / (|g| + eps): with eps 1e-3 a gradient of 1e-6 (rounding noise)
+  moves its weight by ~1e-3 of lr and one of 1e-2 by 10/11 of it; at 1e-8 both by ~lr."""
+  g, lr = jnp.array([1e-6, 1e-2]), 0.1
+  for eps, want in ((1e-3, [-lr / 1001, -lr / 1.1]), (1e-8, [-lr / 1.01, -lr / (1 + 1e-6)])):
+    tx = make_optimizer(lr, eps=eps)
+    update, _ = tx.update(g, tx.init(jnp.zeros(2)), jnp.zeros(2))
+    np.testing.assert_allclose(update, want, rtol=1e-4)
+
+
 def test_make_optimizer_clips_the_global_norm_before_adam():
   """Two steps, grad_clip=2: g1 (norm 5) is scaled to norm 2, g2 (norm 0.5) is not. Adam's
   first step is sign(g) either way; the second shows the clipped g1 in both moments."""

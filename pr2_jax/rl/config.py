@@ -231,6 +231,11 @@ class PR2Config:
   lr_mult: float = 10.0            # α: predictor learning rate = α × RLConfig.learning_rate;
                                    # α·η ~ 1e-3 suits Adam (the paper's α = 1e3 is for its
                                    # η ~ 1e-6; at the default η = 1e-4 it swamped the router)
+  adam_eps: float = 1e-3           # the predictor's Adam ε: Adam steps ~lr whatever the gradient's
+                                   # size, so at 1e-8 the rounding noise of an undrifted router
+                                   # (|g| ~ 1e-6-1e-4) moved W_p as far as real drift (~1e-3);
+                                   # gradients below ε take proportionally smaller steps
+                                   # (docs/results/replay_comparison.md, "Predictor Adam ε")
   feature_tokens: int = 8          # cached (h_old, p_old) positions per sequence
   feature_rule: str = "random"     # random: uniform over all slots | response: first response slots
   feature_dtype: str = "bfloat16"  # dtype of the feature cache
@@ -242,6 +247,7 @@ class PR2Config:
       if getattr(self, name) not in allowed:
         raise ValueError(f"PR2Config.{name}={getattr(self, name)!r} must be one of {allowed}")
     check_real("PR2Config", "lr_mult", self.lr_mult, 0, inclusive=False)
+    check_real("PR2Config", "adam_eps", self.adam_eps, 0, inclusive=False)
     check_int("PR2Config", "feature_tokens", self.feature_tokens)
     if not isinstance(self.predicted_gates, bool):
       raise ValueError(f"PR2Config.predicted_gates={self.predicted_gates!r} must be a bool")

@@ -75,7 +75,8 @@ class Programs:
         functools.partial(generate, rollout_model, config=evaluation))
     self.tx = make_optimizer(rl.learning_rate, weight_decay=rl.weight_decay,
                              grad_clip=rl.grad_clip)
-    self.pred_tx = (make_optimizer(rl.learning_rate * pr2.lr_mult, grad_clip=rl.grad_clip)
+    self.pred_tx = (make_optimizer(rl.learning_rate * pr2.lr_mult, grad_clip=rl.grad_clip,
+                                   eps=pr2.adam_eps)
                     if rl.phases.uses_predictor else None)
     self.learner = learner.Learner(self.model, rl, self.tx, pr2, self.pred_tx)
     self.pred_init = (predictor_initializer(config.model, self.pred_tx, mesh)

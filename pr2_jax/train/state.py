@@ -58,7 +58,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, total_steps: int = 0,
-                   weight_decay: float = 0.0, grad_clip: float = 1.0, b2: float = 0.999):
+                   weight_decay: float = 0.0, grad_clip: float = 1.0, b2: float = 0.999,
+                   eps: float = 1e-8):
   """AdamW with global-norm clipping. With total_steps > 0 the learning rate warms up linearly
   from 0 over `warmup_steps` and then decays (cosine) to 10% at `total_steps`; with
   warmup_steps = 0 the first update is at the full rate. With total_steps = 0 it is constant
@@ -71,7 +72,7 @@ def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, total_steps: 
   else:
     lr = learning_rate
   return optax.chain(clip_by_global_norm(grad_clip),
-                     optax.adamw(lr, b2=b2, weight_decay=weight_decay))
+                     optax.adamw(lr, b2=b2, eps=eps, weight_decay=weight_decay))
 
 
 def init_tokens(mesh: Mesh | None) -> jax.Array:
