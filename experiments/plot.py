@@ -84,6 +84,11 @@ def main(argv, out_dir: str | None = None):
   workdirs = argv[1:]
   if not workdirs:
     raise app.UsageError("give one or more WORKDIRs (run directories holding metrics.jsonl)")
+  for workdir in workdirs:  # else the default --out under it is what the error names
+    if os.path.isfile(workdir):
+      cli.exit_with_error(f"experiments.plot: {workdir} is a file, not a run's workdir (give "
+                          f"the directory holding metrics.jsonl, e.g. "
+                          f"{os.path.dirname(workdir) or '.'})")
   # An --out that is a file failed only after every figure was drawn.
   out_dir = outputs.output_dir("out", out_dir or os.path.join(workdirs[0], "plots"))
   try:

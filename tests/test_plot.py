@@ -160,7 +160,12 @@ def test_bad_command_lines_are_one_error_line(tmp_path, capsys):
   a_file.write_text("")
   for argv, out, want in ((["plot", workdir], str(a_file), f"error: --out={a_file} is a file"),
                           (["plot", str(tmp_path / "nope")], None,
-                           "error: experiments.plot: no metrics.jsonl in")):
+                           "error: experiments.plot: no metrics.jsonl in"),
+                          # Was "--out=.../metrics.jsonl/plots cannot be created", no --out given.
+                          (["plot", f"{workdir}/metrics.jsonl"], None,
+                           f"error: experiments.plot: {workdir}/metrics.jsonl is a file, not a "
+                           f"run's workdir (give the directory holding metrics.jsonl, e.g. "
+                           f"{workdir})")):
     with pytest.raises(SystemExit) as exit_:
       plot.main(argv, out)
     (line,) = capsys.readouterr().err.splitlines()

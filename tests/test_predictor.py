@@ -304,6 +304,9 @@ def test_bias_logit_sums_refuse_a_weight_of_another_length():
                                        r"h_NLD = \(4,\)"):
     pred.bias_logit_sums(W_LDE, H_NLD, P_NLE, jnp.ones(3))
   assert [float(x) for x in pred.bias_logit_sums(W_LDE, H_NLD, P_NLE, jnp.ones(4))] == [0, 48]
+  # A negative weight subtracted its position's |b| and |p_old| from the sums, silently.
+  with pytest.raises(ValueError, match=r"weight_N\[1\] = -1.0 is not a finite number >= 0"):
+    pred.bias_logit_ratio(W_LDE, H_NLD, P_NLE, jnp.array([1.0, -1.0, 1.0, 1.0]))
 
 
 @pytest.mark.parametrize("k", [0, 7, True, 2.0])

@@ -202,9 +202,11 @@ def bias_logit_sums(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,
   """(Σ w|b|, Σ w|p_old|) over positions, layers and experts: additive over micro-steps, so a
   mini-batch's ratio is the ratio of its sums (not a mean of per-micro-step ratios).
   Shapes checked (static): w_LDE [L, D, E], h_NLD [N, L, D], p_NLE [N, L, E], weight_N [N];
-  positions of weight 0 are left out whatever they hold."""
+  positions of weight 0 are left out whatever they hold; a concrete negative or non-finite
+  weight raises ValueError."""
   w_LDE, h_NLD, p_NLE, weight_N = map(as_array, (w_LDE, h_NLD, p_NLE, weight_N))
   _check_stacked(w_LDE, h_NLD, p_NLE, weight_N)
+  check_finite("weight_N", weight_N, "0/1 counts per position", low=0)  # -1 subtracts |b|
   h_NLD, p_NLE = _zero_padding(h_NLD, weight_N), _zero_padding(p_NLE, weight_N)
   b_NLE = _bias(h_NLD, w_LDE)
   w = weight_N.astype(jnp.float32)[:, None, None]
