@@ -550,7 +550,8 @@ def test_predictor_skipped_at_first_ministep_and_trained_after():
 def test_predictor_learning_rate_is_lr_mult_times_the_policy_rate():
   """Programs' predictor optimizer steps at α·η (PR2Config.lr_mult × RLConfig.learning_rate):
   the W_p change of one trained update equals Adam's first step at α·η on the (clipped) W_p
-  gradient, −α·η·g / (|g| + ε), for α = 3 and 6; at η alone it would be 3-6x smaller."""
+  gradient, −α·η·g / (|g| + ε) with ε = PR2Config.adam_eps, for α = 3 and 6; at η alone it
+  would be 3-6x smaller."""
   model, tx, _, state, batch = _pr2_setup()
   rl = _rl(replay_mode="pr2")
   micro = _prepare(model, rl, state.params, batch, 1)
@@ -571,7 +572,7 @@ def test_predictor_learning_rate_is_lr_mult_times_the_policy_rate():
     new, _ = learner.update_step(progs.learner, state.replace(
         predictor=w, pred_opt_state=progs.pred_tx.init(w)), micro, jnp.asarray(True))
     step = np.asarray(new.predictor, np.float64) - np.asarray(w, np.float64)
-    want = -alpha * rl.learning_rate * g / (np.abs(g) + 1e-8)
+    want = -alpha * rl.learning_rate * g / (np.abs(g) + cfg.pr2.adam_eps)
     # g is read off float32 weights (rounding ~1e-8): compare where that cannot flip Adam's step.
     big = np.abs(g) > 1e-6
     np.testing.assert_allclose(step[big], want[big], rtol=0, atol=1e-6, err_msg=f"α={alpha}")
