@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.train import checkpoint
-from pr2_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
+from pr2_jax.train.checkpoint import (CheckpointError, Checkpointer, SetupMismatchError,
+                                      abstract_like)
 
 
 def test_round_trip_keeps_values_and_shardings(tmp_path):
@@ -52,6 +53,29 @@ def corrupt(directory):
       path = os.path.join(root, name)
       with open(path, "r+b") as f:
         f.truncate(max(os.path.getsize(path) // 3, 1))
+
+
+def test_a_field_added_since_counts_as_its_legacy_value(tmp_path):
+  """A checkpoint written before `pr2.adam_eps` existed ran with 1e-8: with that legacy value a
+  resume at 1e-8 matches and one at 1e-3 is refused naming 1e-08, not an unfixable
+  '<missing>'."""
+  state = {"x": jnp.arange(2.0)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(1, state, {"pr2": {"lr_mult": 1.0}})
+    ck.wait()
+  legacy = {"pr2.adam_eps": 1e-8}
+  with Checkpointer(str(tmp_path)) as ck:
+    step, _, _, _ = ck.restore_newest_good(abstract, {"pr2": {"lr_mult": 1.0, "adam_eps": 1e-8}},
+                                           legacy_meta=legacy)
+    assert step == 1
+    with pytest.raises(SetupMismatchError, match=r"pr2.adam_eps: checkpoint 1e-08, this run "
+                                                  r"0.001 \(use another workdir"):
+      ck.restore_newest_good(abstract, {"pr2": {"lr_mult": 1.0, "adam_eps": 1e-3}},
+                             legacy_meta=legacy)
+    with pytest.raises(SetupMismatchError, match=r"pr2.adam_eps: checkpoint '<missing>', this "
+                                                  r"run 0.001"):
+      ck.restore_newest_good(abstract, {"pr2": {"lr_mult": 1.0, "adam_eps": 1e-3}})
 
 
 def test_damaged_newest_falls_back_to_previous(tmp_path):

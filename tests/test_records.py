@@ -66,6 +66,14 @@ def test_resumable_fields_leave_the_identity_and_the_rest_enter_it():
   assert records.warmup_identity(from_hf) != records.warmup_identity(base)
 
 
+def test_a_resume_ignores_pr2_settings_only_without_a_predictor():
+  r3, pr2 = _config(replay_mode="r3"), _config(replay_mode="pr2")
+  assert "pr2" not in records.resume_identity(r3)  # dead settings there: free to change
+  assert records.resume_identity(pr2) == records.run_identity(pr2)
+  assert records.resume_identity(pr2)["pr2"]["adam_eps"] == 1e-3
+  assert set(records.run_identity(r3)) - set(records.resume_identity(r3)) == {"pr2"}
+
+
 def test_holds_checkpoint_needs_a_numbered_step_directory(tmp_path):
   assert not records.holds_checkpoint(str(tmp_path / "missing"))
   assert not records.holds_checkpoint(str(tmp_path))

@@ -64,6 +64,20 @@ def run_identity(config: ExperimentConfig) -> dict:
       "hf_checkpoint": config.hf_checkpoint}))
 
 
+# Identity fields added after checkpoints were written without them, with the value those runs
+# used: a resume compares that value, so a refusal names what to set to resume as before.
+LEGACY_IDENTITY = {"pr2.adam_eps": 1e-8}
+
+
+def resume_identity(config: ExperimentConfig) -> dict:
+  """`run_identity` as a resume compares it: without `pr2` in a replay mode that runs no
+  predictor, whose settings (or a predictor field added since) change nothing there."""
+  identity = run_identity(config)
+  if not config.rl.phases.uses_predictor:
+    del identity["pr2"]
+  return identity
+
+
 def warmup_identity(config: ExperimentConfig) -> dict:
   """The part of `run_identity` that determines the warm-up: its checkpoint records this. The
   Hugging Face checkpoint is part of it: a warm-up starts from its weights, another run of the

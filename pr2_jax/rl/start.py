@@ -71,8 +71,8 @@ def start_or_resume(engine, rl_ckpt: Checkpointer, workdir: str, *, emit: Callab
 def _resume(engine, rl_ckpt, workdir, warn, info, allow_fresh_start) -> Start | None:
   config, mesh_shape = engine.config, dict(engine.mesh.shape)
   step, state, meta, problems = _restore(
-      rl_ckpt, abstract_like(engine.state, engine.shardings), records.run_identity(config),
-      delete_unreadable=True, start_over=allow_fresh_start)
+      rl_ckpt, abstract_like(engine.state, engine.shardings), records.resume_identity(config),
+      delete_unreadable=True, start_over=allow_fresh_start, legacy_meta=records.LEGACY_IDENTITY)
   for problem in problems:
     warn(problem)
   if step is None:

@@ -91,7 +91,8 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def restore_newest_good(self, abstract_state: Any, expect_meta: dict | None = None,
-                          delete_unreadable: bool = False, start_over: bool = False):
+                          delete_unreadable: bool = False, start_over: bool = False,
+                          legacy_meta: dict | None = None):
     """Restores the newest step that reads back; returns (step, state, meta, problems).
 
     A damaged or incomplete newest checkpoint is reported in `problems` (one
@@ -104,7 +105,9 @@ class Checkpointer:
     SetupMismatchError when `expect_meta` entries differ from what a checkpoint
     recorded (e.g. another model config): the metadata is compared before any
     array is read, so the error names the fields that differ instead of an
-    Orbax shape or tree-structure mismatch.
+    Orbax shape or tree-structure mismatch. `legacy_meta` maps dotted paths of entries added
+    after older checkpoints were written ("pr2.adam_eps") to the value those ran with: it
+    stands in for the entry such a checkpoint lacks.
     """
     problems, unreadable = [], []
     for step in sorted(self.all_steps(), reverse=True):
@@ -115,7 +118,7 @@ class Checkpointer:
         unreadable.append(step)
         continue
       differences = [d for key, want in (expect_meta or {}).items() if key in meta
-                     for d in _differences(key, meta[key], want)]
+                     for d in _differences(key, meta[key], want, legacy_meta)]
       if differences:
         raise SetupMismatchError(
             f"checkpoint step {step} in {self.directory} was written with another setup than "
@@ -257,9 +260,12 @@ def _unreadable(directory: str, step: int, e: Exception) -> str:
           f"({type(e).__name__}{': ' + first if first else ''})")
 
 
-def _differences(key: str, had, want) -> list[str]:
-  """'key.field: checkpoint X, this run Y' for every leaf where two JSON values differ."""
+def _differences(key: str, had, want, legacy: dict | None = None) -> list[str]:
+  """'key.field: checkpoint X, this run Y' for every leaf where two JSON values differ; a field
+  the checkpoint lacks counts as its `legacy` value (dotted path), else as "<missing>"."""
+  legacy = legacy or {}
   if isinstance(had, dict) and isinstance(want, dict):
     return [d for k in sorted(set(had) | set(want), key=str)
-            for d in _differences(f"{key}.{k}", had.get(k, "<missing>"), want.get(k, "<missing>"))]
+            for d in _differences(f"{key}.{k}", had.get(k, legacy.get(f"{key}.{k}", "<missing>")),
+                                  want.get(k, "<missing>"), legacy)]
   return [] if had == want else [f"{key}: checkpoint {had!r}, this run {want!r}"]
