@@ -121,7 +121,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 def define_config(default: str, help_text: str):
   """`config_flags.DEFINE_config_file("config", ...)`. Without `--config` on the command line,
   ml_collections applies the `--config.*` overrides here, at definition, not in parse_flags."""
-  _one_config_file(sys.argv)
   try:
     return config_flags.DEFINE_config_file("config", default, help_text)
   except (AttributeError, KeyError) as e:

@@ -243,10 +243,11 @@ class Engine:
                            phase.capacity)
       per_mini.append(m)
     summary = self._summarise(per_mini, rewards, response_len)
+    old_dropped, old_mismatch = to_host((old.dropped, old.mismatch))  # one transfer
     balance, self.balance_state = bal.summary(old_phase, phase, eplb_ms,
-                                              float(to_host(old.dropped).sum()), self.balance_state)
+                                              float(old_dropped.sum()), self.balance_state)
     summary.update(balance)
-    summary.update(metrics.flatten_for_json(to_host(old.mismatch)))
+    summary.update(metrics.flatten_for_json(old_mismatch))
     if self.pr2_mode:
       summary["feature_cache_bytes"] = int(micro["feature_h"].nbytes + micro["feature_p"].nbytes)
     return state, summary
