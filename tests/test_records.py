@@ -3,11 +3,14 @@
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.rl import records
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
+from pr2_jax.train.checkpoint import Checkpointer, SetupMismatchError
 
 
 def _config(**rl) -> ExperimentConfig:
@@ -69,9 +72,23 @@ def test_resumable_fields_leave_the_identity_and_the_rest_enter_it():
 def test_a_resume_ignores_pr2_settings_only_without_a_predictor():
   r3, pr2 = _config(replay_mode="r3"), _config(replay_mode="pr2")
   assert "pr2" not in records.resume_identity(r3)  # dead settings there: free to change
-  assert records.resume_identity(pr2) == records.run_identity(pr2)
+  assert records.resume_identity(pr2)["pr2"] == records.run_identity(pr2)["pr2"]
   assert records.resume_identity(pr2)["pr2"]["adam_eps"] == 1e-3
-  assert set(records.run_identity(r3)) - set(records.resume_identity(r3)) == {"pr2"}
+  assert set(records.run_identity(r3)) - set(records.resume_identity(r3)) == {"pr2",
+                                                                               "replay_mode"}
+  assert set(records.run_identity(pr2)) - set(records.resume_identity(pr2)) == {"replay_mode"}
+
+
+def test_a_resume_names_another_replay_mode_once(tmp_path):
+  # The checkpoint records the mode twice (top level and under rl); the refusal named both.
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(1, {"x": jnp.zeros(2)}, records.run_identity(_config(replay_mode="r3")))
+    ck.wait()
+  with Checkpointer(str(tmp_path)) as ck, pytest.raises(SetupMismatchError) as err:
+    ck.restore_newest_good({"x": jax.ShapeDtypeStruct((2,), jnp.float32)},
+                           records.resume_identity(_config(replay_mode="r2")))
+  assert str(err.value).count("replay_mode") == 1
+  assert "rl.replay_mode: checkpoint 'r3', this run 'r2' (" in str(err.value)
 
 
 def test_holds_checkpoint_needs_a_numbered_step_directory(tmp_path):

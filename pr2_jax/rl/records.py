@@ -71,8 +71,11 @@ LEGACY_IDENTITY = {"pr2.adam_eps": 1e-8}
 
 def resume_identity(config: ExperimentConfig) -> dict:
   """`run_identity` as a resume compares it: without `pr2` in a replay mode that runs no
-  predictor, whose settings (or a predictor field added since) change nothing there."""
+  predictor, whose settings (or a predictor field added since) change nothing there, and
+  without the top-level `replay_mode` (a copy of `rl.replay_mode` for readers of the
+  checkpoint, so that another mode is named once)."""
   identity = run_identity(config)
+  del identity["replay_mode"]
   if not config.rl.phases.uses_predictor:
     del identity["pr2"]
   return identity
