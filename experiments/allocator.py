@@ -5,7 +5,7 @@ XLA:CPU allocates a program's temporary buffer on every call (251 MB a device fo
 benchmark's train step) and frees it afterwards. glibc hands a block that large back to the
 kernel on free, so the next call faults every page in again: ~66,000 faults a call with 4 KiB
 pages, and on a VM whose host has taken the memory back, a slow step now and then (0.75 s where
-0.38 is usual; docs/benchmarks.md, thirteenth round). Two remedies, best first:
+0.38 is usual; docs/benchmark_rounds.md, thirteenth round). Two remedies, best first:
 
 - **jemalloc** (`libjemalloc.so.2`, Debian/Ubuntu package `libjemalloc2`) preloaded with
   `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`: freed pages stay with the process and the

@@ -62,7 +62,7 @@ _NEW = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (each times both sides once).")
 _WARMUP = flags.DEFINE_integer(
     "warmup", 3, "Untimed rounds first: our first few train steps run up to 1.8x slower "
-    "(docs/benchmarks.md, fifth round).")
+    "(docs/benchmark_rounds.md, fifth round).")
 _PEAK_N = flags.DEFINE_integer("peak_n", 1024, "Square f32 matmul size for the peak rate.")
 _LR = flags.DEFINE_float("lr", 1e-4, "AdamW learning rate (both sides).")
 _SEED = flags.DEFINE_integer("seed", 0, "Parameter and token seed.")

@@ -20,7 +20,7 @@ Both are op time, not wall time: Python, dispatch and idle cores between ops
 are in no kind. The `wall` row is each side's own time per profiled call; for
 ours, two more rows split off the wall time during which no XLA op ran on any
 thread, or exactly one did (`concurrency`: on 2 cores, one core idle). That is
-how the per-call page faults of the tenth round in docs/benchmarks.md showed.
+how the per-call page faults of the tenth round in docs/benchmark_rounds.md showed.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ def rotary(x_BTHZ: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Arra
   # The barrier makes cos and sin one [B, T, Z/2] table each (shared by every layer: XLA merges
   # the identical calls). Left to itself XLA fuses them into each consumer and evaluates them
   # per element of q and k, in every layer, forward and backward: 44 cos and 44 sin loops in
-  # bench_peer's train step, ~3-7 % of its time on XLA:CPU (docs/benchmarks.md, fourteenth round).
+  # bench_peer's train step, ~3-7 % of its time on XLA:CPU (docs/benchmark_rounds.md, 14th
+  # round).
   # [B, T, 1, Z]: one table for every head H.
   cos_BT1Z, sin_BT1Z = (jnp.concatenate([t_BTz, t_BTz], axis=-1)[:, :, None, :] for t_BTz in
                         jax.lax.optimization_barrier((jnp.cos(angles_BTz), jnp.sin(angles_BTz))))
