@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   r.learning_rate = 1e-5      # AdamW learning rate (a pretrained policy: small steps)
   r.weight_decay = 0.0        # AdamW weight decay
   r.grad_clip = 1.0           # global-norm clip
+  r.trainable = "all"         # all | routers (only each MoE layer's W_r; the rest frozen)
   r.temperature = 1.0         # sampling temperature
   r.top_p = 1.0               # nucleus mass
   r.max_new_tokens = 6        # response budget in tokens incl. EOS (countdown answers <= 5 chars)

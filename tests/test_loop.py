@@ -25,12 +25,12 @@ REQUIRED_KEYS = {"step", "phase", "reward_mean", "response_len", "entropy", "k3_
                  "topk_agreement_per_layer", "zero_dev_ratio_per_layer", "coverage_gap_per_layer"}
 
 
-def _config(num_steps, replay_mode="r3"):
+def _config(num_steps, replay_mode="r3", **rl):
   model = ModelConfig(vocab_size=24, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
                       expert_d_ff=32, num_experts=4, top_k=2)
   rl = RLConfig(num_steps=num_steps, prompts_per_step=8, group_size=2, off_policy_k=2,
                 micro_steps=2, replay_mode=replay_mode, max_new_tokens=6, eval_every=2,
-                eval_size=16)  # = the rollout batch: r3's evaluation reuses its sampler
+                eval_size=16, **rl)  # = the rollout batch: r3's evaluation reuses its sampler
   return ExperimentConfig(model=model, rl=rl, sft=SFTConfig(num_steps=4, batch_size=8),
                           task="countdown", checkpoint_every=1)
 
@@ -47,14 +47,14 @@ def _token_rewards(self, problems, tokens_BS):
   return (np.asarray(tokens_BS)[:, self.prompt_slots:] % 3 == 0).mean(1).astype(np.float32)
 
 
-def _run(workdir, num_steps, mesh, replay_mode="r3"):
+def _run(workdir, num_steps, mesh, replay_mode="r3", **rl):
   rows = []
   def write(m):
     rows.append(m)
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
       f.write(json.dumps(m, sort_keys=True) + "\n")
   os.makedirs(workdir, exist_ok=True)
-  return loop.run(_config(num_steps, replay_mode), mesh, workdir, on_metrics=write), rows
+  return loop.run(_config(num_steps, replay_mode, **rl), mesh, workdir, on_metrics=write), rows
 
 
 @pytest.mark.slow
@@ -86,6 +86,29 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
   moved = [not np.array_equal(np.asarray(a), np.asarray(b))
            for a, b in zip(jax.tree.leaves(warm), jax.tree.leaves(params))]
   assert all(moved), "three RL steps with non-zero gradients must move every parameter"
+
+
+@pytest.mark.slow
+def test_routers_only_rl_moves_the_routers_alone_and_resumes(tmp_path, monkeypatch):
+  """rl.trainable='routers': two RL steps, the second resumed from the first's checkpoint
+  (the optimizer state reads back), move every router and leave every other parameter as the
+  warm-up left it, bit for bit."""
+  monkeypatch.setattr(loop.Engine, "rewards", _token_rewards)
+  mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+  workdir = str(tmp_path / "run")
+  _run(workdir, 1, mesh, "pr2", trainable="routers")
+  resumed, rows = _run(workdir, 2, mesh, "pr2", trainable="routers")
+  assert [r["step"] for r in rows] == [2] and rows[0]["grad_norm"] > 0
+  params = resumed["state"].params
+  with Checkpointer(os.path.join(workdir, "checkpoints", "sft")) as ck:
+    warm, _ = ck.restore(ck.latest_step(), abstract_like(
+        params, jax.tree.map(lambda x: x.sharding, params)))
+  moved = {jax.tree_util.keystr(path): not np.array_equal(np.asarray(a), np.asarray(b))
+           for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(warm),
+                                   jax.tree.leaves(params), strict=True)}
+  routers = {k for k in moved if k.endswith("['mlp']['gate']")}
+  assert len(routers) == 2 and all(moved[k] for k in routers), moved
+  assert not any(v for k, v in moved.items() if k not in routers), moved
 
 
 @pytest.mark.slow

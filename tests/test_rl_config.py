@@ -48,6 +48,8 @@ from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig, replay_phas
     (dict(weight_decay=None), r"RLConfig.weight_decay must be a finite real number, got None"),
     (dict(planner_method="greedy"),
      r"RLConfig.planner_method='greedy' must be one of \('lpt', 'rounds'\)"),
+    (dict(trainable="router"),
+     r"RLConfig.trainable='router' must be one of \('all', 'routers'\)"),
 ])
 def test_bad_rl_config(kwargs, message):
   with pytest.raises(ValueError, match=message):

@@ -11,7 +11,8 @@ from pr2_jax.config import ModelConfig
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.train.state import (bytes_per_device, clip_by_global_norm, create_train_state,
-                                  make_optimizer, predictor_initializer, state_memory)
+                                  make_optimizer, predictor_initializer, state_memory,
+                                  train_only)
 
 CFG = ModelConfig(vocab_size=24, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                   expert_d_ff=16, num_experts=8, top_k=2, num_layers=2)
@@ -206,6 +207,36 @@ def test_make_optimizer_clips_the_global_norm_before_adam():
   np.testing.assert_allclose(want[1], [-0.0840, 0.0475], atol=1e-4)
   np.testing.assert_allclose(updates[0], [-lr, lr], rtol=1e-6)
   np.testing.assert_allclose(updates[1], want[1], rtol=1e-5)
+
+
+def test_train_only_steps_the_named_parameters_as_alone_and_freezes_the_rest():
+  """grad_clip 1 and weight decay 0.5: the router's gradient [0.3, 0.4] (norm 0.5) is not
+  clipped, though with the frozen [30, 40] the global norm would be 50 and scale it by 1/50;
+  the frozen weights do not decay. Two steps (the frozen gradient 0 in the second, so a clip
+  that saw it would scale the two router gradients differently): the router's match a tx of
+  its own."""
+  lr, wd = 0.1, 0.5
+  params = {"mlp": {"gate": jnp.array([1.0, -1.0]), "gate_proj": jnp.array([2.0, 2.0])}}
+  grads = {"mlp": {"gate": jnp.array([0.3, 0.4]), "gate_proj": jnp.array([30.0, 40.0])}}
+  tx = train_only(make_optimizer(lr, weight_decay=wd), frozenset({"gate"}))
+  alone = make_optimizer(lr, weight_decay=wd)
+  state, p = tx.init(params), params
+  alone_state, router = alone.init(params["mlp"]["gate"]), params["mlp"]["gate"]
+  for step in range(2):
+    if step:
+      grads = {"mlp": {"gate": grads["mlp"]["gate"], "gate_proj": jnp.zeros(2)}}
+    update, state = tx.update(grads, state, p)
+    p = optax.apply_updates(p, update)
+    alone_update, alone_state = alone.update(grads["mlp"]["gate"], alone_state, router)
+    router = optax.apply_updates(router, alone_update)
+  np.testing.assert_array_equal(p["mlp"]["gate_proj"], params["mlp"]["gate_proj"])
+  np.testing.assert_allclose(p["mlp"]["gate"], router, rtol=1e-6)
+  # Adam's first step is -lr·sign(g); decay -lr·wd·w: 1 -> 1 - 0.1 - 0.05 = 0.85 after one.
+  first = optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0])  # any g>0
+  np.testing.assert_allclose(first["mlp"]["gate"], [0.85, -1.05], rtol=1e-6)
+  # The state is the wrapped optimizer's own (shardings and checkpoints as for every run).
+  assert (jax.tree.structure(tx.init(params)) ==
+          jax.tree.structure(make_optimizer(lr).init(params)))
 
 
 def _clip_pair(max_norm):

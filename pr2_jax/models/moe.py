@@ -29,6 +29,9 @@ from pr2_jax.parallel.expert_parallel import moe_experts
 from pr2_jax.parallel.mesh import constrain, on_token_shards, partitioned
 from pr2_jax.pr2.predictor import predictor_bias
 
+# Each MoE layer's router W_r [D, E], under Hugging Face's name (mlp.gate.weight).
+ROUTER_PARAM = "gate"
+
 
 class MoEAux(NamedTuple):
   routes_BTK: jax.Array   # int32, the experts actually used
@@ -71,7 +74,7 @@ class MoEBlock(nn.Module):
       check_shape("routes_BTK", routes_BTK, (b, t, cfg.top_k), "[B, T, K]")
     if predictor_DE is not None:
       check_shape("predictor_DE", predictor_DE, (d, e), "[D, E]")
-    w_router_DE = self.param("gate", partitioned(INIT, ("embed", "experts_logits")), (d, e),
+    w_router_DE = self.param(ROUTER_PARAM, partitioned(INIT, ("embed", "experts_logits")), (d, e),
                           jnp.float32)
     weights = ex.ExpertWeights(
         self.param("gate_proj", partitioned(INIT, ("expert", "embed", "mlp")), (e, d, f),

@@ -49,6 +49,7 @@ CAPACITY_MODES = ("auto", "model", "bucket", "forecast")
 PLANNER_METHODS = ("lpt", "rounds")  # pr2_jax.balance.planner.METHODS (kept jax-free here)
 LOSSES = ("dapo", "gspo")
 RATIO_DENOMINATORS = ("rollout", "old")
+TRAINABLE = ("all", "routers")
 # Each loss's (clip_low, clip_high, ratio_denominator), DESIGN §3: DAPO's token ratio π_θ/µ,
 # GSPO's sequence ratio against π_old with its tiny clip range.
 LOSS_DEFAULTS = {"dapo": (0.2, 0.28, "rollout"), "gspo": (3e-4, 4e-4, "old")}
@@ -73,6 +74,9 @@ class RLConfig:
   learning_rate: float = 1e-4      # AdamW learning rate
   weight_decay: float = 0.0        # AdamW weight decay
   grad_clip: float = 1.0           # global-norm clip
+  # which parameters RL updates: all | routers (each MoE layer's W_r only, the rest frozen: all
+  # routing drift is then the routers' own, linear in h as PR2's predictor assumes)
+  trainable: str = "all"
   temperature: float = 1.0         # rollout sampling temperature (and of π_θ in the loss)
   # rollout nucleus mass; the behaviour log-prob µ recorded is the tempered distribution's
   # before this filter (as vLLM reports it), so for top_p < 1 the ratio is not against the
@@ -128,7 +132,7 @@ class RLConfig:
     choices = {"replay_mode": REPLAY_MODES, "loss": LOSSES,
                "ratio_denominator": RATIO_DENOMINATORS, "rollout_dtype": DTYPES,
                "balance_mode": BALANCE_MODES, "capacity_mode": CAPACITY_MODES,
-               "planner_method": PLANNER_METHODS}
+               "planner_method": PLANNER_METHODS, "trainable": TRAINABLE}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"RLConfig.{name}={getattr(self, name)!r} must be one of {allowed}")

@@ -26,12 +26,14 @@ from typing import Callable
 import jax
 from jax.sharding import Mesh
 
+from pr2_jax.models.moe import ROUTER_PARAM
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.rl import learner
 from pr2_jax.rl.config import ExperimentConfig, PR2Config, SFTConfig
 from pr2_jax.rl.sampler import SamplerConfig, generate
 from pr2_jax.train import supervised
-from pr2_jax.train.state import make_optimizer, predictor_initializer, state_initializer
+from pr2_jax.train.state import (make_optimizer, predictor_initializer, state_initializer,
+                                 train_only)
 
 # RLConfig fields only the host loop reads: runs that differ in them run the same programs.
 HOST_ONLY_RL_FIELDS = ("num_steps", "eval_every", "eval_size", "max_consecutive_skips")
@@ -75,6 +77,8 @@ class Programs:
         functools.partial(generate, rollout_model, config=evaluation))
     self.tx = make_optimizer(rl.learning_rate, weight_decay=rl.weight_decay,
                              grad_clip=rl.grad_clip)
+    if rl.trainable == "routers":
+      self.tx = train_only(self.tx, frozenset({ROUTER_PARAM}))
     self.pred_tx = (make_optimizer(rl.learning_rate * pr2.lr_mult, grad_clip=rl.grad_clip,
                                    eps=pr2.adam_eps)
                     if rl.phases.uses_predictor else None)

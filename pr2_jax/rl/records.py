@@ -66,7 +66,7 @@ def run_identity(config: ExperimentConfig) -> dict:
 
 # Identity fields added after checkpoints were written without them, with the value those runs
 # used: a resume compares that value, so a refusal names what to set to resume as before.
-LEGACY_IDENTITY = {"pr2.adam_eps": 1e-8}
+LEGACY_IDENTITY = {"pr2.adam_eps": 1e-8, "rl.trainable": "all"}
 
 
 def resume_identity(config: ExperimentConfig) -> dict:

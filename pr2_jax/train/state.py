@@ -75,6 +75,25 @@ def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, total_steps: 
                      optax.adamw(lr, b2=b2, eps=eps, weight_decay=weight_decay))
 
 
+def train_only(tx: optax.GradientTransformation,
+               names: frozenset[str]) -> optax.GradientTransformation:
+  """`tx` on the parameters whose path has a key in `names` (e.g. every MoE layer's router,
+  "gate"); the others get zero updates. The gradients are masked before `tx`, so its
+  clipping sees only the trained ones and those step as under `tx` alone, and the updates
+  after it, so weight decay leaves the frozen ones alone too. The optimizer state is `tx`'s
+  whole (frozen moments stay 0): its shardings and checkpoints are those of every run."""
+  def keep_only(tree):
+    def keep(path, x):
+      return x if any(getattr(k, "key", None) in names for k in path) else jnp.zeros_like(x)
+    return jax.tree_util.tree_map_with_path(keep, tree)
+
+  def update(updates, state, params=None):
+    updates, state = tx.update(keep_only(updates), state, params)
+    return keep_only(updates), state
+
+  return optax.GradientTransformation(tx.init, update)
+
+
 def init_tokens(mesh: Mesh | None) -> jax.Array:
   """The smallest token batch the mesh can split (init only needs shapes)."""
   return jnp.zeros((num_token_shards(mesh), 1), jnp.int32)
