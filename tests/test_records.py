@@ -91,6 +91,29 @@ def test_a_resume_names_another_replay_mode_once(tmp_path):
   assert "rl.replay_mode: checkpoint 'r3', this run 'r2' (" in str(err.value)
 
 
+def test_a_run_from_before_the_legacy_fields_resumes_with_their_old_values(tmp_path):
+  """LEGACY_IDENTITY's paths are the identity's own: a PR2 run recorded before pr2.adam_eps and
+  rl.trainable existed resumes at ε 1e-8 with every parameter trained, and is refused otherwise
+  naming the field."""
+  old = _config(replay_mode="pr2")
+  recorded = records.run_identity(old)
+  del recorded["pr2"]["adam_eps"], recorded["rl"]["trainable"]
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(1, {"x": jnp.zeros(2)}, recorded)
+    ck.wait()
+  abstract = {"x": jax.ShapeDtypeStruct((2,), jnp.float32)}
+  as_before = dataclasses.replace(old, pr2=dataclasses.replace(old.pr2, adam_eps=1e-8))
+  with Checkpointer(str(tmp_path)) as ck:
+    step, *_ = ck.restore_newest_good(abstract, records.resume_identity(as_before),
+                                      legacy_meta=records.LEGACY_IDENTITY)
+    assert step == 1
+    routers = dataclasses.replace(as_before, rl=dataclasses.replace(old.rl, trainable="routers"))
+    with pytest.raises(SetupMismatchError, match=r"rl.trainable: checkpoint 'all', this run "
+                                                 r"'routers' \("):
+      ck.restore_newest_good(abstract, records.resume_identity(routers),
+                             legacy_meta=records.LEGACY_IDENTITY)
+
+
 def test_holds_checkpoint_needs_a_numbered_step_directory(tmp_path):
   assert not records.holds_checkpoint(str(tmp_path / "missing"))
   assert not records.holds_checkpoint(str(tmp_path))
