@@ -18,6 +18,13 @@ ratio (same top-k set) against the router that really came:
                                               W_p for batch t-1: PR2's hypothesis class)
   router_weights  p_t,0 + h_t,0 (W_r,t-1,j − W_r,t-1,0)  (the router weights' own drift)
 
+PR2 itself routes every mini-step of a batch by one forecast, so the probe also scores
+PR2's exact hypothesis class at mini-steps 1..κ, against stale there:
+
+  one_map         p_t,0 + h_t,0 W, W = lstsq(h_t-1,0, mean over j = 1..κ-1 of p_t-1,j − p_t-1,0)
+                                              (one map per batch, fitted on the drifts PR2's
+                                              predictor learns from: after 1..κ-1 updates)
+
 It also reports the share of the logit drift due to the router weights
 (|h ΔW_r| / |Δp|; the rest comes from the hidden states changing) and the
 cosine between consecutive batches' drifts. Used by docs/results/replay_comparison.md.
@@ -75,11 +82,12 @@ def score_batches(batches, mask_BS, top_k: int) -> dict:
   `batches[t]` holds the κ+1 snapshots (logits p [B,S,L,E], inputs h [B,S,L,D], router
   weights W_r [L,D,E]) of rollout batch t, before each mini-step's update and after the
   last. Returns {"zero_dev": {name: [κ-1] mean over batches 1.. at mini-steps 2..κ},
-  "cosine": mean cosine of consecutive batches' drifts, "router_share": mean over batches
-  of |h ΔW_r| / |Δp|}.
+  "one_map": {"one_map", "stale": [κ] the same at mini-steps 1..κ}, "cosine": mean cosine
+  of consecutive batches' drifts, "router_share": mean over batches of |h ΔW_r| / |Δp|}.
   """
   kappa = len(batches[0]) - 1
   scores = {name: np.zeros(kappa - 1) for name in PREDICTORS}
+  one_map = {"one_map": np.zeros(kappa), "stale": np.zeros(kappa)}
   cosines, router_share = [], []
   for t in range(1, len(batches)):
     prev, cur = batches[t - 1], batches[t]
@@ -93,6 +101,12 @@ def score_batches(batches, mask_BS, top_k: int) -> dict:
                "router_weights": p0 + _lin(h0, prev[j][2] - prev[0][2])}
       for name, pred in preds.items():
         scores[name][j - 1] += zero_dev(pred, truth, mask_BS, top_k) / (len(batches) - 1)
+    # Least squares on the mean drift = on the drifts stacked (the same h for every j).
+    mean_drift = np.mean([prev[j][0] - prev[0][0] for j in range(1, kappa)], axis=0)
+    one = p0 + _lin(h0, fit_drift(prev[0][1], mean_drift, mask_BS))
+    for j in range(kappa):
+      for name, pred in (("one_map", one), ("stale", p0)):
+        one_map[name][j] += zero_dev(pred, cur[j][0], mask_BS, top_k) / (len(batches) - 1)
     a = (prev[kappa][0] - prev[0][0])[mask_BS].ravel()
     b = (cur[kappa][0] - cur[0][0])[mask_BS].ravel()
     cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
@@ -100,7 +114,7 @@ def score_batches(batches, mask_BS, top_k: int) -> dict:
     total = (batch[kappa][0] - batch[0][0])[mask_BS]
     router = _lin(batch[0][1], batch[kappa][2] - batch[0][2])[mask_BS]
     router_share.append(float(np.linalg.norm(router) / np.linalg.norm(total)))
-  return {"zero_dev": scores, "cosine": float(np.mean(cosines)),
+  return {"zero_dev": scores, "one_map": one_map, "cosine": float(np.mean(cosines)),
           "router_share": float(np.mean(router_share))}
 
 
@@ -202,11 +216,16 @@ def main(argv):
             "zero_dev_by_ministep": {n: s.round(4).tolist()
                                      for n, s in scored["zero_dev"].items()},
             "mini_steps": list(range(2, kappa + 1)),
+            "one_map_by_ministep": {n: s.round(4).tolist() for n, s in scored["one_map"].items()},
+            "one_map_mini_steps": list(range(1, kappa + 1)),
             "router_weight_share_of_drift": scored["router_share"],
             "consecutive_drift_cosine": scored["cosine"]}
   print(f"zero-dev ratio vs the real router at mini-steps {result['mini_steps']}:")
   for name, s in result["zero_dev_by_ministep"].items():
     print(f"  {name:15s} " + " ".join(f"{v:.4f}" for v in s))
+  print(f"one forecast for the whole batch (PR2's class) at mini-steps 1..{kappa}, and its mean:")
+  for name, s in scored["one_map"].items():
+    print(f"  {name:15s} " + " ".join(f"{v:.4f}" for v in s) + f"  | {s.mean():.4f}")
   print(f"router-weight share of the logit drift {result['router_weight_share_of_drift']:.3f}; "
         f"cosine of consecutive batches' drifts {result['consecutive_drift_cosine']:.3f}")
   if out_path:

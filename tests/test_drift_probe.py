@@ -34,6 +34,8 @@ def test_drift_probe_writes_scores(tmp_path):
   for name, scores in result["zero_dev_by_ministep"].items():
     assert len(scores) == 1 and 0.0 <= scores[0] <= 1.0, name
   assert result["router_weight_share_of_drift"] > 0
+  assert result["one_map_mini_steps"] == [1, 2]
+  assert result["one_map_by_ministep"]["stale"][0] == 1.0
 
 
 def test_zero_dev_compares_top_k_sets_on_valid_tokens():
@@ -91,6 +93,17 @@ def test_score_batches_exact_on_linear_drift_with_new_hidden_states():
   assert got["zero_dev"]["stale"].max() < 1.0
   # All drift comes from the router weights (h is fixed within a batch).
   assert got["router_share"] == pytest.approx(1.0, abs=1e-12)
+  # One map for the whole batch: fitted on batch t-1's drifts after 1 and 2 updates, it is
+  # their mean, 1.5Δ, used at mini-steps 1, 2, 3 (drifts 0, Δ, 2Δ): exact at none.
+  for j in range(3):
+    one = np.mean([_same_set_share(batches[t][0][0] + np.einsum(
+        "bsld,lde->bsle", batches[t][0][1], 1.5 * (batches[t][1][2] - batches[t][0][2])),
+        batches[t][j][0], mask, 2) for t in (1, 2)])
+    stale = np.mean([_same_set_share(batches[t][0][0], batches[t][j][0], mask, 2)
+                     for t in (1, 2)])
+    assert got["one_map"]["one_map"][j] == pytest.approx(one, abs=1e-12)
+    assert got["one_map"]["stale"][j] == pytest.approx(stale, abs=1e-12)
+  assert got["one_map"]["stale"][0] == 1.0 and got["one_map"]["one_map"][0] < 1.0
   cos = []
   for t in (1, 2):
     a, c = ((batches[u][3][0] - batches[u][0][0])[mask].ravel() for u in (t - 1, t))
