@@ -298,6 +298,17 @@ def test_restore_meta_reads_the_metadata_alone(tmp_path):
     assert ck.restore_meta(5) == {"rl_step": 5, "model": {"d": [1, 2]}}
 
 
+@pytest.fixture
+def ctrl_c_raises():
+  """Python's own SIGINT handler for the test. A suite started in the background by a shell
+  without job control (`make test &` in a script) inherits SIGINT ignored, and Python then
+  installs no handler: the signal these tests send would be dropped."""
+  before = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_an_interrupt_inside_a_save_takes_effect_after_it(tmp_path, monkeypatch):
   """Ctrl-C inside Orbax's synchronous part of a save abandoned the step's temporary directory:
   the save defers it, then the KeyboardInterrupt comes and the step is complete."""
@@ -316,6 +327,7 @@ def test_an_interrupt_inside_a_save_takes_effect_after_it(tmp_path, monkeypatch)
   assert seen == ["still saving"] and sorted(os.listdir(tmp_path)) == ["1"]
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_a_second_interrupt_inside_a_save_acts_at_once(tmp_path, monkeypatch):
   """A save that hangs stays interruptible: the second Ctrl-C is not deferred."""
   seen = []
