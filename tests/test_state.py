@@ -239,6 +239,13 @@ def test_train_only_steps_the_named_parameters_as_alone_and_freezes_the_rest():
           jax.tree.structure(make_optimizer(lr).init(params)))
 
 
+def test_train_only_refuses_a_tree_without_the_named_parameters():
+  tx = train_only(make_optimizer(0.1), frozenset({"gate"}))
+  with pytest.raises(ValueError, match=r"no parameter path has a key in \['gate'\], so nothing "
+                                       r"would train"):
+    tx.init({"mlp": {"gate_proj": jnp.zeros(2)}})  # a key that only starts with the name
+
+
 def _clip_pair(max_norm):
   return clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
 

@@ -81,17 +81,26 @@ def train_only(tx: optax.GradientTransformation,
   "gate"); the others get zero updates. The gradients are masked before `tx`, so its
   clipping sees only the trained ones and those step as under `tx` alone, and the updates
   after it, so weight decay leaves the frozen ones alone too. The optimizer state is `tx`'s
-  whole (frozen moments stay 0): its shardings and checkpoints are those of every run."""
+  whole (frozen moments stay 0): its shardings and checkpoints are those of every run.
+  `init` raises ValueError when no parameter is named (a misspelt name): the run would
+  train nothing."""
+  trained = lambda path: any(getattr(k, "key", None) in names for k in path)
+
   def keep_only(tree):
-    def keep(path, x):
-      return x if any(getattr(k, "key", None) in names for k in path) else jnp.zeros_like(x)
-    return jax.tree_util.tree_map_with_path(keep, tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if trained(path) else jnp.zeros_like(x), tree)
+
+  def init(params):
+    if not any(trained(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)):
+      raise ValueError(f"train_only: no parameter path has a key in {sorted(names)}, so "
+                       "nothing would train")
+    return tx.init(params)
 
   def update(updates, state, params=None):
     updates, state = tx.update(keep_only(updates), state, params)
     return keep_only(updates), state
 
-  return optax.GradientTransformation(tx.init, update)
+  return optax.GradientTransformation(init, update)
 
 
 def init_tokens(mesh: Mesh | None) -> jax.Array:
