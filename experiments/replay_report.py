@@ -242,7 +242,9 @@ def _setting_lines(cfg) -> list[str]:
       f"off-κ mini-batches of {rl.micro_steps} micro-steps, AdamW lr {rl.learning_rate}, DAPO "
       f"clip {rl.clip_low}/{rl.clip_high} (GSPO: 3e-4/4e-4 against π_old), eval every "
       f"{rl.eval_every} steps on {rl.eval_size} held-out problems at temperature "
-      f"{rl.eval_temperature}",
+      f"{rl.eval_temperature}" + ("" if rl.trainable == "all" else
+                                  f"; RL trains only the {rl.trainable} (`rl.trainable`), the "
+                                  "other parameters stay as the warm-up left them"),
       f"- PR2: loss `{p.loss}`, α = {p.lr_mult} (predictor lr α·η = "
       f"{p.lr_mult * rl.learning_rate:g}), {p.feature_tokens} cached positions per sequence "
       f"({p.feature_rule}), predicted gates at rollout: {p.predicted_gates}",

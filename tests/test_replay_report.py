@@ -163,6 +163,13 @@ def test_write_markdown_tables_and_kept_analysis(tmp_path):
   assert ("PR2 predictor: pred_loss 4.00e-05 ± 1.00e-05, pred_topk_acc 0.8750 ± 0.0125, "
           "bias_logit_ratio 0.250 ± 0.500, feature cache 50 KiB per step.") in lines
   assert "![p_curves.png](p_curves.png)" in lines
+  rl_line = next(line for line in lines if line.startswith("- RL: "))
+  assert rl_line.endswith("at temperature 1.0"), rl_line  # every parameter trains: not said
+  routers = _tiny_config()
+  routers.rl.trainable = "routers"
+  replay_report.write_markdown(str(tmp_path / "routers.md"), results, meta, [], routers)
+  assert ("at temperature 1.0; RL trains only the routers (`rl.trainable`), the other parameters "
+          "stay as the warm-up left them") in open(tmp_path / "routers.md").read()
   assert ("- off4: zero-dev (mini-step ≥ 2) PR2 − R3: +0.11 (2·se 0.016): higher "
           "(expected: higher)") in lines
   assert lines[-3:] == ["<!-- BEGIN analysis -->", "(not written yet)", "<!-- END analysis -->"]
