@@ -108,6 +108,28 @@ def test_micro_step_accumulation_equals_full_minibatch(loss_kw):
   np.testing.assert_allclose(metrics["entropy"], ref_metrics["entropy"], rtol=1e-5)
 
 
+def test_grad_norm_is_of_the_gradients_rl_trains():
+  """With rl.trainable='routers' grad_norm is the norm the optimizer clips, the routers'
+  gradient's; with 'all' every parameter's. SGD(lr 1) without train_only makes the parameter
+  change the whole gradient, to measure both against."""
+  model, _, state, batch = _rollout()
+  tx, state = _with_sgd(state)
+  norms = {}
+  for trainable in ("all", "routers"):
+    config = _rl(trainable=trainable)
+    micro = _prepare(model, config, state.params, batch, 1)
+    new_state, metrics = learner.update_step(_learner(model, config, tx), state, micro)
+    grads = jax.tree_util.tree_leaves_with_path(
+        jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, new_state.params))
+    kept = [g for path, g in grads
+            if trainable == "all" or jax.tree_util.keystr(path).endswith("['mlp']['gate']")]
+    assert len(kept) == (len(grads) if trainable == "all" else CFG.num_layers)
+    want = np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in kept))
+    np.testing.assert_allclose(metrics["grad_norm"], want, rtol=1e-4)
+    norms[trainable] = float(metrics["grad_norm"])
+  assert norms["routers"] < norms["all"]
+
+
 def test_logits_chunk_gives_the_same_old_logprobs_update_and_metrics():
   """rl.logits_chunk only changes how many positions the LM head sees at a time: π_old, the
   SGD update (= the gradient) and the metrics equal the unchunked learner's (T - 1 = 8

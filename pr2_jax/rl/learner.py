@@ -45,7 +45,12 @@ from pr2_jax.rl.chunked_logprobs import chunked_token_stats
 from pr2_jax.rl.balancing import foresight_plan
 from pr2_jax.rl.config import PR2Config, RLConfig
 from pr2_jax.rl.sampler import temperature_scale
-from pr2_jax.train.state import TrainState, replicated
+from pr2_jax.models.moe import ROUTER_PARAM
+from pr2_jax.train.state import TrainState, keep_only, replicated
+
+
+# RLConfig.trainable -> the parameter names RL updates (train_only); absent: every parameter.
+TRAINED_PARAMS = {"routers": frozenset({ROUTER_PARAM})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,7 +339,8 @@ def update_step(lr: Learner, state: TrainState, minibatch: dict, train_predictor
     pred_finite = all_finite(jnp.sum(p["loss_per_layer"]), p["grad"])
     finite = finite & (pred_finite | ~jnp.asarray(train_predictor, bool))
   new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-  metrics = minibatch_metrics(stats, grads)
+  trained = TRAINED_PARAMS.get(lr.rl.trainable)  # grad_norm: of what the optimizer clips
+  metrics = minibatch_metrics(stats, grads if trained is None else keep_only(grads, trained))
   metrics["skipped"] = (~finite).astype(jnp.int32)
   return new.replace(step=state.step + 1), metrics
 

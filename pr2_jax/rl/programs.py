@@ -26,7 +26,6 @@ from typing import Callable
 import jax
 from jax.sharding import Mesh
 
-from pr2_jax.models.moe import ROUTER_PARAM
 from pr2_jax.models.transformer import MoETransformer
 from pr2_jax.rl import learner
 from pr2_jax.rl.config import ExperimentConfig, PR2Config, SFTConfig
@@ -77,8 +76,8 @@ class Programs:
         functools.partial(generate, rollout_model, config=evaluation))
     self.tx = make_optimizer(rl.learning_rate, weight_decay=rl.weight_decay,
                              grad_clip=rl.grad_clip)
-    if rl.trainable == "routers":
-      self.tx = train_only(self.tx, frozenset({ROUTER_PARAM}))
+    if rl.trainable in learner.TRAINED_PARAMS:
+      self.tx = train_only(self.tx, learner.TRAINED_PARAMS[rl.trainable])
     self.pred_tx = (make_optimizer(rl.learning_rate * pr2.lr_mult, grad_clip=rl.grad_clip,
                                    eps=pr2.adam_eps)
                     if rl.phases.uses_predictor else None)

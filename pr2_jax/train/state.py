@@ -75,6 +75,16 @@ def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, total_steps: 
                      optax.adamw(lr, b2=b2, eps=eps, weight_decay=weight_decay))
 
 
+def _named(path, names: frozenset[str]) -> bool:
+  return any(getattr(k, "key", None) in names for k in path)
+
+
+def keep_only(tree, names: frozenset[str]):
+  """`tree` with zeros at every leaf whose path has no key in `names`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if _named(path, names) else jnp.zeros_like(x), tree)
+
+
 def train_only(tx: optax.GradientTransformation,
                names: frozenset[str]) -> optax.GradientTransformation:
   """`tx` on the parameters whose path has a key in `names` (e.g. every MoE layer's router,
@@ -84,21 +94,15 @@ def train_only(tx: optax.GradientTransformation,
   whole (frozen moments stay 0): its shardings and checkpoints are those of every run.
   `init` raises ValueError when no parameter is named (a misspelt name): the run would
   train nothing."""
-  trained = lambda path: any(getattr(k, "key", None) in names for k in path)
-
-  def keep_only(tree):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: x if trained(path) else jnp.zeros_like(x), tree)
-
   def init(params):
-    if not any(trained(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)):
+    if not any(_named(path, names) for path, _ in jax.tree_util.tree_leaves_with_path(params)):
       raise ValueError(f"train_only: no parameter path has a key in {sorted(names)}, so "
                        "nothing would train")
     return tx.init(params)
 
   def update(updates, state, params=None):
-    updates, state = tx.update(keep_only(updates), state, params)
-    return keep_only(updates), state
+    updates, state = tx.update(keep_only(updates, names), state, params)
+    return keep_only(updates, names), state
 
   return optax.GradientTransformation(init, update)
 
