@@ -74,7 +74,7 @@ class RLConfig:
   learning_rate: float = 1e-4      # AdamW learning rate
   weight_decay: float = 0.0        # AdamW weight decay
   grad_clip: float = 1.0           # global-norm clip
-  # which parameters RL updates: all | routers (each MoE layer's W_r only, the rest frozen: all
+  # which parameters RL updates: all | routers (each MoE layer's W_r only, the rest frozen: most
   # routing drift is then the routers' own, linear in h as PR2's predictor assumes)
   trainable: str = "all"
   temperature: float = 1.0         # rollout sampling temperature (and of π_θ in the loss)
