@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pr2_jax.models.moe import ROUTER_PARAM
 from pr2_jax.models.routing import top_k_experts
 from pr2_jax.models.transformer import MoETransformer, lm_head_kernel
 from pr2_jax.balance.loads import loads_from_routes
@@ -45,7 +46,6 @@ from pr2_jax.rl.chunked_logprobs import chunked_token_stats
 from pr2_jax.rl.balancing import foresight_plan
 from pr2_jax.rl.config import PR2Config, RLConfig
 from pr2_jax.rl.sampler import temperature_scale
-from pr2_jax.models.moe import ROUTER_PARAM
 from pr2_jax.train.state import TrainState, keep_only, replicated
 
 
