@@ -87,14 +87,16 @@ def score_batches(batches, mask_BS, top_k: int) -> dict:
   """
   kappa = len(batches[0]) - 1
   scores = {name: np.zeros(kappa - 1) for name in PREDICTORS}
-  one_map = {"one_map": np.zeros(kappa), "stale": np.zeros(kappa)}
+  one_map = np.zeros(kappa)
   cosines, router_share = [], []
   for t in range(1, len(batches)):
     prev, cur = batches[t - 1], batches[t]
     p0, h0 = cur[0][0], cur[0][1]
+    drifts_prev = []  # batch t-1's drift after j = 1..κ-1 updates
     for j in range(1, kappa):
       truth = cur[j][0]
       delta_prev = prev[j][0] - prev[0][0]
+      drifts_prev.append(delta_prev)
       preds = {"stale": p0, "prev_drift": p0 + delta_prev,
                "momentum": p0 + j * (prev[kappa][0] - prev[kappa - 1][0]),
                "linear_fit": p0 + _lin(h0, fit_drift(prev[0][1], delta_prev, mask_BS)),
@@ -102,11 +104,9 @@ def score_batches(batches, mask_BS, top_k: int) -> dict:
       for name, pred in preds.items():
         scores[name][j - 1] += zero_dev(pred, truth, mask_BS, top_k) / (len(batches) - 1)
     # Least squares on the mean drift = on the drifts stacked (the same h for every j).
-    mean_drift = np.mean([prev[j][0] - prev[0][0] for j in range(1, kappa)], axis=0)
-    one = p0 + _lin(h0, fit_drift(prev[0][1], mean_drift, mask_BS))
+    one = p0 + _lin(h0, fit_drift(prev[0][1], np.mean(drifts_prev, axis=0), mask_BS))
     for j in range(kappa):
-      for name, pred in (("one_map", one), ("stale", p0)):
-        one_map[name][j] += zero_dev(pred, cur[j][0], mask_BS, top_k) / (len(batches) - 1)
+      one_map[j] += zero_dev(one, cur[j][0], mask_BS, top_k) / (len(batches) - 1)
     a = (prev[kappa][0] - prev[0][0])[mask_BS].ravel()
     b = (cur[kappa][0] - cur[0][0])[mask_BS].ravel()
     cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
@@ -114,7 +114,10 @@ def score_batches(batches, mask_BS, top_k: int) -> dict:
     total = (batch[kappa][0] - batch[0][0])[mask_BS]
     router = _lin(batch[0][1], batch[kappa][2] - batch[0][2])[mask_BS]
     router_share.append(float(np.linalg.norm(router) / np.linalg.norm(total)))
-  return {"zero_dev": scores, "one_map": one_map, "cosine": float(np.mean(cosines)),
+  # Stale at mini-step 1 is the router itself (truth p_t,0 = p0).
+  stale = np.concatenate([[1.0], scores["stale"]])
+  return {"zero_dev": scores, "one_map": {"one_map": one_map, "stale": stale},
+          "cosine": float(np.mean(cosines)),
           "router_share": float(np.mean(router_share))}
 
 
