@@ -74,21 +74,26 @@ def test_a_resume_ignores_pr2_settings_only_without_a_predictor():
   assert "pr2" not in records.resume_identity(r3)  # dead settings there: free to change
   assert records.resume_identity(pr2)["pr2"] == records.run_identity(pr2)["pr2"]
   assert records.resume_identity(pr2)["pr2"]["adam_eps"] == 1e-3
-  assert set(records.run_identity(r3)) - set(records.resume_identity(r3)) == {"pr2",
-                                                                               "replay_mode"}
-  assert set(records.run_identity(pr2)) - set(records.resume_identity(pr2)) == {"replay_mode"}
+  assert set(records.run_identity(r3)) - set(records.resume_identity(r3)) == {"pr2"}
+  assert records.resume_identity(pr2) == records.run_identity(pr2)
 
 
 def test_a_resume_names_another_replay_mode_once(tmp_path):
-  # The checkpoint records the mode twice (top level and under rl); the refusal named both.
+  # Runs from before 2026-12-07 recorded the mode twice (top level and under rl); the refusal
+  # named both. Such a checkpoint (the extra copy added back here) is refused naming it once.
+  recorded = {**records.run_identity(_config(replay_mode="r3")), "replay_mode": "r3"}
   with Checkpointer(str(tmp_path)) as ck:
-    ck.save(1, {"x": jnp.zeros(2)}, records.run_identity(_config(replay_mode="r3")))
+    ck.save(1, {"x": jnp.zeros(2)}, recorded)
     ck.wait()
   with Checkpointer(str(tmp_path)) as ck, pytest.raises(SetupMismatchError) as err:
     ck.restore_newest_good({"x": jax.ShapeDtypeStruct((2,), jnp.float32)},
                            records.resume_identity(_config(replay_mode="r2")))
   assert str(err.value).count("replay_mode") == 1
   assert "rl.replay_mode: checkpoint 'r3', this run 'r2' (" in str(err.value)
+  with Checkpointer(str(tmp_path)) as ck:  # and resumed by the same mode, the copy ignored
+    step, *_ = ck.restore_newest_good({"x": jax.ShapeDtypeStruct((2,), jnp.float32)},
+                                      records.resume_identity(_config(replay_mode="r3")))
+  assert step == 1
 
 
 def test_a_run_from_before_the_legacy_fields_resumes_with_their_old_values(tmp_path):

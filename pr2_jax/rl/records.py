@@ -58,8 +58,8 @@ def run_identity(config: ExperimentConfig) -> dict:
   """What an RL checkpoint records and a resume must match, as JSON (tuples become lists)."""
   rl = {k: v for k, v in dataclasses.asdict(config.rl).items() if k not in RESUMABLE_RL_FIELDS}
   return json.loads(json.dumps({
-      "model": dataclasses.asdict(config.model), "replay_mode": config.rl.replay_mode,
-      "rl": rl, "sft": dataclasses.asdict(config.sft), "pr2": dataclasses.asdict(config.pr2),
+      "model": dataclasses.asdict(config.model), "rl": rl, "sft": dataclasses.asdict(config.sft),
+      "pr2": dataclasses.asdict(config.pr2),
       "task": config.task, "task_kwargs": dict(config.task_kwargs), "seed": config.seed,
       "hf_checkpoint": config.hf_checkpoint}))
 
@@ -71,11 +71,10 @@ LEGACY_IDENTITY = {"pr2.adam_eps": 1e-8, "rl.trainable": "all"}
 
 def resume_identity(config: ExperimentConfig) -> dict:
   """`run_identity` as a resume compares it: without `pr2` in a replay mode that runs no
-  predictor, whose settings (or a predictor field added since) change nothing there, and
-  without the top-level `replay_mode` (a copy of `rl.replay_mode` for readers of the
-  checkpoint, so that another mode is named once)."""
+  predictor, whose settings (or a predictor field added since) change nothing there. (Runs
+  from before 2026-12-07 also recorded `replay_mode` at the top level; only the keys named
+  here are compared, so that copy is ignored.)"""
   identity = run_identity(config)
-  del identity["replay_mode"]
   if not config.rl.phases.uses_predictor:
     del identity["pr2"]
   return identity
