@@ -216,6 +216,56 @@ def test_the_update_replays_the_old_pass_routes_in_r2_and_the_rollouts_in_r3(mon
     np.testing.assert_array_equal(replay, want[i * m:(i + 1) * m])
 
 
+@pytest.mark.parametrize("mode", ["pr2", "pr2_r2"])
+def test_pr2_modes_predict_in_their_own_pass_and_the_update_replays_it(monkeypatch, mode):
+  """DESIGN §2's table for the two PR2 modes through rl_step: pr2 routes the rollout by the
+  predictor and caches its features there, pr2_r2 rolls out live and predicts in the old pass;
+  the update replays the predicting pass's routes and fits on its features. The old pass runs
+  once, on the step's starting parameters, before the κ updates (DAPO's ratio against µ never
+  reads π_old, so only this says it is θ_old's). Its routes are shifted by one expert, as in
+  the r2/r3 test above, so that the two candidate routes differ."""
+  engine = loop.Engine(_config(1, mode), make_mesh(2, 2, devices=jax.devices()[:4]))
+  real_fns, real_sample, calls = engine.learner_fns, engine.sample, []
+  start_params = engine.state.params
+  num_experts = engine.config.model.num_experts
+
+  def sample(*args, predictor, feature_slots_BF, **kwargs):
+    calls.append(("rollout", predictor is not None, feature_slots_BF is not None))
+    return real_sample(*args, predictor=predictor, feature_slots_BF=feature_slots_BF, **kwargs)
+
+  def spy(micro):
+    old_fn, update_fn = real_fns(micro)
+    rollout = jax.device_get((micro["rollout_routes"], micro.get("feature_h")))
+
+    def old(params, *args, **kwargs):
+      calls.append(("old", params is start_params))
+      old = old_fn(params, *args, **kwargs)
+      old = old._replace(routes=(old.routes + 1) % num_experts)
+      seen.update(rollout=rollout, old=jax.device_get((old.routes, old.feats)))
+      return old
+
+    def update(state, mini, *args):
+      calls.append(("update",))
+      seen["update"].append(jax.device_get((mini["replay_routes"], mini["feature_h"])))
+      return update_fn(state, mini, *args)
+    return old, update
+
+  seen = {"update": []}
+  engine.sample, engine.learner_fns = sample, spy
+  engine.rl_step(engine.state, 1)
+  k, m = engine.config.rl.off_policy_k, engine.config.rl.micro_steps
+  at_rollout = mode == "pr2"
+  assert calls == [("rollout", at_rollout, at_rollout), ("old", True)] + [("update",)] * k
+  (rollout_routes, rollout_h), (old_routes, old_feats) = seen["rollout"], seen["old"]
+  assert (rollout_h is not None) == at_rollout and (old_feats is None) == at_rollout
+  want_routes = rollout_routes if at_rollout else old_routes
+  want_h = rollout_h if at_rollout else old_feats[0]
+  assert np.mean(old_routes != rollout_routes) > 0.5
+  for i, (routes, h) in enumerate(seen["update"]):
+    np.testing.assert_array_equal(routes, want_routes[i * m:(i + 1) * m])
+    np.testing.assert_array_equal(h, want_h[i * m:(i + 1) * m])
+
+
 def test_a_missing_init_from_is_an_error_not_a_fresh_warm_up(tmp_path):
   typo = tmp_path / "typo_dir"
   cfg = dataclasses.replace(_config(1), init_from=str(typo))

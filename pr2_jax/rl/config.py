@@ -240,6 +240,8 @@ class PR2Config:
                                    # (|g| ~ 1e-6-1e-4) moved W_p as far as real drift (~1e-3);
                                    # gradients below ε take proportionally smaller steps
                                    # (docs/results/replay_comparison.md, "Predictor Adam ε")
+                                   # (Adam clipped at RLConfig.grad_clip like the policy's,
+                                   # no weight decay: W_p should stay where its fit puts it)
   feature_tokens: int = 8          # cached (h_old, p_old) positions per sequence
   feature_rule: str = "random"     # random: uniform over all slots | response: first response slots
   feature_dtype: str = "bfloat16"  # dtype of the feature cache
