@@ -22,6 +22,11 @@ import jax
 import numpy as np
 
 
+# Why a mask must be finite and >= 0 (check_finite's `why`): a negative weight subtracts its
+# token from a sum or mean, a NaN one poisons every one.
+MASK_WHY = "a token weight: 1 counts, 0 does not"
+
+
 def is_concrete(x) -> bool:
   """True when x's values can be read on the host: not a tracer and, for a jax.Array,
   held whole by this process."""

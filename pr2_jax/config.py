@@ -59,6 +59,19 @@ def check_real(owner: str, name: str, value: Any, low: float | None = None, *,
     raise ValueError(f"{owner}.{name} must be {'>=' if inclusive else '>'} {low}, got {value!r}")
 
 
+# Sampling temperatures in (0, MIN_TEMPERATURE) are refused: the logits are multiplied by 1/T
+# in float32, and at T ~ 1e-37 that overflows to inf and the log-probs to NaN. 0 is greedy.
+MIN_TEMPERATURE = 1e-6
+
+
+def check_temperature(owner: str, name: str, value: Any) -> None:
+  """A sampling temperature: 0 (greedy) or a finite real >= MIN_TEMPERATURE."""
+  check_real(owner, name, value, 0)
+  if 0 < value < MIN_TEMPERATURE:
+    raise ValueError(f"{owner}.{name}={value!r} is below {MIN_TEMPERATURE:g}: its 1/T overflows "
+                     "float32 logits; use 0 for greedy decoding")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A Qwen3-MoE-style decoder. Field names follow the paper/HF meaning."""

@@ -143,3 +143,11 @@ def test_grpo_near_equal_rewards_are_centred_exactly(scale_by_std):
               if scale_by_std else [-half, half, -4.0, 4.0])
   np.testing.assert_allclose(adv, expected, rtol=1e-6)
   np.testing.assert_array_equal(adv.reshape(2, 2).sum(1), [0.0, 0.0])
+
+
+def test_tis_weights_checks_rank_and_real_dtype():
+  logp = jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match=r"old_logp_BT has shape \(2, 3, 1\), expected rank 2"):
+    advantages.tis_weights(logp[..., None], logp[..., None], 2.0)
+  with pytest.raises(TypeError, match="old_logp_BT has dtype complex64, expected real numbers"):
+    advantages.tis_weights(logp.astype(jnp.complex64), logp, 2.0)

@@ -120,7 +120,7 @@ def test_replication_lowers_peak_load():
     (dict(num_replicas=8), ">= num_experts"),
     (dict(num_replicas=24, num_gpus=6, num_nodes=4), "multiple of num_nodes"),
     (dict(num_groups=5, num_nodes=1), "multiple of num_groups"),
-    (dict(num_gpus=0), "num_gpus=0"),
+    (dict(num_gpus=0), "eplb_rebalance.num_gpus must be a positive int, got 0"),
 ])
 def test_bad_arguments(args, match):
   kwargs = dict(num_replicas=16, num_groups=4, num_nodes=2, num_gpus=8) | args
@@ -161,3 +161,20 @@ def test_eplb_is_host_only_and_says_so_under_jit():
   np.testing.assert_array_equal(phy2log, PHY2LOG)
   with pytest.raises(TypeError, match=r"eplb_device_load is host-only \(numpy; do not jit\)"):
     jax.jit(lambda w: eplb_device_load(w, phy2log, logcnt, 8))(jnp.asarray(WEIGHT, jnp.float32))
+
+
+def test_counts_must_be_ints_and_shapes_consistent():
+  """16.0 failed in numpy ("'float' object cannot be interpreted as an integer"), True passed
+  as 1, an empty weight and a num_gpus that does not divide the replicas failed in a reshape."""
+  weight = np.arange(1, 9, dtype=np.float32).reshape(1, 8)
+  for args, message in (((16.0, 1, 1, 4), r"num_replicas must be a positive int, got 16.0"),
+                        ((16, 1, 1, True), r"num_gpus must be a positive int, got True")):
+    with pytest.raises(ValueError, match="eplb_rebalance." + message):
+      eplb_rebalance(weight, *args)
+  with pytest.raises(ValueError, match=r"\[layers, experts\], both >= 1, got shape \(0, 4\)"):
+    eplb_rebalance(np.zeros((0, 4)), 4, 1, 1, 1)
+  phy2log, _, logcnt = eplb_rebalance(weight, 12, 1, 1, 4)
+  assert eplb_device_load(weight, phy2log, logcnt, 4).shape == (1, 4)
+  with pytest.raises(ValueError, match=r"phy2log \(1, 12\) \[L, X\] with X a multiple of "
+                                       r"num_gpus=5"):
+    eplb_device_load(weight, phy2log, logcnt, 5)

@@ -277,3 +277,15 @@ def test_expert_weights_take_and_replica_slots_compute_the_same():
 def test_capacity_for(args, expected):
   """Static per-slot capacity values."""
   assert ex.capacity_for(*args) == expected
+
+
+def test_take_refuses_slot_ids_outside_the_experts():
+  """jnp.take gave NaN weights for id 9 and wrapped -1 to the last expert, silently."""
+  w = ex.ExpertWeights(*(jnp.arange(4.0)[:, None, None] * jnp.ones((4, 2, 2)),) * 3)
+  np.testing.assert_array_equal(w.take(jnp.array([3, 0, 3])).gate_SDF[:, 0, 0], [3, 0, 3])
+  for ids, message in (([0, 9], r"slot_expert_S\[1\] = 9 is outside \[0, number of experts=4\)"),
+                       ([0, -1], r"slot_expert_S\[1\] = -1 is outside")):
+    with pytest.raises(ValueError, match=message):
+      w.take(jnp.array(ids))
+  with pytest.raises(TypeError, match="slot_expert_S has dtype float32"):
+    jax.jit(w.take)(jnp.array([0.0, 1.0]))  # static: a float id would be truncated under jit

@@ -231,3 +231,29 @@ def test_mismatch_metrics_refuse_complex_logprobs_eagerly_and_under_jit():
   # A weight mask stays valid: Δ = ln 2 on both tokens, weights (3, 1) → ratio_mean 2.
   got = metrics.mismatch_metrics(jnp.full((1, 2), LN2), z, jnp.array([[3.0, 1.0]]))
   np.testing.assert_allclose(got["ratio_mean"], 2.0, rtol=1e-6)
+
+
+def test_fractional_mask_weights_give_the_same_means_as_their_multiples():
+  """Masks are weights: scaling them all leaves every weighted mean as it is (dividing by
+  max(Σw, 1) halved k3 at weights 0.1); all-zero weights still give 0."""
+  rng = np.random.default_rng(0)
+  train, rollout = (jnp.asarray(rng.normal(size=(2, 5)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32).at[0, 0].set(1)
+  full, tenth = (metrics.mismatch_metrics(train, rollout, s * mask) for s in (1.0, 0.1))
+  for key in ("k3_kl", "extreme_frac", "ratio_mean", "ratio_var"):
+    np.testing.assert_allclose(tenth[key], full[key], rtol=1e-5)
+  assert float(metrics.mismatch_metrics(train, rollout, 0 * mask)["k3_kl"]) == 0.0
+  probs = jnp.full((1, 2, 1, 4), 0.25)
+  rep, cur = jnp.array([[[[0, 1]], [[2, 3]]]]), jnp.array([[[[0, 1]], [[0, 1]]]])
+  half = metrics.routing_metrics(rep, cur, probs, jnp.array([[0.2, 0.2]]))
+  assert float(half["topk_agreement"]) == pytest.approx(0.5)
+
+
+def test_routing_metrics_checks_id_dtypes_under_jit_and_takes_nested_lists():
+  probs, mask = jnp.full((1, 1, 1, 4), 0.25), jnp.ones((1, 1))
+  ids = jnp.zeros((1, 1, 1, 2), jnp.int32).at[..., 1].set(1)
+  with pytest.raises(TypeError, match="replayed_BTLK has dtype float32"):
+    jax.jit(metrics.routing_metrics)(ids.astype(jnp.float32) + 0.7, ids, probs, mask)
+  lists = metrics.routing_metrics([[[[0, 1]]]], [[[[1, 2]]]], [[[[0.5, 0.3, 0.2, 0.0]]]], [[1.0]])
+  assert float(lists["topk_agreement"]) == 0.5
+  assert float(lists["coverage_gap"]) == pytest.approx(0.2)

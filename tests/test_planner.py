@@ -336,3 +336,11 @@ def test_a_nan_load_under_jit_still_gives_a_valid_plan():
   assert np.all(held == 3)  # expert 3's tokens reach a slot of expert 3
   zeroed = np.nan_to_num(loads)
   np.testing.assert_array_equal(plan.slot_expert, pl.plan_placement(zeroed, 4, 5).slot_expert)
+
+
+def test_replica_counts_takes_one_layer_and_says_so():
+  """[L, E] loads (what plan_placement takes) read L as E: a broadcasting error from jax, or
+  a bound computed from the wrong axis."""
+  for loads in (np.ones((2, 8), np.float32), np.float32(3)):
+    with pytest.raises(ValueError, match=r"loads has shape .*expected rank 1 \[E\]: one layer"):
+      pl.replica_counts(loads, 12, 4)

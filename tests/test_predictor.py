@@ -445,3 +445,21 @@ def test_topk_overlap_refuses_negative_or_non_finite_weights(bad, shown):
     pred.topk_overlap(a, b, jnp.array([1.0, bad]))
   np.testing.assert_allclose(pred.topk_overlap(a, b, jnp.array([1.0, 1.0])), [0.5])
   np.testing.assert_allclose(jax.jit(pred.topk_overlap)(a, b, jnp.array([1.0, 3.0])), [0.25])
+
+
+def test_predicted_topk_refuses_non_finite_inputs_when_concrete():
+  w, h, p = jnp.zeros((1, 2, 3)), jnp.ones((1, 1, 2)), jnp.array([[[0.0, jnp.nan, 1.0]]])
+  with pytest.raises(ValueError, match=r"p_NLE\[0, 0, 1\] = nan is not finite \(router logits\)"):
+    pred.predicted_topk(w, h, p, 2)
+  with pytest.raises(ValueError, match=r"h_NLD\[0, 0, 0\] = inf"):
+    pred.predicted_topk(w, h.at[0, 0, 0].set(jnp.inf), jnp.zeros((1, 1, 3)), 2)
+  ids = jax.jit(pred.predicted_topk, static_argnums=3)(w, h, jnp.array([[[0.0, 2.0, 1.0]]]), 2)
+  np.testing.assert_array_equal(ids, [[[1, 2]]])
+
+
+def test_topk_overlap_is_a_weighted_mean_for_fractional_weights():
+  a, b = jnp.array([[[0, 1]], [[2, 3]]]), jnp.array([[[0, 1]], [[0, 1]]])
+  for weight in ([1.0, 1.0], [0.2, 0.2], [0.3, 0.1]):
+    want = (weight[0] * 1.0 + weight[1] * 0.0) / sum(weight)
+    np.testing.assert_allclose(pred.topk_overlap(a, b, jnp.array(weight)), [want], rtol=1e-6)
+  np.testing.assert_array_equal(pred.topk_overlap(a, b, jnp.zeros(2)), [0.0])

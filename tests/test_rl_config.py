@@ -316,3 +316,10 @@ def test_replay_phases_by_hand(mode, expected):
 def test_replay_phases_refuses_an_unknown_mode():
   with pytest.raises(ValueError, match=r"replay_mode='r4' is not one of \('none', 'r2'"):
     replay_phases("r4")
+
+
+def test_temperatures_below_the_float32_limit_are_refused():
+  for name in ("temperature", "eval_temperature"):
+    with pytest.raises(ValueError, match=rf"RLConfig.{name}=1e-39 is below 1e-06"):
+      RLConfig(**{name: 1e-39})
+  assert RLConfig(eval_temperature=0.0).eval_temperature == 0.0  # greedy evaluation

@@ -237,7 +237,7 @@ def test_validate_routes_accepts_valid_numpy_and_jax():
     (lambda r: r[..., None], r"routes has shape .* expected"),
     (lambda r: r.astype(bool), r"routes has dtype bool, expected int32 or another integer"),
     (lambda r: r.astype(np.float32), r"routes has dtype float32, expected int32"),
-    (lambda r: r.tolist(), r"routes has shape \(\)"),
+    (lambda r: r.tolist(), r"routes must be an int array \[B, T, L, K\] = .* got a list"),
     (lambda r: _set(r, (0, 1, 0), [-2, -2]), r"value -2 < -1"),
     (lambda r: _set(r, (0, 1, 0), [4, 0]), r"expert id 4 >= num_experts=4"),
     (lambda r: _set(r, (1, 0, 1), [-1, 2]),
@@ -535,3 +535,23 @@ def test_array_likes_work_like_the_arrays_they_spell():
   np.testing.assert_array_equal(routing.expert_load([[0, 1], [1, 2]], 4, [1.0, 0.0]),
                                 [1, 1, 0, 0])
   np.testing.assert_array_equal(routing.top_k_experts(PROBS.tolist(), 1), [[3], [0], [0]])
+
+
+def test_top_k_experts_refuses_nan_scores_when_concrete():
+  with pytest.raises(ValueError, match=r"probs_NE\[0, 1\] = nan is not finite \(scores to rank\)"):
+    routing.top_k_experts(jnp.array([[0.1, jnp.nan, 0.3]]), 2)
+  ids = jax.jit(routing.top_k_experts, static_argnums=1)(jnp.array([[0.1, 0.5, 0.3]]), 2)
+  np.testing.assert_array_equal(ids, [[1, 2]])
+
+
+def test_expert_load_and_aux_loss_check_their_masks_and_probabilities():
+  ids = jnp.array([[0], [1]])
+  for mask, shown in (([-1.0, 1.0], "-1.0"), ([jnp.nan, 1.0], "nan")):
+    with pytest.raises(ValueError, match=rf"mask_N\[0\] = {shown} is not a finite number >= 0"):
+      routing.expert_load(ids, 2, jnp.array(mask))
+  np.testing.assert_array_equal(routing.expert_load(ids, 2, [1.0, 0.0]), [1.0, 0.0])  # a list
+  with pytest.raises(ValueError, match=r"probs_NE\[0\] sums to 4.*\(not its logits\)"):
+    routing.switch_aux_loss(jnp.array([[1.0, 3.0], [0.5, 0.5]]), ids)
+  # Hand-worked: f = (1/2, 1/2), P = (0.75, 0.25): 2 · (0.375 + 0.125) = 1.
+  probs = jnp.array([[1.0, 0.0], [0.5, 0.5]])
+  assert float(routing.switch_aux_loss(probs, ids, [1.0, 1.0])) == pytest.approx(1.0)

@@ -382,3 +382,11 @@ def test_prefill_computes_only_the_last_positions_logits():
   assert f"f32[{B},1,4096]" in compiled.as_text() or f"f32[{B},4096]" in compiled.as_text()
   # The buffer it would have been (4 MiB) is larger than all of the program's temporaries.
   assert compiled.memory_analysis().temp_size_in_bytes < B * 64 * 4096 * 4
+
+
+def test_a_temperature_whose_inverse_overflows_is_refused():
+  """1/T multiplies float32 logits: T = 1e-40 made every log-prob NaN. 0 is greedy."""
+  with pytest.raises(ValueError, match=r"SamplerConfig.temperature=1e-40 is below 1e-06.*use 0"):
+    sampler.SamplerConfig(max_new_tokens=2, temperature=1e-40)
+  for ok in (0.0, 1e-6, 0.7):
+    assert sampler.SamplerConfig(max_new_tokens=2, temperature=ok).temperature == ok

@@ -759,3 +759,12 @@ def test_lm_head_kernel_names_the_missing_key():
                                        r"keys \['params'\]"):
     transformer.lm_head_kernel({"params": _params()}, CFG.replace(tie_embeddings=True))
   assert transformer.lm_head_kernel(_params(), CFG).shape == (CFG.d_model, CFG.vocab_size)
+
+
+def test_init_cache_refuses_a_non_float_dtype():
+  """An int8 or bool cache truncated every key and value: logits off by 0.08 (bool: 0.30)."""
+  config = CFG
+  for dtype in ("int8", "bool", jnp.int32):
+    with pytest.raises(ValueError, match=r"init_cache: dtype=.* must be a floating dtype"):
+      transformer.init_cache(config, 1, 4, dtype=dtype)
+  assert transformer.init_cache(config, 1, 4, dtype="bfloat16").k[0].dtype == jnp.bfloat16

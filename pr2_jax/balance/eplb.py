@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from pr2_jax.checks import check_finite, check_real_dtype, is_concrete
+from pr2_jax.config import check_int
 
 
 def _balanced_packing(weight_LI: np.ndarray, num_packs: int):
@@ -155,13 +156,12 @@ def eplb_rebalance(weight, num_replicas: int, num_groups: int, num_nodes: int, n
   with np.errstate(over="ignore"):  # an overflow becomes inf, refused by name below
     weight_LE = np.asarray(weight, np.float32)
   check_finite("weight", weight_LE, "a load estimate", low=0)
-  if weight_LE.ndim != 2:
-    raise ValueError(f"weight must be [layers, experts], got shape {weight_LE.shape}")
+  if weight_LE.ndim != 2 or 0 in weight_LE.shape:
+    raise ValueError(f"weight must be [layers, experts], both >= 1, got shape {weight_LE.shape}")
   num_layers, num_log = weight_LE.shape
   for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups),
                       ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
-    if value < 1:
-      raise ValueError(f"{name}={value} must be >= 1")
+    check_int("eplb_rebalance", name, value)  # 16.0 or True: a typo, not a count
   if num_replicas < num_log or num_replicas % num_gpus:
     raise ValueError(f"num_replicas={num_replicas} must be >= num_experts={num_log} and a "
                      f"multiple of num_gpus={num_gpus}")
@@ -189,5 +189,12 @@ def eplb_device_load(weight, phy2log, logcnt, num_gpus: int) -> np.ndarray:
   Host-only, numpy; do not jit (a traced `weight` raises TypeError)."""
   _check_host("eplb_device_load", weight)
   weight_LE = np.asarray(weight, np.float64)
+  check_int("eplb_device_load", "num_gpus", num_gpus)
+  phy2log, logcnt = np.asarray(phy2log), np.asarray(logcnt)
+  if weight_LE.ndim != 2 or logcnt.shape != weight_LE.shape or phy2log.ndim != 2 or \
+      phy2log.shape[0] != weight_LE.shape[0] or phy2log.shape[1] % num_gpus:
+    raise ValueError(f"eplb_device_load: weight {weight_LE.shape} and logcnt {logcnt.shape} must "
+                     f"be [L, E] and phy2log {phy2log.shape} [L, X] with X a multiple of "
+                     f"num_gpus={num_gpus} (eplb_rebalance's outputs for this weight)")
   per_replica_LX = np.take_along_axis(weight_LE / logcnt, phy2log, -1)
   return per_replica_LX.reshape(weight_LE.shape[0], num_gpus, -1).sum(-1)

@@ -63,7 +63,7 @@ from pr2_jax.balance.loads import EMPTY, native_layout
 from pr2_jax.balance.lpt import place_lpt, repair_duplicates
 from pr2_jax.balance.rounds import place_in_rounds, prefix_sum
 from pr2_jax.balance.split import water_fill
-from pr2_jax.checks import as_array, check_finite, check_ids, is_concrete
+from pr2_jax.checks import as_array, check_finite, check_ids, check_rank, is_concrete
 from pr2_jax.config import check_int
 
 _TINY = float(np.finfo(np.float32).tiny)
@@ -107,6 +107,7 @@ def replica_counts(load_E: jax.Array, num_slots: int, max_replicas: int) -> jax.
   counts made exactly with the float division the greedy would use.
   Loads must be finite and >= 0 (checked when concrete).
   """
+  check_rank("loads", load_E, 1, "[E]: one layer's loads (plan_placement takes [L, E])")
   check_finite("loads", load_E, _LOADS_WHY, low=0)
   load_E = jnp.asarray(load_E).astype(jnp.float32)
   num_experts = load_E.shape[0]

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import check_ids, is_concrete
+from pr2_jax.checks import check_ids, check_int_dtype, is_concrete
 
 
 def validate_slot_expert(slot_expert_X, num_experts: int) -> None:
@@ -46,7 +46,10 @@ class ExpertWeights(NamedTuple):
   down_SFD: jax.Array  # output projection per slot
 
   def take(self, slot_expert_S: jax.Array) -> "ExpertWeights":
-    """Slot weights from per-expert weights (replicas share their expert's weights)."""
+    """Slot weights from per-expert weights (replicas share their expert's weights). Ids
+    outside [0, E) are an error when concrete (`jnp.take` would give NaN or wrap -1)."""
+    check_int_dtype("slot_expert_S", slot_expert_S)
+    check_ids(slot_expert_S, "slot_expert_S", 0, self.gate_SDF.shape[0], "number of experts")
     return ExpertWeights(*(jnp.take(w, slot_expert_S, axis=0) for w in self))
 
   def astype(self, dtype) -> "ExpertWeights":

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import (as_array, check_distribution, check_finite, check_ids,
+from pr2_jax.checks import (MASK_WHY, as_array, check_distribution, check_finite, check_ids,
                             check_int_dtype, check_rank, check_shape, check_top_k, is_concrete,
                             require_concrete)
 
@@ -49,10 +49,17 @@ def top_k_experts(probs_NE: jax.Array, k: int) -> jax.Array:
   """Top-k expert ids, int32 [..., K]; ties go to the lower index (as torch.topk).
   Takes probabilities or any scores: `route` passes ρ for the live router and the scores
   p + b for PR2's predicted route.
-  Raises ValueError unless k is an int in [1, E] (static)."""
+  Raises ValueError unless k is an int in [1, E] (static) and, on concrete scores, for a NaN
+  or infinite one."""
   probs_NE = as_array(probs_NE)
   check_top_k(k, probs_NE, "probs_NE")
-  return jax.lax.top_k(probs_NE, k)[1].astype(jnp.int32)
+  check_finite("probs_NE", probs_NE, "scores to rank")  # when concrete: top-k ranks NaN silently
+  return _top_k(probs_NE, k)
+
+
+def _top_k(scores_NE: jax.Array, k: int) -> jax.Array:
+  """Unchecked `top_k_experts`, for `route`, which checked its inputs (or was told not to)."""
+  return jax.lax.top_k(scores_NE, k)[1].astype(jnp.int32)
 
 
 def _check_ids_shape(probs_NE, expert_ids_NK) -> None:
@@ -199,10 +206,10 @@ def route(logits_NE: jax.Array, k: int, norm_topk_prob: bool,
   # gate_NE: the distribution live rows are gated by; gate_logits_NE: the logits it came from.
   live_NK, gate_NE, gate_logits_NE = None, probs_NE, logits_NE
   if bias_NE is None:
-    live_NK = top_k_experts(probs_NE, k)
+    live_NK = _top_k(probs_NE, k)
   else:
     scores_NE = logits_NE.astype(jnp.float32) + bias_NE
-    live_NK = top_k_experts(scores_NE, k)
+    live_NK = _top_k(scores_NE, k)
     if predicted_gates:
       gate_NE, gate_logits_NE = jax.nn.softmax(scores_NE, axis=-1), scores_NE
   if routes_NK is None:
@@ -241,6 +248,7 @@ def expert_load(expert_ids_NK: jax.Array, num_experts: int,
   onehot_NKE = jax.nn.one_hot(expert_ids_NK, num_experts, dtype=jnp.float32)
   if mask_N is not None:  # exact shape: a [N, 1] mask broadcast over K counted pairs N times
     check_shape("mask_N", mask_N, jnp.shape(expert_ids_NK)[:-1], "the ids' leading axes")
+    check_finite("mask_N", mask_N, MASK_WHY, low=0)
     onehot_NKE = onehot_NKE * mask_N[..., None, None].astype(jnp.float32)
   return onehot_NKE.reshape(-1, num_experts).sum(0)
 
@@ -252,9 +260,11 @@ def switch_aux_loss(probs_NE: jax.Array, expert_ids_NK: jax.Array,
   expert_ids_NK [..., K] must have probs_NE [..., E]'s leading axes (static check)."""
   probs_NE, expert_ids_NK = as_array(probs_NE), as_array(expert_ids_NK)
   _check_ids_shape(probs_NE, expert_ids_NK)
+  check_distribution("probs_NE", probs_NE, "the router's softmax ρ over the experts")
   num_experts, k = probs_NE.shape[-1], expert_ids_NK.shape[-1]
   if mask_N is None:
     mask_N = jnp.ones(expert_ids_NK.shape[:-1], jnp.float32)
+  mask_N = as_array(mask_N)  # expert_load checks its shape and values
   mask_N = mask_N.astype(jnp.float32)
   tokens = jnp.maximum(jnp.sum(mask_N), 1.0)
   f_E = expert_load(expert_ids_NK, num_experts, mask_N) / (tokens * k)
@@ -266,7 +276,10 @@ def check_routes_shape(routes, *, batch: int, length: int, num_layers: int, top_
   """Static check of a routes array's shape `[B, T, L, K]` and integer dtype (works on tracers):
   int32 or any other integer dtype, e.g. numpy's default int64 (np.argsort); not float or bool."""
   expected = (batch, length, num_layers, top_k)
-  shape = tuple(getattr(routes, "shape", ()))
+  if not hasattr(routes, "shape"):  # a nested list read as shape ()
+    raise ValueError(f"routes must be an int array [B, T, L, K] = {expected} (numpy or jax), "
+                     f"got a {type(routes).__name__}")
+  shape = tuple(routes.shape)
   if shape != expected:
     raise ValueError(f"routes has shape {shape}, expected [B, T, L, K] = {expected} (L: the "
                      "MoE layers, ModelConfig.num_moe_layers)")

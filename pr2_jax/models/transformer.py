@@ -56,6 +56,9 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
   check_int("init_cache", "batch", batch)
   check_int("init_cache", "max_len", max_len)
   dtype = jnp.dtype(dtype or config.dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):  # an int8 cache would truncate every key
+    raise ValueError(f"init_cache: dtype={dtype} must be a floating dtype (e.g. float32, "
+                     "bfloat16)")
   if dtype == jnp.dtype(config.dtype):
     dtype = storage_dtype(dtype)
   b, g, s, z = batch, config.num_kv_heads, max_len, config.head_dim

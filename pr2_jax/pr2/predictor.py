@@ -169,6 +169,9 @@ def predicted_topk(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array, k: int)
   w_LDE, h_NLD, p_NLE = as_array(w_LDE), as_array(h_NLD), as_array(p_NLE)
   _check_stacked(w_LDE, h_NLD, p_NLE)
   check_top_k(k, p_NLE, "p_NLE")
+  for name, x, what in (("w_LDE", w_LDE, "predictor weights"), ("h_NLD", h_NLD, "router inputs"),
+                        ("p_NLE", p_NLE, "router logits")):
+    check_finite(name, x, what)  # when concrete: top-k would rank a NaN silently
   # Top-k of the scores, not of q̂: q̂ underflows to tied zeros ~100 below the top score.
   return jax.lax.top_k(p_NLE.astype(jnp.float32) + _bias(h_NLD, w_LDE), k)[1].astype(jnp.int32)
 
@@ -194,7 +197,8 @@ def topk_overlap(a_NLK: jax.Array, b_NLK: jax.Array, weight_N: jax.Array) -> jax
   k = a_NLK.shape[-1]
   inter_NL = jnp.sum(jnp.any(a_NLK[..., :, None] == b_NLK[..., None, :], axis=-1), axis=-1)
   weight_N = weight_N.astype(jnp.float32)
-  return jnp.einsum("nl,n->l", inter_NL / k, weight_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
+  total = jnp.sum(weight_N)  # a weighted mean: fractional weights are not divided by 1
+  return jnp.einsum("nl,n->l", inter_NL / k, weight_N) / jnp.where(total > 0, total, 1.0)
 
 
 def bias_logit_sums(w_LDE: jax.Array, h_NLD: jax.Array, p_NLE: jax.Array,

@@ -125,8 +125,11 @@ def tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array, cap: float
   which the losses mask out. `cap` must be > 0 (no TIS: pass no weights).
   """
   check_bound("cap", cap, math.ulp(0.0), what="> 0 (no TIS: pass no weights)")
+  check_rank("old_logp_BT", old_logp_BT, 2, "[B, T]")
   check_shape("behaviour_logp_BT", behaviour_logp_BT, jnp.shape(old_logp_BT),
                "the shape of old_logp_BT")
+  check_real_dtype("old_logp_BT", old_logp_BT)  # a complex one would lose its imaginary part
+  check_real_dtype("behaviour_logp_BT", behaviour_logp_BT)
   log_w_BT = jnp.clip(_f32(old_logp_BT) - _f32(behaviour_logp_BT), -MAX_LOG_RATIO, MAX_LOG_RATIO)
   return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w_BT), cap))
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, NamedTuple
 
-from pr2_jax.config import RUNTIME_FIELDS, ModelConfig, check_int, check_real
+from pr2_jax.config import (RUNTIME_FIELDS, ModelConfig, check_int, check_real,
+                             check_temperature)
 
 
 class SetupError(ValueError):
@@ -148,8 +149,10 @@ class RLConfig:
       check_real("RLConfig", name, getattr(self, name), 0, inclusive=False)
     if self.clip_low >= 1:
       raise ValueError(f"RLConfig.clip_low={self.clip_low} must be < 1")
-    for name in ("tis_cap", "weight_decay", "temperature", "eval_temperature"):
+    for name in ("tis_cap", "weight_decay"):
       check_real("RLConfig", name, getattr(self, name), 0)
+    for name in ("temperature", "eval_temperature"):
+      check_temperature("RLConfig", name, getattr(self, name))
     if not 0 <= self.eplb_ema < 1:
       raise ValueError(f"RLConfig.eplb_ema={self.eplb_ema} must be in [0, 1) (0 = this step's "
                        "loads only)")

@@ -24,14 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr2_jax.checks import (check_distribution, check_finite, check_ids, check_rank,
-                            check_real_dtype, check_shape)
+from pr2_jax.checks import (MASK_WHY, as_array, check_distribution, check_finite, check_ids,
+                            check_int_dtype, check_rank, check_real_dtype, check_shape)
 
 LN2 = math.log(2.0)
 NUM_DEV_BINS = 4  # deviation histogram bins: 0, 1, 2, ≥3 experts changed
-# Masks are token weights: a negative one subtracted its token from a mean, a NaN one
-# poisoned every mean (checked when concrete).
-_MASK_WHY = "a token weight: 1 counts, 0 does not"
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -39,7 +36,9 @@ def _f32(x: jax.Array) -> jax.Array:
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-  return num / jnp.maximum(den, 1.0)
+  """num / den, 0 where nothing counted. A true weighted mean: masks may be fractional
+  weights, and dividing by max(den, 1) would shrink every mean whose weights sum below 1."""
+  return num / jnp.where(den > 0, den, 1.0)
 
 
 # ----------------------------------------------------------------------------
@@ -55,7 +54,7 @@ def mismatch_sums(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
   check_shape("mask_BT", mask_BT, shape, "[B, T] of train_logp_BT")
   check_real_dtype("train_logp_BT", train_logp_BT)
   check_real_dtype("rollout_logp_BT", rollout_logp_BT)
-  check_finite("mask_BT", mask_BT, _MASK_WHY, low=0)
+  check_finite("mask_BT", mask_BT, MASK_WHY, low=0)
   mask_BT = _f32(mask_BT)
   # where() first: padding may hold -inf log-probs, and these are metrics only.
   delta_BT = jax.lax.stop_gradient(
@@ -118,17 +117,20 @@ def _check_routing_inputs(replayed_BTLK, current_BTLK, probs_BTLE, mask_BT) -> N
     raise ValueError(f"probs have shape {jnp.shape(probs_BTLE)}, expected {shape[:3]} + (E,)")
   if tuple(jnp.shape(mask_BT)) != shape[:2]:
     raise ValueError(f"mask has shape {jnp.shape(mask_BT)}, expected {shape[:2]} [B, T]")
-  check_finite("mask_BT", mask_BT, _MASK_WHY, low=0)
+  check_finite("mask_BT", mask_BT, MASK_WHY, low=0)
   # Router logits here gave a negative coverage gap, silently
   check_distribution("probs_BTLE", probs_BTLE, "the live router's softmax ρ over the experts")
   num_experts = jnp.shape(probs_BTLE)[-1]
   for name, ids in (("replayed_BTLK", replayed_BTLK), ("current_BTLK", current_BTLK)):
+    check_int_dtype(name, ids)  # static: under jit a float id would be truncated silently
     check_ids(ids, name, -1, num_experts, "num_experts")
 
 
 def routing_sums(replayed_BTLK: jax.Array, current_BTLK: jax.Array, probs_BTLE: jax.Array,
                  mask_BT: jax.Array) -> dict[str, jax.Array]:
   """Additive per-layer sums behind `routing_metrics` (float32 [L] or [L, 4])."""
+  replayed_BTLK, current_BTLK, probs_BTLE, mask_BT = map(
+      as_array, (replayed_BTLK, current_BTLK, probs_BTLE, mask_BT))
   _check_routing_inputs(replayed_BTLK, current_BTLK, probs_BTLE, mask_BT)
   k = replayed_BTLK.shape[-1]
   rep_BTLK = replayed_BTLK.astype(jnp.int32)

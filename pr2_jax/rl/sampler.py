@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.checks import as_array, check_finite, check_int_dtype, check_rank, is_concrete
-from pr2_jax.config import DTYPES, check_int, check_real
+from pr2_jax.config import DTYPES, check_int, check_real, check_temperature
 from pr2_jax.models.layers import first_argmax
 from pr2_jax.models.transformer import MoETransformer, init_cache, validate_tokens
 
@@ -56,7 +56,7 @@ class SamplerConfig:
     else:
       check_int("SamplerConfig", "eos_id", self.eos_id, minimum=-1)
     check_int("SamplerConfig", "pad_id", self.pad_id, minimum=0)
-    check_real("SamplerConfig", "temperature", self.temperature, 0)
+    check_temperature("SamplerConfig", "temperature", self.temperature)
     check_real("SamplerConfig", "top_p", self.top_p)
     if not 0 < self.top_p <= 1:
       raise ValueError(f"SamplerConfig.top_p must be in (0, 1], got {self.top_p}")
