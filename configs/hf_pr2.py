@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0                  # data and sampling seed (the weights are the checkpoint's)
   c.mesh_data = 0             # 'data' axis size; 0 = all devices not used by the expert axis
   c.mesh_expert = 1           # 'expert' axis size (expert parallelism); divides num_experts
-  c.checkpoint_every = 10     # RL steps between checkpoints (resume from the newest)
+  c.checkpoint_every = 10     # RL steps between checkpoints (0 = only at the end)
   c.init_from = ""            # warm-up checkpoint dir to start from ('' = WORKDIR/checkpoints/sft,
                               # written only when sft.num_steps > 0: else the checkpoint's weights)
   c.task = "countdown"        # pr2_jax.rl.tasks registry: arithmetic | countdown

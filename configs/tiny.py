@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0                  # init, data and sampling seed
   c.mesh_data = 0             # 'data' axis size; 0 = all devices not used by the expert axis
   c.mesh_expert = 1           # 'expert' axis size (expert parallelism); divides num_experts
-  c.checkpoint_every = 25     # RL steps between checkpoints (resume from the newest)
+  c.checkpoint_every = 25     # RL steps between checkpoints (0 = only at the end)
   c.init_from = ""            # warm-up checkpoint dir to start from ('' = WORKDIR/checkpoints/sft)
   c.task = "countdown"        # pr2_jax.rl.tasks registry: arithmetic | countdown
   # Options of `task`; these are countdown's. Another task takes its own (an unknown key stops

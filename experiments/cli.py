@@ -83,10 +83,12 @@ def raises_signalled(callback):
   return checked
 
 
-def run(main):
+def run(main, positional: bool = False):
   """`app.run(main)` for our entry points: flags parsed by `parse_flags`, and a
   `flags.ValidationError` or `app.UsageError` raised in `main` (a bad flag combination) is one
-  error line too (absl printed the whole help for a UsageError, exit 1).
+  error line too (absl printed the whole help for a UsageError, exit 1). Arguments that are not
+  flags are an error unless `positional` (`main` reads them): `main configs/tiny.py runs/r2`
+  ran the default setup in the default workdir, its arguments ignored.
   Started as a script, the process first re-executes itself with a better C allocator for
   XLA:CPU's per-call buffers where that changes anything (`allocator`: faster CPU train steps)."""
   allocator.reexec_if_useful(os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +96,9 @@ def run(main):
 
   def checked(argv):
     try:
+      if argv[1:] and not positional:
+        raise app.UsageError(f"unexpected argument(s) {' '.join(argv[1:])}: every setting is a "
+                             "--flag (e.g. --workdir=DIR, --config=FILE); see --help")
       return main(argv)
     except (flags.ValidationError, app.UsageError) as e:  # bad flags: one line, not the help
       exit_with_error(str(e))

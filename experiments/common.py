@@ -63,9 +63,9 @@ def setup_devices():
   try:
     cfg = distributed.DistributedConfig(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value, _AUTO_DETECT.value)
+    distributed.initialize(cfg)
   except ValueError as e:
     raise flags.ValidationError(as_flag_names(str(e))) from None
-  distributed.initialize(cfg)
   if not distributed.is_main_process():
     logging.set_verbosity(logging.WARNING)  # one log: process 0's
   if cfg.enabled:

@@ -8,6 +8,7 @@ Multi-host (run the same command on every process; see docs/scaling.md):
         --coordinator_address=HOST0:1234 --num_processes=2 --process_id=RANK
 """
 
+import os
 import sys
 
 from absl import flags, logging
@@ -69,8 +70,13 @@ def main(argv):
                         "change the setup (e.g. a lower --config.rl.learning_rate) and use a new "
                         f"--workdir{reuse}", code=1)
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: loop.run has finished any save in flight
-    logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "
-                    "in %s", _WORKDIR.value)
+    from pr2_jax.rl.records import holds_checkpoint
+    if holds_checkpoint(os.path.join(_WORKDIR.value, "checkpoints", "rl")):
+      logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "
+                      "in %s", _WORKDIR.value)
+    else:  # the warm-up saves only when it is done
+      logging.warning("interrupted before the first RL checkpoint; rerunning the same command "
+                      "starts the warm-up again (%s)", _WORKDIR.value)
     cli.exit_interrupted(143 if isinstance(e, cli.Terminated) else 130)
   if _FRESH.value and summary["resumed_from"] is not None:
     logging.warning("--fresh had no effect: %s has an RL checkpoint, which was resumed (use "

@@ -120,8 +120,11 @@ def render() -> str:
 
 
 def main(argv):
+  if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):  # asking is not a failure
+    print(__doc__.strip())
+    return 0
   unknown = [a for a in argv[1:] if a != "--check"]
-  if unknown:  # --help or a typo must not rewrite the file
+  if unknown:  # a typo must not rewrite the file
     print(f"error: unknown argument(s) {' '.join(unknown)}; usage:\n{__doc__.strip()}",
           file=sys.stderr)
     return 2

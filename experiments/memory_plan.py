@@ -23,7 +23,15 @@ cli.non_empty("mesh_expert")
 flags.register_validator("mesh_expert", lambda v: all(e.isdigit() and int(e) >= 1 for e in v),
                          message="--mesh_expert must list positive integers")
 
-GIB = 2**30
+# The table's unit: the largest that keeps its biggest entry >= 1 (a tiny config printed 0.00 GiB
+# in every cell).
+UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+COUNTS = (("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1))
+
+
+def pick(value: float, units: tuple) -> tuple[str, float]:
+  """(name, size) of the largest unit in `units` that `value` is at least one of."""
+  return next(((name, size) for name, size in units if value >= size), units[-1])
 
 
 def main(argv):
@@ -48,8 +56,6 @@ def main(argv):
     except ValueError as e:
       raise flags.ValidationError(f"--mesh_expert={expert}: {e}") from None
   rows = []
-  print(f"{'mesh (data x expert)':>22} {'params GiB':>11} {'AdamW GiB':>10} {'grads GiB':>10} "
-        f"{'total GiB':>10} {'fsdp total':>11}")
   for expert in experts:
     mesh = make_mesh(n // expert, expert)
     mem = state_memory(MoETransformer(config, mesh), make_optimizer(1e-6), mesh)
@@ -59,11 +65,17 @@ def main(argv):
     except ValueError:  # validate_mesh: the data axis does not divide d_model
       mem["fsdp_total"] = None
     rows.append({"data": n // expert, "expert": expert, **mem})
-    fsdp_gib = "n/a" if mem["fsdp_total"] is None else f"{mem['fsdp_total'] / GIB:.2f}"
-    print(f"{f'{n // expert} x {expert}':>22} {mem['params'] / GIB:11.2f} "
-          f"{mem['opt_state'] / GIB:10.2f} {mem['grads'] / GIB:10.2f} {mem['total'] / GIB:10.2f} "
-          f"{fsdp_gib:>11}")
-  print(f"parameters: {rows[0]['param_count'] / 1e9:.2f}B")
+  unit, size = pick(max(r["total"] for r in rows), UNITS)
+  print(f"{'mesh (data x expert)':>22} {f'params {unit}':>11} {f'AdamW {unit}':>10} "
+        f"{f'grads {unit}':>10} {f'total {unit}':>10} {'fsdp total':>11}")
+  for r in rows:
+    fsdp_total = "n/a" if r["fsdp_total"] is None else f"{r['fsdp_total'] / size:.2f}"
+    mesh_name = f"{r['data']} x {r['expert']}"
+    print(f"{mesh_name:>22} {r['params'] / size:11.2f} "
+          f"{r['opt_state'] / size:10.2f} {r['grads'] / size:10.2f} {r['total'] / size:10.2f} "
+          f"{fsdp_total:>11}")
+  suffix, count = pick(rows[0]["param_count"], COUNTS)
+  print(f"parameters: {rows[0]['param_count'] / count:.2f}{suffix}")
   print(json.dumps({"devices": n, "rows": rows}))
 
 

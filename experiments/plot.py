@@ -54,6 +54,12 @@ def load_runs(workdirs: list[str]) -> dict[str, list[dict]]:
     if not any(r.get("phase") == "rl" for r in rows):
       raise ValueError(f"metrics.jsonl in {workdir!r} has no RL rows (phase 'rl'), nothing to "
                        "plot: has the run finished an RL step yet?")
+    steps = [r.get("step") for r in rows if r.get("phase") == "rl"]
+    back = next((i for i in range(1, len(steps)) if not steps[i - 1] < steps[i]), None)
+    if back is not None:  # a resume trims the rows past its checkpoint: never happens alone
+      raise ValueError(f"metrics.jsonl in {workdir!r} has RL step {steps[back]} after step "
+                       f"{steps[back - 1]}: two runs wrote it at once (or it was edited); "
+                       "the curves would zig-zag between them")
     runs[label] = rows
   return runs
 
@@ -103,4 +109,4 @@ if __name__ == "__main__":
   # Flags only when run as a script: other entry points define --out too, and absl refuses a
   # second definition in a process that imports both (the test suite).
   _OUT = flags.DEFINE_string("out", None, "Output directory (default: the first WORKDIR/plots).")
-  cli.run(lambda argv: main(argv, _OUT.value))
+  cli.run(lambda argv: main(argv, _OUT.value), positional=True)

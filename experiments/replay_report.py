@@ -185,6 +185,8 @@ def _fmt(field: dict | None, pattern: str) -> str:
   if not field or field.get("mean") is None:
     return "–"
   mean, std = field["mean"], field["std"] or 0.0
+  if len([v for v in field.get("per_seed", []) if v is not None]) < 2:
+    return pattern.format(mean)  # one seed: "± 0.000" would claim a spread of none
   return f"{pattern.format(mean)} ± {pattern.format(std)}"
 
 
@@ -265,8 +267,10 @@ def write_markdown(path: str, results: dict, meta: dict, plots: list[str], base)
            f"and {meta['runs']} runs, each timed when it ran ({meta['reused_runs']} were reused "
            f"from an earlier invocation; this one took {meta['wall_minutes']:.1f} min).", "",
            "## Setting", "", *_setting_lines(base), "",
-           "Numbers are mean ± sample std over seeds "
-           f"{', '.join(map(str, meta['seeds']))}. Per-step metrics (k3 KL, extreme fraction, "
+           ("Numbers are mean ± sample std over seeds "
+            f"{', '.join(map(str, meta['seeds']))}." if len(meta["seeds"]) > 1 else
+            f"Numbers are one seed's ({meta['seeds'][0]}): no spread is estimated.") +
+           " Per-step metrics (k3 KL, extreme fraction, "
            "clip fractions, zero-deviation ratio) are averaged over all RL steps of a run; "
            "\"zero-dev (mini-step ≥ 2)\" averages the zero-deviation ratio of mini-steps 2..κ, "
            "where the live training router has taken at least one optimizer step since the "

@@ -125,6 +125,21 @@ def test_run_turns_a_validation_or_usage_error_in_main_into_one_line(error, caps
   assert capsys.readouterr().err == f"error: {error}\n"
 
 
+def test_run_refuses_arguments_that_are_not_flags_unless_main_reads_them(capsys, monkeypatch):
+  """`main --config=configs/tiny.py runs/r2` ran in the default workdir, `runs/r2` ignored."""
+  seen = []
+  monkeypatch.setattr("sys.argv", ["prog", "runs/r2", "x"])
+  with pytest.raises(SystemExit) as e:
+    cli.run(seen.append)
+  assert e.value.code == 2 and not seen
+  assert capsys.readouterr().err.startswith("error: unexpected argument(s) runs/r2 x: every "
+                                            "setting is a --flag (e.g. --workdir=DIR")
+  with pytest.raises(SystemExit) as e:  # app.run exits with main's return value
+    cli.run(seen.append, positional=True)  # e.g. experiments.plot's workdirs
+  assert e.value.code is None
+  assert seen == [["prog", "runs/r2", "x"]]
+
+
 _CONFIG_FILES = {"syntax.py": "def get_config(:\n", "noget.py": "x = 1\n",
                  "five.py": "def get_config():\n  return 5\n"}
 

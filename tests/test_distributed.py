@@ -43,6 +43,21 @@ def test_single_process_is_not_distributed():
   assert distributed.is_main_process()
 
 
+def test_initialize_names_the_setting_jax_could_not_detect(monkeypatch):
+  """--process_id left at -1 (auto) outside a cluster JAX detects was a traceback from
+  jax/_src/distributed.py; JAX's own refusals with everything given pass through."""
+  def refuse(**kwargs):
+    raise ValueError("The process id of the current process must be defined.")
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", refuse)
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *args: None)  # no gloo switch
+  cfg = distributed.DistributedConfig("127.0.0.1:1", 2)
+  with pytest.raises(ValueError, match=r"could not detect what was left unset \(process_id\): "
+                                       r"The process id .* must be defined. Set it"):
+    distributed.initialize(cfg)
+  with pytest.raises(ValueError, match=r"^The process id of the current process must be"):
+    distributed.initialize(distributed.DistributedConfig("127.0.0.1:1", 2, 1))
+
+
 def test_local_block_of_one_process_is_everything():
   mesh = make_mesh(2, 4)
   sharding = NamedSharding(mesh, P(None, ("data", "expert")))

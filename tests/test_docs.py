@@ -37,7 +37,11 @@ def parse_only(module, argv):
   import runpy
   from experiments import cli
   sys.argv = ["prog", *argv]
-  cli.run = lambda main: cli.parse_flags(sys.argv)
+  def run(main, positional=False):  # parses as cli.run does, then stops before main
+    rest = cli.parse_flags(sys.argv)
+    if rest[1:] and not positional:
+      raise ValueError(f"unexpected argument(s) {rest[1:]}")
+  cli.run = run
   names = runpy.run_module("experiments." + module, run_name="__main__")
   config = names.get("_CONFIG")
   if config is not None and "rl" in config.value:  # an RL experiment (not a model-only config)

@@ -155,7 +155,7 @@ def test_sigterm_finishes_the_checkpoint_being_written(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_while_the_first_step_compiles_exits_130(tmp_path):
-  """Ctrl-C during the warm-up's first compile: the run says how to resume and exits 130. The
+  """Ctrl-C during the warm-up's first compile: the run says it starts over and exits 130. The
   interpreter's teardown after it segfaulted in jaxlib (SIGSEGV, 'Fatal Python error') every
   time under these conditions; the entry point now skips the teardown (cli.exit_interrupted)."""
   workdir = str(tmp_path / "run")
@@ -174,7 +174,9 @@ def test_ctrl_c_while_the_first_step_compiles_exits_130(tmp_path):
     code = proc.wait(timeout=120)
     err = procs.stderr("run")
   assert code == 130 and "Fatal Python error" not in err, (code, err[-2000:])
-  assert "interrupted; rerun the same command to resume" in err, err[-2000:]
+  # No checkpoint yet (the warm-up saves when done): no resume is promised.
+  assert ("interrupted before the first RL checkpoint; rerunning the same command starts the "
+          "warm-up again") in err, err[-2000:]
 
 
 def _failed_run_errors(tmp_path, overrides: dict) -> tuple[list[str], str]:

@@ -474,6 +474,12 @@ def test_an_eval_size_beyond_the_task_is_a_setup_error_naming_it():
     loop.Engine(cfg, mesh)
 
 
+def test_a_workdir_in_use_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+  monkeypatch.setattr(loop, "Engine", lambda *a: pytest.fail("built an engine"))
+  with records.workdir_lock(str(tmp_path)), pytest.raises(SetupError, match="in use by another"):
+    loop.run(_config(1), make_mesh(1, 1, devices=jax.devices()[:1]), str(tmp_path))
+
+
 def test_refuses_fresh_start_over_existing_rl_metrics(tmp_path):
   (tmp_path / "metrics.jsonl").write_text(json.dumps({"phase": "rl", "step": 3}) + "\n")
   mesh = make_mesh(1, 1, devices=jax.devices()[:1])

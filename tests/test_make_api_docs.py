@@ -21,8 +21,10 @@ def test_every_export_is_documented():
 def test_an_unknown_argument_is_refused_without_writing(capsys, monkeypatch):
   written = []
   monkeypatch.setattr("builtins.open", lambda *a, **k: written.append(a) or 1 / 0)
-  assert make_api_docs.main(["x", "--help"]) == 2 and not written
-  assert capsys.readouterr().err.startswith("error: unknown argument(s) --help; usage:")
+  assert make_api_docs.main(["x", "--chek"]) == 2 and not written
+  assert capsys.readouterr().err.startswith("error: unknown argument(s) --chek; usage:")
+  assert make_api_docs.main(["x", "--help"]) == 0 and not written  # help: the usage, exit 0
+  assert capsys.readouterr().out.startswith(make_api_docs.__doc__.strip()[:40])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -53,11 +54,26 @@ def test_memory_plan_table_shows_the_json_in_gib():
   table = [line.split() for line in lines[start:-2]]
   assert table == [["2", "x", "4", "1.00", "2.00", "1.00", "4.00", "2.00"],
                    ["1", "x", "8", "1.00", "2.00", "1.00", "4.00", "4.00"]]
-  assert lines[-2] == "parameters: 0.27B"  # 2 x 2^21 x 64 = 268.4 M, and 0.2 M more
+  assert "params GiB" in lines[start - 1]
+  assert re.fullmatch(r"parameters: 268\.\d\dM", lines[-2])  # 2 x 2^21 x 64 = 268.4 M, + 0.2 M
   for row, cells in zip(rows, table):
     assert row["grads"] == row["params"]
     want = [row[k] / 2**30 for k in ("params", "opt_state", "grads", "total", "fsdp_total")]
     assert [float(c) for c in cells[3:]] == pytest.approx(want, abs=0.005)
+
+
+def test_a_small_config_is_shown_in_a_unit_it_fills():
+  """configs/tiny.py's state is ~1 MiB: in GiB every cell read 0.00 and the count 0.00B."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  out = subprocess.run([sys.executable, "-m", "experiments.memory_plan", "--config=configs/tiny.py",
+                        "--mesh_expert=1"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  (row,) = json.loads(lines[-1])["rows"]
+  assert 2**20 <= row["total"] < 2**30 and "total MiB" in lines[-4]
+  assert float(lines[-3].split()[6]) == pytest.approx(row["total"] / 2**20, abs=0.005)
+  assert re.fullmatch(r"parameters: \d+\.\d\dK", lines[-2]), lines[-2]
 
 
 @pytest.mark.parametrize("args, named", [

@@ -97,6 +97,15 @@ def test_torn_last_line_is_skipped(tmp_path):
   assert len(plot.plot([workdir], str(tmp_path / "plots"))) == len(viz.PANELS) + 1
 
 
+def test_rows_of_two_runs_interleaved_are_refused(tmp_path):
+  """Two runs writing one metrics.jsonl drew zig-zag curves without a word."""
+  workdir = _write_run(tmp_path / "run")
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"phase": "rl", "step": 1, "reward_mean": 0.5}) + "\n")
+  with pytest.raises(ValueError, match=r"has RL step 1 after step 3: two runs wrote it at once"):
+    plot.load_runs([workdir])
+
+
 def test_bad_workdirs_leave_no_directory(tmp_path):
   """Every workdir is read and checked before the output directory is made."""
   good, out = _write_run(tmp_path / "good"), tmp_path / "plots"

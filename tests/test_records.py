@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,7 @@ import pytest
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.rl import records
-from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig
+from pr2_jax.rl.config import ExperimentConfig, RLConfig, SetupError, SFTConfig
 from pr2_jax.train.checkpoint import Checkpointer, SetupMismatchError
 
 
@@ -30,7 +33,7 @@ def test_torn_last_metrics_line_is_dropped(tmp_path):
   path.write_text('{"phase": "rl", "step": 1}\n{"phase": "rl", "st')
   assert records.read_metrics_rows(str(path)) == [{"phase": "rl", "step": 1}]
   path.write_text('{"phase": "rl", "st\n{"phase": "rl", "step": 1}\n')
-  with pytest.raises(json.JSONDecodeError):
+  with pytest.raises(ValueError, match=rf"{path} line 1 is not a JSON row \("):
     records.read_metrics_rows(str(path))
   assert records.read_metrics_rows(str(tmp_path / "missing.jsonl")) == []
 
@@ -127,3 +130,34 @@ def test_holds_checkpoint_needs_a_numbered_step_directory(tmp_path):
   assert not records.holds_checkpoint(str(tmp_path))
   (tmp_path / "12").mkdir()
   assert records.holds_checkpoint(str(tmp_path))
+
+
+def test_a_workdir_holds_one_run_at_a_time(tmp_path):
+  """Two runs in one workdir interleaved their metrics rows and wrote the same checkpoints; the
+  second now fails naming the first's pid, and the lock goes when the holder does (a process
+  that dies holding it leaves no stale lock)."""
+  workdir = str(tmp_path / "run")
+  with records.workdir_lock(workdir):
+    assert open(os.path.join(workdir, records.LOCK_FILE)).read() == f"{os.getpid()}\n"
+    with pytest.raises(SetupError, match=rf"workdir '{workdir}' is in use by another run "
+                                         rf"\(pid {os.getpid()}\): wait for it"):
+      with records.workdir_lock(workdir):
+        pass
+  with records.workdir_lock(workdir):  # released on exit, also by an exception:
+    pass
+  with pytest.raises(KeyError), records.workdir_lock(workdir):
+    raise KeyError("interrupted")
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time; from pr2_jax.rl import records\n"
+      f"with records.workdir_lock({workdir!r}):\n  print('held', flush=True); time.sleep(60)")],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(SetupError, match=rf"\(pid {holder.pid}\)"):
+      with records.workdir_lock(workdir):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  with records.workdir_lock(workdir):  # killed while holding it: free again
+    pass

@@ -182,6 +182,16 @@ def test_write_markdown_tables_and_kept_analysis(tmp_path):
   assert text.endswith("<!-- BEGIN analysis -->\nPR2 wins at κ = 4.\n\nSee the plots.\n"
                        "<!-- END analysis -->\n")
   assert "| PR2 | 0.500 ± 0.100 | 0.9500 ± 0.0100 |" in text and "0.9100" not in text
+  # One seed: its value alone, and the text says there is no spread ("± 0.000" claimed one).
+  one = {"off4": {"r3": _report_mode(0.8)}}
+  for field in one["off4"]["r3"].values():
+    if isinstance(field, dict) and field.get("per_seed"):
+      field["per_seed"] = field["per_seed"][:1]
+  replay_report.write_markdown(str(tmp_path / "one.md"), one, {**meta, "seeds": [0]}, [],
+                               _tiny_config())
+  text = open(tmp_path / "one.md").read()
+  assert "Numbers are one seed's (0): no spread is estimated." in text
+  assert "| R3 | 0.500 | 0.8000 |" in text and "±" not in text.split("## off4")[1]
 
 
 def _rl_row(step, reward, **extra):

@@ -323,3 +323,15 @@ def test_temperatures_below_the_float32_limit_are_refused():
     with pytest.raises(ValueError, match=rf"RLConfig.{name}=1e-39 is below 1e-06"):
       RLConfig(**{name: 1e-39})
   assert RLConfig(eval_temperature=0.0).eval_temperature == 0.0  # greedy evaluation
+
+
+def test_planner_and_bucket_settings_that_nothing_reads_are_refused():
+  with pytest.raises(ValueError, match=r"planner_method='lpt' is only read by balance_mode="
+                                       r"'foresight', not balance_mode='eplb_step'"):
+    RLConfig(balance_mode="eplb_step", planner_method="lpt")
+  with pytest.raises(ValueError, match=r"capacity_buckets=4 has no effect with capacity_mode="
+                                       r"'auto' and balance_mode='none'"):
+    RLConfig(capacity_buckets=4)
+  assert RLConfig(balance_mode="foresight", planner_method="lpt").planner_method == "lpt"
+  assert RLConfig(capacity_mode="bucket", capacity_buckets=4).capacity_buckets == 4
+  assert RLConfig(capacity_mode="forecast", capacity_buckets=1).capacity_buckets == 1

@@ -62,6 +62,13 @@ def test_a_fresh_start_saves_step_0_and_a_second_call_resumes_it(tmp_path):
   assert rows == [] and messages == [f"resuming from the RL checkpoint of step 0 in "
                                      f"{tmp_path / 'checkpoints' / 'rl'}; metrics rows after "
                                      "step 0 are rewritten"]
+  # Another run given this one's RL checkpoints as its warm-up: named, not "unreadable".
+  other = loop.Engine(_config(init_from=str(tmp_path / "checkpoints" / "rl")), engine.mesh)
+  with Checkpointer(str(tmp_path / "other" / "checkpoints" / "rl")) as ck:
+    with pytest.raises(SetupError, match=r"init_from='.*/checkpoints/rl' holds RL checkpoints "
+                                         r"\(step 0\); init_from takes a warm-up checkpoint"):
+      start.start_or_resume(other, ck, str(tmp_path / "other"), emit=print, warn=print,
+                            info=print)
 
 
 def test_a_fresh_start_over_rl_metrics_is_refused(tmp_path):

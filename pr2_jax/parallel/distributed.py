@@ -104,7 +104,18 @@ def initialize(cfg: DistributedConfig) -> None:
     kwargs["num_processes"] = cfg.num_processes
   if cfg.process_id >= 0:
     kwargs["process_id"] = cfg.process_id
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:  # a setting JAX could not detect: say which of ours supplies it
+    missing = [name for name, unset in (("process_id", cfg.process_id < 0),
+                                        ("coordinator_address", not cfg.coordinator_address),
+                                        ("num_processes", not cfg.num_processes)) if unset]
+    if not missing:
+      raise
+    raise ValueError(f"jax.distributed.initialize could not detect what was left unset "
+                     f"({', '.join(missing)}): {e} Set it (process_id: this "
+                     "process's rank) or run where JAX detects the cluster (TPU, SLURM, "
+                     "Open MPI)") from None
 
 
 def is_main_process() -> bool:

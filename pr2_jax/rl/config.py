@@ -176,6 +176,17 @@ class RLConfig:
       raise ValueError(
           f"RLConfig.eplb_ema={self.eplb_ema} is only read by balance_mode='eplb_step', not "
           f"balance_mode={self.balance_mode!r}: set balance_mode='eplb_step' or eplb_ema=0")
+    default = lambda name: RLConfig.__dataclass_fields__[name].default
+    if self.planner_method != default("planner_method") and self.balance_mode != "foresight":
+      raise ValueError(
+          f"RLConfig.planner_method={self.planner_method!r} is only read by "
+          f"balance_mode='foresight', not balance_mode={self.balance_mode!r}")
+    if (self.capacity_buckets != default("capacity_buckets")
+        and self.effective_capacity_mode == "model"):
+      raise ValueError(
+          f"RLConfig.capacity_buckets={self.capacity_buckets} has no effect with capacity_mode="
+          f"{self.capacity_mode!r} and balance_mode={self.balance_mode!r} (the model's "
+          "capacity_factor sizes every buffer): set capacity_mode='bucket' or a balance_mode")
 
   @property
   def batch_size(self) -> int:

@@ -319,7 +319,8 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   `info`, as is a mesh other than the checkpoint's) if it was written by the same
   setup (`run_identity`). Refuses to start from scratch over a workdir that already
   has metrics, or whose checkpoints are all unreadable (CheckpointError), unless
-  `allow_fresh_start`: that deletes the unreadable ones and starts over.
+  `allow_fresh_start`: that deletes the unreadable ones and starts over. A workdir another
+  run is using is a SetupError (`records.workdir_lock`).
   `on_progress(step, total, seconds_per_step)` gets None as the rate for the first
   step after a start or resume (it includes compiling); `on_warmup_progress` the same for
   the warm-up (see `Engine.warmup`). After `RLConfig.max_consecutive_skips` skipped
@@ -330,19 +331,20 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
     raise SetupError(f"init_from={config.init_from!r} holds no checkpoint (expected a warm-up "
                      "checkpoint dir such as WORKDIR/checkpoints/sft of an earlier run)")
   emit = on_metrics or (lambda m: None)
-  engine = Engine(config, mesh)
-  rl_ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))
-  try:
-    begun = start.start_or_resume(engine, rl_ckpt, workdir, emit=emit, warn=warn, info=info,
-                                  on_warmup_progress=on_warmup_progress,
-                                  allow_fresh_start=allow_fresh_start)
-    state, last = _rl_steps(engine, rl_ckpt, begun, emit, warn, info, on_progress)
-    return {"state": state, "warmup_eval_reward": begun.warmup_eval_reward, "final": last,
-            "resumed_from": begun.resumed_from}
-  finally:
-    # Ctrl-C or an error must not lose a checkpoint: Orbax commits saves in the background,
-    # and an interpreter exiting mid-commit leaves only a tmp directory. close() waits.
-    rl_ckpt.close()
+  with records.workdir_lock(workdir):  # one run per workdir (a second is a SetupError)
+    engine = Engine(config, mesh)
+    rl_ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))
+    try:
+      begun = start.start_or_resume(engine, rl_ckpt, workdir, emit=emit, warn=warn, info=info,
+                                    on_warmup_progress=on_warmup_progress,
+                                    allow_fresh_start=allow_fresh_start)
+      state, last = _rl_steps(engine, rl_ckpt, begun, emit, warn, info, on_progress)
+      return {"state": state, "warmup_eval_reward": begun.warmup_eval_reward, "final": last,
+              "resumed_from": begun.resumed_from}
+    finally:
+      # Ctrl-C or an error must not lose a checkpoint: Orbax commits saves in the background,
+      # and an interpreter exiting mid-commit leaves only a tmp directory. close() waits.
+      rl_ckpt.close()
 
 
 def _rl_steps(engine: Engine, rl_ckpt: Checkpointer, begun: start.Start, emit: Callback,

@@ -7,27 +7,57 @@ same setup.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 
 from pr2_jax.parallel.distributed import is_main_process
-from pr2_jax.rl.config import ExperimentConfig
+from pr2_jax.rl.config import ExperimentConfig, SetupError
+
+LOCK_FILE = ".lock"  # in the workdir: the pid of the run holding it
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds WORKDIR/.lock for a run (process 0's: the others share its workdir). Two runs in one
+  workdir interleaved their metrics rows (steps 17, 1, 18, 2, ...) and wrote the same
+  checkpoints, both exiting 0; the second is now a SetupError naming the first's pid. An OS
+  file lock (`flock`): released when the process ends however it ends, so never stale."""
+  if not is_main_process():
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+      raise SetupError(f"workdir {workdir!r} is in use by another run (pid {holder}): wait for "
+                       "it to finish, or use another workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def read_metrics_rows(path: str) -> list[dict]:
-  """metrics.jsonl rows; a torn last line (killed mid-write) is dropped, not fatal."""
+  """metrics.jsonl rows; a torn last line (killed mid-write) is dropped, not fatal, any other
+  line that is not JSON a ValueError naming the file and line."""
   if not os.path.exists(path):
     return []
   rows = []
   with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  for i, line in enumerate(lines):
+    lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+  for i, (n, line) in enumerate(lines):
     try:
       rows.append(json.loads(line))
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
       if i != len(lines) - 1:
-        raise
+        raise ValueError(f"{path} line {n} is not a JSON row ({e})") from None
   return rows
 
 

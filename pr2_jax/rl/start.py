@@ -119,6 +119,8 @@ def _warmed_up(engine, workdir, emit, warn, info, on_warmup_progress, allow_fres
   expect = (records.warmup_identity(config) if own
             else {"model": records.run_identity(config)["model"]})
   with Checkpointer(directory, max_to_keep=1) as ckpt:
+    if not own:
+      _refuse_rl_checkpoints(ckpt, config.init_from)
     _, params, _, problems = _restore(
         ckpt, abstract_like(engine.state.params, engine.shardings.params), expect,
         start_over=allow_fresh_start and own,
@@ -130,6 +132,19 @@ def _warmed_up(engine, workdir, emit, warn, info, on_warmup_progress, allow_fres
       ckpt.save(config.sft.num_steps, params, records.warmup_identity(config))
       ckpt.wait()
   return params
+
+
+def _refuse_rl_checkpoints(ckpt: Checkpointer, init_from: str) -> None:
+  """init_from naming an RL run's checkpoints (WORKDIR/checkpoints/rl): they hold a whole RL
+  state, not a warm-up's params, and Orbax's tree mismatch was reported as "unreadable"."""
+  step = ckpt.latest_step()
+  try:
+    meta = {} if step is None else ckpt.restore_meta(step)
+  except (CheckpointError, OSError, ValueError):  # damaged: _restore reports it by name
+    return
+  if "rl_step" in meta:
+    raise SetupError(f"init_from={init_from!r} holds RL checkpoints (step {meta['rl_step']}); "
+                     "init_from takes a warm-up checkpoint dir such as WORKDIR/checkpoints/sft")
 
 
 def _warm_up(engine, workdir, emit, info, on_warmup_progress):
