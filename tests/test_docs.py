@@ -309,3 +309,12 @@ def test_metrics_doc_lists_exactly_the_keys_the_code_writes():
   assert sft == expected_keys("sft"), sft ^ expected_keys("sft")
   assert expected_keys("sft_eval") == {"phase", "step", "eval_reward"}  # loop.run's literal row
   assert seen | sft | {"eval_reward"} == set(documented())
+  # The prose's key counts for its two example runs (they went stale as keys were added).
+  text = (ROOT / "docs" / "metrics.md").read_text()
+  counts = re.search(r"Its rl rows have (\d+) keys \((\d+) with `eval_reward`\)\. The second "
+                     r"is\s+pr2_r2 with foresight on 2 expert devices\. Its rows have (\d+) and "
+                     r"(\d+) keys", text)
+  assert counts, "docs/metrics.md no longer states its example rows' key counts"
+  assert [int(c) for c in counts.groups()] == [
+      len(expected_keys("rl", mode, balance, eval_step)) for mode, balance in
+      (("r3", "none"), ("pr2_r2", "foresight")) for eval_step in (False, True)]
