@@ -3,6 +3,7 @@
 import pytest
 
 from pr2_jax.config import ModelConfig
+from pr2_jax.hf import config_map
 from pr2_jax.hf.config_map import config_from_hf, config_to_hf, dense_layer_ids
 
 TINY = {"model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 4,
@@ -53,6 +54,30 @@ def test_missing_kv_heads_take_transformers_default_of_four():
 def test_sliding_window_value_is_ignored_when_not_used():
   """Released Qwen3 configs carry sliding_window=4096 with use_sliding_window=false."""
   assert config_from_hf(dict(TINY, sliding_window=4096, use_sliding_window=False))
+
+
+def test_omitted_or_null_fields_read_as_transformers_reads_them():
+  """Dense layers without intermediate_size take transformers' default width (the error named
+  our dense_d_ff); a null num_experts beside num_local_experts is the latter."""
+  import transformers  # the oracle (a test dependency)
+  hf = {k: v for k, v in TINY.items() if k != "intermediate_size"}
+  cfg = config_from_hf(dict(hf, mlp_only_layers=[0]))
+  assert cfg.dense_d_ff == transformers.Qwen3MoeConfig().intermediate_size == 6144
+  assert config_from_hf(dict(TINY, num_experts=None, num_local_experts=4)).num_experts == 4
+
+
+def test_a_sliding_window_left_to_transformers_default_is_refused():
+  """use_sliding_window=true without a sliding_window key is transformers' 4096-token window
+  (logits 0.38 apart after position 4096 when loaded as full attention); an explicit null is
+  full attention in both."""
+  import transformers  # the oracle (a test dependency)
+  assert transformers.Qwen3MoeConfig(use_sliding_window=True).sliding_window == (
+      config_map.HF_SLIDING_WINDOW)
+  hf = {k: v for k, v in TINY.items() if k != "sliding_window"}
+  with pytest.raises(ValueError, match=r"use_sliding_window=true \(sliding_window=4096, "
+                                       r"transformers default\) is not supported"):
+    config_from_hf(dict(hf, use_sliding_window=True))
+  assert config_from_hf(dict(hf, use_sliding_window=True, sliding_window=None))
 
 
 @pytest.mark.parametrize("change, field", [

@@ -91,6 +91,23 @@ def test_encode_decode_round_trip_and_matches_transformers(checkpoint_dir, text)
   assert tok.decode_batch([ids]) == [text]
 
 
+def test_padding_and_truncation_stored_in_the_file_are_ignored_as_transformers_does(
+    checkpoint_dir, tmp_path):
+  """A tokenizer.json saved with padding or truncation on padded "Hello" to the batch's longest
+  (pads then marked valid by `pad`) or cut the text; transformers' fast tokenizer ignores both."""
+  import transformers
+  stored = Tokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
+  end = stored.token_to_id("<|endoftext|>")
+  stored.enable_padding(pad_id=end, pad_token="<|endoftext|>")
+  stored.enable_truncation(max_length=4)
+  stored.save(str(tmp_path / "tokenizer.json"))
+  tok = HFTokenizer.from_dir(str(tmp_path))
+  oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+  texts = ["Hello", TEXTS[2]]
+  assert tok.encode_batch(texts) == [oracle(t)["input_ids"] for t in texts]
+  assert len(tok.encode(TEXTS[2])) > 4 and tok.decode(tok.encode(TEXTS[2])) == TEXTS[2]
+
+
 def test_special_tokens_encode_as_one_id_and_are_skipped_on_decode(checkpoint_dir):
   tok = HFTokenizer.from_dir(str(checkpoint_dir))
   ids = tok.encode("<|im_start|>hi<|im_end|>")

@@ -33,7 +33,9 @@ REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_hea
 # num_attention_heads is (Llama's config falls back to the latter), so absence matters.
 HF_DEFAULTS = {"num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 10_000.0,
                "norm_topk_prob": False, "tie_word_embeddings": False, "decoder_sparse_step": 1,
-               "hidden_act": "silu", "attention_bias": False, "use_sliding_window": False}
+               "hidden_act": "silu", "attention_bias": False, "use_sliding_window": False,
+               "intermediate_size": 6144}  # the dense layers' MLP width
+HF_SLIDING_WINDOW = 4096  # its window when use_sliding_window is set and sliding_window omitted
 
 
 def read_json(file: str, fields: str | None = None) -> Any:
@@ -115,10 +117,13 @@ def _check_supported(hf: Mapping[str, Any]) -> None:
                      "(silu only)")
   if _get(hf, "attention_bias"):
     raise ValueError("config.json field attention_bias=true is not supported (no attention biases)")
-  # transformers only applies sliding_window when use_sliding_window is set.
-  if _get(hf, "use_sliding_window") and hf.get("sliding_window") is not None:
-    raise ValueError(f"config.json field use_sliding_window=true (sliding_window="
-                     f"{hf['sliding_window']}) is not supported (full causal attention only)")
+  # transformers only applies sliding_window when use_sliding_window is set, and then an omitted
+  # sliding_window means its default window (4096): only an explicit null keeps full attention.
+  window = hf.get("sliding_window", HF_SLIDING_WINDOW)
+  if _get(hf, "use_sliding_window") and window is not None:
+    raise ValueError(f"config.json field use_sliding_window=true (sliding_window={window}"
+                     f"{'' if 'sliding_window' in hf else ', transformers default'}) is not "
+                     "supported (full causal attention only)")
 
 
 def dense_layer_ids(num_layers: int, mlp_only_layers, decoder_sparse_step: int) -> tuple[int, ...]:
@@ -141,7 +146,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
   """
   _check_supported(hf)
   # transformers v5 writes num_local_experts (attribute_map); v4 wrote num_experts.
-  num_experts = hf.get("num_experts", hf.get("num_local_experts"))
+  num_experts = (hf["num_experts"] if hf.get("num_experts") is not None
+                 else hf.get("num_local_experts"))  # a null num_experts beside a real count
   if not isinstance(num_experts, int) or num_experts < 1:
     raise ValueError(f"config.json field num_experts={num_experts!r} must be a positive int "
                      "(fully dense Qwen3 models are not supported)")
@@ -164,7 +170,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
       top_k=ints["num_experts_per_tok"], norm_topk_prob=bool(_get(hf, "norm_topk_prob")),
       rope_theta=_rope_theta(hf), rms_norm_eps=_real("rms_norm_eps", _get(hf, "rms_norm_eps")),
       tie_embeddings=bool(_get(hf, "tie_word_embeddings")), dense_layers=dense,
-      dense_d_ff=optional("intermediate_size", 0) if dense else 0)
+      dense_d_ff=optional("intermediate_size", HF_DEFAULTS["intermediate_size"]) if dense else 0)
   try:
     return ModelConfig(**fields)
   except ValueError as e:

@@ -87,6 +87,11 @@ class HFTokenizer:
       tok = tokenizers.Tokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a bare Exception on a truncated or foreign file
       raise ValueError(f"cannot read {file}: {e}") from e
+    # A tokenizer.json may store padding or truncation settings; transformers' fast tokenizer
+    # resets both on every call, and so do we once: kept, encode() padded "Hello" to 9 ids (the
+    # pads then counted as real tokens) or cut the text short, silently.
+    tok.no_padding()
+    tok.no_truncation()
     tok_cfg, *id_cfgs = (_read_json(os.path.join(path, f)) for f in SPECIAL_FILES)
 
     def candidates(field: str) -> list[int]:
