@@ -65,11 +65,15 @@ def horizon_curve(runs: Mapping[str, Sequence[dict]], key: str = "zero_dev_ratio
   """Mean over steps of a per-mini-step metric against the mini-step index (1..κ)."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  kappa = 0
   for run, rows in runs.items():
     curves = [r[key] for r in rows if isinstance(r.get(key), list)]
     if curves:
       mean = np.mean(np.asarray(curves, float), axis=0)
       ax.plot(np.arange(1, len(mean) + 1), mean, marker="o", label=run)
+      kappa = max(kappa, len(mean))
+  ax.set_xticks(np.arange(1, kappa + 1))  # mini-steps are whole numbers (matplotlib drew 1.2)
+  ax.set_title("horizon: mean over RL steps")
   ax.set_xlabel("mini-step within the rollout batch")
   ax.set_ylabel(key.replace("_per_ministep", ""))
   ax.grid(alpha=0.3)
@@ -115,6 +119,7 @@ def plan_figure(loads_E, slot_expert_DS, slot_load_DS, title: str = ""):
       bottom += load_DS[:, s]
     ax.axhline(loads_E.sum() / d, color="k", ls="--", lw=0.8)
     ax.set_title(f"{name}: imbalance {float(imbalance(bottom)):.2f}")
+    ax.set_xticks(np.arange(d))  # one tick per device, not matplotlib's -0.5, 0.5, ...
     ax.set_xlabel("device")
   axes[0].set_ylabel("(token, k) pairs; labels = expert ids")
   if title:

@@ -258,6 +258,7 @@ def test_horizon_curve_is_the_mean_over_steps():
                                                                           (3, 3.0))]}
   fig = viz.horizon_curve(runs, key="k3_kl_per_ministep")
   assert _xy(fig.axes[0].get_lines()[0])[1].tolist() == [1.0, 1.0]
+  assert fig.axes[0].get_xticks().tolist() == [1, 2]  # whole mini-steps, not 1.2, 1.4, ...
   plt.close(fig)
 
 

@@ -22,3 +22,4 @@ def test_plan_figure_titles_an_empty_layer_as_balanced():
   fig = viz.plan_figure([0, 0, 0, 0], [[0, 1], [2, 3]], [[0, 0], [0, 0]])
   assert [ax.get_title() for ax in fig.axes] == ["static (no replicas): imbalance 1.00",
                                                  "planned (replicas + split): imbalance 1.00"]
+  assert [ax.get_xticks().tolist() for ax in fig.axes] == [[0, 1], [0, 1]]  # one per device
