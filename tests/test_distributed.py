@@ -52,7 +52,7 @@ def test_initialize_names_the_setting_jax_could_not_detect(monkeypatch):
   monkeypatch.setattr(distributed.jax.config, "update", lambda *args: None)  # no gloo switch
   cfg = distributed.DistributedConfig("127.0.0.1:1", 2)
   with pytest.raises(ValueError, match=r"could not detect what was left unset \(process_id\): "
-                                       r"The process id .* must be defined. Set it"):
+                                       r"The process id .* must be defined. Set process_id"):
     distributed.initialize(cfg)
   with pytest.raises(ValueError, match=r"^The process id of the current process must be"):
     distributed.initialize(distributed.DistributedConfig("127.0.0.1:1", 2, 1))

@@ -113,9 +113,8 @@ def initialize(cfg: DistributedConfig) -> None:
     if not missing:
       raise
     raise ValueError(f"jax.distributed.initialize could not detect what was left unset "
-                     f"({', '.join(missing)}): {e} Set it (process_id: this "
-                     "process's rank) or run where JAX detects the cluster (TPU, SLURM, "
-                     "Open MPI)") from None
+                     f"({', '.join(missing)}): {e} Set {' and '.join(missing)}, or run where "
+                     "JAX detects the cluster (TPU, SLURM, Open MPI)") from None
 
 
 def is_main_process() -> bool:
