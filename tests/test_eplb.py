@@ -178,3 +178,15 @@ def test_counts_must_be_ints_and_shapes_consistent():
   with pytest.raises(ValueError, match=r"phy2log \(1, 12\) \[L, X\] with X a multiple of "
                                        r"num_gpus=5"):
     eplb_device_load(weight, phy2log, logcnt, 5)
+
+
+def test_device_load_refuses_counts_and_ids_that_do_not_match_the_layout():
+  """A logcnt of ones split every replicated expert's load as if it had one replica (row 0
+  summed to 1617, not 1033); a -1 in phy2log read the last expert."""
+  phy2log, _, logcnt = eplb_rebalance(WEIGHT, 16, 4, 2, 8)
+  np.testing.assert_allclose(eplb_device_load(WEIGHT, phy2log, logcnt, 8).sum(1),
+                             np.asarray(WEIGHT).sum(1))
+  with pytest.raises(ValueError, match=r"logcnt\[0, \d+\] = 1, but phy2log holds expert \d+ 2"):
+    eplb_device_load(WEIGHT, phy2log, np.ones_like(logcnt), 8)
+  with pytest.raises(ValueError, match=r"phy2log\[0, \d+\] = -1 is outside \[0, num_experts=12\)"):
+    eplb_device_load(WEIGHT, np.where(phy2log == 0, -1, phy2log), logcnt, 8)

@@ -475,3 +475,15 @@ def test_padding_takes_no_capacity_and_gets_zero(impl, replicas, mesh_shape):
   assert np.all(np.max(np.abs(np.asarray(y)[PAD_VALID]), axis=1) > 0)
   np.testing.assert_array_equal(dx[~PAD_VALID], 0.0)
   assert float(jnp.max(jnp.abs(dx[PAD_VALID]))) > 0
+
+
+def test_a_plan_or_a_list_as_the_slot_map_is_named():
+  """MoETransformer takes a Plan; moe_experts takes one layer's array, and a Plan there was an
+  AttributeError ('Plan' object has no attribute 'ndim')."""
+  from pr2_jax.balance.planner import plan_placement
+  plan = plan_placement(np.ones((1, 4), np.float32), 2, 3)
+  x, ids = jnp.zeros((2, 8)), jnp.zeros((2, 2), jnp.int32).at[:, 1].set(1)
+  w = ex.ExpertWeights(jnp.zeros((4, 8, 8)), jnp.zeros((4, 8, 8)), jnp.zeros((4, 8, 8)))
+  for bad in (plan, [0, 1, 2, 3, 0, 1]):
+    with pytest.raises(ValueError, match=r"slot_expert_X must be an int array \[X\]"):
+      moe_experts(x, ids, jnp.ones((2, 2)) / 2, w, slot_expert_X=bad)

@@ -262,7 +262,7 @@ def test_bad_inputs(loads_shape, d, s, prev_shape, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(stickiness=float("nan")), r"stickiness=nan, .* must be >= 0 \(not NaN\)"),
+    (dict(stickiness=float("nan")), r"stickiness=nan and .* must be >= 0 \(not NaN\)"),
     (dict(min_gain=float("nan")), r"min_gain=nan must be >= 0 \(not NaN\)"),
 ])
 def test_nan_stickiness_or_min_gain_raise(kwargs, match):
@@ -344,3 +344,12 @@ def test_replica_counts_takes_one_layer_and_says_so():
   for loads in (np.ones((2, 8), np.float32), np.float32(3)):
     with pytest.raises(ValueError, match=r"loads has shape .*expected rank 1 \[E\]: one layer"):
       pl.replica_counts(loads, 12, 4)
+
+
+def test_split_iters_must_be_an_int_and_loads_need_experts():
+  loads = np.ones((1, 8), np.float32)
+  for bad in (2.5, None, True, -1):
+    with pytest.raises(ValueError, match=r"plan_placement.split_iters must be an int >= 0"):
+      pl.plan_placement(loads, 4, 3, split_iters=bad)
+  with pytest.raises(ValueError, match=r"loads has shape \(1, 0\): no experts to place"):
+    pl.plan_placement(np.zeros((1, 0), np.float32), 2, 3)

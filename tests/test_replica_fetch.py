@@ -167,3 +167,14 @@ def test_targeted_moves_only_the_bound():
     moved = sum(int(np.prod([int(d) for d in dims.split(",")]))
                 for dims in re.findall(r"f32\[([\d,]+)\]", result))
     assert moved == 4 * D * F, line
+
+
+def test_fetch_slabs_refuses_a_plans_unflattened_layout():
+  """A plan's [L, D, S] read S as the map's X: [[8, 8, 8, 8]] * 3 where [16, 16, 16] is right."""
+  from pr2_jax.balance.planner import plan_placement
+  loads = np.random.default_rng(0).integers(0, 100, (3, 16)).astype(np.float32)
+  layout_LDS = plan_placement(loads, 4, 8).slot_expert
+  flat = rf.fetch_slabs(layout_LDS.reshape(3, -1), 16, 4)
+  assert flat.shape == (3,)
+  with pytest.raises(ValueError, match=r"last axis has 8 slots, fewer than num_experts=16"):
+    rf.fetch_slabs(layout_LDS, 16, 4)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pr2_jax.checks import check_finite, check_real_dtype, is_concrete
+from pr2_jax.checks import check_finite, check_ids, check_real_dtype, is_concrete
 from pr2_jax.config import check_int
 
 
@@ -196,5 +196,12 @@ def eplb_device_load(weight, phy2log, logcnt, num_gpus: int) -> np.ndarray:
     raise ValueError(f"eplb_device_load: weight {weight_LE.shape} and logcnt {logcnt.shape} must "
                      f"be [L, E] and phy2log {phy2log.shape} [L, X] with X a multiple of "
                      f"num_gpus={num_gpus} (eplb_rebalance's outputs for this weight)")
+  check_ids(phy2log, "phy2log", 0, weight_LE.shape[1], "num_experts")  # -1 wrapped to the last
+  counted = np.stack([np.bincount(row, minlength=weight_LE.shape[1]) for row in phy2log])
+  if not np.array_equal(counted, logcnt):  # else loads split by the wrong counts (or inf at 0)
+    layer, expert = (int(i) for i in np.argwhere(counted != logcnt)[0])
+    raise ValueError(f"eplb_device_load: logcnt[{layer}, {expert}] = {logcnt[layer, expert]}, but "
+                     f"phy2log holds expert {expert} {counted[layer, expert]} time(s) in layer "
+                     f"{layer}")
   per_replica_LX = np.take_along_axis(weight_LE / logcnt, phy2log, -1)
   return per_replica_LX.reshape(weight_LE.shape[0], num_gpus, -1).sum(-1)

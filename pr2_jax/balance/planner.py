@@ -308,15 +308,17 @@ def plan_placement(loads_LE, num_devices: int, slots_per_device: int, previous=N
   num_layers, num_experts = loads_LE.shape
   for name, value in (("num_devices", num_devices), ("slots_per_device", slots_per_device)):
     check_int("plan_placement", name, value)  # a float 3.0 failed deep in numpy
+  check_int("plan_placement", "split_iters", split_iters, minimum=0)  # 2.5 became 2 silently
+  if num_experts == 0:
+    raise ValueError(f"loads has shape {loads_LE.shape}: no experts to place")
   if num_experts % num_devices:
     raise ValueError(f"num_devices={num_devices} must be >= 1 and divide num_experts={num_experts}")
   if slots_per_device * num_devices < num_experts:
     raise ValueError(f"slots_per_device={slots_per_device} is too few: {num_devices} devices "
                      f"need at least {num_experts // num_devices} slots each for {num_experts} "
                      "experts")
-  if not stickiness >= 0 or split_iters < 0 or (min_gain is not None and not min_gain >= 0):
-    raise ValueError(f"stickiness={stickiness}, split_iters={split_iters} and "
-                     f"min_gain={min_gain} must be >= 0 (not NaN)")
+  if not stickiness >= 0 or (min_gain is not None and not min_gain >= 0):
+    raise ValueError(f"stickiness={stickiness} and min_gain={min_gain} must be >= 0 (not NaN)")
   shape = (num_layers, num_devices, slots_per_device)
   if previous is not None:
     previous = jnp.asarray(getattr(previous, "slot_expert", previous))

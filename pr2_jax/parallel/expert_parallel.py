@@ -137,6 +137,9 @@ def _check_shapes(x_ND, expert_ids_NK, gates_NK, slot_ids_NK, slot_expert_X, val
     if a is not None and tuple(a.shape) != tuple(expert_ids_NK.shape):
       raise ValueError(f"{name} has shape {a.shape}, expected expert_ids' {expert_ids_NK.shape} "
                        "[N, K]")
+  if slot_expert_X is not None and not hasattr(slot_expert_X, "ndim"):  # a Plan, a list
+    raise ValueError(f"slot_expert_X must be an int array [X] (one layer's map, e.g. "
+                     f"plan.slot_expert[l].reshape(-1)), got a {type(slot_expert_X).__name__}")
   if slot_expert_X is not None and slot_expert_X.ndim != 1:
     raise ValueError(f"slot_expert_X must be one layer's map [X], got shape {slot_expert_X.shape}")
   if valid_N is not None and (tuple(jnp.shape(valid_N)) != (x_ND.shape[0],)

@@ -71,13 +71,18 @@ def _branch(need_PQ: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
 
 def fetch_slabs(slot_expert_X: jax.Array, num_experts: int, num_shards: int) -> jax.Array:
   """Slabs per weight one shard receives for the map [X] (or [..., X], e.g. a plan's
-  layers): P*B for the targeted all_to_all with the smallest fitting bound B, E for the
-  all_gather fallback, 0 on one shard (no collective). Every slot holds an expert id in
-  [0, E), as in a map the model runs (no EMPTY = -1): a concrete map with any other id raises
-  ValueError (its owner would be a shard that does not exist, and the count silently wrong)."""
+  layers flattened: `plan.slot_expert.reshape(L, -1)`, not its [L, D, S]): P*B for the
+  targeted all_to_all with the smallest fitting bound B, E for the all_gather fallback, 0 on
+  one shard (no collective). Every slot holds an expert id in [0, E), as in a map the model
+  runs (no EMPTY = -1): a concrete map with any other id raises ValueError (its owner would be
+  a shard that does not exist, and the count silently wrong)."""
   if num_shards < 1 or num_experts % num_shards or slot_expert_X.shape[-1] % num_shards:
     raise ValueError(f"fetch_slabs: num_shards={num_shards} must divide num_experts={num_experts} "
                      f"and the map's {slot_expert_X.shape[-1]} slots")
+  if slot_expert_X.shape[-1] < num_experts:  # e.g. a plan's [L, D, S]: S read as X, counts wrong
+    raise ValueError(f"fetch_slabs: the map's last axis has {slot_expert_X.shape[-1]} slots, fewer "
+                     f"than num_experts={num_experts}: pass [..., X] (a plan's slot_expert "
+                     "reshaped to [L, D*S])")
   check_ids(slot_expert_X, "slot_expert_X", 0, num_experts, "num_experts")
   if num_shards == 1:
     return jnp.zeros(slot_expert_X.shape[:-1], jnp.int32)
