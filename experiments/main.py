@@ -8,7 +8,6 @@ Multi-host (run the same command on every process; see docs/scaling.md):
         --coordinator_address=HOST0:1234 --num_processes=2 --process_id=RANK
 """
 
-import os
 import sys
 
 from absl import flags, logging
@@ -71,7 +70,7 @@ def main(argv):
                         f"--workdir{reuse}", code=1)
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: loop.run has finished any save in flight
     from pr2_jax.rl.records import holds_checkpoint
-    if holds_checkpoint(os.path.join(_WORKDIR.value, "checkpoints", "rl")):
+    if holds_checkpoint(start.rl_checkpoint_dir(_WORKDIR.value)):
       logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "
                       "in %s", _WORKDIR.value)
     else:  # the warm-up saves only when it is done

@@ -25,6 +25,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from pr2_jax import checks
 from pr2_jax.checks import (check_bound, check_finite, check_rank, check_real_dtype, check_shape,
                             is_concrete)
 
@@ -40,7 +41,7 @@ def _f32(x: jax.Array) -> jax.Array:
 # -- Input checks: shapes and dtypes are static (free under jit); values only when concrete --------
 
 # Why a mask value must be finite and >= 0: it multiplies each token's loss and counts it.
-MASK_WHY = "a token weight: 1 counts, 0 does not; a negative one flips the token's gradient"
+MASK_WHY = checks.MASK_WHY + "; a negative one flips the token's gradient"
 
 
 def check_BT_inputs(logp_BT, old_logp_BT, mask_BT,

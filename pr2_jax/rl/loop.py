@@ -14,7 +14,6 @@ M micro-steps, κ mini-batches.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -333,7 +332,7 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   emit = on_metrics or (lambda m: None)
   with records.workdir_lock(workdir):  # one run per workdir (a second is a SetupError)
     engine = Engine(config, mesh)
-    rl_ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))
+    rl_ckpt = Checkpointer(start.rl_checkpoint_dir(workdir))
     try:
       begun = start.start_or_resume(engine, rl_ckpt, workdir, emit=emit, warn=warn, info=info,
                                     on_warmup_progress=on_warmup_progress,

@@ -34,6 +34,11 @@ class Start:
   warmup_eval_reward: float | None  # the warm-up policy's eval reward (fresh starts only)
 
 
+def rl_checkpoint_dir(workdir: str) -> str:
+  """Where a run keeps its RL checkpoints."""
+  return os.path.join(workdir, "checkpoints", "rl")
+
+
 def warmup_dir(config: ExperimentConfig, workdir: str) -> str | None:
   """The directory of the run's warm-up checkpoint: `init_from` when set (another run's
   warm-up), else WORKDIR/checkpoints/sft; None when the run keeps none (a Hugging Face
