@@ -97,7 +97,8 @@ class ModelConfig:
                                   # shard's tokens; dropless runs the grouped path),
                                   # 'ragged' (ragged_dot), 'grouped' (blocked dropless
                                   # matmuls, the fast CPU path), 'dense' (reference)
-  capacity_factor: float = 0.0    # slots' token capacity / even share; 0 = dropless
+  # slots' token capacity / even share; 0 = dropless. The RL rollout engine is always dropless
+  capacity_factor: float = 0.0
   aux_loss_coef: float = 0.0      # Switch-style load-balancing loss weight (off by default)
   fsdp: bool = False              # also split every parameter's d_model dim (and its AdamW
                                   # moments) over the mesh's 'data' axis (ZeRO-3 style)

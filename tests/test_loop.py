@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,9 @@ from _metrics_doc import row_expected_keys
 from pr2_jax.config import ModelConfig
 from pr2_jax.parallel.mesh import make_mesh
 from pr2_jax.rl import loop, records
+from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.rl.config import ExperimentConfig, PR2Config, RLConfig, SetupError, SFTConfig
+from pr2_jax.rl.tasks import Arithmetic, Problem
 from pr2_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
 from test_checkpoint import corrupt, flip_bytes
 
@@ -612,3 +615,20 @@ def test_progress_rate_leaves_the_first_step_out(tmp_path):
   # The warm-up reports with its metrics rows, every 25 steps; the first includes compiling.
   assert [c[:2] for c in warm] == [(25, 75), (50, 75), (75, 75)]
   assert warm[0][2] is None and all(c[2] > 0 for c in warm[1:])
+
+
+def test_rewards_score_a_sampled_pad_or_bos_as_malformed():
+  """decode skips PAD and BOS, so a response '4 PAD 6 EOS' scored as '46' (full reward for a
+  malformed answer) and the learner was pushed towards sampling PAD inside answers. Such ids
+  now make the answer malformed, like an id beyond the tokenizer's vocabulary; the padding
+  after EOS is never read."""
+  tok, task = CharTokenizer(), Arithmetic()
+  problem = Problem("40+6=", "46", "46", (40, "+", 6, 46), "arithmetic")
+  engine = SimpleNamespace(tok=tok, task=task, prompt_slots=1)
+  enc = lambda text: tok.encode(text, bos=False)
+  four, six, pad, bos, eos = *enc("4"), *enc("6"), tok.pad_id, tok.bos_id, tok.eos_id
+  rows = [[four, six, eos, pad, pad], [four, pad, six, eos, pad], [bos, four, six, eos, pad],
+          [four, six, pad, pad, pad], [four, tok.vocab_size + 3, six, eos, pad]]
+  tokens_BS = np.array([[bos] + row for row in rows])  # one prompt slot, never scored
+  got = loop.Engine.rewards(engine, [problem] * len(rows), tokens_BS)
+  np.testing.assert_array_equal(got, [1.0, 0.0, 0.0, 0.0, 0.0])

@@ -194,3 +194,24 @@ def test_the_predictor_optimizer_takes_pr2_adam_eps():
                            0).pred_tx
     update, _ = tx.update(g, tx.init(w), w)
     np.testing.assert_allclose(update, -want, rtol=1e-3)
+
+
+def test_the_rollout_engine_is_dropless_whatever_the_learners_capacity():
+  """A decode step sized capacity from its B tokens and dropped (token, expert) pairs every
+  step, reported nowhere, its routes still listing the dropped experts. With a capacity
+  factor that drops in training, the rollout now equals the dropless one token for token."""
+  programs.clear()
+  base = _config()
+  dropless = loop.Engine(base, MESH)
+  capped_cfg = dataclasses.replace(base, model=base.model.replace(capacity_factor=0.5))
+  capped = loop.Engine(capped_cfg, MESH)
+  capped.state = dropless.state  # same weights (the key is the same too)
+  prompts, valid = data.encode_prompts(dropless.tok, dropless.eval_problems,
+                                       dropless.prompt_slots)
+  rolls = [e.sample(dropless.state.params, prompts, valid, dropless.key, predictor=None,
+                    feature_slots_BF=None) for e in (dropless, capped)]
+  np.testing.assert_array_equal(rolls[1].tokens, rolls[0].tokens)
+  np.testing.assert_array_equal(rolls[1].logp, rolls[0].logp)
+  # The learner still applies the factor: its model drops at 0.5 of an even share.
+  assert capped.programs.model.config.capacity_factor == 0.5
+  programs.clear()

@@ -176,18 +176,51 @@ def test_make_task_and_validation():
   with pytest.raises(ValueError, match=r"unknown task 'sudoku'; allowed: "
                                        r"\['arithmetic', 'countdown'\]"):
     tasks.make_task("sudoku")
-  with pytest.raises(ValueError, match="num_digits=0"):
+  with pytest.raises(ValueError, match=r"Arithmetic.num_digits must be a positive int, got 0"):
     tasks.Arithmetic(num_digits=0)
   with pytest.raises(ValueError, match="ops="):
     tasks.Arithmetic(ops="+%")
   with pytest.raises(ValueError, match="ops="):
     tasks.Countdown(ops="+/")
-  with pytest.raises(ValueError, match="max_number=1"):
+  with pytest.raises(ValueError, match=r"Countdown.max_number must be an int >= 2, got 1"):
     tasks.Countdown(max_number=1)
   with pytest.raises(ValueError, match="eval_fraction"):
     tasks.Countdown(eval_fraction=1.0)
   with pytest.raises(ValueError, match="found only"):
     tasks.Arithmetic(num_digits=1, ops="+").eval_set(50)  # 100 prompts, ~10 held out
+
+
+@pytest.mark.parametrize("make, match", [
+    # A float passed every range check and became a buffer length (max_prompt_len 6.0) or a
+    # prompt length from str(9.5); a bool is not a digit count.
+    (lambda: tasks.Arithmetic(num_digits=2.0), r"Arithmetic.num_digits .* got 2.0"),
+    (lambda: tasks.Arithmetic(num_digits=True), r"Arithmetic.num_digits .* got True"),
+    (lambda: tasks.Arithmetic(num_digits=19), r"num_digits=19 must be <= 18"),
+    (lambda: tasks.Countdown(max_number=9.5), r"Countdown.max_number .* got 9.5"),
+    (lambda: tasks.Countdown(num_numbers="3"), r"Countdown.num_numbers .* got '3'"),
+    (lambda: tasks.Countdown(max_target=-1), r"Countdown.max_target .* got -1"),
+    (lambda: tasks.Countdown(format_reward=float("nan")), r"Countdown.format_reward .* nan"),
+    (lambda: tasks.Countdown(eval_fraction=float("nan")), r"Countdown.eval_fraction .* nan"),
+    # NaN/inf weights passed construction and failed in numpy at sample time.
+    (lambda: tasks.Mixture([tasks.Arithmetic(), tasks.Countdown()], [float("nan"), 1]),
+     r"weights=\[nan, 1\] must be 2 finite"),
+    (lambda: tasks.Mixture([tasks.Arithmetic(), tasks.Countdown()], [float("inf"), 1]),
+     r"weights=\[inf, 1\] must be 2 finite"),
+])
+def test_task_options_of_the_wrong_type_are_named(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_arithmetic_scores_answers_of_any_length():
+  """The answer pattern allowed 30 digits: a correct 32-digit product scored 0. 18 digits
+  (the int64 limit) multiply to 36."""
+  task = tasks.Arithmetic(num_digits=18, ops="*")
+  problems = task.sample(np.random.default_rng(0), 20)
+  assert max(len(p.answer) for p in problems) > 30
+  assert [task.reward(p, p.solution) for p in problems] == [1.0] * 20
+  big = problems[0]
+  assert task.reward(big, str(big.meta[-1] + 1)) == 0.0
 
 
 def test_make_task_rejects_options_of_another_task():

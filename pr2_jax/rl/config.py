@@ -89,7 +89,8 @@ class RLConfig:
   # the baseline, is always measured, so eval_size must fit the task either way)
   eval_every: int = 10
   eval_size: int = 128             # held-out problems per evaluation
-  eval_temperature: float = 1.0    # evaluation sampling temperature (0 = greedy)
+  # evaluation sampling temperature (0 = greedy); evaluation keeps the rollout's top_p
+  eval_temperature: float = 1.0
   # Updates skipped for non-finite loss/grads in a row before stopping.
   max_consecutive_skips: int = 10
   balance_mode: str = "none"       # none: static layout | eplb_step: one EPLB plan per RL step |

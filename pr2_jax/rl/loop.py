@@ -166,9 +166,14 @@ class Engine:
   # -- evaluation -----------------------------------------------------------
   def rewards(self, problems, tokens_BS) -> np.ndarray:
     ids_BN = np.asarray(tokens_BS)[:, self.prompt_slots:]
-    # The model's vocabulary may be larger than the tokenizer's: an id the
-    # tokenizer lacks makes the answer malformed ('?' never parses), not a crash.
-    ids_BN = np.where(ids_BN < self.tok.vocab_size, ids_BN, self.tok.encode("?")[0])
+    # A sampled id that is not text makes the answer malformed ('?' never parses): an id the
+    # tokenizer lacks (the model's vocabulary may be larger) would crash decode, and a
+    # sampled PAD or BOS would be skipped by it ('4 PAD 6' scored as '46'). Stop ids still
+    # end the response, and the padding after them is never read.
+    skipped = [i for i in (self.tok.pad_id, self.tok.bos_id)
+               if i is not None and i not in self.tok.stop_ids]
+    not_text = (ids_BN >= self.tok.vocab_size) | np.isin(ids_BN, skipped)
+    ids_BN = np.where(not_text, self.tok.encode("?")[0], ids_BN)
     completions = self.tok.decode_batch(ids_BN)
     return np.array([self.task.reward(p, c) for p, c in zip(problems, completions)], np.float32)
 

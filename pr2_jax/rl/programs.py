@@ -64,7 +64,10 @@ class Programs:
     rl, pr2 = config.rl, _pr2_settings(config)
     self.mesh = mesh  # not the config: its seed etc. are not ours
     self.model = MoETransformer(config.model, mesh)  # the training engine: model.dtype
-    rollout_model = MoETransformer(config.model.replace(dtype=rl.rollout_dtype), mesh)
+    # The rollout engine is dropless whatever the learner's capacity_factor, as inference
+    # engines are: a decode step's capacity from B tokens dropped pairs every step, unreported.
+    rollout_model = MoETransformer(
+        config.model.replace(dtype=rl.rollout_dtype, capacity_factor=0.0), mesh)
     sampling = SamplerConfig(rl.max_new_tokens, rl.temperature, rl.top_p, eos_id, pad_id,
                              pr2.predicted_gates, pr2.feature_dtype)
     self.sampling = sampling  # the rollout's SamplerConfig

@@ -12,6 +12,9 @@ Train/eval split. A problem is held out iff a keyed hash of its prompt falls in 
 `eval_fraction` of the hash range (`is_eval_prompt`). Train sampling rejects held-out
 prompts, so no amount of training ever shows an eval prompt. The hash ignores the task's
 parameters, so different settings of one task (1- and 2-digit stages) agree on the split.
+The split is of prompts, not of problems: a held-out "3 5 8:23=" may be trained on as
+"5 3 8:23=", a held-out "2+9=" as "9+2=" (almost every held-out prompt of configs/tiny.py's
+countdown has such a train twin), so eval_reward measures unseen prompts.
 
 Tasks (defaults keep prompts <= 10 and answers <= 5 characters: a tiny model learns them on
 CPU in minutes):
@@ -36,6 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pr2_jax.config import check_int, check_real
 from pr2_jax.rl.expressions import apply_op, evaluate_expression
 
 _SPLIT_KEY = b"pr2_jax/eval-split/v1"
@@ -73,6 +77,7 @@ class Task:
   max_answer_len: int
 
   def __init__(self, *, eval_fraction: float = 0.1, name: str | None = None):
+    check_real(type(self).__name__, "eval_fraction", eval_fraction)
     if not 0.0 < eval_fraction < 1.0:
       raise ValueError(f"eval_fraction={eval_fraction} must be in (0, 1)")
     self.eval_fraction = eval_fraction
@@ -127,7 +132,9 @@ class Task:
 
 # ---------------------------------------------------------------------------- arithmetic
 
-_INT_RE = re.compile(r"-?[0-9]{1,30}")
+_INT_RE = re.compile(r"-?[0-9]+")
+# Operands are drawn as int64 (numpy's integers); 10**19 - 1 is past its maximum.
+MAX_DIGITS = 18
 
 
 class Arithmetic(Task):
@@ -138,8 +145,10 @@ class Arithmetic(Task):
   def __init__(self, num_digits: int = 2, ops: str = "+-", *, allow_negative: bool = False,
                eval_fraction: float = 0.1, name: str | None = None):
     super().__init__(eval_fraction=eval_fraction, name=name)
-    if num_digits < 1:
-      raise ValueError(f"num_digits={num_digits} must be >= 1")
+    check_int("Arithmetic", "num_digits", num_digits)
+    if num_digits > MAX_DIGITS:
+      raise ValueError(f"Arithmetic.num_digits={num_digits} must be <= {MAX_DIGITS} (operands "
+                       "are drawn as int64)")
     if not ops or set(ops) - set("+-*/") or len(set(ops)) != len(ops):
       raise ValueError(f"ops={ops!r} must be distinct characters from '+-*/'")
     self.num_digits, self.ops, self.allow_negative = num_digits, ops, allow_negative
@@ -200,8 +209,11 @@ class Countdown(Task):
                parens: bool = False, shuffle: bool = False, max_target: int | None = None,
                format_reward: float = 0.1, eval_fraction: float = 0.1, name: str | None = None):
     super().__init__(eval_fraction=eval_fraction, name=name)
-    if num_numbers < 1 or max_number < 2:
-      raise ValueError(f"need num_numbers={num_numbers} >= 1 and max_number={max_number} >= 2")
+    check_int("Countdown", "num_numbers", num_numbers)
+    check_int("Countdown", "max_number", max_number, minimum=2)
+    check_real("Countdown", "format_reward", format_reward)
+    if max_target is not None:
+      check_int("Countdown", "max_target", max_target, minimum=0)
     if not ops or set(ops) - set("+-*") or len(set(ops)) != len(ops):
       raise ValueError(f"ops={ops!r} must be distinct characters from '+-*'")
     if not 0.0 <= format_reward < 1.0:
@@ -209,8 +221,6 @@ class Countdown(Task):
     # |value| of any expression is at most the same tree with every leaf = max_number and every
     # op '+' or '*'; for leaves >= 2 a product never loses to a sum, hence max_number**n.
     bound = max_number**num_numbers if "*" in ops else num_numbers * max_number
-    if max_target is not None and max_target < 0:
-      raise ValueError(f"max_target={max_target} must be >= 0")
     self.max_target = bound if max_target is None else min(max_target, bound)
     self.num_numbers, self.max_number, self.ops = num_numbers, max_number, ops
     self.parens, self.shuffle, self.format_reward = parens, shuffle, format_reward
@@ -263,8 +273,9 @@ class Mixture(Task):
     if not tasks or len(set(names)) != len(names):
       raise ValueError(f"Mixture needs >= 1 task with distinct names, got {names}")
     w = np.ones(len(tasks)) if weights is None else np.asarray(weights, np.float64)
-    if w.shape != (len(tasks),) or np.any(w < 0) or w.sum() <= 0:
-      raise ValueError(f"weights={weights} must be {len(tasks)} non-negative numbers, not all 0")
+    if w.shape != (len(tasks),) or not np.isfinite(w).all() or np.any(w < 0) or w.sum() <= 0:
+      raise ValueError(f"weights={weights} must be {len(tasks)} finite non-negative numbers, "
+                       "not all 0")
     self.tasks, self.weights = list(tasks), w / w.sum()
     self._by_name = dict(zip(names, self.tasks))
     self.name = "mixture(" + ",".join(names) + ")"
