@@ -69,13 +69,7 @@ def main(argv):
                         "change the setup (e.g. a lower --config.rl.learning_rate) and use a new "
                         f"--workdir{reuse}", code=1)
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: loop.run has finished any save in flight
-    from pr2_jax.rl.records import holds_checkpoint
-    if holds_checkpoint(start.rl_checkpoint_dir(_WORKDIR.value)):
-      logging.warning("interrupted; rerun the same command to resume from the newest checkpoint "
-                      "in %s", _WORKDIR.value)
-    else:  # the warm-up saves only when it is done
-      logging.warning("interrupted before the first RL checkpoint; rerunning the same command "
-                      "starts the warm-up again (%s)", _WORKDIR.value)
+    logging.warning("interrupted; %s", start.rerun_plan(config, _WORKDIR.value))
     cli.exit_interrupted(143 if isinstance(e, cli.Terminated) else 130)
   if _FRESH.value and summary["resumed_from"] is not None:
     logging.warning("--fresh had no effect: %s has an RL checkpoint, which was resumed (use "

@@ -22,6 +22,8 @@ def _check_writable(name: str, path: str, want_dir: bool) -> None:
   if os.path.exists(path):
     if os.path.isdir(path) != want_dir:
       exit_with_error(f"--{name}={path} is {'a file' if want_dir else 'a directory'}; give {kind}")
+    if not os.access(path, os.W_OK | os.X_OK if want_dir else os.W_OK):
+      exit_with_error(f"--{name}={path} is not writable")
     return
   ancestor = os.path.dirname(os.path.abspath(path))
   while not os.path.exists(ancestor):

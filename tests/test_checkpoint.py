@@ -188,12 +188,21 @@ def test_flipped_bytes_are_found_and_the_step_before_restored_exactly(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_every_step_records_the_checksums_of_its_files(tmp_path):
+def test_every_step_records_the_checksums_of_its_files(tmp_path, monkeypatch):
   """Written before Orbax renames the step's temporary directory: a step is never listed
   without them, and they cover every file of its two items."""
+  seen = []
+
+  def write(step_dir):  # where the checksums go, and whether the step was already committed
+    seen.append((step_dir, os.path.exists(tmp_path / "1")))
+    write_checksums(step_dir)
+
+  write_checksums = checkpoint.write_checksums
+  monkeypatch.setattr(checkpoint, "write_checksums", write)
   with Checkpointer(str(tmp_path)) as ck:
     ck.save(1, _random_states()[0], {"a": 1})
     ck.wait()
+  assert seen == [(str(tmp_path / "1.orbax-checkpoint-tmp"), False)]
   step_dir = str(tmp_path / "1")
   with open(os.path.join(step_dir, checkpoint.CHECKSUMS)) as f:
     recorded = json.load(f)["files"]
@@ -221,18 +230,34 @@ def test_a_missing_file_is_named_before_orbax_reads_the_step(tmp_path, capfd):
   assert "Traceback" not in capfd.readouterr().err
 
 
-def test_a_step_saved_without_checksums_still_restores(tmp_path):
-  """Steps written before checksums existed are read unverified, as before."""
-  state = _random_states()[0]
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+def test_a_step_without_its_checksums_is_reported_and_the_one_before_restored(tmp_path):
+  """A missing checksums.json used to mean "saved before checksums existed": the step was read
+  unverified, and its flipped bytes restored as wrong values without a word."""
+  states = _random_states()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states[0])
   with Checkpointer(str(tmp_path)) as ck:
-    ck.save(1, state, {"a": 1})
+    for step, state in enumerate(states, 1):
+      ck.save(step, state, {"a": step})
     ck.wait()
-  os.remove(tmp_path / "1" / checkpoint.CHECKSUMS)
+  os.remove(tmp_path / "2" / checkpoint.CHECKSUMS)
   with Checkpointer(str(tmp_path)) as ck:
-    restored, meta = ck.restore(1, abstract)
-  np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
-  assert meta == {"a": 1}
+    step, restored, meta, problems = ck.restore_newest_good(abstract)
+  assert step == 1 and meta == {"a": 1} and problems == [
+      f"checkpoint step 2 in {tmp_path} is unreadable (CheckpointError: checksums.json is "
+      "missing (the step was copied in part or damaged))"]
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(states[0]["w"]))
+
+
+@pytest.mark.parametrize("name", ["exp[lr=1e-3]", "a[1]b", "back\\slash"])
+def test_a_directory_orbax_would_glob_is_refused(tmp_path, name):
+  """Orbax globs a step's directory path: with these names it wrote steps it could not read."""
+  with pytest.raises(ValueError, match="contains .* Orbax reads '\\[', '\\]' and"):
+    Checkpointer(str(tmp_path / name))
+  assert os.listdir(tmp_path) == []
+  with Checkpointer(str(tmp_path / "spaces, % and * are fine")) as ck:
+    ck.save(1, {"x": jnp.float32(2)}, {})
+    ck.wait()
+    assert float(ck.restore(1, {"x": jax.ShapeDtypeStruct((), jnp.float32)})[0]["x"]) == 2.0
 
 
 def test_start_over_deletes_the_steps_when_none_restores(tmp_path):

@@ -175,8 +175,8 @@ def test_ctrl_c_while_the_first_step_compiles_exits_130(tmp_path):
     err = procs.stderr("run")
   assert code == 130 and "Fatal Python error" not in err, (code, err[-2000:])
   # No checkpoint yet (the warm-up saves when done): no resume is promised.
-  assert ("interrupted before the first RL checkpoint; rerunning the same command starts the "
-          "warm-up again") in err, err[-2000:]
+  assert ("interrupted; no RL checkpoint yet; rerunning the same command starts the warm-up "
+          "again") in err, err[-2000:]
 
 
 def _failed_run_errors(tmp_path, overrides: dict) -> tuple[list[str], str]:

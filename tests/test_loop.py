@@ -274,7 +274,21 @@ def test_a_missing_init_from_is_an_error_not_a_fresh_warm_up(tmp_path):
   cfg = dataclasses.replace(_config(1), init_from=str(typo))
   with pytest.raises(ValueError, match=f"init_from='{typo}' holds no checkpoint"):
     loop.run(cfg, make_mesh(1, 1, devices=jax.devices()[:1]), str(tmp_path / "work"))
-  assert not typo.exists() and not (tmp_path / "work" / "checkpoints").exists()
+  assert not typo.exists() and not (tmp_path / "work" / "checkpoints" / "sft").exists()
+  assert not os.listdir(tmp_path / "work" / "checkpoints" / "rl")  # no RL step either
+
+
+@pytest.mark.parametrize("where", ["workdir", "init_from"])
+def test_a_path_orbax_cannot_use_is_refused_before_any_work(tmp_path, where):
+  """Orbax globs the step directory's path, so '[lr=1e-3]' in it wrote checkpoints it could not
+  read back (an Orbax warning at each save, exit 0; the rerun found nothing usable)."""
+  bad = str(tmp_path / "exp[lr=1e-3]")
+  cfg = dataclasses.replace(_config(1), init_from=bad if where == "init_from" else None)
+  workdir = bad if where == "workdir" else str(tmp_path / "work")
+  with pytest.raises(SetupError, match=re.escape(f"{where}: checkpoint directory {bad!r} "
+                                                 "contains '[]': Orbax reads")):
+    loop.run(cfg, make_mesh(1, 1, devices=jax.devices()[:1]), workdir)
+  assert os.listdir(tmp_path) == []  # nothing created
 
 
 def test_evaluation_at_the_rollout_temperature_reuses_the_sampler():

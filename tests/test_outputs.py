@@ -39,6 +39,16 @@ def test_the_nearest_existing_ancestor_decides(tmp_path, capsys, monkeypatch):
   assert e.value.code == 2
   assert capsys.readouterr().err == (f"error: --out_dir={tmp_path / 'new' / 'deeper'} cannot be "
                                      f"created: {tmp_path} is not writable\n")
+  # An existing directory or file the run cannot write (a read-only mount of a finished run)
+  # ended in an OSError traceback at the workdir's lock file; now one line, before any work.
+  (tmp_path / "run").mkdir()
+  monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
+  for name, path, want_dir in (("workdir", tmp_path / "run", True),
+                               ("out", tmp_path / "afile", False)):
+    with pytest.raises(SystemExit) as e:
+      outputs._check_writable(name, str(path), want_dir)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: --{name}={path} is not writable\n"
 
 
 

@@ -33,7 +33,8 @@ def test_torn_last_metrics_line_is_dropped(tmp_path):
   path.write_text('{"phase": "rl", "step": 1}\n{"phase": "rl", "st')
   assert records.read_metrics_rows(str(path)) == [{"phase": "rl", "step": 1}]
   path.write_text('{"phase": "rl", "st\n{"phase": "rl", "step": 1}\n')
-  with pytest.raises(ValueError, match=rf"{path} line 1 is not a JSON row \("):
+  # A SetupError: the entry points print it as one error line (it was a traceback).
+  with pytest.raises(SetupError, match=rf"{path} line 1 is not a JSON row \(.*\); repair or "):
     records.read_metrics_rows(str(path))
   assert records.read_metrics_rows(str(tmp_path / "missing.jsonl")) == []
 

@@ -3,13 +3,14 @@
 
 import dataclasses
 import os
+import shutil
 
 import jax
 import pytest
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.rl import loop, start
+from pr2_jax.rl import loop, records, start
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SetupError, SFTConfig
 from pr2_jax.train.checkpoint import Checkpointer
 
@@ -78,3 +79,32 @@ def test_a_fresh_start_over_rl_metrics_is_refused(tmp_path):
     with pytest.raises(SetupError, match=f"^{tmp_path} holds RL metrics from an earlier run but "
                                          "no RL checkpoint to resume"):
       start.start_or_resume(engine, ck, str(tmp_path), emit=print, warn=print, info=print)
+
+
+def test_a_resume_never_reads_init_from_and_the_rerun_plan_says_what_happens(tmp_path):
+  """A run warmed up from another's checkpoint (init_from) resumes after that directory is
+  gone: a resume never reads it (it was checked first and refused the resume). The rerun plan
+  an interrupted run prints follows what the workdir holds at each stage."""
+  shared, work = tmp_path / "shared_sft", str(tmp_path / "work")
+  cfg = _config(init_from=str(shared))
+  assert start.rerun_plan(cfg, work) == ("no RL checkpoint yet; rerunning the same command "
+                                         f"starts the warm-up again ({work})")
+  engine = loop.Engine(cfg, make_mesh(1, 1, devices=jax.devices()[:1]))
+  engine.evaluate = lambda params: 0.5
+  with Checkpointer(str(shared)) as ck:  # another run's warm-up: the model must match
+    ck.save(4, engine.state.params, {"model": records.run_identity(cfg)["model"]})
+  assert start.rerun_plan(cfg, work) == ("no RL checkpoint yet; rerunning the same command "
+                                         f"restores the warm-up from {shared} and starts RL")
+  with Checkpointer(start.rl_checkpoint_dir(work)) as ck:
+    assert start.start_or_resume(engine, ck, work, emit=print, warn=print,
+                                 info=print).resumed_from is None
+  shutil.rmtree(shared)
+  assert start.rerun_plan(cfg, work) == ("rerun the same command to resume from the newest "
+                                         f"checkpoint in {work}")
+  with Checkpointer(start.rl_checkpoint_dir(work)) as ck:
+    assert start.start_or_resume(engine, ck, work, emit=print, warn=print,
+                                 info=print).resumed_from == 0
+  no_warmup = dataclasses.replace(_config(hf_checkpoint="/ckpt"),
+                                  sft=SFTConfig(num_steps=0, batch_size=8))
+  assert start.rerun_plan(no_warmup, str(tmp_path / "hf")) == (
+      "no RL checkpoint yet; rerunning the same command starts RL from /ckpt again")

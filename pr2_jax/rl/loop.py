@@ -30,7 +30,7 @@ from pr2_jax.parallel.mesh import EXPERT, axis_size, logical_sharding, num_token
 from pr2_jax.rl import advantages, balancing, data, metrics, programs, records, start
 from pr2_jax.rl.config import ExperimentConfig, SetupError
 from pr2_jax.rl.tasks import make_task
-from pr2_jax.train.checkpoint import Checkpointer
+from pr2_jax.train.checkpoint import Checkpointer, check_directory
 
 Callback = Callable[[dict], None]
 Progress = Callable[[int, int, "float | None"], None]  # (step, total, seconds per step)
@@ -330,10 +330,11 @@ def run(config: ExperimentConfig, mesh: Mesh, workdir: str, *, on_metrics: Callb
   the warm-up (see `Engine.warmup`). After `RLConfig.max_consecutive_skips` skipped
   updates in a row (across RL steps too) it checkpoints the last state and raises Diverged.
   """
-  if config.init_from and not records.holds_checkpoint(config.init_from):
-    # Before any Checkpointer: it would create the mistyped dir and warm up from scratch.
-    raise SetupError(f"init_from={config.init_from!r} holds no checkpoint (expected a warm-up "
-                     "checkpoint dir such as WORKDIR/checkpoints/sft of an earlier run)")
+  for name, path in (("workdir", workdir), ("init_from", config.init_from)):
+    try:
+      check_directory(path or "")  # before any work: Orbax would write unreadable checkpoints
+    except ValueError as e:
+      raise SetupError(f"{name}: {e}") from None
   emit = on_metrics or (lambda m: None)
   with records.workdir_lock(workdir):  # one run per workdir (a second is a SetupError)
     engine = Engine(config, mesh)

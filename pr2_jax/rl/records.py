@@ -46,7 +46,8 @@ def workdir_lock(workdir: str):
 
 def read_metrics_rows(path: str) -> list[dict]:
   """metrics.jsonl rows; a torn last line (killed mid-write) is dropped, not fatal, any other
-  line that is not JSON a ValueError naming the file and line."""
+  line that is not JSON a SetupError (a ValueError: the entry points' one error line) naming
+  the file and line."""
   if not os.path.exists(path):
     return []
   rows = []
@@ -57,7 +58,8 @@ def read_metrics_rows(path: str) -> list[dict]:
       rows.append(json.loads(line))
     except json.JSONDecodeError as e:
       if i != len(lines) - 1:
-        raise ValueError(f"{path} line {n} is not a JSON row ({e})") from None
+        raise SetupError(f"{path} line {n} is not a JSON row ({e}); repair or delete "
+                         "that line") from None
   return rows
 
 

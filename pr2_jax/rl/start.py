@@ -50,6 +50,20 @@ def warmup_dir(config: ExperimentConfig, workdir: str) -> str | None:
   return None
 
 
+def rerun_plan(config: ExperimentConfig, workdir: str) -> str:
+  """What rerunning an interrupted run's command does, from what its workdir holds: an
+  interrupted run must not promise a resume it cannot make, nor a warm-up it will not run."""
+  warmup = warmup_dir(config, workdir)
+  if records.holds_checkpoint(rl_checkpoint_dir(workdir)):
+    return f"rerun the same command to resume from the newest checkpoint in {workdir}"
+  first = "no RL checkpoint yet; rerunning the same command "
+  if warmup is None:  # RL starts from the Hugging Face checkpoint's own weights
+    return first + f"starts RL from {config.hf_checkpoint} again"
+  if records.holds_checkpoint(warmup):  # this run's, saved when done, or another's (init_from)
+    return first + f"restores the warm-up from {warmup} and starts RL"
+  return first + f"starts the warm-up again ({workdir})"
+
+
 def save_rl_checkpoint(ckpt: Checkpointer, engine, step: int, state, consecutive_skips: int):
   """Saves RL `step` with what a resume needs besides the state: the identity it must match,
   the mesh (a resume on another one is reported), the balancer's state and the skip count."""
@@ -121,6 +135,11 @@ def _warmed_up(engine, workdir, emit, warn, info, on_warmup_progress, allow_fres
   # is the user's choice (e.g. compare_replay's shared warm-up), checked for the model only,
   # and never deleted.
   own = not config.init_from
+  if not own and not records.holds_checkpoint(directory):
+    # Checked only here, when the warm-up is read (a resume never reads it and may outlive it),
+    # and before its Checkpointer, which would create the mistyped dir and warm up from scratch.
+    raise SetupError(f"init_from={config.init_from!r} holds no checkpoint (expected a warm-up "
+                     "checkpoint dir such as WORKDIR/checkpoints/sft of an earlier run)")
   expect = (records.warmup_identity(config) if own
             else {"model": records.run_identity(config)["model"]})
   with Checkpointer(directory, max_to_keep=1) as ckpt:

@@ -42,10 +42,28 @@ def abstract_like(tree, shardings):
                       tree, shardings)
 
 
+# Orbax globs inside a step's directory (merging OCDBT files: `glob('ocdbt.process_*')` on the
+# whole path), so brackets or a backslash in the path are read as glob syntax, match nothing,
+# and every save "succeeds" with a step that cannot be read back. An unpaired '[' works; all
+# three are refused alike, which is simpler to state.
+GLOB_UNSAFE = "[]\\"
+
+
+def check_directory(directory: str) -> None:
+  """Raises ValueError if Orbax cannot checkpoint under `directory` (see GLOB_UNSAFE)."""
+  bad = "".join(c for c in GLOB_UNSAFE if c in directory)
+  if bad:
+    raise ValueError(f"checkpoint directory {directory!r} contains {bad!r}: Orbax reads '[', ']' "
+                     "and '\\' in a path as glob syntax and would write checkpoints it cannot "
+                     "read back; choose a path without them")
+
+
 class Checkpointer:
-  """Keeps the newest `max_to_keep` steps of {'state': pytree, 'meta': dict} under `directory`."""
+  """Keeps the newest `max_to_keep` steps of {'state': pytree, 'meta': dict} under `directory`.
+  Raises ValueError for a directory Orbax cannot use (`check_directory`)."""
 
   def __init__(self, directory: str, max_to_keep: int = 2):
+    check_directory(directory)
     self.directory = os.path.abspath(directory)
     self._saving = None  # the step whose save is in flight (its checksums are still to write)
     # The callback runs on process 0 once every process's files are written and merged, just
@@ -227,12 +245,13 @@ def write_checksums(step_dir: str) -> None:
 
 
 def verify_checksums(step_dir: str, items=_ITEMS) -> None:
-  """Raises CheckpointError naming the first file of `items` that is missing or differs from
-  checksums.json. A step without that file (saved before checksums existed) is not checked;
-  every process checks every file, so all reach the same verdict without a collective."""
+  """Raises CheckpointError if checksums.json is missing (every step `Checkpointer` lists has
+  it: it commits with the step) or names a file of `items` that is missing or differs. Every
+  process checks every file, so all reach the same verdict without a collective."""
   path = os.path.join(step_dir, CHECKSUMS)
   if not os.path.exists(path):
-    return
+    # Not "saved before checksums existed": read unverified, a damaged step restored silently.
+    raise CheckpointError(f"{CHECKSUMS} is missing (the step was copied in part or damaged)")
   try:
     with open(path) as f:
       recorded = json.load(f)["files"]
