@@ -89,7 +89,9 @@ class ModelConfig:
   rope_theta: float = 10_000.0    # rotary base
   rms_norm_eps: float = 1e-6      # RMSNorm epsilon
   tie_embeddings: bool = False    # LM head shares the embedding matrix
-  dtype: str = "float32"          # computation dtype; params and router stay float32
+  # computation dtype; in training params and router stay float32 (the RL rollout engine
+  # casts every weight to rl.rollout_dtype once, as an inference engine holds them)
+  dtype: str = "float32"
   dense_layers: tuple[int, ...] = ()  # layer ids with a dense SwiGLU MLP (HF mlp_only_layers)
   dense_d_ff: int = 0             # hidden width of the dense MLP (HF intermediate_size)
   expert_impl: str = "capacity"   # 'capacity' (all_to_all of capacity buffers when

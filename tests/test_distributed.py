@@ -30,6 +30,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
      r"coordinator_address='127.0.0.1:1', process_id=1 set for a single process \(num_processes=0\)"),
     ({"coordinator_address": "127.0.0.1:1"}, "set for a single process"),
     ({"process_id": 0, "num_processes": 1}, r"process_id=0 set for a single process"),
+    # Dropped by initialize(), which then asked for a process_id the user had set.
+    ({"num_processes": 2, "coordinator_address": "127.0.0.1:1", "process_id": -5},
+     r"process_id=-5 must be -1 \(auto-detect\) or a rank >= 0"),
 ])
 def test_config_rejects_bad_settings(kwargs, match):
   with pytest.raises(ValueError, match=match):

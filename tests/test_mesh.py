@@ -54,6 +54,29 @@ def test_make_mesh_takes_numpy_int_sizes():
   assert mesh.devices.shape == (2, 4)
 
 
+def test_the_model_refuses_a_mesh_it_cannot_use():
+  """A mesh without the 'expert' axis was a bare KeyError deep in the forward pass, and
+  jax.make_mesh's default Explicit axes failed inside with_sharding_constraint."""
+  cfg = ModelConfig(vocab_size=16, d_model=16, num_heads=2, num_kv_heads=1, head_dim=8,
+                    expert_d_ff=8, num_experts=4, top_k=2, num_layers=1)
+  devices = jax.devices()[:8]
+  for bad, got in [
+      (jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,), devices=devices),
+       r"got axes \('data',\) of types \('Auto',\)"),
+      (jax.make_mesh((2, 4), ("data", "expert"), devices=devices),
+       r"got axes \('data', 'expert'\) of types \('Explicit', 'Explicit'\)"),
+      (jax.make_mesh((2, 4), ("expert", "data"), axis_types=(AxisType.Auto,) * 2,
+                     devices=devices), r"got axes \('expert', 'data'\)")]:
+    with pytest.raises(ValueError, match=r"the model needs a \('data', 'expert'\) mesh of Auto "
+                                         r"axes \(pr2_jax.parallel.mesh.make_mesh\(data, "
+                                         r"expert\)\), " + got):
+      MoETransformer(cfg, bad)
+  with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh .* got dict"):
+    MoETransformer(cfg, {"data": 2, "expert": 4})
+  pm.check_mesh(None)
+  pm.check_mesh(pm.make_mesh(2, 4))
+
+
 def test_no_mesh_is_one_shard():
   """Without a mesh every axis has size 1 and there is one token shard."""
   assert pm.axis_size(None, "expert") == 1

@@ -46,6 +46,19 @@ def test_state_memory_without_a_mesh_is_one_devices():
   assert one["opt_state"] == _device0_bytes(state.opt_state)
 
 
+def test_a_state_on_another_mesh_than_the_models_is_refused():
+  """The state was laid out for its own mesh while the model's shard_maps split the work over
+  another, resharding every call: neither what validate_mesh approved nor what was asked."""
+  tx = optax.adamw(1e-3)
+  model = MoETransformer(CFG, make_mesh(2, 4))
+  with pytest.raises(ValueError, match=r"the model was built on the mesh \{'data': 2, 'expert': "
+                                       r"4\}, the state is asked for on \{'data': 8, 'expert': 1\}"):
+    create_train_state(model, tx, jax.random.key(0), make_mesh(8, 1))
+  # state_memory without a mesh takes the model's (it was 1 x 1, then a batch-split error).
+  assert state_memory(model, tx) == state_memory(model, tx, make_mesh(2, 4))
+  assert state_memory(model, tx)["params"] < state_memory(MoETransformer(CFG), tx)["params"]
+
+
 def test_state_memory_counts_one_gradient_per_parameter():
   """`grads` is what the update's gradients hold, laid out like the parameters: `params` again,
   not the optimizer's two moments (memory_plan prints it as a column of its own). Hand count

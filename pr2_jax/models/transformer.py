@@ -31,7 +31,8 @@ from pr2_jax.models.experts import validate_slot_expert
 from pr2_jax.models.layers import INIT, MLP, Attention, RMSNorm, cache_mask, causal_mask
 from pr2_jax.models.moe import MoEBlock
 from pr2_jax.models.routing import check_routes_shape, validate_routes
-from pr2_jax.parallel.mesh import EXPERT, axis_size, check_batch_split, constrain, partitioned
+from pr2_jax.parallel.mesh import (EXPERT, axis_size, check_batch_split, check_mesh, constrain,
+                                   partitioned)
 
 
 @flax.struct.dataclass
@@ -247,6 +248,10 @@ class MoETransformer(nn.Module):
   """Qwen3-MoE decoder. `mesh=None` runs on one device; a ('data','expert') mesh shards it."""
   config: ModelConfig     # shapes and numerics (validated when built)
   mesh: Mesh | None = None  # None: one device; else `make_mesh(data, expert)`'s mesh
+
+  def __post_init__(self):
+    check_mesh(self.mesh)  # a foreign mesh failed deep inside JAX
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, tokens_BT, routes=None, *, positions=None, valid=None,

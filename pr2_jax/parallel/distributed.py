@@ -35,6 +35,8 @@ class DistributedConfig:
   def __post_init__(self):
     if self.num_processes < 0:
       raise ValueError(f"num_processes={self.num_processes} must be >= 0")
+    if self.process_id < -1:  # initialize() dropped it and then said process_id was unset
+      raise ValueError(f"process_id={self.process_id} must be -1 (auto-detect) or a rank >= 0")
     if self.num_processes > 1 and not self.coordinator_address and not self.auto_detect:
       raise ValueError(f"num_processes={self.num_processes} needs a coordinator_address "
                        "(host:port of process 0) or auto_detect")

@@ -1,9 +1,12 @@
 """The device mesh and the one table that maps logical axis names to it.
 
 Parameters and activations are annotated with logical names ('batch',
-'expert', 'embed', ...); `LOGICAL_RULES` is the only place that says which
-mesh axis each name is sharded over. Tokens are sharded over both mesh axes
-(data parallel everywhere outside the experts); expert weights over 'expert'.
+'expert', 'embed', ...); `LOGICAL_RULES` says which mesh axis each name is
+sharded over. Tokens are sharded over both mesh axes (data parallel everywhere
+outside the experts); expert weights over 'expert'. The shard_maps (routing,
+the expert path, the shuffle, the learner's per-shard work) and the batch checks
+name the same split as `TOKEN_AXES` and `EXPERT`: a new layout changes those
+constants with the table's 'batch' and 'expert' rows.
 With `ModelConfig.fsdp`, parameters (only) follow `FSDP_PARAM_RULES`, which
 also split their 'embed' dimension over 'data'; XLA then gathers each weight
 where it is used and sums its gradient back into the split layout.
@@ -57,6 +60,22 @@ def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = Non
                      f"but {len(devices)} are available")
   return jax.make_mesh((data, expert), (DATA, EXPERT), axis_types=(AxisType.Auto,) * 2,
                        devices=devices)
+
+
+def check_mesh(mesh: Mesh | None) -> None:
+  """Raises ValueError unless `mesh` is None (one device) or a mesh like `make_mesh`'s: axes
+  ('data', 'expert'), both Auto. Another mesh failed deep inside JAX (a bare KeyError: 'expert';
+  jax.make_mesh's default Explicit axes in with_sharding_constraint)."""
+  if mesh is None:
+    return
+  if not isinstance(mesh, Mesh):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh (pr2_jax.parallel.mesh.make_mesh(data, "
+                     f"expert)) or None, got {type(mesh).__name__}")
+  types = tuple(getattr(t, "name", str(t)) for t in mesh.axis_types)
+  if tuple(mesh.axis_names) != (DATA, EXPERT) or any(t != AxisType.Auto for t in mesh.axis_types):
+    raise ValueError(f"the model needs a ('data', 'expert') mesh of Auto axes "
+                     f"(pr2_jax.parallel.mesh.make_mesh(data, expert)), got axes "
+                     f"{tuple(mesh.axis_names)} of types {types}")
 
 
 def axis_size(mesh: Mesh | None, name: str) -> int:

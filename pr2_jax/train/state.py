@@ -19,7 +19,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pr2_jax.config import ModelConfig, check_real
-from pr2_jax.parallel.mesh import DATA, EXPERT, make_mesh, num_token_shards, tree_shardings
+from pr2_jax.parallel.mesh import (DATA, EXPERT, check_mesh, make_mesh, num_token_shards,
+                                   tree_shardings)
 from pr2_jax.pr2.predictor import init_predictor
 
 # PR2's W_p [L, D, E]: its D is a parameter's d_model, so model.fsdp splits it too.
@@ -123,7 +124,14 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh):
 
 
 def state_shardings(model: nn.Module, mesh: Mesh, boxed_state):
-  """Shardings of a boxed abstract state (or parameter tree) of `model` on `mesh`."""
+  """Shardings of a boxed abstract state (or parameter tree) of `model` on `mesh`. Raises
+  ValueError if the model was built on another mesh: its shard_maps would split the work one
+  way and the state another, resharding at every call, unlike what validate_mesh approved."""
+  check_mesh(mesh)
+  own = getattr(model, "mesh", None)
+  if own is not None and own != mesh:
+    raise ValueError(f"the model was built on the mesh {dict(own.shape)}, the state is asked "
+                     f"for on {dict(mesh.shape)} (or on other devices): use one mesh for both")
   model.config.validate_mesh(mesh.shape[EXPERT], mesh.shape[DATA])
   return tree_shardings(mesh, boxed_state, fsdp=model.config.fsdp)
 
@@ -174,13 +182,14 @@ def bytes_per_device(abstract_tree, shardings) -> int:
 
 def state_memory(model: nn.Module, tx: optax.GradientTransformation,
                  mesh: Mesh | None = None) -> dict:
-  """Per-device bytes of the train state on `mesh` (None: one device), from shapes alone
-  (nothing is allocated).
+  """Per-device bytes of the train state on `mesh` (None: the model's mesh, one device if it
+  has none), from shapes alone (nothing is allocated).
 
   Gradients are laid out like the parameters, so they cost `params` again
   during the update; activations are not counted (they depend on the batch).
   """
-  mesh = make_mesh(1, 1, jax.devices()[:1]) if mesh is None else mesh
+  if mesh is None:
+    mesh = getattr(model, "mesh", None) or make_mesh(1, 1, jax.devices()[:1])
   boxed = jax.eval_shape(_init_fn(model, tx, mesh), jax.random.key(0))
   shardings = state_shardings(model, mesh, boxed)
   state = nn.unbox(boxed)
