@@ -130,11 +130,24 @@ def _settings():
     raise app.UsageError(problem)
   if s["cluster"] > s["experts"]:
     raise app.UsageError(f"--cluster={s['cluster']} must be at most --experts={s['experts']}")
+  # A micro-step size that does not divide a step's sequences dropped the rest of them (load
+  # covered 96 of 128), one larger than them crashed in numpy after minutes of work.
+  _check_divides("micro_seqs", s["micro_seqs"], s["seqs"], "--trace_seqs")
   if _ROLLOUT.value:
     experts, top_k, devices, slots, _ = s["rollout_model"]
     if problem := bt.layout_error(experts, top_k, devices, slots, "rollout_model"):
       raise app.UsageError(problem)
+    _, prompts, group = s["rollout_batch"]
+    if group < 2:  # GRPO needs two samples a prompt (RLConfig refused it after (a) and (b))
+      raise app.UsageError(f"--rollout_batch's group size {group} must be >= 2")
+    _check_divides("rollout_micro_seqs", s["rollout_micro_seqs"], prompts * group,
+                   "--rollout_batch's prompts x group")
   return s
+
+
+def _check_divides(name: str, sizes: list[int], total: int, what: str) -> None:
+  if bad := [m for m in sizes if total % m]:
+    raise app.UsageError(f"--{name} entries {bad} must divide {what} = {total}")
 
 
 def time_planner(s, rng):

@@ -60,6 +60,9 @@ BASELINE = "capacity"
 def parse_impl(entry: str) -> tuple[str, float]:
   """'capacity:1.25' -> ('capacity', 1.25); a bare name uses --capacity_factor."""
   impl, _, factor = entry.partition(":")
+  if factor and impl != "capacity":  # accepted and recorded, though no other path reads it
+    raise flags.ValidationError(f"--impls entry {entry!r}: only the capacity path takes a "
+                                "capacity factor")
   try:
     return impl, float(factor) if factor else _CAPACITY_FACTOR.value
   except ValueError:

@@ -31,13 +31,16 @@ _D_MODEL = flags.DEFINE_integer("d_model", 64, "Residual width (tiny config by d
 _EXPERTS = flags.DEFINE_integer("num_experts", 8, "Routed experts.")
 _LAYERS = flags.DEFINE_integer("num_layers", 2, "Decoder layers.")
 cli.at_least(1, "batch", "prompt_len", "new_tokens", "repeats", "num_layers")
-cli.at_least(4, "d_model")  # 4 heads of d_model / 4
+# 4 heads of d_model / 4, an even head_dim for rotary embeddings: 4 and 12 failed naming
+# head_dim, which is no flag here.
+flags.register_validator("d_model", lambda v: v >= 8 and v % 8 == 0,
+                         message="--d_model must be a positive multiple of 8 (4 heads of "
+                                 "d_model / 4 dimensions, an even number for RoPE)")
 cli.at_least(2, "num_experts")  # top-2 routing
 cli.non_empty("dtypes")
 flags.register_validator("dtypes", lambda v: set(v) <= set(DTYPES),
                          message=f"--dtypes: each must be one of {', '.join(DTYPES)}")
-flags.register_validator("dtypes", lambda v: len(set(v)) == len(v),  # each would compile again
-                         message="--dtypes must not repeat a dtype")
+cli.distinct("dtypes")  # each would compile again
 
 
 def main(argv):

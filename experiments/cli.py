@@ -230,6 +230,14 @@ def non_empty(*names: str):
                              message=f"--{name} must list at least one value")
 
 
+def distinct(*names: str):
+  """Registers `--name` (a list flag) as free of repeats: a repeated seed ran once and the
+  report still claimed both."""
+  for name in names:
+    flags.register_validator(name, lambda v: v is None or len(set(v)) == len(v),
+                             message=f"--{name} lists a value twice")
+
+
 def numbers_at_least(kind, minimum: float, *names: str, count: int | None = None):
   """Registers each `--name` (a list flag) as `count` (any if None) numbers of `kind` (int or
   float) >= minimum: a bad entry failed as int() or a range() of step 0 after the work began,

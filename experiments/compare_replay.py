@@ -60,11 +60,13 @@ _SFT_STEPS = flags.DEFINE_integer("sft_steps", None, "Warm-up steps (default: th
 _COLLAPSE = flags.DEFINE_float("collapse_fraction", 0.5, "A run collapsed if its final eval reward "
                                "is below this fraction of its warm-up eval reward (or it hit a "
                                "non-finite loss/gradient).")
-cli.at_least(1, "rl_steps", "eval_size", "num_experts", "top_k")
-cli.at_least(0, "eval_every", "sft_steps", "collapse_fraction")
+# eval_every=0 evaluated nothing during RL, and a run never evaluated counted as collapsed.
+cli.at_least(1, "rl_steps", "eval_size", "num_experts", "top_k", "eval_every")
+cli.at_least(0, "sft_steps", "collapse_fraction")
 # Empty lists trained the warm-up, then crashed drawing the plots; a non-integer seed or κ
 # failed as int() after the flags were parsed, an unknown mode only after JAX started.
 cli.non_empty("seeds", "offs", "modes")
+cli.distinct("seeds", "offs", "modes")
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs/results", "Where the JSON, report and PNGs go "
                                "(--quick default: WORKDIR/results).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare_replay", "Run directories, the shared "
@@ -307,7 +309,8 @@ def main(argv):
         logging.warning("[%s] stopped: %s", label, e)
         # A rerun reuses it: resuming would go past the stop.
         outputs.write_json(stopped_path, {"error": error})
-      run_seconds[key] = _seconds(run_dir, seconds_before + time.perf_counter() - t0)
+      finally:  # an interrupted run's time counts too: the resume adds its own to it
+        run_seconds[key] = _seconds(run_dir, seconds_before + time.perf_counter() - t0)
     rows = _read_rows(metrics_path)  # the whole run's rows, those before a resume too
     if i < len(grid) and grid[i][:2] != (off, mode):
       # The next runs' programs differ (seeds share this run's): drop this run's executables.

@@ -76,6 +76,17 @@ def _lin(h_BSLD, w_LDE):
   return np.einsum("bsld,lde->bsle", h_BSLD, w_LDE)
 
 
+def _ratio(num: float, den: float) -> float | None:
+  """num / den; None for 0 / 0 (a router that did not move has no drift direction or share:
+  NaN printed 'nan' and wrote non-standard JSON)."""
+  return float(num / den) if den > 0 else None
+
+
+def _mean(values) -> float | None:
+  defined = [v for v in values if v is not None]
+  return float(np.mean(defined)) if defined else None
+
+
 def score_batches(batches, mask_BS, top_k: int) -> dict:
   """Scores of every predictor (module docstring) from recorded router snapshots.
 
@@ -83,7 +94,8 @@ def score_batches(batches, mask_BS, top_k: int) -> dict:
   weights W_r [L,D,E]) of rollout batch t, before each mini-step's update and after the
   last. Returns {"zero_dev": {name: [κ-1] mean over batches 1.. at mini-steps 2..κ},
   "one_map": {"one_map", "stale": [κ] the same at mini-steps 1..κ}, "cosine": mean cosine
-  of consecutive batches' drifts, "router_share": mean over batches of |h ΔW_r| / |Δp|}.
+  of consecutive batches' drifts, "router_share": mean over batches of |h ΔW_r| / |Δp|};
+  the last two are means over the batches whose logits moved, None if none did.
   """
   kappa = len(batches[0]) - 1
   scores = {name: np.zeros(kappa - 1) for name in PREDICTORS}
@@ -109,16 +121,15 @@ def score_batches(batches, mask_BS, top_k: int) -> dict:
       one_map[j] += zero_dev(one, cur[j][0], mask_BS, top_k) / (len(batches) - 1)
     a = (prev[kappa][0] - prev[0][0])[mask_BS].ravel()
     b = (cur[kappa][0] - cur[0][0])[mask_BS].ravel()
-    cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    cosines.append(_ratio(a @ b, np.linalg.norm(a) * np.linalg.norm(b)))
   for batch in batches:
     total = (batch[kappa][0] - batch[0][0])[mask_BS]
     router = _lin(batch[0][1], batch[kappa][2] - batch[0][2])[mask_BS]
-    router_share.append(float(np.linalg.norm(router) / np.linalg.norm(total)))
+    router_share.append(_ratio(np.linalg.norm(router), np.linalg.norm(total)))
   # Stale at mini-step 1 is the router itself (truth p_t,0 = p0).
   stale = np.concatenate([[1.0], scores["stale"]])
   return {"zero_dev": scores, "one_map": {"one_map": one_map, "stale": stale},
-          "cosine": float(np.mean(cosines)),
-          "router_share": float(np.mean(router_share))}
+          "cosine": _mean(cosines), "router_share": _mean(router_share)}
 
 
 def check_init_from(init_from: str) -> None:
@@ -229,10 +240,11 @@ def main(argv):
   print(f"one forecast for the whole batch (PR2's class) at mini-steps 1..{kappa}, and its mean:")
   for name, s in scored["one_map"].items():
     print(f"  {name:15s} " + " ".join(f"{v:.4f}" for v in s) + f"  | {s.mean():.4f}")
-  print(f"router-weight share of the logit drift {result['router_weight_share_of_drift']:.3f}; "
-        f"cosine of consecutive batches' drifts {result['consecutive_drift_cosine']:.3f}")
-  if out_path:
-    outputs.write_json(out_path, {"command": outputs.command_line(), **result})
+  fmt = lambda v: "undefined (the router logits did not move)" if v is None else f"{v:.3f}"
+  print(f"router-weight share of the logit drift {fmt(result['router_weight_share_of_drift'])}; "
+        f"cosine of consecutive batches' drifts {fmt(result['consecutive_drift_cosine'])}")
+  if out_path:  # allow_nan=False: a NaN is a bug here, not a value to write
+    outputs.write_json(out_path, {"command": outputs.command_line(), **result}, allow_nan=False)
 
 
 if __name__ == "__main__":

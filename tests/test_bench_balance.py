@@ -100,6 +100,14 @@ def _check_figures(result):
     (["--rollout_model=8,2,3,3,2"], "--rollout_model"), (["--experts=15"], "--experts"),
     (["--slots=1"], "--slots"), (["--cluster=100"], "--cluster"), (["--top_k=16"], "--top_k"),
     (["--gpu_tflops=0"], "--gpu_tflops"),
+    # --quick: 4 sequences a trace step, rollouts of 4 prompts x 4 (dropped rows, numpy errors
+    # or RLConfig's group-size refusal after minutes of work)
+    (["--micro_seqs=3", "--sim_micro_seqs=3"], "--micro_seqs entries [3] must divide --trace_seqs"
+                                                " = 4"),
+    (["--micro_seqs=8", "--sim_micro_seqs=8"], "--micro_seqs entries [8] must divide"),
+    (["--rollout_micro_seqs=4,32"], "--rollout_micro_seqs entries [32] must divide "
+                                    "--rollout_batch's prompts x group = 16"),
+    (["--rollout_batch=2,4,1"], "--rollout_batch's group size 1 must be >= 2"),
     # balance_moe's flags, checked with its own definitions before any work
     (["--moe_args=--experts=0"], "--moe_args: flag --experts=0"),
     (["--moe_args=--experts=12"], "--moe_args: --experts=12"),

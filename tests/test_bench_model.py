@@ -66,6 +66,7 @@ def test_main_writes_expected_json(tmp_path):
 
 @pytest.mark.parametrize("impls, match", [("capacity,capacity", "repeats"),
                                           ("capacity:x", "capacity factor"),
+                                          ("capacity,dense:2", "only the capacity path"),
                                           ("sparse", "expert_impl")])
 def test_bad_impls_fail_before_compiling(tmp_path, impls, match):
   with pytest.raises((app.UsageError, flags.ValidationError), match=match):

@@ -28,6 +28,7 @@ def test_bench_rollout_writes_json(tmp_path):
     (["--dtypes=bogus"], "--dtypes"), (["--dtypes="], "--dtypes"),
     (["--dtypes=float32,float32"], "--dtypes"),  # would compile twice
     (["--num_experts=1"], "--num_experts"), (["--d_model=2"], "--d_model"),
+    (["--d_model=12"], "--d_model must be a positive multiple of 8"),
     (["--out={file}/r.json"], "--out="),
 ])
 def test_bad_flags_are_one_error_line_before_any_work(tmp_path, args, named):

@@ -49,6 +49,7 @@ _OPTIONAL = flags.DEFINE_integer("unset_bound_flag", None, "Unset unless given."
 cli.at_least(0, "unset_bound_flag")
 _LIST = flags.DEFINE_list("nonempty_list_flag", ["1"], "A list only these tests use.")
 cli.non_empty("nonempty_list_flag")
+cli.distinct("nonempty_list_flag")
 _PAIR = flags.DEFINE_list("number_pair_flag", ["0.5", "1"], "Two numbers only these tests use.")
 cli.numbers_at_least(float, 0.5, "number_pair_flag", count=2)
 
@@ -98,6 +99,7 @@ def test_an_unset_optional_flag_passes_its_bound():
     (["--number_pair_flag=1,2,3"], "--number_pair_flag must list 2 floats >= 0.5"),  # one too many
     (["--number_pair_flag=0.49,1"], "--number_pair_flag must list 2 floats >= 0.5"),
     (["--number_pair_flag=1,x"], "--number_pair_flag must list 2 floats >= 0.5"),  # not a number
+    (["--nonempty_list_flag=3,4,3"], "--nonempty_list_flag lists a value twice"),
 ])
 def test_list_validators_refuse_with_one_line(argv, message, capsys):
   with pytest.raises(SystemExit) as e:

@@ -247,7 +247,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("flag, named", [
     ("--seeds=abc", "--seeds"), ("--seeds=", "--seeds"), ("--offs=", "--offs"),
     ("--offs=0", "--offs"), ("--modes=", "--modes"), ("--modes=r3,bogus", "--modes"),
-    ("--workdir=FILE", "--workdir"), ("--out_dir=FILE", "--out_dir")])
+    ("--workdir=FILE", "--workdir"), ("--out_dir=FILE", "--out_dir"),
+    # A repeated seed ran once while the report claimed both; a run never evaluated during RL
+    # (eval_every=0) counted as collapsed.
+    ("--seeds=0,0", "--seeds lists a value twice"), ("--eval_every=0", "--eval_every")])
 def test_bad_flag_is_one_error_line_before_any_work(tmp_path, flag, named):
   """A bad list (a non-integer, empty, or unknown value) failed as int() or IndexError, or after
   the warm-up in matplotlib; a --workdir or --out_dir that is a file at the first run or after

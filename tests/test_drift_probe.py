@@ -111,6 +111,19 @@ def test_score_batches_exact_on_linear_drift_with_new_hidden_states():
   assert got["cosine"] == pytest.approx(np.mean(cos), abs=1e-12)
 
 
+def test_a_router_that_did_not_move_has_no_cosine_or_share():
+  """No update (every reward 0): 0 / 0 was NaN, printed 'nan' and written as non-standard
+  JSON. A batch without drift now counts in neither mean, and none at all gives None."""
+  batches, mask = _linear_drift_batches(np.random.default_rng(0), same_h=True)
+  still = [[batch[0]] * len(batch) for batch in batches]
+  got = score_batches(still, mask, top_k=2)
+  assert got["cosine"] is None and got["router_share"] is None
+  assert got["zero_dev"]["stale"].tolist() == [1.0, 1.0]  # nothing moved: stale is exact
+  # Batch 0 still, the others drifting: the share is theirs alone (1: h fixed in a batch).
+  got = score_batches([still[0]] + batches[1:], mask, top_k=2)
+  assert got["router_share"] == pytest.approx(1.0, abs=1e-12)
+
+
 def test_score_batches_same_hidden_states_every_drift_predictor_is_exact():
   batches, mask = _linear_drift_batches(np.random.default_rng(1), same_h=True)
   got = score_batches(batches, mask, top_k=2)
