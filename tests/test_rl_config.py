@@ -85,7 +85,7 @@ def test_experiment_from_dict_rejects_unknown_fields():
   # The task and its options are checked with the config, before any model is built.
   with pytest.raises(ValueError, match=r"unknown task 'foo'"):
     ExperimentConfig.from_dict({**base, "task": "foo"})
-  with pytest.raises(ValueError, match=r"num_numbers=0"):
+  with pytest.raises(ValueError, match=r"Countdown.num_numbers must be a positive int, got 0"):
     ExperimentConfig.from_dict({**base, "task": "countdown", "task_kwargs": {"num_numbers": 0}})
   with pytest.raises(ValueError, match=r"ExperimentConfig.checkpoint_every must be an int >= 0, "
                      r"got 2.5"):
