@@ -450,3 +450,78 @@ def test_policy_losses_refuse_non_finite_advantages(kind, bad, shown):
   np.testing.assert_allclose(loss, 0.5, rtol=1e-6)
   f = jax.jit(lambda a: losses.policy_loss(kind, z, z, a, mask)[0])
   np.testing.assert_allclose(f(jnp.array([1.0, -2.0])), 0.5, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Clip statistics, stop-gradient, the log-ratio clamp, empty calls, float masks
+# ----------------------------------------------------------------------------
+
+def test_dapo_lower_clip_fraction_reads_eps_low_not_eps_high():
+  """r = 0.75 with A < 0 is below 1 − ε_low = 0.8 (clipped: loss 0.8, no gradient) but above
+  1 − ε_high = 0.72: clip_frac_low must count it, as the loss clipped it."""
+  lp, z = jnp.array([[LN(0.75)]]), jnp.zeros((1, 1))
+  f = lambda x: losses.dapo_loss(x, z, -jnp.ones(1), jnp.ones((1, 1)))
+  (loss, aux), grad = jax.value_and_grad(f, has_aux=True)(lp)
+  np.testing.assert_allclose(loss, 0.8, rtol=1e-6)
+  np.testing.assert_array_equal(grad, 0.0)
+  assert float(aux["clip_frac_low"]) == 1.0 and float(aux["clip_frac_high"]) == 0.0
+
+
+@pytest.mark.parametrize("kind", losses.POLICY_LOSS_KINDS)
+def test_no_gradient_reaches_the_old_logprobs(kind):
+  """old_logp is the ratio's constant denominator (stop-gradient): d loss / d old is 0 where
+  d loss / d logp is not. At r = 1 with A = (1, −2) over 2 × 3 tokens, d loss / d logp is
+  −A / 6 per token for both losses (DAPO: −A m / Σm; GSPO: −A s / |y| / 2 sequences)."""
+  old = jnp.array([[-1.0, -2.0, -0.5], [-0.3, -1.5, -2.5]])
+  f = lambda lp, o: losses.policy_loss(kind, lp, o, jnp.array([1.0, -2.0]), jnp.ones((2, 3)),
+                                       clip_low=0.2, clip_high=0.2)[0]
+  g_new, g_old = jax.grad(f, argnums=(0, 1))(old, old)
+  np.testing.assert_allclose(g_new, [[-1 / 6] * 3, [1 / 3] * 3], rtol=1e-6)
+  np.testing.assert_array_equal(g_old, 0.0)
+
+
+@pytest.mark.parametrize("kind", losses.POLICY_LOSS_KINDS)
+def test_an_extreme_log_ratio_is_clamped_at_max_log_ratio(kind):
+  """Δ = 100 overflows float32's exp to inf. Clamped at MAX_LOG_RATIO = 20, a negative-advantage
+  token (its unclipped branch rA) gives loss and ratio_mean e^20 and a finite gradient."""
+  old, lp = jnp.zeros((1, 1)), jnp.full((1, 1), 100.0)
+  f = lambda x: losses.policy_loss(kind, x, old, -jnp.ones(1), jnp.ones((1, 1)))
+  (loss, aux), grad = jax.value_and_grad(f, has_aux=True)(lp)
+  assert losses.MAX_LOG_RATIO == 20.0
+  np.testing.assert_allclose(loss, math.exp(20.0), rtol=1e-5)
+  np.testing.assert_allclose(aux["ratio_mean"], math.exp(20.0), rtol=1e-5)
+  assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("kind", losses.POLICY_LOSS_KINDS)
+def test_an_all_masked_call_reports_zero_loss_and_zero_statistics(kind):
+  """No token counted (a micro-step of padding): the loss and every ratio statistic are 0, as
+  loss_stats_from_sums promises, not a ratio_mean of 1 from the empty 1 + 0/1."""
+  lp, z = jnp.array([[0.3, -0.2]]), jnp.zeros((1, 2))
+  loss, aux = losses.policy_loss(kind, lp, z, jnp.ones(1), jnp.zeros((1, 2)))
+  assert float(loss) == 0.0
+  for key in ("ratio_mean", "ratio_var", "clip_frac_low", "clip_frac_high"):
+    assert float(aux[key]) == 0.0, key
+  assert float(aux["sums"]["count"]) == 0.0
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_gspo_float_mask_weights_the_sequence_log_ratio(scale):
+  """A float mask weights the tokens of s = exp(Σ m Δ / Σ m): Δ = (ln 2, ln 8) with weights
+  (3, 1) gives ln s = 6 ln 2 / 4, s = 2^1.5 (unweighted Δs over Σ m gave s = 2); scaling the
+  weights leaves s unchanged while a sequence's weights sum to >= 1 (the length is floored at
+  1). Wide clip: loss = −s A with A = 1."""
+  old = jnp.zeros((1, 2))
+  lp = jnp.array([[LN(2.0), LN(8.0)]])
+  mask = scale * jnp.array([[3.0, 1.0]])
+  loss, aux = losses.gspo_loss(lp, old, jnp.ones(1), mask, clip_low=0.5, clip_high=5.0)
+  np.testing.assert_allclose(aux["ratio_mean"], 2 ** 1.5, rtol=1e-5)
+  np.testing.assert_allclose(loss, -(2 ** 1.5), rtol=1e-5)
+
+
+def test_gspo_checks_the_tis_weight_of_a_partly_masked_sequence():
+  """A sequence counts when any of its tokens does: its NaN weight is refused even when its mask
+  ends in padding (a check of fully-masked rows only let it through to a NaN loss)."""
+  z, mask = jnp.zeros((2, 3)), jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+  with pytest.raises(ValueError, match=r"is_weight_B\[0\] = nan is not a finite number >= 0"):
+    losses.gspo_loss(z, z, jnp.ones(2), mask, is_weight_B=jnp.array([float("nan"), 1.0]))
