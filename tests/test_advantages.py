@@ -75,6 +75,25 @@ def test_sequence_tis_weight_is_capped_geometric_mean():
   np.testing.assert_allclose(w, [2.0, 3.0, 1.0], rtol=1e-6)
 
 
+def test_sequence_tis_weight_averages_over_its_own_length_not_t():
+  """|y| is the sequence's masked length: log-ratios (ln 4, ln 4 | padding) give 4, not
+  4^{2/3} as a mean over T = 3 would; (ln 9 | padding, padding) gives 9 capped at 5."""
+  old = jnp.array([[LN(4.0), LN(4.0), 7.0], [LN(9.0), -3.0, 2.0]])
+  mask = jnp.array([[1, 1, 0], [1, 0, 0]])
+  w = advantages.sequence_tis_weights(old, jnp.zeros_like(old), mask, cap=5.0)
+  np.testing.assert_allclose(w, [4.0, 5.0], rtol=1e-6)
+
+
+def test_sequence_tis_weight_ignores_minus_inf_padding():
+  """Padding may hold -inf in both engines' log-probs (-inf − -inf = NaN): it is left out, so
+  the weight is the geometric mean over the real tokens, (2 · 8)^{1/2} = 4, finite, jitted too."""
+  old = jnp.array([[LN(2.0), LN(8.0), -jnp.inf]])
+  mu = jnp.array([[0.0, 0.0, -jnp.inf]])
+  mask = jnp.array([[1.0, 1.0, 0.0]])
+  for f in (advantages.sequence_tis_weights, jax.jit(advantages.sequence_tis_weights)):
+    np.testing.assert_allclose(f(old, mu, mask, 10.0), [4.0], rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------
@@ -98,6 +117,17 @@ def test_grpo_rejects_bad_inputs(rewards, group_size, eps, message):
 def test_grpo_eps_zero_is_valid():
   np.testing.assert_allclose(advantages.grpo_advantages(jnp.array([1.0, 0.0]), 2, eps=0.0),
                              [1.0, -1.0], rtol=1e-6)
+
+
+def test_grpo_flat_group_is_exactly_zero_with_eps_zero():
+  """eps = 0 is allowed, and a flat group's std is then 0: the formula alone gives 0/0 = NaN,
+  which must not reach the loss. The flat group gets exactly 0, eagerly and under jit, while the
+  other group keeps (r − mean) / std = ±1."""
+  rewards = jnp.array([2.5, 2.5, 1.0, 0.0])
+  for f in (advantages.grpo_advantages, jax.jit(advantages.grpo_advantages, static_argnums=1)):
+    adv = f(rewards, 2, 0.0)
+    np.testing.assert_array_equal(adv[:2], 0.0)
+    np.testing.assert_allclose(adv[2:], [1.0, -1.0], rtol=1e-6)
 
 
 def test_tis_rejects_misshaped_inputs():
