@@ -160,6 +160,21 @@ def test_routing_mask_excludes_tokens():
   np.testing.assert_allclose(m["coverage_gap_per_layer"], [2.4 / 4, 1.5 / 3], rtol=1e-5)
 
 
+def test_routing_rows_with_any_minus_one_are_left_out():
+  """A row holding a -1 anywhere is live (nothing forced), in the replayed or the current
+  routes: [3, -1] vs [3, 1] and [0, 1] vs [-1, 1] are left out, so only {0,1} vs {0,1} counts
+  (agreement 1, deviation 0, gap 1 − 0.7; including either row lowered the agreement)."""
+  rep = jnp.array([[3, -1], [0, 1], [0, 1]]).reshape(1, 3, 1, 2)
+  cur = jnp.array([[3, 1], [-1, 1], [0, 1]]).reshape(1, 3, 1, 2)
+  probs = jnp.tile(jnp.array([0.4, 0.3, 0.2, 0.1]), (1, 3, 1, 1))
+  sums = metrics.routing_sums(rep, cur, probs, jnp.ones((1, 3)))
+  np.testing.assert_array_equal(sums["count"], [1.0])
+  m = metrics.routing_from_sums(sums)
+  np.testing.assert_allclose(m["topk_agreement"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(m["dev_hist"], [1, 0, 0, 0], rtol=1e-6)
+  np.testing.assert_allclose(m["coverage_gap"], 0.3, rtol=1e-5)
+
+
 def test_routing_deviation_three_or_more_share_the_last_bin():
   """K=4: {0..3} vs {4..7} (dev 4) and vs {0,5,6,7} (dev 3) both land in bin ≥3."""
   rep = jnp.array([[0, 1, 2, 3], [0, 1, 2, 3]]).reshape(1, 2, 1, 4)
@@ -257,3 +272,16 @@ def test_routing_metrics_checks_id_dtypes_under_jit_and_takes_nested_lists():
   lists = metrics.routing_metrics([[[[0, 1]]]], [[[[1, 2]]]], [[[[0.5, 0.3, 0.2, 0.0]]]], [[1.0]])
   assert float(lists["topk_agreement"]) == 0.5
   assert float(lists["coverage_gap"]) == pytest.approx(0.2)
+
+
+def test_routing_means_are_weighted_by_unequal_fractional_mask_values():
+  """Mask values weight tokens (not just select them): agreements (1, 0) with weights
+  (0.75, 0.25) average to 0.75 and the deviation histogram to [0.75, 0, 0.25, 0]; a 0/1 mask
+  read from the weights gave 0.5 and [0.5, 0, 0.5, 0]."""
+  rep = jnp.array([[0, 1], [2, 3]]).reshape(1, 2, 1, 2)
+  cur = jnp.array([[0, 1], [0, 1]]).reshape(1, 2, 1, 2)
+  probs = jnp.array([[0.4, 0.3, 0.2, 0.1]] * 2).reshape(1, 2, 1, 4)
+  m = metrics.routing_metrics(rep, cur, probs, jnp.array([[0.75, 0.25]]))
+  np.testing.assert_allclose(m["topk_agreement"], 0.75, rtol=1e-6)
+  np.testing.assert_allclose(m["dev_hist"], [0.75, 0, 0.25, 0], rtol=1e-6)
+  np.testing.assert_allclose(m["coverage_gap"], 0.75 * 0.3 + 0.25 * 0.7, rtol=1e-5)
