@@ -463,3 +463,17 @@ def test_topk_overlap_is_a_weighted_mean_for_fractional_weights():
     want = (weight[0] * 1.0 + weight[1] * 0.0) / sum(weight)
     np.testing.assert_allclose(pred.topk_overlap(a, b, jnp.array(weight)), [want], rtol=1e-6)
   np.testing.assert_array_equal(pred.topk_overlap(a, b, jnp.zeros(2)), [0.0])
+
+
+@pytest.mark.parametrize("kind", pred.PREDICTOR_LOSSES)
+def test_no_weighted_position_gives_zero_loss_and_zero_gradient(kind):
+  """A micro-step may hold no sampled feature position (every weight 0): its loss is 0 and W_p's
+  gradient exactly 0, per layer and stacked, not 0/0 = NaN in the predictor's update."""
+  h, p_old, p_cur = _features(n=4, d=3, e=4)
+  w = 0.1 * jnp.ones((3, 4))
+  zero = jnp.zeros(4)
+  loss, grad = jax.value_and_grad(lambda w: pred.predictor_loss(kind, w, h, p_old, p_cur, zero))(w)
+  assert float(loss) == 0.0
+  np.testing.assert_array_equal(grad, 0.0)
+  stacked = pred.predictor_losses(kind, w[None], h[:, None], p_old[:, None], p_cur[:, None], zero)
+  np.testing.assert_array_equal(stacked, [0.0])
