@@ -19,12 +19,20 @@ import math
 import numbers
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
 # Why a mask must be finite and >= 0 (check_finite's `why`): a negative weight subtracts its
 # token from a sum or mean, a NaN one poisons every one.
 MASK_WHY = "a token weight: 1 counts, 0 does not"
+
+
+def safe_div(num, den):
+  """num / den, 0 where nothing counted (den = 0): the weighted mean of a mask's weights. Masks
+  may be fractional weights, and dividing by max(den, 1) shrank every mean whose weights sum
+  below 1 towards 0 (a ratio towards 1)."""
+  return num / jnp.where(den > 0, den, 1.0)
 
 
 def is_concrete(x) -> bool:

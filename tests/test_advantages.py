@@ -181,3 +181,12 @@ def test_tis_weights_checks_rank_and_real_dtype():
     advantages.tis_weights(logp[..., None], logp[..., None], 2.0)
   with pytest.raises(TypeError, match="old_logp_BT has dtype complex64, expected real numbers"):
     advantages.tis_weights(logp.astype(jnp.complex64), logp, 2.0)
+
+
+def test_sequence_tis_weight_is_a_true_weighted_mean_for_small_fractional_masks():
+  """log π_old - log µ = ln 2 on both tokens: the weight is 2 at any mask weights. Dividing by
+  max(Σ mask, 1) gave 2^0.5 for weights 0.25."""
+  old, mu = jnp.full((2, 2), math.log(2.0)), jnp.zeros((2, 2))
+  mask = jnp.array([[0.25, 0.25], [1.0, 0.0]])
+  np.testing.assert_allclose(advantages.sequence_tis_weights(old, mu, mask, cap=10.0),
+                             [2.0, 2.0], rtol=1e-6)

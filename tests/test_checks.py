@@ -157,3 +157,8 @@ def test_check_distribution_wants_rows_that_sum_to_one_and_passes_over_tracers()
   with pytest.raises(ValueError, match=r"p\[0, 0\] = -1.0 is not a finite number >= 0 \(what\)"):
     checks.check_distribution("p", np.array([[-1.0, 2.0]]), "what")
   jax.jit(lambda p: checks.check_distribution("p", p, "what") or p)(jnp.full((1, 2), 3.0))
+
+
+def test_safe_div_is_a_true_weighted_mean_and_zero_when_nothing_counts():
+  np.testing.assert_allclose(checks.safe_div(jnp.array([0.5, 3.0, 0.0]),
+                                             jnp.array([0.25, 2.0, 0.0])), [2.0, 1.5, 0.0])

@@ -525,3 +525,18 @@ def test_gspo_checks_the_tis_weight_of_a_partly_masked_sequence():
   z, mask = jnp.zeros((2, 3)), jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
   with pytest.raises(ValueError, match=r"is_weight_B\[0\] = nan is not a finite number >= 0"):
     losses.gspo_loss(z, z, jnp.ones(2), mask, is_weight_B=jnp.array([float("nan"), 1.0]))
+
+
+@pytest.mark.parametrize("loss", ["dapo", "gspo"])
+def test_fractional_masks_summing_below_one_give_true_weighted_means(loss):
+  """Both tokens have log-ratio ln 2, so every mean of the ratio is 2 whatever the weights.
+  Dividing by max(Σ mask, 1) pulled it towards 1 when the weights sum below 1: GSPO's sequence
+  ratio was 2^0.5 (and so its loss), the ratio statistics 1.5 (DAPO) and 1.41 (GSPO)."""
+  logp, old = jnp.full((1, 2), math.log(2.0)), jnp.zeros((1, 2))
+  fn = losses.dapo_loss if loss == "dapo" else losses.gspo_loss
+  for w in (0.25, 1.0):
+    value, aux = fn(logp, old, jnp.ones(1), jnp.full((1, 2), w), clip_low=0.5, clip_high=5.0)
+    assert float(aux["ratio_mean"]) == pytest.approx(2.0, rel=1e-6), w
+    assert float(aux["ratio_var"]) == pytest.approx(0.0, abs=1e-6)
+    if loss == "gspo":  # -A·s over one sequence: the sequence ratio itself
+      assert float(value) == pytest.approx(-2.0, rel=1e-6), w

@@ -146,6 +146,6 @@ def sequence_tis_weights(old_logp_BT: jax.Array, behaviour_logp_BT: jax.Array,
   check_BT_inputs(old_logp_BT, behaviour_logp_BT, mask_BT, ("old_logp_BT", "behaviour_logp_BT"))
   mask_BT = _f32(mask_BT)
   delta_BT = jnp.where(mask_BT > 0, _f32(old_logp_BT) - _f32(behaviour_logp_BT), 0.0)
-  log_w_B = jnp.sum(delta_BT * mask_BT, axis=1) / jnp.maximum(jnp.sum(mask_BT, axis=1), 1.0)
+  log_w_B = checks.safe_div(jnp.sum(delta_BT * mask_BT, axis=1), jnp.sum(mask_BT, axis=1))
   log_w_B = jnp.clip(log_w_B, -MAX_LOG_RATIO, MAX_LOG_RATIO)
   return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w_B), cap))

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.checks import (check_bound, check_count, check_finite, check_ids, check_rank,
-                            check_real_dtype, check_shape, is_concrete)
+                            check_real_dtype, check_shape, is_concrete, safe_div)
 from pr2_jax.rl.advantages import MASK_WHY, MAX_LOG_RATIO, check_BT_inputs
 from pr2_jax.rl.config import LOSS_DEFAULTS
 
@@ -108,15 +108,15 @@ def loss_stats_from_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
   Returns `ratio_mean`, `ratio_var` (population variance), `clip_frac_low`
   (share where A<0 and r<1−ε_low) and `clip_frac_high` (A>0 and r>1+ε_high).
-  All are 0 when the count is 0.
+  Means weighted by the mask's values (which may be fractional); all are 0 when the count is 0.
   """
-  n = jnp.maximum(sums["count"], 1.0)
-  dev_mean = sums["ratio_dev"] / n
+  n = sums["count"]
+  dev_mean = safe_div(sums["ratio_dev"], n)
   return {
-      "ratio_mean": jnp.where(sums["count"] > 0, 1.0 + dev_mean, 0.0),
-      "ratio_var": jnp.maximum(sums["ratio_dev_sq"] / n - jnp.square(dev_mean), 0.0),
-      "clip_frac_low": sums["clip_low"] / n,
-      "clip_frac_high": sums["clip_high"] / n,
+      "ratio_mean": jnp.where(n > 0, 1.0 + dev_mean, 0.0),
+      "ratio_var": jnp.maximum(safe_div(sums["ratio_dev_sq"], n) - jnp.square(dev_mean), 0.0),
+      "clip_frac_low": safe_div(sums["clip_low"], n),
+      "clip_frac_high": safe_div(sums["clip_high"], n),
   }
 
 
@@ -238,7 +238,7 @@ def gspo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_B: jax.Array,
   valid_B = _f32(len_B > 0)
   log_ratio_BT = jnp.where(mask_BT > 0,
                            _f32(logp_BT) - jax.lax.stop_gradient(_f32(old_logp_BT)), 0.0)
-  log_s_B = jnp.sum(log_ratio_BT * mask_BT, axis=1) / jnp.maximum(len_B, 1.0)
+  log_s_B = safe_div(jnp.sum(log_ratio_BT * mask_BT, axis=1), len_B)  # mask-weighted mean
   s_B = jnp.exp(jnp.clip(log_s_B, -MAX_LOG_RATIO, MAX_LOG_RATIO))
   adv_B = _f32(adv_B)
   loss_B = _clipped_objective(s_B, adv_B, clip_low, clip_high)

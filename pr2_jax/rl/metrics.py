@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr2_jax.checks import (MASK_WHY, as_array, check_distribution, check_finite, check_ids,
-                            check_int_dtype, check_rank, check_real_dtype, check_shape)
+                            check_int_dtype, check_rank, check_real_dtype, check_shape, safe_div)
 
 LN2 = math.log(2.0)
 NUM_DEV_BINS = 4  # deviation histogram bins: 0, 1, 2, ≥3 experts changed
@@ -33,12 +33,6 @@ NUM_DEV_BINS = 4  # deviation histogram bins: 0, 1, 2, ≥3 experts changed
 
 def _f32(x: jax.Array) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
-
-
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-  """num / den, 0 where nothing counted. A true weighted mean: masks may be fractional
-  weights, and dividing by max(den, 1) would shrink every mean whose weights sum below 1."""
-  return num / jnp.where(den > 0, den, 1.0)
 
 
 # ----------------------------------------------------------------------------
@@ -75,12 +69,12 @@ def mismatch_from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   micro-steps add key by key (`jax.tree.map(jnp.add, a, b)`), so the result is the exact token
   mean over all of them, not a mean of per-micro-step means."""
   n = sums["count"]
-  dev_mean = _safe_div(sums["ratio_dev"], n)
+  dev_mean = safe_div(sums["ratio_dev"], n)
   return {
-      "k3_kl": _safe_div(sums["k3"], n),
-      "extreme_frac": _safe_div(sums["extreme"], n),
+      "k3_kl": safe_div(sums["k3"], n),
+      "extreme_frac": safe_div(sums["extreme"], n),
       "ratio_mean": jnp.where(n > 0, 1.0 + dev_mean, 0.0),
-      "ratio_var": jnp.maximum(_safe_div(sums["ratio_dev_sq"], n) - jnp.square(dev_mean), 0.0),
+      "ratio_var": jnp.maximum(safe_div(sums["ratio_dev_sq"], n) - jnp.square(dev_mean), 0.0),
   }
 
 
@@ -163,17 +157,17 @@ def routing_from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   `routing_sums`, which add key by key over micro-steps like `mismatch_sums`."""
   n_L = sums["count"]
   n = jnp.sum(n_L)
-  hist_L4 = _safe_div(sums["dev_hist"], n_L[:, None])
-  hist_4 = _safe_div(jnp.sum(sums["dev_hist"], axis=0), n)
+  hist_L4 = safe_div(sums["dev_hist"], n_L[:, None])
+  hist_4 = safe_div(jnp.sum(sums["dev_hist"], axis=0), n)
   return {
-      "topk_agreement": _safe_div(jnp.sum(sums["agreement"]), n),
+      "topk_agreement": safe_div(jnp.sum(sums["agreement"]), n),
       "zero_dev_ratio": hist_4[0],
       "dev_hist": hist_4,
-      "coverage_gap": _safe_div(jnp.sum(sums["coverage_gap"]), n),
-      "topk_agreement_per_layer": _safe_div(sums["agreement"], n_L),
+      "coverage_gap": safe_div(jnp.sum(sums["coverage_gap"]), n),
+      "topk_agreement_per_layer": safe_div(sums["agreement"], n_L),
       "zero_dev_ratio_per_layer": hist_L4[:, 0],
       "dev_hist_per_layer": hist_L4,
-      "coverage_gap_per_layer": _safe_div(sums["coverage_gap"], n_L),
+      "coverage_gap_per_layer": safe_div(sums["coverage_gap"], n_L),
   }
 
 
