@@ -43,3 +43,19 @@ def test_conserves_and_never_raises_the_peak():
     np.testing.assert_allclose(np.bincount(expert, got, minlength=e), n, rtol=1e-4)
     peak = lambda x: np.bincount(slot // s, x, minlength=d).max()  # noqa: E731
     assert peak(got) <= peak(x0) + 1e-3
+
+
+def test_a_round_from_an_uneven_split_fills_against_the_other_replicas_only():
+  """D=2, S=2: d0 [e0 3, e1 3], d1 [e0 1, e2 1] (n = [4, 3, 1]); e0 starts uneven, 3 / 1.
+
+  The rest of each e0 replica's device is 3 (d0) and 1 (d1), its level (4 + 3 + 1) / 2 = 4,
+  so the targets are 1 / 3; half a step gives 2 / 2 (devices 5 / 3, peak 6 -> 5: kept), a
+  full step 1 / 3 (4 / 4). Counting a replica's own load as the rest of its device (level 6,
+  targets 0 / 4) is the same from an even split, so the hand-worked round above cannot see it."""
+  n = jnp.array([4., 3., 4., 1.])
+  expert, slot = jnp.array([0, 1, 0, 2]), jnp.array([0, 1, 2, 3])
+  x0 = jnp.array([3., 3., 1., 1.])
+  np.testing.assert_allclose(split.water_fill(n, expert, slot, x0, 2, 2, iters=1),
+                             [2, 3, 2, 1], atol=1e-6)
+  np.testing.assert_allclose(split.water_fill(n, expert, slot, x0, 2, 2, iters=1, step=1.0),
+                             [1, 3, 3, 1], atol=1e-6)
