@@ -117,6 +117,9 @@ def test_replication_lowers_peak_load():
 
 @pytest.mark.parametrize("args,match", [
     (dict(num_replicas=10), "multiple of num_gpus"),
+    # >= E but not a multiple of U: GPU u holds [u * X//U, (u + 1) * X//U), the rest nowhere.
+    (dict(num_replicas=20), "num_replicas=20 must be >= num_experts=12 and a multiple of "
+                            "num_gpus=8"),
     (dict(num_replicas=8), ">= num_experts"),
     (dict(num_replicas=24, num_gpus=6, num_nodes=4), "multiple of num_nodes"),
     (dict(num_groups=5, num_nodes=1), "multiple of num_groups"),
