@@ -184,6 +184,20 @@ def test_causal_mask_index_order_changes_only_padding_queries_of_our_layout():
   assert (mask[~valid] != np.asarray(by_position)[~valid]).any()  # left padding's rows did change
 
 
+
+def test_cache_mask_hand_worked_with_padding_keys():
+  """Decode step writing 2 tokens at cache index 2 (S = 5): query t sits in slot 2 + t and sees
+  the slots up to its own that hold real tokens, and always itself (a padding query must not
+  softmax over nothing). Row 0's slot 1 is padding; row 1's slot 3 (the 2nd new token) too."""
+  valid = jnp.array([[1, 0, 1, 1, 0], [1, 1, 1, 0, 0]], bool)
+  mask = np.asarray(layers.cache_mask(jnp.int32(2), 2, valid))
+  np.testing.assert_array_equal(mask[0], [[1, 0, 1, 0, 0], [1, 0, 1, 1, 0]])
+  np.testing.assert_array_equal(mask[1], [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+  # One token at index 0 of an empty cache: only itself.
+  np.testing.assert_array_equal(layers.cache_mask(jnp.int32(0), 1, jnp.zeros((1, 3), bool)),
+                                [[[1, 0, 0]]])
+
+
 @pytest.mark.parametrize("length, max_blocks, want", [
     (256, 4, [(0, 64), (64, 128), (128, 192), (192, 256)]),
     (200, 4, [(0, 67), (67, 133), (133, 200)]),  # 200 // 64 = 3 blocks, near-equal
@@ -323,6 +337,36 @@ def test_attention_is_causal_and_ignores_padding_keys():
   np.testing.assert_allclose(_attn(mod, params, x_pad, pos, mask)[:, 2:], out[:, 2:],
                              rtol=1e-5, atol=1e-6)
   assert float(jnp.max(jnp.abs(_attn(mod, params, x_future, pos, mask)[:, 4:] - out[:, 4:]))) > 1e-3
+
+
+
+def test_attention_prefill_then_decode_with_a_kv_cache_matches_no_cache():
+  """A prompt of 4 written at cache index 0, then 2 tokens decoded one at a time (index 4, 5),
+  give the outputs of one causal pass over the 6 tokens (left padding included), and the
+  returned cache holds the keys and values in slots [0, 6) and zeros after them. A write at the
+  wrong slot, or a mask that lets a query see padding or later slots, changes them."""
+  b, t, s = 2, 6, 8
+  x = jax.random.normal(jax.random.PRNGKey(7), (b, t, 32))
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  valid = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1]], bool)
+  mod = layers.Attention(CFG)
+  full_mask = layers.causal_mask(pos, valid)
+  params = nn.unbox(mod.init(jax.random.PRNGKey(0), x, pos, full_mask))
+  want = np.asarray(_attn(mod, params, x, pos, full_mask))
+  g, z = CFG.num_kv_heads, CFG.head_dim
+  cache_k, cache_v = jnp.zeros((b, g, z, s)), jnp.zeros((b, g, s, z))
+  key_valid = jnp.zeros((b, s), bool)
+  outs = []
+  for start, end in ((0, 4), (4, 5), (5, 6)):
+    key_valid = key_valid.at[:, start:end].set(valid[:, start:end])
+    mask = layers.cache_mask(jnp.int32(start), end - start, key_valid)
+    out, (cache_k, cache_v) = mod.apply(params, x[:, start:end], pos[:, start:end], mask,
+                                        kv=(cache_k, cache_v, jnp.int32(start)))
+    outs.append(np.asarray(out))
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), want, rtol=1e-5, atol=1e-6)
+  assert np.all(np.abs(np.asarray(cache_k)[..., :t]).sum(2) > 0)  # every written slot
+  np.testing.assert_array_equal(np.asarray(cache_k)[..., t:], 0)
+  np.testing.assert_array_equal(np.asarray(cache_v)[:, :, t:], 0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
