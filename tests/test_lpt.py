@@ -108,6 +108,20 @@ def test_repair_swaps_a_twin_away():
       lpt.repair_duplicates(expert_X, slot_X, jnp.ones(4), 2, 2, 2, 0), slot_X)
 
 
+
+def test_repair_partner_is_the_nearest_weight_whose_expert_the_twins_device_lacks():
+  """D=2, S=3: d0 [e0, e0, e1], d1 [e1, e2, e3], replica weights [1, 1, 1, 1, .1, 1.5].
+
+  The twin (replica 0, e0 on d0) may only swap with a replica on a device without e0 (d1)
+  whose expert d0 lacks: e1 (weight 1, the nearest) would make d0 hold e1 twice, so of e2
+  (|.1 - 1| = .9) and e3 (|1.5 - 1| = .5) the nearer e3 wins, not the lighter e2:
+  d0 [e3, e0, e1], d1 [e1, e2, e0], no twin left."""
+  expert_X = jnp.array([0, 0, 1, 1, 2, 3], jnp.int32)
+  weight_X = jnp.array([1., 1., 1., 1., .1, 1.5])
+  got = lpt.repair_duplicates(expert_X, jnp.arange(6, dtype=jnp.int32), weight_X, 2, 3, 4, 4)
+  np.testing.assert_array_equal(got, [5, 1, 2, 3, 4, 0])
+
+
 @pytest.mark.parametrize("e,d,s", [(16, 4, 5), (32, 8, 8), (8, 2, 6)])
 def test_every_slot_once_and_no_twins_after_repair(e, d, s):
   """Each slot gets one replica, and with at most D replicas per expert the repair leaves
