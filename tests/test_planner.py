@@ -98,6 +98,42 @@ def test_home_rule_hand_worked():
   np.testing.assert_array_equal(plain.slot_expert, [[0, 1, 2], [0, 3, 1]])
 
 
+
+def test_lpt_home_rule_tolerance_is_stickiness_times_the_mean_device_load():
+  """method="lpt", E=4, D=2, S=3, loads [5, 1, 1, 1] (mean device load 4), as in place_lpt's
+  hand-worked home rule: after e0 -> d0, e0 -> d1, e2 -> d1 (home), e3's home d1 (3.5) is 1.0
+  above d0 (2.5).
+
+  stickiness 0.2 (tol 0.8 < 1): e3 -> d0, then e1 -> d0 (home), e1 -> d1: d0 [e0, e1, e3],
+  d1 [e2, e0, e1] in kept-slot order. stickiness 0.3 (tol 1.2 >= 1): e3 stays home on d1,
+  which is then full, so both e1 go to d0; the repair swaps the twin with the nearest-weight
+  e2 (tied with e3, lower replica first): d0 [e0, e1, e2], d1 [e0, e3, e1]. Both 4 / 4."""
+  loads = jnp.array([[5., 1., 1., 1.]])
+  for stickiness, want in ((0.2, [[0, 1, 3], [2, 0, 1]]), (0.3, [[0, 1, 2], [0, 3, 1]])):
+    plan = pl.plan_placement(loads, 2, 3, stickiness=stickiness, method="lpt").layer(0)
+    np.testing.assert_array_equal(plan.slot_expert, want, err_msg=f"stickiness {stickiness}")
+    np.testing.assert_allclose(plan.device_load, [4, 4])
+
+
+def test_as_many_slots_per_device_as_experts_caps_replicas_at_the_devices():
+  """E=4, D=2, S=4: a device gains nothing from two replicas of one expert, so even with one
+  expert holding 100 of 103 tokens every expert gets exactly D = 2 replicas (one per device),
+  not 5 of the heavy one; the heavy one's split then balances both devices at 51.5."""
+  plan = pl.plan_placement(jnp.array([[100., 1., 1., 1.]]), 2, 4).layer(0)
+  np.testing.assert_array_equal(plan.replica_count, [2, 2, 2, 2])
+  np.testing.assert_array_equal(np.sort(np.asarray(plan.slot_expert), axis=1),
+                                [[0, 1, 2, 3], [0, 1, 2, 3]])
+  np.testing.assert_allclose(plan.device_load, [51.5, 51.5], rtol=1e-6)
+
+
+def test_fallback_layout_hand_worked_keeps_spare_copies_distinct():
+  """E=6, D=3 (2 natives each), S=5: spare slot j of device d copies native j // 2 of device
+  d + 1 + j % 2: d0 takes e2 (d1's 1st), e4 (d2's 1st), e3 (d1's 2nd); no device holds an
+  expert twice (native j % 2 would copy e2 again into d0's third spare)."""
+  np.testing.assert_array_equal(pl._fallback_layout(6, 3, 5),
+                                [[0, 1, 2, 4, 3], [2, 3, 4, 0, 5], [4, 5, 0, 2, 1]])
+
+
 def _check_plan(plan, loads, d, s, prefer_distinct=True):
   loads = np.asarray(loads, np.float64)
   num_layers, e = loads.shape
@@ -223,6 +259,31 @@ def test_min_gain_threshold_is_the_peak_ratio(method):
     got = pl.plan_placement(loads, 2, 3, previous=previous, min_gain=100.0, stickiness=0.0,
                             method=method)
     np.testing.assert_array_equal(got.slot_expert, new.slot_expert)
+
+
+
+def test_min_gain_keeps_a_previous_layout_water_filled_across_its_devices():
+  """E=4, D=2, S=3, loads [4, 8, 4, 2], previous d0 [e0, e1, e2], d1 [e3, e2, e0] (e0 and e2
+  on both devices), min_gain 100: the layout is kept and re-split. From 2 / 2 each (devices
+  12 / 6) water-filling moves e0 and e2 towards d1 (level (4 + 10 + 4) / 2 = 9: targets 0 / 4),
+  half a step a round: 1 / 3 (10 / 8), then .5 / 3.5 (9 / 9), where it stays."""
+  prev = np.array([[[0, 1, 2], [3, 2, 0]]])
+  plan = pl.plan_placement(jnp.array([[4., 8., 4., 2.]]), 2, 3, previous=prev, min_gain=100.0)
+  np.testing.assert_array_equal(plan.slot_expert, prev)
+  np.testing.assert_allclose(plan.slot_load, [[[.5, 8, .5], [2, 3.5, 3.5]]], atol=1e-5)
+  np.testing.assert_allclose(plan.device_load, [[9, 9]], atol=1e-5)
+
+
+def test_min_gain_never_keeps_a_full_previous_layout_that_lacks_an_expert():
+  """A previous layout with every slot filled but expert 3 nowhere ([[0, 1, 0], [2, 0, 1]])
+  cannot be kept, however large min_gain: its experts' tokens would have no replica. The
+  plan is the one without hysteresis, with every expert placed."""
+  loads, prev = jnp.array([[3., 55., 66., 22.]]), np.array([[[0, 1, 0], [2, 0, 1]]])
+  want = pl.plan_placement(loads, 2, 3, previous=prev, stickiness=0.0)
+  got = pl.plan_placement(loads, 2, 3, previous=prev, min_gain=100.0, stickiness=0.0)
+  np.testing.assert_array_equal(got.slot_expert, want.slot_expert)
+  assert np.asarray(got.replica_count).min() >= 1
+  np.testing.assert_allclose(np.asarray(got.device_load), [[73, 73]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", pl.METHODS)
