@@ -176,7 +176,13 @@ class MetricsWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl."""
 
   def __init__(self, workdir: str):
-    # A file, a path under a file or an unwritable place is one error line, not a traceback.
+    # A file, a path under a file or an unwritable place is one error line, not a traceback;
+    # so is a path Orbax cannot checkpoint under, before the directory is made.
+    from pr2_jax.train.checkpoint import check_directory  # imports JAX: after setup_devices
+    try:
+      check_directory(workdir)
+    except ValueError as e:
+      cli.exit_with_error(f"--workdir: {e}")
     try:
       os.makedirs(outputs.output_dir("workdir", workdir), exist_ok=True)
     except OSError as e:  # what the check cannot foresee (root in /proc, a full disk)

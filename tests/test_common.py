@@ -180,6 +180,12 @@ def test_metrics_writer_names_a_workdir_it_cannot_create(tmp_path, capsys):
   assert e.value.code == 2
   assert capsys.readouterr().err == (f"error: --workdir={tmp_path}/file/run cannot be created: "
                                      f"{tmp_path}/file is a file\n")
+  # Orbax globs '[...]' in a checkpoint path (its steps did not read back): refused before the
+  # workdir is made, so the refusal leaves nothing behind.
+  with pytest.raises(SystemExit) as e:
+    common.MetricsWriter(str(tmp_path / "exp[1]"))
+  assert e.value.code == 2 and "error: --workdir: checkpoint directory" in capsys.readouterr().err
+  assert not (tmp_path / "exp[1]").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
