@@ -145,3 +145,15 @@ def test_ranks_split_at_their_midpoints():
   plan = _layer([[0, 1], [0, 1]], [[0.1, 0.3], [0.9, 0.7]], 2)
   ids = jnp.array([[0], [0], [0], [1]], jnp.int32)
   np.testing.assert_array_equal(dispatch.assign_replicas(ids, None, plan)[:, 0], [2, 2, 2, 3])
+
+
+def test_expert_without_any_share_splits_evenly_among_its_replicas():
+  """Expert 0 in slots 0 and 3, both with share 0 (the plan expected no load for it), 4 tokens:
+  its cumulative intervals fall back to rank / count = 1/2, 1, so ranks at 1/8, 3/8, 5/8, 7/8
+  split [0, 0, 3, 3]. Dividing by count - 1 instead put the first edge at 1: every token on
+  slot 0. Expert 1 (one replica, share 0 too) keeps all of its tokens in slot 1."""
+  plan = _layer([[0, 1], [2, 0]], [[0.0, 0.0], [1.0, 0.0]], 3)
+  ids = jnp.array([[0, 1], [0, 2], [0, 1], [0, 2]], jnp.int32)
+  got = np.asarray(dispatch.assign_replicas(ids, None, plan))
+  np.testing.assert_array_equal(got[:, 0], [0, 0, 3, 3])
+  np.testing.assert_array_equal(got[:, 1], [1, 2, 1, 2])
