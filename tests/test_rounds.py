@@ -202,3 +202,30 @@ def test_home_rule_tolerance_is_stickiness_times_the_mean_device_load():
                            split_iters=0).layer(0)
   np.testing.assert_array_equal(plan.slot_expert, [[0, 1, 2], [1, 3, 0]])
   np.testing.assert_allclose(plan.device_load, [7.5, 11.5])
+
+
+def test_homes_hand_worked():
+  """E=4 on D=4 (expert e native on device e), S=2, previous layout d0 [0, 1], d1 [1, 2],
+  d2 [1, 2], d3 [0, 3]. Homes = [native, lowest other holder, highest other holder], D=4 for
+  none: e0 [0, 3, 4] (one other holder: high is not low again), e1 [1, 0, 2] (its native d1
+  is not an "other"), e2 [2, 1, 4], e3 [3, 4, 4]. Counting the native device as another
+  holder gave e0 [0, 0, 3] and e1 [1, 0, 2] by luck; repeating low as high gave e0 [0, 3, 3]."""
+  prev = jnp.array([[0, 1], [1, 2], [1, 2], [0, 3]], jnp.int32)
+  homes = rd._homes(jnp.array([0, 1, 2, 3, 1], jnp.int32), prev, 4, 4)
+  np.testing.assert_array_equal(homes, [[0, 3, 4], [1, 0, 2], [2, 1, 4], [3, 4, 4], [1, 0, 2]])
+
+
+def test_home_rule_claims_at_exactly_the_tolerance():
+  """tol = 0: a replica may still claim a home as light as the lightest device (the bound is
+  inclusive). E=4, D=2, S=2, loads [1, 1, 4, 2], one replica each, previous = native (e0, e1
+  on d0; e2, e3 on d1). Replicas by weight: e2 4, e3 2, e0 1, e1 1.
+    round 0 [e2, e3], loads [0, 0]: both claim d1, e2 (heavier) wins; e3 takes d0 -> [2, 4]
+    round 1 [e0, e1], lightest 2: both claim d0 (2 <= 2 + 0), e0 wins; e1 takes d1
+  Slots: e2 -> d1 slot 0 (2), e3 -> 0, e0 -> d0 slot 1 (1), e1 -> 3. A strict bound made no
+  claim at all and gave the plain rounds' [0, 2, 3, 1] (e2 on d0, e0 on d1: two moves more)."""
+  load, count = jnp.array([1., 1., 4., 2.]), jnp.array([1, 1, 1, 1])
+  native = jnp.asarray(ld.native_layout(4, 2, 2))
+  expert_X, slot_X = rd.place_in_rounds(load, count, 2, 2, native, 0.0)
+  np.testing.assert_array_equal(expert_X, [2, 3, 0, 1])
+  np.testing.assert_array_equal(slot_X, [2, 0, 1, 3])
+  np.testing.assert_array_equal(rd.place_in_rounds(load, count, 2, 2)[1], [0, 2, 3, 1])
