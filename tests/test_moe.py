@@ -272,3 +272,25 @@ def test_planned_replica_split_leaves_padding_out():
   np.testing.assert_array_equal(np.asarray(y)[~valid], 0.0)
   np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(y_ref)[valid], rtol=1e-5,
                              atol=1e-5 * float(np.abs(y_ref).max()))
+
+
+def test_aux_loss_leaves_padding_out():
+  """With valid_BT, the Switch loss E * sum_e f_e P_e is over the real tokens only (numpy:
+  f_e = real assignments to e / (real tokens * K), P_e = mean real softmax): padding is no
+  routed work. Here 5 of the 16 tokens are padding, so the loss over all tokens differs."""
+  x, params = _init(seed=4)
+  valid = np.ones((B, T), bool)
+  valid[0, :3] = False
+  valid[1, 6:] = False
+  _, aux = MoEBlock(CFG).apply({"params": params}, x, valid_BT=jnp.asarray(valid))
+  _, ids, logits = np_moe(x, params, CFG)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+
+  def switch(keep):
+    f = np.bincount(ids[keep].ravel(), minlength=8) / (keep.sum() * CFG.top_k)
+    return 8 * np.sum(f * probs[keep].mean(0))
+
+  want, unmasked = switch(valid), switch(np.ones_like(valid))
+  assert abs(want - unmasked) > 1e-3  # the test can tell the two apart
+  np.testing.assert_allclose(float(aux.aux_loss), want, rtol=1e-5)
