@@ -229,3 +229,15 @@ def test_home_rule_claims_at_exactly_the_tolerance():
   np.testing.assert_array_equal(expert_X, [2, 3, 0, 1])
   np.testing.assert_array_equal(slot_X, [2, 0, 1, 3])
   np.testing.assert_array_equal(rd.place_in_rounds(load, count, 2, 2)[1], [0, 2, 3, 1])
+
+
+def test_sticky_round_left_overs_avoid_the_first_left_overs_holders():
+  """One sticky round, D=3, loads [1, 2, 1.5], tol 1; devices hold d0 [7], d1 [3], d2 [4].
+  Replicas e5, e7, e8 (heaviest first); only e5 has a home, d2 (1.5 <= 1 + 1), and wins it.
+  The left-overs e7, e8 go to the free devices lightest first, except that d0 holds e7, the
+  first left-over, and ranks last: d1 <- e7, d0 <- e8, i.e. take = [2, 1, 0]. Ranking by the
+  round's first replica (e5, already placed by its claim) put e7 on d0 beside its twin."""
+  take = rd._sticky_round(jnp.array([1.0, 2.0, 1.5]), jnp.array([5, 7, 8], jnp.int32),
+                          jnp.array([[2, 3, 3], [3, 3, 3], [3, 3, 3]], jnp.int32),
+                          jnp.array([[7, -1], [3, -1], [4, -1]], jnp.int32), 1.0)
+  np.testing.assert_array_equal(take, [2, 1, 0])
