@@ -180,3 +180,21 @@ def test_eager_calls_with_the_same_shapes_compile_once(capacity):
     y = jax.block_until_ready(call(x2, gates2))
   assert built == []
   np.testing.assert_allclose(y, ex.dense_experts(x2, ids, gates2, w), rtol=1e-4, atol=1e-5)
+
+
+def test_a_group_of_every_token_overflows_capacity_n_minus_1():
+  """Slot 3 takes all 6 tokens (k=0), so capacity N - 1 = 5 does not fit it: the block branch
+  must run and y equal a numpy sum of g * down(silu(x gate) * (x up)). Only capacity >= N
+  always fits; running the one-einsum branch at N - 1 put slot 3's sixth token at place 5,
+  i.e. slot 4's place 0, mixing it into slot 4's output."""
+  x, _, gates, w = _random_problem(n=6, seed=9)
+  ids = jnp.array([[3, 4], [3, 0], [3, 4], [3, 7], [3, 1], [3, 4]], jnp.int32)
+  y = gp.grouped_experts(x, ids, gates, w, capacity=5)
+  xs, gs = np.asarray(x, np.float64), np.asarray(gates, np.float64)
+  wg, wu, wd = (np.asarray(a, np.float64) for a in w)
+  want = np.zeros_like(xs)
+  for t, row in enumerate(np.asarray(ids)):
+    for j, s in enumerate(row):
+      g = xs[t] @ wg[s]
+      want[t] += gs[t, j] * ((g / (1 + np.exp(-g)) * (xs[t] @ wu[s])) @ wd[s])
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
