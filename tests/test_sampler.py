@@ -390,3 +390,106 @@ def test_a_temperature_whose_inverse_overflows_is_refused():
     sampler.SamplerConfig(max_new_tokens=2, temperature=1e-40)
   for ok in (0.0, 1e-6, 0.7):
     assert sampler.SamplerConfig(max_new_tokens=2, temperature=ok).temperature == ok
+
+
+def _nucleus_np(probs_V, top_p):
+  """The smallest most-probable set whose mass reaches top_p (HF's TopPLogitsWarper rule)."""
+  order = np.argsort(-probs_V, kind="stable")
+  mass_before = np.cumsum(probs_V[order]) - probs_V[order]
+  return set(order[mass_before < top_p].tolist())
+
+
+def test_generate_draws_each_step_from_its_own_key_tempered_and_nucleus_filtered():
+  """Every decode step t draws with key split(rng, N)[t] from softmax(logits / T) cut to its
+  top-p nucleus, and records µ = log softmax(logits / T) (unfiltered) at the token: rebuilt in
+  numpy from a full float32 forward of the rollout. Catches generate dropping top_p, reusing
+  one key for every step, or recording µ untempered (every other generate test runs T in
+  {0, 1} with top_p = 1)."""
+  temperature, top_p, seed = 0.7, 0.5, 4
+  roll = _generate("float32", temperature=temperature, top_p=top_p, eos_id=-1, seed=seed)
+  params, _, _ = _setup()
+  out = MoETransformer(CFG).apply({"params": params}, roll.tokens, positions=roll.positions,
+                                  valid=roll.valid)
+  logits = np.asarray(out.logits, np.float64)[:, P - 1:P - 1 + N] / temperature  # [B, N, V]
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  toks = np.asarray(roll.tokens)[:, P:]
+  np.testing.assert_allclose(np.asarray(roll.logp)[:, P:],
+                             np.take_along_axis(logp, toks[..., None], -1)[..., 0], atol=1e-4)
+  keys = jax.random.split(jax.random.key(seed), N)
+  cut = 0
+  for t in range(N):
+    noise = np.asarray(jax.random.gumbel(keys[t], (B, CFG.vocab_size), jnp.float32))
+    for b in range(B):
+      keep = _nucleus_np(np.exp(logp[b, t]), top_p)
+      cut += CFG.vocab_size - len(keep)
+      assert toks[b, t] in keep, (b, t)
+      filtered = np.where(np.isin(np.arange(CFG.vocab_size), list(keep)), logp[b, t], -np.inf)
+      assert toks[b, t] == int(np.argmax(noise[b] + filtered)), (b, t)
+  assert cut > 0  # the nucleus did cut tokens
+
+
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_top_p():
+  """Probabilities [1/2, 1/4, 1/8, 1/8] are exact in float32: top_p = 1/2 is reached by the
+  first token alone (HF's rule: a token is kept iff the mass before it is < top_p), 3/4 by the
+  first two, and just above 3/4 needs the third, which keeps the fourth too (a tie with the
+  cutoff logit is kept)."""
+  logits = jnp.tile(jnp.array([2.0, 1.0, 0.0, 0.0]) * np.log(2.0), (512, 1))
+  for top_p, want in [(0.5, {0}), (0.75, {0, 1}), (0.76, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})]:
+    drawn = set()
+    for seed in range(2):
+      toks, logp = sampler.sample_token(jax.random.key(seed), logits, 1.0, top_p)
+      drawn |= set(np.asarray(toks).tolist())
+      np.testing.assert_allclose(np.exp(np.asarray(logp)),
+                                 np.array([0.5, 0.25, 0.125, 0.125])[np.asarray(toks)])
+    assert drawn == want, (top_p, drawn)
+
+
+def test_prompt_positions_count_real_tokens_and_give_padding_zero():
+  """0, 1, 2, ... over a left-padded row's real tokens; padding slots get 0, not -1 (a
+  negative RoPE position), and an all-padding row is all 0."""
+  valid = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]], bool)
+  np.testing.assert_array_equal(
+      np.asarray(sampler.prompt_positions(valid)),
+      [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+
+
+def test_positions_stop_advancing_after_eos():
+  """After a row's EOS at position q every padding slot repeats q + 1 (Rollout.positions:
+  padding repeats a neighbour's), so a finished row's positions never run past its length."""
+  free = np.asarray(_generate("float32", temperature=0.0, eos_id=-1).tokens)[:, P:]
+  eos = int(free[0, 1])  # row 0 stops at response step 1 or before
+  roll = _generate("float32", temperature=0.0, eos_id=eos)
+  pos, valid = np.asarray(roll.positions), np.asarray(roll.valid)
+  stopped = 0
+  for b in range(B):
+    hits = np.flatnonzero(np.asarray(roll.tokens)[b, P:] == eos)
+    if not hits.size or hits[0] >= N - 2:
+      continue
+    end = P + hits[0]  # the EOS slot
+    assert not valid[b, end + 1:].any()
+    np.testing.assert_array_equal(pos[b, end + 1:], pos[b, end] + 1)
+    stopped += 1
+  assert stopped >= 1
+  np.testing.assert_array_equal(pos[0, P:P + 2], [3, 4])  # row 0 has 3 real prompt tokens
+
+
+def test_eos_id_zero_is_a_stop_id():
+  """Id 0 is a real EOS (GPT-NeoX / Pythia use it): only -1 means none, in a tuple too."""
+  assert sampler.SamplerConfig(eos_id=0).stop_ids == (0,)
+  assert sampler.SamplerConfig(eos_id=(0, 7)).stop_ids == (0, 7)
+  assert sampler.SamplerConfig(eos_id=-1).stop_ids == ()
+
+
+def test_validate_generate_inputs_accepts_all_padding_rows():
+  """A row of padding only (filling a batch) is not right padding: it passes, next to a
+  left-padded one, while a right-padded row is still refused."""
+  _, prompts, _ = _setup()
+  config = sampler.SamplerConfig(max_new_tokens=N)
+  valid = np.ones((B, P), bool)
+  valid[1] = False
+  valid[2, :3] = False
+  sampler.validate_generate_inputs(CFG.vocab_size, prompts, valid, config)
+  valid[3, -1] = False
+  with pytest.raises(ValueError, match=r"prompt_valid_BP row 3 = .* is not left-padded"):
+    sampler.validate_generate_inputs(CFG.vocab_size, prompts, valid, config)
