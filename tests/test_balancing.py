@@ -426,3 +426,90 @@ def test_r2_summary_reports_the_update_layout_and_each_phase_capacity():
   assert (out["old_capacity_used"], out["capacity_used"]) == (2, 3)
   assert out["imbalance_none_mean"] == 2.0 and out["imbalance_foresight_mean"] < 2.0
   assert out["imbalance_used_mean"] == out["imbalance_foresight_mean"]
+
+
+def _phase_plan(layouts_MLDS, needed=2, capacity=None, planner_ms=7.0):
+  """A hand PhasePlan: imbalance per mode none 2, eplb_step 1.5, foresight 1.25 (one layer)."""
+  m = len(layouts_MLDS)
+  imb = {"none": np.full((m, 1), 2.0), "eplb_step": np.full((m, 1), 1.5),
+         "foresight": np.full((m, 1), 1.25)}
+  return balancing.PhasePlan(needed=needed, needed_static=needed + 1, capacity=capacity,
+                             imbalance_ML=imb, layouts_MLDS=np.asarray(layouts_MLDS, np.int32),
+                             planner_ms=planner_ms)
+
+
+def test_summary_churn_fetch_and_saved_layout_hand_values():
+  """E = 4 on D = 2 devices of 3 slots, foresight + r3, two micro-steps after a previous layout
+  [[0, 1, 2], [2, 3, 1]]. Micro-step 0 [[0, 1, 2], [2, 3, 0]]: 1 slot changed, device 1
+  fetches e0 (10 bytes); its replica fetch is one all_to_all of bound 1 (2 slabs). Micro-step 1
+  [[2, 3, 1], [0, 1, 0]]: 3 + 2 slots changed, devices fetch e3 and e1 (20 bytes); device 0
+  needs two experts of device 1, past the bound: the all-gather fallback (E = 4 slabs). So
+  slots_changed = mean(1, 5) = 3, bytes_moved = mean(10, 20) = 15, fetched_experts =
+  mean(2, 4) / E = 0.75, and the state keeps the last micro-step's layout for the next step."""
+  shape = balancing.BalanceShape(num_experts=4, num_devices=2, slots=3, token_shards=2,
+                                 bytes_per_expert=10.0)
+  bal = balancing.StepBalancer(shape, "foresight", "r3", "bucket", capacity_buckets=1,
+                               eplb_ema=0.0, tokens_per_shard=3, model_capacity=(3, 3))
+  layouts = [[[[0, 1, 2], [2, 3, 0]]], [[[2, 3, 1], [0, 1, 0]]]]
+  update = _phase_plan(layouts, needed=2, capacity=2)
+  state = balancing.StepState(layout_LDS=np.array([[[0, 1, 2], [2, 3, 1]]]))
+  out, new_state = bal.summary(update, update, 99.0, 0.0, state)
+  assert out["slots_changed"] == 3.0 and out["bytes_moved"] == 15.0
+  assert out["fetched_experts"] == 0.75
+  np.testing.assert_array_equal(new_state.layout_LDS, layouts[1])
+  assert out["imbalance_used_mean"] == 1.25 and out["imbalance_none_max"] == 2.0
+  assert (out["capacity_needed"], out["capacity_needed_static"], out["capacity_used"]) == (
+      2, 3, 2)
+  assert out["planner_ms"] == 7.0  # foresight: the host planner's own time per micro-step
+
+
+def test_summary_of_a_native_update_fetches_nothing_and_eplb_ms_is_per_micro_step():
+  """Foresight without replay runs the native layout: no replica fetch (fetched_experts 0, even
+  though `fetch_slabs` of [[0, 1], [2, 3]] on 2 devices is 2 slabs), imbalance_used is the
+  native one, and the model's capacity is used. eplb_step reports its EPLB time over the M
+  micro-steps it covers: 99 ms / 2."""
+  shape = balancing.BalanceShape(num_experts=4, num_devices=2, slots=3, token_shards=2,
+                                 bytes_per_expert=10.0)
+  bal = balancing.StepBalancer(shape, "foresight", "none", "forecast", capacity_buckets=1,
+                               eplb_ema=0.0, tokens_per_shard=3, model_capacity=(3, 2))
+  native = _phase_plan([[[[0, 1], [2, 3]]]] * 2)
+  out, _ = bal.summary(native, native, 99.0, 0.0, balancing.StepState())
+  assert out["fetched_experts"] == 0.0 and out["imbalance_used_mean"] == 2.0
+  assert out["capacity_used"] == 3 and out["slots_changed"] == 0.0
+  eplb = balancing.StepBalancer(shape, "eplb_step", "r3", "bucket", capacity_buckets=1,
+                                eplb_ema=0.0, tokens_per_shard=3, model_capacity=(3, 2))
+  step = _phase_plan([[[[0, 1, 2], [2, 3, 0]]]] * 2)
+  out, _ = eplb.summary(step, step, 99.0, 0.0, balancing.StepState())
+  assert out["planner_ms"] == 49.5 and out["imbalance_used_mean"] == 1.5
+  assert out["fetched_experts"] == 0.5  # bound-1 all_to_all: 2 of 4 slabs
+  assert out["capacity_used"] == 2  # the model's capacity on the 6-slot layout
+
+
+def test_create_sizes_the_balancer_from_the_configs_and_the_mesh():
+  """A (2 data, 2 expert) mesh: D = 2, P = 4 token shards, S = 4 / 2 + 1 redundant = 3. The
+  micro-batch is 16 / (2 * 2) = 4 sequences of 20 slots: 80 tokens, 20 per shard. Capacity
+  factor 1.5 at top-2: native E = 4 slots ceil(1.5 * 20 * 2 / 4) = 15, the 6-slot layout
+  ceil(1.5 * 20 * 2 / 6) = 10. One expert's weights: 3 float32 [32, 32] matrices, 12288 B."""
+  cfg = _config("foresight")
+  model = dataclasses.replace(cfg.model, capacity_factor=1.5)
+  bal = balancing.StepBalancer.create(cfg.rl, model, make_mesh(2, 2, devices=jax.devices()[:4]),
+                                      seq_len=20)
+  assert (bal.shape.num_experts, bal.shape.num_devices, bal.shape.slots,
+          bal.shape.token_shards) == (4, 2, 3, 4)
+  assert bal.tokens_per_shard == 20 and bal.model_capacity == (15, 10)
+  assert bal.shape.bytes_per_expert == 12288.0
+  assert bal.capacity_mode == "bucket" and bal.balance_mode == "foresight"
+  ragged = balancing.StepBalancer.create(cfg.rl, dataclasses.replace(model, expert_impl="ragged"),
+                                         make_mesh(2, 2, devices=jax.devices()[:4]), seq_len=20)
+  assert ragged.model_capacity == (0, 0)
+
+
+def test_no_capacity_path_means_no_bucket():
+  """Dense / ragged experts (model_capacity 0) are dropless with no capacity to bucket: a
+  replayed phase under capacity_mode 'bucket' keeps capacity None and reports 0 used."""
+  shape, routes, valid = _hand_phase()
+  bal = balancing.StepBalancer(shape, "foresight", "r3", "bucket", capacity_buckets=1,
+                               eplb_ema=0.0, tokens_per_shard=3, model_capacity=(0, 0))
+  _, old, _, _ = bal.plan_old_pass({"rollout_routes": routes, "valid": valid},
+                                   balancing.StepState())
+  assert old.needed == 2 and old.capacity is None and bal.used_capacity(old, True) == 0
