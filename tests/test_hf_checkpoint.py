@@ -470,3 +470,38 @@ def test_peak_host_memory_stays_under_1_5x_checkpoint(mesh_spec, tmp_path):
         f"= {growth / size_mb:.2f}x checkpoint")
   assert m["device_mb"] >= size_mb * 0.99
   assert growth < 1.5 * m["device_mb"]
+
+
+def test_plan_shards_fills_a_file_up_to_exactly_max_shard_bytes():
+  """Greedy in write order, float32: a 40 B + b 20 B fill a 60 B file exactly (a file may reach
+  max_shard_bytes, as transformers' shards do), c0 and c1 (20 B each) start the next. Under a
+  30 B cap a tensor larger than the cap gets a file of its own, and no file is empty."""
+  from pr2_jax.hf import checkpoint, layout
+  sources = {("a",): layout.Source("copy", ("a",), (10,)),
+             ("b",): layout.Source("linear", ("b",), (5, 1)),
+             ("c",): layout.Source("experts", ("c0", "c1"), (5,))}
+  assert checkpoint.plan_shards(sources, 4, 60) == [["a", "b"], ["c0", "c1"]]
+  assert checkpoint.plan_shards(sources, 4, 30) == [["a"], ["b"], ["c0"], ["c1"]]
+  assert checkpoint.plan_shards(sources, 2, 10**6) == [["a", "b", "c0", "c1"]]
+
+
+def test_sharded_index_names_files_from_one_and_totals_the_bytes(tmp_path):
+  """transformers' naming: model-00001-of-0000n ... model-0000n-of-0000n, and the index's
+  metadata.total_size is the bytes of every stored tensor (4 per float32 parameter entry)."""
+  cfg, params = random_checkpoint(tmp_path, max_shard_bytes=300_000)
+  shards = sorted(n for n in os.listdir(tmp_path) if n.startswith("model-"))
+  n = len(shards)
+  assert n > 2 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+  assert index["metadata"]["total_size"] == 4 * sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_save_stores_bfloat16_params_as_bfloat16_by_default(tmp_path):
+  """dtype=None keeps the parameters' own dtype (the embedding's): bfloat16 params are written
+  as BF16 tensors with torch_dtype bfloat16, not widened to float32."""
+  cfg = ModelConfig(num_layers=2)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), random_params(cfg))
+  save_hf_checkpoint(cfg, params, str(tmp_path))
+  assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  with safe_open(str(tmp_path / "model.safetensors"), "numpy") as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}

@@ -128,3 +128,28 @@ def test_extra_fields_are_kept_but_ours_win():
   assert hf["hidden_size"] == ModelConfig().d_model and hf["torch_dtype"] == "bfloat16"
   assert "rope_scaling" not in hf and "num_local_experts" not in hf
   assert config_from_hf(hf) == ModelConfig()
+
+
+def test_rope_parameters_beyond_type_and_theta_are_refused():
+  """Only {rope_type: 'default', rope_theta} is plain RoPE: any other key (a scaling factor, a
+  partial rotary fraction) is named, even under rope_type 'default'."""
+  for extra in ({"factor": 4.0}, {"partial_rotary_factor": 0.5}):
+    params = dict({"rope_type": "default", "rope_theta": 1e4}, **extra)
+    with pytest.raises(ValueError, match=r"rope_parameters=.* is not supported \(only "
+                                         r"rope_type='default' with rope_theta\)"):
+      config_from_hf(dict(TINY, rope_parameters=params))
+  assert config_from_hf(dict(TINY, rope_parameters={"type": "default"})).rope_theta == 1e4
+
+
+def test_config_to_hf_writes_both_rope_spellings_and_the_moe_layout_fields():
+  """Hand-checked fields of the written config.json: rope theta in both the v4 (rope_theta) and
+  v5 (rope_parameters) spelling, every layer on the sparse step with dense ones listed, full
+  attention, and intermediate_size only with dense layers."""
+  hf = config_to_hf(ModelConfig(num_layers=3, dense_layers=(1,), dense_d_ff=24, rope_theta=1e6))
+  assert hf["rope_theta"] == 1e6
+  assert hf["rope_parameters"] == {"rope_type": "default", "rope_theta": 1e6}
+  assert (hf["decoder_sparse_step"], hf["mlp_only_layers"], hf["intermediate_size"]) == (
+      1, [1], 24)
+  assert (hf["use_sliding_window"], hf["sliding_window"], hf["attention_bias"]) == (
+      False, None, False)
+  assert "intermediate_size" not in config_to_hf(ModelConfig())

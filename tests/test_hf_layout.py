@@ -93,3 +93,35 @@ def test_to_hf_inverts_to_ours():
     assert all(t.shape == s.hf_shape and t.flags.c_contiguous for _, t in pairs)
     back = layout.to_ours(s, [t for _, t in pairs], params[path].shape)
     assert np.array_equal(back, ours), path
+
+
+def test_ours_shape_hand_values_for_every_kind():
+  """The shape to_hf reshapes our parameter to before transposing: hub [out, in] reversed, per
+  expert behind a leading E, and for a fused half [E, D, F] (rows F of gate_up's 2F)."""
+  src = layout.hf_sources(CFG)
+  assert layout.ours_shape(src[("norm", "scale")]) == (6,)
+  assert layout.ours_shape(src[("layers_0", "self_attn", "q_proj", "kernel")]) == (6, 8)
+  assert layout.ours_shape(src[("layers_0", "self_attn", "o_proj", "kernel")]) == (8, 6)
+  assert layout.ours_shape(src[("layers_1", "mlp", "up_proj", "kernel")]) == (6, 7)
+  assert layout.ours_shape(src[("layers_1", "mlp", "down_proj", "kernel")]) == (7, 6)
+  assert layout.ours_shape(src[("layers_0", "mlp", "gate_proj")]) == (3, 6, 5)
+  assert layout.ours_shape(src[("layers_0", "mlp", "down_proj")]) == (3, 5, 6)
+  fused = layout.hf_sources(CFG, fused_layers=(0,))
+  assert layout.ours_shape(fused[("layers_0", "mlp", "up_proj")]) == (3, 6, 5)
+  assert layout.ours_shape(fused[("layers_0", "mlp", "down_proj")]) == (3, 5, 6)
+
+
+def test_hub_shapes_are_torch_out_in():
+  """Each Source's hf_shape is the hub tensor's torch [out, in]: o_proj [D, H*Z], dense up
+  [M, D] and down [D, M] (a swapped pair reshapes consistently both ways, so only the
+  checkpoint's own shapes can tell)."""
+  src = layout.hf_sources(CFG)
+  want = {("layers_0", "self_attn", "q_proj", "kernel"): (8, 6),
+          ("layers_0", "self_attn", "k_proj", "kernel"): (4, 6),
+          ("layers_0", "self_attn", "o_proj", "kernel"): (6, 8),
+          ("layers_1", "mlp", "gate_proj", "kernel"): (7, 6),
+          ("layers_1", "mlp", "up_proj", "kernel"): (7, 6),
+          ("layers_1", "mlp", "down_proj", "kernel"): (6, 7),
+          ("layers_0", "mlp", "gate"): (3, 6), ("layers_0", "mlp", "up_proj"): (5, 6),
+          ("layers_0", "mlp", "down_proj"): (6, 5), ("lm_head", "kernel"): (11, 6)}
+  assert {p: src[p].hf_shape for p in want} == want
