@@ -1017,3 +1017,64 @@ def test_pred_loss_is_the_minibatch_mean_over_valid_feature_slots():
                          np.asarray(micro["feature_p"]).reshape(-1, num_l, CFG.num_experts),
                          np.concatenate(p_cur), valid)
   np.testing.assert_allclose(np.asarray(m["pred_loss_per_layer"]), want, rtol=1e-4, atol=1e-8)
+
+
+def test_denominators_hand_values():
+  """M = 2 micro-steps of b = 3 sequences, S = 4 slots: the loss masks are response_mask[..., 1:]
+  (the predicted positions), rows [1,1,1] [0,1,0] [0,0,1] | [0,0,0] [1,0,0] [1,1,0]: 8 tokens
+  (DAPO's denominator and the entropy's), 5 non-empty sequences (GSPO's), 1/M = 1/2 per
+  micro-step, and 9 valid feature slots of 12. An all-empty mini-batch divides by 1, not 0."""
+  resp = np.array([[[0, 1, 1, 1], [0, 0, 1, 0], [0, 0, 0, 1]],
+                   [[0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0]]], np.float32)
+  valid = np.ones((2, 3, 4), bool)
+  valid[0, 0, 0] = False
+  valid[1, 0] = False
+  slots = np.array([[[0, 3], [1, 2], [3, 3]], [[0, 1], [2, 3], [0, 3]]], np.int32)
+  mini = {"response_mask": jnp.asarray(resp), "valid": jnp.asarray(valid),
+          "feature_slots": jnp.asarray(slots)}
+  dapo = learner.denominators(_rl(), mini)
+  assert {k: float(v) for k, v in dapo.items()} == {"loss": 8.0, "tokens": 8.0, "micro": 0.5,
+                                                    "features": 9.0}
+  assert float(learner.denominators(_rl(loss="gspo"), mini)["loss"]) == 5.0
+  empty = learner.denominators(_rl(), {"response_mask": jnp.zeros((2, 3, 4)),
+                                       "valid": jnp.zeros((2, 3, 4), bool),
+                                       "feature_slots": jnp.asarray(slots)})
+  assert {k: float(v) for k, v in empty.items()} == {"loss": 1.0, "tokens": 1.0, "micro": 0.5,
+                                                     "features": 1.0}
+
+
+def test_mismatch_row_names_and_values_from_sums():
+  """Sums over 4 tokens: k3 2, extreme 1, ratio - 1 summing to 0.4 and its square to 0.2 give
+  k3_kl 0.5, extreme_frac 0.25, ratio mean 1.1 and variance 0.05 - 0.1^2 = 0.04; the prefix
+  goes in front of every key, 'mismatch_' only before the ratio ones."""
+  sums = {"count": jnp.float32(4), "k3": jnp.float32(2), "extreme": jnp.float32(1),
+          "ratio_dev": jnp.float32(0.4), "ratio_dev_sq": jnp.float32(0.2)}
+  row = {k: float(v) for k, v in learner.mismatch_row(sums, "old_").items()}
+  assert row == pytest.approx({"old_k3_kl": 0.5, "old_extreme_frac": 0.25,
+                               "old_mismatch_ratio_mean": 1.1, "old_mismatch_ratio_var": 0.04})
+  assert set(learner.mismatch_row(sums)) == {"k3_kl", "extreme_frac", "mismatch_ratio_mean",
+                                             "mismatch_ratio_var"}
+
+
+def test_minibatch_metrics_pred_keys_hand_values():
+  """The predictor's rows from summed micro-step statistics: pred_loss sums the layers' losses
+  (0.2 + 0.3), pred_topk_acc averages the layers' accuracies (0.5, 1.0 -> 0.75), and the grad
+  norm is the global norm of the gradients given ([3, 4] -> 5), bias_logit_ratio Σ|b| / Σ|p| =
+  1 / 4."""
+  from pr2_jax.rl import metrics
+  logp, mask = jnp.full((2, 3), -1.0), jnp.ones((2, 3))
+  routes = jnp.tile(jnp.arange(2), (2, 3, 2, 1))
+  stats = {"loss": jnp.float32(0.25), "entropy": jnp.float32(1.5), "dropped": jnp.int32(3),
+           "aux_loss": jnp.float32(0.0),
+           "loss_sums": losses.dapo_loss(logp, logp, jnp.ones(2), mask)[1]["sums"],
+           "mismatch": metrics.mismatch_sums(logp, logp, mask),
+           "routing": metrics.routing_sums(routes, routes, jnp.full((2, 3, 2, 4), 0.25), mask),
+           "pred": {"loss_per_layer": jnp.array([0.2, 0.3]),
+                    "topk_acc_per_layer": jnp.array([0.5, 1.0]),
+                    "bias_abs_sum": jnp.float32(1.0), "logit_abs_sum": jnp.float32(4.0)}}
+  out = learner.minibatch_metrics(stats, {"w": jnp.array([3.0, 4.0])})
+  assert float(out["pred_loss"]) == pytest.approx(0.5)
+  assert float(out["pred_topk_acc"]) == 0.75
+  np.testing.assert_allclose(np.asarray(out["pred_topk_acc_per_layer"]), [0.5, 1.0])
+  assert float(out["grad_norm"]) == 5.0 and float(out["bias_logit_ratio"]) == 0.25
+  assert (float(out["loss"]), float(out["entropy"]), int(out["dropped"])) == (0.25, 1.5, 3)
