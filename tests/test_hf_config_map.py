@@ -101,6 +101,9 @@ def test_a_sliding_window_left_to_transformers_default_is_refused():
     ({"hidden_size": "32"}, "hidden_size='32' must be a positive int"),
     ({"intermediate_size": 48.7, "mlp_only_layers": [0]}, "intermediate_size=48.7"),
     ({"head_dim": 8.0}, "head_dim=8.0"),
+    # 0 was taken as unset: head_dim D/H and dense width 6144 in place of a broken value.
+    ({"head_dim": 0}, "head_dim=0 must be a positive int"),
+    ({"intermediate_size": 0, "mlp_only_layers": [0]}, "intermediate_size=0 must be a positive"),
     ({"mlp_only_layers": 3}, "mlp_only_layers=3"),
     ({"mlp_only_layers": ["0"]}, "mlp_only_layers"),
 ])

@@ -160,7 +160,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     raise ValueError(f"config.json field mlp_only_layers={mlp_only!r} must be a list of int "
                      "layer ids")
   dense = dense_layer_ids(num_layers, mlp_only, _get(hf, "decoder_sparse_step"))
-  optional = lambda key, default: _int(key, hf[key]) if hf.get(key) else default
+  # null means "unset" (transformers then derives it); 0 is a value, and a bad one
+  optional = lambda key, default: _int(key, hf[key]) if hf.get(key) is not None else default
   fields = dict(
       vocab_size=ints["vocab_size"], num_layers=num_layers, d_model=ints["hidden_size"],
       num_heads=heads,
