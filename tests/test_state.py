@@ -51,8 +51,9 @@ def test_a_state_on_another_mesh_than_the_models_is_refused():
   another, resharding every call: neither what validate_mesh approved nor what was asked."""
   tx = optax.adamw(1e-3)
   model = MoETransformer(CFG, make_mesh(2, 4))
-  with pytest.raises(ValueError, match=r"the model was built on the mesh \{'data': 2, 'expert': "
-                                       r"4\}, the state is asked for on \{'data': 8, 'expert': 1\}"):
+  with pytest.raises(ValueError, match=r"the model was built on the mesh \{'data': 2, "
+                                       r"'expert': 4\}, the state is asked for on "
+                                       r"\{'data': 8, 'expert': 1\}"):
     create_train_state(model, tx, jax.random.key(0), make_mesh(8, 1))
   # state_memory without a mesh takes the model's (it was 1 x 1, then a batch-split error).
   assert state_memory(model, tx) == state_memory(model, tx, make_mesh(2, 4))
