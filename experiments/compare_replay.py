@@ -29,6 +29,7 @@ existing report is kept when the report is regenerated (the hand-written
 reading of the numbers).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -160,6 +161,17 @@ def _seconds(directory: str, seconds: float | None = None) -> float:
     with open(path) as f:
       seconds = json.load(f)["seconds"]
   return seconds or 0.0
+
+
+@contextlib.contextmanager
+def timed(directory: str):
+  """Adds the time spent in the block to the compute time recorded in `directory`, however the
+  block ends: an interrupted run's time counts (it was lost), and its resume adds its own."""
+  t0, before = time.perf_counter(), _seconds(directory)
+  try:
+    yield
+  finally:
+    _seconds(directory, before + time.perf_counter() - t0)
 
 
 def _read_json(path: str):
@@ -298,19 +310,18 @@ def main(argv):
         logging.info("[%s] resuming %s (%s)", label, run_dir, why)
       outputs.write_json(cfg_path, wanted, sort_keys=True)
       writer = common.MetricsWriter(run_dir)
-      t0, seconds_before = time.perf_counter(), _seconds(run_dir)
-      try:
-        # allow_fresh_start: a run dir of ours with RL rows but no readable checkpoint restarts.
-        loop.run(ExperimentConfig.from_dict(cfg.to_dict()), mesh, run_dir,
-                 on_metrics=writer.write, on_progress=progress.callback(label),
-                 warn=logging.warning, allow_fresh_start=True)
-      except FloatingPointError as e:  # the loop's non-finite stop: a collapsed run, not a crash
-        error = str(e)
-        logging.warning("[%s] stopped: %s", label, e)
-        # A rerun reuses it: resuming would go past the stop.
-        outputs.write_json(stopped_path, {"error": error})
-      finally:  # an interrupted run's time counts too: the resume adds its own to it
-        run_seconds[key] = _seconds(run_dir, seconds_before + time.perf_counter() - t0)
+      with timed(run_dir):
+        try:
+          # allow_fresh_start: a run dir of ours with RL rows but no readable checkpoint restarts.
+          loop.run(ExperimentConfig.from_dict(cfg.to_dict()), mesh, run_dir,
+                   on_metrics=writer.write, on_progress=progress.callback(label),
+                   warn=logging.warning, allow_fresh_start=True)
+        except FloatingPointError as e:  # the non-finite stop: a collapsed run, not a crash
+          error = str(e)
+          logging.warning("[%s] stopped: %s", label, e)
+          # A rerun reuses it: resuming would go past the stop.
+          outputs.write_json(stopped_path, {"error": error})
+      run_seconds[key] = _seconds(run_dir)
     rows = _read_rows(metrics_path)  # the whole run's rows, those before a resume too
     if i < len(grid) and grid[i][:2] != (off, mode):
       # The next runs' programs differ (seeds share this run's): drop this run's executables.

@@ -324,3 +324,28 @@ print(json.dumps(out))
   assert got["pr2"] == ["dapo", "pr2", 0.2, 0.28, "rollout"] + shared
   assert got["base_kept"], "run_config changed the shared base config"
   assert got["safe"] == {"a": [1.0, None, {"b": None}], "c": None, "d": "x"}
+
+
+def test_an_interrupted_runs_compute_time_is_kept_and_its_resume_adds_to_it(tmp_path):
+  """The time was recorded only when loop.run returned: a Ctrl-C'd run's minutes were lost, and
+  the report's sweep time counted only the resumed part. Imported in a child (flags)."""
+  code = f"""
+import json, time
+from experiments import compare_replay
+run = {str(tmp_path)!r}
+try:
+  with compare_replay.timed(run):
+    time.sleep(0.2)
+    raise KeyboardInterrupt
+except KeyboardInterrupt:
+  pass
+first = json.load(open(run + "/timing.json"))["seconds"]
+with compare_replay.timed(run):
+  time.sleep(0.1)
+print(first, json.load(open(run + "/timing.json"))["seconds"] - first)
+"""
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                        cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  interrupted, resumed = map(float, proc.stdout.split())
+  assert 0.2 <= interrupted < 5 and 0.1 <= resumed < 5
