@@ -191,3 +191,21 @@ def test_bad_directories_raise_value_error(checkpoint_dir, tmp_path):
   (tmp_path / "tokenizer.json").write_text((checkpoint_dir / "tokenizer.json").read_text()[:500])
   with pytest.raises(ValueError, match=r"cannot read .*tokenizer.json: "):
     HFTokenizer.from_dir(str(tmp_path))
+
+
+def test_encode_batch_passes_add_special_tokens_through(tmp_path):
+  """encode_batch(add_special_tokens=False) must leave out the post-processor's BOS, as
+  encode() and transformers do; dropping the argument prepended it to every text."""
+  import transformers
+  raw = train_bpe()
+  bos = raw.token_to_id("<|im_start|>")
+  raw.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                     special_tokens=[("<|im_start|>", bos)])
+  raw.save(str(tmp_path / "tokenizer.json"))
+  tok = HFTokenizer.from_dir(str(tmp_path))
+  oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+  texts = ["fox", TEXTS[1]]
+  bare = [oracle(t, add_special_tokens=False)["input_ids"] for t in texts]
+  assert all(ids[0] != bos for ids in bare)
+  assert tok.encode_batch(texts, add_special_tokens=False) == bare
+  assert tok.encode_batch(texts) == [[bos] + ids for ids in bare]
