@@ -111,6 +111,7 @@ def test_initial_policy_is_the_checkpoint(ckpt):
   m = engine.config.model
   assert engine.state.predictor.shape == (m.num_moe_layers, m.d_model, m.num_experts)
   assert not np.asarray(engine.state.predictor).any()  # W_p = 0: PR2 starts as R3
+  assert int(engine.state.step) == 0  # a fresh state, as a random init's
 
 
 def test_bos_is_the_id_the_post_processor_prepends():
@@ -126,6 +127,29 @@ def test_bos_is_the_id_the_post_processor_prepends():
   three, plus = tok.encode("3+")
   assert tok.bos_id == bos and tok.encode("3+", bos=True, eos=True) == [bos, three, plus, eos]
   assert tok.decode([bos, three, plus, eos, three]) == "3+"
+
+
+def test_encode_batch_puts_bos_first_and_fills_every_slot_of_a_full_prompt():
+  """Like CharTokenizer, encode_batch adds BOS unless told not to, and a prompt of exactly
+  `length` ids (BOS included: rl.data sizes prompt_slots as 1 + the longest prompt) fits with
+  no padding; one more id is an error."""
+  from tokenizers import processors
+  from pr2_jax.hf.tokenizer import HFTokenizer
+  raw = make_tiny_hf.char_tokenizer()
+  bos, eos = raw.token_to_id("<|im_start|>"), raw.token_to_id("<|im_end|>")
+  end = raw.token_to_id("<|endoftext|>")
+  raw.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                     special_tokens=[("<|im_start|>", bos)])
+  tok = hf_experiment.TaskTokenizer(HFTokenizer(raw, eos_ids=[eos], pad_id=end))
+  three, plus = tok.encode("3+")
+  ids_BT, valid_BT = tok.encode_batch(["3+", "3"], 3)
+  np.testing.assert_array_equal(ids_BT, [[bos, three, plus], [end, bos, three]])
+  np.testing.assert_array_equal(valid_BT, [[1, 1, 1], [0, 1, 1]])
+  ids_BT, valid_BT = tok.encode_batch(["3+"], 2, bos=False)
+  np.testing.assert_array_equal(ids_BT, [[three, plus]])
+  assert valid_BT.all()
+  with pytest.raises(ValueError, match="prompt '3\\+' is 3 tokens long, more than length=2"):
+    tok.encode_batch(["3+"], 2)
 
 
 @pytest.fixture
