@@ -273,3 +273,34 @@ def test_on_token_shards_passes_whole_arguments_unsplit_and_reuses_the_program()
   np.testing.assert_array_equal(jitted, x * jnp.asarray([-1, 4]))
   with pytest.raises(ValueError, match=r"batch size 12 must be divisible"):  # rows still checked
     shards(jnp.zeros((12, 2)), jnp.ones(2))
+
+
+def test_check_mesh_refuses_one_explicit_axis():
+  """Every axis must be Auto: a mesh with one Explicit axis fails inside
+  with_sharding_constraint as an all-Explicit one does."""
+  devices = jax.devices()[:8]
+  for types in ((AxisType.Auto, AxisType.Explicit), (AxisType.Explicit, AxisType.Auto)):
+    mixed = jax.make_mesh((2, 4), ("data", "expert"), axis_types=types, devices=devices)
+    names = tuple(t.name for t in types)
+    with pytest.raises(ValueError, match=rf"of types \('{names[0]}', '{names[1]}'\)"):
+      pm.check_mesh(mixed)
+
+
+def test_on_token_shards_keeps_no_closure_alive_after_an_eager_call():
+  """A function made per call (a closure over a balance plan) runs in a program of its own
+  that no cache keeps: were it a jit static argument, the cache would pin the closure and
+  everything it holds, one entry per call."""
+  import gc
+  import weakref
+  mesh = pm.make_mesh(2, 4)
+  x = jnp.arange(16.0).reshape(8, 2)
+
+  def run():
+    offset = jnp.ones(2)
+    fn = lambda x_n: x_n + offset
+    np.testing.assert_array_equal(pm.on_token_shards(fn, mesh)(x), x + 1)
+    return weakref.ref(fn)
+
+  ref = run()
+  gc.collect()
+  assert ref() is None
