@@ -299,3 +299,35 @@ def test_fake_devices_have_threads_for_queued_collective_calls():
 def test_use_cpu_devices_rejects_a_count_that_is_not_a_positive_int(count):
   with pytest.raises(ValueError, match=f"count={count!r}"):
     distributed.use_cpu_devices(count)
+
+
+def test_one_process_is_not_a_cluster_to_join(monkeypatch):
+  """num_processes=1 is a single process (as the config's own error message says): enabled
+  is False and initialize() does not call jax.distributed.initialize, which, with no
+  coordinator, would fail to start a one-process 'cluster'."""
+  calls = []
+  monkeypatch.setattr(distributed.jax.distributed, "initialize",
+                      lambda **kwargs: calls.append(kwargs))
+  for cfg in (distributed.DistributedConfig(num_processes=1), distributed.DistributedConfig()):
+    assert not cfg.enabled
+    distributed.initialize(cfg)
+  assert calls == []
+  assert distributed.DistributedConfig(auto_detect=True).enabled
+
+
+def test_use_cpu_devices_sizes_the_thread_pool_only_past_the_cores(monkeypatch):
+  """8 devices on 2 cores: PJRT_NPROC = 4 x 8 = 32; a PJRT_NPROC the environment sets is kept;
+  no more devices than cores (2 on 2): XLA's own pool, PJRT_NPROC left unset."""
+  updates = []
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *args: updates.append(args))
+  monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+  monkeypatch.delenv("PJRT_NPROC", raising=False)
+  distributed.use_cpu_devices(8)
+  assert updates == [("jax_platforms", "cpu"), ("jax_num_cpu_devices", 8)]
+  assert distributed.os.environ["PJRT_NPROC"] == "32"
+  monkeypatch.setenv("PJRT_NPROC", "5")
+  distributed.use_cpu_devices(8)
+  assert distributed.os.environ["PJRT_NPROC"] == "5"
+  monkeypatch.delenv("PJRT_NPROC")
+  distributed.use_cpu_devices(2)
+  assert "PJRT_NPROC" not in distributed.os.environ
