@@ -271,3 +271,46 @@ def test_panel_keys_are_metrics_the_rl_loop_writes():
   assert keys - {"eval_reward"} <= REQUIRED_KEYS, keys - REQUIRED_KEYS
   default = viz.horizon_curve.__defaults__[0]
   assert default.endswith("_per_ministep") and default[:-len("_per_ministep")] in REQUIRED_KEYS
+
+
+def test_plan_figure_static_layout_is_contiguous_blocks_of_experts():
+  """The static layout shards experts [E] over 'expert' in contiguous blocks: 4 experts on 2
+  devices put experts 0, 1 on device 0 (5 + 1) and 2, 3 on device 1 (3 + 2), imbalance
+  6 / 5.5; a strided layout (0, 2 | 1, 3) drew 8 and 3. Labels sit mid-bar on the stack."""
+  loads_E = [5, 1, 3, 2]
+  slot_expert_DS, slot_load_DS = [[0, 1, 3], [2, 0, -1]], [[3, 1, 2], [3, 2, 0]]
+  fig = viz.plan_figure(loads_E, slot_expert_DS, slot_load_DS)
+  static_ax, plan_ax = fig.axes
+  bars = lambda ax: np.array([(p.get_x() + p.get_width() / 2, p.get_y(), p.get_height())
+                              for p in ax.patches])
+  np.testing.assert_allclose(bars(static_ax), [(0, 0, 5), (1, 0, 3), (0, 5, 1), (1, 3, 2)],
+                             atol=1e-12)
+  assert static_ax.get_title() == "static (no replicas): imbalance 1.09"
+  labels = lambda ax: [(t.get_text(), *t.get_position()) for t in ax.texts]
+  assert labels(static_ax) == [("0", 0, 2.5), ("2", 1, 1.5), ("1", 0, 5.5), ("3", 1, 4.0)]
+  # The empty slot (device 1, slot 2) gets no label.
+  assert labels(plan_ax) == [("0", 0, 1.5), ("2", 1, 1.5), ("1", 0, 3.5), ("0", 1, 4.0),
+                             ("3", 0, 5.0)]
+  plt.close(fig)
+
+
+def test_horizon_curve_ticks_cover_the_longest_run():
+  """Runs of different off-policy depth (κ = 3 and 2) share the axis: ticks 1..3 for the
+  longer one whichever comes last; each run's line has its own κ points."""
+  runs = {"k3": [{"step": 1, "k3_kl_per_ministep": [1.0, 2.0, 3.0]}],
+          "k2": [{"step": 1, "k3_kl_per_ministep": [4.0, 5.0]}]}
+  fig = viz.horizon_curve(runs, key="k3_kl_per_ministep")
+  assert fig.axes[0].get_xticks().tolist() == [1, 2, 3]
+  assert [_xy(line)[0] for line in fig.axes[0].get_lines()] == [[1, 2, 3], [1, 2]]
+  plt.close(fig)
+
+
+def test_metric_panel_draws_int_values():
+  """JSON gives back 12 for a metric written as an int (a response length, a count): it is a
+  point like 14.5, not a gap in the line."""
+  rows = [{"step": 1, "response_len": 12}, {"step": 2, "response_len": 14.5},
+          {"step": 3, "response_len": None}]
+  fig = viz.metric_panel({"a": rows}, ["response_len"])
+  xs, ys = _xy(fig.axes[0].get_lines()[0])
+  assert xs == [1, 2] and ys.tolist() == [12.0, 14.5]
+  plt.close(fig)
