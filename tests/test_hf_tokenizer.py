@@ -168,6 +168,20 @@ def test_chat_template_from_transformers_5s_jinja_file(checkpoint_dir, tmp_path)
   assert HFTokenizer.from_dir(str(tmp_path)).chat_template == fast.chat_template
 
 
+def test_chat_template_file_wins_over_the_config_entry_as_in_transformers(checkpoint_dir,
+                                                                          tmp_path):
+  """With both a chat_template.jinja and a tokenizer_config.json entry, transformers takes the
+  file; we took the entry (a checkpoint re-saved with a new template kept its old one)."""
+  import transformers
+  (tmp_path / "tokenizer.json").write_text((checkpoint_dir / "tokenizer.json").read_text())
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"eos_token": "<|im_end|>", "chat_template": "FROM_CONFIG"}))
+  (tmp_path / "chat_template.jinja").write_text("FROM_JINJA")
+  fast = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+  assert fast.chat_template == "FROM_JINJA"  # the oracle
+  assert HFTokenizer.from_dir(str(tmp_path)).chat_template == "FROM_JINJA"
+
+
 def test_bad_directories_raise_value_error(checkpoint_dir, tmp_path):
   with pytest.raises(ValueError, match="no tokenizer.json"):
     HFTokenizer.from_dir(str(tmp_path))

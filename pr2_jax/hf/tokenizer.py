@@ -62,7 +62,8 @@ class HFTokenizer:
   Attributes:
     eos_ids: every end-of-sequence id (generation stops on any of them).
     pad_id / bos_id: padding and beginning-of-sequence ids, or None.
-    chat_template: the raw Jinja chat template from tokenizer_config.json, or None.
+    chat_template: the raw Jinja chat template (chat_template.jinja, else
+      tokenizer_config.json's entry, as transformers reads them), or None.
   """
 
   def __init__(self, tokenizer: tokenizers.Tokenizer, *, eos_ids: Sequence[int] = (),
@@ -107,7 +108,7 @@ class HFTokenizer:
 
     template = tok_cfg.get("chat_template")
     jinja = os.path.join(path, CHAT_TEMPLATE_FILE)  # where transformers 5 saves it
-    if not isinstance(template, str) and os.path.isfile(jinja):
+    if os.path.isfile(jinja):  # as in transformers, the file wins over tokenizer_config's entry
       with open(jinja, encoding="utf-8") as f:
         template = f.read()
     return cls(tok, eos_ids=candidates("eos"), pad_id=first("pad"), bos_id=first("bos"),

@@ -91,8 +91,9 @@ def use_cpu_devices(count: int) -> None:
 def initialize(cfg: DistributedConfig) -> None:
   """Joins the cluster (a no-op for a single process). Call before any other JAX work.
 
-  On CPU the cross-process collectives need gloo: XLA's default CPU
-  collectives only reach devices of the same process.
+  On CPU the cross-process collectives need gloo (in-process collectives only reach devices
+  of the same process). The pinned jax 0.10.2 already defaults to gloo; setting it keeps a
+  run right on a jax whose default is not (DESIGN §6 names the switch).
   """
   if not cfg.enabled:
     return
