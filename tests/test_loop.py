@@ -646,3 +646,159 @@ def test_rewards_score_a_sampled_pad_or_bos_as_malformed():
   tokens_BS = np.array([[bos] + row for row in rows])  # one prompt slot, never scored
   got = loop.Engine.rewards(engine, [problem] * len(rows), tokens_BS)
   np.testing.assert_array_equal(got, [1.0, 0.0, 0.0, 0.0, 0.0])
+
+
+class _Stop(Exception):
+  """Ends rl_step at the mini-batch split: what is checked is drawn by then."""
+
+
+def _draws_of_step_one(monkeypatch, mode):
+  """(problems scored, mini-batch split order) of RL step 1 in `mode`, stopped at the split
+  (no learner compiled)."""
+  seen = {}
+
+  def rewards(self, problems, tokens_BS):
+    seen["problems"] = list(problems)
+    return _token_rewards(self, problems, tokens_BS)
+
+  def split(batch, order, **kwargs):
+    seen["order"] = np.asarray(jax.device_get(order))
+    raise _Stop
+
+  monkeypatch.setattr(loop.Engine, "rewards", rewards)
+  monkeypatch.setattr(loop.shuffle, "shuffle_into_chunks", split)
+  engine = loop.Engine(_config(1, mode), make_mesh(2, 2, devices=jax.devices()[:4]))
+  with pytest.raises(_Stop):
+    engine.rl_step(engine.state, 1)
+  return engine, seen["problems"], seen["order"]
+
+
+def test_a_steps_problems_come_in_groups_and_pr2_draws_r3s_problems_and_split(monkeypatch):
+  """GRPO's advantages normalise over consecutive groups of G rows, so each prompt must fill G
+  consecutive rows: the step's P problems come from rng([seed, RL_STREAM, step]) and the split
+  order is that rng's next draw, a permutation of B. PR2 draws its feature slots from their own
+  stream, so with W_p = 0 it scores R3's problems and splits them exactly as R3 does (sharing
+  the RL rng shifted PR2's split; a group-major list interleaved the prompts)."""
+  engine, problems, order = _draws_of_step_one(monkeypatch, "r3")
+  rl = engine.config.rl
+  rng = np.random.default_rng([engine.config.seed, loop.RL_STREAM, 1])
+  drawn = engine.task.sample(rng, rl.prompts_per_step)
+  assert problems == [p for p in drawn for _ in range(rl.group_size)]
+  assert len({p.prompt for p in drawn}) > 1, "the check needs different prompts"
+  np.testing.assert_array_equal(order, rng.permutation(rl.batch_size))
+  assert not np.array_equal(order, np.arange(rl.batch_size))
+  _, pr2_problems, pr2_order = _draws_of_step_one(monkeypatch, "pr2")
+  assert pr2_problems == problems
+  np.testing.assert_array_equal(pr2_order, order)
+
+
+def test_evaluate_is_the_mean_reward_of_the_eval_set(monkeypatch):
+  """evaluate() scores the eval problems (all of them, in order) and returns the mean of their
+  rewards, not of another per-row number score() returns (the response lengths)."""
+  seen = {}
+
+  def rewards(self, problems, tokens_BS):
+    seen["problems"], seen["rewards"] = list(problems), _token_rewards(self, problems, tokens_BS)
+    return seen["rewards"]
+
+  monkeypatch.setattr(loop.Engine, "rewards", rewards)
+  engine = loop.Engine(_config(1), make_mesh(2, 2, devices=jax.devices()[:4]))
+  got = engine.evaluate(engine.state.params)
+  assert seen["problems"] == list(engine.eval_problems)
+  assert len(set(seen["rewards"].tolist())) > 1, "the check needs rewards that differ"
+  assert got == pytest.approx(float(np.mean(seen["rewards"])), rel=1e-6)
+
+
+def test_summarise_averages_the_mini_steps_and_counts_their_skips():
+  """The step's row from κ = 3 mini-steps' metrics, by hand: every metric is the mean over the
+  mini-steps (per layer for per-layer arrays), the mismatch and routing metrics are also listed
+  per mini-step in order, `skipped_updates` counts the skipped ones (2 here, not 1), and
+  reward_mean / response_len average the rollout's rows."""
+  def mini(k3, extreme, agree, per_layer, loss, skipped):
+    return {"k3_kl": np.float32(k3), "extreme_frac": np.float32(extreme),
+            "topk_agreement": np.float32(agree), "loss": np.float32(loss),
+            "topk_agreement_per_layer": np.asarray(per_layer, np.float32),
+            "skipped": np.bool_(skipped)}
+
+  per_mini = [mini(0.25, 0.5, 1.0, [1.0, 0.5], 2.0, True),
+              mini(0.5, 0.0, 0.5, [0.5, 0.5], 4.0, False),
+              mini(0.75, 0.25, 0.75, [0.0, 0.5], 6.0, True)]
+  row = loop.Engine._summarise(per_mini, np.array([0.0, 1.0, 1.0, 0.0], np.float32),
+                               np.array([3.0, 5.0, 6.0, 2.0], np.float32))
+  assert row.pop("skipped_flags") == [True, False, True]
+  want = {"k3_kl": 0.5, "extreme_frac": 0.25, "topk_agreement": 0.75, "loss": 4.0,
+          "topk_agreement_per_layer": [0.5, 0.5], "skipped_updates": 2,
+          "k3_kl_per_ministep": [0.25, 0.5, 0.75], "extreme_frac_per_ministep": [0.5, 0.0, 0.25],
+          "topk_agreement_per_ministep": [1.0, 0.5, 0.75], "reward_mean": 0.5,
+          "response_len": 4.0}
+  assert set(row) == set(want)
+  for key, value in want.items():
+    np.testing.assert_allclose(row[key], value, rtol=1e-6, err_msg=key)
+
+
+def _scripted_clock(monkeypatch):
+  """loop's clock, advanced only by the scripted RL steps."""
+  clock = {"now": 0.0}
+  monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+  return clock
+
+
+def test_eval_checkpoint_and_progress_cadence_include_the_last_step(tmp_path, monkeypatch):
+  """5 RL steps with eval_every = checkpoint_every = 2: evaluated and checkpointed at steps
+  2, 4 and the last, 5 (not only at multiples); the progress rate leaves the first step out
+  and divides by the steps since it (10 s a step here, so exactly 10), elapsed_s counts from
+  the start."""
+  _scripted_skips(monkeypatch, [[False, False]] * 5)
+  clock = _scripted_clock(monkeypatch)
+  scripted_step = loop.Engine.rl_step
+
+  def rl_step(self, state, step):
+    clock["now"] += 10.0
+    return scripted_step(self, state, step)
+
+  monkeypatch.setattr(loop.Engine, "rl_step", rl_step)
+  evaluated, saved, rows, calls = [], [], [], []
+  monkeypatch.setattr(loop.Engine, "evaluate", lambda self, params: evaluated.append(
+      clock["now"] / 10) or 0.5)
+  monkeypatch.setattr(loop.start, "save_rl_checkpoint",
+                      lambda ckpt, engine, step, state, consecutive: saved.append(step))
+  cfg = _skip_config(5, 2)
+  cfg = dataclasses.replace(cfg, checkpoint_every=2,
+                            rl=dataclasses.replace(cfg.rl, eval_every=2))
+  loop.run(cfg, make_mesh(1, 1, devices=jax.devices()[:1]), str(tmp_path),
+           on_metrics=rows.append, on_progress=lambda *a: calls.append(a))
+  rl_rows = [r for r in rows if r["phase"] == "rl"]
+  assert [r["step"] for r in rl_rows] == [1, 2, 3, 4, 5]
+  # Step 0: the warm-up's evaluation and the RL checkpoint start() writes before step 1.
+  assert evaluated == [0, 2, 4, 5] and saved == [0, 2, 4, 5]
+  assert [r["step"] for r in rl_rows if "eval_reward" in r] == [2, 4, 5]
+  assert [r["elapsed_s"] for r in rl_rows] == [10.0, 20.0, 30.0, 40.0, 50.0]
+  assert calls == [(1, 5, None), (2, 5, 10.0), (3, 5, 10.0), (4, 5, 10.0), (5, 5, 10.0)]
+
+
+def test_warm_up_reports_every_25_steps_and_the_last_with_the_rate_after_the_first(monkeypatch):
+  """Engine.warmup on a scripted step (2 s each, loss = the step): a row and a progress call at
+  steps 25, 50 and the last, 60; the rate is None at the first report (compiling) and then the
+  seconds per step since it: (100 - 50) / 25 and (120 - 100) / 10, exactly 2."""
+  clock = _scripted_clock(monkeypatch)
+  monkeypatch.setattr(loop, "to_global", lambda batch, sharding: batch)
+
+  def step_fn(state, batch):
+    clock["now"] += 2.0
+    return SimpleNamespace(params=state.params + 1), {"loss": np.float32(state.params + 1)}
+
+  task = loop.make_task("countdown")
+  prompt_slots, response_slots = loop.data.layout(task, 6)
+  sft = SFTConfig(num_steps=60, batch_size=8)
+  # The scripted state's params count the steps: init gives 0, each step adds 1.
+  programs = SimpleNamespace(warmup=lambda key, cfg: (lambda key: SimpleNamespace(params=0), None,
+                                                      step_fn))
+  engine = SimpleNamespace(config=SimpleNamespace(hf_checkpoint="", sft=sft, seed=0), key=None,
+                           task=task, tok=CharTokenizer(), prompt_slots=prompt_slots,
+                           response_slots=response_slots, seq_sharding=None, programs=programs)
+  rows, calls = [], []
+  params = loop.Engine.warmup(engine, on_metrics=rows.append,
+                              on_progress=lambda *a: calls.append(a))
+  assert params == 60
+  assert rows == [{"phase": "sft", "step": s, "loss": float(s)} for s in (25, 50, 60)]
+  assert calls == [(25, 60, None), (50, 60, 2.0), (60, 60, 2.0)]
