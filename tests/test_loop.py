@@ -226,7 +226,8 @@ def test_pr2_modes_predict_in_their_own_pass_and_the_update_replays_it(monkeypat
   the update replays the predicting pass's routes and fits on its features. The old pass runs
   once, on the step's starting parameters, before the κ updates (DAPO's ratio against µ never
   reads π_old, so only this says it is θ_old's). Its routes are shifted by one expert, as in
-  the r2/r3 test above, so that the two candidate routes differ."""
+  the r2/r3 test above, so that the two candidate routes differ. The row's feature_cache_bytes
+  counts both cached features."""
   engine = loop.Engine(_config(1, mode), make_mesh(2, 2, devices=jax.devices()[:4]))
   real_fns, real_sample, calls = engine.learner_fns, engine.sample, []
   start_params = engine.state.params
@@ -255,8 +256,11 @@ def test_pr2_modes_predict_in_their_own_pass_and_the_update_replays_it(monkeypat
 
   seen = {"update": []}
   engine.sample, engine.learner_fns = sample, spy
-  engine.rl_step(engine.state, 1)
+  _, summary = engine.rl_step(engine.state, 1)
   k, m = engine.config.rl.off_policy_k, engine.config.rl.micro_steps
+  # The cache of both features: B 16 rows x F 8 slots x L 2 layers x (h: D 32 + p_old: E 4)
+  # bfloat16 values of 2 bytes, wherever they were recorded.
+  assert summary["feature_cache_bytes"] == 16 * 8 * 2 * (32 + 4) * 2
   at_rollout = mode == "pr2"
   assert calls == [("rollout", at_rollout, at_rollout), ("old", True)] + [("update",)] * k
   (rollout_routes, rollout_h), (old_routes, old_feats) = seen["rollout"], seen["old"]
@@ -802,3 +806,25 @@ def test_warm_up_reports_every_25_steps_and_the_last_with_the_rate_after_the_fir
   assert params == 60
   assert rows == [{"phase": "sft", "step": s, "loss": float(s)} for s in (25, 50, 60)]
   assert calls == [(25, 60, None), (50, 60, 2.0), (60, 60, 2.0)]
+
+
+def test_rewards_read_the_first_id_beyond_the_vocabulary_and_a_pad_that_stops_as_such():
+  """The boundary ids of Engine.rewards: id vocab_size (the first the tokenizer lacks) makes the
+  answer malformed like any larger one (it crashed decode when only ids above it were caught);
+  and with a tokenizer whose PAD is also its stop id (a Hugging Face pad = EOS), that id still
+  ends the response: '4 6 PAD=EOS' is the answer '46' (masking it as a non-text id made every
+  well-formed answer malformed)."""
+  task, problem = Arithmetic(), Problem("40+6=", "46", "46", (40, "+", 6, 46), "arithmetic")
+  tok = CharTokenizer()
+  four, six = tok.encode("4")[0], tok.encode("6")[0]
+  engine = SimpleNamespace(tok=tok, task=task, prompt_slots=1)
+  rows = [[four, six, tok.eos_id, tok.pad_id], [four, tok.vocab_size, six, tok.eos_id],
+          [four, six, tok.vocab_size, tok.eos_id]]
+  tokens_BS = np.array([[tok.bos_id] + row for row in rows])
+  got = loop.Engine.rewards(engine, [problem] * len(rows), tokens_BS)
+  np.testing.assert_array_equal(got, [1.0, 0.0, 0.0])
+  pad_stops = CharTokenizer()
+  pad_stops.pad_id = pad_stops.eos_id
+  engine = SimpleNamespace(tok=pad_stops, task=task, prompt_slots=1)
+  tokens_BS = np.array([[tok.bos_id, four, six, tok.eos_id, tok.eos_id]])
+  np.testing.assert_array_equal(loop.Engine.rewards(engine, [problem], tokens_BS), [1.0])
