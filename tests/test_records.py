@@ -80,6 +80,10 @@ def test_a_resume_ignores_pr2_settings_only_without_a_predictor():
   assert records.resume_identity(pr2)["pr2"]["adam_eps"] == 1e-3
   assert set(records.run_identity(r3)) - set(records.resume_identity(r3)) == {"pr2"}
   assert records.resume_identity(pr2) == records.run_identity(pr2)
+  # pr2_r2 trains the predictor too (it predicts in the old pass): its settings are compared.
+  pr2_r2 = _config(replay_mode="pr2_r2")
+  assert records.resume_identity(pr2_r2) == records.run_identity(pr2_r2)
+  assert "pr2" in records.resume_identity(pr2_r2)
 
 
 def test_a_resume_names_another_replay_mode_once(tmp_path):
@@ -136,8 +140,12 @@ def test_holds_checkpoint_needs_a_numbered_step_directory(tmp_path):
 def test_a_workdir_holds_one_run_at_a_time(tmp_path):
   """Two runs in one workdir interleaved their metrics rows and wrote the same checkpoints; the
   second now fails naming the first's pid, and the lock goes when the holder does (a process
-  that dies holding it leaves no stale lock)."""
+  that dies holding it leaves no stale lock). The lock file holds the holder's pid alone, also
+  over a longer pid an earlier run left there."""
   workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, records.LOCK_FILE), "w") as f:
+    f.write("9" * 40 + "\n")
   with records.workdir_lock(workdir):
     assert open(os.path.join(workdir, records.LOCK_FILE)).read() == f"{os.getpid()}\n"
     with pytest.raises(SetupError, match=rf"workdir '{workdir}' is in use by another run "
@@ -162,3 +170,16 @@ def test_a_workdir_holds_one_run_at_a_time(tmp_path):
     holder.wait()
   with records.workdir_lock(workdir):  # killed while holding it: free again
     pass
+
+
+def test_fields_that_change_what_a_step_computes_enter_the_identity():
+  """A resume may change only how long a run goes, how it is evaluated and the logits' chunking;
+  the replay mode, the batch split (κ, M), sampling, clipping and balancing change what a step
+  computes, so a checkpoint written with another value must not be taken up (each one here
+  changes the identity)."""
+  base = records.run_identity(_config())
+  changed = dict(replay_mode="r2", off_policy_k=1, micro_steps=1, temperature=0.5,
+                 top_p=0.9, clip_low=0.1, rollout_dtype="float32", balance_mode="eplb_step")
+  for field, value in changed.items():
+    identity = records.run_identity(_config(**{field: value}))
+    assert identity["rl"][field] == value and identity != base, field
