@@ -168,7 +168,8 @@ def test_predicted_gates_reaches_the_rollout():
 def test_the_training_engine_computes_in_model_dtype():
   """model.dtype is the learner's and warm-up's compute dtype (docs/scaling.md: bf16 at real
   scale), rl.rollout_dtype the sampler's; parameters stay float32. It used to be forced to
-  float32, so a bf16 run silently trained in float32."""
+  float32, so a bf16 run silently trained in float32. A float32 rollout of a bf16 model samples
+  in float32."""
   progs = programs.Programs(dataclasses.replace(
       _config(rollout_dtype="float32"), model=_config().model.replace(dtype="bfloat16")),
                             MESH, **IDS)
@@ -181,6 +182,15 @@ def test_the_training_engine_computes_in_model_dtype():
   ref = f32.apply({"params": params}, tokens).logits
   # bf16 compute: close to float32, but not equal to it.
   assert 0 < float(jnp.max(jnp.abs(logits.astype(jnp.float32) - ref))) < 0.1
+  # The sampler runs in rl.rollout_dtype (float32 here), not in model.dtype: its µ is a
+  # float32 forward's log-prob of the sampled tokens, far closer than bf16 rounding.
+  prompts_BP = np.asarray(jax.random.randint(jax.random.key(1), (4, 5), 3, 24), np.int32)
+  roll = jax.device_get(progs.sample(params, prompts_BP, np.ones((4, 5), bool), jax.random.key(2),
+                                     predictor=None, feature_slots_BF=None))
+  mask_BT = roll.response_mask[:, 1:] > 0
+  live = _np_token_logp(f32.apply({"params": params}, roll.tokens, positions=roll.positions,
+                                  valid=roll.valid).logits, roll.tokens)
+  np.testing.assert_allclose(roll.logp[:, 1:][mask_BT], live[mask_BT], rtol=0, atol=1e-5)
 
 
 def test_the_predictor_optimizer_takes_pr2_adam_eps():
@@ -194,6 +204,18 @@ def test_the_predictor_optimizer_takes_pr2_adam_eps():
                            0).pred_tx
     update, _ = tx.update(g, tx.init(w), w)
     np.testing.assert_allclose(update, -want, rtol=1e-3)
+
+
+def test_the_predictor_optimizer_has_no_weight_decay():
+  """PR2Config: W_p stays where its fit puts it. With RLConfig.weight_decay = 0.1, a zero
+  gradient leaves W_p = 1 exactly where it is, while the policy's AdamW shrinks its weights by
+  η·0.1 per step."""
+  progs = programs.Programs(_rl(_config(), replay_mode="pr2", weight_decay=0.1), MESH, 2, 0)
+  w, g = jnp.ones(3), jnp.zeros(3)
+  update, _ = progs.pred_tx.update(g, progs.pred_tx.init(w), w)
+  np.testing.assert_array_equal(update, jnp.zeros(3))
+  update, _ = progs.tx.update(g, progs.tx.init(w), w)
+  np.testing.assert_allclose(update, jnp.full(3, -1e-4 * 0.1), rtol=1e-6)
 
 
 def test_the_rollout_engine_is_dropless_whatever_the_learners_capacity():
@@ -215,3 +237,25 @@ def test_the_rollout_engine_is_dropless_whatever_the_learners_capacity():
   # The learner still applies the factor: its model drops at 0.5 of an even share.
   assert capped.programs.model.config.capacity_factor == 0.5
   programs.clear()
+
+
+def test_evaluation_samples_at_eval_temperature():
+  """eval_temperature = 0 is greedy: the eval sampler's every response token is the argmax of a
+  full forward at its prefix (float32 rollout, so no rounding flips it), whatever the key; the
+  rollout's sampler (temperature 1) draws other tokens with another key. (An eval sampler built
+  from the rollout's SamplerConfig sampled the evaluation at temperature 1.)"""
+  progs = programs.Programs(_config(eval_temperature=0.0, rollout_dtype="float32"), MESH, **IDS)
+  assert progs.eval_sample is not progs.sample
+  params = progs.init_state(jax.random.key(0))[0].params
+  prompts_BP = np.asarray(jax.random.randint(jax.random.key(1), (4, 5), 3, 24), np.int32)
+  valid_BP = np.ones((4, 5), bool)
+  draw = lambda fn, seed: jax.device_get(fn(params, prompts_BP, valid_BP, jax.random.key(seed),
+                                            predictor=None, feature_slots_BF=None))
+  greedy, other_key = draw(progs.eval_sample, 2), draw(progs.eval_sample, 3)
+  np.testing.assert_array_equal(other_key.tokens, greedy.tokens)
+  mask_BT = greedy.response_mask[:, 1:] > 0
+  logits_BSV = progs.model.apply({"params": params}, greedy.tokens, positions=greedy.positions,
+                                 valid=greedy.valid).logits
+  argmax_BT = np.asarray(jnp.argmax(logits_BSV[:, :-1], -1))
+  np.testing.assert_array_equal(greedy.tokens[:, 1:][mask_BT], argmax_BT[mask_BT])
+  assert not np.array_equal(draw(progs.sample, 2).tokens, draw(progs.sample, 3).tokens)
