@@ -138,7 +138,7 @@ def test_rl_step_feeds_the_learner_the_rollouts_group_advantages(monkeypatch):
   """rl_step's wiring against a hand computation: the rollout's rewards become GRPO
   advantages per consecutive group of G, rows reach the update in the split's order, the
   off-policy mini-steps take consecutive chunks, and only mini-steps after the first train
-  PR2's predictor."""
+  PR2's predictor; the row's reward_mean and response_len are the rollout's."""
   seen, orders, updates = {}, [], []
 
   def rewards(self, problems, tokens_BS):
@@ -180,6 +180,12 @@ def test_rl_step_feeds_the_learner_the_rollouts_group_advantages(monkeypatch):
     np.testing.assert_allclose(adv_MB.reshape(-1), adv_B[rows], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(tokens_MBS.reshape(len(rows), -1), seen["tokens"][rows])
   assert summary["reward_mean"] == pytest.approx(float(seen["rewards"].mean()), rel=1e-6)
+  # response_len: the sampled ids after the prompt up to and including EOS (all N without one).
+  response_BN = seen["tokens"][:, engine.prompt_slots:]
+  stops_BN = response_BN == engine.tok.eos_id
+  length_B = np.where(stops_BN.any(1), stops_BN.argmax(1) + 1, response_BN.shape[1])
+  assert len(set(length_B.tolist())) > 1, "the check needs responses of different lengths"
+  assert summary["response_len"] == pytest.approx(float(length_B.mean()), rel=1e-6)
 
 
 @pytest.mark.parametrize("mode, replays_old_pass", [("r2", True), ("r3", False)])
