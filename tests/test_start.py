@@ -2,17 +2,19 @@
 (the loop's end-to-end resume tests are in tests/test_loop.py)."""
 
 import dataclasses
+import json
 import os
 import shutil
 
 import jax
+import numpy as np
 import pytest
 
 from pr2_jax.config import ModelConfig
 from pr2_jax.parallel.mesh import make_mesh
-from pr2_jax.rl import loop, records, start
+from pr2_jax.rl import balancing, loop, records, start
 from pr2_jax.rl.config import ExperimentConfig, RLConfig, SetupError, SFTConfig
-from pr2_jax.train.checkpoint import Checkpointer
+from pr2_jax.train.checkpoint import Checkpointer, SetupMismatchError
 
 
 def _config(**kw):
@@ -108,3 +110,75 @@ def test_a_resume_never_reads_init_from_and_the_rerun_plan_says_what_happens(tmp
                                   sft=SFTConfig(num_steps=0, batch_size=8))
   assert start.rerun_plan(no_warmup, str(tmp_path / "hf")) == (
       "no RL checkpoint yet; rerunning the same command starts RL from /ckpt again")
+
+
+def _write_rows(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_rows(path):
+  return [(r["phase"], r["step"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_a_resume_restores_the_skip_count_and_balancer_and_drops_only_later_rl_rows(tmp_path):
+  """What a resume takes from the checkpoint besides the state: the skip count (the next skips
+  add to it), the balancer's EMA and layout (else a resumed run plans its first step from one
+  step's loads, unlike the uninterrupted run), and the rows it rewrites: RL rows after the
+  checkpoint's step, not that step's nor the warm-up's. Step 2 of a 2-step run: "already
+  complete" (at == num_steps, not only beyond it)."""
+  engine = loop.Engine(_config(), make_mesh(1, 1, devices=jax.devices()[:1]))
+  saved = balancing.StepState(ema_LE=np.array([[0.25, 1.5, 3.0, 0.125]]),
+                              layout_LDS=np.array([[[0, 1], [2, 3]]], np.int32))
+  engine.balance_state = saved
+  rl_dir = start.rl_checkpoint_dir(str(tmp_path))
+  with Checkpointer(rl_dir) as ck:
+    start.save_rl_checkpoint(ck, engine, 2, engine.state, 2)
+    ck.wait()
+  _write_rows(tmp_path / "metrics.jsonl", [
+      {"phase": "sft", "step": 4}, {"phase": "sft_eval", "step": 0}, {"phase": "rl", "step": 1},
+      {"phase": "rl", "step": 2}, {"phase": "rl", "step": 3}])
+  engine.balance_state = balancing.StepState()  # what a new process starts with
+  messages = []
+  with Checkpointer(rl_dir) as ck:
+    resumed = start.start_or_resume(engine, ck, str(tmp_path), emit=print, warn=messages.append,
+                                    info=messages.append)
+  assert (resumed.step, resumed.consecutive_skips, resumed.resumed_from) == (2, 2, 2)
+  assert messages == [f"resuming from the RL checkpoint of step 2 in {rl_dir} (already complete)"]
+  np.testing.assert_array_equal(engine.balance_state.ema_LE, saved.ema_LE)
+  np.testing.assert_array_equal(engine.balance_state.layout_LDS, saved.layout_LDS)
+  assert _read_rows(tmp_path / "metrics.jsonl") == [("sft", 4), ("sft_eval", 0), ("rl", 1),
+                                                    ("rl", 2)]
+
+
+def test_an_allowed_fresh_start_keeps_a_restored_warm_ups_rows_and_checks_its_setup(tmp_path):
+  """A fresh start allowed over an earlier run's rows (its RL checkpoints gone) restores the
+  warm-up and drops the RL rows and the old `sft_eval` row (the caller appends the new one: two
+  step-0 evaluations otherwise), keeping the warm-up's `sft` rows. The warm-up checkpoint records
+  the warm-up's whole setup: another SFT learning rate is refused, not silently reused."""
+  work = str(tmp_path)
+  engine = loop.Engine(_config(), make_mesh(1, 1, devices=jax.devices()[:1]))
+  engine.warmup = lambda *args: engine.state.params
+  engine.evaluate = lambda params: 0.25
+  with Checkpointer(start.rl_checkpoint_dir(work)) as ck:
+    start.start_or_resume(engine, ck, work, emit=print, warn=print, info=print)
+  shutil.rmtree(start.rl_checkpoint_dir(work))
+  _write_rows(tmp_path / "metrics.jsonl", [
+      {"phase": "sft", "step": 2}, {"phase": "sft", "step": 4}, {"phase": "sft_eval", "step": 0},
+      {"phase": "rl", "step": 1}])
+  rows, messages = [], []
+  with Checkpointer(start.rl_checkpoint_dir(work)) as ck:
+    fresh = start.start_or_resume(engine, ck, work, emit=rows.append, warn=messages.append,
+                                  info=messages.append, allow_fresh_start=True)
+  assert fresh.resumed_from is None and messages == []  # restored: no "warm-up:" message
+  assert rows == [{"phase": "sft_eval", "step": 0, "eval_reward": 0.25}]
+  assert _read_rows(tmp_path / "metrics.jsonl") == [("sft", 2), ("sft", 4)]
+  shutil.rmtree(start.rl_checkpoint_dir(work))
+  cfg = _config()
+  other = loop.Engine(dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft,
+                                                                       learning_rate=0.5)),
+                      engine.mesh)
+  with Checkpointer(start.rl_checkpoint_dir(work)) as ck:
+    with pytest.raises(SetupMismatchError, match=r"checkpoint step 4 in .*/checkpoints/sft was "
+                                                 r"written with another setup than this run: "
+                                                 r"sft\.learning_rate: checkpoint "):
+      start.start_or_resume(other, ck, work, emit=print, warn=print, info=print)
