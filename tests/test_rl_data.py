@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pr2_jax.rl import data
+from pr2_jax.rl import data, tasks
 from pr2_jax.rl.char_tokenizer import CharTokenizer
 from pr2_jax.rl.tasks import Problem, make_task
 
@@ -62,3 +62,32 @@ def test_char_tokenizer_is_checked_against_the_model_and_the_task():
     data.char_tokenizer(Arrows(), 32)
   with pytest.raises(SetupError, match="ModelConfig.vocab_size=16 is below the tokenizer's 24"):
     data.char_tokenizer(make_task("arithmetic"), 16)
+
+
+class _SometimesLong(tasks.Task):
+  """Prompts "d+1=" (4 characters) but "dd+1=" (5, one over its 4 slots) when the digit is 7:
+  about one problem in ten, not the first of the checked sample."""
+  name, max_prompt_len, max_answer_len = "sometimes_long", 4, 2
+
+  def _generate(self, rng):
+    d = int(rng.integers(0, 10))
+    return Problem(f"{d}{d}+1=" if d == 7 else f"{d}+1=", str(d + 1), str(d + 1), (d,))
+
+  def reward(self, problem, completion):
+    return 0.0
+
+
+def test_tokenizer_check_takes_a_vocabulary_filled_exactly_and_text_one_slot_too_long():
+  """The character tokenizer's 24 ids fit a 24-row embedding exactly (23 do not); a prompt one
+  token over its task's slots is refused even when only some sampled problems have it (the
+  check reads a fixed sample of CHECK_PROBLEMS, not one problem)."""
+  task = _SometimesLong()
+  first = task.sample(np.random.default_rng(0), data.CHECK_PROBLEMS)
+  assert first[0].prompt != "77+1=" and "77+1=" in [p.prompt for p in first]
+  assert data.char_tokenizer(make_task("arithmetic"), 24).vocab_size == 24
+  data.check_task_tokenizer(CharTokenizer(), make_task("arithmetic"), 24)
+  with pytest.raises(ValueError, match="has 24 ids, more than the model's vocab_size=23"):
+    data.check_task_tokenizer(CharTokenizer(), make_task("arithmetic"), 23)
+  with pytest.raises(ValueError, match=r"encodes '77\+1=' in 5 tokens, more than the task's 4 "
+                                       r"slots"):
+    data.check_task_tokenizer(CharTokenizer(), task, 24)
