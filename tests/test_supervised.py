@@ -48,6 +48,19 @@ def test_next_token_loss_hand_worked():
   assert float(loss) < 1e-6 and float(acc) == 1.0
 
 
+
+def test_next_token_loss_is_a_mean_over_tokens_not_sequences():
+  """Rows with different numbers of targets weigh by their targets: row 0 has one, predicted
+  with confidence (nll 0), row 1 three under uniform logits over V = 4 (ln 4 each, argmax 0,
+  all wrong). Token mean: loss 3 ln 4 / 4, accuracy 1 / 4; a mean of per-row means would
+  give ln 4 / 2 and 1 / 2."""
+  logits = jnp.zeros((2, 4, 4)).at[0, 2, 2].set(50.0)
+  tokens = jnp.array([[0, 3, 1, 2], [0, 1, 2, 3]])
+  mask = jnp.array([[0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+  loss, acc = supervised.next_token_loss(logits, tokens, mask)
+  np.testing.assert_allclose(float(loss), 3 * np.log(4.0) / 4, rtol=1e-6)
+  np.testing.assert_allclose(float(acc), 0.25, rtol=1e-6)
+
 def test_golden_loss_after_one_step():
   """Single device: the loss after one AdamW step matches the recorded value."""
   _, m1, m2 = _two_steps(_mesh(1, 1))
@@ -172,6 +185,36 @@ def test_train_loop_loss_falls():
   assert seen == [1, 10, 20, 30, 40]
   assert history[-1]["loss"] < 0.8 * history[0]["loss"]
 
+
+
+def test_train_passes_its_settings_to_the_optimizer_and_the_batches():
+  """`train` with warm-up, weight decay, clipping and a seed of its own matches three steps of
+  `make_train_step` under an optimizer built apart (optax's clip and AdamW; the schedule by
+  hand: warm-up 1 then cosine over 2 steps to 0.1 lr: 0, lr, 0.55 lr) on the seed's
+  reverse-copy batches of `num_digits`. A setting dropped on its way (weight decay, grad
+  clip 0.05, which binds here, the warm-up) or another batch shape changes the losses or
+  the weights."""
+  cfg = supervised.SupervisedConfig(batch_size=8, num_digits=3, num_steps=3, learning_rate=1e-2,
+                                    warmup_steps=1, weight_decay=0.1, grad_clip=0.05, seed=3,
+                                    log_every=1)
+  model_cfg = ModelConfig(vocab_size=32, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                          expert_d_ff=32, num_experts=4, top_k=2, num_layers=1)
+  mesh = _mesh(1, 1)
+  state, history = supervised.train(model_cfg, cfg, mesh)
+  model = MoETransformer(model_cfg, mesh)
+  lrs = jnp.array([0.0, 1e-2, 0.55e-2])
+  tx = optax.chain(optax.clip_by_global_norm(0.05),
+                   optax.adamw(lambda count: lrs[count], weight_decay=0.1))
+  ref, shardings = create_train_state(model, tx, jax.random.key(3), mesh)
+  step = supervised.make_train_step(model, tx, mesh, shardings)
+  rng, losses = np.random.default_rng(3), []
+  for _ in range(3):
+    ref, m = step(ref, synthetic.reverse_copy_batch(rng, 8, 3))
+    losses.append(float(m["loss"]))
+    assert float(m["grad_norm"]) > 0.05  # the clip binds at every step
+  np.testing.assert_allclose([h["loss"] for h in history], losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               state.params, ref.params)
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(batch_size=0), "batch_size"), (dict(num_steps=0), "num_steps"),
