@@ -223,6 +223,27 @@ def test_make_optimizer_clips_the_global_norm_before_adam():
   np.testing.assert_allclose(updates[1], want[1], rtol=1e-5)
 
 
+
+def test_make_optimizer_defaults_are_adams_betas_and_eps():
+  """The RL learner and the warm-up take make_optimizer's defaults (b1 0.9, b2 0.999, eps 1e-8,
+  docs/benchmarks.md): the first Adam step is sign(g) whatever they are, so three steps of
+  unclipped gradients of different sizes against a numpy Adam show them."""
+  lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+  grads = [np.array([0.3, -0.02], np.float32), np.array([0.01, 0.5], np.float32),
+           np.array([-0.2, 0.05], np.float32)]
+  tx = make_optimizer(lr)
+  p = jnp.zeros(2)
+  state, got = tx.init(p), []
+  for g in grads:
+    update, state = tx.update(jnp.asarray(g), state, p)
+    p = optax.apply_updates(p, update)
+    got.append(np.asarray(update))
+  mu, nu = np.zeros(2), np.zeros(2)
+  for t, (g, update) in enumerate(zip(grads, got), 1):
+    mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g**2
+    want = -lr * (mu / (1 - b1**t)) / (np.sqrt(nu / (1 - b2**t)) + eps)
+    np.testing.assert_allclose(update, want, rtol=1e-4, err_msg=f"step {t}")
+
 def test_train_only_steps_the_named_parameters_as_alone_and_freezes_the_rest():
   """grad_clip 1 and weight decay 0.5: the router's gradient [0.3, 0.4] (norm 0.5) is not
   clipped, though with the frozen [30, 40] the global norm would be 50 and scale it by 1/50;
