@@ -182,3 +182,29 @@ def test_an_allowed_fresh_start_keeps_a_restored_warm_ups_rows_and_checks_its_se
                                                  r"written with another setup than this run: "
                                                  r"sft\.learning_rate: checkpoint "):
       start.start_or_resume(other, ck, work, emit=print, warn=print, info=print)
+
+
+def test_a_fresh_start_evaluates_and_saves_the_warmed_up_params_not_the_init(tmp_path):
+  """The warm-up's params (here the init + 1) are what the `sft_eval` row measures, what RL
+  starts from and what both checkpoints hold: a resume of step 0, and a fresh start after the
+  RL checkpoints are gone (the warm-up restored), continue from them, not from the init."""
+  work, rl_dir = str(tmp_path), start.rl_checkpoint_dir(str(tmp_path))
+  engine = loop.Engine(_config(), make_mesh(1, 1, devices=jax.devices()[:1]))
+  warm = jax.device_get(jax.tree.map(lambda x: x + 1.0, engine.state.params))
+  engine.warmup = lambda *args: jax.tree.map(jax.numpy.asarray, warm)
+  evaluated = []
+  engine.evaluate = lambda params: evaluated.append(jax.device_get(params)) or 0.5
+  starts = []
+  for _ in range(2):  # fresh, then a resume of step 0
+    with Checkpointer(rl_dir) as ck:
+      starts.append(start.start_or_resume(engine, ck, work, emit=print, warn=print, info=print))
+      ck.wait()
+  assert [s.resumed_from for s in starts] == [None, 0]
+  shutil.rmtree(rl_dir)
+  engine.warmup = None  # restored from the warm-up checkpoint, not run again
+  with Checkpointer(rl_dir) as ck:
+    starts.append(start.start_or_resume(engine, ck, work, emit=print, warn=print, info=print))
+  assert starts[-1].resumed_from is None and len(evaluated) == 2
+  for params in evaluated + [s.state.params for s in starts]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6),
+                 params, warm)
