@@ -72,3 +72,17 @@ def test_encode_batch_too_long(tok):
     tok.encode_batch(["1=", "12+34="], 6)
   with pytest.raises(ValueError, match="unknown|not in the vocabulary"):
     tok.encode_batch(["a"], 6)
+
+
+def test_generation_stops_on_eos_only(tok):
+  """stop_ids feeds the sampler and the RL loop's response cut: PAD (0) or BOS (1) there would
+  end a response at a token that is not EOS."""
+  assert tok.stop_ids == (2,) == (tok.eos_id,)
+
+
+def test_encode_batch_length_zero_is_allowed_negative_is_not(tok):
+  """length=0 is a valid (empty) layout for texts that encode to nothing; only < 0 is an error."""
+  ids, valid = tok.encode_batch(["", ""], 0, bos=False)
+  assert ids.shape == valid.shape == (2, 0)
+  with pytest.raises(ValueError, match="length=-1 must be >= 0"):
+    tok.encode_batch([], -1)
