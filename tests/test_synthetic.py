@@ -26,3 +26,17 @@ def test_deterministic_for_a_seed():
 def test_bad_sizes():
   with pytest.raises(ValueError, match="num_digits=0"):
     synthetic.reverse_copy_batch(np.random.default_rng(0), 2, 0)
+
+
+def test_digits_cover_0_to_9_and_fit_min_vocab():
+  """Digits are uniform over all ten values (tokens 4..13): a draw from [0, 9) or [1, 10) never
+  shows one of them. MIN_VOCAB (the model's smallest allowed vocab) is the largest token + 1."""
+  toks = synthetic.reverse_copy_batch(np.random.default_rng(0), 64, 8)["tokens"]
+  assert set(np.unique(toks[:, 1:9]).tolist()) == set(range(4, 14))
+  assert toks.max() + 1 == synthetic.MIN_VOCAB == 14
+
+
+def test_empty_batch_is_rejected():
+  """batch=0 would return [0, T] arrays that silently train on nothing."""
+  with pytest.raises(ValueError, match="batch=0"):
+    synthetic.reverse_copy_batch(np.random.default_rng(0), 0, 3)
