@@ -269,3 +269,104 @@ def test_problems_are_named_after_their_task_even_if_generate_forgets():
   mix = tasks.Mixture([task, tasks.make_task("arithmetic")])
   for problem in mix.sample(rng, 16) + mix.eval_set(8):
     assert mix.reward(problem, problem.answer) == 1.0
+
+
+def _assert_draws_exactly(task, space):
+  """Train sampling yields every (prompt, solution) pair of `space` whose prompt is not held
+  out and nothing else; eval_set yields every held-out prompt."""
+  train = {pair for pair in space if not tasks.is_eval_prompt(pair[0], task.eval_fraction)}
+  assert {(p.prompt, p.solution) for p in task.sample(np.random.default_rng(0), 2000)} == train
+  held = {prompt for prompt, _ in space} - {prompt for prompt, _ in train}
+  assert held and {p.prompt for p in task.eval_set(len(held))} == held
+
+
+_DIGITS = range(10)
+_ARITH_SPACES = [  # (ops, allow_negative, every (prompt, answer) of 1-digit operands, by hand)
+    ("+", False, {(f"{a}+{b}=", str(a + b)) for a in _DIGITS for b in _DIGITS}),
+    ("-", False, {(f"{a}-{b}=", str(a - b)) for a in _DIGITS for b in _DIGITS if a >= b}),
+    ("-", True, {(f"{a}-{b}=", str(a - b)) for a in _DIGITS for b in _DIGITS}),
+    ("/", False, {(f"{q * b}/{b}=", str(q)) for b in range(1, 10) for q in range(9 // b + 1)}),
+]
+
+
+@pytest.mark.parametrize("ops, allow_negative, space", _ARITH_SPACES)
+def test_arithmetic_draws_exactly_its_problem_space(ops, allow_negative, space):
+  """Sampling reaches every train prompt of the space and nothing else: operands in [0, 9]
+  (both ends), negative differences iff allow_negative, every exact quotient up to 9 // b.
+  The lengths are tight: max_prompt_len / max_answer_len are reached ("9+9=" -> "18",
+  "0-9=" -> "-9", "9/1=" -> "9")."""
+  task = tasks.Arithmetic(num_digits=1, ops=ops, allow_negative=allow_negative)
+  _assert_draws_exactly(task, space)
+  assert task.max_prompt_len == 4 == max(len(p) for p, _ in space)
+  assert task.max_answer_len == max(len(a) for _, a in space) == {
+      ("+", False): 2, ("-", False): 1, ("-", True): 2, ("/", False): 1}[ops, allow_negative]
+
+
+def test_arithmetic_answer_length_per_op():
+  """Each op's longest answer, by hand for 2 digits: "99+99=" -> "198", "0-99=" -> "-99" only
+  with allow_negative, "99*99=" -> "9801", "99/1=" -> "99"; a mix takes the longest."""
+  lens = {ops: tasks.Arithmetic(num_digits=2, ops=ops).max_answer_len
+          for ops in ["+", "-", "*", "/", "-/", "+-"]}
+  assert lens == {"+": 3, "-": 2, "*": 4, "/": 2, "-/": 2, "+-": 3}
+  assert tasks.Arithmetic(num_digits=2, ops="-", allow_negative=True).max_answer_len == 3
+  assert tasks.Arithmetic(num_digits=2, ops="-/", allow_negative=True).max_answer_len == 3
+  p = tasks.Arithmetic(num_digits=2, ops="-", allow_negative=True)._generate(_Draws(0, 3, 15))
+  assert (p.prompt, p.answer, p.meta) == ("3-15=", "-12", (3, "-", 15, -12))  # not swapped
+
+
+def test_countdown_draws_exactly_its_problem_space():
+  """Numbers in [1, max_number] (both ends), targets in [0, max_target] (both ends: "1 1:0="
+  and "3 3:9="), negative values redrawn; every (prompt, solution) by hand for 2 numbers <= 3."""
+  task = tasks.Countdown(num_numbers=2, max_number=3)
+  assert task.max_target == 9
+  space = {(f"{a} {b}:{v}=", f"{a}{op}{b}") for a in range(1, 4) for b in range(1, 4)
+           for op, v in [("+", a + b), ("-", a - b), ("*", a * b)] if v >= 0}
+  _assert_draws_exactly(task, space)
+  capped = tasks.Countdown(num_numbers=2, max_number=3, max_target=4)
+  _assert_draws_exactly(capped, {(p, s) for p, s in space if int(p[4:-1]) <= 4})
+
+
+def test_countdown_shuffle_lists_numbers_in_random_order():
+  """shuffle=True lists the solution's numbers in either order ("3 1:4=" for "1+3"), and meta
+  holds the numbers as shown (shuffle=False: test_countdown_generation)."""
+  task = tasks.Countdown(num_numbers=2, max_number=3, ops="+", shuffle=True)
+  space = {(f"{x} {y}:{a + b}=", f"{a}+{b}") for a in range(1, 4) for b in range(1, 4)
+           for x, y in [(a, b), (b, a)]}
+  _assert_draws_exactly(task, space)
+  problems = task.sample(np.random.default_rng(0), 200) + task.eval_set(3)
+  assert all(p.prompt.startswith(" ".join(map(str, p.meta[0])) + ":") for p in problems)
+
+
+def test_countdown_max_target_is_capped_by_the_reachable_bound():
+  """A max_target above what the numbers can reach (9**3 = 729) does not widen the prompt."""
+  task = tasks.Countdown(max_target=10**6)
+  assert (task.max_target, task.max_prompt_len) == (729, 10)
+  assert tasks.Countdown(ops="+-", max_target=10**6).max_target == 27  # 9+9+9
+
+
+def test_split_boundary_bucket():
+  """The held-out buckets are [0, round(f * 10000)): "13+29=" hashes to bucket 999, held out at
+  0.1; "92+53=" to bucket 1000, the first one kept for training at 0.1 (held out at 0.1001)."""
+  assert tasks.is_eval_prompt("13+29=", 0.1) and not tasks.is_eval_prompt("13+29=", 0.0999)
+  assert not tasks.is_eval_prompt("92+53=", 0.1) and tasks.is_eval_prompt("92+53=", 0.1001)
+
+
+def test_mixture_eval_set_largest_remainder():
+  """weights 2:1 -> exact shares 2.67/1.33 of 4 -> 3/1 (the larger remainder gets the spare),
+  of 5 -> 3.33/1.67 -> 3/2."""
+  mix = tasks.Mixture([tasks.Arithmetic(), tasks.Countdown()], weights=[2, 1])
+  assert [p.task for p in mix.eval_set(4)] == ["arithmetic"] * 3 + ["countdown"]
+  assert [p.task for p in mix.eval_set(5)] == ["arithmetic"] * 3 + ["countdown"] * 2
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: tasks.Arithmetic(eval_fraction=0.0), r"eval_fraction=0.0 must be in \(0, 1\)"),
+    (lambda: tasks.Countdown(format_reward=1.0), r"format_reward=1.0 must be in \[0, 1\)"),
+    (lambda: tasks.Arithmetic(ops="++"), r"ops='\+\+' must be distinct"),
+    (lambda: tasks.Countdown(ops="**"), r"ops='\*\*' must be distinct"),
+])
+def test_option_bounds(make, match):
+  """eval_fraction 0 has no held-out split; format_reward 1 pays a wrong value in full; a
+  repeated op silently reweights the ops."""
+  with pytest.raises(ValueError, match=match):
+    make()
