@@ -33,6 +33,16 @@ def test_arithmetic_rewards():
     assert task.reward(p, wrong) == 0.0, wrong
   q = _problem("3-15=")
   assert task.reward(q, "-12") == 1.0 and task.reward(q, "12") == 0.0
+  assert task.reward(q, "-0012") == 1.0 and task.reward(q, "--12") == 0.0
+
+
+def test_arithmetic_reward_of_a_very_long_answer_is_a_value_not_an_error():
+  """int() refuses strings of more than 4,300 digits: a long response raised ValueError."""
+  task = tasks.Arithmetic()
+  assert task.reward(_problem("12+34="), "1" * 4301) == 0.0
+  assert task.reward(_problem("12+34="), "0" * 5000 + "46") == 1.0  # as int() would read it
+  zero = _problem("5-5=")
+  assert task.reward(zero, "0") == task.reward(zero, "-0") == task.reward(zero, "000") == 1.0
 
 
 def test_arithmetic_generation():
@@ -166,6 +176,9 @@ def test_mixture():
     mix.reward(tasks.Problem("1+1=", "2", "2", (1, "+", 1, 2), "other"), "2")
   with pytest.raises(ValueError, match="distinct names"):
     tasks.Mixture([tasks.Arithmetic(), tasks.Arithmetic(num_digits=3)])
+  # A nested Mixture's problems carry its inner tasks' names: it sampled, then could not score.
+  with pytest.raises(ValueError, match=r"Mixture of mixtures \['mixture\(arithmetic,countdown"):
+    tasks.Mixture([mix, tasks.Arithmetic(num_digits=3, name="a3")])
   named = tasks.Mixture([tasks.Arithmetic(), tasks.Arithmetic(num_digits=3, name="arith3")])
   assert {p.task for p in named.sample(np.random.default_rng(0), 100)} == {"arithmetic", "arith3"}
 

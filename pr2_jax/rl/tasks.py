@@ -173,7 +173,14 @@ class Arithmetic(Task):
 
   def reward(self, problem, completion):
     text = completion.strip()
-    return 1.0 if _INT_RE.fullmatch(text) and int(text) == problem.meta[-1] else 0.0
+    if not _INT_RE.fullmatch(text):
+      return 0.0
+    # Compared as digit strings, as int(text) would compare them: int() refuses more than
+    # 4,300 digits (a long response raised instead of scoring 0).
+    digits = text.lstrip("-").lstrip("0") or "0"
+    value = problem.meta[-1]
+    return 1.0 if (digits, text[0] == "-" and digits != "0") == (
+        str(abs(value)), value < 0) else 0.0
 
 
 # ---------------------------------------------------------------------------- countdown
@@ -266,10 +273,14 @@ class Countdown(Task):
 # ---------------------------------------------------------------------------- mixture, registry
 
 class Mixture(Task):
-  """Problems drawn from several tasks with `weights` (uniform by default)."""
+  """Problems drawn from several tasks (not mixtures) with `weights` (uniform by default)."""
 
   def __init__(self, tasks: Sequence[Task], weights: Sequence[float] | None = None):
     names = [t.name for t in tasks]
+    nested = [t.name for t in tasks if isinstance(t, Mixture)]
+    if nested:  # its problems carry the inner tasks' names, which this one could not score
+      raise ValueError(f"Mixture of mixtures {nested}: list their tasks in one Mixture, with "
+                       "weights multiplied out")
     if not tasks or len(set(names)) != len(names):
       raise ValueError(f"Mixture needs >= 1 task with distinct names, got {names}")
     w = np.ones(len(tasks)) if weights is None else np.asarray(weights, np.float64)
