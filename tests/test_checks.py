@@ -1,5 +1,7 @@
 """Tests for pr2_jax.checks: the shared static and host-side input checks."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,3 +164,25 @@ def test_check_distribution_wants_rows_that_sum_to_one_and_passes_over_tracers()
 def test_safe_div_is_a_true_weighted_mean_and_zero_when_nothing_counts():
   np.testing.assert_allclose(checks.safe_div(jnp.array([0.5, 3.0, 0.0]),
                                              jnp.array([0.25, 2.0, 0.0])), [2.0, 1.5, 0.0])
+
+
+def test_check_distribution_refuses_rows_just_beyond_the_one_percent_tolerance():
+  """The tolerance is 0.01, no wider: a row summing to 1.05 or 0.95 (probabilities of a
+  mis-scaled softmax, say) is refused, while 1.009 and 0.991 (bfloat16 rounding) pass. The
+  existing cases (sums 1.005 and 3) left a tolerance of 0.1 unnoticed."""
+  checks.check_distribution("p", np.array([[0.5, 0.509], [0.5, 0.491]]), "what")
+  for row, total in (([0.5, 0.55], "1.05"), ([0.5, 0.45], "0.95")):
+    with pytest.raises(ValueError, match=rf"p\[1\] sums to {total}, expected 1"):
+      checks.check_distribution("p", np.array([[0.25, 0.75], row]), "what")
+
+
+def test_an_array_not_held_whole_by_this_process_is_not_concrete():
+  """A jax.Array spanning other processes cannot be read on the host (np.asarray raises): it is
+  not concrete, so the value checks pass over it and require_concrete names it. Only the
+  tracer half of the rule was tested; a stand-in array reports is_fully_addressable=False."""
+  spanning = mock.create_autospec(jax.Array, instance=True)
+  spanning.is_fully_addressable = False
+  assert not checks.is_concrete(spanning)
+  checks.check_ids(spanning, "ids", 0, 4, "num_experts")  # passes over it, reads nothing
+  with pytest.raises(TypeError, match="an array not held whole by this process"):
+    checks.require_concrete("x", spanning, "fn")
