@@ -54,6 +54,9 @@ def test_replace_revalidates():
     (dict(capacity_factor=-1.0), r"capacity_factor=-1.0 must be >= 0"),
     (dict(aux_loss_coef=-0.1), r"aux_loss_coef=-0.1 must be >= 0"),
     (dict(fsdp=1), r"ModelConfig.fsdp must be a bool, got 1"),
+    # a string from a command line or JSON is truthy: "false" would tie the head silently
+    (dict(tie_embeddings="false"), r"ModelConfig.tie_embeddings must be a bool, got 'false'"),
+    (dict(norm_topk_prob=0), r"ModelConfig.norm_topk_prob must be a bool, got 0"),
     (dict(rope_theta=0.0), r"ModelConfig.rope_theta must be > 0, got 0.0"),
     (dict(rms_norm_eps=-1e-6), r"ModelConfig.rms_norm_eps must be > 0, got -1e-06"),
     (dict(rope_theta=float("inf")), r"ModelConfig.rope_theta must be a finite real .* inf"),
