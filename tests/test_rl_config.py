@@ -2,7 +2,8 @@
 
 import pytest
 
-from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig, replay_phases
+from pr2_jax.rl.config import (ExperimentConfig, RLConfig, SetupError, SFTConfig,
+                               replay_phases)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -16,7 +17,9 @@ from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig, replay_phas
     (dict(group_size=1, prompts_per_step=4), "group_size=1 must be >= 2"),
     (dict(off_policy_k=0), "off_policy_k must be a positive int"),
     (dict(clip_low=1.5), "clip_low=1.5 must be < 1"),
+    (dict(clip_low=1.0), "clip_low=1.0 must be < 1"),  # 1 - ε_low = 0 clips nothing below
     (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_p=1.5), r"RLConfig.top_p=1.5 must be in \(0, 1\]"),
     (dict(temperature=0.0), "temperature=0"),
     (dict(learning_rate=0.0), "learning_rate must be > 0"),
     (dict(balance_mode="eplb"),
@@ -29,6 +32,8 @@ from pr2_jax.rl.config import ExperimentConfig, RLConfig, SFTConfig, replay_phas
     (dict(redundant_slots=-1), r"RLConfig.redundant_slots must be an int >= 0, got -1"),
     (dict(redundant_slots=1.5), r"RLConfig.redundant_slots must be an int >= 0, got 1.5"),
     (dict(eval_every=2.5), r"RLConfig.eval_every must be an int >= 0, got 2.5"),
+    (dict(logits_chunk=-1), r"RLConfig.logits_chunk must be an int >= 0, got -1"),
+    (dict(logits_chunk=2.5), r"RLConfig.logits_chunk must be an int >= 0, got 2.5"),
     (dict(num_steps=True), r"RLConfig.num_steps must be a positive int, got True"),
     (dict(capacity_buckets=2.0), r"RLConfig.capacity_buckets=2.0 must be a positive int"),
     (dict(grad_clip=-1.0), r"RLConfig.grad_clip must be > 0, got -1.0"),
@@ -66,6 +71,16 @@ def test_micro_batch_must_split_over_token_shards():
   c.validate_mesh(4)
   with pytest.raises(ValueError, match="micro-batch size 4 .* 8 token shards"):
     c.validate_mesh(8)
+
+
+def test_eval_size_must_split_over_token_shards():
+  """Evaluation batches of eval_size split over the token shards like the micro-batches: a size
+  that does not divide is a SetupError at start-up (the micro-batch check alone passed)."""
+  c = RLConfig(prompts_per_step=8, group_size=4, off_policy_k=2, micro_steps=2, eval_size=12)
+  c.validate_mesh(4)  # micro-batch 8 and eval_size 12 both split over 4 shards
+  with pytest.raises(SetupError, match=r"RLConfig.eval_size=12 must be divisible by the 8 "
+                                       r"token shards"):
+    c.validate_mesh(8)  # the micro-batch of 8 would split
 
 
 def test_experiment_from_dict_rejects_unknown_fields():
@@ -323,6 +338,10 @@ def test_temperatures_below_the_float32_limit_are_refused():
     with pytest.raises(ValueError, match=rf"RLConfig.{name}=1e-39 is below 1e-06"):
       RLConfig(**{name: 1e-39})
   assert RLConfig(eval_temperature=0.0).eval_temperature == 0.0  # greedy evaluation
+  # The bound is MIN_TEMPERATURE = 1e-6 itself: just below it is refused, it is accepted.
+  with pytest.raises(ValueError, match=r"RLConfig.temperature=5e-07 is below 1e-06"):
+    RLConfig(temperature=5e-7)
+  assert RLConfig(temperature=1e-6, eval_temperature=1e-6).temperature == 1e-6
 
 
 def test_planner_and_bucket_settings_that_nothing_reads_are_refused():
