@@ -369,3 +369,78 @@ def test_a_second_interrupt_inside_a_save_acts_at_once(tmp_path, monkeypatch):
       ck.save(1, {"x": jnp.arange(4.0)}, {})
   assert seen == ["first deferred"]
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_by_default_the_two_newest_steps_are_kept(tmp_path):
+  """max_to_keep defaults to 2: the run's checkpoint and one to fall back to. The explicit
+  max_to_keep of the other tests left the default free to keep more (or fewer)."""
+  with Checkpointer(str(tmp_path)) as ck:
+    for step in (1, 2, 3):
+      ck.save(step, {"x": jnp.float32(step)}, {})
+    ck.wait()
+    assert ck.all_steps() == [2, 3]
+
+
+def _two_steps(tmp_path, meta):
+  """Saves steps 1 and 2 of `_random_states` with `meta`; returns (states, abstract)."""
+  states = _random_states()
+  with Checkpointer(str(tmp_path)) as ck:
+    for step, state in enumerate(states, 1):
+      ck.save(step, state, meta)
+    ck.wait()
+  return states, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states[0])
+
+
+def test_restore_verifies_the_state_and_restore_meta_the_metadata_alone(tmp_path):
+  """`restore` itself checks the state's files (not only via restore_newest_good); restore_meta
+  checks the metadata's files and not the state's, which it does not read. A flipped digit in
+  the metadata (still valid JSON, same size) is damage, so a resume falls back to step 1: read
+  unverified, it was taken for another setup (SetupMismatchError)."""
+  _, abstract = _two_steps(tmp_path, {"model": {"d": 1}})
+  flipped = flip_bytes(str(tmp_path / "2"))
+  with Checkpointer(str(tmp_path)) as ck:
+    with pytest.raises(CheckpointError, match=f"{flipped} changed since it was saved"):
+      ck.restore(2, abstract)
+    assert ck.restore_meta(2) == {"model": {"d": 1}}
+  meta_file = tmp_path / "1" / "meta" / "metadata"
+  meta_file.write_text(meta_file.read_text().replace("1", "7"))
+  with Checkpointer(str(tmp_path)) as ck:
+    with pytest.raises(CheckpointError, match="meta/metadata changed since it was saved"):
+      ck.restore_meta(1)
+  # Step 2's state and step 1's metadata damaged: a resume falls back past both, no mismatch.
+  with Checkpointer(str(tmp_path)) as ck:
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint: checkpoint step 2 .*"
+                                              r"; checkpoint step 1 .*meta/metadata changed"):
+      ck.restore_newest_good(abstract, {"model": {"d": 1}})
+
+
+def test_a_damaged_checksums_file_or_a_truncated_file_is_named(tmp_path):
+  """checksums.json that is not JSON is a CheckpointError naming it (a bare JSONDecodeError
+  escaped the checks' own error type); a file of another size is named with both sizes."""
+  _, abstract = _two_steps(tmp_path, {})
+  checksums = tmp_path / "2" / checkpoint.CHECKSUMS
+  checksums.write_text(checksums.read_text()[:40])
+  manifest = tmp_path / "1" / "state" / "manifest.ocdbt"
+  size = os.path.getsize(manifest)
+  with open(manifest, "r+b") as f:
+    f.truncate(size - 1)
+  with Checkpointer(str(tmp_path)) as ck:
+    with pytest.raises(CheckpointError, match=rf"{checkpoint.CHECKSUMS} is damaged "
+                                              r"\(JSONDecodeError: "):
+      ck.restore(2, abstract)
+    with pytest.raises(CheckpointError, match=rf"state/manifest.ocdbt has {size - 1} bytes, "
+                                              rf"{size} when saved"):
+      ck.restore(1, abstract)
+
+
+def test_a_section_the_checkpoint_did_not_record_is_not_compared(tmp_path):
+  """expect_meta sections a checkpoint lacks (a field added to the run identity since, such as
+  hf_checkpoint) are skipped, not a KeyError out of the resume; recorded ones still count."""
+  states, abstract = _two_steps(tmp_path, {"model": {"d": 1}})
+  with Checkpointer(str(tmp_path)) as ck:
+    step, restored, meta, problems = ck.restore_newest_good(
+        abstract, {"model": {"d": 1}, "hf_checkpoint": "/some/dir"})
+    assert (step, meta, problems) == (2, {"model": {"d": 1}}, [])
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(states[1]["w"]))
+    with pytest.raises(SetupMismatchError, match=r"model.d: checkpoint 1, this run 2"):
+      ck.restore_newest_good(abstract, {"model": {"d": 2}, "hf_checkpoint": "/some/dir"})
