@@ -308,6 +308,60 @@ def test_dense_layers_shrink_the_routes_layer_axis():
   np.testing.assert_array_equal(mixed.routes[:, :, 1], routes[:, :, 1])
 
 
+CFG3 = CFG.replace(num_layers=3, dense_layers=(0,), dense_d_ff=48)  # layer 0 dense, 1-2 MoE
+
+
+def _with(params, layer, path, value):
+  """`params` with params[layer][path...] set to `value` (a new tree; the cache is kept)."""
+  def put(tree, keys):
+    return {**tree, keys[0]: value if len(keys) == 1 else put(tree[keys[0]], keys[1:])}
+  return put(params, (layer,) + tuple(path))
+
+
+def test_with_every_output_projection_zero_the_logits_are_the_head_of_the_embedding():
+  """Pre-norm residuals, x + attn(norm(x)) then + mlp(norm(.)): with every attention o_proj and
+  every MLP's and expert's down_proj zero, each layer passes x on unchanged, and the logits are
+  rms_norm(embed[tokens]) * norm.scale @ lm_head, worked here in float64. Every norm scale is
+  random, so a residual added to a normed stream (h + f(h), in the attention, the dense MLP or
+  the MoE block) shows: the dense one passed every other test of this file."""
+  p = _params(CFG3)
+  keys = iter(jax.random.split(jax.random.PRNGKey(8), 8))
+  for layer in range(CFG3.num_layers):
+    name, lp = f"layers_{layer}", p[f"layers_{layer}"]
+    p = _with(p, name, ("self_attn", "o_proj", "kernel"),
+              jnp.zeros_like(lp["self_attn"]["o_proj"]["kernel"]))
+    down = ("mlp", "down_proj") + (("kernel",) if layer in CFG3.dense_layers else ())
+    p = _with(p, name, down, jnp.zeros_like(functools.reduce(dict.get, down, lp)))
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+      p = _with(p, name, (norm, "scale"), 1.0 + 0.5 * jax.random.normal(next(keys), (32,)))
+  scale = 1.0 + 0.5 * np.asarray(jax.random.normal(next(keys), (32,)), np.float64)
+  p = dict(p, norm={"scale": jnp.asarray(scale, jnp.float32)})
+  tokens = _tokens(12)
+  x = np.asarray(p["embed_tokens"], np.float64)[np.asarray(tokens)]
+  normed = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + CFG3.rms_norm_eps) * scale
+  want = normed @ np.asarray(p["lm_head"]["kernel"], np.float64)
+  np.testing.assert_allclose(_apply(p, tokens, cfg=CFG3).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_input_layernorm_feeds_attention_and_post_attention_layernorm_the_mlp():
+  """HF's names say where each norm sits: input_layernorm before the attention,
+  post_attention_layernorm before the MLP. With the dense MLP of layer 0 zeroed (down_proj),
+  its post_attention_layernorm reaches nothing, so scaling it leaves the logits bit-equal,
+  while scaling its input_layernorm changes them. The params here are born with norms of
+  ones, so the two swapped passed every other test of this file (a Hugging Face checkpoint
+  would load each norm into the other's place)."""
+  p = _params(CFG3)
+  down = p["layers_0"]["mlp"]["down_proj"]["kernel"]
+  p = _with(p, "layers_0", ("mlp", "down_proj", "kernel"), jnp.zeros_like(down))
+  scale = 1.0 + 0.5 * jax.random.normal(jax.random.PRNGKey(7), (CFG3.d_model,))
+  tokens = _tokens(13)
+  ref = _apply(p, tokens, cfg=CFG3).logits
+  post = _with(p, "layers_0", ("post_attention_layernorm", "scale"), scale)
+  np.testing.assert_array_equal(_apply(post, tokens, cfg=CFG3).logits, ref)
+  pre = _with(p, "layers_0", ("input_layernorm", "scale"), scale)
+  assert float(jnp.max(jnp.abs(_apply(pre, tokens, cfg=CFG3).logits - ref))) > 1e-2
+
+
 def test_tie_embeddings_has_no_lm_head():
   """Tied: no lm_head param, and the head is the embedding: zeroing a vocab row of the embedding
   that no input token uses sets exactly that logit column to zero."""
