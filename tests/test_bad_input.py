@@ -227,5 +227,7 @@ def test_bad_balancing_fields_name_the_field():
     RLConfig(balance_mode="eplb")
   with pytest.raises(ValueError, match=r"RLConfig.eplb_ema=1.5 must be in \[0, 1\)"):
     RLConfig(eplb_ema=1.5)
-  with pytest.raises(ValueError, match=r"RLConfig.capacity_buckets=0 must be a positive int"):
+  with pytest.raises(ValueError, match=r"RLConfig.capacity_buckets must be a positive int, got 0"):
     RLConfig(capacity_buckets=0)
+  # Every other int field took numpy ints; this one alone refused them.
+  assert RLConfig(capacity_mode="bucket", capacity_buckets=np.int64(4)).capacity_buckets == 4

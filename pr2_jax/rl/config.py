@@ -120,14 +120,10 @@ class RLConfig:
         object.__setattr__(self, name, default)
     # Types first: a string or NaN must not reach the range checks (NaN passes every one).
     for name in ("num_steps", "prompts_per_step", "group_size", "off_policy_k", "micro_steps",
-                 "max_new_tokens", "eval_size", "max_consecutive_skips"):
+                 "max_new_tokens", "eval_size", "max_consecutive_skips", "capacity_buckets"):
       check_int("RLConfig", name, getattr(self, name))
     for name in ("eval_every", "redundant_slots", "logits_chunk"):
       check_int("RLConfig", name, getattr(self, name), minimum=0)
-    if (isinstance(self.capacity_buckets, bool) or not isinstance(self.capacity_buckets, int)
-        or self.capacity_buckets < 1):
-      raise ValueError(f"RLConfig.capacity_buckets={self.capacity_buckets!r} must be a positive "
-                       "int (buckets per doubling; 1 = powers of two)")
     for name in ("clip_low", "clip_high", "tis_cap", "learning_rate", "weight_decay",
                  "grad_clip", "temperature", "top_p", "eval_temperature", "eplb_ema"):
       check_real("RLConfig", name, getattr(self, name))
