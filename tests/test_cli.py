@@ -245,3 +245,28 @@ def test_exit_interrupted_exits_with_the_code_and_keeps_what_was_printed():
                         timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert (proc.returncode, proc.stdout, proc.stderr) == (143, "resume with --workdir\n",
                                                          "interrupted")
+
+
+def test_run_refuses_a_single_stray_argument(capsys, monkeypatch):
+  """`main --config=configs/tiny.py runs/r2`: one stray argument is the common slip (a workdir
+  typed without --workdir=); it must be refused like two, not run in the default workdir."""
+  seen = []
+  monkeypatch.setattr("sys.argv", ["prog", "runs/r2"])
+  with pytest.raises(SystemExit) as e:
+    cli.run(seen.append)
+  assert e.value.code == 2 and not seen
+  assert capsys.readouterr().err == (
+      "error: unexpected argument(s) runs/r2: every setting is a --flag (e.g. --workdir=DIR, "
+      "--config=FILE); see --help\n")
+
+
+def test_an_unknown_config_key_names_only_the_overrides(capsys):
+  """The '(in ...)' of an unknown-key error lists the --config.* overrides, where the mistyped
+  key is, not the --config file itself. ml_collections raises an AttributeError wrapping a
+  KeyError whose message is the key (as experiments.main --config.rl.nope=1 shows)."""
+  argv = ["prog", "--config=configs/tiny.py", "--config.rl.nope=1", "--workdir=w",
+          "--config.seed=3"]
+  with pytest.raises(SystemExit) as e:
+    cli._unknown_config_key(AttributeError(KeyError("'nope'")), argv)
+  assert e.value.code == 2 and capsys.readouterr().err == (
+      "error: unknown config key 'nope' (in --config.rl.nope=1 --config.seed=3)\n")
