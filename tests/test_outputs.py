@@ -92,3 +92,17 @@ def test_command_line_of_a_script_run_by_path(monkeypatch):
   monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
   monkeypatch.setattr(sys, "argv", ["experiments/bench_peer.py", "--quick", "--out=x.json"])
   assert outputs.command_line() == "python experiments/bench_peer.py --quick --out=x.json"
+
+
+def test_an_existing_directory_needs_write_and_search_permission(tmp_path, capsys, monkeypatch):
+  """A run creates files inside its directory, which takes both write and search (x) access:
+  a directory with write but no search access (mode 0o600) failed at the first file written.
+  A file needs only write access. os.access is faked to grant everything but X_OK."""
+  (tmp_path / "run").mkdir()
+  (tmp_path / "out.json").write_text("{}")
+  monkeypatch.setattr(outputs.os, "access", lambda path, mode: not mode & os.X_OK)
+  outputs._check_writable("out", str(tmp_path / "out.json"), False)  # W_OK alone: passes
+  with pytest.raises(SystemExit) as e:
+    outputs._check_writable("workdir", str(tmp_path / "run"), True)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == f"error: --workdir={tmp_path / 'run'} is not writable\n"
