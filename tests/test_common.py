@@ -324,3 +324,71 @@ def test_quiet_libraries_drops_only_their_info():
   assert not quiet.filter(record(logging.INFO, "/site-packages/jax/_src/xla_bridge.py"))
   assert not quiet.filter(record(logging.INFO, "/site-packages/orbax/checkpoint/x.py"))
   assert quiet.filter(record(logging.INFO, "/work/main/experiments/main.py"))
+
+
+def test_a_mesh_expert_below_1_is_a_usage_error():
+  """mesh_expert=0 was a ZeroDivisionError traceback (8 % 0), and a negative one passed the
+  divisibility check (8 % -1 == 0) into make_mesh: both are a flag error naming the value."""
+  import ml_collections
+  from absl import flags
+  for expert in (0, -1):
+    with pytest.raises(flags.ValidationError) as e:
+      common.build_mesh(ml_collections.ConfigDict({"mesh_data": 0, "mesh_expert": expert}))
+    assert str(e.value) == f"--config.mesh_expert={expert} must divide the 8 devices"
+
+
+def test_predictor_lr_warning_is_silent_without_a_predictor():
+  """R2, R3 and vanilla train no predictor: pr2.lr_mult * rl.learning_rate = 1 is no concern
+  there (the check at 1e-3 in test_a_large_predictor_learning_rate_is_named stays below 1e-2
+  either way)."""
+  from pr2_jax.rl.config import ExperimentConfig
+  for mode in ("none", "r2", "r3"):
+    config = ExperimentConfig.from_dict({"model": {}, "sft": {}, "pr2": {"lr_mult": 1e3},
+                                         "rl": {"learning_rate": 1e-3, "replay_mode": mode}})
+    assert common.predictor_lr_warning(config) is None, mode
+
+
+def test_summary_shows_rewards_of_zero(tmp_path, capsys):
+  """A warm-up that solves nothing has eval reward 0.0: the summary still shows it (and an RL
+  eval reward of 0.0), not as if there were none."""
+  common.print_summary({"final": {"phase": "rl", "step": 5, "reward_mean": 0.0,
+                                  "eval_reward": 0.0}, "warmup_eval_reward": 0.0}, str(tmp_path))
+  assert capsys.readouterr().out.splitlines()[1:5] == [
+      "== summary ==", "eval reward before RL:     0.000", "eval reward after RL:      0.000",
+      "train reward (last step):  0.000"]
+
+
+def test_summary_of_a_finished_run_keeps_the_given_warm_up_reward(tmp_path, capsys):
+  """A run started from another workdir's warm-up (--config.init_from) has no sft_eval row in
+  its own metrics.jsonl: resumed when complete, the warm-up reward loop.run gives is kept."""
+  rows = [{"phase": "rl", "step": 1, "reward_mean": 0.1},
+          {"phase": "rl", "step": 2, "reward_mean": 0.4, "eval_reward": 0.625}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  common.print_summary({"final": {}, "warmup_eval_reward": 0.375, "resumed_from": 2},
+                       str(tmp_path))
+  assert capsys.readouterr().out.splitlines()[3:6] == [
+      "eval reward before RL:     0.375", "eval reward after RL:      0.625",
+      "train reward (last step):  0.400"]
+
+
+def test_setup_devices_keeps_process_0_logging_and_quiets_the_others(monkeypatch):
+  """One log for a multi-host run: every process but process 0 drops to WARNING; process 0 (and
+  a single-process run) keeps its INFO progress lines."""
+  import types
+  from absl import logging as absl_logging
+  from pr2_jax.parallel import distributed
+  for name, value in (("_CPU_DEVICES", 0), ("_COORDINATOR", ""), ("_NUM_PROCESSES", 0),
+                      ("_PROCESS_ID", -1), ("_AUTO_DETECT", False)):
+    monkeypatch.setattr(common, name, types.SimpleNamespace(value=value))
+  logger, handler = logging.getLogger("absl"), absl_logging.get_absl_handler()
+  filters = (list(logger.filters), list(handler.filters))
+  verbosity = absl_logging.get_verbosity()
+  try:
+    for main, want in ((True, absl_logging.INFO), (False, absl_logging.WARNING)):
+      absl_logging.set_verbosity(absl_logging.INFO)
+      monkeypatch.setattr(distributed, "is_main_process", lambda main=main: main)
+      common.setup_devices()
+      assert absl_logging.get_verbosity() == want, main
+  finally:
+    absl_logging.set_verbosity(verbosity)
+    logger.filters[:], handler.filters[:] = filters
