@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from experiments import replay_report
 from experiments.replay_report import _diff_verdict, expectation_checks
 
@@ -218,3 +220,94 @@ def test_mean_curves_keep_every_step_when_a_seed_stopped_early(tmp_path):
     assert curves["eval_reward"] == [0.5, 0.7]
     replay_plots.write_plots(str(tmp_path), {"off2": {"r3": replay_report.aggregate(runs)}},
                              top_k=2)
+
+
+def test_write_markdown_header_and_setting_hand_worked(tmp_path):
+  """The lines above the tables: the sweep's time and run counts from `meta` (sweep time is the
+  runs' own compute, not this invocation's wall time), every setting from the config as run
+  (the clip range the loss resolves, the predictor lr α·η), the seeds and the collapse rule."""
+  cfg = _tiny_config()
+  cfg.task_kwargs.num_numbers = 4
+  cfg.model.num_layers, cfg.model.d_model, cfg.model.num_experts, cfg.model.top_k = 3, 48, 6, 3
+  cfg.sft.num_steps, cfg.sft.batch_size, cfg.sft.learning_rate = 30, 16, 5e-3
+  rl = cfg.rl
+  rl.num_steps, rl.prompts_per_step, rl.group_size, rl.micro_steps = 40, 16, 4, 4
+  rl.learning_rate, rl.eval_every, rl.eval_size, rl.eval_temperature = 2e-3, 10, 128, 0.5
+  rl.rollout_dtype = "float32"
+  cfg.pr2.loss, cfg.pr2.lr_mult, cfg.pr2.feature_tokens = "delta", 3.0, 5
+  cfg.pr2.feature_rule, cfg.pr2.predicted_gates = "response", False
+  meta = {"command": "python -m experiments.compare_replay", "sweep_minutes": 42.26,
+          "wall_minutes": 7.0, "devices": "8 cpu device(s), 2 cores", "runs": 9, "reused_runs": 4,
+          "seeds": [3, 1, 7], "collapse_fraction": 0.25}
+  path = tmp_path / "r.md"
+  replay_report.write_markdown(str(path), {}, meta, [], cfg)
+  lines = path.read_text().splitlines()
+  assert lines[6] == ("Sweep time 42.3 min on 8 cpu device(s), 2 cores: the shared warm-up and 9 "
+                      "runs, each timed when it ran (4 were reused from an earlier invocation; "
+                      "this one took 7.0 min).")
+  assert lines[8:15] == [
+      "## Setting", "",
+      "- task `countdown` {'max_number': 9, 'num_numbers': 4}; model: 3 MoE layers, d_model 48, "
+      "6 experts top-3, rollout dtype float32",
+      "- warm-up: 30 supervised steps (batch 16, lr 0.005), trained once and shared by every run",
+      "- RL: 40 steps of 16 prompts × 4 samples, off-κ mini-batches of 4 micro-steps, AdamW lr "
+      "0.002, DAPO clip 0.2/0.28 (GSPO: 3e-4/4e-4 against π_old), eval every 10 steps on 128 "
+      "held-out problems at temperature 0.5",
+      "- PR2: loss `delta`, α = 3.0 (predictor lr α·η = 0.006), 5 cached positions per sequence "
+      "(response), predicted gates at rollout: False", ""]
+  assert lines[15].startswith("Numbers are mean ± sample std over seeds 3, 1, 7. Per-step")
+  assert lines[17].startswith("**Collapse**: a run counts as collapsed if its final eval reward "
+                              "is below 25% of its own warm-up eval reward")
+
+
+def test_aggregate_leaves_out_a_non_finite_seed_value():
+  """A seed whose k3 KL averaged to NaN or inf (a diverged run that kept logging) is None in
+  per_seed and left out of the mean and std, which it would otherwise turn into NaN."""
+  runs = {s: {"collapsed": False, "error": None, "curves": {"step": [], "eval_step": []},
+              "k3_kl": kl} for s, kl in ((0, 0.25), (1, float("nan")), (2, 0.75),
+                                         (3, float("inf")))}
+  for key in replay_report.CURVES:
+    for run in runs.values():
+      run["curves"][key] = []
+  for run in runs.values():
+    run["curves"]["eval_reward"] = []
+  agg = replay_report.aggregate(runs)
+  assert agg["k3_kl"] == {"mean": 0.5, "std": pytest.approx(0.5 ** 0.5 * 0.5),
+                          "per_seed": [0.25, None, 0.75, None]}
+
+
+def test_summarise_run_adds_up_the_skipped_updates_of_every_step():
+  """Each RL row counts the updates skipped at that step (loop.py: sum of its skipped_flags):
+  the run's total is their sum, 1 + 0 + 2 = 3, not the largest nor the last."""
+  rows = [{"phase": "sft_eval", "step": 0, "eval_reward": 0.5}] + [
+      {"phase": "rl", "step": s, "loss": 0.1, "skipped_updates": n,
+       "zero_dev_ratio_per_ministep": [1.0, 0.9]} for s, n in ((1, 1), (2, 0), (3, 2))]
+  summary = replay_report.summarise_run(rows, 0.5)
+  assert summary["skipped_updates"] == 3 and summary["collapsed"]
+
+
+def test_plan_run_restarts_a_run_config_without_a_step_count():
+  """A run_config.json without rl.num_steps (or with a non-integer one) cannot be compared with
+  the wanted step count: the run starts over, named, instead of a TypeError ending the sweep
+  (rl.num_steps is resumable, so the config difference alone does not restart it)."""
+  wanted = {"seed": 0, "rl": {"num_steps": 6, "learning_rate": 2e-3}}
+  rows = [{"phase": "rl", "step": 3}]
+  assert replay_report.plan_run({"seed": 0, "rl": {"learning_rate": 2e-3}}, wanted, rows) == (
+      "restart", "rl.num_steps None in run_config.json is not a step count")
+  stored = {"seed": 0, "rl": {"num_steps": "6", "learning_rate": 2e-3}}
+  assert replay_report.plan_run(stored, wanted, rows) == (
+      "restart", "rl.num_steps '6' in run_config.json is not a step count")
+
+
+def test_final_eval_reward_verdict_reads_higher_as_better():
+  """PR2 − R3 final eval reward: a difference beyond noise is named as it is, 'higher' for
+  PR2 above R3 (a reward is better higher; with 'lower' as the expected word it read backwards).
+  At exactly 2·se the difference is still noise (the rule is |d| ≤ 2·se)."""
+  pr2, r3 = _mode(zd=0.5, kl1=1.0, kl=1.0, reward=0.8), _mode(zd=0.5, kl1=1.0, kl=1.0, reward=0.5)
+  assert expectation_checks({"off2": {"r3": r3, "pr2": pr2}})[-1] == (
+      "- off2: final eval reward PR2 − R3: +0.3 (2·se 0.2): higher")
+  assert expectation_checks({"off2": {"r3": pr2, "pr2": r3}})[-1] == (
+      "- off2: final eval reward PR2 − R3: -0.3 (2·se 0.2): lower")
+  # std 0.5 over two seeds each: se = sqrt(0.25 / 2 + 0.25 / 2) = 0.5 exactly, 2·se = 1 = d.
+  edge = _diff_verdict(_field(1.0, 0.5, [0, 0]), _field(0.0, 0.5, [0, 0]), "higher")
+  assert edge == "+1 (2·se 1): within noise"
