@@ -160,6 +160,9 @@ _CONFIG_FILES = {"syntax.py": "def get_config(:\n", "noget.py": "x = 1\n",
     # Was "Failed loading config file config_config / Attempted [Relative path]: ...".
     (["--config={tmp}/nope.py"], "bad --config: {tmp}/nope.py: no such file (relative to the "
      "current directory {repo})"),
+    # With an override the file loads while the flags parse (an OSError there, not later).
+    (["--config={tmp}/nope.py", "--config.rl.num_steps=3"], "bad --config: {tmp}/nope.py: no "
+     "such file (relative to the current directory {repo})"),
     (["--config={tmp}"], "bad --config: {tmp}: is a directory; give a config file such as "
      "configs/tiny.py"),
     (["--config.seed.x=1"], "unknown config key 'seed.x': seed is of type int, not a section "
