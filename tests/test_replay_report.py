@@ -311,3 +311,12 @@ def test_final_eval_reward_verdict_reads_higher_as_better():
   # std 0.5 over two seeds each: se = sqrt(0.25 / 2 + 0.25 / 2) = 0.5 exactly, 2·se = 1 = d.
   edge = _diff_verdict(_field(1.0, 0.5, [0, 0]), _field(0.0, 0.5, [0, 0]), "higher")
   assert edge == "+1 (2·se 1): within noise"
+
+
+def test_a_mean_of_zero_is_a_number_not_a_dash():
+  """No extreme token or no high clip in any step is a mean of 0.0, a result: the cell shows
+  it ('–' is for a field no seed has)."""
+  assert replay_report._fmt(_field(0.0, 0.0, [0.0, 0.0]), "{:.1e}") == "0.0e+00 ± 0.0e+00"
+  assert replay_report._fmt(_field(0.0, None, [0.0, None]), "{:.4f}") == "0.0000"
+  assert replay_report._fmt(_field(None, None, [None, None]), "{:.4f}") == "–"
+  assert replay_report._fmt(None, "{:.4f}") == "–"
