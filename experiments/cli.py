@@ -7,6 +7,7 @@ A user's mistake gets one `error:` line naming it and exit code 2; tracebacks ar
 import contextlib
 import os
 import re
+import runpy
 import signal
 import sys
 
@@ -129,7 +130,7 @@ def define_config(default: str, help_text: str):
   try:
     return config_flags.DEFINE_config_file("config", default, help_text)
   except (AttributeError, KeyError) as e:
-    _unknown_config_key(e, sys.argv)
+    _unknown_config_key(e, sys.argv, default)
 
 
 def config_value(config_flag):
@@ -149,26 +150,45 @@ def config_value(config_flag):
   return cfg
 
 
-def _unknown_config_key(e: Exception, argv: list[str]):
+def _unknown_config_key(e: Exception, argv: list[str], default: str | None = None):
   """ml_collections refuses an unknown `--config.*` key with an AttributeError wrapping a KeyError
   whose traceback buries its "Did you mean" hint, and a key under a plain value (`seed.x`) with
-  a bare KeyError: one line instead."""
+  a bare KeyError: one line instead. `default`: the config file when argv names none."""
   message = e
   while isinstance(message, BaseException) and message.args:
     message = message.args[0]
   if "has no attribute 'get_config'" in str(message):  # the file loaded; it is not a config
-    exit_with_error(_config_file_error(_config_path(argv), message))
+    exit_with_error(_config_file_error(_config_path(argv, default), message))
   under = re.search(r"<class '(\w+)'>\.(\w+) does not exist.*lookup: (\S+)", str(message))
   if under:  # was a KeyError traceback
     kind, field, key = under.groups()
     parts = key.split(".")
-    parent = ".".join(parts[:parts.index(field)]) if field in parts else ""
+    parent = _scalar_prefix(_config_path(argv, default), parts)
+    if parent is None:  # the file did not load again: the first `field` in the key is a guess
+      parent = ".".join(parts[:parts.index(field)]) if field in parts else ""
     if not parent:
-      exit_with_error(f"bad --config: {_config_path(argv)}: get_config() returned a value of "
-                      f"type {kind}, not an ml_collections.ConfigDict")
+      exit_with_error(f"bad --config: {_config_path(argv, default)}: get_config() returned a "
+                      f"value of type {kind}, not an ml_collections.ConfigDict")
     message = f"{key!r}: {parent} is of type {kind}, not a section with fields"
   given = [a for a in argv[1:] if a.startswith("--config.")]
   exit_with_error(f"unknown config key {message} (in {' '.join(given)})")
+
+
+def _scalar_prefix(path: str, parts: list[str]) -> str | None:
+  """The prefix of the key `parts` naming the first value on its path that has no fields ("" =
+  the config itself), found by walking the file's config; None if it does not load. (The
+  error names only the missing field, which occurs twice in `seed.seed`.)"""
+  try:
+    node = runpy.run_path(path)["get_config"]()
+  except Exception:  # noqa: BLE001 - any failure falls back to the message's words
+    return None
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return ".".join(parts[:i])
+    if part not in node:
+      return None
+    node = node[part]
+  return None
 
 
 def _config_files(argv: list[str]) -> list[str]:
@@ -187,10 +207,11 @@ def _one_config_file(argv: list[str]):
                     "file and change its fields with --config.KEY=VALUE")
 
 
-def _config_path(argv: list[str]) -> str:
-  """The config file the command line names (its last --config), else the flag's default."""
+def _config_path(argv: list[str], default: str | None = None) -> str:
+  """The config file the command line names (its last --config), else the flag's default
+  (`default` while the flag is being defined)."""
   files = _config_files(argv)
-  path = files[-1] if files else None
+  path = files[-1] if files else default
   if path is None and "config" in flags.FLAGS:
     path = flags.FLAGS["config"].config_filename
   return path or "?"

@@ -167,6 +167,12 @@ _CONFIG_FILES = {"syntax.py": "def get_config(:\n", "noget.py": "x = 1\n",
      "configs/tiny.py"),
     (["--config.seed.x=1"], "unknown config key 'seed.x': seed is of type int, not a section "
      "with fields (in --config.seed.x=1)"),
+    # The missing field's name occurs twice in these keys: the first blamed the file and `rl`.
+    (["--config.seed.seed=1"], "unknown config key 'seed.seed': seed is of type int, not a "
+     "section with fields (in --config.seed.seed=1)"),
+    (["--config.rl.num_steps.num_steps=2"], "unknown config key 'rl.num_steps.num_steps': "
+     "rl.num_steps is of type int, not a section with fields (in "
+     "--config.rl.num_steps.num_steps=2)"),
     # Was "unknown config key 'hf_checkpoint'" (checked against the first file, which does not
     # have it) or absl's "The flag 'config.rl.num_steps' is defined twice".
     (["--config=configs/tiny.py", "--config", "configs/hf_pr2.py", "--config.rl.num_steps=1"],
