@@ -65,7 +65,11 @@ def write_json(path: str, payload: dict, **dump_kwargs) -> None:
   never leaves a torn results file."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, **{"indent": 1, **dump_kwargs})
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(payload, f, **{"indent": 1, **dump_kwargs})
+      f.write("\n")
+    os.replace(tmp, path)
+  finally:  # a payload json cannot write (or a full disk) leaves no temporary file behind
+    if os.path.exists(tmp):
+      os.remove(tmp)

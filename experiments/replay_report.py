@@ -128,7 +128,7 @@ def summarise_run(rows: list[dict], collapse_fraction: float, error: str | None 
   out["error"] = error
   out["curves"] = {"step": [r["step"] for r in rl],
                    "eval_step": [s for s, _ in evals], "eval_reward": [v for _, v in evals],
-                   **{k: [(_mean(r["zero_dev_ratio_per_ministep"][1:])
+                   **{k: [(_mean(r.get("zero_dev_ratio_per_ministep", [])[1:])
                            if k == "zero_dev_ratio_ministep_ge2" else r.get(k)) for r in rl]
                       for k in CURVES}}
   return out
@@ -264,7 +264,8 @@ def write_markdown(path: str, results: dict, meta: dict, plots: list[str], base)
   lines = ["# Routing replay comparison: vanilla, R2, R3, PR2, GSPO at off-κ", "",
            "```", meta["command"], "```", "",
            f"Sweep time {meta['sweep_minutes']:.1f} min on {meta['devices']}: the shared warm-up "
-           f"and {meta['runs']} runs, each timed when it ran ({meta['reused_runs']} were reused "
+           f"and {meta['runs']} runs, each timed when it ran ({meta['reused_runs']} "
+           f"{'was' if meta['reused_runs'] == 1 else 'were'} reused "
            f"from an earlier invocation; this one took {meta['wall_minutes']:.1f} min).", "",
            "## Setting", "", *_setting_lines(base), "",
            ("Numbers are mean ± sample std over seeds "

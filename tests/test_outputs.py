@@ -73,6 +73,10 @@ def test_write_json_replaces_the_file_atomically(tmp_path):
   # The caller's json.dump options win over the default indent (make_tiny_hf passes indent=2).
   outputs.write_json(str(path), {"a": [1]}, indent=None)
   assert path.read_text() == '{"a": [1]}\n'
+  # A payload json cannot write leaves the old file whole and no temporary file behind.
+  with pytest.raises(TypeError):
+    outputs.write_json(str(path), {"a": object()})
+  assert path.read_text() == '{"a": [1]}\n' and os.listdir(tmp_path / "sub") == ["r.json"]
 
 
 

@@ -222,6 +222,15 @@ def test_mean_curves_keep_every_step_when_a_seed_stopped_early(tmp_path):
                              top_k=2)
 
 
+def test_summarise_run_reads_rows_without_per_ministep_vectors():
+  """Every field is optional in a row (a run of another version, or metrics that omit them);
+  the horizon curve alone read zero_dev_ratio_per_ministep unguarded: a KeyError."""
+  out = replay_report.summarise_run([{"phase": "rl", "step": 1, "loss": 0.1}], 0.5)
+  assert out["curves"]["step"] == [1]
+  assert out["curves"]["zero_dev_ratio_ministep_ge2"] == [None]
+  assert out["zero_dev_ratio_ministep_ge2"] is None and out["steps"] == 1
+
+
 def test_write_markdown_header_and_setting_hand_worked(tmp_path):
   """The lines above the tables: the sweep's time and run counts from `meta` (sweep time is the
   runs' own compute, not this invocation's wall time), every setting from the config as run
@@ -256,6 +265,9 @@ def test_write_markdown_header_and_setting_hand_worked(tmp_path):
       "- PR2: loss `delta`, α = 3.0 (predictor lr α·η = 0.006), 5 cached positions per sequence "
       "(response), predicted gates at rollout: False", ""]
   assert lines[15].startswith("Numbers are mean ± sample std over seeds 3, 1, 7. Per-step")
+  meta["reused_runs"] = 1  # was "(1 were reused"
+  replay_report.write_markdown(str(path), {}, meta, [], cfg)
+  assert "(1 was reused from an earlier invocation;" in path.read_text().splitlines()[6]
   assert lines[17].startswith("**Collapse**: a run counts as collapsed if its final eval reward "
                               "is below 25% of its own warm-up eval reward")
 
