@@ -265,3 +265,25 @@ def test_router_share_is_per_batch_from_the_batch_start_hidden_states():
   assert np.ptp(shares) > 0.01  # the batches' shares differ
   got = score_batches(batches, mask, top_k=2)["router_share"]
   assert got == pytest.approx(np.mean(shares), rel=1e-12)
+
+
+def test_one_map_is_fitted_on_the_mean_drift_after_1_to_kappa_minus_1_updates():
+  """PR2's one forecast per batch: W fitted on the mean of batch t-1's drifts after 1..κ-1
+  updates. κ = 3, one layer, h = 1, top-1 of 2 experts: batch 0 drifts expert 1 up by 1, 3
+  (then 6) for both valid tokens, so W = +2 on expert 1 (the last drift alone, 3, or the mean
+  up to κ, 10/3, route otherwise; a padding token drifting 100 must not count). Batch 1's
+  tokens a, b start at [2.5, 0], [1.5, 0]: the forecast [2.5, 2], [1.5, 2] picks experts 0, 1
+  against truths (0, 0), (0, 1), (1, 1) at mini-steps 1, 2, 3: shares 0.5, 1, 0.5. Stale picks
+  0, 0: 1, 0.5, 0. On the last drift the forecast picks 1, 1: 0, 0.5, 1."""
+  def batch(a_js, b_js, c_js):
+    p = np.array([[[a], [b], [c]] for a, b, c in zip(a_js, b_js, c_js)], float)[:, None]
+    return [(p_j, np.ones((1, 3, 1, 1)), np.zeros((1, 1, 2))) for p_j in p]
+  drift = [[0, 0], [0, 1], [0, 3], [0, 6]]
+  first = batch(drift, drift, [[0, 0], [0, 100], [0, 100], [0, 100]])
+  second = batch([[2.5, 0], [2.5, 0], [0, 5], [0, 5]], [[1.5, 0], [1.5, 2], [0, 5], [0, 5]],
+                 [[0, 0]] * 4)
+  mask = np.array([[True, True, False]])
+  got = score_batches([first, second], mask, top_k=1)
+  assert got["one_map"]["one_map"].tolist() == [0.5, 1.0, 0.5]
+  assert got["one_map"]["stale"].tolist() == [1.0, 0.5, 0.0]
+  assert got["zero_dev"]["stale"].tolist() == [0.5, 0.0]
