@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments.soak import REQUIRED_KEYS, check_metrics
@@ -44,6 +45,16 @@ def test_soak_quick_reports_json(tmp_path):
   assert saved["peak_rss_mb_after_warmup"] == saved["per_step"][2]["peak_rss_mb"]
   assert saved["seconds_per_step_after_warmup"] == pytest.approx(
       (saved["total_s"] - saved["per_step"][2]["t"]) / 3)
+  # The current-RSS figures: growth from the end of warm-up to the end, and the slope of a
+  # straight line through the steps after warm-up (4-6) only.
+  assert saved["rss_mb_after_warmup"] == saved["per_step"][2]["rss_mb"]
+  assert saved["rss_current_growth_frac"] == pytest.approx(
+      saved["rss_mb_end"] / saved["rss_mb_after_warmup"] - 1)
+  late = saved["per_step"][3:]
+  assert saved["rss_slope_mb_per_step"] == pytest.approx(np.polyfit(
+      [s["step"] for s in late], [s["rss_mb"] for s in late], 1)[0], abs=1e-9)
+  # The functions compiled after warm-up, one per recompilation (none here).
+  assert saved["recompiled_functions"] == []
   # Where it ran: the allocator changes the RSS figures (jemalloc keeps freed memory).
   machine = saved["machine"]
   assert machine["allocator"] in ("jemalloc", "tcmalloc", "mimalloc", "glibc")
@@ -128,3 +139,13 @@ def test_check_metrics_without_evaluation_wants_no_eval_rows(tmp_path):
   rows = _rows(2, 1)  # eval_reward on every row
   got = check_metrics(_write(tmp_path, rows), steps=2, eval_every=0)
   assert got["problems"] == ["step 1: eval_reward unexpected", "step 2: eval_reward unexpected"]
+
+
+def test_check_metrics_counts_only_rl_rows_as_steps(tmp_path):
+  """A real metrics.jsonl also holds the warm-up's rows: its loss rows (phase 'sft') and its
+  evaluation (phase 'sft_eval', step 0, with an eval_reward). Neither is an RL step: 3 RL
+  rows of 5, steps 1..3, no problem."""
+  rows = _rows(3, 2)
+  rows.insert(1, {"phase": "sft_eval", "step": 0, "eval_reward": 0.4})
+  got = check_metrics(_write(tmp_path, rows), steps=3, eval_every=2)
+  assert got == {"rows": 5, "rl_rows": 3, "ok": True, "problems": [], "skipped_updates": 2}
