@@ -197,3 +197,31 @@ def test_foresight_plans_are_chained_through_the_previous_micro_step():
   np.testing.assert_array_equal(kept["transfers"][0], fs["transfers"][0])
   assert not kept["transfers"][1:].any()
   assert kept["imbalance"][1, 0] > fs["imbalance"][1, 0]
+
+
+def test_synthetic_routes_follow_the_popularity_and_each_sequence_cluster():
+  """Logit gaps of 100 (layer 0 prefers experts 3 > 2 > 1 > 0, layer 1 the reverse) leave the
+  Gumbel noise no say: without a boost every token of layer 0 takes {2, 3} and of layer 1
+  {0, 1}. A boost of 1000 on one expert per sequence and layer puts it in every token's top-2,
+  beside the most popular other expert: in layer 0 the pair holds 3, in layer 1 it holds 0,
+  and it is the same for all tokens of a sequence. Each layer draws its own boosted expert: one
+  expert c boosted in both layers gives the pairs ({c, 3} or {2, 3}, {c, 0} or {0, 1})."""
+  from experiments.balance_traces import synthetic_routes
+  base_LE = np.array([[0.0, 100.0, 200.0, 300.0], [300.0, 200.0, 100.0, 0.0]], np.float32)
+  rng = np.random.default_rng(0)
+  routes = synthetic_routes(rng, base_LE, num_seqs=3, seq_len=5, top_k=2, cluster=1, boost=0.0)
+  assert routes.shape == (3, 5, 2, 2) and routes.dtype == np.int32
+  assert {tuple(sorted(r)) for r in routes[:, :, 0].reshape(-1, 2)} == {(2, 3)}
+  assert {tuple(sorted(r)) for r in routes[:, :, 1].reshape(-1, 2)} == {(0, 1)}
+  routes = synthetic_routes(rng, base_LE, num_seqs=8, seq_len=5, top_k=2, cluster=1,
+                            boost=1000.0)
+  pairs = []
+  for seq in routes:
+    (pair_0,) = {tuple(sorted(r)) for r in seq[:, 0]}  # one pair per sequence and layer
+    (pair_1,) = {tuple(sorted(r)) for r in seq[:, 1]}
+    assert 3 in pair_0 and 0 in pair_1, (pair_0, pair_1)
+    pairs.append((pair_0, pair_1))
+  assert len({p for p, _ in pairs}) > 1  # the boosted expert differs between sequences
+  shared = {(tuple(sorted({c, 3})) if c != 3 else (2, 3), tuple(sorted({c, 0})) if c else (0, 1))
+            for c in range(4)}
+  assert not set(pairs) <= shared, pairs
