@@ -120,3 +120,24 @@ def test_each_panel_plots_its_own_series(tmp_path, monkeypatch):
     monkeypatch.undo()
     for fig in figs:
       plt.close(fig)
+
+
+def test_top_k_above_3_shows_four_bins_and_the_horizon_axes(tmp_path, monkeypatch):
+  """Top-k 8 (Qwen3-30B-A3B): the histogram keeps its 4 bins, 0, 1, 2 and ≥3 experts changed
+  (K + 1 = 9 bins do not exist in `dev_hist`). The horizon panels of off2 tick mini-steps 1
+  and 2, and only their k3 KL row is on a log scale."""
+  results = {"off2": {"r3": _aggregate(0.0)}}
+  figs = []
+  monkeypatch.setattr(plt, "close", figs.append)
+  try:
+    replay_plots.write_plots(str(tmp_path), results, top_k=8)
+    _, horizon, dev_hist = figs
+    ax = dev_hist.axes[0]
+    assert [b.get_height() for b in ax.patches] == pytest.approx([0.9, 0.08, 0.02, 0.0])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "≥3"]
+    assert [ax.get_xticks().tolist() for ax in horizon.axes] == [[1, 2]] * 3
+    assert [ax.get_yscale() for ax in horizon.axes] == ["linear", "linear", "log"]
+  finally:
+    monkeypatch.undo()
+    for fig in figs:
+      plt.close(fig)
