@@ -314,3 +314,26 @@ def test_metric_panel_draws_int_values():
   xs, ys = _xy(fig.axes[0].get_lines()[0])
   assert xs == [1, 2] and ys.tolist() == [12.0, 14.5]
   plt.close(fig)
+
+
+def test_a_repeated_rl_step_is_refused(tmp_path):
+  """Two runs started at once in one workdir write steps 1, 1, 2, 2, ...: no step goes back,
+  but a repeated one draws the same zig-zag (a resume trims the rows past its checkpoint, so
+  one run never writes a step twice)."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  rows = [{"phase": "rl", "step": s, "reward_mean": r} for s, r in ((1, 0.1), (1, 0.5), (2, 0.2),
+                                                                    (2, 0.6))]
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  with pytest.raises(ValueError, match=r"has RL step 1 after step 1: two runs wrote it at once"):
+    plot.load_runs([str(workdir)])
+
+
+def test_default_output_is_under_the_first_workdir(tmp_path):
+  """Without --out the PNGs go to the first WORKDIR's plots/ (the flag's help), none under the
+  others."""
+  first, second = _write_run(tmp_path / "a"), _write_run(tmp_path / "b")
+  plot.main(["plot", first, second])
+  assert sorted(os.listdir(first)) == ["metrics.jsonl", "plots"]
+  assert len(os.listdir(os.path.join(first, "plots"))) == len(viz.PANELS) + 1
+  assert os.listdir(second) == ["metrics.jsonl"]
