@@ -94,7 +94,9 @@ def test_score_batches_exact_on_linear_drift_with_new_hidden_states():
   # All drift comes from the router weights (h is fixed within a batch).
   assert got["router_share"] == pytest.approx(1.0, abs=1e-12)
   # One map for the whole batch: fitted on batch t-1's drifts after 1 and 2 updates, it is
-  # their mean, 1.5Δ, used at mini-steps 1, 2, 3 (drifts 0, Δ, 2Δ): exact at none.
+  # their mean, 1.5Δ, used at mini-steps 1, 2, 3 (drifts 0, Δ, 2Δ): no drift equals it, but
+  # the drift is small beside the logits, so top-2 sets mostly agree (0.97, 1, 1) and any map
+  # near 1.5Δ scores alike here: test_one_map_is_fitted_on_the_mean_drift_... tells them apart.
   for j in range(3):
     one = np.mean([_same_set_share(batches[t][0][0] + np.einsum(
         "bsld,lde->bsle", batches[t][0][1], 1.5 * (batches[t][1][2] - batches[t][0][2])),
