@@ -154,6 +154,18 @@ def restore_params(checkpointer, params_abstract, identity: dict, warn=print):
   return params
 
 
+def result_row(scored: dict, kappa: int, learning_rate: float, steps: int) -> dict:
+  """The JSON result (without the command) from `score_batches`' scores, rounded to 4 places."""
+  rounded = lambda scores: {n: v.round(4).tolist() for n, v in scores.items()}  # noqa: E731
+  return {"off": kappa, "learning_rate": learning_rate, "steps": steps,
+          "zero_dev_by_ministep": rounded(scored["zero_dev"]),
+          "mini_steps": list(range(2, kappa + 1)),
+          "one_map_by_ministep": rounded(scored["one_map"]),
+          "one_map_mini_steps": list(range(1, kappa + 1)),
+          "router_weight_share_of_drift": scored["router_share"],
+          "consecutive_drift_cosine": scored["cosine"]}
+
+
 def main(argv):
   del argv
   try:
@@ -226,14 +238,7 @@ def main(argv):
 
   kappa = _OFF.value
   scored = score_batches(batches, mask_BS, config.model.top_k)
-  result = {"off": kappa, "learning_rate": _LR.value, "steps": _STEPS.value,
-            "zero_dev_by_ministep": {n: s.round(4).tolist()
-                                     for n, s in scored["zero_dev"].items()},
-            "mini_steps": list(range(2, kappa + 1)),
-            "one_map_by_ministep": {n: s.round(4).tolist() for n, s in scored["one_map"].items()},
-            "one_map_mini_steps": list(range(1, kappa + 1)),
-            "router_weight_share_of_drift": scored["router_share"],
-            "consecutive_drift_cosine": scored["cosine"]}
+  result = result_row(scored, kappa, _LR.value, _STEPS.value)
   print(f"zero-dev ratio vs the real router at mini-steps {result['mini_steps']}:")
   for name, s in result["zero_dev_by_ministep"].items():
     print(f"  {name:15s} " + " ".join(f"{v:.4f}" for v in s))

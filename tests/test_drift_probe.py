@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.drift_probe import (PREDICTORS, check_init_from, restore_params, score_batches,
-                                     zero_dev)
+from experiments.drift_probe import (PREDICTORS, check_init_from, restore_params, result_row,
+                                     score_batches, zero_dev)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -289,3 +289,16 @@ def test_one_map_is_fitted_on_the_mean_drift_after_1_to_kappa_minus_1_updates():
   assert got["one_map"]["one_map"].tolist() == [0.5, 1.0, 0.5]
   assert got["one_map"]["stale"].tolist() == [1.0, 0.5, 0.0]
   assert got["zero_dev"]["stale"].tolist() == [0.5, 0.0]
+
+
+def test_result_row_names_each_score_by_its_own_key():
+  """The JSON's keys hold their own scores (the share and the cosine are both in [0, 1]-ish, so
+  only the slow end-to-end test reached this and could not tell them apart)."""
+  scored = {"zero_dev": {"stale": np.array([0.123456, 0.5])},
+            "one_map": {"one_map": np.array([1.0, 0.87654, 0.5])},
+            "router_share": 0.9, "cosine": 0.25}
+  assert result_row(scored, 3, 1e-3, 7) == {
+      "off": 3, "learning_rate": 1e-3, "steps": 7,
+      "zero_dev_by_ministep": {"stale": [0.1235, 0.5]}, "mini_steps": [2, 3],
+      "one_map_by_ministep": {"one_map": [1.0, 0.8765, 0.5]}, "one_map_mini_steps": [1, 2, 3],
+      "router_weight_share_of_drift": 0.9, "consecutive_drift_cosine": 0.25}
