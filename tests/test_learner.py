@@ -347,7 +347,9 @@ def test_ratio_denominator_divides_by_pi_old_or_by_mu():
 @pytest.mark.parametrize("loss", losses.POLICY_LOSS_KINDS)
 def test_tis_weights_cap_the_loss(loss):
   """ratio 'old' with tis_cap: each token's (DAPO) or sequence's (GSPO) loss is weighted by
-  min(π_old/µ, cap); the perturbation pushes some weights onto the cap and leaves some below."""
+  min(π_old/µ, cap); the perturbation pushes some weights onto the cap and leaves some below.
+  The entropy stays the mean over response tokens (numpy oracle), GSPO's loss denominator (its
+  sequence count) notwithstanding."""
   model, tx, state, batch = _rollout()
   clips = (0.2, 0.28) if loss == "dapo" else (3e-4, 4e-4)
   config = _rl(replay_mode="r3", loss=loss, ratio_denominator="old", tis_cap=1.1,
@@ -372,6 +374,11 @@ def test_tis_weights_cap_the_loss(loss):
                                     *clips)
   assert abs(want - unweighted) > 1e-3 * abs(want)
   np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5, atol=1e-7)
+  # The entropy is a token mean whatever the loss: GSPO's sequence count is not its denominator.
+  log_softmax = _hand_logp(model, state.params, m0)[0]
+  entropy = -(np.exp(log_softmax) * log_softmax).sum(-1)
+  assert loss == "dapo" or counted.sum() != (mask > 0).sum()  # GSPO's denominators differ
+  np.testing.assert_allclose(float(m["entropy"]), entropy[mask > 0].mean(), rtol=1e-5)
 
 
 def test_temperature_divides_the_learner_logits():
