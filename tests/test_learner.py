@@ -133,12 +133,13 @@ def test_grad_norm_is_of_the_gradients_rl_trains():
 def test_logits_chunk_gives_the_same_old_logprobs_update_and_metrics():
   """rl.logits_chunk only changes how many positions the LM head sees at a time: π_old, the
   SGD update (= the gradient) and the metrics equal the unchunked learner's (T - 1 = 8
-  positions in chunks of 3: the last chunk is padded)."""
+  positions in chunks of 3: the last chunk is padded). At temperature 0.7, which the chunked
+  head must apply as the unchunked one does (test_temperature_divides_the_learner_logits)."""
   model, _, state, batch = _rollout()
   tx, state = _with_sgd(state)
   out = {}
   for chunk in (0, 3):
-    config = _rl(micro_steps=2, logits_chunk=chunk)
+    config = _rl(micro_steps=2, logits_chunk=chunk, temperature=0.7)
     micro = _prepare(model, config, state.params, batch, 2)
     new_state, metrics = learner.update_step(_learner(model, config, tx), state, micro)
     out[chunk] = micro["old_logp"], new_state.params, metrics
