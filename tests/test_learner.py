@@ -581,7 +581,8 @@ def test_predictor_learning_rate_is_lr_mult_times_the_policy_rate():
   """Programs' predictor optimizer steps at α·η (PR2Config.lr_mult × RLConfig.learning_rate):
   the W_p change of one trained update equals Adam's first step at α·η on the (clipped) W_p
   gradient, −α·η·g / (|g| + ε) with ε = PR2Config.adam_eps, for α = 3 and 6; at η alone it
-  would be 3-6x smaller."""
+  would be 3-6x smaller. The gradient itself, read off an SGD(lr 1) step, is the numpy
+  oracle's."""
   model, tx, _, state, batch = _pr2_setup()
   rl = _rl(replay_mode="pr2")
   micro = _prepare(model, rl, state.params, batch, 1)
@@ -592,6 +593,20 @@ def test_predictor_learning_rate_is_lr_mult_times_the_policy_rate():
       learner.Learner(model, rl, tx, PR2Config(feature_dtype="float32"), sgd),
       state.replace(predictor=w, pred_opt_state=sgd.init(w)), micro, jnp.asarray(True))
   g = np.asarray(w, np.float64) - np.asarray(by_sgd.predictor, np.float64)
+  # ...is that of DESIGN §3's Σ_l mean_t KL(ρ_θ ‖ softmax(p_old + h W_p)): per layer,
+  # Σ_n h_n ⊗ (q̂_n − ρ_n) / N over the feature rows (a mean over layers would be L times smaller).
+  m0 = jax.tree.map(lambda x: np.asarray(x[0]), micro)
+  out = model.apply({"params": state.params}, m0["tokens"], routes=m0["replay_routes"],
+                    positions=m0["positions"], valid=m0["valid"], return_router_logits=True)
+  num_l = CFG.num_moe_layers
+  h = np.asarray(m0["feature_h"], np.float64).reshape(-1, num_l, CFG.d_model)
+  p_old = np.asarray(m0["feature_p"], np.float64).reshape(-1, num_l, CFG.num_experts)
+  rho = np.exp(_np_log_softmax(np.asarray(_at_slots(out.router_logits, m0["feature_slots"]),
+                                          np.float64)))
+  q = np.exp(_np_log_softmax(p_old + np.einsum("nld,lde->nle", h, np.asarray(w, np.float64))))
+  assert _at_slots(m0["valid"], m0["feature_slots"]).all()  # every row weighs 1
+  want_g = np.einsum("nld,nle->lde", h, q - rho) / h.shape[0]
+  np.testing.assert_allclose(g, want_g, rtol=1e-3, atol=1e-3 * np.abs(want_g).max())
   g = g * min(1.0, rl.grad_clip / np.linalg.norm(g))  # make_optimizer clips by global norm
   assert np.mean(np.abs(g) > 1e-6) > 0.9  # nearly every entry is checked below
   mesh = make_mesh(1, 1, devices=jax.devices()[:1])
