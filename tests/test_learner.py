@@ -1013,7 +1013,8 @@ def test_eplb_step_runs_again_from_the_compile_cache(tmp_path):
 
 def test_pred_loss_is_the_minibatch_mean_over_valid_feature_slots():
   """Two micro-steps, one feature slot of row 0 marked padding: pred_loss is the mean over the
-  mini-batch's *valid* feature positions (numpy oracle). A share of 1 per micro-step summed the
+  mini-batch's *valid* feature positions (numpy oracle), and so is pred_topk_acc_per_layer.
+  A share of 1 per micro-step summed the
   two means (2x), and weighting padding slots counted the masked one; Adam's scale invariance
   hid both from the update tests."""
   model, tx, pred_tx, state, batch = _pr2_setup()
@@ -1036,10 +1037,15 @@ def test_pred_loss_is_the_minibatch_mean_over_valid_feature_slots():
     valid.append(_at_slots(mi["valid"], mi["feature_slots"]))
   valid = np.concatenate(valid).astype(np.float64)
   assert valid.sum() == valid.size - 1
-  want = _np_post_loss_L(w, np.asarray(micro["feature_h"]).reshape(-1, num_l, CFG.d_model),
-                         np.asarray(micro["feature_p"]).reshape(-1, num_l, CFG.num_experts),
-                         np.concatenate(p_cur), valid)
+  h = np.asarray(micro["feature_h"]).reshape(-1, num_l, CFG.d_model)
+  p_old = np.asarray(micro["feature_p"]).reshape(-1, num_l, CFG.num_experts)
+  want = _np_post_loss_L(w, h, p_old, np.concatenate(p_cur), valid)
   np.testing.assert_allclose(np.asarray(m["pred_loss_per_layer"]), want, rtol=1e-4, atol=1e-8)
+  # The top-k accuracy likewise: one mean over the valid feature rows, not a sum of two.
+  b_NLE = np.einsum("nld,lde->nle", np.float64(h), np.asarray(w, np.float64))
+  acc_L = _np_topk_acc_L(p_old + b_NLE, np.concatenate(p_cur), CFG.top_k, valid)
+  assert acc_L.max() < 1.0
+  np.testing.assert_allclose(np.asarray(m["pred_topk_acc_per_layer"]), acc_L, rtol=1e-6)
 
 
 def test_denominators_hand_values():
