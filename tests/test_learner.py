@@ -811,6 +811,30 @@ def test_non_finite_loss_skips_the_update():
   assert int(ok["skipped"]) == 0
 
 
+def test_non_finite_gradient_with_a_finite_loss_skips_the_update(monkeypatch):
+  """The update checks the gradient, not only the loss: a log-prob whose backward pass gives NaN
+  (the forward unchanged) leaves the loss finite, and the update is still skipped with params
+  and optimizer state untouched. The NaN-advantage test makes both non-finite at once."""
+  model, tx, state, batch = _rollout()
+  config = _rl(replay_mode="r3")
+  micro = _prepare(model, config, state.params, batch, 1)
+
+  @jax.custom_vjp
+  def nan_backward(x):
+    return x
+
+  nan_backward.defvjp(lambda x: (x, None), lambda _, g: (g * jnp.nan,))
+  forward = learner.forward_logprobs
+  monkeypatch.setattr(learner, "forward_logprobs", lambda *a, **kw: (
+      lambda logp, ent, out: (nan_backward(logp), ent, out))(*forward(*a, **kw)))
+  new, m = learner.update_step(_learner(model, config, tx), state, micro)
+  assert np.isfinite(float(m["loss"])) and np.isnan(float(m["grad_norm"]))
+  assert int(m["skipped"]) == 1 and int(new.step) == int(state.step) + 1
+  for a, b in zip(jax.tree.leaves((new.params, new.opt_state)),
+                  jax.tree.leaves((state.params, state.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_non_finite_predictor_gradient_skips_the_update():
   """A NaN cached router input at a weighted feature slot makes the predictor's loss and
   gradient NaN while the policy's stay finite. With the predictor trained, the whole update is
