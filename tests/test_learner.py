@@ -811,6 +811,15 @@ def test_non_finite_loss_skips_the_update():
   assert int(ok["skipped"]) == 0
 
 
+@jax.custom_vjp
+def _nan_backward(x):
+  """The identity, whose backward pass gives NaN: a non-finite gradient under a finite loss."""
+  return x
+
+
+_nan_backward.defvjp(lambda x: (x, None), lambda _, g: (g * jnp.nan,))
+
+
 def test_non_finite_gradient_with_a_finite_loss_skips_the_update(monkeypatch):
   """The update checks the gradient, not only the loss: a log-prob whose backward pass gives NaN
   (the forward unchanged) leaves the loss finite, and the update is still skipped with params
@@ -818,15 +827,9 @@ def test_non_finite_gradient_with_a_finite_loss_skips_the_update(monkeypatch):
   model, tx, state, batch = _rollout()
   config = _rl(replay_mode="r3")
   micro = _prepare(model, config, state.params, batch, 1)
-
-  @jax.custom_vjp
-  def nan_backward(x):
-    return x
-
-  nan_backward.defvjp(lambda x: (x, None), lambda _, g: (g * jnp.nan,))
   forward = learner.forward_logprobs
   monkeypatch.setattr(learner, "forward_logprobs", lambda *a, **kw: (
-      lambda logp, ent, out: (nan_backward(logp), ent, out))(*forward(*a, **kw)))
+      lambda logp, ent, out: (_nan_backward(logp), ent, out))(*forward(*a, **kw)))
   new, m = learner.update_step(_learner(model, config, tx), state, micro)
   assert np.isfinite(float(m["loss"])) and np.isnan(float(m["grad_norm"]))
   assert int(m["skipped"]) == 1 and int(new.step) == int(state.step) + 1
@@ -860,6 +863,25 @@ def test_non_finite_predictor_gradient_skips_the_update():
   np.testing.assert_array_equal(np.asarray(policy_only.predictor), np.asarray(state.predictor))
   assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
              zip(jax.tree.leaves(policy_only.params), jax.tree.leaves(state.params)))
+
+
+def test_non_finite_predictor_gradient_with_a_finite_loss_skips_the_update(monkeypatch):
+  """The trained predictor's gradient is checked, not only its loss: a predictor loss whose
+  backward gives NaN (its value unchanged) skips the whole update, W_p and params untouched."""
+  model, tx, pred_tx, state, batch = _pr2_setup()
+  lr = _pr2_learner(model, tx, pred_tx)
+  micro = _prepare(model, lr.rl, state.params, batch, 1)
+  w = _mispredicting_wp(state)
+  state = state.replace(predictor=w, pred_opt_state=pred_tx.init(w))
+  losses_fn = learner.pred.predictor_losses
+  monkeypatch.setattr(learner.pred, "predictor_losses",
+                      lambda *a, **kw: _nan_backward(losses_fn(*a, **kw)))
+  new, m = learner.update_step(lr, state, micro, jnp.asarray(True))
+  assert np.isfinite(float(m["pred_loss"])) and np.isfinite(float(m["loss"]))
+  assert int(m["skipped"]) == 1
+  kept = lambda s: (s.params, s.opt_state, s.predictor, s.pred_opt_state)
+  for a, b in zip(jax.tree.leaves(kept(new)), jax.tree.leaves(kept(state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("loss, bad_leaf, want", [
