@@ -991,6 +991,35 @@ def test_balanced_learner_equals_static_dropless(mode, fsdp):
   assert imb["foresight"].mean() < imb["none"].mean()
 
 
+def test_a_small_capacity_drops_the_same_pairs_in_the_old_pass_and_the_update():
+  """An explicit per-slot capacity reaches both phases: on one device (8 experts, one slot
+  each) with capacity 6 of ~9 pairs per expert, each micro-step drops Σ_{l,e} max(0, n_le - 6)
+  (token, k) pairs, n_le the valid tokens' R3 routes to e at layer l (numpy), in the old pass
+  and in the update alike, so π_θ at the first mini-step is still π_old. An old pass at the
+  model's dropless capacity would report 0 and a π_old the update's forward does not compute."""
+  model, tx, state, batch = _rollout()
+  config = _rl(replay_mode="r3", micro_steps=2, ratio_denominator="old")
+  micro = data.split_micro(batch, 2)
+  old = learner.old_logprob_pass(_learner(model, config, None), state.params, None, micro,
+                                 capacity=6)
+  routes = np.asarray(micro["rollout_routes"])  # [M, b, S, L, K]
+  num_m, num_l = routes.shape[0], CFG.num_moe_layers
+  want_M = np.zeros(num_m, np.int64)
+  for i in range(num_m):
+    for layer in range(num_l):
+      ids = routes[i, :, :, layer][np.asarray(micro["valid"][i])]
+      want_M[i] += np.maximum(np.bincount(ids.ravel(), minlength=CFG.num_experts) - 6, 0).sum()
+  assert want_M.min() > 0
+  np.testing.assert_array_equal(np.asarray(old.dropped), want_M)
+  dropless = learner.old_logprob_pass(_learner(model, config, None), state.params, None, micro)
+  mask = np.asarray(micro["response_mask"][..., 1:]) > 0
+  assert np.abs(np.asarray(old.logp) - np.asarray(dropless.logp))[mask].max() > 1e-3
+  micro.update(old_logp=old.logp, replay_routes=micro["rollout_routes"])
+  _, m = learner.update_step(_learner(model, config, tx), state, micro, capacity=6)
+  assert int(m["dropped"]) == want_M.sum()
+  np.testing.assert_allclose(float(m["ratio_mean"]), 1.0, atol=1e-6)
+
+
 def test_capacity_buckets_compile_once_each():
   """Plans change with every minibatch and never recompile (cache size stays 1); a new
   capacity bucket compiles the update once, a repeated one not at all."""
