@@ -222,14 +222,17 @@ def test_mismatch_metrics_match_a_numpy_oracle():
   """k3_kl, extreme_frac and the IS ratio's mean/variance (DESIGN §3 Metrics) over the valid
   response tokens of the mini-batch, with Δ = log π_train − log µ: µ is moved by hand by offsets
   on both sides of ±ln 2, and two micro-steps of different token counts must add up to the
-  mini-batch's means. The ratio denominator is π_old, so only a µ-based metric can match."""
+  mini-batch's means. The ratio denominator is π_old, so only a µ-based metric can match. The
+  old-log-prob pass's old_* row is the same over the whole batch, both micro-batches."""
   model, tx, state, batch = _rollout()
   offsets = np.array([-1.2, -0.4, 0.0, 0.5, 1.0])  # |Δ| ≈ |offset|: 2 of 5 beyond ln 2
   shift_BS = offsets[np.random.default_rng(4).integers(0, 5, batch["rollout_logp"].shape)]
   moved = {**batch, "rollout_logp": (batch["rollout_logp"] + shift_BS).astype(np.float32)}
   config = _rl(replay_mode="r3", micro_steps=2, ratio_denominator="old")
-  _, m = learner.update_step(_learner(model, config, tx), state,
-                             _prepare(model, config, state.params, moved, 2))
+  micro = data.split_micro(moved, 2)
+  old = learner.old_logprob_pass(_learner(model, config, None), state.params, None, micro)
+  micro.update(old_logp=old.logp, replay_routes=micro["rollout_routes"])
+  _, m = learner.update_step(_learner(model, config, tx), state, micro)
   mask_BT = np.asarray(batch["response_mask"][:, 1:]) > 0
   counts = mask_BT.reshape(2, -1).sum(1)
   assert counts[0] != counts[1]  # a mean of the micro-steps' means would differ
@@ -242,6 +245,11 @@ def test_mismatch_metrics_match_a_numpy_oracle():
   assert float(m["extreme_frac"]) == pytest.approx(extreme.mean(), abs=1e-7)
   np.testing.assert_allclose(float(m["mismatch_ratio_mean"]), ratio.mean(), rtol=1e-5)
   np.testing.assert_allclose(float(m["mismatch_ratio_var"]), ratio.var(), rtol=1e-4)
+  # The old pass's π_old (θ_old = θ here) against µ: the same means over both micro-batches.
+  want = {"old_k3_kl": np.mean(ratio - 1 - delta), "old_extreme_frac": extreme.mean(),
+          "old_mismatch_ratio_mean": ratio.mean(), "old_mismatch_ratio_var": ratio.var()}
+  for key, value in want.items():
+    np.testing.assert_allclose(float(old.mismatch[key]), value, rtol=1e-4, err_msg=key)
 
 
 def _np_topk(x, k):
