@@ -1028,6 +1028,33 @@ def test_a_small_capacity_drops_the_same_pairs_in_the_old_pass_and_the_update():
   np.testing.assert_allclose(float(m["ratio_mean"]), 1.0, atol=1e-6)
 
 
+def test_foresight_micro_layout_plans_from_the_valid_tokens_only():
+  """foresight's in-step plan is the planner's on the micro-step's loads without padding (the
+  host's `plan_phase` counts those, and picks the capacity bucket from them): padding routed
+  to expert 0 here would give it the redundant slots, and a layout the bucket was not sized
+  for. And eplb_step's micro_layout is the step plan it is given."""
+  from pr2_jax.balance import plan_placement
+  from pr2_jax.balance.loads import loads_from_routes
+  rng = np.random.default_rng(6)
+  routes = rng.integers(0, 8, (4, 16, 3, 2)).astype(np.int32)
+  valid = np.ones((4, 16), bool)
+  valid[2:, 6:] = False
+  routes[~valid] = 0  # padding's (recorded, unused) routes all point at expert 0
+  model = MoETransformer(CFG, make_mesh(2, 4))
+  config = _rl(prompts_per_step=8, balance_mode="foresight")
+  lr = _learner(model, config, None)
+  slots = CFG.num_experts // 4 + config.redundant_slots
+  want = plan_placement(loads_from_routes(routes, valid, 8), 4, slots,
+                        method=config.planner_method).slot_expert
+  padded = plan_placement(loads_from_routes(routes, None, 8), 4, slots,
+                          method=config.planner_method).slot_expert
+  assert not np.array_equal(np.asarray(want), np.asarray(padded))
+  got = jax.jit(lambda r, v: learner.micro_layout(lr, r, v).slot_expert)(routes, valid)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  step = _learner(model, _rl(prompts_per_step=8, balance_mode="eplb_step"), None)
+  assert learner.micro_layout(step, routes, valid, "the step plan") == "the step plan"
+
+
 def test_capacity_buckets_compile_once_each():
   """Plans change with every minibatch and never recompile (cache size stays 1); a new
   capacity bucket compiles the update once, a repeated one not at all."""
