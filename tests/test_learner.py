@@ -697,6 +697,46 @@ def test_predictor_learns_toward_the_router_after_the_update():
   assert wants[0].sum() > 1e-6, wants[0]
 
 
+@pytest.mark.parametrize("kind", ["delta", "l2"])
+def test_predictor_step_optimises_the_configured_loss(kind):
+  """PR2Config.loss reaches the predictor's objective (DESIGN §3's ablations), checked on small
+  random features against numpy: 'delta' is KL(softmax(p − p_old) ‖ softmax(h W_p)) and 'l2'
+  the mean over experts of (h W_p − (p − p_old))², per layer, summed over the valid feature
+  rows and divided by the mini-batch's feature count (twice this micro-step's: share 1/2).
+  For l2 the W_p gradient too: Σ_n h_n ⊗ 2 (b_n − Δ_n) / E / count per layer."""
+  rng = np.random.default_rng(8)
+  b, s, f, num_l, d, e, k = 2, 5, 3, 2, 4, 8, 2
+  slots = np.array([[0, 2, 4], [1, 2, 3]], np.int32)
+  valid = np.ones((b, s), bool)
+  valid[1, 3] = False  # row 1's last feature slot is padding
+  micro = {"feature_slots": slots, "valid": valid,
+           "feature_h": rng.normal(size=(b, f, num_l, d)).astype(np.float32),
+           "feature_p": rng.normal(size=(b, f, num_l, e)).astype(np.float32),
+           "rollout_routes": np.zeros((b, s, num_l, k), np.int32)}
+  logits = rng.normal(size=(b, s, num_l, e)).astype(np.float32)
+  w = rng.normal(size=(num_l, d, e)).astype(np.float32)
+  model = MoETransformer(CFG, make_mesh(1, 1, devices=jax.devices()[:1]))
+  lr = learner.Learner(model, _rl(replay_mode="pr2"), None,
+                       PR2Config(loss=kind, feature_dtype="float32"), None)
+  out = learner.predictor_step(lr, jnp.asarray(w), micro, jnp.asarray(logits), 10.0)
+  h = np.float64(micro["feature_h"]).reshape(-1, num_l, d)
+  p_old = np.float64(micro["feature_p"]).reshape(-1, num_l, e)
+  p_cur = np.float64(_at_slots(logits, slots))
+  weight = _at_slots(valid, slots).astype(np.float64)
+  assert weight.sum() == 5
+  b_NLE = np.einsum("nld,lde->nle", h, np.float64(w))
+  delta = p_cur - p_old
+  if kind == "l2":
+    loss_NL = ((b_NLE - delta) ** 2).mean(-1)
+    grad = np.einsum("n,nld,nle->lde", weight, h, 2 * (b_NLE - delta) / e) / 10.0
+    np.testing.assert_allclose(np.asarray(out["grad"]), grad, rtol=1e-4, atol=1e-6)
+  else:
+    log_p, log_q = _np_log_softmax(delta), _np_log_softmax(b_NLE)
+    loss_NL = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+  want = (loss_NL * weight[:, None]).sum(0) / 10.0
+  np.testing.assert_allclose(np.asarray(out["loss_per_layer"]), want, rtol=1e-5)
+
+
 def test_bias_logit_ratio_is_the_minibatch_ratio_of_means():
   """DESIGN §3's mean|b| / mean|p_old| over the whole mini-batch: with two micro-steps whose
   logits differ 10x in size, a mean of per-micro-step ratios would be far from it."""
