@@ -1163,11 +1163,13 @@ def test_eplb_step_runs_again_from_the_compile_cache(tmp_path):
 
 def test_pred_loss_is_the_minibatch_mean_over_valid_feature_slots():
   """Two micro-steps, one feature slot of row 0 marked padding: pred_loss is the mean over the
-  mini-batch's *valid* feature positions (numpy oracle), and so is pred_topk_acc_per_layer.
-  A share of 1 per micro-step summed the
-  two means (2x), and weighting padding slots counted the masked one; Adam's scale invariance
-  hid both from the update tests."""
-  model, tx, pred_tx, state, batch = _pr2_setup()
+  mini-batch's *valid* feature positions (numpy oracle), and so is pred_topk_acc_per_layer. A
+  share of 1 per micro-step summed the two means (2x), and weighting padding slots counted the
+  masked one; Adam's scale invariance hid both from the update tests. The W_p step (SGD, lr 1:
+  minus the gradient) is the oracle's gradient of that mean, Σ_n w_n h_n ⊗ (q̂_n − ρ_n) / Σ_n w_n:
+  the micro-steps' gradients add up, they are not averaged over M."""
+  model, tx, _, state, batch = _pr2_setup()
+  pred_tx = optax.sgd(1.0)
   lr = learner.Learner(model, _rl(replay_mode="pr2", micro_steps=2), tx,
                        PR2Config(feature_dtype="float32"), pred_tx)
   micro = _prepare(model, lr.rl, state.params, batch, 2)
@@ -1175,8 +1177,8 @@ def test_pred_loss_is_the_minibatch_mean_over_valid_feature_slots():
   micro["valid"] = np.asarray(micro["valid"]).copy()
   micro["valid"][0, 0, slot] = False
   w = _mispredicting_wp(state)
-  _, m = learner.update_step(lr, state.replace(predictor=w, pred_opt_state=pred_tx.init(w)),
-                             micro, jnp.asarray(False))
+  new, m = learner.update_step(lr, state.replace(predictor=w, pred_opt_state=pred_tx.init(w)),
+                               micro, jnp.asarray(True))
   num_l = CFG.num_moe_layers
   p_cur, valid = [], []
   for i in range(2):
@@ -1196,6 +1198,11 @@ def test_pred_loss_is_the_minibatch_mean_over_valid_feature_slots():
   acc_L = _np_topk_acc_L(p_old + b_NLE, np.concatenate(p_cur), CFG.top_k, valid)
   assert acc_L.max() < 1.0
   np.testing.assert_allclose(np.asarray(m["pred_topk_acc_per_layer"]), acc_L, rtol=1e-6)
+  rho = np.exp(_np_log_softmax(np.float64(np.concatenate(p_cur))))
+  q = np.exp(_np_log_softmax(p_old + b_NLE))
+  want_g = np.einsum("n,nld,nle->lde", valid, np.float64(h), q - rho) / valid.sum()
+  g = np.asarray(w, np.float64) - np.asarray(new.predictor, np.float64)
+  np.testing.assert_allclose(g, want_g, rtol=1e-3, atol=1e-3 * np.abs(want_g).max())
 
 
 def test_denominators_hand_values():
