@@ -116,14 +116,19 @@ def test_special_tokens_encode_as_one_id_and_are_skipped_on_decode(checkpoint_di
   assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>hi<|im_end|>"
 
 
+def _with_bos_template(tmp_path, token: str):
+  """(HFTokenizer, BOS id) of a tokenizer.json whose post-processor puts `token` first."""
+  raw = train_bpe()
+  bos = raw.token_to_id(token)
+  raw.post_processor = processors.TemplateProcessing(single=f"{token} $A",
+                                                     special_tokens=[(token, bos)])
+  raw.save(str(tmp_path / "tokenizer.json"))
+  return HFTokenizer.from_dir(str(tmp_path)), bos
+
+
 def test_add_special_tokens_applies_the_post_processor(tmp_path):
   """A BOS template is applied only when asked, as transformers does."""
-  raw = train_bpe()
-  bos = raw.token_to_id("<|endoftext|>")
-  raw.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
-                                                     special_tokens=[("<|endoftext|>", bos)])
-  raw.save(str(tmp_path / "tokenizer.json"))
-  tok = HFTokenizer.from_dir(str(tmp_path))
+  tok, bos = _with_bos_template(tmp_path, "<|endoftext|>")
   assert tok.encode("fox")[0] == bos and tok.encode("fox", add_special_tokens=False)[0] != bos
   assert tok.eos_ids == () and tok.pad_id is None and tok.bos_id is None
 
@@ -211,12 +216,7 @@ def test_encode_batch_passes_add_special_tokens_through(tmp_path):
   """encode_batch(add_special_tokens=False) must leave out the post-processor's BOS, as
   encode() and transformers do; dropping the argument prepended it to every text."""
   import transformers
-  raw = train_bpe()
-  bos = raw.token_to_id("<|im_start|>")
-  raw.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
-                                                     special_tokens=[("<|im_start|>", bos)])
-  raw.save(str(tmp_path / "tokenizer.json"))
-  tok = HFTokenizer.from_dir(str(tmp_path))
+  tok, bos = _with_bos_template(tmp_path, "<|im_start|>")
   oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
   texts = ["fox", TEXTS[1]]
   bare = [oracle(t, add_special_tokens=False)["input_ids"] for t in texts]

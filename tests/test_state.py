@@ -199,29 +199,38 @@ def test_make_optimizer_eps_shrinks_steps_of_gradients_below_it():
     np.testing.assert_allclose(update, want, rtol=1e-4)
 
 
-def test_make_optimizer_clips_the_global_norm_before_adam():
-  """Two steps, grad_clip=2: g1 (norm 5) is scaled to norm 2, g2 (norm 0.5) is not. Adam's
-  first step is sign(g) either way; the second shows the clipped g1 in both moments."""
-  b1, b2, eps, lr, clip = 0.9, 0.95, 1e-8, 0.1, 2.0
-  tx = make_optimizer(lr, grad_clip=clip, b2=b2)
-  grads = [np.array([3.0, -4.0], np.float32), np.array([0.3, 0.4], np.float32)]
+def _run_optimizer(tx, grads):
+  """The updates `tx` makes from these gradients, in order, on 2 parameters from zero."""
   p = jnp.zeros(2)
   state, updates = tx.init(p), []
   for g in grads:
     update, state = tx.update(jnp.asarray(g), state, p)
     p = optax.apply_updates(p, update)
     updates.append(np.asarray(update))
-  # numpy oracle: clip by global norm, then Adam with bias correction (weight decay 0)
-  mu, nu, want = np.zeros(2), np.zeros(2), []
+  return updates
+
+
+def _numpy_adam(grads, lr, b1, b2, eps):
+  """Adam with bias correction and no weight decay, in numpy: the updates, in order."""
+  mu, nu, out = np.zeros(2), np.zeros(2), []
   for t, g in enumerate(grads, 1):
-    g = g * min(1.0, clip / np.linalg.norm(g))
     mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g**2
-    want.append(-lr * (mu / (1 - b1**t)) / (np.sqrt(nu / (1 - b2**t)) + eps))
+    out.append(-lr * (mu / (1 - b1**t)) / (np.sqrt(nu / (1 - b2**t)) + eps))
+  return out
+
+
+def test_make_optimizer_clips_the_global_norm_before_adam():
+  """Two steps, grad_clip=2: g1 (norm 5) is scaled to norm 2, g2 (norm 0.5) is not. Adam's
+  first step is sign(g) either way; the second shows the clipped g1 in both moments."""
+  b1, b2, eps, lr, clip = 0.9, 0.95, 1e-8, 0.1, 2.0
+  grads = [np.array([3.0, -4.0], np.float32), np.array([0.3, 0.4], np.float32)]
+  updates = _run_optimizer(make_optimizer(lr, grad_clip=clip, b2=b2), grads)
+  # numpy oracle: clip by global norm, then Adam with bias correction (weight decay 0)
+  want = _numpy_adam([g * min(1.0, clip / np.linalg.norm(g)) for g in grads], lr, b1, b2, eps)
   # hand-worked: g1 -> [1.2, -1.6]; mu2 = [0.138, -0.104], nu2 = [0.0729, 0.1296]
   np.testing.assert_allclose(want[1], [-0.0840, 0.0475], atol=1e-4)
   np.testing.assert_allclose(updates[0], [-lr, lr], rtol=1e-6)
   np.testing.assert_allclose(updates[1], want[1], rtol=1e-5)
-
 
 
 def test_make_optimizer_defaults_are_adams_betas_and_eps():
@@ -231,18 +240,10 @@ def test_make_optimizer_defaults_are_adams_betas_and_eps():
   lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
   grads = [np.array([0.3, -0.02], np.float32), np.array([0.01, 0.5], np.float32),
            np.array([-0.2, 0.05], np.float32)]
-  tx = make_optimizer(lr)
-  p = jnp.zeros(2)
-  state, got = tx.init(p), []
-  for g in grads:
-    update, state = tx.update(jnp.asarray(g), state, p)
-    p = optax.apply_updates(p, update)
-    got.append(np.asarray(update))
-  mu, nu = np.zeros(2), np.zeros(2)
-  for t, (g, update) in enumerate(zip(grads, got), 1):
-    mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g**2
-    want = -lr * (mu / (1 - b1**t)) / (np.sqrt(nu / (1 - b2**t)) + eps)
+  got = _run_optimizer(make_optimizer(lr), grads)
+  for t, (update, want) in enumerate(zip(got, _numpy_adam(grads, lr, b1, b2, eps)), 1):
     np.testing.assert_allclose(update, want, rtol=1e-4, err_msg=f"step {t}")
+
 
 def test_train_only_steps_the_named_parameters_as_alone_and_freezes_the_rest():
   """grad_clip 1 and weight decay 0.5: the router's gradient [0.3, 0.4] (norm 0.5) is not
