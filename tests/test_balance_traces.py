@@ -192,8 +192,8 @@ def test_foresight_plans_are_chained_through_the_previous_micro_step():
   # Step 2 reverses the loads: experts move; step 3 repeats step 2: nothing left to fetch.
   fs, kept = out["foresight"], out["kept"]
   assert fs["transfers"][1].sum() > 0 and not fs["transfers"][2].any()
-  # min_gain = 10 (move only when the kept layout's peak is above 11x the new one's): from step 2 on the variant keeps step 1's
-  # (full) layout, re-split, and fetches nothing.
+  # min_gain = 10 (move only when the kept layout's peak is above 11x the new one's): from
+  # step 2 on the variant keeps step 1's (full) layout, re-split, and fetches nothing.
   np.testing.assert_array_equal(kept["transfers"][0], fs["transfers"][0])
   assert not kept["transfers"][1:].any()
   assert kept["imbalance"][1, 0] > fs["imbalance"][1, 0]

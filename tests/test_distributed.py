@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"num_processes": 2, "coordinator_address": "localhost"}, "host:port"),
     # Half a multi-process command: this host would train alone.
     ({"coordinator_address": "127.0.0.1:1", "process_id": 1},
-     r"coordinator_address='127.0.0.1:1', process_id=1 set for a single process \(num_processes=0\)"),
+     r"coordinator_address='127.0.0.1:1', process_id=1 set for a single process "
+     r"\(num_processes=0\)"),
     ({"coordinator_address": "127.0.0.1:1"}, "set for a single process"),
     ({"process_id": 0, "num_processes": 1}, r"process_id=0 set for a single process"),
     # Dropped by initialize(), which then asked for a process_id the user had set.
