@@ -39,6 +39,7 @@ from pr2_jax.checks import (check_bound, check_count, check_finite, check_ids, c
                             check_real_dtype, check_shape, is_concrete, safe_div)
 from pr2_jax.rl.advantages import MASK_WHY, MAX_LOG_RATIO, check_BT_inputs
 from pr2_jax.rl.config import LOSS_DEFAULTS
+from pr2_jax.rl.metrics import ratio_moments
 
 # Each kind's ratio level: "token" ones weigh and count tokens (TIS weights [B, T], denominator
 # the masked tokens), "sequence" ones sequences ([B], the sequences with a response). A new kind
@@ -111,13 +112,8 @@ def loss_stats_from_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   Means weighted by the mask's values (which may be fractional); all are 0 when the count is 0.
   """
   n = sums["count"]
-  dev_mean = safe_div(sums["ratio_dev"], n)
-  return {
-      "ratio_mean": jnp.where(n > 0, 1.0 + dev_mean, 0.0),
-      "ratio_var": jnp.maximum(safe_div(sums["ratio_dev_sq"], n) - jnp.square(dev_mean), 0.0),
-      "clip_frac_low": safe_div(sums["clip_low"], n),
-      "clip_frac_high": safe_div(sums["clip_high"], n),
-  }
+  return {**ratio_moments(sums), "clip_frac_low": safe_div(sums["clip_low"], n),
+          "clip_frac_high": safe_div(sums["clip_high"], n)}
 
 
 def _clipped_objective(ratio: jax.Array, adv: jax.Array, clip_low: float,

@@ -64,18 +64,23 @@ def mismatch_sums(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
   }
 
 
+def ratio_moments(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """`ratio_mean` and `ratio_var` (population variance) from the weighted sums `count`,
+  `ratio_dev` = Σ w(r − 1) and `ratio_dev_sq` = Σ w(r − 1)² (deviations keep a ratio near 1
+  exact in float32); both 0 when nothing counted. Shared by the mismatch and loss metrics."""
+  n = sums["count"]
+  dev_mean = safe_div(sums["ratio_dev"], n)
+  return {"ratio_mean": jnp.where(n > 0, 1.0 + dev_mean, 0.0),
+          "ratio_var": jnp.maximum(safe_div(sums["ratio_dev_sq"], n) - jnp.square(dev_mean), 0.0)}
+
+
 def mismatch_from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   """`mismatch_metrics`' keys from (possibly accumulated) `mismatch_sums`: sums of several
   micro-steps add key by key (`jax.tree.map(jnp.add, a, b)`), so the result is the exact token
   mean over all of them, not a mean of per-micro-step means."""
   n = sums["count"]
-  dev_mean = safe_div(sums["ratio_dev"], n)
-  return {
-      "k3_kl": safe_div(sums["k3"], n),
-      "extreme_frac": safe_div(sums["extreme"], n),
-      "ratio_mean": jnp.where(n > 0, 1.0 + dev_mean, 0.0),
-      "ratio_var": jnp.maximum(safe_div(sums["ratio_dev_sq"], n) - jnp.square(dev_mean), 0.0),
-  }
+  return {"k3_kl": safe_div(sums["k3"], n), "extreme_frac": safe_div(sums["extreme"], n),
+          **ratio_moments(sums)}
 
 
 def mismatch_metrics(train_logp_BT: jax.Array, rollout_logp_BT: jax.Array,
