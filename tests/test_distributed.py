@@ -263,6 +263,9 @@ def test_local_rows_names_a_host_array_passed_by_mistake():
 # each device may run its share of the loop and the gather at once, and queued calls wait for
 # threads too. With XLA:CPU's default pool (8 threads here, one per device) it aborted 3 runs
 # of 3 after 40 s in a stuck rendezvous; with use_cpu_devices' pool, 2 of 2 passed in ~1 s.
+# It is the regression test for the aborts an 8-device eplb_step run once hit when it loaded
+# its learner from the compile cache (docs/scaling.md): the pool is what ended them, and an
+# end-to-end rerun at XLA's default flags (65 CPU-s a suite) only reached this same pool.
 _QUEUED_CHILD = """
 import os, sys
 import jax, jax.numpy as jnp

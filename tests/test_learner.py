@@ -1,7 +1,6 @@
 """Tests for pr2_jax.rl.learner: accumulation, ratios at the first mini-step, replay modes."""
 
 import functools
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -1133,32 +1132,6 @@ def test_capacity_buckets_compile_once_each():
   assert update_fn.jitted._cache_size() == 2
   update_fn(state, minis[0], jnp.asarray(False), None, capacity)
   assert update_fn.jitted._cache_size() == 2
-
-
-
-import _rl_subprocess as sub  # noqa: E402
-
-
-@pytest.mark.slow
-def test_eplb_step_runs_again_from_the_compile_cache(tmp_path):
-  """r2 + eplb_step on 8 devices (experts split 4 ways): XLA hoists the step plan's replica
-  fetch (a switch over expert-group collectives) out of the micro-step loop, beside the loss
-  denominators' 8-device mask gather. With XLA:CPU's default pool of one thread per device,
-  a device running both at once left another without a thread to reach the rendezvous, and
-  XLA aborted after 40 s (exit 134): on the second run, whose executables come from the
-  persistent compile cache, in every try before the denominators became a program of their
-  own. (That tree with use_cpu_devices' pool, PJRT_NPROC=32: 3 runs of 3 passed.) Default XLA
-  flags: the suite's (no LLVM optimisation) compile other programs."""
-  cache = str(tmp_path / "cache")
-  env = sub.environment(compile_cache=cache, XLA_FLAGS="")
-  overrides = {"sft.num_steps": 0, "rl.num_steps": 1, "rl.prompts_per_step": 4,
-               "rl.eval_every": 0, "rl.eval_size": 32, "rl.replay_mode": "r2",
-               "rl.balance_mode": "eplb_step", "mesh_expert": 4}
-  for run in range(2):
-    cmd = sub.command(str(tmp_path / f"run{run}"), overrides, ("--cpu_devices=8",))
-    proc = subprocess.run(cmd, cwd=sub.REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, (run, proc.returncode, proc.stderr[-2000:])
 
 
 def test_pred_loss_is_the_minibatch_mean_over_valid_feature_slots():
