@@ -206,6 +206,18 @@ def test_the_predictor_optimizer_takes_pr2_adam_eps():
     np.testing.assert_allclose(update, -want, rtol=1e-3)
 
 
+
+def test_the_predictor_optimizer_clips_at_rl_grad_clip():
+  """W_p's gradient is clipped to RLConfig.grad_clip like the policy's: with a clip of 1e-3,
+  g = (100, 0) becomes (1e-3, 0) and Adam's first step is α·η·1e-3 / (1e-3 + ε) = α·η/2 at
+  ε = 1e-3; unclipped it would be α·η·100 / (100 + ε) ≈ α·η."""
+  pr2 = _rl(_config(), replay_mode="pr2", grad_clip=1e-3)
+  tx = programs.Programs(pr2, MESH, 2, 0).pred_tx
+  w, g = jnp.zeros(2), jnp.array([100.0, 0.0])
+  update, _ = tx.update(g, tx.init(w), w)
+  rate = pr2.rl.learning_rate * pr2.pr2.lr_mult
+  np.testing.assert_allclose(update, [-rate / 2, 0.0], rtol=1e-5)
+
 def test_the_predictor_optimizer_has_no_weight_decay():
   """PR2Config: W_p stays where its fit puts it. With RLConfig.weight_decay = 0.1, a zero
   gradient leaves W_p = 1 exactly where it is, while the policy's AdamW shrinks its weights by
@@ -259,3 +271,25 @@ def test_evaluation_samples_at_eval_temperature():
   argmax_BT = np.asarray(jnp.argmax(logits_BSV[:, :-1], -1))
   np.testing.assert_array_equal(greedy.tokens[:, 1:][mask_BT], argmax_BT[mask_BT])
   assert not np.array_equal(draw(progs.sample, 2).tokens, draw(progs.sample, 3).tokens)
+
+
+def test_the_warm_up_schedule_spans_its_steps_and_warms_up_first():
+  """SFTConfig reaches the warm-up's optimizer: a constant gradient g makes Adam's update
+  -lr_t·sign(g) (ε = 1e-8 beside |g| = 1), so the updates read the schedule. With no warm-up
+  and 2 steps, the second rate is the cosine halfway down to 10 %: lr·(0.1 + 0.9·½(1 + cos π/2))
+  = 0.55·lr; with 1 warm-up step of 3, the first is 0, the second the peak and the third again
+  halfway down the decay (optax's decay spans the steps after the warm-up)."""
+  def rates(sft, steps):
+    tx, w, g = programs.warmup_optimizer(sft), jnp.zeros(2), jnp.array([1.0, -1.0])
+    opt, out = tx.init(w), []
+    for _ in range(steps):
+      update, opt = tx.update(g, opt, w)
+      out.append(float(-update[0]))
+      np.testing.assert_allclose(update, -out[-1] * np.sign(g), rtol=1e-6)
+    return out
+
+  lr = 0.5
+  np.testing.assert_allclose(rates(SFTConfig(num_steps=2, warmup_steps=0, learning_rate=lr), 2),
+                             [lr, 0.55 * lr], rtol=1e-5)
+  np.testing.assert_allclose(rates(SFTConfig(num_steps=3, warmup_steps=1, learning_rate=lr), 3),
+                             [0.0, lr, 0.55 * lr], rtol=1e-5, atol=1e-9)

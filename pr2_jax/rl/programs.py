@@ -55,6 +55,13 @@ def _pr2_settings(config: ExperimentConfig) -> PR2Config:
   return config.pr2 if config.rl.phases.uses_predictor else PR2Config()
 
 
+def warmup_optimizer(sft: SFTConfig):
+  """The warm-up's AdamW: linear warm-up over `sft.warmup_steps`, then a cosine decay to 10 %
+  at `sft.num_steps` (so the step count is part of the warm-up's identity)."""
+  return make_optimizer(sft.learning_rate, warmup_steps=sft.warmup_steps,
+                        total_steps=sft.num_steps)
+
+
 class Programs:
   """One experiment's models, optimizers and jitted functions; the learner's and warm-up's
   are built on first use (a run may have no warm-up, an evaluation-only run no learner)."""
@@ -100,8 +107,7 @@ class Programs:
     """(init, shardings, step) of the supervised warm-up of `sft`: its own optimizer and
     schedule. Kept for the last `sft` asked for (another one builds them again)."""
     if self._warmup is None or self._warmup[0] != sft:
-      tx = make_optimizer(sft.learning_rate, warmup_steps=sft.warmup_steps,
-                          total_steps=sft.num_steps)
+      tx = warmup_optimizer(sft)
       init, shardings = state_initializer(self.model, tx, self.mesh, key)
       step = supervised.make_train_step(self.model, tx, self.mesh, shardings,
                                         batch_keys=("tokens", "valid", "positions", "loss_mask"))
