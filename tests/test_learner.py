@@ -19,6 +19,11 @@ from pr2_jax.train.state import create_train_state, make_optimizer, predictor_in
 
 CFG = ModelConfig(vocab_size=24, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                   expert_d_ff=32, num_experts=8, top_k=2)
+# One MoE layer for the tests whose subject has no layer axis (the policy loss, ratios, sharding,
+# skips): layers are unrolled, each compiled anew (this file with a cold compile cache: 401
+# CPU-s with two layers everywhere, 359 so). PR2's predictor, per-layer metrics, the aux loss
+# and balance plans (all per layer) keep CFG's two, where a mixed-up layer would show.
+CFG1 = CFG.replace(num_layers=1)
 B, P, N = 8, 4, 5
 
 
@@ -29,16 +34,16 @@ def _rl(**kw):
 
 
 @functools.lru_cache(maxsize=None)
-def _rollout(rollout_dtype="float32"):
-  """A rollout batch from a random model, plus the state that produced it."""
+def _rollout(rollout_dtype="float32", cfg=CFG):
+  """A rollout batch from a random model of `cfg`, plus the state that produced it."""
   mesh = make_mesh(1, 1, devices=jax.devices()[:1])
-  model = MoETransformer(CFG, mesh)
+  model = MoETransformer(cfg, mesh)
   tx = make_optimizer(1e-2)
   state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
   prompts = np.asarray(jax.random.randint(jax.random.key(1), (B, P), 3, 24), np.int32)
   valid = np.ones((B, P), bool)
   roll = jax.jit(generate, static_argnums=(0, 5))(
-      MoETransformer(CFG.replace(dtype=rollout_dtype), mesh), state.params, prompts, valid,
+      MoETransformer(cfg.replace(dtype=rollout_dtype), mesh), state.params, prompts, valid,
       jax.random.key(2), SamplerConfig(max_new_tokens=N, eos_id=2))
   roll = jax.device_get(roll)
   rewards = jnp.asarray(np.arange(B) % 3, jnp.float32)
@@ -91,7 +96,7 @@ def test_micro_step_accumulation_equals_full_minibatch(loss_kw):
   Plain SGD with lr 1 makes the parameter change equal to the gradient (Adam
   would amplify float noise in near-zero gradients into sign flips).
   """
-  model, _, state, batch = _rollout()
+  model, _, state, batch = _rollout(cfg=CFG1)
   tx, state = _with_sgd(state)
   params = {}
   for m in (1, 4):
@@ -111,7 +116,7 @@ def test_grad_norm_is_of_the_gradients_rl_trains():
   """With rl.trainable='routers' grad_norm is the norm the optimizer clips, the routers'
   gradient's; with 'all' every parameter's. SGD(lr 1) without train_only makes the parameter
   change the whole gradient, to measure both against."""
-  model, _, state, batch = _rollout()
+  model, _, state, batch = _rollout(cfg=CFG1)
   tx, state = _with_sgd(state)
   norms = {}
   for trainable in ("all", "routers"):
@@ -122,7 +127,7 @@ def test_grad_norm_is_of_the_gradients_rl_trains():
         jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, new_state.params))
     kept = [g for path, g in grads
             if trainable == "all" or jax.tree_util.keystr(path).endswith("['mlp']['gate']")]
-    assert len(kept) == (len(grads) if trainable == "all" else CFG.num_layers)
+    assert len(kept) == (len(grads) if trainable == "all" else CFG1.num_layers)
     want = np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in kept))
     np.testing.assert_allclose(metrics["grad_norm"], want, rtol=1e-4)
     norms[trainable] = float(metrics["grad_norm"])
@@ -134,7 +139,7 @@ def test_logits_chunk_gives_the_same_old_logprobs_update_and_metrics():
   SGD update (= the gradient) and the metrics equal the unchunked learner's (T - 1 = 8
   positions in chunks of 3: the last chunk is padded). At temperature 0.7, which the chunked
   head must apply as the unchunked one does (test_temperature_divides_the_learner_logits)."""
-  model, _, state, batch = _rollout()
+  model, _, state, batch = _rollout(cfg=CFG1)
   tx, state = _with_sgd(state)
   out = {}
   for chunk in (0, 3):
@@ -157,7 +162,7 @@ def test_ratio_is_one_at_first_ministep_same_dtype_r3(loss):
   XLA fuses the gradient program differently, so "exactly" means within an
   ulp of float32 (observed: variance 1e-14); the KV-cache µ is within 1e-5.
   """
-  model, tx, state, batch = _rollout("float32")
+  model, tx, state, batch = _rollout(cfg=CFG1)
   for denominator in ("old", "rollout"):
     config = _rl(replay_mode="r3", loss=loss, ratio_denominator=denominator,
                  clip_low=0.2 if loss == "dapo" else 3e-4,
@@ -182,7 +187,7 @@ def test_bf16_rollout_shows_mismatch():
   ln 2, so no token is extreme; a float32 rollout's k3 is < 1e-9 (the test above).
   The old-log-prob pass reports the same four over the whole batch as old_*: its π_old is the
   first mini-step's π_θ on the same tokens."""
-  model, tx, state, batch = _rollout("bfloat16")
+  model, tx, state, batch = _rollout("bfloat16", CFG1)
   config = _rl(replay_mode="r3")
   micro = data.split_micro(batch, 1)
   old = learner.old_logprob_pass(_learner(model, config, None), state.params, None, micro)
@@ -223,7 +228,7 @@ def test_mismatch_metrics_match_a_numpy_oracle():
   on both sides of ±ln 2, and two micro-steps of different token counts must add up to the
   mini-batch's means. The ratio denominator is π_old, so only a µ-based metric can match. The
   old-log-prob pass's old_* row is the same over the whole batch, both micro-batches."""
-  model, tx, state, batch = _rollout()
+  model, tx, state, batch = _rollout(cfg=CFG1)
   offsets = np.array([-1.2, -0.4, 0.0, 0.5, 1.0])  # |Δ| ≈ |offset|: 2 of 5 beyond ln 2
   shift_BS = offsets[np.random.default_rng(4).integers(0, 5, batch["rollout_logp"].shape)]
   moved = {**batch, "rollout_logp": (batch["rollout_logp"] + shift_BS).astype(np.float32)}
@@ -334,7 +339,7 @@ def _perturbed_r3_micro(model, state, batch, config, old_shift=(-0.3, 0.1),
 def test_ratio_denominator_divides_by_pi_old_or_by_mu():
   """'old' takes r = π_θ/π_old, 'rollout' r = π_θ/µ: with π_old and µ moved apart by hand, the
   ratio mean and the DAPO loss match a numpy oracle on the chosen denominator only."""
-  model, tx, state, batch = _rollout()
+  model, tx, state, batch = _rollout(cfg=CFG1)
   results = {}
   for denominator in ("old", "rollout"):
     config = _rl(replay_mode="r3", ratio_denominator=denominator)
@@ -358,7 +363,7 @@ def test_tis_weights_cap_the_loss(loss):
   min(π_old/µ, cap); the perturbation pushes some weights onto the cap and leaves some below.
   The entropy stays the mean over response tokens (numpy oracle), GSPO's loss denominator (its
   sequence count) notwithstanding."""
-  model, tx, state, batch = _rollout()
+  model, tx, state, batch = _rollout(cfg=CFG1)
   clips = (0.2, 0.28) if loss == "dapo" else (3e-4, 4e-4)
   config = _rl(replay_mode="r3", loss=loss, ratio_denominator="old", tis_cap=1.1,
                clip_low=clips[0], clip_high=clips[1])
@@ -391,7 +396,7 @@ def test_tis_weights_cap_the_loss(loss):
 
 def test_temperature_divides_the_learner_logits():
   """temperature 0.7: π_old, π_θ and the entropy are those of softmax(logits / 0.7)."""
-  model, tx, state, batch = _rollout()
+  model, tx, state, batch = _rollout(cfg=CFG1)
   config = _rl(replay_mode="r3", temperature=0.7)
   micro = data.split_micro(batch, 1)
   m0 = jax.tree.map(lambda x: x[0], micro)
@@ -428,7 +433,7 @@ def test_replay_modes_choose_routes():
 
 def test_update_moves_logprob_with_advantage_sign():
   """After a few updates, positive-advantage responses gain log-prob, negative ones lose it."""
-  model, tx, state, batch = _rollout()
+  model, tx, state, batch = _rollout(cfg=CFG1)
   config = _rl(replay_mode="r3", learning_rate=1e-2)
   micro = _prepare(model, config, state.params, batch, 1)
   seq_logp = lambda p: np.asarray(jnp.sum(
@@ -445,13 +450,13 @@ def test_update_moves_logprob_with_advantage_sign():
 def _single_and_sharded(config, mesh_shape):
   """The SGD learner (update = gradient) on one device and jitted on a mesh, on the same
   16-sequence batch: ((state, metrics) of one device, the state before, update_fn, its args)."""
-  model1, _, state1, batch = _rollout()
+  model1, _, state1, batch = _rollout(cfg=CFG1)
   tx, state1 = _with_sgd(state1)
   batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
   micro = _prepare(model1, config, state1.params, batch16, 2)
   ref = learner.update_step(_learner(model1, config, tx), state1, micro)
   mesh = make_mesh(*mesh_shape)
-  model = MoETransformer(CFG, mesh)
+  model = MoETransformer(CFG1, mesh)
   state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
   _, update_fn = learner.make_learner_fns(_learner(model, config, tx), mesh, shardings, micro)
   micro_sh = jax.device_put(micro, learner.batch_shardings(mesh, micro))
@@ -844,7 +849,7 @@ def test_pr2_r2_predicts_in_the_old_logprob_pass():
 
 def test_non_finite_loss_skips_the_update():
   """A NaN advantage makes the loss non-finite: params and optimizer state stay untouched."""
-  model, tx, state, batch = _rollout()
+  model, tx, state, batch = _rollout(cfg=CFG1)
   config = _rl(replay_mode="r3")
   bad = {**batch, "adv": np.full_like(batch["adv"], np.nan)}
   new, m = learner.update_step(_learner(model, config, tx), state,
@@ -871,7 +876,7 @@ def test_non_finite_gradient_with_a_finite_loss_skips_the_update(monkeypatch):
   """The update checks the gradient, not only the loss: a log-prob whose backward pass gives NaN
   (the forward unchanged) leaves the loss finite, and the update is still skipped with params
   and optimizer state untouched. The NaN-advantage test makes both non-finite at once."""
-  model, tx, state, batch = _rollout()
+  model, tx, state, batch = _rollout(cfg=CFG1)
   config = _rl(replay_mode="r3")
   micro = _prepare(model, config, state.params, batch, 1)
   forward = learner.forward_logprobs
@@ -1097,13 +1102,13 @@ def test_foresight_micro_layout_plans_from_the_valid_tokens_only():
 def test_capacity_buckets_compile_once_each():
   """Plans change with every minibatch and never recompile (cache size stays 1); a new
   capacity bucket compiles the update once, a repeated one not at all."""
-  _, _, _, batch = _rollout()
+  _, _, _, batch = _rollout(cfg=CFG1)
   batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
   first = data.split_micro(batch16, 2)
   step_plan, _, _ = balancing.step_plan(SHAPE, first["rollout_routes"], first["valid"], 0.0,
                                         balancing.StepState())
   mesh = make_mesh(2, 4)
-  model = MoETransformer(CFG, mesh)
+  model = MoETransformer(CFG1, mesh)
   state, shardings = create_train_state(model, optax.sgd(1.0), jax.random.key(0), mesh)
   config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, balance_mode="foresight")
   minis, layouts, needed = [], set(), []
