@@ -206,7 +206,6 @@ def test_the_predictor_optimizer_takes_pr2_adam_eps():
     np.testing.assert_allclose(update, -want, rtol=1e-3)
 
 
-
 def test_the_predictor_optimizer_clips_at_rl_grad_clip():
   """W_p's gradient is clipped to RLConfig.grad_clip like the policy's: with a clip of 1e-3,
   g = (100, 0) becomes (1e-3, 0) and Adam's first step is α·η·1e-3 / (1e-3 + ε) = α·η/2 at
@@ -217,6 +216,7 @@ def test_the_predictor_optimizer_clips_at_rl_grad_clip():
   update, _ = tx.update(g, tx.init(w), w)
   rate = pr2.rl.learning_rate * pr2.pr2.lr_mult
   np.testing.assert_allclose(update, [-rate / 2, 0.0], rtol=1e-5)
+
 
 def test_the_predictor_optimizer_has_no_weight_decay():
   """PR2Config: W_p stays where its fit puts it. With RLConfig.weight_decay = 0.1, a zero
