@@ -182,11 +182,13 @@ def test_quick_sweep_writes_report(tmp_path):
   out = tmp_path / "out"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   # Shorter than --quick's own defaults (one κ, not two: the runs of each κ are alike) and
-  # 32 rollouts a step, not tiny.py's 256 (8 warm-up sequences, not 64): this checks the
-  # plumbing, not the numbers. 32 = 8 prompts x 4 samples still splits into κ x M = 8.
+  # 32 rollouts a step, not tiny.py's 256 (8 warm-up sequences, not 64), on one layer, not
+  # two: this checks the plumbing, not the numbers. 32 = 8 prompts x 4 samples still splits
+  # into κ x M = 8.
   args = ["--quick", "--offs=4", "--rl_steps=2", "--eval_every=2", "--sft_steps=4",
           "--eval_size=32", "--config.rl.prompts_per_step=8", "--config.rl.group_size=4",
-          "--config.sft.batch_size=8", f"--workdir={tmp_path / 'work'}", f"--out_dir={out}"]
+          "--config.sft.batch_size=8", "--config.model.num_layers=1",
+          f"--workdir={tmp_path / 'work'}", f"--out_dir={out}"]
 
   def sweep(*extra):
     proc = subprocess.run([sys.executable, "-m", "experiments.compare_replay", *args, *extra],
