@@ -127,7 +127,7 @@ def test_grad_norm_is_of_the_gradients_rl_trains():
         jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, new_state.params))
     kept = [g for path, g in grads
             if trainable == "all" or jax.tree_util.keystr(path).endswith("['mlp']['gate']")]
-    assert len(kept) == (len(grads) if trainable == "all" else CFG1.num_layers)
+    assert len(kept) == (len(grads) if trainable == "all" else model.config.num_layers)
     want = np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in kept))
     np.testing.assert_allclose(metrics["grad_norm"], want, rtol=1e-4)
     norms[trainable] = float(metrics["grad_norm"])
@@ -456,7 +456,7 @@ def _single_and_sharded(config, mesh_shape):
   micro = _prepare(model1, config, state1.params, batch16, 2)
   ref = learner.update_step(_learner(model1, config, tx), state1, micro)
   mesh = make_mesh(*mesh_shape)
-  model = MoETransformer(CFG1, mesh)
+  model = MoETransformer(model1.config, mesh)
   state, shardings = create_train_state(model, tx, jax.random.key(0), mesh)
   _, update_fn = learner.make_learner_fns(_learner(model, config, tx), mesh, shardings, micro)
   micro_sh = jax.device_put(micro, learner.batch_shardings(mesh, micro))
