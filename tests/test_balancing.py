@@ -308,9 +308,10 @@ def test_churn_against_another_expert_mesh_is_unknown():
   assert changed[1:].tolist() == [2.0] and moved[1:].tolist() == [20.0]
 
 
-def _config(balance_mode, replay_mode="r3", **rl):
-  model = ModelConfig(vocab_size=24, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
-                      expert_d_ff=32, num_experts=4, top_k=2)
+def _config(balance_mode, replay_mode="r3", num_layers=2, **rl):
+  """A tiny run; `num_layers=1` where no per-layer plan is checked (each layer compiles anew)."""
+  model = ModelConfig(vocab_size=24, num_layers=num_layers, d_model=32, num_heads=2,
+                      num_kv_heads=1, head_dim=16, expert_d_ff=32, num_experts=4, top_k=2)
   rl = RLConfig(num_steps=2, prompts_per_step=8, group_size=2, off_policy_k=2, micro_steps=2,
                 replay_mode=replay_mode, max_new_tokens=6, eval_every=0,
                 eval_size=16,  # the rollout batch: evaluation reuses the rollout's sampler
@@ -337,8 +338,8 @@ def test_loop_reports_balance_metrics(tmp_path, mode, replay_mode, capacity_mode
     rows.append(json.loads(json.dumps(m)))  # what metrics.jsonl holds
 
   mesh = make_mesh(2, 2, devices=jax.devices()[:4])
-  loop.run(_config(mode, replay_mode, capacity_mode=capacity_mode, planner_method=method), mesh,
-           str(tmp_path), on_metrics=write)
+  loop.run(_config(mode, replay_mode, num_layers=1, capacity_mode=capacity_mode,
+                   planner_method=method), mesh, str(tmp_path), on_metrics=write)
   rl_rows = [r for r in rows if r.get("phase") == "rl"]
   assert len(rl_rows) == 2
   for r in rl_rows:
@@ -395,7 +396,7 @@ def test_balance_state_survives_resume(tmp_path):
 def test_a_resume_on_another_expert_mesh_says_so_and_reports_unknown_churn(tmp_path):
   """eplb_step from 2 to 4 expert devices: the checkpoint reshards (the feature), the log says
   the mesh changed, and the first step's churn is NaN (its saved layout has another shape)."""
-  base = _config("eplb_step", "r2")
+  base = _config("eplb_step", "r2", num_layers=1)
   devices = jax.devices()[:4]
   loop.run(dataclasses.replace(base, rl=dataclasses.replace(base.rl, num_steps=1)),
            make_mesh(2, 2, devices=devices), str(tmp_path))
