@@ -23,7 +23,7 @@ def test_drift_probe_writes_scores(tmp_path):
   out = tmp_path / "new" / "d.json"
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.drift_probe", "--off=2", "--steps=3", "--probe_size=16",
-       "--config.sft.num_steps=5", f"--out={out}"],
+       "--config.sft.num_steps=5", "--config.model.num_layers=1", f"--out={out}"],
       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"),
       cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
