@@ -90,17 +90,37 @@ if os.environ.get("PR2_TEST_CPU_LOG"):
   import resource
   import time
 
+  from jax import monitoring
+
+  # JAX reports each jit's tracing, lowering to MLIR and XLA compile as durations. A persistent
+  # cache hit skips only the XLA compile, so the first two are paid on every new jit wrapper.
+  _JAX_PHASES = {"/jax/core/compile/jaxpr_trace_duration": 0,
+                 "/jax/core/compile/jaxpr_to_mlir_module_duration": 1,
+                 "/jax/core/compile/backend_compile_duration": 2}
+  _jax_seconds = [0.0, 0.0, 0.0, 0]  # trace, lower, XLA compile (this process), XLA compiles
+
+  def _count_jax_phase(event, duration, **_):
+    if (i := _JAX_PHASES.get(event)) is not None:
+      _jax_seconds[i] += duration
+      _jax_seconds[3] += i == 2
+
+  monitoring.register_event_duration_secs_listener(_count_jax_phase)
+
   @pytest.hookimpl(hookwrapper=True)
   def pytest_runtest_protocol(item, nextitem):
-    """Appends each test's CPU seconds (this process plus its subprocesses) to PR2_TEST_CPU_LOG.
-    The suite is CPU-bound on 2 cores, and tests that run subprocesses side by side use more
-    CPU than their wall time (--durations) shows."""
+    """Appends a line per test to PR2_TEST_CPU_LOG: CPU seconds (this process plus its
+    subprocesses, then each alone), wall seconds, then this process's seconds tracing, lowering
+    and XLA-compiling and its XLA compiles, then the test id. The suite is CPU-bound on 2 cores,
+    and tests that run subprocesses side by side use more CPU than their wall time (--durations)
+    shows; most of an in-process test's time is often the three JAX phases."""
     def cpu():
       own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
       return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
-    (own0, kids0), wall0 = cpu(), time.time()
+    (own0, kids0), wall0, jax0 = cpu(), time.time(), list(_jax_seconds)
     yield
     (own1, kids1), wall1 = cpu(), time.time()
+    trace, lower, xla, compiles = (b - a for a, b in zip(jax0, _jax_seconds))
     with open(os.environ["PR2_TEST_CPU_LOG"], "a") as f:
       f.write(f"{own1 - own0 + kids1 - kids0:.2f} {own1 - own0:.2f} {kids1 - kids0:.2f} "
-              f"{wall1 - wall0:.2f} {item.nodeid}\n")
+              f"{wall1 - wall0:.2f} {trace:.2f} {lower:.2f} {xla:.2f} {compiles} "
+              f"{item.nodeid}\n")
