@@ -1102,13 +1102,13 @@ def test_foresight_micro_layout_plans_from_the_valid_tokens_only():
 def test_capacity_buckets_compile_once_each():
   """Plans change with every minibatch and never recompile (cache size stays 1); a new
   capacity bucket compiles the update once, a repeated one not at all."""
-  _, _, _, batch = _rollout(cfg=CFG1)
+  rollout_model, _, _, batch = _rollout(cfg=CFG1)
   batch16 = {k: np.concatenate([v, v]) for k, v in batch.items()}
   first = data.split_micro(batch16, 2)
   step_plan, _, _ = balancing.step_plan(SHAPE, first["rollout_routes"], first["valid"], 0.0,
                                         balancing.StepState())
   mesh = make_mesh(2, 4)
-  model = MoETransformer(CFG1, mesh)
+  model = MoETransformer(rollout_model.config, mesh)
   state, shardings = create_train_state(model, optax.sgd(1.0), jax.random.key(0), mesh)
   config = _rl(prompts_per_step=8, group_size=2, micro_steps=2, balance_mode="foresight")
   minis, layouts, needed = [], set(), []
