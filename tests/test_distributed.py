@@ -110,16 +110,22 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+# The predictor's metrics after its first update amplify a change in summation order more than
+# the rest: in ONE process, splitting the weights over 'data' (FSDP) instead of replicating them
+# moved step 2's bias_logit_ratio by 6.1e-4 and pred_loss by 2.6e-4 relative (2 processes
+# against 1: 8.3e-4 and 2.5e-4; every other metric < 4e-5 or below atol; Zen 3, 2026-12-07).
+_RTOL = {"bias_logit_ratio": 5e-3, "pred_loss": 5e-3}
+
+
 def _close(a, b, path=""):
   if isinstance(a, dict):
     assert sorted(a) == sorted(b), path
     for k in a:
       if k != "elapsed_s":
         _close(a[k], b[k], f"{path}.{k}")
-  elif isinstance(a, list):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=path)
-  elif isinstance(a, float):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=path)
+  elif isinstance(a, (list, float)):
+    rtol = _RTOL.get(path.rpartition(".")[2], 2e-4)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=2e-5, err_msg=path)
   else:
     assert a == b, path
 
