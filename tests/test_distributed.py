@@ -115,7 +115,7 @@ def _rows(workdir):
 # rollout's softmax(p_old): a difference of nearly equal numbers). In ONE process, splitting the
 # weights over 'data' (FSDP) instead of replicating them moved step 2's bias_logit_ratio by
 # 6.1e-4 and pred_loss by 2.6e-4 relative (2 processes against 1: 8.3e-4 and 2.5e-4; every other
-# metric < 4e-5 or below atol; Zen 3 VM, 2026-12-07).
+# metric < 4e-5 or below atol; AMD EPYC Zen 4 VM, 2026-12-07).
 _RTOL = {"bias_logit_ratio": 5e-3, "pred_loss": 5e-3}
 
 
