@@ -278,7 +278,10 @@ def test_the_warm_up_schedule_spans_its_steps_and_warms_up_first():
   -lr_t·sign(g) (ε = 1e-8 beside |g| = 1), so the updates read the schedule. With no warm-up
   and 2 steps, the second rate is the cosine halfway down to 10 %: lr·(0.1 + 0.9·½(1 + cos π/2))
   = 0.55·lr; with 1 warm-up step of 3, the first is 0, the second the peak and the third again
-  halfway down the decay (optax's decay spans the steps after the warm-up)."""
+  halfway down the decay (optax's decay spans the steps after the warm-up). The rates are
+  checked to 1e-4, not 1e-5: Adam's bias correction 1 - β2^t in float32 (0.999 rounds to
+  0.99900001) is 1.3e-5 relative off, which puts the updates 6.6e-6 below lr_t: at 1e-5 the
+  second rate passed with 0.5 % of its tolerance to spare."""
   def rates(sft, steps):
     tx, w, g = programs.warmup_optimizer(sft), jnp.zeros(2), jnp.array([1.0, -1.0])
     opt, out = tx.init(w), []
@@ -290,6 +293,6 @@ def test_the_warm_up_schedule_spans_its_steps_and_warms_up_first():
 
   lr = 0.5
   np.testing.assert_allclose(rates(SFTConfig(num_steps=2, warmup_steps=0, learning_rate=lr), 2),
-                             [lr, 0.55 * lr], rtol=1e-5)
+                             [lr, 0.55 * lr], rtol=1e-4)
   np.testing.assert_allclose(rates(SFTConfig(num_steps=3, warmup_steps=1, learning_rate=lr), 3),
-                             [0.0, lr, 0.55 * lr], rtol=1e-5, atol=1e-9)
+                             [0.0, lr, 0.55 * lr], rtol=1e-4, atol=1e-9)
