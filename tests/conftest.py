@@ -18,8 +18,10 @@ inherited by the subprocesses; a flag you put in XLA_FLAGS yourself wins.
 
 import gc
 import os
+import sys
 import tempfile
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -84,6 +86,43 @@ def release_programs_if_over(budget: int) -> bool:
 def _bounded_memory_maps():
   yield
   release_programs_if_over(MAP_BUDGET)
+
+
+def tolerance_used(actual, desired, rtol: float, atol: float) -> float:
+  """How much of np.testing.assert_allclose's tolerance a comparison used: the largest
+  |actual - desired| / (atol + rtol·|desired|) over the elements finite in both (0 if none; inf
+  where they differ under a zero tolerance). 1 is the limit; near it, another CPU's rounding
+  (other instructions, other summation orders) can fail the test."""
+  a, d = np.broadcast_arrays(np.asarray(actual, np.float64), np.asarray(desired, np.float64))
+  both = np.isfinite(a) & np.isfinite(d)
+  a, d = a[both], d[both]
+  diff, tol = np.abs(a - d), atol + rtol * np.abs(d)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return float(np.max(np.where(diff == 0, 0.0, diff / tol), initial=0.0))
+
+
+def logging_assert_allclose(log_path: str, assert_allclose=np.testing.assert_allclose):
+  """`assert_allclose` that first appends a line to `log_path`: the tolerance the comparison
+  used (`tolerance_used`), rtol, atol, the calling line and the test id."""
+  def logged(actual, desired, rtol=1e-7, atol=0, *args, **kwargs):
+    try:
+      used = tolerance_used(actual, desired, rtol, atol)
+    except (TypeError, ValueError):  # not real numbers, or shapes that do not broadcast
+      used = None
+    if used is not None:
+      caller = sys._getframe(1)
+      site = f"{os.path.relpath(caller.f_code.co_filename)}:{caller.f_lineno}"
+      test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+      with open(log_path, "a") as f:
+        f.write(f"{used:.4g} {rtol:g} {atol:g} {site} {test}\n")
+    return assert_allclose(actual, desired, rtol, atol, *args, **kwargs)
+  return logged
+
+
+# conftest runs before the test modules are imported, so a module that imports
+# assert_allclose by name gets the logging one too.
+if os.environ.get("PR2_TEST_TOL_LOG"):
+  np.testing.assert_allclose = logging_assert_allclose(os.environ["PR2_TEST_TOL_LOG"])
 
 
 if os.environ.get("PR2_TEST_CPU_LOG"):
