@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from absl import app, flags
+from absl.testing import flagsaver
 
 from experiments import cli
 
@@ -43,6 +44,15 @@ def test_bad_config_exits_lets_a_bug_through():
       raise TypeError("a bug")
 
 
+@pytest.fixture(autouse=True)
+def _restore_flags():
+  """These flags live on absl's global FLAGS, which every in-process parse validates: a value a
+  refusal test left (--nonempty_list_flag=) failed the parse of whichever test ran next, in
+  this file or another (tests/test_bench_model.py, in reverse order)."""
+  with flagsaver.flagsaver():
+    yield
+
+
 _COUNT = flags.DEFINE_integer("test_cli_count", 3, "A count only these tests use.")
 cli.at_least(1, "test_cli_count")
 _OPTIONAL = flags.DEFINE_integer("unset_bound_flag", None, "Unset unless given.")
@@ -52,6 +62,9 @@ cli.non_empty("nonempty_list_flag")
 cli.distinct("nonempty_list_flag")
 _PAIR = flags.DEFINE_list("number_pair_flag", ["0.5", "1"], "Two numbers only these tests use.")
 cli.numbers_at_least(float, 0.5, "number_pair_flag", count=2)
+# --help and its kin, as app.run defines them before it parses (these tests call the parser
+# alone). Here, not in a test: flagsaver deletes the flags a test defines.
+app.define_help_flags()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -74,7 +87,6 @@ def test_a_bad_flag_is_one_error_line_and_exit_code_2(argv, message, capsys):
 @pytest.mark.parametrize("help_flag, shows", [
     ("--help", "Try --helpfull"), ("-?", "Try --helpfull"), ("--helpfull", "--test_cli_count")])
 def test_help_prints_the_flags_and_exits_0(help_flag, shows, capsys):
-  app.define_help_flags()  # app.run defines them; in-process they are not yet
   with pytest.raises(SystemExit) as e:
     cli.parse_flags(["prog", help_flag])
   assert e.value.code == 0 and shows in capsys.readouterr().out
