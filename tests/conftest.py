@@ -82,6 +82,17 @@ def release_programs_if_over(budget: int) -> bool:
   return True
 
 
+def pytest_addoption(parser):
+  parser.addoption("--reverse-order", action="store_true",
+                   help="run the tests in reverse order: a test that passes only after another "
+                        "(state left on a global) then fails")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("reverse_order"):
+    items.reverse()
+
+
 @pytest.fixture(autouse=True)
 def _bounded_memory_maps():
   yield
